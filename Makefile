@@ -1,0 +1,35 @@
+# The two commands of the README:
+#   make demo   create .venv, install exactflow, train a flow on a built-in dataset, write its report
+#   make test   create .venv with the dev extras and run the whole test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+PIP     = $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt
+
+.PHONY: demo test install install-dev bench bench-quick lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) -e ".[all]"
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) -e ".[dev]"
+	touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+demo: install
+	$(BIN)/exactflow demo --out runs/demo
+
+test: install-dev
+	$(BIN)/python -m pytest -n 2 --dist loadfile -q
+
+lint: install-dev
+	$(BIN)/ruff check exactflow tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

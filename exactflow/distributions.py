@@ -1,0 +1,305 @@
+"""Base densities and ``Flow``, a base density pushed through a transform.
+
+A :class:`Flow` scores data exactly by the change of variables::
+
+    log p(x | c) = log p_base(f(x; c)) + log|det df/dx (x; c)|
+
+where ``f`` is its transform's ``forward`` (data -> latent), and samples in one pass
+through ``inverse`` (latent -> data).
+
+Shapes follow ``torch.distributions``: ``sample(n)`` gives ``(n, features)``; with a batch
+of contexts ``(b, c)`` it gives ``(n, b, features)``, and with one context vector ``(c,)``
+it gives ``(n, features)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .core import Transform
+
+__all__ = ["Distribution", "StandardNormal", "DiagonalNormal", "Uniform", "Flow"]
+
+_LOG_2PI = math.log(2 * math.pi)
+
+
+class Distribution(nn.Module):
+    """A density over ``R^features`` with ``log_prob`` and reparameterized sampling.
+
+    Subclasses implement :meth:`log_prob` and :meth:`rsample`. Every tensor a distribution
+    owns is a parameter or a buffer, so ``.to(device)`` and ``state_dict`` just work.
+    """
+
+    features: int
+
+    @property
+    def event_shape(self) -> torch.Size:
+        return torch.Size([self.features])
+
+    def log_prob(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def rsample(self, n: int) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def sample(self, n: int) -> Tensor:
+        """``n`` samples of shape ``(n, features)`` (differentiable, as :meth:`rsample`)."""
+        return self.rsample(n)
+
+    def sample_and_log_prob(self, n: int) -> tuple[Tensor, Tensor]:
+        x = self.rsample(n)
+        return x, self.log_prob(x)
+
+    def _ref(self) -> Tensor:
+        # A tensor on the distribution's device and dtype.
+        return next(iter(self.buffers()))
+
+
+class StandardNormal(Distribution):
+    """The standard normal ``N(0, I)`` on ``R^features``.
+
+    ``log p(z) = -0.5 |z|^2 - (features / 2) log(2 pi)``.
+
+    Example:
+        >>> import torch, exactflow as ef
+        >>> ef.StandardNormal(2).log_prob(torch.zeros(1, 2))
+        tensor([-1.8379])
+    """
+
+    def __init__(self, features: int):
+        super().__init__()
+        self.features = _positive_int(features, "features")
+        self.register_buffer("_anchor", torch.zeros(()))
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        return -0.5 * (x * x).sum(-1) - 0.5 * self.features * _LOG_2PI
+
+    def rsample(self, n: int) -> Tensor:
+        ref = self._anchor
+        return torch.randn(n, self.features, device=ref.device, dtype=ref.dtype)
+
+    def extra_repr(self) -> str:
+        return f"features={self.features}"
+
+
+class DiagonalNormal(Distribution):
+    """A normal with learnable mean and per-dimension scale, ``N(loc, diag(exp(log_scale))^2)``.
+
+    Starts as the standard normal.
+    """
+
+    def __init__(self, features: int):
+        super().__init__()
+        self.features = _positive_int(features, "features")
+        self.loc = nn.Parameter(torch.zeros(self.features))
+        self.log_scale = nn.Parameter(torch.zeros(self.features))
+
+    def _ref(self) -> Tensor:
+        return self.loc
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        u = (x - self.loc) * torch.exp(-self.log_scale)
+        return -0.5 * (u * u).sum(-1) - self.log_scale.sum() - 0.5 * self.features * _LOG_2PI
+
+    def rsample(self, n: int) -> Tensor:
+        eps = torch.randn(n, self.features, device=self.loc.device, dtype=self.loc.dtype)
+        return self.loc + eps * torch.exp(self.log_scale)
+
+    def extra_repr(self) -> str:
+        return f"features={self.features}"
+
+
+class Uniform(Distribution):
+    """The uniform density on the box ``[low, high]`` (``-inf`` log-density outside it).
+
+    Args:
+        low, high: scalars or sequences of length ``features``.
+        features: the dimension when ``low`` and ``high`` are scalars.
+
+    Example:
+        >>> import torch, exactflow as ef
+        >>> ef.Uniform(0.0, 2.0, features=2).log_prob(torch.tensor([[1.0, 1.0]]))
+        tensor([-1.3863])
+    """
+
+    def __init__(self, low: Any = 0.0, high: Any = 1.0, features: int | None = None):
+        super().__init__()
+        low_t = torch.as_tensor(low, dtype=torch.get_default_dtype()).reshape(-1)
+        high_t = torch.as_tensor(high, dtype=torch.get_default_dtype()).reshape(-1)
+        n = max(low_t.numel(), high_t.numel(), 1 if features is None else features)
+        if features is not None and n != features:
+            raise ValueError(f"low/high have {n} entries but features={features}")
+        low_t, high_t = low_t.expand(n).clone(), high_t.expand(n).clone()
+        if not bool((high_t > low_t).all()):
+            raise ValueError("Uniform needs high > low in every dimension")
+        self.features = n
+        self.register_buffer("low", low_t)
+        self.register_buffer("high", high_t)
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        inside = ((x >= self.low) & (x <= self.high)).all(-1)
+        value = -torch.log(self.high - self.low).sum()
+        return torch.where(inside, value.expand(inside.shape), torch.full_like(value, -math.inf))
+
+    def rsample(self, n: int) -> Tensor:
+        u = torch.rand(n, self.features, device=self.low.device, dtype=self.low.dtype)
+        return self.low + u * (self.high - self.low)
+
+    def extra_repr(self) -> str:
+        return f"features={self.features}"
+
+
+class Flow(Distribution):
+    """A normalizing flow: a base density pushed through an invertible transform.
+
+    ``log_prob`` runs the transform's fast ``forward`` (data -> latent) and adds the base
+    log-density and the log-determinant; ``sample`` draws from the base and runs
+    ``inverse`` (latent -> data) in one pass. Both are differentiable, so a flow trains by
+    maximum likelihood (``-log_prob(x).mean()``) or by reverse KL through its samples.
+
+    Args:
+        transform: the data -> latent map (an :class:`exactflow.Transform`).
+        base: the latent density, e.g. :class:`StandardNormal`.
+        context: the size of the conditioning vector, 0 for an unconditional flow.
+
+    Example:
+        >>> import torch, exactflow as ef
+        >>> flow = ef.Flow(ef.transforms.LULinear(2), ef.StandardNormal(2))
+        >>> flow.log_prob(torch.randn(10, 2)).shape
+        torch.Size([10])
+        >>> flow.sample(4).shape
+        torch.Size([4, 2])
+    """
+
+    def __init__(self, transform: Transform, base: Distribution, context: int = 0):
+        super().__init__()
+        if not isinstance(transform, Transform):
+            raise TypeError(f"transform must be an exactflow Transform, got {type(transform).__name__}")
+        if not isinstance(base, Distribution):
+            raise TypeError(f"base must be an exactflow Distribution, got {type(base).__name__}")
+        self.transform = transform
+        self.base = base
+        self.features = base.features
+        self.context_features = int(context)
+        #: The builder name and arguments that made this flow (set by exactflow.models;
+        #: exactflow.save stores it so exactflow.load can rebuild the model).
+        self.config: dict[str, Any] | None = None
+
+    # -- input handling ---------------------------------------------------------------
+    def _param_like(self) -> Tensor | None:
+        for p in self.parameters():
+            return p
+        for b in self.buffers():
+            if b.is_floating_point():
+                return b
+        return None
+
+    def _as_tensor(self, x: Any, name: str) -> Tensor:
+        ref = self._param_like()
+        if isinstance(x, Tensor):
+            t = x
+            if not t.is_floating_point():
+                t = t.to(ref.dtype if ref is not None else torch.get_default_dtype())
+        else:
+            arr = np.asarray(x)
+            if not np.issubdtype(arr.dtype, np.number):
+                raise TypeError(f"{name} must be numeric, got an array of dtype {arr.dtype}")
+            t = torch.as_tensor(arr, dtype=ref.dtype if ref is not None else None)
+        if ref is not None and t.device != ref.device:
+            t = t.to(ref.device)
+        return t
+
+    def _check_x(self, x: Any) -> Tensor:
+        x = self._as_tensor(x, "x")
+        if x.dim() != 2 or x.shape[1] != self.features:
+            raise ValueError(
+                f"x must have shape (batch, {self.features}), got {tuple(x.shape)}"
+            )
+        return x
+
+    def _check_context(self, context: Any, batch: int | None) -> Tensor | None:
+        if self.context_features == 0:
+            if context is not None:
+                raise ValueError("this flow is unconditional (context=0) but a context was given")
+            return None
+        if context is None:
+            raise ValueError(
+                f"this flow is conditional: pass a context of shape (batch, {self.context_features})"
+            )
+        context = self._as_tensor(context, "context")
+        if context.dim() != 2 or context.shape[1] != self.context_features:
+            raise ValueError(
+                f"context must have shape (batch, {self.context_features}), got {tuple(context.shape)}"
+            )
+        if batch is not None and context.shape[0] != batch:
+            raise ValueError(
+                f"context has {context.shape[0]} rows but x has {batch}; give one context row per row of x"
+            )
+        return context
+
+    # -- density --------------------------------------------------------------------
+    def log_prob(self, x: Any, context: Any = None) -> Tensor:
+        """Exact log-density of each row of ``x`` (shape ``(batch,)``), in the units of ``x``."""
+        x = self._check_x(x)
+        context = self._check_context(context, x.shape[0])
+        z, ladj = self.transform(x, context)
+        return self.base.log_prob(z) + ladj
+
+    def forward(self, x: Any, context: Any = None) -> Tensor:  # nn.Module call == log_prob
+        return self.log_prob(x, context)
+
+    # -- sampling -------------------------------------------------------------------
+    def _expand_context(self, n: int, context: Any) -> tuple[Tensor | None, tuple[int, ...]]:
+        if self.context_features == 0:
+            self._check_context(context, None)
+            return None, (n,)
+        if context is None:
+            self._check_context(None, None)
+        context = self._as_tensor(context, "context")
+        if context.dim() == 1:
+            context = context.unsqueeze(0)
+            if context.shape[1] != self.context_features:
+                raise ValueError(
+                    f"context must have {self.context_features} entries, got {context.shape[1]}"
+                )
+            return context.expand(n, -1), (n,)
+        self._check_context(context, None)
+        b = context.shape[0]
+        return context.unsqueeze(0).expand(n, b, -1).reshape(n * b, -1), (n, b)
+
+    def rsample(self, n: int, context: Any = None) -> Tensor:
+        """``n`` samples, differentiable with respect to the flow's parameters."""
+        return self.sample_and_log_prob(n, context)[0]
+
+    def sample(self, n: int, context: Any = None) -> Tensor:
+        """Draw samples in one pass through ``inverse`` (latent -> data).
+
+        Returns ``(n, features)``; with a context batch ``(b, c)``, ``(n, b, features)``.
+        Samples are differentiable (reparameterized), as needed for reverse-KL fitting;
+        wrap the call in ``torch.no_grad()`` when gradients are not needed.
+        """
+        return self.rsample(n, context)
+
+    def sample_and_log_prob(self, n: int, context: Any = None) -> tuple[Tensor, Tensor]:
+        """Samples and their exact log-density, from one pass (no extra forward)."""
+        n = _positive_int(n, "n")
+        ctx, shape = self._expand_context(n, context)
+        z = self.base.rsample(int(np.prod(shape)))
+        log_pz = self.base.log_prob(z)
+        x, ladj_inv = self.transform.inverse(z, ctx)
+        log_px = log_pz - ladj_inv
+        return x.reshape(*shape, self.features), log_px.reshape(shape)
+
+    def extra_repr(self) -> str:
+        return f"features={self.features}, context={self.context_features}"
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
