@@ -179,7 +179,9 @@ class Flow(Distribution):
     def __init__(self, transform: Transform, base: Distribution, context: int = 0):
         super().__init__()
         if not isinstance(transform, Transform):
-            raise TypeError(f"transform must be an exactflow Transform, got {type(transform).__name__}")
+            raise TypeError(
+                f"transform must be an exactflow Transform, got {type(transform).__name__}"
+            )
         if not isinstance(base, Distribution):
             raise TypeError(f"base must be an exactflow Distribution, got {type(base).__name__}")
         self.transform = transform
@@ -225,20 +227,25 @@ class Flow(Distribution):
     def _check_context(self, context: Any, batch: int | None) -> Tensor | None:
         if self.context_features == 0:
             if context is not None:
-                raise ValueError("this flow is unconditional (context=0) but a context was given")
+                raise ValueError(
+                    "this flow is unconditional (context=0) but a context was given"
+                )
             return None
         if context is None:
             raise ValueError(
-                f"this flow is conditional: pass a context of shape (batch, {self.context_features})"
+                "this flow is conditional: pass a context of shape "
+                f"(batch, {self.context_features})"
             )
         context = self._as_tensor(context, "context")
         if context.dim() != 2 or context.shape[1] != self.context_features:
             raise ValueError(
-                f"context must have shape (batch, {self.context_features}), got {tuple(context.shape)}"
+                f"context must have shape (batch, {self.context_features}), "
+                f"got {tuple(context.shape)}"
             )
         if batch is not None and context.shape[0] != batch:
             raise ValueError(
-                f"context has {context.shape[0]} rows but x has {batch}; give one context row per row of x"
+                f"context has {context.shape[0]} rows but x has {batch}; "
+                "give one context row per row of x"
             )
         return context
 

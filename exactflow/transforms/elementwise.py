@@ -56,7 +56,8 @@ class ElementwiseAffine(Transform):
 class Sigmoid(Transform):
     """The logistic sigmoid, ``z = 1 / (1 + exp(-x))``, mapping R^d to (0, 1)^d.
 
-    ``log|det dz/dx| = sum_i log s(x_i) + log(1 - s(x_i)) = -sum_i softplus(-x_i) + softplus(x_i)``.
+    ``log|det dz/dx| = sum_i [log s(x_i) + log(1 - s(x_i))]
+    = -sum_i [softplus(-x_i) + softplus(x_i)]``.
     The inverse is the logit; a value outside (0, 1) given to ``inverse`` raises
     ``ValueError`` rather than returning NaN.
     """
@@ -68,13 +69,15 @@ class Sigmoid(Transform):
         return torch.sigmoid(x), ladj
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        check_domain((z > 0) & (z < 1), "Sigmoid.inverse (logit) needs values strictly inside (0, 1)")
+        check_domain(
+            (z > 0) & (z < 1), "Sigmoid.inverse (logit) needs values strictly inside (0, 1)"
+        )
         x = torch.log(z) - torch.log1p(-z)
         return x, -(torch.log(z) + torch.log1p(-z)).sum(-1)
 
 
 class Logit(Transform):
-    """The logit for data in (0, 1), ``z = log(y) - log(1 - y)`` with ``y = alpha + (1 - 2 alpha) x``.
+    """The logit for data in (0, 1): ``z = log(y) - log(1 - y)``, ``y = alpha + (1 - 2 alpha) x``.
 
     The usual first layer for bounded data (pixels, fractions): it maps (0, 1)^d onto R^d.
     ``alpha`` (RealNVP uses 0.05 for images) keeps the map away from the infinite ends.

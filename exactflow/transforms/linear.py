@@ -26,7 +26,9 @@ class Permutation(Transform):
         tensor([[30., 10., 20.]])
     """
 
-    def __init__(self, features_or_permutation: int | Sequence[int] | Tensor, seed: int | None = None):
+    def __init__(
+        self, features_or_permutation: int | Sequence[int] | Tensor, seed: int | None = None
+    ):
         super().__init__()
         if isinstance(features_or_permutation, int):
             gen = None if seed is None else torch.Generator().manual_seed(seed)
@@ -82,7 +84,10 @@ class LULinear(Transform):
             elif permutation == "random":
                 perm = torch.randperm(features)
             else:
-                raise ValueError(f"permutation must be 'identity', 'random' or a permutation, got {permutation!r}")
+                raise ValueError(
+                    "permutation must be 'identity', 'random' or a permutation, "
+                    f"got {permutation!r}"
+                )
         else:
             perm = torch.as_tensor(permutation, dtype=torch.long)
         if not torch.equal(torch.sort(perm).values, torch.arange(features)):
