@@ -1,7 +1,15 @@
 """Invertible layers. Every one maps data -> latent in ``forward`` and back in ``inverse``."""
 
+from .autoregressive import (
+    InverseAutoregressive,
+    MaskedAffineAutoregressive,
+    MaskedAutoregressive,
+    SplineAutoregressive,
+)
+from .coupling import AdditiveCoupling, AffineCoupling, Coupling, SplineCoupling
 from .elementwise import ElementwiseAffine, Logit, Sigmoid
 from .linear import LULinear, Permutation, Reverse
+from .monotonic import AdditiveMap, AffineMap, MonotonicMap, SplineMap, monotonic_map
 
 __all__ = [
     "ElementwiseAffine",
@@ -10,4 +18,17 @@ __all__ = [
     "Permutation",
     "Reverse",
     "LULinear",
+    "Coupling",
+    "AdditiveCoupling",
+    "AffineCoupling",
+    "SplineCoupling",
+    "MaskedAutoregressive",
+    "MaskedAffineAutoregressive",
+    "InverseAutoregressive",
+    "SplineAutoregressive",
+    "MonotonicMap",
+    "AffineMap",
+    "AdditiveMap",
+    "SplineMap",
+    "monotonic_map",
 ]
