@@ -53,8 +53,9 @@ class MLP(nn.Sequential):
             outputs zeros until it is trained (a new flow layer then starts as the identity).
 
     Example:
-        >>> import torch, exactflow as ef
-        >>> net = ef.nn.MLP(3, 4, hidden=(16, 16), zero_last=True)
+        >>> import torch
+        >>> from exactflow.nn import MLP
+        >>> net = MLP(3, 4, hidden=(16, 16), zero_last=True)
         >>> net(torch.randn(5, 3)).abs().max()
         tensor(0., grad_fn=<MaxBackward1>)
     """
@@ -165,8 +166,9 @@ class MADE(nn.Module):
         Estimation (2015), arXiv:1502.03509.
 
     Example:
-        >>> import torch, exactflow as ef
-        >>> made = ef.nn.MADE(3, outputs=2, hidden=(8,), order="reverse", zero_last=False)
+        >>> import torch
+        >>> from exactflow.nn import MADE
+        >>> made = MADE(3, outputs=2, hidden=(8,), order="reverse", zero_last=False)
         >>> made(torch.randn(4, 3)).shape
         torch.Size([4, 3, 2])
     """
