@@ -47,13 +47,16 @@ def _register(fn: Callable[..., Flow]) -> Callable[..., Flow]:
     signature = inspect.signature(fn)
 
     @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Flow:
+    def wrapper(*args: Any, standardize: bool = False, **kwargs: Any) -> Flow:
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
         flow = fn(*bound.args, **bound.kwargs)
         config = {"model": fn.__name__}
         for key, value in bound.arguments.items():
             config[key] = list(value) if isinstance(value, tuple) else value
+        if standardize:
+            flow = _standardized(flow)
+            config["standardize"] = True
         flow.config = config
         return flow
 
@@ -77,12 +80,26 @@ def build(config: dict[str, Any]) -> Flow:
     name = config["model"]
     if name not in _BUILDERS:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(available())}")
-    kwargs = {k: v for k, v in config.items() if k != "model"}
+    kwargs = {k: v for k, v in config.items() if k not in ("model", "standardize")}
     try:
         inspect.signature(_BUILDERS[name]).bind(**kwargs)
     except TypeError as err:
         raise ValueError(f"config does not fit the {name!r} builder: {err}") from None
-    return _BUILDERS[name](**kwargs)
+    return _BUILDERS[name](**kwargs, standardize=bool(config.get("standardize", False)))
+
+
+def _standardized(flow: Flow) -> Flow:
+    """``flow`` with a fixed :class:`~exactflow.datasets.Standardize` layer put first.
+
+    Every builder takes ``standardize=True`` (recorded in ``flow.config``): the layer starts
+    as the identity and its ``mean``/``std`` buffers are set from the training data (e.g.
+    ``flow.transform[0].mean.copy_(...)``) and saved with the weights, so ``log_prob`` stays
+    in the units of the data.
+    """
+    from .datasets import Standardize
+
+    first = Standardize.identity(flow.features)
+    return Flow(Compose(first, flow.transform), flow.base, context=flow.context_features)
 
 
 # -- helpers -------------------------------------------------------------------------------
