@@ -1,0 +1,439 @@
+"""Tests of the ground truth: jacobian, log_abs_det_jacobian and check_transform."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+
+import exactflow as ef
+from tests.helpers import perturb
+
+jacobian_module = importlib.import_module("exactflow.jacobian")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def textbook_map(x: Tensor) -> Tensor:
+    """``(2 x0, x0^2 + 3 x1)``: J = [[2, 0], [2 x0, 3]], det = 6 everywhere."""
+    return torch.stack([2 * x[..., 0], x[..., 0] ** 2 + 3 * x[..., 1]], -1)
+
+
+def per_row_jacobian(fn, x: Tensor, context: Tensor | None = None) -> Tensor:
+    """Reference: one torch.autograd.functional.jacobian per row."""
+    rows = []
+    for i in range(x.shape[0]):
+        if context is None:
+            rows.append(
+                torch.autograd.functional.jacobian(lambda r: fn(r.unsqueeze(0))[0], x[i])
+            )
+        else:
+            ci = context[i : i + 1]
+            rows.append(
+                torch.autograd.functional.jacobian(lambda r, ci=ci: fn(r.unsqueeze(0), ci)[0], x[i])
+            )
+    return torch.stack(rows)
+
+
+# -- the worked numbers ---------------------------------------------------------------
+
+
+def test_jacobian_of_3x_plus_2_is_3():
+    jac = ef.jacobian(lambda x: 3 * x + 2, torch.tensor([0.7], dtype=torch.float64))
+    assert jac.shape == (1, 1)
+    torch.testing.assert_close(jac, torch.tensor([[3.0]], dtype=torch.float64))
+    batched = ef.jacobian(lambda x: 3 * x + 2, torch.randn(5, 1, dtype=torch.float64))
+    torch.testing.assert_close(batched, torch.full((5, 1, 1), 3.0, dtype=torch.float64))
+
+
+def test_textbook_map_jacobian_det_and_log_det():
+    x = torch.tensor([4.0, 1.0], dtype=torch.float64)
+    jac = ef.jacobian(textbook_map, x)
+    torch.testing.assert_close(jac, torch.tensor([[2.0, 0.0], [8.0, 3.0]], dtype=torch.float64))
+    assert float(torch.linalg.det(jac)) == pytest.approx(6.0, rel=1e-12)
+    ladj = ef.log_abs_det_jacobian(textbook_map, x)
+    assert ladj.shape == ()
+    assert float(ladj) == pytest.approx(math.log(6.0), rel=1e-12)
+    assert float(ladj) == pytest.approx(1.7917594692, abs=1e-9)
+
+
+# -- jacobian ---------------------------------------------------------------------------
+
+
+def smooth_map(x: Tensor) -> Tensor:
+    w = torch.linspace(-1.0, 1.0, x.shape[-1] ** 2, dtype=x.dtype).reshape(x.shape[-1], -1)
+    return torch.tanh(x @ w.T) + x.roll(1, -1) * x
+
+
+def branchy_map(x: Tensor) -> Tensor:
+    # A data-dependent Python branch: vmap cannot trace it.
+    if float(x.detach().sum()) > 0:
+        return torch.sin(x) * 2.0
+    return x**3
+
+
+def test_vectorized_path_matches_per_row_autograd(monkeypatch):
+    calls = []
+    loop = jacobian_module._jacobian_loop
+    monkeypatch.setattr(jacobian_module, "_jacobian_loop", lambda *a: calls.append(1) or loop(*a))
+    x = torch.randn(6, 4, dtype=torch.float64)
+    jac = ef.jacobian(smooth_map, x)
+    assert not calls, "a vmap-traceable function should not take the fallback"
+    assert jac.shape == (6, 4, 4)
+    torch.testing.assert_close(jac, per_row_jacobian(smooth_map, x))
+
+
+def test_fallback_path_for_untraceable_function_is_exact(monkeypatch):
+    calls = []
+    loop = jacobian_module._jacobian_loop
+    monkeypatch.setattr(jacobian_module, "_jacobian_loop", lambda *a: calls.append(1) or loop(*a))
+    x = torch.randn(8, 3, dtype=torch.float64)
+    x[0] = x[0].abs() + 0.1  # both branches are taken
+    x[1] = -x[1].abs() - 0.1
+    jac = ef.jacobian(branchy_map, x)
+    assert calls, "a function with a data-dependent branch must take the fallback"
+    positive = (x.sum(-1) > 0)[:, None]
+    expected = torch.diag_embed(torch.where(positive, 2.0 * torch.cos(x), 3 * x**2))
+    torch.testing.assert_close(jac, expected)
+
+
+def test_fallback_for_item_matches_vectorized():
+    def with_item(x: Tensor) -> Tensor:
+        scale = x.abs().max().item()  # a Python float: vmap cannot trace .item()
+        return smooth_map(x) + 0.0 * scale
+
+    x = torch.randn(5, 3, dtype=torch.float64)
+    torch.testing.assert_close(ef.jacobian(with_item, x), ef.jacobian(smooth_map, x))
+
+
+def test_unbatched_and_non_square():
+    def f(x: Tensor) -> Tensor:  # R^3 -> R^2
+        return torch.stack([x[..., 0] * x[..., 1], torch.sin(x[..., 2]) + x[..., 0]], -1)
+
+    x = torch.randn(4, 3, dtype=torch.float64)
+    jac = ef.jacobian(f, x)
+    assert jac.shape == (4, 2, 3)
+    zero = torch.zeros(4, dtype=torch.float64)
+    expected = torch.stack(
+        [
+            torch.stack([x[:, 1], x[:, 0], zero], -1),
+            torch.stack([torch.ones_like(zero), zero, torch.cos(x[:, 2])], -1),
+        ],
+        1,
+    )
+    torch.testing.assert_close(jac, expected)
+    single = ef.jacobian(f, x[2])
+    assert single.shape == (2, 3)
+    torch.testing.assert_close(single, expected[2])
+    with pytest.raises(ValueError, match="not square"):
+        ef.log_abs_det_jacobian(f, x)
+
+
+def test_context_rows_are_respected():
+    def f(x: Tensor, c: Tensor) -> Tensor:
+        return x * c[:, :1] + c[:, 1:] * x.roll(1, -1)
+
+    x = torch.randn(5, 3, dtype=torch.float64)
+    c = torch.randn(5, 2, dtype=torch.float64)
+    jac = ef.jacobian(f, x, c)
+    torch.testing.assert_close(jac, per_row_jacobian(f, x, c))
+    eye = torch.eye(3, dtype=torch.float64)
+    shift = eye.roll(1, 0)
+    expected = c[:, 0, None, None] * eye + c[:, 1, None, None] * shift
+    torch.testing.assert_close(jac, expected)
+    # A single vector with a single context vector.
+    torch.testing.assert_close(ef.jacobian(f, x[3], c[3]), expected[3])
+
+
+def test_jacobian_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="shape"):
+        ef.jacobian(smooth_map, torch.randn(2, 3, 4))
+    with pytest.raises(ValueError, match="context"):
+        ef.jacobian(lambda x, c: x * c, torch.randn(4, 3), torch.randn(3, 3))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        ef.jacobian(smooth_map, np.zeros((2, 3)))
+
+
+# -- log_abs_det_jacobian -----------------------------------------------------------------
+
+
+def test_log_abs_det_never_overflows_at_d_1000():
+    d = 1000
+    gen = torch.Generator().manual_seed(0)
+    a = 10.0 * torch.eye(d, dtype=torch.float64) + 0.01 * torch.randn(
+        d, d, generator=gen, dtype=torch.float64
+    )
+    assert torch.isinf(torch.linalg.det(a)), "the raw determinant (~1e1000) overflows float64"
+    x = torch.randn(1, d, dtype=torch.float64)
+    ladj = ef.log_abs_det_jacobian(lambda v: v @ a.T, x)
+    assert ladj.shape == (1,)
+    assert torch.isfinite(ladj).all()
+    reference = np.linalg.slogdet(a.numpy())[1]
+    assert float(ladj[0]) == pytest.approx(reference, abs=1e-8)
+    assert float(ladj[0]) == pytest.approx(d * math.log(10.0), abs=1.0)
+
+
+def test_log_abs_det_of_singular_map_is_minus_inf():
+    def f(x: Tensor) -> Tensor:
+        s = x[..., 0] + x[..., 1]
+        return torch.stack([s, 2 * s], -1)
+
+    ladj = ef.log_abs_det_jacobian(f, torch.randn(3, 2, dtype=torch.float64))
+    assert ladj.shape == (3,)
+    assert torch.isneginf(ladj).all()
+
+
+def test_log_abs_det_matches_numpy_above_the_batched_limit():
+    # Sizes on both sides of the one-at-a-time threshold give the same answer as numpy.
+    for d in (8, 100, 160):
+        a = torch.randn(d, d, dtype=torch.float64) / d**0.5 + torch.eye(d, dtype=torch.float64)
+        scale = torch.randn(3, d, dtype=torch.float64) * 0.3
+        x = torch.randn(3, d, dtype=torch.float64)
+        ladj = ef.log_abs_det_jacobian(lambda v, c, a=a: (v @ a.T) * c.exp(), x, scale)
+        mats = (scale.exp()[:, :, None] * a).numpy()
+        np.testing.assert_allclose(ladj.numpy(), np.linalg.slogdet(mats)[1], atol=1e-9)
+
+
+_SLOGDET_TRAP = r"""
+import json, numpy as np, torch
+import exactflow as ef
+from tests.helpers import perturb
+
+# The explicit call is what triggers the defect on some CPU builds (see DESIGN.md).
+torch.set_num_threads(torch.get_num_threads())
+gen = torch.Generator().manual_seed(0)
+d, b = 256, 6
+a = torch.randn(d, d, generator=gen, dtype=torch.float64) / d**0.5
+a = a + torch.eye(d, dtype=torch.float64)
+c = 0.3 * torch.randn(b, d, generator=gen, dtype=torch.float64)
+x = torch.randn(b, d, generator=gen, dtype=torch.float64)
+got = ef.log_abs_det_jacobian(lambda v, ctx: (v @ a.T) * ctx.exp(), x, c)
+mats = c.exp()[:, :, None] * a
+ref = np.linalg.slogdet(mats.numpy())[1]
+raw = torch.linalg.slogdet(mats)[1].numpy()
+
+t = ef.Compose(perturb(ef.transforms.LULinear(d).double(), scale=0.5 / d**0.5, seed=1),
+               ef.transforms.Sigmoid())
+report = ef.check_transform(t, x, raise_on_failure=False)
+print(json.dumps({
+    "file": ef.__file__,
+    "error": float(np.abs(got.numpy() - ref).max()),
+    "raw_batched_error": float(np.abs(raw - ref).max()),
+    "check_ok": report.ok,
+    "check": str(report),
+}))
+"""
+
+
+def test_log_abs_det_right_after_set_num_threads_at_d_256():
+    """Pins the batched-slogdet defect: run in a subprocess so the thread setting stays there."""
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, PYTHONPATH=path)
+    proc = subprocess.run(
+        [sys.executable, "-c", _SLOGDET_TRAP],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert Path(out["file"]).resolve().is_relative_to(ROOT), out["file"]
+    # raw_batched_error shows whether this machine has the defect (informational only).
+    assert out["error"] < 1e-8, (
+        f"log_abs_det_jacobian is off by {out['error']:.3e} at d=256 "
+        f"(batched torch.linalg.slogdet is off by {out['raw_batched_error']:.3e} here)"
+    )
+    assert out["check_ok"], out["check"]
+
+
+# -- check_transform: what it must reject ---------------------------------------------------
+
+
+class Scale(ef.Transform):
+    """``z = a x`` elementwise, with a log-det that can be deliberately wrong."""
+
+    def __init__(self, features: int, ladj_offset: float = 0.0, inverse_factor: float = 1.0):
+        super().__init__()
+        self.log_a = nn.Parameter(0.3 * torch.randn(features))
+        self.ladj_offset = ladj_offset
+        self.inverse_factor = inverse_factor
+
+    def forward(self, x, context=None):
+        ladj = self.log_a.sum() + self.ladj_offset
+        return x * self.log_a.exp(), ladj.expand(x.shape[0])
+
+    def inverse(self, z, context=None):
+        x = z * (-self.log_a).exp() * self.inverse_factor
+        return x, (-self.log_a.sum() - self.ladj_offset).expand(z.shape[0])
+
+
+class DenseLinear(ef.Transform):
+    """``z = x A^T``; ``diagonal_log_det`` computes the log-det as if A were diagonal."""
+
+    def __init__(self, a: Tensor, diagonal_log_det: bool = False):
+        super().__init__()
+        self.a = nn.Parameter(a)
+        self.diagonal_log_det = diagonal_log_det
+
+    def _ladj(self) -> Tensor:
+        if self.diagonal_log_det:
+            return self.a.diagonal().abs().log().sum()
+        return torch.linalg.slogdet(self.a)[1]
+
+    def forward(self, x, context=None):
+        return x @ self.a.T, self._ladj().expand(x.shape[0])
+
+    def inverse(self, z, context=None):
+        return torch.linalg.solve(self.a, z.T).T, (-self._ladj()).expand(z.shape[0])
+
+
+def x64(batch: int = 6, features: int = 3) -> Tensor:
+    return torch.randn(batch, features, dtype=torch.float64)
+
+
+def assert_fails(transform: ef.Transform, x: Tensor, check: str, context=None) -> ef.CheckReport:
+    with pytest.raises(ef.CheckError) as info:
+        ef.check_transform(transform, x, context)
+    message = str(info.value)
+    assert f"{check}:" in message, message
+    assert "FAILED" in message
+    report = info.value.report
+    assert not report.ok
+    assert any(f.startswith(f"{check}:") for f in report.failures)
+    # The same report comes back without raising.
+    quiet = ef.check_transform(transform, x, context, raise_on_failure=False)
+    assert not quiet.ok and quiet.failures == report.failures
+    return report
+
+
+def test_correct_reference_transforms_pass():
+    for t in (Scale(3), DenseLinear(torch.randn(3, 3, dtype=torch.float64) + 2 * torch.eye(3))):
+        report = ef.check_transform(t.double(), x64())
+        assert report.ok, str(report)
+        assert set(report.errors) == {"log_det", "round_trip", "inverse_log_det"}
+
+
+def test_log_det_off_by_a_constant_fails():
+    report = assert_fails(Scale(3, ladj_offset=1e-3).double(), x64(), "log_det")
+    assert report.errors["log_det"] == pytest.approx(1e-3, rel=1e-6)
+    assert "1.000e-03" in str(report)
+
+
+def test_full_matrix_with_diagonal_log_det_fails():
+    a = torch.tensor([[2.0, 1.5, 0.0], [-1.0, 1.0, 0.5], [0.3, 0.0, 1.5]], dtype=torch.float64)
+    assert abs(math.log(abs(float(torch.linalg.det(a)))) - float(a.diagonal().log().sum())) > 0.1
+    assert_fails(DenseLinear(a, diagonal_log_det=True), x64(), "log_det")
+    # Both directions agree with each other, so only the Jacobian comparison can catch it.
+    report = ef.check_transform(DenseLinear(a, True), x64(), raise_on_failure=False)
+    assert report.failures == [f for f in report.failures if f.startswith("log_det:")]
+
+
+def test_wrong_inverse_fails():
+    report = assert_fails(Scale(3, inverse_factor=1.001).double(), x64(), "round_trip")
+    assert report.errors["round_trip"] > 1e-4
+
+
+def test_inverse_log_det_with_wrong_sign_fails():
+    class WrongSign(Scale):
+        def inverse(self, z, context=None):
+            x, ladj = super().inverse(z, context)
+            return x, -ladj
+
+    assert_fails(WrongSign(3).double(), x64(), "inverse_log_det")
+
+
+def test_nan_output_fails():
+    class NaNs(Scale):
+        def forward(self, x, context=None):
+            z, ladj = super().forward(x, context)
+            return torch.where(x > 0, z, torch.nan), ladj
+
+    x = x64()
+    x[0, 0] = -1.0
+    report = assert_fails(NaNs(3).double(), x, "finite")
+    assert "NaN" in report.failures[0]
+
+
+def test_wrong_log_det_shape_fails():
+    class Keepdim(Scale):
+        def forward(self, x, context=None):
+            z, ladj = super().forward(x, context)
+            return z, ladj[:, None]
+
+    assert_fails(Keepdim(3).double(), x64(), "log_det_shape")
+
+    class Scalar(Scale):
+        def forward(self, x, context=None):
+            z, ladj = super().forward(x, context)
+            return z, ladj[0]
+
+    assert_fails(Scalar(3).double(), x64(), "log_det_shape")
+
+
+def test_check_transform_rejects_bad_x():
+    with pytest.raises(ValueError, match="batch, features"):
+        ef.check_transform(Scale(3), torch.randn(3))
+    with pytest.raises(ValueError, match="batch, features"):
+        ef.check_transform(Scale(3), np.zeros((2, 3)))
+
+
+def test_tolerances_can_be_overridden():
+    t = Scale(3, ladj_offset=1e-3).double()
+    assert ef.check_transform(t, x64(), atol=1e-2, check_inverse=False).ok
+    exact = ef.check_transform(ef.transforms.Reverse(3), x64(), atol=0.0, rtol=0.0)
+    assert exact.ok, str(exact)
+
+
+# -- check_transform on a user's conditional transform ----------------------------------------
+
+
+class ConditionalAffine(ef.Transform):
+    """``z = x * exp(tanh(c W_s)) + c W_t``: a user's conditional transform."""
+
+    def __init__(self, features: int, context: int, ignore_context_in_log_det: bool = False):
+        super().__init__()
+        self.scale = nn.Linear(context, features)
+        self.shift = nn.Linear(context, features)
+        self.ignore = ignore_context_in_log_det
+
+    def _log_scale(self, context: Tensor) -> Tensor:
+        if self.ignore:
+            return torch.tanh(self.scale.bias).expand(context.shape[0], -1)
+        return torch.tanh(self.scale(context))
+
+    def forward(self, x, context=None):
+        s = torch.tanh(self.scale(context))
+        return x * s.exp() + self.shift(context), self._log_scale(context).sum(-1)
+
+    def inverse(self, z, context=None):
+        s = torch.tanh(self.scale(context))
+        return (z - self.shift(context)) * (-s).exp(), -self._log_scale(context).sum(-1)
+
+
+@pytest.mark.parametrize("dtype_", [torch.float64, torch.float32])
+def test_user_conditional_transform(dtype_):
+    t = perturb(ConditionalAffine(3, 2)).to(dtype_)
+    x = torch.randn(7, 3, dtype=dtype_)
+    c = torch.randn(7, 2, dtype=dtype_)
+    report = ef.check_transform(t, x, c)
+    assert report.ok and report.dtype == dtype_
+    broken = perturb(ConditionalAffine(3, 2, ignore_context_in_log_det=True)).to(dtype_)
+    assert_fails(broken, x, "log_det", context=c)
+
+
+def test_check_report_reads_well():
+    report = ef.check_transform(ef.transforms.LULinear(3).double(), x64(4, 3))
+    text = str(report)
+    assert text.startswith("check_transform(LULinear) on 4 x 3 float64: OK")
+    for key in ("log_det", "round_trip", "inverse_log_det"):
+        assert key in text
