@@ -4,7 +4,7 @@ A flow maps data ``x`` to a latent ``z = f(x)`` through invertible layers and sc
 exactly: ``log p(x) = log p_base(f(x)) + sum_k log|det J_k|``.
 """
 
-from . import models, transforms
+from . import datasets, models, targets, transforms
 from .core import Compose, Inverse, Transform
 from .distributions import DiagonalNormal, Distribution, Flow, StandardNormal, Uniform
 from .jacobian import CheckError, CheckReport, check_transform, jacobian, log_abs_det_jacobian
@@ -26,5 +26,7 @@ __all__ = [
     "Uniform",
     "Flow",
     "transforms",
+    "datasets",
+    "targets",
     "models",
 ]
