@@ -7,6 +7,7 @@ live in ``tests/helpers.py``.
 
 from __future__ import annotations
 
+import os
 import random
 import zlib
 
@@ -19,12 +20,27 @@ try:
 except ImportError:  # pragma: no cover - hypothesis is a dev dependency
     settings = None
 else:
-    # No per-example deadline: the machine is shared and timings vary; Jacobian checks are
-    # cubic in the dimension. Tests pick their own max_examples.
+    # No per-example deadline: machines are shared and timings vary; Jacobian checks are
+    # cubic in the dimension. The default profile is derandomized (the same verdict on
+    # every run) with 30 examples per test to keep the suite fast;
+    # HYPOTHESIS_PROFILE=explore draws 1000 fresh examples per test.
     settings.register_profile(
-        "exactflow", deadline=None, suppress_health_check=[HealthCheck.too_slow]
+        "ci",
+        deadline=None,
+        max_examples=30,
+        derandomize=True,
+        database=None,
+        print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow],
     )
-    settings.load_profile("exactflow")
+    settings.register_profile(
+        "explore",
+        deadline=None,
+        max_examples=1000,
+        print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import exactflow as ef
@@ -146,7 +146,6 @@ def test_logit_rejects_bad_alpha(alpha):
         Logit(alpha=alpha)
 
 
-@settings(max_examples=30)
 @given(
     name=st.sampled_from(sorted(LAYERS)),
     batch=st.integers(1, 9),

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import exactflow as ef
@@ -140,7 +140,6 @@ def test_lu_linear_state_dict_round_trip_and_gradients():
         assert grad is not None and grad.abs().sum() > 0, name
 
 
-@settings(max_examples=30)
 @given(
     name=st.sampled_from(sorted(LAYERS)),
     batch=st.integers(1, 9),
