@@ -7,7 +7,16 @@ exactly: ``log p(x) = log p_base(f(x)) + sum_k log|det J_k|``.
 from . import datasets, models, targets, transforms
 from .core import Compose, Inverse, Transform
 from .distributions import DiagonalNormal, Distribution, Flow, StandardNormal, Uniform
+from .io import CheckpointError, load, save
 from .jacobian import CheckError, CheckReport, check_transform, jacobian, log_abs_det_jacobian
+from .train import (
+    History,
+    TrainingError,
+    estimate_log_normalizer,
+    evaluate,
+    fit,
+    fit_reverse_kl,
+)
 
 __version__ = "0.1.0"
 
@@ -29,4 +38,13 @@ __all__ = [
     "datasets",
     "targets",
     "models",
+    "fit",
+    "fit_reverse_kl",
+    "evaluate",
+    "estimate_log_normalizer",
+    "History",
+    "TrainingError",
+    "save",
+    "load",
+    "CheckpointError",
 ]

@@ -1,0 +1,254 @@
+"""Saving and loading models: a builder configuration (JSON) plus a weights-only state dict.
+
+A model file is one ``torch.save`` archive holding only tensors and plain Python types::
+
+    {"format": "exactflow", "version": 1, "exactflow_version": "0.1.0",
+     "config": '{"model": "realnvp", "features": 2, ...}',   # JSON string
+     "state_dict": {name: tensor, ...}}
+
+:func:`load` reads it with ``torch.load(..., weights_only=True)``, so a file can never run
+code on load (a pickle with a payload is refused before anything is executed), rebuilds the
+model with :func:`exactflow.models.build` from the JSON config and loads the weights
+strictly. Every way a file can be wrong (missing, truncated, foreign, a newer format, an
+unknown builder, weights that do not fit the config) raises :class:`CheckpointError` with a
+message that says which.
+
+Only flows made by a builder (``flow.config`` set) can be saved: a hand-built flow has no
+description that could be rebuilt without running code. Save its weights with
+``torch.save(flow.state_dict(), path)`` and rebuild it by hand instead.
+
+Data-dependent standardization is part of the model's config (a builder argument such as
+``standardize={"mean": [...], "std": [...]}``), so it travels in the JSON like any other
+argument.
+
+Files are written atomically (:func:`atomic_save`): to a temporary file in the same
+directory, flushed and fsynced, then moved over the target with ``os.replace``; a crash
+during the write leaves the previous file intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .distributions import Flow
+
+__all__ = ["save", "load", "atomic_save", "safe_torch_load", "CheckpointError", "FORMAT_VERSION"]
+
+#: The version of the model-file layout this exactflow writes and reads.
+FORMAT_VERSION = 1
+
+_FORMAT = "exactflow"
+
+
+class CheckpointError(Exception):
+    """A model or training-checkpoint file cannot be used (the message says why)."""
+
+
+def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
+    """``torch.save(obj, path)`` that never leaves a partial file at ``path``.
+
+    Writes to a temporary file in the same directory (same file system, so the final rename
+    is atomic), flushes and fsyncs it, then ``os.replace``\\ s it over ``path`` and fsyncs
+    the directory. If anything fails before the rename, the temporary file is removed and
+    the old ``path`` (if any) is untouched. A process killed mid-write may leave a stray
+    ``.<name>.*.tmp`` file beside the target, never a corrupt target.
+
+    Returns:
+        The target path.
+    """
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        try:
+            os.unlink(tmp_name)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_directory(directory)
+    return path
+
+
+def _fsync_directory(directory: Path) -> None:
+    # Makes the rename itself durable; not possible on every platform, hence best effort.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def safe_torch_load(
+    path: str | os.PathLike[str], map_location: Any = "cpu", what: str = "file"
+) -> Any:
+    """``torch.load(path, weights_only=True)`` with every failure turned into a clear error.
+
+    ``weights_only=True`` makes torch's unpickler accept only tensors and plain containers
+    and numbers: a pickle that names any other global (a code payload) is refused before
+    anything is executed.
+
+    Raises:
+        CheckpointError: the file is missing, empty, truncated, not a torch file, or holds
+            objects other than tensors and plain Python types.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no such {what}: {str(path)!r}")
+    if not path.is_file():
+        raise CheckpointError(f"{what} {str(path)!r} is not a regular file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{what} {str(path)!r} is empty (an interrupted copy or write?)")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        text = str(err)
+        if "global" in text.lower() or "unsupported class" in text.lower():
+            raise CheckpointError(
+                f"refusing to load {str(path)!r}: it contains Python objects other than tensors "
+                "and plain types (possibly code); exactflow never executes code from a file. "
+                f"Detail: {_first_line_about(text)}"
+            ) from None
+        raise CheckpointError(
+            f"{str(path)!r} is not a {what} exactflow can read (not a torch archive, or corrupt): "
+            f"{_first_line_about(text)}"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError) as err:
+        raise CheckpointError(
+            f"{str(path)!r} is truncated or not a torch file ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else 'unexpected end of data'})"
+        ) from None
+
+
+def _first_line_about(text: str) -> str:
+    # torch's weights-only message is long; keep the line that names the offending object.
+    for line in text.splitlines():
+        low = line.lower()
+        if "global" in low or "unsupported" in low:
+            return line.strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else text
+
+
+def save(flow: Flow, path: str | os.PathLike[str]) -> Path:
+    """Save a flow made by a builder as its JSON config plus a weights-only state dict.
+
+    The file is a ``torch.save`` archive of plain types and tensors (see the module
+    docstring), written atomically; tensors are stored on the CPU.
+
+    Args:
+        flow: a flow returned by an :mod:`exactflow.models` builder (``flow.config`` set).
+        path: the file to write, conventionally ``*.pt``.
+
+    Returns:
+        The path written, so ``ef.load(ef.save(flow, "model.pt"))`` works.
+
+    Raises:
+        TypeError: ``flow`` is not an :class:`exactflow.Flow`.
+        ValueError: the flow has no builder config (built by hand), or its config is not
+            JSON-serializable.
+    """
+    if not isinstance(flow, Flow):
+        raise TypeError(f"save expects an exactflow Flow, got {type(flow).__name__}")
+    config = getattr(flow, "config", None)
+    if not config:
+        raise ValueError(
+            "this flow has no builder config (flow.config is None: it was built by hand), so "
+            "exactflow.load could not rebuild it without running code. Build it with an "
+            "exactflow.models builder (e.g. ef.models.realnvp(...)), or save only its weights "
+            "with torch.save(flow.state_dict(), path) and rebuild the flow yourself."
+        )
+    try:
+        config_json = json.dumps(config, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"flow.config must be JSON-serializable to be saved: {err}") from None
+    from . import __version__
+
+    state = {k: v.detach().to("cpu").clone() for k, v in flow.state_dict().items()}
+    payload = {
+        "format": _FORMAT,
+        "version": FORMAT_VERSION,
+        "exactflow_version": str(__version__),
+        "config": config_json,
+        "state_dict": state,
+    }
+    return atomic_save(payload, path)
+
+
+def load(path: str | os.PathLike[str], map_location: Any = "cpu") -> Flow:
+    """Load a flow written by :func:`save`; never executes code from the file.
+
+    Rebuilds the model from its JSON config with :func:`exactflow.models.build`, loads its
+    weights strictly (every tensor present, every shape right) and returns it in eval mode.
+
+    Args:
+        path: the model file.
+        map_location: where to put the tensors (as in ``torch.load``), default the CPU.
+
+    Raises:
+        CheckpointError: the file is missing, truncated or foreign; holds anything but
+            tensors and plain types (e.g. a pickle with a code payload); was written by a
+            newer exactflow format; names an unknown builder; or has weights whose names or
+            shapes do not match the config.
+    """
+    payload = safe_torch_load(path, map_location=map_location, what="model file")
+    name = str(path)
+    if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
+        found = type(payload).__name__
+        if isinstance(payload, dict):
+            found = f"a dict with keys {sorted(map(str, payload))[:6]}"
+        raise CheckpointError(
+            f"{name!r} is not an exactflow model file (found {found}); "
+            "exactflow.load reads files written by exactflow.save"
+        )
+    version = payload.get("version")
+    if not isinstance(version, int):
+        raise CheckpointError(f"{name!r} has no valid format version (got {version!r})")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{name!r} was written in exactflow model format version {version} "
+            f"(by exactflow {payload.get('exactflow_version', '?')}); this exactflow reads "
+            f"versions up to {FORMAT_VERSION}: upgrade exactflow to load it"
+        )
+    try:
+        config = json.loads(payload["config"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{name!r} has no readable model config: {err}") from None
+    state = payload.get("state_dict")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{name!r} has no valid state_dict of tensors")
+    from . import models
+
+    try:
+        flow = models.build(config)
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"cannot rebuild the model saved in {name!r}: {err}") from None
+    try:
+        flow.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"the weights in {name!r} do not match its config {config!r}: "
+            + " ".join(str(err).split())
+        ) from None
+    flow.config = config
+    if state:
+        flow.to(next(iter(state.values())).device)
+    return flow.eval()

@@ -1,0 +1,529 @@
+"""Tests for exactflow.train: fit (maximum likelihood), evaluate, checkpoints and resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+
+import exactflow as ef
+from exactflow.datasets import DataError
+from exactflow.io import CheckpointError
+from exactflow.train import History, TrainingError, evaluate, fit
+from exactflow.transforms import ElementwiseAffine, LULinear
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # These tests run many tiny ops; on a shared 2-core machine intra-op threads only add
+    # contention. Restore the previous setting afterwards.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def affine_flow(d: int = 2, seed: int = 0) -> ef.Flow:
+    torch.manual_seed(seed)
+    return ef.Flow(ef.Compose(LULinear(d), ElementwiseAffine(d)), ef.StandardNormal(d))
+
+
+def gaussian_data(n: int, d: int = 2, seed: int = 1) -> Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(d, d, generator=gen) + 2 * torch.eye(d)
+    return torch.randn(n, d, generator=gen) @ a.T + torch.arange(1.0, d + 1)
+
+
+def gaussian_entropy(data: Tensor) -> float:
+    cov = torch.cov(data.T.double())
+    d = data.shape[1]
+    return 0.5 * float(torch.logdet(cov)) + 0.5 * d * (1 + math.log(2 * math.pi))
+
+
+def same_history(a: History, b: History) -> None:
+    da, db = a.to_dict(), b.to_dict()
+    da.pop("time"), db.pop("time")
+    assert da == db
+
+
+# -- learning, records, best weights ----------------------------------------------------
+
+
+def test_fit_learns_a_gaussian_and_records_history():
+    data = gaussian_data(1400, d=3)
+    train, val = data[:1024], data[1024:]
+    flow = affine_flow(3)
+    start = evaluate(flow, val)["nll"]
+    h = fit(flow, train, val, steps=240, batch_size=128, lr=0.03, eval_every=40, progress=False)
+    assert h.steps == [40, 80, 120, 160, 200, 240]
+    assert h.total_steps == 240 and h.objective == "nll" and h.features == 3
+    assert len(h.train_nll) == len(h.val_nll) == len(h.lr) == len(h.time) == 6
+    assert all(v is not None and math.isfinite(v) for v in h.val_nll)
+    # The fitted Gaussian's NLL on the validation set is near the entropy of the generator.
+    entropy = gaussian_entropy(data)
+    assert start > entropy + 1.0
+    assert h.best_val == min(h.val_nll) and h.best_step == h.steps[h.val_nll.index(h.best_val)]
+    assert abs(h.best_val - entropy) < 0.15
+    # bits per dimension are nats / (d ln 2); to_dict is strict JSON.
+    assert h.val_bpd[-1] == pytest.approx(h.val_nll[-1] / (3 * math.log(2)))
+    d = json.loads(json.dumps(h.to_dict(), allow_nan=False))
+    assert d["val_bpd"] == pytest.approx(h.val_bpd)
+    assert History.from_dict(d).val_nll == h.val_nll
+    # The cosine schedule decays the learning rate to (nearly) zero.
+    assert h.lr[0] < 0.03 and h.lr[-1] < 1e-3 and h.lr == sorted(h.lr, reverse=True)
+    # fit leaves the flow in eval mode, and the restored weights are the best ones.
+    assert not flow.training
+    assert evaluate(flow, val)["nll"] == pytest.approx(h.best_val, abs=1e-9)
+
+
+def shifted_problem() -> tuple[Tensor, Tensor]:
+    # Training data centred at 4, validation data at 1: moving from 0 towards 4 the
+    # validation NLL first falls, then rises, so the best weights are not the last ones.
+    gen = torch.Generator().manual_seed(3)
+    train = torch.randn(512, 2, generator=gen) * 0.5 + 4.0
+    val = torch.randn(256, 2, generator=gen) * 0.5 + 1.0
+    return train, val
+
+
+def test_best_weights_are_restored_without_patience():
+    train, val = shifted_problem()
+    flow = ef.Flow(ElementwiseAffine(2), ef.StandardNormal(2))
+    h = fit(flow, train, val, steps=150, batch_size=64, lr=0.05, schedule="constant",
+            eval_every=5, progress=False)
+    assert not h.stopped_early and h.total_steps == 150
+    assert h.best_step < 150 and h.val_nll[-1] > h.best_val + 0.5
+    assert evaluate(flow, val)["nll"] == pytest.approx(h.best_val, abs=1e-9)
+
+
+def test_patience_stops_early_and_restores_best():
+    train, val = shifted_problem()
+    flow = ef.Flow(ElementwiseAffine(2), ef.StandardNormal(2))
+    h = fit(flow, train, val, steps=1000, batch_size=64, lr=0.05, schedule="constant",
+            eval_every=5, patience=3, progress=False)
+    assert h.stopped_early and h.total_steps < 1000
+    best = h.val_nll.index(h.best_val)
+    assert len(h.val_nll) - 1 - best == 3  # exactly `patience` evaluations without improvement
+    assert evaluate(flow, val)["nll"] == pytest.approx(h.best_val, abs=1e-9)
+
+
+def test_without_validation_the_last_weights_are_kept():
+    train, _ = shifted_problem()
+    flow = ef.Flow(ElementwiseAffine(2), ef.StandardNormal(2))
+    h = fit(flow, train, steps=60, batch_size=64, lr=0.05, eval_every=20, progress=False)
+    assert h.val_nll == [None, None, None] and h.best_val is None and h.best_step is None
+    assert h.train_nll[-1] < h.train_nll[0]
+    assert json.loads(json.dumps(h.to_dict()))["val_bpd"] == [None, None, None]
+
+
+def test_epochs_set_the_number_of_steps_and_callback_can_stop():
+    data = gaussian_data(300)
+    h = fit(affine_flow(), data, epochs=3, batch_size=64, eval_every=1, progress=False)
+    assert h.total_steps == 3 * (300 // 64)
+    seen: list[int] = []
+
+    def stop_at_7(history: History) -> bool:
+        seen.append(history.steps[-1])
+        return history.steps[-1] >= 7
+
+    h = fit(affine_flow(), data, steps=50, batch_size=64, eval_every=1, progress=False,
+            callback=stop_at_7)
+    assert seen == list(range(1, 8)) and h.total_steps == 7 and h.stopped_early
+
+
+class ModeSpy(ef.Transform):
+    """The identity, recording whether it ran in train or eval mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.modes: list[bool] = []
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        self.modes.append(self.training)
+        return x, x.new_zeros(x.shape[0])
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return z, z.new_zeros(z.shape[0])
+
+
+def test_train_mode_for_steps_eval_mode_for_validation_and_at_the_end():
+    spy = ModeSpy()
+    flow = ef.Flow(ef.Compose(ElementwiseAffine(2), spy), ef.StandardNormal(2))
+    data = gaussian_data(300)
+    fit(flow, data[:200], data[200:], steps=4, batch_size=50, eval_every=2, progress=False)
+    # step, step, validation, step, step, validation
+    assert spy.modes == [True, True, False, True, True, False]
+    assert not flow.training and not spy.training
+
+
+# -- data handling -------------------------------------------------------------------------
+
+
+def test_numpy_memmap_and_tensor_data_give_the_same_run(tmp_path):
+    data = gaussian_data(400).numpy()
+    np.save(tmp_path / "train.npy", data)
+    mm = np.load(tmp_path / "train.npy", mmap_mode="r")
+    assert isinstance(mm, np.memmap)
+    results = []
+    for source in (torch.from_numpy(data), data, mm, ef.datasets.Subset(mm)):
+        flow = affine_flow()
+        h = fit(flow, source, steps=20, batch_size=64, eval_every=10, progress=False)
+        results.append((h.train_nll, [p.detach().clone() for p in flow.parameters()]))
+    for nll, params in results[1:]:
+        assert nll == results[0][0]
+        assert all(torch.equal(a, b) for a, b in zip(params, results[0][1], strict=True))
+
+
+class CountingRows(np.ndarray):
+    """An ndarray that records how many rows each read by index touches."""
+
+    reads: list[int]
+
+    def __getitem__(self, index):
+        if isinstance(index, np.ndarray):
+            CountingRows.reads.append(len(index))
+        return super().__getitem__(index)
+
+
+def test_batches_read_only_their_own_rows():
+    CountingRows.reads = []
+    data = gaussian_data(1000).numpy().view(CountingRows)
+    fit(affine_flow(), data, steps=5, batch_size=32, eval_every=5, progress=False)
+    assert CountingRows.reads == [32] * 5
+
+
+@pytest.mark.parametrize(
+    ("train", "kwargs", "message"),
+    [
+        (torch.full((100, 2), float("nan")), {}, "NaN or inf in 100 rows"),
+        (torch.randn(100, 3), {}, "expected 2 columns"),
+        (torch.randn(20, 2), {"batch_size": 32}, "fewer than one batch"),
+        (np.array([["1", "2"], ["x", "4"]] * 20, dtype=object), {}, "non-numeric cell 'x'"),
+        (torch.randn(100), {}, "2-D"),
+    ],
+)
+def test_bad_training_data_is_refused_before_training(train, kwargs, message):
+    flow = affine_flow()
+    before = [p.detach().clone() for p in flow.parameters()]
+    with pytest.raises(DataError, match=message):
+        fit(flow, train, steps=3, batch_size=kwargs.get("batch_size", 16), progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, flow.parameters(), strict=True))
+
+
+def test_nan_rows_are_named_and_bad_validation_data_refused():
+    data = torch.randn(100, 2)
+    data[[7, 42]] = float("inf")
+    with pytest.raises(DataError, match=r"row indices 7, 42"):
+        fit(affine_flow(), data, steps=1, batch_size=16, progress=False)
+    with pytest.raises(DataError, match="validation data"):
+        fit(affine_flow(), torch.randn(100, 2), torch.randn(10, 5), steps=1, batch_size=16,
+            progress=False)
+
+
+def test_bad_arguments():
+    data = torch.randn(64, 2)
+    with pytest.raises(ValueError, match="steps or epochs"):
+        fit(affine_flow(), data, steps=2, epochs=1, batch_size=16, progress=False)
+    with pytest.raises(ValueError, match="schedule"):
+        fit(affine_flow(), data, steps=2, schedule="linear", batch_size=16, progress=False)
+    with pytest.raises(ValueError, match="checkpoint"):
+        fit(affine_flow(), data, steps=2, resume=True, batch_size=16, progress=False)
+    with pytest.raises(ValueError, match="lr"):
+        fit(affine_flow(), data, steps=2, lr=-1.0, batch_size=16, progress=False)
+    with pytest.raises(TypeError, match="Flow"):
+        fit(LULinear(2), data, steps=2, batch_size=16, progress=False)
+
+
+class ContextShift(ef.Transform):
+    """``z = x - W c``: a conditional shift (log-det 0)."""
+
+    def __init__(self, features: int, context: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(features, context))
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return x - context @ self.weight.T, x.new_zeros(x.shape[0])
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return z + context @ self.weight.T, z.new_zeros(z.shape[0])
+
+
+def test_conditional_flow_sees_the_context_row_of_each_data_row():
+    gen = torch.Generator().manual_seed(5)
+    c = torch.randn(600, 3, generator=gen)
+    x = c[:, :2] * 3.0 + 0.2 * torch.randn(600, 2, generator=gen)
+    flow = ef.Flow(ef.Compose(ContextShift(2, 3), ElementwiseAffine(2)), ef.StandardNormal(2),
+                   context=3)
+    h = fit(flow, x[:500], x[500:], context=c[:500], val_context=c[500:], steps=300,
+            batch_size=100, lr=0.05, eval_every=100, progress=False)
+    # Only a row-aligned context explains x: the NLL reaches the noise's entropy (~ -1.38).
+    noise_entropy = 2 * (0.5 * math.log(2 * math.pi * math.e) + math.log(0.2))
+    assert h.best_val < noise_entropy + 0.2
+    with pytest.raises(ValueError, match="conditional"):
+        fit(flow, x[:500], steps=1, batch_size=100, progress=False)
+    with pytest.raises(DataError, match="rows"):
+        fit(flow, x[:500], context=c[:400], steps=1, batch_size=100, progress=False)
+    with pytest.raises(ValueError, match="unconditional"):
+        fit(affine_flow(), x, context=c, steps=1, batch_size=100, progress=False)
+
+
+# -- determinism, checkpoints, resume ----------------------------------------------------
+
+
+def test_same_seed_same_run_other_seed_other_run():
+    data = gaussian_data(500)
+    runs = []
+    for seed in (0, 0, 1):
+        flow = affine_flow(seed=11)
+        h = fit(flow, data[:400], data[400:], steps=30, batch_size=64, eval_every=10, seed=seed,
+                progress=False)
+        runs.append((h, flow.state_dict()))
+    (h0, s0), (h1, s1), (h2, s2) = runs
+    same_history(h0, h1)
+    assert all(torch.equal(s0[k], s1[k]) for k in s0)
+    assert h0.train_nll != h2.train_nll
+    assert not all(torch.equal(s0[k], s2[k]) for k in s0)
+
+
+def test_fit_leaves_the_global_rng_alone():
+    flow, data = affine_flow(), gaussian_data(200)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    fit(flow, data, steps=3, batch_size=64, progress=False)
+    assert torch.equal(torch.rand(3), expected)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path):
+    data = gaussian_data(700)
+    train, val = data[:300], data[300:]  # 300 // 64 = 4 batches per epoch: many epochs
+    kwargs = dict(steps=60, batch_size=64, lr=0.05, eval_every=5, progress=False, seed=3)
+
+    whole = affine_flow(seed=2)
+    h_whole = fit(whole, train, val, **kwargs)
+
+    path = tmp_path / "run.ckpt"
+
+    def crash_at_35(history: History) -> None:
+        if history.steps[-1] == 35:
+            raise Interrupt
+
+    first = affine_flow(seed=2)
+    with pytest.raises(Interrupt):
+        fit(first, train, val, checkpoint=path, checkpoint_every=10, callback=crash_at_35,
+            **kwargs)
+    assert path.exists()  # written at step 30
+    resumed = affine_flow(seed=99)  # a fresh object; its own initial weights are overwritten
+    h_resumed = fit(resumed, train, val, checkpoint=path, checkpoint_every=10, resume=True,
+                    **kwargs)
+    same_history(h_whole, h_resumed)
+    whole_state, resumed_state = whole.state_dict(), resumed.state_dict()
+    assert all(torch.equal(whole_state[k], resumed_state[k]) for k in whole_state)
+    assert [name for name in os.listdir(tmp_path)] == ["run.ckpt"]
+    # Resuming a finished run returns its history without training further.
+    again = affine_flow(seed=5)
+    h_again = fit(again, train, val, checkpoint=path, resume=True, **kwargs)
+    same_history(h_whole, h_again)
+    assert all(torch.equal(whole_state[k], v) for k, v in again.state_dict().items())
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
+    data = gaussian_data(300)
+    path = tmp_path / "run.ckpt"
+    fit(affine_flow(), data, steps=4, batch_size=64, checkpoint=path, progress=False)
+    with pytest.raises(CheckpointError, match="batch_size"):
+        fit(affine_flow(), data, steps=4, batch_size=32, checkpoint=path, resume=True,
+            progress=False)
+    with pytest.raises(CheckpointError, match="does not fit this flow"):
+        fit(ef.Flow(LULinear(2), ef.StandardNormal(2)), data, steps=4, batch_size=64,
+            checkpoint=path, resume=True, progress=False)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="truncated"):
+        fit(affine_flow(), data, steps=4, batch_size=64, checkpoint=path, resume=True,
+            progress=False)
+
+
+def test_resume_without_a_checkpoint_starts_afresh(tmp_path):
+    data = gaussian_data(300)
+    path = tmp_path / "sub" / "run.ckpt"
+    h = fit(affine_flow(), data, steps=6, batch_size=64, eval_every=3, checkpoint=path,
+            resume=True, progress=False)
+    assert h.total_steps == 6 and path.exists()
+
+
+def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    data = gaussian_data(300)
+    path = tmp_path / "run.ckpt"
+    fit(affine_flow(), data, steps=4, batch_size=64, eval_every=2, checkpoint=path,
+        progress=False)
+    good = path.read_bytes()
+    real_save = torch.save
+
+    def dying_save(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        f.truncate(f.tell() // 2)  # half the bytes are on disk, then the process "dies"
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(OSError, match="disk full"):
+        fit(affine_flow(), data, steps=4, batch_size=64, eval_every=2, checkpoint=path,
+            progress=False)
+    monkeypatch.undo()
+    assert path.read_bytes() == good
+    assert os.listdir(tmp_path) == ["run.ckpt"]  # no temporary file left behind
+    h = fit(affine_flow(), data, steps=4, batch_size=64, eval_every=2, checkpoint=path,
+            resume=True, progress=False)
+    assert h.total_steps == 4
+
+
+# -- divergence: rollback and TrainingError ------------------------------------------------
+
+
+class LogScale(ef.Transform):
+    """``z = a x`` with log-det ``d log(a)``: NaN once an update pushes ``a`` below 0."""
+
+    def __init__(self, a: float):
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(a))
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return x * self.a, (x.shape[1] * torch.log(self.a)).expand(x.shape[0])
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return z / self.a, (-z.shape[1] * torch.log(self.a)).expand(z.shape[0])
+
+
+def test_non_finite_steps_are_rolled_back_and_the_lr_halved():
+    # Data of scale 0.1: the optimum is a = 10. Starting at a = 30 with a huge lr, Adam's
+    # first step jumps to a < 0, where log(a) is NaN.
+    raw = gaussian_data(512)
+    data = 0.1 * (raw - raw.mean(0)) / raw.std(0)
+    flow = ef.Flow(LogScale(30.0), ef.StandardNormal(2))
+    h = fit(flow, data, steps=200, batch_size=64, lr=50.0, schedule="constant", eval_every=1,
+            grad_clip=None, progress=False)
+    assert h.rollbacks and h.rollbacks[0] == 2  # step 1 applied a < 0; step 2 saw the NaN
+    assert h.train_nll[1] is None  # the only step of that record was undone
+    # Each rollback halved the learning rate; training went on and converged.
+    assert h.lr[-1] == pytest.approx(50.0 * 0.5 ** len(h.rollbacks))
+    a = float(flow.transform.a.detach())
+    assert math.isfinite(a) and a > 0
+    assert evaluate(flow, data)["n_nonfinite"] == 0
+    assert h.train_nll[-1] < h.train_nll[0] - 1.0
+
+
+class NaNLogDet(ef.Transform):
+    """An affine map whose log-det is always NaN."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(2))
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return x * self.w, torch.full_like(x[:, 0], math.nan) + self.w.sum()
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return z / self.w, z.new_zeros(z.shape[0])
+
+
+class SqrtAtZero(ef.Transform):
+    """Finite loss but an infinite gradient: log-det ``sqrt(s)`` at ``s = 0``."""
+
+    def __init__(self):
+        super().__init__()
+        self.s = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return x, torch.sqrt(self.s).expand(x.shape[0])
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return z, -torch.sqrt(self.s).expand(z.shape[0])
+
+
+@pytest.mark.parametrize(("layer", "what"), [(NaNLogDet, "loss"), (SqrtAtZero, "gradient norm")])
+def test_persistent_divergence_raises_a_helpful_error(layer, what):
+    flow = ef.Flow(ef.Compose(ElementwiseAffine(2), layer()), ef.StandardNormal(2))
+    before = {k: v.clone() for k, v in flow.state_dict().items()}
+    with pytest.raises(TrainingError) as info:
+        fit(flow, gaussian_data(256), steps=100, batch_size=64, lr=1e-2, progress=False)
+    message = str(info.value)
+    assert "step 5" in message and what in message
+    assert "ElementwiseAffine" in message and layer.__name__ in message
+    assert "learning rate" in message and "grad_clip" in message and "standardiz" in message
+    # The model was never updated with a non-finite step.
+    assert all(torch.equal(before[k], v) for k, v in flow.state_dict().items())
+
+
+# -- evaluate ----------------------------------------------------------------------------------
+
+
+def test_evaluate_matches_the_closed_form_in_chunks_and_batch_one():
+    flow = ef.Flow(ElementwiseAffine(3), ef.StandardNormal(3)).double()
+    with torch.no_grad():
+        flow.transform.log_scale.copy_(torch.tensor([0.3, -0.2, 0.1]))
+        flow.transform.shift.copy_(torch.tensor([1.0, 0.0, -1.0]))
+    x = torch.randn(1001, 3, dtype=torch.float64)
+    log_scale, shift = flow.transform.log_scale.detach(), flow.transform.shift.detach()
+    z = x * torch.exp(log_scale) + shift
+    nll = 0.5 * (z**2).sum(1) + 1.5 * math.log(2 * math.pi) - log_scale.sum()
+    full = evaluate(flow, x, batch_size=4096)
+    assert full["nll"] == pytest.approx(float(nll.mean()), abs=1e-12)
+    assert full["nll_se"] == pytest.approx(float(nll.std() / math.sqrt(1001)), rel=1e-9)
+    assert full["bpd"] == pytest.approx(full["nll"] / (3 * math.log(2)))
+    assert full["n"] == 1001 and full["n_nonfinite"] == 0
+    chunked = evaluate(flow, x.numpy(), batch_size=7)
+    assert chunked["nll"] == pytest.approx(full["nll"], abs=1e-12)
+    assert chunked["nll_se"] == pytest.approx(full["nll_se"], rel=1e-9)
+    one = evaluate(flow, x[:1])
+    assert one["nll"] == pytest.approx(float(nll[0])) and math.isnan(one["nll_se"])
+
+
+def test_evaluate_reports_non_finite_log_probs():
+    flow = ef.Flow(ElementwiseAffine(2), ef.Uniform(-1.0, 1.0, features=2))
+    x = torch.tensor([[0.0, 0.0], [0.5, 0.5], [3.0, 0.0]])
+    out = evaluate(flow, x)
+    assert out["n_nonfinite"] == 1 and out["nll"] == math.inf
+    assert out["nll_finite"] == pytest.approx(math.log(4.0))
+
+
+def test_evaluate_restores_modes_and_checks_input():
+    spy = ModeSpy()
+    flow = ef.Flow(spy, ef.StandardNormal(2)).train()
+    evaluate(flow, torch.randn(5, 2))
+    assert spy.modes == [False] and flow.training and spy.training
+    with pytest.raises(DataError, match="columns"):
+        evaluate(flow, torch.randn(5, 3))
+    with pytest.raises(DataError, match="NaN or inf"):
+        evaluate(flow, torch.tensor([[0.0, math.nan]]))
+
+
+# -- progress bar and devices ------------------------------------------------------------------
+
+
+def test_progress_bar_only_on_a_terminal(monkeypatch, capsys):
+    pytest.importorskip("tqdm")
+    data = gaussian_data(200)
+    fit(affine_flow(), data, steps=3, batch_size=64, progress=True)
+    assert "fit" not in capsys.readouterr().err  # stderr is not a terminal under pytest
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    fit(affine_flow(), data, steps=3, batch_size=64, progress=True)
+    err = capsys.readouterr().err
+    assert "fit" in err and "3/3" in err and "nll=" in err
+
+
+@pytest.mark.gpu
+def test_fit_on_cuda_moves_batches_and_matches_cpu_quality():
+    data = gaussian_data(1000)
+    flow = affine_flow()
+    h = fit(flow, data[:800], data[800:], steps=100, batch_size=100, lr=0.03, device="auto",
+            progress=False)
+    assert next(flow.parameters()).device.type == "cuda"
+    assert evaluate(flow, data[800:])["nll"] == pytest.approx(h.best_val, abs=1e-5)
