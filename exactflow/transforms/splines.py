@@ -109,7 +109,8 @@ def rational_quadratic(
         heights: unnormalized bin heights ``(..., bins)``.
         derivatives: unnormalized interior knot derivatives ``(..., bins - 1)``.
             The leading ``...`` of the three parameter tensors must broadcast to ``x.shape``.
-        bound: half-width of the spline's interval, ``> 0``; the map is the identity outside.
+        bound: half-width of the spline's interval, positive and finite; the map is the
+            identity outside.
         inverse: evaluate the inverse map instead.
         min_width, min_height: smallest bin width / height as a fraction of ``2 bound``;
             ``bins * min_width < 1`` is required.
@@ -121,8 +122,9 @@ def rational_quadratic(
         ``log|dx/dy|`` of the inverse map).
 
     Raises:
-        ValueError: parameter shapes that do not fit ``x`` or each other, a non-positive
-            ``bound`` or ``min_derivative``, or minimum sizes that leave no room for ``bins``.
+        ValueError: parameter shapes that do not fit ``x`` or each other, a non-positive or
+            infinite ``bound``, a non-positive ``min_derivative``, minimum sizes that leave no
+            room for ``bins``, or a dtype mismatch.
 
     References:
         Durkan et al., "Neural Spline Flows", NeurIPS 2019, arXiv:1906.04032;
@@ -169,8 +171,8 @@ def rational_quadratic(
             f"x and the spline parameters must share one floating dtype, got x {x.dtype}, "
             f"widths {widths.dtype}, heights {heights.dtype}, derivatives {derivatives.dtype}"
         )
-    if not bound > 0:
-        raise ValueError(f"bound must be positive, got {bound}")
+    if not (bound > 0 and math.isfinite(bound)):
+        raise ValueError(f"bound must be positive and finite, got {bound}")
     if not min_derivative > 0:
         raise ValueError(f"min_derivative must be positive, got {min_derivative}")
     for name, m in (("min_width", min_width), ("min_height", min_height)):

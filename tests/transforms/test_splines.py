@@ -263,6 +263,8 @@ def test_bad_arguments_raise_clear_errors() -> None:
         rational_quadratic(torch.zeros(4, 2), w, h, d, 1.0)
     with pytest.raises(ValueError, match="bound"):
         rational_quadratic(x, w, h, d, 0.0)
+    with pytest.raises(ValueError, match="bound"):
+        rational_quadratic(x, w, h, d, math.inf)
     with pytest.raises(ValueError, match="min_width"):
         rational_quadratic(x, w, h, d, 1.0, min_width=0.2)
     with pytest.raises(ValueError, match="min_derivative"):
