@@ -1,0 +1,154 @@
+"""Tests of the transform contract: Transform, Compose, Inverse, check_domain."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import exactflow as ef
+from exactflow.core import check_domain
+from exactflow.transforms import ElementwiseAffine, Logit, LULinear, Permutation, Reverse, Sigmoid
+from tests.helpers import perturb
+
+
+class ConditionalShift(ef.Transform):
+    """``z = x + c W``: log-det 0, the shift depends on the context."""
+
+    def __init__(self, features: int, context: int):
+        super().__init__()
+        self.net = nn.Linear(context, features)
+
+    def forward(self, x, context=None):
+        return x + self.net(context), x.new_zeros(x.shape[0])
+
+    def inverse(self, z, context=None):
+        return z - self.net(context), z.new_zeros(z.shape[0])
+
+
+def chain(d: int = 4) -> list[ef.Transform]:
+    return [
+        perturb(ElementwiseAffine(d)),
+        perturb(LULinear(d, permutation="random")),
+        Sigmoid(),
+        perturb(Logit(alpha=0.02)),
+        Reverse(d),
+    ]
+
+
+def test_compose_passes_check_transform(dtype):
+    t = ef.Compose(*chain()).to(dtype)
+    x = torch.randn(6, 4, dtype=dtype)
+    report = ef.check_transform(t, x)
+    assert report.ok, str(report)
+
+
+def test_compose_sums_log_dets_and_inverts_in_reverse_order():
+    layers = [perturb(LULinear(3)).double(), perturb(ElementwiseAffine(3)).double()]
+    t = ef.Compose(layers)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    h, l1 = layers[0](x)
+    z_ref, l2 = layers[1](h)
+    z, ladj = t(x)
+    torch.testing.assert_close(z, z_ref)
+    torch.testing.assert_close(ladj, l1 + l2)
+    x_back, ladj_inv = t.inverse(z)
+    torch.testing.assert_close(x_back, x)
+    torch.testing.assert_close(ladj_inv, -ladj)
+    # Inverting in the forward order would give a different point.
+    wrong = layers[1].inverse(layers[0].inverse(z)[0])[0]
+    assert not torch.allclose(wrong, x, atol=1e-3)
+
+
+def test_compose_container_behaviour():
+    layers = chain(3)
+    t = ef.Compose(layers)
+    assert len(t) == 5 and t[1] is layers[1] and list(t) == layers
+    nested = ef.Compose(t, Reverse(3))
+    assert len(nested) == 2
+    assert set(dict(nested.named_parameters())) >= {"transforms.0.transforms.0.log_scale"}
+    empty = ef.Compose()
+    x = torch.randn(2, 3)
+    z, ladj = empty(x)
+    assert torch.equal(z, x) and torch.equal(ladj, torch.zeros(2))
+
+
+def test_compose_rejects_non_transforms():
+    with pytest.raises(TypeError, match="Linear"):
+        ef.Compose(ElementwiseAffine(2), nn.Linear(2, 2))
+
+
+def test_compose_passes_the_context_to_every_layer():
+    t = perturb(ef.Compose(ConditionalShift(3, 2), LULinear(3), ConditionalShift(3, 2))).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    c = torch.randn(5, 2, dtype=torch.float64)
+    assert ef.check_transform(t, x, c).ok
+    z, _ = t(x, c)
+    z_other, _ = t(x, c + 1.0)
+    assert not torch.allclose(z, z_other)
+    torch.testing.assert_close(t.inverse(z, c)[0], x)
+
+
+def test_inverse_swaps_directions_and_shares_parameters():
+    base = perturb(LULinear(4)).double()
+    inv = ef.Inverse(base)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    torch.testing.assert_close(inv(x)[0], base.inverse(x)[0])
+    torch.testing.assert_close(inv.inverse(x)[1], base(x)[1])
+    assert ef.check_transform(inv, x).ok
+    assert isinstance(base.inv, ef.Inverse) and base.inv.transform is base
+    assert inv.inv is base
+    assert {id(p) for p in inv.parameters()} == {id(p) for p in base.parameters()}
+
+
+def test_transform_base_is_abstract():
+    t = ef.Transform()
+    with pytest.raises(NotImplementedError):
+        t(torch.zeros(1, 2))
+    with pytest.raises(NotImplementedError):
+        t.inverse(torch.zeros(1, 2))
+
+
+def test_check_domain():
+    check_domain(torch.tensor([True, True]), "unused")
+    with pytest.raises(ValueError, match="needs positive input"):
+        check_domain(torch.tensor([True, False]), "needs positive input")
+
+
+def test_to_moves_every_tensor():
+    t = ef.Compose(*chain(3), Permutation(3)).to(torch.float64)
+    for p in t.parameters():
+        assert p.dtype == torch.float64
+    # Integer buffers (permutations) keep their dtype and travel with the module.
+    state = t.state_dict()
+    assert any(k.endswith("perm") for k in state)
+    assert all(v.dtype in (torch.float64, torch.long) for v in state.values())
+
+
+LAYER_CHOICES = {
+    "affine": lambda d: perturb(ElementwiseAffine(d)),
+    "lu": lambda d: perturb(LULinear(d), scale=0.3),
+    "reverse": Reverse,
+    "permutation": lambda d: Permutation(d),
+    "sigmoid_logit": lambda d: ef.Compose(Sigmoid(), Logit()),
+}
+
+
+@given(
+    names=st.lists(st.sampled_from(sorted(LAYER_CHOICES)), min_size=0, max_size=4),
+    batch=st.integers(1, 7),
+    features=st.integers(1, 5),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_compose_shapes_and_round_trip(names, batch, features, dtype):
+    t = ef.Compose(*[LAYER_CHOICES[n](features) for n in names]).to(dtype)
+    x = torch.randn(batch, features, dtype=dtype)
+    z, ladj = t(x)
+    assert z.shape == x.shape and ladj.shape == (batch,)
+    assert z.dtype == dtype and ladj.dtype == dtype
+    x_back, ladj_inv = t.inverse(z)
+    tol = 2e-3 if dtype == torch.float32 else 1e-8
+    torch.testing.assert_close(x_back, x, atol=tol, rtol=tol)
+    torch.testing.assert_close(ladj_inv, -ladj, atol=tol, rtol=tol)
