@@ -18,6 +18,7 @@ larger than memory is checked, split and standardized without being copied whole
 from __future__ import annotations
 
 import csv
+import functools
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -311,9 +312,9 @@ def _numpy(data: Any) -> np.ndarray | Subset:
     return np.asarray(data)
 
 
-def _chunks(data: np.ndarray | Subset, rows: int = CHUNK_ROWS) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield ``(start, block)`` with ``block = data[start:start + rows]`` as an ndarray."""
-    n = len(data)
+def _chunks(data: np.ndarray | Subset) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield ``(start, block)`` with ``block = data[start:start + CHUNK_ROWS]`` as an ndarray."""
+    n, rows = len(data), CHUNK_ROWS
     for start in range(0, n, rows):
         yield start, np.asarray(data[start : start + rows])
 
@@ -496,11 +497,17 @@ def load(
         if ext == ".tsv" and delimiter is None:
             delimiter = "\t"
         return _read_text(path, columns, header, delimiter)
+    if ext in (".npy", ".npz"):
+        # Without its magic bytes numpy would try to unpickle the file: say what it is not.
+        magic = b"\x93NUMPY" if ext == ".npy" else b"PK"
+        with open(path, "rb") as f:
+            if f.read(len(magic)) != magic:
+                raise DataError(f"cannot read {path!r}: not a valid {ext} file (bad header)")
     if ext == ".npy":
         try:
             arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
         except ValueError as e:
-            if "pickle" in str(e).lower():
+            if "pickle" in str(e).lower() or "python objects" in str(e).lower():
                 raise DataError(
                     f"cannot read {path!r}: it holds a pickled object array, which is refused"
                 ) from None
@@ -554,6 +561,19 @@ def _select_columns(
     return arr[:, keep]
 
 
+@functools.lru_cache(maxsize=1)
+def _digits_raw() -> np.ndarray:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise ImportError(
+            "exactflow.datasets.digits() needs scikit-learn: pip install 'exactflow[sklearn]'"
+        ) from None
+    x = np.asarray(load_digits().data, dtype=np.float64)
+    x.setflags(write=False)
+    return x
+
+
 def digits(dequantize: bool = True, seed: int = 0) -> np.ndarray:
     """scikit-learn's 8x8 handwritten digits as a 64-dimensional density benchmark.
 
@@ -576,13 +596,7 @@ def digits(dequantize: bool = True, seed: int = 0) -> np.ndarray:
     Raises:
         ImportError: scikit-learn is not installed (``pip install 'exactflow[sklearn]'``).
     """
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError:
-        raise ImportError(
-            "exactflow.datasets.digits() needs scikit-learn: pip install 'exactflow[sklearn]'"
-        ) from None
-    x = np.asarray(load_digits().data, dtype=np.float64)
+    x = _digits_raw().copy()
     if not dequantize:
         return x
     rng = np.random.default_rng(seed)
@@ -656,7 +670,10 @@ def validate(
         bad = _first_non_numeric(np.asarray(arr))
         if bad is not None:
             i, j, cell = bad
-            raise DataError(f"{name}: non-numeric cell {cell!r} at row {i}, column {j}")
+            cell = cell.item() if isinstance(cell, np.generic) else cell
+            raise DataError(
+                f"{name}: non-numeric cell {cell!r} at row index {i}, column index {j}"
+            )
         arr = np.asarray(arr, dtype=np.float64)
     if features is not None and d != features:
         raise DataError(f"{name}: expected {features} columns (features), got {d}")
@@ -764,6 +781,12 @@ def as_tensor(data: ArrayLike, dtype: torch.dtype = torch.float32) -> Tensor:
 # ---------------------------------------------------------------------------------------
 
 
+def _float64(values: Any) -> np.ndarray:
+    if isinstance(values, Tensor):
+        values = values.detach().cpu().double().numpy()
+    return np.asarray(values, dtype=np.float64)
+
+
 class Standardize(Transform):
     """A fixed per-feature affine map ``z = (x - mean) / std``, the first layer of a model.
 
@@ -776,11 +799,13 @@ class Standardize(Transform):
     Args:
         mean: ``(features,)`` shift.
         std: ``(features,)`` positive scale.
+        dtype: dtype of the buffers (default: torch's default dtype); ``.double()`` later
+            casts values already rounded to it, so pass ``torch.float64`` for float64 work.
 
     Example:
         >>> import torch, exactflow as ef
         >>> x = 3 + 2 * torch.randn(100, 2, dtype=torch.float64)
-        >>> t = ef.datasets.Standardize.fit(x).double()
+        >>> t = ef.datasets.Standardize.fit(x, dtype=torch.float64)
         >>> report = ef.check_transform(t, x)
         >>> report.ok
         True
@@ -788,10 +813,11 @@ class Standardize(Transform):
 
     elementwise = True
 
-    def __init__(self, mean: Any, std: Any):
+    def __init__(self, mean: Any, std: Any, dtype: torch.dtype | None = None):
         super().__init__()
-        mean_t = torch.as_tensor(np.asarray(mean, dtype=np.float64)).to(torch.get_default_dtype())
-        std_t = torch.as_tensor(np.asarray(std, dtype=np.float64)).to(torch.get_default_dtype())
+        dtype = dtype or torch.get_default_dtype()
+        mean_t = torch.as_tensor(_float64(mean)).to(dtype)
+        std_t = torch.as_tensor(_float64(std)).to(dtype)
         if mean_t.ndim != 1 or mean_t.shape != std_t.shape:
             raise ValueError(
                 "Standardize needs 1-D mean and std of the same length, got shapes "
@@ -807,12 +833,12 @@ class Standardize(Transform):
         self.register_buffer("std", std_t)
 
     @classmethod
-    def identity(cls, features: int) -> Standardize:
+    def identity(cls, features: int, dtype: torch.dtype | None = None) -> Standardize:
         """The identity (mean 0, std 1); ``load_state_dict`` later fills the real values."""
-        return cls(np.zeros(features), np.ones(features))
+        return cls(np.zeros(features), np.ones(features), dtype=dtype)
 
     @classmethod
-    def fit(cls, data: ArrayLike) -> Standardize:
+    def fit(cls, data: ArrayLike, dtype: torch.dtype | None = None) -> Standardize:
         """Mean and standard deviation (``ddof=0``) of each column of ``data``.
 
         Accumulates in float64 over chunks of rows (Chan et al.'s pairwise update), so a
@@ -836,7 +862,7 @@ class Standardize(Transform):
             mean = mean + delta * (nb / total)
             m2 = m2 + m2b + delta**2 * (count * nb / total)
             count = total
-        return cls(mean, np.sqrt(m2 / count))
+        return cls(mean, np.sqrt(m2 / count), dtype=dtype)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         z = (x - self.mean) / self.std

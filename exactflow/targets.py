@@ -166,7 +166,7 @@ def log_normalizer(
     target: Target | str | Callable[[Tensor], Tensor],
     bound: float = 8.0,
     points: int = 1601,
-    chunk: int = 256,
+    chunk: int = 512,
 ) -> float:
     """``log Z = log of the integral of exp(log_prob(z))`` over ``[-bound, bound]^2``.
 

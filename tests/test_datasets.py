@@ -1,0 +1,458 @@
+"""Tests of exactflow.datasets: toys, file loading, validation, splits, Standardize."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import exactflow as ef
+from exactflow import datasets as ds
+from exactflow.datasets import DataError, Standardize, Subset
+
+# -- toys ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ds.TOYS)
+def test_toy_shape_dtype_determinism(name: str) -> None:
+    x = ds.toy(name, 501, seed=3)
+    assert x.shape == (501, 2) and x.dtype == torch.float32
+    assert torch.isfinite(x).all()
+    assert torch.equal(x, ds.toy(name, 501, seed=3))
+    assert not torch.equal(x, ds.toy(name, 501, seed=4))
+    assert ds.toy(name, 1).shape == (1, 2)
+    # Scale sanity: every toy is centred near 0 with a spread of order 1-2.
+    big = ds.toy(name, 4000, seed=0).double()
+    assert big.mean(0).abs().max() < 0.6
+    assert ((big.std(0) > 1.0) & (big.std(0) < 2.5)).all()
+
+
+def test_toy_leaves_global_rngs_alone() -> None:
+    np_state = np.random.get_state()[1].copy()
+    torch_state = torch.get_rng_state().clone()
+    for name in ds.TOYS:
+        ds.toy(name, 10, seed=1)
+    assert np.array_equal(np.random.get_state()[1], np_state)
+    assert torch.equal(torch.get_rng_state(), torch_state)
+
+
+def test_toy_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="unknown toy dataset 'moon'.*moons.*swissroll"):
+        ds.toy("moon", 10)
+    for n in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="n >= 1"):
+            ds.toy("moons", n)
+
+
+def test_checkerboard_squares() -> None:
+    x = ds.toy("checkerboard", 5000).double()
+    assert x.abs().max() <= 4.0
+    # The occupied 2x2 cells are those with floor(x1/2) + floor(x2/2) even, and all 8 are used.
+    cells = torch.floor(x / 2).long()
+    assert ((cells.sum(1) % 2) == 0).all()
+    assert len({tuple(c) for c in cells.tolist()}) == 8
+
+
+def test_rings_and_circles_radii() -> None:
+    r = ds.toy("rings", 4000).double().norm(dim=1)
+    dist = (r[:, None] - torch.tensor([3.0, 2.25, 1.5, 0.75], dtype=torch.float64)).abs()
+    assert dist.min(1).values.max() < 0.5
+    counts = torch.bincount(dist.argmin(1), minlength=4).double() / 4000
+    assert (counts - 0.25).abs().max() < 0.04
+    r = ds.toy("circles", 4000).double().norm(dim=1)
+    assert ((r - 3.0).abs().clamp(max=(r - 1.5).abs()) < 1.2).all()
+    assert abs(float((r > 2.25).double().mean()) - 0.5) < 0.04
+
+
+def test_moons_and_swissroll_structure() -> None:
+    x = ds.toy("moons", 4000).double()
+    # Undo FFJORD's affine map; the raw moons have noise 0.1 around two unit arcs.
+    raw = (x - torch.tensor([-1.0, -0.2], dtype=torch.float64)) / 2
+    d_upper = (raw.norm(dim=1) - 1).abs()
+    d_lower = ((raw - torch.tensor([1.0, 0.5], dtype=torch.float64)).norm(dim=1) - 1).abs()
+    assert torch.minimum(d_upper, d_lower).max() < 0.6
+    s = ds.toy("swissroll", 4000).double() * 5
+    # Points are (t cos t, t sin t) + N(0, I) with t in [1.5 pi, 4.5 pi].
+    assert s.norm(dim=1).min() > 1.5 * math.pi - 5 and s.norm(dim=1).max() < 4.5 * math.pi + 5
+
+
+def test_eight_gaussians_entropy_monte_carlo() -> None:
+    # The mixture density is closed form: H = -E log p(x), from 20k samples.
+    x = ds.toy("8gaussians", 20000, seed=5).double()
+    angle = torch.arange(8, dtype=torch.float64) * (math.pi / 4)
+    centres = 4.0 * torch.stack([angle.cos(), angle.sin()], 1) / 1.414
+    sigma = 0.5 / 1.414
+    sq = ((x[:, None, :] - centres[None]) ** 2).sum(-1)
+    log_p = torch.logsumexp(-sq / (2 * sigma**2), 1) - math.log(8 * 2 * math.pi * sigma**2)
+    entropy = float(-log_p.mean())
+    assert abs(entropy - ds.TOY_ENTROPY["8gaussians"]) < 0.03
+    # Equal weights on the eight centres.
+    counts = torch.bincount(sq.argmin(1), minlength=8).double() / len(x)
+    assert (counts - 1 / 8).abs().max() < 0.015
+
+
+def test_toy_entropy_table() -> None:
+    assert set(ds.TOY_ENTROPY) == set(ds.TOYS) - {"pinwheel"}
+    assert ds.TOY_ENTROPY["checkerboard"] == pytest.approx(math.log(32))
+
+
+# -- loading files ------------------------------------------------------------------------
+
+
+def _write(tmp_path, name: str, text: str):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_load_csv_header_and_columns(tmp_path) -> None:
+    path = _write(tmp_path, "d.csv", "a,b,label\n1,2.5,x\n-3,4e-1,y\n5,6,z\n")
+    x = ds.load(path, columns=["b", "a"])
+    assert x.dtype == np.float64
+    np.testing.assert_array_equal(x, [[2.5, 1], [0.4, -3], [6, 5]])
+    np.testing.assert_array_equal(ds.load(path, columns=[0]), [[1], [-3], [5]])
+    np.testing.assert_array_equal(ds.load(path, columns=[-2]), [[2.5], [0.4], [6]])
+    with pytest.raises(DataError, match="no column named 'c'.*'a', 'b', 'label'"):
+        ds.load(path, columns=["c"])
+    with pytest.raises(DataError, match="column index 3 out of range for 3 columns"):
+        ds.load(path, columns=[3])
+    # Without columns=, the text column is a non-numeric cell, named by line and column.
+    with pytest.raises(DataError, match=r"non-numeric cell 'x' at line 2, column 3 \('label'\)"):
+        ds.load(path)
+
+
+def test_load_csv_without_header_and_other_delimiters(tmp_path) -> None:
+    expected = [[1.0, 2.0], [3.0, 4.0]]
+    np.testing.assert_array_equal(ds.load(_write(tmp_path, "a.csv", "1,2\n3,4\n")), expected)
+    np.testing.assert_array_equal(ds.load(_write(tmp_path, "b.txt", "1 2\n  3\t4\n")), expected)
+    np.testing.assert_array_equal(ds.load(_write(tmp_path, "c.csv", "1;2\n3;4\n")), expected)
+    tsv = _write(tmp_path, "d.tsv", "x\ty\n1\t2\n3\t4\n")
+    np.testing.assert_array_equal(ds.load(tsv), expected)
+    # An explicit header=True drops a first line that looks numeric; header=False keeps it.
+    path = _write(tmp_path, "e.csv", "0,0\n1,2\n3,4\n")
+    np.testing.assert_array_equal(ds.load(path, header=True), expected)
+    assert ds.load(path, header=False).shape == (3, 2)
+    with pytest.raises(DataError, match="asked by name, but the file has no header"):
+        ds.load(path, columns=["a"], header=False)
+
+
+def test_load_csv_line_numbers_count_comments_and_blank_lines(tmp_path) -> None:
+    path = _write(tmp_path, "d.csv", "# comment\nx,y\n\n1,2\n3,oops\n")
+    with pytest.raises(DataError, match=r"'oops' at line 5, column 2 \('y'\)"):
+        ds.load(path)
+    path = _write(tmp_path, "e.csv", "1,2\n3,\n")
+    with pytest.raises(DataError, match="an empty cell at line 2, column 2"):
+        ds.load(path)
+    path = _write(tmp_path, "f.csv", "x,y,z\n1,2,3\n4,5\n")
+    with pytest.raises(DataError, match="line 3 has 2 fields, expected 3"):
+        ds.load(path)
+
+
+def test_load_unreadable_files(tmp_path) -> None:
+    with pytest.raises(DataError, match="cannot read '.*x.csv': no such file"):
+        ds.load(tmp_path / "x.csv")
+    with pytest.raises(DataError, match="it is a directory"):
+        ds.load(tmp_path)
+    with pytest.raises(DataError, match="the file is empty"):
+        ds.load(_write(tmp_path, "empty.csv", "\n\n"))
+    with pytest.raises(DataError, match="a header row but no data rows"):
+        ds.load(_write(tmp_path, "h.csv", "a,b\n"))
+    with pytest.raises(DataError, match=r"unknown file type '.parquet'"):
+        ds.load(_write(tmp_path, "d.parquet", "1"))
+    (tmp_path / "bin.csv").write_bytes(b"\xff\xfe\x00\x81")
+    with pytest.raises(DataError, match="not a UTF-8 text file"):
+        ds.load(tmp_path / "bin.csv")
+
+
+def test_load_npy_is_memory_mapped(tmp_path) -> None:
+    arr = np.random.default_rng(0).normal(size=(50, 4))
+    np.save(tmp_path / "d.npy", arr)
+    x = ds.load(tmp_path / "d.npy")
+    assert isinstance(x, np.memmap)
+    np.testing.assert_array_equal(x, arr)
+    in_memory = ds.load(tmp_path / "d.npy", mmap=False)
+    assert not isinstance(in_memory, np.memmap)
+    # An evenly spaced column selection stays a memmap view; any other one is a lazy Subset.
+    view = ds.load(tmp_path / "d.npy", columns=[1, 3])
+    assert isinstance(view, np.memmap)
+    np.testing.assert_array_equal(view, arr[:, [1, 3]])
+    lazy = ds.load(tmp_path / "d.npy", columns=[3, 0])
+    assert isinstance(lazy, Subset) and lazy.shape == (50, 2)
+    np.testing.assert_array_equal(np.asarray(lazy), arr[:, [3, 0]])
+    np.testing.assert_array_equal(lazy[[4, 7]], arr[[4, 7]][:, [3, 0]])
+
+
+def test_load_npy_refuses_pickles_and_truncation(tmp_path) -> None:
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    for mmap in (True, False):
+        with pytest.raises(DataError, match="pickled object array, which is refused"):
+            ds.load(tmp_path / "obj.npy", mmap=mmap)
+    np.savez(tmp_path / "obj.npz", a=np.array([None], dtype=object))
+    with pytest.raises(DataError, match="pickled object array, which is refused"):
+        ds.load(tmp_path / "obj.npz")
+    np.save(tmp_path / "full.npy", np.ones((100, 3)))
+    data = (tmp_path / "full.npy").read_bytes()
+    (tmp_path / "cut.npy").write_bytes(data[: len(data) // 2])
+    for mmap in (True, False):
+        with pytest.raises(DataError, match="cannot read .*cut.npy"):
+            ds.load(tmp_path / "cut.npy", mmap=mmap)
+    (tmp_path / "junk.npy").write_bytes(b"not numpy at all")
+    with pytest.raises(DataError, match=r"not a valid .npy file \(bad header\)"):
+        ds.load(tmp_path / "junk.npy")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(DataError, match=r"not a valid .npz file \(bad header\)"):
+        ds.load(tmp_path / "junk.npz")
+
+
+def test_load_npz(tmp_path) -> None:
+    a, b = np.arange(6.0).reshape(3, 2), np.ones((2, 2))
+    np.savez(tmp_path / "one.npz", data=a)
+    np.testing.assert_array_equal(ds.load(tmp_path / "one.npz"), a)
+    np.savez(tmp_path / "two.npz", a=a, b=b)
+    with pytest.raises(DataError, match=r"holds 2 arrays \['a', 'b'\]; choose one with key="):
+        ds.load(tmp_path / "two.npz")
+    np.testing.assert_array_equal(ds.load(tmp_path / "two.npz", key="b"), b)
+    with pytest.raises(DataError, match="has no array 'c'"):
+        ds.load(tmp_path / "two.npz", key="c")
+
+
+# -- validation ---------------------------------------------------------------------------
+
+
+def _good(n: int = 20, d: int = 3) -> np.ndarray:
+    return np.random.default_rng(1).normal(size=(n, d))
+
+
+def test_validate_accepts_good_data() -> None:
+    x = _good()
+    assert ds.validate(x, features=3, batch_size=20) is x
+    t = torch.from_numpy(x)
+    assert ds.validate(t) is t
+    ds.validate(np.arange(12).reshape(6, 2))  # integers are numbers too
+
+
+@pytest.mark.parametrize(
+    "data, kwargs, message",
+    [
+        (np.zeros((0, 3)), {}, r"data is empty: shape \(0, 3\)"),
+        (np.zeros((4, 0)), {}, r"data is empty"),
+        (np.zeros(5), {}, r"expected a 2-D array .* shape \(5,\); for one feature use"),
+        (np.zeros((2, 2, 2)), {}, r"2-D array \(rows, features\), got shape \(2, 2, 2\)"),
+        (_good(), {"features": 2}, "expected 2 columns \\(features\\), got 3"),
+        (_good(), {"batch_size": 64}, r"has 20 rows, fewer than one batch \(batch_size=64\)"),
+        (
+            np.array([[1.0, 2.0], [3.0, "x"]], dtype=object),
+            {},
+            r"non-numeric cell 'x' at row index 1, column index 1",
+        ),
+        (np.array([["1", "2"], ["3", ""]]), {}, r"cell '' at row index 1, column index 1"),
+        (np.array([[1 + 1j, 2], [3, 4]]), {}, "complex values are not supported"),
+    ],
+)
+def test_validate_rejects(data, kwargs, message) -> None:
+    with pytest.raises(DataError, match=message):
+        ds.validate(data, **kwargs)
+
+
+def test_validate_names_nonfinite_rows() -> None:
+    x = _good(30)
+    x[[4, 9, 11, 20, 25, 29], [0, 2, 1, 0, 1, 2]] = [np.nan, np.inf, -np.inf, np.nan, np.nan, 1e400]
+    message = r"NaN or inf in 6 rows \(row indices 4, 9, 11, 20, 25, \.\.\.\)"
+    with pytest.raises(DataError, match=message):
+        ds.validate(x)
+    y = _good(5)
+    y[3, 1] = np.nan
+    with pytest.raises(DataError, match=r"val: NaN or inf in 1 row \(row indices 3\)"):
+        ds.validate(torch.from_numpy(y), name="val")
+
+
+def test_validate_names_constant_columns() -> None:
+    x = _good(10, 5)
+    x[:, 1] = 2.0
+    x[:, 4] = 0.0
+    message = r"constant \(zero-variance\) columns 1, 4 \(column indices\)"
+    with pytest.raises(DataError, match=message):
+        ds.validate(x)
+
+
+def test_validate_path(tmp_path) -> None:
+    with pytest.raises(DataError, match="no such file"):
+        ds.validate(tmp_path / "missing.npy")
+    np.save(tmp_path / "d.npy", _good())
+    assert isinstance(ds.validate(tmp_path / "d.npy", features=3), np.memmap)
+
+
+class _CountingSubset(Subset):
+    """A Subset that records the largest number of rows read at once."""
+
+    largest = 0
+
+    def __getitem__(self, index):
+        out = super().__getitem__(index)
+        type(self).largest = max(type(self).largest, len(out))
+        return out
+
+
+def test_validate_and_fit_work_in_chunks(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(ds, "CHUNK_ROWS", 7)
+    arr = _good(60, 3).astype(np.float32)
+    arr[:, 2] = 5.0
+    np.save(tmp_path / "d.npy", arr)
+    mm = ds.load(tmp_path / "d.npy")
+    lazy = _CountingSubset(mm)
+    # Constant over all chunks: found; constant within every chunk but not overall: fine.
+    with pytest.raises(DataError, match="constant .*column 2 "):
+        ds.validate(lazy)
+    assert _CountingSubset.largest == 7
+    arr[:, 2] = np.repeat(np.arange(10), 6)[:60]
+    arr[[8, 50], 0] = np.nan
+    np.save(tmp_path / "e.npy", arr)
+    with pytest.raises(DataError, match=r"NaN or inf in 2 rows \(row indices 8, 50\)"):
+        ds.validate(ds.load(tmp_path / "e.npy"))
+    arr[[8, 50], 0] = 0.0
+    np.save(tmp_path / "f.npy", arr)
+    _CountingSubset.largest = 0
+    t = Standardize.fit(_CountingSubset(ds.load(tmp_path / "f.npy")))
+    assert _CountingSubset.largest == 7
+    np.testing.assert_allclose(t.mean.double().numpy(), arr.astype(np.float64).mean(0), rtol=1e-6)
+    np.testing.assert_allclose(t.std.double().numpy(), arr.astype(np.float64).std(0), rtol=1e-6)
+
+
+# -- splits and tensors -------------------------------------------------------------------
+
+
+def test_split_arrays_and_tensors() -> None:
+    x = np.arange(101.0)[:, None] * np.ones((1, 2))
+    train, val, test = ds.split(x, seed=7)
+    assert (len(train), len(val), len(test)) == (81, 10, 10)
+    rows = np.concatenate([train[:, 0], val[:, 0], test[:, 0]])
+    assert sorted(rows.tolist()) == list(range(101))  # disjoint, covering
+    again = ds.split(x, seed=7)
+    assert all(np.array_equal(a, b) for a, b in zip((train, val, test), again, strict=True))
+    assert not np.array_equal(train, ds.split(x, seed=8)[0])
+    t_train, t_val = ds.split(torch.from_numpy(x), (0.5, 0.5), seed=7)
+    assert isinstance(t_train, torch.Tensor) and len(t_train) + len(t_val) == 101
+    for bad in ((0.5, 0.6), (1.2, -0.2)):
+        with pytest.raises(ValueError, match="fractions must be non-negative and sum to 1"):
+            ds.split(x, bad)
+    with pytest.raises(DataError, match="cannot split 2 rows into 3 parts"):
+        ds.split(x[:2])
+
+
+def test_split_memmap_is_lazy(tmp_path) -> None:
+    arr = np.random.default_rng(2).normal(size=(40, 3))
+    np.save(tmp_path / "d.npy", arr)
+    parts = ds.split(ds.load(tmp_path / "d.npy"), seed=1)
+    assert all(isinstance(p, Subset) for p in parts)
+    assert [len(p) for p in parts] == [32, 4, 4]
+    rows = np.concatenate([p.rows for p in parts])
+    assert sorted(rows.tolist()) == list(range(40))
+    assert all((np.diff(p.rows) > 0).all() for p in parts)
+    train = parts[0]
+    np.testing.assert_array_equal(np.asarray(train), arr[train.rows])
+    np.testing.assert_array_equal(train[[0, 5]], arr[train.rows[[0, 5]]])
+    # A split of a split indexes the original file.
+    inner = ds.split(train, (0.5, 0.5), seed=0)[0]
+    np.testing.assert_array_equal(np.asarray(inner), arr[inner.rows])
+
+
+def test_as_tensor(tmp_path) -> None:
+    arr = np.random.default_rng(3).normal(size=(6, 2))
+    np.save(tmp_path / "d.npy", arr)
+    mm = ds.load(tmp_path / "d.npy")
+    t = ds.as_tensor(mm)
+    assert t.dtype == torch.float32 and t.shape == (6, 2)
+    t64 = ds.as_tensor(ds.split(mm, (0.5, 0.5))[0], dtype=torch.float64)
+    assert t64.dtype == torch.float64 and t64.shape == (3, 2)
+    assert ds.as_tensor(torch.ones(2, 2, dtype=torch.float64)).dtype == torch.float32
+    with pytest.raises(DataError, match="non-numeric cell 'a'"):
+        ds.as_tensor(np.array([["1", "a"]]))
+
+
+# -- digits ---------------------------------------------------------------------------------
+
+
+def test_digits_dequantized() -> None:
+    pytest.importorskip("sklearn")
+    raw = ds.digits(dequantize=False)
+    assert raw.shape == (1797, 64) and raw.min() == 0 and raw.max() == 16
+    y = ds.digits(seed=1)
+    assert y.shape == (1797, 64) and y.dtype == np.float64
+    y32 = y.astype(np.float32)
+    assert (y32 > 0).all() and (y32 < 1).all()
+    np.testing.assert_array_equal(np.floor(y * 17), raw)  # each value stays in its own bin
+    assert np.array_equal(y, ds.digits(seed=1)) and not np.array_equal(y, ds.digits(seed=2))
+    # The noise is uniform within each bin.
+    frac = y * 17 - raw
+    assert abs(frac.mean() - 0.5) < 0.01 and abs(frac.var() - 1 / 12) < 0.005
+
+
+def test_digits_without_sklearn(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    ds._digits_raw.cache_clear()
+    with pytest.raises(ImportError, match=r"pip install 'exactflow\[sklearn\]'"):
+        ds.digits()
+
+
+# -- Standardize ----------------------------------------------------------------------------
+
+
+def test_standardize_fit_and_check_transform() -> None:
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(64, 5)) * rng.uniform(0.1, 20, 5) + rng.normal(scale=10, size=5)
+    t = Standardize.fit(x)
+    assert t.mean.dtype == torch.float32
+    np.testing.assert_allclose(t.mean.double().numpy(), x.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(t.std.double().numpy(), x.std(0), rtol=1e-6)
+    t = Standardize.fit(x, dtype=torch.float64)
+    np.testing.assert_allclose(t.mean.numpy(), x.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(t.std.numpy(), x.std(0), rtol=1e-12)
+    xt = torch.from_numpy(x)
+    ef.check_transform(t, xt[:9])
+    ef.check_transform(t, xt[:1])
+    z, ladj = t(xt)
+    assert torch.allclose(z.mean(0), torch.zeros(5, dtype=torch.float64), atol=1e-10)
+    assert torch.allclose(z.std(0, unbiased=False), torch.ones(5, dtype=torch.float64))
+    assert torch.allclose(ladj, -torch.log(torch.from_numpy(x.std(0))).sum().expand(64))
+
+
+def test_standardize_float32_round_trip_and_buffers() -> None:
+    t = Standardize(mean=[1.0, -2.0, 300.0], std=[0.5, 3.0, 40.0])
+    assert t.mean.dtype == torch.float32 and not list(t.parameters())
+    assert set(t.state_dict()) == {"mean", "std"}
+    x = torch.randn(7, 3) * 10
+    z, ladj = t(x)
+    back, ladj_inv = t.inverse(z)
+    assert torch.allclose(back, x, atol=1e-4)
+    assert torch.allclose(ladj, -ladj_inv)
+    ident = Standardize.identity(3)
+    assert torch.equal(ident(x)[0], x)
+    ident.load_state_dict(t.state_dict())
+    assert torch.equal(ident(x)[0], z)
+
+
+def test_standardize_keeps_log_prob_in_data_units() -> None:
+    # Flow(Standardize, N(0, I)) is exactly N(mean, diag(std^2)) in the data's units.
+    mean = torch.tensor([3.0, -1.0], dtype=torch.float64)
+    std = torch.tensor([0.2, 5.0], dtype=torch.float64)
+    flow = ef.Flow(Standardize(mean, std), ef.StandardNormal(2)).double()
+    x = mean + std * torch.randn(9, 2, dtype=torch.float64)
+    expected = torch.distributions.Normal(mean, std).log_prob(x).sum(-1)
+    assert torch.allclose(flow.log_prob(x), expected)
+
+
+def test_standardize_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match=r"finite std > 0; columns \[1\]"):
+        Standardize([0.0, 0.0], [1.0, 0.0])
+    with pytest.raises(ValueError, match="same length"):
+        Standardize([0.0, 0.0], [1.0])
+    x = _good(10, 3)
+    x[:, 0] = 1.0
+    with pytest.raises(DataError, match=r"data for Standardize.fit: constant .*column 0 "):
+        Standardize.fit(x)
+    x[:, 0] = np.nan
+    with pytest.raises(DataError, match="NaN or inf in 10 rows"):
+        Standardize.fit(x)
