@@ -418,26 +418,37 @@ def _read_text(
         raise DataError(f"cannot read {path!r}: a header row but no data rows")
     keep = _column_indices(columns, width, names, path)
 
-    values = np.empty((len(body), len(keep)), dtype=np.float64)
-    for r, (lineno, line) in enumerate(body):
-        cells = _split_line(line, delimiter)
+    if delimiter is None:
+        records: Iterator[list[str]] = (line.split() for _, line in body)
+    else:
+        records = csv.reader((line for _, line in body), delimiter=delimiter)
+    rows: list[list[float]] = []
+    for (lineno, _), cells in zip(body, records, strict=True):
         if len(cells) != width:
             raise DataError(
                 f"{path!r}: line {lineno} has {len(cells)} fields, expected {width} "
                 f"(as on line {lines[0][0]})"
             )
-        for k, j in enumerate(keep):
-            cell = cells[j].strip()
-            try:
-                values[r, k] = float(cell)
-            except ValueError:
-                where = f"column {j + 1}" + (f" ({names[j]!r})" if names else "")
-                what = "an empty cell" if not cell else f"non-numeric cell {cell!r}"
-                raise DataError(
-                    f"{path!r}: {what} at line {lineno}, {where}; "
-                    "choose the numeric columns with columns=[...]"
-                ) from None
-    return values
+        try:
+            rows.append([float(cells[j]) for j in keep])
+        except ValueError:
+            _raise_cell_error(path, lineno, cells, keep, names)
+    return np.array(rows, dtype=np.float64).reshape(len(rows), len(keep))
+
+
+def _raise_cell_error(
+    path: str, lineno: int, cells: list[str], keep: list[int], names: list[str] | None
+) -> None:
+    for j in keep:
+        cell = cells[j].strip()
+        if not _is_number(cell):
+            where = f"column {j + 1}" + (f" ({names[j]!r})" if names else "")
+            what = "an empty cell" if not cell else f"non-numeric cell {cell!r}"
+            raise DataError(
+                f"{path!r}: {what} at line {lineno}, {where}; "
+                "choose the numeric columns with columns=[...]"
+            )
+    raise DataError(f"{path!r}: a cell on line {lineno} is not a number")
 
 
 def _as_slice(indices: list[int]) -> slice | None:
@@ -465,7 +476,8 @@ def load(
       lines starting with ``#`` are skipped. ``header="auto"`` treats the first line as a
       header when none of its cells is a number. Every selected cell must be a number
       (``nan``/``inf`` parse, and :func:`validate` reports them); a non-numeric or empty cell
-      raises :class:`DataError` with its 1-based line and column as in the file.
+      raises :class:`DataError` with its 1-based line and column as in the file. Text is
+      read into memory: convert data larger than memory to ``.npy`` once.
     * ``.npy``: with ``mmap=True`` opened by ``np.load(mmap_mode="r")``: an ``np.memmap`` that
       reads rows from disk on demand, so a file larger than memory is never read whole. A
       column selection that is an evenly spaced range stays a memmap view; any other selection
