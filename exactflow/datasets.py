@@ -759,6 +759,8 @@ def split(
     fr = np.asarray(fractions, dtype=np.float64)
     if fr.ndim != 1 or len(fr) < 1 or (fr < 0).any() or abs(fr.sum() - 1.0) > 1e-6:
         raise ValueError(f"fractions must be non-negative and sum to 1, got {tuple(fractions)}")
+    if not isinstance(data, (np.ndarray, Tensor, Subset)):
+        data = np.asarray(data)
     n = len(data)
     if len(data.shape) != 2:
         raise DataError(f"split needs a 2-D array (rows, features), got shape {tuple(data.shape)}")

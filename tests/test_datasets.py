@@ -340,6 +340,9 @@ def test_split_arrays_and_tensors() -> None:
             ds.split(x, bad)
     with pytest.raises(DataError, match="cannot split 2 rows into 3 parts"):
         ds.split(x[:2])
+    assert [len(p) for p in ds.split([[1.0], [2.0], [3.0], [4.0]], (0.5, 0.5))] == [2, 2]
+    with pytest.raises(DataError, match=r"split needs a 2-D array .* got shape \(5,\)"):
+        ds.split(np.zeros(5))
 
 
 def test_split_memmap_is_lazy(tmp_path) -> None:
