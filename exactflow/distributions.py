@@ -131,9 +131,16 @@ class Uniform(Distribution):
         super().__init__()
         low_t = torch.as_tensor(low, dtype=torch.get_default_dtype()).reshape(-1)
         high_t = torch.as_tensor(high, dtype=torch.get_default_dtype()).reshape(-1)
-        n = max(low_t.numel(), high_t.numel(), 1 if features is None else features)
-        if features is not None and n != features:
-            raise ValueError(f"low/high have {n} entries but features={features}")
+        if features is None:
+            n = max(low_t.numel(), high_t.numel())
+        else:
+            n = _positive_int(features, "features")
+        for name, bound in (("low", low_t), ("high", high_t)):
+            if bound.numel() not in (1, n):
+                raise ValueError(
+                    f"{name} has {bound.numel()} entries; expected 1 or {n} "
+                    f"(features={n})"
+                )
         low_t, high_t = low_t.expand(n).clone(), high_t.expand(n).clone()
         if not bool((high_t > low_t).all()):
             raise ValueError("Uniform needs high > low in every dimension")
