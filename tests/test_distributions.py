@@ -1,0 +1,339 @@
+"""Tests of the base densities and Flow: exact densities, normalization, sampling, the API."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import exactflow as ef
+from exactflow.transforms import ElementwiseAffine, LULinear
+from tests.helpers import perturb
+
+
+def grid(lo, hi, n: int) -> tuple[torch.Tensor, float]:
+    """Midpoints of an n x n grid over [lo0, hi0] x [lo1, hi1], and the cell area."""
+    axes = [torch.linspace(lo[i], hi[i], n + 1, dtype=torch.float64) for i in range(2)]
+    mids = [(a[1:] + a[:-1]) / 2 for a in axes]
+    xx, yy = torch.meshgrid(*mids, indexing="ij")
+    area = float((axes[0][1] - axes[0][0]) * (axes[1][1] - axes[1][0]))
+    return torch.stack([xx.reshape(-1), yy.reshape(-1)], -1), area
+
+
+# -- the worked examples ------------------------------------------------------------------------
+
+
+def test_uniform_pushed_through_4z_plus_2():
+    t = ElementwiseAffine(1).double()
+    with torch.no_grad():  # forward (x - 2) / 4, so inverse 4z + 2
+        t.log_scale.fill_(-math.log(4.0))
+        t.shift.fill_(-0.5)
+    flow = ef.Flow(t, ef.Uniform(0.0, 1.0, features=1)).double()
+    torch.testing.assert_close(
+        flow.transform.inverse(torch.tensor([[0.0], [1.0]], dtype=torch.float64))[0],
+        torch.tensor([[2.0], [6.0]], dtype=torch.float64),
+    )
+    inside = torch.tensor([[2.001], [2.5], [4.0], [5.999]], dtype=torch.float64)
+    quarter = torch.full((4,), math.log(0.25), dtype=torch.float64)
+    torch.testing.assert_close(flow.log_prob(inside), quarter)
+    outside = torch.tensor([[1.99], [6.01], [-3.0], [100.0]], dtype=torch.float64)
+    assert torch.isneginf(flow.log_prob(outside)).all()
+    # The density 1/4 on [2, 6] integrates to 1 (cells of width 1e-3 over [0, 8]).
+    x = (torch.arange(8000, dtype=torch.float64) + 0.5)[:, None] * 1e-3
+    with torch.no_grad():
+        assert float(flow.log_prob(x).exp().sum() * 1e-3) == pytest.approx(1.0, abs=1e-9)
+    samples, log_p = flow.sample_and_log_prob(200)
+    assert samples.min() >= 2.0 and samples.max() <= 6.0
+    torch.testing.assert_close(log_p, torch.full((200,), math.log(0.25), dtype=torch.float64))
+
+
+def test_linear_map_of_the_unit_square_has_area_6_and_density_one_sixth():
+    a = torch.tensor([[3.0, 1.0], [0.0, 2.0]], dtype=torch.float64)
+    # LULinear set to A^-1 = [[1/3, -1/6], [0, 1/2]] (L = I, U = A^-1): x -> z = A^-1 x.
+    t = LULinear(2).double()
+    with torch.no_grad():
+        t.upper[0, 1] = -1.0 / 6.0
+        t.log_diag.copy_(torch.log(torch.tensor([1 / 3, 1 / 2], dtype=torch.float64)))
+    torch.testing.assert_close(t.weight(), torch.linalg.inv(a))
+    flow = ef.Flow(t, ef.Uniform(0.0, 1.0, features=2)).double()
+
+    corners = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
+    images = flow.transform.inverse(corners)[0]
+    expected = torch.tensor([[0.0, 0.0], [3.0, 0.0], [1.0, 2.0], [4.0, 2.0]], dtype=torch.float64)
+    torch.testing.assert_close(images, expected)
+    jac = ef.jacobian(lambda z: flow.transform.inverse(z)[0], torch.rand(3, 2, dtype=torch.float64))
+    torch.testing.assert_close(jac, a.expand(3, 2, 2))
+    assert float(torch.linalg.det(a)) == pytest.approx(6.0)
+
+    inside = torch.tensor([[1.0, 0.5], [2.5, 1.0], [3.9, 1.9]], dtype=torch.float64)
+    sixth = torch.full((3,), 1 / 6, dtype=torch.float64)
+    torch.testing.assert_close(flow.log_prob(inside).exp(), sixth)
+    outside = torch.tensor([[0.5, 1.5], [3.5, 0.5], [2.0, -0.1]], dtype=torch.float64)
+    assert torch.isneginf(flow.log_prob(outside)).all()
+    points, cell = grid((-0.5, -0.5), (4.5, 2.5), 1000)
+    with torch.no_grad():
+        density = flow.log_prob(points).exp()
+    assert float((density > 0).sum() * cell) == pytest.approx(6.0, abs=1e-2)
+    assert float(density.sum() * cell) == pytest.approx(1.0, abs=2e-3)
+
+
+@pytest.mark.parametrize("base", ["standard", "diagonal"])
+def test_flow_over_lu_linear_integrates_to_one(base):
+    t = perturb(LULinear(2, permutation=[1, 0]), scale=0.5, seed=11).double()
+    b = ef.StandardNormal(2) if base == "standard" else perturb(ef.DiagonalNormal(2), seed=12)
+    flow = ef.Flow(t, b).double()
+    w = t.weight().detach()
+    if base == "standard":
+        loc, scale = torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
+    else:
+        loc, scale = b.loc.detach(), b.log_scale.detach().exp()
+    w_inv = torch.linalg.inv(w)
+    mean = w_inv @ (loc - t.bias.detach())
+    cov = w_inv @ torch.diag(scale**2) @ w_inv.T
+    half = 9 * cov.diagonal().sqrt()
+    points, cell = grid(mean - half, mean + half, 600)
+    with torch.no_grad():
+        log_p = flow.log_prob(points)
+        total = float(log_p.exp().sum() * cell)
+        # Without the log-det term the same grid does not integrate to 1.
+        z, ladj = t(points)
+        assert abs(float(ladj[0])) > 0.05
+        unnormalized = float(b.log_prob(z).exp().sum() * cell)
+    assert total == pytest.approx(1.0, abs=1e-3)
+    assert abs(unnormalized - 1.0) > 0.05
+    reference = torch.distributions.MultivariateNormal(mean, cov).log_prob(points)
+    torch.testing.assert_close(log_p, reference)
+
+
+# -- base distributions --------------------------------------------------------------------------
+
+
+def test_standard_normal_matches_torch():
+    d = ef.StandardNormal(3).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    reference = torch.distributions.Normal(0.0, 1.0).log_prob(x).sum(-1)
+    torch.testing.assert_close(d.log_prob(x), reference)
+    assert d.event_shape == (3,)
+    s = d.sample(7)
+    assert s.shape == (7, 3) and s.dtype == torch.float64
+
+
+def test_diagonal_normal_matches_torch_and_is_reparameterized():
+    d = perturb(ef.DiagonalNormal(3)).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    reference = torch.distributions.Normal(d.loc, d.log_scale.exp()).log_prob(x).sum(-1)
+    torch.testing.assert_close(d.log_prob(x), reference)
+    s, log_p = d.sample_and_log_prob(6)
+    torch.testing.assert_close(log_p, d.log_prob(s))
+    s.sum().backward()
+    assert d.loc.grad is not None
+    torch.testing.assert_close(d.loc.grad, torch.full((3,), 6.0, dtype=torch.float64))
+    assert d.log_scale.grad is not None and d.log_scale.grad.abs().sum() > 0
+
+
+def test_uniform_box():
+    u = ef.Uniform([0.0, -1.0], [2.0, 3.0]).double()
+    assert u.features == 2
+    inside = torch.tensor([[1.0, 0.0], [0.0, -1.0], [2.0, 3.0]], dtype=torch.float64)
+    eighth = torch.full((3,), -math.log(8.0), dtype=torch.float64)
+    torch.testing.assert_close(u.log_prob(inside), eighth)
+    outside = torch.tensor([[-0.1, 0.0], [1.0, 3.1]], dtype=torch.float64)
+    assert torch.isneginf(u.log_prob(outside)).all()
+    s = u.sample(500)
+    assert s.shape == (500, 2)
+    assert (s >= u.low).all() and (s <= u.high).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"low": 1.0, "high": 1.0}, "high > low"),
+        ({"low": [0.0, 2.0], "high": [1.0, 1.0]}, "high > low"),
+        ({"low": [0.0, 0.0], "high": 1.0, "features": 3}, "low has 2 entries"),
+        ({"low": [0.0, 0.0], "high": [1.0, 1.0, 1.0]}, "low has 2 entries"),
+        ({"low": 0.0, "high": 1.0, "features": 0}, "features must be a positive integer"),
+    ],
+)
+def test_uniform_rejects_bad_boxes(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ef.Uniform(**kwargs)
+
+
+@pytest.mark.parametrize("bad", [0, -2, 2.5, True, "3"])
+def test_features_must_be_a_positive_integer(bad):
+    for cls in (ef.StandardNormal, ef.DiagonalNormal):
+        with pytest.raises(ValueError, match="features must be a positive integer"):
+            cls(bad)
+
+
+# -- Flow ------------------------------------------------------------------------------------
+
+
+def make_flow(features: int = 3, dtype=torch.float64) -> ef.Flow:
+    t = ef.Compose(perturb(LULinear(features)), perturb(ElementwiseAffine(features)))
+    return ef.Flow(t, ef.StandardNormal(features)).to(dtype)
+
+
+def test_log_prob_is_the_change_of_variables():
+    flow = make_flow()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    z, ladj = flow.transform(x)
+    torch.testing.assert_close(flow.log_prob(x), flow.base.log_prob(z) + ladj)
+    torch.testing.assert_close(flow(x), flow.log_prob(x))
+    assert flow.event_shape == (3,)
+
+
+def test_sample_and_log_prob_agree_with_log_prob():
+    flow = make_flow()
+    x, log_p = flow.sample_and_log_prob(9)
+    assert x.shape == (9, 3) and log_p.shape == (9,)
+    torch.testing.assert_close(log_p, flow.log_prob(x))
+    assert flow.sample(4).shape == (4, 3) and flow.rsample(2).shape == (2, 3)
+    assert flow.sample(1).shape == (1, 3)
+
+
+def test_samples_are_differentiable():
+    flow = make_flow()
+    x, log_p = flow.sample_and_log_prob(16)
+    (x.square().sum() + log_p.sum()).backward()
+    for name, p in flow.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_flow_rejects_wrong_shapes_and_types():
+    flow = make_flow()
+    for bad in (torch.randn(4, 4), torch.randn(3), torch.randn(2, 4, 3), torch.randn(0)):
+        with pytest.raises(ValueError, match=r"x must have shape \(batch, 3\)"):
+            flow.log_prob(bad)
+    with pytest.raises(TypeError, match="numeric"):
+        flow.log_prob(np.array([["a", "b", "c"]]))
+    with pytest.raises(TypeError, match="Transform"):
+        ef.Flow(nn.Linear(3, 3), ef.StandardNormal(3))
+    with pytest.raises(TypeError, match="Distribution"):
+        ef.Flow(LULinear(3), torch.distributions.Normal(0.0, 1.0))
+    for n in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="n must be a positive integer"):
+            flow.sample(n)
+
+
+def test_numpy_and_integer_input_are_accepted():
+    flow = make_flow(dtype=torch.float32)
+    x = np.random.randn(5, 3)  # float64 array into a float32 flow
+    log_p = flow.log_prob(x)
+    assert log_p.dtype == torch.float32 and log_p.shape == (5,)
+    torch.testing.assert_close(log_p, flow.log_prob(torch.as_tensor(x, dtype=torch.float32)))
+    ints = flow.log_prob(torch.tensor([[1, 0, -2]]))
+    torch.testing.assert_close(ints, flow.log_prob(torch.tensor([[1.0, 0.0, -2.0]])))
+    assert flow.log_prob([[0.1, 0.2, 0.3]]).shape == (1,)
+
+
+def test_nan_input_gives_nan_for_that_row_only():
+    # Not validated in log_prob (that would cost a sync per batch); rows stay independent,
+    # so a NaN row cannot contaminate the others. Data validation belongs upstream.
+    flow = make_flow()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    x[2, 1] = math.nan
+    log_p = flow.log_prob(x)
+    assert torch.isnan(log_p[2])
+    keep = [0, 1, 3]
+    torch.testing.assert_close(log_p[keep], flow.log_prob(x[keep]))
+
+
+class ConditionalAffine(ef.Transform):
+    """``z = x * exp(tanh(c W_s)) + c W_t``."""
+
+    def __init__(self, features: int, context: int):
+        super().__init__()
+        self.scale = nn.Linear(context, features)
+        self.shift = nn.Linear(context, features)
+
+    def forward(self, x, context=None):
+        s = torch.tanh(self.scale(context))
+        return x * s.exp() + self.shift(context), s.sum(-1)
+
+    def inverse(self, z, context=None):
+        s = torch.tanh(self.scale(context))
+        return (z - self.shift(context)) * (-s).exp(), -s.sum(-1)
+
+
+def conditional_flow(features: int = 3, context: int = 2) -> ef.Flow:
+    t = perturb(ConditionalAffine(features, context))
+    return ef.Flow(t, ef.StandardNormal(features), context=context).double()
+
+
+def test_conditional_transform_passes_check_transform():
+    flow = conditional_flow()
+    x, c = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    assert ef.check_transform(flow.transform, x, c).ok
+
+
+def test_conditional_log_prob_and_sample_shapes():
+    flow = conditional_flow()
+    x, c = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    assert flow.log_prob(x, c).shape == (5,)
+    assert not torch.allclose(flow.log_prob(x, c), flow.log_prob(x, c.flip(0)))
+
+    batch = torch.randn(4, 2, dtype=torch.float64)
+    samples, log_p = flow.sample_and_log_prob(6, batch)
+    assert samples.shape == (6, 4, 3) and log_p.shape == (6, 4)
+    assert flow.sample(6, batch).shape == (6, 4, 3)
+    # Sample [i, j] belongs to context row j: its log-density under that row agrees.
+    rows = batch.expand(6, 4, 2).reshape(24, 2)
+    torch.testing.assert_close(log_p.reshape(24), flow.log_prob(samples.reshape(24, 3), rows))
+
+    single = batch[1]
+    samples, log_p = flow.sample_and_log_prob(7, single)
+    assert samples.shape == (7, 3) and log_p.shape == (7,)
+    assert flow.sample(7, single).shape == (7, 3)
+    torch.testing.assert_close(log_p, flow.log_prob(samples, single.expand(7, 2)))
+    # Context from numpy works too.
+    assert flow.sample(2, batch.numpy()).shape == (2, 4, 3)
+
+
+def test_conditional_flow_context_errors():
+    flow = conditional_flow()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="conditional"):
+        flow.log_prob(x)
+    with pytest.raises(ValueError, match="conditional"):
+        flow.sample(3)
+    with pytest.raises(ValueError, match="rows"):
+        flow.log_prob(x, torch.randn(4, 2))
+    with pytest.raises(ValueError, match=r"context must have shape \(batch, 2\)"):
+        flow.log_prob(x, torch.randn(5, 3))
+    with pytest.raises(ValueError, match="context must have 2 entries"):
+        flow.sample(3, torch.randn(3))
+    with pytest.raises(ValueError, match="context must have shape"):
+        flow.sample(3, torch.randn(2, 2, 2))
+
+
+def test_unconditional_flow_rejects_a_context():
+    flow = make_flow()
+    with pytest.raises(ValueError, match="unconditional"):
+        flow.log_prob(torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 1))
+    with pytest.raises(ValueError, match="unconditional"):
+        flow.sample(2, torch.randn(2, 1))
+
+
+@given(
+    batch=st.integers(1, 8),
+    features=st.integers(1, 5),
+    n=st.integers(1, 6),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_flow_shapes_and_dtypes(batch, features, n, dtype):
+    flow = make_flow(features, dtype)
+    x = torch.randn(batch, features, dtype=dtype)
+    log_p = flow.log_prob(x)
+    assert log_p.shape == (batch,) and log_p.dtype == dtype
+    assert torch.isfinite(log_p).all()
+    samples, log_q = flow.sample_and_log_prob(n)
+    assert samples.shape == (n, features) and log_q.shape == (n,)
+    assert samples.dtype == dtype and log_q.dtype == dtype
+    tol = 1e-3 if dtype == torch.float32 else 1e-9
+    torch.testing.assert_close(log_q, flow.log_prob(samples), atol=tol, rtol=tol)
