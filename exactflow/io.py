@@ -32,6 +32,7 @@ import json
 import os
 import pickle
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +119,10 @@ def safe_torch_load(
     if path.stat().st_size == 0:
         raise CheckpointError(f"{what} {str(path)!r} is empty (an interrupted copy or write?)")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols it was not written with; the error says more.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         text = str(err)
         if "global" in text.lower() or "unsupported class" in text.lower():
@@ -128,8 +132,9 @@ def safe_torch_load(
                 f"Detail: {_first_line_about(text)}"
             ) from None
         raise CheckpointError(
-            f"{str(path)!r} is not a {what} exactflow can read (not a torch archive, or corrupt): "
-            f"{_first_line_about(text)}"
+            f"refusing to load {str(path)!r}: it is not a weights-only torch file (tensors and "
+            "plain types only) or it is corrupt; exactflow never executes code from a file. "
+            f"Detail: {_first_line_about(text)}"
         ) from None
     except (RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError) as err:
         raise CheckpointError(

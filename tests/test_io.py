@@ -1,0 +1,210 @@
+"""Tests for exactflow.io: model files that round-trip exactly and never run code on load."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import exactflow as ef
+from exactflow.io import CheckpointError, atomic_save, load, save
+from tests.helpers import perturb
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def assert_same_density(a: ef.Flow, b: ef.Flow, x: torch.Tensor) -> None:
+    a.eval(), b.eval()
+    with torch.no_grad():
+        assert torch.equal(a.log_prob(x), b.log_prob(x))
+
+
+BUILDERS = [
+    ("realnvp", lambda: ef.models.realnvp(2, layers=2, hidden=(8,), batch_norm=False), 2),
+    ("maf", lambda: ef.models.maf(3, layers=2, hidden=(8,), permutation="random"), 3),
+    ("nsf", lambda: ef.models.nsf(3, layers=2, hidden=(8,), bins=4), 3),
+    ("planar", lambda: ef.models.planar(2, layers=3), 2),
+]
+
+
+@pytest.mark.parametrize(("name", "make", "d"), BUILDERS, ids=[b[0] for b in BUILDERS])
+def test_round_trip_gives_identical_log_prob(tmp_path, name, make, d):
+    flow = perturb(make(), scale=0.3)
+    path = save(flow, tmp_path / "model.pt")
+    assert path == tmp_path / "model.pt"
+    loaded = load(path)
+    assert loaded.config == flow.config and loaded.config["model"] == name
+    assert not loaded.training
+    assert_same_density(flow, loaded, torch.randn(64, d))
+    assert sorted(os.listdir(tmp_path)) == ["model.pt"]
+
+
+def test_standardization_travels_with_the_model(tmp_path):
+    data = torch.randn(500, 2) * torch.tensor([3.0, 0.5]) + torch.tensor([10.0, -4.0])
+    flow = perturb(ef.models.maf(2, layers=2, hidden=(8,), standardize=True), scale=0.3)
+    fitted = ef.datasets.Standardize.fit(data)
+    first = flow.transform[0]
+    first.mean.copy_(fitted.mean), first.std.copy_(fitted.std)
+    loaded = load(save(flow, tmp_path / "std.pt"))
+    assert torch.equal(loaded.transform[0].mean, fitted.mean)
+    assert torch.equal(loaded.transform[0].std, fitted.std)
+    assert_same_density(flow, loaded, data[:50])
+
+
+def test_trained_model_round_trips(tmp_path):
+    data = ef.datasets.toy("moons", 600, seed=0)
+    flow = ef.models.realnvp(2, layers=2, hidden=(8,), batch_norm=False)
+    ef.fit(flow, data, steps=20, batch_size=100, lr=1e-2, progress=False)
+    loaded = load(save(flow, tmp_path / "m.pt"))
+    assert_same_density(flow, loaded, data[:100])
+
+
+def test_a_hand_built_flow_cannot_be_saved(tmp_path):
+    flow = ef.Flow(ef.transforms.LULinear(2), ef.StandardNormal(2))
+    with pytest.raises(ValueError, match="builder"):
+        save(flow, tmp_path / "m.pt")
+    assert not (tmp_path / "m.pt").exists()
+    flow.config = {"model": "planar", "features": 2, "bad": object()}
+    with pytest.raises(ValueError, match="JSON"):
+        save(flow, tmp_path / "m.pt")
+
+
+class Payload:
+    """Unpickling this object creates a marker file (stands in for arbitrary code)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle-2", "pickle-5"])
+def test_a_pickle_with_a_code_payload_is_refused_without_running_it(tmp_path, writer):
+    path, marker = tmp_path / "evil.pt", tmp_path / "pwned"
+    payload = {"format": "exactflow", "version": 1, "config": "{}", "state_dict": Payload(marker)}
+    if writer == "torch.save":
+        torch.save(payload, path)
+    else:
+        with open(path, "wb") as handle:
+            pickle.dump(payload, handle, protocol=int(writer[-1]))
+    with pytest.raises(CheckpointError, match="refusing to load.*never executes code"):
+        load(path)
+    assert not marker.exists()
+    if writer == "torch.save":
+        # The payload is live: an unsafe load would have run it.
+        torch.load(path, weights_only=False)
+        assert marker.exists()
+
+
+def test_truncated_foreign_empty_and_missing_files(tmp_path):
+    path = save(perturb(ef.models.planar(2, layers=2)), tmp_path / "m.pt")
+    data = path.read_bytes()
+    for cut in (len(data) // 2, 30):
+        (tmp_path / "cut.pt").write_bytes(data[:cut])
+        with pytest.raises(CheckpointError, match="truncated|not a torch"):
+            load(tmp_path / "cut.pt")
+    (tmp_path / "random.pt").write_bytes(os.urandom(4096))
+    with pytest.raises(CheckpointError, match="random.pt"):
+        load(tmp_path / "random.pt")
+    torch.save(torch.randn(3), tmp_path / "tensor.pt")
+    with pytest.raises(CheckpointError, match="not an exactflow model file.*Tensor"):
+        load(tmp_path / "tensor.pt")
+    torch.save({"a": torch.zeros(1)}, tmp_path / "dict.pt")
+    with pytest.raises(CheckpointError, match="not an exactflow model file"):
+        load(tmp_path / "dict.pt")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty"):
+        load(tmp_path / "empty.pt")
+    with pytest.raises(CheckpointError, match="no such model file"):
+        load(tmp_path / "missing.pt")
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        load(tmp_path)
+
+
+def rewrite(path: Path, **changes) -> Path:
+    payload = torch.load(path, weights_only=True)
+    payload.update(changes)
+    torch.save(payload, path)
+    return path
+
+
+def test_newer_format_unknown_builder_and_mismatched_weights(tmp_path):
+    flow = ef.models.realnvp(2, layers=2, hidden=(8,), batch_norm=False)
+    path = save(flow, tmp_path / "m.pt")
+    with pytest.raises(CheckpointError, match="version 2.*upgrade"):
+        load(rewrite(save(flow, tmp_path / "v.pt"), version=2))
+    with pytest.raises(CheckpointError, match="unknown model 'glowworm'"):
+        load(rewrite(save(flow, tmp_path / "u.pt"), config='{"model": "glowworm"}'))
+    bigger = flow.config | {"hidden": [16]}
+    with pytest.raises(CheckpointError, match="do not match.*size mismatch"):
+        load(rewrite(path, config=json.dumps(bigger)))
+    state = flow.state_dict()
+    state.pop(next(iter(state)))
+    with pytest.raises(CheckpointError, match="do not match.*Missing"):
+        load(rewrite(save(flow, tmp_path / "s.pt"), state_dict=state))
+    with pytest.raises(CheckpointError, match="not an exactflow model file"):
+        ckpt = tmp_path / "train.ckpt"
+        ef.fit(flow, ef.datasets.toy("moons", 128), steps=1, batch_size=64, checkpoint=ckpt,
+               progress=False)
+        load(ckpt)
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    flow = perturb(ef.models.planar(2, layers=2))
+    path = save(flow, tmp_path / "m.pt")
+    good = path.read_bytes()
+    real_save = torch.save
+
+    def dying_save(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        f.truncate(f.tell() // 3)
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(OSError, match="no space"):
+        save(perturb(ef.models.planar(2, layers=2)), path)
+    monkeypatch.undo()
+    assert path.read_bytes() == good and os.listdir(tmp_path) == ["m.pt"]
+    assert_same_density(flow, load(path), torch.randn(8, 2))
+
+
+def test_a_process_killed_mid_write_never_leaves_a_corrupt_file(tmp_path):
+    target = tmp_path / "state.pt"
+    atomic_save({"step": 1, "w": torch.ones(3)}, target)
+    script = textwrap.dedent(
+        f"""
+        import os, signal, torch
+        from exactflow.io import atomic_save
+        real_save = torch.save
+        def killed(obj, f, *args, **kwargs):
+            real_save(obj, f, *args, **kwargs)
+            f.truncate(f.tell() // 2)
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        torch.save = killed
+        atomic_save({{"step": 2, "w": torch.zeros(3)}}, {str(target)!r})
+        """
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    result = subprocess.run([sys.executable, "-c", script], env=env, timeout=300)
+    assert result.returncode == -9  # SIGKILL: no cleanup ran
+    survivor = torch.load(target, weights_only=True)
+    assert survivor["step"] == 1 and torch.equal(survivor["w"], torch.ones(3))
+    # The kill leaves at most a stray temporary beside the target, never in its place.
+    stray = [p for p in os.listdir(tmp_path) if p != "state.pt"]
+    assert all(p.startswith(".state.pt.") and p.endswith(".tmp") for p in stray)
+
+
+@pytest.mark.gpu
+def test_load_to_cuda(tmp_path):
+    flow = perturb(ef.models.planar(2, layers=2))
+    loaded = load(save(flow, tmp_path / "m.pt"), map_location="cuda")
+    assert next(loaded.parameters()).device.type == "cuda"
