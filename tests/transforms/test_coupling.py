@@ -1,0 +1,245 @@
+"""Tests for the coupling layers (exactflow.transforms.coupling) and their elementwise maps."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import Tensor
+
+import exactflow as ef
+from exactflow.transforms import (
+    AdditiveCoupling,
+    AffineCoupling,
+    AffineMap,
+    Coupling,
+    MonotonicMap,
+    SplineCoupling,
+)
+from exactflow.transforms.coupling import coupling_mask
+from tests.helpers import perturb
+
+LAYERS = {
+    "additive": lambda d, c, **kw: AdditiveCoupling(d, hidden=(16, 16), context=c, **kw),
+    "affine": lambda d, c, **kw: AffineCoupling(d, hidden=(16, 16), context=c, **kw),
+    "spline": lambda d, c, **kw: SplineCoupling(
+        d, bins=5, bound=3.0, hidden=(16,), context=c, **kw
+    ),
+}
+# Perturbation for float32 round trips. A spline driven by a strongly perturbed network has
+# slopes near 1e-5 somewhere, where any float32 inverse is off by eps / slope; 0.1 still
+# moves points by more than 1 (asserted below) with slopes the float32 inverse resolves.
+ROUND_TRIP_SCALE = {"additive": 0.5, "affine": 0.5, "spline": 0.1}
+
+
+def inputs(batch: int, d: int, c: int, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    # Scale 2 puts some spline inputs outside [-3, 3], on the identity tails.
+    x = 2.0 * torch.randn(batch, d, dtype=dtype)
+    return x, (torch.randn(batch, c, dtype=dtype) if c else None)
+
+
+# -- masks ----------------------------------------------------------------------------------
+
+
+def test_named_masks() -> None:
+    assert coupling_mask(5, "even").tolist() == [True, False, True, False, True]
+    assert coupling_mask(5, "odd").tolist() == [False, True, False, True, False]
+    assert coupling_mask(5, "left").tolist() == [True, True, False, False, False]
+    assert coupling_mask(5, "right").tolist() == [False, False, True, True, True]
+    for d in (2, 3, 4, 7):
+        assert torch.equal(coupling_mask(d, "even"), ~coupling_mask(d, "odd"))
+        assert torch.equal(coupling_mask(d, "left"), ~coupling_mask(d, "right"))
+    custom = torch.tensor([False, True, True])
+    assert torch.equal(coupling_mask(3, custom), custom)
+
+
+@pytest.mark.parametrize(
+    "features, mask, match",
+    [
+        (1, "even", "features >= 2"),
+        (3, "diagonal", "mask must be"),
+        (3, torch.tensor([True, True, True]), "transforms 3 of 3"),
+        (3, [False, False, False], "transforms 0 of 3"),
+        (3, [True, False], "2 entries"),
+        (3, torch.tensor([1, 0, 1]), "boolean"),
+    ],
+)
+def test_bad_masks_raise(features: int, mask, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        coupling_mask(features, mask)
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_one_feature_is_a_clear_error(name: str) -> None:
+    with pytest.raises(ValueError, match="needs features >= 2"):
+        LAYERS[name](1, 0)
+
+
+# -- the proof: log-det against autograd, inverse ------------------------------------------
+
+
+@pytest.mark.parametrize("name", LAYERS)
+@pytest.mark.parametrize("features", [2, 3, 5])
+@pytest.mark.parametrize("context", [0, 3])
+@pytest.mark.parametrize("mask", ["even", "right"])
+def test_check_transform_float64(name: str, features: int, context: int, mask: str) -> None:
+    t = perturb(LAYERS[name](features, context, mask=mask).double(), scale=0.5)
+    x, c = inputs(8, features, context, torch.float64)
+    report = ef.check_transform(t, x, c)
+    assert report.ok
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_check_transform_batch_of_one(name: str) -> None:
+    t = perturb(LAYERS[name](3, 2).double())
+    x, c = inputs(1, 3, 2, torch.float64)
+    ef.check_transform(t, x, c)
+
+
+@pytest.mark.parametrize("name", LAYERS)
+@pytest.mark.parametrize("context", [0, 2])
+def test_float32_round_trip(name: str, context: int) -> None:
+    t = perturb(LAYERS[name](5, context), scale=ROUND_TRIP_SCALE[name])
+    x, c = inputs(64, 5, context, torch.float32)
+    with torch.no_grad():
+        z, ladj = t(x, c)
+        x_back, ladj_inv = t.inverse(z, c)
+    assert (z - x).abs().max() > 0.5  # far from the identity
+    assert (x_back - x).abs().max() < 1e-4
+    assert (ladj + ladj_inv).abs().max() < 1e-4
+
+
+# -- behaviour ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_new_layer_is_identity(name: str) -> None:
+    t = LAYERS[name](4, 2)
+    x, c = inputs(6, 4, 2, torch.float32)
+    z, ladj = t(x, c)
+    assert torch.allclose(z, x, atol=1e-6) and ladj.abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("name", LAYERS)
+@pytest.mark.parametrize("mask", ["even", "odd", "left", "right"])
+def test_only_masked_features_change(name: str, mask: str) -> None:
+    t = perturb(LAYERS[name](5, 0, mask=mask).double())
+    x, _ = inputs(16, 5, 0, torch.float64)
+    x = x.clamp(-2.5, 2.5)  # inside the spline's interval, where it is not the identity
+    z, _ = t(x)
+    m = coupling_mask(5, mask)
+    assert torch.equal(z[:, ~m], x[:, ~m])
+    assert bool(((z - x)[:, m].abs() > 1e-8).any(dim=0).all())
+    # The Jacobian is identity on the conditioning block, zero from transformed to conditioning.
+    jac = ef.jacobian(t, x[:4])
+    cond = (~m).nonzero().flatten()
+    moved = m.nonzero().flatten()
+    eye = torch.eye(len(cond), dtype=x.dtype).expand(4, -1, -1)
+    assert torch.equal(jac[:, cond][:, :, cond], eye)
+    assert not bool(jac[:, cond][:, :, moved].any())
+
+
+@pytest.mark.parametrize("features", [2, 3, 5])
+def test_alternating_masks_transform_every_feature(features: int) -> None:
+    flow = ef.Compose(
+        perturb(AffineCoupling(features, hidden=(8,), mask="even").double()),
+        perturb(AffineCoupling(features, hidden=(8,), mask="odd").double()),
+    )
+    x = torch.randn(4, features, dtype=torch.float64)
+    jac = ef.jacobian(flow, x)
+    # Every output depends on some other input: no feature passed through untouched.
+    off_diagonal = jac * (1 - torch.eye(features, dtype=x.dtype))
+    assert bool((off_diagonal.abs().sum(dim=(0, 2)) > 0).all())
+
+
+def test_context_changes_the_output() -> None:
+    t = perturb(AffineCoupling(3, hidden=(8,), context=2).double())
+    x = torch.randn(5, 3, dtype=torch.float64)
+    z1, l1 = t(x, torch.zeros(5, 2, dtype=torch.float64))
+    z2, l2 = t(x, torch.ones(5, 2, dtype=torch.float64))
+    assert not torch.allclose(z1, z2) and not torch.allclose(l1, l2)
+
+
+def test_affine_log_scale_is_soft_clamped() -> None:
+    t = AffineCoupling(4, hidden=(8,), mask="left", scale_bound=2.0).double()
+    with torch.no_grad():
+        t.conditioner[-1].bias.fill_(1e4)  # raw log-scales far beyond the bound
+    x = torch.randn(3, 4, dtype=torch.float64)
+    z, ladj = t(x)
+    assert torch.allclose(ladj, torch.full((3,), 2 * 2.0, dtype=torch.float64))
+    ef.check_transform(t, x)
+
+
+def test_spline_is_identity_far_outside_its_interval() -> None:
+    t = perturb(SplineCoupling(2, bins=4, bound=3.0, hidden=(8,)).double())
+    x = torch.tensor([[1e6, 0.3], [-1e6, -0.7], [3.0, 1.0], [-3.0, 2.0]], dtype=torch.float64)
+    z, ladj = t(x)  # feature 0 is transformed (mask "even")
+    assert torch.equal(z[:2, 0], x[:2, 0]) and torch.isfinite(ladj).all()
+    assert torch.allclose(z[2:, 0], x[2:, 0], atol=1e-9)  # the ends of the spline are fixed
+    ef.check_transform(t, x)
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_gradients_reach_every_parameter(name: str) -> None:
+    t = perturb(LAYERS[name](3, 2))
+    x, c = inputs(32, 3, 2, torch.float32)
+    z, ladj = t(x, c)
+    (z.square().sum() - ladj.sum()).backward()
+    grads = [p.grad for p in t.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert t.conditioner[-1].weight.grad.abs().sum() > 0
+
+
+def test_bad_input_is_a_clear_error() -> None:
+    t = AffineCoupling(3, hidden=(8,), context=2)
+    with pytest.raises(ValueError, match=r"shape \(batch, 3\)"):
+        t(torch.randn(4, 2), torch.randn(4, 2))
+    with pytest.raises(ValueError, match="conditional"):
+        t(torch.randn(4, 3))
+    with pytest.raises(ValueError, match=r"context must have shape \(4, 2\)"):
+        t(torch.randn(4, 3), torch.randn(4, 3))
+    with pytest.raises(ValueError, match="context"):
+        AffineCoupling(3, context=-1)
+    with pytest.raises(ValueError, match="scale_bound"):
+        AffineCoupling(3, scale_bound=0.0)
+
+
+def test_state_dict_round_trip_and_buffers() -> None:
+    a = perturb(SplineCoupling(3, bins=3, hidden=(8,), mask=torch.tensor([True, False, True])))
+    b = SplineCoupling(3, bins=3, hidden=(8,), mask=torch.tensor([True, False, True]))
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(5, 3)
+    assert torch.equal(a(x)[0], b(x)[0])
+    names = dict(a.named_buffers())
+    assert {"mask", "identity_index", "transformed_index", "unshuffle"} <= set(names)
+
+
+class _LogScale(MonotonicMap):
+    """A test map: ``y = x * exp(a)``, one parameter."""
+
+    params_per_feature = 1
+
+    def forward(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+        return x * torch.exp(params[..., 0]), params[..., 0].expand_as(x)
+
+    def inverse(self, y: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+        return y * torch.exp(-params[..., 0]), -params[..., 0].expand_as(y)
+
+
+def test_a_new_map_plugs_in_without_a_new_layer_class() -> None:
+    t = perturb(Coupling(3, _LogScale(), hidden=(8,), mask="odd", context=1).double())
+    x = torch.randn(6, 3, dtype=torch.float64)
+    ef.check_transform(t, x, torch.randn(6, 1, dtype=torch.float64))
+    named = Coupling(3, "affine", hidden=(8,))
+    assert isinstance(named.monotonic, AffineMap)
+    assert named.conditioner[-1].out_features == 2 * 2  # features 0 and 2, 2 params each
+    with pytest.raises(ValueError, match="unknown monotonic map"):
+        Coupling(3, "cubic")
+
+
+def test_spline_coupling_parameter_count() -> None:
+    t = SplineCoupling(5, bins=6, hidden=(8,), mask="even")
+    assert t.conditioner[-1].out_features == 3 * (3 * 6 - 1)
+    assert t.conditioner[0].in_features == 2
+    assert math.isclose(t.monotonic.bound, 5.0)
