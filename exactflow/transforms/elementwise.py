@@ -27,10 +27,13 @@ class ElementwiseAffine(Transform):
 
     Example:
         >>> import torch, exactflow as ef
-        >>> t = ef.transforms.ElementwiseAffine(3)
-        >>> z, ladj = t(torch.randn(2, 3))
-        >>> ladj
-        tensor([0., 0.])
+        >>> t = ef.transforms.ElementwiseAffine(2)
+        >>> with torch.no_grad():
+        ...     _ = t.log_scale.copy_(torch.tensor([0.0, 1.0]).log1p())  # scales 1 and 2
+        ...     _ = t.shift.fill_(1.0)
+        ...     z, ladj = t(torch.tensor([[1.0, 3.0]]))
+        >>> z, ladj  # ladj = log 1 + log 2
+        (tensor([[2., 7.]]), tensor([0.6931]))
     """
 
     elementwise = True
