@@ -1,0 +1,144 @@
+"""Tests for reverse-KL fitting and the log-normalizer estimates (exactflow.train)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import Tensor
+
+import exactflow as ef
+from exactflow.train import TrainingError, estimate_log_normalizer, fit_reverse_kl
+from exactflow.transforms import ElementwiseAffine
+
+MU = torch.tensor([1.5, -2.0, 0.5], dtype=torch.float64)
+SIGMA = torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64)
+# log of the integral of exp(-|(x - mu) / sigma|^2 / 2): the Gaussian's normalizer.
+LOG_Z = float(torch.log(SIGMA).sum()) + 1.5 * math.log(2 * math.pi)
+
+
+def gaussian_target(x: Tensor) -> Tensor:
+    return -0.5 * (((x - MU.to(x)) / SIGMA.to(x)) ** 2).sum(-1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def affine_flow(log_scale: Tensor | None = None, shift: Tensor | None = None) -> ef.Flow:
+    """``q = N(shift', diag(scale'^2))`` through one affine layer (data = latent direction)."""
+    flow = ef.Flow(ElementwiseAffine(3), ef.StandardNormal(3)).double()
+    with torch.no_grad():
+        if log_scale is not None:
+            flow.transform.log_scale.copy_(log_scale)
+        if shift is not None:
+            flow.transform.shift.copy_(shift)
+    return flow
+
+
+def exact_flow() -> ef.Flow:
+    # forward z = x exp(a) + b must whiten the target: a = -log sigma, b = -mu / sigma.
+    return affine_flow(-torch.log(SIGMA).double(), (-MU / SIGMA).double())
+
+
+def test_estimates_are_exact_when_q_is_the_target():
+    out = estimate_log_normalizer(exact_flow(), gaussian_target, n=5000, seed=0)
+    assert out["elbo"] == pytest.approx(LOG_Z, abs=1e-10)
+    assert out["log_z_is"] == pytest.approx(LOG_Z, abs=1e-10)
+    assert out["elbo_se"] < 1e-10 and out["log_z_is_se"] < 1e-10
+    assert out["ess"] == pytest.approx(5000) and out["n"] == 5000 and out["n_nonfinite"] == 0
+
+
+def test_bound_and_importance_sampling_standard_errors_are_calibrated():
+    # q wider than p in every direction: bounded weights, a clear KL gap.
+    flow = affine_flow(-torch.log(SIGMA * 1.6).double(), (-MU / (SIGMA * 1.6)).double())
+    runs = [estimate_log_normalizer(flow, gaussian_target, n=400, seed=s) for s in range(40)]
+    elbo = torch.tensor([r["elbo"] for r in runs], dtype=torch.float64)
+    log_z = torch.tensor([r["log_z_is"] for r in runs], dtype=torch.float64)
+    # KL(N(0, 1.6^2) || N(0, 1)) per dimension, three dimensions.
+    kl = 3 * (0.5 * (1.6**2 - 1) - math.log(1.6))
+    assert float(elbo.mean()) == pytest.approx(LOG_Z - kl, abs=4 * float(elbo.std()) / 40**0.5)
+    assert abs(float(log_z.mean()) - LOG_Z) < 4 * float(log_z.std()) / 40**0.5 + 0.01
+    # The reported standard errors match the spread over independent repeats.
+    for values, key in ((elbo, "elbo_se"), (log_z, "log_z_is_se")):
+        reported = sum(r[key] for r in runs) / len(runs)
+        assert 0.6 < float(values.std()) / reported < 1.6
+    assert all(r["ess"] < 400 for r in runs)
+
+
+def test_reverse_kl_recovers_a_gaussian_and_its_normalizer():
+    flow = affine_flow()
+    h = fit_reverse_kl(flow, gaussian_target, steps=400, batch_size=256, lr=0.05,
+                       anneal_steps=100, eval_every=50, final_samples=20_000, progress=False)
+    assert h.objective == "reverse_kl" and h.steps[-1] == 400 and h.total_steps == 400
+    assert h.beta[0] == pytest.approx(0.01 + 0.99 * 49 / 100) and h.beta[-1] == 1.0
+    assert h.val_nll == [None] * len(h.steps) and not flow.training
+    f = h.final
+    assert set(f) >= {"elbo", "elbo_se", "log_z_is", "log_z_is_se", "ess"}
+    gap = LOG_Z - f["elbo"]
+    assert -3 * f["elbo_se"] < gap < 0.01
+    assert abs(f["log_z_is"] - LOG_Z) < 0.01
+    # train_nll tracks E_q[log q - log p~] = KL - log Z, which approaches -log Z.
+    assert h.train_nll[-1] == pytest.approx(-LOG_Z, abs=0.05)
+    assert torch.allclose(flow.transform.log_scale.detach(), -torch.log(SIGMA).double(), atol=0.05)
+
+
+def test_targets_are_callables_or_objects_with_log_prob():
+    class Wrapped:
+        def log_prob(self, x: Tensor) -> Tensor:
+            return gaussian_target(x)
+
+    a = estimate_log_normalizer(exact_flow(), Wrapped(), n=100, seed=1)
+    b = estimate_log_normalizer(exact_flow(), gaussian_target, n=100, seed=1)
+    assert a == b
+    with pytest.raises(TypeError, match="log_prob"):
+        fit_reverse_kl(affine_flow(), 3.0, steps=2, progress=False)
+
+
+def test_zero_target_density_counts_as_a_zero_weight():
+    def half_space(x: Tensor) -> Tensor:  # N(0, 1) restricted to x_0 > 0: Z = 1/2 of N(0, I)
+        return torch.where(x[:, 0] > 0, -0.5 * (x * x).sum(-1), -math.inf)
+
+    out = estimate_log_normalizer(affine_flow(), half_space, n=20_000, seed=0)
+    assert out["elbo"] == -math.inf and out["n_nonfinite"] == 0
+    assert out["log_z_is"] == pytest.approx(math.log(0.5) + 1.5 * math.log(2 * math.pi),
+                                            abs=4 * out["log_z_is_se"])
+
+
+def test_same_seed_same_fit_and_the_global_rng_is_untouched():
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        expected = torch.rand(2)
+        torch.manual_seed(7)
+        flow = affine_flow()
+        h = fit_reverse_kl(flow, gaussian_target, steps=20, batch_size=64, eval_every=5,
+                           final_samples=1000, seed=3, progress=False)
+        assert torch.equal(torch.rand(2), expected)
+        runs.append((h, flow.state_dict()))
+    (h0, s0), (h1, s1) = runs
+    assert h0.train_nll == h1.train_nll and h0.final == h1.final
+    assert all(torch.equal(s0[k], s1[k]) for k in s0)
+
+
+def test_a_target_that_is_always_nan_raises_a_training_error():
+    flow = ef.models.planar(2, layers=2)
+    before = {k: v.clone() for k, v in flow.state_dict().items()}
+    with pytest.raises(TrainingError, match=r"step 5.*Planar"):
+        fit_reverse_kl(flow, lambda x: x.sum(-1) * math.nan, steps=50, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in flow.state_dict().items())
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="beta_start"):
+        fit_reverse_kl(affine_flow(), gaussian_target, steps=2, beta_start=0.0, progress=False)
+    with pytest.raises(ValueError, match="steps"):
+        fit_reverse_kl(affine_flow(), gaussian_target, steps=0, progress=False)
+    conditional = ef.models.maf(2, layers=1, hidden=(4,), context=1)
+    with pytest.raises(ValueError, match="unconditional"):
+        fit_reverse_kl(conditional, gaussian_target, steps=2, progress=False)
