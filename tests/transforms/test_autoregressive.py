@@ -1,0 +1,193 @@
+"""Tests for the MADE autoregressive layers (exactflow.transforms.autoregressive)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import exactflow as ef
+from exactflow.transforms import (
+    InverseAutoregressive,
+    MaskedAffineAutoregressive,
+    MaskedAutoregressive,
+    SplineAutoregressive,
+)
+from tests.helpers import perturb
+
+LAYERS = {
+    "maf": lambda d, c, **kw: MaskedAffineAutoregressive(d, hidden=(16, 16), context=c, **kw),
+    "iaf": lambda d, c, **kw: InverseAutoregressive(d, hidden=(16, 16), context=c, **kw),
+    "spline": lambda d, c, **kw: SplineAutoregressive(
+        d, bins=5, bound=3.0, hidden=(16,), context=c, **kw
+    ),
+    "spline-sampling": lambda d, c, **kw: SplineAutoregressive(
+        d, bins=5, bound=3.0, hidden=(16,), context=c, fast="sampling", **kw
+    ),
+}
+# See tests/transforms/test_coupling.py: strongly perturbed splines are too steep somewhere
+# for any float32 inverse; 0.1 keeps them far from the identity and resolvable.
+ROUND_TRIP_SCALE = {"maf": 0.5, "iaf": 0.5, "spline": 0.1, "spline-sampling": 0.1}
+
+
+def inputs(batch: int, d: int, c: int, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    x = 2.0 * torch.randn(batch, d, dtype=dtype)
+    return x, (torch.randn(batch, c, dtype=dtype) if c else None)
+
+
+@pytest.mark.parametrize("name", LAYERS)
+@pytest.mark.parametrize("features", [1, 2, 3, 5])
+@pytest.mark.parametrize("context", [0, 3])
+def test_check_transform_float64(name: str, features: int, context: int) -> None:
+    t = perturb(LAYERS[name](features, context, order="random", seed=features).double())
+    x, c = inputs(8, features, context, torch.float64)
+    assert ef.check_transform(t, x, c).ok
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_check_transform_batch_of_one(name: str) -> None:
+    t = perturb(LAYERS[name](3, 2).double())
+    x, c = inputs(1, 3, 2, torch.float64)
+    ef.check_transform(t, x, c)
+
+
+@pytest.mark.parametrize("name", LAYERS)
+@pytest.mark.parametrize("context", [0, 2])
+def test_float32_round_trip(name: str, context: int) -> None:
+    t = perturb(LAYERS[name](5, context), scale=ROUND_TRIP_SCALE[name])
+    x, c = inputs(64, 5, context, torch.float32)
+    with torch.no_grad():
+        z, ladj = t(x, c)
+        x_back, ladj_inv = t.inverse(z, c)
+    assert (z - x).abs().max() > 0.5  # far from the identity
+    assert (x_back - x).abs().max() < 1e-4
+    assert (ladj + ladj_inv).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("name", LAYERS)
+@pytest.mark.parametrize("order", ["random", [2, 4, 0, 1, 3]])
+def test_jacobian_is_triangular_in_the_order(name: str, order) -> None:
+    """Both directions' Jacobians are exactly lower triangular in the layer's order."""
+    d = 5
+    t = LAYERS[name](d, 2, order=order, seed=7, activation=nn.Tanh).double()
+    t = perturb(t)
+    x, c = inputs(4, d, 2, torch.float64)
+    with torch.no_grad():
+        z, _ = t(x, c)
+    strictly_upper = torch.triu(torch.ones(d, d, dtype=torch.bool), diagonal=1)
+    strictly_lower = strictly_upper.T
+    for fn, point in ((t, x), (t.inverse, z)):
+        jac = ef.jacobian(fn, point, c)
+        ordered = jac[:, t.order][:, :, t.order]
+        assert not bool(ordered[:, strictly_upper].any()), "a feature depends on a later one"
+        assert bool((ordered.diagonal(dim1=1, dim2=2) != 0).all())
+        # Not trivially diagonal: each feature after the first depends on the earlier ones.
+        assert bool((ordered[:, strictly_lower] != 0).any(dim=0).all())
+
+
+def count_made_passes(t: MaskedAutoregressive, method, *args) -> int:
+    calls = []
+    handle = t.made.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        with torch.no_grad():
+            method(*args)
+    finally:
+        handle.remove()
+    return len(calls)
+
+
+@pytest.mark.parametrize("features", [1, 4])
+def test_fast_direction_takes_one_pass_and_slow_takes_features(features: int) -> None:
+    x = torch.randn(3, features)
+    maf, iaf = LAYERS["maf"](features, 0), LAYERS["iaf"](features, 0)
+    assert (count_made_passes(maf, maf.forward, x), count_made_passes(maf, maf.inverse, x)) == (
+        1,
+        features,
+    )
+    assert (count_made_passes(iaf, iaf.forward, x), count_made_passes(iaf, iaf.inverse, x)) == (
+        features,
+        1,
+    )
+    assert maf.fast == "density" and iaf.fast == "sampling"
+
+
+def test_iaf_is_maf_with_directions_swapped() -> None:
+    """With the same weights, IAF's inverse is MAF's forward and vice versa."""
+    maf = perturb(LAYERS["maf"](4, 2, order="reverse").double())
+    iaf = LAYERS["iaf"](4, 2, order="reverse").double()
+    iaf.load_state_dict(maf.state_dict())
+    x, c = inputs(6, 4, 2, torch.float64)
+    z_maf, l_maf = maf(x, c)
+    x_iaf, l_iaf = iaf.inverse(x, c)
+    assert torch.equal(z_maf, x_iaf) and torch.equal(l_maf, l_iaf)
+    back_maf, lb_maf = maf.inverse(x, c)
+    back_iaf, lb_iaf = iaf(x, c)
+    assert torch.allclose(back_maf, back_iaf) and torch.allclose(lb_maf, lb_iaf)
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_new_layer_is_identity(name: str) -> None:
+    t = LAYERS[name](3, 2)
+    x, c = inputs(5, 3, 2, torch.float32)
+    for fn in (t.forward, t.inverse):
+        y, ladj = fn(x, c)
+        assert torch.allclose(y, x, atol=1e-6) and ladj.abs().max() < 1e-6
+
+
+def test_one_feature_with_context_is_a_conditional_elementwise_map() -> None:
+    t = perturb(LAYERS["maf"](1, 2).double())
+    x = torch.randn(5, 1, dtype=torch.float64)
+    z1, _ = t(x, torch.zeros(5, 2, dtype=torch.float64))
+    z2, _ = t(x, torch.ones(5, 2, dtype=torch.float64))
+    assert not torch.allclose(z1, z2)
+    # Without a context the single feature gets a learned constant affine map.
+    u = perturb(LAYERS["maf"](1, 0).double())
+    _, ladj = u(x)
+    assert torch.allclose(ladj, ladj[:1].expand(5))
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_gradients_reach_the_made(name: str) -> None:
+    t = perturb(LAYERS[name](3, 2), scale=0.2)
+    x, c = inputs(16, 3, 2, torch.float32)
+    for fn in (t.forward, t.inverse):
+        t.zero_grad()
+        y, ladj = fn(x, c)
+        (y.square().sum() - ladj.sum()).backward()
+        grad = t.made.layers[-1].weight.grad
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_spline_autoregressive_tails_and_far_inputs() -> None:
+    t = perturb(SplineAutoregressive(2, bins=4, bound=3.0, hidden=(8,)).double(), scale=0.3)
+    x = torch.tensor([[1e6, -1e6], [3.0, -3.0], [0.0, 50.0]], dtype=torch.float64)
+    z, ladj = t(x)
+    assert torch.equal(z[0], x[0]) and torch.isfinite(ladj).all()
+    assert torch.allclose(z[1], x[1], atol=1e-9)
+    ef.check_transform(t, x)
+
+
+def test_bad_arguments_are_clear_errors() -> None:
+    with pytest.raises(ValueError, match="fast"):
+        MaskedAutoregressive(3, fast="both")
+    with pytest.raises(ValueError, match="features"):
+        MaskedAffineAutoregressive(0)
+    with pytest.raises(ValueError, match="order"):
+        MaskedAffineAutoregressive(3, order=[0, 1])
+    t = MaskedAffineAutoregressive(3, hidden=(8,), context=2)
+    with pytest.raises(ValueError, match=r"shape \(batch, 3\)"):
+        t(torch.randn(4, 4), torch.randn(4, 2))
+    with pytest.raises(ValueError, match="conditional"):
+        t.inverse(torch.randn(4, 3))
+    with pytest.raises(ValueError, match=r"context must have shape \(4, 2\)"):
+        t(torch.randn(4, 3), torch.randn(5, 2))
+
+
+def test_generic_layer_takes_any_map_by_name() -> None:
+    t = perturb(MaskedAutoregressive(3, "additive", hidden=(8,), context=1).double())
+    x, c = inputs(5, 3, 1, torch.float64)
+    _, ladj = t(x, c)
+    assert torch.equal(ladj, torch.zeros(5, dtype=torch.float64))
+    ef.check_transform(t, x, c)
+    assert t.made.outputs == 1
+    assert SplineAutoregressive(3, bins=4).made.outputs == 11
