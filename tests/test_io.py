@@ -17,6 +17,9 @@ import exactflow as ef
 from exactflow.io import CheckpointError, atomic_save, load, save
 from tests.helpers import perturb
 
+# Train on the CPU without a progress bar (the GPU test asks for CUDA itself).
+CPU = {"progress": False, "device": "cpu"}
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -61,7 +64,7 @@ def test_standardization_travels_with_the_model(tmp_path):
 def test_trained_model_round_trips(tmp_path):
     data = ef.datasets.toy("moons", 600, seed=0)
     flow = ef.models.realnvp(2, layers=2, hidden=(8,), batch_norm=False)
-    ef.fit(flow, data, steps=20, batch_size=100, lr=1e-2, progress=False)
+    ef.fit(flow, data, steps=20, batch_size=100, lr=1e-2, **CPU)
     loaded = load(save(flow, tmp_path / "m.pt"))
     assert_same_density(flow, loaded, data[:100])
 
@@ -153,7 +156,7 @@ def test_newer_format_unknown_builder_and_mismatched_weights(tmp_path):
     with pytest.raises(CheckpointError, match="not an exactflow model file"):
         ckpt = tmp_path / "train.ckpt"
         ef.fit(flow, ef.datasets.toy("moons", 128), steps=1, batch_size=64, checkpoint=ckpt,
-               progress=False)
+               **CPU)
         load(ckpt)
 
 

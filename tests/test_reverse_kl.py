@@ -12,6 +12,9 @@ import exactflow as ef
 from exactflow.train import TrainingError, estimate_log_normalizer, fit_reverse_kl
 from exactflow.transforms import ElementwiseAffine
 
+# Train on the CPU without a progress bar (the GPU test asks for CUDA itself).
+CPU = {"progress": False, "device": "cpu"}
+
 MU = torch.tensor([1.5, -2.0, 0.5], dtype=torch.float64)
 SIGMA = torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64)
 # log of the integral of exp(-|(x - mu) / sigma|^2 / 2): the Gaussian's normalizer.
@@ -74,7 +77,7 @@ def test_bound_and_importance_sampling_standard_errors_are_calibrated():
 def test_reverse_kl_recovers_a_gaussian_and_its_normalizer():
     flow = affine_flow()
     h = fit_reverse_kl(flow, gaussian_target, steps=400, batch_size=256, lr=0.05,
-                       anneal_steps=100, eval_every=50, final_samples=20_000, progress=False)
+                       anneal_steps=100, eval_every=50, final_samples=20_000, **CPU)
     assert h.objective == "reverse_kl" and h.steps[-1] == 400 and h.total_steps == 400
     assert h.beta[0] == pytest.approx(0.01 + 0.99 * 49 / 100) and h.beta[-1] == 1.0
     assert h.val_nll == [None] * len(h.steps) and not flow.training
@@ -97,7 +100,7 @@ def test_targets_are_callables_or_objects_with_log_prob():
     b = estimate_log_normalizer(exact_flow(), gaussian_target, n=100, seed=1)
     assert a == b
     with pytest.raises(TypeError, match="log_prob"):
-        fit_reverse_kl(affine_flow(), 3.0, steps=2, progress=False)
+        fit_reverse_kl(affine_flow(), 3.0, steps=2, **CPU)
 
 
 def test_zero_target_density_counts_as_a_zero_weight():
@@ -118,7 +121,7 @@ def test_same_seed_same_fit_and_the_global_rng_is_untouched():
         torch.manual_seed(7)
         flow = affine_flow()
         h = fit_reverse_kl(flow, gaussian_target, steps=20, batch_size=64, eval_every=5,
-                           final_samples=1000, seed=3, progress=False)
+                           final_samples=1000, seed=3, **CPU)
         assert torch.equal(torch.rand(2), expected)
         runs.append((h, flow.state_dict()))
     (h0, s0), (h1, s1) = runs
@@ -130,15 +133,15 @@ def test_a_target_that_is_always_nan_raises_a_training_error():
     flow = ef.models.planar(2, layers=2)
     before = {k: v.clone() for k, v in flow.state_dict().items()}
     with pytest.raises(TrainingError, match=r"step 5.*Planar"):
-        fit_reverse_kl(flow, lambda x: x.sum(-1) * math.nan, steps=50, progress=False)
+        fit_reverse_kl(flow, lambda x: x.sum(-1) * math.nan, steps=50, **CPU)
     assert all(torch.equal(before[k], v) for k, v in flow.state_dict().items())
 
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="beta_start"):
-        fit_reverse_kl(affine_flow(), gaussian_target, steps=2, beta_start=0.0, progress=False)
+        fit_reverse_kl(affine_flow(), gaussian_target, steps=2, beta_start=0.0, **CPU)
     with pytest.raises(ValueError, match="steps"):
-        fit_reverse_kl(affine_flow(), gaussian_target, steps=0, progress=False)
+        fit_reverse_kl(affine_flow(), gaussian_target, steps=0, **CPU)
     conditional = ef.models.maf(2, layers=1, hidden=(4,), context=1)
     with pytest.raises(ValueError, match="unconditional"):
-        fit_reverse_kl(conditional, gaussian_target, steps=2, progress=False)
+        fit_reverse_kl(conditional, gaussian_target, steps=2, **CPU)

@@ -18,6 +18,8 @@ from exactflow.io import CheckpointError
 from exactflow.train import History, TrainingError, evaluate, fit
 from exactflow.transforms import ElementwiseAffine, LULinear
 
+# Train on the CPU without a progress bar (the GPU test asks for CUDA itself).
+CPU = {"progress": False, "device": "cpu"}
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
@@ -60,7 +62,7 @@ def test_fit_learns_a_gaussian_and_records_history():
     train, val = data[:1024], data[1024:]
     flow = affine_flow(3)
     start = evaluate(flow, val)["nll"]
-    h = fit(flow, train, val, steps=240, batch_size=128, lr=0.03, eval_every=40, progress=False)
+    h = fit(flow, train, val, steps=240, batch_size=128, lr=0.03, eval_every=40, **CPU)
     assert h.steps == [40, 80, 120, 160, 200, 240]
     assert h.total_steps == 240 and h.objective == "nll" and h.features == 3
     assert len(h.train_nll) == len(h.val_nll) == len(h.lr) == len(h.time) == 6
@@ -95,7 +97,7 @@ def test_best_weights_are_restored_without_patience():
     train, val = shifted_problem()
     flow = ef.Flow(ElementwiseAffine(2), ef.StandardNormal(2))
     h = fit(flow, train, val, steps=150, batch_size=64, lr=0.05, schedule="constant",
-            eval_every=5, progress=False)
+            eval_every=5, **CPU)
     assert not h.stopped_early and h.total_steps == 150
     assert h.best_step < 150 and h.val_nll[-1] > h.best_val + 0.5
     assert evaluate(flow, val)["nll"] == pytest.approx(h.best_val, abs=1e-9)
@@ -105,7 +107,7 @@ def test_patience_stops_early_and_restores_best():
     train, val = shifted_problem()
     flow = ef.Flow(ElementwiseAffine(2), ef.StandardNormal(2))
     h = fit(flow, train, val, steps=1000, batch_size=64, lr=0.05, schedule="constant",
-            eval_every=5, patience=3, progress=False)
+            eval_every=5, patience=3, **CPU)
     assert h.stopped_early and h.total_steps < 1000
     best = h.val_nll.index(h.best_val)
     assert len(h.val_nll) - 1 - best == 3  # exactly `patience` evaluations without improvement
@@ -115,7 +117,7 @@ def test_patience_stops_early_and_restores_best():
 def test_without_validation_the_last_weights_are_kept():
     train, _ = shifted_problem()
     flow = ef.Flow(ElementwiseAffine(2), ef.StandardNormal(2))
-    h = fit(flow, train, steps=60, batch_size=64, lr=0.05, eval_every=20, progress=False)
+    h = fit(flow, train, steps=60, batch_size=64, lr=0.05, eval_every=20, **CPU)
     assert h.val_nll == [None, None, None] and h.best_val is None and h.best_step is None
     assert h.train_nll[-1] < h.train_nll[0]
     assert json.loads(json.dumps(h.to_dict()))["val_bpd"] == [None, None, None]
@@ -123,7 +125,7 @@ def test_without_validation_the_last_weights_are_kept():
 
 def test_epochs_set_the_number_of_steps_and_callback_can_stop():
     data = gaussian_data(300)
-    h = fit(affine_flow(), data, epochs=3, batch_size=64, eval_every=1, progress=False)
+    h = fit(affine_flow(), data, epochs=3, batch_size=64, eval_every=1, **CPU)
     assert h.total_steps == 3 * (300 // 64)
     seen: list[int] = []
 
@@ -131,7 +133,7 @@ def test_epochs_set_the_number_of_steps_and_callback_can_stop():
         seen.append(history.steps[-1])
         return history.steps[-1] >= 7
 
-    h = fit(affine_flow(), data, steps=50, batch_size=64, eval_every=1, progress=False,
+    h = fit(affine_flow(), data, steps=50, batch_size=64, eval_every=1, **CPU,
             callback=stop_at_7)
     assert seen == list(range(1, 8)) and h.total_steps == 7 and h.stopped_early
 
@@ -155,7 +157,7 @@ def test_train_mode_for_steps_eval_mode_for_validation_and_at_the_end():
     spy = ModeSpy()
     flow = ef.Flow(ef.Compose(ElementwiseAffine(2), spy), ef.StandardNormal(2))
     data = gaussian_data(300)
-    fit(flow, data[:200], data[200:], steps=4, batch_size=50, eval_every=2, progress=False)
+    fit(flow, data[:200], data[200:], steps=4, batch_size=50, eval_every=2, **CPU)
     # step, step, validation, step, step, validation
     assert spy.modes == [True, True, False, True, True, False]
     assert not flow.training and not spy.training
@@ -172,7 +174,7 @@ def test_numpy_memmap_and_tensor_data_give_the_same_run(tmp_path):
     results = []
     for source in (torch.from_numpy(data), data, mm, ef.datasets.Subset(mm)):
         flow = affine_flow()
-        h = fit(flow, source, steps=20, batch_size=64, eval_every=10, progress=False)
+        h = fit(flow, source, steps=20, batch_size=64, eval_every=10, **CPU)
         results.append((h.train_nll, [p.detach().clone() for p in flow.parameters()]))
     for nll, params in results[1:]:
         assert nll == results[0][0]
@@ -193,7 +195,7 @@ class CountingRows(np.ndarray):
 def test_batches_read_only_their_own_rows():
     CountingRows.reads = []
     data = gaussian_data(1000).numpy().view(CountingRows)
-    fit(affine_flow(), data, steps=5, batch_size=32, eval_every=5, progress=False)
+    fit(affine_flow(), data, steps=5, batch_size=32, eval_every=5, **CPU)
     assert CountingRows.reads == [32] * 5
 
 
@@ -211,7 +213,7 @@ def test_bad_training_data_is_refused_before_training(train, kwargs, message):
     flow = affine_flow()
     before = [p.detach().clone() for p in flow.parameters()]
     with pytest.raises(DataError, match=message):
-        fit(flow, train, steps=3, batch_size=kwargs.get("batch_size", 16), progress=False)
+        fit(flow, train, steps=3, batch_size=kwargs.get("batch_size", 16), **CPU)
     assert all(torch.equal(a, b) for a, b in zip(before, flow.parameters(), strict=True))
 
 
@@ -219,24 +221,24 @@ def test_nan_rows_are_named_and_bad_validation_data_refused():
     data = torch.randn(100, 2)
     data[[7, 42]] = float("inf")
     with pytest.raises(DataError, match=r"row indices 7, 42"):
-        fit(affine_flow(), data, steps=1, batch_size=16, progress=False)
+        fit(affine_flow(), data, steps=1, batch_size=16, **CPU)
     with pytest.raises(DataError, match="validation data"):
         fit(affine_flow(), torch.randn(100, 2), torch.randn(10, 5), steps=1, batch_size=16,
-            progress=False)
+            **CPU)
 
 
 def test_bad_arguments():
     data = torch.randn(64, 2)
     with pytest.raises(ValueError, match="steps or epochs"):
-        fit(affine_flow(), data, steps=2, epochs=1, batch_size=16, progress=False)
+        fit(affine_flow(), data, steps=2, epochs=1, batch_size=16, **CPU)
     with pytest.raises(ValueError, match="schedule"):
-        fit(affine_flow(), data, steps=2, schedule="linear", batch_size=16, progress=False)
+        fit(affine_flow(), data, steps=2, schedule="linear", batch_size=16, **CPU)
     with pytest.raises(ValueError, match="checkpoint"):
-        fit(affine_flow(), data, steps=2, resume=True, batch_size=16, progress=False)
+        fit(affine_flow(), data, steps=2, resume=True, batch_size=16, **CPU)
     with pytest.raises(ValueError, match="lr"):
-        fit(affine_flow(), data, steps=2, lr=-1.0, batch_size=16, progress=False)
+        fit(affine_flow(), data, steps=2, lr=-1.0, batch_size=16, **CPU)
     with pytest.raises(TypeError, match="Flow"):
-        fit(LULinear(2), data, steps=2, batch_size=16, progress=False)
+        fit(LULinear(2), data, steps=2, batch_size=16, **CPU)
 
 
 class ContextShift(ef.Transform):
@@ -260,16 +262,16 @@ def test_conditional_flow_sees_the_context_row_of_each_data_row():
     flow = ef.Flow(ef.Compose(ContextShift(2, 3), ElementwiseAffine(2)), ef.StandardNormal(2),
                    context=3)
     h = fit(flow, x[:500], x[500:], context=c[:500], val_context=c[500:], steps=300,
-            batch_size=100, lr=0.05, eval_every=100, progress=False)
+            batch_size=100, lr=0.05, eval_every=100, **CPU)
     # Only a row-aligned context explains x: the NLL reaches the noise's entropy (~ -1.38).
     noise_entropy = 2 * (0.5 * math.log(2 * math.pi * math.e) + math.log(0.2))
     assert h.best_val < noise_entropy + 0.2
     with pytest.raises(ValueError, match="conditional"):
-        fit(flow, x[:500], steps=1, batch_size=100, progress=False)
+        fit(flow, x[:500], steps=1, batch_size=100, **CPU)
     with pytest.raises(DataError, match="rows"):
-        fit(flow, x[:500], context=c[:400], steps=1, batch_size=100, progress=False)
+        fit(flow, x[:500], context=c[:400], steps=1, batch_size=100, **CPU)
     with pytest.raises(ValueError, match="unconditional"):
-        fit(affine_flow(), x, context=c, steps=1, batch_size=100, progress=False)
+        fit(affine_flow(), x, context=c, steps=1, batch_size=100, **CPU)
 
 
 # -- determinism, checkpoints, resume ----------------------------------------------------
@@ -281,7 +283,7 @@ def test_same_seed_same_run_other_seed_other_run():
     for seed in (0, 0, 1):
         flow = affine_flow(seed=11)
         h = fit(flow, data[:400], data[400:], steps=30, batch_size=64, eval_every=10, seed=seed,
-                progress=False)
+                **CPU)
         runs.append((h, flow.state_dict()))
     (h0, s0), (h1, s1), (h2, s2) = runs
     same_history(h0, h1)
@@ -295,7 +297,7 @@ def test_fit_leaves_the_global_rng_alone():
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    fit(flow, data, steps=3, batch_size=64, progress=False)
+    fit(flow, data, steps=3, batch_size=64, **CPU)
     assert torch.equal(torch.rand(3), expected)
 
 
@@ -306,7 +308,7 @@ class Interrupt(Exception):
 def test_resume_matches_an_uninterrupted_run(tmp_path):
     data = gaussian_data(700)
     train, val = data[:300], data[300:]  # 300 // 64 = 4 batches per epoch: many epochs
-    kwargs = dict(steps=60, batch_size=64, lr=0.05, eval_every=5, progress=False, seed=3)
+    kwargs = dict(steps=60, batch_size=64, lr=0.05, eval_every=5, **CPU, seed=3)
 
     whole = affine_flow(seed=2)
     h_whole = fit(whole, train, val, **kwargs)
@@ -339,24 +341,24 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
 def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
     data = gaussian_data(300)
     path = tmp_path / "run.ckpt"
-    fit(affine_flow(), data, steps=4, batch_size=64, checkpoint=path, progress=False)
+    fit(affine_flow(), data, steps=4, batch_size=64, checkpoint=path, **CPU)
     with pytest.raises(CheckpointError, match="batch_size"):
         fit(affine_flow(), data, steps=4, batch_size=32, checkpoint=path, resume=True,
-            progress=False)
+            **CPU)
     with pytest.raises(CheckpointError, match="does not fit this flow"):
         fit(ef.Flow(LULinear(2), ef.StandardNormal(2)), data, steps=4, batch_size=64,
-            checkpoint=path, resume=True, progress=False)
+            checkpoint=path, resume=True, **CPU)
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="truncated"):
         fit(affine_flow(), data, steps=4, batch_size=64, checkpoint=path, resume=True,
-            progress=False)
+            **CPU)
 
 
 def test_resume_without_a_checkpoint_starts_afresh(tmp_path):
     data = gaussian_data(300)
     path = tmp_path / "sub" / "run.ckpt"
     h = fit(affine_flow(), data, steps=6, batch_size=64, eval_every=3, checkpoint=path,
-            resume=True, progress=False)
+            resume=True, **CPU)
     assert h.total_steps == 6 and path.exists()
 
 
@@ -364,7 +366,7 @@ def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, mon
     data = gaussian_data(300)
     path = tmp_path / "run.ckpt"
     fit(affine_flow(), data, steps=4, batch_size=64, eval_every=2, checkpoint=path,
-        progress=False)
+        **CPU)
     good = path.read_bytes()
     real_save = torch.save
 
@@ -376,12 +378,12 @@ def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, mon
     monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(OSError, match="disk full"):
         fit(affine_flow(), data, steps=4, batch_size=64, eval_every=2, checkpoint=path,
-            progress=False)
+            **CPU)
     monkeypatch.undo()
     assert path.read_bytes() == good
     assert os.listdir(tmp_path) == ["run.ckpt"]  # no temporary file left behind
     h = fit(affine_flow(), data, steps=4, batch_size=64, eval_every=2, checkpoint=path,
-            resume=True, progress=False)
+            resume=True, **CPU)
     assert h.total_steps == 4
 
 
@@ -409,7 +411,7 @@ def test_non_finite_steps_are_rolled_back_and_the_lr_halved():
     data = 0.1 * (raw - raw.mean(0)) / raw.std(0)
     flow = ef.Flow(LogScale(30.0), ef.StandardNormal(2))
     h = fit(flow, data, steps=200, batch_size=64, lr=50.0, schedule="constant", eval_every=1,
-            grad_clip=None, progress=False)
+            grad_clip=None, **CPU)
     assert h.rollbacks and h.rollbacks[0] == 2  # step 1 applied a < 0; step 2 saw the NaN
     assert h.train_nll[1] is None  # the only step of that record was undone
     # Each rollback halved the learning rate; training went on and converged.
@@ -453,7 +455,7 @@ def test_persistent_divergence_raises_a_helpful_error(layer, what):
     flow = ef.Flow(ef.Compose(ElementwiseAffine(2), layer()), ef.StandardNormal(2))
     before = {k: v.clone() for k, v in flow.state_dict().items()}
     with pytest.raises(TrainingError) as info:
-        fit(flow, gaussian_data(256), steps=100, batch_size=64, lr=1e-2, progress=False)
+        fit(flow, gaussian_data(256), steps=100, batch_size=64, lr=1e-2, **CPU)
     message = str(info.value)
     assert "step 5" in message and what in message
     assert "ElementwiseAffine" in message and layer.__name__ in message
@@ -511,10 +513,10 @@ def test_evaluate_restores_modes_and_checks_input():
 def test_progress_bar_only_on_a_terminal(monkeypatch, capsys):
     pytest.importorskip("tqdm")
     data = gaussian_data(200)
-    fit(affine_flow(), data, steps=3, batch_size=64, progress=True)
+    fit(affine_flow(), data, steps=3, batch_size=64, progress=True, device="cpu")
     assert "fit" not in capsys.readouterr().err  # stderr is not a terminal under pytest
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
-    fit(affine_flow(), data, steps=3, batch_size=64, progress=True)
+    fit(affine_flow(), data, steps=3, batch_size=64, progress=True, device="cpu")
     err = capsys.readouterr().err
     assert "fit" in err and "3/3" in err and "nll=" in err
 
@@ -524,6 +526,6 @@ def test_fit_on_cuda_moves_batches_and_matches_cpu_quality():
     data = gaussian_data(1000)
     flow = affine_flow()
     h = fit(flow, data[:800], data[800:], steps=100, batch_size=100, lr=0.03, device="auto",
-            progress=False)
+            **CPU)
     assert next(flow.parameters()).device.type == "cuda"
     assert evaluate(flow, data[800:])["nll"] == pytest.approx(h.best_val, abs=1e-5)
