@@ -139,9 +139,26 @@ def check_domain(ok: Tensor, message: str) -> None:
 
     Used for inputs outside a transform's domain (e.g. ``Logit`` of a value outside (0, 1))
     so users get a clear error instead of a silent NaN. The check is skipped while
-    ``torch.compile`` traces, so compiled forward paths stay free of data-dependent branches.
+    ``torch.compile`` traces, so compiled forward paths stay free of data-dependent branches,
+    and under ``torch.func.vmap``, which cannot branch on data: there an out-of-domain row
+    is not caught, and :func:`exactflow.jacobian` stays vectorized for such transforms
+    (:func:`exactflow.check_transform` calls the transform eagerly first, so it still
+    raises).
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or _is_vmapped(ok):
         return
     if not bool(ok.all()):
         raise ValueError(message)
+
+
+def _is_vmapped(t: Tensor) -> bool:
+    """Whether ``t`` is batched by ``torch.func.vmap`` (at any level of functorch wrapping)."""
+    try:
+        functorch = torch._C._functorch
+        while functorch.is_functorch_wrapped_tensor(t):
+            if functorch.is_batchedtensor(t):
+                return True
+            t = functorch.get_unwrapped(t)
+    except AttributeError:  # a torch without these internals: keep checking eagerly
+        return False
+    return False
