@@ -152,3 +152,18 @@ def test_compose_shapes_and_round_trip(names, batch, features, dtype):
     tol = 2e-3 if dtype == torch.float32 else 1e-8
     torch.testing.assert_close(x_back, x, atol=tol, rtol=tol)
     torch.testing.assert_close(ladj_inv, -ladj, atol=tol, rtol=tol)
+
+
+def test_check_domain_is_skipped_under_vmap_only():
+    def guarded(x):
+        check_domain(x > 0, "needs positive input")
+        return x.log()
+
+    x = torch.tensor([[1.0, 2.0], [3.0, -1.0]])
+    with pytest.raises(ValueError, match="needs positive input"):
+        guarded(x)
+    with pytest.raises(ValueError, match="needs positive input"):
+        torch.func.grad(lambda v: guarded(v).sum())(x[1])
+    # vmap cannot branch on data: the check steps aside rather than break the trace.
+    out = torch.func.vmap(guarded)(x)
+    torch.testing.assert_close(out[0], x[0].log())

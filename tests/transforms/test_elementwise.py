@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable
 
@@ -170,3 +171,20 @@ def test_shapes_dtypes_and_row_independence(name, batch, features, dtype, seed):
     tol = 1e-4 if dtype == torch.float32 else 1e-9
     torch.testing.assert_close(x_back, x, atol=tol, rtol=tol)
     torch.testing.assert_close(ladj_inv, -ladj, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("name", ["logit", "logit_alpha", "sigmoid"])
+def test_jacobian_of_domain_checked_layers_stays_vectorized(name, monkeypatch):
+    jacobian_module = importlib.import_module("exactflow.jacobian")
+    calls = []
+    loop = jacobian_module._jacobian_loop
+    monkeypatch.setattr(jacobian_module, "_jacobian_loop", lambda *a: calls.append(1) or loop(*a))
+    t = make(name, 3, seed=0, dtype=torch.float64)
+    x = inputs(name, 4, 3, torch.float64)
+    jac = ef.jacobian(t, x)
+    assert not calls, "the domain check must not force the per-row fallback"
+    z, _ = t(x)
+    jac_inv = ef.jacobian(lambda v: t.inverse(v)[0], z)
+    assert not calls
+    eye = torch.eye(3, dtype=torch.float64).expand(4, 3, 3)
+    torch.testing.assert_close(jac @ jac_inv, eye)
