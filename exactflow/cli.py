@@ -425,7 +425,7 @@ def _read_table(spec: str, columns: list[int | str] | None, *, what: str = "DATA
         from .datasets import validate
 
         validate(arr, name=f"{path.name}")
-    arr = np.asarray(arr, dtype=np.float64)
+    arr = np.array(arr, dtype=np.float64)  # a writable in-memory copy (memmaps are read-only)
     if arr.ndim == 1:
         arr = arr.reshape(-1, 1)
     header = _sniff_header(path)
@@ -545,7 +545,6 @@ def _train_run(
 ) -> dict[str, Any]:
     import torch
 
-    from . import models
     from .datasets import DataError, Standardize, split, validate
     from .io import save
     from .report import (
@@ -587,10 +586,7 @@ def _train_run(
     config = {**model_config, "features": features}
     if standardize:
         config["standardize"] = True
-    try:
-        flow = models.build(config)
-    except (TypeError, ValueError) as err:
-        raise CommandError(f"cannot build model {config['model']!r}: {err}") from None
+    flow = _build_seeded(config, args.seed)
     if standardize:
         stats = Standardize.fit(train)
         first = flow.transform[0]
@@ -823,9 +819,8 @@ def _cmd_sample(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_score(args: argparse.Namespace) -> dict[str, Any]:
-    from .datasets import DataError, validate
+    from .datasets import DataError
     from .report import load_run
-    from .train import evaluate  # noqa: F401  (keeps the import error surface in one place)
 
     run = load_run(args.run)
     flow = run.flow
@@ -843,7 +838,13 @@ def _cmd_score(args: argparse.Namespace) -> dict[str, Any]:
             f"{info['name']} has {data.shape[1]} columns but the model of {args.run!r} was "
             f"trained on {d}" + ("; pick them with --columns" if data.shape[1] > d else "")
         )
-    validate(data, features=d, name=info["name"])
+    bad = np.flatnonzero(~np.isfinite(data).all(axis=1))
+    if bad.size:
+        shown = ", ".join(map(str, bad[:5])) + (", ..." if bad.size > 5 else "")
+        raise DataError(f"{info['name']}: NaN or inf in {bad.size} row(s) (row indices "
+                        f"{shown}); drop or impute them")
+    if len(data) == 0:
+        raise DataError(f"{info['name']} has no rows")
     scores = _log_density(flow, data)
     result: dict[str, Any] = {
         "ok": True, "n": int(len(scores)), "output": str(out) if out else None,
@@ -909,6 +910,20 @@ def _log_density(flow: Any, data: np.ndarray, chunk: int = 8192) -> np.ndarray:
 # -- check / report -------------------------------------------------------------------
 
 
+def _build_seeded(config: dict[str, Any], seed: int) -> Any:
+    """Build a model with its initialization drawn from ``seed`` (global RNG untouched)."""
+    import torch
+
+    from . import models
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            return models.build(config)
+        except (TypeError, ValueError) as err:
+            raise CommandError(f"cannot build model {config['model']!r}: {err}") from None
+
+
 def _perturb(flow: Any, scale: float, seed: int) -> None:
     """Move every parameter away from its initialization (many layers start as identity)."""
     import torch
@@ -920,7 +935,6 @@ def _perturb(flow: Any, scale: float, seed: int) -> None:
 
 
 def _cmd_check(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
-    from . import models
     from .report import check_layers, format_check_table, load_run
 
     if (args.run is None) == (args.model is None):
@@ -939,10 +953,7 @@ def _cmd_check(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
             config["layers"] = args.layers
         if args.hidden is not None:
             config["hidden"] = args.hidden
-        try:
-            flow = models.build(config)
-        except (TypeError, ValueError) as err:
-            raise CommandError(f"cannot build model {args.model!r}: {err}") from None
+        flow = _build_seeded(config, args.seed)
         _perturb(flow, 0.1, args.seed)
         x = None
         if args.features == 2:

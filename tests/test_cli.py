@@ -1,0 +1,539 @@
+"""The ``exactflow`` command end to end, in-process (``main(argv) -> int``) on tiny runs.
+
+Each command: the files it writes, what it prints, its exit code and its ``--json`` output;
+and bad input to each: missing files, wrong column counts, NaN rows, unknown models, run
+folders with a deleted or corrupted file. Errors are one line, exit 1 (2 for usage), and
+leave no partial output file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import exactflow as ef
+from exactflow import report as rp
+from exactflow.cli import main
+
+TINY = ["--model", "maf", "--layers", "2", "--hidden", "16", "--steps", "30",
+        "--batch-size", "128", "--no-report"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models run fastest on one thread, and a busy machine makes more threads crawl.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def run_cli(argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+def one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines, "no error message"
+    assert lines[-1].startswith("exactflow: error: ") or "error:" in lines[-1]
+    assert "Traceback" not in err
+    return lines[-1]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "run"
+    code, stdout, stderr = run_cli(["train", "moons", *TINY, "--samples", "600", "--out", out])
+    assert code == 0, stderr
+    return out
+
+
+def write_csv(path: Path, data: np.ndarray, header: list[str] | None = None) -> Path:
+    text = io.StringIO()
+    np.savetxt(text, data, delimiter=",", header=",".join(header) if header else "",
+               comments="")
+    path.write_text(text.getvalue().lstrip("\n"))
+    return path
+
+
+# -- help and usage ---------------------------------------------------------------------
+
+
+def test_help_of_every_command_has_examples():
+    code, out, _ = run_cli(["--help"])
+    assert code == 0 and "examples:" in out
+    for command in ("demo", "train", "sample", "score", "check", "report"):
+        code, out, _ = run_cli([command, "--help"])
+        assert code == 0, command
+        assert "examples:" in out and f"exactflow {command}" in out and "--json" in out
+
+
+def test_python_dash_m_help_in_a_subprocess():
+    proc = subprocess.run([sys.executable, "-m", "exactflow", "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0
+    assert "usage: exactflow" in proc.stdout and "train" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["nonsense"],
+        ["train", "moons", "--model", "nope", "--out", "x"],
+        ["train", "moons", "--model", "maf"],  # no --out
+        ["train", "moons", "--model", "maf", "--out", "x", "--steps", "5", "--epochs", "2"],
+        ["train", "moons", "--model", "maf", "--out", "x", "--hidden", "64,zero"],
+        ["train", "moons", "--model", "maf", "--out", "x", "--val-fraction", "1.5"],
+        ["sample", "somewhere"],  # no -n
+        ["sample", "somewhere", "-n", "0"],
+        ["score", "somewhere", "data.csv", "--threshold-quantile", "1"],
+        ["check"],  # neither RUN_DIR nor --model
+        ["check", "--model", "nope"],
+    ],
+)
+def test_usage_errors_exit_2(argv, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(argv)
+    assert code == 2, (argv, out, err)
+    assert "Traceback" not in err
+    assert not (tmp_path / "x").exists()
+
+
+# -- train ------------------------------------------------------------------------------
+
+
+def test_train_writes_the_run_folder(run_dir):
+    for name in ("run.json", "model.pt", "data.npz", "history.json"):
+        assert (run_dir / name).is_file(), name
+    assert not (run_dir / "checkpoint.pt").exists()
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "done" and info["model"]["model"] == "maf"
+    assert info["data"]["source"] == "toy" and info["data"]["rows"]["total"] == 600
+    assert info["data"]["entropy"] == ef.datasets.TOY_ENTROPY["moons"]
+    # The saved model reproduces the test NLL of run.json on the saved test split, and the
+    # standardization is part of it (so ef.load gives densities in data units).
+    flow = ef.load(run_dir / "model.pt")
+    assert flow.config["standardize"] is True
+    assert type(rp.flatten_layers(flow.transform)[0]).__name__ == "Standardize"
+    with np.load(run_dir / "data.npz") as npz:
+        test = npz["test"]
+        assert len(npz["train"]) + len(npz["val"]) + len(test) == 600
+    with torch.no_grad():
+        nll = -flow.log_prob(torch.as_tensor(test, dtype=torch.float32)).double().mean().item()
+    assert nll == pytest.approx(info["metrics"]["test"]["nll"], abs=1e-4)
+    hist = json.loads((run_dir / "history.json").read_text())
+    assert hist["steps"][-1] == 30 and len(hist["train_nll"]) == len(hist["steps"])
+
+
+def test_train_json_output_and_text(tmp_path):
+    code, out, err = run_cli(["train", "circles", *TINY, "--samples", "300", "--out",
+                              tmp_path / "r", "--json"])
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["ok"] and result["model"] == "maf" and result["data"] == "circles"
+    assert math.isfinite(result["metrics"]["test"]["nll"])
+    expected = result["metrics"]["test"]["nll"] - ef.datasets.TOY_ENTROPY["circles"]
+    assert result["metrics"]["test_nll_minus_entropy"] == pytest.approx(expected)
+
+    code, out, err = run_cli(["train", "circles", *TINY, "--samples", "300", "--out",
+                              tmp_path / "r2"])
+    assert code == 0, err
+    assert "test NLL" in out and "true entropy" in out and "run folder:" in out
+
+
+def test_train_standardizes_into_data_units(tmp_path):
+    # Gaussian data with scales 1000 and 0.001: after a few steps the flow is close to the
+    # standardizing map, so its NLL must be close to the Gaussian's entropy in data units
+    # (about 4.3 nats less than it would be in standardized units... plus log 1000 * 0.001).
+    rng = np.random.default_rng(0)
+    scale = np.array([1000.0, 0.001, 5.0])
+    data = rng.normal(size=(2000, 3)) * scale + np.array([5e4, -2.0, 0.0])
+    csv = write_csv(tmp_path / "gauss.csv", data, ["a", "b", "c"])
+    code, out, err = run_cli(["train", csv, *TINY, "--lr", "1e-4", "--out", tmp_path / "r",
+                              "--json"])
+    assert code == 0, err
+    nll = json.loads(out)["metrics"]["test"]["nll"]
+    entropy = 0.5 * 3 * math.log(2 * math.pi * math.e) + float(np.log(scale).sum())
+    assert nll == pytest.approx(entropy, abs=0.15)
+    info = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert info["data"]["column_names"] == ["a", "b", "c"]
+
+
+def test_train_columns_by_name_and_epochs(tmp_path):
+    rng = np.random.default_rng(1)
+    csv = write_csv(tmp_path / "d.csv", rng.normal(size=(300, 3)), ["x", "y", "z"])
+    out_dir = tmp_path / "r"
+    code, _, err = run_cli(["train", csv, "--model", "maf", "--layers", "1", "--hidden", "8",
+                            "--epochs", "2", "--batch-size", "64", "--columns", "z,x",
+                            "--no-report", "--out", out_dir])
+    assert code == 0, err
+    info = json.loads((out_dir / "run.json").read_text())
+    assert info["data"]["features"] == 2 and info["data"]["column_names"] == ["z", "x"]
+    assert info["metrics"]["steps"] == 2 * (info["data"]["rows"]["train"] // 64)
+    code, out, _ = run_cli(["sample", out_dir, "-n", "3", "--seed", "0"])
+    assert code == 0 and out.splitlines()[0] == "z,x" and len(out.splitlines()) == 4
+
+
+def test_train_refuses_to_replace_a_run_without_overwrite(run_dir, tmp_path):
+    before = (run_dir / "model.pt").read_bytes()
+    code, _, err = run_cli(["train", "moons", *TINY, "--out", run_dir])
+    assert code == 1 and "--overwrite" in one_error_line(err)
+    assert (run_dir / "model.pt").read_bytes() == before
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    code, _, err = run_cli(["train", "moons", *TINY, "--out", tmp_path / "notes"])
+    assert code == 1 and "not empty" in one_error_line(err)
+
+
+def test_train_resume_continues_an_interrupted_run(tmp_path, monkeypatch):
+    args = ["train", "moons", "--model", "maf", "--layers", "2", "--hidden", "8", "--steps",
+            "40", "--batch-size", "64", "--samples", "400", "--no-report"]
+    code, _, err = run_cli([*args, "--out", tmp_path / "whole"])
+    assert code == 0, err
+
+    import exactflow.train as train_module
+
+    real_fit = train_module.fit
+
+    def interrupted_fit(*a, **kw):
+        def stop(history):
+            if history.steps[-1] >= 20:
+                raise KeyboardInterrupt
+        return real_fit(*a, **kw, callback=stop)
+
+    monkeypatch.setattr(train_module, "fit", interrupted_fit)
+    code, _, err = run_cli([*args, "--out", tmp_path / "cut"])
+    assert code == 130 and "interrupted" in err
+    info = json.loads((tmp_path / "cut" / "run.json").read_text())
+    assert info["status"] == "training" and (tmp_path / "cut" / "checkpoint.pt").is_file()
+    assert not (tmp_path / "cut" / "model.pt").exists()
+    code, _, err = run_cli(["sample", tmp_path / "cut", "-n", "2"])
+    assert code == 1 and "did not finish" in one_error_line(err)
+    code, _, err = run_cli([*args, "--out", tmp_path / "cut"])  # no --resume
+    assert code == 1 and "--resume" in one_error_line(err)
+
+    monkeypatch.setattr(train_module, "fit", real_fit)
+    code, _, err = run_cli([*args, "--out", tmp_path / "cut", "--resume"])
+    assert code == 0, err
+    whole = json.loads((tmp_path / "whole" / "run.json").read_text())["metrics"]["test"]
+    resumed = json.loads((tmp_path / "cut" / "run.json").read_text())["metrics"]["test"]
+    assert resumed["nll"] == pytest.approx(whole["nll"], abs=1e-5)
+    assert not (tmp_path / "cut" / "checkpoint.pt").exists()
+    code, _, err = run_cli([*args, "--out", tmp_path / "cut", "--resume"])
+    assert code == 1 and "nothing to resume" in one_error_line(err)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "neither a toy dataset nor an existing file"),
+        ("a,b\n1,2\n3,nan\n" + "".join(f"{i},{i * i % 7}\n" for i in range(40)), "NaN"),
+        ("a,b\n1,2\n3,hello\n" + "".join(f"{i},{i * i % 7}\n" for i in range(40)), "hello"),
+        ("a,b\n" + "".join(f"{i},5\n" for i in range(40)), "constant"),
+        ("a,b\n1,2\n3,4\n", "rows"),
+    ],
+)
+def test_train_bad_data_exits_1_and_writes_nothing(tmp_path, content, message):
+    data = tmp_path / "data.csv"
+    if content is not None:
+        data.write_text(content)
+    out_dir = tmp_path / "run"
+    code, out, err = run_cli(["train", data, *TINY, "--out", out_dir])
+    assert code == 1
+    assert message in one_error_line(err)
+    assert not out_dir.exists()
+
+
+def test_train_unknown_column_and_columns_on_a_toy(tmp_path):
+    csv = write_csv(tmp_path / "d.csv", np.random.default_rng(0).normal(size=(50, 2)),
+                    ["u", "v"])
+    code, _, err = run_cli(["train", csv, *TINY, "--columns", "u,w", "--out", tmp_path / "r"])
+    assert code == 1 and "'w'" in one_error_line(err)
+    code, _, err = run_cli(["train", "moons", *TINY, "--columns", "0", "--out",
+                            tmp_path / "r"])
+    assert code == 1 and "toy" in one_error_line(err)
+    assert not (tmp_path / "r").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(ef.datasets.DataError):
+        main(["train", str(tmp_path / "missing.csv"), *TINY, "--out", str(tmp_path / "r"),
+              "--debug"])
+
+
+# -- sample -----------------------------------------------------------------------------
+
+
+def test_sample_to_csv_npy_stdout_and_json(run_dir, tmp_path):
+    code, out, err = run_cli(["sample", run_dir, "-n", "7", "-o", tmp_path / "s.csv",
+                              "--seed", "3"])
+    assert code == 0, err and "wrote 7 samples" in out
+    rows = (tmp_path / "s.csv").read_text().splitlines()
+    assert rows[0] == "x1,x2" and len(rows) == 8
+    csv_values = np.loadtxt(tmp_path / "s.csv", delimiter=",", skiprows=1)
+
+    code, _, _ = run_cli(["sample", run_dir, "-n", "7", "-o", tmp_path / "s.npy", "--seed",
+                          "3"])
+    assert code == 0
+    npy = np.load(tmp_path / "s.npy")
+    assert npy.shape == (7, 2) and np.all(np.isfinite(npy))
+    np.testing.assert_allclose(csv_values, npy, rtol=1e-6)  # same seed, same samples
+
+    code, out, _ = run_cli(["sample", run_dir, "-n", "4", "--seed", "3"])
+    assert code == 0 and len(out.splitlines()) == 5
+    np.testing.assert_allclose(np.loadtxt(io.StringIO(out), delimiter=",", skiprows=1),
+                               npy[:4], rtol=1e-6)
+
+    code, out, _ = run_cli(["sample", run_dir, "-n", "5", "--json", "--seed", "1"])
+    result = json.loads(out)
+    assert code == 0 and result["n"] == 5 and np.asarray(result["samples"]).shape == (5, 2)
+
+
+def test_sample_lands_where_the_data_is(run_dir):
+    code, out, _ = run_cli(["sample", run_dir, "-n", "2000", "--seed", "0"])
+    samples = np.loadtxt(io.StringIO(out), delimiter=",", skiprows=1)
+    with np.load(run_dir / "data.npz") as npz:
+        train = npz["train"]
+    # In data units: the sample mean is within a fraction of a standard deviation of the
+    # data's, even for a barely trained model (the standardization layer is inverted).
+    assert np.all(np.abs(samples.mean(0) - train.mean(0)) < 0.5 * train.std(0))
+
+
+def test_sample_errors(run_dir, tmp_path):
+    code, _, err = run_cli(["sample", run_dir, "-n", "3", "-o", tmp_path / "s.parquet"])
+    assert code == 1 and ".csv or .npy" in one_error_line(err)
+    assert not (tmp_path / "s.parquet").exists()
+    code, _, err = run_cli(["sample", tmp_path / "nowhere", "-n", "3"])
+    assert code == 1 and "no such run folder" in one_error_line(err)
+    code, _, err = run_cli(["sample", tmp_path, "-n", "3"])
+    assert code == 1 and "run.json" in one_error_line(err)
+
+
+def broken_copy(run_dir: Path, tmp_path: Path, name: str, how: str) -> Path:
+    import shutil
+
+    copy = tmp_path / f"broken-{name}-{how}"
+    shutil.copytree(run_dir, copy)
+    if how == "deleted":
+        (copy / name).unlink()
+    else:
+        raw = (copy / name).read_bytes()
+        (copy / name).write_bytes(raw[: len(raw) // 2])
+    return copy
+
+
+@pytest.mark.parametrize("how", ["deleted", "corrupted"])
+def test_sample_from_a_broken_run_leaves_no_output(run_dir, tmp_path, how):
+    broken = broken_copy(run_dir, tmp_path, "model.pt", how)
+    target = tmp_path / "s.csv"
+    code, _, err = run_cli(["sample", broken, "-n", "3", "-o", target])
+    line = one_error_line(err)
+    assert code == 1
+    assert ("no model.pt" in line) if how == "deleted" else ("truncated" in line or
+                                                             "corrupt" in line)
+    assert not target.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.is_file()] == []
+
+
+def test_run_json_deleted_or_corrupted(run_dir, tmp_path):
+    broken = broken_copy(run_dir, tmp_path, "run.json", "deleted")
+    code, _, err = run_cli(["sample", broken, "-n", "3"])
+    assert code == 1 and "run.json" in one_error_line(err)
+    broken = broken_copy(run_dir, tmp_path, "run.json", "corrupted")
+    code, _, err = run_cli(["report", broken])
+    assert code == 1 and "corrupt" in one_error_line(err)
+
+
+# -- score ------------------------------------------------------------------------------
+
+
+def test_score_matches_the_model_and_flags_anomalies(run_dir, tmp_path):
+    with np.load(run_dir / "data.npz") as npz:
+        train, test = npz["train"], npz["test"]
+    far = np.array([[40.0, -40.0], [1e3, 1e3]])
+    data = np.vstack([test, far])
+    csv = write_csv(tmp_path / "new.csv", data, ["x1", "x2"])
+    target = tmp_path / "scores.csv"
+    code, out, err = run_cli(["score", run_dir, csv, "-o", target, "--threshold-quantile",
+                              "0.05", "--json"])
+    assert code == 0, err
+    result = json.loads(out)
+    table = np.loadtxt(target, delimiter=",", skiprows=1)
+    assert (target.read_text().splitlines()[0] == "row,log_density,anomaly")
+    assert table.shape == (len(data), 3)
+    np.testing.assert_array_equal(table[:, 0], np.arange(len(data)))
+    flow = ef.load(run_dir / "model.pt")
+    with torch.no_grad():
+        direct = flow.log_prob(torch.as_tensor(data, dtype=torch.float32)).double().numpy()
+        train_lp = flow.log_prob(torch.as_tensor(train, dtype=torch.float32)).double().numpy()
+    np.testing.assert_allclose(table[:, 1], direct, rtol=1e-6, atol=1e-6)
+    threshold = np.quantile(train_lp, 0.05)
+    assert result["threshold"] == pytest.approx(threshold, abs=1e-5)
+    np.testing.assert_array_equal(table[:, 2].astype(bool), direct < threshold)
+    assert table[-1, 2] == 1 and table[-2, 2] == 1  # the far points are flagged
+    assert result["anomalies"] == int((direct < threshold).sum())
+    assert result["anomaly_rows"][-2:] == [len(data) - 2, len(data) - 1]
+
+
+def test_score_threshold_flags_about_q_of_the_training_rows(run_dir, tmp_path):
+    with np.load(run_dir / "data.npz") as npz:
+        train = npz["train"]
+    npy = tmp_path / "train.npy"
+    np.save(npy, train)
+    code, out, err = run_cli(["score", run_dir, npy, "--threshold-quantile", "0.1", "--json"])
+    assert code == 0, err
+    result = json.loads(out)
+    assert abs(result["anomalies"] - 0.1 * len(train)) <= 2
+    assert len(result["log_density"]) == len(train)
+
+
+def test_score_to_stdout(run_dir, tmp_path):
+    csv = write_csv(tmp_path / "new.csv", np.zeros((3, 2)))
+    code, out, err = run_cli(["score", run_dir, csv])
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "row,log_density" and len(lines) == 4
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("1,2,3\n4,5,6\n", "3 columns"),
+        ("1\n2\n", "1 columns"),
+        ("1,2\nnan,4\n", "NaN"),
+        ("1,2\n3,x\n", "'x'"),
+        (None, "neither a toy dataset nor an existing file"),
+    ],
+)
+def test_score_bad_data_exits_1_without_output(run_dir, tmp_path, content, message):
+    data = tmp_path / "in.csv"
+    if content is not None:
+        data.write_text(content)
+    target = tmp_path / "scores.csv"
+    code, _, err = run_cli(["score", run_dir, data, "-o", target])
+    assert code == 1
+    assert message in one_error_line(err)
+    assert not target.exists()
+
+
+def test_score_with_threshold_needs_the_stored_data(run_dir, tmp_path):
+    broken = broken_copy(run_dir, tmp_path, "data.npz", "deleted")
+    csv = write_csv(tmp_path / "new.csv", np.zeros((3, 2)))
+    target = tmp_path / "scores.csv"
+    code, _, err = run_cli(["score", broken, csv, "-o", target, "--threshold-quantile",
+                            "0.1"])
+    assert code == 1 and "data.npz" in one_error_line(err)
+    assert not target.exists()
+    code, _, err = run_cli(["score", broken, csv, "-o", target])  # no threshold: fine
+    assert code == 0, err
+
+
+# -- check ------------------------------------------------------------------------------
+
+
+def test_check_a_run_folder(run_dir):
+    code, out, err = run_cli(["check", run_dir])
+    assert code == 0, err
+    assert "log-det error" in out and "round-trip error" in out and "all layers pass" in out
+    code, out, _ = run_cli(["check", run_dir, "--json", "--points", "16"])
+    result = json.loads(out)
+    flow = ef.load(run_dir / "model.pt")
+    assert code == 0 and result["ok"] and result["points"] == 16
+    assert [r["name"] for r in result["layers"]] == [
+        type(t).__name__ for t in rp.flatten_layers(flow.transform)
+    ]
+    assert all(r["log_det_error"] < 1e-8 for r in result["layers"])
+
+
+@pytest.mark.parametrize("model", ef.models.available())
+def test_check_a_new_model_of_every_builder(model):
+    code, out, err = run_cli(["check", "--model", model, "--features", "3", "--layers", "2",
+                              "--points", "24", "--json"])
+    assert code == 0, out + err
+    result = json.loads(out)
+    assert result["ok"] and len(result["layers"]) >= 2
+
+
+def test_check_fails_on_a_wrong_log_det(run_dir, monkeypatch):
+    from exactflow.datasets import Standardize
+
+    real_forward = Standardize.forward
+
+    def wrong(self, x, context=None):
+        z, ladj = real_forward(self, x, context)
+        return z, ladj + 1e-3
+
+    monkeypatch.setattr(Standardize, "forward", wrong)
+    code, out, _ = run_cli(["check", run_dir])
+    assert code == 1
+    assert "FAIL" in out and "layer 0 (Standardize)" in out
+    code, out, _ = run_cli(["check", run_dir, "--json"])
+    result = json.loads(out)
+    assert code == 1 and not result["ok"]
+    assert [r["ok"] for r in result["layers"]][0] is False
+
+
+def test_check_broken_run_folder(run_dir, tmp_path):
+    broken = broken_copy(run_dir, tmp_path, "model.pt", "corrupted")
+    code, _, err = run_cli(["check", broken])
+    assert code == 1 and "model.pt" in one_error_line(err)
+
+
+# -- report and demo --------------------------------------------------------------------
+
+
+def test_report_command(run_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    code, out, err = run_cli(["report", copy, "--json"])
+    assert code == 0, err
+    index = Path(json.loads(out)["report"])
+    assert index == copy / "report" / "index.html" and index.is_file()
+    assert (copy / "report" / "metrics.json").is_file()
+    broken = broken_copy(run_dir, tmp_path, "data.npz", "corrupted")
+    code, _, err = run_cli(["report", broken])
+    assert code == 1 and "data.npz" in one_error_line(err)
+    assert not (broken / "report" / "index.html").exists()
+
+
+def test_demo(tmp_path):
+    out_dir = tmp_path / "demo"
+    code, out, err = run_cli(["demo", "--steps", "50", "--samples", "2000", "--out", out_dir])
+    assert code == 0, err
+    assert "test NLL" in out and "true entropy" in out
+    assert f"report: {out_dir / 'report' / 'index.html'}" in out
+    info = json.loads((out_dir / "run.json").read_text())
+    assert info["model"]["model"] == "realnvp" and info["model"]["layers"] == 8
+    assert info["model"]["batch_norm"] is True and info["metrics"]["steps"] == 50
+    for name in ("index.html", "metrics.json", "data_vs_model.png", "cartographer.png",
+                 "training.png", "layer_log_dets.png"):
+        assert (out_dir / "report" / name).is_file(), name
+    # The demo can be run again into the same folder.
+    code, out, err = run_cli(["demo", "--steps", "10", "--samples", "500", "--out", out_dir,
+                              "--json"])
+    assert code == 0, err
+    assert json.loads(out)["metrics"]["steps"] == 10
+
+
+def test_output_files_have_ordinary_permissions(run_dir, tmp_path):
+    code, _, _ = run_cli(["sample", run_dir, "-n", "3", "-o", tmp_path / "s.csv"])
+    mask = os.umask(0)
+    os.umask(mask)
+    assert code == 0
+    assert (tmp_path / "s.csv").stat().st_mode & 0o777 == 0o666 & ~mask
