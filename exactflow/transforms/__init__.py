@@ -10,6 +10,7 @@ from .coupling import AdditiveCoupling, AffineCoupling, Coupling, SplineCoupling
 from .elementwise import ElementwiseAffine, Logit, Sigmoid
 from .linear import LULinear, Permutation, Reverse
 from .monotonic import AdditiveMap, AffineMap, MonotonicMap, SplineMap, monotonic_map
+from .planar import Planar, Radial
 
 __all__ = [
     "ElementwiseAffine",
@@ -31,4 +32,6 @@ __all__ = [
     "AdditiveMap",
     "SplineMap",
     "monotonic_map",
+    "Planar",
+    "Radial",
 ]
