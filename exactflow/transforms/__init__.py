@@ -10,6 +10,7 @@ from .coupling import AdditiveCoupling, AffineCoupling, Coupling, SplineCoupling
 from .elementwise import ElementwiseAffine, Logit, Sigmoid
 from .linear import LULinear, Permutation, Reverse
 from .monotonic import AdditiveMap, AffineMap, MonotonicMap, SplineMap, monotonic_map
+from .normalization import ActNorm, BatchNorm
 from .planar import Planar, Radial
 
 __all__ = [
@@ -34,4 +35,6 @@ __all__ = [
     "monotonic_map",
     "Planar",
     "Radial",
+    "BatchNorm",
+    "ActNorm",
 ]
