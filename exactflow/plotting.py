@@ -190,7 +190,8 @@ def pairwise(
     seed: int = 0,
 ) -> Figure:
     """Pairwise marginals of the first ``dims`` dimensions: data below the diagonal,
-    model samples above it, both marginals overlaid on the diagonal.
+    model samples above it (as many points as the data shown), both marginals overlaid on
+    the diagonal (all the data, ``n_samples`` samples).
 
     Works for any number of features (2 included).
     """
@@ -198,7 +199,11 @@ def pairwise(
     d = min(dims, data.shape[1])
     rng = np.random.default_rng(seed)
     shown = data if len(data) <= max_points else data[rng.choice(len(data), max_points, False)]
-    samples = _sample(flow, n_samples or len(shown), seed)
+    samples = _sample(flow, n_samples or max(len(data), 5000), seed)
+    shown_samples = samples[: len(shown)]
+    # Markers big and opaque enough to see a few hundred points, small for thousands.
+    size_pt = float(np.clip(3000.0 / len(shown), 1.5, 10.0))
+    alpha = float(np.clip(150.0 / len(shown), 0.25, 0.8))
     lo = np.quantile(data[:, :d], 0.005, axis=0)
     hi = np.quantile(data[:, :d], 0.995, axis=0)
     span = np.maximum(hi - lo, 1e-6)
@@ -212,14 +217,15 @@ def pairwise(
             ax = axes[i, j]
             ax.tick_params(labelsize=6)
             if i == j:
-                bins = np.linspace(lo[i], hi[i], int(np.clip(np.sqrt(len(data)), 15, 40)))
+                bins = np.linspace(lo[i], hi[i], int(np.clip(np.sqrt(len(data)), 12, 40)))
                 ax.hist(data[:, i], bins=bins, density=True, color=_DATA, alpha=0.55, label="data")
                 ax.hist(samples[:, i], bins=bins, density=True, histtype="step", color=_MODEL,
                         lw=1.4, label="model")
                 ax.set_yticks([])
             else:
-                pts, color = (shown, _DATA) if i > j else (samples, _MODEL)
-                ax.scatter(pts[:, j], pts[:, i], s=2, alpha=0.35, color=color, linewidths=0)
+                pts, color = (shown, _DATA) if i > j else (shown_samples, _MODEL)
+                ax.scatter(pts[:, j], pts[:, i], s=size_pt, alpha=alpha, color=color,
+                           linewidths=0)
                 ax.set_ylim(lo[i], hi[i])
             ax.set_xlim(lo[j], hi[j])
             if i == d - 1:

@@ -539,12 +539,13 @@ def build_report(
             "the model. The three panels share one box, each with its own colour scale.",
         ))
     else:
-        fig = plotting.pairwise(flow, test, seed=seed)
+        fig = plotting.pairwise(flow, train, seed=seed)
         plotting.save_figure(fig, out_dir / "pairwise.png")
         written.append((
             "pairwise.png", "pairwise marginals of data and model samples",
-            f"Pairwise marginals of the first {min(d, 4)} of {d} dimensions: test data below "
-            "the diagonal, model samples above it, both histograms on the diagonal.",
+            f"Pairwise marginals of the first {min(d, 4)} of {d} dimensions: training data "
+            "below the diagonal, as many model samples above it, and both histograms on the "
+            "diagonal.",
         ))
     figures_data = list(written)
     written.clear()
@@ -554,7 +555,8 @@ def build_report(
         written.append((
             "training.png", "training and validation NLL",
             "Negative log-likelihood (nats per example) during training: each training point "
-            "is one mini-batch; validation points are the whole validation split."
+            "is the mean over the mini-batches since the previous point; each validation "
+            "point is the whole validation split."
             + (" The dashed line is the true entropy of the generator, the best any model "
                "can reach." if entropy is not None else ""),
         ))
@@ -615,7 +617,7 @@ def _render(
     sizes = data.get("rows", {})
     cards = [
         ("test NLL (nats)", f"{_num(test.get('nll'))} ± {_num(test.get('nll_se'))}"),
-        ("bits / dim", _num(test.get("bits_per_dim"))),
+        ("bits / dim", _num(test.get("bpd"))),
     ]
     if "test_nll_minus_entropy" in metrics:
         cards.append(("test NLL − true entropy", _num(metrics["test_nll_minus_entropy"])))
@@ -647,7 +649,8 @@ def _render(
     if figures_training:
         parts.append("<h2>Training</h2>")
         parts.extend(_figure_html(*f) for f in figures_training)
-    parts.append("<h2>The flow as a cartographer</h2>")
+    parts.append("<h2>The flow as a cartographer</h2>" if len(figures_flow) > 1
+                 else "<h2>The flow, layer by layer</h2>")
     parts.extend(_figure_html(*f) for f in figures_flow)
     parts += [
         "<h2>Layer-by-layer check</h2>",
@@ -674,11 +677,11 @@ def _numbers_table(metrics: dict[str, Any], info: dict[str, Any]) -> str:
     rows = [
         ("test NLL (nats per example)", _num(test.get("nll"))),
         ("standard error of the test NLL", _num(test.get("nll_se"))),
-        ("bits per dimension", _num(test.get("bits_per_dim"))),
+        ("bits per dimension", _num(test.get("bpd"))),
         ("test rows", _e(test.get("n", "?"))),
     ]
-    if test.get("non_finite"):
-        rows.append(("test rows with non-finite log-density", _e(test["non_finite"])))
+    if test.get("n_nonfinite"):
+        rows.append(("test rows with non-finite log-density", _e(test["n_nonfinite"])))
     if "true_entropy" in metrics:
         rows += [
             ("true entropy of the generator (nats)", _num(metrics["true_entropy"])),

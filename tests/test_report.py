@@ -110,6 +110,7 @@ def test_html_is_self_contained_and_every_image_decodes(which, request):
     text = " ".join(page.text)
     assert "test NLL" in text and "bits per dimension" in text and "parameters" in text
     assert "training time" in text and "Layer-by-layer check" in text
+    assert "n/a" not in text  # every number of the page was found
 
 
 def test_2d_report_has_the_density_and_cartographer_figures(run_2d):
