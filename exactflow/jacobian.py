@@ -11,6 +11,7 @@ These are O(d^3) per sample: use them to verify, not to train.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -35,6 +36,8 @@ def jacobian(
     fn: Callable[..., Tensor | tuple[Tensor, ...]],
     x: Tensor,
     context: Tensor | None = None,
+    *,
+    create_graph: bool = False,
 ) -> Tensor:
     """Dense Jacobian of a row-wise map, by autograd.
 
@@ -47,12 +50,16 @@ def jacobian(
     The computation is vectorized over the batch with ``torch.func.vmap(jacrev(...))``;
     functions that vmap cannot trace (``.item()``, data-dependent Python branches, in-place
     updates of buffers) fall back to a loop of ``torch.autograd.functional.jacobian``, which
-    gives the same numbers, more slowly.
+    gives the same numbers, more slowly. Cost: one batched reverse pass per output
+    coordinate, O(d_out) passes in all, vectorized.
 
     Args:
         fn: the map; called as ``fn(x)`` or, with a context, ``fn(x, context)``.
         x: the points, ``(batch, d_in)`` or ``(d_in,)``.
         context: optional ``(batch, c)`` tensor passed row by row alongside ``x``.
+        create_graph: as in ``torch.autograd.functional.jacobian``: by default the result
+            is a constant (no graph back to ``fn``'s parameters is recorded); ``True``
+            makes it differentiable with respect to the parameters, ``x`` and ``context``.
 
     Example:
         >>> import torch, exactflow as ef
@@ -65,7 +72,7 @@ def jacobian(
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() == 1:
         ctx = None if context is None else context.reshape(1, -1)
-        return jacobian(fn, x.unsqueeze(0), ctx)[0]
+        return jacobian(fn, x.unsqueeze(0), ctx, create_graph=create_graph)[0]
     if x.dim() != 2:
         raise ValueError(
             f"x must have shape (batch, features) or (features,), got {tuple(x.shape)}"
@@ -80,26 +87,35 @@ def jacobian(
         def row(xi: Tensor) -> Tensor:
             return _first(fn(xi.unsqueeze(0))).squeeze(0)
 
-        args: tuple[Tensor, ...] = (x.detach(),)
+        args: tuple[Tensor, ...] = (x,)
     else:
 
         def row(xi: Tensor, ci: Tensor) -> Tensor:  # type: ignore[misc]
             return _first(fn(xi.unsqueeze(0), ci.unsqueeze(0))).squeeze(0)
 
-        args = (x.detach(), context.detach())
+        args = (x, context)
+    if not create_graph:
+        args = tuple(a.detach() for a in args)
 
     try:
-        return torch.func.vmap(torch.func.jacrev(row, argnums=0))(*args)
+        # Outside no_grad, the result would also carry a graph back to every parameter of
+        # fn; jacrev differentiates with respect to x either way.
+        with contextlib.nullcontext() if create_graph else torch.no_grad():
+            return torch.func.vmap(torch.func.jacrev(row, argnums=0))(*args)
     except Exception:  # noqa: BLE001 - any tracing failure falls back to the exact loop
-        return _jacobian_loop(row, args)
+        return _jacobian_loop(row, args, create_graph)
 
 
-def _jacobian_loop(row: Callable[..., Tensor], args: tuple[Tensor, ...]) -> Tensor:
+def _jacobian_loop(
+    row: Callable[..., Tensor], args: tuple[Tensor, ...], create_graph: bool
+) -> Tensor:
     rows = []
     for i in range(args[0].shape[0]):
         rest = tuple(a[i] for a in args[1:])
         rows.append(
-            torch.autograd.functional.jacobian(lambda xi, rest=rest: row(xi, *rest), args[0][i])
+            torch.autograd.functional.jacobian(
+                lambda xi, rest=rest: row(xi, *rest), args[0][i], create_graph=create_graph
+            )
         )
     return torch.stack(rows)
 
@@ -116,12 +132,15 @@ def log_abs_det_jacobian(
     fn: Callable[..., Tensor | tuple[Tensor, ...]],
     x: Tensor,
     context: Tensor | None = None,
+    *,
+    create_graph: bool = False,
 ) -> Tensor:
     """``log|det J_fn(x)|`` for each row, by autograd and LU factorization.
 
     Returns shape ``(batch,)`` (a scalar for a single vector). A singular Jacobian gives
     ``-inf``. Matrices larger than 96 x 96 are factored one at a time: batched LU on some
-    CPU builds of torch returns wrong log-determinants for large matrices.
+    CPU builds of torch returns wrong log-determinants for large matrices. ``context`` and
+    ``create_graph`` are as in :func:`jacobian`. Cost: O(d^3) per row.
 
     Example:
         >>> import torch, exactflow as ef
@@ -129,7 +148,7 @@ def log_abs_det_jacobian(
         >>> round(float(ef.log_abs_det_jacobian(f, torch.tensor([4.0, 1.0]))), 4)  # log 6
         1.7918
     """
-    jac = jacobian(fn, x, context)
+    jac = jacobian(fn, x, context, create_graph=create_graph)
     if jac.shape[-1] != jac.shape[-2]:
         raise ValueError(f"the Jacobian is not square: {tuple(jac.shape[-2:])}")
     if jac.dim() == 2:
