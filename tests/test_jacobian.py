@@ -437,3 +437,25 @@ def test_check_report_reads_well():
     assert text.startswith("check_transform(LULinear) on 4 x 3 float64: OK")
     for key in ("log_det", "round_trip", "inverse_log_det"):
         assert key in text
+
+
+@pytest.mark.parametrize("traceable", [True, False])
+def test_create_graph(traceable):
+    log_a = nn.Parameter(torch.randn(3, dtype=torch.float64))
+
+    def f(x: Tensor) -> Tensor:
+        if not traceable:
+            float(x.detach().sum())  # forces the per-row fallback
+        return torch.sin(x) * log_a.exp()
+
+    x = torch.randn(4, 3, dtype=torch.float64)
+    constant = ef.jacobian(f, x)
+    assert not constant.requires_grad
+    jac = ef.jacobian(f, x, create_graph=True)
+    torch.testing.assert_close(jac, constant)
+    jac.diagonal(dim1=-2, dim2=-1).sum().backward()
+    # d/da sum_b sum_i cos(x_bi) exp(a_i) = exp(a_i) sum_b cos(x_bi)
+    torch.testing.assert_close(log_a.grad, log_a.exp().detach() * torch.cos(x).sum(0))
+    ladj = ef.log_abs_det_jacobian(f, x, create_graph=True)
+    assert ladj.requires_grad
+    assert not ef.log_abs_det_jacobian(f, x).requires_grad
