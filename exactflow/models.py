@@ -35,6 +35,7 @@ from .transforms.autoregressive import (
 from .transforms.coupling import AdditiveCoupling, AffineCoupling, SplineCoupling
 from .transforms.elementwise import ElementwiseAffine
 from .transforms.linear import Permutation, Reverse
+from .transforms.normalization import BatchNorm
 from .transforms.planar import Planar, Radial
 
 __all__ = ["build", "available", "realnvp", "nice", "maf", "iaf", "nsf", "planar", "radial"]
@@ -140,12 +141,6 @@ def _unconditional(name: str, context: int) -> None:
         )
 
 
-def _batch_norm(features: int) -> Transform:
-    from .transforms.normalization import BatchNorm
-
-    return BatchNorm(features)
-
-
 # -- coupling flows ------------------------------------------------------------------------
 
 
@@ -189,7 +184,7 @@ def realnvp(
     transforms: list[Transform] = []
     for i in range(layers):
         if i > 0 and batch_norm:
-            transforms.append(_batch_norm(features))
+            transforms.append(BatchNorm(features))
         transforms.append(
             AffineCoupling(features, hidden=_hidden(hidden), mask=_MASKS[i % 2], context=context)
         )
@@ -250,7 +245,7 @@ def _autoregressive(
     for i in range(layers):
         if i > 0:
             if batch_norm:
-                transforms.append(_batch_norm(features))
+                transforms.append(BatchNorm(features))
             transforms.append(_permutation(features, permutation, i))
         transforms.append(layer_type(features, hidden=_hidden(hidden), context=context))
     return _flow(transforms, features, context)

@@ -1,0 +1,250 @@
+"""Tests for the model builders (exactflow.models)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import pytest
+import torch
+
+import exactflow as ef
+from exactflow.transforms import (
+    AffineCoupling,
+    InverseAutoregressive,
+    MaskedAffineAutoregressive,
+    Permutation,
+    SplineAutoregressive,
+    SplineCoupling,
+)
+from tests.helpers import perturb
+
+# Small versions of every builder; "nsf-ar" is the autoregressive spline flow.
+BUILDERS: dict[str, Callable[..., ef.Flow]] = {
+    "realnvp": lambda d, **kw: ef.models.realnvp(d, layers=3, hidden=(16, 16), **kw),
+    "nice": lambda d, **kw: ef.models.nice(d, layers=3, hidden=(16, 16), **kw),
+    "maf": lambda d, **kw: ef.models.maf(d, layers=3, hidden=(16, 16), **kw),
+    "iaf": lambda d, **kw: ef.models.iaf(d, layers=3, hidden=(16, 16), **kw),
+    "nsf": lambda d, **kw: ef.models.nsf(d, layers=2, hidden=(16, 16), bins=6, **kw),
+    "nsf-ar": lambda d, **kw: ef.models.nsf(
+        d, layers=2, hidden=(16, 16), bins=6, kind="autoregressive", permutation="random", **kw
+    ),
+    "planar": lambda d, **kw: ef.models.planar(d, layers=3, **kw),
+    "radial": lambda d, **kw: ef.models.radial(d, layers=4, **kw),
+}
+CONDITIONAL = ["realnvp", "nice", "maf", "iaf", "nsf", "nsf-ar"]
+
+# Quadrature grid per builder, [-L, L]^2 with n x n midpoints. Affine layers can contract
+# the data side by up to e^3 per layer, so those flows have wide tails and get a wide box;
+# splines are the identity outside [-5, 5], so their tails stay Gaussian but their slopes
+# vary faster inside, so they get a finer grid. Planar's log_prob solves a Newton equation
+# per point and layer: fewer points; its layers barely move the Gaussian tails.
+GRIDS = {
+    "nsf": (8.0, 200),
+    "nsf-ar": (8.0, 200),
+    "planar": (6.0, 100),
+    "radial": (8.0, 160),
+}
+DEFAULT_GRID = (14.0, 200)
+
+
+def randomized(name: str, d: int = 2, **kw) -> ef.Flow:
+    """A builder's flow in float64 at random parameters, in eval mode.
+
+    Scale 0.2: farther, and the splines get slopes of 1e-5..1e5 somewhere, which a grid of
+    this size no longer resolves (the density is still normalized, the quadrature is not).
+    Batch-norm statistics are set by a few training-mode passes over data.
+    """
+    flow = BUILDERS[name](d, **kw).double()
+    perturb(flow, scale=0.2, seed=sum(map(ord, name)))
+    if any(type(m).__name__ == "BatchNorm" for m in flow.modules()):
+        flow.train()
+        ctx = torch.randn(256, flow.context_features, dtype=torch.float64)
+        with torch.no_grad():
+            for _ in range(3):
+                x = 1.5 * torch.randn(256, d, dtype=torch.float64) + 0.5
+                flow.log_prob(x, ctx if flow.context_features else None)
+    return flow.eval()
+
+
+def grid(L: float, n: int) -> tuple[torch.Tensor, float]:
+    edges = torch.linspace(-L, L, n + 1, dtype=torch.float64)
+    mid = (edges[1:] + edges[:-1]) / 2
+    xx, yy = torch.meshgrid(mid, mid, indexing="ij")
+    return torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=1), (2 * L / n) ** 2
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+def test_log_prob_integrates_to_one(name: str) -> None:
+    flow = randomized(name)
+    points, cell = grid(*GRIDS.get(name, DEFAULT_GRID))
+    with torch.no_grad():
+        mass = float(flow.log_prob(points).exp().sum() * cell)
+    assert abs(mass - 1.0) < 1e-2, f"{name}: the density integrates to {mass}"
+
+
+@pytest.mark.parametrize("name", ["maf", "nsf"])
+def test_conditional_log_prob_integrates_to_one_for_each_context(name: str) -> None:
+    flow = randomized(name, context=3)
+    points, cell = grid(*GRIDS.get(name, DEFAULT_GRID))
+    for context in 2.0 * torch.randn(1, 3, dtype=torch.float64):
+        with torch.no_grad():
+            mass = float(flow.log_prob(points, context.expand(len(points), 3)).exp().sum() * cell)
+        assert abs(mass - 1.0) < 1e-2, f"{name}: mass {mass} at context {context.tolist()}"
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+def test_sample_then_log_prob_agrees_with_sample_and_log_prob(name: str) -> None:
+    flow = randomized(name, d=3)
+    torch.manual_seed(11)
+    x = flow.sample(32)
+    torch.manual_seed(11)
+    x2, log_p = flow.sample_and_log_prob(32)
+    assert x.shape == (32, 3) and torch.equal(x, x2)
+    with torch.no_grad():
+        assert torch.allclose(flow.log_prob(x), log_p, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+def test_whole_transform_passes_check_transform(name: str) -> None:
+    flow = randomized(name, d=3)
+    ef.check_transform(flow.transform, 1.5 * torch.randn(6, 3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", CONDITIONAL)
+def test_conditional_shapes_and_check(name: str) -> None:
+    flow = randomized(name, d=3, context=2)
+    b, n = 4, 5
+    context = torch.randn(b, 2, dtype=torch.float64)
+    assert flow.sample(n, context).shape == (n, b, 3)
+    x, log_p = flow.sample_and_log_prob(n, context)
+    assert x.shape == (n, b, 3) and log_p.shape == (n, b)
+    with torch.no_grad():
+        again = flow.log_prob(x.reshape(n * b, 3), context.repeat(n, 1)).reshape(n, b)
+    assert torch.allclose(again, log_p, atol=1e-6)
+    assert flow.sample(n, context[0]).shape == (n, 3)
+    assert flow.log_prob(x[0], context).shape == (b,)
+    ef.check_transform(flow.transform, x[0].detach(), context)
+    # The context matters.
+    with torch.no_grad():
+        a = flow.log_prob(x[0], context)
+        c = flow.log_prob(x[0], context + 1.0)
+    assert not torch.allclose(a, c)
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+def test_build_from_config_rebuilds_the_same_architecture(name: str) -> None:
+    flow = randomized(name)
+    config = json.loads(json.dumps(flow.config))  # JSON-serializable, lists not tuples
+    assert config == flow.config and config["model"] == name.split("-")[0]
+    rebuilt = ef.models.build(config).double()
+    rebuilt.load_state_dict(flow.state_dict())  # strict: same modules, parameters, buffers
+    rebuilt.eval()
+    assert repr(rebuilt) == repr(flow)
+    x = torch.randn(7, 2, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.allclose(rebuilt.log_prob(x), flow.log_prob(x))
+
+
+def test_builders_share_keyword_names() -> None:
+    import inspect
+
+    for name in ef.models.available():
+        params = inspect.signature(getattr(ef.models, name)).parameters
+        assert list(params)[0] == "features"
+        assert {"layers", "context"} <= set(params), name
+        assert all(
+            p.kind is inspect.Parameter.KEYWORD_ONLY for k, p in params.items() if k != "features"
+        )
+        if name not in ("planar", "radial"):
+            assert params["hidden"].default == (64, 64)
+    assert ef.models.realnvp(2).config["layers"] == 8
+
+
+def test_realnvp_structure() -> None:
+    flow = ef.models.realnvp(3, layers=4, hidden=(8,))
+    kinds = [type(t).__name__ for t in flow.transform]
+    assert kinds == [
+        "AffineCoupling", "BatchNorm", "AffineCoupling", "BatchNorm", "AffineCoupling",
+        "BatchNorm", "AffineCoupling",
+    ]
+    masks = [t.mask.tolist() for t in flow.transform if isinstance(t, AffineCoupling)]
+    assert masks[0] == [True, False, True] and masks[1] == [False, True, False]
+    assert masks[2] == masks[0]
+    plain = ef.models.realnvp(3, layers=4, hidden=(8,), batch_norm=False)
+    assert all(isinstance(t, AffineCoupling) for t in plain.transform)
+
+
+def test_autoregressive_builders_fast_direction_and_permutations() -> None:
+    maf = ef.models.maf(3, layers=3, hidden=(8,))
+    iaf = ef.models.iaf(3, layers=3, hidden=(8,))
+    maf_sampling = ef.models.maf(3, layers=3, hidden=(8,), fast="sampling")
+    mades = lambda f: [t for t in f.transform if hasattr(t, "made")]  # noqa: E731
+    assert all(type(t) is MaskedAffineAutoregressive for t in mades(maf))
+    assert all(type(t) is InverseAutoregressive for t in mades(iaf))
+    assert all(type(t) is InverseAutoregressive for t in mades(maf_sampling))
+    assert iaf.config["fast"] == "sampling" and maf.config["fast"] == "density"
+    kinds = [type(t).__name__ for t in maf.transform]
+    assert kinds == [
+        "MaskedAffineAutoregressive", "Reverse", "MaskedAffineAutoregressive", "Reverse",
+        "MaskedAffineAutoregressive",
+    ]
+    a = ef.models.maf(5, layers=3, hidden=(8,), permutation="random")
+    b = ef.models.maf(5, layers=3, hidden=(8,), permutation="random")
+    perms = lambda f: [t.perm.tolist() for t in f.transform if type(t) is Permutation]  # noqa: E731
+    assert perms(a) == perms(b) and len(perms(a)) == 2 and perms(a)[0] != perms(a)[1]
+    bn = ef.models.maf(3, layers=2, hidden=(8,), batch_norm=True)
+    assert "BatchNorm" in [type(t).__name__ for t in bn.transform]
+
+
+def test_nsf_kinds() -> None:
+    coupling = ef.models.nsf(3, layers=2, hidden=(8,), bins=4)
+    assert [type(t) for t in coupling.transform] == [SplineCoupling, SplineCoupling]
+    ar = ef.models.nsf(3, layers=2, hidden=(8,), bins=4, kind="autoregressive")
+    assert [type(t).__name__ for t in ar.transform] == [
+        "SplineAutoregressive", "Reverse", "SplineAutoregressive",
+    ]
+    assert all(t.fast == "density" for t in ar.transform if isinstance(t, SplineAutoregressive))
+    shuffled = ef.models.nsf(4, layers=3, hidden=(8,), bins=4, permutation="random")
+    assert sum(type(t) is Permutation for t in shuffled.transform) == 2
+
+
+@pytest.mark.parametrize("name", ["maf", "iaf"])
+def test_one_feature_autoregressive_flows(name: str) -> None:
+    flow = perturb(getattr(ef.models, name)(1, layers=2, hidden=(8,), context=2).double())
+    x = torch.randn(5, 1, dtype=torch.float64)
+    context = torch.randn(5, 2, dtype=torch.float64)
+    ef.check_transform(flow.transform, x, context)
+    assert flow.sample(3, context).shape == (3, 5, 1)
+
+
+def test_bad_arguments_are_clear_errors() -> None:
+    with pytest.raises(ValueError, match="features >= 2"):
+        ef.models.realnvp(1)
+    with pytest.raises(ValueError, match="features >= 2"):
+        ef.models.nsf(1)
+    with pytest.raises(ValueError, match="unconditional"):
+        ef.models.planar(2, context=3)
+    with pytest.raises(ValueError, match="unconditional"):
+        ef.models.radial(2, context=1)
+    with pytest.raises(ValueError, match="fast"):
+        ef.models.maf(2, fast="both")
+    with pytest.raises(ValueError, match="kind"):
+        ef.models.nsf(2, kind="residual")
+    with pytest.raises(ValueError, match="permutation"):
+        ef.models.iaf(2, permutation="shuffle")
+    with pytest.raises(ValueError, match="layers"):
+        ef.models.nice(2, layers=0)
+    with pytest.raises(ValueError, match="does not fit"):
+        ef.models.build({"model": "maf", "features": 2, "bins": 8})
+
+
+@pytest.mark.slow
+def test_torch_compile_log_prob() -> None:
+    """``torch.compile(flow.log_prob, fullgraph=True)`` traces without graph breaks and agrees."""
+    for name in ("realnvp", "maf", "nsf"):
+        flow = randomized(name).float()
+        x = torch.randn(16, 2)
+        compiled = torch.compile(flow.log_prob, fullgraph=True)
+        with torch.no_grad():
+            assert torch.allclose(compiled(x), flow.log_prob(x), atol=1e-4), name
