@@ -320,8 +320,13 @@ def _stages(layers: Sequence[Any], max_stages: int) -> list[int]:
         ends = [len(layers)]
     stages = [0, *ends]
     if len(stages) > max_stages:
-        pick = np.unique(np.round(np.linspace(0, len(stages) - 1, max_stages)).astype(int))
-        stages = [stages[i] for i in pick]
+        # Every k-th stage (evenly spaced in blocks), the data and the latent always shown.
+        k = -(-(len(stages) - 1) // (max_stages - 1))
+        picked = stages[::k]
+        if picked[-1] != stages[-1]:
+            picked = picked[:-1] + [stages[-1]] if len(picked) >= max_stages else [
+                *picked, stages[-1]]
+        stages = picked
     return stages
 
 
@@ -403,9 +408,9 @@ def cartographer(
             if k == 0:
                 title = "data space"
             elif k == len(layers):
-                title = f"latent (after {k} layers)"
+                title = f"latent (after all {k} layers)"
             else:
-                title = f"after layer {k}: {layer_name(layers[k - 1])}"
+                title = f"after layers 1-{k} of {len(layers)}\n(last: {layer_name(layers[k - 1])})"
             ax.set_title(title, fontsize=8)
 
             # The exact density of the representation at this stage.
