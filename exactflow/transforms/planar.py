@@ -103,8 +103,11 @@ def _y_minus_tanh(y: Tensor, tanh_y: Tensor) -> Tensor:
     return torch.where(y < below, y * y_sq * poly, y - tanh_y)
 
 
-def _solve_planar(t: Tensor, s: Tensor, one_plus_s: Tensor, iterations: int) -> Tensor:
-    """Solve ``y + s tanh(y) = t`` for ``y`` (``s >= -1``, so the left side is increasing).
+def _solve_planar(t: Tensor, one_plus_s: Tensor, iterations: int) -> Tensor:
+    """Solve ``y + s tanh(y) = t`` for ``y``, with ``s = one_plus_s - 1 >= -1`` (increasing).
+
+    The equation is defined by ``one_plus_s`` alone (``s`` is derived from it), so the
+    bracket below and the residual describe the same equation to the last bit.
 
     The left side is odd in ``y``, so the solve runs on ``T = |t|`` with a root ``y* >= 0`` and
     the sign is put back at the end. The root lies in a bracket from ``|tanh| <= 1`` and
@@ -130,10 +133,12 @@ def _solve_planar(t: Tensor, s: Tensor, one_plus_s: Tensor, iterations: int) -> 
     tiny = torch.finfo(t.dtype).tiny
     eps = torch.finfo(t.dtype).eps
     T = t.abs()
+    s = one_plus_s - 1.0
     pos = s >= 0
     ratio = T / one_plus_s.clamp_min(tiny)  # may be inf when 1 + s underflows: never chosen then
-    lo = torch.where(pos, torch.maximum(T - s, ratio), T)
-    hi = torch.where(pos, T, torch.minimum(T - s, ratio))
+    # Bounds computed in floating point may miss the root by an ulp: widen them by two.
+    lo = torch.where(pos, torch.maximum(T - s, ratio), T) * (1.0 - 2.0 * eps)
+    hi = torch.where(pos, T, torch.minimum(T - s, ratio)) * (1.0 + 2.0 * eps)
     lo = torch.minimum(lo, hi)
     # s > 0 and large, where tanh saturates: there Newton from below only creeps (about 1/2
     # per step) and the bracket [lo, T] is far too wide to bisect, so tighten hi with
@@ -271,9 +276,7 @@ class Planar(Transform):
         u_hat, s, one_plus_s = self.constrained()
         t = x @ self.w + self.b
         with torch.no_grad():
-            y = _solve_planar(
-                t.detach(), s.detach(), one_plus_s.detach(), self._iterations(x.dtype)
-            )
+            y = _solve_planar(t.detach(), one_plus_s.detach(), self._iterations(x.dtype))
         # Implicit differentiation of F(y) = y + s tanh(y) - t = 0 at the root: attach the
         # graph as a Newton step whose value is exactly zero, so y keeps the solved value and
         # gets the derivative -(dF/dtheta) / (dF/dy).
