@@ -24,6 +24,7 @@ import math
 import os
 import platform
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -45,8 +46,23 @@ class CommandError(Exception):
 # -- argument parsing -----------------------------------------------------------------
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the examples' line breaks, wraps the description, shows meaningful defaults."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n  " in text:  # an epilog of examples: keep it as written
+            return super()._fill_text(text, width, indent)
+        return textwrap.fill(" ".join(text.split()), width, initial_indent=indent,
+                             subsequent_indent=indent)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        shown = not (default is None or default is False or default is True
+                     or default == argparse.SUPPRESS)
+        if shown and "%(default)" not in text and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
 
 
 def _positive_int(text: str) -> int:
@@ -158,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="runs/demo", help="run folder to write (replaced if present)")
     p.add_argument("--steps", type=_positive_int, default=2500, help="optimizer steps")
-    p.add_argument("--dataset", choices=DEMO_DATASETS, default="moons", help="2D toy dataset")
+    p.add_argument("--dataset", choices=DEMO_DATASETS, default="moons", metavar="NAME",
+                   help="2D toy dataset: " + ", ".join(DEMO_DATASETS))
     p.add_argument("--samples", type=_positive_int, default=20000,
                    help="points drawn from the toy (train/validation/test 80/10/10)")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto",
@@ -564,6 +581,8 @@ def _train_run(
         raise CommandError(
             f"--val-fraction + --test-fraction must be below 1, got {val_fraction + test_fraction}"
         )
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise CommandError("--device cuda was given but CUDA is not available here")
     previous = _prepare_out(out, resume=resume, overwrite=overwrite)
 
     # Everything that can fail on bad data fails here, before anything is written.
