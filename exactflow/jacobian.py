@@ -235,44 +235,76 @@ def check_transform(
     check_inverse: bool = True,
     raise_on_failure: bool = True,
 ) -> CheckReport:
-    """Prove a transform right at the points ``x``.
+    """Prove a transform right at the points ``x``, against brute force.
 
-    Runs these checks, each against the brute force rather than the transform's own claims:
+    Nothing the transform says about itself is trusted. The checks, each named in the report:
 
-    1. **shapes and finiteness**: ``forward`` returns ``z`` shaped like ``x`` and a
-       log-det of shape ``(batch,)``, all finite;
-    2. **log_det**: the analytic ``log|det dz/dx|`` equals ``log|det J|`` of the dense
-       autograd Jacobian (:func:`log_abs_det_jacobian`);
-    3. **round_trip**: ``inverse(forward(x))`` returns ``x``;
-    4. **inverse_log_det**: the inverse's log-det is minus the forward one at the same point.
+    1. ``output_shape``, ``log_det_shape``, ``finite``: ``forward`` returns ``z`` shaped
+       like ``x`` and a log-det of shape ``(batch,)``, with no NaN or inf;
+    2. ``log_det``: the transform's own ``log|det dz/dx|`` equals ``log|det J|`` of the
+       dense autograd Jacobian of ``forward`` (:func:`log_abs_det_jacobian`);
+    3. ``round_trip``: ``inverse(forward(x))`` gives back ``x``;
+    4. ``inverse_log_det``: the inverse's log-det is minus the forward one.
 
-    An error passes when ``|analytic - truth| <= atol + rtol * |truth|``. The tolerances
-    default by dtype (float64: 1e-7, float32: 2e-3). Check in float64 for proofs
-    (``transform.double()``, ``x.double()``); float32 checks only catch gross errors.
+    Each error is judged elementwise: it passes when ``|error| <= atol + rtol * |truth|``.
+    The tolerances default by dtype (float64: 1e-7, float32: 2e-3). Prove a transform in
+    float64 (``transform.double()``, ``x.double()``) at random parameters, not only at its
+    initialization, where many layers are the identity; float32 checks catch gross errors.
 
-    Rows are treated as independent samples: check batch-dependent layers (``BatchNorm`` in
-    training mode) in eval mode. The transform's mode and parameters are not changed.
+    Rows are independent samples, so check batch-dependent layers (``BatchNorm`` in
+    training mode) in eval mode. The transform's mode and parameters are left unchanged.
+    Cost: a dense Jacobian and an LU factorization per row, O(batch d^3); a batch of a few
+    rows is enough.
 
     Args:
-        transform: any :class:`Transform`, a user's own subclass included.
+        transform: any :class:`Transform`, a user's own subclass included (conditional
+            ones too: pass ``context``).
         x: points in the transform's domain, ``(batch, features)``.
-        context: ``(batch, context_features)`` for conditional transforms.
+        context: ``(batch, context_features)``, passed to every call.
         atol, rtol: override the dtype's default tolerances.
-        check_inverse: skip checks 3 and 4 for transforms without an inverse.
-        raise_on_failure: raise :class:`CheckError` (default) or just return the report.
+        check_inverse: ``False`` skips checks 3 and 4 (transforms without an inverse).
+        raise_on_failure: raise :class:`CheckError` (default), or only return the report.
 
     Returns:
-        A :class:`CheckReport`; ``report.ok`` is True when all checks passed.
+        A :class:`CheckReport`: ``report.ok``, the largest error of each check
+        (``report.errors``), a line per failure (``report.failures``); ``print(report)``
+        shows them all.
 
     Raises:
-        CheckError: a check failed (the message names it and the size of the error).
+        CheckError: a check failed; the message names each failed check and the size of
+            its error, and ``err.report`` holds the report.
+        ValueError: ``x`` is not a ``(batch, features)`` tensor.
 
     Example:
         >>> import torch, exactflow as ef
         >>> t = ef.transforms.LULinear(3).double()
-        >>> report = ef.check_transform(t, torch.randn(8, 3, dtype=torch.float64))
-        >>> report.ok
-        True
+        >>> with torch.no_grad():  # random parameters, away from the identity
+        ...     _ = t.lower.normal_(), t.upper.normal_(), t.log_diag.normal_()
+        >>> print(ef.check_transform(t, torch.randn(8, 3, dtype=torch.float64)))
+        ... # doctest: +ELLIPSIS
+        check_transform(LULinear) on 8 x 3 float64: OK
+          log_det          max error ... ok
+          round_trip       max error ... ok
+          inverse_log_det  max error ... ok
+
+        A map ``z = A x`` whose log-det is read off the diagonal of ``A`` fails (here
+        ``A = [[2, 1], [1, 1]]``: ``det A = 1``, but the diagonal says ``log 2``):
+
+        >>> class Mix(ef.Transform):
+        ...     def forward(self, x, context=None):
+        ...         z = torch.stack([2 * x[:, 0] + x[:, 1], x[:, 0] + x[:, 1]], 1)
+        ...         return z, x.new_full(x.shape[:1], 0.6931471805599453)
+        ...     def inverse(self, z, context=None):
+        ...         x = torch.stack([z[:, 0] - z[:, 1], 2 * z[:, 1] - z[:, 0]], 1)
+        ...         return x, z.new_full(z.shape[:1], -0.6931471805599453)
+        >>> ef.check_transform(Mix(), torch.randn(4, 2, dtype=torch.float64))
+        ... # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+            ...
+        exactflow.jacobian.CheckError: check_transform(Mix) on 4 x 2 float64: FAILED
+          log_det          max error 6.931e-01 (tolerance 1.0e-07)  FAIL
+        ...
+          - log_det: max error 6.931e-01 exceeds tolerance (atol=1.0e-07, rtol=1.0e-07)
     """
     if not isinstance(x, Tensor) or x.dim() != 2:
         raise ValueError(
