@@ -348,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if isinstance(result, tuple):
         result, code = result
     if args.json:
-        print(json.dumps(result, indent=2, allow_nan=False, default=_json_default))
+        print(json.dumps(_clean(result), indent=2, allow_nan=False, default=_json_default))
     return code
 
 
@@ -363,9 +363,10 @@ def _message(err: BaseException) -> str:
     from .datasets import DataError
     from .io import CheckpointError
     from .report import RunError
+    from .train import TrainingError
 
     text = " ".join(str(err).split()) or type(err).__name__
-    if isinstance(err, (CommandError, DataError, CheckpointError, RunError)):
+    if isinstance(err, (CommandError, DataError, CheckpointError, RunError, TrainingError)):
         return text
     if isinstance(err, OSError) and err.filename is not None:
         return f"{err.strerror or type(err).__name__}: {err.filename!r}"
