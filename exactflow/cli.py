@@ -188,8 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
         "train", parents=[common], formatter_class=_Formatter,
         help="train a flow on a toy dataset or a CSV/.npy/.npz file",
         description="Train a flow by maximum likelihood and write a run folder. DATA is a toy "
-                    "name (" + ", ".join(DEMO_DATASETS) + ") or a CSV, .npy or .npz file of "
-                    "rows. The data is split into train/validation/test, and the training "
+                    "name (" + ", ".join(DEMO_DATASETS) + "), digits (scikit-learn's 8x8 "
+                    "digits, dequantized: 64 features), or a CSV, .npy or .npz file of rows. "
+                    "The data is split into train/validation/test, and the training "
                     "split's mean and standard deviation become the model's first layer, so "
                     "every log-density is in the units of the data.",
         epilog="examples:\n"
@@ -200,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  exactflow train data.csv --model maf --out runs/maf --resume   "
                "# continue an interrupted run\n",
     )
-    p.add_argument("data", metavar="DATA", help="toy name or data file (.csv, .npy, .npz)")
+    p.add_argument("data", metavar="DATA",
+                   help="toy name, digits, or a data file (.csv, .npy, .npz)")
     p.add_argument("--model", required=True, choices=_model_names(), metavar="NAME",
                    help="builder: " + ", ".join(_model_names()))
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder to write")
@@ -480,6 +482,22 @@ def _read_data(spec: str, columns: list[int | str] | None, samples: int, seed: i
             "samples": samples,
             "seed": seed,
             "entropy": TOY_ENTROPY.get(spec),
+        }
+        return arr, info
+    if spec == "digits" and not Path(spec).exists():
+        from .datasets import digits
+
+        arr = digits(seed=seed)
+        if columns is not None:
+            raise CommandError("--columns does not apply to the built-in digits dataset")
+        info = {
+            "source": "builtin",
+            "name": "digits",
+            "path": None,
+            "columns": None,
+            "column_names": [f"pixel{i}" for i in range(arr.shape[1])],
+            "seed": seed,
+            "entropy": None,
         }
         return arr, info
     return _read_table(spec, columns)

@@ -537,3 +537,16 @@ def test_output_files_have_ordinary_permissions(run_dir, tmp_path):
     os.umask(mask)
     assert code == 0
     assert (tmp_path / "s.csv").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_builtin_digits_run_checks_in_64_dimensions(tmp_path):
+    pytest.importorskip("sklearn")
+    out_dir = tmp_path / "digits"
+    code, _, err = run_cli(["train", "digits", "--model", "maf", "--layers", "2", "--hidden",
+                            "16", "--steps", "5", "--no-report", "--out", out_dir])
+    assert code == 0, err
+    info = json.loads((out_dir / "run.json").read_text())
+    assert info["data"]["features"] == 64 and info["data"]["rows"]["total"] == 1797
+    code, out, err = run_cli(["check", out_dir, "--points", "32", "--json"])
+    assert code == 0, err
+    assert all(r["ok"] for r in json.loads(out)["layers"])
