@@ -139,6 +139,25 @@ def test_planar_constraint_holds_for_any_raw_parameters(u, w, w_scale):
 
 
 @given(
+    u=st.lists(st.floats(-100, 100), min_size=2, max_size=2),
+    w=st.lists(st.floats(-10, 10), min_size=2, max_size=2),
+    w_scale=st.sampled_from([1.0, 1e-4, 1e-8]),
+    b=st.floats(-30, 30),
+)
+def test_planar_solve_round_trips_for_any_raw_parameters(u, w, w_scale, b):
+    t = set_params(Planar(2).double(), u=u, w=[w_scale * v for v in w], b=b)
+    gen = torch.Generator().manual_seed(0)
+    x = 5.0 * torch.randn(16, 2, generator=gen, dtype=torch.float64)
+    x[0] = 0.0
+    z, ladj = t(x)
+    x_back, ladj_inv = t.inverse(z)
+    for v in (z, ladj, x_back, ladj_inv):
+        assert torch.isfinite(v).all()
+    assert (x_back - x).abs().max() <= 1e-10 * (1 + x.abs().max() + z.abs().max())
+    assert (ladj + ladj_inv).abs().max() <= 1e-8 * (1 + ladj.abs().max())
+
+
+@given(
     raw_alpha=st.floats(-50, 50),
     raw_beta=st.floats(-50, 50),
 )
