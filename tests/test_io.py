@@ -61,11 +61,15 @@ def test_standardization_travels_with_the_model(tmp_path):
     assert_same_density(flow, loaded, data[:50])
 
 
-def test_trained_model_round_trips(tmp_path):
+def test_a_trained_realnvp_with_batch_norm_round_trips(tmp_path):
     data = ef.datasets.toy("moons", 600, seed=0)
-    flow = ef.models.realnvp(2, layers=2, hidden=(8,), batch_norm=False)
+    flow = ef.models.realnvp(2, layers=3, hidden=(8,))
     ef.fit(flow, data, steps=20, batch_size=100, lr=1e-2, **CPU)
+    stats = {k: v for k, v in flow.state_dict().items() if "running" in k}
+    assert stats and not all(torch.equal(v, torch.zeros_like(v)) for v in stats.values())
     loaded = load(save(flow, tmp_path / "m.pt"))
+    for k, v in stats.items():
+        assert torch.equal(loaded.state_dict()[k], v)
     assert_same_density(flow, loaded, data[:100])
 
 

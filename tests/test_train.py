@@ -305,12 +305,18 @@ class Interrupt(Exception):
     pass
 
 
-def test_resume_matches_an_uninterrupted_run(tmp_path):
+def small_realnvp(seed: int) -> ef.Flow:
+    torch.manual_seed(seed)
+    return ef.models.realnvp(2, layers=3, hidden=(16,))  # with batch norm between couplings
+
+
+@pytest.mark.parametrize("make", [affine_flow, small_realnvp], ids=["affine", "realnvp"])
+def test_resume_matches_an_uninterrupted_run(tmp_path, make):
     data = gaussian_data(700)
     train, val = data[:300], data[300:]  # 300 // 64 = 4 batches per epoch: many epochs
-    kwargs = dict(steps=60, batch_size=64, lr=0.05, eval_every=5, **CPU, seed=3)
+    kwargs = dict(steps=60, batch_size=64, lr=0.02, eval_every=5, **CPU, seed=3)
 
-    whole = affine_flow(seed=2)
+    whole = make(seed=2)
     h_whole = fit(whole, train, val, **kwargs)
 
     path = tmp_path / "run.ckpt"
@@ -319,12 +325,12 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
         if history.steps[-1] == 35:
             raise Interrupt
 
-    first = affine_flow(seed=2)
+    first = make(seed=2)
     with pytest.raises(Interrupt):
         fit(first, train, val, checkpoint=path, checkpoint_every=10, callback=crash_at_35,
             **kwargs)
     assert path.exists()  # written at step 30
-    resumed = affine_flow(seed=99)  # a fresh object; its own initial weights are overwritten
+    resumed = make(seed=99)  # a fresh object; its own initial weights are overwritten
     h_resumed = fit(resumed, train, val, checkpoint=path, checkpoint_every=10, resume=True,
                     **kwargs)
     same_history(h_whole, h_resumed)
@@ -332,7 +338,7 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
     assert all(torch.equal(whole_state[k], resumed_state[k]) for k in whole_state)
     assert [name for name in os.listdir(tmp_path)] == ["run.ckpt"]
     # Resuming a finished run returns its history without training further.
-    again = affine_flow(seed=5)
+    again = make(seed=5)
     h_again = fit(again, train, val, checkpoint=path, resume=True, **kwargs)
     same_history(h_whole, h_again)
     assert all(torch.equal(whole_state[k], v) for k, v in again.state_dict().items())
