@@ -64,10 +64,10 @@ class AdditiveMap(MonotonicMap):
     params_per_feature = 1
 
     def forward(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
-        return x + params[..., 0], torch.zeros_like(x)
+        return x + params.squeeze(-1), torch.zeros_like(x)
 
     def inverse(self, y: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
-        return y - params[..., 0], torch.zeros_like(y)
+        return y - params.squeeze(-1), torch.zeros_like(y)
 
 
 class AffineMap(MonotonicMap):
@@ -97,8 +97,10 @@ class AffineMap(MonotonicMap):
         self.scale_bound = float(scale_bound)
 
     def _shift_log_scale(self, params: Tensor) -> tuple[Tensor, Tensor]:
-        shift = params[..., 0]
-        log_scale = self.scale_bound * torch.tanh(params[..., 1] / self.scale_bound)
+        # unbind/split rather than indexing: their backward is one stack/cat instead of a
+        # zero-filled tensor per slice.
+        shift, raw = params.unbind(dim=-1)
+        log_scale = self.scale_bound * torch.tanh(raw / self.scale_bound)
         return shift, log_scale
 
     def forward(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
@@ -143,7 +145,8 @@ class SplineMap(MonotonicMap):
 
     def _split(self, params: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         k = self.bins
-        return params[..., :k], params[..., k : 2 * k], params[..., 2 * k :]
+        widths, heights, derivatives = params.split([k, k, k - 1], dim=-1)
+        return widths, heights, derivatives
 
     def forward(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
         widths, heights, derivatives = self._split(params)
