@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 PIP     = $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: demo test install install-dev bench bench-quick lint clean
+.PHONY: demo test install install-dev bench bench-quick lint clean figures
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,11 @@ demo: install
 	$(BIN)/exactflow demo --out runs/demo
 
 test: install-dev
-	$(BIN)/python -m pytest -n 2 --dist loadfile -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadfile -q
+
+figures: install
+	$(BIN)/exactflow demo --out runs/demo
+	cp runs/demo/report/data_vs_model.png runs/demo/report/cartographer.png docs/figures/
 
 lint: install-dev
 	$(BIN)/ruff check exactflow tests benchmarks
