@@ -170,6 +170,14 @@ def save(flow: Flow, path: str | os.PathLike[str]) -> Path:
         TypeError: ``flow`` is not an :class:`exactflow.Flow`.
         ValueError: the flow has no builder config (built by hand), or its config is not
             JSON-serializable.
+
+    Example:
+        >>> import os, tempfile, torch, exactflow as ef
+        >>> flow = ef.models.planar(2, layers=2)
+        >>> path = ef.save(flow, os.path.join(tempfile.mkdtemp(), "model.pt"))
+        >>> x = torch.randn(3, 2)
+        >>> torch.equal(ef.load(path).log_prob(x), flow.log_prob(x))
+        True
     """
     if not isinstance(flow, Flow):
         raise TypeError(f"save expects an exactflow Flow, got {type(flow).__name__}")
