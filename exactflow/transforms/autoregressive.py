@@ -134,6 +134,9 @@ class MaskedAutoregressive(Transform):
     def _solve(self, v: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         """The ``u`` with ``g(u; theta(u)) = v`` and ``log|det du/dv|``: ``features`` passes.
 
+        (Without a context the first pass runs on one row and is broadcast: ``features - 1``
+        full passes.)
+
         After pass ``k`` the first ``k`` features in the order are exact, because
         ``theta`` of the ``k``-th depends only on the ``k - 1`` before it; the last pass
         uses exact inputs throughout, so its log-det is exact too.
@@ -141,7 +144,14 @@ class MaskedAutoregressive(Transform):
         context = self._context(context)
         u = torch.zeros_like(v)
         log_det = v.new_zeros(v.shape)
-        for _ in range(self.features):
+        passes = range(self.features)
+        if context is None:
+            # The first pass sees u = 0 and no context: the same parameters for every row,
+            # so one row's pass does (a 2-D MAF samples in one full pass instead of two).
+            params = self.made(u[:1], None).expand(v.shape[0], -1, -1)
+            u, log_det = self.monotonic.inverse(v, params)
+            passes = range(1, self.features)
+        for _ in passes:
             params = self.made(u, context)
             u, log_det = self.monotonic.inverse(v, params)
         return u, log_det.sum(dim=1)
