@@ -1058,8 +1058,12 @@ def fit_reverse_kl(
     ``final_samples`` fresh samples and its result is stored in ``history.final``: the bound
     ``elbo`` with ``elbo_se``, and ``log_z_is`` with ``log_z_is_se``.
 
-    Defaults follow what works for planar flows on Rezende & Mohamed's energies: lr 1e-2
-    with 512 samples per step (lr 1e-3 stalls far from the optimum at K = 32).
+    Defaults follow what works for planar flows on Rezende & Mohamed's energies: Adam at lr
+    1e-2 with a constant schedule (lr 1e-3 stalls far from the optimum at K = 32). For small
+    flows a step's cost is mostly fixed overhead, so more samples per step are nearly free
+    and cut the gradient noise: measured here on U1 with 32 planar layers, 600 steps of 2048
+    samples reach a KL gap of 0.016-0.017 nats (three seeds), while 500-800 steps of 512
+    samples end between 0.018 and 0.049 depending on the seed.
 
     Args:
         flow: the flow ``q`` (modified in place, left in eval mode on ``device``).
