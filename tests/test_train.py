@@ -527,6 +527,25 @@ def test_progress_bar_only_on_a_terminal(monkeypatch, capsys):
     assert "fit" in err and "3/3" in err and "nll=" in err
 
 
+def test_no_progress_bar_without_tqdm(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    h = fit(affine_flow(), gaussian_data(200), steps=3, batch_size=64, progress=True,
+            device="cpu")
+    assert h.total_steps == 3 and capsys.readouterr().err == ""
+
+
+def test_weight_decay_pulls_weights_towards_zero():
+    train, _ = shifted_problem()  # whitening x ~ N(4, 0.5^2) takes z = 2 x - 8
+    shifts = []
+    for decay in (0.0, 1.0):
+        flow = ef.Flow(ElementwiseAffine(2), ef.StandardNormal(2))
+        fit(flow, train, steps=200, batch_size=64, lr=0.05, weight_decay=decay, **CPU)
+        shifts.append(float(flow.transform.shift.detach().abs().mean()))
+    assert shifts[0] > 2.0 and shifts[1] < shifts[0] - 0.5
+
+
 @pytest.mark.gpu
 def test_fit_on_cuda_moves_batches_and_matches_cpu_quality():
     data = gaussian_data(1000)
