@@ -16,7 +16,7 @@ import exactflow as ef
 from exactflow.datasets import DataError
 from exactflow.io import CheckpointError
 from exactflow.train import History, TrainingError, evaluate, fit
-from exactflow.transforms import ElementwiseAffine, LULinear
+from exactflow.transforms import ActNorm, ElementwiseAffine, LULinear
 
 # Train on the CPU without a progress bar (the GPU test asks for CUDA itself).
 CPU = {"progress": False, "device": "cpu"}
@@ -310,7 +310,15 @@ def small_realnvp(seed: int) -> ef.Flow:
     return ef.models.realnvp(2, layers=3, hidden=(16,))  # with batch norm between couplings
 
 
-@pytest.mark.parametrize("make", [affine_flow, small_realnvp], ids=["affine", "realnvp"])
+def actnorm_flow(seed: int) -> ef.Flow:
+    torch.manual_seed(seed)
+    layers = ef.Compose(ActNorm(2), LULinear(2), ActNorm(2))  # data-dependent initialization
+    return ef.Flow(layers, ef.StandardNormal(2))
+
+
+@pytest.mark.parametrize(
+    "make", [affine_flow, small_realnvp, actnorm_flow], ids=["affine", "realnvp", "actnorm"]
+)
 def test_resume_matches_an_uninterrupted_run(tmp_path, make):
     data = gaussian_data(700)
     train, val = data[:300], data[300:]  # 300 // 64 = 4 batches per epoch: many epochs
