@@ -337,8 +337,9 @@ def _float_dtype(flow: nn.Module) -> torch.dtype:
 @contextmanager
 def _forked_rng(device: torch.device, seed: int) -> Iterator[None]:
     """Seed torch's RNG for the run and give the caller's RNG state back afterwards."""
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] \
-        if device.type == "cuda" else []
+    devices: list[int] = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
