@@ -32,6 +32,17 @@ figures: install
 	$(BIN)/exactflow demo --out runs/demo
 	cp runs/demo/report/data_vs_model.png runs/demo/report/cartographer.png docs/figures/
 
+$(VENV)/.installed-bench: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) -e ".[bench]"
+	touch $@
+
+# Head-to-head benchmark against zuko, nflows and normflows (benchmarks/README.md).
+bench: $(VENV)/.installed-bench
+	$(BIN)/python -m benchmarks.run
+
+bench-quick: $(VENV)/.installed-bench
+	$(BIN)/python -m benchmarks.run --quick
+
 lint: install-dev
 	$(BIN)/ruff check exactflow tests benchmarks
 
