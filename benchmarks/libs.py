@@ -8,8 +8,9 @@ everywhere. The architectures, as far as each library allows:
   and ReLU, feature order reversed between layers, standard normal base.
 * **RealNVP**: 8 affine coupling layers, alternating masks, MLP conditioner ``2 x h`` with
   ReLU, **no batch norm** in any library.
-* **NSF**: 5 rational-quadratic spline coupling layers, 8 bins, bound 5 (linear tails in
-  nflows/normflows/exactflow, identity tails in zuko), alternating masks, MLP ``2 x h``.
+* **NSF**: 5 rational-quadratic spline coupling layers, 8 bins, bound 5, the identity
+  outside ``[-5, 5]`` with unit slope at the boundary in all four (nflows/normflows call
+  it "linear" tails), alternating masks, MLP ``2 x h``.
 
 Per-library notes (what each one's own API gives; kept as close as it allows):
 
@@ -143,7 +144,7 @@ def _zuko(model: str, d: int, h: int) -> Model:
             DiagNormal, torch.zeros(d), torch.ones(d), buffer=True
         )
         flow = Flow(layers, base)
-        note = "GeneralCouplingTransform + MonotonicRQSTransform (identity tails)"
+        note = "GeneralCouplingTransform + MonotonicRQSTransform"
     return Model(
         "zuko", model, flow,
         lambda x: flow().log_prob(x),

@@ -61,6 +61,7 @@ class Settings:
     repeats: int = 5
     repeat_budget_s: float = 6.0
     memory_steps: int = 5
+    memory_data: tuple[str, ...] = ("moons", "gmm10", "digits")
 
 
 FULL = Settings(
@@ -70,12 +71,13 @@ FULL = Settings(
     repeat_budget_s=8.0,
 )
 QUICK = Settings(
-    steps={"moons": 80, "gmm10": 60, "digits": 24},
+    steps={"moons": 64, "gmm10": 48, "digits": 16},
     window=8,
     sample_points={"digits": 1_000},
     repeats=2,
-    repeat_budget_s=1.5,
+    repeat_budget_s=1.0,
     memory_steps=3,
+    memory_data=("moons",),
 )
 
 
@@ -382,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         for model_name in [s for s in args.models.split(",") if s]:
             t0 = time.perf_counter()
             config_rows = bench_config(dataset, model_name, libraries, settings, args)
-            if not args.no_memory:
+            if not args.no_memory and data_name in settings.memory_data:
                 for row in config_rows:
                     if not row["library"].endswith("+compile"):  # same model code as eager
                         row["peak_mb"] = measure_memory(row, args, settings.memory_steps)
