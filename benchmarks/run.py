@@ -65,7 +65,7 @@ class Settings:
 
 
 FULL = Settings(
-    steps={"moons": 1500, "gmm10": 1500, "digits": 500},
+    steps={"moons": 1200, "gmm10": 1200, "digits": 400},
     window=50,
     repeats=5,
     repeat_budget_s=8.0,
