@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Transform", "Compose", "Inverse", "check_domain"]
+__all__ = ["Transform", "Compose", "Inverse", "check_domain", "check_features", "check_input"]
 
 
 class Transform(nn.Module):
@@ -162,3 +162,39 @@ def _is_vmapped(t: Tensor) -> bool:
     except AttributeError:  # a torch without these internals: keep checking eagerly
         return False
     return False
+
+
+def check_features(features: int, name: str) -> int:
+    """Return ``features`` if it is a positive int, else raise ``ValueError`` naming ``name``."""
+    if isinstance(features, bool) or not isinstance(features, int) or features < 1:
+        raise ValueError(f"{name}: features must be a positive int, got {features!r}")
+    return features
+
+
+def check_input(
+    x: Tensor,
+    features: int,
+    name: str,
+    context: Tensor | None = None,
+    context_features: int = 0,
+) -> None:
+    """Raise ``ValueError`` naming the layer unless ``x`` is ``(batch, features)`` and, for a
+    conditional layer, ``context`` is ``(batch, context_features)``.
+
+    Shapes are static, so this check costs nothing at run time and traces under
+    ``torch.compile``.
+    """
+    if x.dim() != 2 or x.shape[1] != features:
+        raise ValueError(
+            f"{name} expects input of shape (batch, {features}), got {tuple(x.shape)}"
+        )
+    if context_features > 0:
+        if context is None:
+            raise ValueError(
+                f"{name} is conditional: pass a context of shape (batch, {context_features})"
+            )
+        if context.dim() != 2 or context.shape != (x.shape[0], context_features):
+            raise ValueError(
+                f"context must have shape ({x.shape[0]}, {context_features}), "
+                f"got {tuple(context.shape)}"
+            )

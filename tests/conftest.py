@@ -45,6 +45,19 @@ else:
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """One intra-op thread per test process.
+
+    The models under test are small: they run fastest on one thread, and ``make test``
+    runs two pytest-xdist workers on two cores, where more threads only contend.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("exactflow")
     group.addoption(

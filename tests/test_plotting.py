@@ -17,14 +17,6 @@ from exactflow.report import flatten_layers  # noqa: E402
 from tests.helpers import perturb  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def hand_built_flow(features: int = 2) -> ef.Flow:
     """Couplings, a linear layer and a scale, perturbed away from the identity."""
     t = ef.transforms

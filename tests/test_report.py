@@ -25,14 +25,6 @@ TINY = ["--model", "maf", "--layers", "2", "--hidden", "16", "--steps", "30",
         "--batch-size", "128", "--no-report"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def train(argv: list) -> None:
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

@@ -25,14 +25,6 @@ def gaussian_target(x: Tensor) -> Tensor:
     return -0.5 * (((x - MU.to(x)) / SIGMA.to(x)) ** 2).sum(-1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def affine_flow(log_scale: Tensor | None = None, shift: Tensor | None = None) -> ef.Flow:
     """``q = N(shift', diag(scale'^2))`` through one affine layer (data = latent direction)."""
     flow = ef.Flow(ElementwiseAffine(3), ef.StandardNormal(3)).double()

@@ -20,14 +20,6 @@ MAX_GAP = {"U2": 0.08, "U3": 0.2, "U4": 0.2}
 MAX_LOG_Z_ERROR = {"U2": 0.02, "U3": 0.02, "U4": 0.06}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(MAX_GAP))
 def test_planar_flow_bounds_and_estimates_log_z_of_confined_energies(name):

@@ -20,15 +20,6 @@ import exactflow as ef  # noqa: E402
 from exactflow.sklearn import FlowDensity  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models run fastest on one thread, and a busy machine makes more threads crawl.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny(**kwargs) -> FlowDensity:
     params = dict(layers=2, hidden=(8,), steps=5, batch_size=16, random_state=0)
     params.update(kwargs)

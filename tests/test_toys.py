@@ -33,14 +33,6 @@ MIN_GAIN = {
 STEPS, BATCH, LR = 1500, 256, 2e-3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(MIN_GAIN))
 def test_default_realnvp_learns_each_2d_toy(name):

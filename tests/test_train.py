@@ -21,16 +21,6 @@ from exactflow.transforms import ActNorm, ElementwiseAffine, LULinear
 # Train on the CPU without a progress bar (the GPU test asks for CUDA itself).
 CPU = {"progress": False, "device": "cpu"}
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These tests run many tiny ops; on a shared 2-core machine intra-op threads only add
-    # contention. Restore the previous setting afterwards.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def affine_flow(d: int = 2, seed: int = 0) -> ef.Flow:
     torch.manual_seed(seed)
     return ef.Flow(ef.Compose(LULinear(d), ElementwiseAffine(d)), ef.StandardNormal(d))

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..core import Transform
+from ..core import Transform, check_input
 from ..nn import MADE, Activation
 from .monotonic import AffineMap, MonotonicMap, SplineMap, monotonic_map
 
@@ -105,22 +105,7 @@ class MaskedAutoregressive(Transform):
         return self.made.order
 
     def _check(self, x: Tensor, context: Tensor | None) -> None:
-        if x.dim() != 2 or x.shape[1] != self.features:
-            raise ValueError(
-                f"{type(self).__name__} expects x of shape (batch, {self.features}), "
-                f"got {tuple(x.shape)}"
-            )
-        if self.context_features > 0:
-            if context is None:
-                raise ValueError(
-                    f"{type(self).__name__} is conditional: pass a context of shape "
-                    f"(batch, {self.context_features})"
-                )
-            if context.dim() != 2 or context.shape != (x.shape[0], self.context_features):
-                raise ValueError(
-                    f"context must have shape ({x.shape[0]}, {self.context_features}), "
-                    f"got {tuple(context.shape)}"
-                )
+        check_input(x, self.features, type(self).__name__, context, self.context_features)
 
     def _context(self, context: Tensor | None) -> Tensor | None:
         return context if self.context_features > 0 else None

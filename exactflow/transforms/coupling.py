@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..core import Transform
+from ..core import Transform, check_input
 from ..nn import MLP, Activation
 from .monotonic import AdditiveMap, AffineMap, MonotonicMap, SplineMap, monotonic_map
 
@@ -147,22 +147,7 @@ class Coupling(Transform):
         )
 
     def _check(self, x: Tensor, context: Tensor | None) -> None:
-        if x.dim() != 2 or x.shape[1] != self.features:
-            raise ValueError(
-                f"{type(self).__name__} expects x of shape (batch, {self.features}), "
-                f"got {tuple(x.shape)}"
-            )
-        if self.context_features > 0:
-            if context is None:
-                raise ValueError(
-                    f"{type(self).__name__} is conditional: pass a context of shape "
-                    f"(batch, {self.context_features})"
-                )
-            if context.dim() != 2 or context.shape != (x.shape[0], self.context_features):
-                raise ValueError(
-                    f"context must have shape ({x.shape[0]}, {self.context_features}), "
-                    f"got {tuple(context.shape)}"
-                )
+        check_input(x, self.features, type(self).__name__, context, self.context_features)
 
     def _params(self, x_a: Tensor, context: Tensor | None) -> Tensor:
         inputs = x_a if self.context_features == 0 else torch.cat([x_a, context], dim=1)

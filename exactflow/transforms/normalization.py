@@ -11,22 +11,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..core import Transform
+from ..core import Transform, check_features, check_input
 
 __all__ = ["BatchNorm", "ActNorm"]
-
-
-def _check_features(features: int, name: str) -> int:
-    if isinstance(features, bool) or not isinstance(features, int) or features < 1:
-        raise ValueError(f"{name}: features must be a positive int, got {features!r}")
-    return features
-
-
-def _check_input(x: Tensor, features: int, name: str) -> None:
-    if x.dim() != 2 or x.shape[1] != features:
-        raise ValueError(
-            f"{name} expects input of shape (batch, {features}), got {tuple(x.shape)}"
-        )
 
 
 class BatchNorm(Transform):
@@ -75,7 +62,7 @@ class BatchNorm(Transform):
 
     def __init__(self, features: int, momentum: float = 0.1, eps: float = 1e-5):
         super().__init__()
-        self.features = _check_features(features, "BatchNorm")
+        self.features = check_features(features, "BatchNorm")
         if not 0.0 < momentum <= 1.0:
             raise ValueError(f"BatchNorm: momentum must be in (0, 1], got {momentum}")
         if not eps > 0.0:
@@ -89,7 +76,7 @@ class BatchNorm(Transform):
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Data -> latent with batch statistics (training) or running averages (eval)."""
-        _check_input(x, self.features, "BatchNorm")
+        check_input(x, self.features, "BatchNorm")
         if self.training:
             batch = x.shape[0]
             if batch < 2:
@@ -110,7 +97,7 @@ class BatchNorm(Transform):
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Latent -> data with the running averages (in both modes)."""
-        _check_input(z, self.features, "BatchNorm.inverse")
+        check_input(z, self.features, "BatchNorm.inverse")
         log_scale = self.log_gamma - 0.5 * torch.log(self.running_var + self.eps)
         x = (z - self.beta) * torch.exp(-log_scale) + self.running_mean
         return x, (-log_scale.sum()).expand(z.shape[0])
@@ -167,7 +154,7 @@ class ActNorm(Transform):
 
     def __init__(self, features: int, eps: float = 1e-6):
         super().__init__()
-        self.features = _check_features(features, "ActNorm")
+        self.features = check_features(features, "ActNorm")
         if not eps > 0.0:
             raise ValueError(f"ActNorm: eps must be positive, got {eps}")
         self.eps = float(eps)
@@ -180,7 +167,7 @@ class ActNorm(Transform):
     @torch.no_grad()
     def initialize(self, x: Tensor) -> None:
         """Set ``bias`` and ``log_scale`` so that ``forward(x)`` has zero mean, unit variance."""
-        _check_input(x, self.features, "ActNorm.initialize")
+        check_input(x, self.features, "ActNorm.initialize")
         x = x.detach()
         self.bias.copy_(-x.mean(0))
         if x.shape[0] > 1:
@@ -192,7 +179,7 @@ class ActNorm(Transform):
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Data -> latent; the first call in training mode initializes from ``x``."""
-        _check_input(x, self.features, "ActNorm")
+        check_input(x, self.features, "ActNorm")
         if self._needs_init and self.training and not torch.compiler.is_compiling():
             if bool(self.initialized):  # set by hand or by a load that bypassed the hook
                 self._needs_init = False
@@ -203,7 +190,7 @@ class ActNorm(Transform):
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Latent -> data with the current parameters (never initializes)."""
-        _check_input(z, self.features, "ActNorm.inverse")
+        check_input(z, self.features, "ActNorm.inverse")
         x = z * torch.exp(-self.log_scale) - self.bias
         return x, (-self.log_scale.sum()).expand(z.shape[0])
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core import Transform
+from ..core import Transform, check_features, check_input
 
 __all__ = ["Planar", "Radial"]
 
@@ -34,19 +34,6 @@ _ONE_MINUS_INV_E = 1.0 - 1.0 / math.e
 # safeguarded iteration reached 1e-12 (float64) / 1e-6 (float32) relative error, or the
 # rounding floor of an ill-conditioned row, within 12 and 10 steps; the defaults leave margin.
 _DEFAULT_ITERATIONS = {torch.float64: 30, torch.float32: 20, torch.float16: 20, torch.bfloat16: 20}
-
-
-def _check_features(features: int, name: str) -> int:
-    if isinstance(features, bool) or not isinstance(features, int) or features < 1:
-        raise ValueError(f"{name}: features must be a positive int, got {features!r}")
-    return features
-
-
-def _check_input(x: Tensor, features: int, name: str) -> None:
-    if x.dim() != 2 or x.shape[1] != features:
-        raise ValueError(
-            f"{name} expects input of shape (batch, {features}), got {tuple(x.shape)}"
-        )
 
 
 def _m(a: Tensor) -> Tensor:
@@ -244,7 +231,7 @@ class Planar(Transform):
 
     def __init__(self, features: int, iterations: int | None = None):
         super().__init__()
-        self.features = _check_features(features, "Planar")
+        self.features = check_features(features, "Planar")
         if iterations is not None and (not isinstance(iterations, int) or iterations < 1):
             raise ValueError(f"Planar: iterations must be a positive int, got {iterations!r}")
         self.iterations = iterations
@@ -273,7 +260,7 @@ class Planar(Transform):
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Data -> latent by the Newton solve: returns ``(z, -log(1 + s tanh'(y)))``."""
-        _check_input(x, self.features, "Planar")
+        check_input(x, self.features, "Planar")
         u_hat, s, one_plus_s = self.constrained()
         t = x @ self.w + self.b
         with torch.no_grad():
@@ -289,7 +276,7 @@ class Planar(Transform):
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Latent -> data in closed form: returns ``(g(z), log(1 + s tanh'(w . z + b)))``."""
-        _check_input(z, self.features, "Planar.inverse")
+        check_input(z, self.features, "Planar.inverse")
         u_hat, _, one_plus_s = self.constrained()
         y = z @ self.w + self.b
         x = z + torch.tanh(y).unsqueeze(-1) * u_hat
@@ -347,7 +334,7 @@ class Radial(Transform):
 
     def __init__(self, features: int):
         super().__init__()
-        self.features = _check_features(features, "Radial")
+        self.features = check_features(features, "Radial")
         self.z0 = nn.Parameter(torch.randn(features))
         self.raw_alpha = nn.Parameter(torch.zeros(()))
         self.raw_beta = nn.Parameter(torch.zeros(()))
@@ -371,7 +358,7 @@ class Radial(Transform):
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Data -> latent by the closed-form root for the radius."""
-        _check_input(x, self.features, "Radial")
+        check_input(x, self.features, "Radial")
         alpha, _, gamma = self.constrained()
         diff = x - self.z0
         rho = self._radius(diff)
@@ -386,7 +373,7 @@ class Radial(Transform):
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Latent -> data in closed form: ``(g(z), log|det dg/dz|)``."""
-        _check_input(z, self.features, "Radial.inverse")
+        check_input(z, self.features, "Radial.inverse")
         alpha, _, gamma = self.constrained()
         diff = z - self.z0
         r = self._radius(diff)

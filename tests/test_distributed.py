@@ -1,0 +1,290 @@
+"""Data-parallel fit on torch.distributed: two gloo processes on 127.0.0.1 against one process.
+
+The multi-process scenarios share one launch (starting processes costs seconds on a small
+machine): each worker returns what it trained and the assertions run here.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+import exactflow as ef
+from exactflow.distributed import _combine, _Replicas
+from tests.helpers import perturb
+
+FEATURES = 5  # odd on purpose
+BATCH = 63  # global batch: shares of 32 and 31 rows
+STEPS = 8
+
+
+def _gloo_missing() -> str | None:
+    if not dist.is_available():
+        return "this torch build has no torch.distributed"
+    if not dist.is_gloo_available():
+        return "this torch build has no gloo backend"
+    return None
+
+
+needs_gloo = pytest.mark.skipif(_gloo_missing() is not None, reason=str(_gloo_missing()))
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(7)
+    mix = torch.randn(FEATURES, FEATURES, generator=gen, dtype=torch.float64)
+    x = torch.randn(400, FEATURES, generator=gen, dtype=torch.float64) @ mix
+    x = x + torch.randn(400, FEATURES, generator=gen, dtype=torch.float64).pow(2)
+    return x[:299], x[299:]  # 101 validation rows: unequal shares too
+
+
+def _actnorm_maf(seed: int) -> ef.Flow:
+    """ActNorm (data-initialized) then a 2-layer MAF, float64, away from the identity."""
+    torch.manual_seed(seed)
+    maf = ef.models.maf(FEATURES, layers=2, hidden=(16,))
+    perturb(maf, 0.1, seed=seed)
+    transform = ef.Compose(ef.transforms.ActNorm(FEATURES), maf.transform)
+    return ef.Flow(transform, ef.StandardNormal(FEATURES)).double()
+
+
+def _bn_realnvp(seed: int) -> ef.Flow:
+    torch.manual_seed(seed)
+    flow = ef.models.realnvp(FEATURES, layers=2, hidden=(16,), batch_norm=True)
+    return perturb(flow, 0.1, seed=seed).double()
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _interrupt_at(step: int) -> Any:
+    def callback(history: ef.History) -> None:
+        if history.steps[-1] == step:
+            raise _Interrupt
+
+    return callback
+
+
+MAF_ARGS: dict[str, Any] = dict(
+    steps=STEPS, batch_size=BATCH, lr=1e-2, eval_every=2, progress=False, device="cpu", seed=3
+)
+
+
+def _state(flow: ef.Flow) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in flow.state_dict().items()}
+
+
+def _worker(rank: int, folder: str) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    train, val = _data()
+    out: dict[str, Any] = {}
+
+    # 0. Ranks that disagree on an argument stop at the start, all with the same error.
+    try:
+        ef.fit(_actnorm_maf(0), train, steps=2, batch_size=BATCH + rank, progress=False)
+    except ValueError as err:
+        out["mismatch"] = str(err)
+
+    # 1. ActNorm + MAF, each rank starting from different weights (rank 0's are broadcast);
+    #    every rank names its own checkpoint path so that a write by rank 1 would show.
+    flow = _actnorm_maf(seed=rank)
+    history = ef.fit(flow, train, val, checkpoint=Path(folder) / f"maf-{rank}.pt", **MAF_ARGS)
+    out["maf"] = _state(flow)
+    out["maf_history"] = (history.steps, history.train_nll, history.val_nll, history.best_step)
+
+    # 2. The same run interrupted after step 6 (last checkpoint at step 4), then resumed.
+    flow = _actnorm_maf(seed=rank)
+    shared = Path(folder) / "resume.pt"
+    try:
+        ef.fit(flow, train, val, checkpoint=shared, checkpoint_every=4,
+               callback=_interrupt_at(6), **MAF_ARGS)
+    except _Interrupt:
+        pass
+    flow = _actnorm_maf(seed=rank)
+    ef.fit(flow, train, val, checkpoint=shared, checkpoint_every=4, resume=True, **MAF_ARGS)
+    out["resumed"] = _state(flow)
+
+    # 3. A callback that stops on rank 1 alone stops both ranks at the same step.
+    flow = _actnorm_maf(seed=rank)
+    history = ef.fit(flow, train, val, steps=6, batch_size=BATCH, eval_every=1, progress=False,
+                     callback=lambda h: rank == 1 and h.steps[-1] == 2)
+    out["stopped"] = (history.total_steps, history.stopped_early, history.steps)
+
+    # 4. RealNVP with batch norm, no validation data: per-rank batch statistics in training,
+    #    running averages averaged across ranks.
+    flow = _bn_realnvp(seed=rank)
+    ef.fit(flow, train, steps=5, batch_size=64, lr=1e-2, eval_every=2, progress=False,
+           device="cpu")
+    out["bn"] = _state(flow)
+    with torch.no_grad():
+        out["bn_logp"] = flow.log_prob(val)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    folder = tmp_path_factory.mktemp("distributed")
+    results = ef.distributed.launch(_worker, 2, str(folder), threads=1, timeout=120)
+    return {"ranks": results, "folder": folder}
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if a[key].is_floating_point():
+            torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=key)
+        else:
+            assert torch.equal(a[key], b[key]), key
+
+
+@needs_gloo
+def test_two_ranks_match_one_process_on_the_same_global_batches(runs: dict[str, Any]) -> None:
+    train, val = _data()
+    flow = _actnorm_maf(seed=0)  # rank 0's starting point
+    history = ef.fit(flow, train, val, **MAF_ARGS)
+    reference = _state(flow)
+    start = _state(_actnorm_maf(seed=0))
+    moved = max((reference[k] - start[k]).abs().max().item() for k in start
+                if start[k].is_floating_point())
+    assert moved > 1e-2  # the comparison is not between two untrained flows
+    for rank in (0, 1):
+        _assert_same(runs["ranks"][rank]["maf"], reference, atol=1e-5)
+        steps, train_nll, val_nll, best_step = runs["ranks"][rank]["maf_history"]
+        assert steps == history.steps and best_step == history.best_step
+        np.testing.assert_allclose(train_nll, history.train_nll, rtol=1e-9)
+        np.testing.assert_allclose(val_nll, history.val_nll, rtol=1e-9)
+
+
+@needs_gloo
+def test_ranks_end_with_identical_weights(runs: dict[str, Any]) -> None:
+    r0, r1 = runs["ranks"]
+    for key in ("maf", "resumed", "bn"):
+        _assert_same(r0[key], r1[key], atol=0.0)
+    assert r0["maf_history"] == r1["maf_history"]
+
+
+@needs_gloo
+def test_only_rank_zero_writes_the_checkpoint(runs: dict[str, Any]) -> None:
+    folder = runs["folder"]
+    assert (folder / "maf-0.pt").stat().st_size > 0
+    assert not (folder / "maf-1.pt").exists()
+    payload = torch.load(folder / "maf-0.pt", weights_only=False)
+    assert payload["step"] == STEPS
+    assert payload["history"]["steps"] == runs["ranks"][0]["maf_history"][0]
+
+
+@needs_gloo
+def test_resume_equals_the_uninterrupted_run(runs: dict[str, Any]) -> None:
+    for rank in (0, 1):
+        _assert_same(runs["ranks"][rank]["resumed"], runs["ranks"][rank]["maf"], atol=1e-12)
+
+
+@needs_gloo
+def test_a_stop_on_one_rank_stops_every_rank_at_the_same_step(runs: dict[str, Any]) -> None:
+    for rank in (0, 1):
+        total, stopped, steps = runs["ranks"][rank]["stopped"]
+        assert (total, stopped, steps) == (2, True, [1, 2])
+
+
+@needs_gloo
+def test_batch_norm_eval_models_are_identical(runs: dict[str, Any]) -> None:
+    r0, r1 = runs["ranks"]
+    stats = [k for k in r0["bn"] if k.endswith(("running_mean", "running_var"))]
+    assert stats
+    for key in stats:
+        assert torch.equal(r0["bn"][key], r1["bn"][key]), key
+    # trained: the running averages left their initial (0, 1)
+    assert max((r0["bn"][k] - float(k.endswith("var"))).abs().max().item() for k in stats) > 1e-2
+    assert torch.equal(r0["bn_logp"], r1["bn_logp"])
+    assert torch.isfinite(r0["bn_logp"]).all()
+
+
+@needs_gloo
+def test_ranks_that_disagree_fail_with_a_clear_error(runs: dict[str, Any]) -> None:
+    for rank in (0, 1):
+        message = runs["ranks"][rank].get("mismatch", "no error")
+        assert "every rank must call fit with the same" in message
+        assert "batch_size: rank 0 63, rank 1 64" in message
+
+
+# -- without processes -------------------------------------------------------------------------
+
+
+def test_distributed_true_needs_a_process_group() -> None:
+    train, _ = _data()
+    with pytest.raises(RuntimeError, match="initialized torch.distributed process group"):
+        ef.fit(_actnorm_maf(0), train, steps=1, batch_size=BATCH, progress=False,
+               distributed=True)
+    with pytest.raises(TypeError, match="distributed must be"):
+        ef.fit(_actnorm_maf(0), train, steps=1, batch_size=BATCH, progress=False,
+               distributed="yes")  # type: ignore[arg-type]
+
+
+def test_launch_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="world_size"):
+        ef.distributed.launch(_worker, 0)
+    with pytest.raises(ValueError, match="backend"):
+        ef.distributed.launch(_worker, 2, backend="mpi")
+
+
+def test_init_outside_torchrun_is_a_no_op(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert ef.distributed.init() == (0, 1)
+    assert (ef.distributed.rank(), ef.distributed.world_size()) == (0, 1)
+
+
+def test_a_world_of_one_changes_nothing() -> None:
+    local = _Replicas(batch_size=8)
+    index = torch.arange(8)
+    assert local.shard(index) is index
+    loss = torch.tensor(1.5)
+    assert local.average_gradients(loss, [], 8) is loss
+    assert local.any(True) and not local.any(False)
+
+
+def test_strided_shares_are_disjoint_and_cover_the_batch() -> None:
+    index = torch.sort(torch.randperm(1000)[:63]).values
+    shares = [_Replicas(3, r, 63).shard(index) for r in range(3)]
+    assert sorted(len(s) for s in shares) == [21, 21, 21]
+    assert torch.equal(torch.sort(torch.cat(shares)).values, index)
+    shares = [_Replicas(2, r, 63).shard(index) for r in range(2)]
+    assert [len(s) for s in shares] == [32, 31]
+    assert torch.equal(torch.sort(torch.cat(shares)).values, index)
+
+
+def _stats(m: dict[str, float]) -> list[float]:
+    count = m["n"] - m["n_nonfinite"]
+    m2 = m["nll_se"] ** 2 * count * (count - 1) if count > 1 else 0.0
+    return [float(count), m["nll_finite"] if count else 0.0, m2, float(m["n_nonfinite"]),
+            float(math.isnan(m["nll"])), float(m["nll"] == -math.inf)]
+
+
+def test_combined_shares_equal_the_whole_evaluation() -> None:
+    _, val = _data()
+    flow = _actnorm_maf(0)
+    whole = ef.evaluate(flow, val)
+    cuts = [0, 1, 40, 101]  # a one-row share (no standard error of its own) included
+    parts = [_stats(ef.evaluate(flow, val[cuts[i] : cuts[i + 1]])) for i in range(3)]
+    merged = _combine(parts, len(val), FEATURES)
+    for key in ("nll", "nll_se", "bpd", "bpd_se", "nll_finite"):
+        assert merged[key] == pytest.approx(whole[key], rel=1e-10), key
+    assert (merged["n"], merged["n_nonfinite"]) == (101, 0)
+
+
+def test_combined_non_finite_rows_follow_evaluate() -> None:
+    finite = [3.0, 1.0, 2.0, 0.0, 0.0, 0.0]
+    empty = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    plus_inf = [0.0, 0.0, 0.0, 2.0, 0.0, 0.0]
+    nan = [1.0, 5.0, 0.0, 1.0, 1.0, 0.0]
+    minus_inf = [0.0, 0.0, 0.0, 1.0, 0.0, 1.0]
+    merged = _combine([finite, empty, plus_inf], 5, 2)
+    assert merged["nll"] == math.inf and merged["n_nonfinite"] == 2
+    assert merged["nll_finite"] == 1.0
+    assert math.isnan(_combine([minus_inf, nan, finite], 6, 2)["nll"])
+    assert _combine([finite, minus_inf], 4, 2)["nll"] == -math.inf
+    assert math.isnan(_combine([empty, plus_inf], 2, 2)["nll_finite"])
