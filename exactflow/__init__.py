@@ -4,7 +4,7 @@ A flow maps data ``x`` to a latent ``z = f(x)`` through invertible layers and sc
 exactly: ``log p(x) = log p_base(f(x)) + sum_k log|det J_k|``.
 """
 
-from . import datasets, models, targets, transforms
+from . import datasets, distributed, models, targets, transforms
 from .core import Compose, Inverse, Transform
 from .distributions import DiagonalNormal, Distribution, Flow, StandardNormal, Uniform
 from .io import CheckpointError, load, save
@@ -36,6 +36,7 @@ __all__ = [
     "Flow",
     "transforms",
     "datasets",
+    "distributed",
     "targets",
     "models",
     "fit",

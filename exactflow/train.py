@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from .core import Compose, Inverse, Transform
 from .datasets import DataError, Subset, validate
+from .distributed import _Replicas
 from .distributions import Flow
 from .io import CheckpointError, atomic_save, safe_torch_load
 
@@ -587,6 +588,7 @@ def fit(
     val_context: Any = None,
     callback: Callable[[History], bool | None] | None = None,
     compile: bool = False,
+    distributed: bool | None = None,
 ) -> History:
     """Fit a flow by maximum likelihood: minimize the mean NLL ``-(1/B) sum_i log p(x_i)``.
 
@@ -639,6 +641,12 @@ def fit(
             overhead-bound flows: on 2-D data about 1.4x (MAF, RealNVP) to 3x (NSF) per
             step on a CPU, little for large conditioners whose time is in the matrix
             products (``benchmarks/NOTES.md``). Same values up to rounding.
+        distributed: data-parallel training over the ranks of ``torch.distributed``'s
+            default process group (:mod:`exactflow.distributed`): ``batch_size`` is the
+            global batch, split across ranks, gradients are summed, the result equals one
+            process's up to rounding (batch norm excepted: per-rank statistics). ``None``
+            (default): on when a group of more than one rank is initialized; ``False``: train
+            this process alone even then. Every rank must call ``fit`` alike.
 
     Returns:
         The :class:`History` of the run.
@@ -710,13 +718,20 @@ def fit(
         "best_state": None, "since_best": 0, "run_sum": 0.0, "run_count": 0, "elapsed": 0.0,
     }
 
+    replicas = _Replicas.join(distributed, flow, dev, batch_size, {
+        **run_args, "n_val": None if val_rows is None else len(val_rows), "resume": resume,
+        "checkpoint": checkpoint is not None, "checkpoint_every": checkpoint_every,
+        "context": train_ctx is not None, "compile": compile,
+    })
+
     with _forked_rng(dev, int(seed)):
         path = Path(checkpoint) if checkpoint is not None else None
-        if resume and path is not None and path.exists():
+        if resume and path is not None and replicas.exists(path):
             _restore_checkpoint(path, flow, optimizer, guard, order, history, state, run_args, dev)
         else:
             guard.save()
-        bar = _progress_bar(progress, total, state["step"], "fit")
+        replicas.initialize(flow, order, train_rows, train_ctx, dev, dtype)
+        bar = _progress_bar(progress and replicas.is_main, total, state["step"], "fit")
         clock = time.perf_counter() - state["elapsed"]
         flow.train()
         try:
@@ -725,7 +740,7 @@ def fit(
                 current_lr = lr * state["lr_scale"] * _lr_factor(schedule, step, total)
                 for group in optimizer.param_groups:
                     group["lr"] = current_lr
-                index = order.next()
+                index = replicas.shard(order.next())
                 x = train_rows.take(index).to(dev, dtype, non_blocking=True)
                 ctx = None
                 if train_ctx is not None:
@@ -733,6 +748,7 @@ def fit(
                 optimizer.zero_grad(set_to_none=True)
                 loss = nll(x, ctx)
                 loss.backward()
+                loss = replicas.average_gradients(loss, params, x.shape[0])
                 norm = torch.nn.utils.clip_grad_norm_(
                     params, grad_clip if grad_clip is not None else math.inf
                 )
@@ -761,10 +777,12 @@ def fit(
                         bar.set_postfix(nll=f"{loss_value:.4f}", refresh=False)
                 done = state["step"]
                 if done % eval_every == 0 or done == total:
+                    replicas.sync_statistics(flow, done)
                     stop = _record(flow, history, state, done, current_lr, clock, val_rows, val_ctx,
-                                   batch_size, patience)
+                                   batch_size, patience, replicas)
                     if callback is not None and callback(history):
                         stop = True
+                    stop = replicas.any(stop)
                     if stop:
                         history.stopped_early = True
                         state["finished"] = True
@@ -773,10 +791,12 @@ def fit(
                     flow.train()  # validation ran in eval mode; a callback may switch modes
                 due = done % checkpoint_every == 0 or done == total or state["finished"]
                 if path is not None and due:
+                    replicas.sync_statistics(flow, done)
                     state["elapsed"] = time.perf_counter() - clock
-                    _write_checkpoint(
-                        path, flow, optimizer, guard, order, history, state, run_args, dev
-                    )
+                    if replicas.is_main:
+                        _write_checkpoint(
+                            path, flow, optimizer, guard, order, history, state, run_args, dev
+                        )
         finally:
             if bar is not None:
                 bar.close()
@@ -812,6 +832,7 @@ def _record(
     val_ctx: _Rows | None,
     batch_size: int,
     patience: int | None,
+    replicas: _Replicas | None = None,
 ) -> bool:
     """Append one record to the history; returns whether early stopping triggers."""
     train_nll = state["run_sum"] / state["run_count"] if state["run_count"] else None
@@ -819,7 +840,8 @@ def _record(
     val_nll = None
     stop = False
     if val_rows is not None:
-        metrics = evaluate(flow, val_rows, val_ctx, batch_size=max(batch_size, 4096), device=None)
+        replicas = replicas or _Replicas()
+        metrics = replicas.evaluate(flow, val_rows, val_ctx, batch_size=max(batch_size, 4096))
         val_nll = metrics["nll"]
         if math.isfinite(val_nll) and (history.best_val is None or val_nll < history.best_val):
             history.best_val, history.best_step = val_nll, done
