@@ -578,6 +578,7 @@ def _train_run(
     resume: bool,
     overwrite: bool,
     report: bool,
+    writer: bool = True,
 ) -> dict[str, Any]:
     import torch
 
@@ -602,7 +603,8 @@ def _train_run(
         )
     if args.device == "cuda" and not torch.cuda.is_available():
         raise CommandError("--device cuda was given but CUDA is not available here")
-    previous = _prepare_out(out, resume=resume, overwrite=overwrite)
+    # Under torchrun only rank 0 (the writer) checks and writes the run folder.
+    previous = _prepare_out(out, resume=resume, overwrite=overwrite) if writer else None
 
     # Everything that can fail on bad data fails here, before anything is written.
     data, data_info = _read_data(data_spec, columns, samples, args.seed)
@@ -655,10 +657,11 @@ def _train_run(
                     "with --resume"
                 )
 
-    out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / CHECKPOINT_FILE
-    if not resume and checkpoint.exists():
-        checkpoint.unlink()
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume and checkpoint.exists():
+            checkpoint.unlink()
     info: dict[str, Any] = {
         "format": RUN_FORMAT,
         "version": 1,
@@ -671,7 +674,8 @@ def _train_run(
         "options": options,
         "versions": _versions(),
     }
-    write_json_atomic(out / RUN_JSON, info)
+    if writer:
+        write_json_atomic(out / RUN_JSON, info)
 
     total = steps if steps is not None else (None if epochs is not None else 2000)
     expected = total if total is not None else max(1, epochs * (len(train) // batch_size))
@@ -683,6 +687,8 @@ def _train_run(
         resume=resume, device=args.device, seed=args.seed,
         progress=not args.json,
     )
+    if not writer:
+        return {"ok": True, "run": str(out)}
     device = str(next(iter(flow.parameters())).device) if any(True for _ in flow.parameters()) \
         else "cpu"
     test_metrics = evaluate(flow, test)
@@ -755,6 +761,13 @@ def _fmt_time(seconds: Any) -> str:
 
 
 def _cmd_train(args: argparse.Namespace) -> dict[str, Any]:
+    from .distributed import init
+
+    # Under torchrun: join the process group (fit then trains data-parallel); the other
+    # ranks stay silent and rank 0 writes the run folder and reports.
+    rank, _ = init("gloo" if args.device == "cpu" else None)
+    if rank != 0:
+        args.json = False
     model_config: dict[str, Any] = {"model": args.model}
     if args.layers is not None:
         model_config["layers"] = args.layers
@@ -766,9 +779,10 @@ def _cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         model_config=model_config, steps=args.steps, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, val_fraction=args.val_fraction,
         test_fraction=args.test_fraction, standardize=args.standardize, out=Path(args.out),
-        resume=args.resume, overwrite=args.overwrite, report=args.report,
+        resume=args.resume, overwrite=args.overwrite, report=args.report, writer=rank == 0,
     )
-    _print_train_result(args, result)
+    if rank == 0:
+        _print_train_result(args, result)
     return result
 
 

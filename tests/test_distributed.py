@@ -6,6 +6,7 @@ machine): each worker returns what it trained and the assertions run here.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 import exactflow as ef
+import exactflow.cli
 from exactflow.distributed import _combine, _Replicas
 from tests.helpers import perturb
 
@@ -123,6 +125,13 @@ def _worker(rank: int, folder: str) -> dict[str, Any]:
     out["bn"] = _state(flow)
     with torch.no_grad():
         out["bn_logp"] = flow.log_prob(val)
+
+    # 5. The command line inside a process group: rank 0 alone writes the run folder.
+    out["cli"] = ef.cli.main([
+        "train", "moons", "--samples", "300", "--model", "maf", "--layers", "2", "--hidden",
+        "16", "--steps", "6", "--batch-size", "64", "--no-report", "--device", "cpu",
+        "--out", str(Path(folder) / "cli"), "--json",
+    ])
     return out
 
 
@@ -176,6 +185,17 @@ def test_only_rank_zero_writes_the_checkpoint(runs: dict[str, Any]) -> None:
     payload = torch.load(folder / "maf-0.pt", weights_only=False)
     assert payload["step"] == STEPS
     assert payload["history"]["steps"] == runs["ranks"][0]["maf_history"][0]
+
+
+@needs_gloo
+def test_the_command_line_trains_with_rank_zero_writing(runs: dict[str, Any]) -> None:
+    assert [r["cli"] for r in runs["ranks"]] == [0, 0]
+    run = runs["folder"] / "cli"
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "done" and info["metrics"]["steps"] == 6
+    assert not (run / "checkpoint.pt").exists()
+    assert math.isfinite(info["metrics"]["test"]["nll"])
+    ef.load(run / "model.pt")
 
 
 @needs_gloo
