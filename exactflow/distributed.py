@@ -266,6 +266,28 @@ def _share(data: Any, lo: int, hi: int) -> Any:
     return data[lo:hi]
 
 
+def _check_agreement(size: int, signature: dict[str, Any]) -> None:
+    """Raise the same ValueError on every rank if the ranks' run signatures differ."""
+    everyone: list[Any] = [None] * size
+    dist.all_gather_object(everyone, signature)
+    differ = sorted(
+        {key for other in everyone for key in set(other) | set(signature)
+         if other.get(key) != signature.get(key)}
+    )
+    if differ:
+        shown = "; ".join(
+            f"{key}: " + ", ".join(f"rank {r} {other.get(key)!r}" for r, other in
+                                   enumerate(everyone))
+            for key in differ if key != "parameters"
+        )
+        if "parameters" in differ:
+            shown = "the flows' parameter names or shapes" + (f"; {shown}" if shown else "")
+        raise ValueError(
+            "distributed fit: every rank must call fit with the same flow architecture, "
+            f"data size and arguments; they differ in {shown[:1500]}"
+        )
+
+
 class _Replicas:
     """The ranks that train one flow together; a world of one is plain local training.
 
@@ -314,6 +336,14 @@ class _Replicas:
             )
         size, index = dist.get_world_size(), dist.get_rank()
         backend = str(dist.get_backend())
+        # First make sure every rank got the same arguments: the errors below are then raised
+        # on all ranks alike, and no rank is left waiting in a collective.
+        signature = dict(run)
+        signature["parameters"] = [
+            (name, tuple(t.shape), str(t.dtype)) for name, t in flow.state_dict().items()
+        ]
+        signature["device_type"] = device.type
+        _check_agreement(size, signature)
         if device.type == "cpu":
             if backend == "nccl":
                 raise ValueError(
@@ -335,34 +365,8 @@ class _Replicas:
                 f"batch norm needs at least 2 rows per rank, but batch_size={batch_size} over "
                 f"{size} ranks gives {batch_size // size}: raise batch_size"
             )
-        signature = dict(run)
-        signature["parameters"] = [
-            (name, tuple(t.shape), str(t.dtype)) for name, t in flow.state_dict().items()
-        ]
-        signature["device_type"] = device.type
-        replicas._check_agreement(signature)
         replicas._broadcast_state(flow)
         return replicas
-
-    def _check_agreement(self, signature: dict[str, Any]) -> None:
-        everyone: list[Any] = [None] * self.world_size
-        dist.all_gather_object(everyone, signature)
-        differ = sorted(
-            {key for other in everyone for key in set(other) | set(signature)
-             if other.get(key) != signature.get(key)}
-        )
-        if differ:
-            shown = "; ".join(
-                f"{key}: " + ", ".join(f"rank {r} {other.get(key)!r}" for r, other in
-                                       enumerate(everyone))
-                for key in differ if key != "parameters"
-            )
-            if "parameters" in differ:
-                shown = "the flows' parameter names or shapes" + (f"; {shown}" if shown else "")
-            raise ValueError(
-                "distributed fit: every rank must call fit with the same flow architecture, "
-                f"data size and arguments; they differ in {shown[:1500]}"
-            )
 
     def _broadcast_state(self, flow: nn.Module) -> None:
         state = flow.state_dict()

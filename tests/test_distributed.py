@@ -91,6 +91,12 @@ def _worker(rank: int, folder: str) -> dict[str, Any]:
         ef.fit(_actnorm_maf(0), train, steps=2, batch_size=BATCH + rank, progress=False)
     except ValueError as err:
         out["mismatch"] = str(err)
+    out["too_small"] = []
+    for make, batch in ((_actnorm_maf, 1), (_bn_realnvp, 3)):
+        try:
+            ef.fit(make(0), train, steps=1, batch_size=batch, progress=False)
+        except ValueError as err:
+            out["too_small"].append(str(err))
 
     # 1. ActNorm + MAF, each rank starting from different weights (rank 0's are broadcast);
     #    every rank names its own checkpoint path so that a write by rank 1 would show.
@@ -230,6 +236,10 @@ def test_ranks_that_disagree_fail_with_a_clear_error(runs: dict[str, Any]) -> No
         message = runs["ranks"][rank].get("mismatch", "no error")
         assert "every rank must call fit with the same" in message
         assert "batch_size: rank 0 63, rank 1 64" in message
+        small = runs["ranks"][rank]["too_small"]
+        assert len(small) == 2
+        assert "global batch, split across 2 ranks" in small[0]
+        assert "batch norm needs at least 2 rows per rank" in small[1]
 
 
 # -- without processes -------------------------------------------------------------------------
