@@ -65,7 +65,7 @@ class Settings:
 
 
 FULL = Settings(
-    steps={"moons": 1200, "gmm10": 1200, "digits": 400},
+    steps={"moons": 1200, "gmm10": 1200, "digits": 150},
     window=50,
     repeats=5,
     repeat_budget_s=8.0,
@@ -150,7 +150,7 @@ def bench_config(
 ) -> list[dict]:
     device = args.device
     steps = args.steps or settings.steps[dataset.name]
-    window = min(settings.window, steps)
+    window = max(1, min(settings.window, steps // 4))  # at least 3 timed windows
     rounds = max(2, steps // window)
     entries: list[Entry] = []
     for library in libraries:
