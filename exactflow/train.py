@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+import types
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -818,7 +819,15 @@ def _nll_function(flow: Flow, compile: bool) -> Callable[[Tensor, Tensor | None]
     def nll(x: Tensor, ctx: Tensor | None) -> Tensor:
         return -flow.log_prob(x, ctx).mean()
 
-    return torch.compile(nll, dynamic=False) if compile else nll
+    if not compile:
+        return nll
+    # torch.compile caches graphs per code object, up to a recompile limit (8): every fit
+    # of another flow would otherwise count against the same limit and, past it, silently
+    # run eagerly. A copy of the code object gives each run its own cache.
+    fresh = types.FunctionType(
+        nll.__code__.replace(), nll.__globals__, nll.__name__, None, nll.__closure__
+    )
+    return torch.compile(fresh, dynamic=False)
 
 
 def _record(
