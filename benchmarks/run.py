@@ -63,6 +63,7 @@ class Settings:
     repeat_budget_s: float = 6.0
     memory_steps: int = 5
     memory_data: tuple[str, ...] = ("moons", "gmm10", "digits")
+    memory_models: tuple[str, ...] = ("maf", "realnvp", "nsf")
 
 
 FULL = Settings(
@@ -79,6 +80,7 @@ QUICK = Settings(
     repeat_budget_s=1.0,
     memory_steps=3,
     memory_data=("moons",),
+    memory_models=("nsf",),
 )
 
 
@@ -392,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
         for model_name in [s for s in args.models.split(",") if s]:
             t0 = time.perf_counter()
             config_rows = bench_config(dataset, model_name, libraries, settings, args)
-            if not args.no_memory and data_name in settings.memory_data:
+            measure = data_name in settings.memory_data and model_name in settings.memory_models
+            if not args.no_memory and measure:
                 for row in config_rows:
                     if not row["library"].endswith("+compile"):  # same model code as eager
                         row["peak_mb"] = measure_memory(row, args, settings.memory_steps)
