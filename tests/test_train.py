@@ -552,3 +552,19 @@ def test_fit_on_cuda_moves_batches_and_matches_cpu_quality():
             **CPU)
     assert next(flow.parameters()).device.type == "cuda"
     assert evaluate(flow, data[800:])["nll"] == pytest.approx(h.best_val, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_fit_follows_the_eager_fit():
+    data = gaussian_data(600)
+    runs = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        flow = ef.models.maf(2, layers=2, hidden=(16,))
+        history = fit(flow, data[:500], data[500:], steps=12, batch_size=100, lr=1e-2,
+                      compile=compiled, **CPU)
+        runs.append((flow, history))
+    (eager, h_eager), (compiled, h_compiled) = runs
+    for p, q in zip(eager.parameters(), compiled.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+    assert h_compiled.best_val == pytest.approx(h_eager.best_val, abs=1e-4)
