@@ -834,6 +834,14 @@ def _csv_text(array: np.ndarray, header: list[str], delim: str = ",", fmt: str =
     return buf.getvalue()
 
 
+def _output_path(args: argparse.Namespace) -> Path | None:
+    """The ``-o`` file of ``sample``/``score``, checked for a table format we can write."""
+    out = Path(args.output) if args.output else None
+    if out is not None and out.suffix.lower() not in (".csv", ".npy", ".txt", ".tsv"):
+        raise CommandError(f"cannot write {str(out)!r}: use a .csv or .npy file name")
+    return out
+
+
 def _cmd_sample(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
@@ -842,9 +850,7 @@ def _cmd_sample(args: argparse.Namespace) -> dict[str, Any]:
     run = load_run(args.run)
     flow = run.flow
     assert flow is not None
-    out = Path(args.output) if args.output else None
-    if out is not None and out.suffix.lower() not in (".csv", ".npy", ".txt", ".tsv"):
-        raise CommandError(f"cannot write {str(out)!r}: use a .csv or .npy file name")
+    out = _output_path(args)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
     parts = []
     with torch.random.fork_rng(devices=[]), evaluating(flow):
@@ -877,9 +883,7 @@ def _cmd_score(args: argparse.Namespace) -> dict[str, Any]:
     run = load_run(args.run)
     flow = run.flow
     assert flow is not None
-    out = Path(args.output) if args.output else None
-    if out is not None and out.suffix.lower() not in (".csv", ".npy", ".txt", ".tsv"):
-        raise CommandError(f"cannot write {str(out)!r}: use a .csv or .npy file name")
+    out = _output_path(args)
     columns = args.columns
     if columns is None and run.info["data"].get("source") == "file":
         columns = run.info["data"].get("columns")
