@@ -13,7 +13,9 @@ Both directions return a pair ``(output, log_abs_det)`` where ``log_abs_det`` ha
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -24,28 +26,71 @@ __all__ = ["Transform", "Compose", "Inverse", "check_domain", "check_features", 
 class Transform(nn.Module):
     """Base class of every invertible map in exactflow.
 
-    Subclasses implement :meth:`forward` (data -> latent) and :meth:`inverse`
-    (latent -> data). Both take ``x`` of shape ``(batch, features)`` and an optional
+    A transform maps data to latent in :meth:`forward` and latent to data in
+    :meth:`inverse`. Both take ``x`` of shape ``(batch, features)`` and an optional
     ``context`` of shape ``(batch, context_features)``, and return the output with the
     log-absolute-determinant of the Jacobian of *that* direction, of shape ``(batch,)``.
 
-    A user's own transform needs only these two methods; :func:`exactflow.check_transform`
-    then proves it right against a brute-force autograd Jacobian.
+    Every transform declares its width in :attr:`features` (``None`` for a map that works
+    at any width, such as :class:`~exactflow.transforms.Sigmoid`) and the size of the
+    conditioning vector it needs in :attr:`context_features` (0 for none). The shapes of
+    ``x`` and ``context`` are checked here, once, before any subclass code runs: a wrong
+    shape raises a ``ValueError`` that names the layer, never a torch error from deep inside
+    it and never a silent broadcast. Shapes are static, so the check traces under
+    ``torch.compile`` and costs no device sync. A layer that is not conditional ignores a
+    ``context`` it is given (the layers of a conditional flow all receive it).
+
+    How to implement a transform:
+
+    1. Subclass :class:`Transform` and call ``super().__init__()``.
+    2. Set ``self.features`` (the dimension ``d``, or leave ``None`` for any width) and,
+       for a conditional layer, ``self.context_features``. Keep every tensor the layer owns
+       in an ``nn.Parameter`` or a buffer, so ``.to(device)`` and ``state_dict`` work.
+    3. Implement ``forward(x, context=None) -> (z, log|det dz/dx|)`` and
+       ``inverse(z, context=None) -> (x, log|det dx/dz|)``, each log-det of shape
+       ``(batch,)``; at the same point ``ladj_inv = -ladj``. Do not check shapes: the base
+       class does. Avoid ``.item()`` and Python branches on tensor values in these methods,
+       so they stay compilable (use :func:`check_domain` for inputs outside the domain).
+    4. Set ``linear = True`` if the map is affine in ``x`` (``z = A x + b``): plots and
+       diagnostics then treat it as a change of coordinates, not a warp.
+    5. Prove it right with :func:`exactflow.check_transform` in float64, at random
+       parameters (not only at initialization, where many layers are the identity).
 
     Example:
-        >>> import torch, exactflow as ef
+        >>> import math, torch, exactflow as ef
         >>> class Double(ef.Transform):
+        ...     linear = True
+        ...     def __init__(self, features):
+        ...         super().__init__()
+        ...         self.features = features
         ...     def forward(self, x, context=None):
-        ...         return 2 * x, x.new_full(x.shape[:1], x.shape[1] * 0.6931471805599453)
+        ...         return 2 * x, x.new_full(x.shape[:1], self.features * math.log(2))
         ...     def inverse(self, z, context=None):
-        ...         return z / 2, z.new_full(z.shape[:1], -z.shape[1] * 0.6931471805599453)
-        >>> report = ef.check_transform(Double(), torch.randn(4, 3, dtype=torch.float64))
+        ...         return z / 2, z.new_full(z.shape[:1], -self.features * math.log(2))
+        >>> report = ef.check_transform(Double(3), torch.randn(4, 3, dtype=torch.float64))
         >>> report.ok
         True
+        >>> Double(3)(torch.randn(4, 1))
+        Traceback (most recent call last):
+            ...
+        ValueError: Double expects input of shape (batch, 3), got (4, 1)
     """
 
-    #: Whether the transform is strictly elementwise (used by builders and docs only).
-    elementwise: bool = False
+    #: The dimension ``d`` of the data this transform maps (``None``: any width).
+    features: int | None = None
+    #: The size of the conditioning vector this transform needs (0: unconditional).
+    context_features: int = 0
+    #: Whether the map is affine in its input (``z = A x + b``, log-det constant in ``x``).
+    linear: bool = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # The one place where inputs are checked: every forward and inverse a subclass
+        # defines is wrapped, so layers never check shapes themselves.
+        for direction in ("forward", "inverse"):
+            method = cls.__dict__.get(direction)
+            if method is not None and not getattr(method, "_exactflow_checked", False):
+                setattr(cls, direction, _checked(method, direction))
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Map data to latent: returns ``(z, log|det dz/dx|)``."""
@@ -61,6 +106,19 @@ class Transform(nn.Module):
         return Inverse(self)
 
 
+def _checked(method: Callable[..., Any], direction: str) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def wrapper(
+        self: Transform, x: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        name = type(self).__name__ + (".inverse" if direction == "inverse" else "")
+        check_input(x, self.features, name, context, self.context_features)
+        return method(self, x, context)
+
+    wrapper._exactflow_checked = True  # type: ignore[attr-defined]
+    return wrapper
+
+
 class Inverse(Transform):
     """Swaps the two directions of a transform.
 
@@ -69,9 +127,14 @@ class Inverse(Transform):
     the inverse of a MAF).
     """
 
-    def __init__(self, transform: Transform):
+    def __init__(self, transform: Transform) -> None:
         super().__init__()
+        if not isinstance(transform, Transform):
+            raise TypeError(f"Inverse takes an exactflow Transform, got {type(transform).__name__}")
         self.transform = transform
+        self.features = transform.features
+        self.context_features = transform.context_features
+        self.linear = transform.linear
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return self.transform.inverse(x, context)
@@ -99,7 +162,7 @@ class Compose(Transform):
         (torch.Size([5, 2]), torch.Size([5]))
     """
 
-    def __init__(self, *transforms: Transform):
+    def __init__(self, *transforms: Transform) -> None:
         super().__init__()
         if len(transforms) == 1 and isinstance(transforms[0], (list, tuple)):
             transforms = tuple(transforms[0])
@@ -108,7 +171,16 @@ class Compose(Transform):
                 raise TypeError(
                     f"Compose takes exactflow Transforms, got {type(t).__name__}"
                 )
+        widths = {t.features for t in transforms if t.features is not None}
+        if len(widths) > 1:
+            raise ValueError(
+                "Compose takes transforms of one width; got features "
+                + ", ".join(str(t.features) for t in transforms)
+            )
         self.transforms = nn.ModuleList(transforms)
+        self.features = widths.pop() if widths else None
+        self.context_features = max((t.context_features for t in transforms), default=0)
+        self.linear = all(t.linear for t in transforms)
 
     def __len__(self) -> int:
         return len(self.transforms)
@@ -173,7 +245,7 @@ def check_features(features: int, name: str) -> int:
 
 def check_input(
     x: Tensor,
-    features: int,
+    features: int | None,
     name: str,
     context: Tensor | None = None,
     context_features: int = 0,
@@ -181,12 +253,16 @@ def check_input(
     """Raise ``ValueError`` naming the layer unless ``x`` is ``(batch, features)`` and, for a
     conditional layer, ``context`` is ``(batch, context_features)``.
 
-    Shapes are static, so this check costs nothing at run time and traces under
-    ``torch.compile``.
+    ``features=None`` accepts any width. :class:`Transform` calls this before every
+    ``forward`` and ``inverse``; shapes are static, so it costs nothing at run time and
+    traces under ``torch.compile``.
     """
-    if x.dim() != 2 or x.shape[1] != features:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} takes a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2 or (features is not None and x.shape[1] != features):
+        width = "features" if features is None else str(features)
         raise ValueError(
-            f"{name} expects input of shape (batch, {features}), got {tuple(x.shape)}"
+            f"{name} expects input of shape (batch, {width}), got {tuple(x.shape)}"
         )
     if context_features > 0:
         if context is None:

@@ -825,7 +825,7 @@ class Standardize(Transform):
         True
     """
 
-    elementwise = True
+    linear = True
 
     def __init__(self, mean: Any, std: Any, dtype: torch.dtype | None = None):
         super().__init__()

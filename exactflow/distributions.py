@@ -31,8 +31,11 @@ _LOG_2PI = math.log(2 * math.pi)
 class Distribution(nn.Module):
     """A density over ``R^features`` with ``log_prob`` and reparameterized sampling.
 
-    Subclasses implement :meth:`log_prob` and :meth:`rsample`. Every tensor a distribution
-    owns is a parameter or a buffer, so ``.to(device)`` and ``state_dict`` just work.
+    Subclasses implement :meth:`log_prob` and :meth:`rsample`. As in
+    ``torch.distributions``, :meth:`sample` draws without autograd (the result has no graph,
+    so ``.numpy()`` works) and :meth:`rsample` is the differentiable, reparameterized draw.
+    Every tensor a distribution owns is a parameter or a buffer, so ``.to(device)`` and
+    ``state_dict`` just work.
     """
 
     features: int
@@ -48,12 +51,19 @@ class Distribution(nn.Module):
         raise NotImplementedError
 
     def sample(self, n: int) -> Tensor:
-        """``n`` samples of shape ``(n, features)`` (differentiable, as :meth:`rsample`)."""
-        return self.rsample(n)
+        """``n`` samples of shape ``(n, features)``, drawn without autograd."""
+        with torch.no_grad():
+            return self.rsample(n)
 
-    def sample_and_log_prob(self, n: int) -> tuple[Tensor, Tensor]:
+    def rsample_and_log_prob(self, n: int) -> tuple[Tensor, Tensor]:
+        """Differentiable samples and their log-density."""
         x = self.rsample(n)
         return x, self.log_prob(x)
+
+    def sample_and_log_prob(self, n: int) -> tuple[Tensor, Tensor]:
+        """Samples and their log-density, without autograd."""
+        with torch.no_grad():
+            return self.rsample_and_log_prob(n)
 
     def _ref(self) -> Tensor:
         # A tensor on the distribution's device and dtype.
@@ -164,10 +174,13 @@ class Uniform(Distribution):
 class Flow(Distribution):
     """A normalizing flow: a base density pushed through an invertible transform.
 
-    ``log_prob`` runs the transform's fast ``forward`` (data -> latent) and adds the base
+    ``log_prob`` runs the transform's ``forward`` (data -> latent) and adds the base
     log-density and the log-determinant; ``sample`` draws from the base and runs
-    ``inverse`` (latent -> data) in one pass. Both are differentiable, so a flow trains by
-    maximum likelihood (``-log_prob(x).mean()``) or by reverse KL through its samples.
+    ``inverse`` (latent -> data) in one pass. ``log_prob`` is differentiable, so a flow
+    trains by maximum likelihood (``-log_prob(x).mean()``); as in ``torch.distributions``,
+    ``sample`` and ``sample_and_log_prob`` run without autograd, and :meth:`rsample` and
+    :meth:`rsample_and_log_prob` are the differentiable draws that reverse-KL fitting
+    back-propagates through.
 
     Args:
         transform: the data -> latent map (an :class:`exactflow.Transform`).
@@ -288,19 +301,25 @@ class Flow(Distribution):
 
     def rsample(self, n: int, context: Any = None) -> Tensor:
         """``n`` samples, differentiable with respect to the flow's parameters."""
-        return self.sample_and_log_prob(n, context)[0]
+        return self.rsample_and_log_prob(n, context)[0]
 
     def sample(self, n: int, context: Any = None) -> Tensor:
-        """Draw samples in one pass through ``inverse`` (latent -> data).
+        """Draw samples in one pass through ``inverse`` (latent -> data), without autograd.
 
         Returns ``(n, features)``; with a context batch ``(b, c)``, ``(n, b, features)``.
-        Samples are differentiable (reparameterized), as needed for reverse-KL fitting;
-        wrap the call in ``torch.no_grad()`` when gradients are not needed.
+        Use :meth:`rsample` for samples to back-propagate through.
         """
-        return self.rsample(n, context)
+        with torch.no_grad():
+            return self.rsample_and_log_prob(n, context)[0]
 
     def sample_and_log_prob(self, n: int, context: Any = None) -> tuple[Tensor, Tensor]:
-        """Samples and their exact log-density, from one pass (no extra forward)."""
+        """Samples and their exact log-density from one pass, without autograd."""
+        with torch.no_grad():
+            return self.rsample_and_log_prob(n, context)
+
+    def rsample_and_log_prob(self, n: int, context: Any = None) -> tuple[Tensor, Tensor]:
+        """Differentiable samples and their exact log-density, from one pass (no extra
+        forward): the draw that reverse-KL fitting back-propagates through."""
         n = _positive_int(n, "n")
         ctx, shape = self._expand_context(n, context)
         z = self.base.rsample(int(np.prod(shape)))

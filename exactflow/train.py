@@ -1076,7 +1076,7 @@ def fit_reverse_kl(
     """Fit a flow ``q`` to an unnormalized density ``p~`` by minimizing the reverse KL.
 
     Each step draws ``batch_size`` reparameterized samples ``x ~ q`` with their exact
-    ``log q(x)`` (one pass of :meth:`exactflow.Flow.sample_and_log_prob`, latent -> data)
+    ``log q(x)`` (one pass of :meth:`exactflow.Flow.rsample_and_log_prob`, latent -> data)
     and takes an Adam step on the annealed objective
 
         ``L_t = E_q[log q(x) - beta_t log p~(x)]``,
@@ -1173,7 +1173,7 @@ def fit_reverse_kl(
                 for group in optimizer.param_groups:
                     group["lr"] = current_lr
                 optimizer.zero_grad(set_to_none=True)
-                x, log_q = flow.sample_and_log_prob(batch_size)
+                x, log_q = flow.rsample_and_log_prob(batch_size)
                 log_p = fn(x)
                 loss = (log_q - beta * log_p).mean()
                 loss.backward()

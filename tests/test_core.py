@@ -167,3 +167,70 @@ def test_check_domain_is_skipped_under_vmap_only():
     # vmap cannot branch on data: the check steps aside rather than break the trace.
     out = torch.func.vmap(guarded)(x)
     torch.testing.assert_close(out[0], x[0].log())
+
+
+# -- the layer contract: shapes checked once, in the base class ---------------------------
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ElementwiseAffine(3),
+        lambda: LULinear(3),
+        lambda: Permutation(3),
+        lambda: Reverse(3),
+        lambda: ef.transforms.BatchNorm(3),
+        lambda: ef.transforms.AffineCoupling(3, hidden=(4,)),
+        lambda: ef.transforms.MaskedAffineAutoregressive(3, hidden=(4,)),
+    ],
+)
+@pytest.mark.parametrize("direction", ["forward", "inverse"])
+@pytest.mark.parametrize("shape", [(4, 1), (4, 4), (3,), (2, 3, 1)])
+def test_a_wrong_width_is_a_clear_error_in_both_directions(make, direction, shape):
+    # Before the check lived in the base class, ElementwiseAffine(3) broadcast a (4, 1)
+    # input to (4, 3) silently and LULinear / Permutation raised raw torch errors.
+    t = make().eval()
+    call = t if direction == "forward" else t.inverse
+    with pytest.raises(ValueError, match=r"expects input of shape \(batch, 3\)"):
+        call(torch.randn(*shape))
+
+
+def test_every_layer_declares_its_width_and_context():
+    t = ef.transforms.AffineCoupling(4, context=2)
+    assert (t.features, t.context_features) == (4, 2)
+    assert (ef.transforms.Sigmoid().features, ef.transforms.Logit(features=5).features) == (
+        None, 5)
+    chain = ef.Compose(ElementwiseAffine(4), t)
+    assert (chain.features, chain.context_features) == (4, 2)
+    assert (chain.inv.features, chain.inv.context_features) == (4, 2)
+    with pytest.raises(ValueError, match="one width"):
+        ef.Compose(ElementwiseAffine(2), ElementwiseAffine(3))
+    with pytest.raises(ValueError, match="conditional"):
+        chain(torch.randn(5, 4))
+
+
+def test_linear_flag_marks_affine_layers():
+    assert all(t.linear for t in (ElementwiseAffine(2), LULinear(2), Permutation(2),
+                                  Reverse(2), ef.transforms.BatchNorm(2),
+                                  ef.transforms.ActNorm(2)))
+    assert not any(t.linear for t in (Sigmoid(), Logit(), ef.transforms.Planar(2),
+                                      ef.transforms.AffineCoupling(2)))
+
+
+def test_a_user_transform_gets_the_shape_check_without_writing_it():
+    class Shift(ef.Transform):
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = 2
+
+        def forward(self, x, context=None):
+            return x + 1, x.new_zeros(x.shape[0])
+
+        def inverse(self, z, context=None):
+            return z - 1, z.new_zeros(z.shape[0])
+
+    with pytest.raises(ValueError, match=r"Shift expects input of shape \(batch, 2\)"):
+        Shift()(torch.zeros(3, 1))
+    with pytest.raises(ValueError, match=r"Shift.inverse expects"):
+        Shift().inverse(torch.zeros(3))
+    ef.check_transform(Shift(), torch.randn(4, 2, dtype=torch.float64))

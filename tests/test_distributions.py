@@ -128,7 +128,7 @@ def test_diagonal_normal_matches_torch_and_is_reparameterized():
     x = torch.randn(5, 3, dtype=torch.float64)
     reference = torch.distributions.Normal(d.loc, d.log_scale.exp()).log_prob(x).sum(-1)
     torch.testing.assert_close(d.log_prob(x), reference)
-    s, log_p = d.sample_and_log_prob(6)
+    s, log_p = d.rsample_and_log_prob(6)
     torch.testing.assert_close(log_p, d.log_prob(s))
     s.sum().backward()
     assert d.loc.grad is not None
@@ -197,12 +197,18 @@ def test_sample_and_log_prob_agree_with_log_prob():
     assert flow.sample(1).shape == (1, 3)
 
 
-def test_samples_are_differentiable():
+def test_rsamples_are_differentiable_and_samples_carry_no_graph():
     flow = make_flow()
-    x, log_p = flow.sample_and_log_prob(16)
+    x, log_p = flow.rsample_and_log_prob(16)
     (x.square().sum() + log_p.sum()).backward()
     for name, p in flow.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert flow.rsample(3).requires_grad
+    # As in torch.distributions: sample() runs without autograd, so .numpy() just works.
+    s = flow.sample(5)
+    assert not s.requires_grad and s.numpy().shape == (5, 3)
+    s, log_q = flow.sample_and_log_prob(5)
+    assert not s.requires_grad and not log_q.requires_grad
 
 
 def test_flow_rejects_wrong_shapes_and_types():

@@ -46,7 +46,8 @@ def test_log_density_grid_is_the_flow_density_and_integrates_to_one(flow):
     i, j = 37, 150
     with torch.no_grad():
         direct = flow.log_prob(torch.tensor([[xs[j], ys[i]]], dtype=torch.float32))
-    assert logp[i, j] == pytest.approx(float(direct), abs=1e-5)
+    # float32: a row scored alone and inside a large batch differ by matmul rounding.
+    assert logp[i, j] == pytest.approx(float(direct), rel=2e-6, abs=1e-5)
     cell = (xs[1] - xs[0]) * (ys[1] - ys[0])
     assert float(np.exp(logp).sum() * cell) == pytest.approx(1.0, abs=2e-2)
 

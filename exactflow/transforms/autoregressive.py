@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..core import Transform, check_input
+from ..core import Transform
 from ..nn import MADE, Activation
 from .monotonic import AffineMap, MonotonicMap, SplineMap, monotonic_map
 
@@ -104,9 +104,6 @@ class MaskedAutoregressive(Transform):
         """The autoregressive order: ``order[k]`` is the ``k``-th feature."""
         return self.made.order
 
-    def _check(self, x: Tensor, context: Tensor | None) -> None:
-        check_input(x, self.features, type(self).__name__, context, self.context_features)
-
     def _context(self, context: Tensor | None) -> Tensor | None:
         return context if self.context_features > 0 else None
 
@@ -143,14 +140,12 @@ class MaskedAutoregressive(Transform):
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Data -> latent: one MADE pass if ``fast="density"``, ``features`` passes otherwise."""
-        self._check(x, context)
         if self.fast == "density":
             return self._one_pass(x, context)
         return self._solve(x, context)
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Latent -> data: one MADE pass if ``fast="sampling"``, ``features`` passes otherwise."""
-        self._check(z, context)
         if self.fast == "sampling":
             return self._one_pass(z, context)
         return self._solve(z, context)

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..core import Transform, check_input
+from ..core import Transform
 from ..nn import MLP, Activation
 from .monotonic import AdditiveMap, AffineMap, MonotonicMap, SplineMap, monotonic_map
 
@@ -146,16 +146,12 @@ class Coupling(Transform):
             zero_last=True,
         )
 
-    def _check(self, x: Tensor, context: Tensor | None) -> None:
-        check_input(x, self.features, type(self).__name__, context, self.context_features)
-
     def _params(self, x_a: Tensor, context: Tensor | None) -> Tensor:
         inputs = x_a if self.context_features == 0 else torch.cat([x_a, context], dim=1)
         params = self.conditioner(inputs)
         return params.reshape(x_a.shape[0], -1, self.monotonic.params_per_feature)
 
     def _couple(self, x: Tensor, context: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
-        self._check(x, context)
         x_a = x.index_select(1, self.identity_index)
         x_b = x.index_select(1, self.transformed_index)
         params = self._params(x_a, context)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core import Transform, check_domain
+from ..core import Transform, check_domain, check_features
 
 __all__ = ["ElementwiseAffine", "Sigmoid", "Logit"]
 
@@ -36,11 +36,11 @@ class ElementwiseAffine(Transform):
         (tensor([[2., 7.]]), tensor([0.6931]))
     """
 
-    elementwise = True
+    linear = True
 
-    def __init__(self, features: int):
+    def __init__(self, features: int) -> None:
         super().__init__()
-        self.features = features
+        self.features = check_features(features, "ElementwiseAffine")
         self.log_scale = nn.Parameter(torch.zeros(features))
         self.shift = nn.Parameter(torch.zeros(features))
 
@@ -63,9 +63,14 @@ class Sigmoid(Transform):
     = -sum_i [softplus(-x_i) + softplus(x_i)]``.
     The inverse is the logit; a value outside (0, 1) given to ``inverse`` raises
     ``ValueError`` rather than returning NaN.
+
+    Args:
+        features: the dimension ``d``, or ``None`` (default) for any width.
     """
 
-    elementwise = True
+    def __init__(self, features: int | None = None) -> None:
+        super().__init__()
+        self.features = None if features is None else check_features(features, "Sigmoid")
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         ladj = -(F.softplus(-x) + F.softplus(x)).sum(-1)
@@ -90,12 +95,12 @@ class Logit(Transform):
 
     Args:
         alpha: squeeze toward 0.5, in [0, 0.5).
+        features: the dimension ``d``, or ``None`` (default) for any width.
     """
 
-    elementwise = True
-
-    def __init__(self, alpha: float = 0.0):
+    def __init__(self, alpha: float = 0.0, features: int | None = None) -> None:
         super().__init__()
+        self.features = None if features is None else check_features(features, "Logit")
         if not 0.0 <= alpha < 0.5:
             raise ValueError(f"alpha must be in [0, 0.5), got {alpha}")
         self.alpha = float(alpha)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..core import Transform
+from ..core import Transform, check_features
 
 __all__ = ["Permutation", "Reverse", "LULinear"]
 
@@ -26,11 +26,14 @@ class Permutation(Transform):
         tensor([[30., 10., 20.]])
     """
 
+    linear = True
+
     def __init__(
         self, features_or_permutation: int | Sequence[int] | Tensor, seed: int | None = None
-    ):
+    ) -> None:
         super().__init__()
         if isinstance(features_or_permutation, int):
+            check_features(features_or_permutation, "Permutation")
             gen = None if seed is None else torch.Generator().manual_seed(seed)
             perm = torch.randperm(features_or_permutation, generator=gen)
         else:
@@ -55,24 +58,15 @@ class Permutation(Transform):
 class Reverse(Permutation):
     """Reverses the order of the features (log-det 0); the usual glue between MADE layers."""
 
-    def __init__(self, features: int):
-        super().__init__(torch.arange(features - 1, -1, -1))
+    def __init__(self, features: int) -> None:
+        super().__init__(torch.arange(check_features(features, "Reverse") - 1, -1, -1))
 
     # A flip is the same reordering as indexing with the reversed range, 2-5x faster.
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        self._check_features(x)
         return x.flip(1), x.new_zeros(x.shape[0])
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        self._check_features(z)
         return z.flip(1), z.new_zeros(z.shape[0])
-
-    def _check_features(self, x: Tensor) -> None:
-        # Indexing with the permutation rejected inputs of another width; a flip would not.
-        if x.dim() != 2 or x.shape[1] != self.features:
-            raise ValueError(
-                f"Reverse expects x of shape (batch, {self.features}), got {tuple(x.shape)}"
-            )
 
 
 class LULinear(Transform):
@@ -92,9 +86,13 @@ class LULinear(Transform):
         arXiv:1807.03039.
     """
 
-    def __init__(self, features: int, permutation: str | Sequence[int] | Tensor = "identity"):
+    linear = True
+
+    def __init__(
+        self, features: int, permutation: str | Sequence[int] | Tensor = "identity"
+    ) -> None:
         super().__init__()
-        self.features = features
+        self.features = check_features(features, "LULinear")
         if isinstance(permutation, str):
             if permutation == "identity":
                 perm = torch.arange(features)

@@ -60,7 +60,9 @@ class BatchNorm(Transform):
         torch.Size([2])
     """
 
-    def __init__(self, features: int, momentum: float = 0.1, eps: float = 1e-5):
+    linear = True
+
+    def __init__(self, features: int, momentum: float = 0.1, eps: float = 1e-5) -> None:
         super().__init__()
         self.features = check_features(features, "BatchNorm")
         if not 0.0 < momentum <= 1.0:
@@ -76,7 +78,6 @@ class BatchNorm(Transform):
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Data -> latent with batch statistics (training) or running averages (eval)."""
-        check_input(x, self.features, "BatchNorm")
         if self.training:
             batch = x.shape[0]
             if batch < 2:
@@ -97,7 +98,6 @@ class BatchNorm(Transform):
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Latent -> data with the running averages (in both modes)."""
-        check_input(z, self.features, "BatchNorm.inverse")
         log_scale = self.log_gamma - 0.5 * torch.log(self.running_var + self.eps)
         x = (z - self.beta) * torch.exp(-log_scale) + self.running_mean
         return x, (-log_scale.sum()).expand(z.shape[0])
@@ -152,7 +152,9 @@ class ActNorm(Transform):
         (True, tensor(True))
     """
 
-    def __init__(self, features: int, eps: float = 1e-6):
+    linear = True
+
+    def __init__(self, features: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.features = check_features(features, "ActNorm")
         if not eps > 0.0:
@@ -179,7 +181,6 @@ class ActNorm(Transform):
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Data -> latent; the first call in training mode initializes from ``x``."""
-        check_input(x, self.features, "ActNorm")
         if self._needs_init and self.training and not torch.compiler.is_compiling():
             if bool(self.initialized):  # set by hand or by a load that bypassed the hook
                 self._needs_init = False
@@ -190,7 +191,6 @@ class ActNorm(Transform):
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Latent -> data with the current parameters (never initializes)."""
-        check_input(z, self.features, "ActNorm.inverse")
         x = z * torch.exp(-self.log_scale) - self.bias
         return x, (-self.log_scale.sum()).expand(z.shape[0])
 

@@ -1,0 +1,103 @@
+"""Argument checks shared by the whole package: one home for each rule and its message.
+
+Every public function that takes a size, a count, a rate or a choice checks it here, so a
+bad argument gets the same clear ``ValueError`` wherever it is passed (never a deep torch
+error later).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any, TypeVar
+
+import numpy as np
+
+__all__ = [
+    "positive_int",
+    "non_negative_int",
+    "positive_float",
+    "non_negative_float",
+    "fraction",
+    "choice",
+    "hidden_sizes",
+    "seed_value",
+]
+
+T = TypeVar("T")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def positive_int(value: Any, name: str) -> int:
+    """``value`` as an ``int`` if it is an integer >= 1, else ``ValueError`` naming ``name``."""
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def non_negative_int(value: Any, name: str) -> int:
+    """``value`` as an ``int`` if it is an integer >= 0, else ``ValueError`` naming ``name``."""
+    if not _is_int(value) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    return int(value)
+
+
+def positive_float(value: Any, name: str) -> float:
+    """``value`` as a ``float`` if it is a finite number > 0, else ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    if not (math.isfinite(float(value)) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def non_negative_float(value: Any, name: str) -> float:
+    """``value`` as a ``float`` if it is a finite number >= 0, else ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if not (math.isfinite(float(value)) and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def fraction(value: Any, name: str, *, allow_zero: bool = False) -> float:
+    """``value`` as a ``float`` in ``(0, 1)`` (``[0, 1)`` with ``allow_zero``)."""
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    low_ok = ok and (value >= 0 if allow_zero else value > 0)
+    if not (ok and low_ok and value < 1):
+        interval = "[0, 1)" if allow_zero else "(0, 1)"
+        raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
+    return float(value)
+
+
+def choice(value: T, name: str, options: Iterable[T]) -> T:
+    """``value`` if it is one of ``options``, else ``ValueError`` listing them."""
+    options = tuple(options)
+    if value not in options:
+        raise ValueError(
+            f"{name} must be one of {', '.join(map(repr, options))}, got {value!r}"
+        )
+    return value
+
+
+def hidden_sizes(hidden: Sequence[int] | int, name: str = "hidden") -> tuple[int, ...]:
+    """Hidden layer sizes as a tuple of positive ints (an int is one layer)."""
+    if _is_int(hidden):
+        hidden = (int(hidden),)  # type: ignore[arg-type]
+    try:
+        sizes = tuple(hidden)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError(f"{name} must be a sequence of positive integers, got {hidden!r}") from None
+    if any(not _is_int(h) or h < 1 for h in sizes):
+        raise ValueError(f"{name} must be a sequence of positive integers, got {hidden!r}")
+    return tuple(int(h) for h in sizes)
+
+
+def seed_value(value: Any, name: str = "seed") -> int:
+    """A seed: an integer >= 0."""
+    if not _is_int(value) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    return int(value)
