@@ -87,12 +87,13 @@ def hidden_sizes(hidden: Sequence[int] | int, name: str = "hidden") -> tuple[int
     """Hidden layer sizes as a tuple of positive ints (an int is one layer)."""
     if _is_int(hidden):
         hidden = (int(hidden),)  # type: ignore[arg-type]
+    message = f"{name} must be a sequence of positive integers, got {hidden!r}"
     try:
         sizes = tuple(hidden)  # type: ignore[arg-type]
     except TypeError:
-        raise ValueError(f"{name} must be a sequence of positive integers, got {hidden!r}") from None
+        raise ValueError(message) from None
     if any(not _is_int(h) or h < 1 for h in sizes):
-        raise ValueError(f"{name} must be a sequence of positive integers, got {hidden!r}")
+        raise ValueError(message)
     return tuple(int(h) for h in sizes)
 
 
