@@ -2,14 +2,22 @@
 
 A flow maps data ``x`` to a latent ``z = f(x)`` through invertible layers and scores ``x``
 exactly: ``log p(x) = log p_base(f(x)) + sum_k log|det J_k|``.
+
+The package is layered, data flowing one way (``docs/architecture.md``): the transform
+contract (:mod:`~exactflow.core`), the layers (:mod:`~exactflow.transforms`), the ground
+truth that proves them right (:mod:`~exactflow.groundtruth`), densities
+(:mod:`~exactflow.distributions`) and their builders (:mod:`~exactflow.models`), data
+(:mod:`~exactflow.datasets`), training (:mod:`~exactflow.training`), saving
+(:mod:`~exactflow.io`), run folders (:mod:`~exactflow.runs`), and the command line.
 """
 
 from . import datasets, distributed, models, targets, transforms
+from ._version import __version__
 from .core import Compose, Inverse, Transform
 from .distributions import DiagonalNormal, Distribution, Flow, StandardNormal, Uniform
+from .groundtruth import CheckError, CheckReport, check_transform, jacobian, log_abs_det_jacobian
 from .io import CheckpointError, load, save
-from .jacobian import CheckError, CheckReport, check_transform, jacobian, log_abs_det_jacobian
-from .train import (
+from .training import (
     History,
     TrainingError,
     estimate_log_normalizer,
@@ -17,10 +25,10 @@ from .train import (
     fit,
     fit_reverse_kl,
 )
-
-__version__ = "0.1.0"
+from .validation import DataError
 
 __all__ = [
+    "__version__",
     "Transform",
     "Compose",
     "Inverse",
@@ -45,6 +53,7 @@ __all__ = [
     "estimate_log_normalizer",
     "History",
     "TrainingError",
+    "DataError",
     "save",
     "load",
     "CheckpointError",

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .core import Transform
+from .validation import positive_int
 
 __all__ = ["Distribution", "StandardNormal", "DiagonalNormal", "Uniform", "Flow"]
 
@@ -83,7 +84,7 @@ class StandardNormal(Distribution):
 
     def __init__(self, features: int):
         super().__init__()
-        self.features = _positive_int(features, "features")
+        self.features = positive_int(features, "features")
         self.register_buffer("_anchor", torch.zeros(()))
 
     def log_prob(self, x: Tensor) -> Tensor:
@@ -105,7 +106,7 @@ class DiagonalNormal(Distribution):
 
     def __init__(self, features: int):
         super().__init__()
-        self.features = _positive_int(features, "features")
+        self.features = positive_int(features, "features")
         self.loc = nn.Parameter(torch.zeros(self.features))
         self.log_scale = nn.Parameter(torch.zeros(self.features))
 
@@ -144,7 +145,7 @@ class Uniform(Distribution):
         if features is None:
             n = max(low_t.numel(), high_t.numel())
         else:
-            n = _positive_int(features, "features")
+            n = positive_int(features, "features")
         for name, bound in (("low", low_t), ("high", high_t)):
             if bound.numel() not in (1, n):
                 raise ValueError(
@@ -186,6 +187,10 @@ class Flow(Distribution):
         transform: the data -> latent map (an :class:`exactflow.Transform`).
         base: the latent density, e.g. :class:`StandardNormal`.
         context: the size of the conditioning vector, 0 for an unconditional flow.
+        embedding: an optional network that encodes the context before the transform sees
+            it, ``(batch, context) -> (batch, k)``, trained jointly with the flow and saved
+            with it (as nflows' ``embedding_net``); the transform's layers then take ``k``
+            context features. Use it for high-dimensional or structured contexts.
 
     Example:
         >>> import torch, exactflow as ef
@@ -196,7 +201,13 @@ class Flow(Distribution):
         torch.Size([4, 2])
     """
 
-    def __init__(self, transform: Transform, base: Distribution, context: int = 0):
+    def __init__(
+        self,
+        transform: Transform,
+        base: Distribution,
+        context: int = 0,
+        embedding: nn.Module | None = None,
+    ) -> None:
         super().__init__()
         if not isinstance(transform, Transform):
             raise TypeError(
@@ -204,8 +215,18 @@ class Flow(Distribution):
             )
         if not isinstance(base, Distribution):
             raise TypeError(f"base must be an exactflow Distribution, got {type(base).__name__}")
+        if embedding is not None and not isinstance(embedding, nn.Module):
+            raise TypeError(f"embedding must be a torch.nn.Module, got {type(embedding).__name__}")
+        if embedding is not None and not context:
+            raise ValueError("an embedding network encodes the context: give context > 0")
+        if transform.features is not None and transform.features != base.features:
+            raise ValueError(
+                f"the transform maps {transform.features} features but the base has "
+                f"{base.features}"
+            )
         self.transform = transform
         self.base = base
+        self.embedding = embedding
         self.features = base.features
         self.context_features = int(context)
         #: The builder name and arguments that made this flow (set by exactflow.models;
@@ -273,9 +294,14 @@ class Flow(Distribution):
     def log_prob(self, x: Any, context: Any = None) -> Tensor:
         """Exact log-density of each row of ``x`` (shape ``(batch,)``), in the units of ``x``."""
         x = self._check_x(x)
-        context = self._check_context(context, x.shape[0])
+        context = self._embed(self._check_context(context, x.shape[0]))
         z, ladj = self.transform(x, context)
         return self.base.log_prob(z) + ladj
+
+    def _embed(self, context: Tensor | None) -> Tensor | None:
+        if context is None or self.embedding is None:
+            return context
+        return self.embedding(context)
 
     def forward(self, x: Any, context: Any = None) -> Tensor:  # nn.Module call == log_prob
         return self.log_prob(x, context)
@@ -294,10 +320,11 @@ class Flow(Distribution):
                 raise ValueError(
                     f"context must have {self.context_features} entries, got {context.shape[1]}"
                 )
-            return context.expand(n, -1), (n,)
+            return self._embed(context).expand(n, -1), (n,)
         self._check_context(context, None)
         b = context.shape[0]
-        return context.unsqueeze(0).expand(n, b, -1).reshape(n * b, -1), (n, b)
+        embedded = self._embed(context)
+        return embedded.unsqueeze(0).expand(n, b, -1).reshape(n * b, -1), (n, b)
 
     def rsample(self, n: int, context: Any = None) -> Tensor:
         """``n`` samples, differentiable with respect to the flow's parameters."""
@@ -320,7 +347,7 @@ class Flow(Distribution):
     def rsample_and_log_prob(self, n: int, context: Any = None) -> tuple[Tensor, Tensor]:
         """Differentiable samples and their exact log-density, from one pass (no extra
         forward): the draw that reverse-KL fitting back-propagates through."""
-        n = _positive_int(n, "n")
+        n = positive_int(n, "n")
         ctx, shape = self._expand_context(n, context)
         z = self.base.rsample(int(np.prod(shape)))
         log_pz = self.base.log_prob(z)
@@ -330,9 +357,3 @@ class Flow(Distribution):
 
     def extra_repr(self) -> str:
         return f"features={self.features}, context={self.context_features}"
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)

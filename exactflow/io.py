@@ -28,19 +28,34 @@ during the write leaves the previous file intact.
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
 import pickle
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
+import numpy as np
 import torch
 
 from .distributions import Flow
 
-__all__ = ["save", "load", "atomic_save", "safe_torch_load", "CheckpointError", "FORMAT_VERSION"]
+__all__ = [
+    "save",
+    "load",
+    "atomic_save",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_write_json",
+    "json_safe",
+    "safe_torch_load",
+    "CheckpointError",
+    "FORMAT_VERSION",
+]
 
 #: The version of the model-file layout this exactflow writes and reads.
 FORMAT_VERSION = 1
@@ -52,33 +67,42 @@ class CheckpointError(Exception):
     """A model or training-checkpoint file cannot be used (the message says why)."""
 
 
-def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
-    """``torch.save(obj, path)`` that never leaves a partial file at ``path``.
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
-    Writes to a temporary file in the same directory (same file system, so the final rename
-    is atomic), flushes and fsyncs it, then ``os.replace``\\ s it over ``path`` and fsyncs
-    the directory. If anything fails before the rename, the temporary file is removed and
-    the old ``path`` (if any) is untouched. A process killed mid-write may leave a stray
-    ``.<name>.*.tmp`` file beside the target, never a corrupt target.
 
-    Returns:
-        The target path.
+def _atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> Path:
+    """Write a file through a temporary file in the same folder, fsync and ``os.replace``.
+
+    The one place where exactflow writes files: the temporary file is flushed and fsynced
+    before the rename (so a crash never leaves a half-written target), given the usual
+    permissions (``0666`` less the umask, like any file the user creates), moved over
+    ``path`` atomically, and the folder is fsynced so the rename itself is durable. On any
+    error the temporary file is removed and ``path`` is untouched; a process killed
+    mid-write may leave a stray ``.<name>.*.tmp`` beside the target, never a corrupt target.
     """
     path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "cannot write a file over a folder", str(path))
     directory.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp_name, 0o666 & ~_umask())
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as err:
         try:
             os.unlink(tmp_name)
         except FileNotFoundError:
             pass
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, "no space left on the device", str(path)) from None
         raise
     _fsync_directory(directory)
     return path
@@ -96,6 +120,60 @@ def _fsync_directory(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically and durably (see :func:`atomic_save`)."""
+    return _atomic_write(path, lambda handle: handle.write(data))
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write UTF-8 ``text`` to ``path`` atomically and durably."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
+    """Write ``obj`` as indented, strict JSON (non-finite numbers as ``null``) atomically."""
+    text = json.dumps(json_safe(obj), indent=2, allow_nan=False)
+    return atomic_write_text(path, text + "\n")
+
+
+def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
+    """``torch.save(obj, path)`` that never leaves a partial file at ``path``.
+
+    Writes to a temporary file in the same directory (same file system, so the final rename
+    is atomic), flushes and fsyncs it, then ``os.replace``\\ s it over ``path`` and fsyncs
+    the directory. If anything fails before the rename, the temporary file is removed and
+    the old ``path`` (if any) is untouched. A process killed mid-write may leave a stray
+    ``.<name>.*.tmp`` file beside the target, never a corrupt target.
+
+    Returns:
+        The target path.
+    """
+    return _atomic_write(path, lambda handle: torch.save(obj, handle))
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by ``None`` and numpy/torch scalars,
+    arrays and paths turned into plain Python, so ``json.dumps(..., allow_nan=False)`` works.
+    """
+    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        return json_safe(value.item())
+    if isinstance(value, np.ndarray):
+        return json_safe(value.tolist())
+    if isinstance(value, torch.Tensor):
+        return json_safe(value.detach().cpu().tolist())
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")
 
 
 def safe_torch_load(
@@ -193,7 +271,7 @@ def save(flow: Flow, path: str | os.PathLike[str]) -> Path:
         config_json = json.dumps(config, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as err:
         raise ValueError(f"flow.config must be JSON-serializable to be saved: {err}") from None
-    from . import __version__
+    from ._version import __version__
 
     state = {k: v.detach().to("cpu").clone() for k, v in flow.state_dict().items()}
     payload = {

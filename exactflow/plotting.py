@@ -23,8 +23,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .diagnostics import flatten_layers, layer_name
 from .distributions import Flow
-from .report import evaluating, flatten_layers, layer_name, write_bytes_atomic
+from .io import atomic_write_bytes
+from .scoring import eval_mode, log_prob, module_device, module_dtype
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -43,13 +45,6 @@ _DATA = "#1f4e79"
 _MODEL = "#d9541e"
 _CMAP = "magma"
 
-# Layers that only move, rotate or rescale: a cartographer stage ends after any other layer.
-_LINEAR_LAYERS = {
-    "Permutation", "Reverse", "BatchNorm", "ActNorm", "Standardize",
-    "ElementwiseAffine", "LULinear",
-}
-
-
 def _figure(width: float, height: float) -> Figure:
     from matplotlib.figure import Figure
 
@@ -61,7 +56,7 @@ def save_figure(fig: Figure, path: Any, dpi: int = 110) -> None:
     """Save a figure as PNG through a temporary file (no partial file on error)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, facecolor="white")
-    write_bytes_atomic(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _as_array(x: Any) -> np.ndarray:
@@ -71,25 +66,14 @@ def _as_array(x: Any) -> np.ndarray:
 
 
 def _model_tensor(flow: Flow, x: np.ndarray) -> Tensor:
-    ref = next(iter(flow.parameters()), None)
-    dtype = ref.dtype if ref is not None else torch.get_default_dtype()
-    device = ref.device if ref is not None else torch.device("cpu")
-    return torch.as_tensor(x, dtype=dtype, device=device)
+    return torch.as_tensor(x, dtype=module_dtype(flow), device=module_device(flow))
 
 
 def _sample(flow: Flow, n: int, seed: int) -> np.ndarray:
-    with torch.random.fork_rng(devices=[]), evaluating(flow):
+    with torch.random.fork_rng(devices=[]), eval_mode(flow):
         torch.manual_seed(seed)
         x = flow.sample(n)
-    return x.detach().cpu().double().numpy()
-
-
-def _log_prob(flow: Flow, x: np.ndarray, chunk: int = 8192) -> np.ndarray:
-    out = []
-    with evaluating(flow):
-        for i in range(0, len(x), chunk):
-            out.append(flow.log_prob(_model_tensor(flow, x[i : i + chunk])).double().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros(0)
+    return x.cpu().double().numpy()
 
 
 def bounds_2d(data: np.ndarray, pad: float = 0.08, q: float = 0.002) -> tuple[float, ...]:
@@ -113,7 +97,7 @@ def log_density_grid(
     ys = np.linspace(y0, y1, resolution)
     gx, gy = np.meshgrid(xs, ys)
     pts = np.stack([gx.ravel(), gy.ravel()], axis=1)
-    return xs, ys, _log_prob(flow, pts).reshape(resolution, resolution)
+    return xs, ys, log_prob(flow, pts).reshape(resolution, resolution)
 
 
 def _vmax(values: np.ndarray) -> float | None:
@@ -138,11 +122,13 @@ def data_vs_model(
     bounds: Sequence[float] | None = None,
     resolution: int = 200,
     seed: int = 0,
+    names: Sequence[str] | None = None,
 ) -> Figure:
-    """Three panels on one scale: the data, the model's density ``p(x)``, model samples.
+    """Three panels on one box: the data, model samples, and the model's density ``p(x)``.
 
     The data and the samples are drawn as 2D histograms with the same bins as the density
-    grid, so the three panels compare pixel for pixel. Needs 2D data.
+    grid, so the three panels compare pixel for pixel; the colour bar beside the last panel
+    is the density's. ``names`` labels the two axes (default ``x1``, ``x2``). Needs 2D data.
     """
     data = _as_array(data)
     if data.ndim != 2 or data.shape[1] != 2:
@@ -166,14 +152,15 @@ def data_vs_model(
     # and would otherwise saturate against the smooth density.
     axes[0].imshow(h_data.T, vmax=_vmax(h_data), **kw)
     _style(axes[0], f"data (n = {len(data):,})")
-    im = axes[1].imshow(dens, vmax=_vmax(dens), **{**kw, "interpolation": "bilinear"})
-    _style(axes[1], "model density p(x)")
-    axes[2].imshow(h_samp.T, vmax=_vmax(h_samp), **kw)
-    _style(axes[2], f"model samples (n = {n_samples:,})")
+    axes[1].imshow(h_samp.T, vmax=_vmax(h_samp), **kw)
+    _style(axes[1], f"model samples (n = {n_samples:,})")
+    im = axes[2].imshow(dens, vmax=_vmax(dens), **{**kw, "interpolation": "bilinear"})
+    _style(axes[2], "model density p(x)")
+    label_x, label_y = _names(names, 2)
     for ax in axes:
-        ax.set_xlabel("x1", fontsize=8)
-    axes[0].set_ylabel("x2", fontsize=8)
-    cb = fig.colorbar(im, ax=axes, shrink=0.85, pad=0.01)
+        ax.set_xlabel(label_x, fontsize=8)
+    axes[0].set_ylabel(label_y, fontsize=8)
+    cb = fig.colorbar(im, ax=axes[2], shrink=0.85, pad=0.01)
     cb.set_label("p(x)", fontsize=8)
     cb.ax.tick_params(labelsize=7)
     return fig
@@ -187,12 +174,14 @@ def pairwise(
     n_samples: int | None = None,
     max_points: int = 2000,
     seed: int = 0,
+    names: Sequence[str] | None = None,
 ) -> Figure:
     """Pairwise marginals of the first ``dims`` dimensions: data below the diagonal,
     model samples above it (as many points as the data shown), both marginals overlaid on
     the diagonal (all the data, ``n_samples`` samples).
 
-    Works for any number of features (2 included).
+    Works for any number of features (2 included); ``names`` labels the axes with the
+    columns' names (default ``x1``, ``x2``, ...).
     """
     data = _as_array(data)
     d = min(dims, data.shape[1])
@@ -208,6 +197,7 @@ def pairwise(
     span = np.maximum(hi - lo, 1e-6)
     lo, hi = lo - 0.1 * span, hi + 0.1 * span
 
+    labels = _names(names, d)
     size = max(1.6, min(2.6, 10 / d))
     fig = _figure(size * d + 0.4, size * d + 0.4)
     axes = np.atleast_2d(fig.subplots(d, d, squeeze=False))
@@ -228,15 +218,20 @@ def pairwise(
                 ax.set_ylim(lo[i], hi[i])
             ax.set_xlim(lo[j], hi[j])
             if i == d - 1:
-                ax.set_xlabel(f"x{j + 1}", fontsize=8)
+                ax.set_xlabel(labels[j], fontsize=8)
             if j == 0 and i != 0:
-                ax.set_ylabel(f"x{i + 1}", fontsize=8)
+                ax.set_ylabel(labels[i], fontsize=8)
     handles = [
         _patch(_DATA, "data (below the diagonal)"),
         _patch(_MODEL, "model samples (above the diagonal)"),
     ]
     fig.legend(handles=handles, loc="outside upper center", ncol=2, fontsize=8, frameon=False)
     return fig
+
+
+def _names(names: Sequence[str] | None, d: int) -> list[str]:
+    given = list(names or [])
+    return [str(given[i]) if i < len(given) else f"x{i + 1}" for i in range(d)]
 
 
 def _patch(color: str, label: str) -> Any:
@@ -272,7 +267,8 @@ def training_curves(history: Mapping[str, Any], *, entropy: float | None = None)
 
     The training curve is noisy (one mini-batch per point) and drawn thin with a running
     mean over it; the validation curve is the full validation set at each evaluation.
-    ``entropy``, when known (the 2D toys), is drawn as the floor no model can beat.
+    ``entropy``, when known (the 2D toys), is drawn as the floor no model can beat, and
+    a vertical line marks ``best_step``, the step whose weights training kept.
     """
     fig = _figure(7.5, 3.6)
     ax = fig.subplots()
@@ -291,6 +287,9 @@ def training_curves(history: Mapping[str, Any], *, entropy: float | None = None)
         ax.plot(val[0], val[1], "o-", color=_MODEL, lw=1.6, ms=3, label="validation")
     if entropy is not None:
         ax.axhline(entropy, color="0.35", ls="--", lw=1, label=f"true entropy {entropy:.3f}")
+    kept = history.get("best_step")
+    if kept is not None:
+        ax.axvline(float(kept), color=_MODEL, ls=":", lw=1.2, label=f"weights kept (step {kept})")
     finite = np.concatenate([s[1][np.isfinite(s[1])] for s in (train, val) if s is not None]
                             or [np.zeros(1)])
     if finite.size:
@@ -311,7 +310,7 @@ def training_curves(history: Mapping[str, Any], *, entropy: float | None = None)
 
 def _stages(layers: Sequence[Any], max_stages: int) -> list[int]:
     """Indices k (number of layers applied) at which to draw the cartographer's panels."""
-    ends = [i + 1 for i, t in enumerate(layers) if layer_name(t) not in _LINEAR_LAYERS]
+    ends = [i + 1 for i, t in enumerate(layers) if not t.linear]
     if ends:
         # Only linear layers after the last nonlinear one: show the latent in its place.
         ends[-1] = len(layers)
@@ -377,7 +376,7 @@ def cartographer(
     n = len(stages)
     fig = _figure(2.55 * n, 5.3)
     axes = np.atleast_2d(fig.subplots(2, n, squeeze=False))
-    with evaluating(flow):
+    with eval_mode(flow):
         pts = _model_tensor(flow, pts_np)
         line_t = [(kind, _model_tensor(flow, seg)) for kind, seg in grid_lines]
         current = 0
@@ -455,7 +454,7 @@ def layer_log_dets(names: Sequence[str], values: Sequence[float]) -> Figure:
     y = np.arange(n)
     colors = [_MODEL if v >= 0 else _DATA for v in np.nan_to_num(vals)]
     ax.barh(y, np.nan_to_num(vals), color=colors, height=0.7)
-    ax.set_yticks(y, [f"{i}: {name}" for i, name in enumerate(names)], fontsize=7)
+    ax.set_yticks(y, [f"{i}: {name}" for i, name in enumerate(names, start=1)], fontsize=7)
     ax.invert_yaxis()
     ax.axvline(0, color="0.3", lw=0.8)
     total = float(np.nansum(vals))

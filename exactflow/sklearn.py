@@ -33,6 +33,8 @@ except ImportError:  # pragma: no cover - older scikit-learn
         return estimator._validate_data(X, reset=reset, **kwargs)
 
 
+from .scoring import log_prob
+
 __all__ = ["FlowDensity"]
 
 _COUPLING_MODELS = ("realnvp", "nice", "nsf")
@@ -72,7 +74,7 @@ class FlowDensity(DensityMixin, BaseEstimator):
 
     Attributes:
         flow_: the trained :class:`exactflow.Flow` (float64, eval mode, CPU).
-        history_: the training :class:`exactflow.train.History`.
+        history_: the training :class:`exactflow.History`.
         n_features_in_: number of features seen in ``fit``.
 
     Example:
@@ -137,8 +139,7 @@ class FlowDensity(DensityMixin, BaseEstimator):
                 ``standardize``), a coupling model on one feature, or bad parameters.
         """
         from . import models
-        from .datasets import Standardize
-        from .train import fit as train_fit
+        from .training import fit as train_fit
 
         X = _validate_data(self, X, dtype=np.float64, ensure_min_samples=2)
         n, d = X.shape
@@ -171,26 +172,18 @@ class FlowDensity(DensityMixin, BaseEstimator):
         if self.hidden is not None and self.model not in ("planar", "radial"):
             config["hidden"] = [int(h) for h in np.atleast_1d(self.hidden)]
         config.update(self.model_kwargs or {})
-        if self.standardize:
-            config["standardize"] = True
-            try:
-                stats = Standardize.fit(train)
-            except ValueError as err:
-                raise ValueError(f"cannot standardize X: {err}") from None
+        config["standardize"] = bool(self.standardize)
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             flow = models.build(config)
-        if self.standardize:
-            with torch.no_grad():
-                flow.transform[0].mean.copy_(stats.mean)
-                flow.transform[0].std.copy_(stats.std)
 
         batch_size = max(1, min(int(self.batch_size), len(train)))
+        # fit fills the standardization layer from the training rows (in float64).
         self.history_ = train_fit(
             flow,
-            train.astype(np.float32),
-            None if val is None else val.astype(np.float32),
+            train,
+            val,
             steps=None if self.epochs is not None else int(self.steps),
             epochs=None if self.epochs is None else int(self.epochs),
             batch_size=batch_size,
@@ -209,12 +202,7 @@ class FlowDensity(DensityMixin, BaseEstimator):
         """The exact log-density of each row of ``X`` (nats, in the units of ``X``)."""
         check_is_fitted(self, "flow_")
         X = _validate_data(self, X, dtype=np.float64, reset=False)
-        out = np.empty(len(X))
-        with torch.no_grad():
-            for start in range(0, len(X), 8192):
-                x = torch.from_numpy(np.ascontiguousarray(X[start : start + 8192]))
-                out[start : start + len(x)] = self.flow_.log_prob(x).numpy()
-        return out
+        return log_prob(self.flow_, X)
 
     def score(self, X: Any, y: Any = None) -> float:
         """Total log-likelihood of ``X`` under the model (as ``KernelDensity.score``)."""
@@ -231,7 +219,7 @@ class FlowDensity(DensityMixin, BaseEstimator):
         if isinstance(n_samples, bool) or int(n_samples) != n_samples or n_samples < 1:
             raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
         seed = int(check_random_state(random_state).randint(np.iinfo(np.int32).max))
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
+        with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             x = self.flow_.sample(int(n_samples))
         return x.numpy().copy()

@@ -14,6 +14,9 @@ from typing import Any, TypeVar
 import numpy as np
 
 __all__ = [
+    "DataError",
+    "nonfinite_rows_error",
+    "index_list",
     "positive_int",
     "non_negative_int",
     "positive_float",
@@ -25,6 +28,31 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+#: How many offending rows or cells an error message lists before "...".
+SHOW = 5
+
+
+class DataError(ValueError):
+    """Data that a flow cannot be trained on or scored, or a data file that cannot be read.
+
+    The message names the problem and where it is (rows, columns, file lines).
+    """
+
+
+def index_list(indices: Iterable[int], total: int) -> str:
+    """The first few of ``indices`` as ``"3, 7, 9, ..."`` (the dots when ``total`` is more)."""
+    shown = [str(int(i)) for i in list(indices)[:SHOW]]
+    return ", ".join(shown) + (", ..." if total > len(shown) else "")
+
+
+def nonfinite_rows_error(name: str, count: int, rows: Iterable[int]) -> DataError:
+    """The error for ``count`` rows holding NaN or inf, listing the first row indices."""
+    noun = "row" if count == 1 else "rows"
+    return DataError(
+        f"{name}: NaN or inf in {count} {noun} (row indices {index_list(rows, count)}); "
+        "drop or impute them"
+    )
 
 
 def _is_int(value: Any) -> bool:

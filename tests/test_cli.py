@@ -22,8 +22,8 @@ import pytest
 import torch
 
 import exactflow as ef
-from exactflow import report as rp
 from exactflow.cli import main
+from exactflow.diagnostics import flatten_layers
 
 TINY = ["--model", "maf", "--layers", "2", "--hidden", "16", "--steps", "30",
         "--batch-size", "128", "--no-report"]
@@ -119,7 +119,7 @@ def test_train_writes_the_run_folder(run_dir):
     # standardization is part of it (so ef.load gives densities in data units).
     flow = ef.load(run_dir / "model.pt")
     assert flow.config["standardize"] is True
-    assert type(rp.flatten_layers(flow.transform)[0]).__name__ == "Standardize"
+    assert type(flatten_layers(flow.transform)[0]).__name__ == "Standardize"
     with np.load(run_dir / "data.npz") as npz:
         test = npz["test"]
         assert len(npz["train"]) + len(npz["val"]) + len(test) == 600
@@ -196,7 +196,7 @@ def test_train_resume_continues_an_interrupted_run(tmp_path, monkeypatch):
     code, _, err = run_cli([*args, "--out", tmp_path / "whole"])
     assert code == 0, err
 
-    import exactflow.train as train_module
+    import exactflow.runs as train_module
 
     real_fit = train_module.fit
 
@@ -231,7 +231,7 @@ def test_train_resume_continues_an_interrupted_run(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "content, message",
     [
-        (None, "neither a toy dataset nor an existing file"),
+        (None, "neither a built-in dataset"),
         ("a,b\n1,2\n3,nan\n" + "".join(f"{i},{i * i % 7}\n" for i in range(40)), "NaN"),
         ("a,b\n1,2\n3,hello\n" + "".join(f"{i},{i * i % 7}\n" for i in range(40)), "hello"),
         ("a,b\n" + "".join(f"{i},5\n" for i in range(40)), "constant"),
@@ -407,7 +407,7 @@ def test_score_to_stdout(run_dir, tmp_path):
         ("1\n2\n", "1 columns"),
         ("1,2\nnan,4\n", "NaN"),
         ("1,2\n3,x\n", "'x'"),
-        (None, "neither a toy dataset nor an existing file"),
+        (None, "neither a built-in dataset"),
     ],
 )
 def test_score_bad_data_exits_1_without_output(run_dir, tmp_path, content, message):
@@ -445,7 +445,7 @@ def test_check_a_run_folder(run_dir):
     flow = ef.load(run_dir / "model.pt")
     assert code == 0 and result["ok"] and result["points"] == 16
     assert [r["name"] for r in result["layers"]] == [
-        type(t).__name__ for t in rp.flatten_layers(flow.transform)
+        type(t).__name__ for t in flatten_layers(flow.transform)
     ]
     assert all(r["log_det_error"] < 1e-8 for r in result["layers"])
 
@@ -471,7 +471,7 @@ def test_check_fails_on_a_wrong_log_det(run_dir, monkeypatch):
     monkeypatch.setattr(Standardize, "forward", wrong)
     code, out, _ = run_cli(["check", run_dir])
     assert code == 1
-    assert "FAIL" in out and "layer 0 (Standardize)" in out
+    assert "FAIL" in out and "layer 1 (Standardize)" in out
     code, out, _ = run_cli(["check", run_dir, "--json"])
     result = json.loads(out)
     assert code == 1 and not result["ok"]

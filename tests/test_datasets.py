@@ -297,7 +297,8 @@ class _CountingSubset(Subset):
 
 
 def test_validate_and_fit_work_in_chunks(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(ds, "CHUNK_ROWS", 7)
+    monkeypatch.setattr(ds.arrays, "CHUNK_ROWS", 7)
+    monkeypatch.setattr(ef.transforms.normalization, "_CHUNK_ROWS", 7)
     arr = _good(60, 3).astype(np.float32)
     arr[:, 2] = 5.0
     np.save(tmp_path / "d.npy", arr)
@@ -395,7 +396,7 @@ def test_digits_dequantized() -> None:
 
 def test_digits_without_sklearn(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
-    ds._digits_raw.cache_clear()
+    ds.bundled._digits_raw.cache_clear()
     with pytest.raises(ImportError, match=r"pip install 'exactflow\[sklearn\]'"):
         ds.digits()
 

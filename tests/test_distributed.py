@@ -18,7 +18,8 @@ import torch.distributed as dist
 
 import exactflow as ef
 import exactflow.cli
-from exactflow.distributed import _combine, _Replicas
+from exactflow.training.evaluate import NLLSummary
+from exactflow.training.parallel import Replicas
 from tests.helpers import perturb
 
 FEATURES = 5  # odd on purpose
@@ -269,7 +270,7 @@ def test_init_outside_torchrun_is_a_no_op(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_a_world_of_one_changes_nothing() -> None:
-    local = _Replicas(batch_size=8)
+    local = Replicas(batch_size=8)
     index = torch.arange(8)
     assert local.shard(index) is index
     loss = torch.tensor(1.5)
@@ -279,12 +280,20 @@ def test_a_world_of_one_changes_nothing() -> None:
 
 def test_strided_shares_are_disjoint_and_cover_the_batch() -> None:
     index = torch.sort(torch.randperm(1000)[:63]).values
-    shares = [_Replicas(3, r, 63).shard(index) for r in range(3)]
+    shares = [Replicas(3, r, 63).shard(index) for r in range(3)]
     assert sorted(len(s) for s in shares) == [21, 21, 21]
     assert torch.equal(torch.sort(torch.cat(shares)).values, index)
-    shares = [_Replicas(2, r, 63).shard(index) for r in range(2)]
+    shares = [Replicas(2, r, 63).shard(index) for r in range(2)]
     assert [len(s) for s in shares] == [32, 31]
     assert torch.equal(torch.sort(torch.cat(shares)).values, index)
+
+
+def _combine(parts: list[list[float]], n: int, features: int) -> dict[str, float]:
+    """Merge per-share summaries in order, as the ranks do, into evaluate's metrics."""
+    total = NLLSummary()
+    for part in parts:
+        total.merge(NLLSummary.from_list(part))
+    return total.metrics(n, features)
 
 
 def _stats(m: dict[str, float]) -> list[float]:

@@ -149,10 +149,10 @@ def test_build_from_config_rebuilds_the_same_architecture(name: str) -> None:
 def test_builders_share_keyword_names() -> None:
     import inspect
 
-    for name in ef.models.available():
+    for name in ("realnvp", "nice", "maf", "iaf", "nsf", "planar", "radial"):
         params = inspect.signature(getattr(ef.models, name)).parameters
         assert list(params)[0] == "features"
-        assert {"layers", "context"} <= set(params), name
+        assert {"layers", "context", "standardize", "embedding"} <= set(params), name
         assert all(
             p.kind is inspect.Parameter.KEYWORD_ONLY for k, p in params.items() if k != "features"
         )
@@ -178,12 +178,17 @@ def test_realnvp_structure() -> None:
 def test_autoregressive_builders_fast_direction_and_permutations() -> None:
     maf = ef.models.maf(3, layers=3, hidden=(8,))
     iaf = ef.models.iaf(3, layers=3, hidden=(8,))
-    maf_sampling = ef.models.maf(3, layers=3, hidden=(8,), fast="sampling")
     mades = lambda f: [t for t in f.transform if hasattr(t, "made")]  # noqa: E731
     assert all(type(t) is MaskedAffineAutoregressive for t in mades(maf))
     assert all(type(t) is InverseAutoregressive for t in mades(iaf))
-    assert all(type(t) is InverseAutoregressive for t in mades(maf_sampling))
-    assert iaf.config["fast"] == "sampling" and maf.config["fast"] == "density"
+    assert "fast" not in maf.config and "fast" not in iaf.config
+    # exactflow 0.1 configs: maf with fast="sampling" was an IAF; it loads as one.
+    old = ef.models.build({"model": "maf", "features": 3, "layers": 3, "hidden": [8],
+                           "fast": "sampling", "permutation": "reverse", "batch_norm": False,
+                           "context": 0})
+    assert old.config["model"] == "iaf" and all(
+        type(t) is InverseAutoregressive for t in mades(old))
+    old.load_state_dict(iaf.state_dict())
     kinds = [type(t).__name__ for t in maf.transform]
     assert kinds == [
         "MaskedAffineAutoregressive", "Reverse", "MaskedAffineAutoregressive", "Reverse",
@@ -227,8 +232,14 @@ def test_bad_arguments_are_clear_errors() -> None:
         ef.models.planar(2, context=3)
     with pytest.raises(ValueError, match="unconditional"):
         ef.models.radial(2, context=1)
+    with pytest.raises(TypeError, match="fast"):
+        ef.models.maf(2, fast="sampling")  # maf and iaf are distinct builders
+    with pytest.raises(ValueError, match="fast applies to kind='autoregressive' only"):
+        ef.models.nsf(2, kind="coupling", fast="density")
     with pytest.raises(ValueError, match="fast"):
-        ef.models.maf(2, fast="both")
+        ef.models.nsf(2, kind="autoregressive", fast="both")
+    with pytest.raises(ValueError, match="permutation"):
+        ef.models.nsf(2, permutation="reverse")  # couplings alternate their masks already
     with pytest.raises(ValueError, match="kind"):
         ef.models.nsf(2, kind="residual")
     with pytest.raises(ValueError, match="permutation"):

@@ -13,7 +13,7 @@ pytest.importorskip("matplotlib")
 
 import exactflow as ef  # noqa: E402
 from exactflow import plotting  # noqa: E402
-from exactflow.report import flatten_layers  # noqa: E402
+from exactflow.diagnostics import flatten_layers  # noqa: E402
 from tests.helpers import perturb  # noqa: E402
 
 
@@ -61,10 +61,13 @@ def test_data_vs_model_panels_and_no_side_effects(flow, data):
     panels = [ax for ax in fig.axes if ax.images]
     assert len(panels) == 3
     assert [ax.get_title() for ax in panels] == [
-        "data (n = 600)", "model density p(x)", "model samples (n = 2,000)"
+        "data (n = 600)", "model samples (n = 2,000)", "model density p(x)"
     ]
-    density = np.asarray(panels[1].images[0].get_array())
-    x0, x1, y0, y1 = panels[1].images[0].get_extent()
+    # The colour bar stands beside the density panel, the one it belongs to.
+    (bar,) = [ax for ax in fig.axes if not ax.images]
+    assert bar.get_position().x0 > panels[2].get_position().x1
+    density = np.asarray(panels[2].images[0].get_array())
+    x0, x1, y0, y1 = panels[2].images[0].get_extent()
     _, _, logp = plotting.log_density_grid(flow, (x0, x1, y0, y1), resolution=60)
     # (log-densities below -50 are drawn as exp(-50): invisible either way)
     np.testing.assert_allclose(density, np.exp(logp), rtol=1e-6, atol=1e-20)
@@ -83,7 +86,7 @@ def test_pairwise_any_dimension():
 
 
 def test_training_curves_from_a_history_dict():
-    history = ef.train.History(features=2, steps=[10, 20, 30], train_nll=[3.0, None, 2.5],
+    history = ef.History(features=2, steps=[10, 20, 30], train_nll=[3.0, None, 2.5],
                                val_nll=[3.1, 2.8, None], lr=[1e-3] * 3, time=[1, 2, 3])
     fig = plotting.training_curves(history.to_dict(), entropy=2.394)
     ax = fig.axes[0]

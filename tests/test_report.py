@@ -16,8 +16,10 @@ import pytest
 import torch
 
 import exactflow as ef
+from exactflow import diagnostics, runs
 from exactflow import report as rp
 from exactflow.cli import main
+from exactflow.io import atomic_write_json
 
 pytest.importorskip("matplotlib")
 
@@ -127,7 +129,7 @@ def test_metrics_json_matches_the_run(run_2d):
     assert metrics["test"]["nll"] == pytest.approx(info["metrics"]["test"]["nll"], abs=1e-9)
     flow = ef.load(run_2d / "model.pt")
     assert metrics["parameters"] == sum(p.numel() for p in flow.parameters())
-    layers = rp.flatten_layers(flow.transform)
+    layers = diagnostics.flatten_layers(flow.transform)
     assert len(metrics["check"]["layers"]) == len(layers) and metrics["check"]["ok"]
     assert metrics["true_entropy"] == ef.datasets.TOY_ENTROPY["8gaussians"]
     # The per-layer mean log-dets add up to the flow's mean log-det on the test split.
@@ -168,7 +170,7 @@ def test_check_layers_finds_the_wrong_layer_and_leaves_the_flow_alone():
                    ef.StandardNormal(3))
     flow.train()
     x = np.random.default_rng(0).normal(size=(40, 3))
-    rows = rp.check_layers(flow, x)
+    rows = diagnostics.check_layers(flow, x)
     assert [r.ok for r in rows] == [True, False, True]
     assert rows[1].name == "WrongLogDet" and rows[1].log_det_error == pytest.approx(0.01)
     assert rows[1].round_trip_error < 1e-12 and rows[1].failures
@@ -177,7 +179,7 @@ def test_check_layers_finds_the_wrong_layer_and_leaves_the_flow_alone():
     assert rows[0].mean_log_det == pytest.approx(float(expected), abs=1e-9)
     # The caller's model is untouched: same dtype, same mode.
     assert next(flow.parameters()).dtype == torch.float32 and flow.training
-    table = rp.format_check_table(rows)
+    table = diagnostics.format_check_table(rows)
     assert "WrongLogDet" in table and "FAIL" in table and table.count("ok") >= 2
 
 
@@ -186,7 +188,7 @@ def test_check_layers_sees_the_data_propagated_to_each_layer():
     # fed every layer the raw data would crash on it.
     flow = ef.Flow(ef.Compose(ef.transforms.Sigmoid(), ef.transforms.Logit()),
                    ef.StandardNormal(2))
-    rows = rp.check_layers(flow, 3 * np.random.default_rng(1).normal(size=(30, 2)))
+    rows = diagnostics.check_layers(flow, 3 * np.random.default_rng(1).normal(size=(30, 2)))
     assert all(r.ok for r in rows), [r.failures for r in rows]
 
 
@@ -194,26 +196,26 @@ def test_check_layers_sees_the_data_propagated_to_each_layer():
 
 
 def test_load_run_errors_name_the_problem(run_2d, tmp_path):
-    with pytest.raises(rp.RunError, match="no such run folder"):
-        rp.load_run(tmp_path / "missing")
+    with pytest.raises(runs.RunError, match="no such run folder"):
+        runs.load_run(tmp_path / "missing")
     (tmp_path / "file").write_text("x")
-    with pytest.raises(rp.RunError, match="is a file"):
-        rp.load_run(tmp_path / "file")
-    with pytest.raises(rp.RunError, match="no run.json"):
-        rp.load_run(tmp_path)
+    with pytest.raises(runs.RunError, match="is a file"):
+        runs.load_run(tmp_path / "file")
+    with pytest.raises(runs.RunError, match="no run.json"):
+        runs.load_run(tmp_path)
     (tmp_path / "run.json").write_text('{"format": "something else"}')
-    with pytest.raises(rp.RunError, match="not an exactflow run"):
-        rp.load_run(tmp_path)
+    with pytest.raises(runs.RunError, match="not an exactflow run"):
+        runs.load_run(tmp_path)
     info = json.loads((run_2d / "run.json").read_text())
     info["status"] = "training"
     (tmp_path / "run.json").write_text(json.dumps(info))
-    with pytest.raises(rp.RunError, match="did not finish"):
-        rp.load_run(tmp_path)
+    with pytest.raises(runs.RunError, match="did not finish"):
+        runs.load_run(tmp_path)
 
 
 def test_atomic_write_leaves_nothing_behind_on_failure(tmp_path, monkeypatch):
     target = tmp_path / "out.json"
-    rp.write_json_atomic(target, {"a": 1})
+    atomic_write_json(target, {"a": 1})
     assert json.loads(target.read_text()) == {"a": 1}
 
     def boom(src, dst):
@@ -221,9 +223,11 @@ def test_atomic_write_leaves_nothing_behind_on_failure(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "replace", boom)
     with pytest.raises(OSError, match="disk full"):
-        rp.write_json_atomic(target, {"a": 2})
-    with pytest.raises(ValueError):
-        rp.write_json_atomic(tmp_path / "nan.json", {"a": float("nan")})
+        atomic_write_json(target, {"a": 2})
     monkeypatch.undo()
+    # Non-finite numbers are written as null: strict JSON that any parser reads.
+    atomic_write_json(tmp_path / "nan.json", {"a": float("nan")})
+    assert json.loads((tmp_path / "nan.json").read_text()) == {"a": None}
+    (tmp_path / "nan.json").unlink()
     assert json.loads(target.read_text()) == {"a": 1}  # the old file is intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]

@@ -1,4 +1,4 @@
-"""Tests for reverse-KL fitting and the log-normalizer estimates (exactflow.train)."""
+"""Tests for reverse-KL fitting and the log-normalizer estimates (exactflow.training)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 import exactflow as ef
-from exactflow.train import TrainingError, estimate_log_normalizer, fit_reverse_kl
+from exactflow.training import TrainingError, estimate_log_normalizer, fit_reverse_kl
 from exactflow.transforms import ElementwiseAffine
 
 # Train on the CPU without a progress bar (the GPU test asks for CUDA itself).

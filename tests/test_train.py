@@ -1,4 +1,4 @@
-"""Tests for exactflow.train: fit (maximum likelihood), evaluate, checkpoints and resume."""
+"""Tests for exactflow.training: fit (maximum likelihood), evaluate, checkpoints and resume."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from torch import Tensor, nn
 import exactflow as ef
 from exactflow.datasets import DataError
 from exactflow.io import CheckpointError
-from exactflow.train import History, TrainingError, evaluate, fit
+from exactflow.training import History, TrainingError, evaluate, fit
 from exactflow.transforms import ActNorm, ElementwiseAffine, LULinear
 
 # Train on the CPU without a progress bar (the GPU test asks for CUDA itself).

@@ -10,7 +10,7 @@ from .coupling import AdditiveCoupling, AffineCoupling, Coupling, SplineCoupling
 from .elementwise import ElementwiseAffine, Logit, Sigmoid
 from .linear import LULinear, Permutation, Reverse
 from .monotonic import AdditiveMap, AffineMap, MonotonicMap, SplineMap, monotonic_map
-from .normalization import ActNorm, BatchNorm
+from .normalization import ActNorm, BatchNorm, Standardize
 from .planar import Planar, Radial
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "monotonic_map",
     "Planar",
     "Radial",
+    "Standardize",
     "BatchNorm",
     "ActNorm",
 ]

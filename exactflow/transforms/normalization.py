@@ -1,19 +1,162 @@
-"""Normalization flow layers: batch normalization (RealNVP) and activation normalization (Glow).
+"""Normalization layers: fixed standardization, batch normalization (RealNVP) and
+activation normalization (Glow).
 
-Both are per-dimension affine maps, so their Jacobians are diagonal and
+All are per-dimension affine maps, so their Jacobians are diagonal and
 ``log|det J| = sum_i log(scale_i)`` costs O(d), the same for every row. Their state (running
-statistics, the "initialized" flag) lives in buffers, so ``state_dict`` save -> load ->
-continue training is identical.
+statistics, the "initialized" flag, the fixed mean and scale) lives in buffers, so
+``state_dict`` save -> load -> continue training is identical.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ..core import Transform, check_features, check_input
+from ..stats import RunningMoments
+from ..validation import DataError, index_list, nonfinite_rows_error
 
-__all__ = ["BatchNorm", "ActNorm"]
+__all__ = ["Standardize", "BatchNorm", "ActNorm"]
+
+#: Rows per chunk when :meth:`Standardize.fit` walks over (possibly memory-mapped) data.
+_CHUNK_ROWS = 65536
+
+
+def _float64(values: Any) -> np.ndarray:
+    if isinstance(values, Tensor):
+        values = values.detach().cpu().double().numpy()
+    return np.asarray(values, dtype=np.float64)
+
+
+class Standardize(Transform):
+    """A fixed per-feature affine map ``z = (x - mean) / std``, the first layer of a model.
+
+    Training on standardized data changes the units of the density; putting the scaling
+    inside the model instead keeps ``log_prob`` in the units of the user's data, because the
+    change of variables adds ``log|det dz/dx| = -sum_i log std_i`` (the same for every row).
+    Both directions are closed form and cost O(d); ``mean`` and ``std`` are buffers (saved
+    with the model, not trained). Builders put one first with ``standardize=True`` and
+    :func:`exactflow.fit` fills it from the training data.
+
+    Args:
+        mean: ``(features,)`` shift.
+        std: ``(features,)`` positive scale.
+        dtype: dtype of the buffers (default: torch's default dtype); ``.double()`` later
+            casts values already rounded to it, so pass ``torch.float64`` for float64 work.
+
+    Example:
+        >>> import torch, exactflow as ef
+        >>> x = 3 + 2 * torch.randn(100, 2, dtype=torch.float64)
+        >>> t = ef.transforms.Standardize.fit(x, dtype=torch.float64)
+        >>> report = ef.check_transform(t, x)
+        >>> report.ok
+        True
+    """
+
+    linear = True
+
+    def __init__(self, mean: Any, std: Any, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        dtype = dtype or torch.get_default_dtype()
+        mean_t = torch.as_tensor(_float64(mean)).to(dtype)
+        std_t = torch.as_tensor(_float64(std)).to(dtype)
+        if mean_t.ndim != 1 or mean_t.shape != std_t.shape:
+            raise ValueError(
+                "Standardize needs 1-D mean and std of the same length, got shapes "
+                f"{tuple(mean_t.shape)} and {tuple(std_t.shape)}"
+            )
+        bad = torch.nonzero(~(torch.isfinite(std_t) & (std_t > 0))).flatten().tolist()
+        if bad:
+            raise ValueError(f"Standardize needs finite std > 0; columns {bad} are not")
+        if not bool(torch.isfinite(mean_t).all()):
+            raise ValueError("Standardize needs a finite mean")
+        self.features = int(mean_t.numel())
+        self.register_buffer("mean", mean_t)
+        self.register_buffer("std", std_t)
+
+    @classmethod
+    def identity(cls, features: int, dtype: torch.dtype | None = None) -> Standardize:
+        """The identity (mean 0, std 1), to be filled by :meth:`set_statistics` later."""
+        return cls(np.zeros(features), np.ones(features), dtype=dtype)
+
+    @staticmethod
+    def statistics(data: Any, name: str = "data") -> tuple[np.ndarray, np.ndarray]:
+        """Column means and standard deviations (``ddof=0``) of ``data``, in float64.
+
+        ``data`` is anything indexable by row slices (array, tensor, ``np.memmap``, a lazy
+        row subset); it is read in chunks of rows, so a memory-mapped table is never
+        copied whole.
+
+        Raises:
+            DataError: NaN or inf in a row, or a constant (zero-variance) column.
+        """
+        if isinstance(data, Tensor):
+            data = data.detach().cpu().numpy()
+        elif not hasattr(data, "shape"):
+            data = np.asarray(data)
+        n = int(data.shape[0])
+        if len(data.shape) != 2 or n == 0:
+            raise DataError(f"{name}: expected a non-empty 2-D array, got shape {data.shape}")
+        moments = RunningMoments()
+        bad: list[int] = []
+        n_bad = 0
+        lo = np.full(data.shape[1], np.inf)
+        hi = np.full(data.shape[1], -np.inf)
+        for start in range(0, n, _CHUNK_ROWS):
+            block = np.asarray(data[start : start + _CHUNK_ROWS], dtype=np.float64)
+            ok = np.isfinite(block).all(axis=1)
+            if not ok.all():
+                rows = np.flatnonzero(~ok)
+                n_bad += len(rows)
+                bad.extend((start + rows[:5]).tolist())
+                continue
+            lo = np.minimum(lo, block.min(axis=0))
+            hi = np.maximum(hi, block.max(axis=0))
+            moments.update(block)
+        if n_bad:
+            raise nonfinite_rows_error(name, n_bad, bad)
+        constant = np.flatnonzero(lo == hi) if n > 1 else np.zeros(0, dtype=int)
+        if len(constant):
+            cols = "column" if len(constant) == 1 else "columns"
+            raise DataError(
+                f"{name}: constant (zero-variance) {cols} {index_list(constant, len(constant))} "
+                "(column indices): a density has no width there; drop them"
+            )
+        std = np.sqrt(moments.var(ddof=0))
+        return np.asarray(moments.mean, dtype=np.float64), np.asarray(std, dtype=np.float64)
+
+    @classmethod
+    def fit(cls, data: Any, dtype: torch.dtype | None = None) -> Standardize:
+        """The layer with the column means and standard deviations of ``data`` (float64
+        accumulation over chunks of rows; see :meth:`statistics`)."""
+        mean, std = cls.statistics(data, name="data for Standardize.fit")
+        return cls(mean, std, dtype=dtype)
+
+    @torch.no_grad()
+    def set_statistics(self, mean: Any, std: Any) -> Standardize:
+        """Set ``mean`` and ``std`` in place (cast to the buffers' dtype); returns ``self``."""
+        fresh = Standardize(mean, std, dtype=torch.float64)
+        if fresh.features != self.features:
+            raise ValueError(
+                f"Standardize has {self.features} features, the statistics have {fresh.features}"
+            )
+        self.mean.copy_(fresh.mean)
+        self.std.copy_(fresh.std)
+        return self
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        z = (x - self.mean) / self.std
+        return z, (-torch.log(self.std).sum()).expand(x.shape[0])
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        x = z * self.std + self.mean
+        return x, torch.log(self.std).sum().expand(z.shape[0])
+
+    def extra_repr(self) -> str:
+        return f"features={self.features}"
 
 
 class BatchNorm(Transform):

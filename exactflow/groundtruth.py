@@ -301,7 +301,7 @@ def check_transform(
         ... # doctest: +ELLIPSIS
         Traceback (most recent call last):
             ...
-        exactflow.jacobian.CheckError: check_transform(Mix) on 4 x 2 float64: FAILED
+        exactflow.groundtruth.CheckError: check_transform(Mix) on 4 x 2 float64: FAILED
           log_det          max error 6.931e-01 (tolerance 1.0e-07)  FAIL
         ...
           - log_det: max error 6.931e-01 exceeds tolerance (atol=1.0e-07, rtol=1.0e-07)

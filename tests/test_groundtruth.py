@@ -18,7 +18,7 @@ from torch import Tensor, nn
 import exactflow as ef
 from tests.helpers import perturb
 
-jacobian_module = importlib.import_module("exactflow.jacobian")
+jacobian_module = importlib.import_module("exactflow.groundtruth")
 ROOT = Path(__file__).resolve().parents[1]
 
 

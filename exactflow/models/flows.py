@@ -1,17 +1,21 @@
-"""Model builders: each returns an :class:`exactflow.Flow` over a standard normal.
+"""The built-in flow builders: each returns an :class:`exactflow.Flow` over a standard normal.
 
-Every builder takes ``(features, *, layers=..., hidden=..., context=0, ...)`` with the same
-keyword names, and records its own name and arguments in ``flow.config`` so that
-:func:`exactflow.save` can store a model as JSON plus weights and :func:`exactflow.load`
-can rebuild it without running code from the file.
+Every builder takes ``(features, *, layers=..., hidden=..., context=0, standardize=False,
+embedding=None, ...)`` with the same keyword names, and records its own name and arguments in
+``flow.config`` so that :func:`exactflow.save` can store a model as JSON plus weights and
+:func:`exactflow.load` can rebuild it without running code from the file.
+
+A user's own builder joins them with :func:`register`: the flows it makes then record their
+config, save and load like the built-in ones (the loading process must have registered the
+same builder, as a class must be importable to unpickle it).
 
 =========  ====================================================  ===========================
 builder    layers                                                fast direction
 =========  ====================================================  ===========================
 realnvp    affine couplings, alternating masks, batch norm       both
 nice       additive couplings, alternating masks, final scale    both
-maf        MADE affine layers with permutations between          density (or ``fast=``)
-iaf        MADE affine layers with permutations between          sampling (or ``fast=``)
+maf        MADE affine layers with permutations between          density
+iaf        MADE affine layers with permutations between          sampling
 nsf        spline couplings or spline MADE layers                both (coupling) / ``fast=``
 planar     planar layers                                         sampling
 radial     radial layers                                         sampling (density closed form)
@@ -20,108 +24,29 @@ radial     radial layers                                         sampling (densi
 
 from __future__ import annotations
 
-import functools
-import inspect
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
-from .core import Compose, Transform
-from .distributions import Flow, StandardNormal
-from .transforms.autoregressive import (
+from ..core import Compose, Transform
+from ..distributions import Flow, StandardNormal
+from ..transforms.autoregressive import (
     InverseAutoregressive,
     MaskedAffineAutoregressive,
     SplineAutoregressive,
 )
-from .transforms.coupling import AdditiveCoupling, AffineCoupling, SplineCoupling
-from .transforms.elementwise import ElementwiseAffine
-from .transforms.linear import Permutation, Reverse
-from .transforms.normalization import BatchNorm
-from .transforms.planar import Planar, Radial
+from ..transforms.coupling import AdditiveCoupling, AffineCoupling, SplineCoupling
+from ..transforms.elementwise import ElementwiseAffine
+from ..transforms.linear import Permutation, Reverse
+from ..transforms.normalization import BatchNorm
+from ..transforms.planar import Planar, Radial
+from ..validation import choice, hidden_sizes, positive_int
+from .registry import register
 
-__all__ = ["build", "available", "realnvp", "nice", "maf", "iaf", "nsf", "planar", "radial"]
-
-_BUILDERS: dict[str, Callable[..., Flow]] = {}
-
-
-def _register(fn: Callable[..., Flow]) -> Callable[..., Flow]:
-    """Register a builder and make it record its configuration in ``flow.config``."""
-    signature = inspect.signature(fn)
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, standardize: bool = False, **kwargs: Any) -> Flow:
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        flow = fn(*bound.args, **bound.kwargs)
-        config = {"model": fn.__name__}
-        for key, value in bound.arguments.items():
-            config[key] = list(value) if isinstance(value, tuple) else value
-        if standardize:
-            flow = _standardized(flow)
-            config["standardize"] = True
-        flow.config = config
-        return flow
-
-    _BUILDERS[fn.__name__] = wrapper
-    return wrapper
-
-
-def available() -> list[str]:
-    """Names of the registered builders."""
-    return sorted(_BUILDERS)
-
-
-def build(config: dict[str, Any]) -> Flow:
-    """Rebuild a flow from its ``config`` (``{"model": name, **arguments}``).
-
-    Raises:
-        ValueError: the model name is unknown or an argument does not fit the builder.
-    """
-    if not isinstance(config, dict) or "model" not in config:
-        raise ValueError("a model config is a dict with a 'model' key naming the builder")
-    name = config["model"]
-    if name not in _BUILDERS:
-        raise ValueError(f"unknown model {name!r}; available: {', '.join(available())}")
-    kwargs = {k: v for k, v in config.items() if k not in ("model", "standardize")}
-    try:
-        inspect.signature(_BUILDERS[name]).bind(**kwargs)
-    except TypeError as err:
-        raise ValueError(f"config does not fit the {name!r} builder: {err}") from None
-    return _BUILDERS[name](**kwargs, standardize=bool(config.get("standardize", False)))
-
-
-def _standardized(flow: Flow) -> Flow:
-    """``flow`` with a fixed :class:`~exactflow.datasets.Standardize` layer put first.
-
-    Every builder takes ``standardize=True`` (recorded in ``flow.config``): the layer starts
-    as the identity and its ``mean``/``std`` buffers are set from the training data (e.g.
-    ``flow.transform[0].mean.copy_(...)``) and saved with the weights, so ``log_prob`` stays
-    in the units of the data.
-    """
-    from .datasets import Standardize
-
-    first = Standardize.identity(flow.features)
-    return Flow(Compose(first, flow.transform), flow.base, context=flow.context_features)
+__all__ = ["realnvp", "nice", "maf", "iaf", "nsf", "planar", "radial"]
 
 
 # -- helpers -------------------------------------------------------------------------------
 
 _MASKS = ("even", "odd")
-
-
-def _hidden(hidden: Sequence[int] | int) -> tuple[int, ...]:
-    return (hidden,) if isinstance(hidden, int) else tuple(hidden)
-
-
-def _layers(layers: int) -> int:
-    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
-        raise ValueError(f"layers must be a positive integer, got {layers!r}")
-    return layers
-
-
-def _choice(value: str, name: str, options: tuple[str, ...]) -> str:
-    if value not in options:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, options))}, got {value!r}")
-    return value
 
 
 def _permutation(features: int, kind: str, index: int) -> Transform:
@@ -144,7 +69,7 @@ def _unconditional(name: str, context: int) -> None:
 # -- coupling flows ------------------------------------------------------------------------
 
 
-@_register
+@register
 def realnvp(
     features: int,
     *,
@@ -180,18 +105,20 @@ def realnvp(
         >>> flow.log_prob(torch.randn(5, 2)).shape
         torch.Size([5])
     """
-    layers = _layers(layers)
+    layers = positive_int(layers, "layers")
     transforms: list[Transform] = []
     for i in range(layers):
         if i > 0 and batch_norm:
             transforms.append(BatchNorm(features))
         transforms.append(
-            AffineCoupling(features, hidden=_hidden(hidden), mask=_MASKS[i % 2], context=context)
+            AffineCoupling(
+                features, hidden=hidden_sizes(hidden), mask=_MASKS[i % 2], context=context
+            )
         )
     return _flow(transforms, features, context)
 
 
-@_register
+@register
 def nice(
     features: int,
     *,
@@ -216,9 +143,11 @@ def nice(
         Dinh, Krueger & Bengio, NICE: Non-linear Independent Components Estimation (2014),
         arXiv:1410.8516.
     """
-    layers = _layers(layers)
+    layers = positive_int(layers, "layers")
     transforms: list[Transform] = [
-        AdditiveCoupling(features, hidden=_hidden(hidden), mask=_MASKS[i % 2], context=context)
+        AdditiveCoupling(
+            features, hidden=hidden_sizes(hidden), mask=_MASKS[i % 2], context=context
+        )
         for i in range(layers)
     ]
     transforms.append(ElementwiseAffine(features))
@@ -229,52 +158,48 @@ def nice(
 
 
 def _autoregressive(
+    layer_type: type[MaskedAffineAutoregressive] | type[InverseAutoregressive],
     features: int,
     layers: int,
     hidden: Sequence[int],
     context: int,
-    fast: str,
     permutation: str,
     batch_norm: bool,
 ) -> Flow:
-    layers = _layers(layers)
-    _choice(fast, "fast", ("density", "sampling"))
-    _choice(permutation, "permutation", ("reverse", "random"))
-    layer_type = MaskedAffineAutoregressive if fast == "density" else InverseAutoregressive
+    layers = positive_int(layers, "layers")
+    choice(permutation, "permutation", ("reverse", "random"))
     transforms: list[Transform] = []
     for i in range(layers):
         if i > 0:
             if batch_norm:
                 transforms.append(BatchNorm(features))
             transforms.append(_permutation(features, permutation, i))
-        transforms.append(layer_type(features, hidden=_hidden(hidden), context=context))
+        transforms.append(layer_type(features, hidden=hidden_sizes(hidden), context=context))
     return _flow(transforms, features, context)
 
 
-@_register
+@register
 def maf(
     features: int,
     *,
     layers: int = 5,
     hidden: Sequence[int] = (64, 64),
     context: int = 0,
-    fast: str = "density",
     permutation: str = "reverse",
     batch_norm: bool = False,
 ) -> Flow:
     """MAF: masked affine autoregressive layers with permutations between them.
 
-    With ``fast="density"`` (the default) the layers are
-    :class:`~exactflow.transforms.MaskedAffineAutoregressive`: ``log_prob`` takes one MADE
-    pass per layer and ``sample`` ``features`` passes per layer. With ``fast="sampling"``
-    they are :class:`~exactflow.transforms.InverseAutoregressive` (an IAF): the reverse.
+    :class:`~exactflow.transforms.MaskedAffineAutoregressive` layers, fast for density:
+    ``log_prob`` takes one MADE pass per layer, ``sample`` takes ``features`` passes per
+    layer. For the reverse trade (fast sampling, as in variational inference) use
+    :func:`iaf`.
 
     Args:
         features: data dimension (1 is allowed).
         layers: number of autoregressive layers.
         hidden: hidden layer sizes of each MADE.
         context: size of the conditioning vector.
-        fast: ``"density"`` or ``"sampling"``.
         permutation: ``"reverse"`` or ``"random"`` (seeded, so rebuilds are identical)
             between layers.
         batch_norm: add batch normalization between layers, as in the MAF paper.
@@ -289,24 +214,25 @@ def maf(
         >>> flow.sample(4, context=[0.0, 1.0]).shape
         torch.Size([4, 3])
     """
-    return _autoregressive(features, layers, hidden, context, fast, permutation, batch_norm)
+    return _autoregressive(
+        MaskedAffineAutoregressive, features, layers, hidden, context, permutation, batch_norm
+    )
 
 
-@_register
+@register
 def iaf(
     features: int,
     *,
     layers: int = 5,
     hidden: Sequence[int] = (64, 64),
     context: int = 0,
-    fast: str = "sampling",
     permutation: str = "reverse",
     batch_norm: bool = False,
 ) -> Flow:
-    """IAF: :func:`maf` with the fast direction on sampling by default.
+    """IAF: inverse autoregressive layers with permutations between them, fast for sampling.
 
-    :class:`~exactflow.transforms.InverseAutoregressive` layers: ``sample`` and
-    ``sample_and_log_prob`` take one MADE pass per layer (the natural fit for variational
+    :class:`~exactflow.transforms.InverseAutoregressive` layers: ``sample``,
+    ``rsample_and_log_prob`` take one MADE pass per layer (the natural fit for variational
     inference and reverse-KL fitting), ``log_prob`` of new data ``features`` passes per
     layer. Arguments as in :func:`maf`.
 
@@ -314,13 +240,15 @@ def iaf(
         Kingma, Salimans, Jozefowicz, Chen, Sutskever & Welling, Improved Variational
         Inference with Inverse Autoregressive Flow (2016), arXiv:1606.04934.
     """
-    return _autoregressive(features, layers, hidden, context, fast, permutation, batch_norm)
+    return _autoregressive(
+        InverseAutoregressive, features, layers, hidden, context, permutation, batch_norm
+    )
 
 
 # -- spline flows --------------------------------------------------------------------------
 
 
-@_register
+@register
 def nsf(
     features: int,
     *,
@@ -330,22 +258,24 @@ def nsf(
     kind: str = "coupling",
     bins: int = 8,
     bound: float = 5.0,
-    fast: str = "density",
-    permutation: str = "reverse",
+    fast: str | None = None,
+    permutation: str | None = None,
 ) -> Flow:
     """Neural spline flow: rational-quadratic spline couplings or autoregressive layers.
 
     * ``kind="coupling"``: :class:`~exactflow.transforms.SplineCoupling` layers with
       alternating checkerboard masks (every feature is transformed; ``features >= 2``),
       fast in both directions. ``permutation="random"`` adds a seeded random permutation
-      between layers; ``"reverse"`` adds nothing (the alternating masks already swap the
-      roles of the two halves).
+      between layers (by default none: the alternating masks already swap the roles of the
+      two halves). ``fast`` does not apply and is refused.
     * ``kind="autoregressive"``: :class:`~exactflow.transforms.SplineAutoregressive`
-      layers with a ``permutation`` between them; ``fast`` picks the one-pass direction
-      as in :func:`maf`.
+      layers with a permutation between them (``"reverse"`` by default, or ``"random"``);
+      ``fast`` picks the one-pass direction, ``"density"`` (default) or ``"sampling"``.
 
-    The splines act on ``[-bound, bound]`` and are the identity outside: standardize the
-    data first.
+    Warning:
+        The splines act on ``[-bound, bound]`` and are the identity outside: standardize
+        the data first (``standardize=True``), or features far outside the interval pass
+        through untransformed.
 
     Args:
         features: data dimension.
@@ -356,33 +286,43 @@ def nsf(
         bins: spline bins per feature.
         bound: the splines' interval is ``[-bound, bound]``.
         fast: for ``kind="autoregressive"``: ``"density"`` or ``"sampling"``.
-        permutation: ``"reverse"`` or ``"random"``.
+        permutation: between layers: ``None`` (the default for the kind), ``"reverse"``
+            (autoregressive only) or ``"random"``.
 
     References:
         Durkan, Bekasov, Murray & Papamakarios, Neural Spline Flows (2019),
         arXiv:1906.04032.
     """
-    layers = _layers(layers)
-    _choice(kind, "kind", ("coupling", "autoregressive"))
-    _choice(fast, "fast", ("density", "sampling"))
-    _choice(permutation, "permutation", ("reverse", "random"))
+    layers = positive_int(layers, "layers")
+    choice(kind, "kind", ("coupling", "autoregressive"))
     transforms: list[Transform] = []
-    for i in range(layers):
-        if kind == "coupling":
+    if kind == "coupling":
+        if fast is not None:
+            raise ValueError(
+                "fast applies to kind='autoregressive' only: spline couplings are fast in "
+                f"both directions (got fast={fast!r})"
+            )
+        choice(permutation, "permutation", (None, "random"))
+        for i in range(layers):
             if i > 0 and permutation == "random":
-                transforms.append(_permutation(features, permutation, i))
+                transforms.append(_permutation(features, "random", i))
             transforms.append(
                 SplineCoupling(
-                    features, bins, bound, hidden=_hidden(hidden), mask=_MASKS[i % 2],
+                    features, bins, bound, hidden=hidden_sizes(hidden), mask=_MASKS[i % 2],
                     context=context,
                 )
             )
-        else:
+    else:
+        fast = choice("density" if fast is None else fast, "fast", ("density", "sampling"))
+        order = choice("reverse" if permutation is None else permutation, "permutation",
+                       ("reverse", "random"))
+        for i in range(layers):
             if i > 0:
-                transforms.append(_permutation(features, permutation, i))
+                transforms.append(_permutation(features, order, i))
             transforms.append(
                 SplineAutoregressive(
-                    features, bins, bound, hidden=_hidden(hidden), context=context, fast=fast
+                    features, bins, bound, hidden=hidden_sizes(hidden), context=context,
+                    fast=fast,
                 )
             )
     return _flow(transforms, features, context)
@@ -391,7 +331,7 @@ def nsf(
 # -- residual flows of Rezende & Mohamed ---------------------------------------------------
 
 
-@_register
+@register
 def planar(features: int, *, layers: int = 16, context: int = 0) -> Flow:
     """Planar flow: ``layers`` :class:`~exactflow.transforms.Planar` layers.
 
@@ -403,10 +343,11 @@ def planar(features: int, *, layers: int = 16, context: int = 0) -> Flow:
         arXiv:1505.05770.
     """
     _unconditional("planar", context)
-    return _flow([Planar(features) for _ in range(_layers(layers))], features, context)
+    layers = positive_int(layers, "layers")
+    return _flow([Planar(features) for _ in range(layers)], features, context)
 
 
-@_register
+@register
 def radial(features: int, *, layers: int = 16, context: int = 0) -> Flow:
     """Radial flow: ``layers`` :class:`~exactflow.transforms.Radial` layers.
 
@@ -418,4 +359,5 @@ def radial(features: int, *, layers: int = 16, context: int = 0) -> Flow:
         arXiv:1505.05770.
     """
     _unconditional("radial", context)
-    return _flow([Radial(features) for _ in range(_layers(layers))], features, context)
+    layers = positive_int(layers, "layers")
+    return _flow([Radial(features) for _ in range(layers)], features, context)

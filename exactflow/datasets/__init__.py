@@ -1,0 +1,45 @@
+"""Data for density estimation: 2D toy generators, tabular files, checks and splits.
+
+* :func:`toy` draws the eight 2D benchmarks of the flow literature (the FFJORD definitions),
+  and :data:`TOY_ENTROPY` gives each one's true entropy, so a model's ``test NLL - H`` is an
+  absolute measure of how far it is from perfect (:mod:`~exactflow.datasets.toys`).
+* :func:`load` reads CSV, ``.npy`` (memory-mapped, never read whole) and ``.npz`` files
+  (:mod:`~exactflow.datasets.files`); :func:`digits` is scikit-learn's 8x8 digits with
+  uniform dequantization, a real 64-dimensional benchmark (:mod:`~exactflow.datasets.bundled`).
+* :func:`validate` stops bad data before training with a :class:`DataError` that names the
+  problem (NaN/inf rows, wrong columns, too few rows, non-numeric cells, constant columns)
+  (:mod:`~exactflow.datasets.checks`).
+* :func:`split` makes seeded train/validation/test splits (:mod:`~exactflow.datasets.splits`);
+  :class:`Subset` is a lazy row/column view of a memory-mapped array
+  (:mod:`~exactflow.datasets.arrays`).
+
+:class:`~exactflow.transforms.Standardize`, the fixed affine layer a model puts first so
+that ``log_prob`` stays in the units of the data, lives with the layers; it is importable
+from here too, as in exactflow 0.1.
+"""
+
+from ..transforms.normalization import Standardize
+from ..validation import DataError
+from .arrays import CHUNK_ROWS, ArrayLike, Subset
+from .bundled import digits
+from .checks import validate
+from .files import load, read_header
+from .splits import as_tensor, split
+from .toys import TOY_ENTROPY, TOYS, toy
+
+__all__ = [
+    "TOYS",
+    "TOY_ENTROPY",
+    "CHUNK_ROWS",
+    "ArrayLike",
+    "DataError",
+    "Subset",
+    "Standardize",
+    "toy",
+    "load",
+    "read_header",
+    "digits",
+    "validate",
+    "split",
+    "as_tensor",
+]

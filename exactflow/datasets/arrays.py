@@ -1,0 +1,117 @@
+"""Array views for data larger than memory: lazy row/column subsets and chunked reads.
+
+Every function that walks over data does so in chunks of :data:`CHUNK_ROWS` rows, so a
+memory-mapped array larger than memory is checked, split and standardized without being
+copied whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+from torch import Tensor
+
+__all__ = ["CHUNK_ROWS", "Subset", "ArrayLike", "is_lazy", "as_numpy", "chunks"]
+
+#: Rows per chunk when a function walks over (possibly memory-mapped) data.
+CHUNK_ROWS = 65536
+
+
+class Subset:
+    """Selected rows and/or columns of an array, read lazily (for memory-mapped data).
+
+    ``split`` returns these for ``np.memmap`` input and ``load`` for a column selection of a
+    memory-mapped ``.npy`` that is not a plain slice, so that nothing is read whole. Rows are
+    kept in increasing file order (sequential reads); shuffle when batching.
+
+    It behaves like a read-only 2-D array for what training needs: ``len``, ``shape``,
+    ``ndim``, ``dtype``, ``subset[i]``/``subset[i:j]``/``subset[index_array]`` (reads only those
+    rows, returns an ``ndarray``) and ``np.asarray(subset)`` (reads all of it: only do this when
+    it fits in memory).
+
+    Args:
+        base: the underlying array (``np.memmap`` or ``ndarray``), 2-D.
+        rows: row indices into ``base`` (``None``: all rows).
+        columns: column indices into ``base`` (``None``: all columns).
+    """
+
+    def __init__(
+        self,
+        base: np.ndarray,
+        rows: np.ndarray | None = None,
+        columns: np.ndarray | None = None,
+    ):
+        if isinstance(base, Subset):
+            rows = base.rows if rows is None else (
+                np.asarray(rows) if base.rows is None else base.rows[np.asarray(rows)]
+            )
+            columns = base.columns if columns is None else (
+                np.asarray(columns) if base.columns is None else base.columns[np.asarray(columns)]
+            )
+            base = base.base
+        if base.ndim != 2:
+            raise ValueError(f"Subset needs a 2-D array, got shape {tuple(base.shape)}")
+        self.base = base
+        self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)
+        self.columns = None if columns is None else np.asarray(columns, dtype=np.int64)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        n = self.base.shape[0] if self.rows is None else len(self.rows)
+        d = self.base.shape[1] if self.columns is None else len(self.columns)
+        return (n, d)
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.base.dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        if isinstance(index, tuple):
+            raise TypeError("Subset takes row indices only (a slice, an int or an index array)")
+        if self.rows is None:
+            out = self.base[index]
+        else:
+            out = self.base[self.rows[index]]
+        out = np.asarray(out)
+        if self.columns is not None:
+            out = out[..., self.columns]
+        return out
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self[:]
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def __repr__(self) -> str:
+        return f"Subset(shape={self.shape}, dtype={self.dtype}, base={type(self.base).__name__})"
+
+
+ArrayLike = np.ndarray | Tensor | Subset
+
+
+def is_lazy(data: Any) -> bool:
+    return isinstance(data, (np.memmap, Subset))
+
+
+def as_numpy(data: Any) -> np.ndarray | Subset:
+    """A numpy view of ``data`` (no copy for arrays, memmaps, subsets and CPU tensors)."""
+    if isinstance(data, (np.ndarray, Subset)):
+        return data
+    if isinstance(data, Tensor):
+        return data.detach().cpu().numpy()
+    return np.asarray(data)
+
+
+def chunks(data: np.ndarray | Subset) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield ``(start, block)`` with ``block = data[start:start + CHUNK_ROWS]`` as an ndarray."""
+    n, rows = len(data), CHUNK_ROWS
+    for start in range(0, n, rows):
+        yield start, np.asarray(data[start : start + rows])

@@ -1,0 +1,109 @@
+"""Checks that stop bad data before training, with a :class:`DataError` naming the problem."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from ..validation import DataError, index_list, nonfinite_rows_error
+from .arrays import ArrayLike, as_numpy, chunks
+from .files import load
+
+__all__ = ["validate"]
+
+
+def _first_non_numeric(data: np.ndarray) -> tuple[int, int, Any] | None:
+    for i in range(data.shape[0]):
+        for j in range(data.shape[1]):
+            try:
+                float(data[i, j])
+            except (TypeError, ValueError):
+                return i, j, data[i, j]
+    return None
+
+
+def validate(
+    data: ArrayLike | str | os.PathLike[str],
+    features: int | None = None,
+    batch_size: int | None = None,
+    name: str = "data",
+) -> ArrayLike:
+    """Check that ``data`` can be trained on; raise a :class:`DataError` naming the problem.
+
+    Checks, in order: a 2-D array ``(rows, features)``; not empty; numeric cells; ``features``
+    columns; at least ``batch_size`` rows; no NaN or inf (the message lists the first row
+    indices); no constant (zero-variance) column (a density has no width there, so its
+    log-likelihood is unbounded). Row and column indices in messages are 0-based array
+    indices; a file's cells are checked by :func:`load`, with its line numbers.
+
+    Memory-mapped arrays are checked in chunks of rows, never copied whole.
+
+    Args:
+        data: an array, tensor, ``np.memmap``, :class:`Subset`, or a path for :func:`load`.
+        features: the number of columns the model expects.
+        batch_size: the training batch size (the data must hold at least one batch).
+        name: how messages call the data (e.g. ``"validation data"``).
+
+    Returns:
+        ``data`` itself (a path is loaded first), so calls can be chained.
+
+    Raises:
+        DataError: the first problem found.
+    """
+    if isinstance(data, (str, os.PathLike)):
+        data = load(data)
+    arr = as_numpy(data)
+    if arr.ndim != 2:
+        hint = "; for one feature use data.reshape(-1, 1)" if arr.ndim == 1 else ""
+        raise DataError(
+            f"{name}: expected a 2-D array (rows, features), got shape {tuple(arr.shape)}{hint}"
+        )
+    n, d = arr.shape
+    if n == 0 or d == 0:
+        raise DataError(f"{name} is empty: shape {tuple(arr.shape)}")
+    if arr.dtype.kind not in "biuf":
+        if arr.dtype.kind == "c":
+            raise DataError(f"{name}: complex values are not supported (dtype {arr.dtype})")
+        bad = _first_non_numeric(np.asarray(arr))
+        if bad is not None:
+            i, j, cell = bad
+            cell = cell.item() if isinstance(cell, np.generic) else cell
+            raise DataError(
+                f"{name}: non-numeric cell {cell!r} at row index {i}, column index {j}"
+            )
+        arr = np.asarray(arr, dtype=np.float64)
+    if features is not None and d != features:
+        raise DataError(f"{name}: expected {features} columns (features), got {d}")
+    if batch_size is not None and n < batch_size:
+        raise DataError(
+            f"{name} has {n} rows, fewer than one batch (batch_size={batch_size}): "
+            "lower batch_size or add data"
+        )
+
+    bad_rows: list[int] = []
+    n_bad = 0
+    lo = np.full(d, np.inf)
+    hi = np.full(d, -np.inf)
+    for start, block in chunks(arr):
+        if block.dtype.kind == "f":
+            row_ok = np.isfinite(block).all(axis=1)
+            if not row_ok.all():
+                idx = np.flatnonzero(~row_ok)
+                n_bad += len(idx)
+                bad_rows.extend((start + idx[: max(5 - len(bad_rows), 0)]).tolist())
+        if not n_bad:  # column ranges, for the constant-column check
+            lo = np.minimum(lo, block.min(axis=0))
+            hi = np.maximum(hi, block.max(axis=0))
+    if n_bad:
+        raise nonfinite_rows_error(name, n_bad, bad_rows)
+    if n > 1:
+        constant = np.flatnonzero(lo == hi)
+        if len(constant):
+            cols = "column" if len(constant) == 1 else "columns"
+            raise DataError(
+                f"{name}: constant (zero-variance) {cols} {index_list(constant, len(constant))} "
+                "(column indices): a density has no width there; drop them"
+            )
+    return data

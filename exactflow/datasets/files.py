@@ -1,0 +1,296 @@
+"""Reading tables of numbers from CSV, ``.npy`` and ``.npz`` files, with errors that say where.
+
+:func:`load` reads CSV (delimiter and header guessed), ``.npy`` (memory-mapped, never read
+whole) and ``.npz``; every unreadable file, ragged row or non-numeric cell raises a
+:class:`~exactflow.validation.DataError` naming the file, the line and the column.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from ..validation import DataError
+from .arrays import Subset
+
+__all__ = ["load", "read_header"]
+
+
+def _check_readable(path: str) -> None:
+    if not os.path.exists(path):
+        raise DataError(f"cannot read {path!r}: no such file")
+    if os.path.isdir(path):
+        raise DataError(f"cannot read {path!r}: it is a directory")
+    if not os.access(path, os.R_OK):
+        raise DataError(f"cannot read {path!r}: permission denied")
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
+def _split_line(line: str, delimiter: str | None) -> list[str]:
+    if delimiter is None:  # runs of whitespace
+        return line.split()
+    return next(csv.reader([line], delimiter=delimiter))
+
+
+def _guess_delimiter(line: str) -> str | None:
+    for candidate in (",", "\t", ";"):
+        if candidate in line:
+            return candidate
+    return None
+
+
+def _column_indices(
+    columns: Sequence[int | str] | None, width: int, names: list[str] | None, path: str
+) -> list[int]:
+    if columns is None:
+        return list(range(width))
+    if isinstance(columns, (str, int)):
+        columns = [columns]
+    out: list[int] = []
+    for c in columns:
+        if isinstance(c, str):
+            if names is None:
+                raise DataError(
+                    f"{path!r}: column {c!r} asked by name, but the file has no header row "
+                    "(pass column indices, or header=True if the first line is a header)"
+                )
+            if c not in names:
+                raise DataError(f"{path!r}: no column named {c!r}; the columns are {names}")
+            out.append(names.index(c))
+        elif isinstance(c, (int, np.integer)) and not isinstance(c, bool):
+            if not -width <= c < width:
+                raise DataError(f"{path!r}: column index {c} out of range for {width} columns")
+            out.append(int(c) % width)
+        else:
+            raise DataError(f"{path!r}: columns must be names or integer indices, got {c!r}")
+    return out
+
+
+def _read_text(
+    path: str, columns: Sequence[int | str] | None, header: bool | str, delimiter: str | None
+) -> np.ndarray:
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        raise DataError(f"cannot read {path!r}: not a UTF-8 text file") from None
+    except OSError as e:
+        raise DataError(f"cannot read {path!r}: {e.strerror or e}") from None
+
+    # (1-based line number, line) of the lines that carry data; blank lines and lines
+    # starting with '#' are skipped.
+    lines = [
+        (i + 1, line)
+        for i, line in enumerate(text.splitlines())
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    if not lines:
+        raise DataError(f"cannot read {path!r}: the file is empty")
+    if delimiter is None:
+        delimiter = _guess_delimiter(lines[0][1])
+    first = [cell.strip() for cell in _split_line(lines[0][1], delimiter)]
+    if header == "auto":
+        # A header row is one in which no cell is a number.
+        has_header = not any(_is_number(cell) for cell in first)
+    elif isinstance(header, bool):
+        has_header = header
+    else:
+        raise ValueError(f"header must be True, False or 'auto', got {header!r}")
+    names = first if has_header else None
+    width = len(first)
+    body = lines[1:] if has_header else lines
+    if not body:
+        raise DataError(f"cannot read {path!r}: a header row but no data rows")
+    keep = _column_indices(columns, width, names, path)
+
+    if delimiter is None:
+        records: Iterator[list[str]] = (line.split() for _, line in body)
+    else:
+        records = csv.reader((line for _, line in body), delimiter=delimiter)
+    rows: list[list[float]] = []
+    for (lineno, _), cells in zip(body, records, strict=True):
+        if len(cells) != width:
+            raise DataError(
+                f"{path!r}: line {lineno} has {len(cells)} fields, expected {width} "
+                f"(as on line {lines[0][0]})"
+            )
+        try:
+            rows.append([float(cells[j]) for j in keep])
+        except ValueError:
+            _raise_cell_error(path, lineno, cells, keep, names)
+    return np.array(rows, dtype=np.float64).reshape(len(rows), len(keep))
+
+
+def _raise_cell_error(
+    path: str, lineno: int, cells: list[str], keep: list[int], names: list[str] | None
+) -> None:
+    for j in keep:
+        cell = cells[j].strip()
+        if not _is_number(cell):
+            where = f"column {j + 1}" + (f" ({names[j]!r})" if names else "")
+            what = "an empty cell" if not cell else f"non-numeric cell {cell!r}"
+            raise DataError(
+                f"{path!r}: {what} at line {lineno}, {where}; "
+                "choose the numeric columns with columns=[...]"
+            )
+    raise DataError(f"{path!r}: a cell on line {lineno} is not a number")
+
+
+def _as_slice(indices: list[int]) -> slice | None:
+    """The slice equal to increasing, evenly spaced ``indices``, or None."""
+    if len(indices) == 1:
+        return slice(indices[0], indices[0] + 1)
+    step = indices[1] - indices[0]
+    if step <= 0 or any(b - a != step for a, b in zip(indices, indices[1:], strict=False)):
+        return None
+    return slice(indices[0], indices[-1] + 1, step)
+
+
+def load(
+    path: str | os.PathLike[str],
+    columns: Sequence[int | str] | None = None,
+    header: bool | str = "auto",
+    delimiter: str | None = None,
+    mmap: bool = True,
+    key: str | None = None,
+) -> np.ndarray | Subset:
+    """Read a table of numbers from a CSV, ``.npy`` or ``.npz`` file.
+
+    * CSV and other text (``.csv``, ``.tsv``, ``.txt``, ``.dat``): the delimiter is guessed
+      from the first line (comma, tab, semicolon, else whitespace) unless given; blank lines and
+      lines starting with ``#`` are skipped. ``header="auto"`` treats the first line as a
+      header when none of its cells is a number. Every selected cell must be a number
+      (``nan``/``inf`` parse, and :func:`validate` reports them); a non-numeric or empty cell
+      raises :class:`DataError` with its 1-based line and column as in the file. Text is
+      read into memory: convert data larger than memory to ``.npy`` once.
+    * ``.npy``: with ``mmap=True`` opened by ``np.load(mmap_mode="r")``: an ``np.memmap`` that
+      reads rows from disk on demand, so a file larger than memory is never read whole. A
+      column selection that is an evenly spaced range stays a memmap view; any other selection
+      gives a lazy :class:`Subset`. Pickled (object) arrays are refused.
+    * ``.npz``: the file's only array, or the one named ``key`` (read into memory: members of
+      a zip archive cannot be memory-mapped).
+
+    Args:
+        path: the file.
+        columns: column names (CSV with header) or integer indices (negative allowed) to keep,
+            in the order given; ``None`` keeps all.
+        header: ``True``, ``False`` or ``"auto"`` (CSV only).
+        delimiter: the CSV delimiter; ``None`` guesses it.
+        mmap: memory-map ``.npy`` files (default).
+        key: the array to take from a ``.npz`` holding several.
+
+    Returns:
+        A float64 ``ndarray`` for text; for ``.npy``/``.npz`` the stored array as is (an
+        ``np.memmap`` or :class:`Subset` when memory-mapped). Run :func:`validate` on it.
+
+    Raises:
+        DataError: missing or unreadable file, unknown format, non-numeric cells, ragged rows,
+            unknown columns.
+    """
+    path = os.fspath(path)
+    _check_readable(path)
+    ext = os.path.splitext(path)[1].lower()
+    if ext in (".csv", ".tsv", ".txt", ".dat"):
+        if ext == ".tsv" and delimiter is None:
+            delimiter = "\t"
+        return _read_text(path, columns, header, delimiter)
+    if ext in (".npy", ".npz"):
+        # Without its magic bytes numpy would try to unpickle the file: say what it is not.
+        magic = b"\x93NUMPY" if ext == ".npy" else b"PK"
+        with open(path, "rb") as f:
+            if f.read(len(magic)) != magic:
+                raise DataError(f"cannot read {path!r}: not a valid {ext} file (bad header)")
+    if ext == ".npy":
+        try:
+            arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        except ValueError as e:
+            if "pickle" in str(e).lower() or "python objects" in str(e).lower():
+                raise DataError(
+                    f"cannot read {path!r}: it holds a pickled object array, which is refused"
+                ) from None
+            raise DataError(f"cannot read {path!r}: not a valid .npy file ({e})") from None
+        except (OSError, EOFError) as e:
+            raise DataError(f"cannot read {path!r}: not a valid .npy file ({e})") from None
+        return _select_columns(arr, columns, path)
+    if ext == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                keys = list(archive.keys())
+                if key is None:
+                    if len(keys) != 1:
+                        raise DataError(
+                            f"{path!r} holds {len(keys)} arrays {keys}; choose one with key="
+                        )
+                    key = keys[0]
+                if key not in keys:
+                    raise DataError(f"{path!r} has no array {key!r}; it holds {keys}")
+                arr = archive[key]
+        except DataError:
+            raise
+        except (ValueError, OSError, EOFError) as e:
+            if "pickle" in str(e).lower():
+                raise DataError(
+                    f"cannot read {path!r}: it holds a pickled object array, which is refused"
+                ) from None
+            raise DataError(f"cannot read {path!r}: not a valid .npz file ({e})") from None
+        return _select_columns(arr, columns, path)
+    raise DataError(
+        f"cannot read {path!r}: unknown file type {ext or '(none)'!r}; "
+        "use .csv/.tsv/.txt, .npy or .npz"
+    )
+
+
+def _select_columns(
+    arr: np.ndarray, columns: Sequence[int | str] | None, path: str
+) -> np.ndarray | Subset:
+    if columns is None:
+        return arr
+    if arr.ndim != 2:
+        raise DataError(
+            f"{path!r}: columns= needs a 2-D array, the file holds shape {tuple(arr.shape)}"
+        )
+    keep = _column_indices(columns, arr.shape[1], None, path)
+    if isinstance(arr, np.memmap):
+        as_slice = _as_slice(keep)
+        if as_slice is not None:
+            return arr[:, as_slice]
+        return Subset(arr, columns=np.asarray(keep))
+    return arr[:, keep]
+
+
+
+def read_header(path: str | os.PathLike[str], delimiter: str | None = None) -> list[str] | None:
+    """The column names of a text table, or ``None`` when its first data line is not a header.
+
+    The same rules as :func:`load`: blank lines and ``#`` comments are skipped, the delimiter
+    is guessed from the first line, and that line is a header when none of its cells is a
+    number. Binary files (``.npy``, ``.npz``) have no header.
+    """
+    path = os.fspath(path)
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in (".csv", ".tsv", ".txt", ".dat"):
+        return None
+    if ext == ".tsv" and delimiter is None:
+        delimiter = "\t"
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            for line in f:
+                if not line.strip() or line.lstrip().startswith("#"):
+                    continue
+                line = line.rstrip("\r\n")
+                sep = delimiter if delimiter is not None else _guess_delimiter(line)
+                cells = [cell.strip() for cell in _split_line(line, sep)]
+                return None if any(_is_number(c) for c in cells) else cells
+    except (OSError, UnicodeDecodeError):
+        return None
+    return None

@@ -1,0 +1,27 @@
+"""Model builders and their registry.
+
+* :mod:`~exactflow.models.registry`: :func:`register` (a user's builder saves and loads like
+  the built-in ones), :func:`build` (a model from its JSON config), :func:`available`;
+* :mod:`~exactflow.models.flows`: the built-in flows, :func:`realnvp`, :func:`nice`,
+  :func:`maf`, :func:`iaf`, :func:`nsf`, :func:`planar`, :func:`radial`.
+
+Every builder takes ``(features, *, layers=..., hidden=..., context=0, standardize=False,
+embedding=None, ...)`` with the same keyword names.
+"""
+
+from .flows import iaf, maf, nice, nsf, planar, radial, realnvp
+from .registry import available, build, register, standardize_layer
+
+__all__ = [
+    "register",
+    "build",
+    "available",
+    "standardize_layer",
+    "realnvp",
+    "nice",
+    "maf",
+    "iaf",
+    "nsf",
+    "planar",
+    "radial",
+]

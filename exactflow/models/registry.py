@@ -1,0 +1,210 @@
+"""The registry of model builders: every flow it builds records a config that saves and loads.
+
+A user's own builder joins the built-in ones (:mod:`exactflow.models.flows`) with
+:func:`register`; :func:`build` rebuilds any registered model from its JSON config, which is
+how :func:`exactflow.load` reads a model file without running code from it.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from ..core import Compose
+from ..distributions import Flow
+from ..nn import MLP
+from ..transforms.normalization import Standardize
+from ..validation import hidden_sizes, positive_int
+
+__all__ = ["register", "build", "available", "standardize_layer"]
+
+Builder = TypeVar("Builder", bound=Callable[..., Flow])
+
+_BUILDERS: dict[str, Callable[..., Flow]] = {}
+# Arguments every registered builder takes through the registry, whatever its own signature.
+_COMMON = ("standardize", "embedding")
+
+
+def register(
+    fn: Builder | None = None, *, name: str | None = None, replace: bool = False
+) -> Any:
+    """Register a model builder, so the flows it makes save and load.
+
+    A builder is a function ``(features, *, ...) -> Flow`` whose keyword arguments are
+    JSON values (numbers, strings, lists, dicts). Registered, it records its name and
+    arguments in ``flow.config`` (which :func:`exactflow.save` stores as JSON) and gains two
+    keyword arguments shared by every builder:
+
+    * ``standardize=True`` puts a fixed :class:`~exactflow.transforms.Standardize` layer
+      first; :func:`exactflow.fit` fills its mean and standard deviation from the training
+      data, so ``log_prob`` stays in the units of the data;
+    * ``embedding={"features": k, "hidden": [64]}`` encodes the context with an MLP trained
+      jointly with the flow (the builder's layers then see ``k`` context features); the
+      builder itself is called with ``context=k``.
+
+    :func:`exactflow.load` rebuilds a flow with :func:`build`, so the process that loads a
+    model must register the same builder first (as a class must be importable to unpickle
+    it); loading never runs code from the file.
+
+    Use it as a decorator, ``@ef.models.register`` or ``@ef.models.register(name="mine")``.
+
+    Args:
+        fn: the builder.
+        name: the registry name (default: the function's name).
+        replace: allow replacing a builder registered under the same name.
+
+    Returns:
+        The registered builder (a wrapper of ``fn`` with ``standardize`` and ``embedding``).
+
+    Raises:
+        ValueError: the name is taken (without ``replace``) or the builder takes no
+            ``features`` first argument.
+
+    Example:
+        >>> import exactflow as ef
+        >>> @ef.models.register(name="shifted_maf_doc", replace=True)
+        ... def shifted_maf(features, *, layers=2, context=0):
+        ...     return ef.models.maf(features, layers=layers, hidden=(16,), context=context)
+        >>> flow = shifted_maf(3, standardize=True)
+        >>> flow.config["model"], flow.config["layers"], flow.config["standardize"]
+        ('shifted_maf_doc', 2, True)
+    """
+    if fn is None:
+        return functools.partial(register, name=name, replace=replace)
+    key = name or fn.__name__
+    signature = inspect.signature(fn)
+    params = list(signature.parameters)
+    if not params or params[0] != "features":
+        raise ValueError(f"a builder takes 'features' as its first argument; {key!r} does not")
+    if key in _BUILDERS and not replace:
+        raise ValueError(
+            f"a builder named {key!r} is registered already; pass replace=True to replace it"
+        )
+    own = {k: signature.parameters[k] for k in _COMMON if k in signature.parameters}
+
+    @functools.wraps(fn)
+    def wrapper(
+        *args: Any, standardize: bool = False, embedding: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> Flow:
+        if "standardize" in own:
+            kwargs["standardize"] = standardize
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        spec = _embedding_spec(embedding, bound.arguments.get("context", 0))
+        call = dict(bound.arguments)
+        if spec is not None:
+            call["context"] = spec["features"]
+        flow = fn(**call)
+        if not isinstance(flow, Flow):
+            raise TypeError(f"builder {key!r} returned {type(flow).__name__}, not a Flow")
+        config: dict[str, Any] = {"model": key}
+        for arg, value in bound.arguments.items():
+            config[arg] = list(value) if isinstance(value, tuple) else value
+        if standardize and "standardize" not in own:
+            flow = Flow(
+                Compose(Standardize.identity(flow.features), flow.transform), flow.base,
+                context=flow.context_features, embedding=flow.embedding,
+            )
+        config["standardize"] = bool(standardize)
+        if spec is not None:
+            flow = Flow(flow.transform, flow.base, context=spec["context"],
+                        embedding=MLP(spec["context"], spec["features"], hidden=spec["hidden"]))
+            config["embedding"] = spec
+        flow.config = config
+        return flow
+
+    wrapper.__signature__ = _public_signature(signature)  # type: ignore[attr-defined]
+    _BUILDERS[key] = wrapper
+    return wrapper
+
+
+def _public_signature(signature: inspect.Signature) -> inspect.Signature:
+    """The builder's signature with ``standardize`` and ``embedding`` (keyword-only) added."""
+    params = list(signature.parameters.values())
+    names = {p.name for p in params}
+    extra = [
+        inspect.Parameter("standardize", inspect.Parameter.KEYWORD_ONLY, default=False,
+                          annotation="bool"),
+        inspect.Parameter("embedding", inspect.Parameter.KEYWORD_ONLY, default=None,
+                          annotation="dict[str, Any] | None"),
+    ]
+    tail = [p for p in extra if p.name not in names]
+    var_kw = [p for p in params if p.kind is inspect.Parameter.VAR_KEYWORD]
+    rest = [p for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    return signature.replace(parameters=rest + tail + var_kw)
+
+
+def _embedding_spec(embedding: Any, context: Any) -> dict[str, Any] | None:
+    if embedding is None:
+        return None
+    if not isinstance(embedding, dict) or "features" not in embedding:
+        raise ValueError(
+            "embedding must be a dict such as {'features': 8, 'hidden': [64]}, "
+            f"got {embedding!r}"
+        )
+    unknown = set(embedding) - {"features", "hidden", "context"}
+    if unknown:
+        raise ValueError(f"unknown embedding keys {sorted(unknown)}; use 'features', 'hidden'")
+    context = positive_int(context, "context (the size of the raw context, for an embedding)")
+    return {
+        "context": context,
+        "features": positive_int(embedding["features"], "embedding features"),
+        "hidden": list(hidden_sizes(embedding.get("hidden", [64]), "embedding hidden")),
+    }
+
+
+def available() -> list[str]:
+    """Names of the registered builders."""
+    return sorted(_BUILDERS)
+
+
+# exactflow 0.1 wrote these configs; they are read as the builders that replaced them.
+def _upgrade(config: dict[str, Any]) -> dict[str, Any]:
+    config = dict(config)
+    model = config.get("model")
+    if model in ("maf", "iaf") and "fast" in config:
+        fast = config.pop("fast")
+        config["model"] = "iaf" if fast == "sampling" else "maf"
+    if model == "nsf" and config.get("kind", "coupling") == "coupling":
+        if config.get("fast") == "density":
+            config.pop("fast")
+        if config.get("permutation") == "reverse":
+            config["permutation"] = None
+    return config
+
+
+def build(config: dict[str, Any]) -> Flow:
+    """Rebuild a flow from its ``config`` (``{"model": name, **arguments}``).
+
+    Configs written by exactflow 0.1 (``maf`` with ``fast="sampling"``, ``nsf`` couplings
+    with ``fast``) build the flows that replaced them, with the same weights.
+
+    Raises:
+        ValueError: the model name is unknown or an argument does not fit the builder.
+    """
+    if not isinstance(config, dict) or "model" not in config:
+        raise ValueError("a model config is a dict with a 'model' key naming the builder")
+    config = _upgrade(config)
+    name = config["model"]
+    if name not in _BUILDERS:
+        raise ValueError(
+            f"unknown model {name!r}; available: {', '.join(available())} (a builder of "
+            "your own must be registered with exactflow.models.register before loading)"
+        )
+    kwargs = {k: v for k, v in config.items() if k != "model"}
+    try:
+        inspect.signature(_BUILDERS[name]).bind(**kwargs)
+    except TypeError as err:
+        raise ValueError(f"config does not fit the {name!r} builder: {err}") from None
+    return _BUILDERS[name](**kwargs)
+
+
+def standardize_layer(flow: Flow) -> Standardize | None:
+    """The flow's leading :class:`~exactflow.transforms.Standardize` layer, if it has one."""
+    first = flow.transform
+    while isinstance(first, Compose) and len(first) > 0:
+        first = first[0]
+    return first if isinstance(first, Standardize) else None

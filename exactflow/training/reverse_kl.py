@@ -1,0 +1,298 @@
+"""Reverse KL: fit a flow ``q`` to an unnormalized density ``p~ = Z p``, and estimate ``log Z``.
+
+:func:`fit_reverse_kl` minimizes ``E_q[log q(x) - log p~(x)] = KL(q || p) - log Z`` with
+reparameterized samples, through the same loop as :func:`exactflow.fit` (rollbacks,
+schedule, records, checkpoints); :func:`estimate_log_normalizer` gives the final bound and
+an importance-sampling estimate of ``log Z``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..distributions import Flow
+from ..scoring import eval_mode
+from ..validation import positive_int
+from .checkpoints import restore_checkpoint, write_checkpoint
+from .history import History
+from .loop import (
+    Guard,
+    LoopSettings,
+    TrainState,
+    check_common,
+    forked_rng,
+    resolve_device,
+    run_loop,
+)
+from .parallel import Replicas
+
+__all__ = ["fit_reverse_kl", "estimate_log_normalizer"]
+
+
+def _target_fn(target: Any) -> Callable[[Tensor], Tensor]:
+    fn = getattr(target, "log_prob", target)
+    if not callable(fn):
+        raise TypeError(
+            "log_prob_target must be a callable x -> log p~(x) or an object with .log_prob, "
+            f"got {type(target).__name__}"
+        )
+    return fn
+
+
+def estimate_log_normalizer(
+    flow: Flow,
+    log_prob_target: Any,
+    *,
+    n: int = 100_000,
+    batch_size: int = 16384,
+    seed: int | None = None,
+) -> dict[str, float]:
+    """The evidence lower bound and an importance-sampling estimate of ``log Z``.
+
+    With ``x_i ~ q`` (the flow) and log-weights ``w_i = log p~(x_i) - log q(x_i)``:
+
+    * ``elbo = (1/n) sum_i w_i <= log Z``, standard error ``sd(w) / sqrt(n)``; the gap
+      ``log Z - elbo`` is ``KL(q || p)``;
+    * ``log_z_is = logsumexp(w) - log n``, an estimate of ``log Z`` (biased low by
+      Jensen, consistent); its standard error by the delta method is
+      ``sd(exp w) / (sqrt(n) mean(exp w))``;
+    * ``ess = (sum e^w)^2 / sum e^(2w)``, the effective sample size.
+
+    Computed in float64 from samples drawn under ``torch.inference_mode`` in eval mode.
+
+    Args:
+        flow: the proposal ``q``.
+        log_prob_target: ``x -> log p~(x)`` or an object with ``.log_prob``.
+        n: number of samples.
+        batch_size: samples per pass.
+        seed: seeds the draw (in a forked RNG); ``None`` uses the current RNG.
+
+    Returns:
+        ``{"elbo", "elbo_se", "log_z_is", "log_z_is_se", "ess", "n", "n_nonfinite"}``
+        (``n_nonfinite`` counts non-finite ``log q`` or ``log p~``; a ``-inf`` target
+        density, outside its support, is kept as a zero weight).
+    """
+    fn = _target_fn(log_prob_target)
+    n = positive_int(n, "n")
+    batch_size = positive_int(batch_size, "batch_size")
+    dev = resolve_device(None, flow)
+    parts: list[Tensor] = []
+    bad = 0
+
+    @contextmanager
+    def maybe_seed() -> Iterator[None]:
+        if seed is None:
+            yield
+        else:
+            with forked_rng(dev, int(seed)):
+                yield
+
+    with maybe_seed(), eval_mode(flow, grad=True), torch.inference_mode():
+        done = 0
+        while done < n:
+            k = min(batch_size, n - done)
+            x, log_q = flow.sample_and_log_prob(k)
+            w = (fn(x).to(torch.float64) - log_q.to(torch.float64)).cpu()
+            ok = torch.isfinite(w) | ((w == -math.inf) & torch.isfinite(log_q.cpu()))
+            bad += int((~ok).sum())
+            parts.append(w)
+            done += k
+    w = torch.cat(parts)
+    elbo = float(w.mean())
+    elbo_se = float(w.std() / math.sqrt(n)) if n > 1 else math.nan
+    log_z = float(torch.logsumexp(w, 0) - math.log(n))
+    shifted = torch.exp(w - w.max())
+    mean_e = shifted.mean()
+    log_z_se = float(shifted.std() / (math.sqrt(n) * mean_e)) if n > 1 else math.nan
+    ess = float(shifted.sum() ** 2 / (shifted * shifted).sum())
+    return {
+        "elbo": elbo,
+        "elbo_se": elbo_se,
+        "log_z_is": log_z,
+        "log_z_is_se": log_z_se,
+        "ess": ess,
+        "n": n,
+        "n_nonfinite": bad,
+    }
+
+
+def fit_reverse_kl(
+    flow: Flow,
+    log_prob_target: Any,
+    *,
+    steps: int = 10_000,
+    batch_size: int = 512,
+    lr: float = 1e-2,
+    schedule: str = "constant",
+    anneal_steps: int | None = None,
+    beta_start: float = 0.01,
+    grad_clip: float | None = 10.0,
+    eval_every: int | None = None,
+    final_samples: int = 100_000,
+    progress: bool = True,
+    device: str | torch.device | None = "auto",
+    seed: int = 0,
+    callback: Callable[[History], bool | None] | None = None,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
+) -> History:
+    """Fit a flow ``q`` to an unnormalized density ``p~`` by minimizing the reverse KL.
+
+    Each step draws ``batch_size`` reparameterized samples ``x ~ q`` with their exact
+    ``log q(x)`` (one pass of :meth:`exactflow.Flow.rsample_and_log_prob`, latent -> data)
+    and takes an Adam step on the annealed objective
+
+        ``L_t = E_q[log q(x) - beta_t log p~(x)]``,
+
+    where ``beta_t`` rises linearly from ``beta_start`` to 1 over ``anneal_steps`` steps
+    (Rezende & Mohamed 2015), which keeps ``q`` from collapsing onto one mode early. At
+    ``beta = 1``, ``L = KL(q || p) - log Z``. Non-finite steps are rolled back as in
+    :func:`exactflow.fit`, by the same loop.
+
+    At the end (flow in eval mode) :func:`estimate_log_normalizer` runs on
+    ``final_samples`` fresh samples and its result is stored in ``history.final``: the bound
+    ``elbo`` with ``elbo_se``, and ``log_z_is`` with ``log_z_is_se``.
+
+    Defaults follow what works for planar flows on Rezende & Mohamed's energies: Adam at lr
+    1e-2 with a constant schedule (lr 1e-3 stalls far from the optimum at K = 32). For small
+    flows a step's cost is mostly fixed overhead, so more samples per step are nearly free
+    and cut the gradient noise: measured here on U1 with 32 planar layers, 600 steps of 2048
+    samples reach a KL gap of 0.016-0.017 nats (three seeds), while 500-800 steps of 512
+    samples end between 0.018 and 0.049 depending on the seed.
+
+    Args:
+        flow: the flow ``q`` (modified in place, left in eval mode on ``device``).
+        log_prob_target: ``x -> log p~(x)`` of shape ``(batch,)``, or an object with
+            ``.log_prob`` (e.g. ``exactflow.targets.get("U1")``).
+        steps: optimizer steps.
+        batch_size: samples per step.
+        lr: Adam learning rate.
+        schedule: ``"constant"`` (default) or ``"cosine"``.
+        anneal_steps: length of the linear ramp of ``beta``; default ``steps // 2``;
+            0 disables annealing.
+        beta_start: initial weight of the energy.
+        grad_clip: maximum gradient norm, ``None`` for none.
+        eval_every: steps between records; default ``max(1, steps // 50)``.
+        final_samples: samples for the final estimates (0 to skip them).
+        progress: tqdm bar when stderr is a terminal.
+        device: ``"auto"``, a device, or ``None`` (the flow's).
+        seed: seeds torch's RNG for the run (the caller's RNG state is restored).
+        callback: ``callback(history)`` after each record; ``True`` stops.
+        checkpoint: path of a checkpoint file, written atomically every
+            ``checkpoint_every`` steps (default ``eval_every``) and at the end.
+        resume: continue from ``checkpoint`` if it exists (same result as an uninterrupted
+            run with the same arguments).
+
+    Returns:
+        The :class:`History` (``objective="reverse_kl"``; ``train_nll`` holds the batch
+        estimate of ``E_q[log q - log p~]``, ``beta`` the annealing weight).
+
+    References:
+        Rezende & Mohamed, Variational Inference with Normalizing Flows (2015),
+        arXiv:1505.05770.
+
+    Example:
+        >>> import exactflow as ef
+        >>> flow = ef.models.planar(2, layers=4)
+        >>> h = ef.fit_reverse_kl(flow, ef.targets.get("U1"), steps=50, final_samples=2000,
+        ...                       progress=False)
+        >>> sorted(h.final)
+        ['elbo', 'elbo_se', 'ess', 'log_z_is', 'log_z_is_se', 'n', 'n_nonfinite']
+    """
+    if not isinstance(flow, Flow):
+        raise TypeError(f"fit_reverse_kl expects an exactflow Flow, got {type(flow).__name__}")
+    if getattr(flow, "context_features", 0):
+        raise ValueError("fit_reverse_kl fits unconditional flows (this flow has a context)")
+    fn = _target_fn(log_prob_target)
+    check_common(lr, schedule, grad_clip, seed)
+    total = positive_int(steps, "steps")
+    batch_size = positive_int(batch_size, "batch_size")
+    anneal = total // 2 if anneal_steps is None else int(anneal_steps)
+    if anneal < 0:
+        raise ValueError(f"anneal_steps must be >= 0, got {anneal_steps!r}")
+    if not 0.0 < beta_start <= 1.0:
+        raise ValueError(f"beta_start must be in (0, 1], got {beta_start!r}")
+    eval_every = max(1, total // 50) if eval_every is None else positive_int(
+        eval_every, "eval_every")
+    checkpoint_every = eval_every if checkpoint_every is None else positive_int(
+        checkpoint_every, "checkpoint_every")
+    if final_samples < 0:
+        raise ValueError(f"final_samples must be >= 0, got {final_samples!r}")
+    if resume and checkpoint is None:
+        raise ValueError("resume=True needs checkpoint=<path>")
+
+    dev = resolve_device(device, flow)
+    flow.to(dev)
+    params = [p for p in flow.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the flow has no trainable parameters")
+    optimizer = torch.optim.Adam(params, lr=lr)
+    guard = Guard(flow, optimizer)
+    history = History(features=flow.features, objective="reverse_kl")
+    state = TrainState()
+    run_args = {
+        "objective": "reverse_kl", "features": flow.features, "batch_size": batch_size,
+        "seed": int(seed), "total_steps": total, "lr": float(lr), "schedule": schedule,
+        "grad_clip": grad_clip, "eval_every": eval_every, "anneal_steps": anneal,
+        "beta_start": float(beta_start),
+    }
+
+    def beta_at(i: int) -> float:
+        return 1.0 if anneal == 0 else min(1.0, beta_start + (1.0 - beta_start) * i / anneal)
+
+    def step(i: int) -> tuple[Tensor, Tensor]:
+        x, log_q = flow.rsample_and_log_prob(batch_size)
+        log_p = fn(x)
+        loss = (log_q - beta_at(i) * log_p).mean()
+        loss.backward()
+        return loss, (log_q - log_p).detach().mean()
+
+    def record(done: int, current_lr: float, clock: float) -> bool:
+        history.steps.append(done)
+        history.train_nll.append(state.take_running_mean())
+        history.val_nll.append(None)
+        history.lr.append(current_lr)
+        history.time.append(time.perf_counter() - clock)
+        history.beta.append(beta_at(done - 1))
+        return False
+
+    path = Path(checkpoint) if checkpoint is not None else None
+
+    def save_checkpoint() -> None:
+        assert path is not None
+        write_checkpoint(path, flow, optimizer, guard, state, history, run_args, dev)
+
+    settings = LoopSettings(
+        total=total, lr=lr, schedule=schedule, grad_clip=grad_clip, eval_every=eval_every,
+        checkpoint_every=checkpoint_every, desc="reverse KL", progress=progress,
+        postfix=_postfix,
+    )
+    with forked_rng(dev, int(seed)):
+        if resume and path is not None and path.exists():
+            restore_checkpoint(path, flow, optimizer, guard, state, history, run_args, dev)
+        else:
+            guard.save()
+        run_loop(
+            flow, optimizer, params, guard, state, history, settings, step, record,
+            peers=Replicas(), checkpoint=save_checkpoint if path is not None else None,
+            callback=callback,
+        )
+        flow.eval()
+        if final_samples:
+            history.final = estimate_log_normalizer(flow, fn, n=final_samples)
+    return history
+
+
+def _postfix(history: History) -> dict[str, str]:
+    if not history.train_nll or history.train_nll[-1] is None:
+        return {}
+    return {"kl_minus_logz": f"{history.train_nll[-1]:.4f}", "beta": f"{history.beta[-1]:.2f}"}
