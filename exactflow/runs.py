@@ -5,7 +5,8 @@
 
     RUN_DIR/
       run.json        data source, split, options, metrics, versions (status "done" at the end)
-      model.pt        the trained flow (exactflow.save: JSON config + weights only)
+      model.safetensors  the trained flow (exactflow.save: JSON config + weights only;
+                      model.pt in run folders of exactflow 0.1)
       data.npz        the train / val / test rows the run used (float64)
       history.json    the training curves
       checkpoint.pt   while training (for resume=True); removed when the run finishes
@@ -65,7 +66,9 @@ __all__ = [
 
 #: The files of a run folder.
 RUN_JSON = "run.json"
-MODEL_FILE = "model.pt"
+MODEL_FILE = "model.safetensors"
+#: The model file of run folders written by exactflow 0.1.
+LEGACY_MODEL_FILE = "model.pt"
 DATA_FILE = "data.npz"
 HISTORY_FILE = "history.json"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -135,7 +138,7 @@ def load_run(run_dir: str | os.PathLike[str], *, model: bool = True) -> Run:
 
     Args:
         run_dir: the folder.
-        model: also load ``model.pt`` (with :func:`exactflow.load`, weights only).
+        model: also load the model (with :func:`exactflow.load`, weights only).
 
     Raises:
         RunError: the folder or one of its files is missing, unreadable or corrupt, or the
@@ -178,6 +181,8 @@ def load_run(run_dir: str | os.PathLike[str], *, model: bool = True) -> Run:
 
 def _load_model(run_dir: Path) -> Flow:
     file = run_dir / MODEL_FILE
+    if not file.exists() and (run_dir / LEGACY_MODEL_FILE).is_file():
+        file = run_dir / LEGACY_MODEL_FILE
     if not file.is_file():
         raise RunError(
             f"run folder {str(run_dir)!r} has no {MODEL_FILE} (was it deleted?); "

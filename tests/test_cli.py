@@ -108,7 +108,7 @@ def test_usage_errors_exit_2(argv, tmp_path, monkeypatch):
 
 
 def test_train_writes_the_run_folder(run_dir):
-    for name in ("run.json", "model.pt", "data.npz", "history.json"):
+    for name in ("run.json", "model.safetensors", "data.npz", "history.json"):
         assert (run_dir / name).is_file(), name
     assert not (run_dir / "checkpoint.pt").exists()
     info = json.loads((run_dir / "run.json").read_text())
@@ -117,7 +117,7 @@ def test_train_writes_the_run_folder(run_dir):
     assert info["data"]["entropy"] == ef.datasets.TOY_ENTROPY["moons"]
     # The saved model reproduces the test NLL of run.json on the saved test split, and the
     # standardization is part of it (so ef.load gives densities in data units).
-    flow = ef.load(run_dir / "model.pt")
+    flow = ef.load(run_dir / "model.safetensors")
     assert flow.config["standardize"] is True
     assert type(flatten_layers(flow.transform)[0]).__name__ == "Standardize"
     with np.load(run_dir / "data.npz") as npz:
@@ -180,10 +180,10 @@ def test_train_columns_by_name_and_epochs(tmp_path):
 
 
 def test_train_refuses_to_replace_a_run_without_overwrite(run_dir, tmp_path):
-    before = (run_dir / "model.pt").read_bytes()
+    before = (run_dir / "model.safetensors").read_bytes()
     code, _, err = run_cli(["train", "moons", *TINY, "--out", run_dir])
     assert code == 1 and "--overwrite" in one_error_line(err)
-    assert (run_dir / "model.pt").read_bytes() == before
+    assert (run_dir / "model.safetensors").read_bytes() == before
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("mine")
     code, _, err = run_cli(["train", "moons", *TINY, "--out", tmp_path / "notes"])
@@ -211,7 +211,7 @@ def test_train_resume_continues_an_interrupted_run(tmp_path, monkeypatch):
     assert code == 130 and "interrupted" in err
     info = json.loads((tmp_path / "cut" / "run.json").read_text())
     assert info["status"] == "training" and (tmp_path / "cut" / "checkpoint.pt").is_file()
-    assert not (tmp_path / "cut" / "model.pt").exists()
+    assert not (tmp_path / "cut" / "model.safetensors").exists()
     code, _, err = run_cli(["sample", tmp_path / "cut", "-n", "2"])
     assert code == 1 and "did not finish" in one_error_line(err)
     code, _, err = run_cli([*args, "--out", tmp_path / "cut"])  # no --resume
@@ -329,12 +329,12 @@ def broken_copy(run_dir: Path, tmp_path: Path, name: str, how: str) -> Path:
 
 @pytest.mark.parametrize("how", ["deleted", "corrupted"])
 def test_sample_from_a_broken_run_leaves_no_output(run_dir, tmp_path, how):
-    broken = broken_copy(run_dir, tmp_path, "model.pt", how)
+    broken = broken_copy(run_dir, tmp_path, "model.safetensors", how)
     target = tmp_path / "s.csv"
     code, _, err = run_cli(["sample", broken, "-n", "3", "-o", target])
     line = one_error_line(err)
     assert code == 1
-    assert ("no model.pt" in line) if how == "deleted" else ("truncated" in line or
+    assert ("no model.safetensors" in line) if how == "deleted" else ("truncated" in line or
                                                              "corrupt" in line)
     assert not target.exists()
     assert [p.name for p in tmp_path.iterdir() if p.is_file()] == []
@@ -367,7 +367,7 @@ def test_score_matches_the_model_and_flags_anomalies(run_dir, tmp_path):
     assert (target.read_text().splitlines()[0] == "row,log_density,anomaly")
     assert table.shape == (len(data), 3)
     np.testing.assert_array_equal(table[:, 0], np.arange(len(data)))
-    flow = ef.load(run_dir / "model.pt")
+    flow = ef.load(run_dir / "model.safetensors")
     with torch.no_grad():
         direct = flow.log_prob(torch.as_tensor(data, dtype=torch.float32)).double().numpy()
         train_lp = flow.log_prob(torch.as_tensor(train, dtype=torch.float32)).double().numpy()
@@ -442,7 +442,7 @@ def test_check_a_run_folder(run_dir):
     assert "log-det error" in out and "round-trip error" in out and "all layers pass" in out
     code, out, _ = run_cli(["check", run_dir, "--json", "--points", "16"])
     result = json.loads(out)
-    flow = ef.load(run_dir / "model.pt")
+    flow = ef.load(run_dir / "model.safetensors")
     assert code == 0 and result["ok"] and result["points"] == 16
     assert [r["name"] for r in result["layers"]] == [
         type(t).__name__ for t in flatten_layers(flow.transform)
@@ -479,9 +479,9 @@ def test_check_fails_on_a_wrong_log_det(run_dir, monkeypatch):
 
 
 def test_check_broken_run_folder(run_dir, tmp_path):
-    broken = broken_copy(run_dir, tmp_path, "model.pt", "corrupted")
+    broken = broken_copy(run_dir, tmp_path, "model.safetensors", "corrupted")
     code, _, err = run_cli(["check", broken])
-    assert code == 1 and "model.pt" in one_error_line(err)
+    assert code == 1 and "model.safetensors" in one_error_line(err)
 
 
 # -- report and demo --------------------------------------------------------------------

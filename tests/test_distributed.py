@@ -202,7 +202,7 @@ def test_the_command_line_trains_with_rank_zero_writing(runs: dict[str, Any]) ->
     assert info["status"] == "done" and info["metrics"]["steps"] == 6
     assert not (run / "checkpoint.pt").exists()
     assert math.isfinite(info["metrics"]["test"]["nll"])
-    ef.load(run / "model.pt")
+    ef.load(run / "model.safetensors")
 
 
 @needs_gloo

@@ -132,8 +132,22 @@ def test_truncated_foreign_empty_and_missing_files(tmp_path):
         load(tmp_path / "empty.pt")
     with pytest.raises(CheckpointError, match="no such model file"):
         load(tmp_path / "missing.pt")
-    with pytest.raises(CheckpointError, match="not a regular file"):
+    with pytest.raises(CheckpointError, match="is a folder, not a model file"):
         load(tmp_path)
+    # A safetensors file that is not an exactflow model.
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(CheckpointError, match="not an exactflow model file"):
+        load(tmp_path / "other.safetensors")
+
+
+def legacy(flow: ef.Flow, path: Path) -> Path:
+    """Write ``flow`` as exactflow 0.1 did: a torch archive of the config and the weights."""
+    torch.save({"format": "exactflow", "version": 1, "exactflow_version": "0.1.0",
+                "config": json.dumps(flow.config, sort_keys=True),
+                "state_dict": {k: v.clone() for k, v in flow.state_dict().items()}}, path)
+    return path
 
 
 def rewrite(path: Path, **changes) -> Path:
@@ -143,20 +157,63 @@ def rewrite(path: Path, **changes) -> Path:
     return path
 
 
+def rewrite_safetensors(path: Path, state=None, **metadata) -> Path:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta.update(metadata)
+    save_file(tensors if state is None else state, str(path), metadata=meta)
+    return path
+
+
+def test_model_files_are_safetensors_with_the_config_in_the_metadata(tmp_path):
+    from safetensors import safe_open
+
+    flow = perturb(ef.models.maf(3, layers=2, hidden=(8,), standardize=True))
+    path = save(flow, tmp_path / "m.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        assert set(f.keys()) == set(flow.state_dict())
+    assert meta["format"] == "exactflow" and meta["version"] == "2"
+    assert json.loads(meta["config"]) == flow.config
+
+
+def test_files_written_by_exactflow_0_1_still_load(tmp_path):
+    flow = perturb(ef.models.realnvp(2, layers=2, hidden=(8,)), scale=0.3)
+    loaded = load(legacy(flow, tmp_path / "old.pt"))
+    assert_same_density(flow, loaded, torch.randn(16, 2))
+    # A 0.1 "maf" with fast="sampling" was an IAF: it loads as one, with its weights.
+    iaf = perturb(ef.models.iaf(3, layers=2, hidden=(8,)), scale=0.3)
+    old_config = {**iaf.config, "model": "maf", "fast": "sampling"}
+    torch.save({"format": "exactflow", "version": 1, "config": json.dumps(old_config),
+                "state_dict": iaf.state_dict()}, tmp_path / "old_iaf.pt")
+    loaded = load(tmp_path / "old_iaf.pt")
+    assert loaded.config["model"] == "iaf"
+    assert_same_density(iaf, loaded, torch.randn(8, 3))
+
+
 def test_newer_format_unknown_builder_and_mismatched_weights(tmp_path):
     flow = ef.models.realnvp(2, layers=2, hidden=(8,), batch_norm=False)
-    path = save(flow, tmp_path / "m.pt")
-    with pytest.raises(CheckpointError, match="version 2.*upgrade"):
-        load(rewrite(save(flow, tmp_path / "v.pt"), version=2))
+    with pytest.raises(CheckpointError, match="version 3.*upgrade"):
+        load(rewrite_safetensors(save(flow, tmp_path / "v.safetensors"), version="3"))
+    with pytest.raises(CheckpointError, match="version 3.*upgrade"):  # torch archives too
+        load(rewrite(legacy(flow, tmp_path / "v.pt"), version=3))
     with pytest.raises(CheckpointError, match="unknown model 'glowworm'"):
-        load(rewrite(save(flow, tmp_path / "u.pt"), config='{"model": "glowworm"}'))
+        load(rewrite_safetensors(save(flow, tmp_path / "u.safetensors"),
+                                 config='{"model": "glowworm"}'))
     bigger = flow.config | {"hidden": [16]}
-    with pytest.raises(CheckpointError, match="do not match.*size mismatch"):
-        load(rewrite(path, config=json.dumps(bigger)))
+    with pytest.raises(CheckpointError, match="do not match.*wrong shapes"):
+        load(rewrite_safetensors(save(flow, tmp_path / "b.safetensors"),
+                                 config=json.dumps(bigger)))
     state = flow.state_dict()
     state.pop(next(iter(state)))
-    with pytest.raises(CheckpointError, match="do not match.*Missing"):
-        load(rewrite(save(flow, tmp_path / "s.pt"), state_dict=state))
+    with pytest.raises(CheckpointError, match="do not match.*missing"):
+        load(rewrite_safetensors(save(flow, tmp_path / "s.safetensors"), state=state))
+    with pytest.raises(CheckpointError, match="do not match.*missing"):
+        load(rewrite(legacy(flow, tmp_path / "s.pt"), state_dict=state))
     with pytest.raises(CheckpointError, match="not an exactflow model file"):
         ckpt = tmp_path / "train.ckpt"
         ef.fit(flow, ef.datasets.toy("moons", 128), steps=1, batch_size=64, checkpoint=ckpt,
@@ -164,20 +221,30 @@ def test_newer_format_unknown_builder_and_mismatched_weights(tmp_path):
         load(ckpt)
 
 
+@pytest.mark.parametrize(("key", "value"), [("layers", 10**6), ("features", 10**9),
+                                            ("hidden", [10**8]), ("bins", 10**9)])
+def test_sizes_the_weights_cannot_back_are_refused_before_building(tmp_path, key, value):
+    flow = ef.models.nsf(2, layers=2, hidden=(8,), bins=4)
+    path = rewrite_safetensors(save(flow, tmp_path / "m.safetensors"),
+                               config=json.dumps(flow.config | {key: value}))
+    with pytest.raises(CheckpointError, match=f"claims {key}"):
+        load(path)
+
+
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    import errno
+
     flow = perturb(ef.models.planar(2, layers=2))
     path = save(flow, tmp_path / "m.pt")
     good = path.read_bytes()
-    real_save = torch.save
 
-    def dying_save(obj, f, *args, **kwargs):
-        real_save(obj, f, *args, **kwargs)
-        f.truncate(f.tell() // 3)
-        raise OSError("no space left on device")
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", dying_save)
-    with pytest.raises(OSError, match="no space"):
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="no space left") as err:
         save(perturb(ef.models.planar(2, layers=2)), path)
+    assert err.value.filename == str(path)  # the message names the file
     monkeypatch.undo()
     assert path.read_bytes() == good and os.listdir(tmp_path) == ["m.pt"]
     assert_same_density(flow, load(path), torch.randn(8, 2))

@@ -127,7 +127,7 @@ def test_metrics_json_matches_the_run(run_2d):
     metrics = json.loads((run_2d / "report" / "metrics.json").read_text())
     info = json.loads((run_2d / "run.json").read_text())
     assert metrics["test"]["nll"] == pytest.approx(info["metrics"]["test"]["nll"], abs=1e-9)
-    flow = ef.load(run_2d / "model.pt")
+    flow = ef.load(run_2d / "model.safetensors")
     assert metrics["parameters"] == sum(p.numel() for p in flow.parameters())
     layers = diagnostics.flatten_layers(flow.transform)
     assert len(metrics["check"]["layers"]) == len(layers) and metrics["check"]["ok"]

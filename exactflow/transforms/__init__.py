@@ -9,7 +9,15 @@ from .autoregressive import (
 from .coupling import AdditiveCoupling, AffineCoupling, Coupling, SplineCoupling
 from .elementwise import ElementwiseAffine, Logit, Sigmoid
 from .linear import LULinear, Permutation, Reverse
-from .monotonic import AdditiveMap, AffineMap, MonotonicMap, SplineMap, monotonic_map
+from .monotonic import (
+    AdditiveMap,
+    AffineMap,
+    MonotonicMap,
+    SplineMap,
+    available_maps,
+    monotonic_map,
+    register_map,
+)
 from .normalization import ActNorm, BatchNorm, Standardize
 from .planar import Planar, Radial
 
@@ -33,6 +41,8 @@ __all__ = [
     "AdditiveMap",
     "SplineMap",
     "monotonic_map",
+    "register_map",
+    "available_maps",
     "Planar",
     "Radial",
     "Standardize",

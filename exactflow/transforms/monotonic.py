@@ -17,13 +17,23 @@ starts with a zero last layer starts as the identity. A new map slots into
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .splines import rational_quadratic
 
-__all__ = ["MonotonicMap", "AffineMap", "AdditiveMap", "SplineMap", "monotonic_map"]
+__all__ = [
+    "MonotonicMap",
+    "AffineMap",
+    "AdditiveMap",
+    "SplineMap",
+    "monotonic_map",
+    "register_map",
+    "available_maps",
+]
 
 
 class MonotonicMap:
@@ -160,11 +170,62 @@ class SplineMap(MonotonicMap):
         return {"bins": self.bins, "bound": self.bound}
 
 
-_MAPS = {"additive": AdditiveMap, "affine": AffineMap, "spline": SplineMap}
+_MAPS: dict[str, Callable[..., MonotonicMap]] = {
+    "additive": AdditiveMap,
+    "affine": AffineMap,
+    "spline": SplineMap,
+}
+
+
+def register_map(
+    name: str, factory: Callable[..., MonotonicMap] | None = None, *, replace: bool = False
+) -> Any:
+    """Register an elementwise monotonic map under ``name``, for every layer to use.
+
+    A registered map is accepted wherever a map name is (``Coupling(d, "name")``,
+    ``MaskedAutoregressive(d, "name")``, :func:`monotonic_map`), so a new elementwise map
+    plugs into the coupling and autoregressive layers without a new layer class. The map
+    must be the identity when all its parameters are zero for a layer to start as the
+    identity. Use it as a decorator on the class, or call it with the class.
+
+    Args:
+        name: the name layers and configs use.
+        factory: a :class:`MonotonicMap` subclass (or a function returning one) taking the
+            map's hyperparameters as keyword arguments.
+        replace: allow replacing a map registered under the same name.
+
+    Example:
+        >>> import torch, exactflow as ef
+        >>> @ef.transforms.register_map("shift_doc", replace=True)
+        ... class Shift(ef.transforms.MonotonicMap):
+        ...     params_per_feature = 1
+        ...     def forward(self, x, params):
+        ...         return x + params[..., 0], torch.zeros_like(x)
+        ...     def inverse(self, y, params):
+        ...         return y - params[..., 0], torch.zeros_like(y)
+        >>> ef.transforms.Coupling(2, "shift_doc", hidden=(8,)).monotonic
+        Shift()
+    """
+    if factory is None:
+        return lambda f: register_map(name, f, replace=replace)
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a map name is a non-empty string, got {name!r}")
+    if name in _MAPS and not replace:
+        raise ValueError(
+            f"a monotonic map named {name!r} is registered already; pass replace=True"
+        )
+    _MAPS[name] = factory
+    return factory
+
+
+def available_maps() -> list[str]:
+    """The names of the registered monotonic maps."""
+    return sorted(_MAPS)
 
 
 def monotonic_map(name: str | MonotonicMap, **kwargs: float | int) -> MonotonicMap:
-    """A map from its name (``"additive"``, ``"affine"``, ``"spline"``) and hyperparameters.
+    """A map from its name (``"additive"``, ``"affine"``, ``"spline"`` or one registered
+    with :func:`register_map`) and hyperparameters.
 
     A :class:`MonotonicMap` instance is returned as is.
 
@@ -178,5 +239,12 @@ def monotonic_map(name: str | MonotonicMap, **kwargs: float | int) -> MonotonicM
             raise ValueError("hyperparameters are given with a map name, not with a map instance")
         return name
     if name not in _MAPS:
-        raise ValueError(f"unknown monotonic map {name!r}; choose from {', '.join(_MAPS)}")
-    return _MAPS[name](**kwargs)
+        raise ValueError(
+            f"unknown monotonic map {name!r}; choose from {', '.join(available_maps())} (or "
+            "register your own with exactflow.transforms.register_map)"
+        )
+    made = _MAPS[name](**kwargs)
+    if not isinstance(made, MonotonicMap):
+        raise TypeError(f"the map registered as {name!r} made a {type(made).__name__}, "
+                        "not a MonotonicMap")
+    return made

@@ -1,29 +1,10 @@
-"""Saving and loading models: a builder configuration (JSON) plus a weights-only state dict.
+"""Files exactflow writes and reads: atomic, durable writes; strict JSON; weights-only torch loads.
 
-A model file is one ``torch.save`` archive holding only tensors and plain Python types::
-
-    {"format": "exactflow", "version": 1, "exactflow_version": "0.1.0",
-     "config": '{"model": "realnvp", "features": 2, ...}',   # JSON string
-     "state_dict": {name: tensor, ...}}
-
-:func:`load` reads it with ``torch.load(..., weights_only=True)``, so a file can never run
-code on load (a pickle with a payload is refused before anything is executed), rebuilds the
-model with :func:`exactflow.models.build` from the JSON config and loads the weights
-strictly. Every way a file can be wrong (missing, truncated, foreign, a newer format, an
-unknown builder, weights that do not fit the config) raises :class:`CheckpointError` with a
-message that says which.
-
-Only flows made by a builder (``flow.config`` set) can be saved: a hand-built flow has no
-description that could be rebuilt without running code. Save its weights with
-``torch.save(flow.state_dict(), path)`` and rebuild it by hand instead.
-
-Data-dependent standardization is part of the model's config (a builder argument such as
-``standardize={"mean": [...], "std": [...]}``), so it travels in the JSON like any other
-argument.
-
-Files are written atomically (:func:`atomic_save`): to a temporary file in the same
-directory, flushed and fsynced, then moved over the target with ``os.replace``; a crash
-during the write leaves the previous file intact.
+Every file exactflow writes goes through :func:`_atomic_write`: a temporary file in the same
+folder, flushed and fsynced, given the usual permissions, moved over the target with
+``os.replace``, and the folder fsynced; a crash during the write leaves the previous file
+intact. :func:`safe_torch_load` reads torch archives with ``weights_only=True``, so a file
+can never run code, and turns every way it can be wrong into a :class:`CheckpointError`.
 """
 
 from __future__ import annotations
@@ -42,11 +23,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from .distributions import Flow
-
 __all__ = [
-    "save",
-    "load",
     "atomic_save",
     "atomic_write_bytes",
     "atomic_write_text",
@@ -54,13 +31,7 @@ __all__ = [
     "json_safe",
     "safe_torch_load",
     "CheckpointError",
-    "FORMAT_VERSION",
 ]
-
-#: The version of the model-file layout this exactflow writes and reads.
-FORMAT_VERSION = 1
-
-_FORMAT = "exactflow"
 
 
 class CheckpointError(Exception):
@@ -229,117 +200,3 @@ def _first_line_about(text: str) -> str:
             return line.strip()
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1] if lines else text
-
-
-def save(flow: Flow, path: str | os.PathLike[str]) -> Path:
-    """Save a flow made by a builder as its JSON config plus a weights-only state dict.
-
-    The file is a ``torch.save`` archive of plain types and tensors (see the module
-    docstring), written atomically; tensors are stored on the CPU.
-
-    Args:
-        flow: a flow returned by an :mod:`exactflow.models` builder (``flow.config`` set).
-        path: the file to write, conventionally ``*.pt``.
-
-    Returns:
-        The path written, so ``ef.load(ef.save(flow, "model.pt"))`` works.
-
-    Raises:
-        TypeError: ``flow`` is not an :class:`exactflow.Flow`.
-        ValueError: the flow has no builder config (built by hand), or its config is not
-            JSON-serializable.
-
-    Example:
-        >>> import os, tempfile, torch, exactflow as ef
-        >>> flow = ef.models.planar(2, layers=2)
-        >>> path = ef.save(flow, os.path.join(tempfile.mkdtemp(), "model.pt"))
-        >>> x = torch.randn(3, 2)
-        >>> torch.equal(ef.load(path).log_prob(x), flow.log_prob(x))
-        True
-    """
-    if not isinstance(flow, Flow):
-        raise TypeError(f"save expects an exactflow Flow, got {type(flow).__name__}")
-    config = getattr(flow, "config", None)
-    if not config:
-        raise ValueError(
-            "this flow has no builder config (flow.config is None: it was built by hand), so "
-            "exactflow.load could not rebuild it without running code. Build it with an "
-            "exactflow.models builder (e.g. ef.models.realnvp(...)), or save only its weights "
-            "with torch.save(flow.state_dict(), path) and rebuild the flow yourself."
-        )
-    try:
-        config_json = json.dumps(config, sort_keys=True, allow_nan=False)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"flow.config must be JSON-serializable to be saved: {err}") from None
-    from ._version import __version__
-
-    state = {k: v.detach().to("cpu").clone() for k, v in flow.state_dict().items()}
-    payload = {
-        "format": _FORMAT,
-        "version": FORMAT_VERSION,
-        "exactflow_version": str(__version__),
-        "config": config_json,
-        "state_dict": state,
-    }
-    return atomic_save(payload, path)
-
-
-def load(path: str | os.PathLike[str], map_location: Any = "cpu") -> Flow:
-    """Load a flow written by :func:`save`; never executes code from the file.
-
-    Rebuilds the model from its JSON config with :func:`exactflow.models.build`, loads its
-    weights strictly (every tensor present, every shape right) and returns it in eval mode.
-
-    Args:
-        path: the model file.
-        map_location: where to put the tensors (as in ``torch.load``), default the CPU.
-
-    Raises:
-        CheckpointError: the file is missing, truncated or foreign; holds anything but
-            tensors and plain types (e.g. a pickle with a code payload); was written by a
-            newer exactflow format; names an unknown builder; or has weights whose names or
-            shapes do not match the config.
-    """
-    payload = safe_torch_load(path, map_location=map_location, what="model file")
-    name = str(path)
-    if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
-        found = type(payload).__name__
-        if isinstance(payload, dict):
-            found = f"a dict with keys {sorted(map(str, payload))[:6]}"
-        raise CheckpointError(
-            f"{name!r} is not an exactflow model file (found {found}); "
-            "exactflow.load reads files written by exactflow.save"
-        )
-    version = payload.get("version")
-    if not isinstance(version, int):
-        raise CheckpointError(f"{name!r} has no valid format version (got {version!r})")
-    if version > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{name!r} was written in exactflow model format version {version} "
-            f"(by exactflow {payload.get('exactflow_version', '?')}); this exactflow reads "
-            f"versions up to {FORMAT_VERSION}: upgrade exactflow to load it"
-        )
-    try:
-        config = json.loads(payload["config"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"{name!r} has no readable model config: {err}") from None
-    state = payload.get("state_dict")
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{name!r} has no valid state_dict of tensors")
-    from . import models
-
-    try:
-        flow = models.build(config)
-    except (ValueError, TypeError) as err:
-        raise CheckpointError(f"cannot rebuild the model saved in {name!r}: {err}") from None
-    try:
-        flow.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise CheckpointError(
-            f"the weights in {name!r} do not match its config {config!r}: "
-            + " ".join(str(err).split())
-        ) from None
-    flow.config = config
-    if state:
-        flow.to(next(iter(state.values())).device)
-    return flow.eval()

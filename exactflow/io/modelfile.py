@@ -1,0 +1,274 @@
+"""Model files: a flow's builder config (JSON) and its weights, in safetensors.
+
+A model file is a `safetensors <https://huggingface.co/docs/safetensors>`_ file: a JSON
+header naming every tensor with its dtype, shape and byte range, then the raw bytes. The
+header's metadata holds the format, its version, the exactflow version and the builder
+config as JSON text. Nothing in the file is ever executed: :func:`load` reads the header,
+checks that every size the config claims is backed by weights in the file (a tampered
+``layers=10**6`` or ``features=10**9`` is refused before anything is built), rebuilds the
+model with :func:`exactflow.models.build`, and checks every tensor's name and shape before
+copying the weights in.
+
+Files written by exactflow 0.1 (a ``torch.save`` archive of the config and the state dict)
+still load: they are read with ``torch.load(weights_only=True)``, which refuses any pickle
+that names code.
+
+Only flows made by a builder (``flow.config`` set) can be saved: a hand-built flow has no
+description that could be rebuilt without running code. Register your own builder with
+:func:`exactflow.models.register`, or save only the weights with
+``torch.save(flow.state_dict(), path)`` and rebuild the flow yourself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .._version import __version__
+from ..distributions import Flow
+from ..models import build
+from .files import CheckpointError, atomic_write_bytes, safe_torch_load
+
+__all__ = ["save", "load", "FORMAT_VERSION"]
+
+#: The version of the model-file layout this exactflow writes; 1 was exactflow 0.1's
+#: torch archive, 2 is safetensors.
+FORMAT_VERSION = 2
+
+_FORMAT = "exactflow"
+_BUILTIN = ("realnvp", "nice", "maf", "iaf", "nsf", "planar", "radial")
+# safetensors files start with an 8-byte header length, then the JSON header.
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+def save(flow: Flow, path: str | os.PathLike[str]) -> Path:
+    """Save a flow made by a builder: its JSON config and its weights, in safetensors.
+
+    Written atomically (a crash never leaves a half-written file); tensors are stored on
+    the CPU, in their own dtypes.
+
+    Args:
+        flow: a flow returned by a registered builder (``flow.config`` set).
+        path: the file to write (``*.safetensors`` by convention; any name works).
+
+    Returns:
+        The path written, so ``ef.load(ef.save(flow, "model.safetensors"))`` works.
+
+    Raises:
+        TypeError: ``flow`` is not an :class:`exactflow.Flow`.
+        ValueError: the flow has no builder config (built by hand), or its config is not
+            JSON-serializable.
+
+    Example:
+        >>> import os, tempfile, torch, exactflow as ef
+        >>> flow = ef.models.planar(2, layers=2)
+        >>> path = ef.save(flow, os.path.join(tempfile.mkdtemp(), "model.safetensors"))
+        >>> x = torch.randn(3, 2)
+        >>> torch.equal(ef.load(path).log_prob(x), flow.log_prob(x))
+        True
+    """
+    from safetensors.torch import save as safetensors_bytes
+
+    if not isinstance(flow, Flow):
+        raise TypeError(f"save expects an exactflow Flow, got {type(flow).__name__}")
+    config = getattr(flow, "config", None)
+    if not config:
+        raise ValueError(
+            "this flow has no builder config (flow.config is None: it was built by hand), so "
+            "exactflow.load could not rebuild it without running code. Build it with an "
+            "exactflow.models builder (e.g. ef.models.realnvp(...)) or register your own "
+            "with exactflow.models.register, or save only its weights with "
+            "torch.save(flow.state_dict(), path) and rebuild the flow yourself."
+        )
+    try:
+        config_json = json.dumps(config, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"flow.config must be JSON-serializable to be saved: {err}") from None
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in flow.state_dict().items()}
+    metadata = {
+        "format": _FORMAT,
+        "version": str(FORMAT_VERSION),
+        "exactflow_version": str(__version__),
+        "config": config_json,
+    }
+    return atomic_write_bytes(path, safetensors_bytes(state, metadata=metadata))
+
+
+def _is_safetensors(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9:
+        return False
+    (size,) = struct.unpack("<Q", head[:8])
+    return 0 < size <= _MAX_HEADER and head[8:9] == b"{"
+
+
+def _read(path: Path, map_location: Any) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """``(config, tensors, version)`` of a model file of either format, never running code."""
+    name = str(path)
+    if not path.exists():
+        raise CheckpointError(f"no such model file: {name!r}")
+    if path.is_dir():
+        raise CheckpointError(
+            f"{name!r} is a folder, not a model file (for a run folder, use "
+            "exactflow.runs.load_run or load RUN_DIR/model file)"
+        )
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"model file {name!r} is empty (an interrupted copy or write?)")
+    if _is_safetensors(path):
+        return _read_safetensors(path, map_location)
+    payload = safe_torch_load(path, map_location=map_location, what="model file")
+    if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
+        found = type(payload).__name__
+        if isinstance(payload, dict):
+            found = f"a dict with keys {sorted(map(str, payload))[:6]}"
+        raise CheckpointError(
+            f"{name!r} is not an exactflow model file (found {found}); "
+            "exactflow.load reads files written by exactflow.save"
+        )
+    version = payload.get("version")
+    if not isinstance(version, int):
+        raise CheckpointError(f"{name!r} has no valid format version (got {version!r})")
+    _check_version(name, version, payload.get("exactflow_version"))
+    state = payload.get("state_dict")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{name!r} has no valid state_dict of tensors")
+    return _config(name, payload.get("config")), state, str(version)
+
+
+def _read_safetensors(path: Path, map_location: Any) -> tuple[dict, dict, str]:
+    from safetensors import SafetensorError, safe_open
+
+    name = str(path)
+    device = "cpu" if map_location is None else str(torch.device(map_location))
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != _FORMAT:
+                raise CheckpointError(
+                    f"{name!r} is a safetensors file but not an exactflow model file (its "
+                    "metadata names no exactflow format); exactflow.load reads files written "
+                    "by exactflow.save"
+                )
+            try:
+                version = int(meta.get("version", ""))
+            except ValueError:
+                raise CheckpointError(f"{name!r} has no valid format version") from None
+            _check_version(name, version, meta.get("exactflow_version"))
+            config = _config(name, meta.get("config"))
+            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+            _check_sizes(name, config, shapes)
+            state = {key: f.get_tensor(key).to(device) for key in f.keys()}
+    except CheckpointError:
+        raise
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(
+            f"{name!r} is truncated or not a valid model file ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else 'unreadable'})"
+        ) from None
+    return config, state, str(version)
+
+
+def _check_version(name: str, version: int, written_by: Any) -> None:
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{name!r} was written in exactflow model format version {version} "
+            f"(by exactflow {written_by or '?'}); this exactflow reads versions up to "
+            f"{FORMAT_VERSION}: upgrade exactflow to load it"
+        )
+
+
+def _config(name: str, text: Any) -> dict[str, Any]:
+    try:
+        config = json.loads(text)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{name!r} has no readable model config: {err}") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model"), str):
+        raise CheckpointError(f"{name!r} has a model config without a builder name")
+    return config
+
+
+def _check_sizes(name: str, config: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> None:
+    """Refuse a config whose sizes the stored weights cannot back, before building anything.
+
+    Every layer holds at least one tensor and, in the built-in flows, at least ``features``
+    numbers, and every conditioner at least ``hidden`` weights per layer: a config that
+    claims more than the file holds was tampered with (or belongs to other weights), and
+    building it could take unbounded memory and time.
+    """
+    numel = sum(int(torch.Size(s).numel()) for s in shapes.values())
+    tensors = len(shapes)
+
+    def size(key: str, value: Any, bound: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= bound:
+            raise CheckpointError(
+                f"{name!r} claims {key}={value!r} but holds only {tensors} tensors with "
+                f"{numel} numbers in all: the config does not fit its weights (a damaged or "
+                "tampered file)"
+            )
+        return value
+
+    features = size("features", config.get("features", 1), max(numel, 1))
+    layers = size("layers", config.get("layers", 1), max(tensors, 1))
+    size("context", config.get("context", 0), numel)
+    size("bins", config.get("bins", 1), numel)
+    hidden = config.get("hidden", [])
+    widths = hidden if isinstance(hidden, list) else [hidden]
+    for width in widths:
+        size("hidden", width, numel)
+    if config.get("model") in _BUILTIN:
+        size("layers x features", layers * features, numel)
+        for width in widths:
+            size("layers x hidden", layers * width, numel)
+
+
+def load(path: str | os.PathLike[str], map_location: Any = "cpu") -> Flow:
+    """Load a flow written by :func:`save` (or by exactflow 0.1); never executes code.
+
+    Reads the config, checks its sizes against the stored weights, rebuilds the model
+    with :func:`exactflow.models.build`, checks every tensor's name and shape, loads the
+    weights and returns the flow in eval mode.
+
+    Args:
+        path: the model file.
+        map_location: where to put the tensors, default the CPU.
+
+    Raises:
+        CheckpointError: the file is missing, empty, a folder, truncated or foreign; holds
+            anything but tensors and plain types (e.g. a pickle with a code payload); was
+            written by a newer exactflow format; names an unknown builder; or has a config
+            that its weights do not fit.
+    """
+    path = Path(path)
+    name = str(path)
+    config, state, _ = _read(path, map_location)
+    try:
+        flow = build(config)
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"cannot rebuild the model saved in {name!r}: {err}") from None
+    expected = {k: tuple(v.shape) for k, v in flow.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    if expected != found:
+        missing = sorted(set(expected) - set(found))[:3]
+        extra = sorted(set(found) - set(expected))[:3]
+        wrong = [k for k in expected if k in found and expected[k] != found[k]][:3]
+        detail = "; ".join(
+            part for part in (
+                f"missing {missing}" if missing else "",
+                f"unexpected {extra}" if extra else "",
+                "wrong shapes " + ", ".join(f"{k} {found[k]} != {expected[k]}" for k in wrong)
+                if wrong else "",
+            ) if part
+        )
+        raise CheckpointError(
+            f"the weights in {name!r} do not match its config {config!r}: {detail}"
+        )
+    flow.load_state_dict(state, strict=True)
+    if state:
+        flow.to(next(iter(state.values())).device)
+    return flow.eval()
