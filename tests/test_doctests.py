@@ -38,7 +38,8 @@ MODULES = module_names()
 
 
 def test_modules_are_found():
-    expected = ["core", "groundtruth", "distributions", "transforms.linear", "transforms.elementwise"]
+    expected = ["core", "groundtruth", "distributions", "transforms.linear",
+                "transforms.elementwise"]
     for name in expected:
         assert f"exactflow.{name}" in MODULES
 
