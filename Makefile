@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 PIP     = $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: demo test install install-dev bench bench-quick lint clean figures
+.PHONY: demo test test-fast install install-dev bench bench-quick lint clean figures
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ demo: install
 test: install-dev
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadfile -q
 
+# The suite without the long training tests (marked slow), for quick iterations.
+test-fast: install-dev
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadfile -q -m "not slow"
+
 figures: install
 	$(BIN)/exactflow demo --out runs/demo
 	cp runs/demo/report/data_vs_model.png runs/demo/report/cartographer.png docs/figures/
@@ -45,6 +49,7 @@ bench-quick: $(VENV)/.installed-bench
 
 lint: install-dev
 	$(BIN)/ruff check exactflow tests benchmarks
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

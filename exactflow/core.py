@@ -186,21 +186,23 @@ class Compose(Transform):
         return len(self.transforms)
 
     def __iter__(self) -> Iterator[Transform]:
-        return iter(self.transforms)
+        return iter(self.transforms)  # type: ignore[arg-type]
 
     def __getitem__(self, index: int) -> Transform:
-        return self.transforms[index]
+        layer = self.transforms[index]
+        assert isinstance(layer, Transform)
+        return layer
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         total = x.new_zeros(x.shape[:1])
-        for t in self.transforms:
+        for t in self:
             x, ladj = t(x, context)
             total = total + ladj
         return x, total
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         total = z.new_zeros(z.shape[:1])
-        for t in reversed(self.transforms):
+        for t in reversed(list(self)):
             z, ladj = t.inverse(z, context)
             total = total + ladj
         return z, total

@@ -82,7 +82,9 @@ class StandardNormal(Distribution):
         tensor([-1.8379])
     """
 
-    def __init__(self, features: int):
+    _anchor: Tensor
+
+    def __init__(self, features: int) -> None:
         super().__init__()
         self.features = positive_int(features, "features")
         self.register_buffer("_anchor", torch.zeros(()))
@@ -104,7 +106,7 @@ class DiagonalNormal(Distribution):
     Starts as the standard normal.
     """
 
-    def __init__(self, features: int):
+    def __init__(self, features: int) -> None:
         super().__init__()
         self.features = positive_int(features, "features")
         self.loc = nn.Parameter(torch.zeros(self.features))
@@ -138,7 +140,10 @@ class Uniform(Distribution):
         tensor([-1.3863])
     """
 
-    def __init__(self, low: Any = 0.0, high: Any = 1.0, features: int | None = None):
+    low: Tensor
+    high: Tensor
+
+    def __init__(self, low: Any = 0.0, high: Any = 1.0, features: int | None = None) -> None:
         super().__init__()
         low_t = torch.as_tensor(low, dtype=torch.get_default_dtype()).reshape(-1)
         high_t = torch.as_tensor(high, dtype=torch.get_default_dtype()).reshape(-1)
@@ -320,10 +325,13 @@ class Flow(Distribution):
                 raise ValueError(
                     f"context must have {self.context_features} entries, got {context.shape[1]}"
                 )
-            return self._embed(context).expand(n, -1), (n,)
+            one = self._embed(context)
+            assert one is not None
+            return one.expand(n, -1), (n,)
         self._check_context(context, None)
         b = context.shape[0]
         embedded = self._embed(context)
+        assert embedded is not None
         return embedded.unsqueeze(0).expand(n, b, -1).reshape(n * b, -1), (n, b)
 
     def rsample(self, n: int, context: Any = None) -> Tensor:

@@ -28,7 +28,7 @@ __all__ = ["jacobian", "log_abs_det_jacobian", "check_transform", "CheckError", 
 _BATCHED_SLOGDET_MAX = 96
 
 
-def _first(out):
+def _first(out: Tensor | tuple[Tensor, ...]) -> Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -163,7 +163,7 @@ class CheckError(AssertionError):
     full :class:`CheckReport`.
     """
 
-    def __init__(self, message: str, report: CheckReport):
+    def __init__(self, message: str, report: CheckReport) -> None:
         super().__init__(message)
         self.report = report
 

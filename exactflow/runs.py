@@ -231,7 +231,7 @@ def read_data(
     if arr.ndim == 1:
         arr = arr.reshape(-1, 1)
     if columns is not None:
-        arr = arr[:, list(columns)]
+        arr = arr[:, [int(c) for c in columns]]
     return arr, {"source": "array", "name": "array", "path": None, "columns": None,
                  "column_names": None, "entropy": None}
 
@@ -408,7 +408,7 @@ def train_run(
             f"using {len(train)}")
         batch_size = len(train)
     features = rows.shape[1]
-    config = {"model": model} if isinstance(model, str) else dict(model)
+    config: dict[str, Any] = {"model": model} if isinstance(model, str) else dict(model)
     config.update(features=features, standardize=bool(standardize))
     try:
         flow = _build_seeded(config, seed)
@@ -458,7 +458,10 @@ def train_run(
         atomic_write_json(out / RUN_JSON, info)
 
     total = steps if steps is not None else (None if epochs is not None else 2000)
-    expected = total if total is not None else max(1, epochs * (len(train) // batch_size))
+    if total is not None:
+        expected = total
+    else:
+        expected = max(1, positive_int(epochs, "epochs") * (len(train) // batch_size))
     history = fit(
         flow, train, val,
         steps=total, epochs=epochs, batch_size=batch_size, lr=lr,

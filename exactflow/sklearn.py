@@ -109,7 +109,7 @@ class FlowDensity(DensityMixin, BaseEstimator):
         device: str = "cpu",
         random_state: int | np.random.RandomState | None = None,
         verbose: bool = False,
-    ):
+    ) -> None:
         self.model = model
         self.layers = layers
         self.hidden = hidden

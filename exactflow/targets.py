@@ -119,7 +119,7 @@ class Target:
         energy: Callable[[Tensor], Tensor],
         confined: bool = False,
         box: tuple[tuple[float, float], tuple[float, float]] = ((-4.0, 4.0), (-4.0, 4.0)),
-    ):
+    ) -> None:
         self.name = name
         self._energy = energy
         self.confined = confined

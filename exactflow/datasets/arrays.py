@@ -37,12 +37,16 @@ class Subset:
         columns: column indices into ``base`` (``None``: all columns).
     """
 
+    base: np.ndarray
+    rows: np.ndarray | None
+    columns: np.ndarray | None
+
     def __init__(
         self,
-        base: np.ndarray,
+        base: np.ndarray | Subset,
         rows: np.ndarray | None = None,
         columns: np.ndarray | None = None,
-    ):
+    ) -> None:
         if isinstance(base, Subset):
             rows = base.rows if rows is None else (
                 np.asarray(rows) if base.rows is None else base.rows[np.asarray(rows)]

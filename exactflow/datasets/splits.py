@@ -55,7 +55,7 @@ def split(
     perm = np.random.default_rng(seed).permutation(n)
     parts = np.split(perm, cuts[:-1])
     if is_lazy(data):
-        return tuple(Subset(data, rows=np.sort(p)) for p in parts)
+        return tuple(Subset(data, rows=np.sort(p)) for p in parts)  # type: ignore[arg-type]
     if isinstance(data, Tensor):
         return tuple(data[torch.from_numpy(p).to(data.device)] for p in parts)
     arr = np.asarray(data)

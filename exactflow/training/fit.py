@@ -188,7 +188,7 @@ def fit(
     dev = resolve_device(device, flow)
     flow.to(dev)
     dtype = module_dtype(flow)
-    params = [p for p in flow.parameters() if p.requires_grad]
+    params: list[Tensor] = [p for p in flow.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the flow has no trainable parameters")
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -286,7 +286,7 @@ def _fill_standardization(flow: Flow, rows: Rows) -> None:
 
 
 def _is_identity(layer: Standardize) -> bool:
-    return bool((layer.mean == 0).all() and (layer.std == 1).all())
+    return bool(torch.all(layer.mean == 0)) and bool(torch.all(layer.std == 1))
 
 
 def _nll_function(flow: Flow, compile: bool) -> Callable[[Tensor, Tensor | None], Tensor]:

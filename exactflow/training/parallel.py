@@ -104,7 +104,7 @@ class Replicas:
         batch_size: int = 1,
         device: torch.device | None = None,
         comm_device: torch.device | None = None,
-    ):
+    ) -> None:
         self.world_size, self.rank, self.batch_size = size, index, batch_size
         self.device = device or torch.device("cpu")
         self.comm_device = comm_device or torch.device("cpu")
@@ -313,7 +313,7 @@ class Replicas:
         saved = {k: v.clone() for k, v in flow.state_dict().items() if k not in keep}
         training = flow.training
         flow.train()
-        flow.log_prob(x, c)
+        flow(x, c)  # the flow's forward is its log_prob
         flow.train(training)
         state = flow.state_dict()
         for key, value in saved.items():

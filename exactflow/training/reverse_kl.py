@@ -232,7 +232,7 @@ def fit_reverse_kl(
 
     dev = resolve_device(device, flow)
     flow.to(dev)
-    params = [p for p in flow.parameters() if p.requires_grad]
+    params: list[Tensor] = [p for p in flow.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the flow has no trainable parameters")
     optimizer = torch.optim.Adam(params, lr=lr)

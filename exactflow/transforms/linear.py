@@ -27,6 +27,9 @@ class Permutation(Transform):
     """
 
     linear = True
+    features: int
+    perm: Tensor
+    inverse_perm: Tensor
 
     def __init__(
         self, features_or_permutation: int | Sequence[int] | Tensor, seed: int | None = None
@@ -87,6 +90,9 @@ class LULinear(Transform):
     """
 
     linear = True
+    features: int
+    perm: Tensor
+    inverse_perm: Tensor
 
     def __init__(
         self, features: int, permutation: str | Sequence[int] | Tensor = "identity"

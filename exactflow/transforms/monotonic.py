@@ -99,7 +99,7 @@ class AffineMap(MonotonicMap):
 
     params_per_feature = 2
 
-    def __init__(self, scale_bound: float = 3.0):
+    def __init__(self, scale_bound: float = 3.0) -> None:
         if not (isinstance(scale_bound, (int, float)) and math.isfinite(scale_bound)) or not (
             scale_bound > 0
         ):
@@ -144,7 +144,7 @@ class SplineMap(MonotonicMap):
         arXiv:1906.04032.
     """
 
-    def __init__(self, bins: int = 8, bound: float = 5.0):
+    def __init__(self, bins: int = 8, bound: float = 5.0) -> None:
         if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
             raise ValueError(f"bins must be a positive integer, got {bins!r}")
         if not (isinstance(bound, (int, float)) and math.isfinite(bound)) or not bound > 0:

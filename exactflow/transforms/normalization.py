@@ -57,6 +57,9 @@ class Standardize(Transform):
     """
 
     linear = True
+    features: int
+    mean: Tensor
+    std: Tensor
 
     def __init__(self, mean: Any, std: Any, dtype: torch.dtype | None = None) -> None:
         super().__init__()
@@ -204,6 +207,9 @@ class BatchNorm(Transform):
     """
 
     linear = True
+    features: int
+    running_mean: Tensor
+    running_var: Tensor
 
     def __init__(self, features: int, momentum: float = 0.1, eps: float = 1e-5) -> None:
         super().__init__()
@@ -249,7 +255,7 @@ class BatchNorm(Transform):
         return f"features={self.features}, momentum={self.momentum}, eps={self.eps}"
 
 
-def _sync_initialized(module: nn.Module, incompatible_keys: object) -> None:
+def _sync_initialized(module: ActNorm, incompatible_keys: object) -> None:
     # After load_state_dict, mirror the loaded buffer in the Python-side flag.
     module._needs_init = not bool(module.initialized)
 
@@ -296,6 +302,8 @@ class ActNorm(Transform):
     """
 
     linear = True
+    features: int
+    initialized: Tensor
 
     def __init__(self, features: int, eps: float = 1e-6) -> None:
         super().__init__()

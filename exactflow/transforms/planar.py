@@ -180,6 +180,7 @@ def _solve_planar(t: Tensor, one_plus_s: Tensor, iterations: int) -> Tensor:
 
 
 class Planar(Transform):
+    features: int
     """Planar flow: a rank-one, tanh-shaped perturbation of the identity.
 
     The closed-form map (latent ``z`` -> data ``x``, this layer's **inverse**)::
@@ -285,6 +286,7 @@ class Planar(Transform):
 
 
 class Radial(Transform):
+    features: int
     """Radial flow: contracts or expands space around a learnable centre ``z0``.
 
     The closed-form map (latent ``z`` -> data ``x``, this layer's **inverse**), with
