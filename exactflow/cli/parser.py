@@ -6,12 +6,14 @@ Parsing only: the commands themselves are in :mod:`exactflow.cli.commands`.
 from __future__ import annotations
 
 import argparse
-import math
 import textwrap
+from collections.abc import Callable
+from typing import Any
 
 from .. import models
 from .._version import __version__
 from ..datasets import TOYS
+from ..validation import fraction, positive_float, positive_int
 
 __all__ = ["build_parser", "PROG", "DEMO_DATASETS"]
 
@@ -38,34 +40,28 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _argument(parse: Callable[[str], Any], check: Callable[[Any, str], Any],
+              what: str) -> Callable[[str], Any]:
+    """An argparse type: ``parse`` the text, then the package's own ``check`` of the value
+    (one rule and one message for the API and the command line)."""
+
+    def convert(text: str) -> Any:
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        try:
+            return check(value, "the value")
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}") from None
+
+    convert.__name__ = what  # argparse names the type in its messages
+    return convert
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number strictly between 0 and 1, got {text}")
-    return value
+_positive_int = _argument(int, positive_int, "a positive integer")
+_positive_float = _argument(float, positive_float, "a positive number")
+_fraction = _argument(float, fraction, "a number strictly between 0 and 1")
 
 
 def _hidden(text: str) -> list[int]:

@@ -24,7 +24,7 @@ radial     radial layers                                         sampling (densi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ..core import Compose, Transform
 from ..distributions import Flow, StandardNormal
@@ -178,23 +178,7 @@ def _autoregressive(
     return _flow(transforms, features, context)
 
 
-@register
-def maf(
-    features: int,
-    *,
-    layers: int = 5,
-    hidden: Sequence[int] = (64, 64),
-    context: int = 0,
-    permutation: str = "reverse",
-    batch_norm: bool = False,
-) -> Flow:
-    """MAF: masked affine autoregressive layers with permutations between them.
-
-    :class:`~exactflow.transforms.MaskedAffineAutoregressive` layers, fast for density:
-    ``log_prob`` takes one MADE pass per layer, ``sample`` takes ``features`` passes per
-    layer. For the reverse trade (fast sampling, as in variational inference) use
-    :func:`iaf`.
-
+_AUTOREGRESSIVE_ARGS = """
     Args:
         features: data dimension (1 is allowed).
         layers: number of autoregressive layers.
@@ -203,7 +187,41 @@ def maf(
         permutation: ``"reverse"`` or ``"random"`` (seeded, so rebuilds are identical)
             between layers.
         batch_norm: add batch normalization between layers, as in the MAF paper.
+"""
 
+
+def _autoregressive_builder(
+    name: str,
+    layer_type: type[MaskedAffineAutoregressive] | type[InverseAutoregressive],
+    doc: str,
+) -> Callable[..., Flow]:
+    """A registered builder of ``layer_type`` layers: MAF and IAF share everything else."""
+
+    def builder(
+        features: int,
+        *,
+        layers: int = 5,
+        hidden: Sequence[int] = (64, 64),
+        context: int = 0,
+        permutation: str = "reverse",
+        batch_norm: bool = False,
+    ) -> Flow:
+        return _autoregressive(
+            layer_type, features, layers, hidden, context, permutation, batch_norm
+        )
+
+    builder.__name__ = builder.__qualname__ = name
+    builder.__doc__ = doc.replace("{args}", _AUTOREGRESSIVE_ARGS.strip("\n"))
+    return register(builder)
+
+
+maf = _autoregressive_builder("maf", MaskedAffineAutoregressive, """MAF: masked affine \
+autoregressive layers with permutations between them, fast for density.
+
+    :class:`~exactflow.transforms.MaskedAffineAutoregressive` layers: ``log_prob`` takes one
+    MADE pass per layer, ``sample`` takes ``features`` passes per layer. For the reverse
+    trade (fast sampling, as in variational inference) use :func:`iaf`.
+{args}
     References:
         Papamakarios, Pavlakou & Murray, Masked Autoregressive Flow for Density Estimation
         (2017), arXiv:1705.07057.
@@ -213,36 +231,20 @@ def maf(
         >>> flow = ef.models.maf(3, layers=2, hidden=(16,), context=2)
         >>> flow.sample(4, context=[0.0, 1.0]).shape
         torch.Size([4, 3])
-    """
-    return _autoregressive(
-        MaskedAffineAutoregressive, features, layers, hidden, context, permutation, batch_norm
-    )
+    """)
 
+iaf = _autoregressive_builder("iaf", InverseAutoregressive, """IAF: inverse \
+autoregressive layers with permutations between them, fast for sampling.
 
-@register
-def iaf(
-    features: int,
-    *,
-    layers: int = 5,
-    hidden: Sequence[int] = (64, 64),
-    context: int = 0,
-    permutation: str = "reverse",
-    batch_norm: bool = False,
-) -> Flow:
-    """IAF: inverse autoregressive layers with permutations between them, fast for sampling.
-
-    :class:`~exactflow.transforms.InverseAutoregressive` layers: ``sample``,
+    :class:`~exactflow.transforms.InverseAutoregressive` layers: ``sample`` and
     ``rsample_and_log_prob`` take one MADE pass per layer (the natural fit for variational
     inference and reverse-KL fitting), ``log_prob`` of new data ``features`` passes per
-    layer. Arguments as in :func:`maf`.
-
+    layer. For fast density use :func:`maf`.
+{args}
     References:
         Kingma, Salimans, Jozefowicz, Chen, Sutskever & Welling, Improved Variational
         Inference with Inverse Autoregressive Flow (2016), arXiv:1606.04934.
-    """
-    return _autoregressive(
-        InverseAutoregressive, features, layers, hidden, context, permutation, batch_norm
-    )
+    """)
 
 
 # -- spline flows --------------------------------------------------------------------------

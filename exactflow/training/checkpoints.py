@@ -10,7 +10,7 @@ that shape the run (data size, batch size, features) match.
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from ..io import CheckpointError, atomic_save, safe_torch_load
 from .history import History
 from .loop import Guard, TrainState, rng_state, set_rng_state
 
-__all__ = ["write_checkpoint", "restore_checkpoint", "CHECKPOINT_FORMAT"]
+__all__ = ["Checkpoint", "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = "exactflow-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -29,90 +29,76 @@ CHECKPOINT_VERSION = 1
 MUST_MATCH = ("n_train", "batch_size", "features")
 
 
-def write_checkpoint(
-    path: Path,
-    flow: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    guard: Guard,
-    state: TrainState,
-    history: History,
-    run_args: dict[str, Any],
-    device: torch.device,
-    order: Any = None,
-) -> None:
-    """Write the checkpoint of a run to ``path`` atomically."""
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "version": CHECKPOINT_VERSION,
-        "step": state.step,
-        "finished": bool(state.finished),
-        "model": flow.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "schedule": {"lr_scale": state.lr_scale},
-        "rng": rng_state(device),
-        "order": None if order is None else order.state_dict(),
-        "guard": {"model": guard.model_state, "optimizer": guard.optimizer_state},
-        "best": {"state": state.best_state, "since": state.since_best},
-        "running": {"sum": state.run_sum, "count": state.run_count},
-        "failures": state.failures,
-        "elapsed": state.elapsed,
-        "history": asdict(history),
-        "run": dict(run_args),
-    }
-    atomic_save(payload, path)
+@dataclass
+class Checkpoint:
+    """The checkpoint file of a run and the objects it saves and restores in place."""
+
+    path: Path
+    flow: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    guard: Guard
+    state: TrainState
+    history: History
+    run_args: dict[str, Any]
+    device: torch.device
+    order: Any = None
+
+    def write(self) -> None:
+        """Write the checkpoint atomically."""
+        state = self.state
+        payload = {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "step": state.step,
+            "finished": bool(state.finished),
+            "model": self.flow.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": {"lr_scale": state.lr_scale},
+            "rng": rng_state(self.device),
+            "order": None if self.order is None else self.order.state_dict(),
+            "guard": {"model": self.guard.model_state, "optimizer": self.guard.optimizer_state},
+            "best": {"state": state.best_state, "since": state.since_best},
+            "running": {"sum": state.run_sum, "count": state.run_count},
+            "failures": state.failures,
+            "elapsed": state.elapsed,
+            "history": asdict(self.history),
+            "run": dict(self.run_args),
+        }
+        atomic_save(payload, self.path)
+
+    def restore(self) -> None:
+        """Restore the run from the file (every object updated in place).
+
+        Raises:
+            CheckpointError: the file is unreadable, foreign, damaged, newer than this
+                exactflow, written for other data or batch size, or for another
+                architecture.
+        """
+        path = self.path
+        payload = safe_torch_load(path, map_location=self.device, what="checkpoint")
+        if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{str(path)!r} is not an exactflow training checkpoint")
+        version = payload.get("version")
+        if not isinstance(version, int):
+            raise CheckpointError(f"{str(path)!r} is a damaged checkpoint: no format version")
+        if version > CHECKPOINT_VERSION:
+            raise CheckpointError(
+                f"{str(path)!r} is checkpoint format version {version}; this exactflow "
+                f"reads up to {CHECKPOINT_VERSION}"
+            )
+        try:
+            _restore(self, payload)
+        except CheckpointError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+            raise CheckpointError(
+                f"{str(path)!r} is a damaged checkpoint ({type(err).__name__}: {err}); delete "
+                "it and train again, or resume from a good copy"
+            ) from None
 
 
-def restore_checkpoint(
-    path: Path,
-    flow: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    guard: Guard,
-    state: TrainState,
-    history: History,
-    run_args: dict[str, Any],
-    device: torch.device,
-    order: Any = None,
-) -> None:
-    """Restore a run from the checkpoint at ``path`` (every object updated in place).
-
-    Raises:
-        CheckpointError: the file is unreadable, foreign, damaged, newer than this
-            exactflow, written for other data or batch size, or for another architecture.
-    """
-    payload = safe_torch_load(path, map_location=device, what="checkpoint")
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{str(path)!r} is not an exactflow training checkpoint")
-    version = payload.get("version")
-    if not isinstance(version, int):
-        raise CheckpointError(f"{str(path)!r} is a damaged checkpoint: no format version")
-    if version > CHECKPOINT_VERSION:
-        raise CheckpointError(
-            f"{str(path)!r} is checkpoint format version {version}; this exactflow "
-            f"reads up to {CHECKPOINT_VERSION}"
-        )
-    try:
-        _restore(path, payload, flow, optimizer, guard, state, history, run_args, device, order)
-    except CheckpointError:
-        raise
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
-        raise CheckpointError(
-            f"{str(path)!r} is a damaged checkpoint ({type(err).__name__}: {err}); delete it "
-            "and train again, or resume from a good copy"
-        ) from None
-
-
-def _restore(
-    path: Path,
-    payload: dict[str, Any],
-    flow: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    guard: Guard,
-    state: TrainState,
-    history: History,
-    run_args: dict[str, Any],
-    device: torch.device,
-    order: Any,
-) -> None:
+def _restore(ckpt: Checkpoint, payload: dict[str, Any]) -> None:
+    path, run_args, flow, state = ckpt.path, ckpt.run_args, ckpt.flow, ckpt.state
     saved = payload["run"]
     for key in MUST_MATCH:
         if key in run_args and saved.get(key) != run_args[key]:
@@ -130,20 +116,20 @@ def _restore(
         )
     try:
         flow.load_state_dict(payload["model"])
-        optimizer.load_state_dict(payload["optimizer"])
+        ckpt.optimizer.load_state_dict(payload["optimizer"])
     except (RuntimeError, ValueError, KeyError) as err:
         raise CheckpointError(
             f"the checkpoint {str(path)!r} does not fit this flow (a different architecture?): "
             + " ".join(str(err).split())[:500]
         ) from None
-    guard.model_state = payload["guard"]["model"]
-    guard.optimizer_state = payload["guard"]["optimizer"]
-    if order is not None:
-        order.load_state_dict(payload["order"])
-    set_rng_state(payload["rng"], device)
+    ckpt.guard.model_state = payload["guard"]["model"]
+    ckpt.guard.optimizer_state = payload["guard"]["optimizer"]
+    if ckpt.order is not None:
+        ckpt.order.load_state_dict(payload["order"])
+    set_rng_state(payload["rng"], ckpt.device)
     restored = History.from_dict(payload["history"])
     for name in History.__dataclass_fields__:
-        setattr(history, name, getattr(restored, name))
+        setattr(ckpt.history, name, getattr(restored, name))
     state.step = int(payload["step"])
     state.finished = bool(payload["finished"])
     state.lr_scale = float(payload["schedule"]["lr_scale"])

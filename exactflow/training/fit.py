@@ -25,7 +25,7 @@ from ..scoring import module_dtype
 from ..transforms.normalization import Standardize
 from ..validation import non_negative_float, positive_int
 from .batches import Order, Rows, wrap, wrap_context
-from .checkpoints import restore_checkpoint, write_checkpoint
+from .checkpoints import Checkpoint
 from .history import History
 from .loop import (
     Guard,
@@ -239,25 +239,24 @@ def fit(
         history.time.append(time.perf_counter() - clock)
         return stop
 
-    path = Path(checkpoint) if checkpoint is not None else None
-
-    def save_checkpoint() -> None:
-        assert path is not None
-        write_checkpoint(path, flow, optimizer, guard, state, history, run_args, dev, order)
+    ckpt = None
+    if checkpoint is not None:
+        ckpt = Checkpoint(Path(checkpoint), flow, optimizer, guard, state, history, run_args,
+                          dev, order)
 
     settings = LoopSettings(
         total=total, lr=lr, schedule=schedule, grad_clip=grad_clip, eval_every=eval_every,
         checkpoint_every=checkpoint_every, desc="fit", progress=progress, postfix=_postfix,
     )
     with forked_rng(dev, int(seed)):
-        if resume and path is not None and replicas.exists(path):
-            restore_checkpoint(path, flow, optimizer, guard, state, history, run_args, dev, order)
+        if resume and ckpt is not None and replicas.exists(ckpt.path):
+            ckpt.restore()
         else:
             guard.save()
         replicas.initialize(flow, order, train_rows, train_ctx, dev, dtype)
         run_loop(
             flow, optimizer, params, guard, state, history, settings, step, record,
-            peers=replicas, checkpoint=save_checkpoint if path is not None else None,
+            peers=replicas, checkpoint=None if ckpt is None else ckpt.write,
             callback=callback,
         )
 

@@ -21,7 +21,7 @@ from torch import Tensor
 from ..distributions import Flow
 from ..scoring import eval_mode
 from ..validation import positive_int
-from .checkpoints import restore_checkpoint, write_checkpoint
+from .checkpoints import Checkpoint
 from .history import History
 from .loop import (
     Guard,
@@ -265,11 +265,10 @@ def fit_reverse_kl(
         history.beta.append(beta_at(done - 1))
         return False
 
-    path = Path(checkpoint) if checkpoint is not None else None
-
-    def save_checkpoint() -> None:
-        assert path is not None
-        write_checkpoint(path, flow, optimizer, guard, state, history, run_args, dev)
+    ckpt = None
+    if checkpoint is not None:
+        ckpt = Checkpoint(Path(checkpoint), flow, optimizer, guard, state, history, run_args,
+                          dev)
 
     settings = LoopSettings(
         total=total, lr=lr, schedule=schedule, grad_clip=grad_clip, eval_every=eval_every,
@@ -277,13 +276,13 @@ def fit_reverse_kl(
         postfix=_postfix,
     )
     with forked_rng(dev, int(seed)):
-        if resume and path is not None and path.exists():
-            restore_checkpoint(path, flow, optimizer, guard, state, history, run_args, dev)
+        if resume and ckpt is not None and ckpt.path.exists():
+            ckpt.restore()
         else:
             guard.save()
         run_loop(
             flow, optimizer, params, guard, state, history, settings, step, record,
-            peers=Replicas(), checkpoint=save_checkpoint if path is not None else None,
+            peers=Replicas(), checkpoint=None if ckpt is None else ckpt.write,
             callback=callback,
         )
         flow.eval()
