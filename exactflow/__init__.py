@@ -15,6 +15,7 @@ from . import datasets, distributed, models, targets, transforms
 from ._version import __version__
 from .core import Compose, Inverse, Transform
 from .distributions import DiagonalNormal, Distribution, Flow, StandardNormal, Uniform
+from .gaussians import Gaussian, GaussianMixture
 from .groundtruth import CheckError, CheckReport, check_transform, jacobian, log_abs_det_jacobian
 from .io import CheckpointError, load, save
 from .training import (
@@ -41,6 +42,8 @@ __all__ = [
     "StandardNormal",
     "DiagonalNormal",
     "Uniform",
+    "Gaussian",
+    "GaussianMixture",
     "Flow",
     "transforms",
     "datasets",

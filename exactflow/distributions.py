@@ -196,6 +196,9 @@ class Flow(Distribution):
             it, ``(batch, context) -> (batch, k)``, trained jointly with the flow and saved
             with it (as nflows' ``embedding_net``); the transform's layers then take ``k``
             context features. Use it for high-dimensional or structured contexts.
+        context_scaler: an optional fixed map applied to the context first (builders put a
+            :class:`~exactflow.transforms.Standardize` there with ``standardize=True``, and
+            :func:`exactflow.fit` fills it from the training context).
 
     Example:
         >>> import torch, exactflow as ef
@@ -212,6 +215,7 @@ class Flow(Distribution):
         base: Distribution,
         context: int = 0,
         embedding: nn.Module | None = None,
+        context_scaler: Transform | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(transform, Transform):
@@ -229,8 +233,12 @@ class Flow(Distribution):
                 f"the transform maps {transform.features} features but the base has "
                 f"{base.features}"
             )
+        if context_scaler is not None and context_scaler.features != context:
+            raise ValueError(f"the context scaler takes {context_scaler.features} features, "
+                             f"the context has {context}")
         self.transform = transform
         self.base = base
+        self.context_scaler = context_scaler
         self.embedding = embedding
         self.features = base.features
         self.context_features = int(context)
@@ -304,9 +312,14 @@ class Flow(Distribution):
         return self.base.log_prob(z) + ladj
 
     def _embed(self, context: Tensor | None) -> Tensor | None:
-        if context is None or self.embedding is None:
-            return context
-        return self.embedding(context)
+        """The context as the transform sees it: standardized, then embedded."""
+        if context is None:
+            return None
+        if self.context_scaler is not None:
+            context = self.context_scaler(context)[0]
+        if self.embedding is not None:
+            context = self.embedding(context)
+        return context
 
     def forward(self, x: Any, context: Any = None) -> Tensor:  # nn.Module call == log_prob
         return self.log_prob(x, context)

@@ -187,6 +187,7 @@ class FlowDensity(DensityMixin, BaseEstimator):
             steps=None if self.epochs is not None else int(self.steps),
             epochs=None if self.epochs is None else int(self.epochs),
             batch_size=batch_size,
+            val_fraction=0.0,  # the estimator holds out its own validation rows
             lr=float(self.lr),
             device=self.device,
             seed=seed,

@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("contract", ("exactflow.core", "exactflow.nn")),
     ("layers", ("exactflow.transforms",)),
     ("ground truth", ("exactflow.groundtruth",)),
-    ("densities", ("exactflow.distributions", "exactflow.scoring")),
+    ("densities", ("exactflow.distributions", "exactflow.gaussians", "exactflow.scoring")),
     ("builders", ("exactflow.models",)),
     ("data", ("exactflow.datasets", "exactflow.targets")),
     ("storage and processes", ("exactflow.io", "exactflow.distributed")),

@@ -63,10 +63,10 @@ def test_a_user_builder_trains_saves_and_loads(tmp_path):
     x = ef.datasets.toy("moons", 1024, seed=1)
     flow = ef.models.build({"model": "test_sinh_coupling", "features": 2, "standardize": True})
     history = ef.fit(flow, x, steps=60, batch_size=256, lr=3e-3, progress=False, device="cpu")
-    assert history.train_nll[-1] < history.train_nll[0]
+    assert history.best_val < history.val_nll[0]  # better than at step 0
     # fit filled the standardization from the data.
     layer = ef.models.standardize_layer(flow)
-    assert layer is not None and torch.allclose(layer.mean, x.mean(0), atol=1e-5)
+    assert layer is not None and torch.allclose(layer.mean, x.mean(0), atol=0.1)  # train split
     loaded = ef.load(ef.save(flow, tmp_path / "mine.safetensors"))
     assert loaded.config["model"] == "test_sinh_coupling"
     with torch.no_grad():
@@ -84,8 +84,9 @@ def test_an_embedding_network_is_trained_jointly_and_saved(tmp_path):
     before = [p.clone() for p in flow.embedding.parameters()]
     history = ef.fit(flow, x, steps=80, batch_size=256, lr=3e-3, context=context,
                      progress=False, device="cpu")
-    assert history.train_nll[-1] < history.train_nll[0]
-    assert any(not torch.equal(a, b) for a, b in zip(before, flow.embedding.parameters()))
+    assert history.best_val < history.val_nll[0]
+    assert any(not torch.equal(a, b)
+               for a, b in zip(before, flow.embedding.parameters(), strict=True))
     loaded = ef.load(ef.save(flow, tmp_path / "emb.safetensors"))
     with torch.no_grad():
         torch.testing.assert_close(loaded.log_prob(x[:20], context[:20]),

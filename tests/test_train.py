@@ -53,9 +53,11 @@ def test_fit_learns_a_gaussian_and_records_history():
     flow = affine_flow(3)
     start = evaluate(flow, val)["nll"]
     h = fit(flow, train, val, steps=240, batch_size=128, lr=0.03, eval_every=40, **CPU)
-    assert h.steps == [40, 80, 120, 160, 200, 240]
+    # A record at step 0 (the model as it starts), then every eval_every steps.
+    assert h.steps == [0, 40, 80, 120, 160, 200, 240]
+    assert h.val_nll[0] == pytest.approx(start) and h.train_nll[0] is None
     assert h.total_steps == 240 and h.objective == "nll" and h.features == 3
-    assert len(h.train_nll) == len(h.val_nll) == len(h.lr) == len(h.time) == 6
+    assert len(h.train_nll) == len(h.val_nll) == len(h.lr) == len(h.time) == 7
     assert all(v is not None and math.isfinite(v) for v in h.val_nll)
     # The fitted Gaussian's NLL on the validation set is near the entropy of the generator.
     entropy = gaussian_entropy(data)
@@ -68,7 +70,7 @@ def test_fit_learns_a_gaussian_and_records_history():
     assert d["val_bpd"] == pytest.approx(h.val_bpd)
     assert History.from_dict(d).val_nll == h.val_nll
     # The cosine schedule decays the learning rate to (nearly) zero.
-    assert h.lr[0] < 0.03 and h.lr[-1] < 1e-3 and h.lr == sorted(h.lr, reverse=True)
+    assert h.lr[1] < 0.03 and h.lr[-1] < 1e-3 and h.lr[1:] == sorted(h.lr[1:], reverse=True)
     # fit leaves the flow in eval mode, and the restored weights are the best ones.
     assert not flow.training
     assert evaluate(flow, val)["nll"] == pytest.approx(h.best_val, abs=1e-9)
@@ -100,14 +102,17 @@ def test_patience_stops_early_and_restores_best():
             eval_every=5, patience=3, **CPU)
     assert h.stopped_early and h.total_steps < 1000
     best = h.val_nll.index(h.best_val)
-    assert len(h.val_nll) - 1 - best == 3  # exactly `patience` evaluations without improvement
+    # Patience counts epochs (512 rows / 64 = 8 steps) in records every 5 steps: stopped at
+    # the first record 3 epochs (24 steps, 5 records) past the best.
+    assert len(h.val_nll) - 1 - best == math.ceil(3 * 8 / 5)
     assert evaluate(flow, val)["nll"] == pytest.approx(h.best_val, abs=1e-9)
 
 
 def test_without_validation_the_last_weights_are_kept():
     train, _ = shifted_problem()
     flow = ef.Flow(ElementwiseAffine(2), ef.StandardNormal(2))
-    h = fit(flow, train, steps=60, batch_size=64, lr=0.05, eval_every=20, **CPU)
+    h = fit(flow, train, steps=60, batch_size=64, lr=0.05, eval_every=20, val_fraction=0,
+            **CPU)
     assert h.val_nll == [None, None, None] and h.best_val is None and h.best_step is None
     assert h.train_nll[-1] < h.train_nll[0]
     assert json.loads(json.dumps(h.to_dict()))["val_bpd"] == [None, None, None]
@@ -148,8 +153,8 @@ def test_train_mode_for_steps_eval_mode_for_validation_and_at_the_end():
     flow = ef.Flow(ef.Compose(ElementwiseAffine(2), spy), ef.StandardNormal(2))
     data = gaussian_data(300)
     fit(flow, data[:200], data[200:], steps=4, batch_size=50, eval_every=2, **CPU)
-    # step, step, validation, step, step, validation
-    assert spy.modes == [True, True, False, True, True, False]
+    # validation at step 0, step, step, validation, step, step, validation
+    assert spy.modes == [False, True, True, False, True, True, False]
     assert not flow.training and not spy.training
 
 
@@ -185,7 +190,7 @@ class CountingRows(np.ndarray):
 def test_batches_read_only_their_own_rows():
     CountingRows.reads = []
     data = gaussian_data(1000).numpy().view(CountingRows)
-    fit(affine_flow(), data, steps=5, batch_size=32, eval_every=5, **CPU)
+    fit(affine_flow(), data, steps=5, batch_size=32, eval_every=5, val_fraction=0, **CPU)
     assert CountingRows.reads == [32] * 5
 
 
@@ -415,7 +420,7 @@ def test_non_finite_steps_are_rolled_back_and_the_lr_halved():
     data = 0.1 * (raw - raw.mean(0)) / raw.std(0)
     flow = ef.Flow(LogScale(30.0), ef.StandardNormal(2))
     h = fit(flow, data, steps=200, batch_size=64, lr=50.0, schedule="constant", eval_every=1,
-            grad_clip=None, **CPU)
+            grad_clip=None, val_fraction=0, **CPU)
     assert h.rollbacks and h.rollbacks[0] == 2  # step 1 applied a < 0; step 2 saw the NaN
     assert h.train_nll[1] is None  # the only step of that record was undone
     # Each rollback halved the learning rate; training went on and converged.

@@ -3,12 +3,15 @@
 * :mod:`~exactflow.models.registry`: :func:`register` (a user's builder saves and loads like
   the built-in ones), :func:`build` (a model from its JSON config), :func:`available`;
 * :mod:`~exactflow.models.flows`: the built-in flows, :func:`realnvp`, :func:`nice`,
-  :func:`maf`, :func:`iaf`, :func:`nsf`, :func:`planar`, :func:`radial`.
+  :func:`maf`, :func:`iaf`, :func:`nsf`, :func:`planar`, :func:`radial`;
+* :mod:`~exactflow.models.classical`: the classical models as flows, :func:`gaussian` and
+  :func:`gmm`.
 
 Every builder takes ``(features, *, layers=..., hidden=..., context=0, standardize=False,
 embedding=None, ...)`` with the same keyword names.
 """
 
+from .classical import gaussian, gmm
 from .flows import iaf, maf, nice, nsf, planar, radial, realnvp
 from .registry import available, build, register, standardize_layer
 
@@ -24,4 +27,6 @@ __all__ = [
     "nsf",
     "planar",
     "radial",
+    "gaussian",
+    "gmm",
 ]

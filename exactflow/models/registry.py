@@ -13,10 +13,11 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from ..core import Compose
-from ..distributions import Flow
+from ..distributions import Flow, StandardNormal
+from ..gaussians import Gaussian, GaussianMixture
 from ..nn import MLP
 from ..transforms.normalization import Standardize
-from ..validation import hidden_sizes, positive_int
+from ..validation import choice, hidden_sizes, positive_int
 
 __all__ = ["register", "build", "available", "standardize_layer"]
 
@@ -24,7 +25,7 @@ Builder = TypeVar("Builder", bound=Callable[..., Flow])
 
 _BUILDERS: dict[str, Callable[..., Flow]] = {}
 # Arguments every registered builder takes through the registry, whatever its own signature.
-_COMMON = ("standardize", "embedding")
+_COMMON = ("standardize", "embedding", "base")
 
 
 def register(
@@ -42,7 +43,13 @@ def register(
       data, so ``log_prob`` stays in the units of the data;
     * ``embedding={"features": k, "hidden": [64]}`` encodes the context with an MLP trained
       jointly with the flow (the builder's layers then see ``k`` context features); the
-      builder itself is called with ``context=k``.
+      builder itself is called with ``context=k``;
+    * ``base="gaussian"`` (full covariance) or ``base={"name": "gmm", "components": k,
+      "covariance": "full" | "diag"}`` replaces the standard normal base by a trainable
+      Gaussian or Gaussian mixture that :func:`exactflow.fit` first fits to the training
+      data (in closed form or by EM): every transform starts at the identity, so at step 0
+      the flow *is* the classical model, and training with validation keeps only what
+      improves on it.
 
     :func:`exactflow.load` rebuilds a flow with :func:`build`, so the process that loads a
     model must register the same builder first (as a class must be importable to unpickle
@@ -56,7 +63,8 @@ def register(
         replace: allow replacing a builder registered under the same name.
 
     Returns:
-        The registered builder (a wrapper of ``fn`` with ``standardize`` and ``embedding``).
+        The registered builder (a wrapper of ``fn`` with ``standardize``, ``embedding`` and
+        ``base``).
 
     Raises:
         ValueError: the name is taken (without ``replace``) or the builder takes no
@@ -87,32 +95,42 @@ def register(
     @functools.wraps(fn)
     def wrapper(
         *args: Any, standardize: bool = False, embedding: dict[str, Any] | None = None,
-        **kwargs: Any,
+        base: str | dict[str, Any] = "normal", **kwargs: Any,
     ) -> Flow:
         if "standardize" in own:
             kwargs["standardize"] = standardize
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
         spec = _embedding_spec(embedding, bound.arguments.get("context", 0))
+        base_spec = _base_spec(base)
         call = dict(bound.arguments)
         if spec is not None:
             call["context"] = spec["features"]
-        flow = fn(**call)
-        if not isinstance(flow, Flow):
-            raise TypeError(f"builder {key!r} returned {type(flow).__name__}, not a Flow")
+        built = fn(**call)
+        if not isinstance(built, Flow):
+            raise TypeError(f"builder {key!r} returned {type(built).__name__}, not a Flow")
         config: dict[str, Any] = {"model": key}
         for arg, value in bound.arguments.items():
             config[arg] = list(value) if isinstance(value, tuple) else value
-        if standardize and "standardize" not in own:
-            flow = Flow(
-                Compose(Standardize.identity(flow.features), flow.transform), flow.base,
-                context=flow.context_features, embedding=flow.embedding,
-            )
         config["standardize"] = bool(standardize)
+        d = built.features
+        transform = built.transform
+        if standardize and "standardize" not in own:
+            transform = Compose(Standardize.identity(d), transform)
+        flow_base = built.base
+        if base_spec is not None:
+            if not isinstance(built.base, StandardNormal):
+                raise ValueError(f"the {key!r} model has its own base density; base= does "
+                                 "not apply to it")
+            flow_base = _make_base(base_spec, d)
+            config["base"] = base_spec
+        context, net = built.context_features, built.embedding
         if spec is not None:
-            flow = Flow(flow.transform, flow.base, context=spec["context"],
-                        embedding=MLP(spec["context"], spec["features"], hidden=spec["hidden"]))
+            context = spec["context"]
+            net = MLP(spec["context"], spec["features"], hidden=spec["hidden"])
             config["embedding"] = spec
+        scaler = Standardize.identity(context) if standardize and context else None
+        flow = Flow(transform, flow_base, context=context, embedding=net, context_scaler=scaler)
         flow.config = config
         return flow
 
@@ -130,11 +148,41 @@ def _public_signature(signature: inspect.Signature) -> inspect.Signature:
                           annotation="bool"),
         inspect.Parameter("embedding", inspect.Parameter.KEYWORD_ONLY, default=None,
                           annotation="dict[str, Any] | None"),
+        inspect.Parameter("base", inspect.Parameter.KEYWORD_ONLY, default="normal",
+                          annotation="str | dict[str, Any]"),
     ]
     tail = [p for p in extra if p.name not in names]
     var_kw = [p for p in params if p.kind is inspect.Parameter.VAR_KEYWORD]
     rest = [p for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD]
     return signature.replace(parameters=rest + tail + var_kw)
+
+
+def _base_spec(base: Any) -> dict[str, Any] | None:
+    """The base density as a JSON config (``None`` for the standard normal)."""
+    if base == "normal" or base is None:
+        return None
+    if isinstance(base, str):
+        base = {"name": base}
+    if not isinstance(base, dict) or base.get("name") not in ("gaussian", "gmm"):
+        raise ValueError(
+            "base must be 'normal', 'gaussian', 'gmm' or a dict such as "
+            f"{{'name': 'gmm', 'components': 8, 'covariance': 'diag'}}, got {base!r}"
+        )
+    unknown = set(base) - {"name", "components", "covariance"}
+    if unknown or (base["name"] == "gaussian" and "components" in base):
+        raise ValueError(f"unknown keys for the {base['name']} base: {sorted(unknown)}")
+    spec: dict[str, Any] = {"name": base["name"],
+                            "covariance": choice(base.get("covariance", "full"), "covariance",
+                                                 ("full", "diag"))}
+    if base["name"] == "gmm":
+        spec["components"] = positive_int(base.get("components", 4), "components")
+    return spec
+
+
+def _make_base(spec: dict[str, Any], features: int) -> Gaussian | GaussianMixture:
+    if spec["name"] == "gaussian":
+        return Gaussian(features, spec["covariance"])
+    return GaussianMixture(features, spec["components"], spec["covariance"])
 
 
 def _embedding_spec(embedding: Any, context: Any) -> dict[str, Any] | None:

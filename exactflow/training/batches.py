@@ -107,11 +107,21 @@ class Rows:
 
     def share(self, lo: int, hi: int) -> Rows:
         """Rows ``lo:hi`` as a new :class:`Rows`, without reading them."""
-        if isinstance(self.data, Subset):
-            part: Any = Subset(self.data, rows=np.arange(lo, hi))
+        return self.subset(np.arange(lo, hi))
+
+    def subset(self, index: np.ndarray, name: str | None = None) -> Rows:
+        """The rows at ``index`` (sorted row numbers) as a new :class:`Rows`, already checked:
+        lazy data stays lazy (nothing is read), arrays and tensors are copied."""
+        data = self.data
+        if isinstance(data, Tensor):
+            part: Any = data[torch.from_numpy(np.asarray(index)).to(data.device)]
+        elif isinstance(data, (np.memmap, Subset)):
+            part = Subset(data, rows=np.asarray(index))
         else:
-            part = self.data[lo:hi]
-        return Rows(part, self.name, int(self.data.shape[1]))
+            part = np.asarray(data)[index]
+        out = object.__new__(Rows)
+        out.data, out.name = part, self.name if name is None else name
+        return out
 
 
 def wrap(

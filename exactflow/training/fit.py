@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -23,9 +24,11 @@ from ..distributions import Flow
 from ..models import standardize_layer
 from ..scoring import module_dtype
 from ..transforms.normalization import Standardize
-from ..validation import non_negative_float, positive_int
+from ..validation import DataError, fraction, non_negative_float, positive_int
 from .batches import Order, Rows, wrap, wrap_context
+from .calibrate import prepare, recalibrate_batch_norm
 from .checkpoints import Checkpoint
+from .evaluate import evaluate
 from .history import History
 from .loop import (
     Guard,
@@ -39,7 +42,17 @@ from .loop import (
 )
 from .parallel import Replicas
 
-__all__ = ["fit"]
+__all__ = ["fit", "hold_out", "default_batch_size"]
+
+#: Without steps or epochs, training runs until the validation NLL has not improved for
+#: this many epochs...
+DEFAULT_PATIENCE_EPOCHS = 20
+#: ...or this many epochs have passed.
+DEFAULT_MAX_EPOCHS = 1000
+#: Without validation data and without steps or epochs: a fixed number of steps.
+DEFAULT_STEPS_WITHOUT_VALIDATION = 1000
+#: With long epochs, the validation NLL is computed at least this often (steps).
+MAX_STEPS_BETWEEN_EVALUATIONS = 500
 
 
 def fit(
@@ -49,13 +62,16 @@ def fit(
     *,
     steps: int | None = None,
     epochs: int | None = None,
-    batch_size: int = 512,
+    batch_size: int | None = None,
     lr: float = 1e-3,
     weight_decay: float = 0.0,
-    schedule: str = "cosine",
+    schedule: str | None = None,
     grad_clip: float | None = 5.0,
     patience: int | None = None,
     eval_every: int | None = None,
+    val_fraction: float = 0.1,
+    noise: float | str | None = None,
+    max_epochs: int | None = None,
     progress: bool = True,
     checkpoint: str | Path | None = None,
     checkpoint_every: int | None = None,
@@ -72,19 +88,26 @@ def fit(
 
     Each step draws a mini-batch (epoch-wise shuffling without replacement), computes the
     exact NLL, clips the gradient norm and takes an Adam step (AdamW when
-    ``weight_decay > 0``; with 0 they coincide). The learning rate follows ``schedule``:
-    ``"cosine"`` decays it from ``lr`` to 0 over the run, ``"constant"`` keeps it.
+    ``weight_decay > 0``; with 0 they coincide).
 
-    Every ``eval_every`` steps (and at the last) the running mean of the training NLL and
-    the validation NLL are recorded in the returned :class:`History`. With validation data
-    the weights with the best validation NLL are kept and **restored at the end**, with or
-    without ``patience``; ``patience`` additionally stops training after that many
-    evaluations without improvement. Without validation data the final weights are kept.
+    **With no options, training length is set by validation**: ``val_fraction`` of the rows
+    are held out (unless ``val`` is given), the validation NLL is computed every epoch (at
+    least every 500 steps) and at step 0, training stops once it has not improved for
+    ``patience`` epochs (default 20, at most ``max_epochs``, default 1000) at a constant
+    learning rate, and the weights of the best record are **restored at the end** (the
+    record of step 0 included, so a model that starts at a classical fit, ``base=
+    "gaussian"``, can only improve on it). ``History.best_step`` says which step was kept.
+    The batch size follows the number of training rows (about 16 batches an epoch, 16 to
+    512 rows). With ``steps`` or ``epochs`` the length is fixed (a cosine schedule by
+    default) and ``patience``, if given, still stops early.
 
-    A flow built with ``standardize=True`` whose :class:`~exactflow.transforms.Standardize`
-    layer is still the identity gets the training data's column means and standard
-    deviations (float64) before the first step, so its ``log_prob`` is in the units of the
-    data.
+    Before the first step, data-dependent layers are set from the training rows: a
+    builder's ``standardize=True`` layer gets the columns' means and standard deviations
+    (float64), the context scaler those of the context, and a Gaussian or mixture base its
+    closed-form or EM fit (see :mod:`exactflow.training.calibrate`); a classical model
+    (:func:`exactflow.models.gaussian`, :func:`~exactflow.models.gmm`) is then fitted and
+    takes no gradient step. After the last step, batch-norm layers get the population
+    statistics of the training set, so eval-mode log-densities agree with training.
 
     The flow is put in train mode for the steps and in eval mode for validation (batch-norm
     layers use their running statistics there), and **fit leaves it in eval mode**, on
@@ -102,15 +125,25 @@ def fit(
         flow: the flow to train (modified in place).
         train: ``(n, features)`` tensor, numpy array or ``np.memmap`` (read per batch).
         val: optional validation data of the same kind.
-        steps: number of optimizer steps; or ``epochs`` (``n // batch_size`` steps each).
-            With neither, 1000 steps.
-        batch_size: rows per step; the data must hold at least one batch.
+        steps: a fixed number of optimizer steps; or ``epochs`` (``n // batch_size`` steps
+            each). With neither, the length is set by validation (see above); without
+            validation data either, 1000 steps.
+        batch_size: rows per step; default: about 16 batches an epoch, 16 to 512 rows.
         lr: Adam learning rate (the peak of the cosine schedule).
         weight_decay: decoupled weight decay (AdamW).
-        schedule: ``"cosine"`` or ``"constant"``.
+        schedule: ``"cosine"`` (the default with ``steps`` or ``epochs``) or ``"constant"``
+            (the default otherwise).
         grad_clip: maximum global gradient norm, ``None`` for no clipping.
-        patience: evaluations without improvement of the validation NLL before stopping.
-        eval_every: steps between records; default ``max(1, steps // 20)``.
+        patience: epochs without improvement of the validation NLL before stopping
+            (default 20 when the length is set by validation, none otherwise).
+        eval_every: steps between records; default one epoch (at most 500 steps), or
+            ``steps // 20`` with a fixed length.
+        val_fraction: the fraction of the training rows held out for validation when
+            ``val`` is not given (0 for none).
+        noise: noise regularization: Gaussian noise added to every training batch, in units
+            of each column's standard deviation, or ``"auto"`` for ``0.25 n^(-1/(4+d))``
+            (Rothfuss et al. 2019, arXiv:1907.08982); ``None`` for none.
+        max_epochs: the cap on the length set by validation (default 1000).
         progress: show a tqdm bar (only when stderr is a terminal and tqdm is installed).
         checkpoint: path of the checkpoint file.
         checkpoint_every: steps between checkpoints; default ``eval_every``.
@@ -147,53 +180,91 @@ def fit(
     Example:
         >>> import torch, exactflow as ef
         >>> flow = ef.Flow(ef.transforms.ElementwiseAffine(2), ef.StandardNormal(2))
-        >>> data = 3.0 + 0.5 * torch.randn(512, 2)
-        >>> history = ef.fit(flow, data, steps=200, batch_size=128, lr=0.05, progress=False)
-        >>> history.train_nll[-1] < history.train_nll[0]
-        True
+        >>> data = 3.0 + 0.5 * torch.randn(1000, 2)
+        >>> history = ef.fit(flow, data, lr=0.05, progress=False)  # length set by validation
+        >>> history.steps[0], history.best_step > 0
+        (0, True)
+        >>> round(ef.evaluate(flow, data)["nll"], 1)  # the entropy, log(2 pi e 0.25) = 1.45
+        1.5
     """
     if not isinstance(flow, Flow):
         raise TypeError(f"fit expects an exactflow Flow, got {type(flow).__name__}")
-    check_common(lr, schedule, grad_clip, seed)
-    batch_size = positive_int(batch_size, "batch_size")
-    patience = None if patience is None else positive_int(patience, "patience")
     if steps is not None and epochs is not None:
         raise ValueError("give steps or epochs, not both")
+    fixed_length = steps is not None or epochs is not None
+    schedule = schedule if schedule is not None else ("cosine" if fixed_length else "constant")
+    check_common(lr, schedule, grad_clip, seed)
+    patience = None if patience is None else positive_int(patience, "patience")
     weight_decay = non_negative_float(weight_decay, "weight_decay")
+    val_fraction = fraction(val_fraction, "val_fraction", allow_zero=True)
     if resume and checkpoint is None:
         raise ValueError("resume=True needs checkpoint=<path>")
 
     features = flow.features
-    train_rows = wrap(train, "training data", features, strict=True, batch_size=batch_size)
-    train_ctx = wrap_context(flow, context, "context", len(train_rows))
-    val_rows = wrap(val, "validation data", features, strict=True) if val is not None else None
-    if val_rows is None and val_context is not None:
+    if val is None and val_context is not None:
         raise ValueError("val_context was given without val")
-    val_ctx = None
-    if val_rows is not None:
+    # Checked whole first, so that messages name the user's own row numbers.
+    train_rows = wrap(train, "training data", features, strict=True)
+    train_ctx = wrap_context(flow, context, "context", len(train_rows))
+    val_rows = val_ctx = None
+    if val is not None:
+        val_rows = wrap(val, "validation data", features, strict=True)
         val_ctx = wrap_context(flow, val_context, "val_context", len(val_rows))
+    elif val_fraction > 0:
+        train_rows, train_ctx, val_rows, val_ctx = hold_out(
+            train_rows, train_ctx, val_fraction, int(seed))
+    if batch_size is None:
+        batch_size = default_batch_size(len(train_rows))
+    batch_size = positive_int(batch_size, "batch_size")
+    if batch_size > len(train_rows):
+        raise DataError(
+            f"training data has {len(train_rows)} rows, fewer than one batch "
+            f"(batch_size={batch_size}): lower batch_size or add data"
+        )
 
     order = Order(len(train_rows), batch_size, int(seed))
-    if steps is None:
-        total = order.per_epoch * positive_int(epochs, "epochs") if epochs is not None else 1000
-    else:
+    per_epoch = order.per_epoch
+    if steps is not None:
         total = positive_int(steps, "steps")
-    eval_every = max(1, total // 20) if eval_every is None else positive_int(
-        eval_every, "eval_every")
+    elif epochs is not None:
+        total = per_epoch * positive_int(epochs, "epochs")
+    elif val_rows is None:
+        total = DEFAULT_STEPS_WITHOUT_VALIDATION
+    else:
+        cap = DEFAULT_MAX_EPOCHS if max_epochs is None else positive_int(max_epochs, "max_epochs")
+        total = per_epoch * cap
+    if eval_every is None:
+        eval_every = max(1, total // 20) if fixed_length or val_rows is None else min(
+            per_epoch, MAX_STEPS_BETWEEN_EVALUATIONS)
+    eval_every = positive_int(eval_every, "eval_every")
+    if patience is None and not fixed_length and val_rows is not None:
+        patience = DEFAULT_PATIENCE_EPOCHS
+    # Patience is counted in epochs; records come every eval_every steps.
+    patience_records = None if patience is None else max(
+        1, math.ceil(patience * per_epoch / eval_every))
     checkpoint_every = eval_every if checkpoint_every is None else positive_int(
         checkpoint_every, "checkpoint_every")
 
     if not resume:
-        _fill_standardization(flow, train_rows)
+        prepare(flow, train_rows, train_ctx, int(seed))
+    noise_scale = _noise_scale(noise, flow, train_rows)
     dev = resolve_device(device, flow)
     flow.to(dev)
     dtype = module_dtype(flow)
+    if noise_scale is not None:
+        noise_scale = noise_scale.to(dev, dtype)
     params: list[Tensor] = [p for p in flow.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the flow has no trainable parameters")
+    history = History(features=features, objective="nll")
+    if not params:  # a classical model: fitted in closed form by prepare()
+        if val_rows is not None:
+            metrics = evaluate(flow, val_rows, val_ctx, batch_size=max(batch_size, 4096))
+            history.steps, history.val_nll, history.train_nll = [0], [metrics["nll"]], [None]
+            history.lr, history.time = [0.0], [0.0]
+            history.best_step, history.best_val = 0, metrics["nll"]
+        flow.eval()
+        return history
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     guard = Guard(flow, optimizer)
-    history = History(features=features, objective="nll")
     state = TrainState()
     nll = _nll_function(flow, compile)
     run_args = {
@@ -214,6 +285,8 @@ def fit(
         ctx = None
         if train_ctx is not None:
             ctx = train_ctx.take(index).to(dev, dtype, non_blocking=True)
+        if noise_scale is not None:
+            x = x + noise_scale * torch.randn_like(x)
         loss = nll(x, ctx)
         loss.backward()
         loss = replicas.average_gradients(loss, params, x.shape[0])
@@ -231,7 +304,7 @@ def fit(
                 state.since_best = 0
             else:
                 state.since_best += 1
-                stop = patience is not None and state.since_best >= patience
+                stop = patience_records is not None and state.since_best >= patience_records
         history.steps.append(done)
         history.train_nll.append(state.take_running_mean())
         history.val_nll.append(val_nll)
@@ -253,6 +326,9 @@ def fit(
             ckpt.restore()
         else:
             guard.save()
+            if val_rows is not None:  # step 0: the model as it starts is a candidate too
+                record(0, 0.0, time.perf_counter())
+                flow.train()
         replicas.initialize(flow, order, train_rows, train_ctx, dev, dtype)
         run_loop(
             flow, optimizer, params, guard, state, history, settings, step, record,
@@ -262,6 +338,7 @@ def fit(
 
     if state.best_state is not None:
         flow.load_state_dict(state.best_state)
+    recalibrate_batch_norm(flow, train_rows, train_ctx, int(seed))
     flow.eval()
     return history
 
@@ -275,17 +352,52 @@ def _postfix(history: History) -> dict[str, str]:
     return out
 
 
-def _fill_standardization(flow: Flow, rows: Rows) -> None:
-    """Fill a builder's ``standardize=True`` layer from the training rows if still unset."""
+def default_batch_size(rows: int) -> int:
+    """The batch size that follows the number of training rows: about 16 batches an epoch,
+    at least 16 rows (or all of them) and at most 512."""
+    return max(1, min(rows, max(16, min(512, rows // 16))))
+
+
+def hold_out(
+    rows: Rows, context: Rows | None, val_fraction: float, seed: int
+) -> tuple[Rows, Rows | None, Rows | None, Rows | None]:
+    """``(train, context, val, val_context)``: ``val_fraction`` of the rows held out at random
+    (seeded), the rest kept; lazy data stays lazy. With fewer than 2 rows left on either
+    side nothing is held out."""
+    n = len(rows)
+    n_val = int(round(val_fraction * n))
+    if n_val < 2 or n - n_val < 2:
+        return rows, context, None, None
+    perm = np.random.default_rng([seed, 0x5EED]).permutation(n)
+    val_index, train_index = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+    return (
+        rows.subset(train_index),
+        None if context is None else context.subset(train_index),
+        rows.subset(val_index, name="validation rows held out of the training data"),
+        None if context is None else context.subset(val_index),
+    )
+
+
+def _noise_scale(noise: float | str | None, flow: Flow, rows: Rows) -> Tensor | None:
+    """The per-feature standard deviation of the noise added to training inputs, or None.
+
+    ``noise`` is in units of each column's standard deviation; ``"auto"`` follows the rule
+    ``h = 0.25 n^(-1 / (4 + d))`` (the kernel-density bandwidth rate, Rothfuss et al.
+    2019), which shrinks as rows grow.
+    """
+    if noise is None or noise == 0:
+        return None
+    n, d = len(rows), flow.features
+    if noise == "auto":
+        h = 0.25 * n ** (-1.0 / (4 + d))
+    else:
+        h = non_negative_float(noise, "noise")
     layer = standardize_layer(flow)
-    if layer is None or not _is_identity(layer):
-        return
-    mean, std = Standardize.statistics(rows.data, name="training data")
-    layer.set_statistics(mean, std)
-
-
-def _is_identity(layer: Standardize) -> bool:
-    return bool(torch.all(layer.mean == 0)) and bool(torch.all(layer.std == 1))
+    if layer is not None:
+        std = layer.std.detach().double().cpu()
+    else:
+        std = torch.as_tensor(Standardize.statistics(rows.data, name="training data")[1])
+    return (h * std).float()
 
 
 def _nll_function(flow: Flow, compile: bool) -> Callable[[Tensor, Tensor | None], Tensor]:

@@ -1,0 +1,241 @@
+"""Gaussian densities with full covariances: one Gaussian, and a mixture of them.
+
+Both are :class:`~exactflow.distributions.Distribution`\\ s with exact ``log_prob`` and
+reparameterized ``rsample``, so they serve three ways: as classical density models of their
+own (:func:`exactflow.models.gaussian`, :func:`exactflow.models.gmm`), as the trainable base
+of a flow that starts from the classical fit (every transform at the identity, so at step 0
+the flow *is* the classical model and training can only keep an improvement), and as
+references to measure flows against.
+
+Covariances are parameterized by their Cholesky factors ``L`` (lower triangular, positive
+diagonal through ``exp``), so every parameter value is a valid density::
+
+    log N(x; mu, L L^T) = -0.5 |L^{-1} (x - mu)|^2 - sum_i log L_ii - (d / 2) log(2 pi)
+
+at O(d^2) per row and component (one triangular solve). :meth:`Gaussian.fit_to` and
+:meth:`GaussianMixture.fit_to` set the parameters from data: the maximum-likelihood
+Gaussian in closed form, the mixture by EM (scikit-learn's ``GaussianMixture``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .distributions import Distribution
+from .validation import choice, positive_int
+
+__all__ = ["Gaussian", "GaussianMixture"]
+
+_LOG_2PI = math.log(2 * math.pi)
+# Ridge added to fitted covariances, relative to their mean variance: keeps the Cholesky
+# factor finite for duplicated or collinear rows.
+_RIDGE = 1e-6
+
+
+def _as_float64(data: Any) -> np.ndarray:
+    if isinstance(data, Tensor):
+        data = data.detach().cpu().numpy()
+    arr = np.asarray(data, dtype=np.float64)
+    if arr.ndim != 2 or arr.shape[0] < 2:
+        raise ValueError(f"fitting a Gaussian needs a 2-D array of at least 2 rows, got "
+                         f"shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError("fitting a Gaussian needs finite data (NaN or inf found)")
+    return arr
+
+
+def _cholesky(cov: np.ndarray) -> np.ndarray:
+    """The Cholesky factor of a covariance, with a small ridge if it is singular."""
+    d = cov.shape[-1]
+    scale = float(np.trace(cov) / d) if np.trace(cov) > 0 else 1.0
+    ridge = _RIDGE * scale
+    for _ in range(8):
+        try:
+            return np.linalg.cholesky(cov + ridge * np.eye(d))
+        except np.linalg.LinAlgError:
+            ridge *= 100.0
+    raise ValueError("the data's covariance is too degenerate to factor")
+
+
+def _log_density(x: Tensor, loc: Tensor, log_diag: Tensor, lower: Tensor) -> Tensor:
+    """``log N(x; loc, L L^T)`` for ``x (n, d)`` against components ``loc (k, d)``, ``L (k, d, d)``;
+    returns ``(n, k)``."""
+    diff = (x.unsqueeze(0) - loc.unsqueeze(1)).transpose(1, 2)  # (k, d, n)
+    y = torch.linalg.solve_triangular(lower, diff, upper=False)  # L^{-1} (x - mu)
+    sq = (y * y).sum(1)  # (k, n)
+    d = x.shape[1]
+    return (-0.5 * sq - log_diag.sum(-1, keepdim=True) - 0.5 * d * _LOG_2PI).T
+
+
+class _Components(Distribution):
+    """Gaussian components with Cholesky-factored covariances (full or diagonal)."""
+
+    fitted: Tensor
+
+    def __init__(self, features: int, components: int, covariance: str, trainable: bool) -> None:
+        super().__init__()
+        self.features = positive_int(features, "features")
+        self.components = positive_int(components, "components")
+        self.covariance = choice(covariance, "covariance", ("full", "diag"))
+        k, d = self.components, self.features
+        self.loc = nn.Parameter(torch.zeros(k, d), requires_grad=trainable)
+        self.log_diag = nn.Parameter(torch.zeros(k, d), requires_grad=trainable)
+        self.off_diag = nn.Parameter(torch.zeros(k, d, d),
+                                     requires_grad=trainable and covariance == "full")
+        self.register_buffer("fitted", torch.tensor(False))
+
+    def lower(self) -> Tensor:
+        """The Cholesky factors ``L`` of the covariances, ``(components, d, d)``."""
+        diag = torch.diag_embed(torch.exp(self.log_diag))
+        if self.covariance == "diag":
+            return diag
+        return torch.tril(self.off_diag, -1) + diag
+
+    def component_log_prob(self, x: Tensor) -> Tensor:
+        """``log N(x_i; mu_k, Sigma_k)`` for every row and component, ``(n, components)``."""
+        return _log_density(x, self.loc, self.log_diag, self.lower())
+
+    @torch.no_grad()
+    def _set(self, locs: np.ndarray, covs: np.ndarray) -> None:
+        lowers = np.stack([_cholesky(c) for c in covs])
+        diag = np.diagonal(lowers, axis1=1, axis2=2)
+        ref = self.loc
+        self.loc.copy_(torch.as_tensor(locs, dtype=ref.dtype, device=ref.device))
+        self.log_diag.copy_(torch.as_tensor(np.log(diag), dtype=ref.dtype, device=ref.device))
+        self.off_diag.copy_(torch.as_tensor(np.tril(lowers, -1), dtype=ref.dtype,
+                                            device=ref.device))
+        self.fitted.fill_(True)
+
+    def _draw(self, index: Tensor) -> Tensor:
+        eps = torch.randn(index.shape[0], self.features, dtype=self.loc.dtype,
+                          device=self.loc.device)
+        lower = self.lower()[index]  # (n, d, d)
+        return self.loc[index] + (lower @ eps.unsqueeze(-1)).squeeze(-1)
+
+
+class Gaussian(_Components):
+    """A multivariate normal ``N(mu, Sigma)`` with a full (or diagonal) covariance.
+
+    ``log_prob`` costs O(d^2) per row (a triangular solve); ``rsample`` is reparameterized.
+    It starts as the standard normal; :meth:`fit_to` sets the maximum-likelihood mean and
+    covariance of data in closed form.
+
+    Args:
+        features: the dimension ``d``.
+        covariance: ``"full"`` or ``"diag"``.
+        trainable: whether gradient training may move its parameters (a flow's base: yes;
+            the classical model :func:`exactflow.models.gaussian`: no, its fit is exact).
+
+    Example:
+        >>> import torch, exactflow as ef
+        >>> g = ef.Gaussian(2).double()
+        >>> x = torch.randn(500, 2, dtype=torch.float64) @ torch.tensor([[2.0, 0.0], [1.0, 0.5]],
+        ...                                                            dtype=torch.float64)
+        >>> g.fit_to(x).log_prob(x).mean() > ef.StandardNormal(2).double().log_prob(x).mean()
+        tensor(True)
+    """
+
+    def __init__(self, features: int, covariance: str = "full", trainable: bool = True) -> None:
+        super().__init__(features, 1, covariance, trainable)
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        return self.component_log_prob(x)[:, 0]
+
+    def rsample(self, n: int) -> Tensor:
+        return self._draw(torch.zeros(positive_int(n, "n"), dtype=torch.long,
+                                      device=self.loc.device))
+
+    def fit_to(self, data: Any) -> Gaussian:
+        """Set the maximum-likelihood mean and covariance of ``data`` (a tiny ridge keeps a
+        degenerate covariance factorable); returns ``self``."""
+        x = _as_float64(data)
+        cov = np.cov(x, rowvar=False, bias=True).reshape(self.features, self.features)
+        if self.covariance == "diag":
+            cov = np.diag(np.diag(cov))
+        self._set(x.mean(0, keepdims=True), cov[None])
+        return self
+
+    def extra_repr(self) -> str:
+        return f"features={self.features}, covariance={self.covariance!r}"
+
+
+class GaussianMixture(_Components):
+    """A mixture of ``components`` Gaussians, ``p(x) = sum_k w_k N(x; mu_k, Sigma_k)``.
+
+    ``log_prob`` is a log-sum-exp over the components, O(k d^2) per row. ``rsample`` picks
+    a component per row (not differentiable in the weights: reverse-KL training moves the
+    means and covariances but not the weights) and draws from it reparameterized.
+    :meth:`fit_to` fits it by EM (scikit-learn's ``GaussianMixture``, with a few
+    initializations).
+
+    Args:
+        features: the dimension ``d``.
+        components: the number of components ``k``.
+        covariance: ``"full"`` or ``"diag"``.
+        trainable: whether gradient training may move its parameters.
+
+    Example:
+        >>> import torch, exactflow as ef
+        >>> x = torch.cat([torch.randn(300, 2) - 3, torch.randn(300, 2) + 3]).double()
+        >>> mix = ef.GaussianMixture(2, components=2).double().fit_to(x, seed=0)
+        >>> sorted(round(float(w), 1) for w in mix.weights())
+        [0.5, 0.5]
+    """
+
+    def __init__(
+        self, features: int, components: int = 4, covariance: str = "full",
+        trainable: bool = True,
+    ) -> None:
+        super().__init__(features, components, covariance, trainable)
+        self.logits = nn.Parameter(torch.zeros(self.components), requires_grad=trainable)
+
+    def weights(self) -> Tensor:
+        """The mixture weights ``w_k``."""
+        return torch.softmax(self.logits, 0)
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        return torch.logsumexp(self.component_log_prob(x) + torch.log_softmax(self.logits, 0),
+                               dim=1)
+
+    def rsample(self, n: int) -> Tensor:
+        index = torch.multinomial(self.weights().detach(), positive_int(n, "n"),
+                                  replacement=True)
+        return self._draw(index)
+
+    def fit_to(self, data: Any, *, seed: int = 0, restarts: int = 3) -> GaussianMixture:
+        """Fit by EM (scikit-learn's ``GaussianMixture``, ``restarts`` initializations,
+        covariances regularized by a tiny ridge); returns ``self``.
+
+        Raises:
+            ImportError: scikit-learn is missing.
+            ValueError: fewer rows than components.
+        """
+        try:
+            from sklearn.mixture import GaussianMixture as EM
+        except ImportError:
+            raise ImportError("fitting a Gaussian mixture needs scikit-learn: "
+                              "pip install scikit-learn") from None
+        x = _as_float64(data)
+        if x.shape[0] < self.components:
+            raise ValueError(f"{x.shape[0]} rows are too few for {self.components} components")
+        scale = float(np.mean(np.var(x, axis=0))) or 1.0
+        em = EM(self.components, covariance_type=self.covariance, reg_covar=_RIDGE * scale,
+                n_init=restarts, random_state=seed, max_iter=200)
+        em.fit(x)
+        covs = em.covariances_
+        if self.covariance == "diag":
+            covs = np.stack([np.diag(c) for c in covs])
+        self._set(em.means_, covs)
+        with torch.no_grad():
+            self.logits.copy_(torch.as_tensor(np.log(np.clip(em.weights_, 1e-300, None)),
+                                              dtype=self.logits.dtype))
+        return self
+
+    def extra_repr(self) -> str:
+        return (f"features={self.features}, components={self.components}, "
+                f"covariance={self.covariance!r}")

@@ -1,0 +1,70 @@
+"""Classical density models as flows: a Gaussian and a Gaussian mixture.
+
+Each is a :class:`~exactflow.Flow` whose transform is the identity (or a fixed
+standardization) and whose base is a :class:`~exactflow.Gaussian` or
+:class:`~exactflow.GaussianMixture` fitted in closed form or by EM, so it is saved, loaded,
+scored, sampled, checked and reported exactly like any flow, and it is the baseline every
+flow is measured against: :func:`exactflow.fit` sets its parameters from the training data
+without gradient steps.
+"""
+
+from __future__ import annotations
+
+from ..core import Compose
+from ..distributions import Flow
+from ..gaussians import Gaussian, GaussianMixture
+from ..validation import choice, positive_int
+from .registry import register
+
+__all__ = ["gaussian", "gmm"]
+
+
+def _unconditional(name: str, context: int) -> None:
+    if context != 0:
+        raise ValueError(f"the {name} model is unconditional: context must be 0, got {context!r}")
+
+
+@register
+def gaussian(features: int, *, covariance: str = "full", context: int = 0) -> Flow:
+    """A multivariate normal with a full (or diagonal) covariance, fitted in closed form.
+
+    The maximum-likelihood mean and covariance of the training data (a tiny ridge keeps a
+    degenerate covariance finite). ``log_prob`` costs O(d^2) per row.
+
+    Args:
+        features: data dimension.
+        covariance: ``"full"`` or ``"diag"``.
+        context: must be 0 (unconditional).
+
+    Example:
+        >>> import torch, exactflow as ef
+        >>> x = torch.randn(400, 3) * torch.tensor([1.0, 2.0, 3.0])
+        >>> model = ef.models.gaussian(3)
+        >>> history = ef.fit(model, x, progress=False)
+        >>> history.total_steps  # closed form: no gradient steps
+        0
+    """
+    _unconditional("gaussian", context)
+    choice(covariance, "covariance", ("full", "diag"))
+    d = positive_int(features, "features")
+    return Flow(Compose(), Gaussian(d, covariance, trainable=False))
+
+
+@register
+def gmm(features: int, *, components: int = 4, covariance: str = "full", context: int = 0) -> Flow:
+    """A mixture of ``components`` Gaussians, fitted by EM.
+
+    ``log_prob`` costs O(components d^2) per row. Pick ``components`` and ``covariance`` on
+    validation data (``exactflow.fit_auto`` does).
+
+    Args:
+        features: data dimension.
+        components: the number of mixture components.
+        covariance: ``"full"`` or ``"diag"``.
+        context: must be 0 (unconditional).
+    """
+    _unconditional("gmm", context)
+    choice(covariance, "covariance", ("full", "diag"))
+    d = positive_int(features, "features")
+    return Flow(Compose(), GaussianMixture(d, positive_int(components, "components"),
+                                           covariance, trainable=False))

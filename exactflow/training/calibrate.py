@@ -1,0 +1,143 @@
+"""The parts of a model set from the training data, not by gradients.
+
+* :func:`prepare`, before the first step: a builder's ``standardize=True`` layer gets the
+  columns' means and standard deviations (float64), the context scaler those of the context,
+  and a Gaussian or mixture base its closed-form or EM fit to the latent of the training
+  rows (every transform is still the identity there, so the flow then *is* that classical
+  model).
+* :func:`recalibrate_batch_norm`, after the last: every :class:`~exactflow.transforms.BatchNorm`
+  gets the population statistics of its input over the whole training set, layer by layer,
+  in place of the running averages of the last batches (which on small data can collapse
+  a variance toward 0 and make eval-mode densities far from the trained ones). In eval
+  mode the flow then scores the training rows as training mode does on the whole set.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..core import Compose
+from ..distributions import Flow
+from ..gaussians import Gaussian, GaussianMixture
+from ..models import standardize_layer
+from ..scoring import eval_mode, module_device, module_dtype
+from ..stats import RunningMoments
+from ..transforms.normalization import BatchNorm, Standardize
+from .batches import Rows
+
+__all__ = ["prepare", "recalibrate_batch_norm", "MAX_FIT_ROWS"]
+
+#: Rows used to fit a classical base (a seeded subsample beyond this).
+MAX_FIT_ROWS = 200_000
+_CHUNK = 8192
+
+
+def _is_identity(layer: Standardize) -> bool:
+    return bool(torch.all(layer.mean == 0)) and bool(torch.all(layer.std == 1))
+
+
+def _sample_rows(rows: Rows, limit: int, seed: int) -> Tensor:
+    n = len(rows)
+    if n <= limit:
+        index = torch.arange(n)
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        index = torch.sort(torch.randperm(n, generator=gen)[:limit]).values
+    return rows.take(index)
+
+
+def prepare(flow: Flow, train: Rows, context: Rows | None, seed: int = 0) -> list[str]:
+    """Set a flow's data-dependent layers from the training rows; returns what was set.
+
+    Only layers still at their initial state are set (a standardization still at mean 0
+    and scale 1, a base not fitted yet), so calling it on a flow a user prepared by hand,
+    or on a resumed run, changes nothing.
+    """
+    done = []
+    layer = standardize_layer(flow)
+    if layer is not None and _is_identity(layer):
+        mean, std = Standardize.statistics(train.data, name="training data")
+        layer.set_statistics(mean, std)
+        done.append("standardization")
+    scaler = flow.context_scaler
+    if isinstance(scaler, Standardize) and context is not None and _is_identity(scaler):
+        mean, std = Standardize.statistics(context.data, name="context")
+        scaler.set_statistics(mean, std)
+        done.append("context standardization")
+    base = flow.base
+    if isinstance(base, (Gaussian, GaussianMixture)) and not bool(base.fitted):
+        x = _sample_rows(train, MAX_FIT_ROWS, seed)
+        ctx = None
+        if context is not None:
+            ctx = _sample_rows(context, MAX_FIT_ROWS, seed)
+        latent = _latent(flow, x, ctx)
+        if isinstance(base, GaussianMixture):
+            base.fit_to(latent, seed=seed)
+        else:
+            base.fit_to(latent)
+        done.append(f"{type(base).__name__} base")
+    return done
+
+
+def _latent(flow: Flow, x: Tensor, context: Tensor | None) -> np.ndarray:
+    """``f(x)`` in float64 for a batch of rows, in eval mode, chunk by chunk."""
+    dtype, device = module_dtype(flow), module_device(flow)
+    parts = []
+    with eval_mode(flow):
+        for start in range(0, len(x), _CHUNK):
+            xb = x[start : start + _CHUNK].to(device, dtype)
+            cb = None
+            if context is not None:
+                cb = flow._embed(context[start : start + _CHUNK].to(device, dtype))
+            parts.append(flow.transform(xb, cb)[0].double().cpu().numpy())
+    return np.concatenate(parts)
+
+
+def _flat(transform: Any) -> list[Any]:
+    if isinstance(transform, Compose):
+        return [layer for t in transform for layer in _flat(t)]
+    return [transform]
+
+
+@torch.no_grad()
+def recalibrate_batch_norm(
+    flow: Flow, train: Rows, context: Rows | None = None, seed: int = 0,
+    max_rows: int = MAX_FIT_ROWS,
+) -> int:
+    """Replace every ``BatchNorm``'s running averages by the population statistics of its
+    input over the training rows (a seeded subsample of ``max_rows`` beyond that); returns
+    the number of layers set.
+
+    The layers are visited in data -> latent order, each one's input computed with the
+    layers before it already set, so the statistics are exactly those the eval-mode flow
+    sees. Flows nested in other modules than ``Compose`` are left alone.
+    """
+    layers = _flat(flow.transform)
+    if not any(isinstance(layer, BatchNorm) for layer in layers):
+        return 0
+    x = _sample_rows(train, max_rows, seed)
+    ctx_all = None if context is None else _sample_rows(context, max_rows, seed)
+    dtype, device = module_dtype(flow), module_device(flow)
+    count = 0
+    with eval_mode(flow):
+        chunks = [x[s : s + _CHUNK].to(device, dtype) for s in range(0, len(x), _CHUNK)]
+        contexts: list[Tensor | None] = [None] * len(chunks)
+        if ctx_all is not None:
+            contexts = [flow._embed(ctx_all[s : s + _CHUNK].to(device, dtype))
+                        for s in range(0, len(x), _CHUNK)]
+        for layer in layers:
+            if isinstance(layer, BatchNorm):
+                moments = RunningMoments()
+                for part in chunks:
+                    moments.update(part.double().cpu().numpy())
+                var = np.asarray(moments.var(ddof=0))
+                layer.running_mean.copy_(torch.as_tensor(np.asarray(moments.mean),
+                                                         dtype=layer.running_mean.dtype))
+                layer.running_var.copy_(torch.as_tensor(var, dtype=layer.running_var.dtype))
+                count += 1
+            chunks = [layer(part, c)[0] for part, c in zip(chunks, contexts, strict=True)]
+    return count
