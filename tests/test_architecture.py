@@ -136,3 +136,18 @@ def test_the_checker_sees_a_wrong_import(tmp_path, monkeypatch):
     monkeypatch.setitem(MODULES, "exactflow.datasets.fake", fake)
     with pytest.raises(AssertionError, match="a layer below its own"):
         test_no_module_imports_a_layer_below_its_own("exactflow.datasets.fake")
+
+
+def test_no_module_is_shadowed_by_a_name_its_package_exports():
+    # `exactflow.jacobian` was once both a module and the function ef.jacobian: importing
+    # the module then gave the function. Every module stays reachable by its dotted name.
+    import importlib
+
+    for name in MODULES:
+        package, _, leaf = name.rpartition(".")
+        if not package or leaf.startswith("_"):
+            continue
+        module = importlib.import_module(name)
+        assert getattr(importlib.import_module(package), leaf) is module, (
+            f"{package} exports a {leaf!r} that is not the module {name}"
+        )

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 import exactflow as ef
 import exactflow.cli
-from exactflow.training.evaluate import NLLSummary
+from exactflow.training.metrics import NLLSummary
 from exactflow.training.parallel import Replicas
 from tests.helpers import perturb
 

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 import exactflow as ef
+import exactflow.training.likelihood as fit_module
 from exactflow.datasets import DataError
 from exactflow.io import CheckpointError
 from exactflow.training import History, TrainingError, evaluate, fit
@@ -573,3 +574,67 @@ def test_compiled_fit_follows_the_eager_fit():
     for p, q in zip(eager.parameters(), compiled.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
     assert h_compiled.best_val == pytest.approx(h_eager.best_val, abs=1e-4)
+
+
+# -- defaults that follow the data -----------------------------------------------------------
+
+
+def test_batch_norm_ends_with_population_statistics_eval_agrees_with_training():
+    # On 200 rows, RealNVP's running variances drift (the last batches decide them): its
+    # eval-mode log-densities of the training rows then differ from training mode. After
+    # fit, each BatchNorm holds the statistics of its input over the whole training set, so
+    # eval mode scores the training rows as training mode does on the whole set at once.
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 3, generator=gen) @ torch.randn(3, 3, generator=gen)
+    flow = ef.models.realnvp(3, layers=4, hidden=(16,), batch_norm=True)
+    fit(flow, x, steps=150, batch_size=32, lr=5e-3, val_fraction=0, **CPU)
+    with torch.no_grad():
+        flow.eval()
+        eval_logp = flow.log_prob(x)
+        flow.train()
+        train_logp = flow.log_prob(x)  # one batch: the whole training set
+        flow.eval()
+    torch.testing.assert_close(eval_logp, train_logp, atol=1e-3, rtol=1e-4)
+
+
+def test_small_tables_get_a_batch_size_and_a_validation_split_that_fit():
+    # 90 rows: the old default batch of 512 was an error.
+    x = gaussian_data(90, d=2)
+    history = fit(affine_flow(2), x, lr=0.05, **CPU)
+    assert history.best_step is not None and history.steps[0] == 0
+    assert fit_module.default_batch_size(81) == 16 and fit_module.default_batch_size(10) == 10
+    assert fit_module.default_batch_size(100_000) == 512
+
+
+def test_the_context_is_standardized_like_the_data():
+    gen = torch.Generator().manual_seed(1)
+    context = 30.0 * torch.randn(512, 2, generator=gen) + 100.0
+    x = context[:, :1] / 30.0 + 0.1 * torch.randn(512, 1, generator=gen)
+    flow = ef.models.maf(1, layers=2, hidden=(16,), context=2, standardize=True)
+    fit(flow, x, context=context, steps=20, **CPU)
+    scaler = flow.context_scaler
+    assert scaler is not None
+    assert torch.allclose(scaler.mean, context.mean(0), rtol=0.05)
+    assert torch.allclose(scaler.std, context.std(0), rtol=0.1)
+
+
+def test_noise_regularization_perturbs_training_batches_only():
+    x = gaussian_data(400, d=2)
+    seen = []
+
+    class Spy(ef.Transform):
+        def forward(self, z, context=None):
+            if self.training:
+                seen.append(z.detach().clone())
+            return z, z.new_zeros(z.shape[0])
+
+        def inverse(self, z, context=None):
+            return z, z.new_zeros(z.shape[0])
+
+    flow = ef.Flow(ef.Compose(Spy(), ElementwiseAffine(2)), ef.StandardNormal(2))
+    fit(flow, x, steps=3, batch_size=400, noise=0.5, val_fraction=0, lr=1e-9, **CPU)
+    # The batches are the data plus noise of 0.5 column standard deviations.
+    spread = (seen[0] - x).std(0) / x.std(0)
+    assert torch.all((spread > 0.4) & (spread < 0.6))
+    with pytest.raises(ValueError, match="noise"):
+        fit(affine_flow(2), x, steps=1, noise=-1.0, **CPU)

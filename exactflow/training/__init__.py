@@ -1,10 +1,10 @@
 """Training: maximum likelihood, reverse KL, and exact evaluation.
 
-* :func:`fit` (:mod:`~exactflow.training.fit`): maximum likelihood on data, with
+* :func:`fit` (:mod:`~exactflow.training.likelihood`): maximum likelihood on data, with
   validation, the best weights kept, early stopping and data-parallel training;
 * :func:`fit_reverse_kl` and :func:`estimate_log_normalizer`
   (:mod:`~exactflow.training.reverse_kl`): fitting to an unnormalized density;
-* :func:`evaluate` (:mod:`~exactflow.training.evaluate`): the test NLL with its standard
+* :func:`evaluate` (:mod:`~exactflow.training.metrics`): the test NLL with its standard
   error, and bits per dimension.
 
 Both engines share one loop (:mod:`~exactflow.training.loop`: rollback of non-finite steps,
@@ -12,10 +12,10 @@ schedules, records, checkpoints in :mod:`~exactflow.training.checkpoints`) and o
 :class:`History` (:mod:`~exactflow.training.history`).
 """
 
-from .evaluate import evaluate
-from .fit import fit
 from .history import History
+from .likelihood import fit
 from .loop import TrainingError
+from .metrics import evaluate
 from .reverse_kl import estimate_log_normalizer, fit_reverse_kl
 
 __all__ = ["fit", "fit_reverse_kl", "evaluate", "estimate_log_normalizer", "History",

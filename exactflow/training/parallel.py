@@ -58,7 +58,7 @@ from torch import Tensor, nn
 from ..distributed import initialized, world_size
 from ..io import CheckpointError
 from ..transforms.normalization import ActNorm, BatchNorm
-from .evaluate import NLLSummary, summarize
+from .metrics import NLLSummary, summarize
 
 __all__ = ["Replicas"]
 

@@ -28,7 +28,6 @@ from ..validation import DataError, fraction, non_negative_float, positive_int
 from .batches import Order, Rows, wrap, wrap_context
 from .calibrate import prepare, recalibrate_batch_norm
 from .checkpoints import Checkpoint
-from .evaluate import evaluate
 from .history import History
 from .loop import (
     Guard,
@@ -40,6 +39,7 @@ from .loop import (
     resolve_device,
     run_loop,
 )
+from .metrics import evaluate
 from .parallel import Replicas
 
 __all__ = ["fit", "hold_out", "default_batch_size"]

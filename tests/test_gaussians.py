@@ -1,0 +1,129 @@
+"""Gaussian and Gaussian-mixture densities, the classical models built on them, and flows
+that start from the classical fit."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import exactflow as ef
+from tests.helpers import perturb
+
+CPU = {"progress": False, "device": "cpu"}
+
+
+def correlated(n: int, d: int = 3, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=gen, dtype=torch.float64)
+    return torch.randn(n, d, generator=gen, dtype=torch.float64) @ mix + 2.0
+
+
+@pytest.mark.parametrize("covariance", ["full", "diag"])
+def test_gaussian_log_prob_matches_torch_at_random_parameters(covariance):
+    g = perturb(ef.Gaussian(4, covariance).double(), 0.5, seed=1)
+    x = torch.randn(9, 4, dtype=torch.float64)
+    lower = g.lower()[0]
+    reference = torch.distributions.MultivariateNormal(g.loc[0], scale_tril=lower)
+    torch.testing.assert_close(g.log_prob(x), reference.log_prob(x))
+    if covariance == "diag":
+        assert torch.equal(lower, torch.diag(torch.diagonal(lower)))
+
+
+def test_gaussian_fit_is_the_maximum_likelihood_estimate():
+    x = correlated(2000)
+    g = ef.Gaussian(3).double().fit_to(x)
+    reference = torch.distributions.MultivariateNormal(x.mean(0), torch.cov(x.T, correction=0))
+    # (a ridge of 1e-6 of the mean variance keeps degenerate data factorable)
+    torch.testing.assert_close(g.log_prob(x), reference.log_prob(x), atol=2e-3, rtol=1e-4)
+    assert bool(g.fitted)
+
+
+def test_mixture_log_prob_is_the_log_sum_of_its_components():
+    mix = perturb(ef.GaussianMixture(2, components=3).double(), 0.5, seed=2)
+    x = torch.randn(7, 2, dtype=torch.float64)
+    w = mix.weights()
+    dense = sum(
+        w[k] * torch.distributions.MultivariateNormal(mix.loc[k], scale_tril=mix.lower()[k])
+        .log_prob(x).exp() for k in range(3)
+    )
+    torch.testing.assert_close(mix.log_prob(x), dense.log())
+
+
+@pytest.mark.parametrize("make", [lambda: ef.Gaussian(2), lambda: ef.GaussianMixture(2, 3),
+                                  lambda: ef.GaussianMixture(2, 2, "diag")])
+def test_densities_integrate_to_one_and_sample_where_the_mass_is(make):
+    dist = perturb(make().double(), 0.4, seed=3)
+    edges = torch.linspace(-12, 12, 401, dtype=torch.float64)
+    mid = (edges[1:] + edges[:-1]) / 2
+    xx, yy = torch.meshgrid(mid, mid, indexing="ij")
+    grid = torch.stack([xx.reshape(-1), yy.reshape(-1)], 1)
+    with torch.no_grad():
+        mass = dist.log_prob(grid).exp().sum() * (24 / 400) ** 2
+    assert float(mass) == pytest.approx(1.0, abs=1e-3)
+    samples = dist.sample(20000)
+    assert not samples.requires_grad
+    # The samples' mean log-density estimates minus the entropy; compare to quadrature.
+    with torch.no_grad():
+        p = dist.log_prob(grid).exp() * (24 / 400) ** 2
+        entropy = -(p * dist.log_prob(grid)).sum()
+        assert float(-dist.log_prob(samples).mean()) == pytest.approx(float(entropy), abs=0.05)
+    x, log_q = dist.rsample_and_log_prob(5)
+    assert x.requires_grad and torch.allclose(log_q, dist.log_prob(x))
+
+
+def test_mixture_fit_recovers_separated_clusters():
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[-5.0, 0.0], [5.0, 0.0], [0.0, 6.0]], dtype=torch.float64)
+    x = torch.cat([c + torch.randn(400, 2, generator=gen, dtype=torch.float64) for c in centres])
+    mix = ef.GaussianMixture(2, components=3).double().fit_to(x, seed=0)
+    found = sorted(map(tuple, mix.loc.detach().round().tolist()))
+    assert found == sorted(map(tuple, centres.tolist()))
+    np.testing.assert_allclose(sorted(mix.weights().tolist()), [1 / 3] * 3, atol=0.02)
+
+
+def test_classical_models_fit_without_gradient_steps_and_round_trip(tmp_path):
+    x = correlated(600)
+    for model in (ef.models.gaussian(3), ef.models.gmm(3, components=2, covariance="diag")):
+        model = model.double()
+        history = ef.fit(model, x, **CPU)
+        assert history.total_steps == 0 and history.steps == [0] and history.best_step == 0
+        assert math.isfinite(history.val_nll[0])
+        loaded = ef.load(ef.save(model, tmp_path / f"{model.config['model']}.safetensors"))
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.double().log_prob(x[:20]), model.log_prob(x[:20]))
+    with pytest.raises(ValueError, match="unconditional"):
+        ef.models.gaussian(2, context=1)
+    with pytest.raises(ValueError, match="base= does not apply"):
+        ef.models.gmm(2, base="gaussian")
+
+
+@pytest.mark.parametrize("base", ["gaussian", {"name": "gmm", "components": 3}])
+@pytest.mark.parametrize("builder", ["maf", "nsf", "realnvp"])
+def test_a_flow_started_from_the_classical_fit_equals_it_at_step_0(builder, base):
+    x = correlated(800, d=4, seed=5)
+    kwargs = {"batch_norm": False} if builder == "realnvp" else {}
+    flow = getattr(ef.models, builder)(4, layers=2, hidden=(16,), standardize=True, base=base,
+                                       **kwargs).double()
+    history = ef.fit(flow, x, steps=1, lr=1e-12, **CPU)  # fitted base, one negligible step
+    classical = ef.models.gaussian(4, standardize=True) if base == "gaussian" else \
+        ef.models.gmm(4, components=3, standardize=True)
+    ef.fit(classical.double(), x, **CPU)  # the same split, standardization and seeded fit
+    # The flow's layers (permutations included) are volume-preserving rearrangements at
+    # step 0, so it is the classical model, whichever coordinates its base was fitted in.
+    with torch.no_grad():
+        torch.testing.assert_close(flow.log_prob(x[:100]), classical.log_prob(x[:100]),
+                                   atol=1e-6, rtol=0)
+    assert history.steps[0] == 0
+
+
+def test_training_from_the_gaussian_keeps_only_improvements():
+    # 60 rows of 6-D Gaussian data: a flow cannot beat the Gaussian on held-out rows, so the
+    # weights kept are those of step 0, and the flow scores as the Gaussian does.
+    x = correlated(90, d=6, seed=7).float()
+    flow = ef.models.maf(6, layers=2, hidden=(32,), standardize=True, base="gaussian")
+    history = ef.fit(flow, x[:60], x[60:], lr=1e-2, **CPU)
+    assert history.best_val <= history.val_nll[0]
+    assert ef.evaluate(flow, x[60:])["nll"] == pytest.approx(history.best_val, abs=1e-9)
