@@ -24,6 +24,7 @@ from .training import (
     estimate_log_normalizer,
     evaluate,
     fit,
+    fit_auto,
     fit_reverse_kl,
 )
 from .validation import DataError
@@ -51,6 +52,7 @@ __all__ = [
     "targets",
     "models",
     "fit",
+    "fit_auto",
     "fit_reverse_kl",
     "evaluate",
     "estimate_log_normalizer",

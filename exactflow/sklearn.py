@@ -43,38 +43,48 @@ _COUPLING_MODELS = ("realnvp", "nice", "nsf")
 class FlowDensity(DensityMixin, BaseEstimator):
     """Density estimation with a normalizing flow, in the style of ``KernelDensity``.
 
-    ``fit`` builds a flow with an :mod:`exactflow.models` builder (standardization of the
-    training data as its first, fixed layer when ``standardize``), trains it by maximum
-    likelihood with :func:`exactflow.fit`, and keeps it in float64 for scoring, so
-    ``score_samples`` is exact to float64 rounding and independent of how rows are batched.
+    With no arguments, ``fit`` runs :func:`exactflow.fit_auto`: it holds out
+    ``validation_fraction`` of the rows, tries a short ladder of models (a Gaussian,
+    Gaussian mixtures of a few sizes, then flows sized to the data that start from the
+    Gaussian fit) within ``budget`` seconds, and keeps the best on validation
+    (``leaderboard_`` says what was tried). With ``model=NAME`` it trains that builder's
+    flow, its length set by validation unless ``steps`` or ``epochs`` is given. Either way
+    the standardization of the training rows is the model's first, fixed layer (when
+    ``standardize``), and the model is kept in float64 for scoring, so ``score_samples``
+    is exact to float64 rounding and independent of how rows are batched.
 
-    ``log p(x) = log N(f(x); 0, I) + log|det df/dx|`` in the units of ``X``. Scoring runs
-    the flow's data -> latent direction (one pass for every builder but ``iaf``,
-    ``planar`` and ``radial``); sampling runs latent -> data.
+    ``log p(x)`` is in the units of ``X``. Scoring runs the model's data -> latent
+    direction; sampling runs latent -> data.
 
     Args:
-        model: builder name: ``realnvp``, ``nice``, ``maf``, ``iaf``, ``nsf``, ``planar``,
-            ``radial``. Coupling models (``realnvp``, ``nice``, ``nsf``) need at least two
-            features.
-        layers: number of layers; ``None`` for the builder's default.
+        model: ``"auto"`` (default) or a builder name: ``gaussian``, ``gmm``, ``realnvp``,
+            ``nice``, ``maf``, ``iaf``, ``nsf``, ``planar``, ``radial``. Coupling models
+            (``realnvp``, ``nice``, ``nsf``) need at least two features.
+        layers: number of layers; ``None`` for the builder's default (not with ``auto``).
         hidden: hidden layer sizes of the conditioners, e.g. ``(64, 64)``; ``None`` for the
-            builder's default (ignored by ``planar`` and ``radial``).
-        steps: optimizer steps (ignored when ``epochs`` is set).
+            builder's default (not with ``auto``).
+        steps: a fixed number of optimizer steps (default: set by validation).
         epochs: passes over the training rows instead of ``steps``.
-        batch_size: rows per step (capped at the number of training rows).
-        lr: Adam learning rate (cosine-decayed over the run).
-        validation_fraction: rows held out to pick the best weights (0: none, train on all).
+        batch_size: rows per step (default: about 16 batches an epoch, 16 to 512 rows).
+        lr: Adam learning rate.
+        validation_fraction: rows held out to stop training and to choose the model
+            (0: none, train a given model on all rows for ``steps``).
+        budget: seconds the ``auto`` ladder may take.
         standardize: put a fixed standardization layer first (the mean and standard
             deviation of the training rows).
         model_kwargs: extra builder arguments, e.g. ``{"batch_norm": False}``.
         device: ``"cpu"``, ``"cuda"`` or ``"auto"`` for training; scoring and sampling run
             on the CPU.
         random_state: seed of the initialization, data order and validation split.
-        verbose: show a progress bar.
+        verbose: show progress.
 
     Attributes:
-        flow_: the trained :class:`exactflow.Flow` (float64, eval mode, CPU).
-        history_: the training :class:`exactflow.History`.
+        flow_: the trained model, an :class:`exactflow.Flow` (float64, eval mode, CPU).
+        history_: its training :class:`exactflow.History` (``best_step`` says which step's
+            weights were kept).
+        leaderboard_: with ``model="auto"``, one dict per candidate (``name``, ``config``,
+            ``val_nll``, ``seconds``, ``steps``, ``best_step``, ``status``, ``chosen``);
+            ``None`` otherwise.
         n_features_in_: number of features seen in ``fit``.
 
     Example:
@@ -95,15 +105,16 @@ class FlowDensity(DensityMixin, BaseEstimator):
 
     def __init__(
         self,
-        model: str = "realnvp",
+        model: str = "auto",
         *,
         layers: int | None = None,
         hidden: Sequence[int] | None = None,
-        steps: int = 1000,
+        steps: int | None = None,
         epochs: int | None = None,
-        batch_size: int = 256,
+        batch_size: int | None = None,
         lr: float = 1e-3,
-        validation_fraction: float = 0.0,
+        validation_fraction: float = 0.15,
+        budget: float = 45.0,
         standardize: bool = True,
         model_kwargs: dict[str, Any] | None = None,
         device: str = "cpu",
@@ -118,6 +129,7 @@ class FlowDensity(DensityMixin, BaseEstimator):
         self.batch_size = batch_size
         self.lr = lr
         self.validation_fraction = validation_fraction
+        self.budget = budget
         self.standardize = standardize
         self.model_kwargs = model_kwargs
         self.device = device
@@ -132,7 +144,7 @@ class FlowDensity(DensityMixin, BaseEstimator):
     # -- fitting ------------------------------------------------------------------------
 
     def fit(self, X: Any, y: Any = None) -> FlowDensity:
-        """Train a flow on the rows of ``X`` (``y`` is ignored).
+        """Train a model on the rows of ``X`` (``y`` is ignored).
 
         Raises:
             ValueError: bad data (NaN/inf, fewer than 2 rows, a constant column when
@@ -140,13 +152,19 @@ class FlowDensity(DensityMixin, BaseEstimator):
         """
         from . import models
         from .training import fit as train_fit
+        from .training import fit_auto
 
         X = _validate_data(self, X, dtype=np.float64, ensure_min_samples=2)
         n, d = X.shape
-        if self.model not in models.available():
+        auto = self.model == "auto"
+        if not auto and self.model not in models.available():
             raise ValueError(
-                f"unknown model {self.model!r}; available: {', '.join(models.available())}"
+                f"unknown model {self.model!r}; choose 'auto' or one of "
+                f"{', '.join(models.available())}"
             )
+        if auto and (self.layers is not None or self.hidden is not None or self.model_kwargs):
+            raise ValueError("layers, hidden and model_kwargs size one model: give model=NAME "
+                             "with them, or leave them out with model='auto'")
         if d == 1 and self.model in _COUPLING_MODELS:
             raise ValueError(
                 f"model={self.model!r} is a coupling flow and needs at least 2 features, got "
@@ -158,36 +176,50 @@ class FlowDensity(DensityMixin, BaseEstimator):
             )
         rng = check_random_state(self.random_state)
         seed = int(rng.randint(np.iinfo(np.int32).max))
-
-        n_val = int(round(float(self.validation_fraction) * n))
-        order = rng.permutation(n)
-        if n_val > 0 and n - n_val >= 2:
-            train, val = X[order[n_val:]], X[order[:n_val]]
-        else:
-            train, val = X, None
+        self.leaderboard_: list[dict[str, Any]] | None = None
+        if auto:
+            try:
+                result = fit_auto(X, budget=float(self.budget),
+                                  val_fraction=float(self.validation_fraction) or 0.15,
+                                  standardize=bool(self.standardize), seed=seed,
+                                  device=self.device, progress=bool(self.verbose))
+            except ValueError as err:
+                if "too few to hold out" not in str(err):
+                    raise
+                # Too few rows for a validation split: the Gaussian, fitted on all of them.
+                flow = models.gaussian(d, standardize=bool(self.standardize))
+                self.history_ = train_fit(flow, X, val_fraction=0.0, seed=seed,
+                                          device=self.device, progress=False)
+            else:
+                flow, self.history_ = result.flow, result.history
+                self.leaderboard_ = [entry.to_dict() for entry in result.leaderboard]
+            self.flow_ = flow.cpu().double().eval()
+            return self
 
         config: dict[str, Any] = {"model": self.model, "features": d}
         if self.layers is not None:
             config["layers"] = int(self.layers)
-        if self.hidden is not None and self.model not in ("planar", "radial"):
+        if self.hidden is not None and self.model not in ("planar", "radial", "gaussian",
+                                                          "gmm"):
             config["hidden"] = [int(h) for h in np.atleast_1d(self.hidden)]
         config.update(self.model_kwargs or {})
         config["standardize"] = bool(self.standardize)
-
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             flow = models.build(config)
-
-        batch_size = max(1, min(int(self.batch_size), len(train)))
-        # fit fills the standardization layer from the training rows (in float64).
+        val_fraction = float(self.validation_fraction)
+        n_train = n - int(round(val_fraction * n))
+        batch_size = None if self.batch_size is None else max(
+            1, min(int(self.batch_size), n_train))
+        # fit holds out the validation rows and fills the standardization layer from the
+        # training rows (in float64).
         self.history_ = train_fit(
             flow,
-            train,
-            val,
-            steps=None if self.epochs is not None else int(self.steps),
+            X,
+            steps=None if self.steps is None else int(self.steps),
             epochs=None if self.epochs is None else int(self.epochs),
             batch_size=batch_size,
-            val_fraction=0.0,  # the estimator holds out its own validation rows
+            val_fraction=val_fraction,
             lr=float(self.lr),
             device=self.device,
             seed=seed,

@@ -85,7 +85,7 @@ def test_python_dash_m_help_in_a_subprocess():
         [],
         ["nonsense"],
         ["train", "moons", "--model", "nope", "--out", "x"],
-        ["train", "moons", "--model", "maf"],  # no --out
+        ["train", "moons", "--layers", "3"],  # sizes without a model: not with auto
         ["train", "moons", "--model", "maf", "--out", "x", "--steps", "5", "--epochs", "2"],
         ["train", "moons", "--model", "maf", "--out", "x", "--hidden", "64,zero"],
         ["train", "moons", "--model", "maf", "--out", "x", "--val-fraction", "1.5"],
@@ -354,9 +354,9 @@ def test_run_json_deleted_or_corrupted(run_dir, tmp_path):
 
 def test_score_matches_the_model_and_flags_anomalies(run_dir, tmp_path):
     with np.load(run_dir / "data.npz") as npz:
-        train, test = npz["train"], npz["test"]
+        test = npz["test"]
     far = np.array([[40.0, -40.0], [1e3, 1e3]])
-    data = np.vstack([test, far])
+    data = np.vstack([test[:50] + 0.01, far])
     csv = write_csv(tmp_path / "new.csv", data, ["x1", "x2"])
     target = tmp_path / "scores.csv"
     code, out, err = run_cli(["score", run_dir, csv, "-o", target, "--threshold-quantile",
@@ -364,32 +364,22 @@ def test_score_matches_the_model_and_flags_anomalies(run_dir, tmp_path):
     assert code == 0, err
     result = json.loads(out)
     table = np.loadtxt(target, delimiter=",", skiprows=1)
-    assert (target.read_text().splitlines()[0] == "row,log_density,anomaly")
-    assert table.shape == (len(data), 3)
+    assert target.read_text().splitlines()[0] == "row,log_density,p_value,anomaly"
+    assert table.shape == (len(data), 4)
     np.testing.assert_array_equal(table[:, 0], np.arange(len(data)))
     flow = ef.load(run_dir / "model.safetensors")
     with torch.no_grad():
         direct = flow.log_prob(torch.as_tensor(data, dtype=torch.float32)).double().numpy()
-        train_lp = flow.log_prob(torch.as_tensor(train, dtype=torch.float32)).double().numpy()
+        calibration = flow.log_prob(torch.as_tensor(test, dtype=torch.float32)).double().numpy()
     np.testing.assert_allclose(table[:, 1], direct, rtol=1e-6, atol=1e-6)
-    threshold = np.quantile(train_lp, 0.05)
-    assert result["threshold"] == pytest.approx(threshold, abs=1e-5)
-    np.testing.assert_array_equal(table[:, 2].astype(bool), direct < threshold)
-    assert table[-1, 2] == 1 and table[-2, 2] == 1  # the far points are flagged
-    assert result["anomalies"] == int((direct < threshold).sum())
+    # The p-value of a row: (1 + held-out test rows scoring at or below it) / (n + 1).
+    expected_p = (1 + (calibration[None, :] <= direct[:, None]).sum(1)) / (len(test) + 1)
+    np.testing.assert_allclose(table[:, 2], expected_p, rtol=1e-6)
+    np.testing.assert_array_equal(table[:, 3].astype(bool), expected_p <= 0.05)
+    assert table[-1, 3] == 1 and table[-2, 3] == 1  # the far points are flagged
+    assert result["anomalies"] == int((expected_p <= 0.05).sum())
     assert result["anomaly_rows"][-2:] == [len(data) - 2, len(data) - 1]
-
-
-def test_score_threshold_flags_about_q_of_the_training_rows(run_dir, tmp_path):
-    with np.load(run_dir / "data.npz") as npz:
-        train = npz["train"]
-    npy = tmp_path / "train.npy"
-    np.save(npy, train)
-    code, out, err = run_cli(["score", run_dir, npy, "--threshold-quantile", "0.1", "--json"])
-    assert code == 0, err
-    result = json.loads(out)
-    assert abs(result["anomalies"] - 0.1 * len(train)) <= 2
-    assert len(result["log_density"]) == len(train)
+    assert result["calibration_rows"] == len(test)
 
 
 def test_score_to_stdout(run_dir, tmp_path):
@@ -397,7 +387,7 @@ def test_score_to_stdout(run_dir, tmp_path):
     code, out, err = run_cli(["score", run_dir, csv])
     assert code == 0, err
     lines = out.splitlines()
-    assert lines[0] == "row,log_density" and len(lines) == 4
+    assert lines[0] == "row,log_density,p_value" and len(lines) == 4
 
 
 @pytest.mark.parametrize(
@@ -431,6 +421,7 @@ def test_score_with_threshold_needs_the_stored_data(run_dir, tmp_path):
     assert not target.exists()
     code, _, err = run_cli(["score", broken, csv, "-o", target])  # no threshold: fine
     assert code == 0, err
+    assert target.read_text().splitlines()[0] == "row,log_density"  # no p-values
 
 
 # -- check ------------------------------------------------------------------------------
@@ -544,3 +535,25 @@ def test_builtin_digits_run_checks_in_64_dimensions(tmp_path):
     code, out, err = run_cli(["check", out_dir, "--points", "32", "--json"])
     assert code == 0, err
     assert all(r["ok"] for r in json.loads(out)["layers"])
+
+
+def test_train_with_no_options_picks_a_model_writes_the_leaderboard_and_a_default_folder(
+        tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    rows = rng.normal(size=(400, 3)) @ np.array([[1.0, 0.5, 0.0], [0.0, 1.0, 0.3],
+                                                  [0.0, 0.0, 1.0]])
+    write_csv(tmp_path / "table.csv", rows, ["a", "b", "c"])
+    code, out, err = run_cli(["train", "table.csv", "--budget", "6", "--no-report"])
+    assert code == 0, err
+    assert "run folder: runs/table" in out and "<- kept" in out and "kept the weights" in out
+    info = json.loads((tmp_path / "runs" / "table" / "run.json").read_text())
+    board = info["metrics"]["leaderboard"]
+    assert [e["name"] for e in board][:2] == ["gaussian", "gmm-2-full"]
+    assert sum(e["chosen"] for e in board) == 1
+    chosen = next(e for e in board if e["chosen"])
+    assert chosen["val_nll"] == min(e["val_nll"] for e in board if e["val_nll"] is not None)
+    assert info["model"]["model"] == chosen["config"]["model"]
+    # A second run does not replace the first: it gets the next free folder.
+    code, out, _ = run_cli(["train", "table.csv", "--model", "gaussian", "--no-report"])
+    assert code == 0 and "runs/table-2" in out

@@ -22,13 +22,14 @@ import numpy as np
 import torch
 
 from .. import distributed, models
-from ..datasets import DataError, toy
+from ..datasets import DataError, read_header, toy
 from ..diagnostics import check_layers, format_check_table
 from ..io import CheckpointError, atomic_write_bytes, json_safe
 from ..report import build_report
-from ..runs import RunError, load_run, read_data, train_run
-from ..scoring import eval_mode, log_prob
+from ..runs import RunError, anomaly, load_run, read_data, train_run
+from ..scoring import eval_mode
 from ..training import TrainingError
+from ..validation import nonfinite_rows_error
 from .parser import PROG, build_parser
 
 __all__ = ["main", "CommandError"]
@@ -150,8 +151,18 @@ def _print_train_result(args: argparse.Namespace, result: dict[str, Any]) -> Non
     took = "?" if seconds is None else f"{float(seconds):.1f} s"
     _say(args, f"trained {result['model']} ({m['parameters']:,} parameters) on "
                f"{result['data']}: {m['steps']} steps in {took}")
+    board = m.get("leaderboard")
+    if board:
+        _say(args, "candidates (validation NLL, nats; the lowest is kept):")
+        for e in board:
+            value = "" if e.get("val_nll") is None else f"{e['val_nll']:.4f}"
+            mark = "  <- kept" if e.get("chosen") else ""
+            status = "" if e.get("status", "ok") == "ok" else f"  ({e['status']})"
+            _say(args, f"  {e['name']:<22} {value:>10}  {e.get('seconds', 0.0):6.1f} s"
+                       f"{mark}{status}")
     if m.get("best_step") is not None:
-        _say(args, f"kept the weights of step {m['best_step']} (the best validation NLL)")
+        _say(args, f"kept the weights of step {m['best_step']} of {m['steps']} (the best "
+                   "validation NLL)")
     _say(args, f"test NLL {_fmt(t.get('nll'))} ± {_fmt(t.get('nll_se'))} nats "
                f"({_fmt(t.get('bpd'))} bits/dim, {t.get('n')} rows)")
     if "test_nll_minus_entropy" in m:
@@ -168,21 +179,41 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     rank, _ = distributed.init("gloo" if args.device == "cpu" else None)
     if rank != 0:
         args.json = False
-    model: dict[str, Any] = {"model": args.model}
-    if args.layers is not None:
-        model["layers"] = args.layers
-    if args.hidden is not None:
-        model["hidden"] = args.hidden
+    model: str | dict[str, Any] = "auto"
+    if args.model != "auto":
+        model = {"model": args.model}
+        if args.layers is not None:
+            model["layers"] = args.layers
+        if args.hidden is not None:
+            model["hidden"] = args.hidden
+    elif args.layers is not None or args.hidden is not None:
+        raise UsageError("--layers and --hidden size one model: give --model NAME with them")
+    out = args.out if args.out is not None else _default_out(args.data)
+    if args.out is None and rank == 0:
+        _say(args, f"run folder: {out} (choose another with --out)")
     result = _train(
-        args, data=args.data, out=args.out, model=model, columns=args.columns,
-        samples=args.samples, steps=args.steps, epochs=args.epochs,
+        args, data=args.data, out=out, model=model, budget=args.budget, columns=args.columns,
+        samples=args.samples, steps=args.steps, epochs=args.epochs, patience=args.patience,
         batch_size=args.batch_size, lr=args.lr, val_fraction=args.val_fraction,
-        test_fraction=args.test_fraction, standardize=args.standardize, device=args.device,
-        seed=args.seed, resume=args.resume, overwrite=args.overwrite,
+        test_fraction=args.test_fraction, standardize=args.standardize,
+        dequantize=args.dequantize, device=args.device, seed=args.seed, resume=args.resume,
+        overwrite=args.overwrite,
     )
     if rank == 0:
         _print_train_result(args, result)
     return result
+
+
+def _default_out(data: str) -> Path:
+    """``runs/<data name>``, or the first of ``runs/<name>-2``, ``-3``... that is free."""
+    stem = Path(data).stem or "run"
+    name = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in stem) or "run"
+    candidate = Path("runs") / name
+    number = 2
+    while candidate.exists():
+        candidate = Path("runs") / f"{name}-{number}"
+        number += 1
+    return candidate
 
 
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
@@ -274,64 +305,96 @@ def _finite_stat(fn: Callable[[np.ndarray], Any], values: np.ndarray) -> float |
     return float(fn(v)) if v.size else None
 
 
+def _score_columns(args: argparse.Namespace, run: Any) -> list[int | str] | None:
+    """The columns of DATA to score: ``--columns``; else, when DATA has a header and the
+    run knows its columns' names, those names (so a file whose columns come in another
+    order is reordered, and a missing column is a clear error); else the run's own
+    ``--columns`` (positions)."""
+    if args.columns is not None:
+        return list(args.columns)
+    data_info = run.info["data"]
+    names = data_info.get("column_names")
+    header = read_header(args.data) if isinstance(args.data, str) else None
+    if names and header is not None:
+        missing = [n for n in names if n not in header]
+        if missing:
+            raise DataError(
+                f"{args.data!r} has no column named {missing[0]!r} (the model of "
+                f"{args.run!r} was trained on columns {names}; the file has {header})"
+            )
+        return list(names)
+    if data_info.get("source") == "file":
+        return data_info.get("columns")
+    return None
+
+
 def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
     run = load_run(args.run)
-    flow = run.flow
-    assert flow is not None
     out = _output_path(args)
-    columns = args.columns
-    if columns is None and run.info["data"].get("source") == "file":
-        columns = run.info["data"].get("columns")
-    data, info = read_data(args.data, columns, seed=0)
+    data, info = read_data(args.data, _score_columns(args, run), seed=0)
     d = run.features
     if data.shape[1] != d:
         raise DataError(
             f"{info['name']} has {data.shape[1]} columns but the model of {args.run!r} was "
             f"trained on {d}" + ("; pick them with --columns" if data.shape[1] > d else "")
         )
-    bad = np.flatnonzero(~np.isfinite(data).all(axis=1))
+    bad = np.flatnonzero(np.isnan(data).any(axis=1))
     if bad.size:
-        shown = ", ".join(map(str, bad[:5])) + (", ..." if bad.size > 5 else "")
-        raise DataError(f"{info['name']}: NaN or inf in {bad.size} row(s) (row indices "
-                        f"{shown}); drop or impute them")
+        raise nonfinite_rows_error(info["name"], int(bad.size), bad.tolist())
     if len(data) == 0:
         raise DataError(f"{info['name']} has no rows")
-    scores = log_prob(flow, data)
+    scores = run.score(data)
+    q = args.threshold_quantile
+    try:
+        calibration = run.calibration()
+    except RunError:
+        if q is not None:
+            raise
+        calibration = None  # log-densities only: the held-out rows are gone
+    p = flags = None
+    if calibration is not None:
+        p = anomaly.p_values(scores, calibration)
+    if q is not None and calibration is not None:
+        p, flags = anomaly.flag(scores, calibration, q)
+    outside = int(np.isneginf(scores).sum())
     result: dict[str, Any] = {
         "ok": True, "n": int(len(scores)), "output": str(out) if out else None,
         "mean_log_density": _finite_stat(np.mean, scores),
         "min_log_density": _finite_stat(np.min, scores),
         "max_log_density": _finite_stat(np.max, scores),
-        "non_finite": int((~np.isfinite(scores)).sum()),
+        "minus_inf_rows": outside,
+        "calibration_rows": None if calibration is None else int(len(calibration)),
+        "lower_bound": bool(run.dequantized),
     }
-    table = scores.reshape(-1, 1)
-    header = ["log_density"]
-    flags = None
-    if args.threshold_quantile is not None:
-        train_scores = log_prob(flow, run.data("train"))
-        threshold = float(np.quantile(train_scores, args.threshold_quantile))
-        flags = scores < threshold
-        table = np.stack([scores, flags.astype(np.float64)], axis=1)
+    columns, header = [scores], ["log_density"]
+    if p is not None:
+        columns.append(p)
+        header.append("p_value")
+    if flags is not None:
+        columns.append(flags.astype(np.float64))
         header.append("anomaly")
-        result.update(
-            threshold_quantile=args.threshold_quantile,
-            threshold=threshold,
-            anomalies=int(flags.sum()),
-            anomaly_rows=np.flatnonzero(flags)[:1000].tolist(),
-        )
+        result.update(threshold_quantile=q, anomalies=int(flags.sum()),
+                      anomaly_rows=np.flatnonzero(flags)[:1000].tolist())
+    table = np.stack(columns, axis=1)
     rows = np.arange(len(scores), dtype=np.float64).reshape(-1, 1)
     if out is not None:
         if out.suffix.lower() == ".npy":
-            _write_table(out, table if flags is not None else scores, header)
+            _write_table(out, table, header)
         else:
             _write_table(out, np.hstack([rows, table]), ["row", *header], fmt="%.10g")
         _say(args, f"scored {len(scores)} rows of {info['name']}: mean log-density "
                    f"{_fmt(result['mean_log_density'])} nats; wrote {out}")
-        if flags is not None:
-            _say(args, f"{int(flags.sum())} rows below the {args.threshold_quantile:g}-quantile "
-                       f"of the training log-densities ({threshold:.4f}) are flagged as anomalies")
+        if outside:
+            _say(args, f"{outside} rows have log-density -inf (outside the model's support or "
+                       "beyond the range of its numbers): flagged as anomalies")
+        if flags is not None and calibration is not None:
+            _say(args, f"{int(flags.sum())} rows flagged as anomalies: conformal p-value <= "
+                       f"{q:g} against the {len(calibration)} held-out test rows, so about "
+                       f"{q:.1%} of new normal rows are flagged")
     elif args.json:
         result["log_density"] = scores.tolist()
+        if p is not None:
+            result["p_value"] = p.tolist()
         if flags is not None:
             result["anomaly"] = flags.tolist()
     else:

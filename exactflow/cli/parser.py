@@ -168,14 +168,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("data", metavar="DATA",
                    help="toy name, digits, or a data file (.csv, .npy, .npz)")
-    p.add_argument("--model", required=True, choices=_model_names(), metavar="NAME",
-                   help="builder: " + ", ".join(_model_names()))
-    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder to write")
+    p.add_argument("--model", default="auto", choices=["auto", *_model_names()],
+                   metavar="NAME",
+                   help="auto (default: try a short ladder of models within --budget and keep "
+                        "the best on validation) or a builder: " + ", ".join(_model_names()))
+    p.add_argument("--out", metavar="RUN_DIR",
+                   help="run folder to write (default: runs/<data name>, numbered if taken)")
     _model_options(p)
+    p.add_argument("--budget", type=_positive_float, default=300.0, metavar="SECONDS",
+                   help="with --model auto: the time the ladder of candidates may take")
     length = p.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=_positive_int, help="optimizer steps (default 2000)")
-    length.add_argument("--epochs", type=_positive_int, help="passes over the training split")
-    p.add_argument("--batch-size", type=_positive_int, default=512, help="rows per step")
+    length.add_argument("--steps", type=_positive_int,
+                        help="a fixed number of optimizer steps (default: until the validation "
+                             "NLL stops improving)")
+    length.add_argument("--epochs", type=_positive_int,
+                        help="a fixed number of passes over the training split")
+    p.add_argument("--patience", type=_positive_int,
+                   help="epochs without improvement of the validation NLL before stopping "
+                        "(default 20 when the length is set by validation)")
+    p.add_argument("--batch-size", type=_positive_int,
+                   help="rows per step (default: about 16 batches an epoch, 16 to 512 rows)")
     p.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate")
     p.add_argument("--val-fraction", type=_fraction, default=0.1,
                    help="fraction of rows held out for validation")
@@ -187,6 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="points drawn when DATA is a toy")
     p.add_argument("--no-standardize", dest="standardize", action="store_false",
                    help="do not put a standardization layer in front of the model")
+    p.add_argument("--dequantize", action="store_true",
+                   help="add uniform noise in [0, 1) to integer-valued columns (counts, "
+                        "levels, pixels); log-densities are then a lower bound of the discrete "
+                        "log-probability")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto",
                    help="where to train")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, init and batches")
@@ -217,9 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
         "score", parents=[common], formatter_class=_Formatter,
         help="exact log-density of every row of a file; flag anomalies",
         description="Score every row of DATA by its exact log-density under the model of "
-                    "RUN_DIR (nats, in the units of the data). With --threshold-quantile Q, "
-                    "rows whose log-density is below the Q-quantile of the training rows' "
-                    "log-densities are flagged as anomalies. Without -o, CSV goes to stdout.",
+                    "RUN_DIR (nats, in the units of the data) and its conformal p-value: the "
+                    "fraction of the run's held-out test rows scoring at or below it. With "
+                    "--threshold-quantile Q, rows with p-value <= Q are flagged as anomalies: "
+                    "if new normal rows are exchangeable with the run's data, about Q of them "
+                    "are flagged. Columns are matched by name when DATA has a header. "
+                    "Without -o, CSV goes to stdout.",
         epilog="examples:\n"
                "  exactflow score runs/maf new.csv -o scores.csv\n"
                "  exactflow score runs/maf new.csv --threshold-quantile 0.01 --json\n",
@@ -228,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", metavar="DATA", help="data file (.csv, .npy, .npz) or toy name")
     p.add_argument("-o", "--output", metavar="FILE", help="write scores to FILE (.csv or .npy)")
     p.add_argument("--threshold-quantile", type=_fraction, metavar="Q",
-                   help="flag rows below this quantile of the training log-densities")
+                   help="flag rows whose conformal p-value is at most Q (a false-alarm rate "
+                        "of Q on new normal data)")
     p.add_argument("--columns", type=_columns, metavar="COLS",
                    help="columns to use (default: the columns the model was trained on)")
 

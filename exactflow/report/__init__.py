@@ -274,7 +274,7 @@ def _render(
         cards="\n".join(_fill("card.html", value=_e(v), label=_e(k)) for k, v in cards),
         numbers="\n".join(_fill("row.html", label=_e(k), value=v)
                           for k, v in _numbers(metrics, info)),
-        leaderboard="",
+        leaderboard=_leaderboard(info.get("metrics", {}).get("leaderboard")),
         sections="\n".join(section_html),
         check_points=_e(metrics["check"]["points"]),
         check_rows="\n".join(_check_row(r) for r in checks),
@@ -282,6 +282,25 @@ def _render(
         versions=_e(json.dumps(info.get("versions", {}), indent=2)),
         run_path=_e(run.path),
     )
+
+
+def _leaderboard(board: list[dict[str, Any]] | None) -> str:
+    if not board:
+        return ""
+    rows = []
+    for e in board:
+        rows.append(_fill(
+            "leaderboard_row.html",
+            attrs=' class="ok"' if e.get("chosen") else "",
+            name=_e(e.get("name", "?")) + (" (kept)" if e.get("chosen") else ""),
+            val_nll=_num(e.get("val_nll")), steps=_e(e.get("steps", "")),
+            best_step=_e("" if e.get("best_step") is None else e["best_step"]),
+            seconds=_num(e.get("seconds"), ".1f"), status=_e(e.get("status", "")),
+        ))
+    intro = ("The model was chosen automatically: each candidate was trained on the training "
+             "split and scored on the validation split, and the lowest validation NLL was "
+             "kept. Flows start from the Gaussian fit, so they can only improve on it.")
+    return _fill("leaderboard.html", intro=_e(intro), rows="\n".join(rows))
 
 
 def _check_row(r: LayerCheck) -> str:

@@ -12,11 +12,12 @@ schedules, records, checkpoints in :mod:`~exactflow.training.checkpoints`) and o
 :class:`History` (:mod:`~exactflow.training.history`).
 """
 
+from .auto import fit_auto
 from .history import History
 from .likelihood import fit
 from .loop import TrainingError
 from .metrics import evaluate
 from .reverse_kl import estimate_log_normalizer, fit_reverse_kl
 
-__all__ = ["fit", "fit_reverse_kl", "evaluate", "estimate_log_normalizer", "History",
-           "TrainingError"]
+__all__ = ["fit", "fit_auto", "fit_reverse_kl", "evaluate", "estimate_log_normalizer",
+           "History", "TrainingError"]
