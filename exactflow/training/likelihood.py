@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 import types
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,10 +33,12 @@ from .history import History
 from .loop import (
     Guard,
     LoopSettings,
+    TrainingError,
     TrainState,
     check_common,
     clone,
     forked_rng,
+    gentler_lr,
     resolve_device,
     run_loop,
 )
@@ -247,6 +250,7 @@ def fit(
 
     if not resume:
         prepare(flow, train_rows, train_ctx, int(seed))
+    _warn_if_unstandardized(flow, train_rows)
     noise_scale = _noise_scale(noise, flow, train_rows)
     dev = resolve_device(device, flow)
     flow.to(dev)
@@ -295,6 +299,7 @@ def fit(
     def record(done: int, current_lr: float, clock: float) -> bool:
         val_nll = None
         stop = False
+        train_nll = state.take_running_mean()
         if val_rows is not None:
             metrics = replicas.evaluate(flow, val_rows, val_ctx, batch_size=max(batch_size, 4096))
             val_nll = metrics["nll"]
@@ -306,8 +311,9 @@ def fit(
                 state.since_best += 1
                 stop = patience_records is not None and state.since_best >= patience_records
         history.steps.append(done)
-        history.train_nll.append(state.take_running_mean())
+        history.train_nll.append(train_nll)
         history.val_nll.append(val_nll)
+        _check_divergence(history, train_nll, features, lr)
         history.lr.append(current_lr)
         history.time.append(time.perf_counter() - clock)
         return stop
@@ -350,6 +356,56 @@ def _postfix(history: History) -> dict[str, str]:
     if history.val_nll and history.val_nll[-1] is not None:
         out["val"] = f"{history.val_nll[-1]:.4f}"
     return out
+
+
+#: A training NLL this many nats per dimension above its first record: the run diverged.
+DIVERGED_NATS_PER_DIM = 5.0
+
+
+def _check_divergence(history: History, train_nll: float | None, d: int, lr: float) -> None:
+    """Stop a run whose optimization blew up: the training NLL far above its first record,
+    or the validation NLL far above the start while the training NLL is no better than the
+    start either (a model that overfits fits its training rows better; this one fits
+    nothing)."""
+    if train_nll is None:
+        return
+    margin = DIVERGED_NATS_PER_DIM * d
+    first = next((v for v in history.train_nll if v is not None), None)
+    start = history.val_nll[0] if history.val_nll and history.steps[0] == 0 else None
+    last = history.val_nll[-1] if history.val_nll else None
+    what = None
+    if first is not None and train_nll > first + margin:
+        what = f"the training NLL rose from {first:.4g} to {train_nll:.4g} nats"
+    elif (start is not None and last is not None and math.isfinite(start)
+          and last > start + margin and train_nll > start):
+        what = (f"the validation NLL went from {start:.4g} at the start to {last:.4g} nats "
+                f"and the training NLL is {train_nll:.4g}")
+    if what is not None:
+        raise TrainingError(
+            f"training diverged: {what} (more than {DIVERGED_NATS_PER_DIM:g} nats per "
+            f"dimension worse). Lower the learning rate (lr, --lr; now {lr:.3g}, try "
+            f"{gentler_lr(lr):.3g}) or standardize the data."
+        )
+
+
+def _warn_if_unstandardized(flow: Flow, rows: Rows) -> None:
+    """Warn when the data are far from standardized and the flow does not standardize."""
+    if standardize_layer(flow) is not None:
+        return
+    sample = rows.data[: min(len(rows), 10_000)]
+    if isinstance(sample, Tensor):
+        sample = sample.detach().cpu().numpy()
+    sample = np.asarray(sample, dtype=np.float64)
+    spread = np.abs(sample).max(axis=0) if len(sample) else np.zeros(1)
+    scale = float(np.max(spread))
+    if scale > 1e3:
+        warnings.warn(
+            f"the training data reach {scale:.3g} in absolute value and this flow has no "
+            "standardization layer: its layers work on values of order 1 (splines act on "
+            "[-bound, bound], affine scales are bounded per layer), so the fit will be poor. "
+            "Build the flow with standardize=True.",
+            stacklevel=3,
+        )
 
 
 def default_batch_size(rows: int) -> int:

@@ -37,6 +37,7 @@ __all__ = [
     "Guard",
     "LoopSettings",
     "run_loop",
+    "gentler_lr",
     "resolve_device",
     "forked_rng",
     "rng_state",
@@ -51,6 +52,9 @@ __all__ = [
 MAX_FAILURES = 5
 #: Steps between snapshots of the last good state (the rollback target).
 SNAPSHOT_EVERY = 10
+#: Rolled-back steps (and this share of all steps) that make a run unstable: it stops.
+UNSTABLE_ROLLBACKS = 10
+UNSTABLE_SHARE = 0.05
 
 
 class TrainingError(RuntimeError):
@@ -182,6 +186,11 @@ def _layer_families(flow: nn.Module) -> list[str]:
             if name not in names:
                 names.append(name)
     return names
+
+
+def gentler_lr(lr: float) -> float:
+    """A learning rate to suggest after ``lr`` failed: a tenth of it, at most Adam's 1e-3."""
+    return min(lr / 10, 1e-3)
 
 
 def divergence_error(flow: nn.Module, step: int, lr: float, what: str) -> TrainingError:
@@ -318,6 +327,15 @@ def run_loop(
                 history.rollbacks.append(i + 1)
                 if state.failures >= MAX_FAILURES:
                     raise divergence_error(flow, i + 1, current_lr * 0.5, what)
+                count = len(history.rollbacks)
+                if count >= UNSTABLE_ROLLBACKS and count >= UNSTABLE_SHARE * (i + 1):
+                    raise TrainingError(
+                        f"training is unstable: {count} of its {i + 1} steps had a "
+                        "non-finite loss or gradient and were undone (the learning rate "
+                        f"was halved each time, from {settings.lr:.3g}). Lower the learning "
+                        f"rate (lr, --lr; try {gentler_lr(settings.lr):.3g}), standardize the "
+                        "data, or clip gradients harder (grad_clip)."
+                    )
             if bar is not None:
                 bar.update(1)
                 if math.isfinite(logged_value):

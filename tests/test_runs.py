@@ -1,0 +1,86 @@
+"""Run folders under stress: a second run on the same folder, a folder that holds the input,
+divergence, and data far from standardized."""
+
+from __future__ import annotations
+
+import multiprocessing
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import exactflow as ef
+from exactflow.runs import RunError, locked, train_run
+
+QUIET = {"progress": False, "log": lambda text: None}
+
+
+def table(path, n=300, seed=0):
+    rows = np.random.default_rng(seed).normal(size=(n, 3))
+    np.savetxt(path, rows, delimiter=",", header="a,b,c", comments="")
+    return path
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused_and_writes_nothing(tmp_path):
+    data = table(tmp_path / "t.csv")
+    out = tmp_path / "run"
+    with locked(out):  # as another process training into it would hold it
+        with pytest.raises(RunError, match="being written by another exactflow run"):
+            train_run(data, out, model="gaussian", **QUIET)
+        assert sorted(p.name for p in out.iterdir()) == [".exactflow.lock"]
+    run = train_run(data, out, model="gaussian", **QUIET)  # free again
+    assert run.info["status"] == "done"
+
+
+def _hold_lock(folder: str, ready: multiprocessing.synchronize.Event,
+               done: multiprocessing.synchronize.Event) -> None:
+    from pathlib import Path
+
+    with locked(Path(folder)):
+        ready.set()
+        done.wait(30)
+
+
+def test_the_lock_holds_across_processes(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    ready, done = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_lock, args=(str(tmp_path / "run"), ready, done))
+    holder.start()
+    try:
+        assert ready.wait(60)
+        with pytest.raises(RunError, match=r"another exactflow run \(pid \d+\)"):
+            train_run(table(tmp_path / "t.csv"), tmp_path / "run", model="gaussian", **QUIET)
+    finally:
+        done.set()
+        holder.join(30)
+
+
+def test_overwrite_never_replaces_the_data_being_read(tmp_path):
+    project = tmp_path / "proj"
+    project.mkdir()
+    rows = np.random.default_rng(1).normal(size=(200, 2))
+    np.savez(project / "data.npz", rows=rows)
+    before = (project / "data.npz").read_bytes()
+    with pytest.raises(RunError, match="would overwrite it"):
+        train_run(project / "data.npz", project, model="gaussian", overwrite=True, **QUIET)
+    assert (project / "data.npz").read_bytes() == before
+
+
+def test_a_learning_rate_that_diverges_stops_the_run_with_the_cure(tmp_path):
+    data = table(tmp_path / "t.csv", n=400)
+    for lr in (10.0, 1e30):
+        with pytest.raises(ef.TrainingError, match=r"Lower the learning rate .* try 0\.001"):
+            train_run(data, tmp_path / f"lr{lr:g}", model={"model": "maf", "layers": 2},
+                      lr=lr, **QUIET)
+
+
+def test_data_far_from_standardized_without_a_standardization_layer_warns():
+    x = 1e6 * torch.randn(256, 2)
+    with pytest.warns(UserWarning, match="standardize=True"):
+        ef.fit(ef.models.maf(2, layers=1, hidden=(8,)), x, steps=2, progress=False,
+               device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ef.fit(ef.models.maf(2, layers=1, hidden=(8,), standardize=True), x, steps=2,
+               progress=False, device="cpu")
