@@ -408,9 +408,11 @@ def test_standardize_fit_and_check_transform() -> None:
     rng = np.random.default_rng(4)
     x = rng.normal(size=(64, 5)) * rng.uniform(0.1, 20, 5) + rng.normal(scale=10, size=5)
     t = Standardize.fit(x)
-    assert t.mean.dtype == torch.float32
-    np.testing.assert_allclose(t.mean.double().numpy(), x.mean(0), rtol=1e-6)
-    np.testing.assert_allclose(t.std.double().numpy(), x.std(0), rtol=1e-6)
+    # The statistics stay in float64 whatever the model's dtype (the output's).
+    assert t.mean.dtype == torch.float64 and t.dtype == torch.float32
+    assert t.float().mean.dtype == torch.float64
+    np.testing.assert_allclose(t.mean.numpy(), x.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(t.std.numpy(), x.std(0), rtol=1e-12)
     t = Standardize.fit(x, dtype=torch.float64)
     np.testing.assert_allclose(t.mean.numpy(), x.mean(0), rtol=1e-12)
     np.testing.assert_allclose(t.std.numpy(), x.std(0), rtol=1e-12)
@@ -425,15 +427,17 @@ def test_standardize_fit_and_check_transform() -> None:
 
 def test_standardize_float32_round_trip_and_buffers() -> None:
     t = Standardize(mean=[1.0, -2.0, 300.0], std=[0.5, 3.0, 40.0])
-    assert t.mean.dtype == torch.float32 and not list(t.parameters())
+    assert t.mean.dtype == torch.float64 and not list(t.parameters())
     assert set(t.state_dict()) == {"mean", "std"}
     x = torch.randn(7, 3) * 10
     z, ladj = t(x)
+    assert z.dtype == ladj.dtype == torch.float32
     back, ladj_inv = t.inverse(z)
-    assert torch.allclose(back, x, atol=1e-4)
+    assert back.dtype == torch.float64  # data come back in float64
+    assert torch.allclose(back.float(), x, atol=1e-4)
     assert torch.allclose(ladj, -ladj_inv)
     ident = Standardize.identity(3)
-    assert torch.equal(ident(x)[0], x)
+    assert torch.equal(ident(x)[0], x)  # float32 in, float32 out
     ident.load_state_dict(t.state_dict())
     assert torch.equal(ident(x)[0], z)
 
@@ -460,3 +464,15 @@ def test_standardize_rejects_bad_input() -> None:
     x[:, 0] = np.nan
     with pytest.raises(DataError, match="NaN or inf in 10 rows"):
         Standardize.fit(x)
+
+
+def test_standardize_is_exact_where_float32_cannot_hold_the_spread() -> None:
+    # A column 1e8 + N(0, 1): float32's spacing at 1e8 is 8, so casting the data first
+    # erases it. Standardized in float64, a float32 flow scores it right.
+    rng = np.random.default_rng(0)
+    x = 1e8 + rng.normal(size=(2000, 2))
+    flow = ef.Flow(Standardize.fit(x), ef.StandardNormal(2))  # float32 model
+    logp = flow.log_prob(torch.from_numpy(x)).double()
+    expected = -0.5 * ((x - x.mean(0)) / x.std(0)) ** 2 - 0.5 * np.log(2 * np.pi) - np.log(
+        x.std(0))
+    np.testing.assert_allclose(logp.numpy(), expected.sum(1), atol=1e-4)

@@ -41,11 +41,17 @@ class Standardize(Transform):
     with the model, not trained). Builders put one first with ``standardize=True`` and
     :func:`exactflow.fit` fills it from the training data.
 
+    **Precision.** ``mean`` and ``std`` are always kept in float64 (``.float()`` on the
+    model leaves them so), and ``forward`` standardizes in float64 before casting to the
+    model's dtype: a column such as ``1e8 + N(0, 1)``, whose spread float32 cannot even
+    represent around its mean, is standardized exactly, as long as the data reach the layer
+    in float64 (a flow with this layer first takes float64 input as it is, see
+    :meth:`exactflow.Flow.log_prob`). ``inverse`` returns float64 data for the same reason.
+
     Args:
         mean: ``(features,)`` shift.
         std: ``(features,)`` positive scale.
-        dtype: dtype of the buffers (default: torch's default dtype); ``.double()`` later
-            casts values already rounded to it, so pass ``torch.float64`` for float64 work.
+        dtype: the dtype of the layer's output (the model's dtype; default torch's default).
 
     Example:
         >>> import torch, exactflow as ef
@@ -60,12 +66,13 @@ class Standardize(Transform):
     features: int
     mean: Tensor
     std: Tensor
+    _anchor: Tensor
 
     def __init__(self, mean: Any, std: Any, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         dtype = dtype or torch.get_default_dtype()
-        mean_t = torch.as_tensor(_float64(mean)).to(dtype)
-        std_t = torch.as_tensor(_float64(std)).to(dtype)
+        mean_t = torch.as_tensor(_float64(mean))
+        std_t = torch.as_tensor(_float64(std))
         if mean_t.ndim != 1 or mean_t.shape != std_t.shape:
             raise ValueError(
                 "Standardize needs 1-D mean and std of the same length, got shapes "
@@ -79,6 +86,21 @@ class Standardize(Transform):
         self.features = int(mean_t.numel())
         self.register_buffer("mean", mean_t)
         self.register_buffer("std", std_t)
+        # Not saved: follows .to()/.float()/.double() and says the model's dtype.
+        self.register_buffer("_anchor", torch.zeros(0, dtype=dtype), persistent=False)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Standardize:
+        # Device moves apply to the statistics too, dtype casts do not: they stay float64.
+        mean, std = self.mean, self.std
+        super()._apply(fn, recurse)
+        self.mean = mean.to(device=self._anchor.device, dtype=torch.float64)
+        self.std = std.to(device=self._anchor.device, dtype=torch.float64)
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the standardized output (the model's dtype)."""
+        return self._anchor.dtype
 
     @classmethod
     def identity(cls, features: int, dtype: torch.dtype | None = None) -> Standardize:
@@ -151,12 +173,13 @@ class Standardize(Transform):
         return self
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        z = (x - self.mean) / self.std
-        return z, (-torch.log(self.std).sum()).expand(x.shape[0])
+        z = ((x.to(torch.float64) - self.mean) / self.std).to(self.dtype)
+        ladj = (-torch.log(self.std).sum()).to(self.dtype)
+        return z, ladj.expand(x.shape[0])
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        x = z * self.std + self.mean
-        return x, torch.log(self.std).sum().expand(z.shape[0])
+        x = z.to(torch.float64) * self.std + self.mean
+        return x, torch.log(self.std).sum().to(z.dtype).expand(z.shape[0])
 
     def extra_repr(self) -> str:
         return f"features={self.features}"
