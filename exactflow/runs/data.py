@@ -1,0 +1,132 @@
+"""The data a run trains on: built-in data sets, files and arrays, read into float64 rows."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .._version import __version__
+from ..datasets import TOY_ENTROPY, TOYS, digits, load, read_header, toy, validate
+from ..validation import DataError
+
+__all__ = ["read_data", "versions", "BUILTIN", "integer_columns", "dequantize"]
+
+#: Names of the built-in data sets :func:`read_data` accepts besides files.
+BUILTIN = (*TOYS, "digits")
+
+
+def read_data(
+    spec: Any, columns: Sequence[int | str] | None = None, *, samples: int = 20000, seed: int = 0
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """The rows named by ``spec`` as a float64 array, with a description of their source.
+
+    ``spec`` is a toy name (:data:`exactflow.datasets.TOYS`, ``samples`` points drawn with
+    ``seed``), ``"digits"`` (scikit-learn's 8x8 digits, dequantized), a path to a CSV,
+    ``.npy`` or ``.npz`` file (``columns`` picks columns by header name or index), or an
+    array of rows.
+
+    Raises:
+        DataError: a missing or unreadable file, or columns that do not fit.
+    """
+    if isinstance(spec, (str, os.PathLike)):
+        text = os.fspath(spec)
+        if text in TOYS and not Path(text).exists():
+            if columns is not None:
+                raise DataError(f"columns do not apply to the toy dataset {text!r}")
+            arr = toy(text, samples, seed=seed).double().numpy()
+            return arr, {"source": "toy", "name": text, "path": None, "columns": None,
+                         "column_names": None, "samples": samples, "seed": seed,
+                         "entropy": TOY_ENTROPY.get(text)}
+        if text == "digits" and not Path(text).exists():
+            if columns is not None:
+                raise DataError("columns do not apply to the built-in digits dataset")
+            arr = digits(seed=seed)
+            return arr, {"source": "builtin", "name": "digits", "path": None, "columns": None,
+                         "column_names": [f"pixel{i}" for i in range(arr.shape[1])],
+                         "seed": seed, "entropy": None}
+        return _read_file(Path(text), columns)
+    arr = np.array(spec, dtype=np.float64)
+    if arr.ndim == 1:
+        arr = arr.reshape(-1, 1)
+    if columns is not None:
+        arr = arr[:, [int(c) for c in columns]]
+    return arr, {"source": "array", "name": "array", "path": None, "columns": None,
+                 "column_names": None, "entropy": None}
+
+
+def _read_file(path: Path, columns: Sequence[int | str] | None) -> tuple[np.ndarray, dict]:
+    if not path.exists():
+        raise DataError(
+            f"{str(path)!r} is neither a built-in dataset ({', '.join(BUILTIN)}) nor an "
+            "existing file"
+        )
+    arr = np.asarray(load(path, columns=columns))
+    if arr.dtype.kind not in "biuf":
+        validate(arr, name=path.name)
+    arr = np.array(arr, dtype=np.float64)  # a writable in-memory copy (memmaps are read-only)
+    if arr.ndim == 1:
+        arr = arr.reshape(-1, 1)
+    header = read_header(path)
+    if columns is not None:
+        names: list[str] | None = [
+            str(c) if isinstance(c, str)
+            else (header[c] if header and -len(header) <= c < len(header) else f"x{int(c) + 1}")
+            for c in columns
+        ]
+    else:
+        names = header if header and arr.ndim == 2 and len(header) == arr.shape[1] else None
+    info = {"source": "file", "name": path.name, "path": str(path.resolve()),
+            "columns": list(columns) if columns is not None else None, "column_names": names,
+            "entropy": None}
+    return arr, info
+
+
+def versions() -> dict[str, str]:
+    """The versions a run records: exactflow, torch, numpy, Python and the platform."""
+    return {
+        "exactflow": __version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(terse=True),
+    }
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S %z")
+
+
+def integer_columns(rows: np.ndarray) -> list[int]:
+    """The columns whose every value is an integer (counts, ratings, pixel levels...).
+
+    A continuous density on such a column is unbounded (it can pile its mass onto the
+    integers), so its log-likelihood means nothing until the column is dequantized.
+    """
+    rows = np.asarray(rows, dtype=np.float64)
+    if rows.ndim != 2 or len(rows) == 0:
+        return []
+    return [int(j) for j in np.flatnonzero(np.all(rows == np.round(rows), axis=0))]
+
+
+def dequantize(rows: np.ndarray, columns: Sequence[int], seed: int = 0) -> np.ndarray:
+    """``rows`` with uniform noise in ``[0, 1)`` added to ``columns`` (a copy; seeded).
+
+    For integer data ``k``, the density ``p`` of ``k + u`` with ``u ~ U[0, 1)`` gives a lower
+    bound of the discrete log-probability, ``log P(k) >= E_u[log p(k + u)]`` (Theis, van den
+    Oord & Bethge 2016, arXiv:1511.01844): the log-densities of dequantized rows are that
+    bound, in nats.
+    """
+    if not columns:
+        return rows
+    out = np.array(rows, dtype=np.float64, copy=True)
+    rng = np.random.default_rng([seed, 0xDE0])
+    cols = list(columns)
+    out[:, cols] += rng.random((len(out), len(cols)))
+    return out

@@ -1,0 +1,214 @@
+"""A run folder read back: :class:`Run`, :func:`load_run`, and the names of its files."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..distributions import Flow
+from ..scoring import log_prob
+from ..io import CheckpointError
+from ..io import load as load_model_file
+from .data import dequantize
+
+__all__ = ["Run", "RunError", "load_run", "locked", "RUN_FILES", "LOCK_FILE", "RUN_JSON", "MODEL_FILE", "LEGACY_MODEL_FILE",
+           "DATA_FILE", "HISTORY_FILE", "CHECKPOINT_FILE", "REPORT_DIR", "RUN_FORMAT"]
+
+#: The files of a run folder.
+RUN_JSON = "run.json"
+MODEL_FILE = "model.safetensors"
+#: The model file of run folders written by exactflow 0.1.
+LEGACY_MODEL_FILE = "model.pt"
+DATA_FILE = "data.npz"
+HISTORY_FILE = "history.json"
+CHECKPOINT_FILE = "checkpoint.pt"
+REPORT_DIR = "report"
+RUN_FORMAT = "exactflow-run"
+
+
+class RunError(Exception):
+    """A run folder that cannot be used: missing, incomplete or corrupt (the message says which)."""
+
+
+#: The files a run writes in its folder (anything else there is left alone).
+RUN_FILES = (RUN_JSON, MODEL_FILE, DATA_FILE, HISTORY_FILE, CHECKPOINT_FILE, REPORT_DIR)
+LOCK_FILE = ".exactflow.lock"
+
+
+@contextmanager
+def locked(folder: Path) -> Iterator[None]:
+    """Hold the run folder's lock while a run writes it: a second run on the same folder
+    is refused at once, before it writes anything (the lock is released when the process
+    ends, even if it is killed).
+
+    Raises:
+        RunError: another process holds the lock.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX: no lock, as before
+            yield
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+            raise RunError(
+                f"the run folder {str(folder)!r} is being written by another exactflow run "
+                f"(pid {holder}); wait for it to finish or choose another folder"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Run:
+    """A finished training run read back from its folder.
+
+    Attributes:
+        path: the run folder.
+        info: the parsed ``run.json`` (data source, split, options, metrics, versions).
+        flow: the trained model (eval mode, CPU), or ``None`` when not asked for.
+        history: the parsed ``history.json`` (``{}`` when absent).
+    """
+
+    path: Path
+    info: dict[str, Any]
+    flow: Flow | None = None
+    history: dict[str, Any] = field(default_factory=dict)
+    _calibration: np.ndarray | None = field(default=None, repr=False)
+
+    def data(self, part: str) -> np.ndarray:
+        """The ``train``, ``val`` or ``test`` rows stored with the run, as a float64 array."""
+        file = self.path / DATA_FILE
+        if not file.is_file():
+            raise RunError(
+                f"run folder {str(self.path)!r} has no {DATA_FILE} (was it deleted?); "
+                "retrain the run to recreate it"
+            )
+        try:
+            with np.load(file, allow_pickle=False) as npz:
+                if part not in npz.files:
+                    raise RunError(f"{str(file)!r} has no {part!r} array (found {npz.files})")
+                return np.asarray(npz[part], dtype=np.float64)
+        except RunError:
+            raise
+        except Exception as err:  # noqa: BLE001 - zip, pickle or format errors alike
+            raise RunError(f"{str(file)!r} is corrupt or not a numpy .npz file: {err}") from None
+
+    @property
+    def features(self) -> int:
+        return int(self.info["data"]["features"])
+
+    @property
+    def dequantized(self) -> list[int]:
+        """The integer-valued columns the run dequantized (uniform noise in [0, 1))."""
+        return [int(c) for c in self.info["data"].get("dequantized_columns") or []]
+
+    def score(self, rows: np.ndarray, seed: int = 0) -> np.ndarray:
+        """The model's log-density of every row, in the units of the data (float64).
+
+        Columns the run dequantized get the same uniform noise treatment (seeded by
+        ``seed``), so the value is the documented lower bound of the discrete
+        log-probability, as in training. Never NaN: a row beyond the model's range or
+        support scores ``-inf``.
+        """
+        if self.flow is None:
+            raise RunError(f"the run {str(self.path)!r} was read without its model")
+        rows = dequantize(np.asarray(rows, dtype=np.float64), self.dequantized, seed)
+        return log_prob(self.flow, rows)
+
+    def calibration(self) -> np.ndarray:
+        """Log-densities of the held-out test rows, the reference of conformal p-values."""
+        if self._calibration is None:
+            test = self.data("test")
+            if self.flow is None:
+                raise RunError(f"the run {str(self.path)!r} was read without its model")
+            self._calibration = log_prob(self.flow, test)
+        return self._calibration
+
+    @property
+    def columns(self) -> list[str]:
+        """Column names of the data (``x1``, ``x2``, ... when the source had none)."""
+        names = self.info["data"].get("column_names")
+        if names and len(names) == self.features:
+            return [str(c) for c in names]
+        return [f"x{i + 1}" for i in range(self.features)]
+
+
+def load_run(run_dir: str | os.PathLike[str], *, model: bool = True) -> Run:
+    """Read a run folder written by :func:`train_run` (``exactflow train``).
+
+    Args:
+        run_dir: the folder.
+        model: also load the model (with :func:`exactflow.load`, weights only).
+
+    Raises:
+        RunError: the folder or one of its files is missing, unreadable or corrupt, or the
+            run did not finish.
+    """
+    path = Path(run_dir)
+    if not path.exists():
+        raise RunError(f"no such run folder: {str(path)!r}")
+    if not path.is_dir():
+        raise RunError(f"{str(path)!r} is not a run folder (it is a file)")
+    info_file = path / RUN_JSON
+    if not info_file.is_file():
+        raise RunError(
+            f"{str(path)!r} is not a run folder: it has no {RUN_JSON} "
+            "(make one with `exactflow train DATA --out RUN_DIR`)"
+        )
+    try:
+        info = json.loads(info_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RunError(f"{str(info_file)!r} is corrupt: {err}") from None
+    if not isinstance(info, dict) or info.get("format") != RUN_FORMAT:
+        raise RunError(f"{str(info_file)!r} is not an exactflow run description")
+    if info.get("status") != "done":
+        raise RunError(
+            f"the run in {str(path)!r} did not finish (status {info.get('status')!r}); "
+            "continue it with `exactflow train ... --resume`"
+        )
+    history: dict[str, Any] = {}
+    hist_file = path / HISTORY_FILE
+    if hist_file.is_file():
+        try:
+            history = json.loads(hist_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise RunError(f"{str(hist_file)!r} is corrupt: {err}") from None
+    run = Run(path, info, None, history)
+    if model:
+        run.flow = _load_model(path)
+    return run
+
+
+def _load_model(run_dir: Path) -> Flow:
+    file = run_dir / MODEL_FILE
+    if not file.exists() and (run_dir / LEGACY_MODEL_FILE).is_file():
+        file = run_dir / LEGACY_MODEL_FILE
+    if not file.is_file():
+        raise RunError(
+            f"run folder {str(run_dir)!r} has no {MODEL_FILE} (was it deleted?); "
+            "retrain the run to recreate it"
+        )
+    try:
+        return load_model_file(file)
+    except CheckpointError as err:
+        raise RunError(str(err)) from None

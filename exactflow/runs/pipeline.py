@@ -1,0 +1,344 @@
+"""Training a run folder: :func:`train_run`, the pipeline behind ``exactflow train``."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import distributed, models
+from ..datasets import split, validate
+from ..distributions import Flow
+from ..io import atomic_write_bytes, atomic_write_json, save
+from ..training import evaluate, fit, fit_auto
+from ..validation import DataError, fraction, positive_int
+from .data import _now, integer_columns, read_data, versions
+from .data import dequantize as dequantize_rows
+from .folder import (
+    CHECKPOINT_FILE,
+    LOCK_FILE,
+    RUN_FILES,
+    DATA_FILE,
+    HISTORY_FILE,
+    MODEL_FILE,
+    RUN_FORMAT,
+    RUN_JSON,
+    Run,
+    RunError,
+    locked,
+)
+
+__all__ = ["train_run"]
+
+
+def _protect_input(data: Any, out: Path) -> None:
+    """Refuse a run folder whose run files would overwrite the data being read."""
+    if not isinstance(data, (str, os.PathLike)) or not Path(data).exists():
+        return
+    source = Path(data).resolve()
+    for name in RUN_FILES:
+        target = (out / name).resolve()
+        if source == target or target in source.parents:
+            raise RunError(
+                f"the data {str(data)!r} is where the run writes its {name}: training into "
+                f"{str(out)!r} would overwrite it; choose another run folder"
+            )
+
+
+def _prepare_out(out: Path, *, resume: bool, overwrite: bool) -> dict[str, Any] | None:
+    """Check the run folder can be written; returns its run.json when resuming."""
+    if out.exists() and not out.is_dir():
+        raise RunError(f"the run folder {str(out)!r} is a file, not a folder")
+    info_file = out / RUN_JSON
+    if not info_file.exists():
+        if out.exists() and any(p.name != LOCK_FILE for p in out.iterdir()) and not overwrite:
+            raise RunError(
+                f"the run folder {str(out)!r} is not empty and holds no run; "
+                "choose another folder (or overwrite it)"
+            )
+        return None
+    try:
+        previous = json.loads(info_file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        previous = {}
+    status = previous.get("status")
+    if resume:
+        if status == "done":
+            raise RunError(
+                f"the run in {str(out)!r} already finished: nothing to resume "
+                "(overwrite it to train it again)"
+            )
+        return previous
+    if not overwrite:
+        what = "a finished run" if status == "done" else "an interrupted run"
+        hint = "" if status == "done" else " or resume to continue it"
+        raise RunError(
+            f"{str(out)!r} already holds {what}; overwrite it to replace it{hint}, "
+            "or choose another folder"
+        )
+    return None
+
+
+def _build_seeded(config: dict[str, Any], seed: int) -> Flow:
+    """Build a model with its initialization drawn from ``seed`` (global RNG untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return models.build(config)
+
+
+def train_run(
+    data: Any,
+    out: str | os.PathLike[str],
+    *,
+    model: str | dict[str, Any] = "auto",
+    budget: float = 300.0,
+    columns: Sequence[int | str] | None = None,
+    samples: int = 20000,
+    steps: int | None = None,
+    epochs: int | None = None,
+    patience: int | None = None,
+    batch_size: int | None = None,
+    lr: float = 1e-3,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    standardize: bool = True,
+    dequantize: bool = False,
+    device: str = "auto",
+    seed: int = 0,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> Run:
+    """Train a model on a table and write a run folder; returns the finished :class:`Run`.
+
+    The data (see :func:`read_data`) is checked, split into train / validation / test with
+    ``seed``, the model is built (with the training split's mean and standard deviation as
+    its first, fixed layer when ``standardize``, so every log-density is in the units of the
+    data), trained with :func:`exactflow.fit` keeping the weights of the best validation
+    NLL, and evaluated on the test split. Everything that can fail on bad data fails before
+    anything is written. Under ``torch.distributed`` every rank trains its share and rank 0
+    alone writes the folder. Build the report with :func:`exactflow.report.build_report`.
+
+    Args:
+        data: a toy name, ``"digits"``, a CSV/``.npy``/``.npz`` path, or an array of rows.
+        out: the run folder (created; refused if it holds another run, unless
+            ``overwrite`` or ``resume``).
+        model: ``"auto"`` (a short ladder of models within ``budget`` seconds, the best on
+            the validation split kept: :func:`exactflow.fit_auto`), a builder name
+            (:func:`exactflow.models.available`), or a config ``{"model": name,
+            **arguments}`` without ``features``.
+        budget: with ``model="auto"``, the seconds the ladder may take.
+        columns: columns of a file to use, by header name or index.
+        samples: points drawn when ``data`` is a toy.
+        steps, epochs: a fixed training length; by default the length is set by the
+            validation split (see :func:`exactflow.fit`).
+        patience: epochs without improvement of the validation NLL before stopping.
+        batch_size, lr: as in :func:`exactflow.fit` (a batch larger than the training split
+            is cut to it, with a note; by default it follows the number of rows).
+        val_fraction, test_fraction: the held-out fractions.
+        standardize: put a standardization layer first.
+        dequantize: add uniform noise in [0, 1) to the integer-valued columns (counts,
+            levels, pixels), so the log-densities are the documented lower bound of the
+            discrete log-probability (:func:`exactflow.runs.dequantize`); without it, a run
+            on integer columns notes them.
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
+        seed: seed of the split, the initialization and the batches.
+        resume: continue the interrupted run in ``out`` from its checkpoint.
+        overwrite: replace the run in ``out``.
+        progress: show a progress bar on a terminal.
+        log: called with notes for the user (default: printed to stderr).
+
+    Raises:
+        DataError: bad data; RunError: a folder that cannot be written or resumed;
+        exactflow.TrainingError: training diverged.
+    """
+    log = log or (lambda text: print(text, file=sys.stderr))
+    out = Path(out)
+    fraction(val_fraction, "val_fraction")
+    fraction(test_fraction, "test_fraction")
+    if val_fraction + test_fraction >= 1.0:
+        raise ValueError(
+            f"val_fraction + test_fraction must be below 1, got {val_fraction + test_fraction}"
+        )
+    if batch_size is not None:
+        batch_size = positive_int(batch_size, "batch_size")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but CUDA is not available here")
+    if model == "auto" and resume:
+        raise ValueError("resume continues the training of one model: give the model that "
+                         "the interrupted run trained (e.g. --model maf), not auto")
+    writer = distributed.rank() == 0
+    if writer:
+        _protect_input(data, out)
+    return _train(
+        data, out, writer, model=model, budget=budget, columns=columns, samples=samples,
+        steps=steps, epochs=epochs, patience=patience, batch_size=batch_size, lr=lr,
+        val_fraction=val_fraction, test_fraction=test_fraction, standardize=standardize,
+        dequantize=dequantize, device=device, seed=seed, resume=resume, overwrite=overwrite,
+        progress=progress, log=log,
+    )
+
+
+def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], budget: float,
+           columns: Sequence[int | str] | None, samples: int, steps: int | None,
+           epochs: int | None, patience: int | None, batch_size: int | None, lr: float,
+           val_fraction: float, test_fraction: float, standardize: bool, dequantize: bool,
+           device: str, seed: int, resume: bool, overwrite: bool, progress: bool,
+           log: Callable[[str], None]) -> Run:
+    # Under torchrun only rank 0 (the writer) checks and writes the run folder.
+    previous = _prepare_out(out, resume=resume, overwrite=overwrite) if writer else None
+
+    # Everything that can fail on bad data fails here, before anything is written.
+    rows, data_info = read_data(data, columns, samples=samples, seed=seed)
+    validate(rows, name=data_info["name"])
+    discrete = integer_columns(rows)
+    if dequantize:
+        rows = dequantize_rows(rows, discrete, seed)
+        data_info["dequantized_columns"] = discrete
+    elif discrete:
+        data_info["integer_columns"] = discrete
+        names = data_info.get("column_names")
+        shown = [names[j] for j in discrete] if names else discrete
+        log(f"note: columns {shown[:8]}{' ...' if len(shown) > 8 else ''} hold integers only; "
+            "a continuous density can pile its mass onto them: dequantize them (--dequantize, "
+            "or dequantize=True) for a log-density that means something")
+    fractions = (1.0 - val_fraction - test_fraction, val_fraction, test_fraction)
+    n = len(rows)
+    if n < 10:
+        raise DataError(f"{data_info['name']} has {n} rows; a train/validation/test split "
+                        "needs at least 10")
+    train, val, test = split(rows, fractions, seed=seed)
+    if min(len(train), len(val), len(test)) == 0:
+        raise DataError(f"{data_info['name']}: {n} rows are too few for the fractions {fractions}")
+    if batch_size is not None and batch_size > len(train):
+        log(f"note: batch size {batch_size} is more than the {len(train)} training rows; "
+            f"using {len(train)}")
+        batch_size = len(train)
+    features = rows.shape[1]
+    auto = model == "auto"
+    flow: Flow | None = None
+    if not auto:
+        config: dict[str, Any] = {"model": model} if isinstance(model, str) else dict(model)
+        config.update(features=features, standardize=bool(standardize))
+        try:
+            flow = _build_seeded(config, seed)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"cannot build model {config.get('model')!r}: {err}") from None
+    data_info.update(
+        features=features,
+        rows={"total": n, "train": len(train), "val": len(val), "test": len(test)},
+        split_seed=seed,
+        fractions=list(fractions),
+    )
+    options = {
+        "model": "auto" if auto else "given", "budget": budget if auto else None,
+        "steps": steps, "epochs": epochs, "patience": patience, "batch_size": batch_size,
+        "lr": lr, "device": device, "seed": seed, "standardize": standardize,
+        "dequantize": dequantize, "val_fraction": val_fraction, "test_fraction": test_fraction,
+    }
+    if previous is not None:
+        for key, now in (("data", data_info), ("model", None if flow is None else flow.config)):
+            before = previous.get(key)
+            if now is not None and before is not None and json.loads(json.dumps(before)) != json.loads(
+                json.dumps(now, default=str)
+            ):
+                raise RunError(
+                    f"cannot resume {str(out)!r}: it was started with a different {key} "
+                    f"({json.dumps(before, default=str)[:200]}); rerun the original command "
+                    "with resume"
+                )
+
+    with locked(out) if writer else contextlib.nullcontext():
+        if writer:  # again, under the lock: another run may have started meanwhile
+            _prepare_out(out, resume=resume, overwrite=overwrite)
+        return _write_run(
+            out, writer, flow, train, val, test, data_info, options, previous, model=model,
+            budget=budget, steps=steps, epochs=epochs, patience=patience,
+            batch_size=batch_size, lr=lr, standardize=standardize, device=device, seed=seed,
+            resume=resume, progress=progress, log=log,
+        )
+
+
+def _write_run(out: Path, writer: bool, flow: Flow | None, train: Any, val: Any,
+               test: Any, data_info: dict[str, Any], options: dict[str, Any],
+               previous: dict[str, Any] | None, *, model: Any, budget: float,
+               steps: int | None, epochs: int | None, patience: int | None,
+               batch_size: int | None, lr: float, standardize: bool, device: str, seed: int,
+               resume: bool, progress: bool, log: Callable[[str], None]) -> Run:
+    checkpoint = out / CHECKPOINT_FILE
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume and checkpoint.exists():
+            checkpoint.unlink()
+    info: dict[str, Any] = {
+        "format": RUN_FORMAT,
+        "version": 1,
+        "status": "training",
+        "created": _now() if previous is None else previous.get("created", _now()),
+        "command": ["exactflow", *sys.argv[1:]] if sys.argv and "exactflow" in sys.argv[0]
+        else None,
+        "data": data_info,
+        "model": None if flow is None else flow.config,
+        "options": options,
+        "versions": versions(),
+    }
+    if writer:
+        atomic_write_json(out / RUN_JSON, info)
+
+    leaderboard = None
+    if flow is None:
+        result = fit_auto(train, val, budget=budget, standardize=standardize, seed=seed,
+                          device=device, progress=False, log=log)
+        flow, history = result.flow, result.history
+        leaderboard = [entry.to_dict() for entry in result.leaderboard]
+        info["model"] = flow.config
+    else:
+        history = fit(
+            flow, train, val,
+            steps=steps, epochs=epochs, patience=patience, batch_size=batch_size, lr=lr,
+            checkpoint=checkpoint, resume=resume, device=device, seed=seed, progress=progress,
+        )
+    if not writer:
+        return Run(out, info, flow, history.to_dict())
+    trained_on = str(next(iter(flow.parameters())).device) if any(
+        True for _ in flow.parameters()) else "cpu"
+    test_metrics = evaluate(flow, test)
+    val_metrics = evaluate(flow, val)
+    flow.cpu()
+    hist = history.to_dict()
+    metrics = {
+        "test": test_metrics,
+        "val": val_metrics,
+        "train_time_s": hist["time"][-1] if hist.get("time") else None,
+        "steps": history.total_steps,
+        "best_step": history.best_step,
+        "rollbacks": len(history.rollbacks),
+        "parameters": int(sum(p.numel() for p in flow.parameters())),
+    }
+    if leaderboard is not None:
+        metrics["leaderboard"] = leaderboard
+    entropy = data_info.get("entropy")
+    if entropy is not None and math.isfinite(test_metrics["nll"]):
+        metrics["test_nll_minus_entropy"] = test_metrics["nll"] - entropy
+
+    buf = io.BytesIO()
+    np.savez(buf, train=train, val=val, test=test)
+    atomic_write_bytes(out / DATA_FILE, buf.getvalue())
+    save(flow, out / MODEL_FILE)
+    atomic_write_json(out / HISTORY_FILE, hist)
+    info.update(status="done", finished=_now(), metrics=metrics)
+    info["options"]["device"] = trained_on
+    atomic_write_json(out / RUN_JSON, info)
+    if checkpoint.exists():
+        checkpoint.unlink()
+    return Run(out, json.loads((out / RUN_JSON).read_text(encoding="utf-8")), flow.eval(), hist)
