@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 import exactflow as ef
-from tests.test_distributed import MAF_ARGS, _actnorm_maf, _data, _interrupt_at, _Interrupt
+from tests.test_distributed import MAF_ARGS, _actnorm_maf, _data, _Interrupt, _interrupt_at
 
 
 def main(folder: Path) -> None:
