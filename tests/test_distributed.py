@@ -24,7 +24,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 import exactflow as ef
 import exactflow.cli
 from exactflow.training.metrics import NLLSummary
-from exactflow.training.parallel import Replicas
+from exactflow.training.parallel import Replicas, _check_devices
 from tests.helpers import perturb
 
 FEATURES = 5  # odd on purpose
@@ -151,6 +151,18 @@ def _worker(rank: int, folder: str) -> dict[str, Any]:
     out["maf"] = _state(flow)
     out["maf_history"] = (history.steps, history.train_nll, history.val_nll, history.best_step)
 
+    # 1a. The same run reading .npy shards: a folder path for training, Shards for validation.
+    flow = _actnorm_maf(seed=rank)
+    history = ef.fit(flow, str(Path(folder) / "train-shards"),
+                     ef.datasets.Shards(Path(folder) / "val-shards"), **MAF_ARGS)
+    out["maf_shards"] = (_state(flow), history.val_nll)
+
+    # Two ranks on one GPU of one machine are refused (checked without a GPU: names only).
+    try:
+        _check_devices(2, torch.device("cuda", 0))
+    except ValueError as err:
+        out["same_gpu"] = str(err)
+
     # 1b. The flat all-reduce engine, and DDP with two micro-batches per rank (no_sync), a
     #     small bucket and a communication hook that counts its calls.
     flow = _actnorm_maf(seed=rank)
@@ -249,6 +261,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                checkpoint_every=4, callback=_interrupt_at(6), **MAF_ARGS)
     except _Interrupt:
         pass
+    ef.datasets.write_shards(train.numpy(), folder / "train-shards", rows_per_shard=70)
+    ef.datasets.write_shards(val.numpy(), folder / "val-shards", rows_per_shard=30)
     results = ef.distributed.launch(_worker, 2, str(folder), threads=1, timeout=120)
     return {"ranks": results, "folder": folder}
 
@@ -288,6 +302,20 @@ def test_two_ranks_match_one_process_on_the_same_global_batches(
         assert train_nll[0] is None and history.train_nll[0] is None  # the step-0 record
         np.testing.assert_allclose(train_nll[1:], history.train_nll[1:], rtol=1e-9)
         np.testing.assert_allclose(val_nll, history.val_nll, rtol=1e-9)
+
+
+@needs_gloo
+def test_ranks_train_from_shards_as_from_arrays(runs: dict[str, Any]) -> None:
+    for rank in (0, 1):
+        state, val_nll = runs["ranks"][rank]["maf_shards"]
+        _assert_same(state, runs["ranks"][rank]["maf"], atol=0.0)
+        assert val_nll == runs["ranks"][rank]["maf_history"][2]
+
+
+@needs_gloo
+def test_two_ranks_on_one_gpu_are_refused(runs: dict[str, Any]) -> None:
+    for rank in (0, 1):
+        assert "ranks [0, 1] train on the same GPU" in runs["ranks"][rank]["same_gpu"]
 
 
 @needs_gloo
