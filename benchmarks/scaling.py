@@ -85,7 +85,8 @@ def _throughput_worker(rank: int, spec: dict[str, Any]) -> dict[str, Any]:
     cpu: list[float] = []
     history = ef.fit(
         flow, data, steps=window * (windows + 1), batch_size=spec["batch"], lr=1e-3,
-        eval_every=window, progress=False, device=spec["device"], ddp=spec["ddp"],
+        eval_every=window, val_fraction=0, progress=False, device=spec["device"],
+        ddp=spec["ddp"],
         precision=spec.get("precision", "fp32"), seed=0,
         callback=lambda h: cpu.append(time.process_time()),
     )
