@@ -54,6 +54,12 @@ def init(backend: str | None = None, *, timeout: float = 1800.0) -> tuple[int, i
     each rank on its own GPU. Does nothing when a group is already initialized or when the
     environment names no group (a plain ``python script.py``), so a script runs both ways.
 
+    The same call serves one machine (``torchrun --standalone --nproc-per-node W``) and
+    several (``torchrun --nnodes N --nproc-per-node W --rdzv-backend c10d
+    --rdzv-endpoint HOST:PORT --rdzv-id JOB`` on every machine; ranks are numbered across
+    machines). Where a machine has several network interfaces, choose the one the ranks
+    reach each other by with ``GLOO_SOCKET_IFNAME`` or ``NCCL_SOCKET_IFNAME``.
+
     Args:
         backend: ``"nccl"`` or ``"gloo"``; default NCCL when CUDA is available, else gloo.
         timeout: seconds a collective may wait for the other ranks before failing.

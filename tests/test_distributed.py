@@ -1,13 +1,17 @@
 """Data-parallel fit on torch.distributed: two gloo processes on 127.0.0.1 against one process.
 
 The multi-process scenarios share one launch (starting processes costs seconds on a small
-machine): each worker returns what it trained and the assertions run here.
+machine): each worker returns what it trained and the assertions run here. The engines
+(DDP by default, the flat all-reduce with ddp=False), gradient accumulation under no_sync,
+DDP options and communication hooks, synchronized batch norm, resuming with another number
+of processes, and data-parallel reverse KL are all checked against one process.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +19,12 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 import exactflow as ef
 import exactflow.cli
 from exactflow.training.metrics import NLLSummary
-from exactflow.training.parallel import Replicas
+from exactflow.training.parallel import Replicas, _check_devices
 from tests.helpers import perturb
 
 FEATURES = 5  # odd on purpose
@@ -76,6 +81,46 @@ def _interrupt_at(step: int) -> Any:
 MAF_ARGS: dict[str, Any] = dict(
     steps=STEPS, batch_size=BATCH, lr=1e-2, eval_every=2, progress=False, device="cpu", seed=3
 )
+BN_ARGS: dict[str, Any] = dict(
+    steps=5, batch_size=64, lr=1e-2, eval_every=2, progress=False, device="cpu"
+)
+
+# Reverse KL to a Gaussian of known normalizer, which an elementwise affine flow can match.
+MU, SCALE, OFFSET = torch.tensor([1.0, -2.0]), torch.tensor([0.5, 2.0]), 3.0
+LOG_Z = OFFSET + math.log(2 * math.pi) + math.log(0.5) + math.log(2.0)
+RKL_ARGS: dict[str, Any] = dict(
+    steps=60, batch_size=128, lr=0.05, anneal_steps=0, progress=False, final_samples=4000,
+    device="cpu", seed=1,
+)
+
+
+def _gaussian_target(x: torch.Tensor) -> torch.Tensor:
+    return -0.5 * (((x - MU) / SCALE) ** 2).sum(-1) + OFFSET
+
+
+def _affine_flow() -> ef.Flow:
+    return ef.Flow(ef.transforms.ElementwiseAffine(2), ef.StandardNormal(2))
+
+
+class _Unused(ef.Transform):
+    """The identity with a parameter it never uses (DDP's find_unused_parameters case)."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.features = features
+        self.spare = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor, context: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, x.new_zeros(x.shape[0])
+
+    def inverse(self, z: torch.Tensor, context: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return z, z.new_zeros(z.shape[0])
+
+
+def _with_unused(seed: int) -> ef.Flow:
+    torch.manual_seed(seed)
+    flow = ef.Compose(ef.transforms.ElementwiseAffine(FEATURES), _Unused(FEATURES))
+    return ef.Flow(flow, ef.StandardNormal(FEATURES)).double()
 
 
 def _state(flow: ef.Flow) -> dict[str, torch.Tensor]:
@@ -106,7 +151,37 @@ def _worker(rank: int, folder: str) -> dict[str, Any]:
     out["maf"] = _state(flow)
     out["maf_history"] = (history.steps, history.train_nll, history.val_nll, history.best_step)
 
-    # 2. The same run interrupted after step 6 (last checkpoint at step 4), then resumed.
+    # 1a. The same run reading .npy shards: a folder path for training, Shards for validation.
+    flow = _actnorm_maf(seed=rank)
+    history = ef.fit(flow, str(Path(folder) / "train-shards"),
+                     ef.datasets.Shards(Path(folder) / "val-shards"), **MAF_ARGS)
+    out["maf_shards"] = (_state(flow), history.val_nll)
+
+    # Two ranks on one GPU of one machine are refused (checked without a GPU: names only).
+    try:
+        _check_devices(2, torch.device("cuda", 0))
+    except ValueError as err:
+        out["same_gpu"] = str(err)
+
+    # 1b. The flat all-reduce engine, and DDP with two micro-batches per rank (no_sync), a
+    #     small bucket and a communication hook that counts its calls.
+    flow = _actnorm_maf(seed=rank)
+    ef.fit(flow, train, val, ddp=False, **MAF_ARGS)
+    out["maf_allreduce"] = _state(flow)
+    calls = []
+
+    def hook(state, bucket):  # no annotations: DDP checks them against its own types
+        calls.append(bucket.index())
+        return default_hooks.allreduce_hook(None, bucket)
+
+    flow = _actnorm_maf(seed=rank)
+    ef.fit(flow, train, val, accumulate=2, ddp={"bucket_cap_mb": 1, "comm_hook": (None, hook)},
+           **MAF_ARGS)
+    out["maf_accumulate"] = _state(flow)
+    out["hook_calls"] = len(calls)
+
+    # 2. The same run interrupted after step 6 (last checkpoint at step 4), then resumed; a
+    #    copy of the interrupted checkpoint is resumed by one process in the test.
     flow = _actnorm_maf(seed=rank)
     shared = Path(folder) / "resume.pt"
     try:
@@ -114,9 +189,17 @@ def _worker(rank: int, folder: str) -> dict[str, Any]:
                callback=_interrupt_at(6), **MAF_ARGS)
     except _Interrupt:
         pass
+    if rank == 0:
+        shutil.copy(shared, Path(folder) / "by-two.pt")
     flow = _actnorm_maf(seed=rank)
     ef.fit(flow, train, val, checkpoint=shared, checkpoint_every=4, resume=True, **MAF_ARGS)
     out["resumed"] = _state(flow)
+
+    # 2b. A checkpoint that one process wrote (the fixture, before the launch) resumed by two.
+    flow = _actnorm_maf(seed=rank)
+    ef.fit(flow, train, val, checkpoint=Path(folder) / "by-one.pt", checkpoint_every=4,
+           resume=True, **MAF_ARGS)
+    out["resumed_from_one"] = _state(flow)
 
     # 3. A callback that stops on rank 1 alone stops both ranks at the same step.
     flow = _actnorm_maf(seed=rank)
@@ -125,13 +208,39 @@ def _worker(rank: int, folder: str) -> dict[str, Any]:
     out["stopped"] = (history.total_steps, history.stopped_early, history.steps)
 
     # 4. RealNVP with batch norm, no validation data: per-rank batch statistics in training,
-    #    running averages averaged across ranks.
+    #    running averages averaged across ranks; then synchronized batch norm.
     flow = _bn_realnvp(seed=rank)
-    ef.fit(flow, train, steps=5, batch_size=64, lr=1e-2, eval_every=2, progress=False,
-           device="cpu")
+    ef.fit(flow, train, **BN_ARGS)
     out["bn"] = _state(flow)
     with torch.no_grad():
         out["bn_logp"] = flow.log_prob(val)
+    flow = _bn_realnvp(seed=rank)
+    ef.fit(flow, train, sync_batch_norm=True, **BN_ARGS)
+    out["bn_synced"] = _state(flow)
+    out["bn_class"] = type(flow.transform.transforms[1]).__name__
+
+    # 4b. A parameter the loss never uses: DDP refuses it, unless told to look for it.
+    try:
+        ef.fit(_with_unused(rank), train, steps=3, batch_size=BATCH, progress=False)
+    except RuntimeError as err:
+        out["unused_error"] = str(err)
+    flow = _with_unused(rank)
+    ef.fit(flow, train, steps=3, batch_size=BATCH, lr=1e-2, progress=False,
+           ddp={"find_unused_parameters": True})
+    out["unused"] = _state(flow)
+
+    # 4c. Reverse KL: each rank draws its own samples (recorded at the first step).
+    seen: list[torch.Tensor] = []
+
+    def target(x: torch.Tensor) -> torch.Tensor:
+        if not seen:
+            seen.append(x.detach().clone())
+        return _gaussian_target(x)
+
+    torch.manual_seed(rank)
+    flow = _affine_flow()
+    history = ef.fit_reverse_kl(flow, target, **RKL_ARGS)
+    out["rkl"] = (_state(flow), history.final, history.train_nll, seen[0])
 
     # 5. The command line inside a process group: rank 0 alone writes the run folder.
     out["cli"] = ef.cli.main([
@@ -145,8 +254,26 @@ def _worker(rank: int, folder: str) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     folder = tmp_path_factory.mktemp("distributed")
+    # One process writes a checkpoint at step 4 (interrupted at 6) for two ranks to resume.
+    train, val = _data()
+    try:
+        ef.fit(_actnorm_maf(seed=0), train, val, checkpoint=folder / "by-one.pt",
+               checkpoint_every=4, callback=_interrupt_at(6), **MAF_ARGS)
+    except _Interrupt:
+        pass
+    ef.datasets.write_shards(train.numpy(), folder / "train-shards", rows_per_shard=70)
+    ef.datasets.write_shards(val.numpy(), folder / "val-shards", rows_per_shard=30)
     results = ef.distributed.launch(_worker, 2, str(folder), threads=1, timeout=120)
     return {"ranks": results, "folder": folder}
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, Any]:
+    """The one-process run that the two ranks must reproduce."""
+    train, val = _data()
+    flow = _actnorm_maf(seed=0)  # rank 0's starting point
+    history = ef.fit(flow, train, val, **MAF_ARGS)
+    return {"state": _state(flow), "history": history}
 
 
 def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float) -> None:
@@ -159,17 +286,17 @@ def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: f
 
 
 @needs_gloo
-def test_two_ranks_match_one_process_on_the_same_global_batches(runs: dict[str, Any]) -> None:
-    train, val = _data()
-    flow = _actnorm_maf(seed=0)  # rank 0's starting point
-    history = ef.fit(flow, train, val, **MAF_ARGS)
-    reference = _state(flow)
+def test_two_ranks_match_one_process_on_the_same_global_batches(
+    runs: dict[str, Any], reference: dict[str, Any]
+) -> None:
+    history = reference["history"]
     start = _state(_actnorm_maf(seed=0))
-    moved = max((reference[k] - start[k]).abs().max().item() for k in start
+    moved = max((reference["state"][k] - start[k]).abs().max().item() for k in start
                 if start[k].is_floating_point())
     assert moved > 1e-2  # the comparison is not between two untrained flows
     for rank in (0, 1):
-        _assert_same(runs["ranks"][rank]["maf"], reference, atol=1e-5)
+        # DDP (the default engine): the same weights as one process, to 1e-5.
+        _assert_same(runs["ranks"][rank]["maf"], reference["state"], atol=1e-5)
         steps, train_nll, val_nll, best_step = runs["ranks"][rank]["maf_history"]
         assert steps == history.steps and best_step == history.best_step
         assert train_nll[0] is None and history.train_nll[0] is None  # the step-0 record
@@ -178,9 +305,35 @@ def test_two_ranks_match_one_process_on_the_same_global_batches(runs: dict[str, 
 
 
 @needs_gloo
+def test_ranks_train_from_shards_as_from_arrays(runs: dict[str, Any]) -> None:
+    for rank in (0, 1):
+        state, val_nll = runs["ranks"][rank]["maf_shards"]
+        _assert_same(state, runs["ranks"][rank]["maf"], atol=0.0)
+        assert val_nll == runs["ranks"][rank]["maf_history"][2]
+
+
+@needs_gloo
+def test_two_ranks_on_one_gpu_are_refused(runs: dict[str, Any]) -> None:
+    for rank in (0, 1):
+        assert "ranks [0, 1] train on the same GPU" in runs["ranks"][rank]["same_gpu"]
+
+
+@needs_gloo
+def test_every_engine_and_accumulation_match_one_process(
+    runs: dict[str, Any], reference: dict[str, Any]
+) -> None:
+    for rank in (0, 1):
+        _assert_same(runs["ranks"][rank]["maf_allreduce"], reference["state"], atol=1e-5)
+        _assert_same(runs["ranks"][rank]["maf_accumulate"], reference["state"], atol=1e-5)
+        # the hook ran on the synchronized micro-batch only: one bucket per step
+        assert runs["ranks"][rank]["hook_calls"] == STEPS
+
+
+@needs_gloo
 def test_ranks_end_with_identical_weights(runs: dict[str, Any]) -> None:
     r0, r1 = runs["ranks"]
-    for key in ("maf", "resumed", "bn"):
+    for key in ("maf", "maf_allreduce", "maf_accumulate", "resumed", "resumed_from_one", "bn",
+                "bn_synced", "unused"):
         _assert_same(r0[key], r1[key], atol=0.0)
     assert r0["maf_history"] == r1["maf_history"]
 
@@ -213,10 +366,69 @@ def test_resume_equals_the_uninterrupted_run(runs: dict[str, Any]) -> None:
 
 
 @needs_gloo
+def test_resume_with_another_number_of_processes(
+    runs: dict[str, Any], reference: dict[str, Any]
+) -> None:
+    # one process's checkpoint, finished by two ranks
+    for rank in (0, 1):
+        _assert_same(runs["ranks"][rank]["resumed_from_one"], reference["state"], atol=1e-5)
+    # two ranks' checkpoint (step 4), finished by one process
+    train, val = _data()
+    payload = torch.load(runs["folder"] / "by-two.pt", weights_only=False)
+    assert payload["step"] == 4
+    flow = _actnorm_maf(seed=5)  # any start: the checkpoint replaces it
+    ef.fit(flow, train, val, checkpoint=runs["folder"] / "by-two.pt", checkpoint_every=4,
+           resume=True, **MAF_ARGS)
+    _assert_same(_state(flow), reference["state"], atol=1e-5)
+
+
+@needs_gloo
 def test_a_stop_on_one_rank_stops_every_rank_at_the_same_step(runs: dict[str, Any]) -> None:
     for rank in (0, 1):
         total, stopped, steps = runs["ranks"][rank]["stopped"]
         assert (total, stopped, steps) == (2, True, [0, 1, 2])
+
+
+@needs_gloo
+def test_synchronized_batch_norm_matches_one_process(runs: dict[str, Any]) -> None:
+    train, _ = _data()
+    flow = _bn_realnvp(seed=0)
+    ef.fit(flow, train, **BN_ARGS)
+    one = _state(flow)
+    r0 = runs["ranks"][0]
+    _assert_same(r0["bn_synced"], one, atol=1e-5)
+    # per-rank statistics (the default) are not the one-process run
+    assert max((r0["bn"][k] - one[k]).abs().max().item() for k in one
+               if one[k].is_floating_point()) > 1e-4
+    assert r0["bn_class"] == "BatchNorm"  # the layers are plain BatchNorm again after fit
+
+
+@needs_gloo
+def test_unused_parameters_need_the_ddp_option(runs: dict[str, Any]) -> None:
+    for rank in (0, 1):
+        assert "find_unused_parameters" in runs["ranks"][rank]["unused_error"]
+        state = runs["ranks"][rank]["unused"]
+        spare = state["transform.transforms.1.spare"]
+        assert torch.equal(spare, torch.zeros(1, dtype=torch.float64))
+        assert state["transform.transforms.0.shift"].abs().max() > 0  # it trained
+
+
+@needs_gloo
+def test_reverse_kl_trains_data_parallel(runs: dict[str, Any]) -> None:
+    (s0, final0, curve0, seen0), (s1, final1, curve1, seen1) = (
+        runs["ranks"][r]["rkl"] for r in (0, 1))
+    _assert_same(s0, s1, atol=0.0)
+    assert final0 == final1 and curve0 == curve1
+    assert seen0.shape == seen1.shape == (64, 2)  # each rank drew its share ...
+    assert not torch.allclose(seen0, seen1)  # ... from its own stream
+    torch.manual_seed(0)
+    flow = _affine_flow()
+    alone = ef.fit_reverse_kl(flow, _gaussian_target, **RKL_ARGS).final
+    for final in (final0, alone):  # the same bound and log Z, statistically
+        assert final["n"] == 4000
+        assert abs(final["elbo"] - LOG_Z) < 0.05 and final["elbo"] < LOG_Z + 4 * final["elbo_se"]
+        assert abs(final["log_z_is"] - LOG_Z) < 5 * final["log_z_is_se"] + 0.01
+    assert abs(final0["elbo"] - alone["elbo"]) < 0.05
 
 
 @needs_gloo
@@ -242,6 +454,7 @@ def test_ranks_that_disagree_fail_with_a_clear_error(runs: dict[str, Any]) -> No
         assert len(small) == 2
         assert "global batch, split across 2 ranks" in small[0]
         assert "batch norm needs at least 2 rows per rank" in small[1]
+        assert "sync_batch_norm=True" in small[1]
 
 
 # -- without processes -------------------------------------------------------------------------
@@ -274,9 +487,51 @@ def test_a_world_of_one_changes_nothing() -> None:
     local = Replicas(batch_size=8)
     index = torch.arange(8)
     assert local.shard(index) is index
-    loss = torch.tensor(1.5)
-    assert local.average_gradients(loss, [], 8) is loss
     assert local.any(True) and not local.any(False)
+    assert local.share_rows() == 8
+    values = torch.arange(3.0)
+    assert local.gather(values) is values
+    flow = _actnorm_maf(0)
+    x = _data()[0][:8]
+    loss = -flow.log_prob(x).mean()
+    loss.backward()
+    plain = [p.grad.clone() for p in flow.parameters()]
+    flow.zero_grad()
+    with local.attach(flow):
+        assert local.model is flow
+
+        def compute(lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+            value = -local.model(x[lo:hi]).mean()
+            return value, value
+
+        total, logged = local.backward(compute, 8)
+    assert total == loss and logged == loss
+    for p, g in zip(flow.parameters(), plain, strict=True):
+        assert torch.equal(p.grad, g)
+
+
+def test_accumulated_micro_batches_equal_one_batch() -> None:
+    train, val = _data()
+    one = _actnorm_maf(seed=0)
+    ef.fit(one, train, val, **MAF_ARGS)
+    three = _actnorm_maf(seed=0)
+    ef.fit(three, train, val, accumulate=3, **MAF_ARGS)
+    _assert_same(_state(three), _state(one), atol=1e-10)
+
+
+def test_bad_data_parallel_options_are_named() -> None:
+    train, _ = _data()
+    args: dict[str, Any] = dict(steps=1, batch_size=BATCH, progress=False)
+    with pytest.raises(TypeError, match="ddp must be True, False or a dict"):
+        ef.fit(_actnorm_maf(0), train, ddp="yes", **args)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="sync_batch_norm must be"):
+        ef.fit(_actnorm_maf(0), train, sync_batch_norm=1, **args)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="accumulate"):
+        ef.fit(_actnorm_maf(0), train, accumulate=0, **args)
+    with pytest.raises(ValueError, match="leaves a micro-batch without rows"):
+        ef.fit(_actnorm_maf(0), train, accumulate=64, **args)
+    with pytest.raises(ValueError, match="batch norm needs at least 2 rows per micro-batch"):
+        ef.fit(_bn_realnvp(0), train, accumulate=32, **args)
 
 
 def test_strided_shares_are_disjoint_and_cover_the_batch() -> None:

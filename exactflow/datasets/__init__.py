@@ -12,6 +12,9 @@
 * :func:`split` makes seeded train/validation/test splits (:mod:`~exactflow.datasets.splits`);
   :class:`Subset` is a lazy row/column view of a memory-mapped array
   (:mod:`~exactflow.datasets.arrays`).
+* :class:`Shards` reads a folder of ``.npy`` shards (memory-mapped) or Parquet files as one
+  lazy table, and :func:`write_shards` writes one (:mod:`~exactflow.datasets.shards`): data
+  larger than memory, in many files, trains like one array.
 
 :class:`~exactflow.transforms.Standardize`, the fixed affine layer a model puts first so
 that ``log_prob`` stays in the units of the data, lives with the layers; it is importable
@@ -20,10 +23,11 @@ from here too, as in exactflow 0.1.
 
 from ..transforms.normalization import Standardize
 from ..validation import DataError
-from .arrays import CHUNK_ROWS, ArrayLike, Subset
+from .arrays import CHUNK_ROWS, ArrayLike, LazyTable, Subset
 from .bundled import digits
 from .checks import validate
 from .files import load, read_header
+from .shards import Shards, open_table, write_shards
 from .splits import as_tensor, split
 from .toys import TOY_ENTROPY, TOYS, toy
 
@@ -34,6 +38,10 @@ __all__ = [
     "ArrayLike",
     "DataError",
     "Subset",
+    "LazyTable",
+    "Shards",
+    "write_shards",
+    "open_table",
     "Standardize",
     "toy",
     "load",

@@ -13,13 +13,47 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-__all__ = ["CHUNK_ROWS", "Subset", "ArrayLike", "is_lazy", "as_numpy", "chunks"]
+__all__ = ["CHUNK_ROWS", "LazyTable", "Subset", "ArrayLike", "is_lazy", "as_numpy", "chunks"]
 
 #: Rows per chunk when a function walks over (possibly memory-mapped) data.
 CHUNK_ROWS = 65536
 
 
-class Subset:
+class LazyTable:
+    """A read-only 2-D table whose rows are read from disk on demand.
+
+    The protocol every consumer of data in exactflow relies on (training, evaluation,
+    checks, standardization, splits): ``len``, ``shape``, ``ndim``, ``dtype``, and
+    ``table[i]`` / ``table[i:j]`` / ``table[index_array]``, which read only those rows and
+    return an ``ndarray``. ``np.asarray(table)`` reads all of it: only do this when it fits
+    in memory. :class:`Subset` (rows or columns of one array) and
+    :class:`~exactflow.datasets.Shards` (many files as one table) are the two kinds.
+    """
+
+    @property
+    def shape(self) -> tuple[int, int]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    @property
+    def dtype(self) -> np.dtype:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: Any) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self[:]
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+
+class Subset(LazyTable):
     """Selected rows and/or columns of an array, read lazily (for memory-mapped data).
 
     ``split`` returns these for ``np.memmap`` input and ``load`` for a column selection of a
@@ -37,13 +71,13 @@ class Subset:
         columns: column indices into ``base`` (``None``: all columns).
     """
 
-    base: np.ndarray
+    base: np.ndarray | LazyTable
     rows: np.ndarray | None
     columns: np.ndarray | None
 
     def __init__(
         self,
-        base: np.ndarray | Subset,
+        base: np.ndarray | LazyTable,
         rows: np.ndarray | None = None,
         columns: np.ndarray | None = None,
     ) -> None:
@@ -68,15 +102,8 @@ class Subset:
         return (n, d)
 
     @property
-    def ndim(self) -> int:
-        return 2
-
-    @property
     def dtype(self) -> np.dtype:
         return self.base.dtype
-
-    def __len__(self) -> int:
-        return self.shape[0]
 
     def __getitem__(self, index: Any) -> np.ndarray:
         if isinstance(index, tuple):
@@ -90,31 +117,28 @@ class Subset:
             out = out[..., self.columns]
         return out
 
-    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        out = self[:]
-        return out if dtype is None else out.astype(dtype, copy=False)
-
     def __repr__(self) -> str:
         return f"Subset(shape={self.shape}, dtype={self.dtype}, base={type(self.base).__name__})"
 
 
-ArrayLike = np.ndarray | Tensor | Subset
+ArrayLike = np.ndarray | Tensor | LazyTable
 
 
 def is_lazy(data: Any) -> bool:
-    return isinstance(data, (np.memmap, Subset))
+    """Whether ``data`` is read from disk on demand (a memmap or a :class:`LazyTable`)."""
+    return isinstance(data, (np.memmap, LazyTable))
 
 
-def as_numpy(data: Any) -> np.ndarray | Subset:
-    """A numpy view of ``data`` (no copy for arrays, memmaps, subsets and CPU tensors)."""
-    if isinstance(data, (np.ndarray, Subset)):
+def as_numpy(data: Any) -> np.ndarray | LazyTable:
+    """A numpy view of ``data`` (no copy for arrays, memmaps, lazy tables and CPU tensors)."""
+    if isinstance(data, (np.ndarray, LazyTable)):
         return data
     if isinstance(data, Tensor):
         return data.detach().cpu().numpy()
     return np.asarray(data)
 
 
-def chunks(data: np.ndarray | Subset) -> Iterator[tuple[int, np.ndarray]]:
+def chunks(data: np.ndarray | LazyTable) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(start, block)`` with ``block = data[start:start + CHUNK_ROWS]`` as an ndarray."""
     n, rows = len(data), CHUNK_ROWS
     for start in range(0, n, rows):

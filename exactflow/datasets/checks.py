@@ -9,7 +9,7 @@ import numpy as np
 
 from ..validation import DataError, index_list, nonfinite_rows_error
 from .arrays import ArrayLike, as_numpy, chunks
-from .files import load
+from .shards import open_table
 
 __all__ = ["validate"]
 
@@ -41,19 +41,20 @@ def validate(
     Memory-mapped arrays are checked in chunks of rows, never copied whole.
 
     Args:
-        data: an array, tensor, ``np.memmap``, :class:`Subset`, or a path for :func:`load`.
+        data: an array, tensor, ``np.memmap``, a lazy table (:class:`Subset`,
+            :class:`Shards`), or a path (a folder of shards or a file).
         features: the number of columns the model expects.
         batch_size: the training batch size (the data must hold at least one batch).
         name: how messages call the data (e.g. ``"validation data"``).
 
     Returns:
-        ``data`` itself (a path is loaded first), so calls can be chained.
+        ``data`` itself (a path is opened first: :func:`open_table`), so calls can be chained.
 
     Raises:
         DataError: the first problem found.
     """
     if isinstance(data, (str, os.PathLike)):
-        data = load(data)
+        data = open_table(data)
     arr = as_numpy(data)
     if arr.ndim != 2:
         hint = "; for one feature use data.reshape(-1, 1)" if arr.ndim == 1 else ""

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..validation import DataError
-from .arrays import ArrayLike, Subset, is_lazy
+from .arrays import ArrayLike, LazyTable, Subset, is_lazy
 from .checks import validate
 
 __all__ = ["split", "as_tensor"]
@@ -24,8 +24,9 @@ def split(
     parts are disjoint, cover every row and are the same for the same seed and data length.
 
     * ``ndarray`` and ``Tensor`` input: each part is a copy of its rows, in random order.
-    * ``np.memmap`` or :class:`Subset` input: each part is a lazy :class:`Subset` holding only
-      its row indices (sorted, for sequential disk reads); nothing is read until it is indexed.
+    * ``np.memmap`` or lazy-table input (:class:`Subset`, :class:`~exactflow.datasets.Shards`):
+      each part is a lazy :class:`Subset` holding only its row indices (sorted, for
+      sequential disk reads; 8 bytes a row); nothing is read until it is indexed.
 
     Args:
         data: ``(rows, features)`` data.
@@ -43,7 +44,7 @@ def split(
     fr = np.asarray(fractions, dtype=np.float64)
     if fr.ndim != 1 or len(fr) < 1 or (fr < 0).any() or abs(fr.sum() - 1.0) > 1e-6:
         raise ValueError(f"fractions must be non-negative and sum to 1, got {tuple(fractions)}")
-    if not isinstance(data, (np.ndarray, Tensor, Subset)):
+    if not isinstance(data, (np.ndarray, Tensor, LazyTable)):
         data = np.asarray(data)
     n = len(data)
     if len(data.shape) != 2:

@@ -1,7 +1,9 @@
 """Training: maximum likelihood, reverse KL, and exact evaluation.
 
 * :func:`fit` (:mod:`~exactflow.training.likelihood`): maximum likelihood on data, with
-  validation, the best weights kept, early stopping and data-parallel training;
+  validation, the best weights kept, early stopping and data-parallel training
+  (:mod:`~exactflow.training.parallel`: DDP or a flat all-reduce from
+  :mod:`~exactflow.training.engines`, synchronized batch norm, bf16 autocast);
 * :func:`fit_reverse_kl` and :func:`estimate_log_normalizer`
   (:mod:`~exactflow.training.reverse_kl`): fitting to an unnormalized density;
 * :func:`evaluate` (:mod:`~exactflow.training.metrics`): the test NLL with its standard

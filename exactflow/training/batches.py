@@ -1,8 +1,9 @@
-"""Training data a batch at a time: row access that never reads lazy data whole, and a
-shuffled order that a checkpoint can resume exactly."""
+"""Training data a batch at a time: row access that never reads lazy data whole, a
+shuffled order that a checkpoint can resume exactly, and batches moved to the device."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -10,21 +11,23 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..datasets import Subset, validate
+from ..datasets import LazyTable, Shards, Subset, open_table, validate
 from ..validation import DataError, nonfinite_rows_error
 
-__all__ = ["Rows", "Order", "wrap", "wrap_context"]
+__all__ = ["Rows", "Order", "wrap", "wrap_context", "to_device", "IN_MEMORY_SHUFFLE_ROWS"]
 
 # Rows per chunk when scanning arrays (finiteness checks, evaluation of memmaps).
 SCAN_ROWS = 65536
 
 
 class Rows:
-    """Rows of a 2-D tensor, array, ``np.memmap`` or :class:`~exactflow.datasets.Subset`,
+    """Rows of a 2-D tensor, array, ``np.memmap``, lazy table
+    (:class:`~exactflow.datasets.Subset`, :class:`~exactflow.datasets.Shards`) or path,
     gathered a batch at a time.
 
-    Lazy data (a memmap, a ``Subset``) is never read whole: a batch copies only its own rows
-    (indices sorted, for locality) and the checks scan it chunk by chunk.
+    Lazy data is never read whole: a batch copies only its own rows (indices sorted, for
+    locality) and the checks scan it chunk by chunk. A path is opened with
+    :func:`exactflow.datasets.open_table` (a folder of ``.npy`` or Parquet shards, or a file).
 
     With ``strict`` (training and validation data) the data must pass
     :func:`exactflow.datasets.validate` (2-D, numeric, ``features`` columns, at least
@@ -41,13 +44,15 @@ class Rows:
         strict: bool = False,
         batch_size: int | None = None,
     ) -> None:
+        if isinstance(data, (str, os.PathLike)):
+            data = open_table(data)
         if strict:
             validate(data, features=features, batch_size=batch_size, name=name)
         if isinstance(data, Tensor):
             if data.is_complex():
                 raise DataError(f"{name}: complex values are not supported (dtype {data.dtype})")
             array: Any = data.detach()
-        elif isinstance(data, (np.ndarray, Subset)):
+        elif isinstance(data, (np.ndarray, LazyTable)):
             array = data
         else:
             try:
@@ -107,6 +112,10 @@ class Rows:
 
     def share(self, lo: int, hi: int) -> Rows:
         """Rows ``lo:hi`` as a new :class:`Rows`, without reading them."""
+        if isinstance(self.data, Shards):  # a view of consecutive rows: no index array
+            out = object.__new__(Rows)
+            out.data, out.name = self.data.slice(lo, hi), self.name
+            return out
         return self.subset(np.arange(lo, hi))
 
     def subset(self, index: np.ndarray, name: str | None = None) -> Rows:
@@ -115,7 +124,7 @@ class Rows:
         data = self.data
         if isinstance(data, Tensor):
             part: Any = data[torch.from_numpy(np.asarray(index)).to(data.device)]
-        elif isinstance(data, (np.memmap, Subset)):
+        elif isinstance(data, (np.memmap, LazyTable)):
             part = Subset(data, rows=np.asarray(index))
         else:
             part = np.asarray(data)[index]
@@ -158,6 +167,70 @@ def wrap_context(flow: Any, context: Any, name: str, rows: int) -> Rows | None:
     return wrap(context, name, need, rows)
 
 
+#: Up to this many rows an epoch's shuffle is a stored ``torch.randperm`` (8 bytes a row);
+#: above it, a keyed permutation computed a batch at a time (:class:`Permutation`).
+IN_MEMORY_SHUFFLE_ROWS = 1 << 22
+
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _mix(x: np.ndarray, key: np.uint64) -> np.ndarray:
+    """splitmix64's finalizer of ``x ^ key``: a well-mixed 64-bit hash, elementwise."""
+    with np.errstate(over="ignore"):
+        z = (x ^ key) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+class Permutation:
+    """A seeded pseudo-random permutation of ``range(n)`` evaluated pointwise in O(1) memory.
+
+    A Feistel network on ``b`` bits (``2^(b-1) < n <= 2^b``; halves of ``ceil(b/2)`` and
+    ``floor(b/2)`` bits that trade places each round; four rounds with splitmix64 round
+    functions keyed by ``seed``) is a bijection of ``range(2^b)``; cycle walking (apply it
+    again while the value is ``>= n``, fewer than twice on average since ``2^b < 2n``)
+    restricts it to a bijection of ``range(n)``. ``perm(positions)`` costs a few dozen
+    integer operations a position, whatever ``n``: the shuffle of data far larger than
+    memory needs no index array. Good enough to shuffle training data; not cryptographic.
+
+    Example:
+        >>> import numpy as np
+        >>> p = Permutation(10, seed=3)
+        >>> sorted(p(np.arange(10)).tolist()) == list(range(10))
+        True
+    """
+
+    ROUNDS = 4
+
+    def __init__(self, n: int, seed: int | list[int]) -> None:
+        if n < 1:
+            raise ValueError(f"Permutation needs n >= 1, got {n}")
+        self.n = int(n)
+        self.bits = max(2, int(n - 1).bit_length())
+        words = np.random.SeedSequence(seed).generate_state(self.ROUNDS, np.uint64)
+        self.keys = [np.uint64(w) for w in words]
+
+    def _feistel(self, x: np.ndarray) -> np.ndarray:
+        left_bits, right_bits = self.bits - self.bits // 2, self.bits // 2
+        left, right = x >> np.uint64(right_bits), x & np.uint64((1 << right_bits) - 1)
+        for key in self.keys:
+            # (L, R) -> (R, L ^ F(R)): invertible whatever F; the halves swap sizes.
+            mask = np.uint64((1 << left_bits) - 1)
+            left, right = right, left ^ (_mix(right, key) & mask)
+            left_bits, right_bits = right_bits, left_bits
+        return (left << np.uint64(right_bits)) | right
+
+    def __call__(self, positions: np.ndarray) -> np.ndarray:
+        """The images of ``positions`` (integers in ``[0, n)``), as int64."""
+        y = self._feistel(np.asarray(positions, dtype=np.uint64))
+        out = np.flatnonzero(y >= np.uint64(self.n))
+        while len(out):
+            y[out] = self._feistel(y[out])
+            out = out[y[out] >= np.uint64(self.n)]
+        return y.astype(np.int64)
+
+
 class Order:
     """Shuffled mini-batches, epoch by epoch, reproducible from ``(seed, epoch, position)``.
 
@@ -165,23 +238,37 @@ class Order:
     the data order state is two integers and a resumed run sees the same batches. Each epoch
     holds ``n // batch_size`` full batches (the remainder rows of that epoch's shuffle are
     skipped, which keeps batch statistics of batch norm well defined).
+
+    Up to ``in_memory`` rows (default :data:`IN_MEMORY_SHUFFLE_ROWS`) the permutation is a
+    stored ``torch.randperm`` (8 bytes a row); above, it is a :class:`Permutation` keyed by
+    ``(seed, e)`` and evaluated a batch at a time, so the order of any number of rows costs
+    no memory. The two give different (equally random) orders.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+    def __init__(self, n: int, batch_size: int, seed: int, in_memory: int | None = None) -> None:
         self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.in_memory = IN_MEMORY_SHUFFLE_ROWS if in_memory is None else int(in_memory)
         self.per_epoch = n // batch_size
         self.epoch = 0
         self.position = 0
-        self._perm: Tensor | None = None
+        self._perm: Tensor | Permutation | None = None
 
     def next(self) -> Tensor:
         """The sorted row indices of the next batch."""
         if self._perm is None:
-            words = np.random.SeedSequence([self.seed, self.epoch]).generate_state(2, np.uint32)
-            gen = torch.Generator().manual_seed(int(words[0]) << 32 | int(words[1]))
-            self._perm = torch.randperm(self.n, generator=gen)
+            if self.n > self.in_memory:
+                self._perm = Permutation(self.n, [self.seed, self.epoch, 1])
+            else:
+                words = np.random.SeedSequence([self.seed, self.epoch]).generate_state(
+                    2, np.uint32)
+                gen = torch.Generator().manual_seed(int(words[0]) << 32 | int(words[1]))
+                self._perm = torch.randperm(self.n, generator=gen)
         start = self.position * self.batch_size
-        index = torch.sort(self._perm[start : start + self.batch_size]).values
+        if isinstance(self._perm, Permutation):
+            taken = self._perm(np.arange(start, start + self.batch_size))
+            index = torch.from_numpy(np.sort(taken))
+        else:
+            index = torch.sort(self._perm[start : start + self.batch_size]).values
         self.position += 1
         if self.position == self.per_epoch:
             self.epoch, self.position, self._perm = self.epoch + 1, 0, None
@@ -189,7 +276,7 @@ class Order:
 
     def peek(self) -> Tensor:
         """The next batch's indices, without moving on."""
-        twin = Order(self.n, self.batch_size, self.seed)
+        twin = Order(self.n, self.batch_size, self.seed, self.in_memory)
         twin.load_state_dict(self.state_dict())
         return twin.next()
 
@@ -198,3 +285,17 @@ class Order:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.position, self._perm = int(state["epoch"]), int(state["position"]), None
+
+
+def to_device(batch: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """A batch of rows on ``device`` in ``dtype``, copied asynchronously from pinned memory.
+
+    On CUDA a CPU batch is converted to ``dtype`` on the CPU (fewer bytes to move when the
+    data are float64 and the flow float32), copied into page-locked memory and sent with
+    ``non_blocking=True``, so the copy overlaps the work already queued on the GPU; the
+    caching host allocator reuses the pinned blocks from step to step. Elsewhere it is a
+    plain ``.to``.
+    """
+    if device.type == "cuda" and batch.device.type == "cpu":
+        return batch.to(dtype).pin_memory().to(device, non_blocking=True)
+    return batch.to(device, dtype)

@@ -13,7 +13,7 @@ import math
 import time
 import types
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from ..models import standardize_layer
 from ..scoring import module_dtype
 from ..transforms.normalization import Standardize
 from ..validation import DataError, fraction, non_negative_float, positive_int
-from .batches import Order, Rows, wrap, wrap_context
+from .batches import Order, Rows, to_device, wrap, wrap_context
 from .calibrate import prepare, recalibrate_batch_norm
 from .checkpoints import Checkpoint
 from .history import History
@@ -86,6 +86,10 @@ def fit(
     callback: Callable[[History], bool | None] | None = None,
     compile: bool = False,
     distributed: bool | None = None,
+    ddp: bool | Mapping[str, Any] = True,
+    sync_batch_norm: bool = False,
+    precision: str = "fp32",
+    accumulate: int = 1,
 ) -> History:
     """Fit a flow by maximum likelihood: minimize the mean NLL ``-(1/B) sum_i log p(x_i)``.
 
@@ -126,8 +130,10 @@ def fit(
 
     Args:
         flow: the flow to train (modified in place).
-        train: ``(n, features)`` tensor, numpy array or ``np.memmap`` (read per batch).
-        val: optional validation data of the same kind.
+        train: ``(n, features)`` tensor, numpy array, ``np.memmap``,
+            :class:`~exactflow.datasets.Shards` or a path (a folder of shards, a file), read
+            per batch; above 4M rows the shuffle needs no index array.
+        val: optional validation data of the same kind (streamed in chunks).
         steps: a fixed number of optimizer steps; or ``epochs`` (``n // batch_size`` steps
             each). With neither, the length is set by validation (see above); without
             validation data either, 1000 steps.
@@ -164,10 +170,18 @@ def fit(
         distributed: data-parallel training over the ranks of ``torch.distributed``'s
             default process group (:mod:`exactflow.training.parallel`): ``batch_size`` is
             the global batch, split across ranks, gradients are summed, the result equals
-            one process's up to rounding (batch norm excepted: per-rank statistics).
+            one process's up to rounding (batch norm too with ``sync_batch_norm=True``).
             ``None`` (default): on when a group of more than one rank is initialized;
             ``False``: train this process alone even then. Every rank must call ``fit``
-            alike.
+            alike. See ``docs/distributed.md``.
+        ddp: ``True``: DistributedDataParallel with exactflow's defaults; a dict: with
+            these DDP options (plus ``"comm_hook": (state, hook)``); ``False``: one flat
+            all-reduce after the backward (:mod:`~exactflow.training.engines`).
+        sync_batch_norm: batch norm by the global batch's statistics across ranks
+            (default ``False``: each rank's share, as ``torch.nn.BatchNorm1d`` under DDP).
+        precision: ``"fp32"`` or ``"bf16"`` (autocast; layer outputs, log-dets and the loss
+            in float32; :mod:`~exactflow.training.precision`).
+        accumulate: micro-batches per step and rank (gradients sent once, ``no_sync``).
 
     Returns:
         The :class:`History` of the run.
@@ -270,7 +284,6 @@ def fit(
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     guard = Guard(flow, optimizer)
     state = TrainState()
-    nll = _nll_function(flow, compile)
     run_args = {
         "n_train": len(train_rows), "batch_size": batch_size, "features": features,
         "seed": int(seed), "total_steps": total, "lr": float(lr), "schedule": schedule,
@@ -281,20 +294,21 @@ def fit(
         **run_args, "n_val": None if val_rows is None else len(val_rows), "resume": resume,
         "checkpoint": checkpoint is not None, "checkpoint_every": checkpoint_every,
         "context": train_ctx is not None, "compile": compile,
-    })
+    }, ddp=ddp, sync_batch_norm=sync_batch_norm, precision=precision, accumulate=accumulate)
+    nll = _nll_function(replicas, compile)
 
     def step(i: int) -> tuple[Tensor, Tensor]:
         index = replicas.shard(order.next())
-        x = train_rows.take(index).to(dev, dtype, non_blocking=True)
-        ctx = None
-        if train_ctx is not None:
-            ctx = train_ctx.take(index).to(dev, dtype, non_blocking=True)
+        x = to_device(train_rows.take(index), dev, dtype)
+        ctx = None if train_ctx is None else to_device(train_ctx.take(index), dev, dtype)
         if noise_scale is not None:
             x = x + noise_scale * torch.randn_like(x)
-        loss = nll(x, ctx)
-        loss.backward()
-        loss = replicas.average_gradients(loss, params, x.shape[0])
-        return loss, loss
+
+        def compute(lo: int, hi: int) -> tuple[Tensor, Tensor]:
+            loss = nll(x[lo:hi], None if ctx is None else ctx[lo:hi])
+            return loss, loss
+
+        return replicas.backward(compute, x.shape[0])
 
     def record(done: int, current_lr: float, clock: float) -> bool:
         val_nll = None
@@ -336,11 +350,12 @@ def fit(
                 record(0, 0.0, time.perf_counter())
                 flow.train()
         replicas.initialize(flow, order, train_rows, train_ctx, dev, dtype)
-        run_loop(
-            flow, optimizer, params, guard, state, history, settings, step, record,
-            peers=replicas, checkpoint=None if ckpt is None else ckpt.write,
-            callback=callback,
-        )
+        with replicas.attach(flow):
+            run_loop(
+                flow, optimizer, params, guard, state, history, settings, step, record,
+                peers=replicas, checkpoint=None if ckpt is None else ckpt.write,
+                callback=callback,
+            )
 
     if state.best_state is not None:
         flow.load_state_dict(state.best_state)
@@ -456,15 +471,17 @@ def _noise_scale(noise: float | str | None, flow: Flow, rows: Rows) -> Tensor | 
     return (h * std).float()
 
 
-def _nll_function(flow: Flow, compile: bool) -> Callable[[Tensor, Tensor | None], Tensor]:
-    """The mean NLL of a batch, ``-mean(log p(x | ctx))``, compiled with ``compile=True``.
+def _nll_function(replicas: Replicas, compile: bool) -> Callable[[Tensor, Tensor | None], Tensor]:
+    """The mean NLL of a batch, ``-mean(log p(x | ctx))`` through ``replicas.model`` (the
+    flow or its DDP wrapper: a flow's ``forward`` is its ``log_prob``), compiled with
+    ``compile=True``.
 
     Shapes are static (``dynamic=False``): every training batch has the same size, so one
     graph serves the whole run (a different size compiles once more).
     """
 
     def nll(x: Tensor, ctx: Tensor | None) -> Tensor:
-        return -flow.log_prob(x, ctx).mean()
+        return -replicas.model(x, ctx).mean()
 
     if not compile:
         return nll

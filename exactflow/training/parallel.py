@@ -1,53 +1,62 @@
-"""Data-parallel maximum likelihood on ``torch.distributed`` (gloo on CPUs, NCCL on GPUs).
+"""Data-parallel training on ``torch.distributed`` (gloo on CPUs, NCCL with one GPU per rank).
 
-Every process (rank) holds a full copy of the flow and the full data set; each optimizer step
-of :func:`exactflow.fit` draws one *global* batch of ``batch_size`` rows from the same seeded
+Every process (rank) holds a full copy of the flow and sees the full data set (a memmap or
+:class:`~exactflow.datasets.Shards`: a rank reads only its rows); each optimizer step of
+:func:`exactflow.fit` draws one *global* batch of ``batch_size`` rows from the same seeded
 shuffle on every rank, and rank ``r`` of ``W`` scores the rows ``r, r + W, r + 2W, ...`` of it
 (strided shares of the sorted batch: disjoint, together the whole batch, sizes within one).
-Rank ``r`` with ``b_r`` rows back-propagates its mean NLL and contributes its gradient weighted
-by ``b_r / batch_size``; one all-reduce (sum) then gives every rank the gradient of the global
-batch mean ``-(1/B) sum_i log p(x_i)``, exactly what one process would compute on the whole
-batch, up to rounding. The same all-reduce carries the loss, so the logged NLL, the
-finiteness checks, gradient clipping, the rollbacks and the optimizer update are identical on
-every rank, and the weights stay identical without ever being broadcast again.
+Rank ``r`` with ``b_r`` rows back-propagates its mean NLL weighted by ``b_r / batch_size``, and
+the gradients are summed over the ranks, which gives every rank the gradient of the global
+batch mean ``-(1/B) sum_i log p(x_i)``: what one process computes on the whole batch, up to
+rounding. How they are summed is an :mod:`engine <exactflow.training.engines>`: by default
+``torch.nn.parallel.DistributedDataParallel`` wraps the flow (its ``forward`` is its
+``log_prob``), so gradients travel in buckets while the backward pass runs; DDP averages,
+so each rank's weighted loss is also multiplied by ``W``. The step's loss is summed over
+the ranks by one more all-reduce of two numbers, so the logged NLL, the finiteness checks,
+gradient clipping, the rollbacks and the optimizer update are identical on every rank, and
+the weights stay identical without ever being broadcast again.
 
-Why not ``DistributedDataParallel``: the loss is ``flow.log_prob`` (a plain method, not a DDP
-forward), shares of a batch may differ by a row (DDP averages with equal weights), the loss
-and the decisions derived from it should ride in the same collective, and the flows here are
-small enough that overlapping communication with the backward pass gains little. The cost is
-one all-reduce of ``P + 1`` numbers per step (``P`` parameters), after the backward pass.
+A step may be split into ``accumulate`` micro-batches per rank (``fit(accumulate=k)``): each
+is back-propagated on its own, under DDP's ``no_sync`` except the last, so the gradients
+are communicated once per step; the result equals one backward on the whole share.
 
 Rules (:func:`exactflow.fit` applies them; ``distributed=None`` turns them on whenever a
 process group with more than one rank is initialized):
 
-* every rank calls ``fit`` with the same arguments and the same full data (a ``np.memmap``
-  costs no memory: a rank reads only its rows); this is checked at the start;
+* every rank calls ``fit`` with the same arguments and the same full data; this is checked
+  at the start, and a mismatch is the same ``ValueError`` on every rank;
 * parameters and buffers are broadcast from rank 0 at the start, so ranks may build their
   flows with different seeds;
 * ``ActNorm`` layers that are not yet initialized are initialized on the whole first global
   batch on every rank (the same values as one process);
-* batch norm uses each rank's own batch statistics in training (no synchronized batch norm:
-  with shares of ``b_r`` rows it normalizes by the share's statistics); its running averages
-  are averaged across ranks before every validation, every checkpoint and at the end, so
-  every rank's eval-mode model is identical. The average of the ranks' running variances
-  misses the variance between the shares' means, a small term for random shares;
+* batch norm: with ``sync_batch_norm=True`` every exactflow ``BatchNorm`` layer normalizes by
+  the statistics of the global batch (:mod:`~exactflow.training.syncbn`; exact, two small
+  all-reduces per layer and pass). By default (``False``, as ``torch.nn.BatchNorm1d`` under
+  DDP) each rank uses its own share's statistics in training, so a run with batch norm is
+  not the one-process run; the running averages are then averaged across ranks before
+  every validation, every checkpoint and at the end, so every rank's eval-mode model is
+  identical (the average of the ranks' running variances misses the variance between the
+  shares' means, a small term for random shares);
 * validation data are split into contiguous shares, evaluated on each rank and combined
   (counts, means and sums of squares, pairwise), so the validation NLL and every early-stopping
   decision are identical on all ranks; a ``callback`` runs on every rank and training stops
   when it returns ``True`` on any rank;
 * only rank 0 writes checkpoints and shows the progress bar; ``resume`` reads the checkpoint
-  on every rank, so it must lie on a file system all ranks see (the case on one machine).
-  The data order depends on the global batch only, so a checkpoint may be resumed with a
-  different number of processes.
+  on every rank, so it must lie on a file system all ranks see (one machine, or a shared
+  file system across machines). The data order depends on the global batch only, so a
+  checkpoint may be resumed with a different number of processes.
 
 Launch with ``torchrun --nproc-per-node W script.py`` (the script calls
-:func:`exactflow.distributed.init` first) or from Python with
-:func:`exactflow.distributed.launch`. See ``docs/distributed.md``.
+:func:`exactflow.distributed.init` first; several machines: ``--nnodes`` and a c10d
+rendezvous) or from Python with :func:`exactflow.distributed.launch`. See
+``docs/distributed.md``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import socket
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +66,13 @@ from torch import Tensor, nn
 
 from ..distributed import initialized, world_size
 from ..io import CheckpointError
+from ..scoring import module_dtype
 from ..transforms.normalization import ActNorm, BatchNorm
+from ..validation import positive_int
+from .engines import AllReduceEngine, DDPEngine, Engine
 from .metrics import NLLSummary, summarize
+from .precision import Precision
+from .syncbn import synchronize_batch_norm
 
 __all__ = ["Replicas"]
 
@@ -89,12 +103,53 @@ def _check_agreement(size: int, signature: dict[str, Any]) -> None:
         )
 
 
+def _check_rows(batch_size: int, size: int, accumulate: int, batch_norm: bool,
+                synced: bool) -> None:
+    """Every micro-batch of every rank needs a row; unsynchronized batch norm needs two."""
+    where = f" over {size} ranks" if size > 1 else ""
+    if batch_size // size < accumulate:
+        if size > 1 and accumulate == 1:
+            raise ValueError(
+                f"batch_size={batch_size} is the global batch, split across {size} ranks: "
+                f"it must be at least {size}"
+            )
+        raise ValueError(
+            f"batch_size={batch_size}{where} in accumulate={accumulate} micro-batches leaves "
+            "a micro-batch without rows: raise batch_size or lower accumulate"
+        )
+    rows = batch_size // accumulate if synced else batch_size // size // accumulate
+    if batch_norm and rows < 2:
+        hint = "" if synced or size == 1 else " (or use sync_batch_norm=True)"
+        per = "per rank and micro-batch" if size > 1 else "per micro-batch"
+        raise ValueError(
+            f"batch norm needs at least 2 rows {per}, but batch_size={batch_size}{where} "
+            f"with accumulate={accumulate} gives {rows}: raise batch_size{hint}"
+        )
+
+
+def _check_devices(size: int, device: torch.device) -> None:
+    """Each rank on its own GPU: two ranks of one machine on one GPU would deadlock NCCL."""
+    mine = (socket.gethostname(), int(device.index or 0))
+    everyone: list[Any] = [None] * size
+    dist.all_gather_object(everyone, mine)
+    shared = sorted({r for r, other in enumerate(everyone) if everyone.count(other) > 1})
+    if shared:
+        raise ValueError(
+            f"ranks {shared} train on the same GPU ({device.type}:{mine[1]} of one machine): "
+            "give each rank its own GPU (exactflow.distributed.init() selects cuda:LOCAL_RANK; "
+            "torchrun --nproc-per-node at most the number of GPUs)"
+        )
+
+
 class Replicas:
     """The ranks that train one flow together; a world of one is plain local training.
 
-    :func:`exactflow.fit` calls these methods at fixed points of its loop; each is a no-op
-    (no collective, no copy) in a world of one. Every method that communicates is called by
-    all ranks at the same point of the loop, which the identical decisions guarantee.
+    The training loops call these methods at fixed points; each is a no-op (no collective,
+    no copy) in a world of one. Every method that communicates is called by all ranks at
+    the same point of the loop, which the identical decisions guarantee. Besides the ranks,
+    it holds how a step computes its gradients: the engine that combines them
+    (:mod:`~exactflow.training.engines`), the numeric precision
+    (:mod:`~exactflow.training.precision`) and the micro-batches of gradient accumulation.
     """
 
     def __init__(
@@ -104,14 +159,24 @@ class Replicas:
         batch_size: int = 1,
         device: torch.device | None = None,
         comm_device: torch.device | None = None,
+        *,
+        ddp: bool | Mapping[str, Any] = True,
+        sync_batch_norm: bool = False,
+        precision: str = "fp32",
+        accumulate: int = 1,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         self.world_size, self.rank, self.batch_size = size, index, batch_size
         self.device = device or torch.device("cpu")
         self.comm_device = comm_device or torch.device("cpu")
         self.active = size > 1
         self.is_main = index == 0
+        self.ddp = ddp
+        self.sync_batch_norm = bool(sync_batch_norm) and self.active
+        self.precision = Precision(precision, self.device, dtype)
+        self.accumulate = accumulate
+        self.engine: Engine = Engine(nn.Module())
         self._synced_at = -1
-        self._grad_pattern: list[bool] | None = None
         self._val_share: tuple[int, Any] | None = None
 
     # -- setup ---------------------------------------------------------------------------
@@ -123,12 +188,47 @@ class Replicas:
         device: torch.device,
         batch_size: int,
         run: dict[str, Any],
+        *,
+        ddp: bool | Mapping[str, Any] = True,
+        sync_batch_norm: bool = False,
+        precision: str = "fp32",
+        accumulate: int = 1,
+        batch_norm: bool = True,
     ) -> Replicas:
-        """The replicas of this run: checks the ranks agree and broadcasts rank 0's state."""
+        """The replicas of this run: checks the options and that the ranks agree, and
+        broadcasts rank 0's state.
+
+        Args:
+            distributed: ``None`` (data-parallel when a group of more than one rank is
+                initialized), ``True`` (insist on one) or ``False`` (train alone).
+            flow: the flow being trained (its state is broadcast).
+            device: where this rank trains.
+            batch_size: the global batch (rows or samples per step, over all ranks).
+            run: the arguments every rank must agree on.
+            ddp, sync_batch_norm, precision, accumulate: see :func:`exactflow.fit`.
+            batch_norm: whether a training forward runs the flow's batch-norm layers in
+                training mode (maximum likelihood: yes; reverse KL samples: no), for the
+                rows-per-rank checks.
+        """
         if distributed is not None and not isinstance(distributed, bool):
             raise TypeError(f"distributed must be True, False or None, got {distributed!r}")
+        if not isinstance(ddp, (bool, Mapping)):
+            raise TypeError(
+                f"ddp must be True, False or a dict of DistributedDataParallel options, got "
+                f"{ddp!r}"
+            )
+        if not isinstance(sync_batch_norm, bool):
+            raise TypeError(f"sync_batch_norm must be True or False, got {sync_batch_norm!r}")
+        accumulate = positive_int(accumulate, "accumulate")
+        dtype = module_dtype(flow)
+        has_bn = batch_norm and any(_is_batch_norm(m) for m in flow.modules())
+        options: dict[str, Any] = {
+            "ddp": ddp, "sync_batch_norm": sync_batch_norm, "precision": precision,
+            "accumulate": accumulate, "dtype": dtype,
+        }
         if distributed is False or (distributed is None and world_size() == 1):
-            return cls(batch_size=batch_size, device=device)
+            _check_rows(batch_size, 1, accumulate, has_bn, False)
+            return cls(batch_size=batch_size, device=device, **options)
         if not initialized():
             raise RuntimeError(
                 "distributed=True needs an initialized torch.distributed process group: start "
@@ -137,6 +237,8 @@ class Replicas:
             )
         size, index = dist.get_world_size(), dist.get_rank()
         backend = str(dist.get_backend())
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         # First make sure every rank got the same arguments: the errors below are then raised
         # on all ranks alike, and no rank is left waiting in a collective.
         signature = dict(run)
@@ -144,6 +246,10 @@ class Replicas:
             (name, tuple(t.shape), str(t.dtype)) for name, t in flow.state_dict().items()
         ]
         signature["device_type"] = device.type
+        signature.update(
+            ddp=ddp if isinstance(ddp, bool) else sorted(ddp),
+            sync_batch_norm=sync_batch_norm, precision=precision, accumulate=accumulate,
+        )
         _check_agreement(size, signature)
         if device.type == "cpu":
             if backend == "nccl":
@@ -155,19 +261,75 @@ class Replicas:
         else:
             # gloo moves CPU tensors; NCCL and the other accelerator backends move device ones.
             comm = torch.device("cpu") if backend == "gloo" else device
-        replicas = cls(size, index, batch_size, device, comm)
-        if batch_size < size:
-            raise ValueError(
-                f"batch_size={batch_size} is the global batch, split across {size} ranks: "
-                f"it must be at least {size}"
-            )
-        if batch_size // size < 2 and any(_is_batch_norm(m) for m in flow.modules()):
-            raise ValueError(
-                f"batch norm needs at least 2 rows per rank, but batch_size={batch_size} over "
-                f"{size} ranks gives {batch_size // size}: raise batch_size"
-            )
+            _check_devices(size, device)
+        _check_rows(batch_size, size, accumulate, has_bn, sync_batch_norm)
+        replicas = cls(size, index, batch_size, device, comm, **options)
         replicas._broadcast_state(flow)
         return replicas
+
+    @contextmanager
+    def attach(self, flow: nn.Module, module: nn.Module | None = None) -> Iterator[Replicas]:
+        """Set up the training forward for the block, and undo it after (also on errors).
+
+        Synchronizes batch norm (``sync_batch_norm``), casts the outputs of the flow's
+        layers to float32 (``precision="bf16"``), and builds the engine around ``module``
+        (default the flow): DDP, the flat all-reduce, or nothing in a world of one. Inside,
+        :attr:`model` is what a training forward calls.
+        """
+        with ExitStack() as stack:
+            if self.sync_batch_norm:
+                stack.enter_context(synchronize_batch_norm(flow))
+            self.precision.attach(flow)
+            stack.callback(self.precision.detach)
+            target = flow if module is None else module
+            if not self.active:
+                self.engine = Engine(target)
+            elif self.ddp is False:
+                params = [p for p in target.parameters() if p.requires_grad]
+                self.engine = AllReduceEngine(target, params, self.comm_device)
+            else:
+                options = self.ddp if isinstance(self.ddp, Mapping) else None
+                self.engine = DDPEngine(target, self.device, self.comm_device, options)
+            stack.callback(self.engine.close)
+            yield self
+
+    @property
+    def model(self) -> nn.Module:
+        """The module a training forward calls (the DDP wrapper of the flow, or the flow)."""
+        return self.engine.model
+
+    def backward(
+        self, compute: Callable[[int, int], tuple[Tensor, Tensor]], rows: int
+    ) -> tuple[Tensor, Tensor]:
+        """One step's gradients of this rank's ``rows`` rows; returns the global batch's
+        loss and logged value.
+
+        ``compute(lo, hi)`` runs the training forward on rows ``lo:hi`` of this rank's share
+        (through :attr:`model`) and returns their mean loss and the mean value to log. The
+        share is cut into ``accumulate`` contiguous micro-batches; each loss is weighted by
+        its rows over the global batch size (times the world size under DDP, which
+        averages), back-propagated (under DDP's ``no_sync`` but the last), and the weighted
+        values are summed over micro-batches and ranks.
+        """
+        parts = self.accumulate
+        bounds = [rows * j // parts for j in range(parts + 1)]
+        totals: Tensor | None = None
+        for j in range(parts):
+            lo, hi = bounds[j], bounds[j + 1]
+            weight = (hi - lo) / self.batch_size
+            with self.engine.micro(last=j == parts - 1):
+                with self.precision.autocast():
+                    loss, logged = compute(lo, hi)
+                (loss * (weight * self.engine.scale)).backward()
+            part = torch.stack([loss.detach(), logged.detach().to(loss.dtype)]) * weight
+            totals = part if totals is None else totals + part
+        assert totals is not None
+        totals = self.engine.finish(totals)
+        return totals[0], totals[1]
+
+    def share_rows(self) -> int:
+        """The rows of this rank's share of a global batch (``batch_size`` in a world of one)."""
+        return len(range(self.rank, self.batch_size, self.world_size))
 
     def _broadcast_state(self, flow: nn.Module) -> None:
         state = flow.state_dict()
@@ -198,6 +360,17 @@ class Replicas:
         dist.all_gather(out, buffer)
         return [t.cpu() for t in out]
 
+    def gather(self, values: Tensor) -> Tensor:
+        """The 1-D ``values`` of all ranks, concatenated in rank order (the same on every
+        rank; lengths may differ). In a world of one, ``values`` itself."""
+        if not self.active:
+            return values
+        lengths = [int(t) for t in self._all_gather(torch.tensor([values.numel()]))]
+        padded = values.new_zeros(max(lengths))
+        padded[: values.numel()] = values.reshape(-1)
+        parts = self._all_gather(padded)
+        return torch.cat([p[:k] for p, k in zip(parts, lengths, strict=True)]).to(values.device)
+
     # -- hooks in the training loop --------------------------------------------------------
     def shard(self, index: Tensor) -> Tensor:
         """This rank's rows of a global batch: positions ``rank, rank + W, ...`` of ``index``."""
@@ -205,53 +378,15 @@ class Replicas:
             return index
         return index[self.rank :: self.world_size].contiguous()
 
-    def average_gradients(self, loss: Tensor, params: Sequence[Tensor], rows: int) -> Tensor:
-        """Turn the local mean NLL's gradients into the global batch's; returns its loss.
-
-        Each rank weights its gradient and loss by ``rows / batch_size`` and one all-reduce
-        sums them. A parameter without a gradient keeps none (as in one process); which ones
-        those are must not differ between ranks, which the first call checks.
-        """
-        if not self.active:
-            return loss
-        grads = [p.grad for p in params]
-        pattern = [g is not None for g in grads]
-        if self._grad_pattern is None:
-            everyone: list[Any] = [None] * self.world_size
-            dist.all_gather_object(everyone, pattern)
-            if any(other != pattern for other in everyone):
-                raise RuntimeError(
-                    "distributed fit: the ranks' backward passes reached different parameters"
-                )
-            self._grad_pattern = pattern
-        weight = rows / self.batch_size
-        by_dtype: dict[torch.dtype, list[Tensor]] = {}
-        for g in grads:
-            if g is not None:
-                by_dtype.setdefault(g.dtype, []).append(g)
-        total = loss.detach().reshape(1)
-        by_dtype.setdefault(total.dtype, [])
-        for dtype, group in by_dtype.items():
-            parts = [g.reshape(-1) for g in group]
-            carries_loss = dtype == total.dtype
-            if carries_loss:
-                parts.append(total)
-            flat = self._all_reduce(torch.cat(parts).mul_(weight))
-            offset = 0
-            for g in group:
-                g.copy_(flat[offset : offset + g.numel()].view_as(g))
-                offset += g.numel()
-            if carries_loss:
-                total = flat[-1:]
-        return total.reshape(()).to(loss.dtype)
-
     def sync_statistics(self, flow: nn.Module, step: int) -> None:
         """Average batch-norm running statistics across ranks (once per ``step``)."""
         if not self.active or step == self._synced_at:
             return
         self._synced_at = step
+        # Synchronized layers already hold the same (global) statistics on every rank.
         buffers = [
-            b for m in flow.modules() if _is_batch_norm(m)
+            b for m in flow.modules()
+            if _is_batch_norm(m) and not (self.sync_batch_norm and type(m) is BatchNorm)
             for b in m.buffers(recurse=False) if b.is_floating_point()
         ]
         by_dtype: dict[torch.dtype, list[Tensor]] = {}
@@ -293,11 +428,12 @@ class Replicas:
     ) -> None:
         """Initialize pending ActNorm layers on the whole next global batch, on every rank.
 
-        One process initializes them on its first training batch; each rank only sees its
-        share of it, so here every rank runs the whole batch once (no gradients) and keeps
-        the ActNorm values only (other buffers, e.g. batch-norm statistics, are restored).
+        One process initializes them on its first training batch; each rank (or each
+        micro-batch) only sees a share of it, so here every rank runs the whole batch once
+        (no gradients) and keeps the ActNorm values only (other buffers, e.g. batch-norm
+        statistics, are restored).
         """
-        if not self.active:
+        if not self.active and self.accumulate == 1:
             return
         pending = [m for m in flow.modules() if isinstance(m, ActNorm) and not bool(m.initialized)]
         if not pending:

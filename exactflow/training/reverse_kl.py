@@ -2,21 +2,24 @@
 
 :func:`fit_reverse_kl` minimizes ``E_q[log q(x) - log p~(x)] = KL(q || p) - log Z`` with
 reparameterized samples, through the same loop as :func:`exactflow.fit` (rollbacks,
-schedule, records, checkpoints); :func:`estimate_log_normalizer` gives the final bound and
-an importance-sampling estimate of ``log Z``.
+schedule, records, checkpoints) and, under ``torch.distributed``, data-parallel: each rank
+draws its own share of the samples and the gradients are combined as in ``fit``
+(:mod:`~exactflow.training.parallel`); :func:`estimate_log_normalizer` gives the final bound
+and an importance-sampling estimate of ``log Z``.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..distributions import Flow
 from ..scoring import eval_mode
@@ -84,8 +87,6 @@ def estimate_log_normalizer(
     n = positive_int(n, "n")
     batch_size = positive_int(batch_size, "batch_size")
     dev = resolve_device(None, flow)
-    parts: list[Tensor] = []
-    bad = 0
 
     @contextmanager
     def maybe_seed() -> Iterator[None]:
@@ -95,7 +96,19 @@ def estimate_log_normalizer(
             with forked_rng(dev, int(seed)):
                 yield
 
-    with maybe_seed(), eval_mode(flow, grad=True), torch.inference_mode():
+    with maybe_seed():
+        w, bad = _log_weights(flow, fn, n, batch_size)
+    return _summarize_weights(w, bad)
+
+
+def _log_weights(
+    flow: Flow, fn: Callable[[Tensor], Tensor], n: int, batch_size: int
+) -> tuple[Tensor, int]:
+    """``n`` log-weights ``log p~(x) - log q(x)`` (float64, CPU) of fresh samples, and how
+    many were not finite (a ``-inf`` target outside its support counts as a zero weight)."""
+    parts: list[Tensor] = []
+    bad = 0
+    with eval_mode(flow, grad=True), torch.inference_mode():
         done = 0
         while done < n:
             k = min(batch_size, n - done)
@@ -105,7 +118,12 @@ def estimate_log_normalizer(
             bad += int((~ok).sum())
             parts.append(w)
             done += k
-    w = torch.cat(parts)
+    return (torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)), bad
+
+
+def _summarize_weights(w: Tensor, bad: int) -> dict[str, float]:
+    """:func:`estimate_log_normalizer`'s numbers from the log-weights ``w``."""
+    n = int(w.numel())
     elbo = float(w.mean())
     elbo_se = float(w.std() / math.sqrt(n)) if n > 1 else math.nan
     log_z = float(torch.logsumexp(w, 0) - math.log(n))
@@ -144,6 +162,8 @@ def fit_reverse_kl(
     checkpoint: str | Path | None = None,
     checkpoint_every: int | None = None,
     resume: bool = False,
+    distributed: bool | None = None,
+    ddp: bool | Mapping[str, Any] = True,
 ) -> History:
     """Fit a flow ``q`` to an unnormalized density ``p~`` by minimizing the reverse KL.
 
@@ -161,6 +181,15 @@ def fit_reverse_kl(
     At the end (flow in eval mode) :func:`estimate_log_normalizer` runs on
     ``final_samples`` fresh samples and its result is stored in ``history.final``: the bound
     ``elbo`` with ``elbo_se``, and ``log_z_is`` with ``log_z_is_se``.
+
+    **Data-parallel** under ``torch.distributed`` (launched as for :func:`exactflow.fit`):
+    ``batch_size`` is the global number of samples per step; rank ``r`` of ``W`` draws its
+    share (``batch_size / W``, within one) from its own random stream, seeded by
+    ``(seed, r, step)`` so that a resumed run draws the same samples, and the gradients are
+    combined as in ``fit`` (DDP by default), weighted by the shares: every step is a step on
+    ``batch_size`` independent samples, as in one process, with different draws (the
+    result agrees with one process's statistically, not bitwise). The final estimates use
+    ``final_samples`` in all, split across the ranks and pooled, identical on every rank.
 
     Defaults follow what works for planar flows on Rezende & Mohamed's energies: Adam at lr
     1e-2 with a constant schedule (lr 1e-3 stalls far from the optimum at K = 32). For small
@@ -191,6 +220,9 @@ def fit_reverse_kl(
             ``checkpoint_every`` steps (default ``eval_every``) and at the end.
         resume: continue from ``checkpoint`` if it exists (same result as an uninterrupted
             run with the same arguments).
+        distributed: ``None`` (data-parallel when a process group of more than one rank is
+            initialized), ``True`` (insist on one) or ``False`` (this process alone).
+        ddp: how the ranks combine gradients, as in :func:`exactflow.fit`.
 
     Returns:
         The :class:`History` (``objective="reverse_kl"``; ``train_nll`` holds the batch
@@ -249,12 +281,23 @@ def fit_reverse_kl(
     def beta_at(i: int) -> float:
         return 1.0 if anneal == 0 else min(1.0, beta_start + (1.0 - beta_start) * i / anneal)
 
+    replicas = Replicas.join(distributed, flow, dev, batch_size, {
+        **run_args, "resume": resume, "checkpoint": checkpoint is not None,
+        "checkpoint_every": checkpoint_every, "final_samples": final_samples,
+    }, ddp=ddp, batch_norm=False)
+    sampler = _Sampler(flow)
+
     def step(i: int) -> tuple[Tensor, Tensor]:
-        x, log_q = flow.rsample_and_log_prob(batch_size)
-        log_p = fn(x)
-        loss = (log_q - beta_at(i) * log_p).mean()
-        loss.backward()
-        return loss, (log_q - log_p).detach().mean()
+        if replicas.active:  # each rank its own stream, the same on a resume
+            torch.manual_seed(_stream_seed(int(seed), replicas.rank, i))
+        beta = beta_at(i)
+
+        def compute(lo: int, hi: int) -> tuple[Tensor, Tensor]:
+            x, log_q = replicas.model(hi - lo)
+            log_p = fn(x)
+            return (log_q - beta * log_p).mean(), (log_q - log_p).detach().mean()
+
+        return replicas.backward(compute, replicas.share_rows())
 
     def record(done: int, current_lr: float, clock: float) -> bool:
         history.steps.append(done)
@@ -276,19 +319,44 @@ def fit_reverse_kl(
         postfix=_postfix,
     )
     with forked_rng(dev, int(seed)):
-        if resume and ckpt is not None and ckpt.path.exists():
+        if resume and ckpt is not None and replicas.exists(ckpt.path):
             ckpt.restore()
         else:
             guard.save()
-        run_loop(
-            flow, optimizer, params, guard, state, history, settings, step, record,
-            peers=Replicas(), checkpoint=None if ckpt is None else ckpt.write,
-            callback=callback,
-        )
+        with replicas.attach(flow, sampler):
+            run_loop(
+                flow, optimizer, params, guard, state, history, settings, step, record,
+                peers=replicas, checkpoint=None if ckpt is None else ckpt.write,
+                callback=callback,
+            )
         flow.eval()
         if final_samples:
-            history.final = estimate_log_normalizer(flow, fn, n=final_samples)
+            if replicas.active:
+                torch.manual_seed(_stream_seed(int(seed), replicas.rank, -1))
+            share = len(range(replicas.rank, final_samples, replicas.world_size))
+            w, bad = _log_weights(flow, fn, share, 16384)
+            w = replicas.gather(w)
+            bad = int(replicas.gather(torch.tensor([float(bad)], dtype=torch.float64)).sum())
+            history.final = _summarize_weights(w, bad)
     return history
+
+
+class _Sampler(nn.Module):
+    """The flow's reparameterized draw as a module forward, so that DDP can wrap it:
+    ``sampler(n)`` is ``flow.rsample_and_log_prob(n)``."""
+
+    def __init__(self, flow: Flow) -> None:
+        super().__init__()
+        self.flow = flow
+
+    def forward(self, n: int) -> tuple[Tensor, Tensor]:
+        return self.flow.rsample_and_log_prob(n)
+
+
+def _stream_seed(seed: int, rank: int, step: int) -> int:
+    """A torch seed for rank ``rank`` at ``step`` (``-1``: the final estimates)."""
+    words = np.random.SeedSequence([seed, rank, step + 1]).generate_state(2, np.uint32)
+    return int(words[0]) << 31 | int(words[1]) >> 1
 
 
 def _postfix(history: History) -> dict[str, str]:
