@@ -13,13 +13,14 @@ from typing import Any
 import numpy as np
 
 from ..distributions import Flow
-from ..scoring import log_prob
 from ..io import CheckpointError
 from ..io import load as load_model_file
+from ..scoring import log_prob
 from .data import dequantize
 
-__all__ = ["Run", "RunError", "load_run", "locked", "RUN_FILES", "LOCK_FILE", "RUN_JSON", "MODEL_FILE", "LEGACY_MODEL_FILE",
-           "DATA_FILE", "HISTORY_FILE", "CHECKPOINT_FILE", "REPORT_DIR", "RUN_FORMAT"]
+__all__ = ["Run", "RunError", "load_run", "locked", "RUN_FILES", "LOCK_FILE", "RUN_JSON",
+           "MODEL_FILE", "LEGACY_MODEL_FILE", "DATA_FILE", "HISTORY_FILE", "CHECKPOINT_FILE",
+           "REPORT_DIR", "RUN_FORMAT"]
 
 #: The files of a run folder.
 RUN_JSON = "run.json"

@@ -25,11 +25,11 @@ from .data import _now, integer_columns, read_data, versions
 from .data import dequantize as dequantize_rows
 from .folder import (
     CHECKPOINT_FILE,
-    LOCK_FILE,
-    RUN_FILES,
     DATA_FILE,
     HISTORY_FILE,
+    LOCK_FILE,
     MODEL_FILE,
+    RUN_FILES,
     RUN_FORMAT,
     RUN_JSON,
     Run,
@@ -249,9 +249,8 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
     if previous is not None:
         for key, now in (("data", data_info), ("model", None if flow is None else flow.config)):
             before = previous.get(key)
-            if now is not None and before is not None and json.loads(json.dumps(before)) != json.loads(
-                json.dumps(now, default=str)
-            ):
+            same = json.loads(json.dumps(before)) == json.loads(json.dumps(now, default=str))
+            if now is not None and before is not None and not same:
                 raise RunError(
                     f"cannot resume {str(out)!r}: it was started with a different {key} "
                     f"({json.dumps(before, default=str)[:200]}); rerun the original command "
