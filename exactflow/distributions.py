@@ -177,6 +177,17 @@ class Uniform(Distribution):
         return f"features={self.features}"
 
 
+def _overflow_to_neg_inf(log_p: Tensor, x: Tensor) -> Tensor:
+    """``log_p`` with NaN replaced by ``-inf`` in the rows of ``x`` that hold no NaN.
+
+    Such a NaN comes from ``inf - inf`` or ``0 * inf`` in a layer: the row overflowed the
+    dtype on its way to the latent space, so it lies so far out that its density is below
+    the smallest positive float.
+    """
+    overflowed = torch.isnan(log_p) & ~torch.isnan(x).any(-1)
+    return log_p.masked_fill(overflowed, -math.inf)
+
+
 class Flow(Distribution):
     """A normalizing flow: a base density pushed through an invertible transform.
 
@@ -256,15 +267,26 @@ class Flow(Distribution):
         return None
 
     def _as_tensor(self, x: Any, name: str) -> Tensor:
+        """``x`` as a tensor in the flow's dtype and on its device.
+
+        Any real tensor or array is cast to the dtype of the flow's parameters (a float64
+        tensor into a float32 flow computes in float32, as the weights do): values beyond
+        that dtype's range become ``inf``, and :meth:`log_prob` scores such rows ``-inf``.
+        """
         ref = self._param_like()
         if isinstance(x, Tensor):
+            if x.is_complex():
+                raise TypeError(f"{name} must be numeric and real, got a tensor of dtype {x.dtype}")
             t = x
-            if not t.is_floating_point():
-                t = t.to(ref.dtype if ref is not None else torch.get_default_dtype())
+            target = ref.dtype if ref is not None else torch.get_default_dtype()
+            if not t.is_floating_point() or (ref is not None and t.dtype != ref.dtype):
+                t = t.to(target)
         else:
             arr = np.asarray(x)
-            if not np.issubdtype(arr.dtype, np.number):
-                raise TypeError(f"{name} must be numeric, got an array of dtype {arr.dtype}")
+            if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
+                raise TypeError(
+                    f"{name} must be numeric and real, got an array of dtype {arr.dtype}"
+                )
             t = torch.as_tensor(arr, dtype=ref.dtype if ref is not None else None)
         if ref is not None and t.device != ref.device:
             t = t.to(ref.device)
@@ -305,11 +327,25 @@ class Flow(Distribution):
 
     # -- density --------------------------------------------------------------------
     def log_prob(self, x: Any, context: Any = None) -> Tensor:
-        """Exact log-density of each row of ``x`` (shape ``(batch,)``), in the units of ``x``."""
+        """Exact log-density of each row of ``x`` (shape ``(batch,)``), in the units of ``x``.
+
+        ``x`` may be a tensor of any real dtype, an array or nested lists: it is cast to the
+        flow's dtype and moved to its device (so a float64 tensor into a float32 flow
+        works, and computes in float32).
+
+        Never NaN for a row without NaN: every such row gets a log-density that is finite
+        or ``-inf``. A row far enough out that the computation overflows the flow's dtype
+        (``1e39`` in float32, or ``inf``) has a density below the smallest positive float,
+        and its ``-inf`` says so instead of the ``inf - inf = NaN`` the layers would give.
+        A row holding NaN gives NaN (it has no density; check data upstream, as
+        :func:`exactflow.scoring.log_prob` does). The replacement is a ``masked_fill`` (no
+        host sync, compilable). Train only on finite data: an overflowing row in a batch
+        still makes the weights' gradient NaN (``0 * inf`` in the layers' products).
+        """
         x = self._check_x(x)
         context = self._embed(self._check_context(context, x.shape[0]))
         z, ladj = self.transform(x, context)
-        return self.base.log_prob(z) + ladj
+        return _overflow_to_neg_inf(self.base.log_prob(z) + ladj, x)
 
     def _embed(self, context: Tensor | None) -> Tensor | None:
         """The context as the transform sees it: standardized, then embedded."""

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .validation import SHOW, DataError, index_list
+
 __all__ = ["eval_mode", "log_prob", "module_dtype", "module_device"]
 
 
@@ -61,17 +63,43 @@ def log_prob(
     Rows are scored ``chunk`` at a time in the model's dtype and on its device, without
     gradients; ``x`` may be an array, a tensor or a memory-mapped array (read a chunk at a
     time). The model's train/eval modes are restored afterwards.
+
+    Every value is a finite log-density or ``-inf``, never NaN. A row that is finite in the
+    input but beyond the range of the model's dtype (``1e39`` or ``-1e300`` into a float32
+    model), or ``inf``, lies so far out that its density is below the smallest positive
+    float: it scores ``-inf``, whatever the layers computed on the way (``inf - inf`` would
+    give NaN).
+
+    Raises:
+        DataError: a row holds NaN (it has no density): the message gives the count and
+            the first row indices.
     """
     dtype, device = module_dtype(model), module_device(model)
     n = len(x)
     out = np.empty(n, dtype=np.float64)
+    nan_rows: list[int] = []
+    n_nan = 0
     with eval_mode(model):
         for start in range(0, n, chunk):
             part = _tensor(x[start : start + chunk], dtype, device)
+            bad = torch.isnan(part).reshape(len(part), -1).any(-1)
+            if bool(bad.any()):
+                idx = torch.nonzero(bad).flatten().cpu().numpy() + start
+                n_nan += len(idx)
+                nan_rows.extend(idx[: max(SHOW - len(nan_rows), 0)].tolist())
+            if n_nan:  # keep counting, stop scoring
+                continue
             ctx = None if context is None else _tensor(context[start : start + chunk], dtype,
                                                        device)
             values = model.log_prob(part) if ctx is None else model.log_prob(part, ctx)
-            out[start : start + len(part)] = values.double().cpu().numpy()
+            values = values.double().cpu().numpy()
+            out[start : start + len(part)] = np.where(np.isnan(values), -np.inf, values)
+    if n_nan:
+        noun = "row holds" if n_nan == 1 else "rows hold"
+        raise DataError(
+            f"{n_nan} {noun} NaN (row indices {index_list(nan_rows, n_nan)}): a NaN has no "
+            "density; drop or impute those rows before scoring"
+        )
     return out
 
 
