@@ -25,6 +25,7 @@ import torch
 
 __all__ = [
     "atomic_save",
+    "atomic_write_stream",
     "atomic_write_bytes",
     "atomic_write_text",
     "atomic_write_json",
@@ -58,8 +59,11 @@ def _atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None
     directory = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
         raise IsADirectoryError(errno.EISDIR, "cannot write a file over a folder", str(path))
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    except OSError as err:
+        raise _about(err, path) from None
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
@@ -72,11 +76,20 @@ def _atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None
             os.unlink(tmp_name)
         except FileNotFoundError:
             pass
-        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-            raise OSError(errno.ENOSPC, "no space left on the device", str(path)) from None
+        if isinstance(err, OSError) and err.errno is not None:
+            raise _about(err, path) from None
         raise
     _fsync_directory(directory)
     return path
+
+
+def _about(err: OSError, path: Path) -> OSError:
+    """``err`` naming the target ``path``, never the hidden temporary file beside it."""
+    if err.errno == errno.ENOSPC:
+        return OSError(errno.ENOSPC, "no space left on the device", str(path))
+    if err.errno == errno.EDQUOT:
+        return OSError(errno.EDQUOT, "disk quota exceeded", str(path))
+    return type(err)(err.errno, err.strerror or os.strerror(err.errno or 0), str(path))
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -91,6 +104,19 @@ def _fsync_directory(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def atomic_write_stream(
+    path: str | os.PathLike[str], write: Callable[[BinaryIO], None]
+) -> Path:
+    """Write a file of any size atomically: ``write(handle)`` writes it piece by piece.
+
+    ``write`` gets a binary file open on a temporary file beside ``path``; once it returns,
+    the file is fsynced and moved over ``path`` (see :func:`atomic_save`). Memory stays
+    what ``write`` holds at a time, so a table larger than memory can be written in chunks.
+    If ``write`` raises, ``path`` is untouched and the temporary file is removed.
+    """
+    return _atomic_write(path, write)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:

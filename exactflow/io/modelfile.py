@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,10 @@ FORMAT_VERSION = 2
 
 _FORMAT = "exactflow"
 _BUILTIN = ("realnvp", "nice", "maf", "iaf", "nsf", "planar", "radial")
+#: The model file of a run folder, and that of run folders written by exactflow 0.1
+#: (the same names as :data:`exactflow.runs.MODEL_FILE`; io sits below runs, so it names
+#: them itself).
+RUN_MODEL_FILES = ("model.safetensors", "model.pt")
 # safetensors files start with an 8-byte header length, then the JSON header.
 _MAX_HEADER = 100 * 1024 * 1024
 
@@ -108,20 +113,67 @@ def _is_safetensors(path: Path) -> bool:
     return 0 < size <= _MAX_HEADER and head[8:9] == b"{"
 
 
+def _model_file(path: Path) -> Path:
+    """``path`` itself, or the model file inside a run folder."""
+    if not path.is_dir():
+        return path
+    for candidate in RUN_MODEL_FILES:
+        if (path / candidate).is_file():
+            return path / candidate
+    raise CheckpointError(
+        f"{str(path)!r} is a folder, not a model file, and holds no "
+        f"{' or '.join(RUN_MODEL_FILES)} (as a run folder does): give the model file or a "
+        "finished run folder"
+    )
+
+
+def _not_a_torch_file(path: Path) -> str | None:
+    """What ``path`` looks like when it is clearly not a torch archive, else ``None``.
+
+    A torch archive is a zip file (``PK``) or, from old torch versions, a pickle (first
+    byte ``0x80``); anything else is named (text, a numpy array) instead of being handed
+    to the unpickler, whose errors (``pop from empty list``) would say nothing useful.
+    """
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if head.startswith(b"PK"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError):
+            return None  # a damaged zip: torch's own error says more
+        if names and all(n.endswith(".npy") and "/" not in n for n in names):
+            return "a numpy .npz archive"
+        return None
+    if head.startswith(b"\x80"):
+        return None
+    if head.startswith(b"\x93NUMPY"):
+        return "a numpy .npy array"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if err.start < len(head) - 4:  # not just a character cut at the end of the block
+            return "a binary file of an unknown format"
+    return "a text file (a CSV?)" if b"," in head or b"\t" in head else "a text file"
+
+
 def _read(path: Path, map_location: Any) -> tuple[dict[str, Any], dict[str, Any], str]:
     """``(config, tensors, version)`` of a model file of either format, never running code."""
     name = str(path)
     if not path.exists():
         raise CheckpointError(f"no such model file: {name!r}")
-    if path.is_dir():
-        raise CheckpointError(
-            f"{name!r} is a folder, not a model file (for a run folder, use "
-            "exactflow.runs.load_run or load RUN_DIR/model file)"
-        )
+    if not path.is_file():
+        raise CheckpointError(f"model file {name!r} is not a regular file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"model file {name!r} is empty (an interrupted copy or write?)")
     if _is_safetensors(path):
         return _read_safetensors(path, map_location)
+    looks_like = _not_a_torch_file(path)
+    if looks_like is not None:
+        raise CheckpointError(
+            f"{name!r} is not an exactflow model file: it is {looks_like}; exactflow.load "
+            "reads files written by exactflow.save (model.safetensors) and run folders"
+        )
     payload = safe_torch_load(path, map_location=map_location, what="model file")
     if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
         found = type(payload).__name__
@@ -235,16 +287,18 @@ def load(path: str | os.PathLike[str], map_location: Any = "cpu") -> Flow:
     weights and returns the flow in eval mode.
 
     Args:
-        path: the model file.
+        path: the model file, or a run folder (its ``model.safetensors``, or ``model.pt``
+            in run folders of exactflow 0.1).
         map_location: where to put the tensors, default the CPU.
 
     Raises:
-        CheckpointError: the file is missing, empty, a folder, truncated or foreign; holds
-            anything but tensors and plain types (e.g. a pickle with a code payload); was
-            written by a newer exactflow format; names an unknown builder; or has a config
-            that its weights do not fit.
+        CheckpointError: the file is missing, empty, truncated or foreign (text, a numpy
+            array); a folder without a model file; holds anything but tensors and plain
+            types (e.g. a pickle with a code payload); was written by a newer exactflow
+            format; names an unknown builder; has a config that its weights do not fit; or
+            holds NaN weights.
     """
-    path = Path(path)
+    path = _model_file(Path(path))
     name = str(path)
     config, state, _ = _read(path, map_location)
     try:
@@ -268,7 +322,20 @@ def load(path: str | os.PathLike[str], map_location: Any = "cpu") -> Flow:
         raise CheckpointError(
             f"the weights in {name!r} do not match its config {config!r}: {detail}"
         )
-    flow.load_state_dict(state, strict=True)
+    bad = [k for k, v in state.items() if v.is_floating_point() and bool(torch.isnan(v).any())]
+    if bad:
+        raise CheckpointError(
+            f"{name!r} holds NaN weights ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})"
+            ": the model diverged before it was saved, or the file is damaged; it would "
+            "score every row NaN"
+        )
+    try:
+        flow.load_state_dict(state, strict=True)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise CheckpointError(
+            f"the weights in {name!r} cannot be loaded into its model: "
+            + " ".join(str(err).split())[:300]
+        ) from None
     if state:
         flow.to(next(iter(state.values())).device)
     return flow.eval()
