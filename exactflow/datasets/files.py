@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import csv
 import os
+import struct
+import zipfile
+import zlib
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -16,7 +19,21 @@ import numpy as np
 from ..validation import DataError
 from .arrays import Subset
 
-__all__ = ["load", "read_header"]
+__all__ = ["load", "read_header", "split_key"]
+
+
+# What numpy, zipfile and zlib raise on a damaged .npy or .npz (beyond ValueError): a
+# truncated or foreign zip, a bad deflate stream, a member listed but missing, an
+# unsupported compression, a header numpy cannot make sense of, a shape too big to hold.
+_ARCHIVE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError, NotImplementedError,
+    TypeError, SyntaxError, struct.error, MemoryError, OverflowError,
+)
+
+
+def _first(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 
 def _check_readable(path: str) -> None:
@@ -138,9 +155,13 @@ def _raise_cell_error(
         cell = cells[j].strip()
         if not _is_number(cell):
             where = f"column {j + 1}" + (f" ({names[j]!r})" if names else "")
-            what = "an empty cell" if not cell else f"non-numeric cell {cell!r}"
+            if not cell:
+                raise DataError(
+                    f"{path!r}: an empty cell at line {lineno}, {where} (a missing value); "
+                    "drop or impute that row, or leave the column out with columns=[...]"
+                )
             raise DataError(
-                f"{path!r}: {what} at line {lineno}, {where}; "
+                f"{path!r}: non-numeric cell {cell!r} at line {lineno}, {where}; "
                 "choose the numeric columns with columns=[...]"
             )
     raise DataError(f"{path!r}: a cell on line {lineno} is not a number")
@@ -154,6 +175,26 @@ def _as_slice(indices: list[int]) -> slice | None:
     if step <= 0 or any(b - a != step for a, b in zip(indices, indices[1:], strict=False)):
         return None
     return slice(indices[0], indices[-1] + 1, step)
+
+
+def split_key(spec: str | os.PathLike[str]) -> tuple[str, str | None]:
+    """``("data.npz", "name")`` for a spec ``"data.npz:name"`` naming an array of an
+    existing ``.npz`` file; ``(spec, None)`` for anything else.
+
+    A file whose own name holds the colon wins: ``"a.npz:b"`` is split only when no file
+    of that name exists and ``"a.npz"`` does.
+    """
+    text = os.fspath(spec)
+    head, sep, key = text.rpartition(":")
+    if (
+        sep
+        and key
+        and head.lower().endswith(".npz")
+        and not os.path.exists(text)
+        and os.path.isfile(head)
+    ):
+        return head, key
+    return text, None
 
 
 def load(
@@ -177,8 +218,9 @@ def load(
       reads rows from disk on demand, so a file larger than memory is never read whole. A
       column selection that is an evenly spaced range stays a memmap view; any other selection
       gives a lazy :class:`Subset`. Pickled (object) arrays are refused.
-    * ``.npz``: the file's only array, or the one named ``key`` (read into memory: members of
-      a zip archive cannot be memory-mapped).
+    * ``.npz``: the file's only array, or the one named ``key``, also given in the path as
+      ``"data.npz:name"`` (read into memory: members of a zip archive cannot be
+      memory-mapped).
 
     Args:
         path: the file.
@@ -187,7 +229,8 @@ def load(
         header: ``True``, ``False`` or ``"auto"`` (CSV only).
         delimiter: the CSV delimiter; ``None`` guesses it.
         mmap: memory-map ``.npy`` files (default).
-        key: the array to take from a ``.npz`` holding several.
+        key: the array to take from a ``.npz`` holding several (or ``path`` written
+            ``"data.npz:name"``).
 
     Returns:
         A float64 ``ndarray`` for text; for ``.npy``/``.npz`` the stored array as is (an
@@ -197,9 +240,17 @@ def load(
         DataError: missing or unreadable file, unknown format, non-numeric cells, ragged rows,
             unknown columns.
     """
-    path = os.fspath(path)
+    path, spec_key = split_key(path)
+    if spec_key is not None:
+        if key is not None and key != spec_key:
+            raise DataError(
+                f"{path!r}: two arrays asked for, {spec_key!r} in the path and key={key!r}"
+            )
+        key = spec_key
     _check_readable(path)
     ext = os.path.splitext(path)[1].lower()
+    if key is not None and ext != ".npz":
+        raise DataError(f"{path!r}: key={key!r} applies to .npz files only")
     if ext in (".csv", ".tsv", ".txt", ".dat"):
         if ext == ".tsv" and delimiter is None:
             delimiter = "\t"
@@ -218,18 +269,21 @@ def load(
                 raise DataError(
                     f"cannot read {path!r}: it holds a pickled object array, which is refused"
                 ) from None
-            raise DataError(f"cannot read {path!r}: not a valid .npy file ({e})") from None
-        except (OSError, EOFError) as e:
-            raise DataError(f"cannot read {path!r}: not a valid .npy file ({e})") from None
+            raise DataError(f"cannot read {path!r}: not a valid .npy file ({_first(e)})") from None
+        except _ARCHIVE_ERRORS as e:
+            raise DataError(f"cannot read {path!r}: not a valid .npy file ({_first(e)})") from None
         return _select_columns(arr, columns, path)
     if ext == ".npz":
         try:
             with np.load(path, allow_pickle=False) as archive:
                 keys = list(archive.keys())
+                if not keys:
+                    raise DataError(f"{path!r} holds no arrays")
                 if key is None:
                     if len(keys) != 1:
                         raise DataError(
-                            f"{path!r} holds {len(keys)} arrays {keys}; choose one with key="
+                            f"{path!r} holds {len(keys)} arrays {keys}; choose one with "
+                            f"key=, or as {path}:{keys[0]}"
                         )
                     key = keys[0]
                 if key not in keys:
@@ -237,12 +291,14 @@ def load(
                 arr = archive[key]
         except DataError:
             raise
-        except (ValueError, OSError, EOFError) as e:
+        except (ValueError, *_ARCHIVE_ERRORS) as e:
             if "pickle" in str(e).lower():
                 raise DataError(
                     f"cannot read {path!r}: it holds a pickled object array, which is refused"
                 ) from None
-            raise DataError(f"cannot read {path!r}: not a valid .npz file ({e})") from None
+            raise DataError(
+                f"cannot read {path!r}: not a valid .npz file ({_first(e)})"
+            ) from None
         return _select_columns(arr, columns, path)
     raise DataError(
         f"cannot read {path!r}: unknown file type {ext or '(none)'!r}; "
