@@ -14,7 +14,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +24,14 @@ import torch
 from .. import distributed, models
 from ..datasets import DataError, read_header, toy
 from ..diagnostics import check_layers, format_check_table
-from ..io import CheckpointError, atomic_write_bytes, json_safe
+from ..io import CheckpointError, atomic_write_bytes, csv_rows, json_safe, write_table
 from ..report import build_report
 from ..runs import RunError, anomaly, load_run, read_data, train_run
 from ..scoring import eval_mode
 from ..training import TrainingError
 from ..validation import nonfinite_rows_error
 from .parser import PROG, build_parser
+from .threads import ThreadsError, choose_threads
 
 __all__ = ["main", "CommandError"]
 
@@ -47,7 +48,30 @@ class UsageError(CommandError):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit code (0 ok, 1 bad data or run, 2 usage)."""
+    """Run the command line; returns the exit code (0 ok, 1 bad data or run, 2 usage).
+
+    A closed output pipe (``exactflow sample ... | head``) ends the command quietly with
+    exit code 141 (128 + SIGPIPE, as a shell reports it), without a traceback.
+    """
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        _silence_stdout()
+        return 141
+
+
+def _silence_stdout() -> None:
+    # The reader is gone: point stdout at /dev/null so that the interpreter's last flush
+    # at exit cannot raise a second BrokenPipeError.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, io.UnsupportedOperation):
+        pass
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -55,14 +79,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = exit_.code
         return code if isinstance(code, int) else (0 if code is None else 2)
     threads_before = torch.get_num_threads()
-    threads = args.threads if args.threads is not None else getattr(args, "default_threads", None)
     try:
+        threads, _ = choose_threads(args)
         if threads is not None and threads != threads_before:
             torch.set_num_threads(threads)
         result = COMMANDS[args.command](args)
     except KeyboardInterrupt:
         _fail(args, "interrupted")
         return 130
+    except BrokenPipeError:
+        raise
     except UsageError as err:
         print(f"usage: {PROG} {args.command} ... (see `{PROG} {args.command} --help`)",
               file=sys.stderr)
@@ -81,6 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result, code = result
     if args.json:
         print(json.dumps(json_safe(result), indent=2, allow_nan=False))
+        sys.stdout.flush()
     return code
 
 
@@ -93,7 +120,8 @@ def _fail(args: argparse.Namespace, message: str) -> None:
 def _message(err: BaseException) -> str:
     """One line naming the problem."""
     text = " ".join(str(err).split()) or type(err).__name__
-    if isinstance(err, (CommandError, DataError, CheckpointError, RunError, TrainingError)):
+    if isinstance(err, (CommandError, DataError, CheckpointError, RunError, TrainingError,
+                        ThreadsError)):
         return text
     if isinstance(err, OSError) and err.filename is not None:
         return f"{err.strerror or type(err).__name__}: {err.filename!r}"
@@ -270,33 +298,61 @@ def _csv_text(array: np.ndarray, header: list[str], delim: str = ",", fmt: str =
     return buf.getvalue()
 
 
+#: The most numbers (rows x features) ``sample --json`` prints: the JSON object is built in
+#: memory; more rows go to a file with ``-o`` (streamed, any number).
+JSON_MAX_VALUES = 1_000_000
+#: The most numbers ``sample`` holds at a time (a chunk of rows).
+CHUNK_VALUES = 1 << 17
+
+
 def cmd_sample(args: argparse.Namespace) -> dict[str, Any]:
+    """Draw ``-n`` samples; to a file or stdout they are streamed a chunk at a time, so
+    memory stays bounded whatever ``n`` (``--json`` without ``-o`` is capped)."""
     run = load_run(args.run)
     flow = run.flow
     assert flow is not None
     out = _output_path(args)
+    features = run.features
+    if args.json and out is None and args.n * features > JSON_MAX_VALUES:
+        raise CommandError(
+            f"--json prints the samples inside one JSON object built in memory: at most "
+            f"{JSON_MAX_VALUES // features} rows of {features} features; write "
+            f"{args.n} rows to a file with -o FILE (.csv or .npy, streamed), or leave out "
+            "--json to stream CSV to stdout"
+        )
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
-    parts = []
-    with torch.random.fork_rng(devices=[]), eval_mode(flow):
-        torch.manual_seed(seed)
-        left = args.n
-        while left > 0:
-            k = min(left, 65536)
-            parts.append(flow.sample(k).double().cpu().numpy())
-            left -= k
-    samples = np.concatenate(parts)
+    # 65536 rows per chunk for up to 2 features (the chunks of exactflow 0.1, so a seed
+    # draws the same samples), fewer for wide tables.
+    rows_per_chunk = max(1, min(65536, CHUNK_VALUES // features))
+    non_finite = 0
+
+    def chunks() -> Iterator[np.ndarray]:
+        nonlocal non_finite
+        with torch.random.fork_rng(devices=[]), eval_mode(flow):
+            torch.manual_seed(seed)
+            left = args.n
+            while left > 0:
+                k = min(left, rows_per_chunk)
+                block = flow.sample(k).double().cpu().numpy()
+                non_finite += int((~np.isfinite(block).all(1)).sum())
+                left -= k
+                yield block
+
     result: dict[str, Any] = {
-        "ok": True, "n": args.n, "features": run.features, "columns": run.columns,
+        "ok": True, "n": args.n, "features": features, "columns": run.columns,
         "seed": seed, "output": str(out) if out else None,
-        "non_finite_rows": int((~np.isfinite(samples).all(1)).sum()),
     }
     if out is not None:
-        _write_table(out, samples, run.columns)
-        _say(args, f"wrote {args.n} samples ({run.features} columns) to {out}")
+        write_table(out, chunks(), rows=args.n, columns=run.columns)
+        _say(args, f"wrote {args.n} samples ({features} columns) to {out}")
     elif args.json:
-        result["samples"] = samples.tolist()
+        result["samples"] = np.concatenate(list(chunks())).tolist()
     else:
-        sys.stdout.write(_csv_text(samples, run.columns))
+        sys.stdout.write(",".join(run.columns) + "\n")
+        for block in chunks():
+            sys.stdout.write(csv_rows(block))
+            sys.stdout.flush()
+    result["non_finite_rows"] = non_finite
     return result
 
 

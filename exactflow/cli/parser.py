@@ -105,8 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true",
                         help="show the full traceback on errors")
     common.add_argument("--threads", type=_positive_int, default=None,
-                        help="CPU threads for torch (default: torch's; demo: 1, the fastest "
-                             "for small models and on a busy machine)")
+                        help="CPU threads for torch (default: EXACTFLOW_THREADS, else "
+                             "OMP_NUM_THREADS, else 1, the fastest for small models and on a "
+                             "busy machine; training a large model on idle cores may use "
+                             "up to 4)")
 
     parser = argparse.ArgumentParser(
         prog=PROG,

@@ -1,16 +1,19 @@
-"""Saving and loading: model files (:mod:`~exactflow.io.modelfile`) and the atomic, durable
-file writes every part of exactflow uses (:mod:`~exactflow.io.files`)."""
+"""Saving and loading: model files (:mod:`~exactflow.io.modelfile`), the atomic, durable
+file writes every part of exactflow uses (:mod:`~exactflow.io.files`), and tables of rows
+written chunk by chunk in bounded memory (:mod:`~exactflow.io.tables`)."""
 
 from .files import (
     CheckpointError,
     atomic_save,
     atomic_write_bytes,
     atomic_write_json,
+    atomic_write_stream,
     atomic_write_text,
     json_safe,
     safe_torch_load,
 )
 from .modelfile import FORMAT_VERSION, load, save
+from .tables import csv_rows, write_table
 
 __all__ = [
     "save",
@@ -21,6 +24,9 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "atomic_write_json",
+    "atomic_write_stream",
+    "write_table",
+    "csv_rows",
     "json_safe",
     "safe_torch_load",
 ]

@@ -1,0 +1,159 @@
+"""How many CPU threads a command gives torch: never oversubscribe a busy machine.
+
+torch starts with one intra-op thread per core. exactflow's models are small (MLP
+conditioners of 64-512 units on tables of a few to a few hundred columns): each matrix
+product is too small to split profitably, and when the machine's cores are busy with other
+work, every extra thread waits for a core at each parallel region. On a busy 2-core machine
+torch's default made ``exactflow train`` 5 to 45 times slower than one thread (the figures
+are in ``docs/reliability.md``; ``benchmarks/threads.py`` measures them).
+
+The rule, in order (the first that applies wins):
+
+1. ``--threads N``;
+2. ``EXACTFLOW_THREADS=N`` in the environment;
+3. ``OMP_NUM_THREADS`` or ``MKL_NUM_THREADS`` set: torch already follows it, and so does
+   exactflow (nothing is changed);
+4. otherwise one thread, except for training a large model (batch x widest hidden layer^2
+   of at least :data:`LARGE_WORK`) on a machine with idle cores: then up to
+   :data:`MAX_AUTO_THREADS` threads, as many as the cores that are idle now (the CPUs this
+   process may use, capped by a cgroup CPU quota, less the 1-minute load average), and only
+   if a short timing of a matrix product of the model's size shows they are faster.
+
+One thread is never much slower than several for these models, and never pathological.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from collections.abc import Mapping
+
+import torch
+
+__all__ = ["choose_threads", "idle_cores", "ThreadsError", "LARGE_WORK", "MAX_AUTO_THREADS"]
+
+#: ``batch_size * hidden**2`` from which training may use more than one thread: about one
+#: 512-wide layer on a batch of 512 (134 MFLOP per product).
+LARGE_WORK = 512 * 512 * 512
+#: The most threads the automatic choice gives (small products scale no further).
+MAX_AUTO_THREADS = 4
+#: Default conditioner width of the built-in builders.
+_DEFAULT_HIDDEN = 64
+#: Several threads must be at least this much faster than one in the start-up timing.
+_SPEEDUP = 1.3
+
+
+class ThreadsError(ValueError):
+    """``EXACTFLOW_THREADS`` is not a positive integer."""
+
+
+def _cgroup_cpus() -> float | None:
+    """The CPU quota of this process's cgroup (v2 ``cpu.max`` or v1 cfs files), if any."""
+    try:
+        with open("/sys/fs/cgroup/cpu.max", encoding="ascii") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            return int(quota) / int(period)
+        return None
+    except (OSError, ValueError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", encoding="ascii") as f:
+            quota_us = int(f.read())
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_period_us", encoding="ascii") as f:
+            period_us = int(f.read())
+    except (OSError, ValueError):
+        return None
+    return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+
+
+def idle_cores() -> int:
+    """The cores this process may use that nobody else uses now (at least 0).
+
+    The CPUs of this process's affinity mask, capped by a cgroup CPU quota, less the
+    1-minute load average (which counts this process too, so the estimate errs low).
+    """
+    try:
+        cpus: float = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    quota = _cgroup_cpus()
+    if quota is not None:
+        cpus = min(cpus, quota)
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        load = 0.0
+    return max(0, math.floor(cpus - load))
+
+
+def _work(args: argparse.Namespace) -> int:
+    """``batch_size * widest hidden layer ** 2`` of a ``train`` command (0 otherwise)."""
+    if getattr(args, "command", None) != "train":
+        return 0
+    hidden = getattr(args, "hidden", None) or [_DEFAULT_HIDDEN]
+    return int(getattr(args, "batch_size", 512)) * max(hidden) ** 2
+
+
+def _faster_with(threads: int, rows: int, width: int) -> bool:
+    """Whether ``threads`` threads multiply ``(rows, width) x (width, width)`` at least
+    :data:`_SPEEDUP` times faster than one, timed here and now (best of 5, ~10-100 ms)."""
+    a = torch.randn(rows, width)
+    b = torch.randn(width, width)
+    before = torch.get_num_threads()
+
+    def best(n: int) -> float:
+        torch.set_num_threads(n)
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            torch.mm(a, b)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    try:
+        best(1)  # warm up
+        return best(1) >= _SPEEDUP * best(threads)
+    finally:
+        torch.set_num_threads(before)
+
+
+def choose_threads(
+    args: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> tuple[int | None, str]:
+    """The intra-op thread count for the command of ``args``, and why (``None``: leave
+    torch's count as it is). See the module docstring for the rule.
+
+    Raises:
+        ThreadsError: ``EXACTFLOW_THREADS`` is set but not a positive integer.
+    """
+    env = os.environ if environ is None else environ
+    if getattr(args, "threads", None) is not None:
+        return int(args.threads), "--threads"
+    text = env.get("EXACTFLOW_THREADS", "").strip()
+    if text:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise ThreadsError(
+                f"EXACTFLOW_THREADS must be a positive integer, got {text!r}"
+            )
+        return value, "EXACTFLOW_THREADS"
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        if env.get(name, "").strip():
+            return None, name
+    work = _work(args)
+    if work < LARGE_WORK:
+        return 1, "small model"
+    free = min(idle_cores(), MAX_AUTO_THREADS)
+    if free < 2:
+        return 1, "no idle cores"
+    width = max(getattr(args, "hidden", None) or [_DEFAULT_HIDDEN])
+    rows = max(1, work // (width * width))
+    if _faster_with(free, min(rows, 8192), width):
+        return free, f"large model, {free} idle cores"
+    return 1, "large model, but several threads were not faster here"
