@@ -1,0 +1,275 @@
+"""Errors that name the real problem and the user's own file, never internals.
+
+Damaged checkpoints, model files that are something else, run folders given to
+``ef.load``, unwritable or full output locations, empty CSV cells, ``.npz`` files of
+several arrays, closed output pipes, a ``report`` link out of the run folder, and the
+permissions of every file a run writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import exactflow as ef
+from exactflow.cli import main
+from exactflow.datasets import DataError
+from exactflow.io import CheckpointError, atomic_write_text
+from exactflow.runs import RunError
+from tests.helpers import perturb
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--model", "maf", "--layers", "2", "--hidden", "8", "--steps", "10",
+        "--batch-size", "64", "--no-report", "--samples", "300"]
+
+
+def run_cli(argv: list) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+def error_line(err: str) -> str:
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("exactflow: error: "), err
+    return lines[-1]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("errors") / "run"
+    code, _, err = run_cli(["train", "moons", *TINY, "--out", out, "--threads", "1"])
+    assert code == 0, err
+    return out
+
+
+# -- damaged checkpoints ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("payload", [
+    {"format": "exactflow-checkpoint", "version": 1},  # no "run": was KeyError: 'run'
+    {"format": "exactflow-checkpoint", "version": 1, "run": {}, "model": {}},
+    {"format": "exactflow-checkpoint", "version": 1, "run": "text"},
+])
+def test_a_damaged_checkpoint_is_a_checkpoint_error(tmp_path, payload):
+    path = tmp_path / "checkpoint.pt"
+    torch.save(payload, path)
+    flow = ef.models.maf(2, layers=1, hidden=(4,))
+    with pytest.raises(CheckpointError, match="checkpoint") as info:
+        ef.fit(flow, torch.randn(64, 2), steps=2, batch_size=32, checkpoint=path,
+               resume=True, progress=False, device="cpu")
+    assert str(path) in str(info.value)
+
+
+def test_train_resume_from_a_damaged_checkpoint_is_one_line(tmp_path):
+    out = tmp_path / "run"
+    (out).mkdir()
+    code, _, err = run_cli(["train", "moons", *TINY, "--out", out, "--steps", "40"])
+    assert code == 0, err
+    info = json.loads((out / "run.json").read_text())
+    info["status"] = "training"  # an interrupted run with a damaged checkpoint
+    (out / "run.json").write_text(json.dumps(info))
+    torch.save({"format": "exactflow-checkpoint", "version": 1}, out / "checkpoint.pt")
+    code, _, err = run_cli(["train", "moons", *TINY, "--out", out, "--steps", "40",
+                            "--resume"])
+    line = error_line(err)
+    assert code == 1 and "checkpoint.pt' is a damaged checkpoint" in line
+    assert "delete it and train again" in line
+
+
+# -- ef.load on things that are not model files -----------------------------------------
+
+
+def test_ef_load_names_what_a_foreign_file_is(tmp_path):
+    (tmp_path / "data.csv").write_text("x,y\n1,2\n3,4\n")
+    np.save(tmp_path / "a.npy", np.zeros((3, 2)))
+    np.savez(tmp_path / "b.npz", a=np.zeros(2), b=np.ones(2))
+    (tmp_path / "notes.txt").write_text("")  # empty
+    for name, what in (("data.csv", "a text file"), ("a.npy", "a numpy .npy array"),
+                       ("b.npz", "a numpy .npz archive"), ("notes.txt", "empty")):
+        with pytest.raises(CheckpointError, match=what) as info:
+            ef.load(tmp_path / name)
+        text = str(info.value)
+        assert name in text and "pop from empty list" not in text
+        assert "Unsupported operand" not in text
+
+
+def test_ef_load_of_a_run_folder_loads_its_model(run_dir, tmp_path):
+    flow = ef.load(run_dir)
+    x = torch.randn(5, 2)
+    with torch.no_grad():
+        assert torch.equal(flow.log_prob(x), ef.load(run_dir / "model.safetensors").log_prob(x))
+    # A run folder of exactflow 0.1 holds model.pt (a torch archive of config and weights).
+    old = tmp_path / "old-run"
+    old.mkdir()
+    torch.save({"format": "exactflow", "version": 1, "exactflow_version": "0.1.0",
+                "config": json.dumps(flow.config, sort_keys=True),
+                "state_dict": flow.state_dict()}, old / "model.pt")
+    with torch.no_grad():
+        assert torch.equal(ef.load(old).log_prob(x), flow.log_prob(x))
+    (tmp_path / "empty-folder").mkdir()
+    with pytest.raises(CheckpointError, match="holds no model.safetensors or model.pt"):
+        ef.load(tmp_path / "empty-folder")
+
+
+def test_ef_load_refuses_nan_weights(tmp_path):
+    flow = perturb(ef.models.maf(2, layers=1, hidden=(4,)))
+    with torch.no_grad():
+        next(flow.parameters())[0] = float("nan")
+    path = ef.save(flow, tmp_path / "m.safetensors")
+    with pytest.raises(CheckpointError, match="NaN weights"):
+        ef.load(path)
+
+
+# -- output locations: the user's file is named, never a hidden temporary ---------------
+
+
+def test_a_write_that_cannot_start_names_the_target(tmp_path, monkeypatch):
+    def refused(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied",
+                              str(tmp_path / ".x.csv.abc123.tmp"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
+    with pytest.raises(PermissionError) as info:
+        atomic_write_text(tmp_path / "x.csv", "a")
+    assert info.value.filename == str(tmp_path / "x.csv")
+
+
+def test_sample_to_an_unwritable_place_names_the_file(run_dir, tmp_path, monkeypatch):
+    target = tmp_path / "s.csv"
+
+    def refused(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / ".s.csv.q.tmp"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
+    code, _, err = run_cli(["sample", run_dir, "-n", "5", "-o", target])
+    line = error_line(err)
+    assert code == 1 and repr(str(target)) in line and ".tmp" not in line
+
+
+def test_sample_to_a_folder_is_refused_with_its_name(run_dir, tmp_path):
+    (tmp_path / "out.csv").mkdir()
+    code, _, err = run_cli(["sample", run_dir, "-n", "5", "-o", tmp_path / "out.csv"])
+    line = error_line(err)
+    assert code == 1 and "out.csv" in line and "folder" in line and ".tmp" not in line
+
+
+def test_a_full_disk_mid_stream_names_the_file_and_leaves_nothing(run_dir, tmp_path,
+                                                                   monkeypatch):
+    from exactflow.cli import commands
+
+    calls = {"n": 0}
+    real = commands.write_table.__globals__["csv_rows"]
+
+    def filling(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setitem(commands.write_table.__globals__, "csv_rows", filling)
+    monkeypatch.setattr(commands, "CHUNK_VALUES", 64)
+    target = tmp_path / "s.csv"
+    code, _, err = run_cli(["sample", run_dir, "-n", "500", "-o", target])
+    line = error_line(err)
+    assert code == 1 and "no space left" in line and repr(str(target)) in line
+    assert os.listdir(tmp_path) == []
+
+
+def test_atomic_writes_replace_a_link_never_its_target(tmp_path):
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep")
+    (tmp_path / "run").mkdir()
+    link = tmp_path / "run" / "index.html"
+    link.symlink_to(outside)
+    atomic_write_text(link, "new")
+    assert outside.read_text() == "keep"
+    assert not link.is_symlink() and link.read_text() == "new"
+
+
+# -- data files -------------------------------------------------------------------------
+
+
+def test_an_empty_cell_names_line_and_column_and_suggests_dropping_the_row(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("a,b\n1,2\n3,\n5,6\n")
+    with pytest.raises(DataError) as info:
+        ef.datasets.load(path)
+    text = str(info.value)
+    assert "empty cell at line 3, column 2 ('b')" in text and "drop or impute" in text
+
+
+def test_an_npz_array_chosen_in_the_path(tmp_path):
+    a, b = np.zeros((4, 2)), np.arange(6.0).reshape(3, 2)
+    np.savez(tmp_path / "two.npz", a=a, b=b)
+    np.testing.assert_array_equal(ef.datasets.load(f"{tmp_path / 'two.npz'}:b"), b)
+    np.testing.assert_array_equal(ef.datasets.load(tmp_path / "two.npz", key="a"), a)
+    with pytest.raises(DataError, match=r"choose one with key=, or as .*two\.npz:a"):
+        ef.datasets.load(tmp_path / "two.npz")
+    with pytest.raises(DataError, match="no array 'c'"):
+        ef.datasets.load(f"{tmp_path / 'two.npz'}:c")
+    with pytest.raises(DataError, match="two arrays asked for"):
+        ef.datasets.load(f"{tmp_path / 'two.npz'}:b", key="a")
+    (tmp_path / "d.csv").write_text("1,2\n")
+    with pytest.raises(DataError, match="applies to .npz files only"):
+        ef.datasets.load(tmp_path / "d.csv", key="a")
+
+
+# -- a closed pipe ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("extra", [[], ["--json"]], ids=["csv", "json"])
+def test_a_closed_pipe_ends_quietly(run_dir, extra):
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "exactflow", "sample", str(run_dir), "-n", "300000", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.readline()
+    proc.stdout.close()  # as `| head -1` does
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141
+    assert err == "", err
+
+
+# -- the run folder ---------------------------------------------------------------------
+
+
+def test_a_report_link_out_of_the_run_is_refused(run_dir, tmp_path):
+    pytest.importorskip("matplotlib")
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (copy / "report").symlink_to(elsewhere)
+    code, _, err = run_cli(["report", copy])
+    line = error_line(err)
+    assert code == 1 and "not a folder of the run" in line
+    assert list(elsewhere.iterdir()) == []
+    from exactflow.report import build_report
+
+    with pytest.raises(RunError, match="a link or a file"):
+        build_report(copy)
+
+
+def test_every_file_of_a_run_has_the_same_ordinary_permissions(run_dir):
+    mask = os.umask(0)
+    os.umask(mask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in run_dir.iterdir() if p.is_file()}
+    assert "model.safetensors" in modes and "run.json" in modes and "data.npz" in modes
+    assert set(modes.values()) == {0o666 & ~mask}, modes
