@@ -1,0 +1,92 @@
+"""The command line's default thread count: one thread unless there is reason for more.
+
+torch's own default (one thread per core) made every command but ``demo`` several times
+slower on a busy machine (``benchmarks/threads.py``). The rule: ``--threads``, else
+``EXACTFLOW_THREADS``, else ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` (torch follows them),
+else 1, except a large training run on idle cores where a timing says more is faster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+
+import pytest
+import torch
+
+from exactflow.cli import commands, main, threads
+from exactflow.cli.threads import ThreadsError, choose_threads
+
+ENV_VARS = ("EXACTFLOW_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def ns(command: str = "sample", **kwargs) -> argparse.Namespace:
+    base = {"command": command, "threads": None, "hidden": None, "batch_size": 512}
+    return argparse.Namespace(**{**base, **kwargs})
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for name in ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_the_order_of_the_rule(clean_env):
+    env: dict[str, str] = {}
+    assert choose_threads(ns(threads=3), {"EXACTFLOW_THREADS": "2"}) == (3, "--threads")
+    assert choose_threads(ns(), {"EXACTFLOW_THREADS": "2", "OMP_NUM_THREADS": "5"}) == (
+        2, "EXACTFLOW_THREADS")
+    assert choose_threads(ns(), {"OMP_NUM_THREADS": "5"}) == (None, "OMP_NUM_THREADS")
+    assert choose_threads(ns(), {"MKL_NUM_THREADS": "5"}) == (None, "MKL_NUM_THREADS")
+    for command in ("sample", "score", "check", "report", "demo", "train"):
+        assert choose_threads(ns(command), env) == (1, "small model")
+    for bad in ("0", "-2", "two", "1.5"):
+        with pytest.raises(ThreadsError, match="EXACTFLOW_THREADS must be a positive"):
+            choose_threads(ns(), {"EXACTFLOW_THREADS": bad})
+
+
+def test_a_large_model_uses_idle_cores_only_when_faster(clean_env):
+    large = ns("train", hidden=[512, 512], batch_size=1024)
+    clean_env.setattr(threads, "idle_cores", lambda: 12)
+    clean_env.setattr(threads, "_faster_with", lambda n, rows, width: True)
+    assert choose_threads(large, {}) == (threads.MAX_AUTO_THREADS, "large model, 4 idle cores")
+    clean_env.setattr(threads, "_faster_with", lambda n, rows, width: False)
+    assert choose_threads(large, {})[0] == 1
+    clean_env.setattr(threads, "idle_cores", lambda: 1)
+    assert choose_threads(large, {}) == (1, "no idle cores")
+    assert choose_threads(ns("sample", hidden=[4096]), {})[0] == 1  # only training
+
+
+def test_the_timing_restores_the_thread_count():
+    before = torch.get_num_threads()
+    assert isinstance(threads._faster_with(2, 64, 32), bool)
+    assert torch.get_num_threads() == before
+    assert threads.idle_cores() >= 0
+
+
+def test_main_runs_a_command_on_one_thread_and_restores_torch(clean_env):
+    seen = []
+    clean_env.setitem(commands.COMMANDS, "report",
+                      lambda args: seen.append(torch.get_num_threads()) or {"ok": True})
+    torch.set_num_threads(2)  # torch's default on a 2-core machine
+    try:
+        assert main(["report", "somewhere"]) == 0
+        assert main(["report", "somewhere", "--threads", "3"]) == 0
+        clean_env.setenv("EXACTFLOW_THREADS", "2")
+        assert main(["report", "somewhere"]) == 0
+        assert seen == [1, 3, 2]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+
+
+def test_a_bad_exactflow_threads_is_one_error_line(clean_env):
+    clean_env.setenv("EXACTFLOW_THREADS", "many")
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(["report", "somewhere"])
+    assert code == 1
+    assert err.getvalue().strip() == (
+        "exactflow: error: EXACTFLOW_THREADS must be a positive integer, got 'many'")
