@@ -28,11 +28,13 @@ RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _run(argv: list[str], env: dict[str, str], stdout: int | None) -> tuple[float, float]:
-    """(peak RSS in MB, wall seconds) of ``python -m exactflow argv`` in a fresh process."""
+def _run(argv: list[str], env: dict[str, str], stdout: int | None, cwd: Path
+         ) -> tuple[float, float]:
+    """(peak RSS in MB, wall seconds) of ``python -m exactflow argv`` in a fresh process
+    (run from ``cwd``: ``-m`` puts the working folder first on the import path)."""
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "exactflow", *argv], env=env,
-                            stdout=stdout, stderr=subprocess.PIPE)
+                            stdout=stdout, stderr=subprocess.PIPE, cwd=cwd)
     _, status, usage = os.wait4(proc.pid, 0)
     elapsed = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -58,16 +60,17 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run([sys.executable, "-m", "exactflow", "train", "moons", "--model", "maf",
                         "--layers", "2", "--hidden", "16", "--steps", "20", "--samples",
                         "1000", "--no-report", "--out", str(run)], env=env, check=True,
-                       capture_output=True)
+                       capture_output=True, cwd=tmp)
         for n in counts:
             for output in args.outputs.split(","):
                 cmd = ["sample", str(run), "-n", str(n), "--seed", "0"]
                 if output == "stdout":
                     with open(os.devnull, "wb") as sink:
-                        rss, secs = _run(cmd, env, sink.fileno())
+                        rss, secs = _run(cmd, env, sink.fileno(), Path(tmp))
                 else:
                     target = Path(tmp) / f"s.{output}"
-                    rss, secs = _run(cmd + ["-o", str(target)], env, subprocess.DEVNULL)
+                    rss, secs = _run(cmd + ["-o", str(target)], env, subprocess.DEVNULL,
+                                     Path(tmp))
                     target.unlink()
                 rows.append((n, output, rss, secs))
                 print(f"n={n:>11,} {output:>6}: peak RSS {rss:7.1f} MB, {secs:6.1f} s",

@@ -207,17 +207,17 @@ def summarize(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "(layers) | far-out -inf (f32 / f64) | bad samples |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    def total(ok: list[dict[str, Any]], pred: Any, key: str = "nan") -> int:
+        return sum(c[key] for r in ok for w, c in r["checks"].items() if pred(w))
+
     for name in meta["builders"]:
         rows = [r for r in records if r["builder"] == name]
         ok = [r for r in rows if not r.get("error")]
 
-        def total(pred: Any, key: str = "nan") -> int:
-            return sum(c[key] for r in ok for w, c in r["checks"].items() if pred(w))
-
-        nan_public = total(lambda w: not w.endswith("raw") and not w.startswith("samples"))
-        nan_raw = total(lambda w: w.endswith("raw"))
-        far32 = total(lambda w: w.startswith("far") and w.endswith("float32"), "neginf")
-        far64 = total(lambda w: w.startswith("far") and w.endswith("float64"), "neginf")
+        nan_public = total(ok, lambda w: not w.endswith("raw") and not w.startswith("samples"))
+        nan_raw = total(ok, lambda w: w.endswith("raw"))
+        far32 = total(ok, lambda w: w.startswith("far") and w.endswith("float32"), "neginf")
+        far64 = total(ok, lambda w: w.startswith("far") and w.endswith("float64"), "neginf")
         bad_samples = sum(c["nan"] + c["posinf"] + c["neginf"] for r in ok
                           for w, c in r["checks"].items() if w.startswith("samples"))
         lines.append(

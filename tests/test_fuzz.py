@@ -106,7 +106,7 @@ def _npy(header: str, payload: bytes, version: bytes = b"\x01\x00") -> bytes:
 
 HEADERS = st.builds(
     lambda descr, shape, fortran: (
-        "{'descr': %r, 'fortran_order': %s, 'shape': %s, }" % (descr, fortran, shape)
+        f"{{'descr': {descr!r}, 'fortran_order': {fortran}, 'shape': {shape}, }}"
     ),
     st.sampled_from(["<f8", "<f4", "<i8", "|u1", "|b1", "<c16", "<U3", "|O", "|V8", ">f8",
                      "<f2", "[('a', '<f8')]", "float64", "<m8", "zz"]),

@@ -31,6 +31,9 @@ _ARCHIVE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+_NPZ_ERRORS: tuple[type[BaseException], ...] = (ValueError, *_ARCHIVE_ERRORS)
+
+
 def _first(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
@@ -291,7 +294,7 @@ def load(
                 arr = archive[key]
         except DataError:
             raise
-        except (ValueError, *_ARCHIVE_ERRORS) as e:
+        except _NPZ_ERRORS as e:
             if "pickle" in str(e).lower():
                 raise DataError(
                     f"cannot read {path!r}: it holds a pickled object array, which is refused"

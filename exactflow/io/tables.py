@@ -89,7 +89,7 @@ def write_table(
             np.lib.format.write_array_header_1_0(handle, header)
             for chunk in chunks:
                 block = check(chunk, written)
-                handle.write(memoryview(block).cast("B"))
+                handle.write(block.tobytes())
                 written += len(block)
         else:
             delimiter = "\t" if suffix == ".tsv" else ","
