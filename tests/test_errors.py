@@ -135,6 +135,27 @@ def test_ef_load_refuses_nan_weights(tmp_path):
         ef.load(path)
 
 
+def test_ef_load_keeps_the_saved_dtype_and_refuses_complex_weights(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    flow = perturb(ef.models.maf(2, layers=1, hidden=(4,))).double().eval()
+    loaded = ef.load(ef.save(flow, tmp_path / "m64.safetensors"))
+    assert all(p.dtype == torch.float64 for p in loaded.parameters())  # was cast to float32
+    x = torch.randn(4, 2, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(loaded.log_prob(x), flow.log_prob(x))
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "m64.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(tmp_path / "m64.safetensors"))
+    key = next(k for k, v in tensors.items() if v.is_floating_point())
+    tensors[key] = tensors[key].to(torch.complex64)
+    save_file(tensors, str(tmp_path / "complex.safetensors"), metadata=meta)
+    with pytest.raises(CheckpointError, match=f"stores '{key}' as torch.complex64"):
+        ef.load(tmp_path / "complex.safetensors")
+
+
 # -- output locations: the user's file is named, never a hidden temporary ---------------
 
 

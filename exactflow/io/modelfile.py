@@ -279,6 +279,24 @@ def _check_sizes(name: str, config: dict[str, Any], shapes: dict[str, tuple[int,
             size("layers x hidden", layers * width, numel)
 
 
+def _check_dtypes(name: str, expected: dict[str, torch.Tensor],
+                  state: dict[str, torch.Tensor]) -> None:
+    """Refuse stored tensors of a kind their place cannot hold: a complex or integer tensor
+    where the model has floating weights, or an index or mask buffer in another dtype."""
+    for key, want in expected.items():
+        got = state[key].dtype
+        ok = (
+            not state[key].is_complex()
+            and (state[key].is_floating_point() if want.is_floating_point() else got == want.dtype)
+        )
+        if not ok:
+            kind = "a real floating tensor" if want.is_floating_point() else str(want.dtype)
+            raise CheckpointError(
+                f"{name!r} stores {key!r} as {got}, where the model holds {kind} (a damaged "
+                "or tampered file)"
+            )
+
+
 def load(path: str | os.PathLike[str], map_location: Any = "cpu") -> Flow:
     """Load a flow written by :func:`save` (or by exactflow 0.1); never executes code.
 
@@ -329,8 +347,11 @@ def load(path: str | os.PathLike[str], map_location: Any = "cpu") -> Flow:
             ": the model diverged before it was saved, or the file is damaged; it would "
             "score every row NaN"
         )
+    _check_dtypes(name, flow.state_dict(), state)
     try:
-        flow.load_state_dict(state, strict=True)
+        # assign=True keeps every tensor in the dtype it was saved in (a float64 model
+        # loads as float64, not cast to the float32 it was rebuilt in).
+        flow.load_state_dict(state, strict=True, assign=True)
     except (RuntimeError, TypeError, ValueError) as err:
         raise CheckpointError(
             f"the weights in {name!r} cannot be loaded into its model: "
