@@ -191,7 +191,7 @@ def test_sample_to_a_folder_is_refused_with_its_name(run_dir, tmp_path):
 
 def test_a_full_disk_mid_stream_names_the_file_and_leaves_nothing(run_dir, tmp_path,
                                                                    monkeypatch):
-    from exactflow.cli import commands
+    from exactflow.cli import commands, output
 
     calls = {"n": 0}
     real = commands.write_table.__globals__["csv_rows"]
@@ -203,7 +203,7 @@ def test_a_full_disk_mid_stream_names_the_file_and_leaves_nothing(run_dir, tmp_p
         return real(*args, **kwargs)
 
     monkeypatch.setitem(commands.write_table.__globals__, "csv_rows", filling)
-    monkeypatch.setattr(commands, "CHUNK_VALUES", 64)
+    monkeypatch.setattr(output, "CHUNK_VALUES", 64)
     target = tmp_path / "s.csv"
     code, _, err = run_cli(["sample", run_dir, "-n", "500", "-o", target])
     line = error_line(err)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from exactflow.cli import commands, main
+from exactflow.cli import main, output
 from exactflow.io import csv_rows, write_table
 
 TINY = ["--model", "maf", "--layers", "2", "--hidden", "8", "--steps", "10",
@@ -77,7 +77,7 @@ def test_a_million_samples_to_npy_in_bounded_memory(run_dir, tmp_path):
 def test_csv_and_stdout_stream_chunk_by_chunk(run_dir, tmp_path, monkeypatch):
     # Small chunks, so that the bound is far below what holding all rows would take
     # (before: ~4 MB for 6e4 rows of CSV text).
-    monkeypatch.setattr(commands, "CHUNK_VALUES", 4096)
+    monkeypatch.setattr(output, "CHUNK_VALUES", 4096)
     target = tmp_path / "s.csv"
     assert peak_mb(["sample", run_dir, "-n", 60_000, "-o", target, "--seed", "2"]) < 1.5
     lines = target.read_text().splitlines()
@@ -102,7 +102,7 @@ def test_npy_csv_and_stdout_hold_the_same_samples(run_dir, tmp_path):
 
 
 def test_json_is_capped_with_an_error_naming_o(run_dir, monkeypatch):
-    monkeypatch.setattr(commands, "JSON_MAX_VALUES", 100)
+    monkeypatch.setattr(output, "JSON_MAX_VALUES", 100)
     code, err = run_cli(["sample", run_dir, "-n", 51, "--json"])
     assert code == 1 and "-o FILE" in err and "at most 50 rows" in err
     code, err = run_cli(["sample", run_dir, "-n", 50, "--json"])

@@ -14,7 +14,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +27,9 @@ from ..diagnostics import check_layers, format_check_table
 from ..io import CheckpointError, atomic_write_bytes, csv_rows, json_safe, write_table
 from ..report import build_report
 from ..runs import RunError, anomaly, load_run, read_data, train_run
-from ..scoring import eval_mode
 from ..training import TrainingError
 from ..validation import nonfinite_rows_error
+from .output import SampleStream, json_cap_error, silence_stdout
 from .parser import PROG, build_parser
 from .threads import ThreadsError, choose_threads
 
@@ -56,19 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _main(argv)
     except BrokenPipeError:
-        _silence_stdout()
+        silence_stdout()
         return 141
-
-
-def _silence_stdout() -> None:
-    # The reader is gone: point stdout at /dev/null so that the interpreter's last flush
-    # at exit cannot raise a second BrokenPipeError.
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-    except (OSError, ValueError, io.UnsupportedOperation):
-        pass
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -298,61 +287,33 @@ def _csv_text(array: np.ndarray, header: list[str], delim: str = ",", fmt: str =
     return buf.getvalue()
 
 
-#: The most numbers (rows x features) ``sample --json`` prints: the JSON object is built in
-#: memory; more rows go to a file with ``-o`` (streamed, any number).
-JSON_MAX_VALUES = 1_000_000
-#: The most numbers ``sample`` holds at a time (a chunk of rows).
-CHUNK_VALUES = 1 << 17
-
-
 def cmd_sample(args: argparse.Namespace) -> dict[str, Any]:
-    """Draw ``-n`` samples; to a file or stdout they are streamed a chunk at a time, so
-    memory stays bounded whatever ``n`` (``--json`` without ``-o`` is capped)."""
+    """Draw ``-n`` samples, streamed a chunk at a time to the file or stdout (memory stays
+    bounded whatever ``n``; ``--json`` without ``-o`` is capped): see :mod:`.output`."""
     run = load_run(args.run)
     flow = run.flow
     assert flow is not None
     out = _output_path(args)
-    features = run.features
-    if args.json and out is None and args.n * features > JSON_MAX_VALUES:
-        raise CommandError(
-            f"--json prints the samples inside one JSON object built in memory: at most "
-            f"{JSON_MAX_VALUES // features} rows of {features} features; write "
-            f"{args.n} rows to a file with -o FILE (.csv or .npy, streamed), or leave out "
-            "--json to stream CSV to stdout"
-        )
+    cap = json_cap_error(args.n, run.features) if args.json and out is None else None
+    if cap:
+        raise CommandError(cap)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
-    # 65536 rows per chunk for up to 2 features (the chunks of exactflow 0.1, so a seed
-    # draws the same samples), fewer for wide tables.
-    rows_per_chunk = max(1, min(65536, CHUNK_VALUES // features))
-    non_finite = 0
-
-    def chunks() -> Iterator[np.ndarray]:
-        nonlocal non_finite
-        with torch.random.fork_rng(devices=[]), eval_mode(flow):
-            torch.manual_seed(seed)
-            left = args.n
-            while left > 0:
-                k = min(left, rows_per_chunk)
-                block = flow.sample(k).double().cpu().numpy()
-                non_finite += int((~np.isfinite(block).all(1)).sum())
-                left -= k
-                yield block
-
+    samples = SampleStream(flow, args.n, seed, run.features)
     result: dict[str, Any] = {
-        "ok": True, "n": args.n, "features": features, "columns": run.columns,
+        "ok": True, "n": args.n, "features": run.features, "columns": run.columns,
         "seed": seed, "output": str(out) if out else None,
     }
     if out is not None:
-        write_table(out, chunks(), rows=args.n, columns=run.columns)
-        _say(args, f"wrote {args.n} samples ({features} columns) to {out}")
+        write_table(out, samples, rows=args.n, columns=run.columns)
+        _say(args, f"wrote {args.n} samples ({run.features} columns) to {out}")
     elif args.json:
-        result["samples"] = np.concatenate(list(chunks())).tolist()
+        result["samples"] = np.concatenate(list(samples)).tolist()
     else:
         sys.stdout.write(",".join(run.columns) + "\n")
-        for block in chunks():
+        for block in samples:
             sys.stdout.write(csv_rows(block))
             sys.stdout.flush()
-    result["non_finite_rows"] = non_finite
+    result["non_finite_rows"] = samples.non_finite_rows
     return result
 
 

@@ -1,0 +1,79 @@
+"""What the command line writes in bulk: samples drawn and streamed a chunk at a time.
+
+``exactflow sample -n N`` never holds ``N`` rows: :func:`sample_chunks` draws them a chunk
+at a time (65,536 rows for narrow tables, fewer for wide ones), and the command streams
+each chunk to its file (:func:`exactflow.io.write_table`) or to stdout. ``--json`` prints
+every sample inside one JSON object built in memory, so it is capped
+(:func:`json_cap_error`). A reader that goes away (``| head``) ends the command quietly
+(:func:`silence_stdout`).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..scoring import eval_mode
+
+__all__ = ["JSON_MAX_VALUES", "CHUNK_VALUES", "SampleStream", "json_cap_error",
+           "silence_stdout"]
+
+#: The most numbers (rows x features) ``sample --json`` prints without ``-o``.
+JSON_MAX_VALUES = 1_000_000
+#: The most numbers ``sample`` holds at a time (one chunk of rows).
+CHUNK_VALUES = 1 << 17
+
+
+class SampleStream:
+    """``n`` samples of ``flow`` drawn with ``seed`` in chunks, counting non-finite rows.
+
+    Iterating draws the chunks (float64 arrays) in eval mode, with torch's global RNG
+    forked so the caller's is left as it was. Chunks are 65,536 rows for tables of up to
+    two features (the chunks of exactflow 0.1, so a seed draws the same samples as there),
+    fewer for wider ones (:data:`CHUNK_VALUES` numbers at most).
+    """
+
+    def __init__(self, flow: Any, n: int, seed: int, features: int) -> None:
+        self.flow, self.n, self.seed = flow, n, seed
+        self.rows = max(1, min(65536, CHUNK_VALUES // max(features, 1)))
+        self.non_finite_rows = 0
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        with torch.random.fork_rng(devices=[]), eval_mode(self.flow):
+            torch.manual_seed(self.seed)
+            left = self.n
+            while left > 0:
+                k = min(left, self.rows)
+                block = self.flow.sample(k).double().cpu().numpy()
+                self.non_finite_rows += int((~np.isfinite(block).all(1)).sum())
+                left -= k
+                yield block
+
+
+def json_cap_error(n: int, features: int) -> str | None:
+    """The error for ``sample --json`` without ``-o`` when ``n`` rows are too many."""
+    if n * features <= JSON_MAX_VALUES:
+        return None
+    return (
+        f"--json prints the samples inside one JSON object built in memory: at most "
+        f"{JSON_MAX_VALUES // features} rows of {features} features; write {n} rows to a "
+        "file with -o FILE (.csv or .npy, streamed), or leave out --json to stream CSV to "
+        "stdout"
+    )
+
+
+def silence_stdout() -> None:
+    """Point stdout at ``/dev/null`` after its reader went away, so that the interpreter's
+    last flush at exit cannot raise a second ``BrokenPipeError``."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, io.UnsupportedOperation):
+        pass
