@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .core import Transform
+from .core import Compose, Transform
+from .transforms.normalization import Standardize
 from .validation import positive_int
 
 __all__ = ["Distribution", "StandardNormal", "DiagonalNormal", "Uniform", "Flow"]
@@ -266,34 +267,45 @@ class Flow(Distribution):
                 return b
         return None
 
-    def _as_tensor(self, x: Any, name: str) -> Tensor:
+    def _as_tensor(self, x: Any, name: str, exact: bool = False) -> Tensor:
         """``x`` as a tensor in the flow's dtype and on its device.
 
-        Any real tensor or array is cast to the dtype of the flow's parameters (a float64
+        A real tensor or array is cast to the dtype of the flow's parameters (a float64
         tensor into a float32 flow computes in float32, as the weights do): values beyond
         that dtype's range become ``inf``, and :meth:`log_prob` scores such rows ``-inf``.
+        With ``exact`` (the first layer is a :class:`~exactflow.transforms.Standardize`,
+        which standardizes in float64 and then casts to the model's dtype), float64 input
+        is passed as it is.
         """
         ref = self._param_like()
+        target = ref.dtype if ref is not None else torch.get_default_dtype()
         if isinstance(x, Tensor):
             if x.is_complex():
                 raise TypeError(f"{name} must be numeric and real, got a tensor of dtype {x.dtype}")
-            t = x
-            target = ref.dtype if ref is not None else torch.get_default_dtype()
-            if not t.is_floating_point() or (ref is not None and t.dtype != ref.dtype):
-                t = t.to(target)
+            keep = x.is_floating_point() and (
+                ref is None or x.dtype == target or (exact and x.dtype == torch.float64))
+            t = x if keep else x.to(target)
         else:
             arr = np.asarray(x)
             if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
                 raise TypeError(
                     f"{name} must be numeric and real, got an array of dtype {arr.dtype}"
                 )
-            t = torch.as_tensor(arr, dtype=ref.dtype if ref is not None else None)
+            keep64 = exact and arr.dtype == np.float64
+            t = torch.as_tensor(arr, dtype=None if keep64 or ref is None else target)
         if ref is not None and t.device != ref.device:
             t = t.to(ref.device)
         return t
 
+    @staticmethod
+    def _standardizes_first(module: nn.Module | None) -> bool:
+        """Whether ``module`` starts with a :class:`~exactflow.transforms.Standardize`."""
+        while isinstance(module, Compose) and len(module.transforms):
+            module = module.transforms[0]
+        return isinstance(module, Standardize)
+
     def _check_x(self, x: Any) -> Tensor:
-        x = self._as_tensor(x, "x")
+        x = self._as_tensor(x, "x", exact=self._standardizes_first(self.transform))
         if x.dim() != 2 or x.shape[1] != self.features:
             raise ValueError(
                 f"x must have shape (batch, {self.features}), got {tuple(x.shape)}"
@@ -312,7 +324,8 @@ class Flow(Distribution):
                 "this flow is conditional: pass a context of shape "
                 f"(batch, {self.context_features})"
             )
-        context = self._as_tensor(context, "context")
+        context = self._as_tensor(context, "context",
+                                  exact=self._standardizes_first(self.context_scaler))
         if context.dim() != 2 or context.shape[1] != self.context_features:
             raise ValueError(
                 f"context must have shape (batch, {self.context_features}), "
@@ -367,7 +380,8 @@ class Flow(Distribution):
             return None, (n,)
         if context is None:
             self._check_context(None, None)
-        context = self._as_tensor(context, "context")
+        context = self._as_tensor(context, "context",
+                                  exact=self._standardizes_first(self.context_scaler))
         if context.dim() == 1:
             context = context.unsqueeze(0)
             if context.shape[1] != self.context_features:

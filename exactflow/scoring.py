@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .distributions import Flow
 from .validation import SHOW, DataError, index_list
 
 __all__ = ["eval_mode", "log_prob", "module_dtype", "module_device"]
@@ -75,13 +76,16 @@ def log_prob(
             the first row indices.
     """
     dtype, device = module_dtype(model), module_device(model)
+    # A Flow casts its input itself, and keeps float64 for a first Standardize layer
+    # (which standardizes in float64): hand it float64 rows as they are.
+    keep64 = isinstance(model, Flow)
     n = len(x)
     out = np.empty(n, dtype=np.float64)
     nan_rows: list[int] = []
     n_nan = 0
     with eval_mode(model):
         for start in range(0, n, chunk):
-            part = _tensor(x[start : start + chunk], dtype, device)
+            part = _tensor(x[start : start + chunk], dtype, device, keep64)
             bad = torch.isnan(part).reshape(len(part), -1).any(-1)
             if bool(bad.any()):
                 idx = torch.nonzero(bad).flatten().cpu().numpy() + start
@@ -90,7 +94,7 @@ def log_prob(
             if n_nan:  # keep counting, stop scoring
                 continue
             ctx = None if context is None else _tensor(context[start : start + chunk], dtype,
-                                                       device)
+                                                       device, keep64)
             values = model.log_prob(part) if ctx is None else model.log_prob(part, ctx)
             values = values.double().cpu().numpy()
             out[start : start + len(part)] = np.where(np.isnan(values), -np.inf, values)
@@ -103,7 +107,10 @@ def log_prob(
     return out
 
 
-def _tensor(values: Any, dtype: torch.dtype, device: torch.device) -> Tensor:
-    if isinstance(values, Tensor):
-        return values.to(device=device, dtype=dtype)
-    return torch.as_tensor(np.asarray(values), dtype=dtype, device=device)
+def _tensor(values: Any, dtype: torch.dtype, device: torch.device, keep64: bool = False
+            ) -> Tensor:
+    if not isinstance(values, Tensor):
+        values = torch.as_tensor(np.asarray(values))
+    if keep64 and values.dtype == torch.float64:
+        return values.to(device=device)
+    return values.to(device=device, dtype=dtype)

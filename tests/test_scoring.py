@@ -71,7 +71,7 @@ def test_a_nan_row_stays_nan_in_flow_log_prob_and_is_refused_by_the_scorer():
 @pytest.mark.parametrize("config", BUILDERS[:4] + BUILDERS[6:],
                          ids=lambda c: c["model"] + c.get("kind", ""))
 def test_a_float64_tensor_into_a_float32_flow_is_cast(config):
-    flow = built(config, torch.float32)
+    flow = built(config, torch.float32, standardize=False)
     x64 = torch.randn(5, 2, dtype=torch.float64)
     with torch.no_grad():
         got = flow.log_prob(x64)
@@ -79,9 +79,23 @@ def test_a_float64_tensor_into_a_float32_flow_is_cast(config):
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want)
     # and the other way: a float32 tensor into a float64 flow
-    flow64 = built(config, torch.float64)
+    flow64 = built(config, torch.float64, standardize=False)
     with torch.no_grad():
         assert flow64.log_prob(x64.float()).dtype == torch.float64
+
+
+def test_float64_rows_reach_a_first_standardize_layer_as_they_are():
+    # A column 1e8 + N(0, 1): float32's spacing at 1e8 is 8. The scorer and Flow.log_prob
+    # hand float64 rows to the Standardize layer, which standardizes in float64.
+    rng = np.random.default_rng(0)
+    x = 1e8 + rng.normal(size=(500, 2))
+    flow = ef.models.maf(2, layers=2, hidden=(8,), standardize=True).eval()  # identity start
+    ef.models.standardize_layer(flow).set_statistics(x.mean(0), x.std(0))
+    expected = (-0.5 * ((x - x.mean(0)) / x.std(0)) ** 2 - 0.5 * np.log(2 * np.pi)
+                - np.log(x.std(0))).sum(1)
+    np.testing.assert_allclose(log_prob(flow, x), expected, atol=1e-4)
+    with torch.no_grad():
+        np.testing.assert_allclose(flow.log_prob(x).double().numpy(), expected, atol=1e-4)
 
 
 def test_mixed_dtypes_keep_the_gradient():
