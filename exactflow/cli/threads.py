@@ -4,8 +4,8 @@ torch starts with one intra-op thread per core. exactflow's models are small (ML
 conditioners of 64-512 units on tables of a few to a few hundred columns): each matrix
 product is too small to split profitably, and when the machine's cores are busy with other
 work, every extra thread waits for a core at each parallel region. On a busy 2-core machine
-torch's default made ``exactflow train`` 5 to 45 times slower than one thread (the figures
-are in ``docs/reliability.md``; ``benchmarks/threads.py`` measures them).
+torch's default made ``exactflow train`` 3.6 times slower than one thread
+(``benchmarks/threads.py`` measures it; the figures are in ``docs/reliability.md``).
 
 The rule, in order (the first that applies wins):
 
