@@ -65,7 +65,7 @@ class FlowDensity(DensityMixin, BaseEstimator):
             builder's default (not with ``auto``).
         steps: a fixed number of optimizer steps (default: set by validation).
         epochs: passes over the training rows instead of ``steps``.
-        batch_size: rows per step (default: about 16 batches an epoch, 16 to 512 rows).
+        batch_size: rows per step (default: about 8 batches an epoch, 32 to 256 rows).
         lr: Adam learning rate.
         validation_fraction: rows held out to stop training and to choose the model
             (0: none, train a given model on all rows for ``steps``).

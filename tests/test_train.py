@@ -602,8 +602,9 @@ def test_small_tables_get_a_batch_size_and_a_validation_split_that_fit():
     x = gaussian_data(90, d=2)
     history = fit(affine_flow(2), x, lr=0.05, **CPU)
     assert history.best_step is not None and history.steps[0] == 0
-    assert fit_module.default_batch_size(81) == 16 and fit_module.default_batch_size(10) == 10
-    assert fit_module.default_batch_size(100_000) == 512
+    assert fit_module.default_batch_size(81) == 32 and fit_module.default_batch_size(10) == 10
+    assert fit_module.default_batch_size(1000) == 125
+    assert fit_module.default_batch_size(100_000) == 256
 
 
 def test_the_context_is_standardized_like_the_data():

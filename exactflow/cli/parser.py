@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="epochs without improvement of the validation NLL before stopping "
                         "(default 20 when the length is set by validation)")
     p.add_argument("--batch-size", type=_positive_int,
-                   help="rows per step (default: about 16 batches an epoch, 16 to 512 rows)")
+                   help="rows per step (default: about 8 batches an epoch, 32 to 256 rows)")
     p.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate")
     p.add_argument("--val-fraction", type=_fraction, default=0.1,
                    help="fraction of rows held out for validation")

@@ -45,10 +45,11 @@ def register(
       jointly with the flow (the builder's layers then see ``k`` context features); the
       builder itself is called with ``context=k``;
     * ``base="gaussian"`` (full covariance) or ``base={"name": "gmm", "components": k,
-      "covariance": "full" | "diag"}`` replaces the standard normal base by a trainable
-      Gaussian or Gaussian mixture that :func:`exactflow.fit` first fits to the training
-      data (in closed form or by EM): every transform starts at the identity, so at step 0
-      the flow *is* the classical model, and training with validation keeps only what
+      "covariance": "full" | "diag"}`` replaces the standard normal base by a Gaussian or
+      Gaussian mixture that :func:`exactflow.fit` first fits to the training data (in
+      closed form or by EM) and then keeps fixed (``"trainable": True`` in the dict lets
+      gradients move it too): every transform starts at the identity, so at step 0 the
+      flow *is* the classical model, and training with validation keeps only what
       improves on it.
 
     :func:`exactflow.load` rebuilds a flow with :func:`build`, so the process that loads a
@@ -168,21 +169,23 @@ def _base_spec(base: Any) -> dict[str, Any] | None:
             "base must be 'normal', 'gaussian', 'gmm' or a dict such as "
             f"{{'name': 'gmm', 'components': 8, 'covariance': 'diag'}}, got {base!r}"
         )
-    unknown = set(base) - {"name", "components", "covariance"}
+    unknown = set(base) - {"name", "components", "covariance", "trainable"}
     if unknown or (base["name"] == "gaussian" and "components" in base):
         raise ValueError(f"unknown keys for the {base['name']} base: {sorted(unknown)}")
     spec: dict[str, Any] = {"name": base["name"],
                             "covariance": choice(base.get("covariance", "full"), "covariance",
-                                                 ("full", "diag"))}
+                                                 ("full", "diag")),
+                            "trainable": bool(base.get("trainable", False))}
     if base["name"] == "gmm":
         spec["components"] = positive_int(base.get("components", 4), "components")
     return spec
 
 
 def _make_base(spec: dict[str, Any], features: int) -> Gaussian | GaussianMixture:
+    trainable = spec.get("trainable", False)
     if spec["name"] == "gaussian":
-        return Gaussian(features, spec["covariance"])
-    return GaussianMixture(features, spec["components"], spec["covariance"])
+        return Gaussian(features, spec["covariance"], trainable=trainable)
+    return GaussianMixture(features, spec["components"], spec["covariance"], trainable=trainable)
 
 
 def _embedding_spec(embedding: Any, context: Any) -> dict[str, Any] | None:
