@@ -14,6 +14,7 @@ import torch
 
 from .._version import __version__
 from ..datasets import TOY_ENTROPY, TOYS, digits, load, read_header, toy, validate
+from ..datasets.files import split_key
 from ..validation import DataError
 
 __all__ = ["read_data", "versions", "BUILTIN", "integer_columns", "dequantize"]
@@ -62,7 +63,8 @@ def read_data(
 
 
 def _read_file(path: Path, columns: Sequence[int | str] | None) -> tuple[np.ndarray, dict]:
-    if not path.exists():
+    file, _ = split_key(path)  # "data.npz:name" picks one array of an .npz
+    if not Path(file).exists():
         raise DataError(
             f"{str(path)!r} is neither a built-in dataset ({', '.join(BUILTIN)}) nor an "
             "existing file"

@@ -90,7 +90,12 @@ class Checkpoint:
             _restore(self, payload)
         except CheckpointError:
             raise
-        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
+        except KeyError as err:
+            raise CheckpointError(
+                f"{str(path)!r} is a damaged checkpoint: its {err.args[0]!r} entry is missing; "
+                "delete it and train again, or resume from a good copy"
+            ) from None
+        except (TypeError, ValueError, AttributeError, IndexError) as err:
             raise CheckpointError(
                 f"{str(path)!r} is a damaged checkpoint ({type(err).__name__}: {err}); delete "
                 "it and train again, or resume from a good copy"
