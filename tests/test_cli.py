@@ -557,3 +557,30 @@ def test_train_with_no_options_picks_a_model_writes_the_leaderboard_and_a_defaul
     # A second run does not replace the first: it gets the next free folder.
     code, out, _ = run_cli(["train", "table.csv", "--model", "gaussian", "--no-report"])
     assert code == 0 and "runs/table-2" in out
+
+
+def test_score_takes_the_toy_names_that_train_takes(run_dir):
+    code, out, err = run_cli(["score", run_dir, "moons", "--json"])
+    assert code == 0, err
+    assert json.loads(out)["n"] == 20000  # the toy's default sample size
+
+
+def test_dequantize_makes_integer_columns_continuous_and_scores_say_lower_bound(tmp_path):
+    rng = np.random.default_rng(3)
+    counts = np.column_stack([rng.poisson(4.0, 600), rng.poisson(9.0, 600),
+                              rng.normal(size=600)])
+    data = write_csv(tmp_path / "counts.csv", counts, ["a", "b", "c"])
+    code, _, err = run_cli(["train", data, "--model", "gaussian", "--out", tmp_path / "plain",
+                            "--no-report"])
+    assert code == 0 and "hold integers only" in err and "--dequantize" in err
+    code, _, err = run_cli(["train", data, "--model", "gaussian", "--dequantize", "--out",
+                            tmp_path / "deq", "--no-report"])
+    assert code == 0, err
+    info = json.loads((tmp_path / "deq" / "run.json").read_text())
+    assert info["data"]["dequantized_columns"] == [0, 1]
+    with np.load(tmp_path / "deq" / "data.npz") as npz:
+        train = npz["train"]
+    assert not np.all(train[:, 0] == np.round(train[:, 0]))  # noise in [0, 1) was added
+    code, out, err = run_cli(["score", tmp_path / "deq", data, "--json"])
+    assert code == 0, err
+    assert json.loads(out)["lower_bound"] is True

@@ -83,6 +83,10 @@ def test_pairwise_any_dimension():
     # Data below the diagonal, samples above, histograms on it.
     assert fig.axes[3].collections and fig.axes[1].collections and fig.axes[0].patches
     assert len(plotting.pairwise(hand_built_flow(2), x[:, :2], dims=4).axes) == 4
+    # The axes carry the columns' names (a CSV's header), not x1..xd.
+    named = plotting.pairwise(flow, x, dims=3, n_samples=200,
+                              names=["height", "weight", "age", "d", "e"])
+    assert named.axes[6].get_xlabel() == "height" and named.axes[3].get_ylabel() == "weight"
 
 
 def test_training_curves_from_a_history_dict():
@@ -96,6 +100,11 @@ def test_training_curves_from_a_history_dict():
     train_line = ax.lines[labels.index("train")]
     np.testing.assert_array_equal(train_line.get_xdata(), [10, 20, 30])
     assert ax.get_ylim()[0] < 2.394 < ax.get_ylim()[1]
+    # The step whose weights training kept is marked.
+    history.best_step = 20
+    kept = plotting.training_curves(history.to_dict()).axes[0]
+    (line,) = [ln for ln in kept.lines if "weights kept" in ln.get_label()]
+    assert list(line.get_xdata()) == [20, 20] and "step 20" in line.get_label()
     plotting.training_curves({})  # an empty history draws an empty frame
 
 
