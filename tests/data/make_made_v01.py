@@ -4,7 +4,9 @@ Run from the repository root with exactflow 0.1 (commit d37b829) installed:
 ``python tests/data/make_made_v01.py``. Kept to show how the fixture was made; the tests
 only read the file.
 """
-import torch, exactflow as ef
+import torch
+
+import exactflow as ef
 from exactflow.nn import MADE
 from tests.helpers import perturb
 
@@ -13,7 +15,9 @@ out = {"flows": {}, "mades": {}}
 flows = {
     "maf": (dict(model="maf", features=3, layers=2, hidden=(5, 4), context=2), 2),
     "iaf": (dict(model="iaf", features=2, layers=2, hidden=(3,)), 0),
-    "nsf_ar": (dict(model="nsf", features=4, layers=2, hidden=(6,), bins=3, kind="autoregressive"), 0),
+    "nsf_ar": (
+        dict(model="nsf", features=4, layers=2, hidden=(6,), bins=3, kind="autoregressive"), 0
+    ),
 }
 for name, (cfg, c) in flows.items():
     cfg = dict(cfg)
