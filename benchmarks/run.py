@@ -7,7 +7,7 @@ Usage::
     python -m benchmarks.run --device cuda --batch 4096   # on a GPU (skips without CUDA)
 
 For every data set (2D moons, 10-D Gaussian mixture, 64-D digits) and architecture (MAF,
-RealNVP, NSF) it builds the model in each installed library with the same seed, then
+IAF, RealNVP, NSF) it builds the model in each installed library with the same seed, then
 
 1. trains all of them together with Adam (lr 1e-3, same batches, same batch size) in windows
    of ``window`` steps, interleaved A B C D A B C D ... with the order rotated each round so
@@ -57,6 +57,8 @@ class Settings:
 
     steps: dict[str, int]
     window: int
+    #: Fewer training steps for some models: an IAF trains in its sequential direction.
+    model_steps: dict[str, dict[str, int]] = field(default_factory=dict)
     eval_points: int = 10_000
     sample_points: dict[str, int] = field(default_factory=dict)
     repeats: int = 5
@@ -69,12 +71,14 @@ class Settings:
 FULL = Settings(
     steps={"moons": 1200, "gmm10": 1200, "digits": 150},
     window=50,
+    model_steps={"iaf": {"moons": 400, "gmm10": 100, "digits": 8}},
     repeats=9,
     repeat_budget_s=8.0,
 )
 QUICK = Settings(
     steps={"moons": 64, "gmm10": 48, "digits": 16},
     window=8,
+    model_steps={"iaf": {"moons": 16, "gmm10": 8, "digits": 4}},
     sample_points={"digits": 1_000},
     repeats=2,
     repeat_budget_s=1.0,
@@ -159,7 +163,7 @@ def bench_config(
     args: argparse.Namespace,
 ) -> list[dict]:
     device = args.device
-    steps = args.steps or settings.steps[dataset.name]
+    steps = args.steps or settings.model_steps.get(model_name, settings.steps)[dataset.name]
     window = max(1, min(settings.window, steps // 4))  # at least 3 timed windows
     rounds = max(2, steps // window)
     entries: list[Entry] = []
@@ -229,6 +233,7 @@ def bench_config(
             "model": model_name,
             "library": entry.library,
             "parameters": entry.model.parameters,
+            "effective_parameters": entry.model.effective_parameters,
             "note": entry.model.note,
             "batch": batch,
             "steps": rounds * window,
@@ -327,6 +332,7 @@ def machine_info(args: argparse.Namespace, settings: Settings) -> dict:
         },
         "settings": {
             "steps": {k: (args.steps or v) for k, v in settings.steps.items()},
+            "model_steps": {} if args.steps else settings.model_steps,
             "window": settings.window,
             "log_prob_points": settings.eval_points,
             "sample_points": {
@@ -357,7 +363,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="few steps (under 2 minutes)")
     parser.add_argument("--out", default="benchmarks/results", help="folder for JSON and markdown")
     parser.add_argument("--data", default="moons,gmm10,digits", help="comma-separated data sets")
-    parser.add_argument("--models", default="maf,realnvp,nsf", help="comma-separated models")
+    parser.add_argument(
+        "--models", default="maf,iaf,realnvp,nsf", help="comma-separated models"
+    )
     parser.add_argument(
         "--libs", default=None,
         help="comma-separated libraries; NAME+compile adds a row with the loss compiled "
@@ -407,7 +415,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"    {row['library']:18s} {row['train_steps_per_s']:8.1f} steps/s "
                     f"log_prob {(lp or math.nan) / 1e3:8.1f} kpts/s "
                     f"sample {(sp or math.nan) / 1e3:8.2f} kpts/s "
-                    f"NLL {row['test_nll']:8.3f}  params {row['parameters']}"
+                    f"NLL {row['test_nll']:8.3f}  params {row['parameters']} "
+                    f"(effective {row['effective_parameters']})"
                 )
     add_ratios(rows)
     info["load_average_end"] = list(os.getloadavg())
