@@ -405,7 +405,9 @@ class MADE(nn.Module):
             for s, e, cols in layer.groups:
                 block = index[s:e, : 1 + cols] - packed_at
                 kept = seen[s:e, : 1 + cols]
-                to_grads[block[kept]] = grads_at + kept.reshape(-1).nonzero().flatten()
+                # Blocks of weight gradients are stored transposed, (1 + cols, units): the
+                # backward computes them as inputs @ grad^T, the faster GEMM of the two.
+                to_grads[block.t()[kept.t()]] = grads_at + kept.t().reshape(-1).nonzero().flatten()
                 groups.append((s, e, cols, grads_at))
                 grads_at += (e - s) * (1 + cols)
             dest.append(to_grads)
@@ -560,8 +562,8 @@ class MADE(nn.Module):
             n_in, n_out, _, at, groups, columns = self._fused_plan[i]
             h = inputs[i]
             for s, e, cols, grad_at in groups:
-                gw = grads.as_strided((e - s, 1 + cols), (1 + cols, 1), grad_at)
-                torch.mm(g[s:e], h[: 1 + cols].t(), out=gw)
+                gw = grads.as_strided((1 + cols, e - s), (e - s, 1), grad_at)
+                torch.mm(h[: 1 + cols], g[s:e].t(), out=gw)
             if i == 0 and not need_x:
                 break
             g_in = g.new_empty(n_in, batch)
