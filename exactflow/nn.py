@@ -178,8 +178,9 @@ class _MADEFunction(torch.autograd.Function):
             wanted = [t for t, need in ((x_in, need_x), (packed, need_packed)) if need]
             grads = iter(torch.autograd.grad(out, wanted, grad, create_graph=True))
             return (next(grads) if need_x else None, next(grads) if need_packed else None, None)
-        grad_x, grad_packed = made._fused_backward(grad, ctx.weights, ctx.inputs, need_x)
-        return grad_x, grad_packed, None
+        g = grad.t().contiguous()
+        grad_x, grad_packed = made._fused_backward(g, ctx.weights, ctx.inputs, need_x)
+        return (None if grad_x is None else grad_x.t().contiguous()), grad_packed, None
 
 
 _threshold_backward = torch.ops.aten.threshold_backward.grad_input
@@ -382,7 +383,8 @@ class MADE(nn.Module):
         # * weights (what the pass multiplies): layer by layer the dense sorted matrix
         #   (outputs, 1 + inputs), the bias in column 0 (the pass keeps a row of ones above
         #   the inputs), masked entries zero, so that every block is a strided view;
-        # * gradients (what the backward writes): each row block as a contiguous matrix.
+        # * gradients (what the backward writes): each row block transposed, a contiguous
+        #   (1 + columns, units) matrix.
         src, masked, dest, fused = [], [], [], []
         packed_at = weights_at = grads_at = 0
         for layer in self._plan:
@@ -546,15 +548,14 @@ class MADE(nn.Module):
         return h, inputs
 
     def _fused_backward(
-        self, grad: Tensor, weights: Tensor, inputs: list[Tensor], need_x: bool
+        self, g: Tensor, weights: Tensor, inputs: list[Tensor], need_x: bool
     ) -> tuple[Tensor | None, Tensor]:
-        """Gradients of :meth:`_fused` for ``grad`` ``(batch, outputs)``.
+        """Gradients of :meth:`_fused` for ``g``, the output gradient ``(outputs, batch)``.
 
-        Returns ``(grad of x_in, grad of packed)``. Weight gradients are written block by
-        block, input gradients by blocks of inputs (each against the units that see them),
-        so every gradient entry is written once.
+        Returns ``(grad of x_in, unit-major (inputs, batch) or None, grad of packed)``.
+        Weight gradients are written block by block, input gradients by blocks of inputs
+        (each against the units that see them), so every gradient entry is written once.
         """
-        g = grad.t().contiguous()
         batch = g.shape[1]
         grads = g.new_empty(self._grads_size)
         grad_x = None
@@ -576,7 +577,7 @@ class MADE(nn.Module):
                 w = weights.as_strided((n_out - first, b - a), (stride, 1), offset)
                 torch.mm(w.t(), g[first:], out=g_in[a:b])
             if i == 0:
-                grad_x = g_in.t().contiguous()
+                grad_x = g_in
             else:  # through the ReLU, in place
                 g = _threshold_backward(g_in, h[1:], 0, grad_input=g_in)
         return grad_x, grads.index_select(0, self._dest)

@@ -46,6 +46,74 @@ __all__ = [
 
 _FAST = ("density", "sampling")
 
+class _FusedAffine(torch.autograd.Function):
+    """The one-pass direction of an affine MADE layer (MAF density, IAF sampling), fused.
+
+    ``v = u * exp(s) + t`` with ``(t, a) = MADE(u, c)`` and ``s = bound * tanh(a / bound)``
+    (:class:`~exactflow.transforms.monotonic.AffineMap`), ``log|det| = sum(s)``. The map is
+    applied to the MADE's unit-major output in place of a batch-major copy, and its
+    derivatives are written out by hand and fed to the MADE's own backward: no autograd
+    graph for the map and no transposes of the parameters or of their gradient. Under
+    ``create_graph=True`` the backward recomputes the layer with differentiable ops.
+    """
+
+    @staticmethod
+    def forward(ctx, u, context, packed, made, affine):  # type: ignore[override]
+        c, d, bound = made.context_features, made.features, affine.scale_bound
+        u_in = made._inputs(u, context)
+        weights = made._weights(packed)
+        out, inputs = made._fused(u_in, weights)
+        u_sorted = inputs[0][1 + c :]  # (d, batch), in the order
+        shift, raw = out.view(d, 2, -1).unbind(1)
+        log_scale = torch.tanh(raw / bound).mul_(bound)  # same ops as AffineMap
+        scale = torch.exp(log_scale)
+        v = u_sorted * scale + shift
+        log_det = log_scale.sum(0)
+        v = v.t()
+        v = v.contiguous() if made._identity_order else v.index_select(1, made._rank)
+        ctx.made, ctx.affine, ctx.weights, ctx.inputs = made, affine, weights, inputs
+        ctx.save_for_backward(u, context, packed, log_scale, scale)
+        return v, log_det
+
+    @staticmethod
+    def backward(ctx, grad_v, grad_log_det):  # type: ignore[override]
+        u, context, packed, log_scale, scale = ctx.saved_tensors
+        made, affine = ctx.made, ctx.affine
+        need_u, need_c, need_packed = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
+            with torch.enable_grad():
+                params = made._outputs(made._composable(made._inputs(u, context), packed))
+                v, log_det = affine.forward(u, params)
+                log_det = log_det.sum(dim=1)
+            wanted = ((u, need_u), (context, need_c), (packed, need_packed))
+            tensors = [t for t, n in wanted if n]
+            grads = iter(torch.autograd.grad(
+                (v, log_det), tensors, (grad_v, grad_log_det), create_graph=True
+            ))
+            return (*(next(grads) if n else None for _, n in wanted), None, None)
+        c, d, bound = made.context_features, made.features, affine.scale_bound
+        batch = grad_v.shape[0]  # (gradients of unused outputs arrive as zeros)
+        g_v = grad_v if made._identity_order else grad_v.index_select(1, made.order)
+        g_v = g_v.t().contiguous()  # (d, batch), in the order
+        u_sorted = ctx.inputs[0][1 + c :]
+        g_out = g_v.new_empty(d, 2, batch)
+        g_out[:, 0] = g_v
+        g_s = g_v * u_sorted * scale + grad_log_det
+        g_out[:, 1] = g_s * (1 - (log_scale / bound) ** 2)
+        need_in = need_u or need_c
+        g_in, grad_packed = made._fused_backward(
+            g_out.view(2 * d, batch), ctx.weights, ctx.inputs, need_in
+        )
+        grad_u = grad_c = None
+        if need_u:
+            g_u = g_in[c:] + g_v * scale  # through the parameters, and directly
+            g_u = g_u.t()
+            grad_u = g_u.contiguous() if made._identity_order else g_u.index_select(1, made._rank)
+        if need_c:
+            grad_c = g_in[:c].t().contiguous()
+        return grad_u, grad_c, grad_packed if need_packed else None, None, None
+
+
 #: ``conditioner(features, outputs, context=..., order=...) -> nn.Module``: the network of
 #: an autoregressive layer. The module maps ``(x, context)`` to ``(batch, features,
 #: outputs)``, the parameters of feature ``order[k]`` depending only on
@@ -68,7 +136,10 @@ class MaskedAutoregressive(Transform):
     sequential direction is ``d`` steps of :meth:`~exactflow.nn.MADE.autoregress` with the
     same multiply-adds in all, plus ``d`` calls of the map's inverse on one feature. A
     conditioner without ``autoregress`` costs ``d`` full passes in the sequential direction
-    (``d - 1`` without a context: the first pass sees zeros only and runs on one row).
+    (``d - 1`` without a context: the first pass sees zeros only and runs on one row). With
+    the affine map and a ReLU MADE the one-pass direction is fused: the map is applied to
+    the MADE's output where it is computed and differentiated by hand (same values and
+    gradients as the generic path up to rounding).
 
     **Your own conditioner.** ``conditioner(features, outputs, context=..., order=...)``
     is called once with the layer's sizes and the order as a permutation tensor, and must
@@ -164,7 +235,16 @@ class MaskedAutoregressive(Transform):
 
     def _one_pass(self, u: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         """``v = g(u; theta(u))`` and ``log|det dv/du|``: one MADE pass."""
-        params = self.made(u, self._context(context))
+        made, context = self.made, self._context(context)
+        if (
+            type(self.monotonic) is AffineMap
+            and isinstance(made, MADE)
+            and made._relu
+            and made._plain(u)
+            and (context is None or made._plain(context))
+        ):
+            return _FusedAffine.apply(u, context, made.packed, made, self.monotonic)
+        params = made(u, context)
         v, log_det = self.monotonic.forward(u, params)
         return v, log_det.sum(dim=1)
 
