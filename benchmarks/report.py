@@ -87,6 +87,7 @@ def write_markdown(meta: dict, rows: list[dict], path: Path) -> None:
         f"- machine: {meta['cpu']} ({meta['cpu_count']} cores), {meta['platform']}, "
         f"Python {meta['python']}" + (f", GPU {meta['gpu']}" if "gpu" in meta else ""),
         f"- device `{meta['device']}`, torch threads {meta['torch_threads']} for every library, "
+        f"clock `{meta.get('clock', 'wall')}`, "
         f"batch {meta['batch']}, {s['optimizer']}, training steps {s['steps']} "
         f"(timed in windows of {s['window']} steps, first window = warm-up), "
         f"log_prob on {s['log_prob_points']:,} points, sample of {s['sample_points']} points",
