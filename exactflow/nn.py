@@ -238,8 +238,9 @@ class MADE(nn.Module):
     ``d*h + h^2 + h*d*o``) in a few GEMMs per layer; :meth:`autoregress` the same in ``d``
     steps of small GEMMs. ReLU networks run a fused pass (activations stored unit-major,
     every block written in place) with a hand-written backward; other activations,
-    ``torch.compile`` and ``torch.func`` transforms run the same blocked products as
-    differentiable torch ops, and so does the backward under ``create_graph=True``.
+    ``torch.compile``, ``torch.func`` transforms and autocast run the same blocked
+    products as differentiable torch ops, and so does the backward under
+    ``create_graph=True``.
 
     Args:
         features: the number of features ``d``.
@@ -620,9 +621,13 @@ class MADE(nn.Module):
         return params if self._identity_order else params.index_select(1, self._rank)
 
     def _plain(self, t: Tensor) -> bool:
-        """Plain eager tensors: no ``torch.compile`` trace, no ``torch.func`` transform."""
+        """Plain eager float computation: no ``torch.compile`` trace, no ``torch.func``
+        transform, no autocast (whose ops the composable pass leaves to autocast's rules)."""
         return not (
-            torch.compiler.is_compiling() or _is_functorch(t) or _is_functorch(self.packed)
+            torch.compiler.is_compiling()
+            or torch.is_autocast_enabled(t.device.type)
+            or _is_functorch(t)
+            or _is_functorch(self.packed)
         )
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:

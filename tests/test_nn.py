@@ -449,3 +449,13 @@ def test_made_autoregress_under_vmap_without_grad() -> None:
 
     with torch.no_grad():
         torch.testing.assert_close(torch.func.vmap(row)(v, c), expected, rtol=0, atol=1e-12)
+
+
+def test_made_under_autocast_leaves_its_products_to_autocast() -> None:
+    """Under autocast the blocked products are plain ops: bfloat16 like any linear layer."""
+    made, x, c = made_case(5, (9, 7), 3, "random", seed=5)
+    made, x, c = made.float(), x.float(), c.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = made(x, c)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), made(x, c), rtol=0.05, atol=0.05)
