@@ -46,6 +46,7 @@ __all__ = [
 
 _FAST = ("density", "sampling")
 
+
 class _FusedAffine(torch.autograd.Function):
     """The one-pass direction of an affine MADE layer (MAF density, IAF sampling), fused.
 
