@@ -6,6 +6,8 @@ everywhere. The architectures, as far as each library allows:
 
 * **MAF**: 5 masked affine autoregressive layers, MADE with 2 hidden layers of width ``h``
   and ReLU, feature order reversed between layers, standard normal base.
+* **IAF**: the same layers with the directions swapped: sampling is one MADE pass per
+  layer, the density of given points is the sequential (``d``-step) direction.
 * **RealNVP**: 8 affine coupling layers, alternating masks, MLP conditioner ``2 x h`` with
   ReLU, **no batch norm** in any library.
 * **NSF**: 5 rational-quadratic spline coupling layers, 8 bins, bound 5, the identity
@@ -24,7 +26,15 @@ Per-library notes (what each one's own API gives; kept as close as it allows):
 * normflows: its ``MaskedAffineAutoregressive`` computes the *density* with the sequential
   pass (normflows' ``forward`` is latent -> data), which would make its training ``D``
   times slower; we wrap it in ``normflows.flows.Reverse`` so that it has MAF costs (fast
-  density, sequential sampling), its best case. Its RealNVP uses ``AffineCouplingBlock``
+  density, sequential sampling), its best case. Unwrapped, it is the IAF.
+* IAF: exactflow's ``models.iaf``; zuko's MAF layers each replaced by its lazy inverse
+  (``t.inv``); nflows' ``MaskedAffineAutoregressiveTransform`` inside ``InverseTransform``.
+
+Parameter counts: ``Model.parameters`` counts every stored trainable number, as each
+library reports it; ``Model.effective_parameters`` counts the weights a mask multiplies by
+zero as absent (exactflow's MADE does not store them; the peers store dense masked
+matrices). Compare models by the effective count: equal architectures have equal effective
+counts whatever the storage. Its RealNVP uses ``AffineCouplingBlock``
   with ``split_mode`` alternating ``channel``/``channel_inv`` (halves rather than parity;
   same cost and size), NSF uses its ``PiecewiseRationalQuadraticCoupling`` with
   ``normflows.nets.MLP`` (no unconditional spline on the identity half).
@@ -40,11 +50,13 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LIBRARIES", "MODELS", "Model", "build", "available", "version"]
+__all__ = [
+    "LIBRARIES", "MODELS", "Model", "build", "available", "version", "effective_parameters"
+]
 
 LIBRARIES = ("exactflow", "zuko", "nflows", "normflows")
-MODELS = ("maf", "realnvp", "nsf")
-LAYERS = {"maf": 5, "realnvp": 8, "nsf": 5}
+MODELS = ("maf", "iaf", "realnvp", "nsf")
+LAYERS = {"maf": 5, "iaf": 5, "realnvp": 8, "nsf": 5}
 BINS = 8
 BOUND = 5.0
 
@@ -62,7 +74,31 @@ class Model:
 
     @property
     def parameters(self) -> int:
+        """Every stored trainable number, as the library counts it."""
         return sum(p.numel() for p in self.module.parameters() if p.requires_grad)
+
+    @property
+    def effective_parameters(self) -> int:
+        """:attr:`parameters` less the weights a fixed mask multiplies by zero."""
+        return effective_parameters(self.module)
+
+
+def effective_parameters(module: nn.Module) -> int:
+    """Trainable numbers that can change the output: a masked layer's weight counts only
+    where its ``mask`` buffer (same shape, as in zuko's, nflows' and normflows' masked
+    linear layers) is nonzero."""
+    total = 0
+    for sub in module.modules():
+        weight = sub._parameters.get("weight")
+        mask = sub._buffers.get("mask")
+        for p in sub._parameters.values():
+            if p is None or not p.requires_grad:
+                continue
+            if p is weight and mask is not None and mask.shape == p.shape:
+                total += int((mask != 0).sum())
+            else:
+                total += p.numel()
+    return total
 
 
 def available(library: str) -> bool:
@@ -106,7 +142,7 @@ def _exactflow(model: str, d: int, h: int) -> Model:
     import exactflow as ef  # noqa: PLC0415
 
     builder = getattr(ef.models, model)
-    kwargs: dict = {"layers": LAYERS[model], "hidden": (h, h)}
+    kwargs: dict = {"layers": LAYERS[model], "hidden": (h, h)}  # maf, iaf: reversed orders
     if model == "realnvp":
         kwargs["batch_norm"] = False
     if model == "nsf":
@@ -127,6 +163,10 @@ def _zuko(model: str, d: int, h: int) -> Model:
     note = ""
     if model == "maf":
         flow = zuko.flows.MAF(d, transforms=LAYERS[model], hidden_features=(h, h))
+    elif model == "iaf":
+        maf = zuko.flows.MAF(d, transforms=LAYERS[model], hidden_features=(h, h))
+        flow = Flow([t.inv for t in maf.transform.transforms], maf.base)
+        note = "MAF layers inverted (LazyInverse)"
     elif model == "realnvp":
         flow = zuko.flows.RealNVP(d, transforms=LAYERS[model], hidden_features=(h, h))
     else:
@@ -178,12 +218,11 @@ def _nflows(model: str, d: int, h: int) -> Model:
     layers: list[nn.Module] = []
     for i in range(LAYERS[model]):
         mask = (torch.arange(d) % 2 == i % 2).to(torch.int64)  # 1 = transformed
-        if model == "maf":
-            layers.append(
-                transforms.MaskedAffineAutoregressiveTransform(
-                    d, h, num_blocks=1, use_residual_blocks=False
-                )
+        if model in ("maf", "iaf"):
+            made = transforms.MaskedAffineAutoregressiveTransform(
+                d, h, num_blocks=1, use_residual_blocks=False
             )
+            layers.append(made if model == "maf" else transforms.InverseTransform(made))
             if i < LAYERS[model] - 1:
                 layers.append(transforms.ReversePermutation(d))
         elif model == "realnvp":
@@ -229,17 +268,20 @@ def _normflows(model: str, d: int, h: int) -> Model:
     note = ""
     layers: list[nn.Module] = []
     for i in range(LAYERS[model]):
-        if model == "maf":
+        if model in ("maf", "iaf"):
             made = nf.flows.MaskedAffineAutoregressive(
                 d, h, num_blocks=1, use_residual_blocks=False
             )
-            layers.append(nf.flows.Reverse(made))
+            layers.append(nf.flows.Reverse(made) if model == "maf" else made)
             if i < LAYERS[model] - 1:
                 perm = nf.flows.Permute(d, mode="shuffle")
                 perm.perm.copy_(torch.arange(d - 1, -1, -1))
                 perm.inv_perm.copy_(torch.arange(d - 1, -1, -1))
                 layers.append(perm)
-            note = "MaskedAffineAutoregressive wrapped in flows.Reverse (MAF costs)"
+            note = (
+                "MaskedAffineAutoregressive wrapped in flows.Reverse (MAF costs)"
+                if model == "maf" else "MaskedAffineAutoregressive (IAF costs)"
+            )
         elif model == "realnvp":
             mlp = nf.nets.MLP([d // 2, h, h, d])
             split = "channel" if i % 2 == 0 else "channel_inv"

@@ -7,7 +7,7 @@ Usage::
     python -m benchmarks.run --device cuda --batch 4096   # on a GPU (skips without CUDA)
 
 For every data set (2D moons, 10-D Gaussian mixture, 64-D digits) and architecture (MAF,
-RealNVP, NSF) it builds the model in each installed library with the same seed, then
+IAF, RealNVP, NSF) it builds the model in each installed library with the same seed, then
 
 1. trains all of them together with Adam (lr 1e-3, same batches, same batch size) in windows
    of ``window`` steps, interleaved A B C D A B C D ... with the order rotated each round so
@@ -50,6 +50,10 @@ from .report import write_markdown
 
 PEERS = ("zuko", "nflows", "normflows")
 
+#: ``wall``: elapsed time. ``cpu``: the CPU time of this thread, which on a shared machine
+#: leaves out the time the process waits for a core (every library runs on one thread).
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+
 
 @dataclass
 class Settings:
@@ -57,6 +61,8 @@ class Settings:
 
     steps: dict[str, int]
     window: int
+    #: Fewer training steps for some models: an IAF trains in its sequential direction.
+    model_steps: dict[str, dict[str, int]] = field(default_factory=dict)
     eval_points: int = 10_000
     sample_points: dict[str, int] = field(default_factory=dict)
     repeats: int = 5
@@ -69,12 +75,14 @@ class Settings:
 FULL = Settings(
     steps={"moons": 1200, "gmm10": 1200, "digits": 150},
     window=50,
+    model_steps={"iaf": {"moons": 400, "gmm10": 100, "digits": 8}},
     repeats=9,
     repeat_budget_s=8.0,
 )
 QUICK = Settings(
     steps={"moons": 64, "gmm10": 48, "digits": 16},
     window=8,
+    model_steps={"iaf": {"moons": 16, "gmm10": 8, "digits": 4}},
     sample_points={"digits": 1_000},
     repeats=2,
     repeat_budget_s=1.0,
@@ -159,7 +167,8 @@ def bench_config(
     args: argparse.Namespace,
 ) -> list[dict]:
     device = args.device
-    steps = args.steps or settings.steps[dataset.name]
+    clock = CLOCKS[args.clock]
+    steps = args.steps or settings.model_steps.get(model_name, settings.steps)[dataset.name]
     window = max(1, min(settings.window, steps // 4))  # at least 3 timed windows
     rounds = max(2, steps // window)
     entries: list[Entry] = []
@@ -183,11 +192,11 @@ def bench_config(
         for entry in _rotated(entries, r):
             loss = torch.zeros(())
             _sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             for s in range(window):
                 loss = entry.step(train[index[r, s]])
             _sync(device)
-            entry.windows.append(time.perf_counter() - t0)
+            entry.windows.append(clock() - t0)
             entry.losses.append(float(loss))
 
     test = dataset.test.to(device)
@@ -212,10 +221,10 @@ def bench_config(
             for r in range(settings.repeats):
                 for entry in _rotated(eager, r):
                     _sync(device)
-                    t0 = time.perf_counter()
+                    t0 = clock()
                     timed(entry, arg)
                     _sync(device)
-                    getattr(entry, attr).append(time.perf_counter() - t0)
+                    getattr(entry, attr).append(clock() - t0)
                 if time.perf_counter() - start > settings.repeat_budget_s:
                     break
 
@@ -229,6 +238,7 @@ def bench_config(
             "model": model_name,
             "library": entry.library,
             "parameters": entry.model.parameters,
+            "effective_parameters": entry.model.effective_parameters,
             "note": entry.model.note,
             "batch": batch,
             "steps": rounds * window,
@@ -319,6 +329,7 @@ def machine_info(args: argparse.Namespace, settings: Settings) -> dict:
         "cpu_count": os.cpu_count(),
         "device": args.device,
         "torch_threads": args.threads,
+        "clock": args.clock,
         "batch": args.batch,
         "mode": "quick" if args.quick else "full",
         "versions": {
@@ -327,6 +338,7 @@ def machine_info(args: argparse.Namespace, settings: Settings) -> dict:
         },
         "settings": {
             "steps": {k: (args.steps or v) for k, v in settings.steps.items()},
+            "model_steps": {} if args.steps else settings.model_steps,
             "window": settings.window,
             "log_prob_points": settings.eval_points,
             "sample_points": {
@@ -357,7 +369,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="few steps (under 2 minutes)")
     parser.add_argument("--out", default="benchmarks/results", help="folder for JSON and markdown")
     parser.add_argument("--data", default="moons,gmm10,digits", help="comma-separated data sets")
-    parser.add_argument("--models", default="maf,realnvp,nsf", help="comma-separated models")
+    parser.add_argument(
+        "--models", default="maf,iaf,realnvp,nsf", help="comma-separated models"
+    )
     parser.add_argument(
         "--libs", default=None,
         help="comma-separated libraries; NAME+compile adds a row with the loss compiled "
@@ -369,6 +383,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--clock", default="wall", choices=sorted(CLOCKS),
+        help="wall: elapsed time; cpu: this thread's CPU time (steadier on a loaded machine; "
+        "CPU runs only, one torch thread)",
+    )
     return parser.parse_args(argv)
 
 
@@ -377,6 +396,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device here; skipping the GPU benchmark.")
         return 0
+    if args.clock == "cpu" and (args.device != "cpu" or args.threads != 1):
+        print("--clock cpu measures one CPU thread: use it with --device cpu --threads 1")
+        return 2
     torch.set_num_threads(args.threads)
     settings = QUICK if args.quick else FULL
     default = ["exactflow"] + ([] if args.quick else ["exactflow+compile"]) + list(PEERS)
@@ -407,7 +429,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"    {row['library']:18s} {row['train_steps_per_s']:8.1f} steps/s "
                     f"log_prob {(lp or math.nan) / 1e3:8.1f} kpts/s "
                     f"sample {(sp or math.nan) / 1e3:8.2f} kpts/s "
-                    f"NLL {row['test_nll']:8.3f}  params {row['parameters']}"
+                    f"NLL {row['test_nll']:8.3f}  params {row['parameters']} "
+                    f"(effective {row['effective_parameters']})"
                 )
     add_ratios(rows)
     info["load_average_end"] = list(os.getloadavg())

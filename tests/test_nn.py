@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -9,6 +11,7 @@ from torch import nn
 import exactflow as ef
 from exactflow.nn import MADE, MLP, resolve_order
 from tests.helpers import perturb
+from tests.made_v01 import MADEv01
 
 
 def rank_of(order: torch.Tensor) -> torch.Tensor:
@@ -96,14 +99,29 @@ def test_made_is_autoregressive_in_its_order(order, context: int) -> None:
     assert bool(dependent[allowed].all())
 
 
-def test_made_connectivity_from_masks_is_exactly_the_order() -> None:
-    made = MADE(6, 2, hidden=(10, 7, 9), order="random", seed=5)
+def test_made_connectivity_from_masked_weights_is_exactly_the_order() -> None:
+    made = MADE(6, 2, hidden=(10, 7, 9), order="random", seed=5, zero_last=False)
     path = None
-    for layer in made.layers:
-        path = layer.mask if path is None else layer.mask @ path
+    for weight, _ in made.masked_weights()[0]:
+        mask = (weight != 0).double()
+        path = mask if path is None else mask @ path
     connected = (path > 0).reshape(6, 2, 6).any(1)
     rank = rank_of(made.order)
     assert torch.equal(connected, rank[None, :] < rank[:, None])
+
+
+def test_made_relu_fused_pass_is_autoregressive() -> None:
+    """The fused ReLU pass and its hand-written backward keep every forbidden derivative 0."""
+    made = perturb(MADE(5, 3, hidden=(12, 9), context=2, order="random", seed=2).double())
+    x = torch.randn(3, 5, dtype=torch.float64)
+    c = torch.randn(3, 2, dtype=torch.float64)
+    rank = rank_of(made.order)
+    forbidden = ~(rank[None, :] < rank[:, None])
+    for b in range(3):  # per-row autograd Jacobians go through the fused backward
+        row = lambda xb, b=b: made(xb, c[b : b + 1])  # noqa: E731
+        jac = torch.autograd.functional.jacobian(row, x[b : b + 1])
+        jac = jac.reshape(5, 3, 5)
+        assert not bool((jac != 0).any(dim=1)[forbidden].any())
 
 
 @pytest.mark.parametrize("features", [1, 2, 4])
@@ -127,9 +145,11 @@ def test_made_one_feature_without_context_is_constant() -> None:
 def test_made_zero_last_and_buffers() -> None:
     made = MADE(3, 2, hidden=(8,), context=2)
     assert torch.equal(made(torch.randn(4, 3), torch.randn(4, 2)), torch.zeros(4, 3, 2))
+    x, c = torch.randn(4, 3, requires_grad=True), torch.randn(4, 2)
+    assert torch.equal(made(x, c), torch.zeros(4, 3, 2))  # the autograd pass too
     state = made.double().state_dict()
-    assert "order" in state and all(f"layers.{i}.mask" in state for i in range(2))
-    assert made.layers[0].mask.dtype == torch.float64
+    assert set(state) == {"packed", "order"}
+    assert made.packed.dtype == torch.float64 and made.order.dtype == torch.long
 
 
 def test_made_rejects_bad_input() -> None:
@@ -139,6 +159,10 @@ def test_made_rejects_bad_input() -> None:
         MADE(3, outputs=0)
     with pytest.raises(ValueError, match="context"):
         MADE(3, context=2)(torch.randn(2, 3))
+    with pytest.raises(ValueError, match="context"):
+        MADE(3, context=2).autoregress(lambda k, theta: theta[:, 0], torch.randn(2, 3))
+    with pytest.raises(ValueError, match="block_rows"):
+        MADE(3, block_rows=0)
 
 
 def test_made_hidden_narrower_than_features_stays_autoregressive() -> None:
@@ -147,3 +171,291 @@ def test_made_hidden_narrower_than_features_stays_autoregressive() -> None:
     rank = rank_of(made.order)
     forbidden = ~(rank[None, :] < rank[:, None])
     assert not bool((jac != 0).any(dim=(0, 2))[forbidden].any())
+
+
+# -- MADE against the dense masked network it replaces ------------------------------------
+
+
+def reference_masks(made: MADE) -> list[torch.Tensor]:
+    """Germain et al.'s masks in exactflow 0.1's unit order, built independently here.
+
+    Feature ``order[k]`` has degree ``k + 1``; hidden unit ``j`` has degree
+    ``low + j % (d - low)`` with ``low = 0`` for a conditional (or one-feature) MADE, else 1;
+    a hidden unit sees degrees ``<=`` its own, an output (degree of its feature) ``<``.
+    """
+    d, o = made.features, made.outputs
+    low = 0 if (made.context_features > 0 or d == 1) else 1
+    degree = torch.empty(d, dtype=torch.long)
+    degree[made.order] = torch.arange(1, d + 1)
+    masks, previous = [], degree
+    for h in made.hidden:
+        units = low + torch.arange(h) % (d - low)
+        masks.append(units[:, None] >= previous[None, :])
+        previous = units
+    outputs = degree.repeat_interleave(o)
+    masks.append(outputs[:, None] > previous[None, :])
+    return masks
+
+
+def dense_reference(made: MADE, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+    """The MADE as dense masked products ``act(W * M @ h + b)``, from ``masked_weights``."""
+    layers, context_weight = made.masked_weights()
+    masks = reference_masks(made)
+    h = x
+    for i, ((weight, bias), mask) in enumerate(zip(layers, masks, strict=True)):
+        # masked_weights must be zero wherever the reference mask is.
+        assert not bool(weight[~mask].any())
+        h = torch.nn.functional.linear(h, weight * mask, bias)
+        if i == 0 and context_weight is not None:
+            h = h + context @ context_weight.T
+        if i < len(layers) - 1:
+            h = torch.relu(h)
+    return h.reshape(x.shape[0], made.features, made.outputs)
+
+
+HIDDEN = {  # for features = 5 (d - 1 = 4): none, below, equal, above, several layers
+    "none": (),
+    "below": (3,),
+    "equal": (4,),
+    "above-2": (9, 7),
+    "3-layers": (12, 5, 11),
+}
+
+
+def made_case(features, hidden, context, order, block_rows=2, seed=0):
+    made = MADE(
+        features, 3, hidden=hidden, context=context, order=order, seed=seed,
+        zero_last=False, block_rows=block_rows,
+    )
+    made = perturb(made.double(), seed=seed)
+    x = torch.randn(7, features, dtype=torch.float64)
+    c = torch.randn(7, context, dtype=torch.float64) if context else None
+    return made, x, c
+
+
+@pytest.mark.parametrize("features", [1, 2, 5])
+@pytest.mark.parametrize("hidden", HIDDEN)
+@pytest.mark.parametrize("context", [0, 3])
+@pytest.mark.parametrize("order", ["forward", "reverse", "random"])
+def test_made_equals_the_dense_masked_network(features, hidden, context, order) -> None:
+    made, x, c = made_case(features, HIDDEN[hidden], context, order)
+    ref = dense_reference(made, x, c)
+    with torch.no_grad():  # the fused pass without autograd
+        torch.testing.assert_close(made(x, c), ref, rtol=0, atol=1e-12)
+    x.requires_grad_(True)  # the fused pass with its hand-written backward
+    torch.testing.assert_close(made(x, c), ref, rtol=0, atol=1e-12)
+    # The composable pass (what torch.func and torch.compile see), row by row under vmap.
+    if c is None:
+        rows = torch.func.vmap(lambda xi: made(xi[None])[0])(x)
+    else:
+        rows = torch.func.vmap(lambda xi, ci: made(xi[None], ci[None])[0])(x, c)
+    torch.testing.assert_close(rows, ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("hidden", ["none", "below", "above-2"])
+@pytest.mark.parametrize("context", [0, 2])
+def test_made_fused_backward_matches_autograd_of_the_composable_pass(hidden, context) -> None:
+    made, x, c = made_case(5, HIDDEN[hidden], context, "random", seed=3)
+    x.requires_grad_(True)
+    inputs = [x, made.packed] + ([c.requires_grad_(True)] if c is not None else [])
+    grad_out = torch.randn(7, 5, 3, dtype=torch.float64)
+    fused = torch.autograd.grad(made(x, c), inputs, grad_out)
+    composable = torch.autograd.grad(
+        made._outputs(made._composable(made._inputs(x, c), made.packed)), inputs, grad_out
+    )
+    for a, b in zip(fused, composable, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("context", [0, 2])
+def test_made_gradcheck_and_gradgradcheck(context: int) -> None:
+    """Finite differences agree with the fused backward and with its create_graph path."""
+    made, x, c = made_case(3, (5, 4), context, "reverse", seed=1)
+    x = x[:3].requires_grad_(True)
+    args = [x, made.packed.detach().clone().requires_grad_(True)]
+    if c is not None:
+        args.append(c[:3].requires_grad_(True))
+
+    def fn(xx, packed, *cc):
+        return torch.func.functional_call(made, {"packed": packed}, (xx, *cc))
+
+    assert torch.autograd.gradcheck(fn, args)
+    assert torch.autograd.gradgradcheck(fn, args)
+
+
+def test_made_block_size_changes_speed_only() -> None:
+    outs = []
+    for block_rows in (1, 3, 64):
+        torch.manual_seed(0)
+        made = perturb(MADE(7, 2, hidden=(20, 13), context=2, order="random", seed=0,
+                            zero_last=False, block_rows=block_rows).double(), seed=0)
+        outs.append((made, made(torch.ones(2, 7, dtype=torch.float64),
+                                torch.ones(2, 2, dtype=torch.float64))))
+    (a, out_a), (b, out_b), (c, out_c) = outs
+    assert len(a._plan[1].groups) > len(b._plan[1].groups) > len(c._plan[1].groups) == 1
+    assert torch.equal(a.packed, c.packed)
+    torch.testing.assert_close(out_a, out_c, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out_b, out_c, rtol=0, atol=1e-12)
+
+
+def test_made_jacfwd_and_jacrev_agree() -> None:
+    made, x, c = made_case(4, (6, 5), 2, "random", seed=4)
+    fn = lambda xi, ci: made(xi[None], ci[None])[0]  # noqa: E731
+    fwd = torch.func.vmap(torch.func.jacfwd(fn))(x, c)
+    rev = torch.func.vmap(torch.func.jacrev(fn))(x, c)
+    torch.testing.assert_close(fwd, rev, rtol=0, atol=1e-12)
+
+
+# -- parameters, and the state dicts of exactflow 0.1 ------------------------------------
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(features=5, outputs=2, hidden=(9, 7), context=3, order="random", seed=1),
+    dict(features=64, outputs=2, hidden=(256, 256)),
+    dict(features=1, outputs=3, hidden=(4,)),
+    dict(features=4, outputs=1, hidden=(), context=2, order="reverse"),
+])
+def test_made_stores_exactly_the_kept_weights_and_biases(kwargs) -> None:
+    made = MADE(**kwargs)
+    old = MADEv01(**kwargs)
+    kept = sum(int(layer.mask.sum()) + layer.bias.numel() for layer in old.layers)
+    if old.context_layer is not None:
+        kept += old.context_layer.weight.numel()
+    assert sum(p.numel() for p in made.parameters()) == made.packed.numel() == kept
+    dense = sum(p.numel() for p in old.parameters())
+    assert kept < dense  # 0.1 counted the masked-out weights too
+
+
+@pytest.mark.parametrize("zero_last", [True, False])
+def test_made_same_seed_same_network_as_v01(zero_last: bool) -> None:
+    kwargs = dict(hidden=(9, 7), context=2, order="random", zero_last=zero_last)
+    torch.manual_seed(5)
+    old = MADEv01(5, 2, **kwargs)
+    torch.manual_seed(5)
+    new = MADE(5, 2, **kwargs)
+    x, c = torch.randn(6, 5), torch.randn(6, 2)
+    torch.testing.assert_close(new(x, c), old(x, c), rtol=0, atol=1e-6)
+    assert torch.equal(new.order, old.order)
+
+
+FIXTURE = Path(__file__).parent / "data" / "made_v01.pt"
+
+
+@pytest.mark.parametrize(
+    "name", ["random_ctx", "reverse_nohidden", "one_feature", "one_feature_ctx", "narrow"]
+)
+def test_made_loads_exactflow_01_state_dicts(name: str) -> None:
+    """State dicts saved by exactflow 0.1 (frozen in tests/data) load with the same outputs."""
+    case = torch.load(FIXTURE, weights_only=True)["mades"][name]
+    kwargs = dict(case["kwargs"])
+    if "hidden" in kwargs:
+        kwargs["hidden"] = tuple(kwargs["hidden"])
+    made = MADE(**kwargs).double()
+    made.load_state_dict(case["state"])  # strict
+    with torch.no_grad():
+        params = made(case["x"], case["context"])
+    torch.testing.assert_close(params, case["params"], rtol=0, atol=1e-12)
+    assert set(made.state_dict()) == {"packed", "order"}
+
+
+@pytest.mark.parametrize("features, hidden, context", [(5, (9, 7), 3), (2, (), 0), (6, (3,), 2)])
+def test_made_converts_v01_weights_and_gives_them_back(features, hidden, context) -> None:
+    old = perturb(MADEv01(features, 2, hidden=hidden, context=context, order="random",
+                          seed=2, zero_last=False).double(), seed=2)
+    made = MADE(features, 2, hidden=hidden, context=context).double()  # another order
+    made.load_state_dict(old.state_dict())
+    assert torch.equal(made.order, old.order)
+    x = torch.randn(4, features, dtype=torch.float64)
+    c = torch.randn(4, context, dtype=torch.float64) if context else None
+    torch.testing.assert_close(made(x, c), old(x, c), rtol=0, atol=1e-12)
+    layers, context_weight = made.masked_weights()
+    for (weight, bias), layer in zip(layers, old.layers, strict=True):
+        assert torch.equal(weight, layer.weight.detach() * layer.mask)
+        assert torch.equal(bias, layer.bias.detach())
+    if context:
+        assert torch.equal(context_weight, old.context_layer.weight.detach())
+
+
+def test_made_v01_state_dict_of_another_shape_is_a_clear_error() -> None:
+    old = MADEv01(4, 2, hidden=(5,))
+    with pytest.raises(RuntimeError, match="do not fit"):
+        MADE(4, 2, hidden=(6,)).load_state_dict(old.state_dict())
+
+
+# -- the sequential direction ---------------------------------------------------------------
+
+
+def solve_affine(v_sorted: torch.Tensor):
+    """``u_k = (v_k - t) * exp(-tanh(s))``: an invertible map per feature, for the tests."""
+
+    def solve(k: int, theta: torch.Tensor) -> torch.Tensor:
+        return (v_sorted[:, k] - theta[:, 0]) * torch.exp(-torch.tanh(theta[:, -1]))
+
+    return solve
+
+
+def by_passes(made: MADE, v: torch.Tensor, c) -> torch.Tensor:
+    """The plain sequential loop: ``d`` full passes of the dense masked reference."""
+    u = torch.zeros_like(v)
+    for _ in range(made.features):
+        theta = dense_reference(made, u, c)
+        u = (v - theta[..., 0]) * torch.exp(-torch.tanh(theta[..., -1]))
+    return u
+
+
+@pytest.mark.parametrize("features", [1, 2, 5])
+@pytest.mark.parametrize("hidden", ["none", "below", "above-2", "3-layers"])
+@pytest.mark.parametrize("context", [0, 3])
+@pytest.mark.parametrize("order", ["forward", "random"])
+def test_made_autoregress_equals_the_d_pass_loop(features, hidden, context, order) -> None:
+    made, v, c = made_case(features, HIDDEN[hidden], context, order, seed=features)
+    expected = by_passes(made, v, c)
+    solve = solve_affine(v.index_select(1, made.order))
+    with torch.no_grad():  # units written in place
+        torch.testing.assert_close(made.autoregress(solve, v, c), expected, rtol=0, atol=1e-12)
+    u = made.autoregress(solve, v, c)  # differentiable: units concatenated
+    torch.testing.assert_close(u, expected, rtol=0, atol=1e-12)
+    assert u.requires_grad
+
+
+def test_made_autoregress_gradients_equal_those_of_the_loop() -> None:
+    made, v, c = made_case(4, (7, 6), 2, "random", seed=9)
+    v.requires_grad_(True)
+    c.requires_grad_(True)
+    weights = torch.randn(7, 4, dtype=torch.float64)
+
+    def loop_with_graph() -> torch.Tensor:
+        u = torch.zeros_like(v)
+        for _ in range(4):
+            theta = made(u, c)
+            u = (v - theta[..., 0]) * torch.exp(-torch.tanh(theta[..., -1]))
+        return u
+
+    inputs = [v, c, made.packed]
+    expected = torch.autograd.grad((loop_with_graph() * weights).sum(), inputs)
+    u = made.autoregress(solve_affine(v.index_select(1, made.order)), v, c)
+    got = torch.autograd.grad((u * weights).sum(), inputs)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-11)
+
+
+def test_made_autoregress_under_vmap_without_grad() -> None:
+    made, v, c = made_case(3, (6,), 2, "reverse", seed=2)
+    expected = by_passes(made, v, c)
+
+    def row(vi, ci):
+        solve = solve_affine(vi[None].index_select(1, made.order))
+        return made.autoregress(solve, vi[None], ci[None])[0]
+
+    with torch.no_grad():
+        torch.testing.assert_close(torch.func.vmap(row)(v, c), expected, rtol=0, atol=1e-12)
+
+
+def test_made_under_autocast_leaves_its_products_to_autocast() -> None:
+    """Under autocast the blocked products are plain ops: bfloat16 like any linear layer."""
+    made, x, c = made_case(5, (9, 7), 3, "random", seed=5)
+    made, x, c = made.float(), x.float(), c.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = made(x, c)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), made(x, c), rtol=0.05, atol=0.05)

@@ -8,15 +8,16 @@ One mechanism, :class:`Coupling`, with any elementwise monotonic map
     log|det dz/dx| = sum_{i in B} log g'(x_i; theta)
 
 The Jacobian is block triangular with identity on ``A``, so the log-det costs O(d) and both
-directions take one pass of the conditioner (an :class:`~exactflow.nn.MLP`): coupling layers
-are fast for density *and* sampling. ``AdditiveCoupling`` (NICE), ``AffineCoupling``
+directions take one pass of the conditioner (an :class:`~exactflow.nn.MLP` by default, or
+any network given as ``conditioner=``): coupling layers are fast for density *and*
+sampling. ``AdditiveCoupling`` (NICE), ``AffineCoupling``
 (RealNVP) and ``SplineCoupling`` (NSF) are this layer with the additive, affine and spline
 maps. A layer leaves ``A`` unchanged, so stack layers with alternating masks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +27,10 @@ from ..nn import MLP, Activation
 from .monotonic import AdditiveMap, AffineMap, MonotonicMap, SplineMap, monotonic_map
 
 __all__ = ["Coupling", "AdditiveCoupling", "AffineCoupling", "SplineCoupling", "coupling_mask"]
+
+#: ``conditioner(in_features, out_features) -> nn.Module``: the network of a coupling
+#: layer, mapping ``(batch, in_features)`` to ``(batch, out_features)``.
+ConditionerFactory = Callable[[int, int], nn.Module]
 
 
 def coupling_mask(features: int, mask: str | Sequence[bool] | Tensor) -> Tensor:
@@ -91,8 +96,15 @@ class Coupling(Transform):
     Both directions cost one conditioner pass, O(batch * (d * h + h^2)) with hidden width
     ``h``; the inverse uses ``g``'s closed-form inverse with the same ``theta`` (``x_A`` is
     unchanged). Features are gathered with fixed index buffers (no boolean indexing), so
-    the layer traces under ``torch.compile``. The conditioner's last layer starts at zero,
-    so a new layer is the identity.
+    the layer traces under ``torch.compile``. The default conditioner's last layer starts
+    at zero, so a new layer is the identity.
+
+    **Your own conditioner.** ``conditioner(in_features, out_features)`` is called once and
+    must return an ``nn.Module`` mapping ``(batch, in_features)`` to ``(batch,
+    out_features)``: the input is ``x_A`` followed by the context (``in_features = |A| +
+    context``), the output the ``|B| * params_per_feature`` parameters, feature by feature.
+    Make it output zeros at initialization (e.g. a zero last layer) so that the layer
+    starts as the identity map. It is stored as ``self.conditioner``.
 
     Args:
         features: the dimension ``d >= 2``.
@@ -102,7 +114,10 @@ class Coupling(Transform):
         mask: which features are transformed (see :func:`coupling_mask`).
         context: size of the context vector (0 for an unconditional layer); the context
             is concatenated to ``x_A`` at the conditioner's input.
-        activation: constructor of the conditioner's activation (default ``nn.ReLU``).
+        activation: constructor of the conditioner's activation (default ``nn.ReLU``;
+            ignored with ``conditioner``).
+        conditioner: a factory of the conditioner network (default: an :class:`MLP` with
+            ``hidden`` and ``activation`` and a zero last layer; ``hidden`` is then ignored).
 
     Example:
         >>> import torch, exactflow as ef
@@ -120,6 +135,7 @@ class Coupling(Transform):
         mask: str | Sequence[bool] | Tensor = "even",
         context: int = 0,
         activation: Activation = nn.ReLU,
+        conditioner: ConditionerFactory | None = None,
     ):
         super().__init__()
         m = coupling_mask(features, mask)
@@ -138,13 +154,18 @@ class Coupling(Transform):
         # index_select with the inverse permutation puts them back in place.
         shuffled = torch.cat([identity_index, transformed_index])
         self.register_buffer("unshuffle", torch.argsort(shuffled))
-        self.conditioner = MLP(
-            identity_index.numel() + context,
-            transformed_index.numel() * self.monotonic.params_per_feature,
-            hidden=hidden,
-            activation=activation,
-            zero_last=True,
-        )
+        n_in = identity_index.numel() + context
+        n_out = transformed_index.numel() * self.monotonic.params_per_feature
+        if conditioner is None:
+            self.conditioner = MLP(
+                n_in, n_out, hidden=hidden, activation=activation, zero_last=True
+            )
+        else:
+            self.conditioner = conditioner(n_in, n_out)
+            if not isinstance(self.conditioner, nn.Module):
+                raise TypeError(
+                    f"conditioner must return an nn.Module, got {type(self.conditioner).__name__}"
+                )
 
     def _params(self, x_a: Tensor, context: Tensor | None) -> Tensor:
         inputs = x_a if self.context_features == 0 else torch.cat([x_a, context], dim=1)
@@ -185,7 +206,7 @@ class AdditiveCoupling(Coupling):
 
     Args:
         features: the dimension ``d >= 2``.
-        hidden, mask, context, activation: as in :class:`Coupling`.
+        hidden, mask, context, activation, conditioner: as in :class:`Coupling`.
 
     References:
         Dinh, Krueger & Bengio, NICE: Non-linear Independent Components Estimation (2014),
@@ -199,8 +220,9 @@ class AdditiveCoupling(Coupling):
         mask: str | Sequence[bool] | Tensor = "even",
         context: int = 0,
         activation: Activation = nn.ReLU,
+        conditioner: ConditionerFactory | None = None,
     ):
-        super().__init__(features, AdditiveMap(), hidden, mask, context, activation)
+        super().__init__(features, AdditiveMap(), hidden, mask, context, activation, conditioner)
 
 
 class AffineCoupling(Coupling):
@@ -214,7 +236,7 @@ class AffineCoupling(Coupling):
 
     Args:
         features: the dimension ``d >= 2``.
-        hidden, mask, context, activation: as in :class:`Coupling`.
+        hidden, mask, context, activation, conditioner: as in :class:`Coupling`.
         scale_bound: the largest ``|s|``.
 
     References:
@@ -238,8 +260,11 @@ class AffineCoupling(Coupling):
         context: int = 0,
         scale_bound: float = 3.0,
         activation: Activation = nn.ReLU,
+        conditioner: ConditionerFactory | None = None,
     ):
-        super().__init__(features, AffineMap(scale_bound), hidden, mask, context, activation)
+        super().__init__(
+            features, AffineMap(scale_bound), hidden, mask, context, activation, conditioner
+        )
 
 
 class SplineCoupling(Coupling):
@@ -254,7 +279,7 @@ class SplineCoupling(Coupling):
         features: the dimension ``d >= 2``.
         bins: number of spline bins (``3 * bins - 1`` parameters per transformed feature).
         bound: the spline's interval is ``[-bound, bound]``.
-        hidden, mask, context, activation: as in :class:`Coupling`.
+        hidden, mask, context, activation, conditioner: as in :class:`Coupling`.
 
     References:
         Durkan, Bekasov, Murray & Papamakarios, Neural Spline Flows (2019),
@@ -270,5 +295,8 @@ class SplineCoupling(Coupling):
         mask: str | Sequence[bool] | Tensor = "even",
         context: int = 0,
         activation: Activation = nn.ReLU,
+        conditioner: ConditionerFactory | None = None,
     ):
-        super().__init__(features, SplineMap(bins, bound), hidden, mask, context, activation)
+        super().__init__(
+            features, SplineMap(bins, bound), hidden, mask, context, activation, conditioner
+        )

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 import exactflow as ef
 from exactflow.transforms import (
@@ -243,3 +243,71 @@ def test_spline_coupling_parameter_count() -> None:
     assert t.conditioner[-1].out_features == 3 * (3 * 6 - 1)
     assert t.conditioner[0].in_features == 2
     assert math.isclose(t.monotonic.bound, 5.0)
+
+
+# -- a conditioner of the user's own ----------------------------------------------------------
+
+
+class ResidualNet(nn.Module):
+    """A conditioner written outside the package: a residual tanh block, zero output layer."""
+
+    def __init__(self, in_features: int, out_features: int, width: int = 12):
+        super().__init__()
+        self.inp = nn.Linear(in_features, width)
+        self.block = nn.Sequential(nn.Tanh(), nn.Linear(width, width), nn.Tanh())
+        self.out = nn.Linear(width, out_features)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.inp(x)
+        return self.out(h + self.block(h))
+
+
+USER_LAYERS = {
+    "additive": lambda c: AdditiveCoupling(5, mask="left", context=c, conditioner=ResidualNet),
+    "affine": lambda c: AffineCoupling(5, mask="odd", context=c, conditioner=ResidualNet),
+    "spline": lambda c: SplineCoupling(
+        5, bins=4, bound=3.0, context=c, conditioner=lambda i, o: ResidualNet(i, o, width=7)
+    ),
+    "generic": lambda c: Coupling(5, "affine", context=c, conditioner=ResidualNet),
+}
+
+
+@pytest.mark.parametrize("name", USER_LAYERS)
+@pytest.mark.parametrize("context", [0, 2])
+def test_a_user_conditioner_plugs_in(name: str, context: int) -> None:
+    t = USER_LAYERS[name](context)
+    assert isinstance(t.conditioner, ResidualNet)
+    transformed = int(t.mask.sum())
+    assert t.conditioner.inp.in_features == 5 - transformed + context
+    assert t.conditioner.out.out_features == transformed * t.monotonic.params_per_feature
+    x, c = inputs(16, 5, context, torch.float32)
+    z, ladj = t(x, c)  # zero output layer: the identity
+    assert torch.allclose(z, x, atol=1e-5) and ladj.abs().max() < 1e-5
+    opt = torch.optim.Adam(t.parameters(), lr=5e-2)
+    for _ in range(5):
+        opt.zero_grad()
+        z, ladj = t(x, c)
+        (0.5 * z.square().sum(1) - ladj).mean().backward()
+        opt.step()
+    assert t.conditioner.out.weight.abs().sum() > 0
+    assert set(t.state_dict()) >= {"conditioner.out.weight", "conditioner.inp.weight"}
+    t = t.double()
+    x, c = inputs(8, 5, context, torch.float64)
+    assert ef.check_transform(t, x, c).ok
+    perturb(t, scale=0.3, seed=1)  # and at random parameters
+    assert ef.check_transform(t, x, c).ok
+
+
+def test_default_conditioner_keeps_the_01_state_dict_names() -> None:
+    t = AffineCoupling(4, hidden=(8, 8))
+    assert set(t.state_dict()) == {
+        "mask", "identity_index", "transformed_index", "unshuffle",
+        *(f"conditioner.{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")),
+    }
+
+
+def test_a_user_conditioner_must_be_a_module() -> None:
+    with pytest.raises(TypeError, match="nn.Module"):
+        AffineCoupling(3, conditioner=lambda i, o: (lambda x: x))
