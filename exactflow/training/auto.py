@@ -277,7 +277,8 @@ def fit_auto(
         else:
             say(f"gmm: {fits} mixtures fitted in {time.perf_counter() - clock:.1f} s; "
                 f"{gmm['components']} {gmm['covariance']} components chosen on validation")
-            run(f"gmm ({gmm['components']} components, {gmm['covariance']})",
+            noun = "component" if gmm["components"] == 1 else "components"
+            run(f"gmm ({gmm['components']} {noun}, {gmm['covariance']})",
                 {"model": "gmm", **gmm}, {}, end)
     rungs = candidates if candidates is not None else ladder(n, d, c, gmm)
     for i, cand in enumerate(rungs):
