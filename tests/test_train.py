@@ -639,3 +639,19 @@ def test_noise_regularization_perturbs_training_batches_only():
     assert torch.all((spread > 0.4) & (spread < 0.6))
     with pytest.raises(ValueError, match="noise"):
         fit(affine_flow(2), x, steps=1, noise=-1.0, **CPU)
+
+
+def test_compile_auto_stays_eager_for_short_runs_and_says_why():
+    h = fit(affine_flow(2), gaussian_data(512), steps=60, batch_size=64, **CPU)
+    assert h.compiled.startswith("eager: the run is too short")
+
+
+@pytest.mark.slow
+def test_compile_auto_compiles_when_it_pays_and_keeps_the_faster(monkeypatch):
+    from exactflow.training import compiled
+
+    monkeypatch.setattr(compiled, "COMPILE_SECONDS", 0.0)  # every run "pays"
+    flow = ef.models.nsf(2, layers=2, hidden=(16,))
+    h = fit(flow, gaussian_data(2048), steps=80, batch_size=64, val_fraction=0, **CPU)
+    assert h.compiled.startswith(("compiled: ", "eager: compiled steps were not faster"))
+    assert "x" in h.compiled and np.isfinite(h.train_nll[-1])

@@ -38,6 +38,7 @@ class History:
         rollbacks: steps whose loss or gradient was non-finite and that were undone.
         final: end-of-training estimates (reverse KL: ``elbo``, ``elbo_se``, ``log_z_is``,
             ``log_z_is_se``, ``ess``, ``n``, ``n_nonfinite``).
+        compiled: whether the steps ran compiled, and why (``compile="auto"``).
     """
 
     features: int = 0
@@ -54,6 +55,7 @@ class History:
     total_steps: int = 0
     rollbacks: list[int] = field(default_factory=list)
     final: dict[str, float] = field(default_factory=dict)
+    compiled: str | None = None
 
     def _bpd(self, values: list[float | None]) -> list[float | None]:
         scale = 1.0 / (max(self.features, 1) * _LN2)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import time
-import types
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -29,6 +28,7 @@ from ..validation import DataError, fraction, non_negative_float, positive_int
 from .batches import Order, Rows, to_device, wrap, wrap_context
 from .calibrate import prepare, recalibrate_batch_norm
 from .checkpoints import Checkpoint
+from .compiled import LossFunction
 from .history import History
 from .loop import (
     Guard,
@@ -54,6 +54,8 @@ DEFAULT_PATIENCE_EPOCHS = 20
 DEFAULT_MAX_EPOCHS = 400
 #: Without validation data and without steps or epochs: a fixed number of steps.
 DEFAULT_STEPS_WITHOUT_VALIDATION = 1000
+#: For compile="auto": the epochs a run whose length validation sets is expected to take.
+EXPECTED_EPOCHS = 60
 #: With long epochs, the validation NLL is computed at least this often (steps).
 MAX_STEPS_BETWEEN_EVALUATIONS = 500
 
@@ -84,7 +86,7 @@ def fit(
     context: Any = None,
     val_context: Any = None,
     callback: Callable[[History], bool | None] | None = None,
-    compile: bool = False,
+    compile: bool | str = "auto",
     distributed: bool | None = None,
     ddp: bool | Mapping[str, Any] = True,
     sync_batch_norm: bool = False,
@@ -162,11 +164,12 @@ def fit(
         context, val_context: conditioning rows for a conditional flow.
         callback: called as ``callback(history)`` after each record; returning ``True``
             stops training (counted as an early stop).
-        compile: run the loss and its backward through ``torch.compile`` (opt-in). The
-            first step compiles (10-40 s on a CPU), so it pays for long runs of small,
-            overhead-bound flows: on 2-D data about 1.4x (MAF, RealNVP) to 3x (NSF) per
-            step on a CPU, little for large conditioners whose time is in the matrix
-            products (``benchmarks/NOTES.md``). Same values up to rounding.
+        compile: run the loss and its backward through ``torch.compile``: ``"auto"``
+            (default) times eager steps, compiles only when the run is long enough to repay
+            a compile (10-40 s on a CPU), then keeps compiled steps only if they are faster
+            (:mod:`exactflow.training.compiled`; the decision is in ``History.compiled``);
+            ``True`` compiles from the first step, ``False`` never. Compiled steps give the
+            same values up to rounding.
         distributed: data-parallel training over the ranks of ``torch.distributed``'s
             default process group (:mod:`exactflow.training.parallel`): ``batch_size`` is
             the global batch, split across ranks, gradients are summed, the result equals
@@ -295,7 +298,9 @@ def fit(
         "checkpoint": checkpoint is not None, "checkpoint_every": checkpoint_every,
         "context": train_ctx is not None, "compile": compile,
     }, ddp=ddp, sync_batch_norm=sync_batch_norm, precision=precision, accumulate=accumulate)
-    nll = _nll_function(replicas, compile)
+    expected = total if fixed_length or val_rows is None else min(
+        total, EXPECTED_EPOCHS * per_epoch)
+    nll = LossFunction(lambda: replicas.model, compile, expected)
 
     def step(i: int) -> tuple[Tensor, Tensor]:
         index = replicas.shard(order.next())
@@ -360,6 +365,7 @@ def fit(
     if state.best_state is not None:
         flow.load_state_dict(state.best_state)
     recalibrate_batch_norm(flow, train_rows, train_ctx, int(seed))
+    history.compiled = nll.decision
     flow.eval()
     return history
 
@@ -470,26 +476,3 @@ def _noise_scale(noise: float | str | None, flow: Flow, rows: Rows) -> Tensor | 
     else:
         std = torch.as_tensor(Standardize.statistics(rows.data, name="training data")[1])
     return (h * std).float()
-
-
-def _nll_function(replicas: Replicas, compile: bool) -> Callable[[Tensor, Tensor | None], Tensor]:
-    """The mean NLL of a batch, ``-mean(log p(x | ctx))`` through ``replicas.model`` (the
-    flow or its DDP wrapper: a flow's ``forward`` is its ``log_prob``), compiled with
-    ``compile=True``.
-
-    Shapes are static (``dynamic=False``): every training batch has the same size, so one
-    graph serves the whole run (a different size compiles once more).
-    """
-
-    def nll(x: Tensor, ctx: Tensor | None) -> Tensor:
-        return -replicas.model(x, ctx).mean()
-
-    if not compile:
-        return nll
-    # torch.compile caches graphs per code object, up to a recompile limit (8): every fit
-    # of another flow would otherwise count against the same limit and, past it, silently
-    # run eagerly. A copy of the code object gives each run its own cache.
-    fresh = types.FunctionType(
-        nll.__code__.replace(), nll.__globals__, nll.__name__, None, nll.__closure__
-    )
-    return torch.compile(fresh, dynamic=False)

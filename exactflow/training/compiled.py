@@ -1,0 +1,106 @@
+"""The training loss, compiled with ``torch.compile`` when that pays: ``compile="auto"``.
+
+Compiling a flow's loss and backward costs 10-40 s on a CPU and then runs each step faster
+by a factor that depends on the model (about 1.4x for small MAF and RealNVP, up to 3x for
+small spline flows, nothing or less for large conditioners whose time is in the matrix
+products: ``benchmarks/NOTES.md``). So ``"auto"`` measures instead of guessing: it times a
+few eager steps, compiles only if the run is long enough for even a modest gain to repay a
+typical compile, then times a few compiled steps and keeps whichever is faster. Short runs
+never compile. The decision is recorded in ``History.compiled``.
+"""
+
+from __future__ import annotations
+
+import time
+import types
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["LossFunction", "COMPILE_SECONDS", "ASSUMED_GAIN"]
+
+#: What ``"auto"`` assumes a compile costs (seconds) and saves (share of a step) before
+#: measuring: a run compiles only if ``remaining steps x step time x ASSUMED_GAIN`` exceeds
+#: ``COMPILE_SECONDS``.
+COMPILE_SECONDS = 30.0
+ASSUMED_GAIN = 0.3
+#: Steps ignored (warm-up), then timed, eagerly and compiled.
+WARMUP, TIMED = 5, 20
+_TOO_SHORT = "eager: the run is too short for compiling to pay"
+
+
+def _compiled(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    # torch.compile caches graphs per code object, up to a recompile limit (8): every fit
+    # of another flow would otherwise count against the same limit and, past it, silently
+    # run eagerly. A copy of the code object gives each run its own cache. Shapes are
+    # static: every training batch has the same size, so one graph serves the whole run.
+    fresh = types.FunctionType(
+        fn.__code__.replace(), fn.__globals__, fn.__name__, None, fn.__closure__
+    )
+    return torch.compile(fresh, dynamic=False)
+
+
+class LossFunction:
+    """``loss(x, ctx) = -mean(log p(x | ctx))`` through ``model`` (the flow or its DDP
+    wrapper), eager, compiled, or compiled when measured to pay (``mode="auto"``).
+
+    Args:
+        model: returns the module whose ``forward`` is the log-density (looked up at every
+            call: data-parallel training wraps the flow only once training starts).
+        mode: ``False`` (eager), ``True`` (compiled from the first step) or ``"auto"``.
+        expected_steps: the steps the run is expected to take (for ``"auto"``'s decision).
+    """
+
+    def __init__(self, model: Callable[[], Any], mode: bool | str, expected_steps: int) -> None:
+        if mode not in (True, False, "auto"):
+            raise ValueError(f"compile must be True, False or 'auto', got {mode!r}")
+
+        def nll(x: Tensor, ctx: Tensor | None) -> Tensor:
+            return -model()(x, ctx).mean()
+
+        self._eager = nll
+        self._fn: Callable[[Tensor, Tensor | None], Tensor] = _compiled(nll) if mode is True \
+            else nll
+        self.mode = mode
+        self.expected = expected_steps
+        self.decision = "compiled" if mode is True else "eager"
+        self._calls = 0
+        self._stamps: list[float] = []
+        self._eager_step: float | None = None
+        self._phase = "eager" if mode == "auto" else "fixed"
+        if mode == "auto" and expected_steps <= 2 * (WARMUP + TIMED):
+            self.decision, self._phase = _TOO_SHORT, "fixed"
+
+    def __call__(self, x: Tensor, ctx: Tensor | None) -> Tensor:
+        if self._phase != "fixed":
+            self._observe()
+        self._calls += 1
+        return self._fn(x, ctx)
+
+    def _observe(self) -> None:
+        now = time.perf_counter()
+        self._stamps.append(now)
+        if self._phase == "eager" and len(self._stamps) == WARMUP + TIMED + 1:
+            self._eager_step = (now - self._stamps[WARMUP]) / TIMED
+            remaining = self.expected - self._calls
+            if remaining * self._eager_step * ASSUMED_GAIN <= COMPILE_SECONDS:
+                self.decision, self._phase = _TOO_SHORT, "fixed"
+                return
+            self._fn = _compiled(self._eager)
+            self._phase = "compiling"
+            self._stamps = [now]
+        elif self._phase == "compiling" and len(self._stamps) == 2:
+            self._stamps = [now]  # the first compiled step (with the compile) is not timed
+            self._phase = "timing"
+        elif self._phase == "timing" and len(self._stamps) == TIMED + 1:
+            assert self._eager_step is not None
+            compiled_step = (now - self._stamps[0]) / TIMED
+            speedup = self._eager_step / compiled_step if compiled_step > 0 else float("inf")
+            if speedup > 1.1:
+                self.decision = f"compiled: {speedup:.2f}x faster per step than eager"
+            else:
+                self._fn = self._eager
+                self.decision = f"eager: compiled steps were not faster ({speedup:.2f}x)"
+            self._phase = "fixed"
