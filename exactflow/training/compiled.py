@@ -70,8 +70,14 @@ class LossFunction:
         self._stamps: list[float] = []
         self._eager_step: float | None = None
         self._phase = "eager" if mode == "auto" else "fixed"
-        if mode == "auto" and expected_steps <= 2 * (WARMUP + TIMED):
-            self.decision, self._phase = _TOO_SHORT, "fixed"
+        self.start(expected_steps)
+
+    def start(self, remaining: int) -> None:
+        """Set the steps this process will run (fewer when a run resumes)."""
+        self.expected = remaining
+        if self.mode == "auto" and self._calls == 0:
+            short = remaining <= 2 * (WARMUP + TIMED)
+            self.decision, self._phase = (_TOO_SHORT, "fixed") if short else ("eager", "eager")
 
     def __call__(self, x: Tensor, ctx: Tensor | None) -> Tensor:
         if self._phase != "fixed":

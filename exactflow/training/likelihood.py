@@ -355,6 +355,7 @@ def fit(
                 record(0, 0.0, time.perf_counter())
                 flow.train()
         replicas.initialize(flow, order, train_rows, train_ctx, dev, dtype)
+        nll.start(max(0, expected - state.step))
         with replicas.attach(flow):
             run_loop(
                 flow, optimizer, params, guard, state, history, settings, step, record,
