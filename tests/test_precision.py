@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import exactflow as ef
-from exactflow.nn import MaskedLinear
+from exactflow.nn import MADE
 from exactflow.training.batches import to_device
 from exactflow.training.loop import resolve_device
 from exactflow.training.precision import Precision
@@ -34,22 +34,25 @@ def test_bf16_runs_the_matrix_products_in_bf16_and_everything_else_in_float32() 
     x = _data(256)
     precision = Precision("bf16", torch.device("cpu"), torch.float32)
     precision.attach(flow)
-    seen: dict[str, set[torch.dtype]] = {"linear": set(), "layer_z": set(), "layer_ladj": set()}
+    seen: dict[str, set[torch.dtype]] = {"made": set(), "layer_z": set(), "layer_ladj": set()}
 
-    def linear(module: torch.nn.Module, args: object, out: torch.Tensor) -> None:
-        seen["linear"].add(out.dtype)
+    def made(module: torch.nn.Module, args: object, out: torch.Tensor) -> None:
+        # The MADE's output is its last blocked product's: bf16 under autocast.
+        seen["made"].add(out.dtype)
 
     def layer(module: torch.nn.Module, args: object, out: tuple[torch.Tensor, ...]) -> None:
         seen["layer_z"].add(out[0].dtype)
         seen["layer_ladj"].add(out[1].dtype)
 
-    handles = [m.register_forward_hook(linear) for m in flow.modules()
-               if isinstance(m, MaskedLinear)]
+    # prepend: the MADE's own output, seen before attach's hook casts it back to float32.
+    handles = [m.register_forward_hook(made, prepend=True) for m in flow.modules()
+               if isinstance(m, MADE)]
+    assert len(handles) == 3
     handles += [m.register_forward_hook(layer) for m in flow.modules()
                 if isinstance(m, ef.Transform)]
     with precision.autocast():
         log_p = flow.log_prob(x)
-    assert seen == {"linear": {torch.bfloat16}, "layer_z": {torch.float32},
+    assert seen == {"made": {torch.bfloat16}, "layer_z": {torch.float32},
                     "layer_ladj": {torch.float32}}
     assert log_p.dtype == torch.float32
     with torch.no_grad():

@@ -219,8 +219,10 @@ maf = _autoregressive_builder("maf", MaskedAffineAutoregressive, """MAF: masked 
 autoregressive layers with permutations between them, fast for density.
 
     :class:`~exactflow.transforms.MaskedAffineAutoregressive` layers: ``log_prob`` takes one
-    MADE pass per layer, ``sample`` takes ``features`` passes per layer. For the reverse
-    trade (fast sampling, as in variational inference) use :func:`iaf`.
+    MADE pass per layer; ``sample`` is sequential, ``features`` steps per layer
+    (:meth:`~exactflow.nn.MADE.autoregress`) that together cost about the multiply-adds of
+    one pass, in ``features`` rounds of small products. For the reverse trade (fast
+    sampling, as in variational inference) use :func:`iaf`.
 {args}
     References:
         Papamakarios, Pavlakou & Murray, Masked Autoregressive Flow for Density Estimation
@@ -238,8 +240,10 @@ autoregressive layers with permutations between them, fast for sampling.
 
     :class:`~exactflow.transforms.InverseAutoregressive` layers: ``sample`` and
     ``rsample_and_log_prob`` take one MADE pass per layer (the natural fit for variational
-    inference and reverse-KL fitting), ``log_prob`` of new data ``features`` passes per
-    layer. For fast density use :func:`maf`.
+    inference and reverse-KL fitting); ``log_prob`` of new data is sequential, ``features``
+    steps per layer (:meth:`~exactflow.nn.MADE.autoregress`) that together cost about the
+    multiply-adds of one pass, in ``features`` rounds of small products. For fast density
+    use :func:`maf`.
 {args}
     References:
         Kingma, Salimans, Jozefowicz, Chen, Sutskever & Welling, Improved Variational

@@ -29,6 +29,7 @@ The conditioner is pluggable (``conditioner=``): any network that maps ``(x, con
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -59,7 +60,10 @@ class _FusedAffine(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, u, context, packed, made, affine):  # type: ignore[override]
+    def forward(
+        ctx: Any, u: Tensor, context: Tensor | None, packed: Tensor, made: MADE,
+        affine: AffineMap,
+    ) -> tuple[Tensor, Tensor]:
         c, d, bound = made.context_features, made.features, affine.scale_bound
         u_in = made._inputs(u, context)
         weights = made._weights(packed)
@@ -77,7 +81,9 @@ class _FusedAffine(torch.autograd.Function):
         return v, log_det
 
     @staticmethod
-    def backward(ctx, grad_v, grad_log_det):  # type: ignore[override]
+    def backward(
+        ctx: Any, grad_v: Tensor, grad_log_det: Tensor
+    ) -> tuple[Tensor | None, ...]:
         u, context, packed, log_scale, scale = ctx.saved_tensors
         made, affine = ctx.made, ctx.affine
         need_u, need_c, need_packed = ctx.needs_input_grad[:3]
@@ -174,6 +180,10 @@ class MaskedAutoregressive(Transform):
         MADE (2015), arXiv:1502.03509.
     """
 
+    features: int
+    made: nn.Module
+    _order: Tensor
+
     def __init__(
         self,
         features: int,
@@ -185,7 +195,7 @@ class MaskedAutoregressive(Transform):
         seed: int | None = None,
         activation: Activation = nn.ReLU,
         conditioner: ConditionerFactory | None = None,
-    ):
+    ) -> None:
         super().__init__()
         if fast not in _FAST:
             raise ValueError(f"fast must be 'density' or 'sampling', got {fast!r}")
@@ -346,7 +356,7 @@ class MaskedAffineAutoregressive(MaskedAutoregressive):
         seed: int | None = None,
         activation: Activation = nn.ReLU,
         conditioner: ConditionerFactory | None = None,
-    ):
+    ) -> None:
         super().__init__(
             features, AffineMap(scale_bound), hidden, context, order, "density", seed,
             activation, conditioner,
@@ -382,7 +392,7 @@ class InverseAutoregressive(MaskedAutoregressive):
         seed: int | None = None,
         activation: Activation = nn.ReLU,
         conditioner: ConditionerFactory | None = None,
-    ):
+    ) -> None:
         super().__init__(
             features, AffineMap(scale_bound), hidden, context, order, "sampling", seed,
             activation, conditioner,
@@ -422,7 +432,7 @@ class SplineAutoregressive(MaskedAutoregressive):
         seed: int | None = None,
         activation: Activation = nn.ReLU,
         conditioner: ConditionerFactory | None = None,
-    ):
+    ) -> None:
         super().__init__(
             features, SplineMap(bins, bound), hidden, context, order, fast, seed, activation,
             conditioner,

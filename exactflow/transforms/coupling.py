@@ -127,6 +127,13 @@ class Coupling(Transform):
         (torch.Size([4, 3]), torch.Size([4]))
     """
 
+    features: int
+    mask: Tensor
+    identity_index: Tensor
+    transformed_index: Tensor
+    unshuffle: Tensor
+    conditioner: nn.Module
+
     def __init__(
         self,
         features: int,
@@ -136,7 +143,7 @@ class Coupling(Transform):
         context: int = 0,
         activation: Activation = nn.ReLU,
         conditioner: ConditionerFactory | None = None,
-    ):
+    ) -> None:
         super().__init__()
         m = coupling_mask(features, mask)
         if isinstance(context, bool) or not isinstance(context, int) or context < 0:
@@ -168,7 +175,11 @@ class Coupling(Transform):
                 )
 
     def _params(self, x_a: Tensor, context: Tensor | None) -> Tensor:
-        inputs = x_a if self.context_features == 0 else torch.cat([x_a, context], dim=1)
+        # (The call checks that a conditional layer gets its context.)
+        if self.context_features == 0 or context is None:
+            inputs = x_a
+        else:
+            inputs = torch.cat([x_a, context], dim=1)
         params = self.conditioner(inputs)
         return params.reshape(x_a.shape[0], -1, self.monotonic.params_per_feature)
 
@@ -221,7 +232,7 @@ class AdditiveCoupling(Coupling):
         context: int = 0,
         activation: Activation = nn.ReLU,
         conditioner: ConditionerFactory | None = None,
-    ):
+    ) -> None:
         super().__init__(features, AdditiveMap(), hidden, mask, context, activation, conditioner)
 
 
@@ -261,7 +272,7 @@ class AffineCoupling(Coupling):
         scale_bound: float = 3.0,
         activation: Activation = nn.ReLU,
         conditioner: ConditionerFactory | None = None,
-    ):
+    ) -> None:
         super().__init__(
             features, AffineMap(scale_bound), hidden, mask, context, activation, conditioner
         )
@@ -296,7 +307,7 @@ class SplineCoupling(Coupling):
         context: int = 0,
         activation: Activation = nn.ReLU,
         conditioner: ConditionerFactory | None = None,
-    ):
+    ) -> None:
         super().__init__(
             features, SplineMap(bins, bound), hidden, mask, context, activation, conditioner
         )
