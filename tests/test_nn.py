@@ -459,3 +459,15 @@ def test_made_under_autocast_leaves_its_products_to_autocast() -> None:
         out = made(x, c)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), made(x, c), rtol=0.05, atol=0.05)
+
+
+def test_double_backward_through_a_one_feature_made_without_context():
+    # Its output does not depend on x: the second derivative is zero, not an error.
+    from exactflow.transforms import SplineAutoregressive
+
+    layer = SplineAutoregressive(1, bins=4, hidden=(8,)).double()
+    x = torch.randn(5, 1, dtype=torch.float64, requires_grad=True)
+    z, ladj = layer(x)
+    (g,) = torch.autograd.grad(z.sum() + ladj.sum(), x, create_graph=True)
+    (gg,) = torch.autograd.grad(g.sum(), x)
+    assert torch.isfinite(gg).all()

@@ -58,7 +58,10 @@ class _MADEFunction(torch.autograd.Function):
             with torch.enable_grad():
                 out = made._composable(x_in, packed)
             wanted = [t for t, need in ((x_in, need_x), (packed, need_packed)) if need]
-            grads = iter(torch.autograd.grad(out, wanted, grad, create_graph=True))
+            # allow_unused: with one feature and no context the output does not depend on x.
+            found = torch.autograd.grad(out, wanted, grad, create_graph=True, allow_unused=True)
+            grads = iter(torch.zeros_like(t) if g is None else g
+                         for t, g in zip(wanted, found, strict=True))
             return (next(grads) if need_x else None, next(grads) if need_packed else None, None)
         g = grad.t().contiguous()
         grad_x, grad_packed = made._fused_backward(g, ctx.weights, ctx.inputs, need_x)
