@@ -288,3 +288,24 @@ def test_torch_compile_log_prob() -> None:
         compiled = torch.compile(flow.log_prob, fullgraph=True)
         with torch.no_grad():
             assert torch.allclose(compiled(x), flow.log_prob(x), atol=1e-4), name
+
+
+@pytest.mark.parametrize("name", ["realnvp", "nice", "maf", "iaf", "nsf", "nsf-ar"])
+def test_dropout_acts_in_training_only_and_keeps_the_parameters(name: str) -> None:
+    plain = BUILDERS[name](3)
+    dropped = BUILDERS[name](3, dropout=0.5)
+    assert dropped.config["dropout"] == 0.5
+    assert {k: v.shape for k, v in plain.state_dict().items()} == {
+        k: v.shape for k, v in dropped.state_dict().items()}
+    perturb(dropped, 0.3, seed=0)
+    x = torch.randn(64, 3)
+    dropped.eval()
+    with torch.no_grad():
+        a, b = dropped.log_prob(x), dropped.log_prob(x)
+    assert torch.equal(a, b)  # eval mode: no dropout, deterministic
+    dropped.train()
+    with torch.no_grad():
+        c = dropped.log_prob(x)
+    assert not torch.allclose(a, c)  # training mode: units dropped
+    with pytest.raises(ValueError, match="dropout"):
+        BUILDERS[name](3, dropout=1.0)

@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 
 from ..core import Compose, Transform
 from ..distributions import Flow, StandardNormal
+from ..nn import with_dropout
 from ..transforms.autoregressive import (
     InverseAutoregressive,
     MaskedAffineAutoregressive,
@@ -77,6 +78,7 @@ def realnvp(
     hidden: Sequence[int] = (64, 64),
     batch_norm: bool = True,
     context: int = 0,
+    dropout: float = 0.0,
 ) -> Flow:
     """RealNVP: affine coupling layers with alternating checkerboard masks.
 
@@ -94,6 +96,8 @@ def realnvp(
         batch_norm: put batch normalization between couplings (call ``flow.eval()``
             before evaluating or sampling).
         context: size of the conditioning vector (0 for an unconditional flow).
+        dropout: dropout probability after each hidden activation of the conditioners,
+            in training mode only (:func:`exactflow.nn.with_dropout`).
 
     References:
         Dinh, Sohl-Dickstein & Bengio, Density estimation using Real NVP (2016),
@@ -112,7 +116,8 @@ def realnvp(
             transforms.append(BatchNorm(features))
         transforms.append(
             AffineCoupling(
-                features, hidden=hidden_sizes(hidden), mask=_MASKS[i % 2], context=context
+                features, hidden=hidden_sizes(hidden), mask=_MASKS[i % 2], context=context,
+                activation=with_dropout(dropout),
             )
         )
     return _flow(transforms, features, context)
@@ -125,6 +130,7 @@ def nice(
     layers: int = 4,
     hidden: Sequence[int] = (64, 64),
     context: int = 0,
+    dropout: float = 0.0,
 ) -> Flow:
     """NICE: additive (volume-preserving) couplings with alternating masks and a final scale.
 
@@ -138,6 +144,7 @@ def nice(
         layers: number of coupling layers.
         hidden: hidden layer sizes of each conditioner MLP.
         context: size of the conditioning vector.
+        dropout: dropout probability in the conditioners, in training mode only.
 
     References:
         Dinh, Krueger & Bengio, NICE: Non-linear Independent Components Estimation (2014),
@@ -146,7 +153,8 @@ def nice(
     layers = positive_int(layers, "layers")
     transforms: list[Transform] = [
         AdditiveCoupling(
-            features, hidden=hidden_sizes(hidden), mask=_MASKS[i % 2], context=context
+            features, hidden=hidden_sizes(hidden), mask=_MASKS[i % 2], context=context,
+            activation=with_dropout(dropout),
         )
         for i in range(layers)
     ]
@@ -165,6 +173,7 @@ def _autoregressive(
     context: int,
     permutation: str,
     batch_norm: bool,
+    dropout: float = 0.0,
 ) -> Flow:
     layers = positive_int(layers, "layers")
     choice(permutation, "permutation", ("reverse", "random"))
@@ -174,7 +183,8 @@ def _autoregressive(
             if batch_norm:
                 transforms.append(BatchNorm(features))
             transforms.append(_permutation(features, permutation, i))
-        transforms.append(layer_type(features, hidden=hidden_sizes(hidden), context=context))
+        transforms.append(layer_type(features, hidden=hidden_sizes(hidden), context=context,
+                                     activation=with_dropout(dropout)))
     return _flow(transforms, features, context)
 
 
@@ -187,6 +197,8 @@ _AUTOREGRESSIVE_ARGS = """
         permutation: ``"reverse"`` or ``"random"`` (seeded, so rebuilds are identical)
             between layers.
         batch_norm: add batch normalization between layers, as in the MAF paper.
+        dropout: dropout probability in the MADEs, in training mode only (the MADE then
+            runs its composable pass instead of the fused ReLU one).
 """
 
 
@@ -205,9 +217,10 @@ def _autoregressive_builder(
         context: int = 0,
         permutation: str = "reverse",
         batch_norm: bool = False,
+        dropout: float = 0.0,
     ) -> Flow:
         return _autoregressive(
-            layer_type, features, layers, hidden, context, permutation, batch_norm
+            layer_type, features, layers, hidden, context, permutation, batch_norm, dropout
         )
 
     builder.__name__ = builder.__qualname__ = name
@@ -266,6 +279,7 @@ def nsf(
     bound: float = 5.0,
     fast: str | None = None,
     permutation: str | None = None,
+    dropout: float = 0.0,
 ) -> Flow:
     """Neural spline flow: rational-quadratic spline couplings or autoregressive layers.
 
@@ -294,6 +308,7 @@ def nsf(
         fast: for ``kind="autoregressive"``: ``"density"`` or ``"sampling"``.
         permutation: between layers: ``None`` (the default for the kind), ``"reverse"``
             (autoregressive only) or ``"random"``.
+        dropout: dropout probability in the conditioners, in training mode only.
 
     References:
         Durkan, Bekasov, Murray & Papamakarios, Neural Spline Flows (2019),
@@ -315,7 +330,7 @@ def nsf(
             transforms.append(
                 SplineCoupling(
                     features, bins, bound, hidden=hidden_sizes(hidden), mask=_MASKS[i % 2],
-                    context=context,
+                    context=context, activation=with_dropout(dropout),
                 )
             )
     else:
@@ -328,7 +343,7 @@ def nsf(
             transforms.append(
                 SplineAutoregressive(
                     features, bins, bound, hidden=hidden_sizes(hidden), context=context,
-                    fast=fast,
+                    fast=fast, activation=with_dropout(dropout),
                 )
             )
     return _flow(transforms, features, context)

@@ -18,11 +18,11 @@ composable and autoregressive passes over that layout).
 from __future__ import annotations
 
 from .made import MADE
-from .mlp import MLP, MaskedLinear, resolve_order
+from .mlp import MLP, MaskedLinear, resolve_order, with_dropout
 
 # Also importable from here: the type of ``activation=`` arguments, and the size checks.
 from .mlp import Activation as Activation
 from .mlp import _count as _count
 from .mlp import _hidden_sizes as _hidden_sizes
 
-__all__ = ["MLP", "MaskedLinear", "MADE", "resolve_order"]
+__all__ = ["MLP", "MaskedLinear", "MADE", "resolve_order", "with_dropout"]

@@ -13,9 +13,29 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["MLP", "MaskedLinear", "resolve_order", "Activation"]
+__all__ = ["MLP", "MaskedLinear", "resolve_order", "Activation", "with_dropout"]
 
 Activation = Callable[[], nn.Module]
+
+
+def with_dropout(p: float, activation: Activation = nn.ReLU) -> Activation:
+    """The activation followed by dropout of probability ``p`` (``p = 0``: the activation).
+
+    A regularizer for conditioners trained on few rows. It acts in training mode only; a
+    flow with a given dropout mask is still an exact bijection (dropout acts on hidden units,
+    so a MADE stays autoregressive), and in eval mode, where the density is scored and
+    samples drawn, there is no dropout at all. Parameters and state-dict keys are those of
+    the network without dropout.
+    """
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout must be a number in [0, 1), got {p!r}")
+    if p == 0:
+        return activation
+
+    def make() -> nn.Module:
+        return nn.Sequential(activation(), nn.Dropout(float(p)))
+
+    return make
 
 
 def _hidden_sizes(hidden: Sequence[int] | int) -> tuple[int, ...]:
