@@ -586,3 +586,18 @@ def test_dequantize_makes_integer_columns_continuous_and_scores_say_lower_bound(
     code, out, err = run_cli(["score", tmp_path / "deq", data, "--json"])
     assert code == 0, err
     assert json.loads(out)["lower_bound"] is True
+
+
+def test_key_picks_an_array_of_an_npz_holding_several(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "two.npz", a=rng.normal(size=(300, 2)), b=rng.normal(size=(50, 3)))
+    code, _, err = run_cli(["train", tmp_path / "two.npz", "--out", tmp_path / "r",
+                            "--model", "gaussian", "--no-report"])
+    assert code == 1 and "holds 2 arrays" in err
+    code, _, err = run_cli(["train", tmp_path / "two.npz", "--key", "a", "--out",
+                            tmp_path / "r", "--model", "gaussian", "--no-report"])
+    assert code == 0, err
+    code, out, err = run_cli(["score", tmp_path / "r", f"{tmp_path / 'two.npz'}:a", "--json"])
+    assert code == 0 and json.loads(out)["n"] == 300, err
+    code, _, err = run_cli(["train", tmp_path / "x.csv", "--key", "a", "--out", tmp_path / "s"])
+    assert code == 2 and "--key picks an array" in err

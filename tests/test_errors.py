@@ -191,10 +191,10 @@ def test_sample_to_a_folder_is_refused_with_its_name(run_dir, tmp_path):
 
 def test_a_full_disk_mid_stream_names_the_file_and_leaves_nothing(run_dir, tmp_path,
                                                                    monkeypatch):
-    from exactflow.cli import commands, output
+    from exactflow.cli import output, tables
 
     calls = {"n": 0}
-    real = commands.write_table.__globals__["csv_rows"]
+    real = tables.write_table.__globals__["csv_rows"]
 
     def filling(*args, **kwargs):
         calls["n"] += 1
@@ -202,7 +202,7 @@ def test_a_full_disk_mid_stream_names_the_file_and_leaves_nothing(run_dir, tmp_p
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(*args, **kwargs)
 
-    monkeypatch.setitem(commands.write_table.__globals__, "csv_rows", filling)
+    monkeypatch.setitem(tables.write_table.__globals__, "csv_rows", filling)
     monkeypatch.setattr(output, "CHUNK_VALUES", 64)
     target = tmp_path / "s.csv"
     code, _, err = run_cli(["sample", run_dir, "-n", "500", "-o", target])

@@ -34,7 +34,7 @@ from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import exactflow as ef  # noqa: E402
-from exactflow.cli import commands, main  # noqa: E402
+from exactflow.cli import inspect, main, train  # noqa: E402
 from exactflow.datasets import DataError  # noqa: E402
 from exactflow.io import CheckpointError  # noqa: E402
 from exactflow.runs import RunError  # noqa: E402
@@ -205,8 +205,9 @@ def monkeypatch_module(fuzz_run):
     def no_training(*args, **kwargs):
         raise RunError("training is stubbed in the fuzz test")
 
-    mp.setattr(commands, "train_run", no_training)
-    mp.setattr(commands, "build_report", no_training)
+    mp.setattr(train, "train_run", no_training)
+    mp.setattr(train, "build_report", no_training)
+    mp.setattr(inspect, "build_report", no_training)
     yield mp
     mp.undo()
 

@@ -84,3 +84,16 @@ def test_data_far_from_standardized_without_a_standardization_layer_warns():
         warnings.simplefilter("error")
         ef.fit(ef.models.maf(2, layers=1, hidden=(8,), standardize=True), x, steps=2,
                progress=False, device="cpu")
+
+
+def test_a_tampered_run_json_is_refused_before_anything_is_sized_by_it(tmp_path):
+    import json
+
+    run = train_run(table(tmp_path / "t.csv"), tmp_path / "run", model="gaussian", **QUIET)
+    info_file = run.path / "run.json"
+    info = json.loads(info_file.read_text())
+    for features in (10**9, 4, "3"):
+        info["data"]["features"] = features
+        info_file.write_text(json.dumps(info))
+        with pytest.raises(RunError, match="features|tampered"):
+            ef.runs.load_run(run.path)

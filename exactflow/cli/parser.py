@@ -195,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of rows held out for validation")
     p.add_argument("--test-fraction", type=_fraction, default=0.1,
                    help="fraction of rows held out for the test metrics")
+    p.add_argument("--key", metavar="NAME",
+                   help="the array to read from an .npz holding several (same as DATA:NAME)")
     p.add_argument("--columns", type=_columns, metavar="COLS",
                    help="columns to use, by name (CSV header) or 0-based index: x,y or 0,2")
     p.add_argument("--samples", type=_positive_int, default=20000,
@@ -251,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold-quantile", type=_fraction, metavar="Q",
                    help="flag rows whose conformal p-value is at most Q (a false-alarm rate "
                         "of Q on new normal data)")
+    p.add_argument("--key", metavar="NAME",
+                   help="the array to read from an .npz holding several (same as DATA:NAME)")
     p.add_argument("--columns", type=_columns, metavar="COLS",
                    help="columns to use (default: the columns the model was trained on)")
 

@@ -194,10 +194,29 @@ def load_run(run_dir: str | os.PathLike[str], *, model: bool = True) -> Run:
             history = json.loads(hist_file.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise RunError(f"{str(hist_file)!r} is corrupt: {err}") from None
+    _check_info(info_file, info)
     run = Run(path, info, None, history)
     if model:
         run.flow = _load_model(path)
+        if run.flow.features != run.features:
+            raise RunError(
+                f"{str(info_file)!r} says the data have {run.features} features but the "
+                f"run's model has {run.flow.features}: the folder was tampered with or mixed "
+                "up with another run"
+            )
     return run
+
+
+def _check_info(info_file: Path, info: dict[str, Any]) -> None:
+    """The parts of run.json that commands size things by, checked before any use."""
+    data = info.get("data")
+    features = data.get("features") if isinstance(data, dict) else None
+    if isinstance(features, bool) or not isinstance(features, int) or not 1 <= features <= 10**6:
+        raise RunError(f"{str(info_file)!r} is corrupt: its data features are {features!r}")
+    names = data.get("column_names")  # type: ignore[union-attr]
+    if names is not None and (not isinstance(names, list) or len(names) != features):
+        raise RunError(f"{str(info_file)!r} is corrupt: {features} features but column "
+                       f"names {str(names)[:80]}")
 
 
 def _load_model(run_dir: Path) -> Flow:

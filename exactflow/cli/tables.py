@@ -1,0 +1,191 @@
+"""``exactflow sample`` and ``exactflow score``: rows out of a model, and rows scored by it."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..datasets import DataError, read_header
+from ..io import atomic_write_bytes, csv_rows, write_table
+from ..runs import RunError, anomaly, load_run, read_data
+from ..validation import nonfinite_rows_error
+from .common import CommandError, fmt, say, with_key
+from .output import SampleStream, json_cap_error
+
+__all__ = ["cmd_sample", "cmd_score"]
+
+
+_TABLE_SUFFIXES = (".csv", ".npy", ".txt", ".tsv")
+
+
+def _output_path(args: argparse.Namespace) -> Path | None:
+    """The ``-o`` file of ``sample``/``score``, checked before any work is done."""
+    if not args.output:
+        return None
+    out = Path(args.output)
+    if out.suffix.lower() not in _TABLE_SUFFIXES:
+        raise CommandError(f"cannot write {str(out)!r}: use a .csv or .npy file name")
+    if out.is_dir():
+        raise CommandError(f"cannot write {str(out)!r}: it is a folder; give a file name")
+    if not out.parent.is_dir():
+        raise CommandError(
+            f"cannot write {str(out)!r}: folder {str(out.parent)!r} does not exist"
+        )
+    return out
+
+
+def _write_table(path: Path, array: np.ndarray, header: list[str], fmt: str = "%.9g") -> None:
+    """Write rows as CSV or .npy, atomically (chosen by the file extension)."""
+    if path.suffix.lower() == ".npy":
+        buf = io.BytesIO()
+        np.save(buf, array)
+        atomic_write_bytes(path, buf.getvalue())
+        return
+    delim = "\t" if path.suffix.lower() == ".tsv" else ","
+    atomic_write_bytes(path, _csv_text(array, header, delim, fmt).encode("utf-8"))
+
+
+def _csv_text(array: np.ndarray, header: list[str], delim: str = ",", fmt: str = "%.9g") -> str:
+    buf = io.StringIO()
+    np.savetxt(buf, array, delimiter=delim, header=delim.join(header), comments="", fmt=fmt)
+    return buf.getvalue()
+
+
+def cmd_sample(args: argparse.Namespace) -> dict[str, Any]:
+    """Draw ``-n`` samples, streamed a chunk at a time to the file or stdout (memory stays
+    bounded whatever ``n``; ``--json`` without ``-o`` is capped): see :mod:`.output`."""
+    run = load_run(args.run)
+    flow = run.flow
+    assert flow is not None
+    out = _output_path(args)
+    cap = json_cap_error(args.n, run.features) if args.json and out is None else None
+    if cap:
+        raise CommandError(cap)
+    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
+    samples = SampleStream(flow, args.n, seed, run.features)
+    result: dict[str, Any] = {
+        "ok": True, "n": args.n, "features": run.features, "columns": run.columns,
+        "seed": seed, "output": str(out) if out else None,
+    }
+    if out is not None:
+        write_table(out, samples, rows=args.n, columns=run.columns)
+        say(args, f"wrote {args.n} samples ({run.features} columns) to {out}")
+    elif args.json:
+        result["samples"] = np.concatenate(list(samples)).tolist()
+    else:
+        sys.stdout.write(",".join(run.columns) + "\n")
+        for block in samples:
+            sys.stdout.write(csv_rows(block))
+            sys.stdout.flush()
+    result["non_finite_rows"] = samples.non_finite_rows
+    return result
+
+
+def _finite_stat(fn: Callable[[np.ndarray], Any], values: np.ndarray) -> float | None:
+    v = values[np.isfinite(values)]
+    return float(fn(v)) if v.size else None
+
+
+def _score_columns(args: argparse.Namespace, run: Any) -> list[int | str] | None:
+    """The columns of DATA to score: ``--columns``; else, when DATA has a header and the
+    run knows its columns' names, those names (so a file whose columns come in another
+    order is reordered, and a missing column is a clear error); else the run's own
+    ``--columns`` (positions)."""
+    if args.columns is not None:
+        return list(args.columns)
+    data_info = run.info["data"]
+    names = data_info.get("column_names")
+    header = read_header(args.data) if isinstance(args.data, str) else None
+    if names and header is not None:
+        missing = [n for n in names if n not in header]
+        if missing:
+            raise DataError(
+                f"{args.data!r} has no column named {missing[0]!r} (the model of "
+                f"{args.run!r} was trained on columns {names}; the file has {header})"
+            )
+        return list(names)
+    if data_info.get("source") == "file":
+        return data_info.get("columns")
+    return None
+
+
+def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
+    with_key(args)
+    run = load_run(args.run)
+    out = _output_path(args)
+    data, info = read_data(args.data, _score_columns(args, run), seed=0)
+    d = run.features
+    if data.shape[1] != d:
+        raise DataError(
+            f"{info['name']} has {data.shape[1]} columns but the model of {args.run!r} was "
+            f"trained on {d}" + ("; pick them with --columns" if data.shape[1] > d else "")
+        )
+    bad = np.flatnonzero(np.isnan(data).any(axis=1))
+    if bad.size:
+        raise nonfinite_rows_error(info["name"], int(bad.size), bad.tolist())
+    if len(data) == 0:
+        raise DataError(f"{info['name']} has no rows")
+    scores = run.score(data)
+    q = args.threshold_quantile
+    try:
+        calibration = run.calibration()
+    except RunError:
+        if q is not None:
+            raise
+        calibration = None  # log-densities only: the held-out rows are gone
+    p = flags = None
+    if calibration is not None:
+        p = anomaly.p_values(scores, calibration)
+    if q is not None and calibration is not None:
+        p, flags = anomaly.flag(scores, calibration, q)
+    outside = int(np.isneginf(scores).sum())
+    result: dict[str, Any] = {
+        "ok": True, "n": int(len(scores)), "output": str(out) if out else None,
+        "mean_log_density": _finite_stat(np.mean, scores),
+        "min_log_density": _finite_stat(np.min, scores),
+        "max_log_density": _finite_stat(np.max, scores),
+        "minus_inf_rows": outside,
+        "calibration_rows": None if calibration is None else int(len(calibration)),
+        "lower_bound": bool(run.dequantized),
+    }
+    columns, header = [scores], ["log_density"]
+    if p is not None:
+        columns.append(p)
+        header.append("p_value")
+    if flags is not None:
+        columns.append(flags.astype(np.float64))
+        header.append("anomaly")
+        result.update(threshold_quantile=q, anomalies=int(flags.sum()),
+                      anomaly_rows=np.flatnonzero(flags)[:1000].tolist())
+    table = np.stack(columns, axis=1)
+    rows = np.arange(len(scores), dtype=np.float64).reshape(-1, 1)
+    if out is not None:
+        if out.suffix.lower() == ".npy":
+            _write_table(out, table, header)
+        else:
+            _write_table(out, np.hstack([rows, table]), ["row", *header], fmt="%.10g")
+        say(args, f"scored {len(scores)} rows of {info['name']}: mean log-density "
+                   f"{fmt(result['mean_log_density'])} nats; wrote {out}")
+        if outside:
+            say(args, f"{outside} rows have log-density -inf (outside the model's support or "
+                       "beyond the range of its numbers): flagged as anomalies")
+        if flags is not None and calibration is not None:
+            say(args, f"{int(flags.sum())} rows flagged as anomalies: conformal p-value <= "
+                       f"{q:g} against the {len(calibration)} held-out test rows, so about "
+                       f"{q:.1%} of new normal rows are flagged")
+    elif args.json:
+        result["log_density"] = scores.tolist()
+        if p is not None:
+            result["p_value"] = p.tolist()
+        if flags is not None:
+            result["anomaly"] = flags.tolist()
+    else:
+        sys.stdout.write(_csv_text(np.hstack([rows, table]), ["row", *header], fmt="%.10g"))
+    return result

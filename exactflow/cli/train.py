@@ -1,0 +1,131 @@
+"""``exactflow train`` and ``exactflow demo``: a run folder from a table, and its report."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from .. import distributed
+from ..report import build_report
+from ..runs import RunError, train_run
+from .common import CommandError, UsageError, fmt, say, with_key
+
+__all__ = ["cmd_train", "cmd_demo"]
+
+
+def _train(args: argparse.Namespace, **kwargs: Any) -> dict[str, Any]:
+    """Train a run folder with :func:`exactflow.runs.train_run`; returns the result dict."""
+    writer = distributed.rank() == 0
+    try:
+        run = train_run(
+            progress=not args.json and writer,
+            log=lambda text: None if args.json else print(text, file=sys.stderr),
+            **kwargs,
+        )
+    except RunError as err:
+        raise CommandError(str(err).replace("overwrite it", "pass --overwrite").replace(
+            "resume to continue", "--resume to continue")) from None
+    if not writer:
+        return {"ok": True, "run": str(run.path)}
+    result: dict[str, Any] = {
+        "ok": True,
+        "run": str(run.path),
+        "model": run.info["model"]["model"],
+        "data": run.info["data"]["name"],
+        "metrics": run.info["metrics"],
+        "report": None,
+    }
+    if getattr(args, "report", True):
+        result["report"] = str(build_report(run.path))
+    return result
+
+
+def _print_train_result(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    m = result["metrics"]
+    t = m["test"]
+    seconds = m.get("train_time_s")
+    took = "?" if seconds is None else f"{float(seconds):.1f} s"
+    say(args, f"trained {result['model']} ({m['parameters']:,} parameters) on "
+               f"{result['data']}: {m['steps']} steps in {took}")
+    board = m.get("leaderboard")
+    if board:
+        say(args, "candidates (validation NLL, nats; the lowest is kept):")
+        for e in board:
+            value = "" if e.get("val_nll") is None else f"{e['val_nll']:.4f}"
+            mark = "  <- kept" if e.get("chosen") else ""
+            status = "" if e.get("status", "ok") == "ok" else f"  ({e['status']})"
+            say(args, f"  {e['name']:<22} {value:>10}  {e.get('seconds', 0.0):6.1f} s"
+                       f"{mark}{status}")
+    if m.get("best_step") is not None:
+        say(args, f"kept the weights of step {m['best_step']} of {m['steps']} (the best "
+                   "validation NLL)")
+    say(args, f"test NLL {fmt(t.get('nll'))} ± {fmt(t.get('nll_se'))} nats "
+               f"({fmt(t.get('bpd'))} bits/dim, {t.get('n')} rows)")
+    if "test_nll_minus_entropy" in m:
+        say(args, f"test NLL - true entropy = {m['test_nll_minus_entropy']:+.4f} nats "
+                   "(0 is a perfect model)")
+    say(args, f"run folder: {result['run']}")
+    if result.get("report"):
+        say(args, f"report: {result['report']}")
+
+
+def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
+    with_key(args)
+    # Under torchrun: join the process group (fit then trains data-parallel); the other
+    # ranks stay silent and rank 0 writes the run folder and reports.
+    rank, _ = distributed.init("gloo" if args.device == "cpu" else None)
+    if rank != 0:
+        args.json = False
+    model: str | dict[str, Any] = "auto"
+    if args.model != "auto":
+        model = {"model": args.model}
+        if args.layers is not None:
+            model["layers"] = args.layers
+        if args.hidden is not None:
+            model["hidden"] = args.hidden
+    elif args.layers is not None or args.hidden is not None:
+        raise UsageError("--layers and --hidden size one model: give --model NAME with them")
+    out = args.out if args.out is not None else _default_out(args.data)
+    if args.out is None and rank == 0:
+        say(args, f"run folder: {out} (choose another with --out)")
+    result = _train(
+        args, data=args.data, out=out, model=model, budget=args.budget, columns=args.columns,
+        samples=args.samples, steps=args.steps, epochs=args.epochs, patience=args.patience,
+        batch_size=args.batch_size, lr=args.lr, val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction, standardize=args.standardize,
+        dequantize=args.dequantize, device=args.device, seed=args.seed, resume=args.resume,
+        overwrite=args.overwrite,
+    )
+    if rank == 0:
+        _print_train_result(args, result)
+    return result
+
+
+def _default_out(data: str) -> Path:
+    """``runs/<data name>``, or the first of ``runs/<name>-2``, ``-3``... that is free."""
+    stem = Path(data).stem or "run"
+    name = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in stem) or "run"
+    candidate = Path("runs") / name
+    number = 2
+    while candidate.exists():
+        candidate = Path("runs") / f"{name}-{number}"
+        number += 1
+    return candidate
+
+
+def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
+    out = Path(args.out)
+    say(args, f"exactflow demo: RealNVP (8 affine couplings, batch norm) on {args.dataset}, "
+               f"{args.steps} steps")
+    result = _train(
+        args, data=args.dataset, out=out, samples=args.samples,
+        model={"model": "realnvp", "layers": 8, "hidden": [64, 64], "batch_norm": True},
+        steps=args.steps, batch_size=512, lr=2e-3, device=args.device, seed=args.seed,
+        overwrite=(out / "run.json").exists(),
+    )
+    _print_train_result(args, result)
+    if not args.json and result.get("report"):
+        print(f"open {Path(result['report']).resolve().as_uri()} in a browser")
+    return result
