@@ -354,7 +354,7 @@ def test_run_json_deleted_or_corrupted(run_dir, tmp_path):
 
 def test_score_matches_the_model_and_flags_anomalies(run_dir, tmp_path):
     with np.load(run_dir / "data.npz") as npz:
-        test = npz["test"]
+        test, held_out = npz["test"], np.concatenate([npz["val"], npz["test"]])
     far = np.array([[40.0, -40.0], [1e3, 1e3]])
     data = np.vstack([test[:50] + 0.01, far])
     csv = write_csv(tmp_path / "new.csv", data, ["x1", "x2"])
@@ -370,16 +370,17 @@ def test_score_matches_the_model_and_flags_anomalies(run_dir, tmp_path):
     flow = ef.load(run_dir / "model.safetensors")
     with torch.no_grad():
         direct = flow.log_prob(torch.as_tensor(data, dtype=torch.float32)).double().numpy()
-        calibration = flow.log_prob(torch.as_tensor(test, dtype=torch.float32)).double().numpy()
+        calibration = flow.log_prob(torch.as_tensor(held_out, dtype=torch.float32)).double()
+    calibration = calibration.numpy()
     np.testing.assert_allclose(table[:, 1], direct, rtol=1e-6, atol=1e-6)
-    # The p-value of a row: (1 + held-out test rows scoring at or below it) / (n + 1).
-    expected_p = (1 + (calibration[None, :] <= direct[:, None]).sum(1)) / (len(test) + 1)
+    # The p-value of a row: (1 + held-out rows scoring at or below it) / (n + 1).
+    expected_p = (1 + (calibration[None, :] <= direct[:, None]).sum(1)) / (len(held_out) + 1)
     np.testing.assert_allclose(table[:, 2], expected_p, rtol=1e-6)
     np.testing.assert_array_equal(table[:, 3].astype(bool), expected_p <= 0.05)
     assert table[-1, 3] == 1 and table[-2, 3] == 1  # the far points are flagged
     assert result["anomalies"] == int((expected_p <= 0.05).sum())
     assert result["anomaly_rows"][-2:] == [len(data) - 2, len(data) - 1]
-    assert result["calibration_rows"] == len(test)
+    assert result["calibration_rows"] == len(held_out)
 
 
 def test_score_to_stdout(run_dir, tmp_path):

@@ -178,7 +178,7 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
                        "beyond the range of its numbers): flagged as anomalies")
         if flags is not None and calibration is not None:
             say(args, f"{int(flags.sum())} rows flagged as anomalies: conformal p-value <= "
-                       f"{q:g} against the {len(calibration)} held-out test rows, so about "
+                       f"{q:g} against the {len(calibration)} held-out rows, so about "
                        f"{q:.1%} of new normal rows are flagged")
     elif args.json:
         result["log_density"] = scores.tolist()

@@ -1,15 +1,16 @@
 """Anomaly flags that mean what they say: conformal p-values against held-out rows.
 
 A row's log-density alone says little (is -12 nats unusual?); its rank among the
-log-densities of rows the model never saw says exactly that. With ``n`` calibration rows
-held out of training and model selection (a run's test split), the conformal p-value of a
+log-densities of rows the model never trained on says exactly that. With ``n`` calibration
+rows held out of training (a run's validation and test splits), the conformal p-value of a
 new row with log-density ``s`` is
 
     p = (1 + #{calibration rows with log-density <= s}) / (n + 1)
 
 If the new row and the calibration rows are exchangeable (drawn from the same
 distribution, independently of the fitted model), ``P(p <= q) <= q`` for every ``q``, and
-about ``q`` for continuous scores: flagging rows with ``p <= q`` raises false alarms on
+about ``q`` for continuous scores (the validation rows chose the model and its stopping step,
+a mild departure from independence that ``benchmarks/anomaly.py`` measures): flagging rows with ``p <= q`` raises false alarms on
 ``q`` of new normal data, within binomial error (Vovk, Gammerman & Shafer, Algorithmic
 Learning in a Random World, 2005; Laxhammar & Falkman 2015 for anomaly detection). Rows
 scored ``-inf`` (outside the model's support, or beyond the range of its dtype) get the
