@@ -297,6 +297,24 @@ class Flow(Distribution):
             t = t.to(ref.device)
         return t
 
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The dtype data should reach the flow in: float64 when its first layer is a
+        :class:`~exactflow.transforms.Standardize` (which standardizes in float64 before
+        casting), else the dtype of its parameters."""
+        if self._standardizes_first(self.transform):
+            return torch.float64
+        ref = self._param_like()
+        return ref.dtype if ref is not None else torch.get_default_dtype()
+
+    @property
+    def context_dtype(self) -> torch.dtype:
+        """The dtype the context should reach the flow in (float64 for a context scaler)."""
+        if isinstance(self.context_scaler, Standardize):
+            return torch.float64
+        ref = self._param_like()
+        return ref.dtype if ref is not None else torch.get_default_dtype()
+
     @staticmethod
     def _standardizes_first(module: nn.Module | None) -> bool:
         """Whether ``module`` starts with a :class:`~exactflow.transforms.Standardize`."""

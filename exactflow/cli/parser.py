@@ -238,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="exact log-density of every row of a file; flag anomalies",
         description="Score every row of DATA by its exact log-density under the model of "
                     "RUN_DIR (nats, in the units of the data) and its conformal p-value: the "
-                    "fraction of the run's held-out rows (validation and test) scoring at or below it. With "
+                    "fraction of the run's held-out rows (validation and test) scoring at or "
+                    "below it. With "
                     "--threshold-quantile Q, rows with p-value <= Q are flagged as anomalies: "
                     "if new normal rows are exchangeable with the run's data, about Q of them "
                     "are flagged. Columns are matched by name when DATA has a header. "

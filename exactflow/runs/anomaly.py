@@ -9,10 +9,11 @@ new row with log-density ``s`` is
 
 If the new row and the calibration rows are exchangeable (drawn from the same
 distribution, independently of the fitted model), ``P(p <= q) <= q`` for every ``q``, and
-about ``q`` for continuous scores (the validation rows chose the model and its stopping step,
-a mild departure from independence that ``benchmarks/anomaly.py`` measures): flagging rows with ``p <= q`` raises false alarms on
-``q`` of new normal data, within binomial error (Vovk, Gammerman & Shafer, Algorithmic
-Learning in a Random World, 2005; Laxhammar & Falkman 2015 for anomaly detection). Rows
+about ``q`` for continuous scores (the validation rows chose the model and its stopping
+step, a mild departure from independence that ``benchmarks/anomaly.py`` measures): flagging
+rows with ``p <= q`` raises false alarms on ``q`` of new normal data, within binomial
+error (Vovk, Gammerman & Shafer, Algorithmic Learning in a Random World, 2005; Laxhammar &
+Falkman 2015 for anomaly detection). Rows
 scored ``-inf`` (outside the model's support, or beyond the range of its dtype) get the
 smallest p-value and are always flagged.
 

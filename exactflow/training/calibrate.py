@@ -24,7 +24,7 @@ from ..core import Compose
 from ..distributions import Flow
 from ..gaussians import Gaussian, GaussianMixture
 from ..models import standardize_layer
-from ..scoring import eval_mode, module_device, module_dtype
+from ..scoring import eval_mode, module_device
 from ..stats import RunningMoments
 from ..transforms.normalization import BatchNorm, Standardize
 from .batches import Rows
@@ -85,14 +85,14 @@ def prepare(flow: Flow, train: Rows, context: Rows | None, seed: int = 0) -> lis
 
 def _latent(flow: Flow, x: Tensor, context: Tensor | None) -> np.ndarray:
     """``f(x)`` in float64 for a batch of rows, in eval mode, chunk by chunk."""
-    dtype, device = module_dtype(flow), module_device(flow)
+    device = module_device(flow)
     parts = []
     with eval_mode(flow):
         for start in range(0, len(x), _CHUNK):
-            xb = x[start : start + _CHUNK].to(device, dtype)
+            xb = x[start : start + _CHUNK].to(device, flow.input_dtype)
             cb = None
             if context is not None:
-                cb = flow._embed(context[start : start + _CHUNK].to(device, dtype))
+                cb = flow._embed(context[start : start + _CHUNK].to(device, flow.context_dtype))
             parts.append(flow.transform(xb, cb)[0].double().cpu().numpy())
     return np.concatenate(parts)
 
@@ -121,13 +121,14 @@ def recalibrate_batch_norm(
         return 0
     x = _sample_rows(train, max_rows, seed)
     ctx_all = None if context is None else _sample_rows(context, max_rows, seed)
-    dtype, device = module_dtype(flow), module_device(flow)
+    device = module_device(flow)
     count = 0
     with eval_mode(flow):
-        chunks = [x[s : s + _CHUNK].to(device, dtype) for s in range(0, len(x), _CHUNK)]
+        chunks = [x[s : s + _CHUNK].to(device, flow.input_dtype)
+                  for s in range(0, len(x), _CHUNK)]
         contexts: list[Tensor | None] = [None] * len(chunks)
         if ctx_all is not None:
-            contexts = [flow._embed(ctx_all[s : s + _CHUNK].to(device, dtype))
+            contexts = [flow._embed(ctx_all[s : s + _CHUNK].to(device, flow.context_dtype))
                         for s in range(0, len(x), _CHUNK)]
         for layer in layers:
             if isinstance(layer, BatchNorm):

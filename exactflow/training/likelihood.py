@@ -304,8 +304,9 @@ def fit(
 
     def step(i: int) -> tuple[Tensor, Tensor]:
         index = replicas.shard(order.next())
-        x = to_device(train_rows.take(index), dev, dtype)
-        ctx = None if train_ctx is None else to_device(train_ctx.take(index), dev, dtype)
+        x = to_device(train_rows.take(index), dev, flow.input_dtype)
+        ctx = None if train_ctx is None else to_device(train_ctx.take(index), dev,
+                                                       flow.context_dtype)
         if noise_scale is not None:
             x = x + noise_scale * torch.randn_like(x)
 

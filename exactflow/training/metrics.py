@@ -144,12 +144,14 @@ def summarize(
     if dev != resolve_device(None, flow):
         flow.to(dev)
     dtype = module_dtype(flow)
+    in_dtype = getattr(flow, "input_dtype", dtype)
+    ctx_dtype = getattr(flow, "context_dtype", dtype)
     summary = NLLSummary()
     with eval_mode(flow, grad=True), torch.inference_mode():
         for start, part in rows.chunks(batch_size):
-            x = part.to(dev, dtype)
+            x = part.to(dev, in_dtype)
             ctx = None
             if ctx_rows is not None:
-                ctx = ctx_rows.take(torch.arange(start, start + x.shape[0])).to(dev, dtype)
+                ctx = ctx_rows.take(torch.arange(start, start + x.shape[0])).to(dev, ctx_dtype)
             summary.add(-flow.log_prob(x, ctx))
     return summary

@@ -439,8 +439,9 @@ class Replicas:
         if not pending:
             return
         index = order.peek()
-        x = rows.take(index).to(device, dtype)
-        c = ctx.take(index).to(device, dtype) if ctx is not None else None
+        x = rows.take(index).to(device, getattr(flow, "input_dtype", dtype))
+        c = None if ctx is None else ctx.take(index).to(device,
+                                                       getattr(flow, "context_dtype", dtype))
         keep = {
             f"{name}.{key}" if name else key
             for name, m in flow.named_modules() if any(m is p for p in pending)
