@@ -41,8 +41,16 @@ $(VENV)/.installed-bench: pyproject.toml constraints.txt | $(BIN)/python
 	touch $@
 
 # Head-to-head benchmark against zuko, nflows and normflows (benchmarks/README.md).
+# Everything measured against the peers and the classical estimators (about 1.5 hours on
+# 2 cores): speed and test NLL (run.py), where the time goes (roofline.py), the real tables
+# (realdata.py), the anomaly flags' false-alarm rate (anomaly.py). Results in
+# benchmarks/results/; benchmarks/README.md says what each one shows.
 bench: $(VENV)/.installed-bench
 	$(BIN)/python -m benchmarks.run
+	$(BIN)/python -m benchmarks.roofline --out benchmarks/results
+	$(BIN)/python -m benchmarks.realdata --methods gaussian,gmm,kde,zuko-nsf,flowdensity \
+		--json benchmarks/results/realdata-default.json --md benchmarks/results/realdata-default.md
+	$(BIN)/python -m benchmarks.anomaly --seeds 10 --json benchmarks/results/anomaly.json
 
 bench-quick: $(VENV)/.installed-bench
 	$(BIN)/python -m benchmarks.run --quick
