@@ -1,5 +1,6 @@
-"""exactflow extended from outside the package: a builder, an elementwise map and a context
-embedding defined here, trained, saved and loaded like the built-in ones."""
+"""exactflow extended from outside the package: a builder, an elementwise map, a conditioner
+network and a context embedding defined here, trained, saved and loaded like the built-in
+ones."""
 
 from __future__ import annotations
 
@@ -36,6 +37,22 @@ class SinhShift(ef.transforms.MonotonicMap):
         return x, -torch.log1p(a * torch.cosh(x))
 
 
+class GatedConditioner(torch.nn.Module):
+    """A user's conditioner network: a tanh-gated two-layer net, last layer zeroed so the
+    layer starts as the identity."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.hidden = torch.nn.Linear(in_features, 24)
+        self.gate = torch.nn.Linear(in_features, 24)
+        self.out = torch.nn.Linear(24, out_features)
+        torch.nn.init.zeros_(self.out.weight)
+        torch.nn.init.zeros_(self.out.bias)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.hidden(x)) * torch.sigmoid(self.gate(x)))
+
+
 @pytest.fixture(autouse=True, scope="module")
 def registered():
     ef.transforms.register_map("test_sinh_shift", SinhShift, replace=True)
@@ -46,7 +63,7 @@ def registered():
         for i in range(layers):
             blocks.append(ef.transforms.Coupling(
                 features, "test_sinh_shift", hidden=hidden, mask=("even", "odd")[i % 2],
-                context=context,
+                context=context, conditioner=GatedConditioner,
             ))
         return ef.Flow(ef.Compose(*blocks), ef.StandardNormal(features), context=context)
 
@@ -59,7 +76,7 @@ def test_a_registered_map_passes_the_checker_at_random_parameters():
     ef.check_transform(layer, torch.randn(6, 3, dtype=torch.float64))
 
 
-def test_a_user_builder_trains_saves_and_loads(tmp_path):
+def test_a_user_builder_with_its_own_map_and_conditioner_trains_saves_and_loads(tmp_path):
     x = ef.datasets.toy("moons", 1024, seed=1)
     flow = ef.models.build({"model": "test_sinh_coupling", "features": 2, "standardize": True})
     history = ef.fit(flow, x, steps=60, batch_size=256, lr=3e-3, progress=False, device="cpu")
@@ -67,8 +84,10 @@ def test_a_user_builder_trains_saves_and_loads(tmp_path):
     # fit filled the standardization from the data.
     layer = ef.models.standardize_layer(flow)
     assert layer is not None and torch.allclose(layer.mean.float(), x.mean(0), atol=0.1)
+    assert isinstance(flow.transform[1][0].conditioner, GatedConditioner)
     loaded = ef.load(ef.save(flow, tmp_path / "mine.safetensors"))
     assert loaded.config["model"] == "test_sinh_coupling"
+    assert isinstance(loaded.transform[1][0].conditioner, GatedConditioner)
     with torch.no_grad():
         assert torch.equal(loaded.log_prob(x[:50]), flow.log_prob(x[:50]))
 
