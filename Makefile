@@ -51,6 +51,7 @@ bench: $(VENV)/.installed-bench
 	$(BIN)/python -m benchmarks.realdata --methods gaussian,gmm,kde,zuko-nsf,flowdensity \
 		--json benchmarks/results/realdata-default.json --md benchmarks/results/realdata-default.md
 	$(BIN)/python -m benchmarks.anomaly --seeds 10 --json benchmarks/results/anomaly.json
+	$(BIN)/python -m benchmarks.gmm_folds
 
 bench-quick: $(VENV)/.installed-bench
 	$(BIN)/python -m benchmarks.run --quick

@@ -1,0 +1,51 @@
+"""The mixture search of ``model="auto"``: one validation split or k-fold cross-validation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from exactflow.gaussians import GaussianMixture
+from exactflow.training.auto import select_gmm
+
+
+def _clusters(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centers = np.array([[-6.0, 0.0], [0.0, 6.0], [6.0, 0.0]])
+    return centers[rng.integers(0, 3, n)] + rng.normal(size=(n, 2))
+
+
+def test_select_gmm_on_validation_finds_the_clusters_and_reports_their_validation_nll():
+    train, val = _clusters(300, 0), _clusters(100, 1)
+    spec, nll, fits = select_gmm(train, val, components=(1, 2, 3, 4), seed=0)
+    assert spec["components"] >= 3 and fits == 8
+    mix = GaussianMixture(2, spec["components"], spec["covariance"]).double()
+    mix.fit_to(train, seed=0)
+    with torch.no_grad():
+        assert nll == pytest.approx(float(-mix.log_prob(torch.as_tensor(val)).mean()))
+
+
+def test_select_gmm_by_folds_scores_every_pooled_row_once_when_held_out():
+    train, val = _clusters(90, 2), _clusters(30, 3)
+    spec, nll, fits = select_gmm(train, val, components=(1, 3), seed=4, folds=4)
+    assert spec["components"] == 3 and fits == 2 * 2 * 4
+    pooled = np.concatenate([train, val])
+    parts = np.array_split(np.random.default_rng(4).permutation(len(pooled)), 4)
+    total = 0.0
+    for part in parts:
+        held = np.zeros(len(pooled), dtype=bool)
+        held[part] = True
+        mix = GaussianMixture(2, 3, spec["covariance"]).double()
+        mix.fit_to(pooled[~held], seed=4)
+        with torch.no_grad():
+            total += float(-mix.log_prob(torch.as_tensor(pooled[held])).sum())
+    assert nll == pytest.approx(total / len(pooled))
+
+
+def test_select_gmm_skips_sizes_larger_than_a_fold_and_refuses_bad_folds():
+    train, val = _clusters(8, 5), _clusters(4, 6)
+    spec, _, _ = select_gmm(train, val, components=(1, 2, 11), folds=3)
+    assert spec["components"] in (1, 2)
+    with pytest.raises(ValueError, match="folds"):
+        select_gmm(train, val, folds=0)
