@@ -14,19 +14,16 @@ and the selection time.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from . import realdata, tables
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from .saving import save
 
 
 def compare(name: str, folds: int = 5, splits: int = realdata.BLOCKS) -> dict[str, Any]:
@@ -88,9 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     text = "\n".join(lines) + "\n"
     print(text)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "gmm-folds.md").write_text(text)
-    (RESULTS / "gmm-folds.json").write_text(json.dumps(rows, indent=1) + "\n")
+    save("gmm-folds", text, rows)
     return 0
 
 

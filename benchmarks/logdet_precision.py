@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from .saving import save
 
 BUILDERS: dict[str, dict[str, Any]] = {
     "realnvp": {"model": "realnvp", "batch_norm": False},
@@ -104,9 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     text = "\n".join(lines) + "\n"
     print(text)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "logdet-precision.md").write_text(text)
-    (RESULTS / "logdet-precision.json").write_text(json.dumps(rows, indent=1) + "\n")
+    save("logdet-precision", text, rows)
     return 0
 
 

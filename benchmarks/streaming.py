@@ -24,7 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from .saving import save
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -87,8 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += [f"| {n:,} | {o} | {r:.0f} | {s:.1f} |" for n, o, r, s in rows]
     text = "\n".join(lines) + "\n"
     print(text)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"streaming-{args.name}.md").write_text(text)
+    save(f"streaming-{args.name}", text)
     return 0
 
 

@@ -31,19 +31,17 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from .saving import save
 
 #: name -> builder config (without features).
 BUILDERS: dict[str, dict[str, Any]] = {
@@ -271,10 +269,7 @@ def main(argv: list[str] | None = None) -> int:
             "builders": args.builders, "steps": args.steps}
     text = summarize(records, meta)
     print(text)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.md").write_text(text)
-    (RESULTS / f"{args.name}.json").write_text(
-        json.dumps({"meta": meta, "records": records}, indent=1) + "\n")
+    save(args.name, text, {"meta": meta, "records": records})
     return 0
 
 

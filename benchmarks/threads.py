@@ -20,7 +20,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -29,7 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from .saving import save
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -134,10 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     name = args.name or f"threads-{args.command}-load{args.load}"
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.md").write_text(text)
-    (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2)
-                                          + "\n")
+    save(name, text, {"meta": meta, "rows": rows})
     return 0
 
 
