@@ -45,8 +45,9 @@ class FlowDensity(DensityMixin, BaseEstimator):
 
     With no arguments, ``fit`` runs :func:`exactflow.fit_auto`: it holds out
     ``validation_fraction`` of the rows, tries a short ladder of models (a Gaussian,
-    Gaussian mixtures of a few sizes, then flows sized to the data that start from the
-    Gaussian fit) within ``budget`` seconds, and keeps the best on validation
+    Gaussian mixtures of a few sizes, then neural spline flows: one that starts as the
+    chosen mixture, one from a standard normal) within ``budget`` seconds, and keeps the
+    best on validation
     (``leaderboard_`` says what was tried). With ``model=NAME`` it trains that builder's
     flow, its length set by validation unless ``steps`` or ``epochs`` is given. Either way
     the standardization of the training rows is the model's first, fixed layer (when

@@ -552,7 +552,7 @@ def test_train_with_no_options_picks_a_model_writes_the_leaderboard_and_a_defaul
     board = info["metrics"]["leaderboard"]
     names = [e["name"] for e in board]
     assert names[0] == "gaussian" and names[1].startswith("gmm (")  # size chosen on validation
-    assert "nsf on the mixture" in names and "nsf" in names
+    assert "nsf on the mixture" in names and "nsf-autoregressive" in names
     assert sum(e["chosen"] for e in board) == 1
     chosen = next(e for e in board if e["chosen"])
     assert chosen["val_nll"] == min(e["val_nll"] for e in board if e["val_nll"] is not None)
