@@ -30,8 +30,9 @@ Methods (``--methods``, comma-separated; default all):
   transforms, 8 bins, MADE 2 x 64), Adam lr 1e-3, batch ``min(256, n)``, validation NLL
   after every epoch, stop after 30 epochs without improvement or 3,000 steps, best
   weights restored.
-* ``flowdensity``: ``exactflow.sklearn.FlowDensity()`` with no arguments (today: RealNVP
-  with batch norm, 1,000 steps, batch 256, no validation).
+* ``flowdensity``: ``exactflow.sklearn.FlowDensity()`` with no arguments (``model="auto"``:
+  the ladder of ``exactflow.training.auto`` within its 45 s budget, on the training and
+  validation rows together, which it splits itself).
 * ``cli-maf``, ``cli-nsf``, ``cli-realnvp``: what ``exactflow train --model NAME`` does: the
   builder's defaults with ``standardize=True``, 2,000 steps, batch ``min(512, n)``, lr 1e-3,
   cosine schedule, validation every 20 steps, best weights restored.
