@@ -148,8 +148,8 @@ class FlowDensity(DensityMixin, BaseEstimator):
         """Train a model on the rows of ``X`` (``y`` is ignored).
 
         Raises:
-            ValueError: bad data (NaN/inf, fewer than 2 rows, a constant column when
-                ``standardize``), a coupling model on one feature, or bad parameters.
+            ValueError: bad data (NaN/inf, fewer than 2 rows, a constant column), a
+                coupling model on one feature, or bad parameters.
         """
         from . import models
         from .training import fit as train_fit

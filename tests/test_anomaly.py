@@ -81,3 +81,20 @@ def test_reordered_columns_score_identically_and_a_missing_one_is_named(tmp_path
     narrow.write_text("a,b,d\n1,2,3\n")
     code, _, err = cli(["score", tmp_path / "run", narrow])
     assert code == 1 and "no column named 'c'" in err
+
+
+def test_a_threshold_below_the_smallest_p_value_is_warned_about(tmp_path):
+    train = correlated_table(tmp_path / "train.csv", 200, 3)
+    new = correlated_table(tmp_path / "new.csv", 50, 4)
+    train_run(train, tmp_path / "run", model="gaussian", seed=0, progress=False)
+    code, out, err = cli(["score", tmp_path / "run", new, "--threshold-quantile", "0.01",
+                          "--json"])
+    assert code == 0, err
+    result = json.loads(out)
+    m = result["calibration_rows"]
+    assert m == 40 and result["smallest_p_value"] == pytest.approx(1 / 41)
+    assert f"with {m} held-out rows the smallest p-value is 1/{m + 1}" in err
+    assert "flags only rows scored -inf" in err and result["anomalies"] == 0
+    code, out, err = cli(["score", tmp_path / "run", new, "--threshold-quantile", "0.05",
+                          "--json"])
+    assert code == 0 and "warning" not in err

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from exactflow.gaussians import GaussianMixture
-from exactflow.training.auto import select_gmm
+from exactflow.training.auto import ladder, select_gmm
 
 
 def _clusters(n: int, seed: int) -> np.ndarray:
@@ -49,3 +49,23 @@ def test_select_gmm_skips_sizes_larger_than_a_fold_and_refuses_bad_folds():
     assert spec["components"] in (1, 2)
     with pytest.raises(ValueError, match="folds"):
         select_gmm(train, val, folds=0)
+
+
+def test_the_ladder_starts_from_the_mixture_and_from_a_standard_normal():
+    gmm = {"components": 2, "covariance": "full"}
+    rungs = ladder(500, 5, 0, gmm)
+    first, second = rungs[0], rungs[1]
+    assert first.name == "nsf on the mixture" and first.config["kind"] == "coupling"
+    assert first.config["base"] == {"name": "gmm", **gmm} and first.options == {"lr": 3e-4}
+    assert second.name == "nsf-autoregressive" and second.config["kind"] == "autoregressive"
+    assert "base" not in second.config and second.config["layers"] == 3
+    assert [r.priority for r in rungs] == [True, True, False, False, False]
+    assert rungs[2].name == "nsf-autoregressive on the mixture"
+
+
+def test_one_column_gets_no_coupling_rung_and_names_say_what_they_are():
+    rungs = ladder(500, 1, 0, {"components": 3, "covariance": "diag"})
+    assert [r.name for r in rungs] == [
+        "nsf-autoregressive on the mixture", "nsf-autoregressive", "maf on the mixture"]
+    assert all(r.config.get("kind", "autoregressive") == "autoregressive" for r in rungs)
+    assert [r.priority for r in rungs] == [True, True, False]

@@ -274,8 +274,9 @@ def test_validate_names_constant_columns() -> None:
     x[:, 1] = 2.0
     x[:, 4] = 0.0
     message = r"constant \(zero-variance\) columns 1, 4 \(column indices\)"
-    with pytest.raises(DataError, match=message):
+    with pytest.raises(DataError, match=message) as caught:
         ds.validate(x)
+    assert "drop them" in str(caught.value) and "dequantize" in str(caught.value)
 
 
 def test_validate_path(tmp_path) -> None:

@@ -145,6 +145,13 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
         p = anomaly.p_values(scores, calibration)
     if q is not None and calibration is not None:
         p, flags = anomaly.flag(scores, calibration, q)
+        floor = anomaly.smallest_p_value(len(calibration))
+        if q < floor:
+            print(f"warning: with {len(calibration)} held-out rows the smallest p-value is "
+                  f"1/{len(calibration) + 1} = {floor:.3g}, so --threshold-quantile {q:g} "
+                  "flags only rows scored -inf; use a Q of at least "
+                  f"{floor:.3g}, or train on more rows or with a larger --val-fraction",
+                  file=sys.stderr, flush=True)
     outside = int(np.isneginf(scores).sum())
     result: dict[str, Any] = {
         "ok": True, "n": int(len(scores)), "output": str(out) if out else None,
@@ -153,6 +160,8 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
         "max_log_density": _finite_stat(np.max, scores),
         "minus_inf_rows": outside,
         "calibration_rows": None if calibration is None else int(len(calibration)),
+        "smallest_p_value": None if calibration is None else anomaly.smallest_p_value(
+            len(calibration)),
         "lower_bound": bool(run.dequantized),
     }
     columns, header = [scores], ["log_density"]

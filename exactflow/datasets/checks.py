@@ -105,6 +105,8 @@ def validate(
             cols = "column" if len(constant) == 1 else "columns"
             raise DataError(
                 f"{name}: constant (zero-variance) {cols} {index_list(constant, len(constant))} "
-                "(column indices): a density has no width there; drop them"
+                "(column indices): a density has no width there; drop them (or, if the "
+                "columns hold integers such as pixel values or counts, dequantize: add "
+                "uniform noise in [0, 1) to every integer column)"
             )
     return data

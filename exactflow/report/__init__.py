@@ -299,7 +299,9 @@ def _leaderboard(board: list[dict[str, Any]] | None) -> str:
         ))
     intro = ("The model was chosen automatically: each candidate was trained on the training "
              "split and scored on the validation split, and the lowest validation NLL was "
-             "kept. Flows start from the Gaussian fit, so they can only improve on it.")
+             "kept. A flow \"on the mixture\" starts as the chosen Gaussian mixture (every layer "
+             "at the identity), so it keeps only what improves on it; the other flows start "
+             "from a standard normal.")
     return _fill("leaderboard.html", intro=_e(intro), rows="\n".join(rows))
 
 

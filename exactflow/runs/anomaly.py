@@ -27,7 +27,7 @@ import numpy as np
 
 from ..validation import fraction
 
-__all__ = ["p_values", "flag"]
+__all__ = ["p_values", "flag", "smallest_p_value"]
 
 
 def p_values(scores: np.ndarray, calibration: np.ndarray) -> np.ndarray:
@@ -45,6 +45,12 @@ def p_values(scores: np.ndarray, calibration: np.ndarray) -> np.ndarray:
     s = np.where(np.isnan(scores), -np.inf, np.asarray(scores, dtype=np.float64))
     at_or_below = np.searchsorted(cal, s, side="right")
     return (1.0 + at_or_below) / (len(cal) + 1.0)
+
+
+def smallest_p_value(calibration_rows: int) -> float:
+    """The smallest conformal p-value ``m`` calibration rows can give, ``1 / (m + 1)``: a
+    threshold below it flags no row with a finite log-density."""
+    return 1.0 / (int(calibration_rows) + 1.0)
 
 
 def flag(scores: np.ndarray, calibration: np.ndarray, q: float) -> tuple[np.ndarray, np.ndarray]:

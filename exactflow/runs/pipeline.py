@@ -211,7 +211,7 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
         shown = [names[j] for j in discrete] if names else discrete
         log(f"note: columns {shown[:8]}{' ...' if len(shown) > 8 else ''} hold integers only; "
             "a continuous density can pile its mass onto them: dequantize them (--dequantize, "
-            "or dequantize=True) for a log-density that means something")
+            "or train_run(..., dequantize=True)) for a log-density that means something")
     fractions = (1.0 - val_fraction - test_fraction, val_fraction, test_fraction)
     n = len(rows)
     if n < 10:
