@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -548,6 +549,11 @@ def test_train_with_no_options_picks_a_model_writes_the_leaderboard_and_a_defaul
     code, out, err = run_cli(["train", "table.csv", "--budget", "6", "--no-report"])
     assert code == 0, err
     assert "run folder: runs/table" in out and "<- kept" in out and "kept the weights" in out
+    lines = out.split("candidates (", 1)[1].splitlines()[1:]
+    board_lines = [line for line in lines[: next(i for i, x in enumerate(lines)
+                                                 if not x.startswith("  "))]]
+    ends = {re.match(r"^  .*? \d+\.\d s", line).end() for line in board_lines}
+    assert len(board_lines) >= 4 and len(ends) == 1  # the columns line up, long names too
     info = json.loads((tmp_path / "runs" / "table" / "run.json").read_text())
     board = info["metrics"]["leaderboard"]
     names = [e["name"] for e in board]

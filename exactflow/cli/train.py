@@ -52,11 +52,12 @@ def _print_train_result(args: argparse.Namespace, result: dict[str, Any]) -> Non
     board = m.get("leaderboard")
     if board:
         say(args, "candidates (validation NLL, nats; the lowest is kept):")
+        width = max(len(str(e["name"])) for e in board)
         for e in board:
             value = "" if e.get("val_nll") is None else f"{e['val_nll']:.4f}"
             mark = "  <- kept" if e.get("chosen") else ""
             status = "" if e.get("status", "ok") == "ok" else f"  ({e['status']})"
-            say(args, f"  {e['name']:<22} {value:>10}  {e.get('seconds', 0.0):6.1f} s"
+            say(args, f"  {e['name']:<{width}} {value:>10}  {e.get('seconds', 0.0):6.1f} s"
                        f"{mark}{status}")
     if m.get("best_step") is not None:
         say(args, f"kept the weights of step {m['best_step']} of {m['steps']} (the best "
