@@ -554,6 +554,10 @@ def test_train_with_no_options_picks_a_model_writes_the_leaderboard_and_a_defaul
                                                  if not x.startswith("  "))]]
     ends = {re.match(r"^  .*? \d+\.\d s", line).end() for line in board_lines}
     assert len(board_lines) >= 4 and len(ends) == 1  # the columns line up, long names too
+    kept = next(e["name"] for e in json.loads(
+        (tmp_path / "runs" / "table" / "run.json").read_text())["metrics"]["leaderboard"]
+        if e["chosen"])
+    assert f"trained {kept} (" in out  # the chosen candidate by its leaderboard name
     info = json.loads((tmp_path / "runs" / "table" / "run.json").read_text())
     board = info["metrics"]["leaderboard"]
     names = [e["name"] for e in board]

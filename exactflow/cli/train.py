@@ -47,9 +47,10 @@ def _print_train_result(args: argparse.Namespace, result: dict[str, Any]) -> Non
     t = m["test"]
     seconds = m.get("train_time_s")
     took = "?" if seconds is None else f"{float(seconds):.1f} s"
-    say(args, f"trained {result['model']} ({m['parameters']:,} parameters) on "
-               f"{result['data']}: {m['steps']} steps in {took}")
     board = m.get("leaderboard")
+    chosen = next((e["name"] for e in board or () if e.get("chosen")), result["model"])
+    say(args, f"trained {chosen} ({m['parameters']:,} parameters) on "
+               f"{result['data']}: {m['steps']} steps in {took}")
     if board:
         say(args, "candidates (validation NLL, nats; the lowest is kept):")
         width = max(len(str(e["name"])) for e in board)
