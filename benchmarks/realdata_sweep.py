@@ -3,10 +3,10 @@
 Usage::
 
     # fit recipes (keyword arguments of benchmarks.realdata.Recipe) on every table, 3 splits
-    python -m benchmarks.realdata_sweep fit --out /tmp/sweep/a.pkl \\
+    python -m benchmarks.realdata_sweep fit --out sweep/a.pkl \\
         --recipes 'SM=dict(model="nsf", init="gmm", lr=3e-4); S=dict(model="nsf", init="none")'
     # selection on validation among fitted recipes (and gaussian/gmm), per table
-    python -m benchmarks.realdata_sweep ladder /tmp/sweep/a.pkl 'SM+S,gmm+S,SM'
+    python -m benchmarks.realdata_sweep ladder sweep/a.pkl 'SM+S,gmm+S,SM'
 
 ``fit`` prints, per table and recipe, the mean test NLL over the splits and the paired
 difference to the best classical estimator of the table (Gaussian, validation-selected
@@ -26,6 +26,7 @@ import math
 import os
 import pickle
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,6 +38,9 @@ from . import tables as T
 
 ORDER = T.names()
 _select = rd.select_gmm
+#: Where the classical fits are cached between runs (the system's temporary folder).
+CACHE = Path(tempfile.gettempdir()) / "exactflow-realdata-sweep" / "classical.pkl"
+
 _gm_cache: dict = {}
 
 
@@ -196,12 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--seeds", default="0,1,2")
     f.add_argument("--out", default=None)
     f.add_argument("--dequantize", action="store_true")
-    f.add_argument("--cache", default="/tmp/realdata-sweep/classical.pkl")
+    f.add_argument("--cache", default=str(CACHE))
     f.set_defaults(func=fit)
     g = sub.add_parser("ladder", help="select on validation among fitted recipes")
     g.add_argument("files", help="comma-separated .pkl files written by fit --out")
     g.add_argument("ladders", help="comma-separated ladders, rungs joined by +")
-    g.add_argument("--cache", default="/tmp/realdata-sweep/classical.pkl")
+    g.add_argument("--cache", default=str(CACHE))
     g.set_defaults(func=ladder)
     h = sub.add_parser("flowdensity", help="FlowDensity() today: batch norm vs validation")
     h.add_argument("--tables", default="iris,wine")
