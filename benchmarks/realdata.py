@@ -638,34 +638,31 @@ def markdown(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
     header = "| method | " + " | ".join(
         f"{r['table']['name']} ({r['train_rows']}x{r['table']['columns']})" for r in results
     ) + " |"
-    lines += [header, "| --- | " + " | ".join("---" for _ in results) + " |"]
-    for m in methods:
-        cells = []
-        for r in results:
-            s = r["summary"].get(m)
-            if s is None:
-                cells.append("")
-                continue
-            name_nll = _num(s["nll"])
-            if s["nonfinite"]:
-                name_nll = f"{name_nll} (finite rows {_num(s['nll_finite'])}, nf {s['nonfinite']})"
-            cell = f"{name_nll} ± {_num(s['se'])}"
-            if r["best_classical"] == m:
-                cell = f"**{cell}**"
-            cells.append(cell)
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    rule = "| --- | " + " | ".join("---" for _ in results) + " |"
+
+    def rows(cell: Callable[[dict[str, Any], dict[str, Any], str], str]) -> list[str]:
+        """One line per method; ``cell(result, summary, method)`` for each table."""
+        out = []
+        for m in methods:
+            cells = [("" if r["summary"].get(m) is None else cell(r, r["summary"][m], m))
+                     for r in results]
+            out.append(f"| {m} | " + " | ".join(cells) + " |")
+        return out
+
+    def nll_cell(r: dict[str, Any], s: dict[str, Any], m: str) -> str:
+        name_nll = _num(s["nll"])
+        if s["nonfinite"]:
+            name_nll = f"{name_nll} (finite rows {_num(s['nll_finite'])}, nf {s['nonfinite']})"
+        cell = f"{name_nll} ± {_num(s['se'])}"
+        return f"**{cell}**" if r["best_classical"] == m else cell
+
+    def delta_cell(r: dict[str, Any], s: dict[str, Any], m: str) -> str:
+        p = s.get("vs_best_classical", {})
+        return f"{_num(p.get('diff'))} ± {_num(p.get('se'))}, {s['fit_s']:.1f} s"
+
+    lines += [header, rule, *rows(nll_cell)]
     lines += ["", "Paired Δ to the best classical estimator (nats; negative: better) and fit time:",
-              "", header, "| --- | " + " | ".join("---" for _ in results) + " |"]
-    for m in methods:
-        cells = []
-        for r in results:
-            s = r["summary"].get(m)
-            if s is None:
-                cells.append("")
-                continue
-            p = s.get("vs_best_classical", {})
-            cells.append(f"{_num(p.get('diff'))} ± {_num(p.get('se'))}, {s['fit_s']:.1f} s")
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+              "", header, rule, *rows(delta_cell)]
     picks = []
     for r in results:
         for m, splits in r["splits"].items():

@@ -47,6 +47,7 @@ from torch import Tensor
 from . import libs
 from .data import Dataset, load
 from .report import write_markdown
+from .saving import cpu_name
 
 PEERS = ("zuko", "nflows", "normflows")
 
@@ -312,14 +313,7 @@ def add_ratios(rows: list[dict]) -> None:
 
 
 def machine_info(args: argparse.Namespace, settings: Settings) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     info = {
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python -m benchmarks.run " + " ".join(sys.argv[1:]),

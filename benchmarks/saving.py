@@ -1,8 +1,10 @@
-"""Where the benchmark scripts write their tables: ``benchmarks/results/<stem>.md/.json``."""
+"""Where the benchmark scripts write their tables (``benchmarks/results/<stem>.md/.json``),
+and the name of the CPU they record beside them."""
 
 from __future__ import annotations
 
 import json
+import platform
 from pathlib import Path
 from typing import Any
 
@@ -18,3 +20,14 @@ def save(stem: str, text: str, data: Any = None) -> Path:
     if data is not None:
         (RESULTS / f"{stem}.json").write_text(json.dumps(data, indent=1) + "\n")
     return path
+
+
+def cpu_name() -> str:
+    """The CPU model name (from ``/proc/cpuinfo`` where there is one)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -47,6 +47,8 @@ import torch
 
 import exactflow as ef
 
+from .saving import cpu_name
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 MODELS: dict[str, dict[str, Any]] = {
@@ -295,14 +297,7 @@ def memory(quick: bool) -> list[dict[str, Any]]:
 
 
 def _environment() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
             "exactflow": ef.__version__, "python": platform.python_version(),
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
