@@ -1,11 +1,11 @@
-"""Shared helpers for exactflow's tests: ``from tests.helpers import perturb``."""
+"""Shared helpers for exactflow's tests: ``from tests.helpers import perturb, train_steps``."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-__all__ = ["perturb"]
+__all__ = ["perturb", "train_steps"]
 
 
 def perturb(module: nn.Module, scale: float = 0.5, seed: int | None = None) -> nn.Module:
@@ -30,3 +30,15 @@ def perturb(module: nn.Module, scale: float = 0.5, seed: int | None = None) -> n
             noise = torch.randn(param.shape, generator=gen, dtype=torch.float64)
             param.add_(scale * noise.to(device=param.device, dtype=param.dtype))
     return module
+
+
+def train_steps(transform: nn.Module, x: torch.Tensor, context: torch.Tensor | None = None,
+                steps: int = 5, lr: float = 5e-2) -> None:
+    """Take ``steps`` Adam steps on the NLL of ``x`` under ``transform`` with a standard
+    normal base: the way a layer's parameters move in training, for checks after it."""
+    opt = torch.optim.Adam(transform.parameters(), lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        z, ladj = transform(x, context)
+        (0.5 * z.square().sum(1) - ladj).mean().backward()
+        opt.step()

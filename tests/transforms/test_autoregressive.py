@@ -16,7 +16,7 @@ from exactflow.transforms import (
     MaskedAutoregressive,
     SplineAutoregressive,
 )
-from tests.helpers import perturb
+from tests.helpers import perturb, train_steps
 
 LAYERS = {
     "maf": lambda d, c, **kw: MaskedAffineAutoregressive(d, hidden=(16, 16), context=c, **kw),
@@ -319,12 +319,7 @@ def test_a_user_conditioner_plugs_in(name: str, context: int) -> None:
     z, ladj = t(x, c)  # zero-initialized: the identity
     assert torch.allclose(z, x, atol=1e-5) and ladj.abs().max() < 1e-5
     # A few training steps move it; then it is proved right at those parameters.
-    opt = torch.optim.Adam(t.parameters(), lr=5e-2)
-    for _ in range(5):
-        opt.zero_grad()
-        z, ladj = t(x, c)
-        (0.5 * z.square().sum(1) - ladj).mean().backward()
-        opt.step()
+    train_steps(t, x, c)
     assert t.made.weight.abs().sum() > 0
     t = t.double()
     x, c = inputs(8, 4, context, torch.float64)

@@ -18,7 +18,7 @@ from exactflow.transforms import (
     SplineCoupling,
 )
 from exactflow.transforms.coupling import coupling_mask
-from tests.helpers import perturb
+from tests.helpers import perturb, train_steps
 
 LAYERS = {
     "additive": lambda d, c, **kw: AdditiveCoupling(d, hidden=(16, 16), context=c, **kw),
@@ -285,12 +285,7 @@ def test_a_user_conditioner_plugs_in(name: str, context: int) -> None:
     x, c = inputs(16, 5, context, torch.float32)
     z, ladj = t(x, c)  # zero output layer: the identity
     assert torch.allclose(z, x, atol=1e-5) and ladj.abs().max() < 1e-5
-    opt = torch.optim.Adam(t.parameters(), lr=5e-2)
-    for _ in range(5):
-        opt.zero_grad()
-        z, ladj = t(x, c)
-        (0.5 * z.square().sum(1) - ladj).mean().backward()
-        opt.step()
+    train_steps(t, x, c)
     assert t.conditioner.out.weight.abs().sum() > 0
     assert set(t.state_dict()) >= {"conditioner.out.weight", "conditioner.inp.weight"}
     t = t.double()
