@@ -166,9 +166,9 @@ def select_gmm(
         pooled = np.concatenate([x, v])
         order = np.random.default_rng(seed).permutation(len(pooled))
         parts = [np.sort(p) for p in np.array_split(order, folds)]
-        splits = [(np.delete(pooled, p, axis=0), pooled[p]) for p in parts]
+        splits = [(np.delete(pooled, p, axis=0), torch.as_tensor(pooled[p])) for p in parts]
     else:
-        splits = [(x, v)]
+        splits = [(x, torch.as_tensor(v))]
     best: tuple[float, dict[str, Any]] | None = None
     fits = 0
     for covariance in ("full", "diag"):
@@ -186,7 +186,7 @@ def select_gmm(
                     break
                 fits += 1
                 with torch.no_grad():
-                    total += float(-mix.log_prob(torch.as_tensor(score_rows)).sum())
+                    total += float(-mix.log_prob(score_rows).sum())
                 held += len(score_rows)
             else:
                 nll = total / held
