@@ -282,3 +282,12 @@ def test_load_to_cuda(tmp_path):
     flow = perturb(ef.models.planar(2, layers=2))
     loaded = load(save(flow, tmp_path / "m.pt"), map_location="cuda")
     assert next(loaded.parameters()).device.type == "cuda"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_model_with_a_standardization_layer_loads_in_its_own_dtype(tmp_path, dtype):
+    flow = perturb(ef.models.maf(3, layers=2, hidden=(8,), standardize=True), scale=0.3)
+    flow = flow.to(dtype)
+    loaded = load(save(flow, tmp_path / "m.pt"))
+    assert loaded.transform[0].dtype == dtype and loaded.transform[0].std.dtype == torch.float64
+    assert_same_density(flow, loaded, torch.randn(20, 3, dtype=dtype))

@@ -33,6 +33,7 @@ import torch
 from .._version import __version__
 from ..distributions import Flow
 from ..models import build
+from ..transforms.normalization import Standardize
 from .files import CheckpointError, atomic_write_bytes, safe_torch_load
 
 __all__ = ["save", "load", "FORMAT_VERSION"]
@@ -359,4 +360,19 @@ def load(path: str | os.PathLike[str], map_location: Any = "cpu") -> Flow:
         ) from None
     if state:
         flow.to(next(iter(state.values())).device)
+    dtype = _model_dtype(flow)
+    if dtype is not None:
+        # Tensors that are not saved (a Standardize layer's output dtype) follow the weights.
+        flow.to(dtype)
     return flow.eval()
+
+
+def _model_dtype(flow: Flow) -> torch.dtype | None:
+    """The floating dtype of a loaded model's weights and buffers; a Standardize layer's
+    statistics, always float64, do not count. ``None`` when there are none."""
+    fixed = {id(t) for m in flow.modules() if isinstance(m, Standardize)
+             for t in (m.mean, m.std)}
+    for tensor in (*flow.parameters(), *flow.buffers()):
+        if tensor.is_floating_point() and id(tensor) not in fixed and tensor.numel():
+            return tensor.dtype
+    return None
