@@ -46,7 +46,7 @@ LADDERS: dict[str, list[str]] = {
 
 
 def run_split(
-    table: tables.Table, s: int, standardize: bool = True
+    table: tables.Table, s: int, standardize: bool | str = "auto"
 ) -> list[dict[str, Any]]:
     """Fit every rung on split ``s``; one record per rung with its test log-densities."""
     import exactflow.training.auto as auto
@@ -93,9 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tables", default=",".join(tables.names()))
     p.add_argument("--splits", type=int, default=3)
-    p.add_argument("--no-standardize", dest="standardize", action="store_false",
-                   help="no per-column standardization layer in the models (the splits are "
-                   "already standardized, per column or, for digits, by one global scale)")
+    p.add_argument("--standardize", default="auto", choices=["auto", "columns", "pooled"],
+                   help="the models' standardization layer (fit_auto's standardize=)")
+    p.add_argument("--no-standardize", dest="standardize", action="store_const", const=False,
+                   help="no standardization layer in the models (the splits are already "
+                   "standardized, per column or, for digits, by one global scale)")
     p.add_argument("--name", default="ladder", help="results/<name>.md and .json")
     args = p.parse_args(argv)
     torch.set_num_threads(1)

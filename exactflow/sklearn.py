@@ -71,8 +71,10 @@ class FlowDensity(DensityMixin, BaseEstimator):
         validation_fraction: rows held out to stop training and to choose the model
             (0: none, train a given model on all rows for ``steps``).
         budget: seconds the ``auto`` ladder may take.
-        standardize: put a fixed standardization layer first (the mean and standard
-            deviation of the training rows).
+        standardize: put a fixed standardization layer first, filled from the training
+            rows: ``"auto"`` (default) one pooled scale where the columns lie on one range
+            (pixels, say) and one scale per column elsewhere, ``True`` one per column,
+            ``"pooled"`` one for all columns, ``False`` none.
         model_kwargs: extra builder arguments, e.g. ``{"batch_norm": False}``.
         device: ``"cpu"``, ``"cuda"`` or ``"auto"`` for training; scoring and sampling run
             on the CPU.
@@ -116,7 +118,7 @@ class FlowDensity(DensityMixin, BaseEstimator):
         lr: float = 1e-3,
         validation_fraction: float = 0.15,
         budget: float = 45.0,
-        standardize: bool = True,
+        standardize: bool | str = "auto",
         model_kwargs: dict[str, Any] | None = None,
         device: str = "cpu",
         random_state: int | np.random.RandomState | None = None,
@@ -154,6 +156,7 @@ class FlowDensity(DensityMixin, BaseEstimator):
         from . import models
         from .training import fit as train_fit
         from .training import fit_auto
+        from .transforms.normalization import resolve_standardize
 
         X = _validate_data(self, X, dtype=np.float64, ensure_min_samples=2)
         n, d = X.shape
@@ -182,13 +185,14 @@ class FlowDensity(DensityMixin, BaseEstimator):
             try:
                 result = fit_auto(X, budget=float(self.budget),
                                   val_fraction=float(self.validation_fraction) or 0.15,
-                                  standardize=bool(self.standardize), seed=seed,
+                                  standardize=self.standardize, seed=seed,
                                   device=self.device, progress=bool(self.verbose))
             except ValueError as err:
                 if "too few to hold out" not in str(err):
                     raise
                 # Too few rows for a validation split: the Gaussian, fitted on all of them.
-                flow = models.gaussian(d, standardize=bool(self.standardize))
+                flow = models.gaussian(d, standardize=resolve_standardize(
+                    self.standardize, X))
                 self.history_ = train_fit(flow, X, val_fraction=0.0, seed=seed,
                                           device=self.device, progress=False)
             else:
@@ -204,7 +208,7 @@ class FlowDensity(DensityMixin, BaseEstimator):
                                                           "gmm"):
             config["hidden"] = [int(h) for h in np.atleast_1d(self.hidden)]
         config.update(self.model_kwargs or {})
-        config["standardize"] = bool(self.standardize)
+        config["standardize"] = resolve_standardize(self.standardize, X)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             flow = models.build(config)

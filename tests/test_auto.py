@@ -69,3 +69,22 @@ def test_one_column_gets_no_coupling_rung_and_names_say_what_they_are():
         "nsf-autoregressive on the mixture", "nsf-autoregressive", "maf on the mixture"]
     assert all(r.config.get("kind", "autoregressive") == "autoregressive" for r in rungs)
     assert [r.priority for r in rungs] == [True, True, False]
+
+
+def test_auto_pools_the_scale_of_columns_on_one_range_and_says_so():
+    from exactflow.training.auto import fit_auto
+
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 17, size=(300, 4)) + rng.random((300, 4))
+    # A border pixel: blank but for a few inked images (per-column scaling would put those
+    # far out).
+    pixels[:, 0] = np.where(rng.random(300) < 0.03, 16.0, 0.0) + rng.random(300)
+    lines: list[str] = []
+    result = fit_auto(pixels, budget=3, seed=0, log=lines.append)
+    assert result.flow.config["standardize"] == "pooled"
+    std = result.flow.transform[0].std
+    assert result.flow.transform[0].pooled and torch.all(std == std[0])
+    assert any("one pooled scale" in line for line in lines)
+    # Asked for one scale per column, it gets one.
+    result = fit_auto(pixels, budget=3, seed=0, standardize=True)
+    assert result.flow.config["standardize"] is True and not result.flow.transform[0].pooled

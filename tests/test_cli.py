@@ -165,6 +165,25 @@ def test_train_standardizes_into_data_units(tmp_path):
     assert info["data"]["column_names"] == ["a", "b", "c"]
 
 
+def test_train_pools_the_scale_of_pixels_and_takes_the_scale_asked_for(tmp_path):
+    rng = np.random.default_rng(2)
+    pixels = rng.integers(0, 17, size=(400, 4)).astype(float)
+    pixels[:, 0] = np.where(rng.random(400) < 0.05, 16.0, 0.0)
+    csv = write_csv(tmp_path / "px.csv", pixels, ["p0", "p1", "p2", "p3"])
+    for flag, expected in (([], "pooled"), (["--standardize", "columns"], True),
+                           (["--no-standardize"], False)):
+        out_dir = tmp_path / f"r{len(flag)}{expected}"
+        code, out, err = run_cli(["train", csv, *TINY, "--dequantize", *flag, "--out", out_dir])
+        assert code == 0, err
+        info = json.loads((out_dir / "run.json").read_text())
+        assert info["model"]["standardize"] == expected
+        assert info["options"]["standardize"] == expected
+        assert ("one pooled scale" in out + err) == (expected == "pooled")
+    code, _, err = run_cli(["train", csv, *TINY, "--standardize", "rows", "--out",
+                            tmp_path / "bad"])
+    assert code == 2 and "--standardize" in err
+
+
 def test_train_columns_by_name_and_epochs(tmp_path):
     rng = np.random.default_rng(1)
     csv = write_csv(tmp_path / "d.csv", rng.normal(size=(300, 3)), ["x", "y", "z"])

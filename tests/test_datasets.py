@@ -477,3 +477,59 @@ def test_standardize_is_exact_where_float32_cannot_hold_the_spread() -> None:
     expected = -0.5 * ((x - x.mean(0)) / x.std(0)) ** 2 - 0.5 * np.log(2 * np.pi) - np.log(
         x.std(0))
     np.testing.assert_allclose(logp.numpy(), expected.sum(1), atol=1e-4)
+
+
+def test_pooled_standardize_shifts_and_scales_every_column_alike() -> None:
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(300, 4)) * [0.1, 1.0, 2.0, 3.0] + [1.0, 0.0, -1.0, 2.0]
+    mean, std = Standardize.statistics(x, pooled=True)
+    # The mean and standard deviation of all values as one sample.
+    np.testing.assert_allclose(mean, np.full(4, x.mean()), rtol=1e-12)
+    np.testing.assert_allclose(std, np.full(4, x.std()), rtol=1e-12)
+    t = Standardize.fit(x, dtype=torch.float64, pooled=True)
+    assert t.pooled and t.scale == "pooled" and "pooled=True" in repr(t)
+    ef.check_transform(t, torch.from_numpy(x[:9]))
+    z, _ = t(torch.from_numpy(x))
+    # The columns keep their relative spreads.
+    np.testing.assert_allclose(z.std(0, unbiased=False).numpy(), x.std(0) / std, rtol=1e-12)
+    assert Standardize.identity(4, pooled=True).pooled and not Standardize.identity(4).pooled
+    with pytest.raises(DataError, match="constant"):
+        Standardize.statistics(np.c_[x, np.ones(300)], pooled=True)
+
+
+def _pixels(n: int = 400, seed: int = 0) -> np.ndarray:
+    # Dequantized intensities 0..16 in eight columns: one nearly always 0, as at an image's
+    # border, the others spread over the whole range.
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 17, size=(n, 8)).astype(float)
+    x[:, 0] = np.where(rng.random(n) < 0.02, 16.0, 0.0)
+    return x + rng.random((n, 8))
+
+
+def test_choose_scale_pools_columns_on_one_range_only() -> None:
+    rng = np.random.default_rng(6)
+    assert Standardize.choose_scale(_pixels()) == "pooled"
+    # Columns in different units (a mass in grams beside a length in metres).
+    mixed = np.c_[rng.normal(4000, 800, 300), rng.normal(1.7, 0.1, 300), rng.normal(size=300)]
+    assert Standardize.choose_scale(mixed) == "columns"
+    # Two columns on one range and a third far from it.
+    assert Standardize.choose_scale(np.c_[_pixels()[:, 1:3], 100 + _pixels()[:, 3]]) == "columns"
+    # One range, but no column that per-column scaling would push far out: returns in one
+    # unit with different spreads.
+    returns = rng.standard_t(4, size=(1000, 5)) * [0.5, 0.6, 0.8, 0.9, 1.0]
+    assert Standardize.choose_scale(returns) == "columns"
+    assert Standardize.choose_scale(_pixels()[:, 1:]) == "columns"  # no border pixel
+    with pytest.raises(DataError, match="constant"):
+        Standardize.choose_scale(np.c_[mixed, np.zeros(300)])
+
+
+def test_resolve_standardize_says_what_a_builder_gets() -> None:
+    from exactflow.transforms.normalization import resolve_standardize
+
+    assert resolve_standardize("auto", _pixels()) == "pooled"
+    assert resolve_standardize("auto", _pixels() * [1, 1, 1, 1, 1, 1, 1, 1000]) is True
+    assert resolve_standardize("columns", _pixels()) is True
+    assert resolve_standardize(True, None) is True and resolve_standardize(False, None) is False
+    assert resolve_standardize("pooled", None) == "pooled"
+    with pytest.raises(ValueError, match="standardize must be True .* got 'yes'"):
+        resolve_standardize("yes", _pixels())

@@ -284,6 +284,21 @@ def test_load_to_cuda(tmp_path):
     assert next(loaded.parameters()).device.type == "cuda"
 
 
+def test_a_pooled_standardization_is_rebuilt_pooled_and_filled_pooled(tmp_path):
+    data = torch.randn(400, 3, dtype=torch.float64) * torch.tensor([0.2, 1.0, 3.0])
+    flow = ef.models.maf(3, layers=2, hidden=(8,), standardize="pooled")
+    assert flow.config["standardize"] == "pooled" and flow.transform[0].pooled
+    ef.fit(flow.double(), data, steps=3, batch_size=100, val_fraction=0.0, **CPU)
+    first = flow.transform[0]
+    assert torch.allclose(first.std, data.std(unbiased=False).expand(3))
+    assert torch.allclose(first.mean, data.mean().expand(3))
+    loaded = load(save(flow, tmp_path / "pooled.pt"))
+    assert loaded.transform[0].pooled and loaded.config["standardize"] == "pooled"
+    assert_same_density(flow, loaded, data[:50])
+    with pytest.raises(ValueError, match="standardize must be True"):
+        ef.models.maf(3, standardize="per-column")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_a_model_with_a_standardization_layer_loads_in_its_own_dtype(tmp_path, dtype):
     flow = perturb(ef.models.maf(3, layers=2, hidden=(8,), standardize=True), scale=0.3)

@@ -133,3 +133,17 @@ def test_the_default_on_a_small_real_table_is_near_the_gaussian_never_far_off():
 def test_auto_refuses_sizes_that_belong_to_one_model():
     with pytest.raises(ValueError, match="give model=NAME"):
         FlowDensity(layers=3).fit(np.random.default_rng(0).normal(size=(50, 2)))
+
+
+def test_standardize_takes_one_scale_per_column_or_one_for_all():
+    rng = np.random.default_rng(4)
+    X = rng.integers(0, 17, size=(200, 3)) + rng.random((200, 3))
+    X[:, 0] = np.where(rng.random(200) < 0.03, 16.0, 0.0) + rng.random(200)  # a border pixel
+    for standardize, pooled in (("auto", True), ("pooled", True), (True, False)):
+        est = tiny(model="maf", standardize=standardize).fit(X)
+        first = est.flow_.transform[0]
+        assert first.pooled == pooled and est.flow_.config["standardize"] == (
+            "pooled" if pooled else True)
+    assert tiny(model="maf", standardize=False).fit(X).flow_.config["standardize"] is False
+    with pytest.raises(ValueError, match="standardize must be"):
+        tiny(model="maf", standardize="rows").fit(X)

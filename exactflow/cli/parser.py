@@ -201,7 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="columns to use, by name (CSV header) or 0-based index: x,y or 0,2")
     p.add_argument("--samples", type=_positive_int, default=20000,
                    help="points drawn when DATA is a toy")
-    p.add_argument("--no-standardize", dest="standardize", action="store_false",
+    p.add_argument("--standardize", choices=("auto", "columns", "pooled"), default="auto",
+                   help="the model's first, fixed layer: one scale per column, one pooled "
+                        "scale for columns on one range (pixels, returns in one unit), or auto: "
+                        "pooled where the columns' values lie on one range")
+    p.add_argument("--no-standardize", dest="standardize", action="store_const", const=False,
                    help="do not put a standardization layer in front of the model")
     p.add_argument("--dequantize", action="store_true",
                    help="add uniform noise in [0, 1) to integer-valued columns (counts, "

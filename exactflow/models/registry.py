@@ -16,7 +16,7 @@ from ..core import Compose
 from ..distributions import Flow, StandardNormal
 from ..gaussians import Gaussian, GaussianMixture
 from ..nn import MLP
-from ..transforms.normalization import Standardize
+from ..transforms.normalization import Standardize, scale_of
 from ..validation import choice, hidden_sizes, positive_int
 
 __all__ = ["register", "build", "available", "standardize_layer"]
@@ -40,7 +40,8 @@ def register(
 
     * ``standardize=True`` puts a fixed :class:`~exactflow.transforms.Standardize` layer
       first; :func:`exactflow.fit` fills its mean and standard deviation from the training
-      data, so ``log_prob`` stays in the units of the data;
+      data, so ``log_prob`` stays in the units of the data (``standardize="pooled"``: one
+      scale for every column, for columns on one common scale such as pixels);
     * ``embedding={"features": k, "hidden": [64]}`` encodes the context with an MLP trained
       jointly with the flow (the builder's layers then see ``k`` context features); the
       builder itself is called with ``context=k``;
@@ -95,9 +96,10 @@ def register(
 
     @functools.wraps(fn)
     def wrapper(
-        *args: Any, standardize: bool = False, embedding: dict[str, Any] | None = None,
+        *args: Any, standardize: bool | str = False, embedding: dict[str, Any] | None = None,
         base: str | dict[str, Any] = "normal", **kwargs: Any,
     ) -> Flow:
+        scale = scale_of(standardize)
         if "standardize" in own:
             kwargs["standardize"] = standardize
         bound = signature.bind(*args, **kwargs)
@@ -113,11 +115,11 @@ def register(
         config: dict[str, Any] = {"model": key}
         for arg, value in bound.arguments.items():
             config[arg] = list(value) if isinstance(value, tuple) else value
-        config["standardize"] = bool(standardize)
+        config["standardize"] = "pooled" if scale == "pooled" else scale is not None
         d = built.features
         transform = built.transform
-        if standardize and "standardize" not in own:
-            transform = Compose(Standardize.identity(d), transform)
+        if scale is not None and "standardize" not in own:
+            transform = Compose(Standardize.identity(d, pooled=scale == "pooled"), transform)
         flow_base = built.base
         if base_spec is not None:
             if not isinstance(built.base, StandardNormal):
@@ -130,7 +132,7 @@ def register(
             context = spec["context"]
             net = MLP(spec["context"], spec["features"], hidden=spec["hidden"])
             config["embedding"] = spec
-        scaler = Standardize.identity(context) if standardize and context else None
+        scaler = Standardize.identity(context) if scale is not None and context else None
         flow = Flow(transform, flow_base, context=context, embedding=net, context_scaler=scaler)
         flow.config = config
         return flow

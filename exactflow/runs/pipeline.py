@@ -20,6 +20,7 @@ from ..datasets import split, validate
 from ..distributions import Flow
 from ..io import atomic_write_bytes, atomic_write_json, save
 from ..training import evaluate, fit, fit_auto
+from ..transforms.normalization import resolve_standardize
 from ..validation import DataError, fraction, positive_int
 from .data import _now, integer_columns, read_data, versions
 from .data import dequantize as dequantize_rows
@@ -110,7 +111,7 @@ def train_run(
     lr: float = 1e-3,
     val_fraction: float = 0.1,
     test_fraction: float = 0.1,
-    standardize: bool = True,
+    standardize: bool | str = "auto",
     dequantize: bool = False,
     device: str = "auto",
     seed: int = 0,
@@ -124,8 +125,10 @@ def train_run(
     The data (see :func:`read_data`) is checked, split into train / validation / test with
     ``seed``, the model is built (with the training split's mean and standard deviation as
     its first, fixed layer when ``standardize``, so every log-density is in the units of the
-    data), trained with :func:`exactflow.fit` keeping the weights of the best validation
-    NLL, and evaluated on the test split. Everything that can fail on bad data fails before
+    data; ``"auto"`` pools one scale over columns on one range, see
+    :meth:`~exactflow.transforms.Standardize.choose_scale`), trained with
+    :func:`exactflow.fit` keeping the weights of the best validation NLL, and evaluated on
+    the test split. Everything that can fail on bad data fails before
     anything is written. Under ``torch.distributed`` every rank trains its share and rank 0
     alone writes the folder. Build the report with :func:`exactflow.report.build_report`.
 
@@ -146,7 +149,8 @@ def train_run(
         batch_size, lr: as in :func:`exactflow.fit` (a batch larger than the training split
             is cut to it, with a note; by default it follows the number of rows).
         val_fraction, test_fraction: the held-out fractions.
-        standardize: put a standardization layer first.
+        standardize: put a standardization layer first: ``"auto"``, ``True`` (one scale per
+            column), ``"pooled"`` (one scale for all columns) or ``False``.
         dequantize: add uniform noise in [0, 1) to the integer-valued columns (counts,
             levels, pixels), so the log-densities are the documented lower bound of the
             discrete log-probability (:func:`exactflow.runs.dequantize`); without it, a run
@@ -192,7 +196,7 @@ def train_run(
 def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], budget: float,
            columns: Sequence[int | str] | None, samples: int, steps: int | None,
            epochs: int | None, patience: int | None, batch_size: int | None, lr: float,
-           val_fraction: float, test_fraction: float, standardize: bool, dequantize: bool,
+           val_fraction: float, test_fraction: float, standardize: bool | str, dequantize: bool,
            device: str, seed: int, resume: bool, overwrite: bool, progress: bool,
            log: Callable[[str], None]) -> Run:
     # Under torchrun only rank 0 (the writer) checks and writes the run folder.
@@ -220,6 +224,7 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
     train, val, test = split(rows, fractions, seed=seed)
     if min(len(train), len(val), len(test)) == 0:
         raise DataError(f"{data_info['name']}: {n} rows are too few for the fractions {fractions}")
+    standardize = resolve_standardize(standardize, train)
     if batch_size is not None and batch_size > len(train):
         log(f"note: batch size {batch_size} is more than the {len(train)} training rows; "
             f"using {len(train)}")
@@ -228,8 +233,10 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
     auto = model == "auto"
     flow: Flow | None = None
     if not auto:
+        if standardize == "pooled":
+            log("standardization: one pooled scale (the columns lie on one range)")
         config: dict[str, Any] = {"model": model} if isinstance(model, str) else dict(model)
-        config.update(features=features, standardize=bool(standardize))
+        config.update(features=features, standardize=standardize)
         try:
             flow = _build_seeded(config, seed)
         except (TypeError, ValueError) as err:
@@ -272,7 +279,7 @@ def _write_run(out: Path, writer: bool, flow: Flow | None, train: Any, val: Any,
                test: Any, data_info: dict[str, Any], options: dict[str, Any],
                previous: dict[str, Any] | None, *, model: Any, budget: float,
                steps: int | None, epochs: int | None, patience: int | None,
-               batch_size: int | None, lr: float, standardize: bool, device: str, seed: int,
+               batch_size: int | None, lr: float, standardize: bool | str, device: str, seed: int,
                resume: bool, progress: bool, log: Callable[[str], None]) -> Run:
     checkpoint = out / CHECKPOINT_FILE
     if writer:

@@ -60,7 +60,8 @@ def prepare(flow: Flow, train: Rows, context: Rows | None, seed: int = 0) -> lis
     done = []
     layer = standardize_layer(flow)
     if layer is not None and _is_identity(layer):
-        mean, std = Standardize.statistics(train.data, name="training data")
+        mean, std = Standardize.statistics(train.data, name="training data",
+                                           pooled=layer.pooled)
         layer.set_statistics(mean, std)
         done.append("standardization")
     scaler = flow.context_scaler

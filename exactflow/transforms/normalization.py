@@ -9,6 +9,7 @@ statistics, the "initialized" flag, the fixed mean and scale) lives in buffers, 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -19,16 +20,95 @@ from ..core import Transform, check_features, check_input
 from ..stats import RunningMoments
 from ..validation import DataError, index_list, nonfinite_rows_error
 
-__all__ = ["Standardize", "BatchNorm", "ActNorm"]
+__all__ = ["Standardize", "BatchNorm", "ActNorm", "SCALES", "scale_of", "resolve_standardize"]
 
 #: Rows per chunk when :meth:`Standardize.fit` walks over (possibly memory-mapped) data.
 _CHUNK_ROWS = 65536
+
+#: How a :class:`Standardize` layer scales: each column by its own standard deviation, or
+#: every column by one pooled standard deviation (columns measured on one common scale).
+SCALES = ("columns", "pooled")
+
+#: The widest span of all columns together, in median column ranges, for which
+#: :meth:`Standardize.choose_scale` still calls the columns "on one range".
+ONE_RANGE_SPAN = 1.5
+
+
+def scale_of(standardize: Any) -> str | None:
+    """The scale a ``standardize=`` value asks for: ``None`` (no layer) for ``False``,
+    ``"columns"`` for ``True`` or ``"columns"``, ``"pooled"`` for ``"pooled"``.
+
+    Raises:
+        ValueError: any other value (``"auto"`` is resolved by the caller that has the data,
+            see :meth:`Standardize.choose_scale`).
+    """
+    if standardize is False or standardize is None:
+        return None
+    if standardize is True:
+        return "columns"
+    if isinstance(standardize, str) and standardize in SCALES:
+        return standardize
+    raise ValueError(
+        f"standardize must be True (one scale per column), 'pooled' (one scale for every "
+        f"column) or False, got {standardize!r}"
+    )
+
+
+def resolve_standardize(standardize: Any, data: Any, name: str = "training data") -> bool | str:
+    """A builder's ``standardize=`` value for ``data``: ``"auto"`` becomes ``"pooled"`` where
+    the columns lie on one range (:meth:`Standardize.choose_scale`) and ``True`` elsewhere;
+    ``True``, ``"columns"``, ``"pooled"`` and ``False`` are checked and kept (``"columns"``
+    as ``True``).
+    """
+    if isinstance(standardize, str) and standardize == "auto":
+        return "pooled" if Standardize.choose_scale(data, name) == "pooled" else True
+    scale = scale_of(standardize)
+    return "pooled" if scale == "pooled" else scale is not None
 
 
 def _float64(values: Any) -> np.ndarray:
     if isinstance(values, Tensor):
         values = values.detach().cpu().double().numpy()
     return np.asarray(values, dtype=np.float64)
+
+
+def _column_summary(data: Any, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Column means, variances (``ddof=0``), minima and maxima, in float64, read in chunks
+    of rows; the checks of :meth:`Standardize.statistics`."""
+    if isinstance(data, Tensor):
+        data = data.detach().cpu().numpy()
+    elif not hasattr(data, "shape"):
+        data = np.asarray(data)
+    n = int(data.shape[0])
+    if len(data.shape) != 2 or n == 0:
+        raise DataError(f"{name}: expected a non-empty 2-D array, got shape {data.shape}")
+    moments = RunningMoments()
+    bad: list[int] = []
+    n_bad = 0
+    lo = np.full(data.shape[1], np.inf)
+    hi = np.full(data.shape[1], -np.inf)
+    for start in range(0, n, _CHUNK_ROWS):
+        block = np.asarray(data[start : start + _CHUNK_ROWS], dtype=np.float64)
+        ok = np.isfinite(block).all(axis=1)
+        if not ok.all():
+            rows = np.flatnonzero(~ok)
+            n_bad += len(rows)
+            bad.extend((start + rows[:5]).tolist())
+            continue
+        lo = np.minimum(lo, block.min(axis=0))
+        hi = np.maximum(hi, block.max(axis=0))
+        moments.update(block)
+    if n_bad:
+        raise nonfinite_rows_error(name, n_bad, bad)
+    constant = np.flatnonzero(lo == hi) if n > 1 else np.zeros(0, dtype=int)
+    if len(constant):
+        cols = "column" if len(constant) == 1 else "columns"
+        raise DataError(
+            f"{name}: constant (zero-variance) {cols} {index_list(constant, len(constant))} "
+            "(column indices): a density has no width there; drop them"
+        )
+    var = np.asarray(moments.var(ddof=0), dtype=np.float64)
+    return np.asarray(moments.mean, dtype=np.float64), var, lo, hi
 
 
 class Standardize(Transform):
@@ -48,10 +128,22 @@ class Standardize(Transform):
     in float64 (a flow with this layer first takes float64 input as it is, see
     :meth:`exactflow.Flow.log_prob`). ``inverse`` returns float64 data for the same reason.
 
+    **Scale.** By default each column is centred and divided by its own standard deviation.
+    With ``pooled=True`` the statistics (:meth:`statistics`, and :func:`exactflow.fit` filling
+    the layer) are those of all values of the table taken as one sample, one mean and one
+    standard deviation for every column, as images are normalized: for columns measured on
+    one common scale (pixel intensities, returns in percent), the columns keep their
+    relative positions and spreads, where per-column scaling would blow a nearly constant
+    column up to unit variance and push its rare large values far into the tails of the
+    model. The density is the same function either way; what changes is the space the
+    layers after it learn in.
+
     Args:
         mean: ``(features,)`` shift.
         std: ``(features,)`` positive scale.
         dtype: the dtype of the layer's output (the model's dtype; default torch's default).
+        pooled: fill the layer with one pooled scale (see above); ``mean`` and ``std`` as
+            given are used as they are.
 
     Example:
         >>> import torch, exactflow as ef
@@ -68,8 +160,11 @@ class Standardize(Transform):
     std: Tensor
     _anchor: Tensor
 
-    def __init__(self, mean: Any, std: Any, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self, mean: Any, std: Any, dtype: torch.dtype | None = None, pooled: bool = False
+    ) -> None:
         super().__init__()
+        self.pooled = bool(pooled)
         dtype = dtype or torch.get_default_dtype()
         mean_t = torch.as_tensor(_float64(mean))
         std_t = torch.as_tensor(_float64(std))
@@ -102,14 +197,27 @@ class Standardize(Transform):
         """The dtype of the standardized output (the model's dtype)."""
         return self._anchor.dtype
 
+    @property
+    def scale(self) -> str:
+        """``"pooled"`` or ``"columns"``: how :meth:`statistics` fills this layer."""
+        return "pooled" if self.pooled else "columns"
+
     @classmethod
-    def identity(cls, features: int, dtype: torch.dtype | None = None) -> Standardize:
+    def identity(
+        cls, features: int, dtype: torch.dtype | None = None, pooled: bool = False
+    ) -> Standardize:
         """The identity (mean 0, std 1), to be filled by :meth:`set_statistics` later."""
-        return cls(np.zeros(features), np.ones(features), dtype=dtype)
+        return cls(np.zeros(features), np.ones(features), dtype=dtype, pooled=pooled)
 
     @staticmethod
-    def statistics(data: Any, name: str = "data") -> tuple[np.ndarray, np.ndarray]:
+    def statistics(
+        data: Any, name: str = "data", pooled: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Column means and standard deviations (``ddof=0``) of ``data``, in float64.
+
+        With ``pooled=True`` every column gets the same shift and scale, the mean and standard
+        deviation of all values of the table taken as one sample (the class doc says when
+        that is the better space).
 
         ``data`` is anything indexable by row slices (array, tensor, ``np.memmap``, a lazy
         row subset); it is read in chunks of rows, so a memory-mapped table is never
@@ -118,52 +226,51 @@ class Standardize(Transform):
         Raises:
             DataError: NaN or inf in a row, or a constant (zero-variance) column.
         """
-        if isinstance(data, Tensor):
-            data = data.detach().cpu().numpy()
-        elif not hasattr(data, "shape"):
-            data = np.asarray(data)
-        n = int(data.shape[0])
-        if len(data.shape) != 2 or n == 0:
-            raise DataError(f"{name}: expected a non-empty 2-D array, got shape {data.shape}")
-        moments = RunningMoments()
-        bad: list[int] = []
-        n_bad = 0
-        lo = np.full(data.shape[1], np.inf)
-        hi = np.full(data.shape[1], -np.inf)
-        for start in range(0, n, _CHUNK_ROWS):
-            block = np.asarray(data[start : start + _CHUNK_ROWS], dtype=np.float64)
-            ok = np.isfinite(block).all(axis=1)
-            if not ok.all():
-                rows = np.flatnonzero(~ok)
-                n_bad += len(rows)
-                bad.extend((start + rows[:5]).tolist())
-                continue
-            lo = np.minimum(lo, block.min(axis=0))
-            hi = np.maximum(hi, block.max(axis=0))
-            moments.update(block)
-        if n_bad:
-            raise nonfinite_rows_error(name, n_bad, bad)
-        constant = np.flatnonzero(lo == hi) if n > 1 else np.zeros(0, dtype=int)
-        if len(constant):
-            cols = "column" if len(constant) == 1 else "columns"
-            raise DataError(
-                f"{name}: constant (zero-variance) {cols} {index_list(constant, len(constant))} "
-                "(column indices): a density has no width there; drop them"
-            )
-        std = np.sqrt(moments.var(ddof=0))
-        return np.asarray(moments.mean, dtype=np.float64), np.asarray(std, dtype=np.float64)
+        mean, var, _, _ = _column_summary(data, name)
+        if pooled:  # all values as one sample: the law of total variance over the columns
+            var = np.full_like(var, var.mean() + mean.var())
+            mean = np.full_like(mean, mean.mean())
+        return mean, np.sqrt(var)
+
+    @staticmethod
+    def choose_scale(data: Any, name: str = "data") -> str:
+        """``"pooled"`` where one scale for all columns is the better space, else
+        ``"columns"``.
+
+        Pooled when both hold: the columns lie on one range (the span of all columns
+        together, largest maximum minus smallest minimum, is at most 1.5 times the median
+        column's range: pixel intensities, counts or returns in one unit, never columns in
+        different units), and per-column scaling would push some value at least twice as
+        far out as one shared scale puts any value (a nearly constant column with rare
+        large values: an image's border pixel that is sometimes inked). Measured on the
+        tables of ``benchmarks/`` (``python -m benchmarks.ladder``): on the digit images,
+        whose columns meet both conditions, the ladder's pick reaches -16.82 nats per row
+        pooled against -12.70 per column; on daily returns of five currencies, on one range
+        but with no such column, pooling was 0.11 nats worse, and is not chosen.
+
+        Raises:
+            DataError: as :meth:`statistics`.
+        """
+        mean, var, lo, hi = _column_summary(data, name)
+        span = float(hi.max() - lo.min())
+        if span > ONE_RANGE_SPAN * float(np.median(hi - lo)):
+            return "columns"
+        pooled_mean, pooled_std = float(mean.mean()), math.sqrt(float(var.mean() + mean.var()))
+        reach = np.maximum(hi - mean, mean - lo) / np.sqrt(var)
+        pooled_reach = max(hi.max() - pooled_mean, pooled_mean - lo.min()) / pooled_std
+        return "pooled" if float(reach.max()) >= 2 * pooled_reach else "columns"
 
     @classmethod
-    def fit(cls, data: Any, dtype: torch.dtype | None = None) -> Standardize:
+    def fit(cls, data: Any, dtype: torch.dtype | None = None, pooled: bool = False) -> Standardize:
         """The layer with the column means and standard deviations of ``data`` (float64
         accumulation over chunks of rows; see :meth:`statistics`)."""
-        mean, std = cls.statistics(data, name="data for Standardize.fit")
-        return cls(mean, std, dtype=dtype)
+        mean, std = cls.statistics(data, name="data for Standardize.fit", pooled=pooled)
+        return cls(mean, std, dtype=dtype, pooled=pooled)
 
     @torch.no_grad()
     def set_statistics(self, mean: Any, std: Any) -> Standardize:
         """Set ``mean`` and ``std`` in place (cast to the buffers' dtype); returns ``self``."""
-        fresh = Standardize(mean, std, dtype=torch.float64)
+        fresh = Standardize(mean, std, dtype=torch.float64, pooled=self.pooled)
         if fresh.features != self.features:
             raise ValueError(
                 f"Standardize has {self.features} features, the statistics have {fresh.features}"
@@ -182,7 +289,7 @@ class Standardize(Transform):
         return x, torch.log(self.std).sum().to(z.dtype).expand(z.shape[0])
 
     def extra_repr(self) -> str:
-        return f"features={self.features}"
+        return f"features={self.features}" + (", pooled=True" if self.pooled else "")
 
 
 class BatchNorm(Transform):
