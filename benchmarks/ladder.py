@@ -17,6 +17,7 @@ mean fit seconds.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 import time
@@ -46,7 +47,8 @@ LADDERS: dict[str, list[str]] = {
 
 
 def run_split(
-    table: tables.Table, s: int, standardize: bool | str = "auto"
+    table: tables.Table, s: int, standardize: bool | str = "auto",
+    hidden: list[int] | None = None,
 ) -> list[dict[str, Any]]:
     """Fit every rung on split ``s``; one record per rung with its test log-densities."""
     import exactflow.training.auto as auto
@@ -62,7 +64,11 @@ def run_split(
 
     def rungs(n: int, d: int, context: int = 0, gmm: Any = None) -> list[Any]:
         extra = [auto.Candidate(name, config, options) for name, config, options in EXTRA]
-        return ladder(n, d, context, gmm) + extra
+        out = ladder(n, d, context, gmm) + extra
+        if hidden is not None:  # every flow rung with other conditioner sizes
+            for rung in out:
+                rung.config = {**rung.config, "hidden": list(hidden)}
+        return out
 
     auto.build, auto.ladder = keep, rungs  # type: ignore[assignment]
     try:
@@ -98,6 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-standardize", dest="standardize", action="store_const", const=False,
                    help="no standardization layer in the models (the splits are already "
                    "standardized, per column or, for digits, by one global scale)")
+    p.add_argument("--hidden", type=lambda v: [int(h) for h in v.split(",")],
+                   help="conditioner sizes for every flow rung, e.g. 32,32 (default: the "
+                   "ladder's)")
+    p.add_argument("--split-scale", choices=["table", "global"], default="table",
+                   help="how the splits are scaled before the models see them: as "
+                   "realdata.py scales the table, or by one global mean and scale")
     p.add_argument("--name", default="ladder", help="results/<name>.md and .json")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -106,7 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     summary: list[dict[str, Any]] = []
     for name in args.tables.split(","):
         table = tables.load(name)
-        splits = [run_split(table, s, args.standardize) for s in range(args.splits)]
+        if args.split_scale == "global":
+            table = dataclasses.replace(table, scale="global")
+        splits = [run_split(table, s, args.standardize, args.hidden)
+                  for s in range(args.splits)]
         row: dict[str, Any] = {"table": name, "ladders": {}, "rungs": {}}
         first = np.concatenate([pick(sp, LADDERS[names[0]])["test_lp"] for sp in splits])
         for ladder in names:

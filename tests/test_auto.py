@@ -84,7 +84,7 @@ def test_auto_pools_the_scale_of_columns_on_one_range_and_says_so():
     assert result.flow.config["standardize"] == "pooled"
     std = result.flow.transform[0].std
     assert result.flow.transform[0].pooled and torch.all(std == std[0])
-    assert any("one pooled scale" in line for line in lines)
+    assert any("for all columns (pooled)" in line for line in lines)
     # Asked for one scale per column, it gets one.
     result = fit_auto(pixels, budget=3, seed=0, standardize=True)
     assert result.flow.config["standardize"] is True and not result.flow.transform[0].pooled

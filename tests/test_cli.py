@@ -178,7 +178,7 @@ def test_train_pools_the_scale_of_pixels_and_takes_the_scale_asked_for(tmp_path)
         info = json.loads((out_dir / "run.json").read_text())
         assert info["model"]["standardize"] == expected
         assert info["options"]["standardize"] == expected
-        assert ("one pooled scale" in out + err) == (expected == "pooled")
+        assert ("for all columns (pooled)" in out + err) == (expected == "pooled")
     code, _, err = run_cli(["train", csv, *TINY, "--standardize", "rows", "--out",
                             tmp_path / "bad"])
     assert code == 2 and "--standardize" in err

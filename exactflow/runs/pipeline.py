@@ -20,7 +20,7 @@ from ..datasets import split, validate
 from ..distributions import Flow
 from ..io import atomic_write_bytes, atomic_write_json, save
 from ..training import evaluate, fit, fit_auto
-from ..transforms.normalization import resolve_standardize
+from ..transforms.normalization import describe_standardize, resolve_standardize
 from ..validation import DataError, fraction, positive_int
 from .data import _now, integer_columns, read_data, versions
 from .data import dequantize as dequantize_rows
@@ -233,8 +233,7 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
     auto = model == "auto"
     flow: Flow | None = None
     if not auto:
-        if standardize == "pooled":
-            log("standardization: one pooled scale (the columns lie on one range)")
+        log(describe_standardize(standardize))
         config: dict[str, Any] = {"model": model} if isinstance(model, str) else dict(model)
         config.update(features=features, standardize=standardize)
         try:

@@ -51,7 +51,7 @@ import torch
 from ..distributions import Flow
 from ..gaussians import GaussianMixture
 from ..models import build
-from ..transforms.normalization import Standardize, resolve_standardize
+from ..transforms.normalization import Standardize, describe_standardize, resolve_standardize
 from ..validation import positive_float, positive_int
 from .batches import wrap
 from .history import History
@@ -272,9 +272,7 @@ def fit_auto(
     n, d = len(rows), int(rows.data.shape[1])
     c = 0 if ctx is None else int(ctx.data.shape[1])
     standardize = resolve_standardize(standardize, rows.data)
-    if standardize:
-        say("standardization: " + ("one pooled scale (the columns lie on one range)"
-                                   if standardize == "pooled" else "one scale per column"))
+    say(describe_standardize(standardize))
     board: list[Entry] = []
     best: tuple[float, Flow, History] | None = None
 

@@ -20,7 +20,10 @@ from ..core import Transform, check_features, check_input
 from ..stats import RunningMoments
 from ..validation import DataError, index_list, nonfinite_rows_error
 
-__all__ = ["Standardize", "BatchNorm", "ActNorm", "SCALES", "scale_of", "resolve_standardize"]
+__all__ = [
+    "Standardize", "BatchNorm", "ActNorm", "SCALES", "scale_of", "resolve_standardize",
+    "describe_standardize",
+]
 
 #: Rows per chunk when :meth:`Standardize.fit` walks over (possibly memory-mapped) data.
 _CHUNK_ROWS = 65536
@@ -64,6 +67,15 @@ def resolve_standardize(standardize: Any, data: Any, name: str = "training data"
         return "pooled" if Standardize.choose_scale(data, name) == "pooled" else True
     scale = scale_of(standardize)
     return "pooled" if scale == "pooled" else scale is not None
+
+
+def describe_standardize(standardize: Any) -> str:
+    """One line for the log: what a resolved ``standardize=`` value puts first."""
+    scale = scale_of(standardize)
+    if scale is None:
+        return "standardization: none"
+    return "standardization: one mean and scale " + (
+        "for all columns (pooled)" if scale == "pooled" else "per column")
 
 
 def _float64(values: Any) -> np.ndarray:
