@@ -207,9 +207,11 @@ def pairwise(
             ax.tick_params(labelsize=6)
             if i == j:
                 bins = np.linspace(lo[i], hi[i], int(np.clip(np.sqrt(len(data)), 12, 40)))
-                ax.hist(data[:, i], bins=bins, density=True, color=_DATA, alpha=0.55, label="data")
-                ax.hist(samples[:, i], bins=bins, density=True, histtype="step", color=_MODEL,
-                        lw=1.4, label="model")
+                with np.errstate(invalid="ignore", divide="ignore"):  # no sample in range
+                    ax.hist(data[:, i], bins=bins, density=True, color=_DATA, alpha=0.55,
+                            label="data")
+                    ax.hist(samples[:, i], bins=bins, density=True, histtype="step",
+                            color=_MODEL, lw=1.4, label="model")
                 ax.set_yticks([])
             else:
                 pts, color = (shown, _DATA) if i > j else (shown_samples, _MODEL)

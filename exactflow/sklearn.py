@@ -72,9 +72,11 @@ class FlowDensity(DensityMixin, BaseEstimator):
             (0: none, train a given model on all rows for ``steps``).
         budget: seconds the ``auto`` ladder may take.
         standardize: put a fixed standardization layer first, filled from the training
-            rows: ``"auto"`` (default) one pooled scale where the columns lie on one range
-            (pixels, say) and one scale per column elsewhere, ``True`` one per column,
-            ``"pooled"`` one for all columns, ``False`` none.
+            rows: ``"auto"`` (default) one mean and scale for all columns where they lie on
+            one range and some nearly constant column would otherwise be scaled far out
+            (image pixels; :meth:`exactflow.transforms.Standardize.choose_scale`), one per
+            column elsewhere; ``True`` one per column, ``"pooled"`` one for all columns,
+            ``False`` none.
         model_kwargs: extra builder arguments, e.g. ``{"batch_norm": False}``.
         device: ``"cpu"``, ``"cuda"`` or ``"auto"`` for training; scoring and sampling run
             on the CPU.

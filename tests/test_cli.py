@@ -170,18 +170,26 @@ def test_train_pools_the_scale_of_pixels_and_takes_the_scale_asked_for(tmp_path)
     pixels = rng.integers(0, 17, size=(400, 4)).astype(float)
     pixels[:, 0] = np.where(rng.random(400) < 0.05, 16.0, 0.0)
     csv = write_csv(tmp_path / "px.csv", pixels, ["p0", "p1", "p2", "p3"])
-    for flag, expected in (([], "pooled"), (["--standardize", "columns"], True),
-                           (["--no-standardize"], False)):
+    for flag, asked, expected in (([], "auto", "pooled"),
+                                  (["--standardize", "columns"], "columns", True),
+                                  (["--no-standardize"], False, False)):
         out_dir = tmp_path / f"r{len(flag)}{expected}"
         code, out, err = run_cli(["train", csv, *TINY, "--dequantize", *flag, "--out", out_dir])
         assert code == 0, err
         info = json.loads((out_dir / "run.json").read_text())
+        # What was asked for, and what the model got.
+        assert info["options"]["standardize"] == asked
         assert info["model"]["standardize"] == expected
-        assert info["options"]["standardize"] == expected
         assert ("for all columns (pooled)" in out + err) == (expected == "pooled")
+        code, out, err = run_cli(["train", csv, *TINY, "--dequantize", *flag, "--out", out_dir,
+                                  "--overwrite", "--json"])
+        assert code == 0 and json.loads(out)["standardize"] == expected, err
     code, _, err = run_cli(["train", csv, *TINY, "--standardize", "rows", "--out",
                             tmp_path / "bad"])
     assert code == 2 and "--standardize" in err
+    code, _, err = run_cli(["train", csv, *TINY, "--standardize", "pooled", "--no-standardize",
+                            "--out", tmp_path / "both"])
+    assert code == 2 and "not allowed with" in err
 
 
 def test_train_columns_by_name_and_epochs(tmp_path):
@@ -616,6 +624,15 @@ def test_dequantize_makes_integer_columns_continuous_and_scores_say_lower_bound(
     code, out, err = run_cli(["score", tmp_path / "deq", data, "--json"])
     assert code == 0, err
     assert json.loads(out)["lower_bound"] is True
+    # A blank pixel is a constant column until it is dequantized.
+    blank = write_csv(tmp_path / "blank.csv", np.c_[counts[:, :2], np.zeros(600)],
+                      ["a", "b", "blank"])
+    code, _, err = run_cli(["train", blank, "--model", "gaussian", "--out", tmp_path / "b1",
+                            "--no-report"])
+    assert code == 1 and "constant" in err and "dequantize" in err
+    code, _, err = run_cli(["train", blank, "--model", "gaussian", "--dequantize", "--out",
+                            tmp_path / "b2", "--no-report"])
+    assert code == 0, err
 
 
 def test_key_picks_an_array_of_an_npz_holding_several(tmp_path):
@@ -631,3 +648,13 @@ def test_key_picks_an_array_of_an_npz_holding_several(tmp_path):
     assert code == 0 and json.loads(out)["n"] == 300, err
     code, _, err = run_cli(["train", tmp_path / "x.csv", "--key", "a", "--out", tmp_path / "s"])
     assert code == 2 and "--key picks an array" in err
+
+
+def test_warnings_are_one_line_without_the_library_source(tmp_path):
+    rng = np.random.default_rng(5)
+    csv = write_csv(tmp_path / "big.csv", rng.normal(size=(300, 2)) * 1e4, ["a", "b"])
+    code, _, err = run_cli(["train", csv, *TINY, "--no-standardize", "--out", tmp_path / "r"])
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if "warning" in line]
+    assert lines and all(line.startswith("exactflow: warning: ") for line in lines), err
+    assert "--no-standardize" in lines[0] and ".py" not in err

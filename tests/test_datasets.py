@@ -531,5 +531,5 @@ def test_resolve_standardize_says_what_a_builder_gets() -> None:
     assert resolve_standardize("columns", _pixels()) is True
     assert resolve_standardize(True, None) is True and resolve_standardize(False, None) is False
     assert resolve_standardize("pooled", None) == "pooled"
-    with pytest.raises(ValueError, match="standardize must be True .* got 'yes'"):
+    with pytest.raises(ValueError, match="standardize must be 'auto', True .* got 'yes'"):
         resolve_standardize("yes", _pixels())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -56,7 +57,10 @@ def _main(argv: Sequence[str] | None) -> int:
         threads, _ = choose_threads(args)
         if threads is not None and threads != threads_before:
             torch.set_num_threads(threads)
-        result = COMMANDS[args.command](args)
+        with warnings.catch_warnings():
+            if not args.debug:  # one line per warning, without the library's source line
+                warnings.showwarning = _warn
+            result = COMMANDS[args.command](args)
     except KeyboardInterrupt:
         _fail(args, "interrupted")
         return 130
@@ -82,6 +86,11 @@ def _main(argv: Sequence[str] | None) -> int:
         print(json.dumps(json_safe(result), indent=2, allow_nan=False))
         sys.stdout.flush()
     return code
+
+
+def _warn(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+          file: Any = None, line: str | None = None) -> None:
+    print(f"{PROG}: warning: {' '.join(str(message).split())}", file=sys.stderr)
 
 
 def _fail(args: argparse.Namespace, message: str) -> None:

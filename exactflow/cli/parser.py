@@ -156,10 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a flow on a toy dataset or a CSV/.npy/.npz file",
         description="Train a flow by maximum likelihood and write a run folder. DATA is a toy "
                     "name (" + ", ".join(DEMO_DATASETS) + "), digits (scikit-learn's 8x8 "
-                    "digits, dequantized: 64 features), or a CSV, .npy or .npz file of rows. "
-                    "The data is split into train/validation/test, and the training "
-                    "split's mean and standard deviation become the model's first layer, so "
-                    "every log-density is in the units of the data.",
+                    "digits dequantized to (x + u) / 17 in (0, 1): 64 features), or a CSV, .npy "
+                    "or .npz file of rows. The data is split into train/validation/test, and "
+                    "the training split's mean and standard deviation become the model's "
+                    "first layer, so every log-density is in the units of the data.",
         epilog="examples:\n"
                "  exactflow train moons --model realnvp --steps 2000 --out runs/moons\n"
                "  exactflow train data.csv --columns x,y,z --model maf --layers 5 "
@@ -201,12 +201,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="columns to use, by name (CSV header) or 0-based index: x,y or 0,2")
     p.add_argument("--samples", type=_positive_int, default=20000,
                    help="points drawn when DATA is a toy")
-    p.add_argument("--standardize", choices=("auto", "columns", "pooled"), default="auto",
-                   help="the model's first, fixed layer: one scale per column, one pooled "
-                        "scale for columns on one range (pixels, returns in one unit), or auto: "
-                        "pooled where the columns' values lie on one range")
-    p.add_argument("--no-standardize", dest="standardize", action="store_const", const=False,
-                   help="do not put a standardization layer in front of the model")
+    scaling = p.add_mutually_exclusive_group()
+    scaling.add_argument("--standardize", choices=("auto", "columns", "pooled"),
+                         default="auto",
+                         help="the model's first, fixed layer: one mean and scale per column, "
+                              "or pooled, one for all columns (as images are normalized); "
+                              "auto pools where the columns lie on one range and some nearly "
+                              "blank column would otherwise be scaled far out (image pixels)")
+    scaling.add_argument("--no-standardize", dest="standardize", action="store_const",
+                         const=False,
+                         help="do not put a standardization layer in front of the model")
     p.add_argument("--dequantize", action="store_true",
                    help="add uniform noise in [0, 1) to integer-valued columns (counts, "
                         "levels, pixels); log-densities are then a lower bound of the discrete "

@@ -33,6 +33,7 @@ def _train(args: argparse.Namespace, **kwargs: Any) -> dict[str, Any]:
         "ok": True,
         "run": str(run.path),
         "model": run.info["model"]["model"],
+        "standardize": run.info["model"].get("standardize"),
         "data": run.info["data"]["name"],
         "metrics": run.info["metrics"],
         "report": None,

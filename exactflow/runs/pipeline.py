@@ -204,12 +204,12 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
 
     # Everything that can fail on bad data fails here, before anything is written.
     rows, data_info = read_data(data, columns, samples=samples, seed=seed)
-    validate(rows, name=data_info["name"])
     discrete = integer_columns(rows)
-    if dequantize:
+    if dequantize:  # first: a blank pixel is a constant column until it is dequantized
         rows = dequantize_rows(rows, discrete, seed)
         data_info["dequantized_columns"] = discrete
-    elif discrete:
+    validate(rows, name=data_info["name"])
+    if discrete and not dequantize:
         data_info["integer_columns"] = discrete
         names = data_info.get("column_names")
         shown = [names[j] for j in discrete] if names else discrete
@@ -224,7 +224,7 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
     train, val, test = split(rows, fractions, seed=seed)
     if min(len(train), len(val), len(test)) == 0:
         raise DataError(f"{data_info['name']}: {n} rows are too few for the fractions {fractions}")
-    standardize = resolve_standardize(standardize, train)
+    requested, standardize = standardize, resolve_standardize(standardize, train)
     if batch_size is not None and batch_size > len(train):
         log(f"note: batch size {batch_size} is more than the {len(train)} training rows; "
             f"using {len(train)}")
@@ -249,7 +249,7 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
     options = {
         "model": "auto" if auto else "given", "budget": budget if auto else None,
         "steps": steps, "epochs": epochs, "patience": patience, "batch_size": batch_size,
-        "lr": lr, "device": device, "seed": seed, "standardize": standardize,
+        "lr": lr, "device": device, "seed": seed, "standardize": requested,
         "dequantize": dequantize, "val_fraction": val_fraction, "test_fraction": test_fraction,
     }
     if previous is not None:

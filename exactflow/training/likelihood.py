@@ -426,7 +426,8 @@ def _warn_if_unstandardized(flow: Flow, rows: Rows) -> None:
             f"the training data reach {scale:.3g} in absolute value and this flow has no "
             "standardization layer: its layers work on values of order 1 (splines act on "
             "[-bound, bound], affine scales are bounded per layer), so the fit will be poor. "
-            "Build the flow with standardize=True.",
+            "Build the flow with standardize=True (in the command line: leave out "
+            "--no-standardize).",
             stacklevel=3,
         )
 
