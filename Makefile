@@ -48,6 +48,7 @@ $(VENV)/.installed-bench: pyproject.toml constraints.txt | $(BIN)/python
 bench: $(VENV)/.installed-bench
 	$(BIN)/python -m benchmarks.run
 	$(BIN)/python -m benchmarks.roofline --out benchmarks/results
+	$(BIN)/python -m benchmarks.optimizer
 	$(BIN)/python -m benchmarks.realdata --methods gaussian,gmm,kde,zuko-nsf,flowdensity \
 		--json benchmarks/results/realdata-default.json --md benchmarks/results/realdata-default.md
 	$(BIN)/python -m benchmarks.anomaly --seeds 10 --json benchmarks/results/anomaly.json

@@ -655,3 +655,27 @@ def test_compile_auto_compiles_when_it_pays_and_keeps_the_faster(monkeypatch):
     h = fit(flow, gaussian_data(2048), steps=80, batch_size=64, val_fraction=0, **CPU)
     assert h.compiled.startswith(("compiled: ", "eager: compiled steps were not faster"))
     assert "x" in h.compiled and np.isfinite(h.train_nll[-1])
+
+
+def test_fit_optimizer_is_fused_adamw_and_updates_as_torchs_default_does():
+    from exactflow.training.loop import adam
+
+    def run(make) -> list[Tensor]:
+        torch.manual_seed(0)
+        flow = ef.models.realnvp(3, layers=2, hidden=(8,), batch_norm=False).double()
+        params = list(flow.parameters())
+        optimizer = make(params)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            optimizer.zero_grad()
+            x = torch.randn(32, 3, generator=gen, dtype=torch.float64)
+            (-flow.log_prob(x).mean()).backward()
+            optimizer.step()
+        return [p.detach().clone() for p in params]
+
+    fused = adam([torch.zeros(2, requires_grad=True)], 1e-2, weight_decay=0.1)
+    assert fused.defaults["fused"] and fused.defaults["weight_decay"] == 0.1
+    ours = run(lambda p: adam(p, 1e-2, weight_decay=0.01))
+    torchs = run(lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.01))
+    for a, b in zip(ours, torchs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -35,6 +35,7 @@ from .loop import (
     LoopSettings,
     TrainingError,
     TrainState,
+    adam,
     check_common,
     clone,
     forked_rng,
@@ -284,7 +285,7 @@ def fit(
             history.best_step, history.best_val = 0, metrics["nll"]
         flow.eval()
         return history
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    optimizer = adam(params, lr, weight_decay)
     guard = Guard(flow, optimizer)
     state = TrainState()
     run_args = {

@@ -30,6 +30,7 @@ from .loop import (
     Guard,
     LoopSettings,
     TrainState,
+    adam,
     check_common,
     forked_rng,
     resolve_device,
@@ -267,7 +268,7 @@ def fit_reverse_kl(
     params: list[Tensor] = [p for p in flow.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the flow has no trainable parameters")
-    optimizer = torch.optim.Adam(params, lr=lr)
+    optimizer = adam(params, lr)
     guard = Guard(flow, optimizer)
     history = History(features=flow.features, objective="reverse_kl")
     state = TrainState()
