@@ -81,6 +81,14 @@ def test_reordered_columns_score_identically_and_a_missing_one_is_named(tmp_path
     narrow.write_text("a,b,d\n1,2,3\n")
     code, _, err = cli(["score", tmp_path / "run", narrow])
     assert code == 1 and "no column named 'c'" in err
+    # --columns with the model's names, in any order, is matched by name too.
+    code, out, err = cli(["score", tmp_path / "run", shuffled, "--columns", "b,c,a", "--json"])
+    assert code == 0, err
+    np.testing.assert_allclose(json.loads(out)["log_density"], results[0], rtol=1e-12)
+    code, _, err = cli(["score", tmp_path / "run", shuffled, "--columns", "c,a"])
+    assert code == 1 and "needs all of them (missing: 'b')" in err
+    code, _, err = cli(["score", tmp_path / "run", shuffled, "--columns", "0,1"])
+    assert code == 1 and "--columns picks 2 columns" in err
 
 
 def test_a_threshold_below_the_smallest_p_value_is_warned_about(tmp_path):

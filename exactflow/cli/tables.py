@@ -97,11 +97,23 @@ def _score_columns(args: argparse.Namespace, run: Any) -> list[int | str] | None
     """The columns of DATA to score: ``--columns``; else, when DATA has a header and the
     run knows its columns' names, those names (so a file whose columns come in another
     order is reordered, and a missing column is a clear error); else the run's own
-    ``--columns`` (positions)."""
-    if args.columns is not None:
-        return list(args.columns)
+    ``--columns`` (positions). ``--columns`` naming the model's own columns is matched by
+    name too, in any order; other names or positions map onto the model's columns in the
+    order given."""
     data_info = run.info["data"]
     names = data_info.get("column_names")
+    if args.columns is not None:
+        chosen = list(args.columns)
+        if names and all(isinstance(c, str) for c in chosen) and set(chosen) <= set(names):
+            if set(chosen) != set(names):
+                missing = [n for n in names if n not in chosen]
+                raise DataError(
+                    f"--columns names {len(set(chosen))} of the {len(names)} columns the model "
+                    f"of {args.run!r} was trained on; it needs all of them (missing: "
+                    f"{', '.join(map(repr, missing))})"
+                )
+            return list(names)
+        return chosen
     header = read_header(args.data) if isinstance(args.data, str) else None
     if names and header is not None:
         missing = [n for n in names if n not in header]
@@ -123,10 +135,11 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
     data, info = read_data(args.data, _score_columns(args, run), seed=0)
     d = run.features
     if data.shape[1] != d:
-        raise DataError(
-            f"{info['name']} has {data.shape[1]} columns but the model of {args.run!r} was "
-            f"trained on {d}" + ("; pick them with --columns" if data.shape[1] > d else "")
-        )
+        what = (f"--columns picks {data.shape[1]} columns of {info['name']}"
+                if args.columns is not None else
+                f"{info['name']} has {data.shape[1]} columns")
+        hint = "; pick them with --columns" if data.shape[1] > d and args.columns is None else ""
+        raise DataError(f"{what} but the model of {args.run!r} was trained on {d}{hint}")
     bad = np.flatnonzero(np.isnan(data).any(axis=1))
     if bad.size:
         raise nonfinite_rows_error(info["name"], int(bad.size), bad.tolist())
