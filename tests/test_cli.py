@@ -658,3 +658,18 @@ def test_warnings_are_one_line_without_the_library_source(tmp_path):
     lines = [line for line in err.splitlines() if "warning" in line]
     assert lines and all(line.startswith("exactflow: warning: ") for line in lines), err
     assert "--no-standardize" in lines[0] and ".py" not in err
+
+
+def test_options_of_one_model_are_refused_with_the_auto_ladder(tmp_path):
+    csv = write_csv(tmp_path / "d.csv", np.random.default_rng(0).normal(size=(200, 2)),
+                    ["a", "b"])
+    for flags in (["--steps", "50"], ["--lr", "1e-3"], ["--batch-size", "32", "--patience", "3"]):
+        code, _, err = run_cli(["train", csv, *flags, "--out", tmp_path / "auto"])
+        assert code == 2 and "give --model NAME with them" in err and flags[0] in err, err
+    code, _, err = run_cli(["train", csv, "--model", "maf", "--budget", "5", "--out",
+                            tmp_path / "maf"])
+    assert code == 2 and "--budget limits the auto ladder" in err
+    code, _, err = run_cli(["train", csv, *TINY, "--out", tmp_path / "maf"])
+    assert code == 0, err
+    info = json.loads((tmp_path / "maf" / "run.json").read_text())
+    assert info["options"]["model"] == "maf" and info["options"]["lr"] == 1e-3

@@ -177,8 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="RUN_DIR",
                    help="run folder to write (default: runs/<data name>, numbered if taken)")
     _model_options(p)
-    p.add_argument("--budget", type=_positive_float, default=300.0, metavar="SECONDS",
-                   help="with --model auto: the time the ladder of candidates may take")
+    p.add_argument("--budget", type=_positive_float, metavar="SECONDS",
+                   help="with --model auto: the time the ladder of candidates may take "
+                        "(default 300)")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--steps", type=_positive_int,
                         help="a fixed number of optimizer steps (default: until the validation "
@@ -190,7 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 20 when the length is set by validation)")
     p.add_argument("--batch-size", type=_positive_int,
                    help="rows per step (default: about 8 batches an epoch, 32 to 256 rows)")
-    p.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--lr", type=_positive_float,
+                   help="Adam learning rate (default 1e-3); with --model NAME, as are "
+                        "--steps, --epochs, --patience and --batch-size (the auto ladder "
+                        "sets them for each candidate)")
     p.add_argument("--val-fraction", type=_fraction, default=0.1,
                    help="fraction of rows held out for validation")
     p.add_argument("--test-fraction", type=_fraction, default=0.1,

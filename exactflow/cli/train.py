@@ -88,15 +88,27 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
             model["layers"] = args.layers
         if args.hidden is not None:
             model["hidden"] = args.hidden
+        if args.budget is not None:
+            raise UsageError("--budget limits the auto ladder; with --model NAME the "
+                             "validation NLL sets the length (or --steps / --epochs)")
     elif args.layers is not None or args.hidden is not None:
         raise UsageError("--layers and --hidden size one model: give --model NAME with them")
+    else:
+        given = [flag for flag, value in (
+            ("--steps", args.steps), ("--epochs", args.epochs), ("--patience", args.patience),
+            ("--batch-size", args.batch_size), ("--lr", args.lr)) if value is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)} set how one model trains; the auto ladder "
+                             "sets them for each candidate: give --model NAME with them")
     out = args.out if args.out is not None else _default_out(args.data)
     if args.out is None and rank == 0:
         say(args, f"run folder: {out} (choose another with --out)")
     result = _train(
-        args, data=args.data, out=out, model=model, budget=args.budget, columns=args.columns,
+        args, data=args.data, out=out, model=model,
+        budget=args.budget if args.budget is not None else 300.0, columns=args.columns,
         samples=args.samples, steps=args.steps, epochs=args.epochs, patience=args.patience,
-        batch_size=args.batch_size, lr=args.lr, val_fraction=args.val_fraction,
+        batch_size=args.batch_size, lr=args.lr if args.lr is not None else 1e-3,
+        val_fraction=args.val_fraction,
         test_fraction=args.test_fraction, standardize=args.standardize,
         dequantize=args.dequantize, device=args.device, seed=args.seed, resume=args.resume,
         overwrite=args.overwrite,

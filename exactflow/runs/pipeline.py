@@ -247,7 +247,7 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
         fractions=list(fractions),
     )
     options = {
-        "model": "auto" if auto else "given", "budget": budget if auto else None,
+        "model": "auto" if auto else config.get("model"), "budget": budget if auto else None,
         "steps": steps, "epochs": epochs, "patience": patience, "batch_size": batch_size,
         "lr": lr, "device": device, "seed": seed, "standardize": requested,
         "dequantize": dequantize, "val_fraction": val_fraction, "test_fraction": test_fraction,
