@@ -93,6 +93,13 @@ def test_targets_are_callables_or_objects_with_log_prob():
     assert a == b
     with pytest.raises(TypeError, match="log_prob"):
         fit_reverse_kl(affine_flow(), 3.0, steps=2, **CPU)
+    # One value per row: a sum over the batch, or a column, is refused before training.
+    for wrong, shape in ((lambda x: gaussian_target(x).sum(), r"\(\)"),
+                         (lambda x: gaussian_target(x)[:, None], r"\(\d+, 1\)")):
+        with pytest.raises(ValueError, match=r"one log-density per row.*returned " + shape):
+            fit_reverse_kl(affine_flow(), wrong, steps=2, **CPU)
+        with pytest.raises(ValueError, match="one log-density per row"):
+            estimate_log_normalizer(exact_flow(), wrong, n=100, seed=1)
 
 
 def test_zero_target_density_counts_as_a_zero_weight():

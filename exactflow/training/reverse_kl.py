@@ -42,13 +42,26 @@ __all__ = ["fit_reverse_kl", "estimate_log_normalizer"]
 
 
 def _target_fn(target: Any) -> Callable[[Tensor], Tensor]:
+    """The target's log-density, checked to give one value per row: a sum over the batch
+    (a scalar) would train silently toward a wrong answer."""
     fn = getattr(target, "log_prob", target)
     if not callable(fn):
         raise TypeError(
             "log_prob_target must be a callable x -> log p~(x) or an object with .log_prob, "
             f"got {type(target).__name__}"
         )
-    return fn
+
+    def checked(x: Tensor) -> Tensor:
+        out = fn(x)
+        if not isinstance(out, Tensor) or out.shape != x.shape[:1]:
+            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(
+                f"log_prob_target must return one log-density per row, a tensor of shape "
+                f"({x.shape[0]},) for {x.shape[0]} rows; it returned {shape}"
+            )
+        return out
+
+    return checked
 
 
 def estimate_log_normalizer(
