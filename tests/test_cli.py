@@ -624,6 +624,13 @@ def test_dequantize_makes_integer_columns_continuous_and_scores_say_lower_bound(
     code, out, err = run_cli(["score", tmp_path / "deq", data, "--json"])
     assert code == 0, err
     assert json.loads(out)["lower_bound"] is True
+    # A row's noise is keyed to its values: the same row scores the same wherever it sits.
+    scores = json.loads(out)["log_density"]
+    twice = write_csv(tmp_path / "twice.csv", np.r_[counts[3:4], counts[:3], counts[3:4]],
+                      ["a", "b", "c"])
+    code, out, err = run_cli(["score", tmp_path / "deq", twice, "--json"])
+    again = json.loads(out)["log_density"]
+    assert code == 0 and again[0] == again[4] == scores[3] and again[1:4] == scores[:3]
     # A blank pixel is a constant column until it is dequantized.
     blank = write_csv(tmp_path / "blank.csv", np.c_[counts[:, :2], np.zeros(600)],
                       ["a", "b", "blank"])

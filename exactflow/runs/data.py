@@ -117,18 +117,48 @@ def integer_columns(rows: np.ndarray) -> list[int]:
     return [int(j) for j in np.flatnonzero(np.all(rows == np.round(rows), axis=0))]
 
 
-def dequantize(rows: np.ndarray, columns: Sequence[int], seed: int = 0) -> np.ndarray:
+def dequantize(
+    rows: np.ndarray, columns: Sequence[int], seed: int = 0, keyed: bool = False
+) -> np.ndarray:
     """``rows`` with uniform noise in ``[0, 1)`` added to ``columns`` (a copy; seeded).
 
     For integer data ``k``, the density ``p`` of ``k + u`` with ``u ~ U[0, 1)`` gives a lower
     bound of the discrete log-probability, ``log P(k) >= E_u[log p(k + u)]`` (Theis, van den
     Oord & Bethge 2016, arXiv:1511.01844): the log-densities of dequantized rows are that
     bound, in nats.
+
+    With ``keyed=True`` each row's noise is a hash of its own values and ``seed`` (still
+    uniform over rows), not the next draws of a stream: a row gets the same noise wherever
+    it sits in a file, so scoring it twice, or among other rows, gives one log-density.
     """
     if not columns:
         return rows
     out = np.array(rows, dtype=np.float64, copy=True)
-    rng = np.random.default_rng([seed, 0xDE0])
     cols = list(columns)
-    out[:, cols] += rng.random((len(out), len(cols)))
+    if keyed:
+        out[:, cols] += _keyed_uniforms(out, len(cols), seed)
+    else:
+        rng = np.random.default_rng([seed, 0xDE0])
+        out[:, cols] += rng.random((len(out), len(cols)))
     return out
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's finalizer on uint64 (wrapping arithmetic): a bijection that scatters
+    nearby inputs over all 64 bits."""
+    z = z + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def _keyed_uniforms(rows: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """``(n, k)`` numbers in ``[0, 1)``, each row's a function of that row's values and
+    ``seed`` alone."""
+    bits = np.ascontiguousarray(rows + 0.0, dtype=np.float64).view(np.uint64)  # -0.0 -> 0.0
+    with np.errstate(over="ignore"):
+        h = _mix(np.full(len(rows), seed & (2**64 - 1), dtype=np.uint64))
+        for j in range(bits.shape[1]):
+            h = _mix(h ^ bits[:, j])
+        draws = [_mix(h + np.uint64(j + 1)) >> np.uint64(11) for j in range(k)]
+    return np.stack(draws, axis=1).astype(np.float64) * 2.0**-53

@@ -126,14 +126,16 @@ class Run:
     def score(self, rows: np.ndarray, seed: int = 0) -> np.ndarray:
         """The model's log-density of every row, in the units of the data (float64).
 
-        Columns the run dequantized get the same uniform noise treatment (seeded by
-        ``seed``), so the value is the documented lower bound of the discrete
-        log-probability, as in training. Never NaN: a row beyond the model's range or
-        support scores ``-inf``.
+        Columns the run dequantized get uniform noise as in training, so the value is
+        one draw of the documented lower bound of the discrete log-probability. The noise
+        of a row is a hash of its values and ``seed`` (:func:`exactflow.runs.dequantize`
+        with ``keyed=True``): the same row scores the same wherever it sits in a file.
+        Never NaN: a row beyond the model's range or support scores ``-inf``.
         """
         if self.flow is None:
             raise RunError(f"the run {str(self.path)!r} was read without its model")
-        rows = dequantize(np.asarray(rows, dtype=np.float64), self.dequantized, seed)
+        rows = dequantize(np.asarray(rows, dtype=np.float64), self.dequantized, seed,
+                          keyed=True)
         return log_prob(self.flow, rows)
 
     def calibration(self) -> np.ndarray:
