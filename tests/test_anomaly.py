@@ -103,6 +103,9 @@ def test_a_threshold_below_the_smallest_p_value_is_warned_about(tmp_path):
     assert m == 40 and result["smallest_p_value"] == pytest.approx(1 / 41)
     assert f"with {m} held-out rows the smallest p-value is 1/{m + 1}" in err
     assert "flags only rows scored -inf" in err and result["anomalies"] == 0
+    code, out, err = cli(["score", tmp_path / "run", new, "--threshold-quantile", "0.01",
+                          "-o", tmp_path / "scores.csv"])
+    assert code == 0 and "0 rows flagged" in out and "new normal rows are flagged" not in out
     code, out, err = cli(["score", tmp_path / "run", new, "--threshold-quantile", "0.05",
                           "--json"])
     assert code == 0 and "warning" not in err

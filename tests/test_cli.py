@@ -680,3 +680,9 @@ def test_options_of_one_model_are_refused_with_the_auto_ladder(tmp_path):
     assert code == 0, err
     info = json.loads((tmp_path / "maf" / "run.json").read_text())
     assert info["options"]["model"] == "maf" and info["options"]["lr"] == 1e-3
+
+
+def test_fractions_that_leave_no_training_rows_are_a_usage_error(tmp_path):
+    code, _, err = run_cli(["train", "moons", *TINY, "--val-fraction", "0.6",
+                            "--test-fraction", "0.5", "--out", tmp_path / "r"])
+    assert code == 2 and "--val-fraction + --test-fraction must be below 1, got 1.1" in err

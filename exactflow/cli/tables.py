@@ -199,9 +199,10 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
             say(args, f"{outside} rows have log-density -inf (outside the model's support or "
                        "beyond the range of its numbers): flagged as anomalies")
         if flags is not None and calibration is not None:
+            expected = ("" if q < anomaly.smallest_p_value(len(calibration)) else
+                        f", so about {q:.1%} of new normal rows are flagged")
             say(args, f"{int(flags.sum())} rows flagged as anomalies: conformal p-value <= "
-                       f"{q:g} against the {len(calibration)} held-out rows, so about "
-                       f"{q:.1%} of new normal rows are flagged")
+                       f"{q:g} against the {len(calibration)} held-out rows{expected}")
     elif args.json:
         result["log_density"] = scores.tolist()
         if p is not None:

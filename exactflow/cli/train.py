@@ -100,6 +100,9 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         if given:
             raise UsageError(f"{', '.join(given)} set how one model trains; the auto ladder "
                              "sets them for each candidate: give --model NAME with them")
+    if args.val_fraction + args.test_fraction >= 1.0:
+        raise UsageError(f"--val-fraction + --test-fraction must be below 1, got "
+                         f"{args.val_fraction + args.test_fraction:g}")
     out = args.out if args.out is not None else _default_out(args.data)
     if args.out is None and rank == 0:
         say(args, f"run folder: {out} (choose another with --out)")

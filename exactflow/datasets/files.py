@@ -161,11 +161,12 @@ def _raise_cell_error(
             if not cell:
                 raise DataError(
                     f"{path!r}: an empty cell at line {lineno}, {where} (a missing value); "
-                    "drop or impute that row, or leave the column out with columns=[...]"
+                    "drop or impute that row, or leave the column out (columns=[...]; --columns in "
+                    "the command line)"
                 )
             raise DataError(
                 f"{path!r}: non-numeric cell {cell!r} at line {lineno}, {where}; "
-                "choose the numeric columns with columns=[...]"
+                "choose the numeric columns (columns=[...]; --columns in the command line)"
             )
     raise DataError(f"{path!r}: a cell on line {lineno} is not a number")
 

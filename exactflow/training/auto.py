@@ -331,9 +331,9 @@ def fit_auto(
             say(f"gmm: {err}")
         else:
             search = time.perf_counter() - clock
-            say(f"gmm: {fits} mixtures fitted in {search:.1f} s; "
-                f"{gmm['components']} {gmm['covariance']} components chosen on validation")
             noun = "component" if gmm["components"] == 1 else "components"
+            say(f"gmm: {fits} {'mixture' if fits == 1 else 'mixtures'} fitted in {search:.1f} s; "
+                f"{gmm['components']} {gmm['covariance']} {noun} chosen on validation")
             run(f"gmm ({gmm['components']} {noun}, {gmm['covariance']})",
                 {"model": "gmm", **gmm}, {}, end)
             board[-1].seconds += search  # the search is the mixture's fitting time too
