@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from . import realdata, tables
+from .saving import command as saving_command
 from .saving import save
 
 
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(r)
         print(f"{name}: validation {r['val_nll']:.3f}, {args.folds}-fold {r['cv_nll']:.3f}, "
               f"difference {r['diff']:+.3f} ± {r['diff_se']:.3f}", flush=True)
-    command = " ".join(["python -m benchmarks.gmm_folds", *(argv or sys.argv[1:])])
+    command = saving_command("gmm_folds", argv)
     lines = [
         "# Choosing the Gaussian mixture: one validation split or k-fold cross-validation",
         "",

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from . import realdata, tables
+from .saving import command as saving_command
 from .saving import save
 
 #: Rungs measured beside the default ladder: ``(name, config, options)``.
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             }
         summary.append(row)
         print(name, {k: round(v["nll"], 3) for k, v in row["ladders"].items()}, flush=True)
-    command = " ".join(["python -m benchmarks.ladder", *(argv or sys.argv[1:])])
+    command = saving_command("ladder", argv)
     lines = [
         "# The rungs of model=\"auto\": every rung trained, the pick simulated",
         "",

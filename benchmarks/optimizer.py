@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 
 from . import data, libs
+from .saving import command as saving_command
 from .saving import cpu_name, save
 
 MODELS = ("maf", "realnvp", "nsf")
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         for model in args.models.split(","):
             rows.append(measure(dataset, model, args.rounds, args.window))
             print(rows[-1], flush=True)
-    command = " ".join(["python -m benchmarks.optimizer", *(argv or sys.argv[1:])])
+    command = saving_command("optimizer", argv)
     lines = [
         "# Training step with torch's default Adam and with fit's fused AdamW",
         "",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import platform
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,3 +32,9 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def command(module: str, argv: list[str] | None = None) -> str:
+    """The command line that reruns ``python -m benchmarks.<module>`` with ``argv`` (default:
+    this process's arguments), as the result files record it."""
+    return " ".join([f"python -m benchmarks.{module}", *(argv or sys.argv[1:])])
