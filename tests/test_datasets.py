@@ -531,5 +531,11 @@ def test_resolve_standardize_says_what_a_builder_gets() -> None:
     assert resolve_standardize("columns", _pixels()) is True
     assert resolve_standardize(True, None) is True and resolve_standardize(False, None) is False
     assert resolve_standardize("pooled", None) == "pooled"
+    # Any non-string is read as a yes/no, as before "pooled" existed.
+    assert resolve_standardize(np.True_, None) is True and resolve_standardize(0, None) is False
+    # A layer pickled before the option existed has no such attribute: per column.
+    old = Standardize.identity(2)
+    del old.pooled
+    assert old.pooled is False and "pooled" not in repr(old)
     with pytest.raises(ValueError, match="standardize must be 'auto', True .* got 'yes'"):
         resolve_standardize("yes", _pixels())

@@ -679,3 +679,16 @@ def test_fit_optimizer_is_fused_adamw_and_updates_as_torchs_default_does():
     torchs = run(lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.01))
     for a, b in zip(ours, torchs, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_noise_follows_each_columns_spread_under_a_pooled_scale_too():
+    from exactflow.training.batches import wrap
+
+    x = torch.randn(500, 3, dtype=torch.float64) * torch.tensor([0.1, 1.0, 5.0])
+    rows = wrap(x, "training data", 3, strict=True)
+    own = x.std(0, unbiased=False) * 0.2
+    for standardize in (True, "pooled"):
+        flow = ef.models.maf(3, layers=1, hidden=(8,), standardize=standardize).double()
+        ef.fit(flow, x, steps=1, val_fraction=0.0, **CPU)
+        torch.testing.assert_close(fit_module._noise_scale(0.2, flow, rows).double(), own,
+                                   rtol=1e-5, atol=0)

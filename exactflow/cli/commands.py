@@ -57,10 +57,13 @@ def _main(argv: Sequence[str] | None) -> int:
         threads, _ = choose_threads(args)
         if threads is not None and threads != threads_before:
             torch.set_num_threads(threads)
-        with warnings.catch_warnings():
-            if not args.debug:  # one line per warning, without the library's source line
-                warnings.showwarning = _warn
+        formatter = warnings.formatwarning
+        if not args.debug:  # one line per warning, without the library's source line
+            warnings.formatwarning = _format_warning
+        try:
             result = COMMANDS[args.command](args)
+        finally:
+            warnings.formatwarning = formatter
     except KeyboardInterrupt:
         _fail(args, "interrupted")
         return 130
@@ -88,9 +91,10 @@ def _main(argv: Sequence[str] | None) -> int:
     return code
 
 
-def _warn(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-          file: Any = None, line: str | None = None) -> None:
-    print(f"{PROG}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+def _format_warning(message: Warning | str, category: type[Warning], filename: str,
+                    lineno: int, line: str | None = None) -> str:
+    # Only the text changes: callers that record warnings (catch_warnings, pytest) still do.
+    return f"{PROG}: warning: {' '.join(str(message).split())}\n"
 
 
 def _fail(args: argparse.Namespace, message: str) -> None:

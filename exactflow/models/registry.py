@@ -99,9 +99,11 @@ def register(
         *args: Any, standardize: bool | str = False, embedding: dict[str, Any] | None = None,
         base: str | dict[str, Any] = "normal", **kwargs: Any,
     ) -> Flow:
-        scale = scale_of(standardize)
-        if "standardize" in own:
+        if "standardize" in own:  # the builder standardizes itself, as it understands it
             kwargs["standardize"] = standardize
+            scale = "columns" if standardize else None
+        else:
+            scale = scale_of(standardize)
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
         spec = _embedding_spec(embedding, bound.arguments.get("context", 0))
@@ -115,7 +117,8 @@ def register(
         config: dict[str, Any] = {"model": key}
         for arg, value in bound.arguments.items():
             config[arg] = list(value) if isinstance(value, tuple) else value
-        config["standardize"] = "pooled" if scale == "pooled" else scale is not None
+        config["standardize"] = (bool(standardize) if "standardize" in own else
+                                 "pooled" if scale == "pooled" else scale is not None)
         d = built.features
         transform = built.transform
         if scale is not None and "standardize" not in own:

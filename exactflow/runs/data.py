@@ -130,6 +130,8 @@ def dequantize(
     With ``keyed=True`` each row's noise is a hash of its own values and ``seed`` (still
     uniform over rows), not the next draws of a stream: a row gets the same noise wherever
     it sits in a file, so scoring it twice, or among other rows, gives one log-density.
+    Identical rows then share one draw: a mean over many copies of few distinct rows keeps
+    the spread of those few draws.
     """
     if not columns:
         return rows

@@ -225,6 +225,9 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
     if min(len(train), len(val), len(test)) == 0:
         raise DataError(f"{data_info['name']}: {n} rows are too few for the fractions {fractions}")
     requested, standardize = standardize, resolve_standardize(standardize, train)
+    if requested == "auto" and previous is not None and previous.get("model"):
+        # Resuming: the scaling the run started with (an older default chose per column).
+        standardize = previous["model"].get("standardize", standardize)
     if batch_size is not None and batch_size > len(train):
         log(f"note: batch size {batch_size} is more than the {len(train)} training rows; "
             f"using {len(train)}")

@@ -475,8 +475,8 @@ def _noise_scale(noise: float | str | None, flow: Flow, rows: Rows) -> Tensor | 
     else:
         h = non_negative_float(noise, "noise")
     layer = standardize_layer(flow)
-    if layer is not None:
+    if layer is not None and not layer.pooled:
         std = layer.std.detach().double().cpu()
-    else:
+    else:  # each column's own spread, also under one pooled scale
         std = torch.as_tensor(Standardize.statistics(rows.data, name="training data")[1])
     return (h * std).float()

@@ -46,11 +46,9 @@ def scale_of(standardize: Any, auto: bool = False) -> str | None:
             has the data, see :func:`resolve_standardize`; ``auto=True`` names it in the
             message as a choice).
     """
-    if standardize is False or standardize is None:
-        return None
-    if standardize is True:
-        return "columns"
-    if isinstance(standardize, str) and standardize in SCALES:
+    if not isinstance(standardize, str):  # True, False, None, numpy's bools, 0 and 1...
+        return "columns" if standardize else None
+    if standardize in SCALES:
         return standardize
     choices = "'auto', " if auto else ""
     raise ValueError(
@@ -169,6 +167,9 @@ class Standardize(Transform):
     """
 
     linear = True
+    #: Filled with one pooled scale (a class default too: layers pickled before the option
+    #: existed read as per-column).
+    pooled: bool = False
     features: int
     mean: Tensor
     std: Tensor
