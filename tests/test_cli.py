@@ -625,6 +625,9 @@ def test_train_with_no_options_picks_a_model_writes_the_leaderboard_and_a_defaul
     # A second run does not replace the first: it gets the next free folder.
     code, out, _ = run_cli(["train", "table.csv", "--model", "gaussian", "--no-report"])
     assert code == 0 and "runs/table-2" in out
+    # A missing file is the error, with no run folder named first.
+    code, out, err = run_cli(["train", "nope.csv", "--model", "gaussian", "--no-report"])
+    assert code == 1 and "run folder" not in out and "nope.csv" in err
 
 
 def test_score_takes_the_toy_names_that_train_takes(run_dir):

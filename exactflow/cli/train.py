@@ -9,7 +9,7 @@ from typing import Any
 
 from .. import distributed
 from ..report import build_report
-from ..runs import RunError, train_run
+from ..runs import BUILTIN, RunError, train_run
 from .common import CommandError, UsageError, fmt, say, with_key
 
 __all__ = ["cmd_train", "cmd_demo"]
@@ -104,7 +104,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(f"--val-fraction + --test-fraction must be below 1, got "
                          f"{args.val_fraction + args.test_fraction:g}")
     out = args.out if args.out is not None else _default_out(args.data)
-    if args.out is None and rank == 0:
+    if args.out is None and rank == 0 and _readable(args.data):
         say(args, f"run folder: {out} (choose another with --out)")
     result = _train(
         args, data=args.data, out=out, model=model,
@@ -119,6 +119,12 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     if rank == 0:
         _print_train_result(args, result)
     return result
+
+
+def _readable(data: str) -> bool:
+    """Whether DATA names a built-in data set or an existing file (``FILE:KEY`` too); a
+    missing file is reported by the training itself, before any folder is named."""
+    return data in BUILTIN or any(Path(p).exists() for p in (data, data.rsplit(":", 1)[0]))
 
 
 def _default_out(data: str) -> Path:
