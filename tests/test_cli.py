@@ -17,6 +17,7 @@ import re
 import subprocess
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,23 @@ def run_dir(tmp_path_factory) -> Path:
     code, stdout, stderr = run_cli(["train", "moons", *TINY, "--samples", "600", "--out", out])
     assert code == 0, stderr
     return out
+
+
+def interrupt_training_after(monkeypatch: pytest.MonkeyPatch, steps: int) -> Callable[[], None]:
+    """Make the run pipeline's training stop with Ctrl-C once ``steps`` are done (as a user
+    interrupting it); returns the function that puts the real training back."""
+    import exactflow.runs.pipeline as train_module
+
+    real_fit = train_module.fit
+
+    def interrupted_fit(*a, **kw):
+        def stop(history):
+            if history.steps[-1] >= steps:
+                raise KeyboardInterrupt
+        return real_fit(*a, **kw, callback=stop)
+
+    monkeypatch.setattr(train_module, "fit", interrupted_fit)
+    return lambda: monkeypatch.setattr(train_module, "fit", real_fit)
 
 
 def write_csv(path: Path, data: np.ndarray, header: list[str] | None = None) -> Path:
@@ -201,20 +219,10 @@ def test_a_run_begun_per_column_resumes_under_auto(tmp_path, monkeypatch):
     pixels[:, 0] = np.where(rng.random(400) < 0.05, 16.0, 0.0)
     csv = write_csv(tmp_path / "px.csv", pixels, ["p0", "p1", "p2", "p3"])
     args = ["train", csv, *TINY, "--dequantize", "--out", tmp_path / "r"]
-    import exactflow.runs.pipeline as train_module
-
-    real_fit = train_module.fit
-
-    def interrupted_fit(*a, **kw):
-        def stop(history):
-            if history.steps[-1] >= 10:
-                raise KeyboardInterrupt
-        return real_fit(*a, **kw, callback=stop)
-
-    monkeypatch.setattr(train_module, "fit", interrupted_fit)
+    resume_normally = interrupt_training_after(monkeypatch, 10)
     code, _, err = run_cli([*args, "--standardize", "columns"])
     assert code == 130, err
-    monkeypatch.setattr(train_module, "fit", real_fit)
+    resume_normally()
     code, _, err = run_cli([*args, "--resume"])
     assert code == 0, err
     assert json.loads((tmp_path / "r" / "run.json").read_text())["model"]["standardize"] is True
@@ -252,17 +260,7 @@ def test_train_resume_continues_an_interrupted_run(tmp_path, monkeypatch):
     code, _, err = run_cli([*args, "--out", tmp_path / "whole"])
     assert code == 0, err
 
-    import exactflow.runs.pipeline as train_module
-
-    real_fit = train_module.fit
-
-    def interrupted_fit(*a, **kw):
-        def stop(history):
-            if history.steps[-1] >= 20:
-                raise KeyboardInterrupt
-        return real_fit(*a, **kw, callback=stop)
-
-    monkeypatch.setattr(train_module, "fit", interrupted_fit)
+    resume_normally = interrupt_training_after(monkeypatch, 20)
     code, _, err = run_cli([*args, "--out", tmp_path / "cut"])
     assert code == 130 and "interrupted" in err
     info = json.loads((tmp_path / "cut" / "run.json").read_text())
@@ -273,7 +271,7 @@ def test_train_resume_continues_an_interrupted_run(tmp_path, monkeypatch):
     code, _, err = run_cli([*args, "--out", tmp_path / "cut"])  # no --resume
     assert code == 1 and "--resume" in one_error_line(err)
 
-    monkeypatch.setattr(train_module, "fit", real_fit)
+    resume_normally()
     code, _, err = run_cli([*args, "--out", tmp_path / "cut", "--resume"])
     assert code == 0, err
     whole = json.loads((tmp_path / "whole" / "run.json").read_text())["metrics"]["test"]
