@@ -28,8 +28,8 @@ __all__ = [
 #: Rows per chunk when :meth:`Standardize.fit` walks over (possibly memory-mapped) data.
 _CHUNK_ROWS = 65536
 
-#: How a :class:`Standardize` layer scales: each column by its own standard deviation, or
-#: every column by one pooled standard deviation (columns measured on one common scale).
+#: How a :class:`Standardize` layer scales: each column by its own mean and standard
+#: deviation, or every column by one pooled pair (columns measured on one common scale).
 SCALES = ("columns", "pooled")
 
 #: The widest span of all columns together, in median column ranges, for which
@@ -121,6 +121,12 @@ def _column_summary(data: Any, name: str) -> tuple[np.ndarray, np.ndarray, np.nd
         )
     var = np.asarray(moments.var(ddof=0), dtype=np.float64)
     return np.asarray(moments.mean, dtype=np.float64), var, lo, hi
+
+
+def _pooled(mean: np.ndarray, var: np.ndarray) -> tuple[float, float]:
+    """The mean and standard deviation of all values taken as one sample, from the columns'
+    means and variances (the law of total variance, every column the same count)."""
+    return float(mean.mean()), math.sqrt(float(var.mean() + mean.var()))
 
 
 class Standardize(Transform):
@@ -242,9 +248,9 @@ class Standardize(Transform):
             DataError: NaN or inf in a row, or a constant (zero-variance) column.
         """
         mean, var, _, _ = _column_summary(data, name)
-        if pooled:  # all values as one sample: the law of total variance over the columns
-            var = np.full_like(var, var.mean() + mean.var())
-            mean = np.full_like(mean, mean.mean())
+        if pooled:
+            one_mean, one_std = _pooled(mean, var)
+            return np.full_like(mean, one_mean), np.full_like(var, one_std)
         return mean, np.sqrt(var)
 
     @staticmethod
@@ -272,7 +278,7 @@ class Standardize(Transform):
         span = float(hi.max() - lo.min())
         if span > ONE_RANGE_SPAN * float(np.median(hi - lo)):
             return "columns"
-        pooled_mean, pooled_std = float(mean.mean()), math.sqrt(float(var.mean() + mean.var()))
+        pooled_mean, pooled_std = _pooled(mean, var)
         reach = np.maximum(hi - mean, mean - lo) / np.sqrt(var)
         pooled_reach = max(hi.max() - pooled_mean, pooled_mean - lo.min()) / pooled_std
         return "pooled" if float(reach.max()) >= 2 * pooled_reach else "columns"
