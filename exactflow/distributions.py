@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .core import Compose, Transform
-from .transforms.normalization import Standardize
+from .transforms.standardize import Standardize
 from .validation import positive_int
 
 __all__ = ["Distribution", "StandardNormal", "DiagonalNormal", "Uniform", "Flow"]

@@ -158,7 +158,7 @@ class FlowDensity(DensityMixin, BaseEstimator):
         from . import models
         from .training import fit as train_fit
         from .training import fit_auto
-        from .transforms.normalization import resolve_standardize
+        from .transforms.standardize import resolve_standardize
 
         X = _validate_data(self, X, dtype=np.float64, ensure_min_samples=2)
         n, d = X.shape

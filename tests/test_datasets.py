@@ -299,7 +299,7 @@ class _CountingSubset(Subset):
 
 def test_validate_and_fit_work_in_chunks(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(ds.arrays, "CHUNK_ROWS", 7)
-    monkeypatch.setattr(ef.transforms.normalization, "_CHUNK_ROWS", 7)
+    monkeypatch.setattr(ef.transforms.standardize, "_CHUNK_ROWS", 7)
     arr = _good(60, 3).astype(np.float32)
     arr[:, 2] = 5.0
     np.save(tmp_path / "d.npy", arr)
@@ -524,7 +524,7 @@ def test_choose_scale_pools_columns_on_one_range_only() -> None:
 
 
 def test_resolve_standardize_says_what_a_builder_gets() -> None:
-    from exactflow.transforms.normalization import resolve_standardize
+    from exactflow.transforms.standardize import resolve_standardize
 
     assert resolve_standardize("auto", _pixels()) == "pooled"
     assert resolve_standardize("auto", _pixels() * [1, 1, 1, 1, 1, 1, 1, 1000]) is True

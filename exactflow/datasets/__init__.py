@@ -21,7 +21,7 @@ that ``log_prob`` stays in the units of the data, lives with the layers; it is i
 from here too, as in exactflow 0.1.
 """
 
-from ..transforms.normalization import Standardize
+from ..transforms.standardize import Standardize
 from ..validation import DataError
 from .arrays import CHUNK_ROWS, ArrayLike, LazyTable, Subset
 from .bundled import digits

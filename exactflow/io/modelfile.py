@@ -33,7 +33,7 @@ import torch
 from .._version import __version__
 from ..distributions import Flow
 from ..models import build
-from ..transforms.normalization import Standardize
+from ..transforms.standardize import Standardize
 from .files import CheckpointError, atomic_write_bytes, safe_torch_load
 
 __all__ = ["save", "load", "FORMAT_VERSION"]

@@ -16,7 +16,7 @@ from ..core import Compose
 from ..distributions import Flow, StandardNormal
 from ..gaussians import Gaussian, GaussianMixture
 from ..nn import MLP
-from ..transforms.normalization import Standardize, scale_of
+from ..transforms.standardize import Standardize, scale_of
 from ..validation import choice, hidden_sizes, positive_int
 
 __all__ = ["register", "build", "available", "standardize_layer"]

@@ -20,7 +20,7 @@ from ..datasets import split, validate
 from ..distributions import Flow
 from ..io import atomic_write_bytes, atomic_write_json, save
 from ..training import evaluate, fit, fit_auto
-from ..transforms.normalization import describe_standardize, resolve_standardize
+from ..transforms.standardize import describe_standardize, resolve_standardize
 from ..validation import DataError, fraction, positive_int
 from .data import _now, integer_columns, read_data, versions
 from .data import dequantize as dequantize_rows

@@ -56,7 +56,7 @@ import torch
 from ..distributions import Flow
 from ..gaussians import GaussianMixture
 from ..models import build
-from ..transforms.normalization import Standardize, describe_standardize, resolve_standardize
+from ..transforms.standardize import Standardize, describe_standardize, resolve_standardize
 from ..validation import positive_float, positive_int
 from .batches import wrap
 from .history import History

@@ -26,7 +26,8 @@ from ..gaussians import Gaussian, GaussianMixture
 from ..models import standardize_layer
 from ..scoring import eval_mode, module_device
 from ..stats import RunningMoments
-from ..transforms.normalization import BatchNorm, Standardize
+from ..transforms.normalization import BatchNorm
+from ..transforms.standardize import Standardize
 from .batches import Rows
 
 __all__ = ["prepare", "recalibrate_batch_norm", "MAX_FIT_ROWS"]

@@ -23,7 +23,7 @@ from torch import Tensor
 from ..distributions import Flow
 from ..models import standardize_layer
 from ..scoring import module_dtype
-from ..transforms.normalization import Standardize
+from ..transforms.standardize import Standardize
 from ..validation import DataError, fraction, non_negative_float, positive_int
 from .batches import Order, Rows, to_device, wrap, wrap_context
 from .calibrate import prepare, recalibrate_batch_norm

@@ -18,8 +18,9 @@ from .monotonic import (
     monotonic_map,
     register_map,
 )
-from .normalization import ActNorm, BatchNorm, Standardize
+from .normalization import ActNorm, BatchNorm
 from .planar import Planar, Radial
+from .standardize import Standardize
 
 __all__ = [
     "ElementwiseAffine",
