@@ -25,11 +25,73 @@ def rank_of(order: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("hidden", [(), (7,), (5, 6, 4)])
 def test_mlp_shapes_and_depth(hidden: tuple[int, ...]) -> None:
     net = MLP(3, 4, hidden=hidden, activation=nn.Tanh)
-    linears = [m for m in net if isinstance(m, nn.Linear)]
-    assert len(linears) == len(hidden) + 1
-    assert [m.out_features for m in linears] == [*hidden, 4]
-    assert sum(isinstance(m, nn.Tanh) for m in net) == len(hidden)
+    assert net.layers == len(hidden) + 1
+    assert [net.linear(i)[0].shape for i in range(net.layers)] == [
+        (b, a) for a, b in zip((3, *hidden), (*hidden, 4), strict=True)
+    ]
+    assert [type(m) for m in net.activations()] == [nn.Tanh] * len(hidden)
     assert net(torch.randn(2, 3)).shape == (2, 4)
+    assert [p.numel() for p in net.parameters()] == [
+        sum(a * b + b for a, b in zip((3, *hidden), (*hidden, 4), strict=True))
+    ]
+
+
+@pytest.mark.parametrize("activation", [nn.ReLU, nn.Tanh, ef.nn.with_dropout(0.5)])
+def test_mlp_is_the_sequential_network_it_stores(activation) -> None:
+    torch.manual_seed(3)
+    net = MLP(3, 4, hidden=(7, 5), activation=activation).double().eval()
+    torch.manual_seed(3)
+    twin = nn.Sequential(nn.Linear(3, 7), activation(), nn.Linear(7, 5), activation(),
+                         nn.Linear(5, 4)).double().eval()
+    # Same seed, same initialization; the state dict has the Sequential's keys and shapes.
+    assert {k: v.shape for k, v in net.state_dict().items()} == {
+        k: v.shape for k, v in twin.state_dict().items()}
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in twin.state_dict().items())
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.normal_(0, 0.7)
+    net.load_state_dict(twin.state_dict())
+    x = torch.randn(9, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.allclose(net(x), twin(x), rtol=1e-13, atol=1e-13)
+    g = torch.randn(9, 4, dtype=torch.float64)
+    grad_net = torch.autograd.grad(net(x), [x, net.packed], g)
+    grad_twin = torch.autograd.grad(twin(x), [x, *twin.parameters()], g)
+    assert torch.allclose(grad_net[0], grad_twin[0], rtol=1e-12, atol=1e-12)
+    flat = torch.cat([t.reshape(-1) for t in grad_twin[1:]])
+    assert torch.allclose(grad_net[1], flat, rtol=1e-12, atol=1e-12)
+
+
+def test_mlp_fused_backward_is_differentiable_again_and_under_torch_func() -> None:
+    net = perturb(MLP(3, 2, hidden=(6, 5)).double())
+    x = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    packed = net.packed.detach().clone().requires_grad_()
+
+    def call(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(net, {"packed": packed}, (x,))
+
+    assert type(call(x, packed).grad_fn).__name__ == "_MLPFunctionBackward"
+    assert torch.autograd.gradcheck(call, (x, packed))
+    assert torch.autograd.gradgradcheck(call, (x, packed))
+    # torch.func (jacrev) takes the composable pass: the same Jacobian.
+    jac = torch.func.jacrev(net)(x[0].detach())
+    auto = torch.autograd.functional.jacobian(lambda v: net(v.unsqueeze(0))[0], x[0].detach())
+    assert torch.allclose(jac, auto, atol=1e-12)
+
+
+def test_mlp_state_dict_errors_are_clear() -> None:
+    net = MLP(3, 4, hidden=(5,))
+    state = net.state_dict()
+    with pytest.raises(RuntimeError, match=r"size mismatch for 2.weight"):
+        net.load_state_dict({**state, "2.weight": torch.zeros(4, 6)})
+    with pytest.raises(RuntimeError, match=r"Missing key.*0.bias"):
+        net.load_state_dict({k: v for k, v in state.items() if k != "0.bias"})
+    with pytest.raises(RuntimeError, match=r"Unexpected key.*packed"):
+        net.load_state_dict({**state, "packed": net.packed.detach()})
+    # assign=True takes the stored dtype, as nn.Linear layers would.
+    double = {k: v.double() for k, v in state.items()}
+    net.load_state_dict(double, assign=True)
+    assert net.packed.dtype == torch.float64 and isinstance(net.packed, nn.Parameter)
+    assert net(torch.randn(2, 3, dtype=torch.float64)).dtype == torch.float64
 
 
 def test_mlp_zero_last_outputs_zero_until_trained() -> None:
@@ -38,7 +100,8 @@ def test_mlp_zero_last_outputs_zero_until_trained() -> None:
     out = net(torch.randn(6, 3)).sum()
     out.backward()
     # Gradient reaches the zeroed last layer, so training moves it off zero.
-    assert net[-1].weight.grad is not None and net[-1].weight.grad.abs().sum() > 0
+    last = net.unpack(net.packed.grad)[-2]
+    assert last.abs().sum() > 0
     assert not torch.equal(MLP(3, 5, hidden=(8,))(torch.randn(6, 3)), torch.zeros(6, 5))
 
 

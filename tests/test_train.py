@@ -348,6 +348,22 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, make):
     assert all(torch.equal(whole_state[k], v) for k, v in again.state_dict().items())
 
 
+def test_resume_of_a_checkpoint_with_per_layer_optimizer_state_is_a_clear_error(tmp_path):
+    # exactflow 0.1 kept two tensors per conditioner layer; its optimizer state has one
+    # entry per tensor, which the packed networks of this version cannot take.
+    data = gaussian_data(300)
+    path = tmp_path / "run.ckpt"
+    fit(ef.models.realnvp(2, layers=2, hidden=(8,)), data, steps=4, batch_size=64,
+        checkpoint=path, **CPU)
+    payload = torch.load(path, weights_only=True)
+    group = payload["optimizer"]["param_groups"][0]
+    group["params"] = group["params"] + [max(group["params"]) + 1]
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match="optimizer state.*exactflow 0.1 cannot be resumed"):
+        fit(ef.models.realnvp(2, layers=2, hidden=(8,)), data, steps=8, batch_size=64,
+            checkpoint=path, resume=True, **CPU)
+
+
 def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
     data = gaussian_data(300)
     path = tmp_path / "run.ckpt"

@@ -22,7 +22,7 @@ from .passes import (
     expand_weights,
     fused_backward,
     fused_pass,
-    is_functorch,
+    is_plain,
     layer_weights,
 )
 
@@ -267,12 +267,7 @@ class MADE(nn.Module):
     def _plain(self, t: Tensor) -> bool:
         """Plain eager float computation: no ``torch.compile`` trace, no ``torch.func``
         transform, no autocast (whose ops the composable pass leaves to autocast's rules)."""
-        return not (
-            torch.compiler.is_compiling()
-            or torch.is_autocast_enabled(t.device.type)
-            or is_functorch(t)
-            or is_functorch(self.packed)
-        )
+        return is_plain(t, self.packed)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """Parameters ``(batch, features, outputs)``; row ``i`` depends on ``x[:, order[:k]]``."""

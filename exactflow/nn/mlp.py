@@ -8,14 +8,19 @@ checks of sizes and counts that :class:`~exactflow.nn.MADE` uses too.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .passes import is_plain
+
 __all__ = ["MLP", "MaskedLinear", "resolve_order", "Activation", "with_dropout"]
 
 Activation = Callable[[], nn.Module]
+
+_threshold_backward = torch.ops.aten.threshold_backward.grad_input
 
 
 def with_dropout(p: float, activation: Activation = nn.ReLU) -> Activation:
@@ -55,10 +60,53 @@ def _count(value: int, name: str, minimum: int) -> int:
     return int(value)
 
 
-class MLP(nn.Sequential):
+class _MLPFunction(torch.autograd.Function):
+    """A ReLU :class:`MLP`'s pass with a hand-written backward (one graph node).
+
+    The weight and bias gradients are written straight into one tensor laid out like
+    :attr:`MLP.packed`. Under ``create_graph=True`` the backward recomputes the pass with
+    differentiable ops, so higher derivatives stay exact.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, packed: Tensor, net: MLP) -> Tensor:
+        out, inputs = relu_pass(x, net.unpack(packed))
+        ctx.net, ctx.inputs = net, inputs
+        ctx.save_for_backward(x, packed)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        x, packed = ctx.saved_tensors
+        net: MLP = ctx.net
+        need_x, need_packed = ctx.needs_input_grad[:2]
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
+            with torch.enable_grad():
+                out = net._composable(x, packed)
+            wanted = [t for t, need in ((x, need_x), (packed, need_packed)) if need]
+            found = iter(torch.autograd.grad(out, wanted, grad, create_graph=True))
+            return (next(found) if need_x else None, next(found) if need_packed else None, None)
+        grads = torch.empty_like(packed) if need_packed else None
+        grad_views = None if grads is None else net.unpack(grads)
+        grad_x = relu_backward(grad, ctx.inputs, net.unpack(packed), need_x, grad_views)
+        return grad_x, grads, None
+
+
+class MLP(nn.Module):
     """A fully connected network ``in_features -> hidden... -> out_features``.
 
     Linear layers with an activation between them (none after the last layer).
+
+    All weights and biases live in one trainable tensor, :attr:`packed` (layer after layer,
+    the ``(out, in)`` weight row by row, then the bias), so an optimizer updates one tensor
+    per network instead of two per layer. :meth:`linear` gives layer ``i``'s weight and
+    bias as views of it. The ``state_dict`` keeps the layout of a ``nn.Sequential`` of
+    ``nn.Linear`` layers (``0.weight``, ``0.bias``, ``2.weight``, ...), so files written
+    by earlier versions load and files written now have the same keys. With ``nn.ReLU``
+    (the default) the pass runs without autograd inside one graph node with a hand-written
+    backward; other activations, ``torch.compile``, ``torch.func`` transforms and autocast
+    run differentiable torch ops. A seed draws the same network as ``nn.Linear`` layers
+    would (same initialization, same order).
 
     Args:
         in_features: input size.
@@ -74,7 +122,11 @@ class MLP(nn.Sequential):
         >>> net = MLP(3, 4, hidden=(16, 16), zero_last=True)
         >>> net(torch.randn(5, 3)).abs().max()
         tensor(0., grad_fn=<MaxBackward1>)
+        >>> [p.shape for p in net.linear(0)]
+        [torch.Size([16, 3]), torch.Size([16])]
     """
+
+    packed: nn.Parameter
 
     def __init__(
         self,
@@ -84,21 +136,179 @@ class MLP(nn.Sequential):
         activation: Activation = nn.ReLU,
         zero_last: bool = False,
     ) -> None:
+        super().__init__()
         in_features = _count(in_features, "in_features", 1)
         out_features = _count(out_features, "out_features", 1)
-        sizes = (in_features, *_hidden_sizes(hidden), out_features)
-        layers: list[nn.Module] = []
-        linear = nn.Linear(sizes[0], sizes[1])
-        layers.append(linear)
-        for a, b in zip(sizes[1:-1], sizes[2:], strict=True):
-            linear = nn.Linear(a, b)
-            layers += [activation(), linear]
-        super().__init__(*layers)
         self.in_features = in_features
         self.out_features = out_features
+        self.hidden = _hidden_sizes(hidden)
+        sizes = (in_features, *self.hidden, out_features)
+        #: Per layer: the shapes of its weight and bias, in the order of ``packed``.
+        pairs = zip(sizes[:-1], sizes[1:], strict=True)
+        self._shapes = [shape for a, b in pairs for shape in ((b, a), (b,))]
+        self._numels = [int(torch.Size(s).numel()) for s in self._shapes]
+        # Drawn as nn.Linear layers, in the same order: a seed gives the same network.
+        linears = []
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+            linears.append(nn.Linear(a, b))
+            if i < len(sizes) - 2:  # activations sit at the odd positions of a Sequential
+                self.add_module(str(2 * i + 1), activation())
         if zero_last:
-            nn.init.zeros_(linear.weight)
-            nn.init.zeros_(linear.bias)
+            nn.init.zeros_(linears[-1].weight)
+            nn.init.zeros_(linears[-1].bias)
+        with torch.no_grad():
+            packed = torch.cat([t.reshape(-1) for m in linears for t in (m.weight, m.bias)])
+        self.packed = nn.Parameter(packed)
+
+    @property
+    def layers(self) -> int:
+        """The number of linear layers."""
+        return len(self._shapes) // 2
+
+    def unpack(self, packed: Tensor) -> list[Tensor]:
+        """``[weight, bias]`` of every layer in turn as views of ``packed`` (or of any
+        tensor laid out like it, such as its gradient)."""
+        parts = packed.split(self._numels)
+        return [part.view(shape) for part, shape in zip(parts, self._shapes, strict=True)]
+
+    def linear(self, i: int) -> tuple[Tensor, Tensor]:
+        """Layer ``i``'s ``(weight, bias)``, views of :attr:`packed` (``i = -1``: the last)."""
+        views = self.unpack(self.packed)
+        i = range(self.layers)[i]
+        return views[2 * i], views[2 * i + 1]
+
+    def activations(self) -> list[nn.Module]:
+        """The activation modules, in order (one between consecutive layers)."""
+        return [self._modules[str(2 * i + 1)] for i in range(self.layers - 1)]  # type: ignore[misc]
+
+    @property
+    def relu(self) -> bool:
+        """Whether every activation is a plain ``nn.ReLU`` (the case of the fused pass)."""
+        return all(type(m) is nn.ReLU for m in self._modules.values())
+
+    def _composable(self, x: Tensor, packed: Tensor) -> Tensor:
+        """The pass in differentiable torch ops (any activation, compile, torch.func)."""
+        views = self.unpack(packed)
+        activations = self.activations()
+        h = x
+        for i in range(self.layers):
+            h = F.linear(h, views[2 * i], views[2 * i + 1])
+            if i < len(activations):
+                h = activations[i](h)
+        return h
+
+    def forward(self, x: Tensor) -> Tensor:
+        packed = self.packed
+        if not (self.relu and is_plain(x, packed)):
+            return self._composable(x, packed)
+        if torch.is_grad_enabled() and (x.requires_grad or packed.requires_grad):
+            return _MLPFunction.apply(x, packed, self)
+        return relu_pass(x, self.unpack(packed))[0]
+
+    # -- the state dict of a Sequential of Linear layers ----------------------------------
+
+    def _keys(self, prefix: str) -> list[str]:
+        names = ("weight", "bias")
+        return [f"{prefix}{2 * i}.{name}" for i in range(self.layers) for name in names]
+
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        packed = self.packed if keep_vars else self.packed.detach()
+        for key, view in zip(self._keys(prefix), self.unpack(packed), strict=True):
+            destination[key] = view
+
+    def _load_from_state_dict(
+        self,
+        state_dict: Any,
+        prefix: str,
+        local_metadata: Any,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        keys = self._keys(prefix)
+        ours = set(keys)
+        if strict:
+            for key in state_dict:
+                rest = key[len(prefix) :]
+                if key.startswith(prefix) and key not in ours and rest.split(".")[0] not in (
+                    self._modules
+                ):
+                    unexpected_keys.append(key)
+        views = self.unpack(self.packed)
+        loaded: list[Tensor] = []
+        for key, view in zip(keys, views, strict=True):
+            if key not in state_dict:
+                if strict:
+                    missing_keys.append(key)
+                continue
+            value = state_dict[key]
+            if not isinstance(value, Tensor) or value.shape != view.shape:
+                shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                error_msgs.append(
+                    f"size mismatch for {key}: copying a param with shape {shape} from "
+                    f"checkpoint, the shape in current model is {tuple(view.shape)}."
+                )
+                continue
+            loaded.append(value)
+        if len(loaded) != len(keys):
+            return
+        if local_metadata.get("assign_to_params_buffers", False):
+            # assign=True: take the stored tensors' dtype and device, as nn.Linear would.
+            packed = torch.cat([t.detach().reshape(-1) for t in loaded])
+            self.packed = nn.Parameter(packed, requires_grad=self.packed.requires_grad)
+        else:
+            with torch.no_grad():
+                for view, value in zip(views, loaded, strict=True):
+                    view.copy_(value)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, hidden={self.hidden}, "
+            f"out_features={self.out_features}, parameters={self.packed.numel()}"
+        )
+
+
+def relu_pass(x: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    """A ReLU network's forward pass without autograd, each ReLU applied in place.
+
+    ``params`` is ``[weight, bias]`` per linear layer (:meth:`MLP.unpack`). Returns the
+    output and every layer's input, which :func:`relu_backward` needs.
+    """
+    inputs = [x]
+    h = x
+    last = len(params) // 2 - 1
+    for i in range(last + 1):
+        h = torch.addmm(params[2 * i + 1], h, params[2 * i].t())
+        if i < last:
+            h.relu_()
+            inputs.append(h)
+    return h, inputs
+
+
+def relu_backward(
+    g: Tensor,
+    inputs: list[Tensor],
+    params: Sequence[Tensor],
+    need_x: bool,
+    grads: Sequence[Tensor] | None,
+) -> Tensor | None:
+    """The gradients of :func:`relu_pass` for the output gradient ``g``.
+
+    Writes ``[grad of weight, grad of bias]`` per layer into ``grads`` (views laid out like
+    ``params``; None: not wanted) and returns the gradient of ``x`` (None unless
+    ``need_x``). The ReLU's backward runs in place on the input gradient (a unit's output
+    is positive exactly where its pre-activation is).
+    """
+    for i in range(len(params) // 2 - 1, -1, -1):
+        if grads is not None:
+            torch.mm(g.t(), inputs[i], out=grads[2 * i])
+            torch.sum(g, 0, out=grads[2 * i + 1])
+        if i == 0:
+            return g.mm(params[0]) if need_x else None
+        g_in = g.mm(params[2 * i])
+        g = _threshold_backward(g_in, inputs[i], 0, grad_input=g_in)
+    return None
 
 
 class MaskedLinear(nn.Linear):

@@ -23,6 +23,7 @@ from .layout import Layout
 
 __all__ = [
     "is_functorch",
+    "is_plain",
     "expand_weights",
     "layer_weights",
     "fused_pass",
@@ -49,6 +50,18 @@ def is_functorch(t: Tensor) -> bool:
         return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
     except AttributeError:  # a torch without these internals: treat as plain
         return False
+
+
+def is_plain(t: Tensor, *others: Tensor) -> bool:
+    """Plain eager computation, where hand-written passes apply: no ``torch.compile``
+    trace, no autocast on ``t``'s device (its ops follow autocast's rules), and no
+    ``torch.func`` transform wrapping any of the tensors."""
+    return not (
+        torch.compiler.is_compiling()
+        or torch.is_autocast_enabled(t.device.type)
+        or is_functorch(t)
+        or any(is_functorch(o) for o in others)
+    )
 
 
 def expand_weights(packed: Tensor, layout: Layout, scatter: Tensor) -> Tensor:

@@ -121,11 +121,21 @@ def _restore(ckpt: Checkpoint, payload: dict[str, Any]) -> None:
         )
     try:
         flow.load_state_dict(payload["model"])
-        ckpt.optimizer.load_state_dict(payload["optimizer"])
     except (RuntimeError, ValueError, KeyError) as err:
         raise CheckpointError(
             f"the checkpoint {str(path)!r} does not fit this flow (a different architecture?): "
             + " ".join(str(err).split())[:500]
+        ) from None
+    try:
+        ckpt.optimizer.load_state_dict(payload["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        # The weights fit but the optimizer's tensors do not: exactflow 0.1 kept two tensors
+        # per layer in its conditioner networks, where 0.2 keeps one per network.
+        raise CheckpointError(
+            f"the optimizer state in {str(path)!r} does not fit this flow's parameters ("
+            + " ".join(str(err).split())[:300]
+            + "); a checkpoint written by exactflow 0.1 cannot be resumed by this version: "
+            "start the run again, or finish it with exactflow 0.1"
         ) from None
     ckpt.guard.model_state = payload["guard"]["model"]
     ckpt.guard.optimizer_state = payload["guard"]["optimizer"]

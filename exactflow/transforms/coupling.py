@@ -18,12 +18,15 @@ maps. A layer leaves ``A`` unchanged, so stack layers with alternating masks.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..core import Transform
 from ..nn import MLP, Activation
+from ..nn.mlp import relu_backward, relu_pass
+from ..nn.passes import is_plain
 from .monotonic import AdditiveMap, AffineMap, MonotonicMap, SplineMap, monotonic_map
 
 __all__ = ["Coupling", "AdditiveCoupling", "AffineCoupling", "SplineCoupling", "coupling_mask"]
@@ -84,6 +87,81 @@ def coupling_mask(features: int, mask: str | Sequence[bool] | Tensor) -> Tensor:
             f"this one transforms {n} of {features}"
         )
     return m.clone()
+
+
+_tanh_backward = torch.ops.aten.tanh_backward
+
+
+class _FusedAffineCoupling(torch.autograd.Function):
+    """The density direction of an affine coupling with a ReLU :class:`MLP`, fused.
+
+    ``z_B = x_B * exp(s) + t`` with ``(t, a) = MLP(x_A, context)`` and
+    ``s = bound * tanh(a / bound)`` (:class:`~exactflow.transforms.monotonic.AffineMap`),
+    ``log|det| = sum(s)``. The network runs without autograd (ReLUs in place) and the
+    derivatives of the map and the network are written out by hand, the network's
+    straight into one gradient of its packed parameters: one graph node per layer instead
+    of one per operation. Under ``create_graph=True`` the backward recomputes the layer
+    with differentiable ops.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, context: Tensor | None, packed: Tensor, layer: Coupling
+    ) -> tuple[Tensor, Tensor]:
+        net: MLP = layer.conditioner  # type: ignore[assignment]
+        x_a = x.index_select(1, layer.identity_index)
+        x_b = x.index_select(1, layer.transformed_index)
+        inputs = x_a if context is None else torch.cat([x_a, context], 1)
+        views = net.unpack(packed)
+        out, saved = relu_pass(inputs, views)
+        shift, raw = out.view(x.shape[0], -1, 2).unbind(2)
+        bound = layer.monotonic.scale_bound  # type: ignore[attr-defined]
+        tanh = torch.tanh(raw / bound)
+        log_scale = tanh * bound  # the values of AffineMap
+        scale = torch.exp(log_scale)
+        scaled = x_b * scale
+        z = torch.cat([x_a, scaled + shift], dim=1)
+        ctx.layer, ctx.inputs, ctx.views = layer, saved, views
+        ctx.save_for_backward(x, context, packed, tanh, scale, scaled)
+        return z.index_select(1, layer.unshuffle), log_scale.sum(dim=1)
+
+    @staticmethod
+    def backward(ctx: Any, grad_z: Tensor, grad_log_det: Tensor) -> tuple[Tensor | None, ...]:
+        x, context, packed, tanh, scale, scaled = ctx.saved_tensors
+        layer: Coupling = ctx.layer
+        need_x, need_c, need_packed = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
+            wanted = [(t, n) for t, n in ((x, need_x), (context, need_c), (packed, need_packed))]
+            with torch.enable_grad():
+                z, log_det = layer._couple_generic(x, context, packed, inverse=False)
+            tensors = [t for t, n in wanted if n]
+            found = iter(torch.autograd.grad(
+                (z, log_det), tensors, (grad_z, grad_log_det), create_graph=True,
+                allow_unused=True,
+            ))
+            grads = [next(found) if n else None for _, n in wanted]
+            return (*(torch.zeros_like(t) if n and g is None else g
+                      for (t, n), g in zip(wanted, grads, strict=True)), None)
+        # (Gradients of unused outputs arrive as zeros.) z_B = x_B * exp(s) + t with
+        # s = bound * tanh(a / bound): dz_B/dt = 1, dz_B/da = x_B exp(s) (1 - tanh^2), and
+        # log|det| adds ds/da = 1 - tanh^2.
+        g_a = grad_z.index_select(1, layer.identity_index)
+        g_b = grad_z.index_select(1, layer.transformed_index)
+        g_raw = _tanh_backward(torch.addcmul(grad_log_det.unsqueeze(1), g_b, scaled), tanh)
+        g_out = torch.stack([g_b, g_raw], dim=2).view(g_b.shape[0], -1)
+        grad_packed = torch.empty_like(packed) if need_packed else None
+        net: MLP = layer.conditioner  # type: ignore[assignment]
+        g_in = relu_backward(
+            g_out, ctx.inputs, ctx.views, need_x or need_c,
+            None if grad_packed is None else net.unpack(grad_packed),
+        )
+        grad_x = grad_c = None
+        if g_in is not None and need_c:
+            grad_c = g_in[:, g_a.shape[1] :]
+        if g_in is not None and need_x:
+            g_a.add_(g_in[:, : g_a.shape[1]])  # directly, and through the network
+            grad_x = torch.cat([g_a, g_b.mul_(scale)], dim=1).index_select(1, layer.unshuffle)
+        return grad_x, grad_c, grad_packed, None
 
 
 class Coupling(Transform):
@@ -174,19 +252,39 @@ class Coupling(Transform):
                     f"conditioner must return an nn.Module, got {type(self.conditioner).__name__}"
                 )
 
-    def _params(self, x_a: Tensor, context: Tensor | None) -> Tensor:
+    def _params(self, x_a: Tensor, context: Tensor | None, packed: Tensor | None) -> Tensor:
         # (The call checks that a conditional layer gets its context.)
         if self.context_features == 0 or context is None:
             inputs = x_a
         else:
             inputs = torch.cat([x_a, context], dim=1)
-        params = self.conditioner(inputs)
+        if packed is None:
+            params = self.conditioner(inputs)
+        else:  # the default network's pass with given weights (the fused layer's backward)
+            params = self.conditioner._composable(inputs, packed)  # type: ignore[operator]
         return params.reshape(x_a.shape[0], -1, self.monotonic.params_per_feature)
 
     def _couple(self, x: Tensor, context: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
+        if self.context_features == 0:
+            context = None
+        net = self.conditioner
+        if (
+            not inverse
+            and type(self.monotonic) is AffineMap
+            and isinstance(net, MLP)
+            and net.relu
+            and is_plain(x, net.packed, *(() if context is None else (context,)))
+        ):
+            # The default network: the density direction runs fused (same values).
+            return _FusedAffineCoupling.apply(x, context, net.packed, self)
+        return self._couple_generic(x, context, None, inverse)
+
+    def _couple_generic(
+        self, x: Tensor, context: Tensor | None, packed: Tensor | None, inverse: bool
+    ) -> tuple[Tensor, Tensor]:
         x_a = x.index_select(1, self.identity_index)
         x_b = x.index_select(1, self.transformed_index)
-        params = self._params(x_a, context)
+        params = self._params(x_a, context, packed)
         if inverse:
             y_b, log_det = self.monotonic.inverse(x_b, params)
         else:
