@@ -85,13 +85,55 @@ def test_mlp_state_dict_errors_are_clear() -> None:
         net.load_state_dict({**state, "2.weight": torch.zeros(4, 6)})
     with pytest.raises(RuntimeError, match=r"Missing key.*0.bias"):
         net.load_state_dict({k: v for k, v in state.items() if k != "0.bias"})
-    with pytest.raises(RuntimeError, match=r"Unexpected key.*packed"):
-        net.load_state_dict({**state, "packed": net.packed.detach()})
+    with pytest.raises(RuntimeError, match=r"Unexpected key.*4.weight"):
+        net.load_state_dict({**state, "4.weight": torch.zeros(4, 4)})
     # assign=True takes the stored dtype, as nn.Linear layers would.
     double = {k: v.double() for k, v in state.items()}
     net.load_state_dict(double, assign=True)
     assert net.packed.dtype == torch.float64 and isinstance(net.packed, nn.Parameter)
     assert net(torch.randn(2, 3, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_mlp_partial_load_and_state_dict_entries_of_their_own(tmp_path: Path) -> None:
+    net, other = MLP(3, 4, hidden=(5,)), perturb(MLP(3, 4, hidden=(5,)))
+    first = {k: v for k, v in other.state_dict().items() if k.startswith("0.")}
+    result = net.load_state_dict(first, strict=False)
+    assert result.missing_keys == ["2.weight", "2.bias"] and not result.unexpected_keys
+    assert torch.equal(net.linear(0)[0], other.linear(0)[0])
+    assert not torch.equal(net.linear(1)[0], other.linear(1)[0])
+    # Each entry has its own storage: safetensors writes the state dict as it is.
+    from safetensors.torch import load_file, save_file
+
+    save_file(other.state_dict(), str(tmp_path / "net.safetensors"))
+    net.load_state_dict(load_file(str(tmp_path / "net.safetensors")))
+    assert torch.equal(net.packed, other.packed)
+
+
+def test_mlp_takes_any_leading_shape_and_keeps_hooks() -> None:
+    net = perturb(MLP(3, 4, hidden=(6,)).double())
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    rows = net(x.reshape(10, 3)).reshape(2, 5, 4)
+    assert torch.allclose(net(x), rows, atol=1e-14)
+    assert torch.allclose(net(x[0, 0]), rows[0, 0], atol=1e-14)
+    seen = []
+    net.activations()[0].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    net(torch.randn(7, 3, dtype=torch.float64, requires_grad=True)).sum().backward()
+    assert seen == [(7, 6)]
+
+
+def test_mlp_forward_mode_ad_and_torch_func_over_other_tensors() -> None:
+    import torch.autograd.forward_ad as fwAD
+
+    net = perturb(MLP(3, 2, hidden=(6,)).double())
+    x, v = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(net(fwAD.make_dual(x, v))).tangent
+    _, expected = torch.autograd.functional.jvp(net, x, v)
+    assert torch.allclose(tangent, expected, atol=1e-12)
+    # A transform active over a tensor the network does not see.
+    scale = torch.tensor(2.0, dtype=torch.float64)
+    grad = torch.func.grad(lambda s: (net(x) * s).sum())(scale)
+    assert torch.allclose(grad, net(x).sum())
 
 
 def test_mlp_zero_last_outputs_zero_until_trained() -> None:

@@ -24,6 +24,7 @@ from .passes import (
     fused_pass,
     is_plain,
     layer_weights,
+    recomputed_grads,
 )
 
 __all__ = ["MADE"]
@@ -55,14 +56,12 @@ class _MADEFunction(torch.autograd.Function):
         made: MADE = ctx.made
         need_x, need_packed = ctx.needs_input_grad[:2]
         if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
-            with torch.enable_grad():
-                out = made._composable(x_in, packed)
-            wanted = [t for t, need in ((x_in, need_x), (packed, need_packed)) if need]
-            # allow_unused: with one feature and no context the output does not depend on x.
-            found = torch.autograd.grad(out, wanted, grad, create_graph=True, allow_unused=True)
-            grads = iter(torch.zeros_like(t) if g is None else g
-                         for t, g in zip(wanted, found, strict=True))
-            return (next(grads) if need_x else None, next(grads) if need_packed else None, None)
+            # (With one feature and no context the output does not depend on x: zeros.)
+            grad_x, grad_packed = recomputed_grads(
+                lambda: made._composable(x_in, packed), (x_in, packed), (need_x, need_packed),
+                grad,
+            )
+            return grad_x, grad_packed, None
         g = grad.t().contiguous()
         grad_x, grad_packed = made._fused_backward(g, ctx.weights, ctx.inputs, need_x)
         return (None if grad_x is None else grad_x.t().contiguous()), grad_packed, None

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .passes import is_plain
+from .passes import is_plain, recomputed_grads
 
 __all__ = ["MLP", "MaskedLinear", "resolve_order", "Activation", "with_dropout"]
 
@@ -81,11 +81,10 @@ class _MLPFunction(torch.autograd.Function):
         net: MLP = ctx.net
         need_x, need_packed = ctx.needs_input_grad[:2]
         if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
-            with torch.enable_grad():
-                out = net._composable(x, packed)
-            wanted = [t for t, need in ((x, need_x), (packed, need_packed)) if need]
-            found = iter(torch.autograd.grad(out, wanted, grad, create_graph=True))
-            return (next(found) if need_x else None, next(found) if need_packed else None, None)
+            grad_x, grad_packed = recomputed_grads(
+                lambda: net._composable(x, packed), (x, packed), (need_x, need_packed), grad
+            )
+            return grad_x, grad_packed, None
         grads = torch.empty_like(packed) if need_packed else None
         grad_views = None if grads is None else net.unpack(grads)
         grad_x = relu_backward(grad, ctx.inputs, net.unpack(packed), need_x, grad_views)
@@ -159,6 +158,7 @@ class MLP(nn.Module):
         with torch.no_grad():
             packed = torch.cat([t.reshape(-1) for m in linears for t in (m.weight, m.bias)])
         self.packed = nn.Parameter(packed)
+        self.register_load_state_dict_pre_hook(_join_layers)
 
     @property
     def layers(self) -> int:
@@ -183,8 +183,12 @@ class MLP(nn.Module):
 
     @property
     def relu(self) -> bool:
-        """Whether every activation is a plain ``nn.ReLU`` (the case of the fused pass)."""
-        return all(type(m) is nn.ReLU for m in self._modules.values())
+        """Whether every activation is a plain ``nn.ReLU`` without hooks (the fused pass
+        calls no module, so it applies only where no hook would be skipped)."""
+        return all(
+            type(m) is nn.ReLU and not (m._forward_hooks or m._forward_pre_hooks)
+            for m in self._modules.values()
+        )
 
     def _composable(self, x: Tensor, packed: Tensor) -> Tensor:
         """The pass in differentiable torch ops (any activation, compile, torch.func)."""
@@ -198,8 +202,9 @@ class MLP(nn.Module):
         return h
 
     def forward(self, x: Tensor) -> Tensor:
+        """``(*, in_features) -> (*, out_features)``."""
         packed = self.packed
-        if not (self.relu and is_plain(x, packed)):
+        if not (x.dim() == 2 and self.relu and is_plain(x, packed)):
             return self._composable(x, packed)
         if torch.is_grad_enabled() and (x.requires_grad or packed.requires_grad):
             return _MLPFunction.apply(x, packed, self)
@@ -212,61 +217,62 @@ class MLP(nn.Module):
         return [f"{prefix}{2 * i}.{name}" for i in range(self.layers) for name in names]
 
     def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
-        packed = self.packed if keep_vars else self.packed.detach()
-        for key, view in zip(self._keys(prefix), self.unpack(packed), strict=True):
-            destination[key] = view
-
-    def _load_from_state_dict(
-        self,
-        state_dict: Any,
-        prefix: str,
-        local_metadata: Any,
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        keys = self._keys(prefix)
-        ours = set(keys)
-        if strict:
-            for key in state_dict:
-                rest = key[len(prefix) :]
-                if key.startswith(prefix) and key not in ours and rest.split(".")[0] not in (
-                    self._modules
-                ):
-                    unexpected_keys.append(key)
-        views = self.unpack(self.packed)
-        loaded: list[Tensor] = []
-        for key, view in zip(keys, views, strict=True):
-            if key not in state_dict:
-                if strict:
-                    missing_keys.append(key)
-                continue
-            value = state_dict[key]
-            if not isinstance(value, Tensor) or value.shape != view.shape:
-                shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-                error_msgs.append(
-                    f"size mismatch for {key}: copying a param with shape {shape} from "
-                    f"checkpoint, the shape in current model is {tuple(view.shape)}."
-                )
-                continue
-            loaded.append(value)
-        if len(loaded) != len(keys):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        packed = destination.pop(prefix + "packed", None)
+        if packed is None:
             return
-        if local_metadata.get("assign_to_params_buffers", False):
-            # assign=True: take the stored tensors' dtype and device, as nn.Linear would.
-            packed = torch.cat([t.detach().reshape(-1) for t in loaded])
-            self.packed = nn.Parameter(packed, requires_grad=self.packed.requires_grad)
-        else:
-            with torch.no_grad():
-                for view, value in zip(views, loaded, strict=True):
-                    view.copy_(value)
+        for key, view in zip(self._keys(prefix), self.unpack(packed), strict=True):
+            # Copies: each entry its own storage, as separate layers had (safetensors, for
+            # one, refuses tensors that share memory).
+            destination[key] = view if keep_vars else view.clone()
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, hidden={self.hidden}, "
             f"out_features={self.out_features}, parameters={self.packed.numel()}"
         )
+
+
+def _join_layers(
+    module: MLP,
+    state_dict: dict[str, Any],
+    prefix: str,
+    local_metadata: dict[str, Any],
+    strict: bool,
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+    error_msgs: list[str],
+) -> None:
+    """Load hook: the per-layer entries (``0.weight``, ``0.bias``, ...) into ``packed``.
+
+    A missing or misshapen entry is reported as ``nn.Linear`` layers would report it, and
+    its part of ``packed`` keeps the current values (so a ``strict=False`` load of some
+    layers loads those layers).
+    """
+    if prefix + "packed" in state_dict:
+        return
+    current = module.unpack(module.packed.detach())
+    pieces = []
+    for key, now in zip(module._keys(prefix), current, strict=True):
+        value = state_dict.pop(key, None)
+        if value is None:
+            missing_keys.append(key)
+            value = now
+        elif not isinstance(value, Tensor) or value.shape != now.shape:
+            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            error_msgs.append(
+                f"size mismatch for {key}: copying a param with shape {shape} from "
+                f"checkpoint, the shape in current model is {tuple(now.shape)}."
+            )
+            value = now
+        pieces.append(value.detach().reshape(-1))
+    if len({(t.dtype, t.device) for t in pieces}) > 1:
+        error_msgs.append(
+            f"{prefix or 'the MLP'}: its layers' tensors differ in dtype or device: "
+            + ", ".join(f"{t.dtype} on {t.device}" for t in pieces)
+        )
+        return
+    state_dict[prefix + "packed"] = torch.cat(pieces)
 
 
 def relu_pass(x: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:

@@ -14,16 +14,18 @@ and out of that order.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _module
 
 from .layout import Layout
 
 __all__ = [
     "is_functorch",
     "is_plain",
+    "recomputed_grads",
     "expand_weights",
     "layer_weights",
     "fused_pass",
@@ -54,14 +56,57 @@ def is_functorch(t: Tensor) -> bool:
 
 def is_plain(t: Tensor, *others: Tensor) -> bool:
     """Plain eager computation, where hand-written passes apply: no ``torch.compile``
-    trace, no autocast on ``t``'s device (its ops follow autocast's rules), and no
-    ``torch.func`` transform wrapping any of the tensors."""
+    trace, no autocast on ``t``'s device (its ops follow autocast's rules), no
+    ``torch.func`` transform active or wrapping any of the tensors, no forward-mode AD
+    (the hand-written passes have no forward derivative), and no global module hooks."""
     return not (
         torch.compiler.is_compiling()
         or torch.is_autocast_enabled(t.device.type)
+        or _functorch_active()
+        or _global_hooks()
+        or torch.autograd.forward_ad._current_level >= 0
         or is_functorch(t)
         or any(is_functorch(o) for o in others)
     )
+
+
+def _global_hooks() -> bool:
+    # Hooks registered for every module: a hand-written pass calls no module, so it would
+    # skip them.
+    return bool(
+        getattr(_module, "_global_forward_hooks", None)
+        or getattr(_module, "_global_forward_pre_hooks", None)
+    )
+
+
+def _functorch_active() -> bool:
+    try:
+        return bool(torch._C._are_functorch_transforms_active())
+    except AttributeError:  # a torch without these internals: tensors are checked one by one
+        return False
+
+
+def recomputed_grads(
+    recompute: Callable[[], Tensor | tuple[Tensor, ...]],
+    inputs: Sequence[Tensor | None],
+    needed: Sequence[bool],
+    grad_outputs: Tensor | tuple[Tensor, ...],
+) -> list[Tensor | None]:
+    """The backward of a hand-written pass under ``create_graph=True``: the outputs
+    recomputed by ``recompute`` with differentiable ops, and their gradients with respect
+    to the ``inputs`` that are ``needed`` (None for the others, zeros for an input the
+    outputs do not depend on), themselves differentiable."""
+    wanted = [t for t, need in zip(inputs, needed, strict=True) if need and t is not None]
+    with torch.enable_grad():
+        outputs = recompute()
+    found = iter(torch.autograd.grad(
+        outputs, wanted, grad_outputs, create_graph=True, allow_unused=True
+    ))
+    grads: list[Tensor | None] = []
+    for t, need in zip(inputs, needed, strict=True):
+        g = next(found) if need and t is not None else None
+        grads.append(torch.zeros_like(t) if g is None and need and t is not None else g)
+    return grads
 
 
 def expand_weights(packed: Tensor, layout: Layout, scatter: Tensor) -> Tensor:

@@ -134,8 +134,8 @@ def _restore(ckpt: Checkpoint, payload: dict[str, Any]) -> None:
         raise CheckpointError(
             f"the optimizer state in {str(path)!r} does not fit this flow's parameters ("
             + " ".join(str(err).split())[:300]
-            + "); a checkpoint written by exactflow 0.1 cannot be resumed by this version: "
-            "start the run again, or finish it with exactflow 0.1"
+            + "); if exactflow 0.1 wrote it, this version cannot resume it: start the run "
+            "again, or finish it with exactflow 0.1"
         ) from None
     ckpt.guard.model_state = payload["guard"]["model"]
     ckpt.guard.optimizer_state = payload["guard"]["optimizer"]

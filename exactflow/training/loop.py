@@ -105,9 +105,9 @@ def adam(params: list[Tensor], lr: float, weight_decay: float = 0.0) -> torch.op
     floating tensor on the CPU or a CUDA device, else torch's default implementation.
 
     The fused kernel updates every tensor in one call, where the default runs about a dozen
-    small operations per tensor: on one CPU thread an update of RealNVP's 48 tensors
-    (8 couplings, 148,560 numbers) takes 0.36 ms against 1.6 ms. The update is the same
-    formula; the two differ by float rounding only.
+    small operations per tensor: on one CPU thread an update of 48 tensors holding 148,560
+    numbers (a RealNVP of exactflow 0.1, two tensors per layer) takes 0.36 ms against
+    1.6 ms. The update is the same formula; the two differ by float rounding only.
     """
     fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from ..core import Transform, check_features
 from ..nn import MADE, Activation, resolve_order
+from ..nn.passes import recomputed_grads
 from .monotonic import AffineMap, MonotonicMap, SplineMap, monotonic_map
 
 __all__ = [
@@ -88,16 +89,17 @@ class _FusedAffine(torch.autograd.Function):
         made, affine = ctx.made, ctx.affine
         need_u, need_c, need_packed = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
-            with torch.enable_grad():
+
+            def recompute() -> tuple[Tensor, Tensor]:
                 params = made._outputs(made._composable(made._inputs(u, context), packed))
                 v, log_det = affine.forward(u, params)
-                log_det = log_det.sum(dim=1)
-            wanted = ((u, need_u), (context, need_c), (packed, need_packed))
-            tensors = [t for t, n in wanted if n]
-            grads = iter(torch.autograd.grad(
-                (v, log_det), tensors, (grad_v, grad_log_det), create_graph=True
-            ))
-            return (*(next(grads) if n else None for _, n in wanted), None, None)
+                return v, log_det.sum(dim=1)
+
+            grads = recomputed_grads(
+                recompute, (u, context, packed), (need_u, need_c, need_packed),
+                (grad_v, grad_log_det),
+            )
+            return (*grads, None, None)
         c, d, bound = made.context_features, made.features, affine.scale_bound
         batch = grad_v.shape[0]  # (gradients of unused outputs arrive as zeros)
         g_v = grad_v if made._identity_order else grad_v.index_select(1, made.order)

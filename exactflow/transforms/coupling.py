@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..core import Transform
 from ..nn import MLP, Activation
 from ..nn.mlp import relu_backward, relu_pass
-from ..nn.passes import is_plain
+from ..nn.passes import is_plain, recomputed_grads
 from .monotonic import AdditiveMap, AffineMap, MonotonicMap, SplineMap, monotonic_map
 
 __all__ = ["Coupling", "AdditiveCoupling", "AffineCoupling", "SplineCoupling", "coupling_mask"]
@@ -131,17 +131,11 @@ class _FusedAffineCoupling(torch.autograd.Function):
         layer: Coupling = ctx.layer
         need_x, need_c, need_packed = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
-            wanted = [(t, n) for t, n in ((x, need_x), (context, need_c), (packed, need_packed))]
-            with torch.enable_grad():
-                z, log_det = layer._couple_generic(x, context, packed, inverse=False)
-            tensors = [t for t, n in wanted if n]
-            found = iter(torch.autograd.grad(
-                (z, log_det), tensors, (grad_z, grad_log_det), create_graph=True,
-                allow_unused=True,
-            ))
-            grads = [next(found) if n else None for _, n in wanted]
-            return (*(torch.zeros_like(t) if n and g is None else g
-                      for (t, n), g in zip(wanted, grads, strict=True)), None)
+            grads = recomputed_grads(
+                lambda: layer._couple_generic(x, context, packed, inverse=False),
+                (x, context, packed), (need_x, need_c, need_packed), (grad_z, grad_log_det),
+            )
+            return (*grads, None)
         # (Gradients of unused outputs arrive as zeros.) z_B = x_B * exp(s) + t with
         # s = bound * tanh(a / bound): dz_B/dt = 1, dz_B/da = x_B exp(s) (1 - tanh^2), and
         # log|det| adds ds/da = 1 - tanh^2.
@@ -271,8 +265,10 @@ class Coupling(Transform):
         if (
             not inverse
             and type(self.monotonic) is AffineMap
-            and isinstance(net, MLP)
+            and type(net) is MLP
             and net.relu
+            and not (net._forward_hooks or net._forward_pre_hooks)
+            and type(self)._params is Coupling._params
             and is_plain(x, net.packed, *(() if context is None else (context,)))
         ):
             # The default network: the density direction runs fused (same values).

@@ -352,3 +352,23 @@ def test_fused_affine_coupling_with_frozen_network_and_without_autograd() -> Non
         z, log_det = t(x)
     assert z.grad_fn is None and torch.allclose(z, z_ref) and torch.allclose(log_det, log_det_ref)
     ef.check_transform(t, x.detach())
+
+
+def test_fused_affine_coupling_keeps_the_conditioners_hooks_and_a_subclass_forward() -> None:
+    t = perturb(AffineCoupling(4, hidden=(8,)).double())
+    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    calls = []
+    handle = t.conditioner.register_forward_hook(lambda m, i, o: calls.append(o.shape))
+    z, _ = t(x)
+    assert calls == [(6, 4)] and type(z.grad_fn).__name__ != "_FusedAffineCouplingBackward"
+    handle.remove()
+
+    class Doubled(ef.nn.MLP):
+        def forward(self, x: Tensor) -> Tensor:
+            return 2 * super().forward(x)
+
+    d = perturb(AffineCoupling(4, hidden=(8,), conditioner=lambda i, o: Doubled(i, o, (8,))))
+    z, log_det = d(x.float())
+    z_ref, log_det_ref = d._couple_generic(x.float(), None, None, inverse=False)
+    assert torch.equal(z, z_ref) and torch.equal(log_det, log_det_ref)
+    ef.check_transform(d.double(), x.detach())
