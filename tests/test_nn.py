@@ -136,6 +136,29 @@ def test_mlp_forward_mode_ad_and_torch_func_over_other_tensors() -> None:
     assert torch.allclose(grad, net(x).sum())
 
 
+def test_fused_passes_save_their_activations_through_autograd() -> None:
+    # Saved with save_for_backward: saved-tensor hooks see them (save_on_cpu, activation
+    # checkpointing) and the backward frees them.
+    net = perturb(MLP(3, 2, hidden=(5, 6)))
+    layer = perturb(ef.transforms.AffineCoupling(4, hidden=(8, 8)))
+    made_layer = perturb(ef.transforms.MaskedAffineAutoregressive(4, hidden=(8,)))
+    for module, width, hidden in ((net, 3, 2), (layer, 4, 2), (made_layer, 4, 1)):
+        shapes: list[tuple[int, ...]] = []
+
+        def pack(t: torch.Tensor, shapes: list = shapes) -> torch.Tensor:
+            shapes.append(tuple(t.shape))
+            return t
+
+        x = torch.randn(7, width, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = module(x)
+        assert sum(7 in shape for shape in shapes) >= 1 + hidden, (module, shapes)
+        (out[0] if isinstance(out, tuple) else out).sum().backward()
+        fn = (out[0] if isinstance(out, tuple) else out).grad_fn
+        with pytest.raises(RuntimeError, match="freed"):
+            fn.saved_tensors
+
+
 def test_mlp_zero_last_outputs_zero_until_trained() -> None:
     net = MLP(3, 5, hidden=(8, 8), zero_last=True)
     assert torch.equal(net(torch.randn(6, 3)), torch.zeros(6, 5))

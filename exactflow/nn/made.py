@@ -45,14 +45,14 @@ class _MADEFunction(torch.autograd.Function):
         weights = made._weights(packed)
         out, inputs = made._fused(x_in, weights)
         ctx.made = made
-        ctx.weights = weights
-        ctx.inputs = inputs
-        ctx.save_for_backward(x_in, packed)
+        # Activations too go through save_for_backward: freed after the backward, and
+        # seen by saved-tensor hooks.
+        ctx.save_for_backward(x_in, packed, weights, *inputs)
         return out.t()
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
-        x_in, packed = ctx.saved_tensors
+        x_in, packed, weights, *inputs = ctx.saved_tensors
         made: MADE = ctx.made
         need_x, need_packed = ctx.needs_input_grad[:2]
         if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
@@ -63,7 +63,7 @@ class _MADEFunction(torch.autograd.Function):
             )
             return grad_x, grad_packed, None
         g = grad.t().contiguous()
-        grad_x, grad_packed = made._fused_backward(g, ctx.weights, ctx.inputs, need_x)
+        grad_x, grad_packed = made._fused_backward(g, weights, inputs, need_x)
         return (None if grad_x is None else grad_x.t().contiguous()), grad_packed, None
 
 

@@ -71,13 +71,15 @@ class _MLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, packed: Tensor, net: MLP) -> Tensor:
         out, inputs = relu_pass(x, net.unpack(packed))
-        ctx.net, ctx.inputs = net, inputs
-        ctx.save_for_backward(x, packed)
+        ctx.net = net
+        # Activations too go through save_for_backward: freed after the backward, and
+        # seen by saved-tensor hooks.
+        ctx.save_for_backward(x, packed, *inputs[1:])
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
-        x, packed = ctx.saved_tensors
+        x, packed, *hidden = ctx.saved_tensors
         net: MLP = ctx.net
         need_x, need_packed = ctx.needs_input_grad[:2]
         if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
@@ -87,7 +89,7 @@ class _MLPFunction(torch.autograd.Function):
             return grad_x, grad_packed, None
         grads = torch.empty_like(packed) if need_packed else None
         grad_views = None if grads is None else net.unpack(grads)
-        grad_x = relu_backward(grad, ctx.inputs, net.unpack(packed), need_x, grad_views)
+        grad_x = relu_backward(grad, [x, *hidden], net.unpack(packed), need_x, grad_views)
         return grad_x, grads, None
 
 

@@ -77,15 +77,15 @@ class _FusedAffine(torch.autograd.Function):
         log_det = log_scale.sum(0)
         v = v.t()
         v = v.contiguous() if made._identity_order else v.index_select(1, made._rank)
-        ctx.made, ctx.affine, ctx.weights, ctx.inputs = made, affine, weights, inputs
-        ctx.save_for_backward(u, context, packed, log_scale, scale)
+        ctx.made, ctx.affine = made, affine
+        ctx.save_for_backward(u, context, packed, log_scale, scale, weights, *inputs)
         return v, log_det
 
     @staticmethod
     def backward(
         ctx: Any, grad_v: Tensor, grad_log_det: Tensor
     ) -> tuple[Tensor | None, ...]:
-        u, context, packed, log_scale, scale = ctx.saved_tensors
+        u, context, packed, log_scale, scale, weights, *inputs = ctx.saved_tensors
         made, affine = ctx.made, ctx.affine
         need_u, need_c, need_packed = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
@@ -104,14 +104,14 @@ class _FusedAffine(torch.autograd.Function):
         batch = grad_v.shape[0]  # (gradients of unused outputs arrive as zeros)
         g_v = grad_v if made._identity_order else grad_v.index_select(1, made.order)
         g_v = g_v.t().contiguous()  # (d, batch), in the order
-        u_sorted = ctx.inputs[0][1 + c :]
+        u_sorted = inputs[0][1 + c :]
         g_out = g_v.new_empty(d, 2, batch)
         g_out[:, 0] = g_v
         g_s = g_v * u_sorted * scale + grad_log_det
         g_out[:, 1] = g_s * (1 - (log_scale / bound) ** 2)
         need_in = need_u or need_c
         g_in, grad_packed = made._fused_backward(
-            g_out.view(2 * d, batch), ctx.weights, ctx.inputs, need_in
+            g_out.view(2 * d, batch), weights, inputs, need_in
         )
         grad_u = grad_c = None
         if need_u:

@@ -121,13 +121,16 @@ class _FusedAffineCoupling(torch.autograd.Function):
         scale = torch.exp(log_scale)
         scaled = x_b * scale
         z = torch.cat([x_a, scaled + shift], dim=1)
-        ctx.layer, ctx.inputs, ctx.views = layer, saved, views
-        ctx.save_for_backward(x, context, packed, tanh, scale, scaled)
+        ctx.layer, ctx.hidden = layer, len(saved)
+        # Activations too go through save_for_backward: freed after the backward, and
+        # seen by saved-tensor hooks.
+        ctx.save_for_backward(x, context, packed, tanh, scale, scaled, *saved, *views)
         return z.index_select(1, layer.unshuffle), log_scale.sum(dim=1)
 
     @staticmethod
     def backward(ctx: Any, grad_z: Tensor, grad_log_det: Tensor) -> tuple[Tensor | None, ...]:
-        x, context, packed, tanh, scale, scaled = ctx.saved_tensors
+        x, context, packed, tanh, scale, scaled, *rest = ctx.saved_tensors
+        inputs, views = rest[: ctx.hidden], rest[ctx.hidden :]
         layer: Coupling = ctx.layer
         need_x, need_c, need_packed = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
@@ -146,7 +149,7 @@ class _FusedAffineCoupling(torch.autograd.Function):
         grad_packed = torch.empty_like(packed) if need_packed else None
         net: MLP = layer.conditioner  # type: ignore[assignment]
         g_in = relu_backward(
-            g_out, ctx.inputs, ctx.views, need_x or need_c,
+            g_out, inputs, views, need_x or need_c,
             None if grad_packed is None else net.unpack(grad_packed),
         )
         grad_x = grad_c = None
