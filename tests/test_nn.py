@@ -94,19 +94,22 @@ def test_mlp_state_dict_errors_are_clear() -> None:
     assert net(torch.randn(2, 3, dtype=torch.float64)).dtype == torch.float64
 
 
-def test_mlp_partial_load_and_state_dict_entries_of_their_own(tmp_path: Path) -> None:
+def test_mlp_partial_load_and_state_dict_views() -> None:
     net, other = MLP(3, 4, hidden=(5,)), perturb(MLP(3, 4, hidden=(5,)))
     first = {k: v for k, v in other.state_dict().items() if k.startswith("0.")}
     result = net.load_state_dict(first, strict=False)
     assert result.missing_keys == ["2.weight", "2.bias"] and not result.unexpected_keys
     assert torch.equal(net.linear(0)[0], other.linear(0)[0])
     assert not torch.equal(net.linear(1)[0], other.linear(1)[0])
-    # Each entry has its own storage: safetensors writes the state dict as it is.
-    from safetensors.torch import load_file, save_file
-
-    save_file(other.state_dict(), str(tmp_path / "net.safetensors"))
-    net.load_state_dict(load_file(str(tmp_path / "net.safetensors")))
-    assert torch.equal(net.packed, other.packed)
+    # Some entries in float64 into a float32 network, the others kept: converted as
+    # nn.Linear layers would be.
+    net.load_state_dict({k: v.double() for k, v in first.items()}, strict=False)
+    assert net.packed.dtype == torch.float32
+    assert torch.equal(net.linear(0)[0], other.linear(0)[0])
+    # Entries are views of the network's weights, as with nn.Linear layers: an in-place
+    # edit (a moving average of the weights, say) reaches the network.
+    net.state_dict()["2.bias"].fill_(0.5)
+    assert torch.equal(net.linear(1)[1], torch.full((4,), 0.5))
 
 
 def test_mlp_takes_any_leading_shape_and_keeps_hooks() -> None:
@@ -156,7 +159,49 @@ def test_fused_passes_save_their_activations_through_autograd() -> None:
         (out[0] if isinstance(out, tuple) else out).sum().backward()
         fn = (out[0] if isinstance(out, tuple) else out).grad_fn
         with pytest.raises(RuntimeError, match="freed"):
-            fn.saved_tensors
+            _ = fn.saved_tensors
+
+
+@pytest.mark.parametrize("name", ["realnvp", "maf", "nsf"])
+def test_create_graph_gradients_are_partial_derivatives(name: str) -> None:
+    # The context feeds every layer, and each layer's input depends on it too: the
+    # differentiable backward must not count the path through the input twice.
+    kwargs = {"batch_norm": False} if name == "realnvp" else {}
+    flow = perturb(getattr(ef.models, name)(3, layers=2, hidden=(8,), context=2, **kwargs)
+                   .double()).eval()
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
+    first = torch.autograd.grad(flow.log_prob(x, context=c).sum(), (x, c))
+    again = torch.autograd.grad(flow.log_prob(x, context=c).sum(), (x, c), create_graph=True)
+    for a, b in zip(first, again, strict=True):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+    net = perturb(MLP(3, 3, hidden=(5,)).double())
+    y = torch.randn(4, 3, dtype=torch.float64)
+    (g1,) = torch.autograd.grad(net(net(y)).sum(), net.packed)
+    (g2,) = torch.autograd.grad(net(net(y)).sum(), net.packed, create_graph=True)
+    assert torch.allclose(g1, g2, rtol=1e-10, atol=1e-12)
+
+
+def test_batched_backward_of_the_fused_passes() -> None:
+    for flow in (ef.models.realnvp(3, layers=2, hidden=(8,), batch_norm=False),
+                 ef.models.maf(3, layers=2, hidden=(8,))):
+        flow = perturb(flow.double()).eval()
+        x = torch.randn(4, 3, dtype=torch.float64)
+        batched = torch.autograd.functional.jacobian(flow.log_prob, x, vectorize=True)
+        looped = torch.autograd.functional.jacobian(flow.log_prob, x)
+        assert torch.allclose(batched, looped, atol=1e-12)
+
+
+def test_fused_passes_keep_backward_hooks_and_empty_batches() -> None:
+    t = perturb(ef.transforms.AffineCoupling(4, hidden=(8,)))
+    seen = []
+    t.conditioner.register_full_backward_hook(lambda m, gi, go: seen.append(go[0].shape))
+    x = torch.randn(6, 4, requires_grad=True)
+    t(x)[1].sum().backward()
+    assert seen == [(6, 4)]
+    for name in ("realnvp", "nice", "nsf", "maf"):
+        flow = getattr(ef.models, name)(3, layers=2, hidden=(8,)).eval()
+        assert flow.log_prob(torch.empty(0, 3)).shape == (0,)
 
 
 def test_mlp_zero_last_outputs_zero_until_trained() -> None:

@@ -22,6 +22,7 @@ from .passes import (
     expand_weights,
     fused_backward,
     fused_pass,
+    is_functorch,
     is_plain,
     layer_weights,
     recomputed_grads,
@@ -55,11 +56,9 @@ class _MADEFunction(torch.autograd.Function):
         x_in, packed, weights, *inputs = ctx.saved_tensors
         made: MADE = ctx.made
         need_x, need_packed = ctx.needs_input_grad[:2]
-        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
-            # (With one feature and no context the output does not depend on x: zeros.)
+        if torch.is_grad_enabled() or is_functorch(grad):  # create_graph=True, or batched
             grad_x, grad_packed = recomputed_grads(
-                lambda: made._composable(x_in, packed), (x_in, packed), (need_x, need_packed),
-                grad,
+                made._composable, (x_in, packed), (need_x, need_packed), grad
             )
             return grad_x, grad_packed, None
         g = grad.t().contiguous()

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .passes import is_plain, recomputed_grads
+from .passes import has_hooks, is_functorch, is_plain, recomputed_grads
 
 __all__ = ["MLP", "MaskedLinear", "resolve_order", "Activation", "with_dropout"]
 
@@ -82,9 +82,9 @@ class _MLPFunction(torch.autograd.Function):
         x, packed, *hidden = ctx.saved_tensors
         net: MLP = ctx.net
         need_x, need_packed = ctx.needs_input_grad[:2]
-        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
+        if torch.is_grad_enabled() or is_functorch(grad):  # create_graph=True, or batched
             grad_x, grad_packed = recomputed_grads(
-                lambda: net._composable(x, packed), (x, packed), (need_x, need_packed), grad
+                net._composable, (x, packed), (need_x, need_packed), grad
             )
             return grad_x, grad_packed, None
         grads = torch.empty_like(packed) if need_packed else None
@@ -187,10 +187,7 @@ class MLP(nn.Module):
     def relu(self) -> bool:
         """Whether every activation is a plain ``nn.ReLU`` without hooks (the fused pass
         calls no module, so it applies only where no hook would be skipped)."""
-        return all(
-            type(m) is nn.ReLU and not (m._forward_hooks or m._forward_pre_hooks)
-            for m in self._modules.values()
-        )
+        return all(type(m) is nn.ReLU and not has_hooks(m) for m in self._modules.values())
 
     def _composable(self, x: Tensor, packed: Tensor) -> Tensor:
         """The pass in differentiable torch ops (any activation, compile, torch.func)."""
@@ -224,9 +221,9 @@ class MLP(nn.Module):
         if packed is None:
             return
         for key, view in zip(self._keys(prefix), self.unpack(packed), strict=True):
-            # Copies: each entry its own storage, as separate layers had (safetensors, for
-            # one, refuses tensors that share memory).
-            destination[key] = view if keep_vars else view.clone()
+            # Views, as a state dict's entries are: editing one in place edits the network
+            # (an exponential moving average of the weights, for one, relies on it).
+            destination[key] = view
 
     def extra_repr(self) -> str:
         return (
@@ -255,6 +252,7 @@ def _join_layers(
         return
     current = module.unpack(module.packed.detach())
     pieces = []
+    like: Tensor | None = None  # the first entry loaded
     for key, now in zip(module._keys(prefix), current, strict=True):
         value = state_dict.pop(key, None)
         if value is None:
@@ -267,14 +265,13 @@ def _join_layers(
                 f"checkpoint, the shape in current model is {tuple(now.shape)}."
             )
             value = now
+        elif like is None:
+            like = value
         pieces.append(value.detach().reshape(-1))
-    if len({(t.dtype, t.device) for t in pieces}) > 1:
-        error_msgs.append(
-            f"{prefix or 'the MLP'}: its layers' tensors differ in dtype or device: "
-            + ", ".join(f"{t.dtype} on {t.device}" for t in pieces)
-        )
-        return
-    state_dict[prefix + "packed"] = torch.cat(pieces)
+    # Kept entries take the dtype and device of the loaded ones (one tensor holds them all);
+    # torch then converts the whole, or keeps it with assign=True, as it would each layer.
+    ref = pieces[0] if like is None else like
+    state_dict[prefix + "packed"] = torch.cat([p.to(ref) for p in pieces])
 
 
 def relu_pass(x: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:

@@ -25,6 +25,7 @@ from .layout import Layout
 __all__ = [
     "is_functorch",
     "is_plain",
+    "has_hooks",
     "recomputed_grads",
     "expand_weights",
     "layer_weights",
@@ -47,9 +48,13 @@ _threshold_backward = torch.ops.aten.threshold_backward.grad_input
 
 
 def is_functorch(t: Tensor) -> bool:
-    """Whether ``t`` is wrapped by a ``torch.func`` transform (vmap, grad, jacrev...)."""
+    """Whether ``t`` is wrapped by a ``torch.func`` transform (vmap, grad, jacrev...) or
+    batched by the vmap of ``torch.autograd`` (``is_grads_batched``, ``vectorize=True``)."""
     try:
-        return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
+        return bool(
+            torch._C._functorch.is_functorch_wrapped_tensor(t)
+            or torch._C._functorch.is_legacy_batchedtensor(t)
+        )
     except AttributeError:  # a torch without these internals: treat as plain
         return False
 
@@ -70,13 +75,19 @@ def is_plain(t: Tensor, *others: Tensor) -> bool:
     )
 
 
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
 def _global_hooks() -> bool:
     # Hooks registered for every module: a hand-written pass calls no module, so it would
     # skip them.
-    return bool(
-        getattr(_module, "_global_forward_hooks", None)
-        or getattr(_module, "_global_forward_pre_hooks", None)
-    )
+    return any(getattr(_module, f"_global{name}", None) for name in _HOOKS)
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has forward or backward hooks of its own (a hand-written pass
+    that does not call it would skip them)."""
+    return any(getattr(module, name, None) for name in _HOOKS)
 
 
 def _functorch_active() -> bool:
@@ -87,25 +98,39 @@ def _functorch_active() -> bool:
 
 
 def recomputed_grads(
-    recompute: Callable[[], Tensor | tuple[Tensor, ...]],
+    recompute: Callable[..., Tensor | tuple[Tensor, ...]],
     inputs: Sequence[Tensor | None],
     needed: Sequence[bool],
     grad_outputs: Tensor | tuple[Tensor, ...],
 ) -> list[Tensor | None]:
-    """The backward of a hand-written pass under ``create_graph=True``: the outputs
-    recomputed by ``recompute`` with differentiable ops, and their gradients with respect
-    to the ``inputs`` that are ``needed`` (None for the others, zeros for an input the
-    outputs do not depend on), themselves differentiable."""
-    wanted = [t for t, need in zip(inputs, needed, strict=True) if need and t is not None]
+    """The backward of a hand-written pass where it must be differentiable again
+    (``create_graph=True``) or runs batched (``is_grads_batched``, ``vectorize=True``).
+
+    ``recompute(*inputs)`` gives the outputs in differentiable ops. Returns, for each input
+    that is ``needed``, the vector-Jacobian product with ``grad_outputs`` (None for the
+    others) as a *partial* derivative: each input is a variable of its own, as autograd
+    expects of a backward (it adds the paths through the inputs' own histories itself;
+    ``torch.autograd.grad`` on the recomputed outputs would count them twice when one
+    input depends on another). The results are differentiable.
+    """
+    positions = [
+        i for i, (t, need) in enumerate(zip(inputs, needed, strict=True)) if need and t is not None
+    ]
+
+    def partial(*wanted: Tensor) -> Tensor | tuple[Tensor, ...]:
+        args = list(inputs)
+        for i, t in zip(positions, wanted, strict=True):
+            args[i] = t
+        return recompute(*args)
+
+    grads: list[Tensor | None] = [None] * len(inputs)
+    if not positions:
+        return grads
     with torch.enable_grad():
-        outputs = recompute()
-    found = iter(torch.autograd.grad(
-        outputs, wanted, grad_outputs, create_graph=True, allow_unused=True
-    ))
-    grads: list[Tensor | None] = []
-    for t, need in zip(inputs, needed, strict=True):
-        g = next(found) if need and t is not None else None
-        grads.append(torch.zeros_like(t) if g is None and need and t is not None else g)
+        vjp = torch.func.vjp(partial, *(inputs[i] for i in positions))[1]
+        found = vjp(grad_outputs)
+    for i, g in zip(positions, found, strict=True):
+        grads[i] = g
     return grads
 
 

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from ..core import Transform, check_features
 from ..nn import MADE, Activation, resolve_order
-from ..nn.passes import recomputed_grads
+from ..nn.passes import is_functorch, recomputed_grads
 from .monotonic import AffineMap, MonotonicMap, SplineMap, monotonic_map
 
 __all__ = [
@@ -88,9 +88,9 @@ class _FusedAffine(torch.autograd.Function):
         u, context, packed, log_scale, scale, weights, *inputs = ctx.saved_tensors
         made, affine = ctx.made, ctx.affine
         need_u, need_c, need_packed = ctx.needs_input_grad[:3]
-        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
+        if torch.is_grad_enabled() or is_functorch(grad_v) or is_functorch(grad_log_det):
 
-            def recompute() -> tuple[Tensor, Tensor]:
+            def recompute(u: Tensor, context: Tensor | None, packed: Tensor) -> tuple[Tensor, ...]:
                 params = made._outputs(made._composable(made._inputs(u, context), packed))
                 v, log_det = affine.forward(u, params)
                 return v, log_det.sum(dim=1)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..core import Transform
 from ..nn import MLP, Activation
 from ..nn.mlp import relu_backward, relu_pass
-from ..nn.passes import is_plain, recomputed_grads
+from ..nn.passes import has_hooks, is_functorch, is_plain, recomputed_grads
 from .monotonic import AdditiveMap, AffineMap, MonotonicMap, SplineMap, monotonic_map
 
 __all__ = ["Coupling", "AdditiveCoupling", "AffineCoupling", "SplineCoupling", "coupling_mask"]
@@ -114,7 +114,7 @@ class _FusedAffineCoupling(torch.autograd.Function):
         inputs = x_a if context is None else torch.cat([x_a, context], 1)
         views = net.unpack(packed)
         out, saved = relu_pass(inputs, views)
-        shift, raw = out.view(x.shape[0], -1, 2).unbind(2)
+        shift, raw = out.view(x.shape[0], x_b.shape[1], 2).unbind(2)
         bound = layer.monotonic.scale_bound  # type: ignore[attr-defined]
         tanh = torch.tanh(raw / bound)
         log_scale = tanh * bound  # the values of AffineMap
@@ -133,9 +133,9 @@ class _FusedAffineCoupling(torch.autograd.Function):
         inputs, views = rest[: ctx.hidden], rest[ctx.hidden :]
         layer: Coupling = ctx.layer
         need_x, need_c, need_packed = ctx.needs_input_grad[:3]
-        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
+        if torch.is_grad_enabled() or is_functorch(grad_z) or is_functorch(grad_log_det):
             grads = recomputed_grads(
-                lambda: layer._couple_generic(x, context, packed, inverse=False),
+                lambda x, c, p: layer._couple_generic(x, c, p, inverse=False),
                 (x, context, packed), (need_x, need_c, need_packed), (grad_z, grad_log_det),
             )
             return (*grads, None)
@@ -259,7 +259,8 @@ class Coupling(Transform):
             params = self.conditioner(inputs)
         else:  # the default network's pass with given weights (the fused layer's backward)
             params = self.conditioner._composable(inputs, packed)  # type: ignore[operator]
-        return params.reshape(x_a.shape[0], -1, self.monotonic.params_per_feature)
+        n = self.transformed_index.numel()
+        return params.reshape(x_a.shape[0], n, self.monotonic.params_per_feature)
 
     def _couple(self, x: Tensor, context: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
         if self.context_features == 0:
@@ -270,7 +271,7 @@ class Coupling(Transform):
             and type(self.monotonic) is AffineMap
             and type(net) is MLP
             and net.relu
-            and not (net._forward_hooks or net._forward_pre_hooks)
+            and not has_hooks(net)
             and type(self)._params is Coupling._params
             and is_plain(x, net.packed, *(() if context is None else (context,)))
         ):
