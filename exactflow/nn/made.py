@@ -22,10 +22,9 @@ from .passes import (
     expand_weights,
     fused_backward,
     fused_pass,
-    is_functorch,
     is_plain,
     layer_weights,
-    recomputed_grads,
+    recomputed_backward,
 )
 
 __all__ = ["MADE"]
@@ -55,14 +54,11 @@ class _MADEFunction(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         x_in, packed, weights, *inputs = ctx.saved_tensors
         made: MADE = ctx.made
-        need_x, need_packed = ctx.needs_input_grad[:2]
-        if torch.is_grad_enabled() or is_functorch(grad):  # create_graph=True, or batched
-            grad_x, grad_packed = recomputed_grads(
-                made._composable, (x_in, packed), (need_x, need_packed), grad
-            )
-            return grad_x, grad_packed, None
+        recomputed = recomputed_backward(ctx, grad, made._composable, x_in, packed)
+        if recomputed is not None:  # create_graph=True, or batched gradients
+            return recomputed
         g = grad.t().contiguous()
-        grad_x, grad_packed = made._fused_backward(g, weights, inputs, need_x)
+        grad_x, grad_packed = made._fused_backward(g, weights, inputs, ctx.needs_input_grad[0])
         return (None if grad_x is None else grad_x.t().contiguous()), grad_packed, None
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .passes import has_hooks, is_functorch, is_plain, recomputed_grads
+from .passes import has_hooks, is_plain, recomputed_backward
 
 __all__ = ["MLP", "MaskedLinear", "resolve_order", "Activation", "with_dropout"]
 
@@ -81,12 +81,10 @@ class _MLPFunction(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         x, packed, *hidden = ctx.saved_tensors
         net: MLP = ctx.net
+        recomputed = recomputed_backward(ctx, grad, net._composable, x, packed)
+        if recomputed is not None:  # create_graph=True, or batched gradients
+            return recomputed
         need_x, need_packed = ctx.needs_input_grad[:2]
-        if torch.is_grad_enabled() or is_functorch(grad):  # create_graph=True, or batched
-            grad_x, grad_packed = recomputed_grads(
-                net._composable, (x, packed), (need_x, need_packed), grad
-            )
-            return grad_x, grad_packed, None
         grads = torch.empty_like(packed) if need_packed else None
         grad_views = None if grads is None else net.unpack(grads)
         grad_x = relu_backward(grad, [x, *hidden], net.unpack(packed), need_x, grad_views)

@@ -15,6 +15,7 @@ and out of that order.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +28,7 @@ __all__ = [
     "is_plain",
     "has_hooks",
     "recomputed_grads",
+    "recomputed_backward",
     "expand_weights",
     "layer_weights",
     "fused_pass",
@@ -95,6 +97,19 @@ def _functorch_active() -> bool:
         return bool(torch._C._are_functorch_transforms_active())
     except AttributeError:  # a torch without these internals: tensors are checked one by one
         return False
+
+
+def recomputed_backward(
+    ctx: Any, grad: Tensor, composable: Callable[[Tensor, Tensor], Tensor], x: Tensor,
+    packed: Tensor,
+) -> tuple[Tensor | None, Tensor | None, None] | None:
+    """The backward of a ``(x, packed, module)`` pass by :func:`recomputed_grads` where the
+    hand-written one cannot serve (``create_graph=True``, batched gradients); None where it
+    can."""
+    if not (torch.is_grad_enabled() or is_functorch(grad)):
+        return None
+    grad_x, grad_packed = recomputed_grads(composable, (x, packed), ctx.needs_input_grad[:2], grad)
+    return grad_x, grad_packed, None
 
 
 def recomputed_grads(
