@@ -259,8 +259,7 @@ class MADE(nn.Module):
         return params if self._identity_order else params.index_select(1, self._rank)
 
     def _plain(self, t: Tensor) -> bool:
-        """Plain eager float computation: no ``torch.compile`` trace, no ``torch.func``
-        transform, no autocast (whose ops the composable pass leaves to autocast's rules)."""
+        """Whether the hand-written passes apply (:func:`~exactflow.nn.passes.is_plain`)."""
         return is_plain(t, self.packed)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:

@@ -103,9 +103,10 @@ class MLP(nn.Module):
     ``nn.Linear`` layers (``0.weight``, ``0.bias``, ``2.weight``, ...), so files written
     by earlier versions load and files written now have the same keys. With ``nn.ReLU``
     (the default) the pass runs without autograd inside one graph node with a hand-written
-    backward; other activations, ``torch.compile``, ``torch.func`` transforms and autocast
-    run differentiable torch ops. A seed draws the same network as ``nn.Linear`` layers
-    would (same initialization, same order).
+    backward; other activations, inputs that are not 2-D, and the cases
+    :func:`~exactflow.nn.passes.is_plain` rules out (``torch.compile``, ``torch.func``,
+    autocast, forward-mode AD, module hooks) run differentiable torch ops. A seed draws
+    the same network as ``nn.Linear`` layers would (same initialization, same order).
 
     Args:
         in_features: input size.

@@ -27,6 +27,7 @@ __all__ = [
     "is_functorch",
     "is_plain",
     "has_hooks",
+    "needs_recompute",
     "recomputed_grads",
     "recomputed_backward",
     "expand_weights",
@@ -78,12 +79,13 @@ def is_plain(t: Tensor, *others: Tensor) -> bool:
 
 
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_GLOBAL_HOOKS = tuple(f"_global{name}" for name in _HOOKS)
 
 
 def _global_hooks() -> bool:
     # Hooks registered for every module: a hand-written pass calls no module, so it would
     # skip them.
-    return any(getattr(_module, f"_global{name}", None) for name in _HOOKS)
+    return any(getattr(_module, name, None) for name in _GLOBAL_HOOKS)
 
 
 def has_hooks(module: nn.Module) -> bool:
@@ -99,6 +101,12 @@ def _functorch_active() -> bool:
         return False
 
 
+def needs_recompute(*grads: Tensor) -> bool:
+    """Whether a hand-written backward must give way to :func:`recomputed_grads`: under
+    ``create_graph=True`` (grad mode on in the backward) or for batched gradients."""
+    return torch.is_grad_enabled() or any(is_functorch(g) for g in grads)
+
+
 def recomputed_backward(
     ctx: Any, grad: Tensor, composable: Callable[[Tensor, Tensor], Tensor], x: Tensor,
     packed: Tensor,
@@ -106,7 +114,7 @@ def recomputed_backward(
     """The backward of a ``(x, packed, module)`` pass by :func:`recomputed_grads` where the
     hand-written one cannot serve (``create_graph=True``, batched gradients); None where it
     can."""
-    if not (torch.is_grad_enabled() or is_functorch(grad)):
+    if not needs_recompute(grad):
         return None
     grad_x, grad_packed = recomputed_grads(composable, (x, packed), ctx.needs_input_grad[:2], grad)
     return grad_x, grad_packed, None

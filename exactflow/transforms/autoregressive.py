@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from ..core import Transform, check_features
 from ..nn import MADE, Activation, resolve_order
-from ..nn.passes import is_functorch, recomputed_grads
+from ..nn.passes import needs_recompute, recomputed_grads
 from .monotonic import AffineMap, MonotonicMap, SplineMap, monotonic_map
 
 __all__ = [
@@ -88,7 +88,7 @@ class _FusedAffine(torch.autograd.Function):
         u, context, packed, log_scale, scale, weights, *inputs = ctx.saved_tensors
         made, affine = ctx.made, ctx.affine
         need_u, need_c, need_packed = ctx.needs_input_grad[:3]
-        if torch.is_grad_enabled() or is_functorch(grad_v) or is_functorch(grad_log_det):
+        if needs_recompute(grad_v, grad_log_det):  # create_graph=True, or batched gradients
 
             def recompute(u: Tensor, context: Tensor | None, packed: Tensor) -> tuple[Tensor, ...]:
                 params = made._outputs(made._composable(made._inputs(u, context), packed))

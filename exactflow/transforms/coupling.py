@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..core import Transform
 from ..nn import MLP, Activation
 from ..nn.mlp import relu_backward, relu_pass
-from ..nn.passes import has_hooks, is_functorch, is_plain, recomputed_grads
+from ..nn.passes import has_hooks, is_plain, needs_recompute, recomputed_grads
 from .monotonic import AdditiveMap, AffineMap, MonotonicMap, SplineMap, monotonic_map
 
 __all__ = ["Coupling", "AdditiveCoupling", "AffineCoupling", "SplineCoupling", "coupling_mask"]
@@ -121,19 +121,20 @@ class _FusedAffineCoupling(torch.autograd.Function):
         scale = torch.exp(log_scale)
         scaled = x_b * scale
         z = torch.cat([x_a, scaled + shift], dim=1)
-        ctx.layer, ctx.hidden = layer, len(saved)
+        ctx.layer = layer
         # Activations too go through save_for_backward: freed after the backward, and
         # seen by saved-tensor hooks.
-        ctx.save_for_backward(x, context, packed, tanh, scale, scaled, *saved, *views)
+        ctx.save_for_backward(x, context, packed, tanh, scale, scaled, *views, *saved)
         return z.index_select(1, layer.unshuffle), log_scale.sum(dim=1)
 
     @staticmethod
     def backward(ctx: Any, grad_z: Tensor, grad_log_det: Tensor) -> tuple[Tensor | None, ...]:
         x, context, packed, tanh, scale, scaled, *rest = ctx.saved_tensors
-        inputs, views = rest[: ctx.hidden], rest[ctx.hidden :]
         layer: Coupling = ctx.layer
+        net: MLP = layer.conditioner  # type: ignore[assignment]
+        views, inputs = rest[: 2 * net.layers], rest[2 * net.layers :]
         need_x, need_c, need_packed = ctx.needs_input_grad[:3]
-        if torch.is_grad_enabled() or is_functorch(grad_z) or is_functorch(grad_log_det):
+        if needs_recompute(grad_z, grad_log_det):  # create_graph=True, or batched gradients
             grads = recomputed_grads(
                 lambda x, c, p: layer._couple_generic(x, c, p, inverse=False),
                 (x, context, packed), (need_x, need_c, need_packed), (grad_z, grad_log_det),
@@ -147,7 +148,6 @@ class _FusedAffineCoupling(torch.autograd.Function):
         g_raw = _tanh_backward(torch.addcmul(grad_log_det.unsqueeze(1), g_b, scaled), tanh)
         g_out = torch.stack([g_b, g_raw], dim=2).view(g_b.shape[0], -1)
         grad_packed = torch.empty_like(packed) if need_packed else None
-        net: MLP = layer.conditioner  # type: ignore[assignment]
         g_in = relu_backward(
             g_out, inputs, views, need_x or need_c,
             None if grad_packed is None else net.unpack(grad_packed),
