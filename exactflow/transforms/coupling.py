@@ -89,7 +89,7 @@ def coupling_mask(features: int, mask: str | Sequence[bool] | Tensor) -> Tensor:
     return m.clone()
 
 
-_tanh_backward = torch.ops.aten.tanh_backward
+_tanh_backward = torch.ops.aten.tanh_backward.grad_input
 
 
 class _FusedAffineCoupling(torch.autograd.Function):
@@ -112,7 +112,7 @@ class _FusedAffineCoupling(torch.autograd.Function):
         x_a = x.index_select(1, layer.identity_index)
         x_b = x.index_select(1, layer.transformed_index)
         inputs = x_a if context is None else torch.cat([x_a, context], 1)
-        views = net.unpack(packed)
+        views = net._views(packed)
         out, saved = relu_pass(inputs, views)
         shift, raw = out.view(x.shape[0], x_b.shape[1], 2).unbind(2)
         bound = layer.monotonic.scale_bound  # type: ignore[attr-defined]
@@ -145,12 +145,16 @@ class _FusedAffineCoupling(torch.autograd.Function):
         # log|det| adds ds/da = 1 - tanh^2.
         g_a = grad_z.index_select(1, layer.identity_index)
         g_b = grad_z.index_select(1, layer.transformed_index)
-        g_raw = _tanh_backward(torch.addcmul(grad_log_det.unsqueeze(1), g_b, scaled), tanh)
-        g_out = torch.stack([g_b, g_raw], dim=2).view(g_b.shape[0], -1)
+        g_out = g_b.new_empty(*g_b.shape, 2)  # (t, a) feature by feature, as the net gives them
+        g_out[:, :, 0] = g_b
+        _tanh_backward(
+            torch.addcmul(grad_log_det.unsqueeze(1), g_b, scaled), tanh,
+            grad_input=g_out[:, :, 1],
+        )
         grad_packed = torch.empty_like(packed) if need_packed else None
         g_in = relu_backward(
-            g_out, inputs, views, need_x or need_c,
-            None if grad_packed is None else net.unpack(grad_packed),
+            g_out.view(g_b.shape[0], -1), inputs, views, need_x or need_c,
+            None if grad_packed is None else net._views(grad_packed),
         )
         grad_x = grad_c = None
         if g_in is not None and need_c:
