@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import exactflow as ef
-from exactflow.nn import MADE, MLP, resolve_order
+from exactflow.nn import MADE, MLP, passes, resolve_order
 from tests.helpers import perturb
 from tests.made_v01 import MADEv01
 
@@ -406,11 +406,18 @@ def made_case(features, hidden, context, order, block_rows=2, seed=0):
     return made, x, c
 
 
+@pytest.fixture(params=["dense", "blocks"])
+def products(request, monkeypatch) -> str:
+    """The composable pass's layers as one dense masked product each, or in blocks."""
+    monkeypatch.setattr(passes, "BLOCKS_FROM", 2**62 if request.param == "dense" else 0)
+    return request.param
+
+
 @pytest.mark.parametrize("features", [1, 2, 5])
 @pytest.mark.parametrize("hidden", HIDDEN)
 @pytest.mark.parametrize("context", [0, 3])
 @pytest.mark.parametrize("order", ["forward", "reverse", "random"])
-def test_made_equals_the_dense_masked_network(features, hidden, context, order) -> None:
+def test_made_equals_the_dense_masked_network(features, hidden, context, order, products) -> None:
     made, x, c = made_case(features, HIDDEN[hidden], context, order)
     ref = dense_reference(made, x, c)
     with torch.no_grad():  # the fused pass without autograd
@@ -427,7 +434,9 @@ def test_made_equals_the_dense_masked_network(features, hidden, context, order) 
 
 @pytest.mark.parametrize("hidden", ["none", "below", "above-2"])
 @pytest.mark.parametrize("context", [0, 2])
-def test_made_fused_backward_matches_autograd_of_the_composable_pass(hidden, context) -> None:
+def test_made_fused_backward_matches_autograd_of_the_composable_pass(
+    hidden, context, products
+) -> None:
     made, x, c = made_case(5, HIDDEN[hidden], context, "random", seed=3)
     x.requires_grad_(True)
     inputs = [x, made.packed] + ([c.requires_grad_(True)] if c is not None else [])
@@ -454,6 +463,32 @@ def test_made_gradcheck_and_gradgradcheck(context: int) -> None:
 
     assert torch.autograd.gradcheck(fn, args)
     assert torch.autograd.gradgradcheck(fn, args)
+
+
+def test_made_composable_pass_takes_blocks_where_they_skip_enough(monkeypatch) -> None:
+    made, x, c = made_case(5, (9, 7), 0, "random")
+    skipped = [layer.skipped for layer in made._plan]
+    assert all(n > 0 for n in skipped)
+    # Blocks from 7 rows of the widest layer's skipped multiply-adds on.
+    monkeypatch.setattr(passes, "BLOCKS_FROM", 7 * max(skipped))
+
+    def cats(rows: int) -> int:
+        out = made._composable(made._inputs(x[:rows], None), made.packed)
+        seen, stack, count = set(), [out.grad_fn], 0
+        while stack:
+            fn = stack.pop()
+            if fn is None or fn in seen:
+                continue
+            seen.add(fn)
+            count += type(fn).__name__ == "CatBackward0"
+            stack += [f for f, _ in fn.next_functions]
+        return count
+
+    assert cats(6) == 0  # one dense product per layer
+    assert cats(7) >= 1  # the widest layer in blocks
+    for rows in (6, 7):
+        out = made._outputs(made._composable(made._inputs(x[:rows], None), made.packed))
+        torch.testing.assert_close(out, dense_reference(made, x[:rows], None), rtol=0, atol=1e-12)
 
 
 def test_made_block_size_changes_speed_only() -> None:

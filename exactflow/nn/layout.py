@@ -43,6 +43,8 @@ class Layer(NamedTuple):
     columns: tuple[tuple[int, int, int], ...]
     #: Per degree ``k = 0 .. d``: (first unit, end unit, prefix) of the units of degree ``k``.
     degrees: tuple[tuple[int, int, int], ...]
+    #: Multiply-adds per row that the blocks skip against one dense product (bias included).
+    skipped: int
 
 
 #: A layer as the fused pass walks it, a plain tuple: ``(n_in, n_out, hidden, offset of its
@@ -201,6 +203,8 @@ def _layers(
                 groups=tuple(groups),
                 columns=tuple(columns),
                 degrees=tuple(per_degree),
+                skipped=width * (1 + degrees_in.numel())
+                - sum((e - s) * (1 + cols) for s, e, cols in groups),
             )
         )
         degrees_in = degrees_out
