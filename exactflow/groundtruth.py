@@ -242,7 +242,9 @@ def check_transform(
     1. ``output_shape``, ``log_det_shape``, ``finite``: ``forward`` returns ``z`` shaped
        like ``x`` and a log-det of shape ``(batch,)``, with no NaN or inf;
     2. ``log_det``: the transform's own ``log|det dz/dx|`` equals ``log|det J|`` of the
-       dense autograd Jacobian of ``forward`` (:func:`log_abs_det_jacobian`);
+       dense autograd Jacobian of ``forward`` (:func:`log_abs_det_jacobian`), which must
+       be finite: a singular Jacobian (a map that is not invertible, or whose output
+       autograd cannot trace to its input) fails;
     3. ``round_trip``: ``inverse(forward(x))`` gives back ``x``;
     4. ``inverse_log_det``: the inverse's log-det is minus the forward one.
 
@@ -273,7 +275,9 @@ def check_transform(
     Raises:
         CheckError: a check failed; the message names each failed check and the size of
             its error, and ``err.report`` holds the report.
-        ValueError: ``x`` is not a ``(batch, features)`` tensor.
+        ValueError: ``x`` is not a ``(batch, features)`` tensor, or not in the dtype of the
+            transform's parameters.
+        NotImplementedError: the transform has no inverse and ``check_inverse`` is True.
 
     Example:
         >>> import torch, exactflow as ef
@@ -310,6 +314,12 @@ def check_transform(
         raise ValueError(
             f"x must be a tensor of shape (batch, features), got "
             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}"
+        )
+    own = next((p for p in transform.parameters() if p.is_floating_point()), None)
+    if own is not None and own.dtype != x.dtype:
+        raise ValueError(
+            f"x is {x.dtype} but {type(transform).__name__}'s parameters are {own.dtype}: "
+            f"check both in one dtype (float64: transform.double() and x.double())"
         )
     default_atol, default_rtol = _DEFAULT_TOL.get(x.dtype, (1e-5, 1e-5))
     atol = default_atol if atol is None else atol
@@ -348,11 +358,30 @@ def check_transform(
         return _finish(report, raise_on_failure)
 
     truth = log_abs_det_jacobian(transform, x, context).detach()
-    within("log_det", ladj.reshape(-1) - truth, truth)
+    singular = int((~torch.isfinite(truth)).sum())
+    if singular:
+        # An infinite truth would make the relative tolerance infinite too.
+        report.errors["log_det"] = float("inf")
+        report.tolerances["log_det"] = atol
+        fail(
+            f"log_det: the autograd Jacobian is singular in {singular} of {truth.numel()} "
+            f"rows (log|det J| = {float(truth[~torch.isfinite(truth)][0])}): the map is not "
+            f"invertible there, or its output does not depend on the input through autograd "
+            f"(detach, round, an integer cast...)"
+        )
+    else:
+        within("log_det", ladj.reshape(-1) - truth, truth)
 
     if check_inverse:
         with torch.no_grad():
-            x_back, ladj_inv = transform.inverse(z, context)
+            try:
+                x_back, ladj_inv = transform.inverse(z, context)
+            except NotImplementedError as err:
+                said = f" ({err})" if str(err) else ""
+                raise NotImplementedError(
+                    f"{report.name} has no inverse{said}: pass check_inverse=False to check "
+                    f"the forward direction only"
+                ) from err
         if x_back.shape != x.shape or ladj_inv.shape != x.shape[:1]:
             fail(f"inverse_shape: inverse returned {tuple(x_back.shape)} and log-det "
                  f"{tuple(ladj_inv.shape)}")

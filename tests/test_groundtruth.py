@@ -380,11 +380,48 @@ def test_wrong_log_det_shape_fails():
     assert_fails(Scalar(3).double(), x64(), "log_det_shape")
 
 
+@pytest.mark.parametrize("how", ["collapse", "detach", "round"])
+def test_singular_or_untraceable_maps_fail(how):
+    """A Jacobian with log|det| = -inf fails, though an infinite truth would make the
+    relative tolerance infinite too."""
+
+    class Broken(Scale):
+        def forward(self, x, context=None):
+            z, ladj = super().forward(x, context)
+            if how == "collapse":  # z = (x0, x0, x2): not invertible
+                z = torch.stack([z[:, 0], z[:, 0], z[:, 2]], 1)
+            elif how == "detach":
+                z = z.detach()
+            else:  # a coordinate through round: a zero derivative
+                z = torch.cat([torch.round(z[:, :1]), z[:, 1:]], 1)
+            return z, ladj
+
+    report = assert_fails(Broken(3).double(), x64(), "log_det")
+    assert "singular in 6 of 6 rows" in report.failures[0]
+    assert report.errors["log_det"] == math.inf
+
+
 def test_check_transform_rejects_bad_x():
     with pytest.raises(ValueError, match="batch, features"):
         ef.check_transform(Scale(3), torch.randn(3))
     with pytest.raises(ValueError, match="batch, features"):
         ef.check_transform(Scale(3), np.zeros((2, 3)))
+    with pytest.raises(ValueError, match=r"x is torch.float32 but Scale's parameters are "
+                                         r"torch.float64.*transform.double\(\)"):
+        ef.check_transform(Scale(3).double(), torch.randn(4, 3))
+
+
+def test_a_transform_without_inverse_is_named():
+    class ForwardOnly(ef.Transform):
+        features = 3
+
+        def forward(self, x, context=None):
+            return 2 * x, x.new_full(x.shape[:1], 3 * math.log(2))
+
+    with pytest.raises(NotImplementedError, match="ForwardOnly has no inverse: pass "
+                                                  "check_inverse=False"):
+        ef.check_transform(ForwardOnly(), x64())
+    assert ef.check_transform(ForwardOnly(), x64(), check_inverse=False).ok
 
 
 def test_tolerances_can_be_overridden():
