@@ -27,6 +27,7 @@ import torch
 import exactflow as ef
 from exactflow.cli import main
 from exactflow.diagnostics import flatten_layers
+from exactflow.runs import load_run
 
 TINY = ["--model", "maf", "--layers", "2", "--hidden", "16", "--steps", "30",
         "--batch-size", "128", "--no-report"]
@@ -209,6 +210,28 @@ def test_train_pools_the_scale_of_pixels_and_takes_the_scale_asked_for(tmp_path)
     code, _, err = run_cli(["train", csv, *TINY, "--standardize", "pooled", "--no-standardize",
                             "--out", tmp_path / "both"])
     assert code == 2 and "not allowed with" in err
+
+
+def test_loading_a_dequantized_run_warns_that_raw_rows_score_otherwise(tmp_path):
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 17, size=(300, 3)).astype(float)
+    csv = write_csv(tmp_path / "px.csv", pixels, ["p0", "p1", "p2"])
+    code, _, err = run_cli(["train", csv, *TINY, "--dequantize", "--out", tmp_path / "r"])
+    assert code == 0, err
+    with pytest.warns(UserWarning, match=r"dequantized its integer-valued columns \[0, 1, 2\]"
+                                         r".*load_run\(run_dir\).score"):
+        flow = ef.load(tmp_path / "r")
+    run = load_run(tmp_path / "r")  # scores as the CLI does, without a warning
+    rows = pixels[:5]
+    raw = flow.log_prob(torch.as_tensor(rows)).detach().numpy()
+    assert not np.allclose(run.score(rows), raw)
+    # A run without dequantized columns, and a model file, load silently.
+    code, _, err = run_cli(["train", csv, *TINY, "--out", tmp_path / "plain"])
+    assert code == 0, err
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ef.load(tmp_path / "plain")
+        ef.load(tmp_path / "r" / "model.safetensors")
 
 
 def test_a_run_begun_per_column_resumes_under_auto(tmp_path, monkeypatch):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,8 @@ _BUILTIN = ("realnvp", "nice", "maf", "iaf", "nsf", "planar", "radial")
 #: (the same names as :data:`exactflow.runs.MODEL_FILE`; io sits below runs, so it names
 #: them itself).
 RUN_MODEL_FILES = ("model.safetensors", "model.pt")
+#: A run folder's record (:data:`exactflow.runs.RUN_JSON`).
+RUN_RECORD = "run.json"
 # safetensors files start with an 8-byte header length, then the JSON header.
 _MAX_HEADER = 100 * 1024 * 1024
 
@@ -112,6 +115,24 @@ def _is_safetensors(path: Path) -> bool:
         return False
     (size,) = struct.unpack("<Q", head[:8])
     return 0 < size <= _MAX_HEADER and head[8:9] == b"{"
+
+
+def _warn_if_dequantized(run_dir: Path) -> None:
+    """Warn when a run folder's model was trained on dequantized columns: its ``log_prob``
+    of raw rows is not what the run scores."""
+    try:
+        info = json.loads((run_dir / RUN_RECORD).read_text())
+        columns = list(info["data"].get("dequantized_columns") or [])
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return  # no record, or not one this check can read: the model loads as it is
+    if columns:
+        warnings.warn(
+            f"the run {str(run_dir)!r} dequantized its integer-valued columns {columns} "
+            "before training (uniform noise in [0, 1)): the loaded flow's log_prob of raw "
+            "rows is its density at the integer points, not what `exactflow score` "
+            "reports. exactflow.runs.load_run(run_dir).score(rows) scores as the CLI does.",
+            stacklevel=3,
+        )
 
 
 def _model_file(path: Path) -> Path:
@@ -310,6 +331,11 @@ def load(path: str | os.PathLike[str], map_location: Any = "cpu") -> Flow:
             in run folders of exactflow 0.1).
         map_location: where to put the tensors, default the CPU.
 
+    Warns:
+        UserWarning: ``path`` is a run folder that dequantized integer-valued columns (the
+            flow's ``log_prob`` of raw rows is then not the run's score; see
+            :meth:`exactflow.runs.Run.score`).
+
     Raises:
         CheckpointError: the file is missing, empty, truncated or foreign (text, a numpy
             array); a folder without a model file; holds anything but tensors and plain
@@ -317,7 +343,10 @@ def load(path: str | os.PathLike[str], map_location: Any = "cpu") -> Flow:
             format; names an unknown builder; has a config that its weights do not fit; or
             holds NaN weights.
     """
-    path = _model_file(Path(path))
+    path = Path(path)
+    if path.is_dir():
+        _warn_if_dequantized(path)
+    path = _model_file(path)
     name = str(path)
     config, state, _ = _read(path, map_location)
     try:
