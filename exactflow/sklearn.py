@@ -33,6 +33,7 @@ except ImportError:  # pragma: no cover - older scikit-learn
         return estimator._validate_data(X, reset=reset, **kwargs)
 
 
+from .datasets import check_full_rank
 from .scoring import log_prob
 
 __all__ = ["FlowDensity"]
@@ -152,7 +153,8 @@ class FlowDensity(DensityMixin, BaseEstimator):
         """Train a model on the rows of ``X`` (``y`` is ignored).
 
         Raises:
-            ValueError: bad data (NaN/inf, fewer than 2 rows, a constant column), a
+            ValueError: bad data (NaN/inf, fewer than 2 rows, no more rows than columns,
+                a constant column, linearly dependent columns), a
                 coupling model on one feature, or bad parameters.
         """
         from . import models
@@ -161,6 +163,7 @@ class FlowDensity(DensityMixin, BaseEstimator):
         from .transforms.standardize import resolve_standardize
 
         X = _validate_data(self, X, dtype=np.float64, ensure_min_samples=2)
+        check_full_rank(X, "X")
         n, d = X.shape
         auto = self.model == "auto"
         if not auto and self.model not in models.available():

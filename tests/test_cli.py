@@ -234,6 +234,18 @@ def test_loading_a_dequantized_run_warns_that_raw_rows_score_otherwise(tmp_path)
         ef.load(tmp_path / "r" / "model.safetensors")
 
 
+def test_train_refuses_repeated_or_linearly_dependent_columns(tmp_path):
+    x = np.random.default_rng(4).normal(size=(200, 3))
+    csv = write_csv(tmp_path / "dup.csv", np.c_[x, x[:, 0] + x[:, 2]], ["a", "b", "c", "d"])
+    code, _, err = run_cli(["train", csv, *TINY, "--out", tmp_path / "r"])
+    assert code == 1 and "columns 'a', 'c', 'd' are linearly dependent" in err, err
+    code, _, err = run_cli(["train", csv, *TINY, "--columns", "a,b,a", "--out", tmp_path / "r"])
+    assert code == 1 and "columns ['a'] asked for more than once" in err, err
+    assert not (tmp_path / "r").exists()
+    code, _, err = run_cli(["train", csv, *TINY, "--columns", "a,b,c", "--out", tmp_path / "r"])
+    assert code == 0, err
+
+
 def test_a_run_begun_per_column_resumes_under_auto(tmp_path, monkeypatch):
     # Runs begun before standardize="auto" scaled every table per column; resuming one on
     # image-like data keeps that scaling instead of refusing a "different model".

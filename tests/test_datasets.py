@@ -279,6 +279,29 @@ def test_validate_names_constant_columns() -> None:
     assert "drop them" in str(caught.value) and "dequantize" in str(caught.value)
 
 
+def test_check_full_rank_names_linearly_dependent_columns(monkeypatch) -> None:
+    x = _good(40, 4)
+    ds.check_full_rank(x)
+    ds.check_full_rank(x[:, :1])  # one column: nothing to depend on
+    # Far from zero and nearly, but not exactly, a copy: full rank.
+    near = np.c_[x, 1e8 + x[:, 0] + 1e-3 * _good(40, 1)[:, 0]]
+    ds.check_full_rank(near)
+    with pytest.raises(DataError, match=r"columns 0, 4 \(column indices\) are linearly "
+                                         r"dependent.*drop one of them"):
+        ds.check_full_rank(np.c_[x, 1e8 + x[:, 0]])
+    with pytest.raises(DataError, match=r"t.csv: columns 'b', 'd', 'e' are linearly dependent"):
+        ds.check_full_rank(np.c_[x, x[:, 1] - 2 * x[:, 3]], "t.csv", list("abcde"))
+    with pytest.raises(DataError, match=r"has 4 rows for 4 columns: 4 points span at most 3"):
+        ds.check_full_rank(x[:4])
+    # In blocks of rows, never the whole table at once, with the same verdict.
+    monkeypatch.setattr(ds.arrays, "CHUNK_ROWS", 7)
+    lazy = _CountingSubset(np.c_[x, x[:, 2] * 3])
+    _CountingSubset.largest = 0
+    with pytest.raises(DataError, match="columns 2, 4 "):
+        ds.check_full_rank(lazy)
+    assert _CountingSubset.largest == 7
+
+
 def test_validate_path(tmp_path) -> None:
     with pytest.raises(DataError, match="no such file"):
         ds.validate(tmp_path / "missing.npy")

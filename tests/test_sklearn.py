@@ -87,6 +87,10 @@ def test_errors_name_the_problem():
         tiny().fit(bad)
     with pytest.raises(ValueError, match="NaN|nan"):
         tiny().fit(np.where(np.arange(100).reshape(50, 2) == 7, np.nan, X))
+    with pytest.raises(ValueError, match="columns 0, 2 .* are linearly dependent"):
+        tiny().fit(np.c_[X, 2 * X[:, 0]])
+    with pytest.raises(ValueError, match="2 rows for 2 columns"):
+        tiny().fit(X[:2])
     fitted = tiny().fit(X)
     with pytest.raises(ValueError, match="features"):
         fitted.score_samples(np.zeros((3, 3)))

@@ -7,7 +7,8 @@
   (:mod:`~exactflow.datasets.files`); :func:`digits` is scikit-learn's 8x8 digits with
   uniform dequantization, a real 64-dimensional benchmark (:mod:`~exactflow.datasets.bundled`).
 * :func:`validate` stops bad data before training with a :class:`DataError` that names the
-  problem (NaN/inf rows, wrong columns, too few rows, non-numeric cells, constant columns)
+  problem (NaN/inf rows, wrong columns, too few rows, non-numeric cells, constant columns),
+  and :func:`check_full_rank` data whose rows span fewer dimensions than its columns
   (:mod:`~exactflow.datasets.checks`).
 * :func:`split` makes seeded train/validation/test splits (:mod:`~exactflow.datasets.splits`);
   :class:`Subset` is a lazy row/column view of a memory-mapped array
@@ -25,7 +26,7 @@ from ..transforms.standardize import Standardize
 from ..validation import DataError
 from .arrays import CHUNK_ROWS, ArrayLike, LazyTable, Subset
 from .bundled import digits
-from .checks import validate
+from .checks import check_full_rank, validate
 from .files import load, read_header
 from .shards import Shards, open_table, write_shards
 from .splits import as_tensor, split
@@ -48,6 +49,7 @@ __all__ = [
     "read_header",
     "digits",
     "validate",
+    "check_full_rank",
     "split",
     "as_tensor",
 ]

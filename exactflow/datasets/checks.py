@@ -11,7 +11,57 @@ from ..validation import DataError, index_list, nonfinite_rows_error
 from .arrays import ArrayLike, as_numpy, chunks
 from .shards import open_table
 
-__all__ = ["validate"]
+__all__ = ["validate", "check_full_rank"]
+
+#: The smallest eigenvalue of the columns' correlation matrix below which they are taken
+#: as linearly dependent (float64 rounding of an exact copy leaves about 1e-15).
+_RANK_TOL = 1e-10
+
+
+def check_full_rank(
+    data: ArrayLike, name: str = "data", columns: list[str] | None = None
+) -> None:
+    """Raise a :class:`DataError` when the rows of ``data`` span fewer dimensions than it
+    has columns: fewer rows than columns, or columns that are (up to rounding) linearly
+    dependent, such as a copy of a column or a sum of columns. A density of such data has
+    no width across the missing dimension, so its log-likelihood grows without bound as a
+    model narrows onto it.
+
+    Cost: O(rows * d^2) for the ``d x d`` correlation matrix, then O(d^3). ``columns``
+    names the columns in the message (0-based indices otherwise).
+    """
+    table = as_numpy(data)
+    n, d = table.shape
+    if d == 1:
+        return
+    if n <= d:
+        raise DataError(
+            f"{name} has {n} rows for {d} columns: {n} points span at most {n - 1} "
+            f"dimensions, so a {d}-dimensional density of them is degenerate; add rows or "
+            "use fewer columns"
+        )
+    # Two passes over blocks of rows (the mean, then the centered products), never a copy
+    # of the whole table, and no cancellation for columns far from zero.
+    mean = sum(block.sum(axis=0, dtype=np.float64) for _, block in chunks(table)) / n
+    gram = np.zeros((d, d))
+    for _, block in chunks(table):
+        centered = np.asarray(block, dtype=np.float64) - mean
+        gram += centered.T @ centered
+    scale = np.sqrt(np.diag(gram))
+    if not np.all(scale > 0):
+        return  # constant columns: validate names them
+    eigenvalues, eigenvectors = np.linalg.eigh(gram / np.outer(scale, scale))
+    if eigenvalues[0] > _RANK_TOL:
+        return
+    weights = np.abs(eigenvectors[:, 0])
+    involved = np.flatnonzero(weights > 1e-6 * weights.max())
+    shown = [repr(columns[c]) if columns is not None else str(c) for c in involved]
+    where = "" if columns is not None else " (column indices)"
+    raise DataError(
+        f"{name}: columns {', '.join(shown)}{where} are linearly dependent (a copy, a "
+        f"multiple or a sum of columns): the rows lie on a plane of fewer than {d} "
+        "dimensions, where a density has no width; drop one of them"
+    )
 
 
 def _first_non_numeric(data: np.ndarray) -> tuple[int, int, Any] | None:

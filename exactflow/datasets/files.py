@@ -93,6 +93,13 @@ def _column_indices(
             out.append(int(c) % width)
         else:
             raise DataError(f"{path!r}: columns must be names or integer indices, got {c!r}")
+    repeated = sorted({c for c in out if out.count(c) > 1})
+    if repeated:
+        shown = [names[c] if names is not None else c for c in repeated]
+        raise DataError(
+            f"{path!r}: columns {shown} asked for more than once; a column and its copy "
+            "have no density (the data lie on a line), give each column once"
+        )
     return out
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .. import distributed, models
-from ..datasets import split, validate
+from ..datasets import check_full_rank, split, validate
 from ..distributions import Flow
 from ..io import atomic_write_bytes, atomic_write_json, save
 from ..training import evaluate, fit, fit_auto
@@ -209,6 +209,7 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
         rows = dequantize_rows(rows, discrete, seed)
         data_info["dequantized_columns"] = discrete
     validate(rows, name=data_info["name"])
+    check_full_rank(rows, data_info["name"], data_info.get("column_names"))
     if discrete and not dequantize:
         data_info["integer_columns"] = discrete
         names = data_info.get("column_names")
