@@ -68,11 +68,29 @@ def test_overwrite_never_replaces_the_data_being_read(tmp_path):
 
 
 def test_a_learning_rate_that_diverges_stops_the_run_with_the_cure(tmp_path):
+    import json
+
     data = table(tmp_path / "t.csv", n=400)
+    model = {"model": "maf", "layers": 2}
     for lr in (10.0, 1e30):
-        with pytest.raises(ef.TrainingError, match=r"Lower the learning rate .* try 0\.001"):
-            train_run(data, tmp_path / f"lr{lr:g}", model={"model": "maf", "layers": 2},
-                      lr=lr, **QUIET)
+        out = tmp_path / f"lr{lr:g}"
+        with pytest.raises(ef.TrainingError, match=r"Lower the learning rate .* try 0\.001.*"
+                                                   r"marked failed.*overwrite") as caught:
+            train_run(data, out, model=model, lr=lr, **QUIET)
+        # The data are standardized already: no advice to standardize them.
+        assert "standardize the data" not in str(caught.value)
+        info = json.loads((out / "run.json").read_text())
+        assert info["status"] == "failed" and info["error"].startswith("training ")
+        assert not (out / "checkpoint.pt").exists()
+    # The failed run says so, and how to train it again; resuming it is refused.
+    with pytest.raises(RunError, match=r"failed: training is unstable.*--overwrite"):
+        ef.runs.load_run(out)
+    with pytest.raises(RunError, match=r"failed \(training is unstable.*overwrite it"):
+        train_run(data, out, model=model, resume=True, **QUIET)
+    with pytest.raises(RunError, match="already holds a failed run; overwrite it"):
+        train_run(data, out, model=model, **QUIET)
+    run = train_run(data, out, model=model, lr=1e-3, steps=20, overwrite=True, **QUIET)
+    assert run.info["status"] == "done"
 
 
 def test_data_far_from_standardized_without_a_standardization_layer_warns():

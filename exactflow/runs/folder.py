@@ -191,6 +191,12 @@ def load_run(run_dir: str | os.PathLike[str], *, model: bool = True) -> Run:
         raise RunError(f"{str(info_file)!r} is corrupt: {err}") from None
     if not isinstance(info, dict) or info.get("format") != RUN_FORMAT:
         raise RunError(f"{str(info_file)!r} is not an exactflow run description")
+    if info.get("status") == "failed":
+        raise RunError(
+            f"the run in {str(path)!r} failed: {info.get('error', 'training diverged')}; "
+            "train it again with `exactflow train ... --overwrite` (train_run(..., "
+            "overwrite=True))"
+        )
     if info.get("status") != "done":
         raise RunError(
             f"the run in {str(path)!r} did not finish (status {info.get('status')!r}); "

@@ -19,7 +19,7 @@ from .. import distributed, models
 from ..datasets import check_full_rank, split, validate
 from ..distributions import Flow
 from ..io import atomic_write_bytes, atomic_write_json, save
-from ..training import evaluate, fit, fit_auto
+from ..training import TrainingError, evaluate, fit, fit_auto
 from ..transforms.standardize import describe_standardize, resolve_standardize
 from ..validation import DataError, fraction, positive_int
 from .data import _now, integer_columns, read_data, versions
@@ -78,10 +78,16 @@ def _prepare_out(out: Path, *, resume: bool, overwrite: bool) -> dict[str, Any] 
                 f"the run in {str(out)!r} already finished: nothing to resume "
                 "(overwrite it to train it again)"
             )
+        if status == "failed":
+            raise RunError(
+                f"the run in {str(out)!r} failed ({previous.get('error', 'training diverged')}"
+                "); resuming would start where it failed: overwrite it to train it again"
+            )
         return previous
     if not overwrite:
-        what = "a finished run" if status == "done" else "an interrupted run"
-        hint = "" if status == "done" else " or resume to continue it"
+        what = {"done": "a finished run", "failed": "a failed run"}.get(
+            status, "an interrupted run")
+        hint = "" if status in ("done", "failed") else " or resume to continue it"
         raise RunError(
             f"{str(out)!r} already holds {what}; overwrite it to replace it{hint}, "
             "or choose another folder"
@@ -305,18 +311,32 @@ def _write_run(out: Path, writer: bool, flow: Flow | None, train: Any, val: Any,
         atomic_write_json(out / RUN_JSON, info)
 
     leaderboard = None
-    if flow is None:
-        result = fit_auto(train, val, budget=budget, standardize=standardize, seed=seed,
-                          device=device, progress=False, log=log)
-        flow, history = result.flow, result.history
-        leaderboard = [entry.to_dict() for entry in result.leaderboard]
-        info["model"] = flow.config
-    else:
-        history = fit(
-            flow, train, val,
-            steps=steps, epochs=epochs, patience=patience, batch_size=batch_size, lr=lr,
-            checkpoint=checkpoint, resume=resume, device=device, seed=seed, progress=progress,
-        )
+    try:
+        if flow is None:
+            result = fit_auto(train, val, budget=budget, standardize=standardize, seed=seed,
+                              device=device, progress=False, log=log)
+            flow, history = result.flow, result.history
+            leaderboard = [entry.to_dict() for entry in result.leaderboard]
+            info["model"] = flow.config
+        else:
+            history = fit(
+                flow, train, val,
+                steps=steps, epochs=epochs, patience=patience, batch_size=batch_size, lr=lr,
+                checkpoint=checkpoint, resume=resume, device=device, seed=seed,
+                progress=progress,
+            )
+    except TrainingError as err:
+        if not writer:
+            raise
+        # A diverged run cannot be resumed (it would start where it blew up): mark it
+        # failed, drop its checkpoint, and say how to train it again.
+        checkpoint.unlink(missing_ok=True)
+        info.update(status="failed", finished=_now(), error=str(err))
+        atomic_write_json(out / RUN_JSON, info)
+        raise TrainingError(
+            f"{err} The run in {str(out)!r} is marked failed; train it again with "
+            "overwrite (--overwrite in the command line)."
+        ) from None
     if not writer:
         return Run(out, info, flow, history.to_dict())
     trained_on = str(next(iter(flow.parameters())).device) if any(

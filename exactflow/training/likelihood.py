@@ -38,6 +38,7 @@ from .loop import (
     adam,
     check_common,
     clone,
+    data_advice,
     forked_rng,
     gentler_lr,
     resolve_device,
@@ -334,7 +335,7 @@ def fit(
         history.steps.append(done)
         history.train_nll.append(train_nll)
         history.val_nll.append(val_nll)
-        _check_divergence(history, train_nll, features, lr)
+        _check_divergence(history, train_nll, features, lr, data_advice(flow))
         history.lr.append(current_lr)
         history.time.append(time.perf_counter() - clock)
         return stop
@@ -386,7 +387,8 @@ def _postfix(history: History) -> dict[str, str]:
 DIVERGED_NATS_PER_DIM = 5.0
 
 
-def _check_divergence(history: History, train_nll: float | None, d: int, lr: float) -> None:
+def _check_divergence(history: History, train_nll: float | None, d: int, lr: float,
+                      advice: str) -> None:
     """Stop a run whose optimization blew up: the training NLL far above its first record,
     or the validation NLL far above the start while the training NLL is no better than the
     start either (a model that overfits fits its training rows better; this one fits
@@ -408,7 +410,7 @@ def _check_divergence(history: History, train_nll: float | None, d: int, lr: flo
         raise TrainingError(
             f"training diverged: {what} (more than {DIVERGED_NATS_PER_DIM:g} nats per "
             f"dimension worse). Lower the learning rate (lr, --lr; now {lr:.3g}, try "
-            f"{gentler_lr(lr):.3g}) or standardize the data."
+            f"{gentler_lr(lr):.3g}) or {advice}."
         )
 
 

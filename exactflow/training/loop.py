@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core import Compose, Inverse, Transform
+from ..transforms.standardize import Standardize
 from ..validation import positive_float, seed_value
 from .history import History
 
@@ -38,6 +39,7 @@ __all__ = [
     "LoopSettings",
     "run_loop",
     "gentler_lr",
+    "data_advice",
     "resolve_device",
     "forked_rng",
     "rng_state",
@@ -208,6 +210,14 @@ def gentler_lr(lr: float) -> float:
     return min(lr / 10, 1e-3)
 
 
+def data_advice(flow: nn.Module) -> str:
+    """What to try about the data after a failed run: standardizing it, unless the flow
+    already does."""
+    if any(isinstance(m, Standardize) for m in flow.modules()):
+        return "look for extreme values in the data (heavy tails standardize badly)"
+    return "standardize the data (standardize=True in the builder)"
+
+
 def divergence_error(flow: nn.Module, step: int, lr: float, what: str) -> TrainingError:
     """The error for a run whose loss or gradient stayed non-finite: where, and what to try."""
     families = ", ".join(_layer_families(flow)) or type(flow).__name__
@@ -215,9 +225,8 @@ def divergence_error(flow: nn.Module, step: int, lr: float, what: str) -> Traini
         f"training diverged at step {step}: the {what} was non-finite (NaN or inf) on "
         f"{MAX_FAILURES} steps in a row, even after rolling back to the last good state and "
         f"halving the learning rate each time (now {lr:.3g}). Layers in this flow: {families}. "
-        "Try: a lower learning rate (lr), gradient clipping (grad_clip=1.0), standardizing the "
-        "data (standardize=True in the builder), a larger spline bound or fewer/smaller "
-        "layers, and check the data for extreme values."
+        f"Try: a lower learning rate (lr), gradient clipping (grad_clip=1.0), "
+        f"{data_advice(flow)}, a larger spline bound or fewer/smaller layers."
     )
 
 
@@ -348,8 +357,8 @@ def run_loop(
                         f"training is unstable: {count} of its {i + 1} steps had a "
                         "non-finite loss or gradient and were undone (the learning rate "
                         f"was halved each time, from {settings.lr:.3g}). Lower the learning "
-                        f"rate (lr, --lr; try {gentler_lr(settings.lr):.3g}), standardize the "
-                        "data, or clip gradients harder (grad_clip)."
+                        f"rate (lr, --lr; try {gentler_lr(settings.lr):.3g}), "
+                        f"{data_advice(flow)}, or clip gradients harder (grad_clip)."
                     )
             if bar is not None:
                 bar.update(1)
