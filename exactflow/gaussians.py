@@ -195,7 +195,7 @@ class GaussianMixture(_Components):
         >>> import torch, exactflow as ef
         >>> x = torch.cat([torch.randn(300, 2) - 3, torch.randn(300, 2) + 3]).double()
         >>> mix = ef.GaussianMixture(2, components=2).double().fit_to(x, seed=0)
-        >>> sorted(round(float(w), 1) for w in mix.weights())
+        >>> sorted(round(w, 1) for w in mix.weights().detach().tolist())
         [0.5, 0.5]
     """
 

@@ -17,6 +17,7 @@ __all__ = [
     "DataError",
     "nonfinite_rows_error",
     "index_list",
+    "counted",
     "positive_int",
     "non_negative_int",
     "positive_float",
@@ -38,6 +39,11 @@ class DataError(ValueError):
 
     The message names the problem and where it is (rows, columns, file lines).
     """
+
+
+def counted(n: int, noun: str) -> str:
+    """``"1 row"``, ``"2 rows"``: a number and its noun (plural by an ``s``)."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def index_list(indices: Iterable[int], total: int) -> str:

@@ -484,7 +484,7 @@ def test_score_to_stdout(run_dir, tmp_path):
     "content, message",
     [
         ("1,2,3\n4,5,6\n", "3 columns"),
-        ("1\n2\n", "1 columns"),
+        ("1\n2\n", "has 1 column but"),
         ("1,2\nnan,4\n", "NaN"),
         ("1,2\n3,x\n", "'x'"),
         (None, "neither a built-in dataset"),

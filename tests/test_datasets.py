@@ -291,8 +291,12 @@ def test_check_full_rank_names_linearly_dependent_columns(monkeypatch) -> None:
         ds.check_full_rank(np.c_[x, 1e8 + x[:, 0]])
     with pytest.raises(DataError, match=r"t.csv: columns 'b', 'd', 'e' are linearly dependent"):
         ds.check_full_rank(np.c_[x, x[:, 1] - 2 * x[:, 3]], "t.csv", list("abcde"))
-    with pytest.raises(DataError, match=r"has 4 rows for 4 columns: 4 points span at most 3"):
+    with pytest.raises(DataError, match=r"has 4 rows for 4 columns: the rows span at most "
+                                         r"3 dimensions"):
         ds.check_full_rank(x[:4])
+    with pytest.raises(DataError, match=r"has 2 rows for 4 columns: the rows span at most "
+                                         r"1 dimension, so"):
+        ds.check_full_rank(x[:2])
     # In blocks of rows, never the whole table at once, with the same verdict.
     monkeypatch.setattr(ds.arrays, "CHUNK_ROWS", 7)
     lazy = _CountingSubset(np.c_[x, x[:, 2] * 3])

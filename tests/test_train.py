@@ -203,6 +203,7 @@ def test_batches_read_only_their_own_rows():
         (torch.randn(20, 2), {"batch_size": 32}, "fewer than one batch"),
         (np.array([["1", "2"], ["x", "4"]] * 20, dtype=object), {}, "non-numeric cell 'x'"),
         (torch.randn(100), {}, "2-D"),
+        (torch.randn(2, 2), {"batch_size": None}, "has 2 rows for 2 columns"),
     ],
 )
 def test_bad_training_data_is_refused_before_training(train, kwargs, message):

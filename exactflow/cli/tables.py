@@ -15,7 +15,7 @@ import numpy as np
 from ..datasets import DataError, read_header
 from ..io import atomic_write_bytes, csv_rows, write_table
 from ..runs import RunError, anomaly, load_run, read_data
-from ..validation import nonfinite_rows_error
+from ..validation import counted, nonfinite_rows_error
 from .common import CommandError, fmt, say, with_key
 from .output import SampleStream, json_cap_error
 
@@ -137,7 +137,7 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
     if data.shape[1] != d:
         what = (f"--columns picks {data.shape[1]} columns of {info['name']}"
                 if args.columns is not None else
-                f"{info['name']} has {data.shape[1]} columns")
+                f"{info['name']} has {counted(data.shape[1], 'column')}")
         hint = "; pick them with --columns" if data.shape[1] > d and args.columns is None else ""
         raise DataError(f"{what} but the model of {args.run!r} was trained on {d}{hint}")
     bad = np.flatnonzero(np.isnan(data).any(axis=1))

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from ..validation import DataError, index_list, nonfinite_rows_error
+from ..validation import DataError, counted, index_list, nonfinite_rows_error
 from .arrays import ArrayLike, as_numpy, chunks
 from .shards import open_table
 
@@ -36,9 +36,9 @@ def check_full_rank(
         return
     if n <= d:
         raise DataError(
-            f"{name} has {n} rows for {d} columns: {n} points span at most {n - 1} "
-            f"dimensions, so a {d}-dimensional density of them is degenerate; add rows or "
-            "use fewer columns"
+            f"{name} has {counted(n, 'row')} for {d} columns: the rows span at most "
+            f"{counted(n - 1, 'dimension')}, so a {d}-dimensional density of them is "
+            "degenerate; add rows or use fewer columns"
         )
     # Two passes over blocks of rows (the mean, then the centered products), never a copy
     # of the whole table, and no cancellation for columns far from zero.
@@ -129,7 +129,7 @@ def validate(
         raise DataError(f"{name}: expected {features} columns (features), got {d}")
     if batch_size is not None and n < batch_size:
         raise DataError(
-            f"{name} has {n} rows, fewer than one batch (batch_size={batch_size}): "
+            f"{name} has {counted(n, 'row')}, fewer than one batch (batch_size={batch_size}): "
             "lower batch_size or add data"
         )
 

@@ -21,7 +21,7 @@ from ..distributions import Flow
 from ..io import atomic_write_bytes, atomic_write_json, save
 from ..training import TrainingError, evaluate, fit, fit_auto
 from ..transforms.standardize import describe_standardize, resolve_standardize
-from ..validation import DataError, fraction, positive_int
+from ..validation import DataError, counted, fraction, positive_int
 from .data import _now, integer_columns, read_data, versions
 from .data import dequantize as dequantize_rows
 from .folder import (
@@ -226,8 +226,8 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
     fractions = (1.0 - val_fraction - test_fraction, val_fraction, test_fraction)
     n = len(rows)
     if n < 10:
-        raise DataError(f"{data_info['name']} has {n} rows; a train/validation/test split "
-                        "needs at least 10")
+        raise DataError(f"{data_info['name']} has {counted(n, 'row')}; a train/validation/test "
+                        "split needs at least 10")
     train, val, test = split(rows, fractions, seed=seed)
     if min(len(train), len(val), len(test)) == 0:
         raise DataError(f"{data_info['name']}: {n} rows are too few for the fractions {fractions}")
