@@ -472,6 +472,19 @@ def test_score_matches_the_model_and_flags_anomalies(run_dir, tmp_path):
     assert result["calibration_rows"] == len(held_out)
 
 
+def test_score_says_how_rows_beyond_the_model_count(run_dir, tmp_path):
+    # 1e39 is beyond float32: the row scores -inf, an anomaly under any threshold.
+    csv = write_csv(tmp_path / "new.csv", np.array([[0.0, 0.0], [1e39, 0.0]]), ["x1", "x2"])
+    code, out, err = run_cli(["score", run_dir, csv, "-o", tmp_path / "s.csv"])
+    assert code == 0, err
+    assert "1 row with log-density -inf" in out
+    assert "anomalies under any --threshold-quantile" in out
+    code, out, err = run_cli(["score", run_dir, csv, "-o", tmp_path / "t.csv",
+                              "--threshold-quantile", "0.05"])
+    assert code == 0 and "-inf (outside the model's support" in out, err
+    assert "flagged as anomalies" in out
+
+
 def test_score_to_stdout(run_dir, tmp_path):
     csv = write_csv(tmp_path / "new.csv", np.zeros((3, 2)))
     code, out, err = run_cli(["score", run_dir, csv])

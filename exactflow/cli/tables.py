@@ -196,8 +196,10 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
         say(args, f"scored {len(scores)} rows of {info['name']}: mean log-density "
                    f"{fmt(result['mean_log_density'])} nats; wrote {out}")
         if outside:
-            say(args, f"{outside} rows have log-density -inf (outside the model's support or "
-                       "beyond the range of its numbers): flagged as anomalies")
+            flagged = ("flagged as anomalies" if flags is not None else
+                       "anomalies under any --threshold-quantile")
+            say(args, f"{counted(outside, 'row')} with log-density -inf (outside the model's "
+                       f"support or beyond the range of its numbers): {flagged}")
         if flags is not None and calibration is not None:
             expected = ("" if q < anomaly.smallest_p_value(len(calibration)) else
                         f", so about {q:.1%} of new normal rows are flagged")
