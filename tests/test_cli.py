@@ -659,6 +659,11 @@ def test_train_with_no_options_picks_a_model_writes_the_leaderboard_and_a_defaul
         (tmp_path / "runs" / "table" / "run.json").read_text())["metrics"]["leaderboard"]
         if e["chosen"])
     assert f"trained {kept} (" in out  # the chosen candidate by its leaderboard name
+    # ... in the time the leaderboard gives it (a mixture's includes its search).
+    kept_seconds = next(e["seconds"] for e in json.loads(
+        (tmp_path / "runs" / "table" / "run.json").read_text())["metrics"]["leaderboard"]
+        if e["chosen"])
+    assert re.search(rf"trained .* steps in {kept_seconds:.1f} s", out), out
     info = json.loads((tmp_path / "runs" / "table" / "run.json").read_text())
     board = info["metrics"]["leaderboard"]
     names = [e["name"] for e in board]

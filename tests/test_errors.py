@@ -239,7 +239,8 @@ def test_an_npz_array_chosen_in_the_path(tmp_path):
     np.savez(tmp_path / "two.npz", a=a, b=b)
     np.testing.assert_array_equal(ef.datasets.load(f"{tmp_path / 'two.npz'}:b"), b)
     np.testing.assert_array_equal(ef.datasets.load(tmp_path / "two.npz", key="a"), a)
-    with pytest.raises(DataError, match=r"choose one with key=, or as .*two\.npz:a"):
+    with pytest.raises(DataError, match=r"choose one with key= \(--key in the command "
+                                        r"line\), or as .*two\.npz:a"):
         ef.datasets.load(tmp_path / "two.npz")
     with pytest.raises(DataError, match="no array 'c'"):
         ef.datasets.load(f"{tmp_path / 'two.npz'}:c")

@@ -46,10 +46,12 @@ def _train(args: argparse.Namespace, **kwargs: Any) -> dict[str, Any]:
 def _print_train_result(args: argparse.Namespace, result: dict[str, Any]) -> None:
     m = result["metrics"]
     t = m["test"]
-    seconds = m.get("train_time_s")
-    took = "?" if seconds is None else f"{float(seconds):.1f} s"
     board = m.get("leaderboard")
-    chosen = next((e["name"] for e in board or () if e.get("chosen")), result["model"])
+    kept = next((e for e in board or () if e.get("chosen")), None)
+    chosen = result["model"] if kept is None else kept["name"]
+    # The kept candidate's time on the leaderboard includes a mixture's search.
+    seconds = m.get("train_time_s") if kept is None else kept.get("seconds")
+    took = "?" if seconds is None else f"{float(seconds):.1f} s"
     say(args, f"trained {chosen} ({m['parameters']:,} parameters) on "
                f"{result['data']}: {m['steps']} steps in {took}")
     if board:

@@ -294,7 +294,7 @@ def load(
                     if len(keys) != 1:
                         raise DataError(
                             f"{path!r} holds {len(keys)} arrays {keys}; choose one with "
-                            f"key=, or as {path}:{keys[0]}"
+                            f"key= (--key in the command line), or as {path}:{keys[0]}"
                         )
                     key = keys[0]
                 if key not in keys:
