@@ -9,6 +9,8 @@ of processes, and data-parallel reverse KL are all checked against one process.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import shutil
@@ -243,11 +245,14 @@ def _worker(rank: int, folder: str) -> dict[str, Any]:
     out["rkl"] = (_state(flow), history.final, history.train_nll, seen[0])
 
     # 5. The command line inside a process group: rank 0 alone writes the run folder.
-    out["cli"] = ef.cli.main([
-        "train", "moons", "--samples", "300", "--model", "maf", "--layers", "2", "--hidden",
-        "16", "--steps", "6", "--batch-size", "64", "--no-report", "--device", "cpu",
-        "--out", str(Path(folder) / "cli"), "--json",
-    ])
+    notes = io.StringIO()
+    with contextlib.redirect_stderr(notes), contextlib.redirect_stdout(io.StringIO()):
+        out["cli"] = ef.cli.main([
+            "train", "moons", "--samples", "300", "--model", "maf", "--layers", "2",
+            "--hidden", "16", "--steps", "6", "--batch-size", "64", "--no-report", "--device",
+            "cpu", "--out", str(Path(folder) / "cli"),
+        ])
+    out["cli_notes"] = notes.getvalue()
     return out
 
 
@@ -351,6 +356,9 @@ def test_only_rank_zero_writes_the_checkpoint(runs: dict[str, Any]) -> None:
 @needs_gloo
 def test_the_command_line_trains_with_rank_zero_writing(runs: dict[str, Any]) -> None:
     assert [r["cli"] for r in runs["ranks"]] == [0, 0]
+    # The notes (the standardization, ...) come once, from rank 0.
+    notes = [r["cli_notes"] for r in runs["ranks"]]
+    assert "standardization" in notes[0] and "standardization" not in notes[1]
     run = runs["folder"] / "cli"
     info = json.loads((run / "run.json").read_text())
     assert info["status"] == "done" and info["metrics"]["steps"] == 6

@@ -95,6 +95,10 @@ def _prepare_out(out: Path, *, resume: bool, overwrite: bool) -> dict[str, Any] 
     return None
 
 
+def _silent(text: str) -> None:
+    """A ``log`` that drops its notes."""
+
+
 def _build_seeded(config: dict[str, Any], seed: int) -> Flow:
     """Build a model with its initialization drawn from ``seed`` (global RNG untouched)."""
     with torch.random.fork_rng(devices=[]):
@@ -190,6 +194,8 @@ def train_run(
     writer = distributed.rank() == 0
     if writer:
         _protect_input(data, out)
+    else:  # under torchrun the notes come once, from rank 0
+        log = _silent
     return _train(
         data, out, writer, model=model, budget=budget, columns=columns, samples=samples,
         steps=steps, epochs=epochs, patience=patience, batch_size=batch_size, lr=lr,
