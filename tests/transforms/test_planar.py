@@ -198,12 +198,33 @@ def test_planar_m_is_the_shifted_softplus():
 # -- the numerical inverse ------------------------------------------------------------------
 
 
+def test_planar_solve_stops_early_once_every_row_is_within_rounding(monkeypatch):
+    import exactflow.transforms.planar as planar
+
+    calls = {"tanh": 0}
+    real_tanh = torch.tanh
+
+    def counting_tanh(x):
+        calls["tanh"] += 1
+        return real_tanh(x)
+
+    t = torch.linspace(-3, 3, 50, dtype=torch.float64)
+    one_plus_s = torch.full_like(t, 1.5)
+    monkeypatch.setattr(planar.torch, "tanh", counting_tanh)
+    fixed = _solve_planar(t, one_plus_s, 30)
+    steps_fixed, calls["tanh"] = calls["tanh"], 0
+    early = _solve_planar(t, one_plus_s, 30, early_exit=True)
+    assert steps_fixed == 30 and calls["tanh"] < 10  # one tanh per step
+    torch.testing.assert_close(early, fixed, rtol=4e-15, atol=1e-300)
+
+
 def solve_reference(t, one_plus_s):
     return _solve_planar(t.double(), one_plus_s.double(), 80)
 
 
+@pytest.mark.parametrize("early_exit", [False, True])
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
-def test_planar_solve_converges_on_adversarial_grid(dtype, tol):
+def test_planar_solve_converges_on_adversarial_grid(dtype, tol, early_exit):
     # w.u from deep inside the boundary (s = -1 up to rounding) to huge, |t| over 33 decades,
     # and t within a few units of s (tanh saturated, the slowest region for Newton).
     a = torch.tensor([-200.0, -40, -18, -5, -1, -1e-4, 0, 1e-7, 0.7, 4, 60, 2e3, 1e5])
@@ -218,7 +239,7 @@ def test_planar_solve_converges_on_adversarial_grid(dtype, tol):
     t = torch.cat([t.to(dtype), (s[-a_near.numel():] + off.to(dtype))])
     one_plus_s = F.softplus(a + SHIFT)
 
-    y = _solve_planar(t, one_plus_s, Planar(1)._iterations(dtype))
+    y = _solve_planar(t, one_plus_s, Planar(1)._iterations(dtype), early_exit=early_exit)
     ref = solve_reference(t, one_plus_s)
     s = one_plus_s - 1
     assert torch.isfinite(y).all()
