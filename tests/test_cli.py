@@ -246,6 +246,17 @@ def test_train_refuses_repeated_or_linearly_dependent_columns(tmp_path):
     assert code == 0, err
 
 
+def test_train_notes_a_column_of_row_numbers(tmp_path):
+    x = np.random.default_rng(5).normal(size=(200, 2))
+    # As pandas writes a table with its index: an unnamed first column 0, 1, 2, ...
+    csv = write_csv(tmp_path / "indexed.csv", np.c_[np.arange(200), x], ["", "a", "b"])
+    code, _, err = run_cli(["train", csv, *TINY, "--out", tmp_path / "r"])
+    assert code == 0, err
+    assert "column '' holds the row numbers" in err and "--columns" in err
+    code, _, err = run_cli(["train", csv, *TINY, "--columns", "a,b", "--out", tmp_path / "s"])
+    assert code == 0 and "row numbers" not in err, err
+
+
 def test_a_run_begun_per_column_resumes_under_auto(tmp_path, monkeypatch):
     # Runs begun before standardize="auto" scaled every table per column; resuming one on
     # image-like data keeps that scaling instead of refusing a "different model".

@@ -95,6 +95,12 @@ def _prepare_out(out: Path, *, resume: bool, overwrite: bool) -> dict[str, Any] 
     return None
 
 
+def _numbers_rows(column: np.ndarray) -> bool:
+    """Whether ``column`` counts the rows: 0, 1, 2, ... or 1, 2, 3, ..."""
+    steps = np.diff(column)
+    return len(column) > 2 and column[0] in (0, 1) and bool(np.all(steps == 1))
+
+
 def _silent(text: str) -> None:
     """A ``log`` that drops its notes."""
 
@@ -217,6 +223,13 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
     # Everything that can fail on bad data fails here, before anything is written.
     rows, data_info = read_data(data, columns, samples=samples, seed=seed)
     discrete = integer_columns(rows)
+    names = data_info.get("column_names")
+    counters = [j for j in discrete if _numbers_rows(rows[:, j])]
+    if counters:
+        shown = [repr(names[j]) if names else str(j) for j in counters]
+        log(f"note: column {', '.join(shown)} holds the row numbers (0, 1, 2, ... or 1, 2, "
+            "3, ...), as an index saved with a table does: leave it out (--columns, or "
+            "train_run(..., columns=[...])) unless the order of the rows is data")
     if dequantize:  # first: a blank pixel is a constant column until it is dequantized
         rows = dequantize_rows(rows, discrete, seed)
         data_info["dequantized_columns"] = discrete
@@ -224,9 +237,8 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
     check_full_rank(rows, data_info["name"], data_info.get("column_names"))
     if discrete and not dequantize:
         data_info["integer_columns"] = discrete
-        names = data_info.get("column_names")
-        shown = [names[j] for j in discrete] if names else discrete
-        log(f"note: columns {shown[:8]}{' ...' if len(shown) > 8 else ''} hold integers only; "
+        listed = [names[j] for j in discrete] if names else discrete
+        log(f"note: columns {listed[:8]}{' ...' if len(listed) > 8 else ''} hold integers only; "
             "a continuous density can pile its mass onto them: dequantize them (--dequantize, "
             "or train_run(..., dequantize=True)) for a log-density that means something")
     fractions = (1.0 - val_fraction - test_fraction, val_fraction, test_fraction)
