@@ -71,7 +71,9 @@ class FlowDensity(DensityMixin, BaseEstimator):
         lr: Adam learning rate.
         validation_fraction: rows held out to stop training and to choose the model
             (0: none, train a given model on all rows for ``steps``).
-        budget: seconds the ``auto`` ladder may take.
+        budget: seconds the ``auto`` ladder may take. A budget is wall-clock time: where it
+            cuts a candidate short, the step it stops at (and so the model) depends on the
+            machine's speed and load, and ``random_state`` alone does not repeat the fit.
         standardize: put a fixed standardization layer first, filled from the training
             rows: ``"auto"`` (default) one mean and scale for all columns where they lie on
             one range and some nearly constant column would otherwise be scaled far out

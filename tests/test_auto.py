@@ -88,3 +88,29 @@ def test_auto_pools_the_scale_of_columns_on_one_range_and_says_so():
     # Asked for one scale per column, it gets one.
     result = fit_auto(pixels, budget=3, seed=0, standardize=True)
     assert result.flow.config["standardize"] is True and not result.flow.transform[0].pooled
+
+
+def test_too_few_validation_rows_keep_a_mixture_chosen_by_cross_validation():
+    from exactflow.training.auto import MIN_VAL_ROWS, fit_auto
+
+    x = _clusters(60, 4)  # 9 validation rows
+    lines: list[str] = []
+    result = fit_auto(x, budget=5, seed=0, log=lines.append)
+    assert int(round(0.15 * 60)) < MIN_VAL_ROWS
+    board = {e.name: e for e in result.leaderboard}
+    chosen = [e for e in result.leaderboard if e.chosen]
+    assert len(chosen) == 1 and chosen[0].name.startswith("gmm (")
+    assert result.flow.config["model"] == "gmm"
+    assert board["gaussian"].status.startswith("skipped: in the mixtures' cross-validation")
+    flows = [e for e in result.leaderboard if e.config.get("model") not in ("gaussian", "gmm")]
+    assert flows and all(e.status == "skipped: 9 validation rows, too few to choose a flow on"
+                         and e.val_nll is None for e in flows)
+    assert any("by 5-fold cross-validation" in line for line in lines)
+    assert any("too few to choose a flow on" in line for line in lines)
+    # With enough validation rows the ladder runs as before.
+    result = fit_auto(_clusters(200, 5), budget=4, seed=0)
+    names = [e.name for e in result.leaderboard]
+    assert "gaussian" in names and result.leaderboard[0].status == "ok"
+    assert not any("too few" in e.status for e in result.leaderboard)
+    assert any(e.val_nll is not None and e.config.get("model") == "nsf"
+               for e in result.leaderboard)
