@@ -117,12 +117,14 @@ def _solve_planar(
     3/4 of the step before last (a looser form of Numerical Recipes' ``rtsafe`` test, so a
     step that exactly halves, as after a bisection next to the root, is not rejected by
     rounding), else bisects. The iterate with the smallest residual is returned, so a
-    converged row stays converged whatever later steps do. At most ``iterations`` steps,
-    ``torch.where`` updates: no data-dependent control flow, unless ``early_exit``, which
-    stops once every row's residual is within rounding (``8 eps |t|``; checked every other
-    step, a host sync each: for eager runs, where the steps' many small operations cost
-    more than the checks). Inputs must carry no autograd graph (the caller differentiates
-    by one final Newton step).
+    converged row stays converged whatever later steps do; a row whose residual is within
+    rounding (``8 eps |t|``) keeps that iterate, so each row's root is its own, whatever
+    the rest of the batch. At most ``iterations`` steps, ``torch.where`` updates: no
+    data-dependent control flow, unless ``early_exit``, which stops once every row is
+    within rounding (checked every other step, a host sync each: for eager runs, where
+    the steps' many small operations cost more than the checks; the roots are the same
+    either way). Inputs must carry no autograd graph (the caller differentiates by one
+    final Newton step).
     """
     tiny = torch.finfo(t.dtype).tiny
     eps = torch.finfo(t.dtype).eps
@@ -161,7 +163,9 @@ def _solve_planar(
         tanh_y = torch.tanh(y)
         residual = one_plus_s * tanh_y + _y_minus_tanh(y, tanh_y) - T
         slope = (4.0 * one_plus_s * q + one_minus_q * one_minus_q) / (1.0 + q) ** 2
-        improved = residual.abs() < best_residual
+        # A row within rounding keeps that iterate: its root then does not depend on how
+        # long the other rows of its batch take (or on an early exit).
+        improved = (residual.abs() < best_residual) & (best_residual > converged)
         best = torch.where(improved, y, best)
         best_residual = torch.where(improved, residual.abs(), best_residual)
         if early_exit and i % 2 == 1 and bool((best_residual <= converged).all()):
@@ -186,6 +190,17 @@ def _solve_planar(
         step_last = y - y_next
         y = y_next
     return torch.where(t < 0, -best, best)
+
+
+def _may_stop_early(t: Tensor) -> bool:
+    """Whether the solve may stop on the data (a host sync): plain eager runs only, not
+    traced (a trace would fix the step count of its example), compiled, under torch.func
+    or captured into a CUDA graph."""
+    return (
+        is_plain(t)
+        and not torch.jit.is_tracing()
+        and not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+    )
 
 
 class Planar(Transform):
@@ -275,7 +290,7 @@ class Planar(Transform):
         t = x @ self.w + self.b
         with torch.no_grad():
             y = _solve_planar(t.detach(), one_plus_s.detach(), self._iterations(x.dtype),
-                              early_exit=is_plain(t))
+                              early_exit=_may_stop_early(t))
         # Implicit differentiation of F(y) = y + s tanh(y) - t = 0 at the root: attach the
         # graph as a Newton step whose value is exactly zero, so y keeps the solved value and
         # gets the derivative -(dF/dtheta) / (dF/dy).

@@ -215,7 +215,37 @@ def test_planar_solve_stops_early_once_every_row_is_within_rounding(monkeypatch)
     steps_fixed, calls["tanh"] = calls["tanh"], 0
     early = _solve_planar(t, one_plus_s, 30, early_exit=True)
     assert steps_fixed == 30 and calls["tanh"] < 10  # one tanh per step
-    torch.testing.assert_close(early, fixed, rtol=4e-15, atol=1e-300)
+    assert torch.equal(early, fixed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_planar_roots_do_not_depend_on_the_early_exit_or_the_batch(dtype):
+    gen = torch.Generator().manual_seed(0)
+    a = 3 * torch.randn(2000, generator=gen, dtype=dtype)
+    t = 5 * torch.randn(2000, generator=gen, dtype=dtype)
+    one_plus_s = F.softplus(a + SHIFT)
+    iterations = Planar(1)._iterations(dtype)
+    fixed = _solve_planar(t, one_plus_s, iterations)
+    assert torch.equal(_solve_planar(t, one_plus_s, iterations, early_exit=True), fixed)
+    # A row converged early keeps its root while slower rows of its batch go on.
+    slow = torch.tensor([1e5], dtype=dtype)  # s large: tanh saturated, Newton creeps
+    together = _solve_planar(torch.cat([t[:50], slow + 3]), torch.cat([one_plus_s[:50], slow]),
+                             iterations, early_exit=True)
+    alone = _solve_planar(t[:50], one_plus_s[:50], iterations, early_exit=True)
+    if dtype == torch.float64:  # (float32's vectorized tanh and exp round by batch size)
+        assert torch.equal(together[:50], alone)
+
+
+def test_a_traced_planar_layer_keeps_the_fixed_step_count():
+    layer = Planar(2).double()
+    with torch.no_grad():
+        layer.u.copy_(torch.tensor([50.0, 0.0]))
+        layer.w.copy_(torch.tensor([1.0, 0.0]))
+    layer.requires_grad_(False)
+    traced = torch.jit.trace(lambda x: layer(x)[0], torch.zeros(4, 2, dtype=torch.float64),
+                             check_trace=False)
+    x = torch.tensor([[30.0, 0.0], [-2.0, 1.0]], dtype=torch.float64)
+    torch.testing.assert_close(traced(x), layer(x)[0], rtol=1e-12, atol=1e-12)
 
 
 def solve_reference(t, one_plus_s):
