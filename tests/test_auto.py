@@ -114,3 +114,31 @@ def test_too_few_validation_rows_keep_a_mixture_chosen_by_cross_validation():
     assert not any("too few" in e.status for e in result.leaderboard)
     assert any(e.val_nll is not None and e.config.get("model") == "nsf"
                for e in result.leaderboard)
+
+
+def test_too_few_validation_rows_fall_back_to_the_gaussian_if_no_mixture_fits(monkeypatch):
+    import exactflow.training.auto as auto
+
+    def no_mixture(*args, **kwargs):
+        raise ValueError("no mixture today")
+
+    monkeypatch.setattr(auto, "select_gmm", no_mixture)
+    result = auto.fit_auto(_clusters(60, 4), budget=5, seed=0)
+    assert result.flow.config["model"] == "gaussian"
+    board = result.leaderboard
+    assert board[0].name == "gaussian" and board[0].chosen and board[0].status == "ok"
+    flows = [e for e in board if e.config.get("model") not in ("gaussian", "gmm")]
+    assert flows and all("too few to choose a flow on" in e.status for e in flows)
+
+
+def test_a_ladder_where_nothing_fits_raises_a_training_error(monkeypatch):
+    import exactflow as ef
+    import exactflow.training.auto as auto
+
+    def broken(*args, **kwargs):
+        raise ValueError("broken")
+
+    monkeypatch.setattr(auto, "select_gmm", broken)
+    monkeypatch.setattr(auto, "build", broken)
+    with pytest.raises(ef.TrainingError, match="no candidate of the ladder could be fitted"):
+        auto.fit_auto(_clusters(200, 1), budget=2, seed=0)

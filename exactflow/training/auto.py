@@ -64,6 +64,7 @@ from ..validation import positive_float, positive_int
 from .batches import wrap
 from .history import History
 from .likelihood import fit, hold_out
+from .loop import TrainingError
 from .metrics import evaluate
 
 __all__ = ["fit_auto", "ladder", "select_gmm", "Candidate", "Entry", "AutoResult",
@@ -356,9 +357,12 @@ def fit_auto(
                 {"model": "gmm", **gmm}, {}, end)
             board[-1].seconds += search  # the search is the mixture's fitting time too
     rungs = candidates if candidates is not None else ladder(n, d, c, gmm)
-    if few and best is not None:
+    if few:
+        if best is None:  # no mixture could be fitted: the Gaussian instead
+            board.remove(board[0])
+            run("gaussian", {"model": "gaussian"}, {}, end)
         say(f"{len(val_rows)} validation rows are too few to choose a flow on (fewer than "
-            f"{MIN_VAL_ROWS}): the mixture is kept")
+            f"{MIN_VAL_ROWS}): the {'mixture' if gmm is not None else 'Gaussian'} is kept")
         board += [Entry(cand.name, dict(cand.config),
                         status=f"skipped: {len(val_rows)} validation rows, too few to choose "
                                f"a flow on") for cand in rungs]
@@ -372,7 +376,7 @@ def fit_auto(
             deadline = end
         run(cand.name, cand.config, cand.options, deadline)
     if best is None:
-        raise RuntimeError("no candidate of the ladder could be fitted: " + "; ".join(
+        raise TrainingError("no candidate of the ladder could be fitted: " + "; ".join(
             f"{e.name}: {e.status}" for e in board))
     return AutoResult(best[1], board, best[2])
 
