@@ -291,6 +291,14 @@ def test_check_full_rank_names_linearly_dependent_columns(monkeypatch) -> None:
         ds.check_full_rank(np.c_[x, 1e8 + x[:, 0]])
     with pytest.raises(DataError, match=r"t.csv: columns 'b', 'd', 'e' are linearly dependent"):
         ds.check_full_rank(np.c_[x, x[:, 1] - 2 * x[:, 3]], "t.csv", list("abcde"))
+    # A column near, but not on, a copy (1e-5 of its spread off) is data.
+    ds.check_full_rank(np.c_[x, x[:, 0] + 1e-5 * _good(40, 1)[:, 0]])
+    # A constant column does not hide a copy; two dependencies ask for two columns dropped.
+    with pytest.raises(DataError, match=r"columns 0, 5 .*plane of 4 dimensions in 5.*drop "
+                                         r"one of them"):
+        ds.check_full_rank(np.c_[x, np.ones(40), x[:, 0]])
+    with pytest.raises(DataError, match=r"plane of 4 dimensions in 6.*drop 2 of them"):
+        ds.check_full_rank(np.c_[x, 2 * x[:, 1], x[:, 2] + x[:, 3]])
     with pytest.raises(DataError, match=r"has 4 rows for 4 columns: the rows span at most "
                                          r"3 dimensions"):
         ds.check_full_rank(x[:4])

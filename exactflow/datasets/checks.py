@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -13,9 +14,11 @@ from .shards import open_table
 
 __all__ = ["validate", "check_full_rank"]
 
-#: The smallest eigenvalue of the columns' correlation matrix below which they are taken
-#: as linearly dependent (float64 rounding of an exact copy leaves about 1e-15).
-_RANK_TOL = 1e-10
+#: Eigenvalues of the columns' correlation matrix below this count as zero: a column whose
+#: variance the others explain but for a share of 1e-12 (a residual of 1e-6 of its spread)
+#: is taken as their linear combination. Float64 rounding of an exact copy leaves about
+#: 1e-15, float32 sums about 1e-14.
+_RANK_TOL = 1e-12
 
 
 def check_full_rank(
@@ -48,19 +51,26 @@ def check_full_rank(
         centered = np.asarray(block, dtype=np.float64) - mean
         gram += centered.T @ centered
     scale = np.sqrt(np.diag(gram))
-    if not np.all(scale > 0):
-        return  # constant columns: validate names them
-    eigenvalues, eigenvectors = np.linalg.eigh(gram / np.outer(scale, scale))
-    if eigenvalues[0] > _RANK_TOL:
+    varying = np.flatnonzero(scale > 0)  # (constant columns: validate names them)
+    if len(varying) < 2:
         return
-    weights = np.abs(eigenvectors[:, 0])
-    involved = np.flatnonzero(weights > 1e-6 * weights.max())
+    corr = gram[np.ix_(varying, varying)] / np.outer(scale[varying], scale[varying])
+    eigenvalues, eigenvectors = np.linalg.eigh(corr)
+    missing = int((eigenvalues <= _RANK_TOL).sum())
+    if not missing:
+        return
+    weights = np.abs(eigenvectors[:, :missing]).max(axis=1)
+    involved = varying[weights > 1e-6 * weights.max()]
     shown = [repr(columns[c]) if columns is not None else str(c) for c in involved]
     where = "" if columns is not None else " (column indices)"
+    drop = "one of them" if missing == 1 else f"{missing} of them"
     raise DataError(
         f"{name}: columns {', '.join(shown)}{where} are linearly dependent (a copy, a "
-        f"multiple or a sum of columns): the rows lie on a plane of fewer than {d} "
-        "dimensions, where a density has no width; drop one of them"
+        f"multiple or a sum of columns, to within "
+        f"{math.sqrt(max(float(eigenvalues[0]), 0.0)):.0e} of their spread): the rows lie "
+        f"on a plane of "
+        f"{len(varying) - missing} dimensions in {len(varying)}, where a density has no "
+        f"width; drop {drop}"
     )
 
 
