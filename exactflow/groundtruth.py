@@ -358,17 +358,25 @@ def check_transform(
         return _finish(report, raise_on_failure)
 
     truth = log_abs_det_jacobian(transform, x, context).detach()
-    singular = int((~torch.isfinite(truth)).sum())
-    if singular:
+    singular = int(torch.isneginf(truth).sum())
+    undefined = int(torch.isnan(truth).sum())
+    if singular or undefined:
         # An infinite truth would make the relative tolerance infinite too.
         report.errors["log_det"] = float("inf")
         report.tolerances["log_det"] = atol
-        fail(
-            f"log_det: the autograd Jacobian is singular in {singular} of {truth.numel()} "
-            f"rows (log|det J| = {float(truth[~torch.isfinite(truth)][0])}): the map is not "
-            f"invertible there, or its output does not depend on the input through autograd "
-            f"(detach, round, an integer cast...)"
-        )
+        if singular:
+            fail(
+                f"log_det: the autograd Jacobian is singular in {singular} of "
+                f"{truth.numel()} rows (log|det J| = -inf): the map is not invertible there, "
+                f"or its output does not depend on the input through autograd (detach, "
+                f"round, an integer cast...)"
+            )
+        if undefined:
+            fail(
+                f"log_det: the autograd Jacobian is NaN in {undefined} of {truth.numel()} "
+                f"rows: the map is not differentiable there (sqrt or abs at 0, a NaN "
+                f"derivative)"
+            )
     else:
         within("log_det", ladj.reshape(-1) - truth, truth)
 

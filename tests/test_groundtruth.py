@@ -401,6 +401,16 @@ def test_singular_or_untraceable_maps_fail(how):
     assert report.errors["log_det"] == math.inf
 
 
+def test_a_jacobian_that_is_nan_fails_and_says_so():
+    class Kink(Scale):  # the same values, but sqrt's derivative at 0 makes the Jacobian NaN
+        def forward(self, x, context=None):
+            z, ladj = super().forward(x, context)
+            return z + 0 * torch.sqrt(x - x), ladj
+
+    report = assert_fails(Kink(3).double(), x64(), "log_det")
+    assert "NaN in 6 of 6 rows: the map is not differentiable there" in report.failures[0]
+
+
 def test_check_transform_rejects_bad_x():
     with pytest.raises(ValueError, match="batch, features"):
         ef.check_transform(Scale(3), torch.randn(3))

@@ -121,11 +121,11 @@ def _warn_if_dequantized(run_dir: Path) -> None:
     """Warn when a run folder's model was trained on dequantized columns: its ``log_prob``
     of raw rows is not what the run scores."""
     try:
-        info = json.loads((run_dir / RUN_RECORD).read_text())
-        columns = list(info["data"].get("dequantized_columns") or [])
+        info = json.loads((run_dir / RUN_RECORD).read_text(encoding="utf-8"))
+        columns = info["data"].get("dequantized_columns")
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return  # no record, or not one this check can read: the model loads as it is
-    if columns:
+    if isinstance(columns, list) and columns:
         warnings.warn(
             f"the run {str(run_dir)!r} dequantized its integer-valued columns {columns} "
             "before training (uniform noise in [0, 1)): the loaded flow's log_prob of raw "

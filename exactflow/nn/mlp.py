@@ -181,8 +181,8 @@ class MLP(nn.Module):
     def _views(self, t: Tensor) -> list[Tensor]:
         """:meth:`unpack` for the hand-written passes, which track no gradient through the
         views: one ``as_strided`` per piece, half the cost of ``split`` and ``view``."""
-        if not t.is_contiguous():
-            return self.unpack(t)
+        if not t.is_contiguous() or t.numel() != self.packed.numel():
+            return self.unpack(t)  # (which names a wrong size)
         base = t.storage_offset()
         return [t.as_strided(shape, strides, base + at) for shape, strides, at in self._pieces]
 

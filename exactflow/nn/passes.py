@@ -255,7 +255,9 @@ def composable_pass(
 ) -> Tensor:
     """The pass in differentiable torch ops (vmap, compile, any activation): each layer as
     one product with its dense masked matrix, or in blocks where they skip enough
-    multiply-adds (:data:`BLOCKS_FROM`); the values are the same up to rounding.
+    multiply-adds (:data:`BLOCKS_FROM`); for finite inputs the values are the same up to
+    rounding. (A dense product multiplies the masked zeros too: an inf or NaN input makes
+    every output of its row NaN, where blocks keep the outputs that do not see it.)
 
     ``weights`` per layer as :func:`layer_weights` gives them. Batch-major: returns
     ``(batch, outputs)``.

@@ -354,7 +354,7 @@ def _write_run(out: Path, writer: bool, flow: Flow | None, train: Any, val: Any,
         raise TrainingError(
             f"{err} The run in {str(out)!r} is marked failed; train it again with "
             "overwrite (--overwrite in the command line)."
-        ) from None
+        ) from err
     if not writer:
         return Run(out, info, flow, history.to_dict())
     trained_on = str(next(iter(flow.parameters())).device) if any(
