@@ -334,7 +334,8 @@ def test_train_resume_continues_an_interrupted_run(tmp_path, monkeypatch):
         (None, "neither a built-in dataset"),
         ("a,b\n1,2\n3,nan\n" + "".join(f"{i},{i * i % 7}\n" for i in range(40)), "NaN"),
         ("a,b\n1,2\n3,hello\n" + "".join(f"{i},{i * i % 7}\n" for i in range(40)), "hello"),
-        ("a,b\n" + "".join(f"{i},5\n" for i in range(40)), "constant"),
+        ("a,b\n" + "".join(f"{i},5\n" for i in range(40)),
+         "constant (zero-variance) column 'b': a density"),
         ("a,b\n1,2\n3,4\n", "rows"),
     ],
 )

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from ..validation import DataError, counted, index_list, nonfinite_rows_error
+from ..validation import SHOW, DataError, counted, index_list, nonfinite_rows_error
 from .arrays import ArrayLike, as_numpy, chunks
 from .shards import open_table
 
@@ -89,6 +90,7 @@ def validate(
     features: int | None = None,
     batch_size: int | None = None,
     name: str = "data",
+    columns: Sequence[str] | None = None,
 ) -> ArrayLike:
     """Check that ``data`` can be trained on; raise a :class:`DataError` naming the problem.
 
@@ -106,6 +108,7 @@ def validate(
         features: the number of columns the model expects.
         batch_size: the training batch size (the data must hold at least one batch).
         name: how messages call the data (e.g. ``"validation data"``).
+        columns: the column names, for messages (0-based indices otherwise).
 
     Returns:
         ``data`` itself (a path is opened first: :func:`open_table`), so calls can be chained.
@@ -163,9 +166,14 @@ def validate(
         constant = np.flatnonzero(lo == hi)
         if len(constant):
             cols = "column" if len(constant) == 1 else "columns"
+            if columns is not None and len(columns) == d:
+                which = ", ".join(repr(columns[j]) for j in constant[:SHOW]) + (
+                    ", ..." if len(constant) > SHOW else "")
+            else:
+                which = f"{index_list(constant, len(constant))} (column indices)"
             raise DataError(
-                f"{name}: constant (zero-variance) {cols} {index_list(constant, len(constant))} "
-                "(column indices): a density has no width there; drop them (or, if the "
+                f"{name}: constant (zero-variance) {cols} {which}: a density has no width "
+                "there; drop them (or, if the "
                 "columns hold integers such as pixel values or counts, dequantize: add "
                 "uniform noise in [0, 1) to every integer column)"
             )

@@ -233,8 +233,8 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
     if dequantize:  # first: a blank pixel is a constant column until it is dequantized
         rows = dequantize_rows(rows, discrete, seed)
         data_info["dequantized_columns"] = discrete
-    validate(rows, name=data_info["name"])
-    check_full_rank(rows, data_info["name"], data_info.get("column_names"))
+    validate(rows, name=data_info["name"], columns=names)
+    check_full_rank(rows, data_info["name"], names)
     if discrete and not dequantize:
         data_info["integer_columns"] = discrete
         listed = [names[j] for j in discrete] if names else discrete
