@@ -90,3 +90,20 @@ def test_a_bad_exactflow_threads_is_one_error_line(clean_env):
     assert code == 1
     assert err.getvalue().strip() == (
         "exactflow: error: EXACTFLOW_THREADS must be a positive integer, got 'many'")
+
+
+def test_more_threads_than_cores_warn(clean_env, monkeypatch):
+    import warnings
+
+    clean_env.setitem(commands.COMMANDS, "report", lambda args: {"ok": True})
+    monkeypatch.setattr(commands.os, "cpu_count", lambda: 2)
+    before = torch.get_num_threads()
+    try:
+        with pytest.warns(UserWarning, match="--threads asks for 1000 threads on a machine "
+                                             "with 2 cores"):
+            assert main(["report", "somewhere", "--threads", "1000"]) == 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert main(["report", "somewhere", "--threads", "2"]) == 0
+    finally:
+        torch.set_num_threads(before)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -54,12 +55,19 @@ def _main(argv: Sequence[str] | None) -> int:
         return code if isinstance(code, int) else (0 if code is None else 2)
     threads_before = torch.get_num_threads()
     try:
-        threads, _ = choose_threads(args)
+        threads, source = choose_threads(args)
         if threads is not None and threads != threads_before:
             torch.set_num_threads(threads)
         formatter = warnings.formatwarning
         if not args.debug:  # one line per warning, without the library's source line
             warnings.formatwarning = _format_warning
+        cores = os.cpu_count() or 1
+        if threads is not None and threads > cores:
+            warnings.warn(
+                f"{source} asks for {threads} threads on a machine with {cores} cores: "
+                "threads beyond the cores wait on each other and slow every step",
+                stacklevel=2,
+            )
         try:
             result = COMMANDS[args.command](args)
         finally:
