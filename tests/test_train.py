@@ -537,11 +537,18 @@ def test_evaluate_restores_modes_and_checks_input():
 # -- progress bar and devices ------------------------------------------------------------------
 
 
-def test_progress_bar_only_on_a_terminal(monkeypatch, capsys):
+def test_progress_bar_on_a_terminal_and_lines_elsewhere(monkeypatch, capsys):
     pytest.importorskip("tqdm")
+    import exactflow.training.loop as loop
+
     data = gaussian_data(200)
     fit(affine_flow(), data, steps=3, batch_size=64, progress=True, device="cpu")
-    assert "fit" not in capsys.readouterr().err  # stderr is not a terminal under pytest
+    assert "fit" not in capsys.readouterr().err  # not a terminal, and under 30 s: no line
+    monkeypatch.setattr(loop, "PROGRESS_EVERY", 0.0)  # elsewhere: a line per interval
+    fit(affine_flow(), data, steps=3, batch_size=64, progress=True, device="cpu")
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 3 and lines[-1].startswith("fit: step 3 of at most 3")
+    assert "nll" in lines[-1] and "\r" not in "".join(lines)
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     fit(affine_flow(), data, steps=3, batch_size=64, progress=True, device="cpu")
     err = capsys.readouterr().err

@@ -175,7 +175,7 @@ def train_run(
         seed: seed of the split, the initialization and the batches.
         resume: continue the interrupted run in ``out`` from its checkpoint.
         overwrite: replace the run in ``out``.
-        progress: show a progress bar on a terminal.
+        progress: show a progress bar on a terminal, a line every 30 seconds elsewhere.
         log: called with notes for the user (default: printed to stderr).
 
     Raises:

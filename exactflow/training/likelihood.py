@@ -158,7 +158,8 @@ def fit(
             of each column's standard deviation, or ``"auto"`` for ``0.25 n^(-1/(4+d))``
             (Rothfuss et al. 2019, arXiv:1907.08982); ``None`` for none.
         max_epochs: the cap on the length set by validation (default 400).
-        progress: show a tqdm bar (only when stderr is a terminal and tqdm is installed).
+        progress: show a tqdm bar when stderr is a terminal (and tqdm is installed), and
+            elsewhere (a log file, a pipe, a notebook) a line every 30 seconds.
         checkpoint: path of the checkpoint file.
         checkpoint_every: steps between checkpoints; default ``eval_every``.
         resume: continue from ``checkpoint`` if it exists.

@@ -250,10 +250,44 @@ def lr_factor(schedule: str, step: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * step / max(total, 1)))
 
 
+#: Seconds between the progress lines of a run whose stderr is not a terminal.
+PROGRESS_EVERY = 30.0
+
+
+class _ProgressLines:
+    """Progress where stderr is not a terminal (a log file, a pipe, a notebook): a line
+    every :data:`PROGRESS_EVERY` seconds, with the step and the latest figures. The
+    methods the loop calls are those of a tqdm bar."""
+
+    def __init__(self, total: int, initial: int, desc: str) -> None:
+        self.total, self.n, self.desc = total, initial, desc or "training"
+        self.start = self.last = time.perf_counter()
+        self.figures: dict[str, Any] = {}
+
+    def update(self, steps: int) -> None:
+        self.n += steps
+        now = time.perf_counter()
+        if now - self.last >= PROGRESS_EVERY:
+            self.last = now
+            figures = "".join(f", {k} {v}" for k, v in self.figures.items())
+            print(f"{self.desc}: step {self.n:,} of at most {self.total:,}{figures} "
+                  f"({now - self.start:.0f} s)", file=sys.stderr, flush=True)
+
+    def set_postfix(self, values: dict[str, Any] | None = None, refresh: bool = True,
+                    **more: Any) -> None:
+        self.figures.update({**(values or {}), **more})
+
+    def close(self) -> None:
+        pass
+
+
 def progress_bar(enabled: bool, total: int, initial: int, desc: str) -> Any:
-    """A tqdm bar on a terminal, or ``None`` (no terminal, tqdm missing, or disabled)."""
-    if not enabled or not sys.stderr.isatty():
+    """A tqdm bar on a terminal, lines every :data:`PROGRESS_EVERY` seconds elsewhere, or
+    ``None`` (disabled, or tqdm missing on a terminal)."""
+    if not enabled:
         return None
+    if not sys.stderr.isatty():
+        return _ProgressLines(total, initial, desc)
     try:
         from tqdm.auto import tqdm
     except ImportError:
