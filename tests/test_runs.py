@@ -129,3 +129,28 @@ def test_a_column_whose_spread_float32_cannot_hold_trains_and_scores_right(tmp_p
                         **QUIET)
         nll, se = run.info["metrics"]["test"]["nll"], run.info["metrics"]["test"]["nll_se"]
         assert abs(nll - 2.838) < 4 * se + 0.05, (model, nll, se)
+
+
+class _NamedTable:
+    """A table with named columns, as a pandas DataFrame presents one."""
+
+    def __init__(self, values: np.ndarray, columns: list[str]) -> None:
+        self.values, self.columns = values, columns
+
+    def __array__(self, dtype=None, copy=None):
+        return self.values if dtype is None else self.values.astype(dtype)
+
+
+def test_run_score_matches_named_columns_as_the_command_line_does(tmp_path):
+    from exactflow.datasets import DataError
+
+    run = train_run(table(tmp_path / "t.csv"), tmp_path / "run", model="gaussian", **QUIET)
+    rows = np.random.default_rng(3).normal(size=(20, 3)) * [1.0, 3.0, 0.3]
+    expected = run.score(rows)
+    shuffled = _NamedTable(np.c_[rows[:, [2, 0]], np.ones(20), rows[:, 1]],
+                           ["c", "a", "extra", "b"])
+    np.testing.assert_array_equal(run.score(shuffled), expected)
+    with pytest.raises(DataError, match=r"no column 'b' of the run's columns \['a', 'b', 'c'\]"):
+        run.score(_NamedTable(rows, ["a", "B", "c"]))
+    with pytest.raises(DataError, match=r"rows of shape \(20, 2\): the run was trained on 3"):
+        run.score(rows[:, :2])

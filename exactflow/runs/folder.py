@@ -11,11 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from ..distributions import Flow
 from ..io import CheckpointError
 from ..io import load as load_model_file
 from ..scoring import log_prob
+from ..validation import DataError
 from .data import dequantize
 
 __all__ = ["Run", "RunError", "load_run", "locked", "RUN_FILES", "LOCK_FILE", "RUN_JSON",
@@ -123,19 +125,42 @@ class Run:
         """The integer-valued columns the run dequantized (uniform noise in [0, 1))."""
         return [int(c) for c in self.info["data"].get("dequantized_columns") or []]
 
-    def score(self, rows: np.ndarray, seed: int = 0) -> np.ndarray:
+    def score(self, rows: Any, seed: int = 0) -> np.ndarray:
         """The model's log-density of every row, in the units of the data (float64).
+
+        ``rows``: an array or tensor with the run's columns in its order, or a table with
+        named columns (a pandas DataFrame), whose columns are then matched by name, as
+        ``exactflow score`` matches a CSV header (other columns are left out).
 
         Columns the run dequantized get uniform noise as in training, so the value is
         one draw of the documented lower bound of the discrete log-probability. The noise
         of a row is a hash of its values and ``seed`` (:func:`exactflow.runs.dequantize`
         with ``keyed=True``): the same row scores the same wherever it sits in a file.
         Never NaN: a row beyond the model's range or support scores ``-inf``.
+
+        Raises:
+            DataError: a named column of the run is missing, or an array has another
+                number of columns than the run.
         """
         if self.flow is None:
             raise RunError(f"the run {str(self.path)!r} was read without its model")
-        rows = dequantize(np.asarray(rows, dtype=np.float64), self.dequantized, seed,
-                          keyed=True)
+        names = getattr(rows, "columns", None)
+        if names is not None and not isinstance(rows, (np.ndarray, torch.Tensor)):
+            given = [str(c) for c in names]
+            missing = [c for c in self.columns if c not in given]
+            if missing:
+                raise DataError(
+                    f"the table has no column {missing[0]!r} of the run's columns "
+                    f"{self.columns} (it has {given[:8]}{' ...' if len(given) > 8 else ''})"
+                )
+            rows = np.asarray(rows, dtype=np.float64)[:, [given.index(c) for c in self.columns]]
+        rows = np.asarray(rows, dtype=np.float64)
+        if rows.ndim != 2 or rows.shape[1] != self.features:
+            raise DataError(
+                f"rows of shape {tuple(rows.shape)}: the run was trained on "
+                f"{self.features} columns {self.columns}"
+            )
+        rows = dequantize(rows, self.dequantized, seed, keyed=True)
         return log_prob(self.flow, rows)
 
     def calibration(self) -> np.ndarray:
