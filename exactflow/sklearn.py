@@ -33,7 +33,7 @@ except ImportError:  # pragma: no cover - older scikit-learn
         return estimator._validate_data(X, reset=reset, **kwargs)
 
 
-from .datasets import check_full_rank
+from .datasets import check_full_rank, validate
 from .scoring import log_prob
 
 __all__ = ["FlowDensity"]
@@ -165,7 +165,10 @@ class FlowDensity(DensityMixin, BaseEstimator):
         from .transforms.standardize import resolve_standardize
 
         X = _validate_data(self, X, dtype=np.float64, ensure_min_samples=2)
-        check_full_rank(X, "X")
+        names = getattr(self, "feature_names_in_", None)
+        names = None if names is None else [str(c) for c in names]
+        validate(X, name="X", columns=names)  # constant columns first, as the CLI checks
+        check_full_rank(X, "X", names)
         n, d = X.shape
         auto = self.model == "auto"
         if not auto and self.model not in models.available():

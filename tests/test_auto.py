@@ -142,3 +142,16 @@ def test_a_ladder_where_nothing_fits_raises_a_training_error(monkeypatch):
     monkeypatch.setattr(auto, "build", broken)
     with pytest.raises(ef.TrainingError, match="no candidate of the ladder could be fitted"):
         auto.fit_auto(_clusters(200, 1), budget=2, seed=0)
+
+
+def test_fit_auto_refuses_dependent_columns_and_too_few_training_rows():
+    from exactflow.datasets import DataError
+    from exactflow.training.auto import fit_auto
+
+    x = _clusters(200, 6)
+    with pytest.raises(DataError, match=r"training data: columns 0, 2 .* linearly dependent"):
+        fit_auto(np.c_[x, 3 * x[:, 0] + 1], budget=2)
+    rows = np.random.default_rng(0).normal(size=(10, 8))
+    with pytest.raises(DataError, match=r"after holding out 2 validation rows, 8 training "
+                                        r"rows remain for 8 columns"):
+        fit_auto(rows, budget=2, val_fraction=0.2)

@@ -337,6 +337,10 @@ def test_train_resume_continues_an_interrupted_run(tmp_path, monkeypatch):
         ("a,b\n" + "".join(f"{i},5\n" for i in range(40)),
          "constant (zero-variance) column 'b': a density"),
         ("a,b\n1,2\n3,4\n", "rows"),
+        ("a,b,c,d,e,f,g,h\n" + "".join(
+            ",".join(f"{v:.5f}" for v in row) + "\n"
+            for row in np.random.default_rng(0).normal(size=(10, 8))),
+         "8 training rows remain for 8 columns"),
     ],
 )
 def test_train_bad_data_exits_1_and_writes_nothing(tmp_path, content, message):

@@ -41,12 +41,16 @@ def check_full_rank(
     if n <= d:
         raise DataError(
             f"{name} has {counted(n, 'row')} for {d} columns: the rows span at most "
-            f"{counted(n - 1, 'dimension')}, so a {d}-dimensional density of them is "
+            f"{counted(n - 1, 'dimension')}, so a density of all {d} columns is "
             "degenerate; add rows or use fewer columns"
         )
     # Two passes over blocks of rows (the mean, then the centered products), never a copy
     # of the whole table, and no cancellation for columns far from zero.
-    mean = sum(block.sum(axis=0, dtype=np.float64) for _, block in chunks(table)) / n
+    total, peak = np.zeros(d), np.zeros(d)
+    for _, block in chunks(table):
+        total += block.sum(axis=0, dtype=np.float64)
+        peak = np.maximum(peak, np.abs(block).max(axis=0))
+    mean = total / n
     gram = np.zeros((d, d))
     for _, block in chunks(table):
         centered = np.asarray(block, dtype=np.float64) - mean
@@ -57,19 +61,24 @@ def check_full_rank(
         return
     corr = gram[np.ix_(varying, varying)] / np.outer(scale[varying], scale[varying])
     eigenvalues, eigenvectors = np.linalg.eigh(corr)
-    missing = int((eigenvalues <= _RANK_TOL).sum())
+    # Values stored in a short float carry its rounding, relative to a column's spread
+    # eps * |largest value| / std (float32 values near 1e4 with a spread of 1: 1e-3).
+    dtype = np.dtype(getattr(table, "dtype", np.float64))
+    eps = float(np.finfo(dtype).eps) if dtype.kind == "f" else 0.0
+    rounding = eps * float(np.max(peak[varying] / (scale[varying] / math.sqrt(n))))
+    missing = int((eigenvalues <= max(_RANK_TOL, (4.0 * rounding) ** 2)).sum())
     if not missing:
         return
     weights = np.abs(eigenvectors[:, :missing]).max(axis=1)
-    involved = varying[weights > 1e-6 * weights.max()]
+    involved = varying[weights > 0.01 * weights.max()]
     shown = [repr(columns[c]) if columns is not None else str(c) for c in involved]
     where = "" if columns is not None else " (column indices)"
     drop = "one of them" if missing == 1 else f"{missing} of them"
+    residual = math.sqrt(max(float(eigenvalues[0]), 0.0))
+    closeness = f", to within {residual:.0e} of their spread" if residual > 1e-12 else ""
     raise DataError(
         f"{name}: columns {', '.join(shown)}{where} are linearly dependent (a copy, a "
-        f"multiple or a sum of columns, to within "
-        f"{math.sqrt(max(float(eigenvalues[0]), 0.0)):.0e} of their spread): the rows lie "
-        f"on a plane of "
+        f"multiple or a sum of columns{closeness}): the rows lie on a plane of "
         f"{len(varying) - missing} dimensions in {len(varying)}, where a density has no "
         f"width; drop {drop}"
     )

@@ -249,6 +249,13 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
     train, val, test = split(rows, fractions, seed=seed)
     if min(len(train), len(val), len(test)) == 0:
         raise DataError(f"{data_info['name']}: {n} rows are too few for the fractions {fractions}")
+    if 1 < train.shape[1] >= len(train):
+        raise DataError(
+            f"{data_info['name']}: after holding out {counted(len(val), 'validation row')} and "
+            f"{counted(len(test), 'test row')}, {counted(len(train), 'training row')} remain "
+            f"for {train.shape[1]} columns: too few for a density of every column; add rows "
+            "or use fewer columns"
+        )
     requested, standardize = standardize, resolve_standardize(standardize, train)
     if requested == "auto" and previous is not None and previous.get("model"):
         # Resuming: the scaling the run started with (an older default chose per column).

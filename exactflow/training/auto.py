@@ -56,11 +56,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..datasets import check_full_rank
 from ..distributions import Flow
 from ..gaussians import GaussianMixture
 from ..models import build
 from ..transforms.standardize import Standardize, describe_standardize, resolve_standardize
-from ..validation import positive_float, positive_int
+from ..validation import DataError, counted, positive_float, positive_int
 from .batches import wrap
 from .history import History
 from .likelihood import fit, hold_out
@@ -274,6 +275,7 @@ def fit_auto(
     say = log or (lambda text: None)
     start = time.perf_counter()
     rows = wrap(train, "training data", _width_of(train), strict=True)
+    check_full_rank(rows.data, "training data")
     ctx = None
     if context is not None:
         ctx = wrap(context, "context", _width_of(context), len(rows))
@@ -281,6 +283,13 @@ def fit_auto(
         rows, ctx, val_rows, val_ctx = hold_out(rows, ctx, val_fraction, seed)
         if val_rows is None:
             raise ValueError(f"{len(rows)} rows are too few to hold out validation rows")
+        if 1 < rows.data.shape[1] >= len(rows):
+            raise DataError(
+                f"after holding out {counted(len(val_rows), 'validation row')}, "
+                f"{counted(len(rows), 'training row')} remain for {rows.data.shape[1]} "
+                "columns: too few for a density of every column; add rows or use fewer "
+                "columns"
+            )
     else:
         val_rows = wrap(val, "validation data", rows.data.shape[1], strict=True)
         val_ctx = None if val_context is None else wrap(
