@@ -89,6 +89,8 @@ def test_a_learning_rate_that_diverges_stops_the_run_with_the_cure(tmp_path):
         train_run(data, out, model=model, resume=True, **QUIET)
     with pytest.raises(RunError, match="already holds a failed run; overwrite it"):
         train_run(data, out, model=model, **QUIET)
+    with pytest.raises(ef.CheckpointError, match="failed: train it again with overwrite"):
+        ef.load(out)
     run = train_run(data, out, model=model, lr=1e-3, steps=20, overwrite=True, **QUIET)
     assert run.info["status"] == "done"
 

@@ -105,5 +105,10 @@ def test_more_threads_than_cores_warn(clean_env, monkeypatch):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             assert main(["report", "somewhere", "--threads", "2"]) == 0
+        # OMP_NUM_THREADS sets torch's count at start-up; the command keeps it, and says so.
+        clean_env.setenv("OMP_NUM_THREADS", "64")
+        monkeypatch.setattr(commands.torch, "get_num_threads", lambda: 64)
+        with pytest.warns(UserWarning, match="OMP_NUM_THREADS asks for 64 threads"):
+            assert main(["report", "somewhere"]) == 0
     finally:
         torch.set_num_threads(before)

@@ -62,9 +62,10 @@ def _main(argv: Sequence[str] | None) -> int:
         if not args.debug:  # one line per warning, without the library's source line
             warnings.formatwarning = _format_warning
         cores = os.cpu_count() or 1
-        if threads is not None and threads > cores:
+        running = threads if threads is not None else torch.get_num_threads()
+        if running > cores:
             warnings.warn(
-                f"{source} asks for {threads} threads on a machine with {cores} cores: "
+                f"{source} asks for {running} threads on a machine with {cores} cores: "
                 "threads beyond the cores wait on each other and slow every step",
                 stacklevel=2,
             )

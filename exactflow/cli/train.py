@@ -63,7 +63,7 @@ def _print_train_result(args: argparse.Namespace, result: dict[str, Any]) -> Non
             status = "" if e.get("status", "ok") == "ok" else f"  ({e['status']})"
             say(args, f"  {e['name']:<{width}} {value:>10}  {e.get('seconds', 0.0):6.1f} s"
                        f"{mark}{status}")
-    if m.get("best_step") is not None:
+    if m.get("best_step") is not None and m.get("steps"):
         say(args, f"kept the weights of step {m['best_step']} of {m['steps']} (the best "
                    "validation NLL)")
     say(args, f"test NLL {fmt(t.get('nll'))} ± {fmt(t.get('nll_se'))} nats "

@@ -142,6 +142,14 @@ def _model_file(path: Path) -> Path:
     for candidate in RUN_MODEL_FILES:
         if (path / candidate).is_file():
             return path / candidate
+    try:
+        status = json.loads((path / RUN_RECORD).read_text(encoding="utf-8")).get("status")
+    except (OSError, ValueError, AttributeError):
+        status = None
+    if status in ("failed", "training"):
+        what = ("failed: train it again with overwrite (--overwrite)" if status == "failed"
+                else "has not finished: resume it (--resume) or train it again")
+        raise CheckpointError(f"the run in {str(path)!r} {what}; it holds no model yet")
     raise CheckpointError(
         f"{str(path)!r} is a folder, not a model file, and holds no "
         f"{' or '.join(RUN_MODEL_FILES)} (as a run folder does): give the model file or a "

@@ -218,7 +218,8 @@ def load_run(run_dir: str | os.PathLike[str], *, model: bool = True) -> Run:
         raise RunError(f"{str(info_file)!r} is not an exactflow run description")
     if info.get("status") == "failed":
         raise RunError(
-            f"the run in {str(path)!r} failed: {info.get('error', 'training diverged')}; "
+            f"the run in {str(path)!r} failed: "
+            f"{str(info.get('error', 'training diverged')).rstrip('.')}; "
             "train it again with `exactflow train ... --overwrite` (train_run(..., "
             "overwrite=True))"
         )

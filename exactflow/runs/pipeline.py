@@ -80,8 +80,9 @@ def _prepare_out(out: Path, *, resume: bool, overwrite: bool) -> dict[str, Any] 
             )
         if status == "failed":
             raise RunError(
-                f"the run in {str(out)!r} failed ({previous.get('error', 'training diverged')}"
-                "); resuming would start where it failed: overwrite it to train it again"
+                f"the run in {str(out)!r} failed "
+                f"({str(previous.get('error', 'training diverged')).rstrip('.')}); resuming "
+                "would start where it failed: overwrite it to train it again"
             )
         return previous
     if not overwrite:

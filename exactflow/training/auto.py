@@ -370,11 +370,13 @@ def fit_auto(
         if best is None:  # no mixture could be fitted: the Gaussian instead
             board.remove(board[0])
             run("gaussian", {"model": "gaussian"}, {}, end)
-        say(f"{len(val_rows)} validation rows are too few to choose a flow on (fewer than "
-            f"{MIN_VAL_ROWS}): the {'mixture' if gmm is not None else 'Gaussian'} is kept")
+        held = counted(len(val_rows), "validation row")
+        say(f"{held} {'is' if len(val_rows) == 1 else 'are'} too few to choose a flow on "
+            f"(fewer than {MIN_VAL_ROWS}): the {'mixture' if gmm is not None else 'Gaussian'} "
+            "is kept")
         board += [Entry(cand.name, dict(cand.config),
-                        status=f"skipped: {len(val_rows)} validation rows, too few to choose "
-                               f"a flow on") for cand in rungs]
+                        status=f"skipped: {held}, too few to choose a flow on")
+                  for cand in rungs]
         rungs = []
     for i, cand in enumerate(rungs):
         left = end - time.perf_counter()
