@@ -10,6 +10,7 @@ with ``clone``, ``Pipeline`` and ``GridSearchCV``. Needs scikit-learn
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,6 +40,11 @@ from .scoring import log_prob
 __all__ = ["FlowDensity"]
 
 _COUPLING_MODELS = ("realnvp", "nice", "nsf")
+
+
+def _say(text: str) -> None:
+    """``verbose``: a line per ladder candidate, on stderr."""
+    print(text, file=sys.stderr, flush=True)
 
 
 class FlowDensity(DensityMixin, BaseEstimator):
@@ -84,7 +90,8 @@ class FlowDensity(DensityMixin, BaseEstimator):
         device: ``"cpu"``, ``"cuda"`` or ``"auto"`` for training; scoring and sampling run
             on the CPU.
         random_state: seed of the initialization, data order and validation split.
-        verbose: show progress.
+        verbose: show training progress and, with ``model="auto"``, a line per candidate
+            of the ladder (on stderr).
 
     Attributes:
         flow_: the trained model, an :class:`exactflow.Flow` (float64, eval mode, CPU).
@@ -196,7 +203,8 @@ class FlowDensity(DensityMixin, BaseEstimator):
                 result = fit_auto(X, budget=float(self.budget),
                                   val_fraction=float(self.validation_fraction) or 0.15,
                                   standardize=self.standardize, seed=seed,
-                                  device=self.device, progress=bool(self.verbose))
+                                  device=self.device, progress=bool(self.verbose),
+                                  log=_say if self.verbose else None)
             except ValueError as err:
                 if "too few to hold out" not in str(err):
                     raise

@@ -157,3 +157,12 @@ def test_standardize_takes_one_scale_per_column_or_one_for_all():
     assert tiny(model="maf", standardize=False).fit(X).flow_.config["standardize"] is False
     with pytest.raises(ValueError, match="standardize must be"):
         tiny(model="maf", standardize="rows").fit(X)
+
+
+def test_verbose_auto_says_what_the_ladder_does(capsys):
+    X = np.random.default_rng(4).normal(size=(60, 2))  # 9 validation rows: no flow tried
+    FlowDensity(budget=5, random_state=0, verbose=True).fit(X)
+    err = capsys.readouterr().err
+    assert "by 5-fold cross-validation" in err and "too few to choose a flow on" in err
+    FlowDensity(budget=5, random_state=0).fit(X)
+    assert capsys.readouterr().err == ""

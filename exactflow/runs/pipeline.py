@@ -382,6 +382,9 @@ def _write_run(out: Path, writer: bool, flow: Flow | None, train: Any, val: Any,
     }
     if leaderboard is not None:
         metrics["leaderboard"] = leaderboard
+        kept = next((e for e in leaderboard if e.get("chosen")), None)
+        if kept is not None:  # its time includes a mixture's search
+            metrics["train_time_s"] = kept.get("seconds")
     entropy = data_info.get("entropy")
     if entropy is not None and math.isfinite(test_metrics["nll"]):
         metrics["test_nll_minus_entropy"] = test_metrics["nll"] - entropy

@@ -38,9 +38,10 @@ image's border pixels (:meth:`~exactflow.transforms.Standardize.choose_scale`; 4
 per row on the digit images, the same ladder's pick).
 
 Every candidate is scored on the same validation rows; the winner is the lowest validation
-NLL. With fewer than :data:`MIN_VAL_ROWS` validation rows (tables below about 100 rows) a
-choice among flows is noise: the mixture is then chosen by 5-fold cross-validation over all
-rows and no flow is tried (2.3-2.8 nats better on 20-row tables, ``benchmarks/tiny.py``).
+NLL. With fewer than :data:`MIN_VAL_ROWS` validation rows (below about 100 rows with a 15%
+split, 150 with 10%) a choice among flows is noise: the mixture is then chosen by 5-fold
+cross-validation over all rows and no flow is tried (2.3-2.8 nats better on 20-row tables,
+``benchmarks/tiny.py``).
 The leaderboard, one entry per candidate (its config, validation NLL, steps, kept step,
 seconds, and why it was skipped if it was), is returned for the run folder and the report.
 """
