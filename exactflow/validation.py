@@ -18,6 +18,8 @@ __all__ = [
     "nonfinite_rows_error",
     "index_list",
     "counted",
+    "column_list",
+    "training_rows_error",
     "positive_int",
     "non_negative_int",
     "positive_float",
@@ -52,12 +54,33 @@ def index_list(indices: Iterable[int], total: int) -> str:
     return ", ".join(shown) + (", ..." if total > len(shown) else "")
 
 
+def column_list(
+    indices: Iterable[int], columns: Sequence[str] | None = None, most: int | None = SHOW
+) -> str:
+    """Columns for a message: by name (``'a', 'b'``) where ``columns`` names them, else as
+    0-based indices said to be such; the first ``most`` of them (all with ``None``), then
+    dots."""
+    chosen = [int(i) for i in indices]
+    shown = chosen if most is None else chosen[:most]
+    listed = ", ".join(str(i) if columns is None else repr(columns[i]) for i in shown)
+    listed += ", ..." if len(chosen) > len(shown) else ""
+    return listed if columns is not None else f"{listed} (column indices)"
+
+
 def nonfinite_rows_error(name: str, count: int, rows: Iterable[int]) -> DataError:
     """The error for ``count`` rows holding NaN or inf, listing the first row indices."""
-    noun = "row" if count == 1 else "rows"
     return DataError(
-        f"{name}: NaN or inf in {count} {noun} (row indices {index_list(rows, count)}); "
-        "drop or impute them"
+        f"{name}: NaN or inf in {counted(count, 'row')} (row indices "
+        f"{index_list(rows, count)}); drop or impute them"
+    )
+
+
+def training_rows_error(held: str, rows: int, columns: int) -> DataError:
+    """The error for a split that leaves ``rows`` training rows for ``columns`` columns,
+    after holding out ``held`` (e.g. ``"2 validation rows"``)."""
+    return DataError(
+        f"after holding out {held}, {counted(rows, 'training row')} remain for {columns} "
+        "columns: too few for a density of every column; add rows or use fewer columns"
     )
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ..validation import SHOW, DataError, counted, index_list, nonfinite_rows_error
+from ..validation import DataError, column_list, counted, nonfinite_rows_error
 from .arrays import ArrayLike, as_numpy, chunks
 from .shards import open_table
 
@@ -71,13 +71,12 @@ def check_full_rank(
         return
     weights = np.abs(eigenvectors[:, :missing]).max(axis=1)
     involved = varying[weights > 0.01 * weights.max()]
-    shown = [repr(columns[c]) if columns is not None else str(c) for c in involved]
-    where = "" if columns is not None else " (column indices)"
     drop = "one of them" if missing == 1 else f"{missing} of them"
     residual = math.sqrt(max(float(eigenvalues[0]), 0.0))
     closeness = f", to within {residual:.0e} of their spread" if residual > 1e-12 else ""
     raise DataError(
-        f"{name}: columns {', '.join(shown)}{where} are linearly dependent (a copy, a "
+        f"{name}: columns {column_list(involved, columns, most=None)} are linearly "
+        f"dependent (a copy, a "
         f"multiple or a sum of columns{closeness}): the rows lie on a plane of "
         f"{len(varying) - missing} dimensions in {len(varying)}, where a density has no "
         f"width; drop {drop}"
@@ -175,11 +174,7 @@ def validate(
         constant = np.flatnonzero(lo == hi)
         if len(constant):
             cols = "column" if len(constant) == 1 else "columns"
-            if columns is not None and len(columns) == d:
-                which = ", ".join(repr(columns[j]) for j in constant[:SHOW]) + (
-                    ", ..." if len(constant) > SHOW else "")
-            else:
-                which = f"{index_list(constant, len(constant))} (column indices)"
+            which = column_list(constant, columns if columns and len(columns) == d else None)
             raise DataError(
                 f"{name}: constant (zero-variance) {cols} {which}: a density has no width "
                 "there; drop them (or, if the "

@@ -117,14 +117,21 @@ def _is_safetensors(path: Path) -> bool:
     return 0 < size <= _MAX_HEADER and head[8:9] == b"{"
 
 
-def _warn_if_dequantized(run_dir: Path) -> None:
-    """Warn when a run folder's model was trained on dequantized columns: its ``log_prob``
-    of raw rows is not what the run scores."""
+def _run_record(run_dir: Path) -> dict[str, Any]:
+    """A run folder's ``run.json``, or ``{}`` where there is none this module can read (the
+    model then loads as it is)."""
     try:
         info = json.loads((run_dir / RUN_RECORD).read_text(encoding="utf-8"))
-        columns = info["data"].get("dequantized_columns")
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        return  # no record, or not one this check can read: the model loads as it is
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _warn_if_dequantized(run_dir: Path, info: dict[str, Any]) -> None:
+    """Warn when a run folder's model was trained on dequantized columns: its ``log_prob``
+    of raw rows is not what the run scores."""
+    data = info.get("data")
+    columns = data.get("dequantized_columns") if isinstance(data, dict) else None
     if isinstance(columns, list) and columns:
         warnings.warn(
             f"the run {str(run_dir)!r} dequantized its integer-valued columns {columns} "
@@ -135,17 +142,14 @@ def _warn_if_dequantized(run_dir: Path) -> None:
         )
 
 
-def _model_file(path: Path) -> Path:
-    """``path`` itself, or the model file inside a run folder."""
+def _model_file(path: Path, info: dict[str, Any]) -> Path:
+    """``path`` itself, or the model file inside a run folder (``info``: its record)."""
     if not path.is_dir():
         return path
     for candidate in RUN_MODEL_FILES:
         if (path / candidate).is_file():
             return path / candidate
-    try:
-        status = json.loads((path / RUN_RECORD).read_text(encoding="utf-8")).get("status")
-    except (OSError, ValueError, AttributeError):
-        status = None
+    status = info.get("status")
     if status in ("failed", "training"):
         what = ("failed: train it again with overwrite (--overwrite)" if status == "failed"
                 else "has not finished: resume it (--resume) or train it again")
@@ -352,9 +356,9 @@ def load(path: str | os.PathLike[str], map_location: Any = "cpu") -> Flow:
             holds NaN weights.
     """
     path = Path(path)
-    if path.is_dir():
-        _warn_if_dequantized(path)
-    path = _model_file(path)
+    info = _run_record(path) if path.is_dir() else {}
+    _warn_if_dequantized(path, info)
+    path = _model_file(path, info)
     name = str(path)
     config, state, _ = _read(path, map_location)
     try:

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from ..distributions import Flow
 from ..io import CheckpointError
@@ -144,8 +143,8 @@ class Run:
         """
         if self.flow is None:
             raise RunError(f"the run {str(self.path)!r} was read without its model")
-        names = getattr(rows, "columns", None)
-        if names is not None and not isinstance(rows, (np.ndarray, torch.Tensor)):
+        names = getattr(rows, "columns", None)  # a DataFrame's; arrays and tensors have none
+        if names is not None:
             given = [str(c) for c in names]
             missing = [c for c in self.columns if c not in given]
             if missing:

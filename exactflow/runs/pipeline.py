@@ -21,7 +21,14 @@ from ..distributions import Flow
 from ..io import atomic_write_bytes, atomic_write_json, save
 from ..training import TrainingError, evaluate, fit, fit_auto
 from ..transforms.standardize import describe_standardize, resolve_standardize
-from ..validation import DataError, counted, fraction, positive_int
+from ..validation import (
+    DataError,
+    column_list,
+    counted,
+    fraction,
+    positive_int,
+    training_rows_error,
+)
 from .data import _now, integer_columns, read_data, versions
 from .data import dequantize as dequantize_rows
 from .folder import (
@@ -227,10 +234,10 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
     names = data_info.get("column_names")
     counters = [j for j in discrete if _numbers_rows(rows[:, j])]
     if counters:
-        shown = [repr(names[j]) if names else str(j) for j in counters]
-        log(f"note: column {', '.join(shown)} holds the row numbers (0, 1, 2, ... or 1, 2, "
-            "3, ...), as an index saved with a table does: leave it out (--columns, or "
-            "train_run(..., columns=[...])) unless the order of the rows is data")
+        log(f"note: column {column_list(counters, names or None)} holds the row numbers "
+            "(0, 1, 2, ... or 1, 2, 3, ...), as an index saved with a table does: leave it "
+            "out (--columns, or train_run(..., columns=[...])) unless the order of the rows "
+            "is data")
     if dequantize:  # first: a blank pixel is a constant column until it is dequantized
         rows = dequantize_rows(rows, discrete, seed)
         data_info["dequantized_columns"] = discrete
@@ -251,12 +258,9 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
     if min(len(train), len(val), len(test)) == 0:
         raise DataError(f"{data_info['name']}: {n} rows are too few for the fractions {fractions}")
     if 1 < train.shape[1] >= len(train):
-        raise DataError(
-            f"{data_info['name']}: after holding out {counted(len(val), 'validation row')} and "
-            f"{counted(len(test), 'test row')}, {counted(len(train), 'training row')} remain "
-            f"for {train.shape[1]} columns: too few for a density of every column; add rows "
-            "or use fewer columns"
-        )
+        held = f"{counted(len(val), 'validation row')} and {counted(len(test), 'test row')}"
+        err = training_rows_error(held, len(train), train.shape[1])
+        raise DataError(f"{data_info['name']}: {err}")
     requested, standardize = standardize, resolve_standardize(standardize, train)
     if requested == "auto" and previous is not None and previous.get("model"):
         # Resuming: the scaling the run started with (an older default chose per column).

@@ -62,7 +62,7 @@ from ..distributions import Flow
 from ..gaussians import GaussianMixture
 from ..models import build
 from ..transforms.standardize import Standardize, describe_standardize, resolve_standardize
-from ..validation import DataError, counted, positive_float, positive_int
+from ..validation import counted, positive_float, positive_int, training_rows_error
 from .batches import wrap
 from .history import History
 from .likelihood import fit, hold_out
@@ -285,12 +285,8 @@ def fit_auto(
         if val_rows is None:
             raise ValueError(f"{len(rows)} rows are too few to hold out validation rows")
         if 1 < rows.data.shape[1] >= len(rows):
-            raise DataError(
-                f"after holding out {counted(len(val_rows), 'validation row')}, "
-                f"{counted(len(rows), 'training row')} remain for {rows.data.shape[1]} "
-                "columns: too few for a density of every column; add rows or use fewer "
-                "columns"
-            )
+            raise training_rows_error(
+                counted(len(val_rows), "validation row"), len(rows), rows.data.shape[1])
     else:
         val_rows = wrap(val, "validation data", rows.data.shape[1], strict=True)
         val_ctx = None if val_context is None else wrap(
