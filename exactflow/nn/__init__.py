@@ -14,7 +14,8 @@ Modules: ``mlp`` (:class:`MLP` and its fused ReLU pass, :class:`MaskedLinear`,
 :func:`resolve_order`, the size checks), ``made`` (:class:`MADE`), ``layout`` (MADE's
 degree-sorted block layout and the conversion to and from exactflow 0.1's dense masked
 layers), ``passes`` (MADE's fused, composable and autoregressive passes over that layout,
-and :func:`~exactflow.nn.passes.is_plain`, where hand-written passes apply).
+and :func:`~exactflow.nn.passes.is_plain`, where hand-written passes apply), ``workspace``
+(the buffers MADE's fused pass reuses from call to call, pooled).
 """
 
 from __future__ import annotations

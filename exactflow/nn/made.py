@@ -6,6 +6,7 @@ The block layout it runs on is :mod:`exactflow.nn.layout`; the passes over it ar
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -26,8 +27,11 @@ from .passes import (
     layer_weights,
     recomputed_backward,
 )
+from .workspace import Workspace, hooks_active, take
 
 __all__ = ["MADE"]
+
+_shared_layout = functools.lru_cache(maxsize=128)(build_layout)
 
 
 class _MADEFunction(torch.autograd.Function):
@@ -42,23 +46,37 @@ class _MADEFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x_in: Tensor, packed: Tensor, made: MADE) -> Tensor:
-        weights = made._weights(packed)
-        out, inputs = made._fused(x_in, weights)
         ctx.made = made
-        # Activations too go through save_for_backward: freed after the backward, and
-        # seen by saved-tensor hooks.
-        ctx.save_for_backward(x_in, packed, weights, *inputs)
+        ctx.workspace = workspace = made._workspace(x_in)
+        if workspace is None:
+            weights = made._weights(packed)
+            out, inputs = made._fused(x_in, weights)
+            # Saved-tensor hooks are active: the activations go through save_for_backward
+            # (freed after the backward, and seen by the hooks).
+            ctx.save_for_backward(x_in, packed, weights, *inputs)
+            return out.t()
+        try:
+            out = workspace.forward(x_in, packed, made._scatter, made._new_output(x_in))
+        finally:
+            workspace.hold(ctx)
+        ctx.save_for_backward(x_in, packed)
         return out.t()
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
-        x_in, packed, weights, *inputs = ctx.saved_tensors
+        x_in, packed, *saved = ctx.saved_tensors
         made: MADE = ctx.made
         recomputed = recomputed_backward(ctx, grad, made._composable, x_in, packed)
         if recomputed is not None:  # create_graph=True, or batched gradients
             return recomputed
-        g = grad.t().contiguous()
-        grad_x, grad_packed = made._fused_backward(g, weights, inputs, ctx.needs_input_grad[0])
+        workspace, need_x = ctx.workspace, ctx.needs_input_grad[0]
+        if workspace is None:
+            weights, *inputs = saved
+            g = grad.t().contiguous()
+            grad_x, grad_packed = made._fused_backward(g, weights, inputs, need_x)
+        else:
+            workspace.grad_out.copy_(grad.t())
+            grad_x, grad_packed = workspace.backward(need_x, made._dest)
         return (None if grad_x is None else grad_x.t().contiguous()), grad_packed, None
 
 
@@ -174,11 +192,12 @@ class MADE(nn.Module):
         self._relu = type(self.activation) is nn.ReLU
 
         d, c = self.features, self.context_features
-        layout, scatter, dest = build_layout(d, self.outputs, c, self.hidden, self.block_rows)
+        # MADEs of equal sizes share one layout, and so the workspaces of their passes.
+        layout, scatter, dest = _shared_layout(d, self.outputs, c, self.hidden, self.block_rows)
         self._layout = layout
         # Packed position -> weights position (the forward), -> gradients position.
-        self.register_buffer("_scatter", scatter, persistent=False)
-        self.register_buffer("_dest", dest, persistent=False)
+        self.register_buffer("_scatter", scatter.clone(), persistent=False)
+        self.register_buffer("_dest", dest.clone(), persistent=False)
 
         # Initialize exactly as exactflow 0.1 did (dense nn.Linear layers, drawn in the
         # same order), then keep the weights the masks keep: a seed gives the 0.1 network.
@@ -236,6 +255,16 @@ class MADE(nn.Module):
         """:func:`~exactflow.nn.passes.fused_backward`: ``(grad of x_in, grad of packed)``."""
         return fused_backward(g, weights, inputs, need_x, self._layout, self._dest)
 
+    def _workspace(self, like: Tensor) -> Workspace | None:
+        """A pooled :class:`~exactflow.nn.workspace.Workspace` for a full fused pass over
+        ``like``'s rows (every such pass takes one here), or None while saved-tensor hooks
+        are active (then the fresh-buffer pass runs, its tensors saved for the hooks)."""
+        return None if hooks_active() else take(self._layout, like)
+
+    def _new_output(self, like: Tensor) -> Tensor:
+        """A fresh unit-major output ``(features * outputs, batch)``."""
+        return like.new_empty(self.features * self.outputs, like.shape[0])
+
     def _composable(self, x_in: Tensor, packed: Tensor) -> Tensor:
         """:func:`~exactflow.nn.passes.composable_pass`, batch-major ``(batch, outputs)``."""
         weights = self._layer_weights(self._weights(packed))
@@ -269,8 +298,15 @@ class MADE(nn.Module):
             out = self._composable(x_in, self.packed)
         elif torch.is_grad_enabled() and (x_in.requires_grad or self.packed.requires_grad):
             out = _MADEFunction.apply(x_in, self.packed, self)
-        else:
+        elif (workspace := self._workspace(x_in)) is None:
             out = self._fused(x_in, self._weights(self.packed))[0].t()
+        else:
+            try:
+                out = workspace.forward(
+                    x_in, self.packed, self._scatter, self._new_output(x_in)
+                ).t()
+            finally:
+                workspace.hold(None)
         return self._outputs(out)
 
     # -- the sequential direction ----------------------------------------------------------

@@ -83,26 +83,37 @@ class _FusedAffine(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor]:
         c, d, bound = made.context_features, made.features, affine.scale_bound
         u_in = made._inputs(u, context)
-        weights = made._weights(packed)
-        out, inputs = made._fused(u_in, weights)
-        u_sorted = inputs[0][1 + c :]  # (d, batch), in the order
-        # The MADE's output is not kept: the map works in place on it where it can (on
-        # 10,000 rows each fresh buffer costs about as much as the pass that fills it).
-        shift, raw = out.view(d, 2, -1).unbind(1)
-        tanh = raw.div_(bound).tanh_()
-        scale = torch.mul(tanh, bound).exp_()  # AffineMap's log-scale, exponentiated
-        scaled = u_sorted * scale
-        v = _batch_major(shift.add_(scaled), None if made._identity_order else made._rank)
         ctx.made, ctx.affine = made, affine
-        ctx.save_for_backward(u, context, packed, tanh, scale, scaled, weights, *inputs)
-        return v, tanh.sum(0).mul_(bound)
+        ctx.workspace = workspace = made._workspace(u_in)
+        try:
+            if workspace is None:  # saved-tensor hooks: fresh buffers, all saved
+                weights = made._weights(packed)
+                out, inputs = made._fused(u_in, weights)
+                kept = (weights, *inputs)
+            else:
+                out = workspace.forward(u_in, packed, made._scatter)
+                inputs, kept = workspace.inputs, ()
+            u_sorted = inputs[0][1 + c :]  # (d, batch), in the order
+            # The MADE's output is not kept: the map works in place on it where it can (on
+            # 10,000 rows each fresh buffer costs about as much as the pass that fills it).
+            shift, raw = out.view(d, 2, -1).unbind(1)
+            tanh = raw.div_(bound).tanh_()
+            scale = torch.mul(tanh, bound).exp_()  # AffineMap's log-scale, exponentiated
+            scaled = u_sorted * scale
+            v = _batch_major(shift.add_(scaled), None if made._identity_order else made._rank)
+            log_det = tanh.sum(0).mul_(bound)
+        finally:
+            if workspace is not None:
+                workspace.hold(ctx)
+        ctx.save_for_backward(u, context, packed, tanh, scale, scaled, *kept)
+        return v, log_det
 
     @staticmethod
     def backward(
         ctx: Any, grad_v: Tensor, grad_log_det: Tensor
     ) -> tuple[Tensor | None, ...]:
-        u, context, packed, tanh, scale, scaled, weights, *inputs = ctx.saved_tensors
-        made, affine = ctx.made, ctx.affine
+        u, context, packed, tanh, scale, scaled, *kept = ctx.saved_tensors
+        made, affine, workspace = ctx.made, ctx.affine, ctx.workspace
         need_u, need_c, need_packed = ctx.needs_input_grad[:3]
         if needs_recompute(grad_v, grad_log_det):  # create_graph=True, or batched gradients
 
@@ -121,7 +132,10 @@ class _FusedAffine(torch.autograd.Function):
         # log|det| adds ds/da = 1 - tanh^2.
         c, d = made.context_features, made.features
         batch = grad_v.shape[0]
-        g_out = grad_v.new_empty(d, 2, batch)
+        if workspace is None:
+            g_out = grad_v.new_empty(d, 2, batch)
+        else:
+            g_out = workspace.grad_out.view(d, 2, batch)
         g_v = g_out[:, 0]  # (d, batch), in the order
         g_v.copy_(grad_v.t())
         if not made._identity_order:
@@ -130,9 +144,13 @@ class _FusedAffine(torch.autograd.Function):
             torch.addcmul(grad_log_det, g_v, scaled), tanh, grad_input=g_out[:, 1]
         )
         need_in = need_u or need_c
-        g_in, grad_packed = made._fused_backward(
-            g_out.view(2 * d, batch), weights, inputs, need_in
-        )
+        if workspace is None:
+            weights, *inputs = kept
+            g_in, grad_packed = made._fused_backward(
+                g_out.view(2 * d, batch), weights, inputs, need_in
+            )
+        else:
+            g_in, grad_packed = workspace.backward(need_in, made._dest)
         grad_u = grad_c = None
         if need_u:
             g_u = torch.addcmul(g_in[c:], g_v, scale)  # through the parameters, and directly

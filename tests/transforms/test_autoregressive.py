@@ -91,16 +91,16 @@ def test_jacobian_is_triangular_in_the_order(name: str, order) -> None:
 def count_calls(t: MaskedAutoregressive, method, *args) -> tuple[int, int]:
     """(full conditioner passes, ``autoregress`` runs) during ``method(*args)``.
 
-    A MADE's full passes all go through its fused pass (alone, or with the affine map);
-    another conditioner's are its forward calls.
+    A MADE's full passes each take a workspace for the fused pass (alone, or with the
+    affine map); another conditioner's are its forward calls.
     """
     passes, runs = [], []
     made = t.made
     patched = {}
     if isinstance(made, MADE):
-        patched["_fused"] = made._fused
+        patched["_workspace"] = made._workspace
         patched["autoregress"] = made.autoregress
-        made._fused = lambda *a, **k: passes.append(1) or patched["_fused"](*a, **k)
+        made._workspace = lambda *a, **k: passes.append(1) or patched["_workspace"](*a, **k)
         made.autoregress = lambda *a, **k: runs.append(1) or patched["autoregress"](*a, **k)
         handle = None
     else:

@@ -1,0 +1,252 @@
+"""Buffers that MADE's fused pass reuses from call to call, with every block's view made once.
+
+:func:`~exactflow.nn.passes.fused_pass` and :func:`~exactflow.nn.passes.fused_backward`
+allocate their activations, the dense weights (zero-filled) and every gradient afresh, and
+slice a view of each operand of each GEMM block. At batch 512 those allocations and views
+are most of the tensor operations of a pass: a MADE of a 10-D MAF (width 128) runs about
+50 of them around its 15 products, forward and backward. A :class:`Workspace` holds the
+buffers of one layout at one batch size and the views of every block, made when it is
+built; a pass through it is its products, its ReLUs and the copies in and out. The values
+are the same operations on the same numbers: identical to the fresh-buffer pass.
+
+Workspaces live in one pool, shared by every MADE of the same layout (MADEs of equal sizes
+share their :class:`~exactflow.nn.layout.Layout`). A pass *takes* one; it stays taken while
+the autograd graph that recorded the pass can still run its backward through it, that is
+until that backward has run (without ``retain_graph``) or the graph is gone. Passes without
+autograd give it back at once, so a stack of layers scores through one workspace. Free
+workspaces are kept up to :data:`POOL_BYTES` in all, the least recently used dropped
+first; :func:`clear` drops every free one.
+
+Nothing a pass returns is a view of a workspace: callers copy out what they keep.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .layout import Layout
+
+__all__ = ["POOL_BYTES", "Workspace", "take", "clear", "hooks_active"]
+
+#: Bytes of free workspaces the pool keeps, all layouts together (a workspace in use is
+#: never dropped). A 10-D MAF of width 128 needs about 1 MB per layer at batch 512 for
+#: training, a 64-D one of width 256 about 3 MB; scoring 10,000 rows needs one workspace of
+#: 12 MB or 28 MB for the whole stack.
+POOL_BYTES = 64 * 2**20
+
+_threshold_backward = torch.ops.aten.threshold_backward.grad_input
+
+# (products, ReLU'd output or None) per hidden layer: each product (weight view, input
+# rows, output rows).
+_Hidden = list[tuple[list[tuple[Tensor, Tensor, Tensor]], Tensor | None]]
+
+
+def hooks_active() -> bool:
+    """Whether saved-tensor hooks (``save_on_cpu``, checkpointing...) are active: they must
+    see what a pass saves, so the pass keeps its tensors in fresh buffers instead."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+
+
+class Workspace:
+    """The buffers of one fused pass of ``layout`` at ``batch`` rows, and their views.
+
+    The forward buffers (weights in the weights layout, with the masked entries zero once
+    and for all, and every layer's unit-major input with its row of ones) are made with
+    the workspace; the backward's (the output gradient, the input gradients, the
+    gradients layout) at its first backward.
+    """
+
+    def __init__(self, layout: Layout, batch: int, like: Tensor) -> None:
+        self.layout, self.batch, self.dtype, self.device = layout, batch, like.dtype, like.device
+        self.owner: weakref.ref[Any] | None = None
+        self.busy = False
+        with torch.inference_mode(False):  # normal tensors, usable with autograd later
+            self._build_forward()
+        self._backward: list[Any] | None = None
+        self.nbytes = self._bytes(self.weights, *self.inputs, self.out)
+
+    def _new(self, *shape: int) -> Tensor:
+        return torch.empty(shape, dtype=self.dtype, device=self.device)
+
+    @staticmethod
+    def _bytes(*tensors: Tensor) -> int:
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def _build_forward(self) -> None:
+        layout, batch = self.layout, self.batch
+        self.weights = torch.zeros(layout.weights_size, dtype=self.dtype, device=self.device)
+        h = self._new(1 + layout.fused[0][0], batch)
+        h[0] = 1
+        #: The rows the input is copied into: ``[context, x in the order]``.
+        self.x_rows = h[1:]
+        self.inputs = [h]
+        hidden: _Hidden = []
+        for n_in, n_out, is_hidden, at, groups, _ in layout.fused:
+            top = 1 if is_hidden else 0
+            y = self._new(top + n_out, batch)
+            if is_hidden:
+                y[0] = 1
+            stride = 1 + n_in
+            blocks = [
+                (
+                    self.weights.as_strided((e - s, 1 + cols), (stride, 1), at + s * stride),
+                    h[: 1 + cols],
+                    y[top + s : top + e],
+                    s,
+                )
+                for s, e, cols, _ in groups
+            ]
+            if is_hidden:
+                hidden.append(([(w, x, o) for w, x, o, _ in blocks], y))
+                self.inputs.append(y)
+            else:
+                self.out, self._last = y, blocks
+            h = y
+        self._hidden = hidden
+
+    def forward(
+        self, x_in: Tensor, packed: Tensor, scatter: Tensor, out: Tensor | None = None
+    ) -> Tensor:
+        """The pass of ``x_in`` (``(batch, inputs)``, context first then the order) with the
+        weights ``packed``: the output ``(outputs, batch)``, written into ``out`` if given
+        (a fresh tensor the caller keeps), else into the workspace's own."""
+        self.weights.index_copy_(0, scatter, packed)
+        self.x_rows.copy_(x_in.t())
+        mm = torch.mm
+        for blocks, y in self._hidden:
+            for w, x, o in blocks:
+                mm(w, x, out=o)
+            y.relu_()  # type: ignore[union-attr]
+        if out is None:
+            for w, x, o, _ in self._last:
+                mm(w, x, out=o)
+            return self.out
+        for w, x, o, s in self._last:
+            mm(w, x, out=out[s : s + o.shape[0]])
+        return out
+
+    @property
+    def grad_out(self) -> Tensor:
+        """Where the caller writes the gradient of the output, ``(outputs, batch)``."""
+        if self._backward is None:
+            self._build_backward()
+        return self._grad_out
+
+    def _build_backward(self) -> None:
+        layout, batch = self.layout, self.batch
+        with torch.inference_mode(False):
+            self._grad_out = self._new(layout.fused[-1][1], batch)
+            self._grads = self._new(layout.grads_size)
+            g = self._grad_out
+            steps = []
+            for i in range(len(layout.fused) - 1, -1, -1):
+                n_in, n_out, _, at, groups, columns = layout.fused[i]
+                h = self.inputs[i]
+                weight_grads = [
+                    (h[: 1 + cols], g[s:e].t(),
+                     self._grads.as_strided((1 + cols, e - s), (e - s, 1), grad_at))
+                    for s, e, cols, grad_at in groups
+                ]
+                # Inputs that no unit sees keep a zero gradient: those rows are never written.
+                g_in = torch.zeros(n_in, batch, dtype=self.dtype, device=self.device)
+                stride = 1 + n_in
+                input_grads = [
+                    (
+                        self.weights.as_strided(
+                            (n_out - first, b - a), (stride, 1), at + first * stride + 1 + a
+                        ).t(),
+                        g[first:],
+                        g_in[a:b],
+                    )
+                    for a, b, first in columns
+                    if first < n_out
+                ]
+                steps.append((weight_grads, input_grads, h[1:] if i > 0 else None, g_in))
+                g = g_in
+        self._grad_x = g
+        self._backward = steps
+        self.nbytes += self._bytes(self._grad_out, self._grads, *(s[3] for s in steps))
+
+    def backward(self, need_x: bool, dest: Tensor) -> tuple[Tensor | None, Tensor]:
+        """Gradients of the last :meth:`forward` for :attr:`grad_out`: ``(grad of x_in,
+        unit-major (inputs, batch), or None; grad of packed)``. The first is the
+        workspace's own buffer (copy it out); the second is fresh."""
+        steps = self._backward
+        assert steps is not None, "grad_out builds the backward"
+        mm = torch.mm
+        last = len(steps) - 1
+        for i, (weight_grads, input_grads, activations, g_in) in enumerate(steps):
+            for x, g, o in weight_grads:
+                mm(x, g, out=o)
+            if i == last and not need_x:
+                return None, self._grads.index_select(0, dest)
+            for w, g, o in input_grads:
+                mm(w, g, out=o)
+            if activations is not None:  # through the ReLU, in place
+                _threshold_backward(g_in, activations, 0, grad_input=g_in)
+        return self._grad_x, self._grads.index_select(0, dest)
+
+    def free(self) -> bool:
+        """Whether no pass holds the workspace: not running, and no graph that recorded
+        it can still run its backward."""
+        if self.busy:
+            return False
+        owner = None if self.owner is None else self.owner()
+        if owner is None:
+            return True
+        try:
+            _ = owner.saved_tensors  # raises once the backward has released them
+        except RuntimeError:
+            return True
+        return False
+
+    def hold(self, ctx: Any | None) -> None:
+        """End of a pass: ``ctx`` (an autograd context) keeps the workspace while its
+        graph can use it; with no graph recorded, or ``ctx`` None, it is free at once."""
+        self.owner = None if ctx is None else weakref.ref(ctx)
+        self.busy = False
+
+
+_pool: list[Workspace] = []  # least recently used first
+_lock = threading.Lock()
+
+
+def take(layout: Layout, like: Tensor) -> Workspace:
+    """A free workspace of ``layout`` for ``like``'s rows, dtype and device (a new one if
+    none is free), marked busy until :meth:`Workspace.hold`."""
+    batch, dtype, device = like.shape[0], like.dtype, like.device
+    with _lock:
+        for i, ws in enumerate(_pool):
+            if (
+                ws.layout is layout and ws.batch == batch and ws.dtype == dtype
+                and ws.device == device and ws.free()
+            ):
+                del _pool[i]
+                break
+        else:
+            ws = Workspace(layout, batch, like)
+            _trim()  # (the pool grows only here)
+        ws.busy = True
+        _pool.append(ws)
+    return ws
+
+
+def _trim() -> None:
+    # Keep the most recently used free workspaces up to POOL_BYTES.
+    kept = 0
+    for ws in reversed(_pool[:]):
+        if ws.free():
+            kept += ws.nbytes
+            if kept > POOL_BYTES:
+                _pool.remove(ws)
+
+
+def clear() -> None:
+    """Drop every free workspace (the memory goes back once no tensor refers to it)."""
+    with _lock:
+        _pool[:] = [ws for ws in _pool if not ws.free()]
