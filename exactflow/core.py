@@ -14,7 +14,7 @@ Both directions return a pair ``(output, log_abs_det)`` where ``log_abs_det`` ha
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -92,9 +92,22 @@ class Transform(nn.Module):
             if method is not None and not getattr(method, "_exactflow_checked", False):
                 setattr(cls, direction, _checked(method, direction))
 
+    @property
+    def _chains(self) -> bool:
+        """Whether :class:`Compose` should offer this layer :meth:`_forward_chain`."""
+        return False
+
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Map data to latent: returns ``(z, log|det dz/dx|)``."""
         raise NotImplementedError
+
+    def _forward_chain(
+        self, layers: Sequence[Transform], start: int, x: Tensor, context: Tensor | None
+    ) -> tuple[Tensor, Tensor, int] | None:
+        """Run ``layers[start:]`` (this layer first) as far as they fuse with it, for a
+        :class:`Compose`: ``(z, log|det|, index of the next layer)``, or None to run this
+        layer alone. Layers with a fused pass over several layers override it (MAF)."""
+        return None
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Map latent to data: returns ``(x, log|det dx/dz|)``."""
@@ -194,11 +207,19 @@ class Compose(Transform):
         return layer
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        total = x.new_zeros(x.shape[:1])
-        for t in self:
-            x, ladj = t(x, context)
-            total = total + ladj
-        return x, total
+        layers = list(self)
+        total: Tensor | None = None
+        i = 0
+        while i < len(layers):
+            t = layers[i]
+            chained = t._forward_chain(layers, i, x, context) if t._chains else None
+            if chained is None:
+                x, ladj = t(x, context)
+                i += 1
+            else:  # several layers in one fused pass
+                x, ladj, i = chained
+            total = ladj if total is None else total + ladj
+        return x, x.new_zeros(x.shape[:1]) if total is None else total
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         total = z.new_zeros(z.shape[:1])

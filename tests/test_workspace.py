@@ -104,8 +104,8 @@ def test_training_and_scoring_reuse_workspaces() -> None:
     assert all(ws.free() for ws in ours(layout))
     with torch.no_grad():
         flow.log_prob(torch.randn(23, 4, dtype=torch.float64))
-    # Without autograd the whole stack runs through one workspace.
-    assert sum(ws.batch == 23 for ws in ours(layout)) == 1
+    # Without autograd the whole stack runs through two workspaces taking turns.
+    assert sum(ws.batch == 23 for ws in ours(layout)) == 2
 
 
 @pytest.mark.parametrize("order", ["forward", "random"])
@@ -134,8 +134,9 @@ def test_the_pool_keeps_free_workspaces_up_to_its_size(monkeypatch) -> None:
     with torch.no_grad():
         for batch in (3, 4, 5, 6):
             flow.log_prob(x1[:batch])
-    # Each new workspace drops the free ones: only the last one made is left.
-    assert [ws.batch for ws in ours(layout)] == [6]
+    # Each new workspace drops the free ones: only the last ones made are left (two
+    # take turns through the stack).
+    assert [ws.batch for ws in ours(layout)] == [6, 6]
     pool.clear()
     assert ours(layout) == []
 
@@ -171,3 +172,11 @@ def test_threads_scoring_one_flow_at_once() -> None:
     for t in threads:
         t.join()
     assert all(torch.equal(r, expected[i]) for i in range(4) for r in results[i])
+
+
+def test_an_input_of_another_dtype_is_named() -> None:
+    flow = ef.models.maf(3, layers=2, hidden=(8,))
+    x = torch.randn(4, 3, dtype=torch.float64)
+    for module in (flow.transform, next(m for m in flow.modules() if isinstance(m, MADE))):
+        with pytest.raises(TypeError, match="input is torch.float64 but the weights are"):
+            module(x)

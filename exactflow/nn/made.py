@@ -259,6 +259,12 @@ class MADE(nn.Module):
         """A pooled :class:`~exactflow.nn.workspace.Workspace` for a full fused pass over
         ``like``'s rows (every such pass takes one here), or None while saved-tensor hooks
         are active (then the fresh-buffer pass runs, its tensors saved for the hooks)."""
+        if like.dtype != self.packed.dtype:
+            raise TypeError(
+                f"MADE: the input is {like.dtype} but the weights are {self.packed.dtype}; "
+                f"convert the input (x.to({self.packed.dtype})) or the module "
+                f"(.to({like.dtype}))"
+            )
         return None if hooks_active() else take(self._layout, like)
 
     def _new_output(self, like: Tensor) -> Tensor:

@@ -115,8 +115,12 @@ class Workspace:
         """The pass of ``x_in`` (``(batch, inputs)``, context first then the order) with the
         weights ``packed``: the output ``(outputs, batch)``, written into ``out`` if given
         (a fresh tensor the caller keeps), else into the workspace's own."""
-        self.weights.index_copy_(0, scatter, packed)
         self.x_rows.copy_(x_in.t())
+        return self.run(packed, scatter, out)
+
+    def run(self, packed: Tensor, scatter: Tensor, out: Tensor | None = None) -> Tensor:
+        """:meth:`forward` of the input the caller wrote into :attr:`x_rows` itself."""
+        self.weights.index_copy_(0, scatter, packed)
         mm = torch.mm
         for blocks, y in self._hidden:
             for w, x, o in blocks:

@@ -29,14 +29,14 @@ The conditioner is pluggable (``conditioner=``): any network that maps ``(x, con
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..core import Transform, check_features
 from ..nn import MADE, Activation, resolve_order
-from ..nn.passes import needs_recompute, recomputed_grads
+from ..nn.passes import has_hooks
+from .fused_affine import _FusedAffine, forward_chain
 from .monotonic import AffineMap, MonotonicMap, SplineMap, monotonic_map
 
 __all__ = [
@@ -47,118 +47,6 @@ __all__ = [
 ]
 
 _FAST = ("density", "sampling")
-
-_tanh_backward = torch.ops.aten.tanh_backward.grad_input
-
-
-def _batch_major(t: Tensor, rows: Tensor | None) -> Tensor:
-    """``(features, batch)`` unit-major rows, taken in the order ``rows`` (all of them,
-    as they are, if None), as a contiguous ``(batch, features)`` tensor.
-
-    A gather of whole rows and one transposing copy: ``index_select`` along the columns of
-    the transposed view gathers element by element, 2-3x slower for 10,000 rows.
-    """
-    if rows is not None:
-        t = t.index_select(0, rows)
-    out = t.new_empty(t.shape[1], t.shape[0])
-    out.t().copy_(t)
-    return out
-
-
-class _FusedAffine(torch.autograd.Function):
-    """The one-pass direction of an affine MADE layer (MAF density, IAF sampling), fused.
-
-    ``v = u * exp(s) + t`` with ``(t, a) = MADE(u, c)`` and ``s = bound * tanh(a / bound)``
-    (:class:`~exactflow.transforms.monotonic.AffineMap`), ``log|det| = sum(s)``. The map is
-    applied to the MADE's unit-major output in place of a batch-major copy, and its
-    derivatives are written out by hand and fed to the MADE's own backward: no autograd
-    graph for the map and no transposes of the parameters or of their gradient. Under
-    ``create_graph=True`` the backward recomputes the layer with differentiable ops.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any, u: Tensor, context: Tensor | None, packed: Tensor, made: MADE,
-        affine: AffineMap,
-    ) -> tuple[Tensor, Tensor]:
-        c, d, bound = made.context_features, made.features, affine.scale_bound
-        u_in = made._inputs(u, context)
-        ctx.made, ctx.affine = made, affine
-        ctx.workspace = workspace = made._workspace(u_in)
-        try:
-            if workspace is None:  # saved-tensor hooks: fresh buffers, all saved
-                weights = made._weights(packed)
-                out, inputs = made._fused(u_in, weights)
-                kept = (weights, *inputs)
-            else:
-                out = workspace.forward(u_in, packed, made._scatter)
-                inputs, kept = workspace.inputs, ()
-            u_sorted = inputs[0][1 + c :]  # (d, batch), in the order
-            # The MADE's output is not kept: the map works in place on it where it can (on
-            # 10,000 rows each fresh buffer costs about as much as the pass that fills it).
-            shift, raw = out.view(d, 2, -1).unbind(1)
-            tanh = raw.div_(bound).tanh_()
-            scale = torch.mul(tanh, bound).exp_()  # AffineMap's log-scale, exponentiated
-            scaled = u_sorted * scale
-            v = _batch_major(shift.add_(scaled), None if made._identity_order else made._rank)
-            log_det = tanh.sum(0).mul_(bound)
-        finally:
-            if workspace is not None:
-                workspace.hold(ctx)
-        ctx.save_for_backward(u, context, packed, tanh, scale, scaled, *kept)
-        return v, log_det
-
-    @staticmethod
-    def backward(
-        ctx: Any, grad_v: Tensor, grad_log_det: Tensor
-    ) -> tuple[Tensor | None, ...]:
-        u, context, packed, tanh, scale, scaled, *kept = ctx.saved_tensors
-        made, affine, workspace = ctx.made, ctx.affine, ctx.workspace
-        need_u, need_c, need_packed = ctx.needs_input_grad[:3]
-        if needs_recompute(grad_v, grad_log_det):  # create_graph=True, or batched gradients
-
-            def recompute(u: Tensor, context: Tensor | None, packed: Tensor) -> tuple[Tensor, ...]:
-                params = made._outputs(made._composable(made._inputs(u, context), packed))
-                v, log_det = affine.forward(u, params)
-                return v, log_det.sum(dim=1)
-
-            grads = recomputed_grads(
-                recompute, (u, context, packed), (need_u, need_c, need_packed),
-                (grad_v, grad_log_det),
-            )
-            return (*grads, None, None)
-        # (Gradients of unused outputs arrive as zeros.) v = u exp(s) + t with
-        # s = bound * tanh(a / bound): dv/dt = 1, dv/da = u exp(s) (1 - tanh^2), and
-        # log|det| adds ds/da = 1 - tanh^2.
-        c, d = made.context_features, made.features
-        batch = grad_v.shape[0]
-        if workspace is None:
-            g_out = grad_v.new_empty(d, 2, batch)
-        else:
-            g_out = workspace.grad_out.view(d, 2, batch)
-        g_v = g_out[:, 0]  # (d, batch), in the order
-        g_v.copy_(grad_v.t())
-        if not made._identity_order:
-            g_v.copy_(g_v.index_select(0, made.order))
-        _tanh_backward(
-            torch.addcmul(grad_log_det, g_v, scaled), tanh, grad_input=g_out[:, 1]
-        )
-        need_in = need_u or need_c
-        if workspace is None:
-            weights, *inputs = kept
-            g_in, grad_packed = made._fused_backward(
-                g_out.view(2 * d, batch), weights, inputs, need_in
-            )
-        else:
-            g_in, grad_packed = workspace.backward(need_in, made._dest)
-        grad_u = grad_c = None
-        if need_u:
-            g_u = torch.addcmul(g_in[c:], g_v, scale)  # through the parameters, and directly
-            grad_u = _batch_major(g_u, None if made._identity_order else made._rank)
-        if need_c:
-            grad_c = g_in[:c].t().contiguous()
-        return grad_u, grad_c, grad_packed if need_packed else None, None, None
-
 
 #: ``conditioner(features, outputs, context=..., order=...) -> nn.Module``: the network of
 #: an autoregressive layer. The module maps ``(x, context)`` to ``(batch, features,
@@ -342,6 +230,29 @@ class MaskedAutoregressive(Transform):
             params = self.made(u, context)
             u, log_det = self.monotonic.inverse(v, params)
         return u, log_det.sum(dim=1)
+
+    @property
+    def _chains(self) -> bool:
+        """Whether a :class:`~exactflow.Compose` may run this layer in a fused chain with
+        the MAF layers and permutations after it (:func:`~exactflow.transforms.
+        fused_affine.forward_chain`): an affine map in the density direction on a ReLU
+        MADE, this class's own passes, and no module hooks (the chain does not call the
+        layer)."""
+        made = self.made
+        return (
+            self.fast == "density"
+            and type(self.monotonic) is AffineMap
+            and isinstance(made, MADE)
+            and made._relu
+            and type(self).forward is MaskedAutoregressive.forward
+            and type(self)._one_pass is MaskedAutoregressive._one_pass
+            and not has_hooks(self)
+        )
+
+    def _forward_chain(
+        self, layers: Sequence[Transform], start: int, x: Tensor, context: Tensor | None
+    ) -> tuple[Tensor, Tensor, int] | None:
+        return forward_chain(layers, start, x, context)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Data -> latent: one conditioner pass if ``fast="density"``, sequential otherwise."""

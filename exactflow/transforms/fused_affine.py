@@ -1,0 +1,375 @@
+"""The density direction of affine MADE layers, fused: one layer, or a chain of them.
+
+* ``_FusedAffine``: one MAF layer's one-pass direction (MAF density, IAF sampling) as one
+  autograd node, the affine map applied to the MADE's output in place and differentiated
+  by hand.
+* :func:`forward_chain`: a stretch of a :class:`~exactflow.Compose` made of MAF layers and
+  the permutations between them (``ef.models.maf``'s ``MAF, Reverse, MAF, ...``) as one
+  node. Layer by layer, each layer turns its input unit-major, runs the MADE, maps, turns
+  the result back to batch-major for the permutation, which gathers it again, and autograd
+  keeps a node per layer, per permutation and per log-det sum. The chain keeps the
+  features unit-major from the first layer to the last: each permutation becomes the row
+  gather that loads the next layer's :class:`~exactflow.nn.workspace.Workspace`, and the
+  log-dets add up in one buffer. Values and gradients are those of the layers one by one
+  (the same operations on the same numbers; tested bitwise).
+
+Both run where the hand-written passes apply (:func:`~exactflow.nn.passes.is_plain`); the
+chain also needs no module hooks on its layers and no saved-tensor hooks, and otherwise
+leaves the layers to run one by one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..core import Transform, check_input
+from ..nn import MADE
+from ..nn.passes import has_hooks, is_plain, needs_recompute, recomputed_grads
+from ..nn.workspace import Workspace, hooks_active, take
+from .linear import Permutation, Reverse
+from .monotonic import AffineMap
+
+__all__: list[str] = []
+
+_tanh_backward = torch.ops.aten.tanh_backward.grad_input
+
+
+def _batch_major(t: Tensor, rows: Tensor | None) -> Tensor:
+    """``(features, batch)`` unit-major rows, taken in the order ``rows`` (all of them,
+    as they are, if None), as a contiguous ``(batch, features)`` tensor.
+
+    A gather of whole rows and one transposing copy: ``index_select`` along the columns of
+    the transposed view gathers element by element, 2-3x slower for 10,000 rows.
+    """
+    if rows is not None:
+        t = t.index_select(0, rows)
+    out = t.new_empty(t.shape[1], t.shape[0])
+    out.t().copy_(t)
+    return out
+
+
+class _FusedAffine(torch.autograd.Function):
+    """The one-pass direction of an affine MADE layer (MAF density, IAF sampling), fused.
+
+    ``v = u * exp(s) + t`` with ``(t, a) = MADE(u, c)`` and ``s = bound * tanh(a / bound)``
+    (:class:`~exactflow.transforms.monotonic.AffineMap`), ``log|det| = sum(s)``. The map is
+    applied to the MADE's unit-major output in place of a batch-major copy, and its
+    derivatives are written out by hand and fed to the MADE's own backward: no autograd
+    graph for the map and no transposes of the parameters or of their gradient. Under
+    ``create_graph=True`` the backward recomputes the layer with differentiable ops.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, u: Tensor, context: Tensor | None, packed: Tensor, made: MADE,
+        affine: AffineMap,
+    ) -> tuple[Tensor, Tensor]:
+        c, d, bound = made.context_features, made.features, affine.scale_bound
+        u_in = made._inputs(u, context)
+        ctx.made, ctx.affine = made, affine
+        ctx.workspace = workspace = made._workspace(u_in)
+        try:
+            if workspace is None:  # saved-tensor hooks: fresh buffers, all saved
+                weights = made._weights(packed)
+                out, inputs = made._fused(u_in, weights)
+                kept = (weights, *inputs)
+            else:
+                out = workspace.forward(u_in, packed, made._scatter)
+                inputs, kept = workspace.inputs, ()
+            u_sorted = inputs[0][1 + c :]  # (d, batch), in the order
+            # The MADE's output is not kept: the map works in place on it where it can (on
+            # 10,000 rows each fresh buffer costs about as much as the pass that fills it).
+            shift, raw = out.view(d, 2, -1).unbind(1)
+            tanh = raw.div_(bound).tanh_()
+            scale = torch.mul(tanh, bound).exp_()  # AffineMap's log-scale, exponentiated
+            scaled = u_sorted * scale
+            v = _batch_major(shift.add_(scaled), None if made._identity_order else made._rank)
+            log_det = tanh.sum(0).mul_(bound)
+        finally:
+            if workspace is not None:
+                workspace.hold(ctx)
+        ctx.save_for_backward(u, context, packed, tanh, scale, scaled, *kept)
+        return v, log_det
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_v: Tensor, grad_log_det: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        u, context, packed, tanh, scale, scaled, *kept = ctx.saved_tensors
+        made, affine, workspace = ctx.made, ctx.affine, ctx.workspace
+        need_u, need_c, need_packed = ctx.needs_input_grad[:3]
+        if needs_recompute(grad_v, grad_log_det):  # create_graph=True, or batched gradients
+
+            def recompute(u: Tensor, context: Tensor | None, packed: Tensor) -> tuple[Tensor, ...]:
+                params = made._outputs(made._composable(made._inputs(u, context), packed))
+                v, log_det = affine.forward(u, params)
+                return v, log_det.sum(dim=1)
+
+            grads = recomputed_grads(
+                recompute, (u, context, packed), (need_u, need_c, need_packed),
+                (grad_v, grad_log_det),
+            )
+            return (*grads, None, None)
+        # (Gradients of unused outputs arrive as zeros.) v = u exp(s) + t with
+        # s = bound * tanh(a / bound): dv/dt = 1, dv/da = u exp(s) (1 - tanh^2), and
+        # log|det| adds ds/da = 1 - tanh^2.
+        c, d = made.context_features, made.features
+        batch = grad_v.shape[0]
+        if workspace is None:
+            g_out = grad_v.new_empty(d, 2, batch)
+        else:
+            g_out = workspace.grad_out.view(d, 2, batch)
+        g_v = g_out[:, 0]  # (d, batch), in the order
+        g_v.copy_(grad_v.t())
+        if not made._identity_order:
+            g_v.copy_(g_v.index_select(0, made.order))
+        _tanh_backward(
+            torch.addcmul(grad_log_det, g_v, scaled), tanh, grad_input=g_out[:, 1]
+        )
+        need_in = need_u or need_c
+        if workspace is None:
+            weights, *inputs = kept
+            g_in, grad_packed = made._fused_backward(
+                g_out.view(2 * d, batch), weights, inputs, need_in
+            )
+        else:
+            g_in, grad_packed = workspace.backward(need_in, made._dest)
+        grad_u = grad_c = None
+        if need_u:
+            g_u = torch.addcmul(g_in[c:], g_v, scale)  # through the parameters, and directly
+            grad_u = _batch_major(g_u, None if made._identity_order else made._rank)
+        if need_c:
+            grad_c = g_in[:c].t().contiguous()
+        return grad_u, grad_c, grad_packed if need_packed else None, None, None
+
+
+
+
+# -- a chain of MAF layers and permutations ---------------------------------------------
+
+
+class _Link:
+    """One MAF layer of a chain: its MADE, log-scale bound and context width, and the
+    permutation that follows it (None: none)."""
+
+    __slots__ = ("made", "bound", "context", "perm")
+
+    def __init__(self, layer: Any, perm: Tensor | None) -> None:
+        self.made: MADE = layer.made
+        self.bound: float = layer.monotonic.scale_bound
+        self.context: int = layer.made.context_features
+        self.perm = perm
+
+
+class _Plan:
+    """Row maps of a chain, in each layer's sorted order (``o_k`` its order, ``r_k`` the
+    rank, ``P_k`` the permutation after it): layer ``k`` reads row ``loads[k][m] =
+    r_{k-1}[P_{k-1}[o_k[m]]]`` of the layer before; the output's column ``j`` is row
+    ``rows[j] = r_last[P_last[j]]`` of the last layer (None: in order), ``unrows`` its
+    inverse."""
+
+    __slots__ = ("key", "loads", "rows", "unrows", "first_rank")
+
+    def __init__(self, links: Sequence[_Link], key: tuple[int, ...]) -> None:
+        self.key = key
+        ranks = [link.made._rank for link in links]
+        self.loads: list[Tensor | None] = [None]
+        for before, link, rank in zip(links, links[1:], ranks, strict=False):
+            seen = link.made.order if before.perm is None else before.perm[link.made.order]
+            self.loads.append(rank[seen])
+        last = links[-1]
+        rows = ranks[-1] if last.perm is None else ranks[-1][last.perm]
+        identity = torch.equal(rows, torch.arange(rows.numel(), device=rows.device))
+        self.rows = None if identity else rows
+        self.unrows = None if identity else torch.argsort(rows)
+        self.first_rank = None if links[0].made._identity_order else ranks[0]
+
+
+def _plan(links: Sequence[_Link], owner: Any) -> _Plan:
+    """The :class:`_Plan` of ``links``, kept on ``owner`` (the first layer) while the
+    orders and permutations it was made from are unchanged."""
+    key: tuple[int, ...] = ()
+    for link in links:
+        order = link.made.order
+        key += (order.data_ptr(), order._version)
+        if link.perm is not None:
+            key += (link.perm.data_ptr(), link.perm._version)
+    plan = owner.__dict__.get("_chain_plan")
+    if plan is None or plan.key != key:
+        plan = _Plan(links, key)
+        owner.__dict__["_chain_plan"] = plan
+    return plan
+
+
+def forward_chain(
+    layers: Sequence[Transform], start: int, x: Tensor, context: Tensor | None
+) -> tuple[Tensor, Tensor, int] | None:
+    """Run ``layers[start:]`` as far as they chain (MAF layers that can fuse, each
+    optionally followed by a :class:`~exactflow.transforms.Permutation` or
+    :class:`~exactflow.transforms.Reverse`) as one node: ``(z, log|det|, index of the
+    first layer after the chain)``, or None where the layers must run one by one."""
+    links: list[_Link] = []
+    i, n = start, len(layers)
+    while i < n and getattr(layers[i], "_chains", False):
+        layer = layers[i]
+        i += 1
+        perm: Tensor | None = None
+        if i < n and type(layers[i]) in (Permutation, Reverse) and not has_hooks(layers[i]):
+            found = layers[i].perm
+            assert isinstance(found, Tensor)
+            perm = found
+            i += 1
+        links.append(_Link(layer, perm))
+    if not links or (len(links) == 1 and links[0].perm is None):
+        return None  # one layer alone: its own fused pass
+    for k, link in enumerate(links):
+        check_input(x, link.made.features, type(layers[start + k]).__name__, context,
+                    link.context)
+    packed = [link.made.packed for link in links]
+    if any(p.dtype != x.dtype for p in packed):
+        return None  # (the layers one by one say what is wrong)
+    if not is_plain(x, *packed) or (context is not None and not is_plain(context)):
+        return None
+    if hooks_active():  # (after is_plain: not under torch.compile)
+        return None
+    plan = _plan(links, layers[start])
+    recording = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, context, *packed)
+    )
+    z, log_det = _AffineChain.apply(x, context, plan, links, recording, *packed)
+    return z, log_det, i
+
+
+class _AffineChain(torch.autograd.Function):
+    """:func:`forward_chain`'s node: the layers' fused passes with the features kept
+    unit-major in between, and the backward by hand through all of them."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, context: Tensor | None, plan: _Plan, links: list[_Link],
+        recording: bool, *packed: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        d = links[0].made.features
+        workspaces: list[Workspace] = []
+        held: list[Workspace] = []  # those this pass has not given back yet
+        kept: list[Tensor] = []
+        ctx.plan, ctx.links, ctx.workspaces = plan, links, workspaces
+        try:
+            v = total = x
+            for k, link in enumerate(links):
+                made, c = link.made, link.context
+                ws = take(made._layout, x)
+                workspaces.append(ws)
+                held.append(ws)
+                if k == 0:
+                    ws.x_rows.copy_(made._inputs(x, context if c else None).t())
+                else:
+                    if c:
+                        ws.x_rows[:c].copy_(context.t())  # type: ignore[union-attr]
+                    load = plan.loads[k]
+                    assert load is not None
+                    torch.index_select(v, 0, load, out=ws.x_rows[c:])
+                    if not recording:
+                        # No backward will need the layer before: two workspaces take
+                        # turns through the whole chain.
+                        held.pop(0).hold(None)
+                out = ws.run(packed[k], made._scatter)
+                shift, raw = out.view(d, 2, -1).unbind(1)
+                tanh = raw.div_(link.bound).tanh_()
+                scale = torch.mul(tanh, link.bound).exp_()
+                scaled = ws.x_rows[c:] * scale
+                v = shift.add_(scaled)  # (d, batch), in this layer's order
+                log_det = tanh.sum(0).mul_(link.bound)
+                total = log_det if k == 0 else total.add_(log_det)
+                kept += (tanh, scale, scaled)
+            z = _batch_major(v, plan.rows)
+        finally:
+            for ws in held:
+                ws.hold(ctx)
+        ctx.save_for_backward(x, context, *packed, *kept)
+        return z, total
+
+    @staticmethod
+    def backward(ctx: Any, grad_z: Tensor, grad_total: Tensor) -> tuple[Tensor | None, ...]:
+        x, context, *rest = ctx.saved_tensors
+        plan, links, workspaces = ctx.plan, ctx.links, ctx.workspaces
+        depth = len(links)
+        packed, kept = rest[:depth], rest[depth:]
+        need_x, need_c = ctx.needs_input_grad[:2]
+        need_packed = ctx.needs_input_grad[5:]
+        if needs_recompute(grad_z, grad_total):  # create_graph=True, or batched gradients
+
+            def recompute(x: Tensor, context: Tensor | None, *packed: Tensor) -> tuple[Tensor, ...]:
+                return _chain_in_torch_ops(x, context, links, packed)
+
+            grads = recomputed_grads(
+                recompute, (x, context, *packed), (need_x, need_c, *need_packed),
+                (grad_z, grad_total),
+            )
+            return (grads[0], grads[1], None, None, None, *grads[2:])
+        d, batch = links[0].made.features, grad_z.shape[0]
+        grad_packed: list[Tensor | None] = [None] * depth
+        grad_x = grad_c = None
+        g_v = workspaces[-1].grad_out.view(d, 2, batch)[:, 0]
+        g_v.copy_(grad_z.t())
+        if plan.unrows is not None:
+            g_v.copy_(g_v.index_select(0, plan.unrows))
+        for k in range(depth - 1, -1, -1):
+            link, ws = links[k], workspaces[k]
+            c = link.context
+            tanh, scale, scaled = kept[3 * k : 3 * k + 3]
+            g_out = ws.grad_out.view(d, 2, batch)
+            g_v = g_out[:, 0]  # (d, batch), in this layer's order
+            # v = u exp(s) + t, s = bound tanh(a / bound), log|det| = sum(s): as in
+            # _FusedAffine.backward.
+            _tanh_backward(
+                torch.addcmul(grad_total, g_v, scaled), tanh, grad_input=g_out[:, 1]
+            )
+            # Whether anything before this layer wants the gradient of its input.
+            below = need_x or any(need_packed[:k]) or (
+                need_c and any(other.context for other in links[:k])
+            )
+            g_in, grad = ws.backward(below or (need_c and c > 0), link.made._dest)
+            grad_packed[k] = grad if need_packed[k] else None
+            if need_c and c > 0:
+                assert g_in is not None
+                grad_c = g_in[:c].clone() if grad_c is None else grad_c.add_(g_in[:c])
+            if not below:
+                break
+            assert g_in is not None
+            g_u = torch.addcmul(g_in[c:], g_v, scale)
+            if k == 0:
+                grad_x = _batch_major(g_u, plan.first_rank)
+            else:
+                before = workspaces[k - 1].grad_out.view(d, 2, batch)[:, 0]
+                before.index_copy_(0, plan.loads[k], g_u)
+        return (
+            grad_x,
+            None if grad_c is None else grad_c.t().contiguous(),
+            None,
+            None,
+            None,
+            *grad_packed,
+        )
+
+
+def _chain_in_torch_ops(
+    x: Tensor, context: Tensor | None, links: Sequence[_Link], packed: Sequence[Tensor]
+) -> tuple[Tensor, Tensor]:
+    """The chain in differentiable torch ops (the backward under ``create_graph=True``)."""
+    total: Tensor | None = None
+    for link, weights in zip(links, packed, strict=True):
+        made = link.made
+        c = context if link.context else None
+        params = made._outputs(made._composable(made._inputs(x, c), weights))
+        x, log_det = AffineMap(link.bound).forward(x, params)
+        step = log_det.sum(dim=1)
+        total = step if total is None else total + step
+        if link.perm is not None:
+            x = x.index_select(1, link.perm)
+    assert total is not None
+    return x, total

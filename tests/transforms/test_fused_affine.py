@@ -1,0 +1,143 @@
+"""A Compose's MAF layers and the permutations between them, run as one fused chain."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import exactflow as ef
+from exactflow.transforms import (
+    ElementwiseAffine,
+    MaskedAffineAutoregressive,
+    Permutation,
+    Reverse,
+)
+from tests.helpers import perturb
+
+MAF = MaskedAffineAutoregressive
+
+
+def one_by_one(t: ef.Compose, x, c=None):
+    """The layers called one at a time: each MAF layer through its own fused pass."""
+    total = None
+    for layer in t:
+        x, log_det = layer(x, c)
+        total = log_det if total is None else total + log_det
+    return x, total
+
+
+def stack(d: int = 4, c: int = 0, orders=("forward", "random", "reverse")) -> ef.Compose:
+    layers = []
+    for k, order in enumerate(orders):
+        layers.append(MAF(d, hidden=(10, 7), context=c, order=order, seed=k))
+        layers.append(Reverse(d) if k % 2 == 0 else Permutation(d, seed=k))
+    return perturb(ef.Compose(*layers).double())
+
+
+def chained(t: ef.Compose, x, c=None) -> bool:
+    z, _ = t(x, c)
+    return type(z.grad_fn).__name__ == "_AffineChainBackward"
+
+
+@pytest.mark.parametrize("context", [0, 3])
+def test_chain_equals_the_layers_one_by_one(context: int) -> None:
+    t = stack(c=context)
+    x = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(9, 3, dtype=torch.float64, requires_grad=True) if context else None
+    assert chained(t, x, c)
+    wanted = [x, *([c] if context else []), *t.parameters()]
+    gz, gl = torch.randn(9, 4, dtype=torch.float64), torch.randn(9, dtype=torch.float64)
+    z_ref, l_ref = one_by_one(t, x, c)
+    ref = torch.autograd.grad((z_ref, l_ref), wanted, (gz, gl))
+    z, log_det = t(x, c)
+    got = torch.autograd.grad((z, log_det), wanted, (gz, gl))
+    assert torch.equal(z, z_ref) and torch.equal(log_det, l_ref)
+    for a, b in zip(got, ref, strict=True):  # the context's sum may add in another order
+        assert torch.allclose(a, b, rtol=1e-13, atol=1e-15)
+    with torch.no_grad():
+        assert torch.equal(t(x, c)[0], z_ref)
+
+
+def test_chain_passes_the_checker_and_gradcheck() -> None:
+    t = stack(d=3, c=2)
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
+    assert ef.check_transform(t, x.detach(), c.detach()).ok
+    assert torch.autograd.gradcheck(lambda x, c: t(x, c), (x, c))
+    assert torch.autograd.gradgradcheck(lambda x, c: t(x, c), (x, c))
+
+
+def test_only_some_gradients_wanted() -> None:
+    t = stack()
+    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    t.requires_grad_(False)
+    (gx,) = torch.autograd.grad(t(x)[1].sum(), x)
+    (ref,) = torch.autograd.grad(one_by_one(t, x)[1].sum(), x)
+    assert torch.equal(gx, ref)
+    t.requires_grad_(True)
+    last = list(t.parameters())[-1]
+    x.requires_grad_(False)
+    (g,) = torch.autograd.grad(t(x)[0].sum(), last)
+    (ref,) = torch.autograd.grad(one_by_one(t, x)[0].sum(), last)
+    assert torch.equal(g, ref)
+
+
+def test_chains_stop_at_other_layers() -> None:
+    d = 3
+    t = perturb(ef.Compose(
+        MAF(d, hidden=(8,)), Reverse(d), ElementwiseAffine(d),
+        MAF(d, hidden=(8,)), Permutation(d, seed=0), MAF(d, hidden=(8,), order="random"),
+    ).double())
+    runs: list[int] = []
+    for layer in t:
+        if isinstance(layer, MAF):
+            original = layer._forward_chain
+
+            def spy(layers, start, x, context, original=original):
+                result = original(layers, start, x, context)
+                runs.append(-1 if result is None else result[2] - start)
+                return result
+
+            layer._forward_chain = spy
+    x = torch.randn(7, d, dtype=torch.float64)
+    z, log_det = t(x)
+    z_ref, l_ref = one_by_one(t, x)
+    assert runs == [2, 3]  # MAF + Reverse; MAF + Permutation + MAF
+    assert torch.allclose(z, z_ref, rtol=1e-14) and torch.allclose(log_det, l_ref, rtol=1e-14)
+
+
+def test_hooks_and_transforms_run_the_layers_one_by_one() -> None:
+    t = stack()
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    seen: list[str] = []
+    handle = t[2].register_forward_hook(lambda *_: seen.append("hook"))
+    z, log_det = t(x)  # the hooked layer runs alone, the others in chains around it
+    assert seen == ["hook"] and torch.equal(z, one_by_one(t, x)[0])
+    handle.remove()
+    with torch.autograd.graph.saved_tensors_hooks(lambda s: s, lambda s: s):
+        assert not chained(t, x)
+    jac = torch.func.jacrev(lambda x: t(x)[1].sum())(x.detach())
+    (ref,) = torch.autograd.grad(one_by_one(t, x)[1].sum(), x)
+    assert torch.allclose(jac, ref, rtol=1e-12)
+    assert chained(t, x)
+
+
+def test_flows_built_by_maf_run_one_chain() -> None:
+    flow = ef.models.maf(5, layers=4, hidden=(16,))
+    x = torch.randn(8, 5)
+    z, _ = flow.transform(x)
+    assert type(z.grad_fn).__name__ == "_AffineChainBackward"
+    with torch.no_grad():
+        assert torch.allclose(flow.log_prob(x), flow.log_prob(x.double().float()))
+
+
+def test_a_changed_order_is_seen() -> None:
+    t = stack(orders=("forward", "forward"))
+    x = torch.randn(6, 4, dtype=torch.float64)
+    t(x)  # plans the chain
+    state = t[0].state_dict()
+    state["made.order"] = torch.tensor([2, 0, 3, 1])
+    t[0].load_state_dict(state)
+    z, log_det = t(x)
+    z_ref, l_ref = one_by_one(t, x)
+    assert torch.equal(z, z_ref) and torch.equal(log_det, l_ref)
