@@ -180,3 +180,15 @@ def test_an_input_of_another_dtype_is_named() -> None:
     for module in (flow.transform, next(m for m in flow.modules() if isinstance(m, MADE))):
         with pytest.raises(TypeError, match="input is torch.float64 but the weights are"):
             module(x)
+
+
+def test_large_workspaces_leave_the_pool_after_a_pass_without_autograd(monkeypatch) -> None:
+    flow, x1, _ = flow_and_batches()
+    layout = next(m for m in flow.modules() if isinstance(m, MADE))._layout
+    pool.clear()
+    monkeypatch.setattr(pool, "KEEP_LARGEST", 0)
+    with torch.no_grad():
+        flow.log_prob(x1)
+    assert ours(layout) == []
+    flow.log_prob(x1).sum().backward()  # training keeps its workspaces
+    assert len(ours(layout)) == 3

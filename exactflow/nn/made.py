@@ -312,7 +312,7 @@ class MADE(nn.Module):
                     x_in, self.packed, self._scatter, self._new_output(x_in)
                 ).t()
             finally:
-                workspace.hold(None)
+                workspace.give_back()
         return self._outputs(out)
 
     # -- the sequential direction ----------------------------------------------------------

@@ -13,7 +13,8 @@ Workspaces live in one pool, shared by every MADE of the same layout (MADEs of e
 share their :class:`~exactflow.nn.layout.Layout`). A pass *takes* one; it stays taken while
 the autograd graph that recorded the pass can still run its backward through it, that is
 until that backward has run (without ``retain_graph``) or the graph is gone. Passes without
-autograd give it back at once, so a stack of layers scores through one workspace. Free
+autograd give it back at once (a chain of layers scores through two that take turns), and
+one larger than :data:`KEEP_LARGEST` leaves the pool at the end of such a pass. Free
 workspaces are kept up to :data:`POOL_BYTES` in all, the least recently used dropped
 first; :func:`clear` drops every free one.
 
@@ -31,13 +32,18 @@ from torch import Tensor
 
 from .layout import Layout
 
-__all__ = ["POOL_BYTES", "Workspace", "take", "clear", "hooks_active"]
+__all__ = ["POOL_BYTES", "KEEP_LARGEST", "Workspace", "take", "clear", "hooks_active"]
 
 #: Bytes of free workspaces the pool keeps, all layouts together (a workspace in use is
 #: never dropped). A 10-D MAF of width 128 needs about 1 MB per layer at batch 512 for
-#: training, a 64-D one of width 256 about 3 MB; scoring 10,000 rows needs one workspace of
-#: 12 MB or 28 MB for the whole stack.
+#: training, a 64-D one of width 256 about 3 MB.
 POOL_BYTES = 64 * 2**20
+
+#: Passes without autograd give back workspaces larger than this (bytes) to the allocator
+#: at their end. Held between calls, the buffers of scoring 10,000 rows kept glibc's
+#: malloc from raising its mmap threshold, and every large tensor after them (sampling's)
+#: was mapped and faulted in afresh: sampling a 10-D MAF ran 1.2-1.5x slower.
+KEEP_LARGEST = 4 * 2**20
 
 _threshold_backward = torch.ops.aten.threshold_backward.grad_input
 
@@ -209,11 +215,27 @@ class Workspace:
             return True
         return False
 
-    def hold(self, ctx: Any | None) -> None:
-        """End of a pass: ``ctx`` (an autograd context) keeps the workspace while its
-        graph can use it; with no graph recorded, or ``ctx`` None, it is free at once."""
-        self.owner = None if ctx is None else weakref.ref(ctx)
+    def hold(self, ctx: Any) -> None:
+        """End of a pass that autograd recorded: ``ctx`` (its context) keeps the workspace
+        while its graph can still run the backward through it."""
+        self.owner = weakref.ref(ctx)
         self.busy = False
+
+    def give_back(self, keep: bool = False) -> None:
+        """End of a pass without autograd: free at once. A workspace of more than
+        :data:`KEEP_LARGEST` bytes leaves the pool unless ``keep``."""
+        self.owner = None
+        self.busy = False
+        if not keep:
+            self.drop_if_large()
+
+    def drop_if_large(self) -> None:
+        """Leave the pool if larger than :data:`KEEP_LARGEST` and free (another pass may
+        have taken it since it was given back)."""
+        if self.nbytes > KEEP_LARGEST:
+            with _lock:
+                if self.free() and self in _pool:
+                    _pool.remove(self)
 
 
 _pool: list[Workspace] = []  # least recently used first

@@ -181,7 +181,10 @@ class MaskedAutoregressive(Transform):
             and made._plain(u)
             and (context is None or made._plain(context))
         ):
-            return _FusedAffine.apply(u, context, made.packed, made, self.monotonic)
+            recording = torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in (u, context, made.packed)
+            )
+            return _FusedAffine.apply(u, context, made.packed, made, self.monotonic, recording)
         params = made(u, context)
         v, log_det = self.monotonic.forward(u, params)
         return v, log_det.sum(dim=1)

@@ -66,7 +66,7 @@ class _FusedAffine(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx: Any, u: Tensor, context: Tensor | None, packed: Tensor, made: MADE,
-        affine: AffineMap,
+        affine: AffineMap, recording: bool,
     ) -> tuple[Tensor, Tensor]:
         c, d, bound = made.context_features, made.features, affine.scale_bound
         u_in = made._inputs(u, context)
@@ -91,7 +91,10 @@ class _FusedAffine(torch.autograd.Function):
             log_det = tanh.sum(0).mul_(bound)
         finally:
             if workspace is not None:
-                workspace.hold(ctx)
+                if recording:
+                    workspace.hold(ctx)
+                else:
+                    workspace.give_back()
         ctx.save_for_backward(u, context, packed, tanh, scale, scaled, *kept)
         return v, log_det
 
@@ -113,7 +116,7 @@ class _FusedAffine(torch.autograd.Function):
                 recompute, (u, context, packed), (need_u, need_c, need_packed),
                 (grad_v, grad_log_det),
             )
-            return (*grads, None, None)
+            return (*grads, None, None, None)
         # (Gradients of unused outputs arrive as zeros.) v = u exp(s) + t with
         # s = bound * tanh(a / bound): dv/dt = 1, dv/da = u exp(s) (1 - tanh^2), and
         # log|det| adds ds/da = 1 - tanh^2.
@@ -144,7 +147,7 @@ class _FusedAffine(torch.autograd.Function):
             grad_u = _batch_major(g_u, None if made._identity_order else made._rank)
         if need_c:
             grad_c = g_in[:c].t().contiguous()
-        return grad_u, grad_c, grad_packed if need_packed else None, None, None
+        return grad_u, grad_c, grad_packed if need_packed else None, None, None, None
 
 
 
@@ -276,7 +279,7 @@ class _AffineChain(torch.autograd.Function):
                     if not recording:
                         # No backward will need the layer before: two workspaces take
                         # turns through the whole chain.
-                        held.pop(0).hold(None)
+                        held.pop(0).give_back(keep=True)
                 out = ws.run(packed[k], made._scatter)
                 shift, raw = out.view(d, 2, -1).unbind(1)
                 tanh = raw.div_(link.bound).tanh_()
@@ -289,7 +292,14 @@ class _AffineChain(torch.autograd.Function):
             z = _batch_major(v, plan.rows)
         finally:
             for ws in held:
-                ws.hold(ctx)
+                if recording:
+                    ws.hold(ctx)
+                else:
+                    ws.give_back()
+            if not recording:  # those given back on the way, kept for the next layer
+                for ws in workspaces:
+                    if ws not in held:
+                        ws.drop_if_large()
         ctx.save_for_backward(x, context, *packed, *kept)
         return z, total
 
