@@ -192,3 +192,29 @@ def test_large_workspaces_leave_the_pool_after_a_pass_without_autograd(monkeypat
     assert ours(layout) == []
     flow.log_prob(x1).sum().backward()  # training keeps its workspaces
     assert len(ours(layout)) == 3
+
+
+def test_gradients_of_one_row_are_not_workspace_memory() -> None:
+    # At batch 1 a transposed (n, 1) buffer is contiguous: .contiguous() would return the
+    # workspace itself, and the next backward would overwrite .grad.
+    made = perturb(MADE(3, 2, hidden=(8,)))
+    maf = perturb(ef.transforms.MaskedAffineAutoregressive(3, hidden=(8,), context=2))
+    iaf = perturb(ef.transforms.InverseAutoregressive(3, hidden=(8,), context=2))
+    runs = [
+        (lambda a: made(a).sum(), 3),
+        (lambda c: sum(t.sum() for t in maf(torch.randn(1, 3), c)), 2),
+        (lambda c: sum(t.sum() for t in iaf.inverse(torch.randn(1, 3), c)), 2),
+    ]
+    for loss, width in runs:
+        first = torch.randn(1, width, requires_grad=True)
+        loss(first).backward()
+        kept = first.grad.clone()
+        (3 * loss(torch.randn(1, width, requires_grad=True))).backward()
+        assert torch.equal(first.grad, kept)
+
+
+def test_a_context_of_another_dtype_is_named() -> None:
+    flow = ef.models.maf(3, layers=2, hidden=(8,), context=2)
+    x, c = torch.randn(4, 3), torch.randn(4, 2, dtype=torch.float64)
+    with pytest.raises(TypeError, match="input is torch.float64 but the weights are"):
+        flow.transform(x, c)

@@ -77,7 +77,10 @@ class _MADEFunction(torch.autograd.Function):
         else:
             workspace.grad_out.copy_(grad.t())
             grad_x, grad_packed = workspace.backward(need_x, made._dest)
-        return (None if grad_x is None else grad_x.t().contiguous()), grad_packed, None
+        # A copy, always: at batch 1 the transposed buffer is contiguous already, and
+        # .contiguous() would hand autograd the workspace's own memory.
+        grad_x = None if grad_x is None else grad_x.t().clone(memory_format=torch.contiguous_format)
+        return grad_x, grad_packed, None
 
 
 class MADE(nn.Module):

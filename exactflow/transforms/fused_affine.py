@@ -145,8 +145,8 @@ class _FusedAffine(torch.autograd.Function):
         if need_u:
             g_u = torch.addcmul(g_in[c:], g_v, scale)  # through the parameters, and directly
             grad_u = _batch_major(g_u, None if made._identity_order else made._rank)
-        if need_c:
-            grad_c = g_in[:c].t().contiguous()
+        if need_c:  # a copy, always (at batch 1 .contiguous() would be the workspace)
+            grad_c = g_in[:c].t().clone(memory_format=torch.contiguous_format)
         return grad_u, grad_c, grad_packed if need_packed else None, None, None, None
 
 
@@ -233,7 +233,9 @@ def forward_chain(
         check_input(x, link.made.features, type(layers[start + k]).__name__, context,
                     link.context)
     packed = [link.made.packed for link in links]
-    if any(p.dtype != x.dtype for p in packed):
+    if any(p.dtype != x.dtype for p in packed) or (
+        context is not None and context.dtype != x.dtype
+    ):
         return None  # (the layers one by one say what is wrong)
     if not is_plain(x, *packed) or (context is not None and not is_plain(context)):
         return None
