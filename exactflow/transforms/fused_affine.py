@@ -150,8 +150,6 @@ class _FusedAffine(torch.autograd.Function):
         return grad_u, grad_c, grad_packed if need_packed else None, None, None, None
 
 
-
-
 # -- a chain of MAF layers and permutations ---------------------------------------------
 
 
