@@ -52,6 +52,31 @@ def _batch_major(t: Tensor, rows: Tensor | None) -> Tensor:
     return out
 
 
+def _affine_in_place(
+    out: Tensor, u_sorted: Tensor, bound: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The affine map on a MADE's unit-major output ``out`` (``(t, a)`` feature by feature,
+    ``(2 d, batch)``), in place where it can: ``v = u exp(s) + t`` with ``s = bound *
+    tanh(a / bound)``. Returns ``(v, tanh, exp(s), u exp(s), log|det|)``, ``v`` a strided
+    view of ``out`` in the order and the middle three what the backward needs. (The MADE's
+    output is not kept: on 10,000 rows each fresh buffer costs about as much as the pass
+    that fills it.)"""
+    shift, raw = out.view(u_sorted.shape[0], 2, -1).unbind(1)
+    tanh = raw.div_(bound).tanh_()
+    scale = torch.mul(tanh, bound).exp_()  # AffineMap's log-scale, exponentiated
+    scaled = u_sorted * scale
+    return shift.add_(scaled), tanh, scale, scaled, tanh.sum(0).mul_(bound)
+
+
+def _affine_backward(g_out: Tensor, grad_log_det: Tensor, tanh: Tensor, scaled: Tensor) -> None:
+    """Given ``dL/dv`` in ``g_out[:, 0]`` (``g_out`` of shape ``(d, 2, batch)``), write
+    ``dL/da`` into ``g_out[:, 1]``: ``dv/dt = 1``, ``dv/da = u exp(s) (1 - tanh^2)``, and
+    ``log|det|`` adds ``ds/da = 1 - tanh^2``. (``dL/dt = dL/dv`` is already in place.)"""
+    _tanh_backward(
+        torch.addcmul(grad_log_det, g_out[:, 0], scaled), tanh, grad_input=g_out[:, 1]
+    )
+
+
 class _FusedAffine(torch.autograd.Function):
     """The one-pass direction of an affine MADE layer (MAF density, IAF sampling), fused.
 
@@ -68,7 +93,7 @@ class _FusedAffine(torch.autograd.Function):
         ctx: Any, u: Tensor, context: Tensor | None, packed: Tensor, made: MADE,
         affine: AffineMap, recording: bool,
     ) -> tuple[Tensor, Tensor]:
-        c, d, bound = made.context_features, made.features, affine.scale_bound
+        c, bound = made.context_features, affine.scale_bound
         u_in = made._inputs(u, context)
         ctx.made, ctx.affine = made, affine
         ctx.workspace = workspace = made._workspace(u_in)
@@ -81,14 +106,8 @@ class _FusedAffine(torch.autograd.Function):
                 out = workspace.forward(u_in, packed, made._scatter)
                 inputs, kept = workspace.inputs, ()
             u_sorted = inputs[0][1 + c :]  # (d, batch), in the order
-            # The MADE's output is not kept: the map works in place on it where it can (on
-            # 10,000 rows each fresh buffer costs about as much as the pass that fills it).
-            shift, raw = out.view(d, 2, -1).unbind(1)
-            tanh = raw.div_(bound).tanh_()
-            scale = torch.mul(tanh, bound).exp_()  # AffineMap's log-scale, exponentiated
-            scaled = u_sorted * scale
-            v = _batch_major(shift.add_(scaled), None if made._identity_order else made._rank)
-            log_det = tanh.sum(0).mul_(bound)
+            v_sorted, tanh, scale, scaled, log_det = _affine_in_place(out, u_sorted, bound)
+            v = _batch_major(v_sorted, None if made._identity_order else made._rank)
         finally:
             if workspace is not None:
                 if recording:
@@ -117,9 +136,7 @@ class _FusedAffine(torch.autograd.Function):
                 (grad_v, grad_log_det),
             )
             return (*grads, None, None, None)
-        # (Gradients of unused outputs arrive as zeros.) v = u exp(s) + t with
-        # s = bound * tanh(a / bound): dv/dt = 1, dv/da = u exp(s) (1 - tanh^2), and
-        # log|det| adds ds/da = 1 - tanh^2.
+        # (Gradients of unused outputs arrive as zeros.)
         c, d = made.context_features, made.features
         batch = grad_v.shape[0]
         if workspace is None:
@@ -130,9 +147,7 @@ class _FusedAffine(torch.autograd.Function):
         g_v.copy_(grad_v.t())
         if not made._identity_order:
             g_v.copy_(g_v.index_select(0, made.order))
-        _tanh_backward(
-            torch.addcmul(grad_log_det, g_v, scaled), tanh, grad_input=g_out[:, 1]
-        )
+        _affine_backward(g_out, grad_log_det, tanh, scaled)
         need_in = need_u or need_c
         if workspace is None:
             weights, *inputs = kept
@@ -256,7 +271,6 @@ class _AffineChain(torch.autograd.Function):
         ctx: Any, x: Tensor, context: Tensor | None, plan: _Plan, links: list[_Link],
         recording: bool, *packed: Tensor,
     ) -> tuple[Tensor, Tensor]:
-        d = links[0].made.features
         workspaces: list[Workspace] = []
         held: list[Workspace] = []  # those this pass has not given back yet
         kept: list[Tensor] = []
@@ -281,12 +295,10 @@ class _AffineChain(torch.autograd.Function):
                         # turns through the whole chain.
                         held.pop(0).give_back(keep=True)
                 out = ws.run(packed[k], made._scatter)
-                shift, raw = out.view(d, 2, -1).unbind(1)
-                tanh = raw.div_(link.bound).tanh_()
-                scale = torch.mul(tanh, link.bound).exp_()
-                scaled = ws.x_rows[c:] * scale
-                v = shift.add_(scaled)  # (d, batch), in this layer's order
-                log_det = tanh.sum(0).mul_(link.bound)
+                # v: (d, batch), in this layer's order
+                v, tanh, scale, scaled, log_det = _affine_in_place(
+                    out, ws.x_rows[c:], link.bound
+                )
                 total = log_det if k == 0 else total.add_(log_det)
                 kept += (tanh, scale, scaled)
             z = _batch_major(v, plan.rows)
@@ -334,11 +346,7 @@ class _AffineChain(torch.autograd.Function):
             tanh, scale, scaled = kept[3 * k : 3 * k + 3]
             g_out = ws.grad_out.view(d, 2, batch)
             g_v = g_out[:, 0]  # (d, batch), in this layer's order
-            # v = u exp(s) + t, s = bound tanh(a / bound), log|det| = sum(s): as in
-            # _FusedAffine.backward.
-            _tanh_backward(
-                torch.addcmul(grad_total, g_v, scaled), tanh, grad_input=g_out[:, 1]
-            )
+            _affine_backward(g_out, grad_total, tanh, scaled)
             # Whether anything before this layer wants the gradient of its input.
             below = need_x or any(need_packed[:k]) or (
                 need_c and any(other.context for other in links[:k])
