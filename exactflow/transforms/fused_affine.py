@@ -11,7 +11,9 @@
   features unit-major from the first layer to the last: each permutation becomes the row
   gather that loads the next layer's :class:`~exactflow.nn.workspace.Workspace`, and the
   log-dets add up in one buffer. Values and gradients are those of the layers one by one
-  (the same operations on the same numbers; tested bitwise).
+  (the same operations on the same numbers; tested bitwise). Where no backward follows
+  (scoring), the chain runs in blocks of rows small enough for its two workspaces to stay
+  pooled and in cache, and the affine map runs wholly in place.
 
 Both run where the hand-written passes apply (:func:`~exactflow.nn.passes.is_plain`); the
 chain also needs no module hooks on its layers and no saved-tensor hooks, and otherwise
@@ -29,7 +31,7 @@ from torch import Tensor
 from ..core import Transform, check_input
 from ..nn import MADE
 from ..nn.passes import has_hooks, is_plain, needs_recompute, recomputed_grads
-from ..nn.workspace import Workspace, hooks_active, take
+from ..nn.workspace import Workspace, block_rows, hooks_active, take
 from .linear import Permutation, Reverse
 from .monotonic import AffineMap
 
@@ -38,7 +40,7 @@ __all__: list[str] = []
 _tanh_backward = torch.ops.aten.tanh_backward.grad_input
 
 
-def _batch_major(t: Tensor, rows: Tensor | None) -> Tensor:
+def _batch_major(t: Tensor, rows: Tensor | None, out: Tensor | None = None) -> Tensor:
     """``(features, batch)`` unit-major rows, taken in the order ``rows`` (all of them,
     as they are, if None), as a contiguous ``(batch, features)`` tensor.
 
@@ -47,7 +49,8 @@ def _batch_major(t: Tensor, rows: Tensor | None) -> Tensor:
     """
     if rows is not None:
         t = t.index_select(0, rows)
-    out = t.new_empty(t.shape[1], t.shape[0])
+    if out is None:
+        out = t.new_empty(t.shape[1], t.shape[0])
     out.t().copy_(t)
     return out
 
@@ -66,6 +69,15 @@ def _affine_in_place(
     scale = torch.mul(tanh, bound).exp_()  # AffineMap's log-scale, exponentiated
     scaled = u_sorted * scale
     return shift.add_(scaled), tanh, scale, scaled, tanh.sum(0).mul_(bound)
+
+
+def _affine_scoring(out: Tensor, u_sorted: Tensor, bound: float) -> tuple[Tensor, Tensor]:
+    """:func:`_affine_in_place` where no backward follows: ``(v, log|det|)``, every step in
+    place (the same operations in the same order, so the same values)."""
+    shift, raw = out.view(u_sorted.shape[0], 2, -1).unbind(1)
+    tanh = raw.div_(bound).tanh_()
+    log_det = tanh.sum(0).mul_(bound)
+    return shift.add_(tanh.mul_(bound).exp_().mul_(u_sorted)), log_det
 
 
 def _affine_backward(g_out: Tensor, grad_log_det: Tensor, tanh: Tensor, scaled: Tensor) -> None:
@@ -258,8 +270,91 @@ def forward_chain(
     recording = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, context, *packed)
     )
-    z, log_det = _AffineChain.apply(x, context, plan, links, recording, *packed)
+    if recording:
+        z, log_det = _AffineChain.apply(x, context, plan, links, *packed)
+    else:
+        z, log_det = _score(x, context, plan, links, packed)
     return z, log_det, i
+
+
+def _score(
+    x: Tensor, context: Tensor | None, plan: _Plan, links: Sequence[_Link],
+    packed: Sequence[Tensor],
+) -> tuple[Tensor, Tensor]:
+    """The chain where no backward follows, in blocks of at most
+    :func:`~exactflow.nn.workspace.block_rows` rows: their two workspaces stay pooled and
+    in cache. (Scoring 10,000 rows of the 10-D mixture in one block took 16.6-26.5 ms, by
+    what the allocator held from earlier calls; in blocks 16.6-17.9 ms.)"""
+    n = x.shape[0]
+    rows = min(block_rows(link.made._layout, x) for link in links)
+    if n <= rows:
+        z, total, _, _ = _chain_forward(x, context, plan, links, packed, None)
+        return z, total
+    z = x.new_empty(x.shape)
+    total = x.new_empty(n)
+    for s in range(0, n, rows):
+        e = min(s + rows, n)
+        _, block_total, _, _ = _chain_forward(
+            x[s:e], None if context is None else context[s:e], plan, links, packed, None,
+            out=z[s:e],
+        )
+        total[s:e] = block_total
+    return z, total
+
+
+def _chain_forward(
+    x: Tensor, context: Tensor | None, plan: _Plan, links: Sequence[_Link],
+    packed: Sequence[Tensor], owner: Any, out: Tensor | None = None,
+) -> tuple[Tensor, Tensor, list[Workspace], list[Tensor]]:
+    """The layers' fused passes, the features unit-major in between: ``(z, log|det|, the
+    workspaces, what the backward needs)``, ``z`` written into ``out`` if given. ``owner``
+    is the autograd context that holds the workspaces for its backward; None: a pass
+    without autograd, which gives them back as it goes."""
+    recording = owner is not None
+    workspaces: list[Workspace] = []
+    held: list[Workspace] = []  # those this pass has not given back yet
+    kept: list[Tensor] = []
+    try:
+        v = total = x
+        for k, link in enumerate(links):
+            made, c = link.made, link.context
+            ws = take(made._layout, x)
+            workspaces.append(ws)
+            held.append(ws)
+            if k == 0:
+                ws.x_rows.copy_(made._inputs(x, context if c else None).t())
+            else:
+                if c:
+                    ws.x_rows[:c].copy_(context.t())  # type: ignore[union-attr]
+                load = plan.loads[k]
+                assert load is not None
+                torch.index_select(v, 0, load, out=ws.x_rows[c:])
+                if not recording:
+                    # No backward will need the layer before: two workspaces take
+                    # turns through the whole chain.
+                    held.pop(0).give_back(keep=True)
+            res = ws.run(packed[k], made._scatter)
+            # v: (d, batch), in this layer's order
+            if recording:
+                v, tanh, scale, scaled, log_det = _affine_in_place(
+                    res, ws.x_rows[c:], link.bound
+                )
+                kept += (tanh, scale, scaled)
+            else:
+                v, log_det = _affine_scoring(res, ws.x_rows[c:], link.bound)
+            total = log_det if k == 0 else total.add_(log_det)
+        z = _batch_major(v, plan.rows, out)
+    finally:
+        for ws in held:
+            if recording:
+                ws.hold(owner)
+            else:
+                ws.give_back()
+        if not recording:  # those given back on the way, kept for the next layer
+            for ws in workspaces:
+                if ws not in held:
+                    ws.drop_if_large()
+    return z, total, workspaces, kept
 
 
 class _AffineChain(torch.autograd.Function):
@@ -269,49 +364,10 @@ class _AffineChain(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx: Any, x: Tensor, context: Tensor | None, plan: _Plan, links: list[_Link],
-        recording: bool, *packed: Tensor,
+        *packed: Tensor,
     ) -> tuple[Tensor, Tensor]:
-        workspaces: list[Workspace] = []
-        held: list[Workspace] = []  # those this pass has not given back yet
-        kept: list[Tensor] = []
-        ctx.plan, ctx.links, ctx.workspaces = plan, links, workspaces
-        try:
-            v = total = x
-            for k, link in enumerate(links):
-                made, c = link.made, link.context
-                ws = take(made._layout, x)
-                workspaces.append(ws)
-                held.append(ws)
-                if k == 0:
-                    ws.x_rows.copy_(made._inputs(x, context if c else None).t())
-                else:
-                    if c:
-                        ws.x_rows[:c].copy_(context.t())  # type: ignore[union-attr]
-                    load = plan.loads[k]
-                    assert load is not None
-                    torch.index_select(v, 0, load, out=ws.x_rows[c:])
-                    if not recording:
-                        # No backward will need the layer before: two workspaces take
-                        # turns through the whole chain.
-                        held.pop(0).give_back(keep=True)
-                out = ws.run(packed[k], made._scatter)
-                # v: (d, batch), in this layer's order
-                v, tanh, scale, scaled, log_det = _affine_in_place(
-                    out, ws.x_rows[c:], link.bound
-                )
-                total = log_det if k == 0 else total.add_(log_det)
-                kept += (tanh, scale, scaled)
-            z = _batch_major(v, plan.rows)
-        finally:
-            for ws in held:
-                if recording:
-                    ws.hold(ctx)
-                else:
-                    ws.give_back()
-            if not recording:  # those given back on the way, kept for the next layer
-                for ws in workspaces:
-                    if ws not in held:
-                        ws.drop_if_large()
+        ctx.plan, ctx.links = plan, links
+        z, total, ctx.workspaces, kept = _chain_forward(x, context, plan, links, packed, ctx)
         ctx.save_for_backward(x, context, *packed, *kept)
         return z, total
 
@@ -322,7 +378,7 @@ class _AffineChain(torch.autograd.Function):
         depth = len(links)
         packed, kept = rest[:depth], rest[depth:]
         need_x, need_c = ctx.needs_input_grad[:2]
-        need_packed = ctx.needs_input_grad[5:]
+        need_packed = ctx.needs_input_grad[4:]
         if needs_recompute(grad_z, grad_total):  # create_graph=True, or batched gradients
 
             def recompute(x: Tensor, context: Tensor | None, *packed: Tensor) -> tuple[Tensor, ...]:
@@ -332,7 +388,7 @@ class _AffineChain(torch.autograd.Function):
                 recompute, (x, context, *packed), (need_x, need_c, *need_packed),
                 (grad_z, grad_total),
             )
-            return (grads[0], grads[1], None, None, None, *grads[2:])
+            return (grads[0], grads[1], None, None, *grads[2:])
         d, batch = links[0].made.features, grad_z.shape[0]
         grad_packed: list[Tensor | None] = [None] * depth
         grad_x = grad_c = None
@@ -368,7 +424,6 @@ class _AffineChain(torch.autograd.Function):
         return (
             grad_x,
             None if grad_c is None else grad_c.t().contiguous(),
-            None,
             None,
             None,
             *grad_packed,

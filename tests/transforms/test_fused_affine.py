@@ -141,3 +141,50 @@ def test_a_changed_order_is_seen() -> None:
     z, log_det = t(x)
     z_ref, l_ref = one_by_one(t, x)
     assert torch.equal(z, z_ref) and torch.equal(log_det, l_ref)
+
+
+@pytest.mark.parametrize("context", [0, 3])
+def test_scoring_runs_in_blocks_of_rows_with_the_same_values(context: int, monkeypatch) -> None:
+    t = stack(c=context)
+    n = 600  # blocks of 256 rows (the least), the last one of 88
+    monkeypatch.setattr(ef.nn.workspace, "KEEP_LARGEST", 0)
+    layout = t[0].made._layout
+    assert ef.nn.workspace.block_rows(layout, torch.zeros(1)) == 256
+    x = torch.randn(n, 4, dtype=torch.float64)
+    c = torch.randn(n, 3, dtype=torch.float64) if context else None
+    seen: list[int] = []
+    take = ef.nn.workspace.take
+
+    def spy(layout, like):
+        seen.append(like.shape[0])
+        return take(layout, like)
+
+    monkeypatch.setattr("exactflow.transforms.fused_affine.take", spy)
+    with torch.no_grad():
+        z, log_det = t(x, c)
+    assert seen == [256] * 3 + [256] * 3 + [88] * 3  # three layers per block
+    seen.clear()
+    x.requires_grad_(True)
+    z_whole, l_whole = t(x, c)  # training runs the whole batch at once
+    assert seen == [n] * 3
+    z_ref, l_ref = one_by_one(t, x, c)
+    for got in ((z, log_det), (z_whole, l_whole)):
+        assert torch.allclose(got[0], z_ref, rtol=1e-13, atol=1e-14)
+        assert torch.allclose(got[1], l_ref, rtol=1e-13, atol=1e-14)
+
+
+def test_block_rows_fit_two_workspaces_in_the_pool() -> None:
+    flow = ef.models.maf(10, layers=3, hidden=(128, 128))
+    made = next(m for m in flow.modules() if isinstance(m, ef.nn.MADE))
+    like = torch.zeros(1)
+    rows = ef.nn.workspace.block_rows(made._layout, like)
+    assert rows % 64 == 0 and rows >= 256
+    ef.nn.workspace.clear()
+    with torch.no_grad():
+        flow.log_prob(torch.randn(3 * rows + 64, 10))
+    kept = [ws for ws in ef.nn.workspace._pool if ws.layout is made._layout]
+    assert sorted(ws.batch for ws in kept) == [64, 64, rows, rows]
+    small, large = min(kept, key=lambda ws: ws.batch), max(kept, key=lambda ws: ws.batch)
+    assert 2 * large.nbytes <= ef.nn.workspace.KEEP_LARGEST
+    per_row = (large.nbytes - small.nbytes) // (rows - 64)
+    assert 2 * (large.nbytes + 64 * per_row) > ef.nn.workspace.KEEP_LARGEST  # the most
