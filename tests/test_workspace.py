@@ -218,3 +218,49 @@ def test_a_context_of_another_dtype_is_named() -> None:
     x, c = torch.randn(4, 3), torch.randn(4, 2, dtype=torch.float64)
     with pytest.raises(TypeError, match="input is torch.float64 but the weights are"):
         flow.transform(x, c)
+
+
+def test_the_layers_of_a_layout_share_one_set_of_gradient_buffers() -> None:
+    flow, x1, x2 = flow_and_batches()
+    layout = next(m for m in flow.modules() if isinstance(m, MADE))._layout
+    pool.clear()
+    flow.log_prob(x1).sum().backward()
+    mine = ours(layout)
+    assert len(mine) == 3 and len({id(ws._gradients) for ws in mine}) == 1
+    shared = mine[0]._gradients
+    assert shared is pool.gradients(layout, 11, torch.float64, x1.device)
+    # Another batch size gets its own set; each thread keeps the last KEEP_GRADIENTS.
+    flow.log_prob(x2[:5]).sum().backward()
+    assert pool.gradients(layout, 5, torch.float64, x1.device) is not shared
+    for batch in range(1, pool.KEEP_GRADIENTS + 1):
+        pool.gradients(layout, 100 + batch, torch.float64, x1.device)
+    assert pool.gradients(layout, 11, torch.float64, x1.device) is not shared  # dropped
+    # Workspaces built against a dropped set rebuild their views: gradients stay right.
+    with no_pool():
+        ref = grads_of(flow, flow.log_prob(x1).sum())
+    assert all(torch.equal(a, b) for a, b in zip(grads_of(flow, flow.log_prob(x1).sum()),
+                                                  ref, strict=True))
+
+
+def test_threads_training_flows_of_one_layout_at_once() -> None:
+    torch.manual_seed(3)
+    flows = [perturb(ef.models.maf(4, layers=3, hidden=(16, 16)).double()) for _ in range(3)]
+    layouts = {id(m._layout) for f in flows for m in f.modules() if isinstance(m, MADE)}
+    assert len(layouts) == 1  # one layout: the threads would share a set of buffers
+    batches = [torch.randn(32, 4, dtype=torch.float64) for _ in range(3)]
+    with no_pool():
+        expected = [grads_of(f, f.log_prob(x).sum()) for f, x in zip(flows, batches, strict=True)]
+    failures: list[int] = []
+
+    def train(i: int) -> None:
+        for _ in range(20):
+            got = grads_of(flows[i], flows[i].log_prob(batches[i]).sum())
+            if not all(torch.equal(a, b) for a, b in zip(got, expected[i], strict=True)):
+                failures.append(i)
+
+    threads = [threading.Thread(target=train, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
