@@ -27,7 +27,7 @@ from .passes import (
     layer_weights,
     recomputed_backward,
 )
-from .workspace import Workspace, hooks_active, take
+from .workspace import Workspace, frees_workspaces, hooks_active, take
 
 __all__ = ["MADE"]
 
@@ -48,6 +48,7 @@ class _MADEFunction(torch.autograd.Function):
     def forward(ctx: Any, x_in: Tensor, packed: Tensor, made: MADE) -> Tensor:
         ctx.made = made
         ctx.workspace = workspace = made._workspace(x_in)
+        ctx.workspaces = () if workspace is None else (workspace,)
         if workspace is None:
             weights = made._weights(packed)
             out, inputs = made._fused(x_in, weights)
@@ -63,6 +64,7 @@ class _MADEFunction(torch.autograd.Function):
         return out.t()
 
     @staticmethod
+    @frees_workspaces
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         x_in, packed, *saved = ctx.saved_tensors
         made: MADE = ctx.made

@@ -28,9 +28,11 @@ Nothing a pass returns is a view of a workspace: callers copy out what they keep
 
 from __future__ import annotations
 
+import functools
 import threading
 import weakref
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import Tensor
@@ -39,7 +41,7 @@ from .layout import Layout
 
 __all__ = [
     "POOL_BYTES", "KEEP_LARGEST", "KEEP_GRADIENTS", "Workspace", "Gradients", "take",
-    "gradients", "clear", "hooks_active", "block_rows",
+    "gradients", "frees_workspaces", "clear", "hooks_active", "block_rows",
 ]
 
 #: Bytes of free workspaces the pool keeps, all layouts together (a workspace in use is
@@ -275,18 +277,14 @@ class Workspace:
         it can still run its backward."""
         if self.busy:
             return False
-        owner = None if self.owner is None else self.owner()
-        if owner is None:
-            return True
-        try:
-            _ = owner.saved_tensors  # raises once the backward has released them
-        except RuntimeError:
-            return True
-        return False
+        # (Not probed through the owner's saved tensors: read from another thread while
+        # that thread's backward frees them, they crashed the interpreter.)
+        return self.owner is None or self.owner() is None
 
     def hold(self, ctx: Any) -> None:
         """End of a pass that autograd recorded: ``ctx`` (its context) keeps the workspace
-        while its graph can still run the backward through it."""
+        while its graph can still run the backward through it (until
+        :func:`frees_workspaces` frees it, or ``ctx`` is gone)."""
         self.owner = weakref.ref(ctx)
         self.busy = False
 
@@ -305,6 +303,28 @@ class Workspace:
             with _lock:
                 if self.free() and self in _pool:
                     _pool.remove(self)
+
+
+_Backward = TypeVar("_Backward", bound=Callable[..., Any])
+
+
+def frees_workspaces(backward: _Backward) -> _Backward:
+    """Decorate the ``backward`` of an autograd Function whose forward held workspaces
+    (``ctx.workspaces``): at its end they are free again, unless the graph is kept for
+    another backward (``retain_graph``). The thread that ran the backward frees them, so
+    no other thread inspects its graph."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx: Any, *grads: Any) -> Any:
+        try:
+            return backward(ctx, *grads)
+        finally:
+            if not torch._C._autograd._get_current_graph_task_keep_graph():
+                for ws in ctx.workspaces:
+                    if ws.owner is not None and ws.owner() is ctx:
+                        ws.owner = None
+
+    return cast(_Backward, wrapper)
 
 
 _pool: list[Workspace] = []  # least recently used first

@@ -31,7 +31,7 @@ from torch import Tensor
 from ..core import Transform, check_input
 from ..nn import MADE
 from ..nn.passes import has_hooks, is_plain, needs_recompute, recomputed_grads
-from ..nn.workspace import Workspace, block_rows, hooks_active, take
+from ..nn.workspace import Workspace, block_rows, frees_workspaces, hooks_active, take
 from .linear import Permutation, Reverse
 from .monotonic import AffineMap
 
@@ -109,6 +109,7 @@ class _FusedAffine(torch.autograd.Function):
         u_in = made._inputs(u, context)
         ctx.made, ctx.affine = made, affine
         ctx.workspace = workspace = made._workspace(u_in)
+        ctx.workspaces = () if workspace is None else (workspace,)
         try:
             if workspace is None:  # saved-tensor hooks: fresh buffers, all saved
                 weights = made._weights(packed)
@@ -130,6 +131,7 @@ class _FusedAffine(torch.autograd.Function):
         return v, log_det
 
     @staticmethod
+    @frees_workspaces
     def backward(
         ctx: Any, grad_v: Tensor, grad_log_det: Tensor
     ) -> tuple[Tensor | None, ...]:
@@ -372,6 +374,7 @@ class _AffineChain(torch.autograd.Function):
         return z, total
 
     @staticmethod
+    @frees_workspaces
     def backward(ctx: Any, grad_z: Tensor, grad_total: Tensor) -> tuple[Tensor | None, ...]:
         x, context, *rest = ctx.saved_tensors
         plan, links, workspaces = ctx.plan, ctx.links, ctx.workspaces
