@@ -13,7 +13,7 @@ Workspaces live in one pool, shared by every MADE of the same layout (MADEs of e
 share their :class:`~exactflow.nn.layout.Layout`). A pass *takes* one; it stays taken while
 the autograd graph that recorded the pass can still run its backward through it, that is
 until that backward has run (without ``retain_graph``) or the graph is gone. Passes without
-autograd give it back at once (a chain of layers scores through two that take turns), and
+autograd give it back at once (a chain of layers scores layer by layer through one), and
 one larger than :data:`KEEP_LARGEST` leaves the pool at the end of such a pass. Free
 workspaces are kept up to :data:`POOL_BYTES` in all, the least recently used dropped
 first; :func:`clear` drops every free one.
@@ -65,9 +65,10 @@ _Hidden = list[tuple[list[tuple[Tensor, Tensor, Tensor]], Tensor | None]]
 
 def block_rows(layout: Layout, like: Tensor) -> int:
     """The most rows a pass without autograd should run at once: two workspaces of this
-    many rows (a scoring chain's two, taking turns) fit in :data:`KEEP_LARGEST`, so they
-    stay pooled and in the core's cache. A multiple of 64 (at 1,667 rows the products
-    of a 10-D MAF ran 1.2x slower than at 1,664), and at least 256."""
+    many rows (a scoring chain's blocks' and its last block's) fit in
+    :data:`KEEP_LARGEST`, so they stay pooled and in the core's cache. A multiple of 64
+    (at 1,667 rows the products of a 10-D MAF ran 1.2x slower than at 1,664), and at
+    least 256."""
     per_row = 1 + layout.fused[0][0]
     per_row += sum(n_out + (1 if hidden else 0) for _, n_out, hidden, *_ in layout.fused)
     rows = (KEEP_LARGEST // (2 * like.element_size()) - layout.weights_size) // per_row
@@ -195,7 +196,17 @@ class Workspace:
 
     def run(self, packed: Tensor, scatter: Tensor, out: Tensor | None = None) -> Tensor:
         """:meth:`forward` of the input the caller wrote into :attr:`x_rows` itself."""
+        self.load(packed, scatter)
+        return self.products(out)
+
+    def load(self, packed: Tensor, scatter: Tensor) -> None:
+        """Write the weights ``packed`` into the weights layout (``scatter``: where each
+        goes), for passes through :meth:`products`."""
         self.weights.index_copy_(0, scatter, packed)
+
+    def products(self, out: Tensor | None = None) -> Tensor:
+        """:meth:`run` with the weights loaded before (several blocks of rows through one
+        layer load them once)."""
         mm = torch.mm
         for blocks, y in self._hidden:
             for w, x, o in blocks:

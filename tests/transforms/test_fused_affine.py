@@ -153,16 +153,24 @@ def test_scoring_runs_in_blocks_of_rows_with_the_same_values(context: int, monke
     x = torch.randn(n, 4, dtype=torch.float64)
     c = torch.randn(n, 3, dtype=torch.float64) if context else None
     seen: list[int] = []
-    take = ef.nn.workspace.take
+    loads: list[int] = []
+    take, load = ef.nn.workspace.take, ef.nn.workspace.Workspace.load
 
     def spy(layout, like):
         seen.append(like.shape[0])
         return take(layout, like)
 
+    def spy_load(ws, packed, scatter):
+        loads.append(ws.batch)
+        return load(ws, packed, scatter)
+
     monkeypatch.setattr("exactflow.transforms.fused_affine.take", spy)
+    monkeypatch.setattr(ef.nn.workspace.Workspace, "load", spy_load)
     with torch.no_grad():
         z, log_det = t(x, c)
-    assert seen == [256] * 3 + [256] * 3 + [88] * 3  # three layers per block
+    # Layer by layer: the blocks of 256 rows through one workspace, the last one's 88
+    # through another, each loading the layer's weights once.
+    assert seen == loads == [256, 88] * 3
     seen.clear()
     x.requires_grad_(True)
     z_whole, l_whole = t(x, c)  # training runs the whole batch at once
@@ -183,7 +191,7 @@ def test_block_rows_fit_two_workspaces_in_the_pool() -> None:
     with torch.no_grad():
         flow.log_prob(torch.randn(3 * rows + 64, 10))
     kept = [ws for ws in ef.nn.workspace._pool if ws.layout is made._layout]
-    assert sorted(ws.batch for ws in kept) == [64, 64, rows, rows]
+    assert sorted(ws.batch for ws in kept) == [64, rows]  # the blocks', the last block's
     small, large = min(kept, key=lambda ws: ws.batch), max(kept, key=lambda ws: ws.batch)
     assert 2 * large.nbytes <= ef.nn.workspace.KEEP_LARGEST
     per_row = (large.nbytes - small.nbytes) // (rows - 64)
