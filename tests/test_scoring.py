@@ -29,7 +29,8 @@ BUILDERS = [
 ]
 
 # Finite in a float64 file, but beyond float32 (max ~3.4e38) or far in the tails.
-FAR = [[1e39, 0.0], [-1e300, 1.0], [3e38, 3e38], [0.0, -1e38], [math.inf, 0.0], [1e30, 1e30]]
+FAR = [[1e39, 0.0], [-1e300, 1.0], [3e38, 3e38], [0.0, -1e38], [math.inf, 0.0], [1e30, 1e30],
+       [math.inf, -math.inf]]
 
 
 def built(config: dict, dtype: torch.dtype = torch.float32, standardize: bool = True):
