@@ -72,12 +72,10 @@ def _affine_in_place(
     return shift.add_(scaled), tanh, scale, scaled, tanh.sum(0).mul_(bound)
 
 
-def _affine_scoring(
-    out: Tensor, u_sorted: Tensor, bound: float, v: Tensor
-) -> Tensor:
-    """:func:`_affine_in_place` where no backward follows: ``v`` written into ``v``, and
-    ``log|det|`` returned, every step in place (the same operations in the same order,
-    so the same values)."""
+def _affine_scoring(out: Tensor, u_sorted: Tensor, bound: float, v: Tensor) -> Tensor:
+    """:func:`_affine_in_place` where no backward follows: writes ``u exp(s) + t`` into
+    ``v`` and returns ``log|det|``, every step in place (the same operations in the same
+    order, so the same values)."""
     shift, raw = out.view(u_sorted.shape[0], 2, -1).unbind(1)
     tanh = raw.div_(bound).tanh_()
     log_det = tanh.sum(0).mul_(bound)
