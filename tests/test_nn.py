@@ -506,6 +506,38 @@ def test_made_block_size_changes_speed_only() -> None:
     torch.testing.assert_close(out_b, out_c, rtol=0, atol=1e-12)
 
 
+def test_made_passes_without_autograd_take_smaller_blocks(monkeypatch) -> None:
+    made = perturb(MADE(6, 2, hidden=(96, 80), context=2, order="random", seed=1,
+                        zero_last=False).double(), seed=1)
+    assert made.block_rows == 64
+    scoring = made._scoring_layout
+    assert scoring is not made._layout
+    assert all(len(a.groups) > len(b.groups)
+               for a, b in zip(scoring.layers[:-1], made._layout.layers[:-1], strict=True))
+    # The same weights layout: the one scatter map loads both.
+    _, scatter, _ = ef.nn.layout.build_layout(6, 2, 2, (96, 80), 16)
+    assert torch.equal(scatter, made._scatter)
+    assert scoring.weights_size == made._layout.weights_size
+    taken = []
+    take = ef.nn.workspace.take
+    monkeypatch.setattr("exactflow.nn.made.take", lambda layout, like: taken.append(layout)
+                        or take(layout, like))
+    x, c = torch.randn(9, 6, dtype=torch.float64), torch.randn(9, 2, dtype=torch.float64)
+    with torch.no_grad():
+        scored = made(x, c)
+    recorded = made(x, c)
+    assert taken == [scoring, made._layout]
+    ref = dense_reference(made, x, c)
+    torch.testing.assert_close(scored, ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(recorded, ref, rtol=0, atol=1e-12)
+    # A smaller block_rows is kept for both; where the blocks come out the same, the
+    # layout (and so the pooled workspaces) is shared.
+    small = MADE(6, 2, hidden=(96, 80), context=2, block_rows=4)
+    assert small._scoring_layout is small._layout
+    narrow = MADE(4, 2, hidden=(16, 16))
+    assert narrow._scoring_layout is narrow._layout
+
+
 def test_made_jacfwd_and_jacrev_agree() -> None:
     made, x, c = made_case(4, (6, 5), 2, "random", seed=4)
     fn = lambda xi, ci: made(xi[None], ci[None])[0]  # noqa: E731

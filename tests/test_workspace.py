@@ -104,7 +104,9 @@ def test_training_and_scoring_reuse_workspaces() -> None:
     assert all(ws.free() for ws in ours(layout))
     with torch.no_grad():
         flow.log_prob(torch.randn(23, 4, dtype=torch.float64))
-    # Without autograd the stack runs layer by layer through one workspace.
+    # Without autograd the stack runs layer by layer through one workspace (of the
+    # scoring layout: here the same blocks, so the same layout).
+    assert mades[0]._scoring_layout is layout
     assert sum(ws.batch == 23 for ws in ours(layout)) == 1
 
 

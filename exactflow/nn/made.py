@@ -33,6 +33,15 @@ __all__ = ["MADE"]
 
 _shared_layout = functools.lru_cache(maxsize=128)(build_layout)
 
+#: The fewest units per GEMM block of a pass that autograd does not record (scoring,
+#: sampling), unless ``block_rows`` is smaller. Such a pass runs blocks of many rows, so
+#: more and smaller blocks pay for their calls by the masked products they skip: scoring
+#: 10,000 rows with a 5-layer MAF took (one thread, ms, blocks of >= 64 / 16 units) 16.7 /
+#: 14.6 for 10 features and width 128, 23.2 / 20.2 for 32 and 128, 68.0 / 63.7 for 64
+#: and 256, 138.5 / 133.9 for 20 and 512, and 7.0 / 6.9 for 2 and 64. A training step at
+#: batch 512 is fastest with blocks of >= 64.
+SCORING_BLOCK_ROWS = 16
+
 
 class _MADEFunction(torch.autograd.Function):
     """One fused pass through MADE's blocked layers with a hand-written backward.
@@ -144,9 +153,11 @@ class MADE(nn.Module):
         seed: seed for ``order="random"``.
         activation: constructor of the activation module (default ``nn.ReLU``).
         zero_last: initialize the output layer to zero (the layer then starts as identity).
-        block_rows: the fewest units per GEMM block (blocks follow degree boundaries):
-            smaller blocks skip more masked multiply-adds at the price of more, smaller
-            GEMMs. A speed setting only: outputs and parameters do not depend on it.
+        block_rows: the fewest units per GEMM block (blocks follow degree boundaries) of
+            the passes autograd records: smaller blocks skip more masked multiply-adds at
+            the price of more, smaller GEMMs. Passes without autograd take blocks of
+            ``min(block_rows, 16)`` (:data:`~exactflow.nn.made.SCORING_BLOCK_ROWS`). A
+            speed setting only: outputs and parameters do not depend on it.
 
     Warning:
         Forward-mode AD (``torch.autograd.forward_ad``) is not supported by the fused
@@ -200,6 +211,12 @@ class MADE(nn.Module):
         # MADEs of equal sizes share one layout, and so the workspaces of their passes.
         layout, scatter, dest = _shared_layout(d, self.outputs, c, self.hidden, self.block_rows)
         self._layout = layout
+        # The same weights layout (and so ``scatter``), in smaller blocks: passes without
+        # autograd. Where the blocks come out the same, one layout (one pool of workspaces).
+        scoring = _shared_layout(
+            d, self.outputs, c, self.hidden, min(self.block_rows, SCORING_BLOCK_ROWS)
+        )[0]
+        self._scoring_layout = layout if scoring.fused == layout.fused else scoring
         # Packed position -> weights position (the forward), -> gradients position.
         self.register_buffer("_scatter", scatter.clone(), persistent=False)
         self.register_buffer("_dest", dest.clone(), persistent=False)
@@ -260,17 +277,21 @@ class MADE(nn.Module):
         """:func:`~exactflow.nn.passes.fused_backward`: ``(grad of x_in, grad of packed)``."""
         return fused_backward(g, weights, inputs, need_x, self._layout, self._dest)
 
-    def _workspace(self, like: Tensor) -> Workspace | None:
+    def _workspace(self, like: Tensor, scoring: bool = False) -> Workspace | None:
         """A pooled :class:`~exactflow.nn.workspace.Workspace` for a full fused pass over
-        ``like``'s rows (every such pass takes one here), or None while saved-tensor hooks
-        are active (then the fresh-buffer pass runs, its tensors saved for the hooks)."""
+        ``like``'s rows (every such pass takes one here; ``scoring``: one that autograd
+        does not record, in the smaller blocks of :attr:`_scoring_layout`), or None while
+        saved-tensor hooks are active (then the fresh-buffer pass runs, its tensors saved
+        for the hooks)."""
         if like.dtype != self.packed.dtype:
             raise TypeError(
                 f"MADE: the input is {like.dtype} but the weights are {self.packed.dtype}; "
                 f"convert the input (x.to({self.packed.dtype})) or the module "
                 f"(.to({like.dtype}))"
             )
-        return None if hooks_active() else take(self._layout, like)
+        if hooks_active():
+            return None
+        return take(self._scoring_layout if scoring else self._layout, like)
 
     def _new_output(self, like: Tensor) -> Tensor:
         """A fresh unit-major output ``(features * outputs, batch)``."""
@@ -309,7 +330,7 @@ class MADE(nn.Module):
             out = self._composable(x_in, self.packed)
         elif torch.is_grad_enabled() and (x_in.requires_grad or self.packed.requires_grad):
             out = _MADEFunction.apply(x_in, self.packed, self)
-        elif (workspace := self._workspace(x_in)) is None:
+        elif (workspace := self._workspace(x_in, scoring=True)) is None:
             out = self._fused(x_in, self._weights(self.packed))[0].t()
         else:
             try:

@@ -111,7 +111,7 @@ class _FusedAffine(torch.autograd.Function):
         c, bound = made.context_features, affine.scale_bound
         u_in = made._inputs(u, context)
         ctx.made, ctx.affine = made, affine
-        ctx.workspace = workspace = made._workspace(u_in)
+        ctx.workspace = workspace = made._workspace(u_in, scoring=not recording)
         ctx.workspaces = () if workspace is None else (workspace,)
         try:
             if workspace is None:  # saved-tensor hooks: fresh buffers, all saved
@@ -294,7 +294,7 @@ def _score(
     Running the blocks through each layer, not each block through the chain, loads each
     layer's weights once: 10% of scoring a 64-D MAF of width 256.)"""
     n = x.shape[0]
-    rows = max(1, min(n, *(block_rows(link.made._layout, x) for link in links)))
+    rows = max(1, min(n, *(block_rows(link.made._scoring_layout, x) for link in links)))
     v = x.new_empty(links[0].made.features, n)  # in the order of the layer last run
     total = x.new_empty(n)
     used: list[Workspace] = []
@@ -307,7 +307,7 @@ def _score(
                 c_rows = context[s:e] if c and context is not None else None
                 ws = held.get(e - s)
                 if ws is None:
-                    ws = held[e - s] = take(made._layout, x[s:e])
+                    ws = held[e - s] = take(made._scoring_layout, x[s:e])
                     used.append(ws)
                     ws.load(packed[k], made._scatter)
                 if k == 0:

@@ -148,7 +148,7 @@ def test_scoring_runs_in_blocks_of_rows_with_the_same_values(context: int, monke
     t = stack(c=context)
     n = 600  # blocks of 256 rows (the least), the last one of 88
     monkeypatch.setattr(ef.nn.workspace, "KEEP_LARGEST", 0)
-    layout = t[0].made._layout
+    layout = t[0].made._scoring_layout
     assert ef.nn.workspace.block_rows(layout, torch.zeros(1)) == 256
     x = torch.randn(n, 4, dtype=torch.float64)
     c = torch.randn(n, 3, dtype=torch.float64) if context else None
@@ -185,12 +185,12 @@ def test_block_rows_fit_two_workspaces_in_the_pool() -> None:
     flow = ef.models.maf(10, layers=3, hidden=(128, 128))
     made = next(m for m in flow.modules() if isinstance(m, ef.nn.MADE))
     like = torch.zeros(1)
-    rows = ef.nn.workspace.block_rows(made._layout, like)
+    rows = ef.nn.workspace.block_rows(made._scoring_layout, like)
     assert rows % 64 == 0 and rows >= 256
     ef.nn.workspace.clear()
     with torch.no_grad():
         flow.log_prob(torch.randn(3 * rows + 64, 10))
-    kept = [ws for ws in ef.nn.workspace._pool if ws.layout is made._layout]
+    kept = [ws for ws in ef.nn.workspace._pool if ws.layout is made._scoring_layout]
     assert sorted(ws.batch for ws in kept) == [64, rows]  # the blocks', the last block's
     small, large = min(kept, key=lambda ws: ws.batch), max(kept, key=lambda ws: ws.batch)
     assert 2 * large.nbytes <= ef.nn.workspace.KEEP_LARGEST
