@@ -234,3 +234,101 @@ def test_a_user_transform_gets_the_shape_check_without_writing_it():
     with pytest.raises(ValueError, match=r"Shift.inverse expects"):
         Shift().inverse(torch.zeros(3))
     ef.check_transform(Shift(), torch.randn(4, 2, dtype=torch.float64))
+
+
+# -- scoring in blocks of rows -------------------------------------------------------------
+
+
+def rows_seen(monkeypatch) -> list[int]:
+    """The batch sizes the coupling layers are called with."""
+    seen: list[int] = []
+    couple = ef.transforms.Coupling._couple
+
+    def spy(self, x, context, inverse):
+        seen.append(x.shape[0])
+        return couple(self, x, context, inverse)
+
+    monkeypatch.setattr(ef.transforms.Coupling, "_couple", spy)
+    return seen
+
+
+@pytest.mark.parametrize("model", ["realnvp", "nsf"])
+@pytest.mark.parametrize("context", [0, 3])
+def test_scoring_without_a_backward_runs_in_blocks_of_rows(model, context, monkeypatch) -> None:
+    torch.manual_seed(0)
+    build = getattr(ef.models, model)
+    flow = perturb(build(4, layers=3, hidden=(32, 32), context=context).double()).eval()
+    if model == "realnvp":
+        assert any(isinstance(t, ef.transforms.BatchNorm) for t in flow.transform)
+    monkeypatch.setattr(ef.core, "SCORING_BLOCK_BYTES", 256 * 32 * 8)  # 256 rows
+    x = torch.randn(600, 4, dtype=torch.float64)
+    c = torch.randn(600, context, dtype=torch.float64) if context else None
+    seen = rows_seen(monkeypatch)
+    with torch.no_grad():
+        blocked = flow.log_prob(x, c) if context else flow.log_prob(x)
+    assert seen == [256] * 6 + [88] * 3  # each block through the layers
+    seen.clear()
+    x.requires_grad_(True)  # a backward follows: the whole batch at once
+    whole = flow.log_prob(x, c) if context else flow.log_prob(x)
+    assert seen == [600] * 3
+    torch.testing.assert_close(blocked, whole.detach(), rtol=1e-13, atol=1e-13)
+    seen.clear()
+    with torch.no_grad():  # a batch that fits in one block
+        flow.log_prob(x[:256], c[:256] if context else None) if context else flow.log_prob(x[:256])
+    assert seen == [256] * 3
+
+
+def test_scoring_keeps_the_whole_batch_where_rows_are_not_independent(monkeypatch) -> None:
+    torch.manual_seed(0)
+    flow = perturb(ef.models.realnvp(4, layers=2, hidden=(32, 32)).double())
+    monkeypatch.setattr(ef.core, "SCORING_BLOCK_BYTES", 256 * 32 * 8)
+    x = torch.randn(600, 4, dtype=torch.float64)
+    seen = rows_seen(monkeypatch)
+    with torch.no_grad():  # training mode: BatchNorm normalizes by the batch
+        flow.log_prob(x)
+    assert seen == [256, 256, 88] * 2  # the couplings before and after it, one by one
+    flow.eval()
+    seen.clear()
+    handle = flow.transform[2].register_forward_hook(lambda *args: None)
+    with torch.no_grad():  # a hook sees the batch it was promised
+        flow.log_prob(x)
+    assert seen == [256, 256, 88, 600]
+    handle.remove()
+    seen.clear()
+    handle.remove()
+    seen.clear()
+    # Under autograd, a layer whose parameters train runs on the whole batch, and the
+    # gradients are those of the whole batch at once.
+    for p in flow.transform[0].parameters():
+        p.requires_grad_(False)
+    flow.log_prob(x).sum().backward()
+    assert seen == [256, 256, 88, 600]
+    grads = [p.grad for p in flow.transform[2].parameters()]
+    flow.zero_grad()
+    monkeypatch.setattr(ef.core, "SCORING_BLOCK_BYTES", 2**40)  # one block: the reference
+    flow.log_prob(x).sum().backward()
+    for p, g in zip(flow.transform[2].parameters(), grads, strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-12)
+    seen.clear()
+    custom = ef.transforms.AffineCoupling(
+        4, conditioner=lambda n_in, n_out: nn.Sequential(nn.Linear(n_in, n_out))
+    )
+    with torch.no_grad():  # a network of the user's: exactflow cannot know
+        ef.Compose(custom, ef.transforms.Reverse(4))(x.float())
+    assert seen == [600]
+
+
+def test_row_width_is_declared_by_the_layers_that_take_rows_one_by_one() -> None:
+    coupling = ef.transforms.AffineCoupling(6, hidden=(40, 24))
+    assert coupling._row_width == 40
+    assert ef.transforms.SplineCoupling(6, hidden=(8,), bins=8)._row_width == 3 * (3 * 8 - 1)
+    assert Reverse(5)._row_width == Permutation(5)._row_width == 5
+    bn = ef.transforms.BatchNorm(3)
+    assert bn._row_width is None and bn.eval()._row_width == 3
+    assert ElementwiseAffine(3)._row_width is None  # (not declared)
+
+    class Mine(ef.transforms.AffineCoupling):
+        def forward(self, x, context=None):
+            return super().forward(x, context)
+
+    assert Mine(4)._row_width is None

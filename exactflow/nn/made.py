@@ -280,7 +280,7 @@ class MADE(nn.Module):
     def _workspace(self, like: Tensor, scoring: bool = False) -> Workspace | None:
         """A pooled :class:`~exactflow.nn.workspace.Workspace` for a full fused pass over
         ``like``'s rows (every such pass takes one here; ``scoring``: one that autograd
-        does not record, in the smaller blocks of :attr:`_scoring_layout`), or None while
+        does not record, on the CPU in the smaller blocks of :attr:`_scoring_layout`), or None while
         saved-tensor hooks are active (then the fresh-buffer pass runs, its tensors saved
         for the hooks)."""
         if like.dtype != self.packed.dtype:
@@ -291,7 +291,8 @@ class MADE(nn.Module):
             )
         if hooks_active():
             return None
-        return take(self._scoring_layout if scoring else self._layout, like)
+        on_cpu = like.device.type == "cpu"  # (an accelerator wants fewer, larger products)
+        return take(self._scoring_layout if scoring and on_cpu else self._layout, like)
 
     def _new_output(self, like: Tensor) -> Tensor:
         """A fresh unit-major output ``(features * outputs, batch)``."""

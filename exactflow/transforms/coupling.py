@@ -91,6 +91,12 @@ def coupling_mask(features: int, mask: str | Sequence[bool] | Tensor) -> Tensor:
 
 _tanh_backward = torch.ops.aten.tanh_backward.grad_input
 
+#: Activations that act on each number alone (a network of them maps rows one by one).
+_ELEMENTWISE = (
+    nn.ReLU, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh,
+    nn.Sigmoid, nn.Softplus, nn.Identity,
+)
+
 
 class _FusedAffineCoupling(torch.autograd.Function):
     """The density direction of an affine coupling with a ReLU :class:`MLP`, fused.
@@ -282,6 +288,21 @@ class Coupling(Transform):
             # The default network: the density direction runs fused (same values).
             return _FusedAffineCoupling.apply(x, context, net.packed, self)
         return self._couple_generic(x, context, None, inverse)
+
+    @property
+    def _row_width(self) -> int | None:
+        # The default network with elementwise activations, and the forward of this class.
+        net, cls = self.conditioner, type(self)
+        if not (
+            type(net) is MLP
+            and all(type(m) in _ELEMENTWISE for m in net.activations())
+            and cls.forward is Coupling.forward
+            and cls._couple is Coupling._couple
+            and cls._couple_generic is Coupling._couple_generic
+            and cls._params is Coupling._params
+        ):
+            return None
+        return max(*net.hidden, net.out_features, self.features)
 
     def _couple_generic(
         self, x: Tensor, context: Tensor | None, packed: Tensor | None, inverse: bool

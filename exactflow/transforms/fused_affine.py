@@ -286,15 +286,19 @@ def _score(
     x: Tensor, context: Tensor | None, plan: _Plan, links: Sequence[_Link],
     packed: Sequence[Tensor],
 ) -> tuple[Tensor, Tensor]:
-    """The chain where no backward follows, layer by layer, each layer in blocks of at
-    most :func:`~exactflow.nn.workspace.block_rows` rows through one workspace that loads
-    its weights once; the features wait unit-major between layers. The workspaces stay
-    pooled and in cache. (Scoring 10,000 rows of the 10-D mixture in one block took
-    16.6-26.5 ms, by what the allocator held from earlier calls; in blocks 16.6-17.9 ms.
-    Running the blocks through each layer, not each block through the chain, loads each
-    layer's weights once: 10% of scoring a 64-D MAF of width 256.)"""
+    """The chain where no backward follows, layer by layer, each layer (on the CPU) in
+    blocks of at most :func:`~exactflow.nn.workspace.block_rows` rows through one
+    workspace that loads its weights once; the features wait unit-major between layers.
+    The workspaces stay pooled and in cache. (Scoring 10,000 rows of the 10-D mixture in
+    one block took 16.6-26.5 ms, by what the allocator held from earlier calls; in blocks
+    16.6-17.9 ms. Running the blocks through each layer, not each block through the chain,
+    loads each layer's weights once: 10% of scoring a 64-D MAF of width 256.)"""
     n = x.shape[0]
-    rows = max(1, min(n, *(block_rows(link.made._scoring_layout, x) for link in links)))
+    if x.device.type == "cpu":
+        rows = max(1, min(n, *(block_rows(link.made._scoring_layout, x) for link in links)))
+        layouts = [link.made._scoring_layout for link in links]
+    else:  # an accelerator wants the whole batch, and fewer, larger products
+        rows, layouts = max(1, n), [link.made._layout for link in links]
     v = x.new_empty(links[0].made.features, n)  # in the order of the layer last run
     total = x.new_empty(n)
     used: list[Workspace] = []
@@ -307,7 +311,7 @@ def _score(
                 c_rows = context[s:e] if c and context is not None else None
                 ws = held.get(e - s)
                 if ws is None:
-                    ws = held[e - s] = take(made._scoring_layout, x[s:e])
+                    ws = held[e - s] = take(layouts[k], x[s:e])
                     used.append(ws)
                     ws.load(packed[k], made._scatter)
                 if k == 0:

@@ -54,6 +54,10 @@ class Permutation(Transform):
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return z.index_select(1, self.inverse_perm), z.new_zeros(z.shape[0])
 
+    @property
+    def _row_width(self) -> int | None:
+        return self.features if type(self) in (Permutation, Reverse) else None
+
     def extra_repr(self) -> str:
         return f"features={self.features}"
 

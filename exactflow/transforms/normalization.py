@@ -102,6 +102,11 @@ class BatchNorm(Transform):
         z = (x - mean) * torch.exp(log_scale) + self.beta
         return z, log_scale.sum().expand(x.shape[0])
 
+    @property
+    def _row_width(self) -> int | None:
+        # (Training mode normalizes by the statistics of the batch.)
+        return None if self.training or type(self) is not BatchNorm else self.features
+
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Latent -> data with the running averages (in both modes)."""
         log_scale = self.log_gamma - 0.5 * torch.log(self.running_var + self.eps)
