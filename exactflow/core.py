@@ -255,6 +255,9 @@ class Compose(Transform):
 #: width 128 37.6 / 41.4 / 39.5 / 38.2 (40.2 / 40.2 whole / 2 MB in a rerun).
 SCORING_BLOCK_BYTES = 2 * 2**20
 
+#: The fewest rows of a block.
+_LEAST_ROWS = 256
+
 
 def _may_block(x: Tensor, context: Tensor | None, module: nn.Module) -> bool:
     """Whether a :class:`Compose` call may run stretches of its layers in blocks of rows:
@@ -273,9 +276,6 @@ def _may_block(x: Tensor, context: Tensor | None, module: nn.Module) -> bool:
         ):
             return False
     return is_plain(x)
-
-
-_LEAST_ROWS = 256
 
 
 def _stretch(layers: Sequence[Transform], start: int, x: Tensor) -> tuple[int, int]:

@@ -279,10 +279,10 @@ class MADE(nn.Module):
 
     def _workspace(self, like: Tensor, scoring: bool = False) -> Workspace | None:
         """A pooled :class:`~exactflow.nn.workspace.Workspace` for a full fused pass over
-        ``like``'s rows (every such pass takes one here; ``scoring``: one that autograd
-        does not record, on the CPU in the smaller blocks of :attr:`_scoring_layout`), or None while
-        saved-tensor hooks are active (then the fresh-buffer pass runs, its tensors saved
-        for the hooks)."""
+        ``like``'s rows (every such pass takes one here; ``scoring``: a pass autograd does
+        not record, which on the CPU runs the smaller blocks of :attr:`_scoring_layout`),
+        or None while saved-tensor hooks are active (then the fresh-buffer pass runs, its
+        tensors saved for the hooks)."""
         if like.dtype != self.packed.dtype:
             raise TypeError(
                 f"MADE: the input is {like.dtype} but the weights are {self.packed.dtype}; "
