@@ -222,14 +222,16 @@ class Compose(Transform):
         i = 0
         # Where no backward follows, stretches of layers that take rows one by one run in
         # blocks of rows (from the first layer not tried yet).
-        untried = 0 if _may_block(x, context, self) else len(layers)
+        # (A context that no layer takes is ignored, whatever it is.)
+        own = context if self.context_features else None
+        untried = 0 if _may_block(x, own, self) else len(layers)
         while i < len(layers):
             t = layers[i]
             chained = t._forward_chain(layers, i, x, context) if t._chains else None
             if chained is None and i >= untried:
                 untried, rows = _stretch(layers, i, x)
                 if rows:
-                    chained = (*_score_in_blocks(layers[i:untried], x, context, rows), untried)
+                    chained = (*_score_in_blocks(layers[i:untried], x, own, rows), untried)
             if chained is None:
                 x, ladj = t(x, context)
                 i += 1
@@ -289,6 +291,7 @@ def _stretch(layers: Sequence[Transform], start: int, x: Tensor) -> tuple[int, i
         w = t._row_width
         if (
             w is None
+            or "forward" in t.__dict__  # (a forward of this instance's own)
             or (grad and any(p.requires_grad for p in t.parameters()))
             or any(has_hooks(m) for m in t.modules())  # (a hook would see blocks)
         ):

@@ -332,3 +332,31 @@ def test_row_width_is_declared_by_the_layers_that_take_rows_one_by_one() -> None
             return super().forward(x, context)
 
     assert Mine(4)._row_width is None
+
+    class MyMap(ef.transforms.monotonic.AffineMap):
+        pass
+
+    assert ef.transforms.Coupling(4, MyMap())._row_width is None  # (a map of the user's)
+
+
+def test_scoring_in_blocks_ignores_a_context_no_layer_takes_and_forwards_of_an_instance(
+    monkeypatch,
+) -> None:
+    torch.manual_seed(0)
+    t = ef.Compose(*[ef.transforms.AffineCoupling(4, hidden=(16,), mask=m)
+                     for m in ("even", "odd", "even")])
+    monkeypatch.setattr(ef.core, "SCORING_BLOCK_BYTES", 256 * 16 * 4)
+    x = torch.randn(600, 4)
+    seen = rows_seen(monkeypatch)
+    with torch.no_grad():
+        ref = t(x)
+        for context in (torch.tensor(0.0), [1, 2]):
+            got = t(x, context)  # type: ignore[arg-type]
+            assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    assert seen == ([256] * 6 + [88] * 3) * 3
+    seen.clear()
+    own = t[1].forward
+    t[1].forward = lambda x, context=None: own(x, context)  # type: ignore[method-assign]
+    with torch.no_grad():
+        t(x)
+    assert seen == [256, 256, 88, 600, 256, 256, 88]  # the instance's own forward: whole

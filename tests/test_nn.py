@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import pytest
@@ -536,6 +537,18 @@ def test_made_passes_without_autograd_take_smaller_blocks(monkeypatch) -> None:
     assert small._scoring_layout is small._layout
     narrow = MADE(4, 2, hidden=(16, 16))
     assert narrow._scoring_layout is narrow._layout
+
+
+def test_a_made_pickled_before_it_had_a_scoring_layout_scores() -> None:
+    made = perturb(MADE(6, 2, hidden=(96, 80), order="random", seed=1,
+                        zero_last=False).double(), seed=1)
+    del made.__dict__["_scoring_layout"]  # as exactflow 0.2.0.dev pickled it before
+    loaded = pickle.loads(pickle.dumps(made))
+    assert loaded._scoring_layout is made._layout_for_scoring()
+    x = torch.randn(9, 6, dtype=torch.float64)
+    with torch.no_grad():
+        scored = loaded(x)
+    torch.testing.assert_close(scored, dense_reference(loaded, x, None), rtol=0, atol=1e-12)
 
 
 def test_made_jacfwd_and_jacrev_agree() -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .layout import Layer, build_layout
+from .layout import Layer, Layout, build_layout
 from .mlp import Activation, _count, _hidden_sizes, resolve_order
 from .passes import (
     autoregress_graph,
@@ -211,12 +211,7 @@ class MADE(nn.Module):
         # MADEs of equal sizes share one layout, and so the workspaces of their passes.
         layout, scatter, dest = _shared_layout(d, self.outputs, c, self.hidden, self.block_rows)
         self._layout = layout
-        # The same weights layout (and so ``scatter``), in smaller blocks: passes without
-        # autograd. Where the blocks come out the same, one layout (one pool of workspaces).
-        scoring = _shared_layout(
-            d, self.outputs, c, self.hidden, min(self.block_rows, SCORING_BLOCK_ROWS)
-        )[0]
-        self._scoring_layout = layout if scoring.fused == layout.fused else scoring
+        self._scoring_layout = self._layout_for_scoring()
         # Packed position -> weights position (the forward), -> gradients position.
         self.register_buffer("_scatter", scatter.clone(), persistent=False)
         self.register_buffer("_dest", dest.clone(), persistent=False)
@@ -238,6 +233,22 @@ class MADE(nn.Module):
         self.packed = nn.Parameter(packed)
         self.register_load_state_dict_pre_hook(_convert_v01_state)
         self.register_load_state_dict_post_hook(_refresh_order)
+
+    def _layout_for_scoring(self) -> Layout:
+        """The same weights layout (and so ``scatter``) in smaller blocks, for passes
+        without autograd; where the blocks come out the same, the training layout itself
+        (one pool of workspaces)."""
+        layout = self._layout
+        scoring = _shared_layout(
+            self.features, self.outputs, self.context_features, self.hidden,
+            min(self.block_rows, SCORING_BLOCK_ROWS),
+        )[0]
+        return layout if scoring.fused == layout.fused else scoring
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "_scoring_layout" not in self.__dict__:  # pickled by exactflow before it had one
+            self._scoring_layout = self._layout_for_scoring()
 
     @property
     def _plan(self) -> tuple[Layer, ...]:

@@ -291,10 +291,12 @@ class Coupling(Transform):
 
     @property
     def _row_width(self) -> int | None:
-        # The default network with elementwise activations, and the forward of this class.
+        # The default network with elementwise activations, a map of exactflow's, and the
+        # forward of this class.
         net, cls = self.conditioner, type(self)
         if not (
             type(net) is MLP
+            and type(self.monotonic) in (AffineMap, AdditiveMap, SplineMap)
             and all(type(m) in _ELEMENTWISE for m in net.activations())
             and cls.forward is Coupling.forward
             and cls._couple is Coupling._couple
