@@ -221,8 +221,8 @@ class Compose(Transform):
         total: Tensor | None = None
         i = 0
         # Where no backward follows, stretches of layers that take rows one by one run in
-        # blocks of rows (from the first layer not tried yet).
-        # (A context that no layer takes is ignored, whatever it is.)
+        # blocks of rows (from the first layer not tried yet). A context that no layer
+        # takes is ignored, whatever it is.
         own = context if self.context_features else None
         untried = 0 if _may_block(x, own, self) else len(layers)
         while i < len(layers):
@@ -286,6 +286,8 @@ def _stretch(layers: Sequence[Transform], start: int, x: Tensor) -> tuple[int, i
     ``rows`` is the block size, 0 where they run on the whole batch (then ``end`` is at
     least ``start + 1``)."""
     grad = torch.is_grad_enabled()
+    if grad and x.requires_grad:  # (a layer before trains)
+        return start + 1, 0
     width, end = 0, start
     for t in layers[start:]:
         w = t._row_width

@@ -310,6 +310,16 @@ def test_scoring_keeps_the_whole_batch_where_rows_are_not_independent(monkeypatc
     for p, g in zip(flow.transform[2].parameters(), grads, strict=True):
         torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-12)
     seen.clear()
+    # Once a layer before trains, the input carries a gradient: the whole batch after it.
+    monkeypatch.setattr(ef.core, "SCORING_BLOCK_BYTES", 256 * 32 * 8)
+    flow.zero_grad()
+    for p in flow.transform[1].parameters():
+        p.requires_grad_(True)
+    for p in flow.transform[2].parameters():
+        p.requires_grad_(False)
+    flow.log_prob(x).sum().backward()
+    assert seen == [256, 256, 88, 600]
+    seen.clear()
     custom = ef.transforms.AffineCoupling(
         4, conditioner=lambda n_in, n_out: nn.Sequential(nn.Linear(n_in, n_out))
     )
