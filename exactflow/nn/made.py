@@ -245,6 +245,12 @@ class MADE(nn.Module):
         )[0]
         return layout if scoring.fused == layout.fused else scoring
 
+    def _pass_layout(self, like: Tensor, scoring: bool) -> Layout:
+        """The layout a pass over ``like`` runs: the smaller blocks of the scoring layout
+        for a pass autograd does not record (``scoring``) on the CPU; the training layout
+        otherwise (an accelerator wants fewer, larger products)."""
+        return self._scoring_layout if scoring and like.device.type == "cpu" else self._layout
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         if "_scoring_layout" not in self.__dict__:  # pickled by exactflow before it had one
@@ -291,19 +297,15 @@ class MADE(nn.Module):
     def _workspace(self, like: Tensor, scoring: bool = False) -> Workspace | None:
         """A pooled :class:`~exactflow.nn.workspace.Workspace` for a full fused pass over
         ``like``'s rows (every such pass takes one here; ``scoring``: a pass autograd does
-        not record, which on the CPU runs the smaller blocks of :attr:`_scoring_layout`),
-        or None while saved-tensor hooks are active (then the fresh-buffer pass runs, its
-        tensors saved for the hooks)."""
+        not record, see :meth:`_pass_layout`), or None while saved-tensor hooks are
+        active (then the fresh-buffer pass runs, its tensors saved for the hooks)."""
         if like.dtype != self.packed.dtype:
             raise TypeError(
                 f"MADE: the input is {like.dtype} but the weights are {self.packed.dtype}; "
                 f"convert the input (x.to({self.packed.dtype})) or the module "
                 f"(.to({like.dtype}))"
             )
-        if hooks_active():
-            return None
-        on_cpu = like.device.type == "cpu"  # (an accelerator wants fewer, larger products)
-        return take(self._scoring_layout if scoring and on_cpu else self._layout, like)
+        return None if hooks_active() else take(self._pass_layout(like, scoring), like)
 
     def _new_output(self, like: Tensor) -> Tensor:
         """A fresh unit-major output ``(features * outputs, batch)``."""

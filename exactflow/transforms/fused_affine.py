@@ -294,11 +294,10 @@ def _score(
     16.6-17.9 ms. Running the blocks through each layer, not each block through the chain,
     loads each layer's weights once: 10% of scoring a 64-D MAF of width 256.)"""
     n = x.shape[0]
+    layouts = [link.made._pass_layout(x, scoring=True) for link in links]
+    rows = max(1, n)  # (an accelerator wants the whole batch)
     if x.device.type == "cpu":
-        rows = max(1, min(n, *(block_rows(link.made._scoring_layout, x) for link in links)))
-        layouts = [link.made._scoring_layout for link in links]
-    else:  # an accelerator wants the whole batch, and fewer, larger products
-        rows, layouts = max(1, n), [link.made._layout for link in links]
+        rows = max(1, min(n, *(block_rows(layout, x) for layout in layouts)))
     v = x.new_empty(links[0].made.features, n)  # in the order of the layer last run
     total = x.new_empty(n)
     used: list[Workspace] = []
