@@ -5,13 +5,13 @@ package at ``--base`` (``git archive``) to a temporary folder, then alternates p
 that import that copy and the working tree's package, ``--rounds`` times each. Every
 process builds the benchmark's model (``libs.py``) for each data set and measures, in
 thread CPU time with one torch thread, a training step at batch 512 with torch's Adam
-(median of 5 windows of 20 steps, after 10 warm-up steps) and ``log_prob`` of 10,000 test
-rows (median of 7 calls, after 3 warm-up calls: the first calls of a process page in fresh
-buffers). The table gives the medians over rounds, their range, and the
-ratio of the medians (above 1: the working tree is faster). Alternating processes keeps a
-shared machine's load from favouring one side; a process's memory layout and allocator
-state still move its figures by several percent (the ranges show how much), so small
-differences need many rounds.
+(median of 5 windows of 20 steps, after 10 warm-up steps), ``log_prob`` of 10,000 test
+rows and ``sample`` of 10,000 points (medians of 7 calls, after 3 warm-up calls: the first
+calls of a process page in fresh buffers). The table gives the medians over rounds, their
+range, and the ratio of the medians (above 1: the working tree is faster). Alternating
+processes keeps a shared machine's load from favouring one side; a process's memory layout
+and allocator state still move its figures by several percent (the ranges show how much),
+so small differences need many rounds.
 """
 
 from __future__ import annotations
@@ -59,15 +59,17 @@ for name in datas.split(","):
         for _ in range(20):
             step()
         windows.append((time.thread_time() - start) / 20)
-    calls = []
-    with torch.inference_mode():
-        for _ in range(3):  # the allocator settles over the first calls
-            flow.log_prob(rows)
-        for _ in range(7):
-            start = time.thread_time()
-            flow.log_prob(rows)
-            calls.append(time.thread_time() - start)
-    out[name] = [statistics.median(windows) * 1e3, statistics.median(calls) * 1e3]
+    out[name] = [statistics.median(windows) * 1e3]
+    for call in (lambda: flow.log_prob(rows), lambda: flow.sample(10000)):
+        calls = []
+        with torch.inference_mode():
+            for _ in range(3):  # the allocator settles over the first calls
+                call()
+            for _ in range(7):
+                start = time.thread_time()
+                call()
+                calls.append(time.thread_time() - start)
+        out[name].append(statistics.median(calls) * 1e3)
 print(json.dumps(out))
 """
 
@@ -104,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     print("| data | what | base ms (range) | tree ms (range) | speed-up |")
     print("| --- | --- | ---: | ---: | ---: |")
     for name in args.data.split(","):
-        for i, what in enumerate(("training step", "log_prob of 10,000 rows")):
+        for i, what in enumerate(
+            ("training step", "log_prob of 10,000 rows", "sample of 10,000 points")
+        ):
             base_all = [r[name][i] for r in results["base"]]
             tree_all = [r[name][i] for r in results["tree"]]
             base, tree = statistics.median(base_all), statistics.median(tree_all)
