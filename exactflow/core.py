@@ -101,10 +101,11 @@ class Transform(nn.Module):
 
     @property
     def _row_width(self) -> int | None:
-        """For :class:`Compose`'s scoring in blocks of rows: the numbers per row of the
-        widest tensor this layer's ``forward`` makes, if each row's output depends on that
-        row alone (and not on how many rows come with it: no batch statistics, no
-        data-dependent initialization); None otherwise (the layer sees the whole batch)."""
+        """For :class:`Compose`'s passes in blocks of rows (where no backward follows):
+        the numbers per row of the widest tensor this layer's ``forward`` or ``inverse``
+        makes, if in both directions each row's output depends on that row alone (and not
+        on how many rows come with it: no batch statistics, no data-dependent
+        initialization); None otherwise (the layer sees the whole batch)."""
         return None
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -217,7 +218,17 @@ class Compose(Transform):
         return layer
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        layers = list(self)
+        return self._through(x, context, inverse=False)
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self._through(z, context, inverse=True)
+
+    def _through(
+        self, x: Tensor, context: Tensor | None, inverse: bool
+    ) -> tuple[Tensor, Tensor]:
+        """The layers in order (``forward``) or in reverse order, each through its
+        ``inverse``: ``(output, log|det|)``."""
+        layers = list(self)[::-1] if inverse else list(self)
         total: Tensor | None = None
         i = 0
         # Where no backward follows, stretches of layers that take rows one by one run in
@@ -227,30 +238,24 @@ class Compose(Transform):
         untried = 0 if _may_block(x, own, self) else len(layers)
         while i < len(layers):
             t = layers[i]
-            chained = t._forward_chain(layers, i, x, context) if t._chains else None
+            chained = t._forward_chain(layers, i, x, context) if t._chains and not inverse else None
             if chained is None and i >= untried:
-                untried, rows = _stretch(layers, i, x)
+                untried, rows = _stretch(layers, i, x, inverse)
                 if rows:
-                    chained = (*_score_in_blocks(layers[i:untried], x, own, rows), untried)
+                    chained = (*_in_blocks(layers[i:untried], x, own, rows, inverse), untried)
             if chained is None:
-                x, ladj = t(x, context)
+                x, ladj = t.inverse(x, context) if inverse else t(x, context)
                 i += 1
-            else:  # several layers in one fused pass
+            else:  # several layers in one pass
                 x, ladj, i = chained
             total = ladj if total is None else total + ladj
         return x, x.new_zeros(x.shape[:1]) if total is None else total
 
-    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        total = z.new_zeros(z.shape[:1])
-        for t in reversed(list(self)):
-            z, ladj = t.inverse(z, context)
-            total = total + ladj
-        return z, total
-
 
 #: Bytes of the widest tensor of a layer that :class:`Compose` lets one block of rows make
-#: where no backward follows: a block's tensors then stay in the core's cache, where the
-#: whole batch's stream through memory (and every fresh one is faulted in). Scoring
+#: where no backward follows (scoring, and sampling through the inverses): a block's
+#: tensors then stay in the core's cache, where the whole batch's stream through memory
+#: (and every fresh one is faulted in). Scoring
 #: 10,000 rows (one thread, ms, whole batch / blocks of 1 / 2 / 3 MB), the benchmark's
 #: models: 64-D RealNVP of width 256 183.9 / 158.0 / 154.3 / 158.4, 64-D NSF 697.7 / 525.2
 #: / 516.2 / 533.0, 10-D NSF of width 128 115.2 / 103.3 / 104.2 / 107.1, 10-D RealNVP of
@@ -280,8 +285,10 @@ def _may_block(x: Tensor, context: Tensor | None, module: nn.Module) -> bool:
     return is_plain(x)
 
 
-def _stretch(layers: Sequence[Transform], start: int, x: Tensor) -> tuple[int, int]:
-    """``(end, rows)``: ``layers[start:end]`` take rows one by one
+def _stretch(
+    layers: Sequence[Transform], start: int, x: Tensor, inverse: bool = False
+) -> tuple[int, int]:
+    """``(end, rows)``: ``layers[start:end]`` take rows one by one in the direction asked
     (:attr:`Transform._row_width`), no backward follows them and no hook watches them;
     ``rows`` is the block size, 0 where they run on the whole batch (then ``end`` is at
     least ``start + 1``)."""
@@ -293,7 +300,7 @@ def _stretch(layers: Sequence[Transform], start: int, x: Tensor) -> tuple[int, i
         w = t._row_width
         if (
             w is None
-            or "forward" in t.__dict__  # (a forward of this instance's own)
+            or ("inverse" if inverse else "forward") in t.__dict__  # (the instance's own)
             or (grad and any(p.requires_grad for p in t.parameters()))
             or any(has_hooks(m) for m in t.modules())  # (a hook would see blocks)
         ):
@@ -305,11 +312,11 @@ def _stretch(layers: Sequence[Transform], start: int, x: Tensor) -> tuple[int, i
     return end, rows if x.shape[0] > rows else 0
 
 
-def _score_in_blocks(
-    layers: Sequence[Transform], x: Tensor, context: Tensor | None, rows: int
+def _in_blocks(
+    layers: Sequence[Transform], x: Tensor, context: Tensor | None, rows: int, inverse: bool
 ) -> tuple[Tensor, Tensor]:
-    """``layers`` (a stretch that :func:`_stretch` planned) block of ``rows`` rows after
-    block: ``(z, log|det|)``."""
+    """``layers`` (a stretch that :func:`_stretch` planned, in the order they run) block of
+    ``rows`` rows after block, through their ``inverse`` if asked: ``(output, log|det|)``."""
     n = x.shape[0]
     z: Tensor | None = None
     total = x.new_empty(n)
@@ -318,7 +325,7 @@ def _score_in_blocks(
         c = None if context is None else context[s : s + rows]
         block_total: Tensor | None = None
         for t in layers:
-            block, ladj = t(block, c)
+            block, ladj = t.inverse(block, c) if inverse else t(block, c)
             block_total = ladj if block_total is None else block_total + ladj
         if z is None:
             z = block.new_empty(n, *block.shape[1:])

@@ -278,6 +278,57 @@ def test_scoring_without_a_backward_runs_in_blocks_of_rows(model, context, monke
     assert seen == [256] * 3
 
 
+@pytest.mark.parametrize("model", ["realnvp", "nsf"])
+@pytest.mark.parametrize("context", [0, 3])
+def test_sampling_runs_the_inverses_in_blocks_of_rows(model, context, monkeypatch) -> None:
+    torch.manual_seed(0)
+    build = getattr(ef.models, model)
+    flow = perturb(build(4, layers=3, hidden=(32, 32), context=context).double()).eval()
+    monkeypatch.setattr(ef.core, "SCORING_BLOCK_BYTES", 256 * 32 * 8)  # 256 rows
+    z = torch.randn(600, 4, dtype=torch.float64)
+    c = torch.randn(600, context, dtype=torch.float64) if context else None
+    seen = rows_seen(monkeypatch)
+    with torch.no_grad():
+        x, ladj = flow.transform.inverse(z, c)
+    assert seen == [256] * 6 + [88] * 3  # each block through the layers
+    seen.clear()
+    z.requires_grad_(True)  # a backward follows: the whole batch at once
+    x_whole, ladj_whole = flow.transform.inverse(z, c)
+    assert seen == [600] * 3
+    torch.testing.assert_close(x, x_whole.detach(), rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(ladj, ladj_whole.detach(), rtol=1e-13, atol=1e-13)
+    # Sampling draws the same points in blocks as in one pass.
+    seen.clear()
+    torch.manual_seed(1)
+    drawn = flow.sample(600, c[0]) if context else flow.sample(600)
+    assert seen == [256] * 6 + [88] * 3
+    monkeypatch.setattr(ef.core, "SCORING_BLOCK_BYTES", 2**40)  # one block: the reference
+    torch.manual_seed(1)
+    reference = flow.sample(600, c[0]) if context else flow.sample(600)
+    torch.testing.assert_close(drawn, reference, rtol=1e-13, atol=1e-13)
+
+
+def test_inverses_of_an_instance_or_a_subclass_see_the_whole_batch(monkeypatch) -> None:
+    torch.manual_seed(0)
+    t = ef.Compose(*[ef.transforms.AffineCoupling(4, hidden=(16,), mask=m)
+                     for m in ("even", "odd", "even")])
+    monkeypatch.setattr(ef.core, "SCORING_BLOCK_BYTES", 256 * 16 * 4)
+    z = torch.randn(600, 4)
+    seen = rows_seen(monkeypatch)
+    own = t[1].inverse
+    t[1].inverse = lambda z, context=None: own(z, context)  # type: ignore[method-assign]
+    with torch.no_grad():
+        t.inverse(z)
+        t(z)  # (the forward is the class's: all in blocks)
+    assert seen == [256, 256, 88, 600, 256, 256, 88] + [256] * 6 + [88] * 3
+
+    class Mine(ef.transforms.AffineCoupling):
+        def inverse(self, z, context=None):
+            return super().inverse(z, context)
+
+    assert Mine(4)._row_width is None
+
+
 def test_scoring_keeps_the_whole_batch_where_rows_are_not_independent(monkeypatch) -> None:
     torch.manual_seed(0)
     flow = perturb(ef.models.realnvp(4, layers=2, hidden=(32, 32)).double())

@@ -292,13 +292,14 @@ class Coupling(Transform):
     @property
     def _row_width(self) -> int | None:
         # The default network with elementwise activations, a map of exactflow's, and the
-        # forward of this class.
+        # forward and inverse of this class.
         net, cls = self.conditioner, type(self)
         if not (
             type(net) is MLP
             and type(self.monotonic) in (AffineMap, AdditiveMap, SplineMap)
             and all(type(m) in _ELEMENTWISE for m in net.activations())
             and cls.forward is Coupling.forward
+            and cls.inverse is Coupling.inverse
             and cls._couple is Coupling._couple
             and cls._couple_generic is Coupling._couple_generic
             and cls._params is Coupling._params
