@@ -272,7 +272,8 @@ def _may_block(x: Tensor, context: Tensor | None, module: nn.Module) -> bool:
     the whole batch), no gradient through the input or (a quick look for training: its
     first parameter) ``module``, no trace or ``torch.func`` transform. :func:`_stretch`
     checks each layer's parameters."""
-    if x.dim() != 2 or x.shape[0] <= _LEAST_ROWS or x.device.type != "cpu":
+    # (A trace first: torch.export must not see the batch size compared.)
+    if x.dim() != 2 or x.device.type != "cpu" or not is_plain(x) or x.shape[0] <= _LEAST_ROWS:
         return False
     if torch.is_grad_enabled():
         first = next(module.parameters(), None)
@@ -282,7 +283,7 @@ def _may_block(x: Tensor, context: Tensor | None, module: nn.Module) -> bool:
             or (first is not None and first.requires_grad)
         ):
             return False
-    return is_plain(x)
+    return True
 
 
 def _stretch(

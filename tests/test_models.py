@@ -290,6 +290,35 @@ def test_torch_compile_log_prob() -> None:
             assert torch.allclose(compiled(x), flow.log_prob(x), atol=1e-4), name
 
 
+class _LogProb(torch.nn.Module):
+    def __init__(self, flow: ef.Flow) -> None:
+        super().__init__()
+        self.flow = flow
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.flow.log_prob(x)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace:DeprecationWarning")
+@pytest.mark.parametrize("name", ["realnvp", "maf", "iaf", "nsf"])
+def test_jit_trace_and_export_record_the_density_for_any_batch(name: str) -> None:
+    """A trace records torch ops, not the fused passes' pooled buffers or blocks of rows;
+    an export with a dynamic batch size puts no guard on it."""
+    flow = randomized(name).float()
+    module = _LogProb(flow)
+    x = torch.randn(300, 2)
+    traced = torch.jit.trace(module, (x,), check_trace=False)
+    batch = torch.export.Dim("batch")
+    exported = torch.export.export(module, (x,), dynamic_shapes={"x": {0: batch}}).module()
+    for n in (7, 1000):  # (1000: eager scoring runs in blocks, the trace in one)
+        rows = torch.randn(n, 2)
+        with torch.no_grad():
+            want = flow.log_prob(rows)
+            torch.testing.assert_close(traced(rows), want, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(exported(rows), want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["realnvp", "nice", "maf", "iaf", "nsf", "nsf-ar"])
 def test_dropout_acts_in_training_only_and_keeps_the_parameters(name: str) -> None:
     plain = BUILDERS[name](3)

@@ -64,11 +64,13 @@ def is_functorch(t: Tensor) -> bool:
 
 def is_plain(t: Tensor, *others: Tensor) -> bool:
     """Plain eager computation, where hand-written passes apply: no ``torch.compile``
-    trace, no autocast on ``t``'s device (its ops follow autocast's rules), no
+    trace and no ``torch.jit.trace`` (a trace records torch ops, not pooled buffers or
+    batch-sized loops), no autocast on ``t``'s device (its ops follow autocast's rules), no
     ``torch.func`` transform active or wrapping any of the tensors, no forward-mode AD
     (the hand-written passes have no forward derivative), and no global module hooks."""
     return not (
         torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
         or torch.is_autocast_enabled(t.device.type)
         or _functorch_active()
         or _global_hooks()
@@ -264,8 +266,11 @@ def composable_pass(
     """
     h = x_in
     rows = x_in.shape[0]
+    # A symbolic batch (torch.export with a dynamic batch size): the dense products,
+    # without a guard on the batch's size.
+    dense = isinstance(rows, torch.SymInt)
     for layer, w in zip(layout.layers, weights, strict=True):
-        if layer.skipped * rows < BLOCKS_FROM:
+        if dense or layer.skipped * rows < BLOCKS_FROM:
             h = torch.addmm(w[:, 0], h, w[:, 1:].t())
         else:
             h = _blocked_product(h, w, layer)
