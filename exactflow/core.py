@@ -95,9 +95,10 @@ class Transform(nn.Module):
                 setattr(cls, direction, _checked(method, direction))
 
     @property
-    def _chains(self) -> bool:
-        """Whether :class:`Compose` should offer this layer :meth:`_forward_chain`."""
-        return False
+    def _chain_direction(self) -> str | None:
+        """The direction (``"forward"`` or ``"inverse"``) in which :class:`Compose` should
+        offer this layer :meth:`_chain`; None: neither."""
+        return None
 
     @property
     def _row_width(self) -> int | None:
@@ -112,12 +113,14 @@ class Transform(nn.Module):
         """Map data to latent: returns ``(z, log|det dz/dx|)``."""
         raise NotImplementedError
 
-    def _forward_chain(
+    def _chain(
         self, layers: Sequence[Transform], start: int, x: Tensor, context: Tensor | None
     ) -> tuple[Tensor, Tensor, int] | None:
-        """Run ``layers[start:]`` (this layer first) as far as they fuse with it, for a
-        :class:`Compose`: ``(z, log|det|, index of the next layer)``, or None to run this
-        layer alone. Layers with a fused pass over several layers override it (MAF)."""
+        """Run ``layers[start:]`` (this layer first; the layers in the order a
+        :class:`Compose` runs them in :attr:`_chain_direction`) as far as they fuse with
+        it: ``(output, log|det|, index of the next layer)``, or None to run this layer
+        alone. Layers with a fused pass over several layers override it (MAF density, IAF
+        sampling)."""
         return None
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -229,6 +232,7 @@ class Compose(Transform):
         """The layers in order (``forward``) or in reverse order, each through its
         ``inverse``: ``(output, log|det|)``."""
         layers = list(self)[::-1] if inverse else list(self)
+        way = "inverse" if inverse else "forward"
         total: Tensor | None = None
         i = 0
         # Where no backward follows, stretches of layers that take rows one by one run in
@@ -238,7 +242,7 @@ class Compose(Transform):
         untried = 0 if _may_block(x, own, self) else len(layers)
         while i < len(layers):
             t = layers[i]
-            chained = t._forward_chain(layers, i, x, context) if t._chains and not inverse else None
+            chained = t._chain(layers, i, x, context) if t._chain_direction == way else None
             if chained is None and i >= untried:
                 untried, rows = _stretch(layers, i, x, inverse)
                 if rows:

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from ..core import Transform, check_features
 from ..nn import MADE, Activation, resolve_order
 from ..nn.passes import has_hooks
-from .fused_affine import _FusedAffine, forward_chain
+from .fused_affine import _FusedAffine, chain
 from .monotonic import AffineMap, MonotonicMap, SplineMap, monotonic_map
 
 __all__ = [
@@ -235,27 +235,28 @@ class MaskedAutoregressive(Transform):
         return u, log_det.sum(dim=1)
 
     @property
-    def _chains(self) -> bool:
-        """Whether a :class:`~exactflow.Compose` may run this layer in a fused chain with
-        the MAF layers and permutations after it (:func:`~exactflow.transforms.
-        fused_affine.forward_chain`): an affine map in the density direction on a ReLU
-        MADE, this class's own passes, and no module hooks (the chain does not call the
-        layer)."""
-        made = self.made
-        return (
-            self.fast == "density"
-            and type(self.monotonic) is AffineMap
+    def _chain_direction(self) -> str | None:
+        """The one-pass direction (``"forward"`` for a MAF, ``"inverse"`` for an IAF) if a
+        :class:`~exactflow.Compose` may run this layer there in a fused chain with the
+        layers of its kind and permutations after it (:func:`~exactflow.transforms.
+        fused_affine.chain`): an affine map on a ReLU MADE, this class's own passes, and
+        no module hooks (the chain does not call the layer)."""
+        made, cls = self.made, type(self)
+        direction = "forward" if self.fast == "density" else "inverse"
+        fused = (
+            type(self.monotonic) is AffineMap
             and isinstance(made, MADE)
             and made._relu
-            and type(self).forward is MaskedAutoregressive.forward
-            and type(self)._one_pass is MaskedAutoregressive._one_pass
+            and getattr(cls, direction) is getattr(MaskedAutoregressive, direction)
+            and cls._one_pass is MaskedAutoregressive._one_pass
             and not has_hooks(self)
         )
+        return direction if fused else None
 
-    def _forward_chain(
+    def _chain(
         self, layers: Sequence[Transform], start: int, x: Tensor, context: Tensor | None
     ) -> tuple[Tensor, Tensor, int] | None:
-        return forward_chain(layers, start, x, context)
+        return chain(layers, start, x, context, inverse=self.fast == "sampling")
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Data -> latent: one conditioner pass if ``fast="density"``, sequential otherwise."""

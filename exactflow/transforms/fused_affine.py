@@ -1,20 +1,23 @@
-"""The density direction of affine MADE layers, fused: one layer, or a chain of them.
+"""The one-pass direction of affine MADE layers, fused: one layer, or a chain of them.
 
 * ``_FusedAffine``: one MAF layer's one-pass direction (MAF density, IAF sampling) as one
   autograd node, the affine map applied to the MADE's output in place and differentiated
   by hand.
-* :func:`forward_chain`: a stretch of a :class:`~exactflow.Compose` made of MAF layers and
-  the permutations between them (``ef.models.maf``'s ``MAF, Reverse, MAF, ...``) as one
-  node. Layer by layer, each layer turns its input unit-major, runs the MADE, maps, turns
-  the result back to batch-major for the permutation, which gathers it again, and autograd
-  keeps a node per layer, per permutation and per log-det sum. The chain keeps the
-  features unit-major from the first layer to the last: each permutation becomes the row
-  gather that loads the next layer's :class:`~exactflow.nn.workspace.Workspace`, and the
-  log-dets add up in one buffer. Values and gradients are those of the layers one by one
-  (the same operations on the same numbers; tested bitwise). Where no backward follows
-  (scoring), the chain runs layer by layer, each layer's weights loaded once and its rows
-  run in blocks small enough for its workspaces to stay pooled and in cache, and the
-  affine map runs wholly in place.
+* :func:`chain`: a stretch of a :class:`~exactflow.Compose` made of MAF layers and the
+  permutations between them (``ef.models.maf``'s ``MAF, Reverse, MAF, ...``) as one node;
+  the same for IAF layers in the sampling direction (``ef.models.iaf``'s inverse: ``IAF``
+  inverse, ``Reverse`` inverse, ...: the same map, ``v = u exp(s) + t`` with ``(t, s)``
+  from a MADE of ``u``). Layer by layer, each layer turns its input unit-major, runs the
+  MADE, maps, turns the result back to batch-major for the permutation, which gathers it
+  again, and autograd keeps a node per layer, per permutation and per log-det sum. The
+  chain keeps the features unit-major from the first layer to the last: each permutation
+  becomes the row gather that loads the next layer's
+  :class:`~exactflow.nn.workspace.Workspace`, and the log-dets add up in one buffer.
+  Values and gradients are those of the layers one by one (the same operations on the
+  same numbers; tested bitwise). Where no backward follows (scoring, sampling), the chain
+  runs layer by layer, each layer's weights loaded once and its rows run in blocks small
+  enough for its workspaces to stay pooled and in cache, and the affine map runs wholly
+  in place.
 
 Both run where the hand-written passes apply (:func:`~exactflow.nn.passes.is_plain`); the
 chain also needs no module hooks on its layers and no saved-tensor hooks, and otherwise
@@ -238,21 +241,25 @@ def _plan(links: Sequence[_Link], owner: Any) -> _Plan:
     return plan
 
 
-def forward_chain(
-    layers: Sequence[Transform], start: int, x: Tensor, context: Tensor | None
+def chain(
+    layers: Sequence[Transform], start: int, x: Tensor, context: Tensor | None,
+    inverse: bool = False,
 ) -> tuple[Tensor, Tensor, int] | None:
-    """Run ``layers[start:]`` as far as they chain (MAF layers that can fuse, each
-    optionally followed by a :class:`~exactflow.transforms.Permutation` or
-    :class:`~exactflow.transforms.Reverse`) as one node: ``(z, log|det|, index of the
-    first layer after the chain)``, or None where the layers must run one by one."""
+    """Run ``layers[start:]`` as far as they chain (MAF layers that can fuse, or with
+    ``inverse`` the inverses of IAF layers, in the order a :class:`~exactflow.Compose`
+    runs them, each optionally followed by a :class:`~exactflow.transforms.Permutation`
+    or :class:`~exactflow.transforms.Reverse`, inverted with ``inverse``) as one node:
+    ``(output, log|det|, index of the first layer after the chain)``, or None where the
+    layers must run one by one."""
     links: list[_Link] = []
     i, n = start, len(layers)
-    while i < n and getattr(layers[i], "_chains", False):
+    direction = "inverse" if inverse else "forward"
+    while i < n and getattr(layers[i], "_chain_direction", None) == direction:
         layer = layers[i]
         i += 1
         perm: Tensor | None = None
         if i < n and type(layers[i]) in (Permutation, Reverse) and not has_hooks(layers[i]):
-            found = layers[i].perm
+            found = layers[i].inverse_perm if inverse else layers[i].perm
             assert isinstance(found, Tensor)
             perm = found
             i += 1
@@ -372,7 +379,7 @@ def _chain_forward(
 
 
 class _AffineChain(torch.autograd.Function):
-    """:func:`forward_chain`'s node: the layers' fused passes with the features kept
+    """:func:`chain`'s node: the layers' fused passes with the features kept
     unit-major in between, and the backward by hand through all of them."""
 
     @staticmethod

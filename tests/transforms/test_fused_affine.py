@@ -8,6 +8,7 @@ import torch
 import exactflow as ef
 from exactflow.transforms import (
     ElementwiseAffine,
+    InverseAutoregressive,
     MaskedAffineAutoregressive,
     Permutation,
     Reverse,
@@ -15,6 +16,7 @@ from exactflow.transforms import (
 from tests.helpers import perturb
 
 MAF = MaskedAffineAutoregressive
+IAF = InverseAutoregressive
 
 
 def one_by_one(t: ef.Compose, x, c=None):
@@ -91,14 +93,14 @@ def test_chains_stop_at_other_layers() -> None:
     runs: list[int] = []
     for layer in t:
         if isinstance(layer, MAF):
-            original = layer._forward_chain
+            original = layer._chain
 
             def spy(layers, start, x, context, original=original):
                 result = original(layers, start, x, context)
                 runs.append(-1 if result is None else result[2] - start)
                 return result
 
-            layer._forward_chain = spy
+            layer._chain = spy
     x = torch.randn(7, d, dtype=torch.float64)
     z, log_det = t(x)
     z_ref, l_ref = one_by_one(t, x)
@@ -179,6 +181,77 @@ def test_scoring_runs_in_blocks_of_rows_with_the_same_values(context: int, monke
     for got in ((z, log_det), (z_whole, l_whole)):
         assert torch.allclose(got[0], z_ref, rtol=1e-13, atol=1e-14)
         assert torch.allclose(got[1], l_ref, rtol=1e-13, atol=1e-14)
+
+
+def iaf_stack(c: int = 0) -> ef.Compose:
+    layers = []
+    for k, order in enumerate(("forward", "random", "reverse")):
+        layers.append(IAF(4, hidden=(10, 7), context=c, order=order, seed=k))
+        layers.append(Reverse(4) if k % 2 == 0 else Permutation(4, seed=k))
+    return perturb(ef.Compose(*layers).double())
+
+
+def inverses_one_by_one(t: ef.Compose, z, c=None):
+    """The layers' inverses called one at a time, last layer first."""
+    total = None
+    for layer in reversed(list(t)):
+        z, log_det = layer.inverse(z, c)
+        total = log_det if total is None else total + log_det
+    return z, total
+
+
+@pytest.mark.parametrize("context", [0, 3])
+def test_iaf_sampling_chain_equals_the_inverses_one_by_one(context: int, monkeypatch) -> None:
+    t = iaf_stack(c=context)
+    z = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(9, 3, dtype=torch.float64, requires_grad=True) if context else None
+    x, log_det = t.inverse(z, c)
+    assert type(x.grad_fn).__name__ == "_AffineChainBackward"
+    x_ref, l_ref = inverses_one_by_one(t, z, c)
+    assert torch.equal(x, x_ref) and torch.equal(log_det, l_ref)
+    wanted = [z, *([c] if context else []), *t.parameters()]
+    gx, gl = torch.randn(9, 4, dtype=torch.float64), torch.randn(9, dtype=torch.float64)
+    got = torch.autograd.grad((x, log_det), wanted, (gx, gl))
+    ref = torch.autograd.grad((x_ref, l_ref), wanted, (gx, gl))
+    for a, b in zip(got, ref, strict=True):
+        assert torch.allclose(a, b, rtol=1e-13, atol=1e-15)
+    assert torch.autograd.gradcheck(lambda z: t.inverse(z, c)[0], (z,))
+    assert ef.check_transform(t, x.detach(), None if c is None else c.detach()).ok
+    # Without a backward: block by block, layer by layer, with the same values.
+    n = 600
+    monkeypatch.setattr(ef.nn.workspace, "KEEP_LARGEST", 0)
+    seen: list[int] = []
+    take = ef.nn.workspace.take
+
+    def spy(layout, like):
+        seen.append(like.shape[0])
+        return take(layout, like)
+
+    monkeypatch.setattr("exactflow.transforms.fused_affine.take", spy)
+    z = torch.randn(n, 4, dtype=torch.float64)
+    c = torch.randn(n, 3, dtype=torch.float64) if context else None
+    with torch.no_grad():
+        x, log_det = t.inverse(z, c)
+        x_ref, l_ref = inverses_one_by_one(t, z, c)
+    assert seen == [256, 88] * 3
+    assert torch.allclose(x, x_ref, rtol=1e-13, atol=1e-14)
+    assert torch.allclose(log_det, l_ref, rtol=1e-13, atol=1e-14)
+
+
+def test_iaf_models_sample_through_one_chain() -> None:
+    flow = ef.models.iaf(5, layers=4, hidden=(16,))
+    x, _ = flow.transform.inverse(torch.randn(8, 5))
+    assert type(x.grad_fn).__name__ == "_AffineChainBackward"
+    x, log_prob = flow.rsample_and_log_prob(8)
+    with torch.no_grad():
+        torch.testing.assert_close(flow.log_prob(x), log_prob, rtol=1e-4, atol=1e-4)
+    assert MAF(3)._chain_direction == "forward" and IAF(3)._chain_direction == "inverse"
+
+    class Mine(IAF):
+        def inverse(self, z, context=None):
+            return super().inverse(z, context)
+
+    assert Mine(3)._chain_direction is None  # (an inverse of its own: called as it is)
 
 
 def test_block_rows_fit_two_workspaces_in_the_pool() -> None:
