@@ -252,17 +252,24 @@ def rows_seen(monkeypatch) -> list[int]:
     return seen
 
 
-@pytest.mark.parametrize("model", ["realnvp", "nsf"])
-@pytest.mark.parametrize("context", [0, 3])
-def test_scoring_without_a_backward_runs_in_blocks_of_rows(model, context, monkeypatch) -> None:
+def flow_in_blocks(model: str, context: int, monkeypatch):
+    """A 3-layer flow of 4 features in float64 at random parameters, in eval mode, run in
+    blocks of 256 rows; 600 rows of input and context (None without one)."""
     torch.manual_seed(0)
     build = getattr(ef.models, model)
     flow = perturb(build(4, layers=3, hidden=(32, 32), context=context).double()).eval()
-    if model == "realnvp":
-        assert any(isinstance(t, ef.transforms.BatchNorm) for t in flow.transform)
     monkeypatch.setattr(ef.core, "SCORING_BLOCK_BYTES", 256 * 32 * 8)  # 256 rows
     x = torch.randn(600, 4, dtype=torch.float64)
     c = torch.randn(600, context, dtype=torch.float64) if context else None
+    return flow, x, c
+
+
+@pytest.mark.parametrize("model", ["realnvp", "nsf"])
+@pytest.mark.parametrize("context", [0, 3])
+def test_scoring_without_a_backward_runs_in_blocks_of_rows(model, context, monkeypatch) -> None:
+    flow, x, c = flow_in_blocks(model, context, monkeypatch)
+    if model == "realnvp":
+        assert any(isinstance(t, ef.transforms.BatchNorm) for t in flow.transform)
     seen = rows_seen(monkeypatch)
     with torch.no_grad():
         blocked = flow.log_prob(x, c) if context else flow.log_prob(x)
@@ -281,12 +288,7 @@ def test_scoring_without_a_backward_runs_in_blocks_of_rows(model, context, monke
 @pytest.mark.parametrize("model", ["realnvp", "nsf"])
 @pytest.mark.parametrize("context", [0, 3])
 def test_sampling_runs_the_inverses_in_blocks_of_rows(model, context, monkeypatch) -> None:
-    torch.manual_seed(0)
-    build = getattr(ef.models, model)
-    flow = perturb(build(4, layers=3, hidden=(32, 32), context=context).double()).eval()
-    monkeypatch.setattr(ef.core, "SCORING_BLOCK_BYTES", 256 * 32 * 8)  # 256 rows
-    z = torch.randn(600, 4, dtype=torch.float64)
-    c = torch.randn(600, context, dtype=torch.float64) if context else None
+    flow, z, c = flow_in_blocks(model, context, monkeypatch)
     seen = rows_seen(monkeypatch)
     with torch.no_grad():
         x, ladj = flow.transform.inverse(z, c)
@@ -306,27 +308,6 @@ def test_sampling_runs_the_inverses_in_blocks_of_rows(model, context, monkeypatc
     torch.manual_seed(1)
     reference = flow.sample(600, c[0]) if context else flow.sample(600)
     torch.testing.assert_close(drawn, reference, rtol=1e-13, atol=1e-13)
-
-
-def test_inverses_of_an_instance_or_a_subclass_see_the_whole_batch(monkeypatch) -> None:
-    torch.manual_seed(0)
-    t = ef.Compose(*[ef.transforms.AffineCoupling(4, hidden=(16,), mask=m)
-                     for m in ("even", "odd", "even")])
-    monkeypatch.setattr(ef.core, "SCORING_BLOCK_BYTES", 256 * 16 * 4)
-    z = torch.randn(600, 4)
-    seen = rows_seen(monkeypatch)
-    own = t[1].inverse
-    t[1].inverse = lambda z, context=None: own(z, context)  # type: ignore[method-assign]
-    with torch.no_grad():
-        t.inverse(z)
-        t(z)  # (the forward is the class's: all in blocks)
-    assert seen == [256, 256, 88, 600, 256, 256, 88] + [256] * 6 + [88] * 3
-
-    class Mine(ef.transforms.AffineCoupling):
-        def inverse(self, z, context=None):
-            return super().inverse(z, context)
-
-    assert Mine(4)._row_width is None
 
 
 def test_scoring_keeps_the_whole_batch_where_rows_are_not_independent(monkeypatch) -> None:
@@ -392,7 +373,11 @@ def test_row_width_is_declared_by_the_layers_that_take_rows_one_by_one() -> None
         def forward(self, x, context=None):
             return super().forward(x, context)
 
-    assert Mine(4)._row_width is None
+    class MyInverse(ef.transforms.AffineCoupling):
+        def inverse(self, z, context=None):
+            return super().inverse(z, context)
+
+    assert Mine(4)._row_width is None and MyInverse(4)._row_width is None
 
     class MyMap(ef.transforms.monotonic.AffineMap):
         pass
@@ -400,7 +385,7 @@ def test_row_width_is_declared_by_the_layers_that_take_rows_one_by_one() -> None
     assert ef.transforms.Coupling(4, MyMap())._row_width is None  # (a map of the user's)
 
 
-def test_scoring_in_blocks_ignores_a_context_no_layer_takes_and_forwards_of_an_instance(
+def test_blocks_ignore_a_context_no_layer_takes_and_directions_of_an_instance(
     monkeypatch,
 ) -> None:
     torch.manual_seed(0)
@@ -421,3 +406,11 @@ def test_scoring_in_blocks_ignores_a_context_no_layer_takes_and_forwards_of_an_i
     with torch.no_grad():
         t(x)
     assert seen == [256, 256, 88, 600, 256, 256, 88]  # the instance's own forward: whole
+    del t[1].forward
+    seen.clear()
+    own_inverse = t[1].inverse
+    t[1].inverse = lambda z, context=None: own_inverse(z, context)  # type: ignore[method-assign]
+    with torch.no_grad():
+        t.inverse(x)  # its own inverse: whole; the forward is the class's: in blocks
+        t(x)
+    assert seen == [256, 256, 88, 600, 256, 256, 88] + [256] * 6 + [88] * 3
