@@ -239,8 +239,9 @@ class MaskedAutoregressive(Transform):
         """The one-pass direction (``"forward"`` for a MAF, ``"inverse"`` for an IAF) if a
         :class:`~exactflow.Compose` may run this layer there in a fused chain with the
         layers of its kind and permutations after it (:func:`~exactflow.transforms.
-        fused_affine.chain`): an affine map on a ReLU MADE, this class's own passes, and
-        no module hooks (the chain does not call the layer)."""
+        fused_affine.chain`): an affine map on a ReLU MADE, this class's own passes (not a
+        subclass's or an instance's), and no module hooks (the chain does not call the
+        layer)."""
         made, cls = self.made, type(self)
         direction = "forward" if self.fast == "density" else "inverse"
         fused = (
@@ -248,6 +249,7 @@ class MaskedAutoregressive(Transform):
             and isinstance(made, MADE)
             and made._relu
             and getattr(cls, direction) is getattr(MaskedAutoregressive, direction)
+            and direction not in self.__dict__  # (not one of the instance's own)
             and cls._one_pass is MaskedAutoregressive._one_pass
             and not has_hooks(self)
         )

@@ -258,7 +258,12 @@ def chain(
         layer = layers[i]
         i += 1
         perm: Tensor | None = None
-        if i < n and type(layers[i]) in (Permutation, Reverse) and not has_hooks(layers[i]):
+        if (
+            i < n
+            and type(layers[i]) in (Permutation, Reverse)
+            and not has_hooks(layers[i])
+            and direction not in layers[i].__dict__  # (not one of the instance's own)
+        ):
             found = layers[i].inverse_perm if inverse else layers[i].perm
             assert isinstance(found, Tensor)
             perm = found

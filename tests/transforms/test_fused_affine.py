@@ -254,6 +254,30 @@ def test_iaf_models_sample_through_one_chain() -> None:
     assert Mine(3)._chain_direction is None  # (an inverse of its own: called as it is)
 
 
+@pytest.mark.parametrize("model", ["maf", "iaf"])
+@pytest.mark.parametrize("which", [0, 1])  # an autoregressive layer, a permutation
+def test_a_direction_of_an_instance_is_called_as_it_is(model: str, which: int) -> None:
+    torch.manual_seed(0)
+    flow = perturb(getattr(ef.models, model)(3, layers=3, hidden=(8,)).double())
+    t = flow.transform
+    direction = "forward" if model == "maf" else "inverse"
+    own = getattr(t[which], direction)
+    shifted = lambda u, context=None: (lambda v, ld: (v + 1, ld + 2))(*own(u, context))  # noqa: E731
+    setattr(t[which], direction, shifted)
+    u = torch.randn(5, 3, dtype=torch.float64)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            got = t(u) if model == "maf" else t.inverse(u)
+            ref = one_by_one(t, u) if model == "maf" else inverses_one_by_one(t, u)
+        assert torch.equal(got[0], ref[0])
+        assert torch.allclose(got[1], ref[1], rtol=1e-13, atol=1e-13)  # (sums' order)
+    plain = getattr(ef.models, model)(3, layers=3, hidden=(8,)).double()
+    plain.load_state_dict(flow.state_dict())
+    with torch.no_grad():
+        other = plain.transform(u) if model == "maf" else plain.transform.inverse(u)
+    assert not torch.allclose(got[0], other[0])  # (the override changed the result)
+
+
 def test_block_rows_fit_two_workspaces_in_the_pool() -> None:
     flow = ef.models.maf(10, layers=3, hidden=(128, 128))
     made = next(m for m in flow.modules() if isinstance(m, ef.nn.MADE))
