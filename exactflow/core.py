@@ -276,10 +276,9 @@ def _may_block(x: Tensor, context: Tensor | None, module: nn.Module) -> bool:
     the whole batch), no gradient through the input or (a quick look for training: its
     first parameter) ``module``, no trace or ``torch.func`` transform. :func:`_stretch`
     checks each layer's parameters."""
-    # (A trace first: torch.export must not see the batch size compared.)
-    if x.dim() != 2 or x.device.type != "cpu" or not is_plain(x) or x.shape[0] <= _LEAST_ROWS:
+    if x.dim() != 2 or x.device.type != "cpu":
         return False
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled():  # (training, the hot path, stops here)
         first = next(module.parameters(), None)
         if (
             x.requires_grad
@@ -287,11 +286,12 @@ def _may_block(x: Tensor, context: Tensor | None, module: nn.Module) -> bool:
             or (first is not None and first.requires_grad)
         ):
             return False
-    return True
+    # The size last: under a trace (torch.export) no guard on the batch size.
+    return is_plain(x) and x.shape[0] > _LEAST_ROWS
 
 
 def _stretch(
-    layers: Sequence[Transform], start: int, x: Tensor, inverse: bool = False
+    layers: Sequence[Transform], start: int, x: Tensor, inverse: bool
 ) -> tuple[int, int]:
     """``(end, rows)``: ``layers[start:end]`` take rows one by one in the direction asked
     (:attr:`Transform._row_width`), no backward follows them and no hook watches them;
