@@ -71,12 +71,15 @@ class FlowDensity(DensityMixin, BaseEstimator):
         layers: number of layers; ``None`` for the builder's default (not with ``auto``).
         hidden: hidden layer sizes of the conditioners, e.g. ``(64, 64)``; ``None`` for the
             builder's default (not with ``auto``).
-        steps: a fixed number of optimizer steps (default: set by validation).
-        epochs: passes over the training rows instead of ``steps``.
-        batch_size: rows per step (default: about 8 batches an epoch, 32 to 256 rows).
-        lr: Adam learning rate.
+        steps: a fixed number of optimizer steps (default: set by validation; not with
+            ``auto``).
+        epochs: passes over the training rows instead of ``steps`` (not with ``auto``).
+        batch_size: rows per step (default: about 8 batches an epoch, 32 to 256 rows; not
+            with ``auto``).
+        lr: Adam learning rate (default ``1e-3``; not with ``auto``, whose ladder sets each
+            candidate's own).
         validation_fraction: rows held out to stop training and to choose the model
-            (0: none, train a given model on all rows for ``steps``).
+            (0: none, train a given model on all rows for ``steps``; ``auto`` needs some).
         budget: seconds the ``auto`` ladder may take. A budget is wall-clock time: where it
             cuts a candidate short, the step it stops at (and so the model) depends on the
             machine's speed and load, and ``random_state`` alone does not repeat the fit.
@@ -127,7 +130,7 @@ class FlowDensity(DensityMixin, BaseEstimator):
         steps: int | None = None,
         epochs: int | None = None,
         batch_size: int | None = None,
-        lr: float = 1e-3,
+        lr: float | None = None,
         validation_fraction: float = 0.15,
         budget: float = 45.0,
         standardize: bool | str = "auto",
@@ -183,9 +186,15 @@ class FlowDensity(DensityMixin, BaseEstimator):
                 f"unknown model {self.model!r}; choose 'auto' or one of "
                 f"{', '.join(models.available())}"
             )
-        if auto and (self.layers is not None or self.hidden is not None or self.model_kwargs):
-            raise ValueError("layers, hidden and model_kwargs size one model: give model=NAME "
-                             "with them, or leave them out with model='auto'")
+        if auto:
+            given = [name for name in ("layers", "hidden", "model_kwargs", "steps", "epochs",
+                                       "batch_size", "lr")
+                     if getattr(self, name) is not None and getattr(self, name) != {}]
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)} set one model and its training, which "
+                    "model='auto' chooses itself: give model=NAME with them, or leave them "
+                    "out")
         if d == 1 and self.model in _COUPLING_MODELS:
             raise ValueError(
                 f"model={self.model!r} is a coupling flow and needs at least 2 features, got "
@@ -195,13 +204,16 @@ class FlowDensity(DensityMixin, BaseEstimator):
             raise ValueError(
                 f"validation_fraction must be in [0, 1), got {self.validation_fraction!r}"
             )
+        if auto and float(self.validation_fraction) == 0:
+            raise ValueError("model='auto' chooses its model on held-out rows: "
+                             "validation_fraction must be above 0")
         rng = check_random_state(self.random_state)
         seed = int(rng.randint(np.iinfo(np.int32).max))
         self.leaderboard_: list[dict[str, Any]] | None = None
         if auto:
             try:
                 result = fit_auto(X, budget=float(self.budget),
-                                  val_fraction=float(self.validation_fraction) or 0.15,
+                                  val_fraction=float(self.validation_fraction),
                                   standardize=self.standardize, seed=seed,
                                   device=self.device, progress=bool(self.verbose),
                                   log=_say if self.verbose else None)
@@ -243,7 +255,7 @@ class FlowDensity(DensityMixin, BaseEstimator):
             epochs=None if self.epochs is None else int(self.epochs),
             batch_size=batch_size,
             val_fraction=val_fraction,
-            lr=float(self.lr),
+            lr=1e-3 if self.lr is None else float(self.lr),
             device=self.device,
             seed=seed,
             progress=bool(self.verbose),

@@ -134,9 +134,17 @@ def test_the_default_on_a_small_real_table_is_near_the_gaussian_never_far_off():
         assert names[0] == "gaussian" and any(n.startswith("gmm") for n in names)
 
 
-def test_auto_refuses_sizes_that_belong_to_one_model():
-    with pytest.raises(ValueError, match="give model=NAME"):
-        FlowDensity(layers=3).fit(np.random.default_rng(0).normal(size=(50, 2)))
+@pytest.mark.parametrize("kwargs", [{"layers": 3}, {"hidden": (8,)}, {"steps": 5},
+                                    {"epochs": 2}, {"batch_size": 16}, {"lr": 0.0},
+                                    {"model_kwargs": {"batch_norm": False}}])
+def test_auto_refuses_settings_that_belong_to_one_model(kwargs):
+    # The ladder sets each candidate's size and training itself: a setting it would
+    # ignore (a grid search over lr, say) is refused by name instead.
+    X = np.random.default_rng(0).normal(size=(50, 2))
+    with pytest.raises(ValueError, match=f"^{next(iter(kwargs))} set one model.*give model=NAME"):
+        FlowDensity(**kwargs).fit(X)
+    with pytest.raises(ValueError, match="validation_fraction must be above 0"):
+        FlowDensity(validation_fraction=0).fit(X)
 
 
 def test_standardize_takes_one_scale_per_column_or_one_for_all():
