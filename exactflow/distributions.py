@@ -30,6 +30,16 @@ __all__ = ["Distribution", "StandardNormal", "DiagonalNormal", "Uniform", "Flow"
 _LOG_2PI = math.log(2 * math.pi)
 
 
+
+def tensor_of(values: Any, dtype: torch.dtype | None = None) -> Tensor:
+    """``torch.as_tensor`` of an array (its memory shared where the dtype allows), with a
+    read-only array (a pandas column, a memmap opened for reading) copied first: torch
+    cannot promise not to write to memory it shares, and warns about it."""
+    arr = np.asarray(values)
+    if not arr.flags.writeable:
+        arr = np.array(arr)
+    return torch.as_tensor(arr, dtype=dtype)
+
 class Distribution(nn.Module):
     """A density over ``R^features`` with ``log_prob`` and reparameterized sampling.
 
@@ -294,7 +304,7 @@ class Flow(Distribution):
                     f"{name} must be numeric and real, got an array of dtype {arr.dtype}"
                 )
             keep64 = exact and arr.dtype == np.float64
-            t = torch.as_tensor(arr, dtype=None if keep64 or ref is None else target)
+            t = tensor_of(arr, None if keep64 or ref is None else target)
         if ref is not None and t.device != ref.device:
             t = t.to(ref.device)
         return t

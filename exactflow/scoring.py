@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .distributions import Flow
+from .distributions import Flow, tensor_of
 from .validation import SHOW, DataError, index_list
 
 __all__ = ["eval_mode", "log_prob", "module_dtype", "module_device"]
@@ -110,7 +110,7 @@ def log_prob(
 def _tensor(values: Any, dtype: torch.dtype, device: torch.device, keep64: bool = False
             ) -> Tensor:
     if not isinstance(values, Tensor):
-        values = torch.as_tensor(np.asarray(values))
+        values = tensor_of(values)
     if keep64 and values.dtype == torch.float64:
         return values.to(device=device)
     return values.to(device=device, dtype=dtype)

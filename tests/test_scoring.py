@@ -8,12 +8,14 @@ of another dtype to the model's, and the scorer refuses NaN rows with their indi
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
 import exactflow as ef
+from exactflow.distributions import tensor_of
 from exactflow.scoring import log_prob
 from tests.helpers import perturb
 
@@ -113,3 +115,22 @@ def test_complex_input_is_refused_clearly():
         flow.log_prob(torch.zeros(2, 2, dtype=torch.complex64))
     with pytest.raises(TypeError, match="real"):
         flow.log_prob(np.zeros((2, 2), dtype=np.complex128))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_read_only_arrays_score_without_a_warning(dtype):
+    # pandas columns and memmaps opened for reading are read-only arrays: torch warns when
+    # it shares their memory, so they are copied first, and score like writable ones.
+    flow = ef.models.maf(3, layers=1, hidden=(8,)).to(dtype)
+    perturb(flow)
+    rows = np.random.default_rng(0).normal(size=(20, 3))
+    frozen = rows.copy()
+    frozen.flags.writeable = False
+    # (torch warns once a process: what decides is that the memory is not shared.)
+    assert tensor_of(frozen).data_ptr() != frozen.ctypes.data
+    assert tensor_of(rows).data_ptr() == rows.ctypes.data
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = [flow.log_prob(frozen), log_prob(flow, frozen)]
+    assert torch.equal(got[0], flow.log_prob(rows))
+    assert np.array_equal(got[1], log_prob(flow, rows))
