@@ -386,7 +386,7 @@ def check_input(
     context_features: int = 0,
 ) -> None:
     """Raise ``ValueError`` naming the layer unless ``x`` is ``(batch, features)`` and, for a
-    conditional layer, ``context`` is ``(batch, context_features)``.
+    conditional layer, ``context`` is ``(batch, context_features)`` in ``x``'s dtype.
 
     ``features=None`` accepts any width. :class:`Transform` calls this before every
     ``forward`` and ``inverse``; shapes are static, so it costs nothing at run time and
@@ -408,4 +408,9 @@ def check_input(
             raise ValueError(
                 f"context must have shape ({x.shape[0]}, {context_features}), "
                 f"got {tuple(context.shape)}"
+            )
+        if context.dtype != x.dtype and context.is_floating_point() and x.is_floating_point():
+            raise ValueError(
+                f"{name} got input of dtype {x.dtype} and a context of dtype "
+                f"{context.dtype}: give both in the layer's dtype"
             )

@@ -275,8 +275,8 @@ def check_transform(
     Raises:
         CheckError: a check failed; the message names each failed check and the size of
             its error, and ``err.report`` holds the report.
-        ValueError: ``x`` is not a ``(batch, features)`` tensor, or not in the dtype of the
-            transform's parameters.
+        ValueError: ``x`` is not a ``(batch, features)`` tensor or has no rows, or ``x`` or
+            ``context`` is not in the dtype of the transform's parameters.
         NotImplementedError: the transform has no inverse and ``check_inverse`` is True.
 
     Example:
@@ -315,12 +315,16 @@ def check_transform(
             f"x must be a tensor of shape (batch, features), got "
             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}"
         )
+    if x.shape[0] == 0:
+        raise ValueError("x has no rows: a check on an empty batch proves nothing")
     own = next((p for p in transform.parameters() if p.is_floating_point()), None)
-    if own is not None and own.dtype != x.dtype:
-        raise ValueError(
-            f"x is {x.dtype} but {type(transform).__name__}'s parameters are {own.dtype}: "
-            f"check both in one dtype (float64: transform.double() and x.double())"
-        )
+    for name, value in (("x", x), ("context", context)):
+        if own is not None and isinstance(value, Tensor) and value.dtype != own.dtype:
+            raise ValueError(
+                f"{name} is {value.dtype} but {type(transform).__name__}'s parameters are "
+                f"{own.dtype}: check them in one dtype (float64: transform.double(), "
+                "x.double() and context.double())"
+            )
     default_atol, default_rtol = _DEFAULT_TOL.get(x.dtype, (1e-5, 1e-5))
     atol = default_atol if atol is None else atol
     rtol = default_rtol if rtol is None else rtol

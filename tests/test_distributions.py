@@ -318,6 +318,20 @@ def test_conditional_flow_context_errors():
         flow.sample(3, torch.randn(2, 2, 2))
 
 
+@pytest.mark.parametrize("name", ["MaskedAffineAutoregressive", "InverseAutoregressive",
+                                  "AffineCoupling"])
+def test_a_conditional_layer_names_a_context_of_another_dtype(name):
+    # A flow casts the context; a layer called directly says so, in both directions,
+    # instead of failing deep inside a product.
+    layer = perturb(getattr(ef.transforms, name)(4, context=2).double())
+    x, context = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 2)
+    for direction in (layer.forward, layer.inverse):
+        with pytest.raises(ValueError, match=f"{name}.* dtype torch.float64 and a context of "
+                                             "dtype torch.float32"):
+            direction(x, context)
+    assert layer(x, context.double())[0].dtype == torch.float64
+
+
 def test_unconditional_flow_rejects_a_context():
     flow = make_flow()
     with pytest.raises(ValueError, match="unconditional"):

@@ -419,6 +419,11 @@ def test_check_transform_rejects_bad_x():
     with pytest.raises(ValueError, match=r"x is torch.float32 but Scale's parameters are "
                                          r"torch.float64.*transform.double\(\)"):
         ef.check_transform(Scale(3).double(), torch.randn(4, 3))
+    with pytest.raises(ValueError, match="x has no rows: a check on an empty batch proves"):
+        ef.check_transform(Scale(3).double(), torch.randn(0, 3, dtype=torch.float64))
+    maf = ef.transforms.MaskedAffineAutoregressive(3, hidden=(8,), context=2).double()
+    with pytest.raises(ValueError, match="context is torch.float32 but MaskedAffine"):
+        ef.check_transform(maf, x64(), torch.randn(len(x64()), 2))
 
 
 def test_a_transform_without_inverse_is_named():
