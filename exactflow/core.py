@@ -139,7 +139,10 @@ def _checked(method: Callable[..., Any], direction: str) -> Callable[..., Any]:
         self: Transform, x: Tensor, context: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         name = type(self).__name__ + (".inverse" if direction == "inverse" else "")
-        check_input(x, self.features, name, context, self.context_features)
+        # (A flow hands its stack float64 rows for a first Standardize layer, which casts
+        # them to the model's dtype, and the context in that dtype: the layers check.)
+        check_input(x, self.features, name, context, self.context_features,
+                    same_dtype=not isinstance(self, Compose))
         return method(self, x, context)
 
     wrapper._exactflow_checked = True  # type: ignore[attr-defined]
@@ -384,9 +387,11 @@ def check_input(
     name: str,
     context: Tensor | None = None,
     context_features: int = 0,
+    same_dtype: bool = True,
 ) -> None:
     """Raise ``ValueError`` naming the layer unless ``x`` is ``(batch, features)`` and, for a
-    conditional layer, ``context`` is ``(batch, context_features)`` in ``x``'s dtype.
+    conditional layer, ``context`` is ``(batch, context_features)`` (in ``x``'s floating
+    dtype, with ``same_dtype``).
 
     ``features=None`` accepts any width. :class:`Transform` calls this before every
     ``forward`` and ``inverse``; shapes are static, so it costs nothing at run time and
@@ -409,7 +414,8 @@ def check_input(
                 f"context must have shape ({x.shape[0]}, {context_features}), "
                 f"got {tuple(context.shape)}"
             )
-        if context.dtype != x.dtype and context.is_floating_point() and x.is_floating_point():
+        if (same_dtype and context.dtype != x.dtype and context.is_floating_point()
+                and x.is_floating_point()):
             raise ValueError(
                 f"{name} got input of dtype {x.dtype} and a context of dtype "
                 f"{context.dtype}: give both in the layer's dtype"
