@@ -33,12 +33,13 @@ References:
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .validation import warn_user
 
 __all__ = ["Target", "TARGETS", "WALL_BOUND", "WALL_WIDTH", "get", "log_normalizer"]
 
@@ -215,9 +216,8 @@ def log_normalizer(
         raise ValueError(f"log Z is not finite ({float(log_z)}): check the target's log_prob")
     # Compare the density on the edge with its average over the square.
     if float(torch.stack(edge).max()) > float(log_z) - math.log(4 * bound * bound) + math.log(1e-6):
-        warnings.warn(
+        warn_user(
             f"log_normalizer: the density is not negligible on the edge of [-{bound}, {bound}]^2;"
-            " the square cuts off mass: raise bound",
-            stacklevel=2,
+            " the square cuts off mass: raise bound"
         )
     return float(log_z)

@@ -2,12 +2,15 @@
 
 Every public function that takes a size, a count, a rate or a choice checks it here, so a
 bad argument gets the same clear ``ValueError`` wherever it is passed (never a deep torch
-error later).
+error later); :func:`warn_user` points a warning at the user's own line.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import sys
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -28,9 +31,13 @@ __all__ = [
     "choice",
     "hidden_sizes",
     "seed_value",
+    "warn_user",
 ]
 
 T = TypeVar("T")
+
+#: The package folder: frames of files in it are exactflow's own (:func:`warn_user`).
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 #: How many offending rows or cells an error message lists before "...".
 SHOW = 5
@@ -159,3 +166,12 @@ def seed_value(value: Any, name: str = "seed") -> int:
     if not _is_int(value) or value < 0:
         raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
     return int(value)
+
+
+def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` attributed to the first caller outside exactflow: the line of the
+    user's that led to it, however deep in the package it was found."""
+    level, frame = 2, sys._getframe(1)  # (stacklevel 2: warn_user's caller)
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        level, frame = level + 1, frame.f_back
+    warnings.warn(message, category, stacklevel=level)

@@ -16,6 +16,7 @@ import exactflow as ef
 import exactflow.training.likelihood as fit_module
 from exactflow.datasets import DataError
 from exactflow.io import CheckpointError
+from exactflow.sklearn import FlowDensity
 from exactflow.training import History, TrainingError, evaluate, fit
 from exactflow.transforms import ActNorm, ElementwiseAffine, LULinear
 
@@ -716,3 +717,19 @@ def test_noise_follows_each_columns_spread_under_a_pooled_scale_too():
         ef.fit(flow, x, steps=1, val_fraction=0.0, **CPU)
         torch.testing.assert_close(fit_module._noise_scale(0.2, flow, rows).double(), own,
                                    rtol=1e-5, atol=0)
+
+
+def test_far_from_standardized_data_warn_at_the_users_line():
+    # The warning says how to get a standardization layer wherever the flow was built, and
+    # points at the caller's line, however deep in the package it was found.
+    rows = torch.randn(200, 2, dtype=torch.float64) * 50 + 5000
+    flow = ef.models.maf(2, layers=1, hidden=(8,), standardize=False)
+    with pytest.warns(UserWarning, match=r"reach 5.*standardize=True \(FlowDensity"
+                                         r"\(standardize=True\); in the command line, leave "
+                                         r"out --no-standardize\)") as caught:
+        ef.fit(flow, rows, steps=2, progress=False)
+    assert [w.filename for w in caught] == [__file__]
+    with pytest.warns(UserWarning, match="no standardization layer") as caught:
+        FlowDensity(model="maf", layers=1, hidden=(8,), steps=2,
+                    standardize=False).fit(rows.numpy())
+    assert [w.filename for w in caught] == [__file__]

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from .._version import __version__
 from ..distributions import Flow
 from ..models import build
 from ..transforms.standardize import Standardize
+from ..validation import warn_user
 from .files import CheckpointError, atomic_write_bytes, safe_torch_load
 
 __all__ = ["save", "load", "FORMAT_VERSION"]
@@ -133,12 +133,11 @@ def _warn_if_dequantized(run_dir: Path, info: dict[str, Any]) -> None:
     data = info.get("data")
     columns = data.get("dequantized_columns") if isinstance(data, dict) else None
     if isinstance(columns, list) and columns:
-        warnings.warn(
+        warn_user(
             f"the run {str(run_dir)!r} dequantized its integer-valued columns {columns} "
             "before training (uniform noise in [0, 1)): the loaded flow's log_prob of raw "
             "rows is its density at the integer points, not what `exactflow score` "
-            "reports. exactflow.runs.load_run(run_dir).score(rows) scores as the CLI does.",
-            stacklevel=3,
+            "reports. exactflow.runs.load_run(run_dir).score(rows) scores as the CLI does."
         )
 
 

@@ -9,7 +9,6 @@ that shape the run (data size, batch size, features) match.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import torch
 
 from ..io import CheckpointError, atomic_save, safe_torch_load
+from ..validation import warn_user
 from .history import History
 from .loop import Guard, TrainState, rng_state, set_rng_state
 
@@ -113,11 +113,10 @@ def _restore(ckpt: Checkpoint, payload: dict[str, Any]) -> None:
             )
     changed = [k for k in run_args if k not in MUST_MATCH and saved.get(k) != run_args[k]]
     if changed:
-        warnings.warn(
+        warn_user(
             "resuming with different arguments than the checkpoint was written with ("
             + ", ".join(f"{k}: {saved.get(k)!r} -> {run_args[k]!r}" for k in changed)
-            + "); the result will differ from an uninterrupted run",
-            stacklevel=4,
+            + "); the result will differ from an uninterrupted run"
         )
     try:
         flow.load_state_dict(payload["model"])

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -25,13 +24,21 @@ from ..distributions import Flow
 from ..models import standardize_layer
 from ..scoring import module_dtype
 from ..transforms.standardize import Standardize
-from ..validation import DataError, counted, fraction, non_negative_float, positive_int
+from ..validation import (
+    DataError,
+    counted,
+    fraction,
+    non_negative_float,
+    positive_int,
+    warn_user,
+)
 from .batches import Order, Rows, to_device, wrap, wrap_context
 from .calibrate import prepare, recalibrate_batch_norm
 from .checkpoints import Checkpoint
 from .compiled import LossFunction
 from .history import History
 from .loop import (
+    STANDARDIZE_ADVICE,
     Guard,
     LoopSettings,
     TrainingError,
@@ -432,13 +439,11 @@ def _warn_if_unstandardized(flow: Flow, rows: Rows) -> None:
     spread = np.abs(sample).max(axis=0) if len(sample) else np.zeros(1)
     scale = float(np.max(spread))
     if scale > 1e3:
-        warnings.warn(
+        warn_user(
             f"the training data reach {scale:.3g} in absolute value and this flow has no "
             "standardization layer: its layers work on values of order 1 (splines act on "
             "[-bound, bound], affine scales are bounded per layer), so the fit will be poor. "
-            "Build the flow with standardize=True (in the command line: leave out "
-            "--no-standardize).",
-            stacklevel=3,
+            f"{STANDARDIZE_ADVICE}."
         )
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "run_loop",
     "gentler_lr",
     "data_advice",
+    "STANDARDIZE_ADVICE",
     "resolve_device",
     "forked_rng",
     "rng_state",
@@ -205,6 +206,13 @@ def _layer_families(flow: nn.Module) -> list[str]:
     return names
 
 
+#: How to get a standardization layer, wherever the flow was built.
+STANDARDIZE_ADVICE = (
+    "Build the flow with standardize=True (FlowDensity(standardize=True); in the command "
+    "line, leave out --no-standardize)"
+)
+
+
 def gentler_lr(lr: float) -> float:
     """A learning rate to suggest after ``lr`` failed: a tenth of it, at most Adam's 1e-3."""
     return min(lr / 10, 1e-3)
@@ -215,7 +223,7 @@ def data_advice(flow: nn.Module) -> str:
     already does."""
     if any(isinstance(m, Standardize) for m in flow.modules()):
         return "look for extreme values in the data (heavy tails standardize badly)"
-    return "standardize the data (standardize=True in the builder)"
+    return STANDARDIZE_ADVICE[0].lower() + STANDARDIZE_ADVICE[1:]
 
 
 def divergence_error(flow: nn.Module, step: int, lr: float, what: str) -> TrainingError:
