@@ -299,6 +299,8 @@ def test_check_full_rank_names_linearly_dependent_columns(monkeypatch) -> None:
         ds.check_full_rank(np.c_[x, np.ones(40), x[:, 0]])
     with pytest.raises(DataError, match=r"plane of 4 dimensions in 6.*drop 2 of them"):
         ds.check_full_rank(np.c_[x, 2 * x[:, 1], x[:, 2] + x[:, 3]])
+    with pytest.raises(DataError, match=r"plane of 1 dimension in 2, where"):
+        ds.check_full_rank(np.c_[x[:, 0], 3 * x[:, 0]])
     # Values stored in float32 carry its rounding: a sum far from zero is found all the same,
     # and a column that is noisy beyond that rounding is data.
     big = np.c_[x[:, :3] + 1e4, x[:, 0] + x[:, 1] + 2e4]

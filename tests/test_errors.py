@@ -99,8 +99,10 @@ def test_ef_load_names_what_a_foreign_file_is(tmp_path):
     np.save(tmp_path / "a.npy", np.zeros((3, 2)))
     np.savez(tmp_path / "b.npz", a=np.zeros(2), b=np.ones(2))
     (tmp_path / "notes.txt").write_text("")  # empty
+    (tmp_path / "zeros.bin").write_bytes(bytes(100))  # valid UTF-8, but not text
     for name, what in (("data.csv", "a text file"), ("a.npy", "a numpy .npy array"),
-                       ("b.npz", "a numpy .npz archive"), ("notes.txt", "empty")):
+                       ("b.npz", "a numpy .npz archive"), ("notes.txt", "empty"),
+                       ("zeros.bin", "a binary file of an unknown format")):
         with pytest.raises(CheckpointError, match=what) as info:
             ef.load(tmp_path / name)
         text = str(info.value)

@@ -76,10 +76,9 @@ def check_full_rank(
     closeness = f", to within {residual:.0e} of their spread" if residual > 1e-12 else ""
     raise DataError(
         f"{name}: columns {column_list(involved, columns, most=None)} are linearly "
-        f"dependent (a copy, a "
-        f"multiple or a sum of columns{closeness}): the rows lie on a plane of "
-        f"{len(varying) - missing} dimensions in {len(varying)}, where a density has no "
-        f"width; drop {drop}"
+        f"dependent (a copy, a multiple or a sum of columns{closeness}): the rows lie on a "
+        f"plane of {counted(len(varying) - missing, 'dimension')} in {len(varying)}, where "
+        f"a density has no width; drop {drop}"
     )
 
 

@@ -183,6 +183,8 @@ def _not_a_torch_file(path: Path) -> str | None:
     if head.startswith(b"\x93NUMPY"):
         return "a numpy .npy array"
     try:
+        if b"\x00" in head:  # (valid UTF-8, but no text holds NUL bytes)
+            return "a binary file of an unknown format"
         head.decode("utf-8")
     except UnicodeDecodeError as err:
         if err.start < len(head) - 4:  # not just a character cut at the end of the block
