@@ -205,7 +205,10 @@ def fit(
         exactflow.datasets.DataError: bad data (a ``ValueError``): NaN/inf rows, wrong
             number of columns, no more training rows than features, fewer rows than
             ``batch_size`` (when given), non-numeric cells, constant columns, context rows
-            that do not match the data rows.
+            that do not match the data rows. Linearly dependent columns are not looked
+            for (they cost a pass over the data, and nearly dependent ones are data a flow
+            can be trained on); :func:`exactflow.datasets.check_full_rank` finds them, as
+            :func:`fit_auto`, ``FlowDensity`` and the command line do.
         TrainingError: the loss stayed non-finite for five steps in a row.
         CheckpointError: ``resume=True`` with an unreadable or mismatched checkpoint.
 
