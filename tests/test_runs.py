@@ -78,7 +78,7 @@ def test_a_learning_rate_that_diverges_stops_the_run_with_the_cure(tmp_path):
                                                    r"marked failed.*overwrite") as caught:
             train_run(data, out, model=model, lr=lr, **QUIET)
         # The data are standardized already: no advice to standardize them.
-        assert "standardize the data" not in str(caught.value)
+        assert "standardize=True" not in str(caught.value)
         info = json.loads((out / "run.json").read_text())
         assert info["status"] == "failed" and info["error"].startswith("training ")
         assert not (out / "checkpoint.pt").exists()
@@ -156,3 +156,43 @@ def test_run_score_matches_named_columns_as_the_command_line_does(tmp_path):
         run.score(_NamedTable(rows, ["a", "B", "c"]))
     with pytest.raises(DataError, match=r"rows of shape \(20, 2\): the run was trained on 3"):
         run.score(rows[:, :2])
+
+
+def test_a_run_stopped_before_its_first_checkpoint_resumes_from_a_prepared_start(
+        tmp_path, monkeypatch):
+    # Interrupted before any checkpoint: --resume starts again from step 0, with the
+    # standardization filled as a fresh run fills it (it used to stay the identity).
+    import exactflow.runs.pipeline as pipeline
+
+    data = table(tmp_path / "t.csv", n=400)
+    data_rows = np.loadtxt(data, delimiter=",", skiprows=1)
+    np.savetxt(data, data_rows * 40 + 300, delimiter=",", header="a,b,c", comments="")
+    model = {"model": "maf", "layers": 2}
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "fit", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            train_run(data, tmp_path / "stopped", model=model, steps=30, **QUIET)
+    assert not (tmp_path / "stopped" / "checkpoint.pt").exists()
+    notes: list[str] = []
+    resumed = train_run(data, tmp_path / "stopped", model=model, steps=30, resume=True,
+                        progress=False, log=notes.append)
+    fresh = train_run(data, tmp_path / "fresh", model=model, steps=30, **QUIET)
+    assert any("left no checkpoint" in note for note in notes)
+    rows = torch.as_tensor(data_rows[:50] * 40 + 300)
+    assert torch.equal(resumed.flow.log_prob(rows), fresh.flow.log_prob(rows))
+    assert float(resumed.flow.transform[0].std.min()) > 10  # filled, not the identity
+
+    # A run of the auto ladder stopped while choosing has no one model to resume.
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "fit_auto", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            train_run(data, tmp_path / "auto", budget=5, **QUIET)
+    with pytest.raises(RunError, match=r"was choosing its model \(auto\) when it stopped.*"
+                                       r"--overwrite"):
+        train_run(data, tmp_path / "auto", model=model, resume=True, **QUIET)
+    with pytest.raises(ValueError, match="resume continues the training of one named model"):
+        train_run(data, tmp_path / "auto", resume=True, **QUIET)

@@ -203,8 +203,8 @@ def train_run(
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for but CUDA is not available here")
     if model == "auto" and resume:
-        raise ValueError("resume continues the training of one model: give the model that "
-                         "the interrupted run trained (e.g. --model maf), not auto")
+        raise ValueError("resume continues the training of one named model (e.g. --model "
+                         "maf); a run of the auto ladder is trained again with overwrite")
     writer = distributed.rank() == 0
     if writer:
         _protect_input(data, out)
@@ -292,6 +292,12 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
         "lr": lr, "device": device, "seed": seed, "standardize": requested,
         "dequantize": dequantize, "val_fraction": val_fraction, "test_fraction": test_fraction,
     }
+    if previous is not None and (previous.get("options") or {}).get("model") == "auto":
+        raise RunError(
+            f"the run in {str(out)!r} was choosing its model (auto) when it stopped, which "
+            "cannot be resumed: train it again with overwrite (--overwrite in the command "
+            "line)"
+        )
     if previous is not None:
         for key, now in (("data", data_info), ("model", None if flow is None else flow.config)):
             before = previous.get(key)
@@ -325,6 +331,9 @@ def _write_run(out: Path, writer: bool, flow: Flow | None, train: Any, val: Any,
         out.mkdir(parents=True, exist_ok=True)
         if not resume and checkpoint.exists():
             checkpoint.unlink()
+        elif resume and not checkpoint.exists():
+            log("note: the interrupted run left no checkpoint (it stopped before its first "
+                "one): training starts again from step 0")
     info: dict[str, Any] = {
         "format": RUN_FORMAT,
         "version": 1,

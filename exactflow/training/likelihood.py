@@ -284,7 +284,9 @@ def fit(
     checkpoint_every = eval_every if checkpoint_every is None else positive_int(
         checkpoint_every, "checkpoint_every")
 
-    if not resume:
+    # A resume restores what prepare() filled from the checkpoint; with no checkpoint yet
+    # (a run stopped before its first one), the run starts afresh, prepared.
+    if not (resume and Path(checkpoint).exists()):  # type: ignore[arg-type]
         prepare(flow, train_rows, train_ctx, int(seed))
     _warn_if_unstandardized(flow, train_rows)
     noise_scale = _noise_scale(noise, flow, train_rows)
