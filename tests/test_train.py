@@ -733,3 +733,18 @@ def test_far_from_standardized_data_warn_at_the_users_line():
         FlowDensity(model="maf", layers=1, hidden=(8,), steps=2,
                     standardize=False).fit(rows.numpy())
     assert [w.filename for w in caught] == [__file__]
+
+
+@pytest.mark.parametrize("model", ["maf", "gaussian"])
+def test_a_validation_row_scored_minus_inf_at_the_start_is_named(model):
+    # 1e30 overflows float32 once standardized: the validation NLL would be inf at every
+    # step and no step could be chosen (the run used to end with best_step None, silently).
+    rng = np.random.default_rng(0)
+    train, val = rng.normal(size=(300, 3)), rng.normal(size=(40, 3))
+    val[[3, 17], 1] = [1e30, -2e30]
+    flow = ef.models.build({"model": model, "features": 3, "standardize": True})
+    with pytest.raises(DataError, match=r"validation data: 2 rows score -inf under the model "
+                                        r"before training, one with 2e\+30 in column 1"):
+        fit(flow, train, val, steps=5, **CPU)
+    with pytest.raises(DataError, match="validation data: 2 rows score -inf"):
+        ef.fit_auto(train, val, budget=5)  # the data's fault: not one failure per candidate

@@ -62,7 +62,13 @@ from ..distributions import Flow
 from ..gaussians import GaussianMixture
 from ..models import build
 from ..transforms.standardize import Standardize, describe_standardize, resolve_standardize
-from ..validation import counted, positive_float, positive_int, training_rows_error
+from ..validation import (
+    DataError,
+    counted,
+    positive_float,
+    positive_int,
+    training_rows_error,
+)
 from .batches import wrap
 from .history import History
 from .likelihood import fit, hold_out
@@ -317,6 +323,8 @@ def fit_auto(
                           device=device, progress=progress, callback=_deadline(deadline),
                           **options)
             val_nll = evaluate(flow, val_rows, val_ctx)["nll"]
+        except DataError:  # the data's fault, not the candidate's: every one would fail
+            raise
         except Exception as err:  # noqa: BLE001 - a failed candidate is listed, not fatal
             entry.status = f"failed: {type(err).__name__}: {err}"[:300]
             entry.seconds = time.perf_counter() - clock
@@ -385,7 +393,7 @@ def fit_auto(
         run(cand.name, cand.config, cand.options, deadline)
     if best is None:
         raise TrainingError("no candidate of the ladder could be fitted: " + "; ".join(
-            f"{e.name}: {e.status}" for e in board))
+            f"{e.name}: {e.status}" for e in board) + ".")
     return AutoResult(best[1], board, best[2])
 
 

@@ -5,6 +5,8 @@
   and a Gaussian or mixture base its closed-form or EM fit to the latent of the training
   rows (every transform is still the identity there, so the flow then *is* that classical
   model).
+* :func:`warn_if_unstandardized`, before the first step: data far from standardized for a
+  flow without a standardization layer.
 * :func:`recalibrate_batch_norm`, after the last: every :class:`~exactflow.transforms.BatchNorm`
   gets the population statistics of its input over the whole training set, layer by layer,
   in place of the running averages of the last batches (which on small data can collapse
@@ -28,9 +30,11 @@ from ..scoring import eval_mode, module_device
 from ..stats import RunningMoments
 from ..transforms.normalization import BatchNorm
 from ..transforms.standardize import Standardize
+from ..validation import warn_user
 from .batches import Rows
+from .loop import STANDARDIZE_ADVICE
 
-__all__ = ["prepare", "recalibrate_batch_norm", "MAX_FIT_ROWS"]
+__all__ = ["prepare", "warn_if_unstandardized", "recalibrate_batch_norm", "MAX_FIT_ROWS"]
 
 #: Rows used to fit a classical base (a seeded subsample beyond this).
 MAX_FIT_ROWS = 200_000
@@ -144,3 +148,22 @@ def recalibrate_batch_norm(
                 count += 1
             chunks = [layer(part, c)[0] for part, c in zip(chunks, contexts, strict=True)]
     return count
+
+
+def warn_if_unstandardized(flow: Flow, rows: Rows) -> None:
+    """Warn when the data are far from standardized and the flow does not standardize."""
+    if standardize_layer(flow) is not None:
+        return
+    sample = rows.data[: min(len(rows), 10_000)]
+    if isinstance(sample, Tensor):
+        sample = sample.detach().cpu().numpy()
+    sample = np.asarray(sample, dtype=np.float64)
+    spread = np.abs(sample).max(axis=0) if len(sample) else np.zeros(1)
+    scale = float(np.max(spread))
+    if scale > 1e3:
+        warn_user(
+            f"the training data reach {scale:.3g} in absolute value and this flow has no "
+            "standardization layer: its layers work on values of order 1 (splines act on "
+            "[-bound, bound], affine scales are bounded per layer), so the fit will be poor. "
+            f"{STANDARDIZE_ADVICE}."
+        )

@@ -30,15 +30,13 @@ from ..validation import (
     fraction,
     non_negative_float,
     positive_int,
-    warn_user,
 )
 from .batches import Order, Rows, to_device, wrap, wrap_context
-from .calibrate import prepare, recalibrate_batch_norm
+from .calibrate import prepare, recalibrate_batch_norm, warn_if_unstandardized
 from .checkpoints import Checkpoint
 from .compiled import LossFunction
 from .history import History
 from .loop import (
-    STANDARDIZE_ADVICE,
     Guard,
     LoopSettings,
     TrainingError,
@@ -52,7 +50,7 @@ from .loop import (
     resolve_device,
     run_loop,
 )
-from .metrics import evaluate
+from .metrics import evaluate, unscorable_error
 from .parallel import Replicas
 
 __all__ = ["fit", "hold_out", "default_batch_size"]
@@ -205,10 +203,8 @@ def fit(
         exactflow.datasets.DataError: bad data (a ``ValueError``): NaN/inf rows, wrong
             number of columns, no more training rows than features, fewer rows than
             ``batch_size`` (when given), non-numeric cells, constant columns, context rows
-            that do not match the data rows. Linearly dependent columns are not looked
-            for (they cost a pass over the data, and nearly dependent ones are data a flow
-            can be trained on); :func:`exactflow.datasets.check_full_rank` finds them, as
-            :func:`fit_auto`, ``FlowDensity`` and the command line do.
+            that do not match the data rows, validation rows scored ``-inf`` at the start.
+            (Linearly dependent columns: :func:`exactflow.datasets.check_full_rank`.)
         TrainingError: the loss stayed non-finite for five steps in a row.
         CheckpointError: ``resume=True`` with an unreadable or mismatched checkpoint.
 
@@ -288,7 +284,7 @@ def fit(
     # (a run stopped before its first one), the run starts afresh, prepared.
     if not (resume and Path(checkpoint).exists()):  # type: ignore[arg-type]
         prepare(flow, train_rows, train_ctx, int(seed))
-    _warn_if_unstandardized(flow, train_rows)
+    warn_if_unstandardized(flow, train_rows)
     noise_scale = _noise_scale(noise, flow, train_rows)
     dev = resolve_device(device, flow)
     flow.to(dev)
@@ -300,6 +296,9 @@ def fit(
     if not params:  # a classical model: fitted in closed form by prepare()
         if val_rows is not None:
             metrics = evaluate(flow, val_rows, val_ctx, batch_size=max(batch_size, 4096))
+            if metrics["nll"] == math.inf and (err := unscorable_error(
+                    flow, val_rows, val_ctx, "validation data", train_rows, train_ctx)):
+                raise err
             history.steps, history.val_nll, history.train_nll = [0], [metrics["nll"]], [None]
             history.lr, history.time = [0.0], [0.0]
             history.best_step, history.best_val = 0, metrics["nll"]
@@ -375,6 +374,9 @@ def fit(
             guard.save()
             if val_rows is not None:  # step 0: the model as it starts is a candidate too
                 record(0, 0.0, time.perf_counter())
+                if history.val_nll[0] == math.inf and (err := unscorable_error(
+                        flow, val_rows, val_ctx, "validation data", train_rows, train_ctx)):
+                    raise err
                 flow.train()
         replicas.initialize(flow, order, train_rows, train_ctx, dev, dtype)
         nll.start(max(0, expected - state.step))
@@ -430,25 +432,6 @@ def _check_divergence(history: History, train_nll: float | None, d: int, lr: flo
             f"training diverged: {what} (more than {DIVERGED_NATS_PER_DIM:g} nats per "
             f"dimension worse). Lower the learning rate (lr, --lr; now {lr:.3g}, try "
             f"{gentler_lr(lr):.3g}) or {advice}."
-        )
-
-
-def _warn_if_unstandardized(flow: Flow, rows: Rows) -> None:
-    """Warn when the data are far from standardized and the flow does not standardize."""
-    if standardize_layer(flow) is not None:
-        return
-    sample = rows.data[: min(len(rows), 10_000)]
-    if isinstance(sample, Tensor):
-        sample = sample.detach().cpu().numpy()
-    sample = np.asarray(sample, dtype=np.float64)
-    spread = np.abs(sample).max(axis=0) if len(sample) else np.zeros(1)
-    scale = float(np.max(spread))
-    if scale > 1e3:
-        warn_user(
-            f"the training data reach {scale:.3g} in absolute value and this flow has no "
-            "standardization layer: its layers work on values of order 1 (splines act on "
-            "[-bound, bound], affine scales are bounded per layer), so the fit will be poor. "
-            f"{STANDARDIZE_ADVICE}."
         )
 
 

@@ -9,7 +9,7 @@ import torch
 
 from ..scoring import eval_mode, module_dtype
 from ..stats import RunningMoments
-from ..validation import positive_int
+from ..validation import SHOW, DataError, counted, positive_int
 from .batches import wrap, wrap_context
 from .loop import resolve_device
 
@@ -31,6 +31,8 @@ class NLLSummary:
         self.nonfinite = 0
         self.has_nan = False
         self.has_neg_inf = False
+        self.rows = 0  # (this process's rows, in order: where the first non-finite ones are)
+        self.nonfinite_at: list[int] = []
 
     def add(self, nll: torch.Tensor) -> None:
         """Add a batch of per-row NLLs (any dtype, any device)."""
@@ -40,9 +42,12 @@ class NLLSummary:
         self.moments.update(values)
         bad = nll[~finite]
         if bad.numel():
+            where = (~finite).nonzero().flatten()[: SHOW - len(self.nonfinite_at)]
+            self.nonfinite_at += (where + self.rows).tolist()
             self.nonfinite += int(bad.numel())
             self.has_nan |= bool(torch.isnan(bad).any())
             self.has_neg_inf |= bool((bad == -math.inf).any())
+        self.rows += nll.numel()
 
     def merge(self, other: NLLSummary) -> NLLSummary:
         self.moments.merge(other.moments)
@@ -155,3 +160,29 @@ def summarize(
                 ctx = ctx_rows.take(torch.arange(start, start + x.shape[0])).to(dev, ctx_dtype)
             summary.add(-flow.log_prob(x, ctx))
     return summary
+
+
+def unscorable_error(flow: Any, rows: Any, context: Any, name: str, train: Any,
+                     train_context: Any) -> DataError | None:
+    """The error for rows that ``flow`` scores ``-inf`` or NaN before training while it
+    scores the first training rows finitely (a value far beyond the training rows, such as
+    ``1e30``, overflows): among the validation rows they make the NLL ``inf`` at every
+    step, and no step could be chosen. None where the training rows fail too (the model's
+    fault: training says what went wrong)."""
+    first = torch.arange(min(len(train), 1024))
+    sample = wrap(train, "training data", flow.features).take(first)
+    context_rows = wrap_context(flow, train_context, "context", len(train))
+    sample_context = None if context_rows is None else context_rows.take(first)
+    if summarize(flow, sample, sample_context).nonfinite:
+        return None
+    summary = summarize(flow, rows, context)
+    values = wrap(rows, name, flow.features).take(torch.tensor(summary.nonfinite_at))
+    size = torch.as_tensor(values).double().abs().nan_to_num(0.0)
+    column = int(size.amax(0).argmax())
+    verb = "scores" if summary.nonfinite == 1 else "score"
+    return DataError(
+        f"{name}: {counted(summary.nonfinite, 'row')} {verb} -inf under the model before "
+        f"training, one with {float(size[:, column].max()):.3g} in column {column}, far "
+        "beyond the training rows: with them the validation NLL is inf at every step and "
+        "chooses no step; drop such rows, or clip their values"
+    )
