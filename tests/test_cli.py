@@ -780,3 +780,22 @@ def test_fractions_that_leave_no_training_rows_are_a_usage_error(tmp_path):
     code, _, err = run_cli(["train", "moons", *TINY, "--val-fraction", "0.6",
                             "--test-fraction", "0.5", "--out", tmp_path / "r"])
     assert code == 2 and "--val-fraction + --test-fraction must be below 1, got 1.1" in err
+
+
+def test_sigterm_stops_a_command_as_ctrl_c_does_with_code_143(run_dir, tmp_path, monkeypatch):
+    # A scheduler's stop (or `timeout`) mid-write: the file being written is removed, no
+    # temporary file is left, and the exit code is 128 + SIGTERM.
+    import signal
+
+    sample = ef.Flow.sample
+
+    def stopped(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return sample(self, *args, **kwargs)
+
+    monkeypatch.setattr(ef.Flow, "sample", stopped)
+    before = signal.getsignal(signal.SIGTERM)
+    code, _, err = run_cli(["sample", run_dir, "-n", "5000", "-o", tmp_path / "s.npy"])
+    assert code == 143 and "error: terminated" in err, err
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) == before

@@ -11,9 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -37,13 +40,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (0 ok, 1 bad data or run, 2 usage).
 
     A closed output pipe (``exactflow sample ... | head``) ends the command quietly with
-    exit code 141 (128 + SIGPIPE, as a shell reports it), without a traceback.
+    exit code 141 (128 + SIGPIPE, as a shell reports it), without a traceback. SIGTERM (a
+    job scheduler's stop, ``timeout``, ``kill``) ends it as Ctrl-C does, with exit code 143:
+    a file being written is removed, an interrupted run keeps its checkpoint.
     """
     try:
-        return _main(argv)
+        with _terminate_as_interrupt():
+            return _main(argv)
     except BrokenPipeError:
         silence_stdout()
         return 141
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the command is, so that it unwinds as after Ctrl-C."""
+
+
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield  # (signal handlers can only be set from the main thread)
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -73,9 +99,10 @@ def _main(argv: Sequence[str] | None) -> int:
             result = COMMANDS[args.command](args)
         finally:
             warnings.formatwarning = formatter
-    except KeyboardInterrupt:
-        _fail(args, "interrupted")
-        return 130
+    except KeyboardInterrupt as stop:
+        terminated = isinstance(stop, Terminated)
+        _fail(args, "terminated" if terminated else "interrupted")
+        return 143 if terminated else 130
     except BrokenPipeError:
         raise
     except UsageError as err:
