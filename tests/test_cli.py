@@ -633,6 +633,16 @@ def test_demo(tmp_path):
                               "--json"])
     assert code == 0, err
     assert json.loads(out)["metrics"]["steps"] == 10
+    # Another run there (a user's own model on moons) is replaced only with --overwrite.
+    mine = tmp_path / "mine"
+    code, _, err = run_cli(["train", "moons", *TINY, "--samples", "500", "--out", mine])
+    before = (mine / "model.safetensors").read_bytes()
+    code, _, err = run_cli(["demo", "--steps", "10", "--samples", "500", "--out", mine])
+    assert code == 1 and "pass --overwrite to replace it" in one_error_line(err)
+    assert (mine / "model.safetensors").read_bytes() == before
+    code, _, err = run_cli(["demo", "--steps", "10", "--samples", "500", "--out", mine,
+                            "--overwrite"])
+    assert code == 0 and json.loads((mine / "run.json").read_text())["model"]["layers"] == 8
 
 
 def test_output_files_have_ordinary_permissions(run_dir, tmp_path):

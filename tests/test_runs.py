@@ -29,6 +29,11 @@ def test_a_second_run_on_a_folder_in_use_is_refused_and_writes_nothing(tmp_path)
         with pytest.raises(RunError, match="being written by another exactflow run"):
             train_run(data, out, model="gaussian", **QUIET)
         assert sorted(p.name for p in out.iterdir()) == [".exactflow.lock"]
+        # A run under way is named so, not as an interrupted run to overwrite or resume.
+        (out / "run.json").write_text('{"format": "exactflow-run", "status": "training"}')
+        with pytest.raises(RunError, match="being written by another exactflow run"):
+            train_run(data, out, model="gaussian", **QUIET)
+        (out / "run.json").unlink()
     run = train_run(data, out, model="gaussian", **QUIET)  # free again
     assert run.info["status"] == "done"
 

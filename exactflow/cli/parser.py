@@ -139,7 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
                "  exactflow demo\n"
                "  exactflow demo --dataset 8gaussians --steps 5000 --out runs/8g\n",
     )
-    p.add_argument("--out", default="runs/demo", help="run folder to write (replaced if present)")
+    p.add_argument("--out", default="runs/demo",
+                   help="run folder to write (an earlier demo's run there is replaced)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace whatever run or files OUT holds")
     p.add_argument("--steps", type=_positive_int, default=2500, help="optimizer steps")
     p.add_argument("--dataset", choices=DEMO_DATASETS, default="moons", metavar="NAME",
                    help="2D toy dataset: " + ", ".join(DEMO_DATASETS))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from .. import distributed
 from ..report import build_report
 from ..runs import BUILTIN, RunError, train_run
 from .common import CommandError, UsageError, fmt, say, with_key
+from .parser import DEMO_DATASETS
 
 __all__ = ["cmd_train", "cmd_demo"]
 
@@ -141,15 +143,30 @@ def _default_out(data: str) -> Path:
     return candidate
 
 
+DEMO_MODEL = {"model": "realnvp", "layers": 8, "hidden": [64, 64], "batch_norm": True}
+
+
+def _made_by_demo(out: Path) -> bool:
+    """Whether ``out`` holds a run like those ``exactflow demo`` writes (the demo's model on
+    one of its toys): the demo replaces those alone unless told to."""
+    try:
+        info = json.loads((out / "run.json").read_text(encoding="utf-8"))
+        model, data = info.get("model") or {}, info.get("data") or {}
+    except (OSError, ValueError, AttributeError):
+        return False
+    return data.get("name") in DEMO_DATASETS and all(
+        model.get(key) == value for key, value in DEMO_MODEL.items())
+
+
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     say(args, f"exactflow demo: RealNVP (8 affine couplings, batch norm) on {args.dataset}, "
                f"{args.steps} steps")
     result = _train(
         args, data=args.dataset, out=out, samples=args.samples,
-        model={"model": "realnvp", "layers": 8, "hidden": [64, 64], "batch_norm": True},
+        model=DEMO_MODEL,
         steps=args.steps, batch_size=512, lr=2e-3, device=args.device, seed=args.seed,
-        overwrite=(out / "run.json").exists(),
+        overwrite=args.overwrite or _made_by_demo(out),
     )
     _print_train_result(args, result)
     if not args.json and result.get("report"):

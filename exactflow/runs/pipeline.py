@@ -226,6 +226,9 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
            device: str, seed: int, resume: bool, overwrite: bool, progress: bool,
            log: Callable[[str], None]) -> Run:
     # Under torchrun only rank 0 (the writer) checks and writes the run folder.
+    if writer and (out / LOCK_FILE).exists():
+        with locked(out):  # a run writing the folder now is named as such, not "interrupted"
+            pass
     previous = _prepare_out(out, resume=resume, overwrite=overwrite) if writer else None
 
     # Everything that can fail on bad data fails here, before anything is written.
