@@ -257,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "below it. With "
                     "--threshold-quantile Q, rows with p-value <= Q are flagged as anomalies: "
                     "if new normal rows are exchangeable with the run's data, about Q of them "
-                    "are flagged. Columns are matched by name when DATA has a header. "
+                    "are flagged; rows scored -inf (zero density under the model) are always "
+                    "flagged. Columns are matched by name when DATA has a header. "
                     "Without -o, CSV goes to stdout.",
         epilog="examples:\n"
                "  exactflow score runs/maf new.csv -o scores.csv\n"
@@ -268,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="FILE", help="write scores to FILE (.csv or .npy)")
     p.add_argument("--threshold-quantile", type=_fraction, metavar="Q",
                    help="flag rows whose conformal p-value is at most Q (a false-alarm rate "
-                        "of Q on new normal data)")
+                        "of Q on new normal data), and rows scored -inf")
     p.add_argument("--key", metavar="NAME",
                    help="the array to read from an .npz holding several (same as DATA:NAME)")
     p.add_argument("--columns", type=_columns, metavar="COLS",
