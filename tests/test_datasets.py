@@ -124,6 +124,18 @@ def test_load_csv_header_and_columns(tmp_path) -> None:
         ds.load(path)
 
 
+def test_pandas_labels_of_unnamed_columns_are_a_header_above_decimals(tmp_path) -> None:
+    # DataFrame(array).to_csv(index=False) writes "0,1,2" first: a header, not a data row.
+    path = _write(tmp_path, "p.csv", "0,1,2\n0.5,-1.25,3e-2\n2.0,1.0,0.0\n")
+    np.testing.assert_array_equal(ds.load(path), [[0.5, -1.25, 0.03], [2, 1, 0]])
+    assert ds.read_header(path) == ["0", "1", "2"]
+    # Above integers the same line is data (a table of counts may begin 0, 1, 2).
+    counts = _write(tmp_path, "c.csv", "0,1,2\n3,4,5\n")
+    np.testing.assert_array_equal(ds.load(counts), [[0, 1, 2], [3, 4, 5]])
+    assert ds.read_header(counts) is None
+    assert ds.load(path, header=False).shape == (3, 3)
+
+
 def test_load_csv_without_header_and_other_delimiters(tmp_path) -> None:
     expected = [[1.0, 2.0], [3.0, 4.0]]
     np.testing.assert_array_equal(ds.load(_write(tmp_path, "a.csv", "1,2\n3,4\n")), expected)

@@ -127,8 +127,8 @@ def _read_text(
         delimiter = _guess_delimiter(lines[0][1])
     first = [cell.strip() for cell in _split_line(lines[0][1], delimiter)]
     if header == "auto":
-        # A header row is one in which no cell is a number.
-        has_header = not any(_is_number(cell) for cell in first)
+        second = _split_line(lines[1][1], delimiter) if len(lines) > 1 else None
+        has_header = _is_header(first, second)
     elif isinstance(header, bool):
         has_header = header
     else:
@@ -221,8 +221,9 @@ def load(
     * CSV and other text (``.csv``, ``.tsv``, ``.txt``, ``.dat``): the delimiter is guessed
       from the first line (comma, tab, semicolon, else whitespace) unless given; blank lines and
       lines starting with ``#`` are skipped. ``header="auto"`` treats the first line as a
-      header when none of its cells is a number. Every selected cell must be a number
-      (``nan``/``inf`` parse, and :func:`validate` reports them); a non-numeric or empty cell
+      header when none of its cells is a number, or when it reads ``0, 1, 2, ...`` above a
+      line of decimals (pandas' labels for unnamed columns). Every selected cell must be a
+      number (``nan``/``inf`` parse, and :func:`validate` reports them); a non-numeric or empty cell
       raises :class:`DataError` with its 1-based line and column as in the file. Text is
       read into memory: convert data larger than memory to ``.npy`` once.
     * ``.npy``: with ``mmap=True`` opened by ``np.load(mmap_mode="r")``: an ``np.memmap`` that
@@ -341,7 +342,8 @@ def read_header(path: str | os.PathLike[str], delimiter: str | None = None) -> l
 
     The same rules as :func:`load`: blank lines and ``#`` comments are skipped, the delimiter
     is guessed from the first line, and that line is a header when none of its cells is a
-    number. Binary files (``.npy``, ``.npz``) have no header.
+    number (or it reads ``0, 1, 2, ...`` above decimals). Binary files (``.npy``, ``.npz``)
+    have no header.
     """
     path = os.fspath(path)
     ext = os.path.splitext(path)[1].lower()
@@ -351,13 +353,29 @@ def read_header(path: str | os.PathLike[str], delimiter: str | None = None) -> l
         delimiter = "\t"
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
+            rows: list[list[str]] = []
             for line in f:
                 if not line.strip() or line.lstrip().startswith("#"):
                     continue
                 line = line.rstrip("\r\n")
-                sep = delimiter if delimiter is not None else _guess_delimiter(line)
-                cells = [cell.strip() for cell in _split_line(line, sep)]
-                return None if any(_is_number(c) for c in cells) else cells
+                if delimiter is None:
+                    delimiter = _guess_delimiter(line)
+                rows.append([cell.strip() for cell in _split_line(line, delimiter)])
+                if len(rows) == 2:
+                    break
     except (OSError, UnicodeDecodeError):
         return None
-    return None
+    if not rows:
+        return None
+    return rows[0] if _is_header(rows[0], rows[1] if len(rows) > 1 else None) else None
+
+
+def _is_header(first: list[str], second: list[str] | None) -> bool:
+    """Whether the first line of a table names its columns: none of its cells is a number,
+    or they are ``0, 1, 2, ...`` (the labels pandas writes for unnamed columns) above a line
+    of decimals."""
+    if not any(_is_number(cell) for cell in first):
+        return True
+    counts = first == [str(i) for i in range(len(first))]
+    return counts and second is not None and any(
+        _is_number(cell) and not cell.strip().lstrip("+-").isdigit() for cell in second)
