@@ -137,6 +137,19 @@ def test_ef_load_refuses_nan_weights(tmp_path):
         ef.load(path)
 
 
+def test_a_changed_byte_in_the_weights_is_refused(tmp_path):
+    # safetensors checks its header, not its data: the checksum saved with the weights does.
+    flow = perturb(ef.models.maf(3, layers=1, hidden=(8,)))
+    path = ef.save(flow, tmp_path / "m.safetensors")
+    data = bytearray(path.read_bytes())
+    data[-9] ^= 0x10  # in the last tensor's bytes, one bit
+    (tmp_path / "flipped.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="is damaged: its weights do not match the "
+                                              "checksum"):
+        ef.load(tmp_path / "flipped.safetensors")
+    assert torch.equal(ef.load(path).log_prob(torch.ones(2, 3)), flow.log_prob(torch.ones(2, 3)))
+
+
 def test_ef_load_keeps_the_saved_dtype_and_refuses_complex_weights(tmp_path):
     from safetensors.torch import load_file, save_file
 

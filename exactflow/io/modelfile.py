@@ -21,6 +21,7 @@ description that could be rebuilt without running code. Register your own builde
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -104,8 +105,20 @@ def save(flow: Flow, path: str | os.PathLike[str]) -> Path:
         "version": str(FORMAT_VERSION),
         "exactflow_version": str(__version__),
         "config": config_json,
+        "sha256": _digest(state),
     }
     return atomic_write_bytes(path, safetensors_bytes(state, metadata=metadata))
+
+
+def _digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of every tensor's name, dtype, shape and bytes, in name order: a changed
+    byte in the weights (a bad disk, a bad copy) changes it."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().to("cpu").contiguous()
+        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -192,8 +205,10 @@ def _not_a_torch_file(path: Path) -> str | None:
     return "a text file (a CSV?)" if b"," in head or b"\t" in head else "a text file"
 
 
-def _read(path: Path, map_location: Any) -> tuple[dict[str, Any], dict[str, Any], str]:
-    """``(config, tensors, version)`` of a model file of either format, never running code."""
+def _read(path: Path, map_location: Any) -> tuple[dict[str, Any], dict[str, Any], bool]:
+    """``(config, tensors, intact)`` of a model file of either format, never running code:
+    ``intact`` is False when the tensors do not match the checksum saved with them (files
+    without one, exactflow 0.1's, count as intact)."""
     name = str(path)
     if not path.exists():
         raise CheckpointError(f"no such model file: {name!r}")
@@ -225,10 +240,10 @@ def _read(path: Path, map_location: Any) -> tuple[dict[str, Any], dict[str, Any]
     state = payload.get("state_dict")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{name!r} has no valid state_dict of tensors")
-    return _config(name, payload.get("config")), state, str(version)
+    return _config(name, payload.get("config")), state, True
 
 
-def _read_safetensors(path: Path, map_location: Any) -> tuple[dict, dict, str]:
+def _read_safetensors(path: Path, map_location: Any) -> tuple[dict, dict, bool]:
     from safetensors import SafetensorError, safe_open
 
     name = str(path)
@@ -250,7 +265,9 @@ def _read_safetensors(path: Path, map_location: Any) -> tuple[dict, dict, str]:
             config = _config(name, meta.get("config"))
             shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
             _check_sizes(name, config, shapes)
-            state = {key: f.get_tensor(key).to(device) for key in f.keys()}
+            state = {key: f.get_tensor(key) for key in f.keys()}
+            intact = "sha256" not in meta or meta["sha256"] == _digest(state)
+            state = {key: t.to(device) for key, t in state.items()}
     except CheckpointError:
         raise
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
@@ -258,7 +275,7 @@ def _read_safetensors(path: Path, map_location: Any) -> tuple[dict, dict, str]:
             f"{name!r} is truncated or not a valid model file ({type(err).__name__}: "
             f"{str(err).splitlines()[0] if str(err) else 'unreadable'})"
         ) from None
-    return config, state, str(version)
+    return config, state, intact
 
 
 def _check_version(name: str, version: int, written_by: Any) -> None:
@@ -353,15 +370,15 @@ def load(path: str | os.PathLike[str], map_location: Any = "cpu") -> Flow:
         CheckpointError: the file is missing, empty, truncated or foreign (text, a numpy
             array); a folder without a model file; holds anything but tensors and plain
             types (e.g. a pickle with a code payload); was written by a newer exactflow
-            format; names an unknown builder; has a config that its weights do not fit; or
-            holds NaN weights.
+            format; names an unknown builder; has a config that its weights do not fit;
+            holds NaN weights; or weights that do not match the checksum saved with them.
     """
     path = Path(path)
     info = _run_record(path) if path.is_dir() else {}
     _warn_if_dequantized(path, info)
     path = _model_file(path, info)
     name = str(path)
-    config, state, _ = _read(path, map_location)
+    config, state, intact = _read(path, map_location)
     try:
         flow = build(config)
     except (ValueError, TypeError) as err:
@@ -391,6 +408,12 @@ def load(path: str | os.PathLike[str], map_location: Any = "cpu") -> Flow:
             "score every row NaN"
         )
     _check_dtypes(name, flow.state_dict(), state)
+    if not intact:  # (after the checks that say more about a file made otherwise)
+        raise CheckpointError(
+            f"{name!r} is damaged: its weights do not match the checksum saved with them (a "
+            "changed byte, from a bad disk or copy); copy it again from a good source or "
+            "train it again"
+        )
     try:
         # assign=True keeps every tensor in the dtype it was saved in (a float64 model
         # loads as float64, not cast to the float32 it was rebuilt in).
