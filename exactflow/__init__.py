@@ -26,6 +26,7 @@ from .training import (
     fit,
     fit_auto,
     fit_reverse_kl,
+    prepare,
 )
 from .validation import DataError
 
@@ -54,6 +55,7 @@ __all__ = [
     "fit",
     "fit_auto",
     "fit_reverse_kl",
+    "prepare",
     "evaluate",
     "estimate_log_normalizer",
     "History",

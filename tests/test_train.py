@@ -748,3 +748,17 @@ def test_a_validation_row_scored_minus_inf_at_the_start_is_named(model):
         fit(flow, train, val, steps=5, **CPU)
     with pytest.raises(DataError, match="validation data: 2 rows score -inf"):
         ef.fit_auto(train, val, budget=5)  # the data's fault: not one failure per candidate
+
+
+def test_prepare_fills_what_fit_would_before_a_loop_of_ones_own():
+    rows = 5 + 3 * torch.randn(400, 2, dtype=torch.float64)
+    flow = ef.models.maf(2, layers=1, hidden=(8,), standardize=True, base="gaussian")
+    assert ef.prepare(flow, rows.numpy()) == ["standardization", "Gaussian base"]
+    layer = flow.transform[0]
+    torch.testing.assert_close(layer.mean, rows.mean(0))
+    torch.testing.assert_close(layer.std, rows.std(0, correction=0))
+    assert ef.prepare(flow, rows) == []  # prepared already: nothing changes
+    twin = ef.models.maf(2, layers=1, hidden=(8,), standardize=True, base="gaussian")
+    twin.load_state_dict(flow.state_dict())
+    with pytest.raises(DataError, match="expected 2 columns"):
+        ef.prepare(twin, torch.randn(10, 3))

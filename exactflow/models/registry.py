@@ -39,9 +39,10 @@ def register(
     keyword arguments shared by every builder:
 
     * ``standardize=True`` puts a fixed :class:`~exactflow.transforms.Standardize` layer
-      first; :func:`exactflow.fit` fills its mean and standard deviation from the training
-      data, so ``log_prob`` stays in the units of the data (``standardize="pooled"``: one
-      scale for every column, for columns on one common scale such as pixels);
+      first; :func:`exactflow.fit` (or :func:`exactflow.prepare`, before a loop of your
+      own) fills its mean and standard deviation from the training data, so ``log_prob``
+      stays in the units of the data (``standardize="pooled"``: one scale for every
+      column, for columns on one common scale such as pixels);
     * ``embedding={"features": k, "hidden": [64]}`` encodes the context with an MLP trained
       jointly with the flow (the builder's layers then see ``k`` context features); the
       builder itself is called with ``context=k``;

@@ -7,7 +7,9 @@
 * :func:`fit_reverse_kl` and :func:`estimate_log_normalizer`
   (:mod:`~exactflow.training.reverse_kl`): fitting to an unnormalized density;
 * :func:`evaluate` (:mod:`~exactflow.training.metrics`): the test NLL with its standard
-  error, and bits per dimension.
+  error, and bits per dimension;
+* :func:`prepare` (:mod:`~exactflow.training.calibrate`): the parts set from the data
+  (standardization, a classical base), before a training loop of one's own.
 
 Both engines share one loop (:mod:`~exactflow.training.loop`: rollback of non-finite steps,
 schedules, records, checkpoints in :mod:`~exactflow.training.checkpoints`) and one
@@ -15,6 +17,7 @@ schedules, records, checkpoints in :mod:`~exactflow.training.checkpoints`) and o
 """
 
 from .auto import fit_auto
+from .calibrate import prepare
 from .history import History
 from .likelihood import fit
 from .loop import TrainingError
@@ -22,4 +25,4 @@ from .metrics import evaluate
 from .reverse_kl import estimate_log_normalizer, fit_reverse_kl
 
 __all__ = ["fit", "fit_auto", "fit_reverse_kl", "evaluate", "estimate_log_normalizer",
-           "History", "TrainingError"]
+           "prepare", "History", "TrainingError"]

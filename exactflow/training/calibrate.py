@@ -31,7 +31,7 @@ from ..stats import RunningMoments
 from ..transforms.normalization import BatchNorm
 from ..transforms.standardize import Standardize
 from ..validation import warn_user
-from .batches import Rows
+from .batches import Rows, wrap, wrap_context
 from .loop import STANDARDIZE_ADVICE
 
 __all__ = ["prepare", "warn_if_unstandardized", "recalibrate_batch_norm", "MAX_FIT_ROWS"]
@@ -55,13 +55,32 @@ def _sample_rows(rows: Rows, limit: int, seed: int) -> Tensor:
     return rows.take(index)
 
 
-def prepare(flow: Flow, train: Rows, context: Rows | None, seed: int = 0) -> list[str]:
-    """Set a flow's data-dependent layers from the training rows; returns what was set.
+def prepare(flow: Flow, train: Any, context: Any = None, seed: int = 0) -> list[str]:
+    """Set a flow's data-dependent parts from the training rows; returns what was set.
 
-    Only layers still at their initial state are set (a standardization still at mean 0
-    and scale 1, a base not fitted yet), so calling it on a flow a user prepared by hand,
-    or on a resumed run, changes nothing.
+    :func:`exactflow.fit` calls it before its first step; call it yourself before a
+    training loop of your own, or a builder's ``standardize=True`` layer stays the
+    identity. It fills the standardization layer with the columns' means and standard
+    deviations (float64), the context scaler with the context's, and a Gaussian or mixture
+    base with its fit to the latent of the training rows. Only parts still at their
+    initial state are set (a standardization at mean 0 and scale 1, a base not fitted
+    yet), so calling it on a flow prepared already, or on a resumed run, changes nothing.
+
+    Args:
+        flow: the flow to prepare.
+        train: ``(n, features)`` training rows (tensor, array, memmap).
+        context: ``(n, context_features)`` context rows for a conditional flow.
+        seed: seeds the subsample a classical base is fitted to.
+
+    Example:
+        >>> import torch, exactflow as ef
+        >>> flow = ef.models.maf(2, layers=1, hidden=(8,), standardize=True)
+        >>> ef.prepare(flow, 5 + 3 * torch.randn(500, 2))
+        ['standardization']
     """
+    if not isinstance(train, Rows):
+        train = wrap(train, "training data", flow.features, strict=True)
+        context = wrap_context(flow, context, "context", len(train))
     done = []
     layer = standardize_layer(flow)
     if layer is not None and _is_identity(layer):

@@ -134,7 +134,8 @@ class Standardize(Transform):
     change of variables adds ``log|det dz/dx| = -sum_i log std_i`` (the same for every row).
     Both directions are closed form and cost O(d); ``mean`` and ``std`` are buffers (saved
     with the model, not trained). Builders put one first with ``standardize=True`` and
-    :func:`exactflow.fit` fills it from the training data.
+    :func:`exactflow.fit` fills it from the training data (:func:`exactflow.prepare` does
+    it before a training loop of your own).
 
     **Precision.** ``mean`` and ``std`` are always kept in float64 (``.float()`` on the
     model leaves them so), and ``forward`` standardizes in float64 before casting to the
