@@ -134,6 +134,12 @@ def test_pandas_labels_of_unnamed_columns_are_a_header_above_decimals(tmp_path) 
     np.testing.assert_array_equal(ds.load(counts), [[0, 1, 2], [3, 4, 5]])
     assert ds.read_header(counts) is None
     assert ds.load(path, header=False).shape == (3, 3)
+    # Columns reordered, and the index pandas writes by default (an empty first label).
+    mixed = _write(tmp_path, "m.csv", "2,0,1\n0.5,-1.25,3e-2\n")
+    assert ds.read_header(mixed) == ["2", "0", "1"] and ds.load(mixed).shape == (1, 3)
+    indexed = _write(tmp_path, "i.csv", ",0,1\n0,0.5,-1.5\n1,2.0,1.0\n")
+    assert ds.read_header(indexed) == ["", "0", "1"]
+    np.testing.assert_array_equal(ds.load(indexed), [[0, 0.5, -1.5], [1, 2, 1]])
 
 
 def test_load_csv_without_header_and_other_delimiters(tmp_path) -> None:

@@ -221,8 +221,9 @@ def load(
     * CSV and other text (``.csv``, ``.tsv``, ``.txt``, ``.dat``): the delimiter is guessed
       from the first line (comma, tab, semicolon, else whitespace) unless given; blank lines and
       lines starting with ``#`` are skipped. ``header="auto"`` treats the first line as a
-      header when none of its cells is a number, or when it reads ``0, 1, 2, ...`` above a
-      line of decimals (pandas' labels for unnamed columns). Every selected cell must be a
+      header when none of its cells is a number, or when it holds pandas' labels for
+      unnamed columns (``0, 1, 2, ...`` in any order, after an empty cell for the index)
+      above a line of decimals. Every selected cell must be a
       number (``nan``/``inf`` parse, and :func:`validate` reports them); a non-numeric or empty cell
       raises :class:`DataError` with its 1-based line and column as in the file. Text is
       read into memory: convert data larger than memory to ``.npy`` once.
@@ -372,10 +373,11 @@ def read_header(path: str | os.PathLike[str], delimiter: str | None = None) -> l
 
 def _is_header(first: list[str], second: list[str] | None) -> bool:
     """Whether the first line of a table names its columns: none of its cells is a number,
-    or they are ``0, 1, 2, ...`` (the labels pandas writes for unnamed columns) above a line
-    of decimals."""
+    or they are the labels pandas writes for unnamed columns (``0, 1, 2, ...`` in any
+    order, after an empty cell for the index) above a line of decimals."""
     if not any(_is_number(cell) for cell in first):
         return True
-    counts = first == [str(i) for i in range(len(first))]
+    labels = first[1:] if first and first[0] == "" else first
+    counts = sorted(labels) == sorted(str(i) for i in range(len(labels)))
     return counts and second is not None and any(
         _is_number(cell) and not cell.strip().lstrip("+-").isdigit() for cell in second)
