@@ -201,3 +201,23 @@ def test_a_run_stopped_before_its_first_checkpoint_resumes_from_a_prepared_start
         train_run(data, tmp_path / "auto", model=model, resume=True, **QUIET)
     with pytest.raises(ValueError, match="resume continues the training of one named model"):
         train_run(data, tmp_path / "auto", resume=True, **QUIET)
+
+
+def test_a_run_whose_data_training_refused_is_marked_failed(tmp_path, monkeypatch):
+    # Refused once training began (a validation row the model scores -inf): the folder
+    # says so, instead of holding a run that looks interrupted.
+    import json
+
+    import exactflow.runs.pipeline as pipeline
+
+    def refused(*args, **kwargs):
+        raise ef.DataError("validation data: 1 row scores -inf under the model")
+
+    data = table(tmp_path / "t.csv")
+    monkeypatch.setattr(pipeline, "fit", refused)
+    with pytest.raises(ef.DataError, match=r"scores -inf under the model\. The run in .* is "
+                                           r"marked failed; train it again with overwrite"):
+        train_run(data, tmp_path / "r", model="maf", **QUIET)
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["status"] == "failed"
+    with pytest.raises(RunError, match="already holds a failed run"):
+        train_run(data, tmp_path / "r", model="maf", **QUIET)

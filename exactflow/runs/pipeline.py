@@ -367,17 +367,17 @@ def _write_run(out: Path, writer: bool, flow: Flow | None, train: Any, val: Any,
                 checkpoint=checkpoint, resume=resume, device=device, seed=seed,
                 progress=progress,
             )
-    except TrainingError as err:
+    except (TrainingError, DataError) as err:
         if not writer:
             raise
-        # A diverged run cannot be resumed (it would start where it blew up): mark it
-        # failed, drop its checkpoint, and say how to train it again.
+        # A diverged run cannot be resumed (it would start where it blew up), nor one whose
+        # data training refused: mark it failed, drop its checkpoint, say how to train again.
         checkpoint.unlink(missing_ok=True)
         info.update(status="failed", finished=_now(), error=str(err))
         atomic_write_json(out / RUN_JSON, info)
-        raise TrainingError(
-            f"{err} The run in {str(out)!r} is marked failed; train it again with "
-            "overwrite (--overwrite in the command line)."
+        raise type(err)(
+            f"{str(err).rstrip('.')}. The run in {str(out)!r} is marked failed; train it "
+            "again with overwrite (--overwrite in the command line)."
         ) from err
     if not writer:
         return Run(out, info, flow, history.to_dict())
