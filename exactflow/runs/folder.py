@@ -19,9 +19,9 @@ from ..scoring import log_prob
 from ..validation import DataError
 from .data import dequantize
 
-__all__ = ["Run", "RunError", "load_run", "locked", "RUN_FILES", "LOCK_FILE", "RUN_JSON",
-           "MODEL_FILE", "LEGACY_MODEL_FILE", "DATA_FILE", "HISTORY_FILE", "CHECKPOINT_FILE",
-           "REPORT_DIR", "RUN_FORMAT"]
+__all__ = ["Run", "RunError", "load_run", "locked", "lock_holder", "RUN_FILES", "LOCK_FILE",
+           "RUN_JSON", "MODEL_FILE", "LEGACY_MODEL_FILE", "DATA_FILE", "HISTORY_FILE",
+           "CHECKPOINT_FILE", "REPORT_DIR", "RUN_FORMAT"]
 
 #: The files of a run folder.
 RUN_JSON = "run.json"
@@ -42,6 +42,27 @@ class RunError(Exception):
 #: The files a run writes in its folder (anything else there is left alone).
 RUN_FILES = (RUN_JSON, MODEL_FILE, DATA_FILE, HISTORY_FILE, CHECKPOINT_FILE, REPORT_DIR)
 LOCK_FILE = ".exactflow.lock"
+
+
+def lock_holder(folder: Path) -> str | None:
+    """The pid of the process writing ``folder`` now (its lock held), or None: reads only,
+    never creates the lock file."""
+    path = folder / LOCK_FILE
+    try:
+        import fcntl
+
+        fd = os.open(path, os.O_RDONLY)
+    except (ImportError, OSError):  # not POSIX, or no lock file: nobody writes it
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
 
 
 @contextmanager
@@ -223,6 +244,10 @@ def load_run(run_dir: str | os.PathLike[str], *, model: bool = True) -> Run:
             "overwrite=True))"
         )
     if info.get("status") != "done":
+        holder = lock_holder(path)
+        if holder is not None:
+            raise RunError(f"the run in {str(path)!r} is being trained now (pid {holder}); "
+                           "wait for it to finish")
         raise RunError(
             f"the run in {str(path)!r} did not finish (status {info.get('status')!r}); "
             "continue it with `exactflow train ... --resume`"

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from ..datasets import LazyTable, Shards, Subset, open_table, validate
+from ..distributions import tensor_of
 from ..validation import DataError, nonfinite_rows_error
 
 __all__ = ["Rows", "Order", "wrap", "wrap_context", "to_device", "IN_MEMORY_SHUFFLE_ROWS"]
@@ -107,7 +108,7 @@ class Rows:
         for start in range(0, len(self), size):
             part = self.data[start : start + size]
             if not isinstance(part, Tensor):
-                part = torch.from_numpy(np.ascontiguousarray(np.asarray(part)))
+                part = tensor_of(np.ascontiguousarray(np.asarray(part)))
             yield start, part
 
     def share(self, lo: int, hi: int) -> Rows:
