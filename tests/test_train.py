@@ -762,3 +762,17 @@ def test_prepare_fills_what_fit_would_before_a_loop_of_ones_own():
     twin.load_state_dict(flow.state_dict())
     with pytest.raises(DataError, match="expected 2 columns"):
         ef.prepare(twin, torch.randn(10, 3))
+
+
+def test_a_validation_nll_gone_to_inf_points_at_the_rows_first():
+    history = History(features=2, objective="nll")
+    history.steps, history.val_nll, history.train_nll = [0, 10], [3.0, math.inf], [None, 3.5]
+    with pytest.raises(TrainingError, match=r"went from 3 at the start to inf nats.*look for "
+                                            r"validation rows \(or context\) far beyond the "
+                                            r"training rows.*or standardize") as info:
+        fit_module._check_divergence(history, 3.5, 2, 1e-3, "standardize the data")
+    assert "Lower the learning rate" in str(info.value)
+    history.val_nll[-1] = 30.0  # a finite blow-up: the learning rate's advice alone
+    with pytest.raises(TrainingError) as info:
+        fit_module._check_divergence(history, 3.5, 2, 1e-3, "standardize the data")
+    assert "validation rows (or context)" not in str(info.value)

@@ -427,6 +427,9 @@ def _check_divergence(history: History, train_nll: float | None, d: int, lr: flo
           and last > start + margin and train_nll > start):
         what = (f"the validation NLL went from {start:.4g} at the start to {last:.4g} nats "
                 f"and the training NLL is {train_nll:.4g}")
+        if last == math.inf:  # rows the model no longer reaches: often the rows' fault
+            advice = (f"look for validation rows (or context) far beyond the training rows, "
+                      f"where the model now puts no density; or {advice}")
     if what is not None:
         raise TrainingError(
             f"training diverged: {what} (more than {DIVERGED_NATS_PER_DIM:g} nats per "
