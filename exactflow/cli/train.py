@@ -152,8 +152,11 @@ def _made_by_demo(out: Path) -> bool:
     try:
         info = json.loads((out / "run.json").read_text(encoding="utf-8"))
         model, data = info.get("model") or {}, info.get("data") or {}
+        command = info.get("command")
     except (OSError, ValueError, AttributeError):
         return False
+    if isinstance(command, list) and len(command) > 1 and command[1] != "demo":
+        return False  # (the command line is recorded where exactflow ran as a program)
     return data.get("name") in DEMO_DATASETS and all(
         model.get(key) == value for key, value in DEMO_MODEL.items())
 
