@@ -809,3 +809,20 @@ def test_sigterm_stops_a_command_as_ctrl_c_does_with_code_143(run_dir, tmp_path,
     assert code == 143 and "error: terminated" in err, err
     assert list(tmp_path.iterdir()) == []
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_train_says_why_the_test_nll_is_not_finite(capsys):
+    # A test row far beyond the training rows scores -inf: the summary says how many, and
+    # the NLL over the others.
+    import argparse
+
+    from exactflow.cli.train import _print_train_result
+
+    test = {"nll": math.inf, "nll_se": math.nan, "bpd": math.inf, "n": 40,
+            "n_nonfinite": 1, "nll_finite": 2.5}
+    result = {"metrics": {"test": test, "parameters": 10, "steps": 5}, "model": "maf",
+              "data": "t.csv", "run": "runs/t"}
+    _print_train_result(argparse.Namespace(json=False, quiet=False), result)
+    out = capsys.readouterr().out
+    assert "test NLL inf" in out
+    assert "1 of the test rows score -inf or NaN" in out and "the test NLL is 2.5000" in out

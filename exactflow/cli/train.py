@@ -70,6 +70,10 @@ def _print_train_result(args: argparse.Namespace, result: dict[str, Any]) -> Non
                    "validation NLL)")
     say(args, f"test NLL {fmt(t.get('nll'))} ± {fmt(t.get('nll_se'))} nats "
                f"({fmt(t.get('bpd'))} bits/dim, {t.get('n')} rows)")
+    if t.get("n_nonfinite"):
+        say(args, f"  {t['n_nonfinite']} of the test rows score -inf or NaN (values far beyond "
+                   f"the training rows?); over the others the test NLL is "
+                   f"{fmt(t.get('nll_finite'))} nats")
     if "test_nll_minus_entropy" in m:
         say(args, f"test NLL - true entropy = {m['test_nll_minus_entropy']:+.4f} nats "
                    "(0 is a perfect model)")
