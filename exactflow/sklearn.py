@@ -80,9 +80,10 @@ class FlowDensity(DensityMixin, BaseEstimator):
             candidate's own).
         validation_fraction: rows held out to stop training and to choose the model
             (0: none, train a given model on all rows for ``steps``; ``auto`` needs some).
-        budget: seconds the ``auto`` ladder may take. A budget is wall-clock time: where it
-            cuts a candidate short, the step it stops at (and so the model) depends on the
-            machine's speed and load, and ``random_state`` alone does not repeat the fit.
+        budget: seconds the ``auto`` ladder may take (default 45; only with ``auto``). A
+            budget is wall-clock time: where it cuts a candidate short, the step it stops
+            at (and so the model) depends on the machine's speed and load, and
+            ``random_state`` alone does not repeat the fit.
         standardize: put a fixed standardization layer first, filled from the training
             rows: ``"auto"`` (default) one mean and scale for all columns where they lie on
             one range and some nearly constant column would otherwise be scaled far out
@@ -132,7 +133,7 @@ class FlowDensity(DensityMixin, BaseEstimator):
         batch_size: int | None = None,
         lr: float | None = None,
         validation_fraction: float = 0.15,
-        budget: float = 45.0,
+        budget: float | None = None,
         standardize: bool | str = "auto",
         model_kwargs: dict[str, Any] | None = None,
         device: str = "cpu",
@@ -204,6 +205,10 @@ class FlowDensity(DensityMixin, BaseEstimator):
             raise ValueError(
                 f"validation_fraction must be in [0, 1), got {self.validation_fraction!r}"
             )
+        if not auto and self.budget is not None:
+            raise ValueError(f"budget is the time of the auto ladder; model={self.model!r} "
+                             "trains one model, for steps or epochs (or until validation "
+                             "stops improving)")
         if auto and float(self.validation_fraction) == 0:
             raise ValueError("model='auto' chooses its model on held-out rows: "
                              "validation_fraction must be above 0")
@@ -212,7 +217,8 @@ class FlowDensity(DensityMixin, BaseEstimator):
         self.leaderboard_: list[dict[str, Any]] | None = None
         if auto:
             try:
-                result = fit_auto(X, budget=float(self.budget),
+                budget = 45.0 if self.budget is None else float(self.budget)
+                result = fit_auto(X, budget=budget,
                                   val_fraction=float(self.validation_fraction),
                                   standardize=self.standardize, seed=seed,
                                   device=self.device, progress=bool(self.verbose),

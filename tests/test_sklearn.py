@@ -145,6 +145,9 @@ def test_auto_refuses_settings_that_belong_to_one_model(kwargs):
         FlowDensity(**kwargs).fit(X)
     with pytest.raises(ValueError, match="validation_fraction must be above 0"):
         FlowDensity(validation_fraction=0).fit(X)
+    with pytest.raises(ValueError, match="budget is the time of the auto ladder; "
+                                         "model='maf' trains one model"):
+        FlowDensity(model="maf", budget=5).fit(X)
 
 
 def test_standardize_takes_one_scale_per_column_or_one_for_all():
