@@ -399,6 +399,8 @@ def check_input(
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} takes a torch.Tensor, got {type(x).__name__}")
+    if torch.jit.is_tracing():  # shapes are fixed in a trace: the checks would only warn
+        return
     if x.dim() != 2 or (features is not None and x.shape[1] != features):
         width = "features" if features is None else str(features)
         raise ValueError(

@@ -336,7 +336,7 @@ class Flow(Distribution):
 
     def _check_x(self, x: Any) -> Tensor:
         x = self._as_tensor(x, "x", exact=self._standardizes_first(self.transform))
-        if x.dim() != 2 or x.shape[1] != self.features:
+        if not torch.jit.is_tracing() and (x.dim() != 2 or x.shape[1] != self.features):
             raise ValueError(
                 f"x must have shape (batch, {self.features}), got {tuple(x.shape)}"
             )

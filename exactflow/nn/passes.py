@@ -266,9 +266,9 @@ def composable_pass(
     """
     h = x_in
     rows = x_in.shape[0]
-    # A symbolic batch (torch.export with a dynamic batch size): the dense products,
-    # without a guard on the batch's size.
-    dense = isinstance(rows, torch.SymInt)
+    # A symbolic batch (torch.export with a dynamic batch size) or a traced one
+    # (torch.jit.trace): the dense products, without a guard on the batch's size.
+    dense = isinstance(rows, torch.SymInt) or torch.jit.is_tracing()
     for layer, w in zip(layout.layers, weights, strict=True):
         if dense or layer.skipped * rows < BLOCKS_FROM:
             h = torch.addmm(w[:, 0], h, w[:, 1:].t())

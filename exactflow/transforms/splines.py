@@ -140,42 +140,9 @@ def rational_quadratic(
         True
     """
     bins = widths.shape[-1] if widths.dim() > 0 else 0
-    if widths.dim() == 0 or bins < 1:
-        raise ValueError(
-            f"widths must have shape (..., bins) with bins >= 1, got {tuple(widths.shape)}"
-        )
-    if heights.shape[-1:] != (bins,):
-        raise ValueError(
-            f"heights must have shape (..., {bins}) like widths, got {tuple(heights.shape)}"
-        )
-    if derivatives.dim() == 0 or derivatives.shape[-1] != bins - 1:
-        raise ValueError(
-            f"derivatives must have shape (..., {bins - 1}) (bins - 1 interior knots), "
-            f"got {tuple(derivatives.shape)}"
-        )
-    for name, p in (("widths", widths), ("heights", heights), ("derivatives", derivatives)):
-        try:
-            shape = torch.broadcast_shapes(p.shape[:-1], x.shape)
-        except RuntimeError:
-            shape = None
-        if shape != x.shape:
-            raise ValueError(
-                f"the leading dimensions of {name} {tuple(p.shape[:-1])} must broadcast "
-                f"to the shape of x {tuple(x.shape)}"
-            )
-    same_dtype = widths.dtype == heights.dtype == derivatives.dtype == x.dtype
-    if not (x.is_floating_point() and same_dtype):
-        raise ValueError(
-            f"x and the spline parameters must share one floating dtype, got x {x.dtype}, "
-            f"widths {widths.dtype}, heights {heights.dtype}, derivatives {derivatives.dtype}"
-        )
-    if not (bound > 0 and math.isfinite(bound)):
-        raise ValueError(f"bound must be positive and finite, got {bound}")
-    if not min_derivative > 0:
-        raise ValueError(f"min_derivative must be positive, got {min_derivative}")
-    for name, m in (("min_width", min_width), ("min_height", min_height)):
-        if not 0 <= m * bins < 1:
-            raise ValueError(f"{name} * bins must be in [0, 1), got {m} * {bins}")
+    if not torch.jit.is_tracing():  # (shapes are fixed in a trace: the checks would warn)
+        _check_args(x, widths, heights, derivatives, bound, min_width, min_height,
+                    min_derivative)
     bound = float(bound)
 
     x_inner = _inner_knots(widths, bound, min_width).expand(*x.shape, bins - 1)
@@ -238,3 +205,46 @@ def rational_quadratic(
     out = torch.where(inside, out, x)
     log_abs_det = torch.where(inside, log_abs_det, torch.zeros_like(log_abs_det))
     return out, log_abs_det
+
+
+def _check_args(x: Tensor, widths: Tensor, heights: Tensor, derivatives: Tensor,
+                bound: float, min_width: float, min_height: float,
+                min_derivative: float) -> None:
+    """:func:`rational_quadratic`'s argument checks, each with its message."""
+    bins = widths.shape[-1] if widths.dim() > 0 else 0
+    if widths.dim() == 0 or bins < 1:
+        raise ValueError(
+            f"widths must have shape (..., bins) with bins >= 1, got {tuple(widths.shape)}"
+        )
+    if heights.shape[-1:] != (bins,):
+        raise ValueError(
+            f"heights must have shape (..., {bins}) like widths, got {tuple(heights.shape)}"
+        )
+    if derivatives.dim() == 0 or derivatives.shape[-1] != bins - 1:
+        raise ValueError(
+            f"derivatives must have shape (..., {bins - 1}) (bins - 1 interior knots), "
+            f"got {tuple(derivatives.shape)}"
+        )
+    for name, p in (("widths", widths), ("heights", heights), ("derivatives", derivatives)):
+        try:
+            shape = torch.broadcast_shapes(p.shape[:-1], x.shape)
+        except RuntimeError:
+            shape = None
+        if shape != x.shape:
+            raise ValueError(
+                f"the leading dimensions of {name} {tuple(p.shape[:-1])} must broadcast "
+                f"to the shape of x {tuple(x.shape)}"
+            )
+    same_dtype = widths.dtype == heights.dtype == derivatives.dtype == x.dtype
+    if not (x.is_floating_point() and same_dtype):
+        raise ValueError(
+            f"x and the spline parameters must share one floating dtype, got x {x.dtype}, "
+            f"widths {widths.dtype}, heights {heights.dtype}, derivatives {derivatives.dtype}"
+        )
+    if not (bound > 0 and math.isfinite(bound)):
+        raise ValueError(f"bound must be positive and finite, got {bound}")
+    if not min_derivative > 0:
+        raise ValueError(f"min_derivative must be positive, got {min_derivative}")
+    for name, m in (("min_width", min_width), ("min_height", min_height)):
+        if not 0 <= m * bins < 1:
+            raise ValueError(f"{name} * bins must be in [0, 1), got {m} * {bins}")
