@@ -776,3 +776,32 @@ def test_a_validation_nll_gone_to_inf_points_at_the_rows_first():
     with pytest.raises(TrainingError) as info:
         fit_module._check_divergence(history, 3.5, 2, 1e-3, "standardize the data")
     assert "validation rows (or context)" not in str(info.value)
+
+
+def test_resume_with_input_noise_matches_an_uninterrupted_run(tmp_path):
+    # The noise is measured in the standardization's units: a resume must see the restored
+    # layer (it measured the identity, and added 0.1 in raw units to every column).
+    data = gaussian_data(700) * torch.tensor([10.0, 0.1])
+    train, val = data[:300], data[300:]
+    kwargs = dict(steps=40, batch_size=64, lr=0.01, eval_every=5, noise=0.1, **CPU, seed=3)
+
+    def make() -> ef.Flow:
+        torch.manual_seed(2)
+        return ef.models.maf(2, layers=2, hidden=(16,), standardize=True)
+
+    whole = make()
+    h_whole = fit(whole, train, val, **kwargs)
+
+    def crash_at_25(history: History) -> None:
+        if history.steps[-1] == 25:
+            raise Interrupt
+
+    path = tmp_path / "run.ckpt"
+    with pytest.raises(Interrupt):
+        fit(make(), train, val, checkpoint=path, checkpoint_every=10, callback=crash_at_25,
+            **kwargs)
+    resumed = make()
+    h_resumed = fit(resumed, train, val, checkpoint=path, checkpoint_every=10, resume=True,
+                    **kwargs)
+    same_history(h_whole, h_resumed)
+    assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in whole.state_dict().items())

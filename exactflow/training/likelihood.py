@@ -285,12 +285,10 @@ def fit(
     if not (resume and Path(checkpoint).exists()):  # type: ignore[arg-type]
         prepare(flow, train_rows, train_ctx, int(seed))
     warn_if_unstandardized(flow, train_rows)
-    noise_scale = _noise_scale(noise, flow, train_rows)
+    noise_scale = _noise_scale(noise, flow, train_rows)  # (again after a restore, below)
     dev = resolve_device(device, flow)
     flow.to(dev)
     dtype = module_dtype(flow)
-    if noise_scale is not None:
-        noise_scale = noise_scale.to(dev, dtype)
     params: list[Tensor] = [p for p in flow.parameters() if p.requires_grad]
     history = History(features=features, objective="nll")
     if not params:  # a classical model: fitted in closed form by prepare()
@@ -369,7 +367,8 @@ def fit(
     )
     with forked_rng(dev, int(seed)):
         if resume and ckpt is not None and replicas.exists(ckpt.path):
-            ckpt.restore()
+            ckpt.restore()  # the standardization the noise is measured in comes back too
+            noise_scale = _noise_scale(noise, flow, train_rows)
         else:
             guard.save()
             if val_rows is not None:  # step 0: the model as it starts is a candidate too
@@ -378,6 +377,8 @@ def fit(
                         flow, val_rows, val_ctx, "validation data", train_rows, train_ctx)):
                     raise err
                 flow.train()
+        if noise_scale is not None:
+            noise_scale = noise_scale.to(dev, dtype)
         replicas.initialize(flow, order, train_rows, train_ctx, dev, dtype)
         nll.start(max(0, expected - state.step))
         with replicas.attach(flow):
