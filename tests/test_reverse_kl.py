@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 import exactflow as ef
-from exactflow.training import TrainingError, estimate_log_normalizer, fit_reverse_kl
+from exactflow.training import estimate_log_normalizer, fit_reverse_kl
 from exactflow.transforms import ElementwiseAffine
 
 # Train on the CPU without a progress bar (the GPU test asks for CUDA itself).
@@ -128,12 +128,23 @@ def test_same_seed_same_fit_and_the_global_rng_is_untouched():
     assert all(torch.equal(s0[k], s1[k]) for k in s0)
 
 
-def test_a_target_that_is_always_nan_raises_a_training_error():
+@pytest.mark.parametrize("value", [math.nan, -math.inf])
+def test_a_target_that_is_not_finite_where_the_flow_samples_is_named(value):
+    # Not "training diverged, lower the learning rate": the target's values are the cause.
     flow = ef.models.planar(2, layers=2)
     before = {k: v.clone() for k, v in flow.state_dict().items()}
-    with pytest.raises(TrainingError, match=r"step 5.*Planar"):
-        fit_reverse_kl(flow, lambda x: x.sum(-1) * math.nan, steps=50, **CPU)
+    with pytest.raises(ValueError, match=r"log_prob_target returned -inf or NaN for \d+ of "
+                                         r"128 samples of the flow \(one at x = \["):
+        fit_reverse_kl(flow, lambda x: torch.where(x[:, 0] > 0, x.sum(-1) * 0, value),
+                       steps=50, batch_size=128, **CPU)
     assert all(torch.equal(before[k], v) for k, v in flow.state_dict().items())
+
+
+def test_a_target_without_a_gradient_warns_at_the_users_line():
+    with pytest.warns(UserWarning, match="without a gradient with respect to x") as caught:
+        fit_reverse_kl(affine_flow(), lambda x: gaussian_target(x).detach(), steps=2,
+                       batch_size=64, final_samples=0, **CPU)
+    assert {w.filename for w in caught} == {__file__}
 
 
 def test_bad_arguments():

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..distributions import Flow
 from ..scoring import eval_mode
-from ..validation import positive_int
+from ..validation import positive_int, warn_user
 from .checkpoints import Checkpoint
 from .history import History
 from .loop import (
@@ -154,6 +154,30 @@ def _summarize_weights(w: Tensor, bad: int) -> dict[str, float]:
         "n": n,
         "n_nonfinite": bad,
     }
+
+
+def _trainable(log_p: Tensor, x: Tensor) -> Tensor:
+    """The target's log-density at the flow's samples, checked for what reverse KL needs:
+    finite values (a sample where the target is ``-inf`` or NaN makes the loss infinite at
+    every step) and a gradient with respect to ``x`` (without one, only the flow's entropy
+    is trained, silently). One process only: a rank that stopped alone would leave the
+    others waiting in their all-reduce."""
+    bad = ~torch.isfinite(log_p.detach())
+    if bool(bad.any()):
+        at = x.detach()[bad.nonzero()[0, 0]].tolist()
+        raise ValueError(
+            f"log_prob_target returned -inf or NaN for {int(bad.sum())} of {len(log_p)} "
+            f"samples of the flow (one at x = {[round(v, 4) for v in at]}): reverse KL "
+            "needs a finite log-density wherever the flow may put mass; give the target a "
+            "finite value there (a steep wall instead of -inf)"
+        )
+    if x.requires_grad and not log_p.requires_grad and torch.is_grad_enabled():
+        warn_user(
+            "log_prob_target returned a log-density without a gradient with respect to x "
+            "(detached, or computed outside torch, e.g. in numpy): reverse KL then trains "
+            "only the flow's entropy. Write the target in torch operations."
+        )
+    return log_p
 
 
 def fit_reverse_kl(
@@ -308,7 +332,7 @@ def fit_reverse_kl(
 
         def compute(lo: int, hi: int) -> tuple[Tensor, Tensor]:
             x, log_q = replicas.model(hi - lo)
-            log_p = fn(x)
+            log_p = fn(x) if replicas.active else _trainable(fn(x), x)
             return (log_q - beta * log_p).mean(), (log_q - log_p).detach().mean()
 
         return replicas.backward(compute, replicas.share_rows())
