@@ -332,6 +332,24 @@ def test_a_conditional_layer_names_a_context_of_another_dtype(name):
     assert layer(x, context.double())[0].dtype == torch.float64
 
 
+def test_a_layer_with_a_log_det_per_batch_not_per_row_is_named_by_the_flow():
+    class Keepdim(ElementwiseAffine):  # (batch, 1): would broadcast to (batch, batch)
+        def forward(self, x, context=None):
+            z, ladj = super().forward(x, context)
+            return z, ladj[:, None]
+
+        def inverse(self, z, context=None):
+            x, ladj = super().inverse(z, context)
+            return x, ladj[:, None]
+
+    flow = ef.Flow(Keepdim(4), ef.StandardNormal(4))
+    with pytest.raises(ValueError, match=r"log-det of shape \(6, 1\) for 6 rows.*"
+                                         r"ef.check_transform"):
+        flow.log_prob(torch.randn(6, 4))
+    with pytest.raises(ValueError, match=r"log-det of shape \(3, 1\) for 3 rows"):
+        flow.sample_and_log_prob(3)
+
+
 def test_unconditional_flow_rejects_a_context():
     flow = make_flow()
     with pytest.raises(ValueError, match="unconditional"):
