@@ -112,6 +112,12 @@ def test_an_embedding_network_is_trained_jointly_and_saved(tmp_path):
                                    flow.log_prob(x[:20], context[:20]))
     assert loaded.sample(4, context[0]).shape == (4, 2)
     assert loaded.sample(5, context[:3]).shape == (5, 3, 2)
+    # The raw context's size is the builder's context; an embedding that says otherwise
+    # is refused, not ignored (a saved config repeats the same value, which loads).
+    assert flow.config["embedding"]["context"] == 6
+    with pytest.raises(ValueError, match="embedding context 3 differs from the builder's "
+                                         "context=6"):
+        ef.models.maf(2, context=6, embedding={"features": 4, "context": 3})
 
 
 def test_registering_needs_a_features_argument_and_a_free_name():

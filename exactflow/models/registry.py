@@ -206,6 +206,11 @@ def _embedding_spec(embedding: Any, context: Any) -> dict[str, Any] | None:
     if unknown:
         raise ValueError(f"unknown embedding keys {sorted(unknown)}; use 'features', 'hidden'")
     context = positive_int(context, "context (the size of the raw context, for an embedding)")
+    if embedding.get("context", context) != context:  # (a saved config repeats it)
+        raise ValueError(
+            f"embedding context {embedding['context']!r} differs from the builder's "
+            f"context={context}: the embedding's input is the raw context; leave the key out"
+        )
     return {
         "context": context,
         "features": positive_int(embedding["features"], "embedding features"),
