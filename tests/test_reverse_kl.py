@@ -183,3 +183,10 @@ def test_planar_flows_on_u1_close_the_gap_as_k_grows():
     assert gaps[2] > gaps[8] + 0.2 and gaps[8] > gaps[32] + 0.03, gaps
     assert gaps[32] < 0.05, gaps
     assert abs(finals[32]["log_z_is"] - log_z) < 0.02, finals[32]
+
+
+def test_a_ramp_longer_than_training_warns_with_the_final_beta():
+    with pytest.warns(UserWarning, match=r"anneal_steps=100 outlasts the 10 training steps: "
+                                         r"training ends at beta = 0\.0991"):
+        fit_reverse_kl(affine_flow(), gaussian_target, steps=10, anneal_steps=100,
+                       beta_start=0.01, batch_size=32, final_samples=0, **CPU)

@@ -289,6 +289,11 @@ def fit_reverse_kl(
     anneal = total // 2 if anneal_steps is None else int(anneal_steps)
     if anneal < 0:
         raise ValueError(f"anneal_steps must be >= 0, got {anneal_steps!r}")
+    if anneal > total:
+        end = beta_start + (1.0 - beta_start) * (total - 1) / anneal
+        warn_user(f"anneal_steps={anneal} outlasts the {total} training steps: training ends "
+                  f"at beta = {end:.3g}, fitted to a tempered target; give more steps or a "
+                  "shorter ramp")
     if not 0.0 < beta_start <= 1.0:
         raise ValueError(f"beta_start must be in (0, 1], got {beta_start!r}")
     eval_every = max(1, total // 50) if eval_every is None else positive_int(
