@@ -125,7 +125,10 @@ class Transform(nn.Module):
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Map latent to data: returns ``(x, log|det dx/dz|)``."""
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__} has no inverse: it cannot map latent points to data "
+            "(sampling needs one; scoring runs forward only)"
+        )
 
     @property
     def inv(self) -> Transform:

@@ -805,3 +805,9 @@ def test_resume_with_input_noise_matches_an_uninterrupted_run(tmp_path):
                     **kwargs)
     same_history(h_whole, h_resumed)
     assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in whole.state_dict().items())
+
+
+def test_a_device_name_torch_does_not_know_is_a_clear_error():
+    with pytest.raises(ValueError, match="device must be 'cpu', 'cuda', 'cuda:N' or 'auto', "
+                                         "got 'gpu'"):
+        fit(affine_flow(), gaussian_data(100), steps=2, device="gpu", progress=False)
