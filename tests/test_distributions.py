@@ -375,15 +375,3 @@ def test_flow_shapes_and_dtypes(batch, features, n, dtype):
     assert samples.dtype == dtype and log_q.dtype == dtype
     tol = 1e-3 if dtype == torch.float32 else 1e-9
     torch.testing.assert_close(log_q, flow.log_prob(samples), atol=tol, rtol=tol)
-
-
-def test_sampling_a_flow_without_an_inverse_says_so():
-    class ForwardOnly(ef.Transform):
-        features = 2
-
-        def forward(self, x, context=None):
-            return 2 * x, x.new_full(x.shape[:1], 2 * math.log(2))
-
-    with pytest.raises(NotImplementedError, match="ForwardOnly has no inverse: it cannot map "
-                                                  "latent points to data"):
-        ef.Flow(ForwardOnly(), ef.StandardNormal(2)).sample(3)

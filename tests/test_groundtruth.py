@@ -437,6 +437,9 @@ def test_a_transform_without_inverse_is_named():
                                                   "check_inverse=False"):
         ef.check_transform(ForwardOnly(), x64())
     assert ef.check_transform(ForwardOnly(), x64(), check_inverse=False).ok
+    with pytest.raises(NotImplementedError, match="ForwardOnly has no inverse: it cannot map "
+                                                  "latent points to data"):
+        ef.Flow(ForwardOnly(), ef.StandardNormal(3)).sample(3)  # a flow samples through it
 
 
 def test_tolerances_can_be_overridden():
