@@ -224,7 +224,14 @@ def test_loading_a_dequantized_run_warns_that_raw_rows_score_otherwise(tmp_path)
     run = load_run(tmp_path / "r")  # scores as the CLI does, without a warning
     rows = pixels[:5]
     raw = flow.log_prob(torch.as_tensor(rows)).detach().numpy()
-    assert not np.allclose(run.score(rows), raw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not np.allclose(run.score(rows), raw)
+    # Rows dequantized already (the run's own data.npz) would get noise twice: said so.
+    with pytest.warns(UserWarning, match=r"dequantized its integer columns \['p0', 'p1', "
+                                         r"'p2'\].*score the raw integer rows") as caught:
+        run.score(rows + 0.5)
+    assert {w.filename for w in caught} == {__file__}
     # A run without dequantized columns, and a model file, load silently.
     code, _, err = run_cli(["train", csv, *TINY, "--out", tmp_path / "plain"])
     assert code == 0, err

@@ -16,7 +16,7 @@ from ..distributions import Flow
 from ..io import CheckpointError
 from ..io import load as load_model_file
 from ..scoring import log_prob
-from ..validation import DataError
+from ..validation import DataError, warn_user
 from .data import dequantize
 
 __all__ = ["Run", "RunError", "load_run", "locked", "lock_holder", "RUN_FILES", "LOCK_FILE",
@@ -180,7 +180,17 @@ class Run:
                 f"rows of shape {tuple(rows.shape)}: the run was trained on "
                 f"{self.features} columns {self.columns}"
             )
-        rows = dequantize(rows, self.dequantized, seed, keyed=True)
+        cols = self.dequantized
+        part = rows[:, cols]
+        if cols and bool((np.isfinite(part) & (part != np.floor(part))).any()):
+            named = [self.columns[c] for c in cols] if self.columns else cols
+            warn_user(
+                f"the run dequantized its integer columns {named} (integers plus uniform "
+                "noise) and these rows hold other values there, which get noise added "
+                "again: score the raw integer rows (the run's data.npz holds them "
+                "dequantized already)"
+            )
+        rows = dequantize(rows, cols, seed, keyed=True)
         return log_prob(self.flow, rows)
 
     def calibration(self) -> np.ndarray:
