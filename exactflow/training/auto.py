@@ -304,7 +304,8 @@ def fit_auto(
     board: list[Entry] = []
     best: tuple[float, Flow, History] | None = None
 
-    def run(name: str, config: dict[str, Any], options: dict[str, Any], deadline: float) -> None:
+    def run(name: str, config: dict[str, Any], options: dict[str, Any], deadline: float,
+            spent: float = 0.0) -> None:
         nonlocal best
         entry = Entry(name, dict(config))
         board.append(entry)
@@ -314,7 +315,7 @@ def fit_auto(
         full = {**config, "features": d, "standardize": standardize}
         if c:
             full["context"] = c
-        clock = time.perf_counter()
+        clock = time.perf_counter() - spent  # (a mixture's search is its fitting time too)
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
@@ -368,8 +369,7 @@ def fit_auto(
             say(f"gmm: {fits} {'mixture' if fits == 1 else 'mixtures'} fitted in {search:.1f} s; "
                 f"{gmm['components']} {gmm['covariance']} {noun} chosen {how}")
             run(f"gmm ({gmm['components']} {noun}, {gmm['covariance']})",
-                {"model": "gmm", **gmm}, {}, end)
-            board[-1].seconds += search  # the search is the mixture's fitting time too
+                {"model": "gmm", **gmm}, {}, end, spent=search)
     rungs = candidates if candidates is not None else ladder(n, d, c, gmm)
     if few:
         if best is None:  # no mixture could be fitted: the Gaussian instead
