@@ -29,6 +29,7 @@ from .history import History
 from .loop import (
     Guard,
     LoopSettings,
+    TrainingError,
     TrainState,
     adam,
     check_common,
@@ -156,21 +157,10 @@ def _summarize_weights(w: Tensor, bad: int) -> dict[str, float]:
     }
 
 
-def _trainable(log_p: Tensor, x: Tensor) -> Tensor:
-    """The target's log-density at the flow's samples, checked for what reverse KL needs:
-    finite values (a sample where the target is ``-inf`` or NaN makes the loss infinite at
-    every step) and a gradient with respect to ``x`` (without one, only the flow's entropy
-    is trained, silently). One process only: a rank that stopped alone would leave the
-    others waiting in their all-reduce."""
-    bad = ~torch.isfinite(log_p.detach())
-    if bool(bad.any()):
-        at = x.detach()[bad.nonzero()[0, 0]].tolist()
-        raise ValueError(
-            f"log_prob_target returned -inf or NaN for {int(bad.sum())} of {len(log_p)} "
-            f"samples of the flow (one at x = {[round(v, 4) for v in at]}): reverse KL "
-            "needs a finite log-density wherever the flow may put mass; give the target a "
-            "finite value there (a steep wall instead of -inf)"
-        )
+def _with_gradient(log_p: Tensor, x: Tensor) -> Tensor:
+    """The target's log-density at the flow's samples, checked (without a device sync) to
+    carry a gradient with respect to ``x``: without one, reverse KL trains only the flow's
+    entropy, silently."""
     if x.requires_grad and not log_p.requires_grad and torch.is_grad_enabled():
         warn_user(
             "log_prob_target returned a log-density without a gradient with respect to x "
@@ -178,6 +168,24 @@ def _trainable(log_p: Tensor, x: Tensor) -> Tensor:
             "only the flow's entropy. Write the target in torch operations."
         )
     return log_p
+
+
+def _target_fault(flow: Flow, fn: Callable[[Tensor], Tensor], n: int) -> ValueError | None:
+    """After training failed: the error naming a target that is ``-inf`` or NaN where the
+    flow samples (the loss is then infinite at every step, which reads as a divergence), or
+    None when the target is finite there."""
+    with torch.no_grad():
+        x = flow.sample(n)
+        bad = ~torch.isfinite(fn(x))
+    if not bool(bad.any()):
+        return None
+    at = x[bad.nonzero()[0, 0]].tolist()
+    return ValueError(
+        f"log_prob_target returned -inf or NaN for {int(bad.sum())} of {n} samples of the "
+        f"flow (one at x = {[round(v, 4) for v in at]}): reverse KL needs a finite "
+        "log-density wherever the flow may put mass; give the target a finite value there "
+        "(a steep wall instead of -inf)"
+    )
 
 
 def fit_reverse_kl(
@@ -337,7 +345,7 @@ def fit_reverse_kl(
 
         def compute(lo: int, hi: int) -> tuple[Tensor, Tensor]:
             x, log_q = replicas.model(hi - lo)
-            log_p = fn(x) if replicas.active else _trainable(fn(x), x)
+            log_p = _with_gradient(fn(x), x)
             return (log_q - beta * log_p).mean(), (log_q - log_p).detach().mean()
 
         return replicas.backward(compute, replicas.share_rows())
@@ -367,11 +375,17 @@ def fit_reverse_kl(
         else:
             guard.save()
         with replicas.attach(flow, sampler):
-            run_loop(
-                flow, optimizer, params, guard, state, history, settings, step, record,
-                peers=replicas, checkpoint=None if ckpt is None else ckpt.write,
-                callback=callback,
-            )
+            try:
+                run_loop(
+                    flow, optimizer, params, guard, state, history, settings, step, record,
+                    peers=replicas, checkpoint=None if ckpt is None else ckpt.write,
+                    callback=callback,
+                )
+            except TrainingError as err:  # (the diagnosis costs nothing on the way)
+                fault = _target_fault(flow, fn, batch_size)
+                if fault is not None:
+                    raise fault from err
+                raise
         flow.eval()
         if final_samples:
             if replicas.active:
