@@ -30,7 +30,6 @@ __all__ = ["Distribution", "StandardNormal", "DiagonalNormal", "Uniform", "Flow"
 _LOG_2PI = math.log(2 * math.pi)
 
 
-
 def _per_row(log_det: Tensor, x: Tensor) -> Tensor:
     """A transform's log-det, checked to hold one value per row: a user's layer returning
     one of shape ``(batch, 1)`` would broadcast into a ``(batch, batch)`` density."""
@@ -51,6 +50,7 @@ def tensor_of(values: Any, dtype: torch.dtype | None = None) -> Tensor:
     if not arr.flags.writeable:
         arr = np.array(arr)
     return torch.as_tensor(arr, dtype=dtype)
+
 
 class Distribution(nn.Module):
     """A density over ``R^features`` with ``log_prob`` and reparameterized sampling.

@@ -24,13 +24,7 @@ from ..distributions import Flow
 from ..models import standardize_layer
 from ..scoring import module_dtype
 from ..transforms.standardize import Standardize
-from ..validation import (
-    DataError,
-    counted,
-    fraction,
-    non_negative_float,
-    positive_int,
-)
+from ..validation import DataError, counted, fraction, non_negative_float, positive_int
 from .batches import Order, Rows, to_device, wrap, wrap_context
 from .calibrate import prepare, recalibrate_batch_norm, warn_if_unstandardized
 from .checkpoints import Checkpoint
@@ -282,10 +276,12 @@ def fit(
 
     # A resume restores what prepare() filled from the checkpoint; with no checkpoint yet
     # (a run stopped before its first one), the run starts afresh, prepared.
-    if not (resume and Path(checkpoint).exists()):  # type: ignore[arg-type]
+    resuming = resume and Path(checkpoint).exists()  # type: ignore[arg-type]
+    if not resuming:
         prepare(flow, train_rows, train_ctx, int(seed))
     warn_if_unstandardized(flow, train_rows)
-    noise_scale = _noise_scale(noise, flow, train_rows)  # (again after a restore, below)
+    # (A resume measures the noise after the restore, in the standardization it brings.)
+    noise_scale = None if resuming else _noise_scale(noise, flow, train_rows)
     dev = resolve_device(device, flow)
     flow.to(dev)
     dtype = module_dtype(flow)

@@ -177,7 +177,7 @@ def unscorable_error(flow: Any, rows: Any, context: Any, name: str, train: Any,
         return None
     summary = summarize(flow, rows, context)
     values = wrap(rows, name, flow.features).take(torch.tensor(summary.nonfinite_at))
-    size = torch.as_tensor(values).double().abs().nan_to_num(0.0)
+    size = values.double().abs().nan_to_num(0.0)
     column = int(size.amax(0).argmax())
     verb = "scores" if summary.nonfinite == 1 else "score"
     return DataError(
