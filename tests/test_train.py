@@ -750,6 +750,30 @@ def test_a_validation_row_scored_minus_inf_at_the_start_is_named(model):
         ef.fit_auto(train, val, budget=5)  # the data's fault: not one failure per candidate
 
 
+@pytest.mark.parametrize("model", ["realnvp", "gaussian"])
+def test_a_validation_row_that_dominates_the_nll_at_the_start_is_named(model):
+    # In float64, 1e30 scores finitely (about -5e59): the validation NLL was finite but
+    # that row's at every step, and the run kept step 0, silently.
+    rng = np.random.default_rng(0)
+    train, val = rng.normal(size=(300, 3)), rng.normal(size=(40, 3))
+    val[5, 2] = 1e30
+    flow = ef.models.build({"model": model, "features": 3, "standardize": True}).double()
+    with pytest.raises(DataError, match=r"validation data: 1 row scores below -1e\+09 \(the "
+                                        r"training rows' lowest: -\d+\.?\d*\) under the model "
+                                        r"before training, one with 1e\+30 in column 2.*"
+                                        r"they dominate the validation NLL"):
+        fit(flow, train, val, steps=5, **CPU)
+
+
+def test_a_validation_row_far_out_but_within_reason_is_kept():
+    rng = np.random.default_rng(0)
+    train, val = rng.normal(size=(300, 3)), rng.normal(size=(40, 3))
+    val[5, 2] = 1e3  # 1,000 standard deviations: -5e5 nats, kept
+    flow = ef.models.build({"model": "gaussian", "features": 3, "standardize": True})
+    history = fit(flow, train, val, steps=5, **CPU)
+    assert 1e4 < history.val_nll[0] < 1e5
+
+
 def test_prepare_fills_what_fit_would_before_a_loop_of_ones_own():
     rows = 5 + 3 * torch.randn(400, 2, dtype=torch.float64)
     flow = ef.models.maf(2, layers=1, hidden=(8,), standardize=True, base="gaussian")

@@ -290,8 +290,8 @@ def fit(
     if not params:  # a classical model: fitted in closed form by prepare()
         if val_rows is not None:
             metrics = evaluate(flow, val_rows, val_ctx, batch_size=max(batch_size, 4096))
-            if metrics["nll"] == math.inf and (err := unscorable_error(
-                    flow, val_rows, val_ctx, "validation data", train_rows, train_ctx)):
+            if err := unscorable_error(flow, val_rows, val_ctx, "validation data",
+                                       train_rows, train_ctx, metrics["nll"]):
                 raise err
             history.steps, history.val_nll, history.train_nll = [0], [metrics["nll"]], [None]
             history.lr, history.time = [0.0], [0.0]
@@ -369,8 +369,8 @@ def fit(
             guard.save()
             if val_rows is not None:  # step 0: the model as it starts is a candidate too
                 record(0, 0.0, time.perf_counter())
-                if history.val_nll[0] == math.inf and (err := unscorable_error(
-                        flow, val_rows, val_ctx, "validation data", train_rows, train_ctx)):
+                if err := unscorable_error(flow, val_rows, val_ctx, "validation data",
+                                           train_rows, train_ctx, history.val_nll[0]):
                     raise err
                 flow.train()
         if noise_scale is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -16,6 +17,8 @@ from .loop import resolve_device
 __all__ = ["evaluate", "NLLSummary"]
 
 _LN2 = math.log(2.0)
+_FAR_NLL = 1e9  # nats: a value 45,000 standard deviations from a Gaussian's mean
+_FAR_RATIO = 1e6
 
 
 class NLLSummary:
@@ -142,6 +145,15 @@ def summarize(
     device: str | torch.device | None = None,
 ) -> NLLSummary:
     """The mergeable :class:`NLLSummary` behind :func:`evaluate`."""
+    summary = NLLSummary()
+    for nll in _row_nll(flow, data, context, batch_size, device):
+        summary.add(nll)
+    return summary
+
+
+def _row_nll(flow: Any, data: Any, context: Any, batch_size: int = 8192,
+             device: str | torch.device | None = None) -> Iterator[torch.Tensor]:
+    """``-log p`` of every row, a batch at a time, in eval mode without gradients."""
     batch_size = positive_int(batch_size, "batch_size")
     rows = wrap(data, "data", flow.features)
     ctx_rows = wrap_context(flow, context, "context", len(rows))
@@ -151,38 +163,52 @@ def summarize(
     dtype = module_dtype(flow)
     in_dtype = getattr(flow, "input_dtype", dtype)
     ctx_dtype = getattr(flow, "context_dtype", dtype)
-    summary = NLLSummary()
     with eval_mode(flow, grad=True), torch.inference_mode():
         for start, part in rows.chunks(batch_size):
             x = part.to(dev, in_dtype)
             ctx = None
             if ctx_rows is not None:
                 ctx = ctx_rows.take(torch.arange(start, start + x.shape[0])).to(dev, ctx_dtype)
-            summary.add(-flow.log_prob(x, ctx))
-    return summary
+            yield -flow.log_prob(x, ctx)
 
 
 def unscorable_error(flow: Any, rows: Any, context: Any, name: str, train: Any,
-                     train_context: Any) -> DataError | None:
-    """The error for rows that ``flow`` scores ``-inf`` or NaN before training while it
-    scores the first training rows finitely (a value far beyond the training rows, such as
-    ``1e30``, overflows): among the validation rows they make the NLL ``inf`` at every
-    step, and no step could be chosen. None where the training rows fail too (the model's
-    fault: training says what went wrong)."""
+                     train_context: Any, nll: float | None) -> DataError | None:
+    """The error for rows so far beyond the training rows (a value such as ``1e30``) that
+    the model before training scores them ``-inf``, NaN, or below the first training
+    rows' worst log-density by a factor of a million (and by at least ``1e9`` nats, a
+    value 45,000 standard deviations out): among the validation rows they make the NLL
+    infinite, or dominate it, at every step, and no step could be chosen on it. None
+    where there are no such rows, or where the training rows score non-finitely too (the
+    model's fault: training says what went wrong). ``nll``, the rows' mean NLL under the
+    model, tells where there can be none (then the rows are not scored again)."""
+    rows = wrap(rows, name, flow.features)
+    if nll is not None and nll < _FAR_NLL / len(rows):
+        return None
     first = torch.arange(min(len(train), 1024))
     sample = wrap(train, "training data", flow.features).take(first)
     context_rows = wrap_context(flow, train_context, "context", len(train))
     sample_context = None if context_rows is None else context_rows.take(first)
-    if summarize(flow, sample, sample_context).nonfinite:
+    worst = torch.cat(list(_row_nll(flow, sample, sample_context))).double()
+    if not bool(worst.isfinite().all()):
         return None
-    summary = summarize(flow, rows, context)
-    values = wrap(rows, name, flow.features).take(torch.tensor(summary.nonfinite_at))
+    limit = max(_FAR_NLL, _FAR_RATIO * float(worst.abs().max()))
+    each = torch.cat(list(_row_nll(flow, rows, context))).double().cpu()
+    far = (~(each <= limit)).nonzero().flatten()
+    if not len(far):
+        return None
+    values = rows.take(far[:SHOW])
     size = values.double().abs().nan_to_num(0.0)
     column = int(size.amax(0).argmax())
-    verb = "scores" if summary.nonfinite == 1 else "score"
+    overflow = not bool(each[far].isfinite().any())
+    verb = "scores" if len(far) == 1 else "score"
+    score = "-inf" if overflow else (
+        f"below {-limit:.3g} (the training rows' lowest: {-float(worst.max()):.3g})")
+    effect = ("with them the validation NLL is inf at every step and chooses no step"
+              if overflow else "they dominate the validation NLL at every step, which then "
+              "chooses no step")
     return DataError(
-        f"{name}: {counted(summary.nonfinite, 'row')} {verb} -inf under the model before "
+        f"{name}: {counted(len(far), 'row')} {verb} {score} under the model before "
         f"training, one with {float(size[:, column].max()):.3g} in column {column}, far "
-        "beyond the training rows: with them the validation NLL is inf at every step and "
-        "chooses no step; drop such rows, or clip their values"
+        f"beyond the training rows: {effect}; drop such rows, or clip their values"
     )
