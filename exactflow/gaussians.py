@@ -78,7 +78,11 @@ def _log_density(x: Tensor, loc: Tensor, log_diag: Tensor, lower: Tensor) -> Ten
     """``log N(x; loc, L L^T)`` for ``x (n, d)`` against components ``loc (k, d)``, ``L (k, d, d)``;
     returns ``(n, k)``."""
     diff = (x.unsqueeze(0) - loc.unsqueeze(1)).transpose(1, 2)  # (k, d, n)
-    y = torch.linalg.solve_triangular(lower, diff, upper=False)  # L^{-1} (x - mu)
+    if lower.dtype.itemsize < 4:  # (no half-precision triangular solve on the CPU)
+        y = torch.linalg.solve_triangular(lower.float(), diff.float(), upper=False)
+        y = y.to(lower.dtype)
+    else:
+        y = torch.linalg.solve_triangular(lower, diff, upper=False)  # L^{-1} (x - mu)
     sq = (y * y).sum(1)  # (k, n)
     d = x.shape[1]
     return (-0.5 * sq - log_diag.sum(-1, keepdim=True) - 0.5 * d * _LOG_2PI).T
