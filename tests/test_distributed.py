@@ -14,6 +14,7 @@ import io
 import json
 import math
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -217,8 +218,11 @@ def _worker(rank: int, folder: str) -> dict[str, Any]:
     with torch.no_grad():
         out["bn_logp"] = flow.log_prob(val)
     flow = _bn_realnvp(seed=rank)
-    ef.fit(flow, train, sync_batch_norm=True, **BN_ARGS)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ef.fit(flow, train, sync_batch_norm=True, **BN_ARGS)
     out["bn_synced"] = _state(flow)
+    out["bn_warnings"] = [f"{w.category.__name__}: {w.message}" for w in caught]
     out["bn_class"] = type(flow.transform.transforms[1]).__name__
 
     # 4b. A parameter the loss never uses: DDP refuses it, unless told to look for it.
@@ -405,6 +409,7 @@ def test_synchronized_batch_norm_matches_one_process(runs: dict[str, Any]) -> No
     one = _state(flow)
     r0 = runs["ranks"][0]
     _assert_same(r0["bn_synced"], one, atol=1e-5)
+    assert r0["bn_warnings"] == []  # (torch's all_reduce with a gradient is deprecated)
     # per-rank statistics (the default) are not the one-process run
     assert max((r0["bn"][k] - one[k]).abs().max().item() for k in one
                if one[k].is_floating_point()) > 1e-4

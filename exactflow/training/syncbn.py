@@ -24,12 +24,27 @@ from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from torch import Tensor, nn
 
 from ..transforms.normalization import BatchNorm
 
 __all__ = ["SyncedBatchNorm", "synchronize_batch_norm"]
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """``all_reduce(SUM)`` with its gradient: each rank's input gets the sum over the ranks
+    of the output's gradients (torch's ``torch.distributed.nn.functional.all_reduce`` is
+    deprecated, with no public replacement)."""
+
+    @staticmethod
+    def forward(ctx: object, tensor: Tensor) -> Tensor:
+        out = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx: object, grad: Tensor) -> Tensor:
+        return _SumOverRanks.forward(ctx, grad)
 
 
 class SyncedBatchNorm(BatchNorm):
@@ -47,10 +62,10 @@ class SyncedBatchNorm(BatchNorm):
         if not self.training:
             return super().forward(x, context)
         stats = torch.cat([x.sum(0), x.new_full((1,), float(x.shape[0]))])
-        stats = dist_fn.all_reduce(stats, op=dist.ReduceOp.SUM)
+        stats = _SumOverRanks.apply(stats)
         total = stats[-1].detach()
         mean = stats[:-1] / total
-        var = dist_fn.all_reduce((x - mean).pow(2).sum(0), op=dist.ReduceOp.SUM) / total
+        var = _SumOverRanks.apply((x - mean).pow(2).sum(0)) / total
         with torch.no_grad():  # the caller guarantees N >= 2 (Replicas.join checks it)
             self.running_mean.lerp_(mean.detach(), self.momentum)
             self.running_var.lerp_(var.detach() * (total / (total - 1)), self.momentum)
