@@ -708,6 +708,7 @@ def test_fit_optimizer_is_fused_adamw_and_updates_as_torchs_default_does():
 
 def test_noise_follows_each_columns_spread_under_a_pooled_scale_too():
     from exactflow.training.batches import wrap
+    from exactflow.training.likelihood import hold_out
 
     x = torch.randn(500, 3, dtype=torch.float64) * torch.tensor([0.1, 1.0, 5.0])
     rows = wrap(x, "training data", 3, strict=True)
@@ -772,6 +773,16 @@ def test_a_validation_row_far_out_but_within_reason_is_kept():
     flow = ef.models.build({"model": "gaussian", "features": 3, "standardize": True})
     history = fit(flow, train, val, steps=5, **CPU)
     assert 1e4 < history.val_nll[0] < 1e5
+
+
+def test_held_out_rows_share_no_row_with_the_training_rows():
+    from exactflow.training.batches import wrap
+    from exactflow.training.likelihood import hold_out
+    rows = np.repeat(np.random.default_rng(0).normal(size=(100, 3)), 4, axis=0)
+    train, _, val, _ = hold_out(wrap(rows, "rows", 3), None, 0.1, seed=2)
+    assert val is not None and len(val) == 40 and len(train) == 360
+    seen = {tuple(r) for r in train.data.tolist()}
+    assert not any(tuple(r) in seen for r in val.data.tolist())
 
 
 def test_prepare_fills_what_fit_would_before_a_loop_of_ones_own():

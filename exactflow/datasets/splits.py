@@ -9,10 +9,10 @@ import torch
 from torch import Tensor
 
 from ..validation import DataError
-from .arrays import ArrayLike, LazyTable, Subset, is_lazy
+from .arrays import ArrayLike, LazyTable, Subset, as_numpy, is_lazy
 from .checks import validate
 
-__all__ = ["split", "as_tensor"]
+__all__ = ["split", "as_tensor", "shuffled_rows", "cut_between_copies"]
 
 
 def split(
@@ -21,7 +21,10 @@ def split(
     """Split rows at random into parts of the given fractions (train, validation, test).
 
     One seeded permutation of the rows is cut at ``round(n * cumsum(fractions))``, so the
-    parts are disjoint, cover every row and are the same for the same seed and data length.
+    parts are disjoint, cover every row and are the same for the same seed and data. The
+    copies of a row go to one part (:func:`shuffled_rows`; each cut moves to the nearest
+    place between two distinct rows): a copy on each side would let a model that memorizes
+    its training rows look good on the held-out ones.
 
     * ``ndarray`` and ``Tensor`` input: each part is a copy of its rows, in random order.
     * ``np.memmap`` or lazy-table input (:class:`Subset`, :class:`~exactflow.datasets.Shards`):
@@ -53,14 +56,49 @@ def split(
         raise DataError(f"cannot split {n} rows into {len(fr)} parts")
     cuts = np.rint(np.cumsum(fr) * n).astype(np.int64)
     cuts[-1] = n
-    perm = np.random.default_rng(seed).permutation(n)
-    parts = np.split(perm, cuts[:-1])
+    perm, starts = shuffled_rows(data, rng=np.random.default_rng(seed))
+    parts = np.split(perm, cut_between_copies(cuts[:-1], starts))
     if is_lazy(data):
         return tuple(Subset(data, rows=np.sort(p)) for p in parts)  # type: ignore[arg-type]
     if isinstance(data, Tensor):
         return tuple(data[torch.from_numpy(p).to(data.device)] for p in parts)
     arr = np.asarray(data)
     return tuple(arr[p] for p in parts)
+
+
+def shuffled_rows(*tables: ArrayLike | None, rng: np.random.Generator
+                  ) -> tuple[np.ndarray, np.ndarray | None]:
+    """A random order of the rows of ``tables`` (aligned: row ``i`` of each, such as data
+    and its context; None entries are left out) in which the copies of a row are adjacent,
+    and where each set of copies starts in it (None where every row is distinct: then the
+    order is ``rng.permutation(n)``).
+
+    Lazy data (a memmap, a :class:`Subset`, shards) are never read whole for this: their
+    order is ``rng.permutation(n)``. Cost for the others: a sort of the rows,
+    O(n log n * d).
+    """
+    given = [t for t in tables if t is not None]
+    n = len(given[0])
+    if not any(is_lazy(t) for t in given):
+        values = np.hstack([np.asarray(as_numpy(t)).reshape(n, -1) for t in given])
+        _, inverse, counts = np.unique(values, axis=0, return_inverse=True, return_counts=True)
+        if len(counts) < n:
+            groups = rng.permutation(len(counts))
+            rank = np.empty_like(groups)
+            rank[groups] = np.arange(len(groups))
+            order = np.argsort(rank[inverse.reshape(-1)], kind="stable")
+            return order, np.concatenate([[0], np.cumsum(counts[groups])])
+    return rng.permutation(n), None
+
+
+def cut_between_copies(cuts: np.ndarray, starts: np.ndarray | None) -> np.ndarray:
+    """``cuts`` (positions in an order of :func:`shuffled_rows`) moved each to the nearest
+    start of a set of copies, so that no set is cut in two."""
+    if starts is None:
+        return np.asarray(cuts)
+    cuts = np.asarray(cuts)
+    nearest = np.abs(starts[:, None] - cuts[None, :]).argmin(0)
+    return starts[nearest]
 
 
 def as_tensor(data: ArrayLike, dtype: torch.dtype = torch.float32) -> Tensor:

@@ -57,7 +57,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..datasets import check_full_rank
+from ..datasets import check_full_rank, cut_between_copies, shuffled_rows
 from ..distributions import Flow
 from ..gaussians import GaussianMixture
 from ..models import build
@@ -193,8 +193,10 @@ def select_gmm(
     v = np.asarray(val, dtype=np.float64)
     if folds > 1:
         pooled = np.concatenate([x, v])
-        order = np.random.default_rng(seed).permutation(len(pooled))
-        parts = [np.sort(p) for p in np.array_split(order, folds)]
+        order, starts = shuffled_rows(pooled, rng=np.random.default_rng(seed))
+        sizes = [len(p) for p in np.array_split(order, folds)]  # copies of a row in one fold
+        parts = [np.sort(p) for p in np.split(order, cut_between_copies(
+            np.cumsum(sizes)[:-1], starts)) if len(p)]
         splits = [(np.delete(pooled, p, axis=0), torch.as_tensor(pooled[p])) for p in parts]
     else:
         splits = [(x, torch.as_tensor(v))]

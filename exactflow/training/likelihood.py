@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..datasets import check_full_rank
+from ..datasets import check_full_rank, cut_between_copies, shuffled_rows
 from ..distributions import Flow
 from ..models import standardize_layer
 from ..scoring import module_dtype
@@ -446,13 +446,16 @@ def hold_out(
     rows: Rows, context: Rows | None, val_fraction: float, seed: int
 ) -> tuple[Rows, Rows | None, Rows | None, Rows | None]:
     """``(train, context, val, val_context)``: ``val_fraction`` of the rows held out at random
-    (seeded), the rest kept; lazy data stays lazy. With fewer than 2 rows left on either
+    (seeded), the rest kept; lazy data stays lazy. The copies of a row (with its context)
+    stay on one side (:func:`~exactflow.datasets.shuffled_rows`): on both, memorizing the
+    training rows would score well on validation. With fewer than 2 rows left on either
     side nothing is held out."""
     n = len(rows)
-    n_val = int(round(val_fraction * n))
+    perm, starts = shuffled_rows(rows.data, None if context is None else context.data,
+                                 rng=np.random.default_rng([seed, 0x5EED]))
+    n_val = int(cut_between_copies(np.array([round(val_fraction * n)]), starts)[0])
     if n_val < 2 or n - n_val < 2:
         return rows, context, None, None
-    perm = np.random.default_rng([seed, 0x5EED]).permutation(n)
     val_index, train_index = np.sort(perm[:n_val]), np.sort(perm[n_val:])
     return (
         rows.subset(train_index),
