@@ -91,6 +91,14 @@ def test_errors_name_the_problem():
         tiny().fit(np.c_[X, 2 * X[:, 0]])
     with pytest.raises(ValueError, match="2 rows for 2 columns"):
         tiny().fit(X[:2])
+    # 15 rows of 13 columns: after the hold-out 13 remain, and the Gaussian was degenerate
+    # (rows of its own table scored -8e5), where model="auto" refused
+    wide = np.random.default_rng(3).normal(size=(15, 13))
+    for model in ("gaussian", "maf"):
+        with pytest.raises(ValueError, match="after holding out 2 validation rows, 13 "
+                                             "training rows remain for 13 columns"):
+            FlowDensity(model, steps=2).fit(wide)
+    FlowDensity("gaussian", validation_fraction=0).fit(wide)
     fitted = tiny().fit(X)
     with pytest.raises(ValueError, match="features"):
         fitted.score_samples(np.zeros((3, 3)))

@@ -708,7 +708,6 @@ def test_fit_optimizer_is_fused_adamw_and_updates_as_torchs_default_does():
 
 def test_noise_follows_each_columns_spread_under_a_pooled_scale_too():
     from exactflow.training.batches import wrap
-    from exactflow.training.likelihood import hold_out
 
     x = torch.randn(500, 3, dtype=torch.float64) * torch.tensor([0.1, 1.0, 5.0])
     rows = wrap(x, "training data", 3, strict=True)
@@ -776,8 +775,7 @@ def test_a_validation_row_far_out_but_within_reason_is_kept():
 
 
 def test_held_out_rows_share_no_row_with_the_training_rows():
-    from exactflow.training.batches import wrap
-    from exactflow.training.likelihood import hold_out
+    from exactflow.training.batches import hold_out, wrap
     rows = np.repeat(np.random.default_rng(0).normal(size=(100, 3)), 4, axis=0)
     train, _, val, _ = hold_out(wrap(rows, "rows", 3), None, 0.1, seed=2)
     assert val is not None and len(val) == 40 and len(train) == 360

@@ -67,11 +67,10 @@ from ..validation import (
     counted,
     positive_float,
     positive_int,
-    training_rows_error,
 )
-from .batches import wrap
+from .batches import hold_out, wrap
 from .history import History
-from .likelihood import fit, hold_out
+from .likelihood import fit
 from .loop import TrainingError
 from .metrics import evaluate
 
@@ -292,9 +291,6 @@ def fit_auto(
         rows, ctx, val_rows, val_ctx = hold_out(rows, ctx, val_fraction, seed)
         if val_rows is None:
             raise ValueError(f"{len(rows)} rows are too few to hold out validation rows")
-        if 1 < rows.data.shape[1] >= len(rows):
-            raise training_rows_error(
-                counted(len(val_rows), "validation row"), len(rows), rows.data.shape[1])
     else:
         val_rows = wrap(val, "validation data", rows.data.shape[1], strict=True)
         val_ctx = None if val_context is None else wrap(

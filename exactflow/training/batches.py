@@ -1,5 +1,6 @@
-"""Training data a batch at a time: row access that never reads lazy data whole, a
-shuffled order that a checkpoint can resume exactly, and batches moved to the device."""
+"""Training data a batch at a time: row access that never reads lazy data whole, the
+validation rows held out of it, a shuffled order that a checkpoint can resume exactly, and
+batches moved to the device."""
 
 from __future__ import annotations
 
@@ -11,11 +12,20 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..datasets import LazyTable, Shards, Subset, open_table, validate
+from ..datasets import (
+    LazyTable,
+    Shards,
+    Subset,
+    cut_between_copies,
+    open_table,
+    shuffled_rows,
+    validate,
+)
 from ..distributions import tensor_of
-from ..validation import DataError, nonfinite_rows_error
+from ..validation import DataError, counted, nonfinite_rows_error, training_rows_error
 
-__all__ = ["Rows", "Order", "wrap", "wrap_context", "to_device", "IN_MEMORY_SHUFFLE_ROWS"]
+__all__ = ["Rows", "Order", "wrap", "wrap_context", "hold_out", "to_device",
+           "IN_MEMORY_SHUFFLE_ROWS"]
 
 # Rows per chunk when scanning arrays (finiteness checks, evaluation of memmaps).
 SCAN_ROWS = 65536
@@ -166,6 +176,35 @@ def wrap_context(flow: Any, context: Any, name: str, rows: int) -> Rows | None:
             f"the flow is conditional (context={need}): pass {name} with one row per data row"
         )
     return wrap(context, name, need, rows)
+
+
+def hold_out(
+    rows: Rows, context: Rows | None, val_fraction: float, seed: int
+) -> tuple[Rows, Rows | None, Rows | None, Rows | None]:
+    """``(train, context, val, val_context)``: ``val_fraction`` of the rows held out at random
+    (seeded), the rest kept; lazy data stays lazy. The copies of a row (with its context)
+    stay on one side (:func:`~exactflow.datasets.shuffled_rows`): on both, memorizing the
+    training rows would score well on validation. With fewer than 2 rows left on either
+    side nothing is held out.
+
+    Raises:
+        DataError: the rows left for training are no more than the columns (above one).
+    """
+    n = len(rows)
+    perm, starts = shuffled_rows(rows.data, None if context is None else context.data,
+                                 rng=np.random.default_rng([seed, 0x5EED]))
+    n_val = int(cut_between_copies(np.array([round(val_fraction * n)]), starts)[0])
+    if n_val < 2 or n - n_val < 2:
+        return rows, context, None, None
+    if 1 < rows.data.shape[1] >= n - n_val:  # (a density of every column is degenerate)
+        raise training_rows_error(counted(n_val, "validation row"), n - n_val, rows.data.shape[1])
+    val_index, train_index = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+    return (
+        rows.subset(train_index),
+        None if context is None else context.subset(train_index),
+        rows.subset(val_index, name="validation rows held out of the training data"),
+        None if context is None else context.subset(val_index),
+    )
 
 
 #: Up to this many rows an epoch's shuffle is a stored ``torch.randperm`` (8 bytes a row);

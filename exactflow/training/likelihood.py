@@ -15,17 +15,16 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from ..datasets import check_full_rank, cut_between_copies, shuffled_rows
+from ..datasets import check_full_rank
 from ..distributions import Flow
 from ..models import standardize_layer
 from ..scoring import module_dtype
 from ..transforms.standardize import Standardize
 from ..validation import DataError, counted, fraction, non_negative_float, positive_int
-from .batches import Order, Rows, to_device, wrap, wrap_context
+from .batches import Order, Rows, hold_out, to_device, wrap, wrap_context
 from .calibrate import prepare, recalibrate_batch_norm, warn_if_unstandardized
 from .checkpoints import Checkpoint
 from .compiled import LossFunction
@@ -47,7 +46,7 @@ from .loop import (
 from .metrics import evaluate, unscorable_error
 from .parallel import Replicas
 
-__all__ = ["fit", "hold_out", "default_batch_size"]
+__all__ = ["fit", "default_batch_size"]
 
 #: Without steps or epochs, training runs until the validation NLL has not improved for
 #: this many epochs...
@@ -440,29 +439,6 @@ def default_batch_size(rows: int) -> int:
     at least 32 rows (or all of them) and at most 256 (measured on eight real tables of
     150 to 1,800 rows: ``benchmarks/README.md``, "Real tables")."""
     return max(1, min(rows, max(32, min(256, rows // 8))))
-
-
-def hold_out(
-    rows: Rows, context: Rows | None, val_fraction: float, seed: int
-) -> tuple[Rows, Rows | None, Rows | None, Rows | None]:
-    """``(train, context, val, val_context)``: ``val_fraction`` of the rows held out at random
-    (seeded), the rest kept; lazy data stays lazy. The copies of a row (with its context)
-    stay on one side (:func:`~exactflow.datasets.shuffled_rows`): on both, memorizing the
-    training rows would score well on validation. With fewer than 2 rows left on either
-    side nothing is held out."""
-    n = len(rows)
-    perm, starts = shuffled_rows(rows.data, None if context is None else context.data,
-                                 rng=np.random.default_rng([seed, 0x5EED]))
-    n_val = int(cut_between_copies(np.array([round(val_fraction * n)]), starts)[0])
-    if n_val < 2 or n - n_val < 2:
-        return rows, context, None, None
-    val_index, train_index = np.sort(perm[:n_val]), np.sort(perm[n_val:])
-    return (
-        rows.subset(train_index),
-        None if context is None else context.subset(train_index),
-        rows.subset(val_index, name="validation rows held out of the training data"),
-        None if context is None else context.subset(val_index),
-    )
 
 
 def _noise_scale(noise: float | str | None, flow: Flow, rows: Rows) -> Tensor | None:
