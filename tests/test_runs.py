@@ -163,6 +163,24 @@ def test_run_score_matches_named_columns_as_the_command_line_does(tmp_path):
         run.score(rows[:, :2])
 
 
+def test_a_table_with_named_columns_trains_a_run_that_knows_them(tmp_path):
+    # (train_run named them x1, x2, x3: scoring the same table then found no column 'x1')
+    from exactflow.datasets import DataError
+
+    rows = np.random.default_rng(4).normal(size=(200, 3)) * [1.0, 3.0, 0.3]
+    named = _NamedTable(rows, ["mass", "radius", "spin"])
+    run = train_run(named, tmp_path / "run", model="gaussian", **QUIET)
+    assert run.columns == ["mass", "radius", "spin"]
+    np.testing.assert_array_equal(run.score(named), run.score(rows))
+    two = train_run(named, tmp_path / "two", model="gaussian", columns=["spin", 0], **QUIET)
+    assert two.columns == ["spin", "mass"]
+    with pytest.raises(DataError, match=r"no column 'size' \(it has \['mass', 'radius'"):
+        train_run(named, tmp_path / "bad", model="gaussian", columns=["size"], **QUIET)
+    with pytest.raises(DataError, match=r"non-numeric cell 'n/a' at row index 0, column 'b'"):
+        train_run(_NamedTable(np.array([[1.0, "n/a"]] * 20, dtype=object), ["a", "b"]),
+                  tmp_path / "text", model="gaussian", **QUIET)
+
+
 def test_a_run_stopped_before_its_first_checkpoint_resumes_from_a_prepared_start(
         tmp_path, monkeypatch):
     # Interrupted before any checkpoint: --resume starts again from step 0, with the

@@ -24,7 +24,7 @@ from here too, as in exactflow 0.1.
 
 from ..transforms.standardize import Standardize
 from ..validation import DataError
-from .arrays import CHUNK_ROWS, ArrayLike, LazyTable, Subset
+from .arrays import CHUNK_ROWS, ArrayLike, LazyTable, Subset, column_names
 from .bundled import digits
 from .checks import check_full_rank, validate
 from .files import load, read_header
@@ -50,6 +50,7 @@ __all__ = [
     "digits",
     "validate",
     "check_full_rank",
+    "column_names",
     "split",
     "shuffled_rows",
     "cut_between_copies",

@@ -138,6 +138,14 @@ def as_numpy(data: Any) -> np.ndarray | LazyTable:
     return np.asarray(data)
 
 
+def column_names(table: Any) -> list[str] | None:
+    """The names of the columns of a table that has them (a pandas DataFrame), else None."""
+    if isinstance(table, (np.ndarray, Tensor, LazyTable)):
+        return None
+    names = getattr(table, "columns", None)
+    return None if names is None else [str(c) for c in names]
+
+
 def chunks(data: np.ndarray | LazyTable) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(start, block)`` with ``block = data[start:start + CHUNK_ROWS]`` as an ndarray."""
     n, rows = len(data), CHUNK_ROWS

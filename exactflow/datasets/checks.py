@@ -141,9 +141,8 @@ def validate(
         if bad is not None:
             i, j, cell = bad
             cell = cell.item() if isinstance(cell, np.generic) else cell
-            raise DataError(
-                f"{name}: non-numeric cell {cell!r} at row index {i}, column index {j}"
-            )
+            where = f"column index {j}" if columns is None else f"column {columns[j]!r}"
+            raise DataError(f"{name}: non-numeric cell {cell!r} at row index {i}, {where}")
         arr = np.asarray(arr, dtype=np.float64)
     if features is not None and d != features:
         raise DataError(f"{name}: expected {features} columns (features), got {d}")

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .._version import __version__
-from ..datasets import TOY_ENTROPY, TOYS, digits, load, read_header, toy, validate
+from ..datasets import TOY_ENTROPY, TOYS, column_names, digits, load, read_header, toy, validate
 from ..datasets.files import split_key
 from ..validation import DataError
 
@@ -31,7 +31,8 @@ def read_data(
     ``spec`` is a toy name (:data:`exactflow.datasets.TOYS`, ``samples`` points drawn with
     ``seed``), ``"digits"`` (scikit-learn's 8x8 digits, dequantized), a path to a CSV,
     ``.npy`` or ``.npz`` file (``columns`` picks columns by header name or index), or an
-    array of rows.
+    array of rows (a pandas DataFrame keeps its column names, and ``columns`` may name
+    them).
 
     Raises:
         DataError: a missing or unreadable file, or columns that do not fit.
@@ -53,13 +54,28 @@ def read_data(
                          "column_names": [f"pixel{i}" for i in range(arr.shape[1])],
                          "seed": seed, "entropy": None}
         return _read_file(Path(text), columns)
-    arr = np.array(spec, dtype=np.float64)
+    names = column_names(spec)
+    arr = np.asarray(spec)
+    if arr.dtype.kind not in "biuf":
+        validate(arr, name="array", columns=names)  # names the non-numeric cell
+    arr = np.array(arr, dtype=np.float64)
     if arr.ndim == 1:
         arr = arr.reshape(-1, 1)
     if columns is not None:
-        arr = arr[:, [int(c) for c in columns]]
+        picked = [_column_index(c, names) for c in columns]
+        arr = arr[:, picked]
+        names = None if names is None else [names[j] for j in picked]
     return arr, {"source": "array", "name": "array", "path": None, "columns": None,
-                 "column_names": None, "entropy": None}
+                 "column_names": names, "entropy": None}
+
+
+def _column_index(column: int | str, names: list[str] | None) -> int:
+    if isinstance(column, str):
+        if names is None or column not in names:
+            known = "the array has no column names" if names is None else f"it has {names}"
+            raise DataError(f"no column {column!r} ({known})")
+        return names.index(column)
+    return int(column)
 
 
 def _read_file(path: Path, columns: Sequence[int | str] | None) -> tuple[np.ndarray, dict]:

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from ..datasets import column_names
 from ..distributions import Flow
 from ..io import CheckpointError
 from ..io import load as load_model_file
@@ -164,9 +165,8 @@ class Run:
         """
         if self.flow is None:
             raise RunError(f"the run {str(self.path)!r} was read without its model")
-        names = getattr(rows, "columns", None)  # a DataFrame's; arrays and tensors have none
-        if names is not None:
-            given = [str(c) for c in names]
+        given = column_names(rows)  # a DataFrame's; arrays and tensors have none
+        if given is not None:
             missing = [c for c in self.columns if c not in given]
             if missing:
                 raise DataError(
