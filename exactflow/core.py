@@ -22,7 +22,9 @@ from torch import Tensor, nn
 
 from .nn.passes import has_hooks, is_plain
 
-__all__ = ["Transform", "Compose", "Inverse", "check_domain", "check_features", "check_input"]
+__all__ = [
+    "Transform", "Compose", "Inverse", "check_domain", "check_features", "check_input", "per_row",
+]
 
 
 class Transform(nn.Module):
@@ -254,7 +256,9 @@ class Compose(Transform):
                 if rows:
                     chained = (*_in_blocks(layers[i:untried], x, own, rows, inverse), untried)
             if chained is None:
+                given = x
                 x, ladj = t.inverse(x, context) if inverse else t(x, context)
+                per_row(ladj, given, x, type(t).__name__)
                 i += 1
             else:  # several layers in one pass
                 x, ladj, i = chained
@@ -345,6 +349,31 @@ def _in_blocks(
         total[s : s + rows] = block_total
     assert z is not None
     return z, total
+
+
+def per_row(log_det: Tensor, given: Tensor, out: Tensor, layer: str = "the transform"
+            ) -> Tensor:
+    """``log_det``, checked to hold one value per row of ``given`` (a layer's input), and
+    ``out`` (its output) to have the input's shape: a log-det of shape ``(batch, 1)`` would
+    broadcast into a ``(batch, batch)`` density, one summed over the whole batch (shape
+    ``()``) would be added to every row, and an output of another width would be scored
+    by a base of the flow's width."""
+    if torch.jit.is_tracing() or given.dim() != 2:  # (a vmapped row is 1-D)
+        return log_det
+    if log_det.shape != given.shape[:1] or out.shape != given.shape:
+        if out.shape != given.shape:
+            raise ValueError(
+                f"{layer} returned an output of shape {tuple(out.shape)} for an input of "
+                f"shape {tuple(given.shape)}; an invertible layer keeps the shape"
+            )
+        whole = " (a sum over the whole batch: sum over the features only, .sum(-1))" if (
+            log_det.dim() == 0) else ""
+        raise ValueError(
+            f"{layer} returned a log-det of shape {tuple(log_det.shape)} for "
+            f"{given.shape[0]} rows{whole}; every layer must return one value per row, shape "
+            f"({given.shape[0]},) (ef.check_transform(layer, x) finds the layer that does not)"
+        )
+    return log_det
 
 
 def check_domain(ok: Tensor, message: str) -> None:

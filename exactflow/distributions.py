@@ -21,25 +21,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .core import Compose, Transform
+from .core import Compose, Transform, per_row
 from .transforms.standardize import Standardize
 from .validation import positive_int
 
 __all__ = ["Distribution", "StandardNormal", "DiagonalNormal", "Uniform", "Flow"]
 
 _LOG_2PI = math.log(2 * math.pi)
-
-
-def _per_row(log_det: Tensor, x: Tensor) -> Tensor:
-    """A transform's log-det, checked to hold one value per row: a user's layer returning
-    one of shape ``(batch, 1)`` would broadcast into a ``(batch, batch)`` density."""
-    if not torch.jit.is_tracing() and log_det.shape != x.shape[:1]:
-        raise ValueError(
-            f"the transform returned a log-det of shape {tuple(log_det.shape)} for "
-            f"{x.shape[0]} rows; every layer must return one value per row, shape "
-            f"({x.shape[0]},) (ef.check_transform(layer, x) finds the layer that does not)"
-        )
-    return log_det
 
 
 def tensor_of(values: Any, dtype: torch.dtype | None = None) -> Tensor:
@@ -400,7 +388,7 @@ class Flow(Distribution):
         x = self._check_x(x)
         context = self._embed(self._check_context(context, x.shape[0]))
         z, ladj = self.transform(x, context)
-        return _overflow_to_neg_inf(self.base.log_prob(z) + _per_row(ladj, x), x)
+        return _overflow_to_neg_inf(self.base.log_prob(z) + per_row(ladj, x, z), x)
 
     def _embed(self, context: Tensor | None) -> Tensor | None:
         """The context as the transform sees it: standardized, then embedded."""
@@ -465,7 +453,7 @@ class Flow(Distribution):
         z = self.base.rsample(int(np.prod(shape)))
         log_pz = self.base.log_prob(z)
         x, ladj_inv = self.transform.inverse(z, ctx)
-        log_px = log_pz - _per_row(ladj_inv, z)
+        log_px = log_pz - per_row(ladj_inv, z, x)
         return x.reshape(*shape, self.features), log_px.reshape(shape)
 
     def extra_repr(self) -> str:

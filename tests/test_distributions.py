@@ -350,6 +350,34 @@ def test_a_layer_with_a_log_det_per_batch_not_per_row_is_named_by_the_flow():
         flow.sample_and_log_prob(3)
 
 
+def test_a_layer_in_a_chain_with_a_log_det_summed_over_the_batch_is_named():
+    # A scalar log-det (.sum() for .sum(-1)) was added to every row by Compose: log_prob
+    # came out 1,385 nats off, silently.
+    class Summed(ElementwiseAffine):
+        def forward(self, x, context=None):
+            z, ladj = super().forward(x, context)
+            return z, ladj.sum()
+
+    flow = ef.Flow(ef.Compose(Summed(2), ef.transforms.Reverse(2)), ef.StandardNormal(2))
+    with pytest.raises(ValueError, match=r"Summed returned a log-det of shape \(\) for 7 rows "
+                                         r"\(a sum over the whole batch.*\.sum\(-1\)"):
+        flow.log_prob(torch.randn(7, 2))
+
+
+def test_a_layer_that_changes_the_width_is_named():
+    class Drop(ef.Transform):
+        features = 3
+
+        def forward(self, x, context=None):
+            return x[:, :2], x.new_zeros(len(x))
+
+    for transform, name in ((Drop(), "the transform"),
+                            (ef.Compose(Drop(), ef.transforms.Reverse(3)), "Drop")):
+        with pytest.raises(ValueError, match=f"{name} returned an output of shape \\(4, 2\\) "
+                                             r"for an input of shape \(4, 3\)"):
+            ef.Flow(transform, ef.StandardNormal(3)).log_prob(torch.randn(4, 3))
+
+
 def test_unconditional_flow_rejects_a_context():
     flow = make_flow()
     with pytest.raises(ValueError, match="unconditional"):
