@@ -16,6 +16,7 @@ import types
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -49,20 +50,23 @@ class LossFunction:
     Args:
         model: returns the module whose ``forward`` is the log-density (looked up at every
             call: data-parallel training wraps the flow only once training starts).
-        mode: ``False`` (eager), ``True`` (compiled from the first step) or ``"auto"``.
+        mode: ``False`` (eager), ``True`` (compiled from the second step: the first runs
+            eagerly, where data-dependent layers such as ``ActNorm`` initialize, which they
+            cannot inside a compiled graph) or ``"auto"``.
         expected_steps: the steps the run is expected to take (for ``"auto"``'s decision).
     """
 
     def __init__(self, model: Callable[[], Any], mode: bool | str, expected_steps: int) -> None:
-        if mode not in (True, False, "auto"):
+        if isinstance(mode, np.bool_):
+            mode = bool(mode)
+        if not (isinstance(mode, bool) or mode == "auto"):  # (1 == True: it would run eager)
             raise ValueError(f"compile must be True, False or 'auto', got {mode!r}")
 
         def nll(x: Tensor, ctx: Tensor | None) -> Tensor:
             return -model()(x, ctx).mean()
 
         self._eager = nll
-        self._fn: Callable[[Tensor, Tensor | None], Tensor] = _compiled(nll) if mode is True \
-            else nll
+        self._fn: Callable[[Tensor, Tensor | None], Tensor] = nll
         self.mode = mode
         self.expected = expected_steps
         self.decision = "compiled" if mode is True else "eager"
@@ -83,7 +87,10 @@ class LossFunction:
         if self._phase != "fixed":
             self._observe()
         self._calls += 1
-        return self._fn(x, ctx)
+        loss = self._fn(x, ctx)
+        if self._calls == 1 and self.mode is True:
+            self._fn = _compiled(self._eager)
+        return loss
 
     def _observe(self) -> None:
         now = time.perf_counter()

@@ -170,8 +170,8 @@ def fit(
             (default) times eager steps, compiles only when the run is long enough to repay
             a compile (10-40 s on a CPU), then keeps compiled steps only if they are faster
             (:mod:`exactflow.training.compiled`; the decision is in ``History.compiled``);
-            ``True`` compiles from the first step, ``False`` never. Compiled steps give the
-            same values up to rounding.
+            ``True`` compiles from the second step (the first, eager, initializes ActNorm
+            layers), ``False`` never. Compiled steps give the same values up to rounding.
         distributed: data-parallel training over the ranks of ``torch.distributed``'s
             default process group (:mod:`exactflow.training.parallel`): ``batch_size`` is
             the global batch, split across ranks, gradients are summed, the result equals

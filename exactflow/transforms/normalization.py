@@ -145,7 +145,7 @@ class ActNorm(Transform):
     layer continues exactly where it stopped) mirrored by a Python bool, so the check costs
     no device sync. The initialization runs eagerly, outside any compiled graph: under
     ``torch.compile`` it is skipped, so run one eager training batch (or :meth:`initialize`)
-    before compiling.
+    before compiling (``ef.fit(..., compile=True)`` runs its first step eagerly for this).
 
     Args:
         features: the dimension ``d``.
