@@ -12,7 +12,7 @@ These are O(d^3) per sample: use them to verify, not to train.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -253,8 +253,9 @@ def check_transform(
     float64 (``transform.double()``, ``x.double()``) at random parameters, not only at its
     initialization, where many layers are the identity; float32 checks catch gross errors.
 
-    Rows are independent samples, so check batch-dependent layers (``BatchNorm`` in
-    training mode) in eval mode. The transform's mode and parameters are left unchanged.
+    Rows are independent samples, so the checks run in eval mode, the map that scores
+    rows (``BatchNorm`` by its running statistics, ``ActNorm`` without initializing on the
+    check's points); the transform's modes, parameters and buffers are left as they were.
     Cost: a dense Jacobian and an LU factorization per row, O(batch d^3); a batch of a few
     rows is enough.
 
@@ -275,8 +276,9 @@ def check_transform(
     Raises:
         CheckError: a check failed; the message names each failed check and the size of
             its error, and ``err.report`` holds the report.
-        ValueError: ``x`` is not a ``(batch, features)`` tensor or has no rows, or ``x`` or
-            ``context`` is not in the dtype of the transform's parameters.
+        TypeError: ``transform`` is not a :class:`Transform` (a flow: check ``flow.transform``).
+        ValueError: ``x`` is not a floating-point ``(batch, features)`` tensor or has no
+            rows, or ``x`` or ``context`` is not in the dtype of the transform's parameters.
         NotImplementedError: the transform has no inverse and ``check_inverse`` is True.
 
     Example:
@@ -310,11 +312,21 @@ def check_transform(
         ...
           - log_det: max error 6.931e-01 exceeds tolerance (atol=1.0e-07, rtol=1.0e-07)
     """
+    if not isinstance(transform, Transform):
+        flow = hasattr(transform, "transform") and isinstance(transform.transform, Transform)
+        raise TypeError(
+            f"check_transform checks an exactflow Transform, got {type(transform).__name__}"
+            + ("; for a flow, check its transform: check_transform(flow.transform, x)"
+               if flow else "; subclass ef.Transform (forward and inverse return the output "
+               "and a log-det per row)")
+        )
     if not isinstance(x, Tensor) or x.dim() != 2:
         raise ValueError(
             f"x must be a tensor of shape (batch, features), got "
             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}"
         )
+    if not x.is_floating_point():
+        raise ValueError(f"x must be floating point (float64 to prove a layer), got {x.dtype}")
     if x.shape[0] == 0:
         raise ValueError("x has no rows: a check on an empty batch proves nothing")
     own = next((p for p in transform.parameters() if p.is_floating_point()), None)
@@ -325,6 +337,13 @@ def check_transform(
                 f"{own.dtype}: check them in one dtype (float64: transform.double(), "
                 "x.double() and context.double())"
             )
+    with _unchanged(transform):  # eval mode: the map that scores rows, one row at a time
+        report = _run_checks(transform, x, context, atol, rtol, check_inverse)
+    return _finish(report, raise_on_failure)
+
+
+def _run_checks(transform: Transform, x: Tensor, context: Tensor | None, atol: float | None,
+                rtol: float | None, check_inverse: bool) -> CheckReport:
     default_atol, default_rtol = _DEFAULT_TOL.get(x.dtype, (1e-5, 1e-5))
     atol = default_atol if atol is None else atol
     rtol = default_rtol if rtol is None else rtol
@@ -359,7 +378,7 @@ def check_transform(
         fail(f"finite: forward returned NaN or inf in {bad_z} of {z.numel()} outputs and "
              f"{bad_ladj} of {ladj.numel()} log-dets")
     if report.failures:
-        return _finish(report, raise_on_failure)
+        return report
 
     truth = log_abs_det_jacobian(transform, x, context).detach()
     singular = int(torch.isneginf(truth).sum())
@@ -402,7 +421,25 @@ def check_transform(
         else:
             within("round_trip", x_back - x, x)
             within("inverse_log_det", ladj_inv + ladj, ladj)
-    return _finish(report, raise_on_failure)
+    return report
+
+
+@contextlib.contextmanager
+def _unchanged(transform: Transform) -> Iterator[None]:
+    """``transform`` in eval mode inside the block; its modes, parameters and buffers as
+    they were after it (a layer of the user's may change its state in a call)."""
+    modes = [(m, m.training) for m in transform.modules()]
+    saved = {k: v.detach().clone() for k, v in transform.state_dict().items()}
+    transform.eval()
+    try:
+        yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
+        with torch.no_grad():
+            for key, value in transform.state_dict().items():
+                if key in saved:
+                    value.copy_(saved[key])
 
 
 def _finish(report: CheckReport, raise_on_failure: bool) -> CheckReport:

@@ -424,6 +424,41 @@ def test_check_transform_rejects_bad_x():
     maf = ef.transforms.MaskedAffineAutoregressive(3, hidden=(8,), context=2).double()
     with pytest.raises(ValueError, match="context is torch.float32 but MaskedAffine"):
         ef.check_transform(maf, x64(), torch.randn(len(x64()), 2))
+    with pytest.raises(ValueError, match="x must be floating point .* got torch.int64"):
+        ef.check_transform(ef.transforms.Reverse(3), torch.ones(4, 3, dtype=torch.long))
+    with pytest.raises(TypeError, match=r"got Flow; for a flow, check its transform: "
+                                        r"check_transform\(flow.transform, x\)"):
+        ef.check_transform(ef.models.maf(3), torch.randn(4, 3))
+    with pytest.raises(TypeError, match="got Linear; subclass ef.Transform"):
+        ef.check_transform(nn.Linear(3, 3), torch.randn(4, 3))
+
+
+def test_the_check_runs_in_eval_mode_and_leaves_the_transform_as_it_was():
+    # ActNorm initialized itself on the check's points; BatchNorm in training mode updated
+    # its running statistics and then failed with "a batch of 1" (the per-row Jacobian).
+    x = 3 * x64() + 2
+    act = ef.transforms.ActNorm(3).double()
+    assert ef.check_transform(act, x).ok
+    assert not bool(act.initialized) and act.training and not act.bias.detach().any()
+    norm = perturb(ef.transforms.BatchNorm(3).double(), 0.5, seed=4)
+    with torch.no_grad():
+        norm.running_var.uniform_(0.5, 2.0)
+    before = {k: v.clone() for k, v in norm.state_dict().items()}
+    assert ef.check_transform(norm, x).ok and norm.training
+    assert all(torch.equal(v, before[k]) for k, v in norm.state_dict().items())
+
+    class Counting(Scale):  # a layer of one's own that changes its state in a call
+        def __init__(self, features):
+            super().__init__(features)
+            self.register_buffer("calls", torch.zeros((), dtype=torch.float64))
+
+        def forward(self, x, context=None):
+            self.calls += 1
+            return super().forward(x, context)
+
+    counting = Counting(3).double()
+    ef.check_transform(counting, x64())
+    assert float(counting.calls) == 0.0
 
 
 def test_a_transform_without_inverse_is_named():
