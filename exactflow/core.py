@@ -212,9 +212,16 @@ class Compose(Transform):
                 "Compose takes transforms of one width; got features "
                 + ", ".join(str(t.features) for t in transforms)
             )
+        contexts = {t.context_features for t in transforms if t.context_features}
+        if len(contexts) > 1:
+            raise ValueError(
+                "Compose passes one context to every layer, but its conditional layers take "
+                "contexts of " + ", ".join(str(t.context_features) for t in transforms
+                                            if t.context_features) + " features"
+            )
         self.transforms = nn.ModuleList(transforms)
         self.features = widths.pop() if widths else None
-        self.context_features = max((t.context_features for t in transforms), default=0)
+        self.context_features = contexts.pop() if contexts else 0
         self.linear = all(t.linear for t in transforms)
 
     def __len__(self) -> int:

@@ -378,6 +378,23 @@ def test_a_layer_that_changes_the_width_is_named():
             ef.Flow(transform, ef.StandardNormal(3)).log_prob(torch.randn(4, 3))
 
 
+def test_context_widths_that_cannot_meet_are_refused_when_the_flow_is_built():
+    # Each was accepted, then every call failed, with contradictory advice.
+    maf = ef.transforms.MaskedAffineAutoregressive
+    with pytest.raises(ValueError, match="Compose passes one context to every layer, but its "
+                                         "conditional layers take contexts of 2, 4 features"):
+        ef.Compose(maf(3, context=2), ef.transforms.AffineCoupling(3, context=4))
+    for context in (0, 3):
+        with pytest.raises(ValueError, match=f"layers take a context of 2 features but the "
+                                             f"flow has context={context}: give context=2"):
+            ef.Flow(maf(3, context=2), ef.StandardNormal(3), context=context)
+    with pytest.raises(ValueError, match="the base is conditional"):
+        ef.Flow(ef.transforms.Reverse(3), ef.models.maf(3, layers=1, context=2))
+    flow = ef.Flow(maf(3, context=2), ef.StandardNormal(3), context=5,
+                   embedding=nn.Linear(5, 2))  # an embedding makes the widths meet
+    assert flow.log_prob(torch.randn(4, 3), torch.randn(4, 5)).shape == (4,)
+
+
 def test_unconditional_flow_rejects_a_context():
     flow = make_flow()
     with pytest.raises(ValueError, match="unconditional"):
