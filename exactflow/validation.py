@@ -161,6 +161,25 @@ def hidden_sizes(hidden: Sequence[int] | int, name: str = "hidden") -> tuple[int
     return tuple(int(h) for h in sizes)
 
 
+def device_named(device: Any, name: str = "device") -> Any:
+    """``device`` as a ``torch.device``, refused with a ValueError when torch does not know
+    the name or this machine has no such device (torch raises deep inside a later call)."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{name} must be 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto', got "
+                         f"{device!r}") from None
+    backend = {"cuda": torch.cuda, "mps": torch.backends.mps}.get(dev.type)
+    if dev.type != "cpu" and (backend is None or not backend.is_available()):
+        raise ValueError(f"{name}={str(device)!r} was requested but this machine has no "
+                         f"{dev.type.upper()} device (torch sees: cpu"
+                         f"{', cuda' if torch.cuda.is_available() else ''}"
+                         f"{', mps' if torch.backends.mps.is_available() else ''})")
+    return dev
+
+
 def seed_value(value: Any, name: str = "seed") -> int:
     """A seed: an integer >= 0."""
     if not _is_int(value) or value < 0:

@@ -856,7 +856,18 @@ def test_resume_with_input_noise_matches_an_uninterrupted_run(tmp_path):
     assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in whole.state_dict().items())
 
 
-def test_a_device_name_torch_does_not_know_is_a_clear_error():
-    with pytest.raises(ValueError, match="device must be 'cpu', 'cuda', 'cuda:N' or 'auto', "
-                                         "got 'gpu'"):
+def test_a_device_name_torch_does_not_know_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="device must be 'cpu', 'cuda', 'cuda:N', 'mps' or "
+                                         "'auto', got 'gpu'"):
         fit(affine_flow(), gaussian_data(100), steps=2, device="gpu", progress=False)
+    # a device torch knows but this machine lacks (torch raised deep inside .to(...))
+    missing = [name for name, there in (("cuda", torch.cuda.is_available()),
+                                        ("mps", torch.backends.mps.is_available())) if not there]
+    path = tmp_path / "flow.safetensors"
+    ef.save(ef.models.maf(2, layers=1, hidden=(4,)), path)
+    for name in missing:
+        with pytest.raises(ValueError, match=f"device='{name}' was requested but this machine "
+                                             f"has no {name.upper()} device"):
+            fit(affine_flow(), gaussian_data(100), steps=2, device=name, progress=False)
+        with pytest.raises(ValueError, match=f"map_location='{name}' was requested"):
+            ef.load(path, map_location=name)

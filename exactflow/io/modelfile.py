@@ -35,7 +35,7 @@ from .._version import __version__
 from ..distributions import Flow
 from ..models import build
 from ..transforms.standardize import Standardize
-from ..validation import warn_user
+from ..validation import device_named, warn_user
 from .files import CheckpointError, atomic_write_bytes, safe_torch_load
 
 __all__ = ["save", "load", "FORMAT_VERSION"]
@@ -359,7 +359,8 @@ def load(path: str | os.PathLike[str], map_location: Any = "cpu") -> Flow:
     Args:
         path: the model file, or a run folder (its ``model.safetensors``, or ``model.pt``
             in run folders of exactflow 0.1).
-        map_location: where to put the tensors, default the CPU.
+        map_location: where to put the tensors, default the CPU (a device name, or what
+            ``torch.load`` takes).
 
     Warns:
         UserWarning: ``path`` is a run folder that dequantized integer-valued columns (the
@@ -367,12 +368,15 @@ def load(path: str | os.PathLike[str], map_location: Any = "cpu") -> Flow:
             :meth:`exactflow.runs.Run.score`).
 
     Raises:
+        ValueError: ``map_location`` names a device this machine does not have.
         CheckpointError: the file is missing, empty, truncated or foreign (text, a numpy
             array); a folder without a model file; holds anything but tensors and plain
             types (e.g. a pickle with a code payload); was written by a newer exactflow
             format; names an unknown builder; has a config that its weights do not fit;
             holds NaN weights; or weights that do not match the checksum saved with them.
     """
+    if isinstance(map_location, (str, torch.device)):
+        map_location = device_named(map_location, "map_location")
     path = Path(path)
     info = _run_record(path) if path.is_dir() else {}
     _warn_if_dequantized(path, info)

@@ -25,6 +25,7 @@ from ..validation import (
     DataError,
     column_list,
     counted,
+    device_named,
     fraction,
     positive_int,
     training_rows_error,
@@ -200,8 +201,8 @@ def train_run(
         )
     if batch_size is not None:
         batch_size = positive_int(batch_size, "batch_size")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but CUDA is not available here")
+    if device != "auto":
+        device_named(device)  # an unknown name, or a device this machine lacks
     if model == "auto" and resume:
         raise ValueError("resume continues the training of one named model (e.g. --model "
                          "maf); a run of the auto ladder is trained again with overwrite")

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ..core import Compose, Inverse, Transform
 from ..transforms.standardize import Standardize
-from ..validation import positive_float, seed_value
+from ..validation import device_named, positive_float, seed_value
 from .history import History
 
 __all__ = [
@@ -123,14 +123,7 @@ def resolve_device(device: str | torch.device | None, module: nn.Module) -> torc
         return ref.device if ref is not None else torch.device("cpu")
     if isinstance(device, str) and device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {device!r}"
-                         ) from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={str(device)!r} was requested but CUDA is not available")
-    return dev
+    return device_named(device)
 
 
 @contextmanager
