@@ -40,6 +40,7 @@ from .scoring import log_prob
 __all__ = ["FlowDensity"]
 
 _COUPLING_MODELS = ("realnvp", "nice", "nsf")
+_CLOSED_FORM = ("gaussian", "gmm")
 
 
 def _say(text: str) -> None:
@@ -79,7 +80,9 @@ class FlowDensity(DensityMixin, BaseEstimator):
         lr: Adam learning rate (default ``1e-3``; not with ``auto``, whose ladder sets each
             candidate's own).
         validation_fraction: rows held out to stop training and to choose the model
-            (0: none, train a given model on all rows for ``steps``; ``auto`` needs some).
+            (0: none, train a given model on all rows for ``steps``, 1,000 unless given;
+            ``auto`` needs some). The closed-form ``gaussian`` and ``gmm`` hold none out:
+            they have no step to stop at.
         budget: seconds the ``auto`` ladder may take (default 45; only with ``auto``). A
             budget is wall-clock time: where it cuts a candidate short, the step it stops
             at (and so the model) depends on the machine's speed and load, and
@@ -196,10 +199,13 @@ class FlowDensity(DensityMixin, BaseEstimator):
                     f"{', '.join(given)} set one model and its training, which "
                     "model='auto' chooses itself: give model=NAME with them, or leave them "
                     "out")
-        if d == 1 and self.model in _COUPLING_MODELS:
+        kind = (self.model_kwargs or {}).get("kind")
+        if d == 1 and self.model in _COUPLING_MODELS and kind != "autoregressive":
             raise ValueError(
                 f"model={self.model!r} is a coupling flow and needs at least 2 features, got "
-                "1 feature(s); use model='maf' for one-dimensional data"
+                "1 feature(s); for one-dimensional data use model='nsf' with model_kwargs="
+                "{'kind': 'autoregressive'} (a spline, any shape), or model='auto' (model="
+                "'maf' on one feature is a Gaussian: its shift and scale are constants)"
             )
         if not 0.0 <= float(self.validation_fraction) < 1.0:
             raise ValueError(
@@ -248,7 +254,8 @@ class FlowDensity(DensityMixin, BaseEstimator):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             flow = models.build(config)
-        val_fraction = float(self.validation_fraction)
+        # (a closed-form model has no step to stop at and nothing to choose: all rows)
+        val_fraction = 0.0 if self.model in _CLOSED_FORM else float(self.validation_fraction)
         n_train = n - int(round(val_fraction * n))
         batch_size = None if self.batch_size is None else max(
             1, min(int(self.batch_size), n_train))

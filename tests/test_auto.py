@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import exactflow as ef
 from exactflow.gaussians import GaussianMixture
 from exactflow.training.auto import ladder, select_gmm
 
@@ -106,7 +107,14 @@ def test_too_few_validation_rows_keep_a_mixture_chosen_by_cross_validation():
     assert flows and all(e.status == "skipped: 9 validation rows, too few to choose a flow on"
                          and e.val_nll is None for e in flows)
     assert any("by 5-fold cross-validation" in line for line in lines)
-    assert any("too few to choose a flow on" in line for line in lines)
+    assert any("too few to choose a flow on" in line and "fitted again on all 60 rows" in line
+               for line in lines)
+    # chosen on every row, fitted on every row (it was fitted on the 51 training rows)
+    again = ef.models.build({**chosen[0].config, "features": x.shape[1], "standardize": True})
+    ef.fit(again, x, val_fraction=0.0, seed=0, progress=False)
+    np.testing.assert_allclose(ef.scoring.log_prob(result.flow, x),
+                               ef.scoring.log_prob(again, x), rtol=1e-6)
+    assert result.history.val_nll == []
     # With enough validation rows the ladder runs as before.
     result = fit_auto(_clusters(200, 5), budget=4, seed=0)
     names = [e.name for e in result.leaderboard]

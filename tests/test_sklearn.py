@@ -78,9 +78,12 @@ def test_errors_name_the_problem():
     X = np.random.default_rng(2).normal(size=(50, 2))
     with pytest.raises(ValueError, match="unknown model 'nope'"):
         tiny(model="nope").fit(X)
-    with pytest.raises(ValueError, match="1 feature"):
+    with pytest.raises(ValueError, match=r"1 feature\(s\); for one-dimensional data use model='nsf' "
+                                         "with model_kwargs={'kind': 'autoregressive'}"):
         tiny(model="realnvp").fit(X[:, :1])
     tiny(model="maf").fit(X[:, :1])  # one feature is fine for an autoregressive model
+    spline = tiny(model="nsf", model_kwargs={"kind": "autoregressive"}).fit(X[:, :1])
+    assert spline.score_samples(X[:3, :1]).shape == (3,)
     bad = X.copy()
     bad[:, 1] = 3.0
     with pytest.raises(ValueError, match="constant"):
@@ -102,6 +105,16 @@ def test_errors_name_the_problem():
     fitted = tiny().fit(X)
     with pytest.raises(ValueError, match="features"):
         fitted.score_samples(np.zeros((3, 3)))
+
+
+def test_closed_form_models_are_fitted_on_every_row():
+    # (a 15% hold-out had nothing to stop or choose: the Gaussian was not the MLE of X)
+    X = np.random.default_rng(5).normal(size=(150, 3)) @ np.diag([1.0, 2.0, 0.5])
+    centered = X - X.mean(0)
+    cov = centered.T @ centered / len(X)
+    mle = -0.5 * (3 * math.log(2 * math.pi) + np.linalg.slogdet(cov)[1] + 3)
+    fitted = FlowDensity("gaussian").fit(X)
+    assert fitted.score_samples(X).mean() == pytest.approx(mle, abs=1e-6)
 
 
 def test_clone_pipeline_and_grid_search():

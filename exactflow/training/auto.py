@@ -376,7 +376,13 @@ def fit_auto(
         held = counted(len(val_rows), "validation row")
         say(f"{held} {'is' if len(val_rows) == 1 else 'are'} too few to choose a flow on "
             f"(fewer than {MIN_VAL_ROWS}): the {'mixture' if gmm is not None else 'Gaussian'} "
-            "is kept")
+            f"is kept, fitted again on all {n + len(val_rows)} rows")
+        if best is not None:  # (chosen on every row: fitted on every row)
+            chosen = next(entry for entry in board if entry.chosen)
+            flow = build({**chosen.config, "features": d, "standardize": standardize})
+            pooled = np.concatenate([_array(rows.data), _array(val_rows.data)])
+            best = (best[0], flow, fit(flow, pooled, val_fraction=0.0, seed=seed,
+                                       device=device, progress=False))
         board += [Entry(cand.name, dict(cand.config),
                         status=f"skipped: {held}, too few to choose a flow on")
                   for cand in rungs]

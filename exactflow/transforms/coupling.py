@@ -56,8 +56,10 @@ def coupling_mask(features: int, mask: str | Sequence[bool] | Tensor) -> Tensor:
     if isinstance(features, bool) or not isinstance(features, int) or features < 2:
         raise ValueError(
             f"a coupling layer needs features >= 2 (one half conditions the other), got "
-            f"{features!r}; for one feature use an autoregressive layer (e.g. "
-            f"MaskedAffineAutoregressive(1, context=...)) or ElementwiseAffine"
+            f"{features!r}; for one feature use a spline, which takes any shape "
+            f"(SplineAutoregressive(1), ef.models.nsf(1, kind='autoregressive')): an affine "
+            f"layer on one feature (MaskedAffineAutoregressive(1)) is a Gaussian unless it "
+            f"is conditional"
         )
     index = torch.arange(features)
     if isinstance(mask, str):
