@@ -36,6 +36,7 @@ except ImportError:  # pragma: no cover - older scikit-learn
 
 from .datasets import check_full_rank, validate
 from .scoring import log_prob
+from .validation import positive_float, positive_int
 
 __all__ = ["FlowDensity"]
 
@@ -199,6 +200,8 @@ class FlowDensity(DensityMixin, BaseEstimator):
                     f"{', '.join(given)} set one model and its training, which "
                     "model='auto' chooses itself: give model=NAME with them, or leave them "
                     "out")
+        else:
+            self._check_named_options()
         kind = (self.model_kwargs or {}).get("kind")
         if d == 1 and self.model in _COUPLING_MODELS and kind != "autoregressive":
             raise ValueError(
@@ -246,8 +249,7 @@ class FlowDensity(DensityMixin, BaseEstimator):
         config: dict[str, Any] = {"model": self.model, "features": d}
         if self.layers is not None:
             config["layers"] = int(self.layers)
-        if self.hidden is not None and self.model not in ("planar", "radial", "gaussian",
-                                                          "gmm"):
+        if self.hidden is not None:
             config["hidden"] = [int(h) for h in np.atleast_1d(self.hidden)]
         config.update(self.model_kwargs or {})
         config["standardize"] = resolve_standardize(self.standardize, X)
@@ -276,6 +278,30 @@ class FlowDensity(DensityMixin, BaseEstimator):
         # Score in float64 on the CPU: exact to float64 rounding, batch-independent.
         self.flow_ = flow.cpu().double().eval()
         return self
+
+    def _check_named_options(self) -> None:
+        """A named model's options: numbers of the right kind, and none that the model
+        would ignore (refused by name, as ``model="auto"`` refuses its own)."""
+        for name in ("layers", "steps", "epochs", "batch_size"):
+            if getattr(self, name) is not None:
+                positive_int(getattr(self, name), name)
+        if self.lr is not None:
+            positive_float(self.lr, "lr")
+        unused, why = [], ""
+        if self.model in _CLOSED_FORM:
+            unused = [name for name in ("layers", "hidden", "steps", "epochs", "batch_size",
+                                        "lr") if getattr(self, name) is not None]
+            why = "is fitted in closed form, without layers or steps"
+        elif self.model in ("planar", "radial") and self.hidden is not None:
+            unused, why = ["hidden"], "has no hidden layers"
+        if unused:
+            raise ValueError(f"{', '.join(unused)}: model={self.model!r} {why}; leave "
+                             f"{'it' if len(unused) == 1 else 'them'} out")
+        own = sorted({"model", "features", "standardize"} & set(self.model_kwargs or {}))
+        if own:
+            raise ValueError(f"model_kwargs sets {', '.join(own)}, which FlowDensity sets "
+                             "itself: give standardize=... to FlowDensity (the model and its "
+                             "features come from model= and X)")
 
     # -- scoring ------------------------------------------------------------------------
 

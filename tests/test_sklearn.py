@@ -94,14 +94,24 @@ def test_errors_name_the_problem():
         tiny().fit(np.c_[X, 2 * X[:, 0]])
     with pytest.raises(ValueError, match="2 rows for 2 columns"):
         tiny().fit(X[:2])
-    # 15 rows of 13 columns: after the hold-out 13 remain, and the Gaussian was degenerate
-    # (rows of its own table scored -8e5), where model="auto" refused
+    # 15 rows of 13 columns: after the hold-out 13 remain, where model="auto" refused and
+    # a named model trained on a degenerate table (the Gaussian scored rows of its own
+    # table at -8e5); the closed-form Gaussian now takes all 15
     wide = np.random.default_rng(3).normal(size=(15, 13))
-    for model in ("gaussian", "maf"):
-        with pytest.raises(ValueError, match="after holding out 2 validation rows, 13 "
-                                             "training rows remain for 13 columns"):
-            FlowDensity(model, steps=2).fit(wide)
-    FlowDensity("gaussian", validation_fraction=0).fit(wide)
+    with pytest.raises(ValueError, match="after holding out 2 validation rows, 13 "
+                                         "training rows remain for 13 columns"):
+        FlowDensity("maf", steps=2).fit(wide)
+    assert FlowDensity("gaussian").fit(wide).score_samples(wide).min() > -100
+    for kwargs, message in (
+            ({"model": "maf", "steps": 2.7}, "steps must be a positive integer, got 2.7"),
+            ({"model": "maf", "batch_size": -4}, "batch_size must be a positive integer"),
+            ({"model": "gmm", "steps": 5, "lr": 0.1}, "steps, lr: model='gmm' is fitted in "
+                                                     "closed form"),
+            ({"model": "planar", "hidden": (8,)}, "hidden: model='planar' has no hidden"),
+            ({"model": "maf", "model_kwargs": {"standardize": False}},
+             "model_kwargs sets standardize, which FlowDensity sets itself")):
+        with pytest.raises(ValueError, match=message):  # (each was accepted, and ignored)
+            FlowDensity(**kwargs).fit(X)
     fitted = tiny().fit(X)
     with pytest.raises(ValueError, match="features"):
         fitted.score_samples(np.zeros((3, 3)))
