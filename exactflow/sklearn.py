@@ -35,8 +35,9 @@ except ImportError:  # pragma: no cover - older scikit-learn
 
 
 from .datasets import check_full_rank, validate
+from .runs.data import dequantize, dequantize_to_score, integer_columns
 from .scoring import log_prob
-from .validation import positive_float, positive_int
+from .validation import column_list, positive_float, positive_int, warn_user
 
 __all__ = ["FlowDensity"]
 
@@ -95,6 +96,13 @@ class FlowDensity(DensityMixin, BaseEstimator):
             column elsewhere; ``True`` one per column, ``"pooled"`` one for all columns,
             ``False`` none.
         model_kwargs: extra builder arguments, e.g. ``{"batch_norm": False}``.
+        dequantize: add uniform noise in ``[0, 1)`` to the columns that hold integers only
+            (counts, ratings, pixel levels), in ``fit`` and (keyed by each row's values,
+            :func:`exactflow.runs.dequantize`) in ``score_samples``: the score is then a
+            lower bound of the discrete log-probability. Without it such columns are
+            warned about: a continuous density can pile its mass onto the integers, and
+            held-out rows on them score far above any real density. ``sample`` draws
+            dequantized values (floor them for integers).
         device: ``"cpu"``, ``"cuda"`` or ``"auto"`` for training; scoring and sampling run
             on the CPU.
         random_state: seed of the initialization, data order and validation split.
@@ -105,6 +113,8 @@ class FlowDensity(DensityMixin, BaseEstimator):
         flow_: the trained model, an :class:`exactflow.Flow` (float64, eval mode, CPU).
         history_: its training :class:`exactflow.History` (``best_step`` says which step's
             weights were kept).
+        dequantized_columns_: the integer columns dequantized (``[]`` without
+            ``dequantize``).
         leaderboard_: with ``model="auto"``, one dict per candidate (``name``, ``config``,
             ``val_nll``, ``seconds``, ``steps``, ``best_step``, ``status``, ``chosen``);
             ``None`` otherwise.
@@ -140,6 +150,7 @@ class FlowDensity(DensityMixin, BaseEstimator):
         budget: float | None = None,
         standardize: bool | str = "auto",
         model_kwargs: dict[str, Any] | None = None,
+        dequantize: bool = False,
         device: str = "cpu",
         random_state: int | np.random.RandomState | None = None,
         verbose: bool = False,
@@ -155,6 +166,7 @@ class FlowDensity(DensityMixin, BaseEstimator):
         self.budget = budget
         self.standardize = standardize
         self.model_kwargs = model_kwargs
+        self.dequantize = dequantize
         self.device = device
         self.random_state = random_state
         self.verbose = verbose
@@ -182,6 +194,20 @@ class FlowDensity(DensityMixin, BaseEstimator):
         X = _validate_data(self, X, dtype=np.float64, ensure_min_samples=2)
         names = getattr(self, "feature_names_in_", None)
         names = None if names is None else [str(c) for c in names]
+        rng = check_random_state(self.random_state)
+        seed = int(rng.randint(np.iinfo(np.int32).max))
+        discrete = integer_columns(X)
+        self.dequantized_columns_ = discrete if self.dequantize else []
+        if self.dequantize:  # first: a column of 0s and 1s may look constant, not after
+            X = dequantize(X, discrete, seed)
+        elif discrete:
+            which = "column {} holds" if len(discrete) == 1 else "columns {} hold"
+            warn_user(
+                f"{which.format(column_list(discrete, names))} integers only: a continuous "
+                "density can pile its mass onto the integers, and rows on them then score "
+                "far above any real density; FlowDensity(dequantize=True) adds uniform "
+                "noise in [0, 1) to them, for a log-density that means something"
+            )
         validate(X, name="X", columns=names)  # constant columns first, as the CLI checks
         check_full_rank(X, "X", names)
         n, d = X.shape
@@ -221,8 +247,6 @@ class FlowDensity(DensityMixin, BaseEstimator):
         if auto and float(self.validation_fraction) == 0:
             raise ValueError("model='auto' chooses its model on held-out rows: "
                              "validation_fraction must be above 0")
-        rng = check_random_state(self.random_state)
-        seed = int(rng.randint(np.iinfo(np.int32).max))
         self.leaderboard_: list[dict[str, Any]] | None = None
         if auto:
             try:
@@ -309,6 +333,10 @@ class FlowDensity(DensityMixin, BaseEstimator):
         """The exact log-density of each row of ``X`` (nats, in the units of ``X``)."""
         check_is_fitted(self, "flow_")
         X = _validate_data(self, X, dtype=np.float64, reset=False)
+        if self.dequantized_columns_:
+            names = getattr(self, "feature_names_in_", None)
+            X = dequantize_to_score(X, self.dequantized_columns_, 0, None if names is None
+                                    else [str(c) for c in names])
         return log_prob(self.flow_, X)
 
     def score(self, X: Any, y: Any = None) -> float:

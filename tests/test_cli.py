@@ -228,7 +228,7 @@ def test_loading_a_dequantized_run_warns_that_raw_rows_score_otherwise(tmp_path)
         warnings.simplefilter("error")
         assert not np.allclose(run.score(rows), raw)
     # Rows dequantized already (the run's own data.npz) would get noise twice: said so.
-    with pytest.warns(UserWarning, match=r"dequantized its integer columns \['p0', 'p1', "
+    with pytest.warns(UserWarning, match=r"trained on the integer columns \['p0', 'p1', "
                                          r"'p2'\].*score the raw integer rows") as caught:
         run.score(rows + 0.5)
     assert {w.filename for w in caught} == {__file__}

@@ -15,7 +15,7 @@ import torch
 from .._version import __version__
 from ..datasets import TOY_ENTROPY, TOYS, column_names, digits, load, read_header, toy, validate
 from ..datasets.files import split_key
-from ..validation import DataError
+from ..validation import DataError, warn_user
 
 __all__ = ["read_data", "versions", "BUILTIN", "integer_columns", "dequantize"]
 
@@ -159,6 +159,24 @@ def dequantize(
         rng = np.random.default_rng([seed, 0xDE0])
         out[:, cols] += rng.random((len(out), len(cols)))
     return out
+
+
+def dequantize_to_score(rows: np.ndarray, columns: Sequence[int], seed: int = 0,
+                        names: Sequence[str] | None = None, where: str = "") -> np.ndarray:
+    """Rows to score with a model trained on dequantized ``columns``: those columns get
+    keyed noise (:func:`dequantize` with ``keyed=True``, so a row scores the same wherever
+    it is). Warns when the rows hold non-integers there (they would get noise again);
+    ``where`` says where the dequantized rows are, for the warning."""
+    cols = list(columns)
+    part = rows[:, cols]
+    if cols and bool((np.isfinite(part) & (part != np.floor(part))).any()):
+        named = [names[c] for c in cols] if names else cols
+        warn_user(
+            f"the model was trained on the integer columns {named} dequantized (integers "
+            "plus uniform noise) and these rows hold other values there, which get noise "
+            f"added again: score the raw integer rows{f' ({where})' if where else ''}"
+        )
+    return dequantize(rows, cols, seed, keyed=True)
 
 
 def _mix(z: np.ndarray) -> np.ndarray:

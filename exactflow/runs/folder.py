@@ -17,8 +17,8 @@ from ..distributions import Flow
 from ..io import CheckpointError
 from ..io import load as load_model_file
 from ..scoring import log_prob
-from ..validation import DataError, warn_user
-from .data import dequantize
+from ..validation import DataError
+from .data import dequantize_to_score
 
 __all__ = ["Run", "RunError", "load_run", "locked", "lock_holder", "RUN_FILES", "LOCK_FILE",
            "RUN_JSON", "MODEL_FILE", "LEGACY_MODEL_FILE", "DATA_FILE", "HISTORY_FILE",
@@ -180,17 +180,8 @@ class Run:
                 f"rows of shape {tuple(rows.shape)}: the run was trained on "
                 f"{self.features} columns {self.columns}"
             )
-        cols = self.dequantized
-        part = rows[:, cols]
-        if cols and bool((np.isfinite(part) & (part != np.floor(part))).any()):
-            named = [self.columns[c] for c in cols] if self.columns else cols
-            warn_user(
-                f"the run dequantized its integer columns {named} (integers plus uniform "
-                "noise) and these rows hold other values there, which get noise added "
-                "again: score the raw integer rows (the run's data.npz holds them "
-                "dequantized already)"
-            )
-        rows = dequantize(rows, cols, seed, keyed=True)
+        rows = dequantize_to_score(rows, self.dequantized, seed, self.columns or None,
+                                   "the run's data.npz holds them dequantized already")
         return log_prob(self.flow, rows)
 
     def calibration(self) -> np.ndarray:
