@@ -181,9 +181,9 @@ def device_named(device: Any, name: str = "device") -> Any:
 
 
 def seed_value(value: Any, name: str = "seed") -> int:
-    """A seed: an integer >= 0."""
-    if not _is_int(value) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    """A seed: an integer from 0 to ``2**63 - 1`` (torch's generators take 64 bits)."""
+    if not _is_int(value) or not 0 <= value < 2**63:
+        raise ValueError(f"{name} must be an integer from 0 to 2**63 - 1, got {value!r}")
     return int(value)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -95,17 +96,25 @@ def test_a_threshold_below_the_smallest_p_value_is_warned_about(tmp_path):
     train = correlated_table(tmp_path / "train.csv", 200, 3)
     new = correlated_table(tmp_path / "new.csv", 50, 4)
     train_run(train, tmp_path / "run", model="gaussian", seed=0, progress=False)
-    code, out, err = cli(["score", tmp_path / "run", new, "--threshold-quantile", "0.01",
-                          "--json"])
+    with pytest.warns(UserWarning, match=r"with 40 held-out rows the smallest p-value is "
+                                         r"1/41 = 0.0244, so a threshold of 0.01 flags only "
+                                         r"rows scored -inf"):
+        code, out, err = cli(["score", tmp_path / "run", new, "--threshold-quantile", "0.01",
+                              "--json"])
     assert code == 0, err
     result = json.loads(out)
-    m = result["calibration_rows"]
-    assert m == 40 and result["smallest_p_value"] == pytest.approx(1 / 41)
-    assert f"with {m} held-out rows the smallest p-value is 1/{m + 1}" in err
-    assert "flags only rows scored -inf" in err and result["anomalies"] == 0
-    code, out, err = cli(["score", tmp_path / "run", new, "--threshold-quantile", "0.01",
-                          "-o", tmp_path / "scores.csv"])
+    assert result["calibration_rows"] == 40
+    assert result["smallest_p_value"] == pytest.approx(1 / 41) and result["anomalies"] == 0
+    # the same from Python
+    with pytest.warns(UserWarning, match="the smallest p-value is 1/21") as caught:
+        anomaly.flag(np.array([-50.0]), np.zeros(20), 0.001)
+    assert {w.filename for w in caught} == {__file__}
+    with pytest.warns(UserWarning, match="the smallest p-value is 1/41"):
+        code, out, err = cli(["score", tmp_path / "run", new, "--threshold-quantile", "0.01",
+                              "-o", tmp_path / "scores.csv"])
     assert code == 0 and "0 rows flagged" in out and "new normal rows are flagged" not in out
-    code, out, err = cli(["score", tmp_path / "run", new, "--threshold-quantile", "0.05",
-                          "--json"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        code, out, err = cli(["score", tmp_path / "run", new, "--threshold-quantile", "0.05",
+                              "--json"])
     assert code == 0 and "warning" not in err

@@ -39,6 +39,13 @@ def cmd_check(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
     if (args.run is None) == (args.model is None):
         raise UsageError("give either RUN_DIR or --model NAME")
     if args.run is not None:
+        given = [f"--{name}" for name in ("features", "layers", "hidden")
+                 if getattr(args, name) is not None]
+        if given or args.seed != 0:
+            raise UsageError(f"{', '.join(given + (['--seed'] if args.seed else []))} "
+                             "describe a new model (--model NAME); a run is checked as it "
+                             "was trained, on its test rows")
+    if args.run is not None:
         run = load_run(args.run)
         flow = run.flow
         try:
@@ -47,7 +54,8 @@ def cmd_check(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
             x = None
         what = f"run {args.run}"
     else:
-        config: dict[str, Any] = {"model": args.model, "features": args.features}
+        features = 2 if args.features is None else args.features
+        config: dict[str, Any] = {"model": args.model, "features": features}
         if args.layers is not None:
             config["layers"] = args.layers
         if args.hidden is not None:
@@ -55,10 +63,10 @@ def cmd_check(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
         flow = _build_seeded(config, args.seed)
         _perturb(flow, 0.1, args.seed)
         x = None
-        if args.features == 2:
-            x = toy("moons", args.points, seed=args.seed).double().numpy()
-            x = (x - x.mean(0)) / x.std(0)
-        what = f"new {args.model} model ({args.features} features, perturbed parameters)"
+        if features == 2:  # (standardized on enough points, whatever --points)
+            x = toy("moons", max(args.points, 256), seed=args.seed).double().numpy()
+            x = ((x - x.mean(0)) / x.std(0))[: args.points]
+        what = f"new {args.model} model ({features} features, perturbed parameters)"
     assert flow is not None
     if x is None:
         gen = torch.Generator().manual_seed(args.seed)

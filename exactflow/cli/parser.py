@@ -13,7 +13,7 @@ from typing import Any
 from .. import models
 from .._version import __version__
 from ..datasets import TOYS
-from ..validation import fraction, positive_float, positive_int
+from ..validation import fraction, positive_float, positive_int, seed_value
 
 __all__ = ["build_parser", "PROG", "DEMO_DATASETS"]
 
@@ -62,6 +62,7 @@ def _argument(parse: Callable[[str], Any], check: Callable[[Any, str], Any],
 _positive_int = _argument(int, positive_int, "a positive integer")
 _positive_float = _argument(float, positive_float, "a positive number")
 _fraction = _argument(float, fraction, "a number strictly between 0 and 1")
+_seed = _argument(int, seed_value, "a seed, an integer from 0 to 2**63 - 1")
 
 
 def _hidden(text: str) -> list[int]:
@@ -150,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="points drawn from the toy (train/validation/test 80/10/10)")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto",
                    help="where to train")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data, split and training")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the data, split and training")
     p.set_defaults(default_threads=1)
 
     # train
@@ -206,8 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the array to read from an .npz holding several (same as DATA:NAME)")
     p.add_argument("--columns", type=_columns, metavar="COLS",
                    help="columns to use, by name (CSV header) or 0-based index: x,y or 0,2")
-    p.add_argument("--samples", type=_positive_int, default=20000,
-                   help="points drawn when DATA is a toy")
+    p.add_argument("--samples", type=_positive_int,
+                   help="points drawn when DATA is a toy (default 20000)")
     scaling = p.add_mutually_exclusive_group()
     scaling.add_argument("--standardize", choices=("auto", "columns", "pooled"),
                          default="auto",
@@ -224,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "log-probability")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto",
                    help="where to train")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split, init and batches")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the split, init and batches")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from RUN_DIR/checkpoint.pt")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in RUN_DIR")
@@ -245,19 +246,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--num", dest="n", type=_positive_int, required=True,
                    help="number of samples")
     p.add_argument("-o", "--output", metavar="FILE", help="write to FILE (.csv or .npy)")
-    p.add_argument("--seed", type=int, default=None, help="seed (default: random)")
+    p.add_argument("--seed", type=_seed, default=None, help="seed (default: random)")
 
     # score
     p = sub.add_parser(
         "score", parents=[common], formatter_class=_Formatter,
         help="exact log-density of every row of a file; flag anomalies",
         description="Score every row of DATA by its exact log-density under the model of "
-                    "RUN_DIR (nats, in the units of the data) and its conformal p-value: the "
-                    "fraction of the run's held-out rows (validation and test) scoring at or "
-                    "below it. With "
+                    "RUN_DIR (nats, in the units of the data) and its conformal p-value, "
+                    "(k + 1) / (m + 1) where k of the run's m held-out rows (validation and "
+                    "test) score at or below it. With "
                     "--threshold-quantile Q, rows with p-value <= Q are flagged as anomalies: "
                     "if new normal rows are exchangeable with the run's data, about Q of them "
-                    "are flagged; rows scored -inf (zero density under the model) are always "
+                    "are flagged (floor(Q (m + 1)) / (m + 1): p-values are multiples of "
+                    "1 / (m + 1)); rows scored -inf (zero density under the model) are always "
                     "flagged. Columns are matched by name when DATA has a header. "
                     "Without -o, CSV goes to stdout.",
         epilog="examples:\n"
@@ -266,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("run", metavar="RUN_DIR")
     p.add_argument("data", metavar="DATA", help="data file (.csv, .npy, .npz) or toy name")
-    p.add_argument("-o", "--output", metavar="FILE", help="write scores to FILE (.csv or .npy)")
+    p.add_argument("-o", "--output", metavar="FILE",
+                   help="write scores to FILE (.csv, .tsv, .txt or .npy)")
     p.add_argument("--threshold-quantile", type=_fraction, metavar="Q",
                    help="flag rows whose conformal p-value is at most Q (a false-alarm rate "
                         "of Q on new normal data), and rows scored -inf")
@@ -291,10 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN_DIR", nargs="?", help="run folder to check")
     p.add_argument("--model", choices=_model_names(), metavar="NAME",
                    help="check a new model instead: " + ", ".join(_model_names()))
-    p.add_argument("--features", type=_positive_int, default=2, help="with --model: dimension")
+    p.add_argument("--features", type=_positive_int,
+                   help="with --model: dimension (default 2)")
     _model_options(p)
     p.add_argument("--points", type=_positive_int, default=256, help="rows checked")
-    p.add_argument("--seed", type=int, default=0, help="with --model: seed of the perturbation")
+    p.add_argument("--seed", type=_seed, default=0,
+                   help="with --model: seed of the perturbation and of the points")
 
     # report
     p = sub.add_parser(

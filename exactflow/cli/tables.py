@@ -31,7 +31,8 @@ def _output_path(args: argparse.Namespace) -> Path | None:
         return None
     out = Path(args.output)
     if out.suffix.lower() not in _TABLE_SUFFIXES:
-        raise CommandError(f"cannot write {str(out)!r}: use a .csv or .npy file name")
+        raise CommandError(f"cannot write {str(out)!r}: use a .csv, .tsv, .txt or .npy file "
+                           "name")
     if out.is_dir():
         raise CommandError(f"cannot write {str(out)!r}: it is a folder; give a file name")
     if not out.parent.is_dir():
@@ -132,6 +133,10 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
     with_key(args)
     run = load_run(args.run)
     out = _output_path(args)
+    source = Path(str(args.data).split(":")[0])  # (data.npz:name names an array of a file)
+    if out is not None and out.exists() and source.exists() and out.samefile(source):
+        raise CommandError(f"-o {str(out)!r} is the data file being scored: the scores would "
+                           "replace the data; write them to another file")
     data, info = read_data(args.data, _score_columns(args, run), seed=0)
     d = run.features
     if data.shape[1] != d:
@@ -157,14 +162,7 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
     if calibration is not None:
         p = anomaly.p_values(scores, calibration)
     if q is not None and calibration is not None:
-        p, flags = anomaly.flag(scores, calibration, q)
-        floor = anomaly.smallest_p_value(len(calibration))
-        if q < floor:
-            print(f"warning: with {len(calibration)} held-out rows the smallest p-value is "
-                  f"1/{len(calibration) + 1} = {floor:.3g}, so --threshold-quantile {q:g} "
-                  "flags only rows scored -inf; use a Q of at least "
-                  f"{floor:.3g}, or train on more rows or with a larger --val-fraction",
-                  file=sys.stderr, flush=True)
+        p, flags = anomaly.flag(scores, calibration, q)  # (warns where q is below every p)
     outside = int(np.isneginf(scores).sum())
     result: dict[str, Any] = {
         "ok": True, "n": int(len(scores)), "output": str(out) if out else None,
@@ -201,8 +199,10 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
             say(args, f"{counted(outside, 'row')} with log-density -inf (outside the model's "
                        f"support or beyond the range of its numbers): {flagged}")
         if flags is not None and calibration is not None:
-            expected = ("" if q < anomaly.smallest_p_value(len(calibration)) else
-                        f", so about {q:.1%} of new normal rows are flagged")
+            rate = anomaly.flag_rate(len(calibration), q)
+            expected = "" if rate == 0 else (
+                f", so about {rate:.1%} of new normal rows are flagged"
+                + ("" if rate == q else f" (p-values are multiples of 1/{len(calibration) + 1})"))
             say(args, f"{int(flags.sum())} rows flagged as anomalies: conformal p-value <= "
                        f"{q:g} against the {len(calibration)} held-out rows{expected}")
     elif args.json:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import distributed
+from ..datasets import TOYS
 from ..report import build_report
 from ..runs import BUILTIN, RunError, train_run
 from .common import CommandError, UsageError, fmt, say, with_key
@@ -90,7 +91,11 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     if rank != 0:
         args.json = False
     model: str | dict[str, Any] = "auto"
+    if args.samples is not None and (args.data not in TOYS or Path(args.data).exists()):
+        raise UsageError("--samples is the number of points drawn from a toy dataset; "
+                         f"{args.data!r} is a file, whose rows are all used")
     if args.model != "auto":
+        _check_model_options(args)
         model = {"model": args.model}
         if args.layers is not None:
             model["layers"] = args.layers
@@ -117,7 +122,8 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     result = _train(
         args, data=args.data, out=out, model=model,
         budget=args.budget if args.budget is not None else 300.0, columns=args.columns,
-        samples=args.samples, steps=args.steps, epochs=args.epochs, patience=args.patience,
+        samples=20000 if args.samples is None else args.samples, steps=args.steps,
+        epochs=args.epochs, patience=args.patience,
         batch_size=args.batch_size, lr=args.lr if args.lr is not None else 1e-3,
         val_fraction=args.val_fraction,
         test_fraction=args.test_fraction, standardize=args.standardize,
@@ -127,6 +133,20 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     if rank == 0:
         _print_train_result(args, result)
     return result
+
+
+def _check_model_options(args: argparse.Namespace) -> None:
+    """Options a named model would ignore are refused by name, as the auto ladder's are."""
+    if args.model in ("gaussian", "gmm"):
+        given = [flag for flag, value in (
+            ("--layers", args.layers), ("--hidden", args.hidden), ("--steps", args.steps),
+            ("--epochs", args.epochs), ("--patience", args.patience),
+            ("--batch-size", args.batch_size), ("--lr", args.lr)) if value is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)}: --model {args.model} is fitted in closed "
+                             "form, without layers or steps")
+    elif args.model in ("planar", "radial") and args.hidden is not None:
+        raise UsageError(f"--hidden: --model {args.model} has no hidden layers")
 
 
 def _readable(data: str) -> bool:

@@ -22,6 +22,11 @@ __all__ = ["validate", "check_full_rank"]
 _RANK_TOL = 1e-12
 
 
+#: The largest magnitude :func:`validate` accepts: a variance of values beyond it (their
+#: squares) overflows float64 (1.8e308), and standardizing them fails.
+LARGEST_VALUE = 1e150
+
+
 def check_full_rank(
     data: ArrayLike, name: str = "data", columns: list[str] | None = None
 ) -> None:
@@ -104,7 +109,8 @@ def validate(
     Checks, in order: a 2-D array ``(rows, features)``; not empty; numeric cells; ``features``
     columns; at least ``batch_size`` rows; no NaN or inf (the message lists the first row
     indices); no constant (zero-variance) column (a density has no width there, so its
-    log-likelihood is unbounded). Row and column indices in messages are 0-based array
+    log-likelihood is unbounded); no value beyond ``1e150`` in magnitude (its square
+    overflows float64). Row and column indices in messages are 0-based array
     indices; a file's cells are checked by :func:`load`, with its line numbers.
 
     Memory-mapped arrays are checked in chunks of rows, never copied whole.
@@ -179,4 +185,14 @@ def validate(
                 "columns hold integers such as pixel values or counts, dequantize: add "
                 "uniform noise in [0, 1) to every integer column)"
             )
+    size = np.maximum(np.abs(lo), np.abs(hi))
+    huge = np.flatnonzero(size > LARGEST_VALUE)
+    if len(huge):
+        cols = "column" if len(huge) == 1 else "columns"
+        which = column_list(huge, columns if columns and len(columns) == d else None)
+        raise DataError(
+            f"{name}: {cols} {which} hold values up to {float(size[huge].max()):.3g}, beyond "
+            f"{LARGEST_VALUE:.0e}: their squares (in variances and products) overflow "
+            "float64; rescale them (divide by a power of ten) or take their logarithm"
+        )
     return data

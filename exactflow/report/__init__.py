@@ -242,15 +242,20 @@ def _render(
     test = metrics["test"]
     title = f"exactflow report: {run.path.resolve().name}"
     sizes = data.get("rows", {})
+    board = info.get("metrics", {}).get("leaderboard")
     cards = [
         ("test NLL (nats)", f"{_num(test.get('nll'))} ± {_num(test.get('nll_se'))}"),
         ("bits / dim", _num(test.get("bpd"))),
     ]
     if "test_nll_minus_entropy" in metrics:
         cards.append(("test NLL − true entropy", _num(metrics["test_nll_minus_entropy"])))
+    if board:
+        cards.append(("time of all candidates",
+                      _duration(sum(e.get("seconds") or 0.0 for e in board))))
     cards += [
         ("parameters", f"{metrics['parameters']:,}"),
-        ("training time", _duration(metrics.get("train_time_s"))),
+        ("training time" if not board else "training time of the kept model",
+         _duration(metrics.get("train_time_s"))),
         ("layer check", "all ok" if metrics["check"]["ok"] else "FAILED"),
     ]
     subtitle = (
@@ -274,13 +279,15 @@ def _render(
         cards="\n".join(_fill("card.html", value=_e(v), label=_e(k)) for k, v in cards),
         numbers="\n".join(_fill("row.html", label=_e(k), value=v)
                           for k, v in _numbers(metrics, info)),
-        leaderboard=_leaderboard(info.get("metrics", {}).get("leaderboard")),
+        leaderboard=_leaderboard(board),
         sections="\n".join(section_html),
         check_points=_e(metrics["check"]["points"]),
         check_rows="\n".join(_check_row(r) for r in checks),
         configuration=_e(json.dumps(json_safe(config), indent=2)),
         versions=_e(json.dumps(info.get("versions", {}), indent=2)),
         run_path=_e(run.path),
+        units_note=" (the standardization is part of the model)" if (model or {}).get(
+            "standardize") else "",
     )
 
 
@@ -302,6 +309,12 @@ def _leaderboard(board: list[dict[str, Any]] | None) -> str:
              "kept. A flow \"on the mixture\" starts as the chosen Gaussian mixture (every layer "
              "at the identity), so it keeps only what improves on it; the other flows start "
              "from a standard normal.")
+    if any(str(e.get("status", "")).startswith("skipped: in the mixtures' cross-validation")
+           for e in board):
+        intro = ("The model was chosen automatically. The validation split held too few rows "
+                 "to choose among flows, so none was trained: the Gaussian mixture (one full "
+                 "component is the Gaussian) was chosen by 5-fold cross-validation over the "
+                 "training and validation rows, and fitted on all of them.")
     return _fill("leaderboard.html", intro=_e(intro), rows="\n".join(rows))
 
 

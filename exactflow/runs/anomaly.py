@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..validation import fraction
+from ..validation import fraction, warn_user
 
-__all__ = ["p_values", "flag", "smallest_p_value"]
+__all__ = ["p_values", "flag", "flag_rate", "smallest_p_value"]
 
 
 def p_values(scores: np.ndarray, calibration: np.ndarray) -> np.ndarray:
@@ -53,8 +53,27 @@ def smallest_p_value(calibration_rows: int) -> float:
     return 1.0 / (int(calibration_rows) + 1.0)
 
 
+def flag_rate(calibration_rows: int, q: float) -> float:
+    """The share of new normal rows (exchangeable with the calibration rows) that
+    :func:`flag` flags at ``q``: p-values are multiples of ``1 / (m + 1)``, so it is
+    ``floor(q (m + 1)) / (m + 1)``, at most ``q`` (30 rows and ``q = 0.06``: 1/31, 3.2%)."""
+    m1 = int(calibration_rows) + 1
+    return float(np.floor(q * m1 + 1e-9)) / m1
+
+
 def flag(scores: np.ndarray, calibration: np.ndarray, q: float) -> tuple[np.ndarray, np.ndarray]:
-    """``(p_values, flags)``: rows whose p-value is at most ``q``, and every ``-inf`` row."""
+    """``(p_values, flags)``: rows whose p-value is at most ``q``, and every ``-inf`` row.
+
+    Warns when ``q`` is below the smallest p-value the calibration rows allow: then only
+    rows scored ``-inf`` are flagged.
+    """
     q = fraction(q, "q")
+    floor = smallest_p_value(len(calibration))
+    if q < floor:
+        warn_user(
+            f"with {len(calibration)} held-out rows the smallest p-value is "
+            f"1/{len(calibration) + 1} = {floor:.3g}, so a threshold of {q:g} flags only "
+            f"rows scored -inf; use one of at least {floor:.3g}, or hold out more rows"
+        )
     p = p_values(scores, calibration)
     return p, (p <= q) | ~np.isfinite(scores)

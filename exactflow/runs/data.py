@@ -61,12 +61,24 @@ def read_data(
     arr = np.array(arr, dtype=np.float64)
     if arr.ndim == 1:
         arr = arr.reshape(-1, 1)
+    if arr.ndim != 2:
+        raise DataError(f"array: expected a 2-D array (rows, features), got shape "
+                        f"{tuple(arr.shape)}")
     if columns is not None:
         picked = [_column_index(c, names) for c in columns]
         arr = arr[:, picked]
         names = None if names is None else [names[j] for j in picked]
+    _unique_names(names, "array")
     return arr, {"source": "array", "name": "array", "path": None, "columns": None,
                  "column_names": names, "entropy": None}
+
+
+def _unique_names(names: list[str] | None, name: str) -> None:
+    """Refuse a column name given twice: a run matches columns by name when it scores."""
+    twice = sorted({c for c in names if names.count(c) > 1}) if names else []
+    if twice:
+        raise DataError(f"{name}: the columns are named {', '.join(map(repr, twice))} more than "
+                        "once; rename them (a run finds its columns by name when it scores)")
 
 
 def _column_index(column: int | str, names: list[str] | None) -> int:
@@ -91,15 +103,19 @@ def _read_file(path: Path, columns: Sequence[int | str] | None) -> tuple[np.ndar
     arr = np.array(arr, dtype=np.float64)  # a writable in-memory copy (memmaps are read-only)
     if arr.ndim == 1:
         arr = arr.reshape(-1, 1)
+    if arr.ndim != 2:
+        raise DataError(f"{path.name}: expected a 2-D array (rows, features), got shape "
+                        f"{tuple(arr.shape)}")
     header = read_header(path)
-    if columns is not None:
+    if columns is not None and header:
         names: list[str] | None = [
-            str(c) if isinstance(c, str)
-            else (header[c] if header and -len(header) <= c < len(header) else f"x{int(c) + 1}")
-            for c in columns
+            str(c) if isinstance(c, str) else header[c] for c in columns
         ]
+    elif columns is not None:  # (no names to match by: the columns are matched by position)
+        names = None
     else:
         names = header if header and arr.ndim == 2 and len(header) == arr.shape[1] else None
+    _unique_names(names, path.name)
     info = {"source": "file", "name": path.name, "path": str(path.resolve()),
             "columns": list(columns) if columns is not None else None, "column_names": names,
             "entropy": None}
@@ -130,7 +146,9 @@ def integer_columns(rows: np.ndarray) -> list[int]:
     rows = np.asarray(rows, dtype=np.float64)
     if rows.ndim != 2 or len(rows) == 0:
         return []
-    return [int(j) for j in np.flatnonzero(np.all(rows == np.round(rows), axis=0))]
+    # (beyond 2^53 every float64 is an integer: such a column is continuous data)
+    whole = np.all((rows == np.round(rows)) & (np.abs(rows) <= 2.0**53), axis=0)
+    return [int(j) for j in np.flatnonzero(whole)]
 
 
 def dequantize(

@@ -249,9 +249,12 @@ def load_run(run_dir: str | os.PathLike[str], *, model: bool = True) -> Run:
         if holder is not None:
             raise RunError(f"the run in {str(path)!r} is being trained now (pid {holder}); "
                            "wait for it to finish")
+        auto = (info.get("options") or {}).get("model") == "auto"
+        cure = ("it was choosing its model (auto), which cannot be resumed: train it again "
+                "with `exactflow train ... --overwrite`" if auto else
+                "continue it with `exactflow train ... --resume`")
         raise RunError(
-            f"the run in {str(path)!r} did not finish (status {info.get('status')!r}); "
-            "continue it with `exactflow train ... --resume`"
+            f"the run in {str(path)!r} did not finish (status {info.get('status')!r}); {cure}"
         )
     history: dict[str, Any] = {}
     hist_file = path / HISTORY_FILE

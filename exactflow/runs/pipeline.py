@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import shutil
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -38,6 +39,7 @@ from .folder import (
     HISTORY_FILE,
     LOCK_FILE,
     MODEL_FILE,
+    REPORT_DIR,
     RUN_FILES,
     RUN_FORMAT,
     RUN_JSON,
@@ -96,7 +98,8 @@ def _prepare_out(out: Path, *, resume: bool, overwrite: bool) -> dict[str, Any] 
     if not overwrite:
         what = {"done": "a finished run", "failed": "a failed run"}.get(
             status, "an interrupted run")
-        hint = "" if status in ("done", "failed") else " or resume to continue it"
+        auto = (previous.get("options") or {}).get("model") == "auto"
+        hint = "" if status in ("done", "failed") or auto else " or resume to continue it"
         raise RunError(
             f"{str(out)!r} already holds {what}; overwrite it to replace it{hint}, "
             "or choose another folder"
@@ -242,6 +245,8 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
             "(0, 1, 2, ... or 1, 2, 3, ...), as an index saved with a table does: leave it "
             "out (--columns, or train_run(..., columns=[...])) unless the order of the rows "
             "is data")
+    if dequantize and not discrete:
+        log("note: no column holds integers only: dequantize changes nothing")
     if dequantize:  # first: a blank pixel is a constant column until it is dequantized
         rows = dequantize_rows(rows, discrete, seed)
         data_info["dequantized_columns"] = discrete
@@ -305,12 +310,16 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
     if previous is not None:
         for key, now in (("data", data_info), ("model", None if flow is None else flow.config)):
             before = previous.get(key)
-            same = json.loads(json.dumps(before)) == json.loads(json.dumps(now, default=str))
-            if now is not None and before is not None and not same:
+            if now is None or before is None:
+                continue
+            now = json.loads(json.dumps(now, default=str))
+            changed = [f"{k}: {json.dumps(before.get(k))[:60]} -> {json.dumps(now.get(k))[:60]}"
+                       for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+            if changed:
                 raise RunError(
-                    f"cannot resume {str(out)!r}: it was started with a different {key} "
-                    f"({json.dumps(before, default=str)[:200]}); rerun the original command "
-                    "with resume"
+                    f"cannot resume {str(out)!r}: it was started with another {key} ("
+                    f"{'; '.join(changed[:4])}); resume with the data and options it was "
+                    "started with (--resume in the command line)"
                 )
 
     with locked(out) if writer else contextlib.nullcontext():
@@ -333,9 +342,11 @@ def _write_run(out: Path, writer: bool, flow: Flow | None, train: Any, val: Any,
     checkpoint = out / CHECKPOINT_FILE
     if writer:
         out.mkdir(parents=True, exist_ok=True)
-        if not resume and checkpoint.exists():
-            checkpoint.unlink()
-        elif resume and not checkpoint.exists():
+        if not resume:  # a run replaced: nothing of it may describe the new one
+            for name in (CHECKPOINT_FILE, MODEL_FILE, HISTORY_FILE, DATA_FILE):
+                (out / name).unlink(missing_ok=True)
+            shutil.rmtree(out / REPORT_DIR, ignore_errors=True)
+        elif not checkpoint.exists():
             log("note: the interrupted run left no checkpoint (it stopped before its first "
                 "one): training starts again from step 0")
     info: dict[str, Any] = {
@@ -368,11 +379,12 @@ def _write_run(out: Path, writer: bool, flow: Flow | None, train: Any, val: Any,
                 checkpoint=checkpoint, resume=resume, device=device, seed=seed,
                 progress=progress,
             )
-    except (TrainingError, DataError) as err:
+    except (TrainingError, ValueError) as err:  # (a DataError is a ValueError)
         if not writer:
             raise
         # A diverged run cannot be resumed (it would start where it blew up), nor one whose
-        # data training refused: mark it failed, drop its checkpoint, say how to train again.
+        # data or settings training refused: mark it failed, drop its checkpoint, say how
+        # to train again.
         checkpoint.unlink(missing_ok=True)
         info.update(status="failed", finished=_now(), error=str(err))
         atomic_write_json(out / RUN_JSON, info)

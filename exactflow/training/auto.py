@@ -307,7 +307,7 @@ def fit_auto(
         nonlocal best
         entry = Entry(name, dict(config))
         board.append(entry)
-        if time.perf_counter() >= deadline:
+        if time.perf_counter() >= deadline and not spent:  # (a mixture searched is kept)
             entry.status = "skipped: out of budget"
             return
         full = {**config, "features": d, "standardize": standardize}

@@ -23,7 +23,7 @@ from ..distributions import Flow
 from ..models import standardize_layer
 from ..scoring import module_dtype
 from ..transforms.standardize import Standardize
-from ..validation import DataError, counted, fraction, non_negative_float, positive_int
+from ..validation import DataError, counted, fraction, non_negative_float, positive_int, warn_user
 from .batches import Order, Rows, hold_out, to_device, wrap, wrap_context
 from .calibrate import prepare, recalibrate_batch_norm, warn_if_unstandardized
 from .checkpoints import Checkpoint
@@ -364,6 +364,9 @@ def fit(
         if resume and ckpt is not None and replicas.exists(ckpt.path):
             ckpt.restore()  # the standardization the noise is measured in comes back too
             noise_scale = _noise_scale(noise, flow, train_rows)
+            if state.step >= total:
+                warn_user(f"the checkpoint is at step {state.step}, at or past this run's "
+                          f"{total} steps: no step is trained (give more steps to go on)")
         else:
             guard.save()
             if val_rows is not None:  # step 0: the model as it starts is a candidate too

@@ -1,0 +1,167 @@
+"""The command line refuses what it cannot do by name, and records only what it did."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.test_cli import run_cli, write_csv
+
+GAUSSIAN = ["--model", "gaussian", "--no-report"]
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory) -> Path:
+    rng = np.random.default_rng(0)
+    rows = rng.normal(size=(300, 3))
+    rows[:, 1] += rows[:, 0]
+    return write_csv(tmp_path_factory.mktemp("data") / "t.csv", rows, ["a", "b", "c"])
+
+
+@pytest.fixture(scope="module")
+def gaussian_run(table, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "g"
+    code, _, err = run_cli(["train", table, *GAUSSIAN, "--out", out])
+    assert code == 0, err
+    return out
+
+
+def test_score_never_writes_over_the_file_it_scores(gaussian_run, table, tmp_path):
+    copy = tmp_path / "in.csv"
+    copy.write_bytes(table.read_bytes())
+    code, _, err = run_cli(["score", gaussian_run, copy, "-o", copy])
+    assert code == 1 and "is the data file being scored" in err
+    assert copy.read_bytes() == table.read_bytes()
+
+
+def test_check_of_one_point_passes_and_a_run_takes_no_model_options(gaussian_run):
+    # (one moons point was standardized by its own spread, 0: NaN, and every layer "FAILED")
+    code, out, err = run_cli(["check", "--model", "maf", "--points", "1"])
+    assert code == 0 and "all layers pass" in out, out + err
+    code, _, err = run_cli(["check", gaussian_run, "--layers", "3", "--seed", "5"])
+    assert code == 2 and "--layers, --seed describe a new model" in err
+
+
+def test_overwrite_leaves_nothing_of_the_run_it_replaces(table, tmp_path):
+    out = tmp_path / "r"
+    code, _, err = run_cli(["train", table, "--model", "maf", "--layers", "1", "--hidden", "8",
+                            "--steps", "5", "--out", out])
+    assert code == 0 and (out / "report" / "index.html").exists(), err
+    code, _, err = run_cli(["train", table, *GAUSSIAN, "--out", out, "--overwrite"])
+    assert code == 0, err
+    assert not (out / "report").exists()  # (it described the maf run)
+    assert json.loads((out / "run.json").read_text())["model"]["model"] == "gaussian"
+
+
+def test_values_beyond_1e150_are_refused_before_the_run_folder_is_made(tmp_path):
+    # (the squares overflowed: numpy warnings, a dequantize note for continuous data and
+    # "Standardize needs finite std > 0", with a half-made folder left "training")
+    rows = np.random.default_rng(1).normal(size=(400, 2)) * [1e160, 1.0]
+    data = write_csv(tmp_path / "h.csv", rows, ["x", "y"])
+    code, _, err = run_cli(["train", data, *GAUSSIAN, "--out", tmp_path / "r"])
+    assert code == 1 and "column 'x' hold values up to" in err and "beyond 1e+150" in err
+    assert "warning" not in err and "integers" not in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_run_that_training_refuses_is_marked_failed(table, tmp_path, monkeypatch):
+    import exactflow.runs.pipeline as pipeline
+
+    def refuse(*args, **kwargs):
+        raise ValueError("a setting the model cannot take")
+
+    monkeypatch.setattr(pipeline, "fit", refuse)
+    code, _, err = run_cli(["train", table, "--model", "maf", "--steps", "5", "--no-report",
+                            "--out", tmp_path / "r"])
+    assert code == 1 and "is marked failed" in err
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["status"] == "failed"
+
+
+def test_a_column_named_twice_is_refused_when_training(tmp_path):
+    rows = np.random.default_rng(2).normal(size=(200, 2))
+    data = write_csv(tmp_path / "d.csv", rows, ["x", "x"])
+    code, _, err = run_cli(["train", data, *GAUSSIAN, "--out", tmp_path / "r"])
+    assert code == 1 and "the columns are named 'x' more than once" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "gmm", "--steps", "10", "--lr", "5"], "--steps, --lr: --model gmm is fitted "
+                                                        "in closed form"),
+    (["--model", "planar", "--hidden", "8"], "--hidden: --model planar has no hidden layers"),
+    (["--model", "gaussian", "--samples", "10"], "--samples is the number of points drawn "
+                                                  "from a toy"),
+    (["--model", "gaussian", "--seed", "-5"], "expected a seed"),
+    (["--model", "gaussian", "--seed", str(10**23)], "expected a seed"),
+])
+def test_options_a_run_would_ignore_are_usage_errors(table, tmp_path, argv, message):
+    code, _, err = run_cli(["train", table, "--no-report", "--out", tmp_path / "r", *argv])
+    assert code == 2 and message in err, err
+    assert not (tmp_path / "r").exists()
+
+
+def test_dequantize_without_integer_columns_says_it_changes_nothing(table, tmp_path):
+    code, _, err = run_cli(["train", table, *GAUSSIAN, "--dequantize", "--out", tmp_path / "r"])
+    assert code == 0 and "no column holds integers only: dequantize changes nothing" in err
+
+
+def test_an_interrupted_auto_run_is_pointed_to_overwrite_not_resume(gaussian_run, tmp_path):
+    out = tmp_path / "auto"
+    out.mkdir()
+    info = json.loads((gaussian_run / "run.json").read_text())
+    info["status"], info["options"]["model"] = "training", "auto"
+    (out / "run.json").write_text(json.dumps(info))
+    code, _, err = run_cli(["sample", out, "-n", "1"])
+    assert code == 1 and "cannot be resumed" in err and "--overwrite" in err
+    code, _, err = run_cli(["train", "t.csv", *GAUSSIAN, "--out", out])
+    assert code == 1 and "already holds an interrupted run; pass --overwrite" in err
+    assert "--resume" not in err
+
+
+def test_the_anomaly_summary_gives_the_rate_p_values_allow(gaussian_run, table):
+    # 60 held-out rows: p-values are multiples of 1/61, so q = 0.06 flags at 3/61 = 4.9%
+    code, out, err = run_cli(["score", gaussian_run, table, "--threshold-quantile", "0.06",
+                              "-o", table.parent / "s.csv"])
+    assert code == 0, err
+    assert "so about 4.9% of new normal rows are flagged (p-values are multiples of 1/61)" in out
+
+
+def test_arrays_that_are_not_tables_are_named(gaussian_run, tmp_path):
+    np.save(tmp_path / "zero.npy", np.float64(3.0))
+    np.save(tmp_path / "cube.npy", np.zeros((150, 3, 2)))
+    for name in ("zero.npy", "cube.npy"):
+        code, _, err = run_cli(["score", gaussian_run, tmp_path / name])
+        assert code == 1 and f"{name}: expected a 2-D array (rows, features)" in err, err
+
+
+def test_columns_of_a_headerless_file_are_matched_by_position(table, tmp_path):
+    # (a headerless .npy trained on columns 0, 2 was given the names x1, x3, which a
+    # scored CSV with a header then had to hold)
+    rows = np.loadtxt(table, delimiter=",", skiprows=1)
+    np.save(tmp_path / "t.npy", rows)
+    out = tmp_path / "r"
+    code, _, err = run_cli(["train", tmp_path / "t.npy", "--columns", "0,2", *GAUSSIAN,
+                            "--out", out])
+    assert code == 0, err
+    code, stdout, err = run_cli(["score", out, table])
+    assert code == 0, err
+    code, stdout, err = run_cli(["sample", out, "-n", "1", "--seed", "1"])
+    assert code == 0 and stdout.splitlines()[0] == "x1,x2"
+
+
+def test_a_resume_with_other_data_names_what_changed(table, tmp_path):
+    out = tmp_path / "r"
+    code, _, err = run_cli(["train", table, *GAUSSIAN, "--out", out])
+    info = json.loads((out / "run.json").read_text())
+    info["status"] = "training"
+    info["options"]["model"] = "maf"
+    (out / "run.json").write_text(json.dumps(info))
+    other = write_csv(tmp_path / "other.csv", np.random.default_rng(3).normal(size=(250, 3)),
+                      ["a", "b", "c"])
+    code, _, err = run_cli(["train", other, *GAUSSIAN, "--out", out, "--resume"])
+    assert code == 1 and "it was started with another data (" in err
+    # each changed entry, before -> after (it printed the first 200 characters of the JSON)
+    assert "name: \"t.csv\" -> \"other.csv\"" in err and '"total": 300' in err
+    assert err.rstrip().endswith("(--resume in the command line)")
