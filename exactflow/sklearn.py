@@ -189,6 +189,7 @@ class FlowDensity(DensityMixin, BaseEstimator):
         from . import models
         from .training import fit as train_fit
         from .training import fit_auto
+        from .training.auto import Entry
         from .transforms.standardize import resolve_standardize
 
         X = _validate_data(self, X, dtype=np.float64, ensure_min_samples=2)
@@ -264,6 +265,10 @@ class FlowDensity(DensityMixin, BaseEstimator):
                     self.standardize, X))
                 self.history_ = train_fit(flow, X, val_fraction=0.0, seed=seed,
                                           device=self.device, progress=False)
+                self.leaderboard_ = [Entry(
+                    "gaussian", {"model": "gaussian"}, chosen=True,
+                    status=f"fitted on all {n} rows: too few to hold out validation rows and "
+                           "choose among models").to_dict()]
             else:
                 flow, self.history_ = result.flow, result.history
                 self.leaderboard_ = [entry.to_dict() for entry in result.leaderboard]

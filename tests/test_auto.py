@@ -124,6 +124,12 @@ def test_too_few_validation_rows_keep_a_mixture_chosen_by_cross_validation():
                for e in result.leaderboard)
 
 
+def test_fit_auto_takes_a_list_of_rows():
+    rows = _clusters(200, 3).tolist()  # ("expected a 2-D array of rows, got shape None")
+    result = ef.fit_auto(rows, budget=2, seed=0)
+    assert result.flow.features == 2 and any(e.chosen for e in result.leaderboard)
+
+
 def test_too_few_validation_rows_fall_back_to_the_gaussian_if_no_mixture_fits(monkeypatch):
     import exactflow.training.auto as auto
 

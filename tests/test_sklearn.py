@@ -146,6 +146,13 @@ def test_integer_columns_are_warned_about_or_dequantized():
         fitted.score_samples(X[500:] + [0.0, 0.0, 0.5])
 
 
+def test_a_table_too_small_to_split_says_so_on_the_leaderboard():
+    fitted = FlowDensity(budget=3).fit(np.random.default_rng(0).normal(size=(6, 1)))
+    (entry,) = fitted.leaderboard_  # (it was None: nothing said what was kept, or why)
+    assert entry["name"] == "gaussian" and entry["chosen"]
+    assert entry["status"].startswith("fitted on all 6 rows: too few to hold out")
+
+
 def test_clone_pipeline_and_grid_search():
     X = ef.datasets.toy("8gaussians", 600, seed=0).numpy()
     est = tiny(model="maf", steps=40, hidden=(16,))

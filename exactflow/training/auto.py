@@ -49,6 +49,7 @@ seconds, and why it was skipped if it was), is returned for the run folder and t
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -420,6 +421,8 @@ def _is_flow(candidate: Candidate) -> bool:
 
 def _width_of(data: Any) -> int:
     shape = getattr(data, "shape", None)
+    if shape is None and not isinstance(data, (str, os.PathLike)):  # a list of rows
+        shape = np.shape(data)
     if shape is None or len(shape) != 2:
         raise ValueError(f"expected a 2-D array of rows, got shape {shape}")
     return int(shape[1])
