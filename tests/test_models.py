@@ -343,3 +343,12 @@ def test_dropout_acts_in_training_only_and_keeps_the_parameters(name: str) -> No
     assert not torch.allclose(a, c)  # training mode: units dropped
     with pytest.raises(ValueError, match="dropout"):
         BUILDERS[name](3, dropout=1.0)
+
+
+def test_an_argument_a_builder_does_not_take_is_named_with_the_builder():
+    # (Python's own message named neither the builder nor what it takes)
+    with pytest.raises(TypeError, match=r"planar\(\): got an unexpected keyword argument "
+                                        r"'hidden'; it takes features, layers, context"):
+        ef.models.planar(2, hidden=(8,))
+    with pytest.raises(ValueError, match=r"base must be .* got 'uniform'"):
+        ef.models.maf(2, base="uniform")

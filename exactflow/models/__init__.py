@@ -7,8 +7,11 @@
 * :mod:`~exactflow.models.classical`: the classical models as flows, :func:`gaussian` and
   :func:`gmm`.
 
-Every builder takes ``(features, *, layers=..., hidden=..., context=0, standardize=False,
-embedding=None, ...)`` with the same keyword names.
+Every builder takes ``features`` and the keywords ``standardize``, ``embedding`` and
+``base``; the flows with conditioner networks (realnvp, nice, maf, iaf, nsf) also take
+``layers``, ``hidden`` and ``context``, planar and radial ``layers`` and ``context``, and the
+classical models ``covariance`` and ``context`` (the mixture ``components`` too), with the
+same names.
 """
 
 from .classical import gaussian, gmm

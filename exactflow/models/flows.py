@@ -1,7 +1,9 @@
 """The built-in flow builders: each returns an :class:`exactflow.Flow` over a standard normal.
 
-Every builder takes ``(features, *, layers=..., hidden=..., context=0, standardize=False,
-embedding=None, ...)`` with the same keyword names, and records its own name and arguments in
+Every builder takes ``features`` and the keywords ``standardize``, ``embedding`` and
+``base``; those with conditioner networks (realnvp, nice, maf, iaf, nsf) also take
+``layers``, ``hidden`` and ``context`` (planar and radial: ``layers`` and ``context``), with
+the same names everywhere. Each records its own name and arguments in
 ``flow.config`` so that :func:`exactflow.save` can store a model as JSON plus weights and
 :func:`exactflow.load` can rebuild it without running code from the file.
 

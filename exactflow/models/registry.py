@@ -105,7 +105,11 @@ def register(
             scale = "columns" if standardize else None
         else:
             scale = scale_of(standardize)
-        bound = signature.bind(*args, **kwargs)
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError as err:
+            takes = ", ".join([*signature.parameters, *(k for k in _COMMON if k not in own)])
+            raise TypeError(f"{key}(): {err}; it takes {takes}") from None
         bound.apply_defaults()
         spec = _embedding_spec(embedding, bound.arguments.get("context", 0))
         base_spec = _base_spec(base)
@@ -168,12 +172,13 @@ def _base_spec(base: Any) -> dict[str, Any] | None:
     """The base density as a JSON config (``None`` for the standard normal)."""
     if base == "normal" or base is None:
         return None
+    given = base
     if isinstance(base, str):
         base = {"name": base}
     if not isinstance(base, dict) or base.get("name") not in ("gaussian", "gmm"):
         raise ValueError(
             "base must be 'normal', 'gaussian', 'gmm' or a dict such as "
-            f"{{'name': 'gmm', 'components': 8, 'covariance': 'diag'}}, got {base!r}"
+            f"{{'name': 'gmm', 'components': 8, 'covariance': 'diag'}}, got {given!r}"
         )
     unknown = set(base) - {"name", "components", "covariance", "trainable"}
     if unknown or (base["name"] == "gaussian" and "components" in base):
