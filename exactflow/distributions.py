@@ -389,6 +389,11 @@ class Flow(Distribution):
         flow's dtype and moved to its device (so a float64 tensor into a float32 flow
         works, and computes in float32).
 
+        A conditional flow takes the contexts :meth:`sample` takes: one row per row of
+        ``x``, one context for all rows (``(c,)`` or ``(1, c)``), or a batch ``(b, c)``
+        with samples ``x`` of shape ``(n, b, features)`` (what ``sample(n, context)``
+        returns), scored as ``(n, b)``.
+
         Never NaN for a row without NaN: every such row gets a log-density that is finite
         or ``-inf``. A row far enough out that the computation overflows the flow's dtype
         (``1e39`` in float32, or ``inf``) has a density below the smallest positive float,
@@ -398,10 +403,34 @@ class Flow(Distribution):
         host sync, compilable). Train only on finite data: an overflowing row in a batch
         still makes the weights' gradient NaN (``0 * inf`` in the layers' products).
         """
+        lead = None
+        if self.context_features and context is not None and getattr(x, "ndim", 2) > 2:
+            x = self._as_tensor(x, "x", exact=self._standardizes_first(self.transform))
+            lead = x.shape[:-1]  # samples (n, b, d) drawn for a context batch (b, c)
+            x = x.reshape(-1, x.shape[-1])
         x = self._check_x(x)
-        context = self._embed(self._check_context(context, x.shape[0]))
+        context = self._embed(self._check_context(self._broadcast(context, x.shape[0], lead),
+                                                  x.shape[0]))
         z, ladj = self.transform(x, context)
-        return _overflow_to_neg_inf(self.base.log_prob(z) + per_row(ladj, x, z), x)
+        log_p = _overflow_to_neg_inf(self.base.log_prob(z) + per_row(ladj, x, z), x)
+        return log_p if lead is None else log_p.reshape(lead)
+
+    def _broadcast(self, context: Any, batch: int, lead: tuple[int, ...] | None) -> Any:
+        """A context as :meth:`sample` takes it, one row per row of ``x``: one context
+        ``(c,)`` or ``(1, c)`` for every row, or ``(b, c)`` for ``x`` of shape ``(n, b, d)``."""
+        if not self.context_features or context is None:
+            return context
+        context = self._as_tensor(context, "context",
+                                  exact=self._standardizes_first(self.context_scaler))
+        if context.dim() == 1 and context.shape[0] == self.context_features:
+            context = context.unsqueeze(0)
+        if context.dim() != 2:
+            return context  # (refused by _check_context)
+        if lead is not None and len(lead) == 2 and context.shape[0] == lead[1]:
+            return context.unsqueeze(0).expand(lead[0], -1, -1).reshape(batch, -1)
+        if context.shape[0] == 1 and batch != 1:
+            return context.expand(batch, -1)
+        return context
 
     def _embed(self, context: Tensor | None) -> Tensor | None:
         """The context as the transform sees it: standardized, then embedded."""

@@ -395,6 +395,24 @@ def test_context_widths_that_cannot_meet_are_refused_when_the_flow_is_built():
     assert flow.log_prob(torch.randn(4, 3), torch.randn(4, 5)).shape == (4,)
 
 
+def test_log_prob_takes_the_contexts_sample_takes():
+    # sample(n, (b, c)) gave (n, b, d) that log_prob refused, and sample took a context
+    # (c,) that log_prob refused
+    torch.manual_seed(0)
+    flow = perturb(ef.models.maf(3, layers=2, hidden=(8,), context=2).double()).eval()
+    context = torch.randn(4, 2, dtype=torch.float64)
+    drawn = flow.sample(5, context)
+    scored = flow.log_prob(drawn, context)
+    assert scored.shape == (5, 4)
+    torch.testing.assert_close(scored, torch.stack([flow.log_prob(d, context) for d in drawn]))
+    x = torch.randn(6, 3, dtype=torch.float64)
+    one = flow.log_prob(x, context[0].expand(6, 2))
+    torch.testing.assert_close(flow.log_prob(x, context[0]), one)
+    torch.testing.assert_close(flow.log_prob(x, context[:1]), one)
+    with pytest.raises(ValueError, match="context has 4 rows but x has 6"):
+        flow.log_prob(x, context)
+
+
 def test_unconditional_flow_rejects_a_context():
     flow = make_flow()
     with pytest.raises(ValueError, match="unconditional"):
