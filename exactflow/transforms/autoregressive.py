@@ -364,6 +364,14 @@ class SplineAutoregressive(MaskedAutoregressive):
     (``sample``) is sequential (``features`` steps, the multiply-adds of one pass, and
     ``features`` spline inversions of one feature each); ``fast="sampling"`` swaps them.
 
+    Conditioning: the knot derivatives are at least ``1e-3``, but inside a bin the slope
+    of a rational-quadratic spline can be far smaller (``1e-8`` where a narrow bin meets a
+    steep one, at large random weights), and there the inverse loses that many digits; in
+    the sequential direction an error in one feature also moves the parameters of the
+    next. At such parameters ``check_transform``'s round trip can fail in float64 while
+    the log-det agrees (a flat map is still exactly scored); trained flows and moderate
+    perturbations pass (``tests/transforms``).
+
     Args:
         features: the dimension ``d``.
         bins: number of spline bins (``3 * bins - 1`` parameters per feature).
