@@ -799,6 +799,27 @@ def test_held_out_rows_share_no_row_with_the_training_rows():
     assert not any(tuple(r) in seen for r in val.data.tolist())
 
 
+def test_a_named_tables_columns_are_named_in_data_errors():
+    class Named:  # a table with named columns, as a pandas DataFrame presents one
+        def __init__(self, values, columns):
+            self.values, self.columns = values, columns
+            self.shape = values.shape
+
+        def __array__(self, dtype=None, copy=None):
+            return self.values if dtype is None else self.values.astype(dtype)
+
+        def __len__(self):
+            return len(self.values)
+
+    rows = np.random.default_rng(0).normal(size=(300, 3))
+    dependent = Named(np.c_[rows, 2 * rows[:, 0]], ["mass", "radius", "temp", "twice"])
+    with pytest.raises(DataError, match="columns 'mass', 'twice' are linearly dependent"):
+        ef.fit_auto(dependent, budget=2)
+    flat = Named(np.c_[rows, np.ones(300)], ["mass", "radius", "temp", "one"])
+    with pytest.raises(DataError, match="constant .*column 'one'"):
+        fit(ef.models.maf(4, layers=1, hidden=(4,)), flat, steps=1, **CPU)
+
+
 def test_prepare_fills_what_fit_would_before_a_loop_of_ones_own():
     rows = 5 + 3 * torch.randn(400, 2, dtype=torch.float64)
     flow = ef.models.maf(2, layers=1, hidden=(8,), standardize=True, base="gaussian")

@@ -58,7 +58,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..datasets import check_full_rank, cut_between_copies, shuffled_rows
+from ..datasets import check_full_rank, column_names, cut_between_copies, shuffled_rows
 from ..distributions import Flow
 from ..gaussians import GaussianMixture
 from ..models import build
@@ -284,7 +284,7 @@ def fit_auto(
     say = log or (lambda text: None)
     start = time.perf_counter()
     rows = wrap(train, "training data", _width_of(train), strict=True)
-    check_full_rank(rows.data, "training data")
+    check_full_rank(rows.data, "training data", column_names(train))
     ctx = None
     if context is not None:
         ctx = wrap(context, "context", _width_of(context), len(rows))

@@ -16,6 +16,7 @@ from ..datasets import (
     LazyTable,
     Shards,
     Subset,
+    column_names,
     cut_between_copies,
     open_table,
     shuffled_rows,
@@ -57,8 +58,9 @@ class Rows:
     ) -> None:
         if isinstance(data, (str, os.PathLike)):
             data = open_table(data)
-        if strict:
-            validate(data, features=features, batch_size=batch_size, name=name)
+        if strict:  # (a DataFrame's columns are named in messages)
+            validate(data, features=features, batch_size=batch_size, name=name,
+                     columns=column_names(data))
         if isinstance(data, Tensor):
             if data.is_complex():
                 raise DataError(f"{name}: complex values are not supported (dtype {data.dtype})")

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..datasets import check_full_rank
+from ..datasets import check_full_rank, column_names
 from ..distributions import Flow
 from ..models import standardize_layer
 from ..scoring import module_dtype
@@ -232,7 +232,7 @@ def fit(
     # Checked whole first, so that messages name the user's own row numbers.
     train_rows = wrap(train, "training data", features, strict=True)
     if 1 < features >= len(train_rows):  # (no pass over the data: the count decides)
-        check_full_rank(train_rows.data, "training data")
+        check_full_rank(train_rows.data, "training data", column_names(train))
     train_ctx = wrap_context(flow, context, "context", len(train_rows))
     val_rows = val_ctx = None
     if val is not None:
