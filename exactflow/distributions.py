@@ -260,16 +260,13 @@ class Flow(Distribution):
         needs = transform.context_features
         if embedding is None and needs and needs != context:
             embed = f" (or an embedding from {context} features to {needs})" if context else ""
-            raise ValueError(
-                f"the transform's layers take a context of {needs} features but the flow "
-                f"has context={context}: give context={needs}{embed}"
-            )
+            raise ValueError(f"the transform's layers take a context of {needs} features but "
+                             f"the flow has context={context}: give context={needs}{embed}")
         if getattr(base, "context_features", 0):
             raise ValueError(
                 f"the base is conditional (context={base.context_features}), and a flow "
                 "passes no context to its base: put the inner flow's layers in the transform "
-                "(ef.Compose(outer, inner.transform)) with the inner base as the base"
-            )
+                "(ef.Compose(outer, inner.transform)) with the inner base as the base")
         if context_scaler is not None and context_scaler.features != context:
             raise ValueError(f"the context scaler takes {context_scaler.features} features, "
                              f"the context has {context}")

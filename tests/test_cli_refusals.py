@@ -165,3 +165,12 @@ def test_a_resume_with_other_data_names_what_changed(table, tmp_path):
     # each changed entry, before -> after (it printed the first 200 characters of the JSON)
     assert "name: \"t.csv\" -> \"other.csv\"" in err and '"total": 300' in err
     assert err.rstrip().endswith("(--resume in the command line)")
+
+
+def test_notes_come_only_once_the_data_is_accepted(tmp_path):
+    # (three integer rows were told to dequantize, then refused for being three)
+    data = write_csv(tmp_path / "three.csv", np.array([[1.0, 2.0], [3.0, 5.0], [4.0, 4.0]]),
+                     ["a", "b"])
+    code, _, err = run_cli(["train", data, *GAUSSIAN, "--out", tmp_path / "r"])
+    assert code == 1 and "needs at least 10" in err
+    assert "note" not in err and "standardization" not in err

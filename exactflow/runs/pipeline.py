@@ -238,15 +238,17 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
     # Everything that can fail on bad data fails here, before anything is written.
     rows, data_info = read_data(data, columns, samples=samples, seed=seed)
     discrete = integer_columns(rows)
+    notes: list[str] = []  # (said once every check has passed)
     names = data_info.get("column_names")
     counters = [j for j in discrete if _numbers_rows(rows[:, j])]
     if counters:
-        log(f"note: column {column_list(counters, names or None)} holds the row numbers "
+        notes.append(
+            f"note: column {column_list(counters, names or None)} holds the row numbers "
             "(0, 1, 2, ... or 1, 2, 3, ...), as an index saved with a table does: leave it "
             "out (--columns, or train_run(..., columns=[...])) unless the order of the rows "
             "is data")
     if dequantize and not discrete:
-        log("note: no column holds integers only: dequantize changes nothing")
+        notes.append("note: no column holds integers only: dequantize changes nothing")
     if dequantize:  # first: a blank pixel is a constant column until it is dequantized
         rows = dequantize_rows(rows, discrete, seed)
         data_info["dequantized_columns"] = discrete
@@ -255,9 +257,11 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
     if discrete and not dequantize:
         data_info["integer_columns"] = discrete
         listed = [names[j] for j in discrete] if names else discrete
-        log(f"note: columns {listed[:8]}{' ...' if len(listed) > 8 else ''} hold integers only; "
-            "a continuous density can pile its mass onto them: dequantize them (--dequantize, "
-            "or train_run(..., dequantize=True)) for a log-density that means something")
+        notes.append(
+            f"note: columns {listed[:8]}{' ...' if len(listed) > 8 else ''} hold integers "
+            "only; a continuous density can pile its mass onto them: dequantize them "
+            "(--dequantize, or train_run(..., dequantize=True)) for a log-density that means "
+            "something")
     fractions = (1.0 - val_fraction - test_fraction, val_fraction, test_fraction)
     n = len(rows)
     if n < 10:
@@ -270,6 +274,8 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
         held = f"{counted(len(val), 'validation row')} and {counted(len(test), 'test row')}"
         err = training_rows_error(held, len(train), train.shape[1])
         raise DataError(f"{data_info['name']}: {err}")
+    for note in notes:
+        log(note)
     requested, standardize = standardize, resolve_standardize(standardize, train)
     if requested == "auto" and previous is not None and previous.get("model"):
         # Resuming: the scaling the run started with (an older default chose per column).
@@ -282,7 +288,6 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
     auto = model == "auto"
     flow: Flow | None = None
     if not auto:
-        log(describe_standardize(standardize))
         config: dict[str, Any] = {"model": model} if isinstance(model, str) else dict(model)
         config.update(features=features, standardize=standardize)
         try:
@@ -322,6 +327,8 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
                     "started with (--resume in the command line)"
                 )
 
+    if not auto:
+        log(describe_standardize(standardize))
     with locked(out) if writer else contextlib.nullcontext():
         if writer:  # again, under the lock: another run may have started meanwhile
             _prepare_out(out, resume=resume, overwrite=overwrite)
