@@ -78,8 +78,9 @@ def test_errors_name_the_problem():
     X = np.random.default_rng(2).normal(size=(50, 2))
     with pytest.raises(ValueError, match="unknown model 'nope'"):
         tiny(model="nope").fit(X)
-    with pytest.raises(ValueError, match=r"1 feature\(s\); for one-dimensional data use model='nsf' "
-                                         "with model_kwargs={'kind': 'autoregressive'}"):
+    with pytest.raises(ValueError, match=r"1 feature\(s\); for one-dimensional data use "
+                                         "model='nsf' with model_kwargs={'kind': "
+                                         "'autoregressive'}"):
         tiny(model="realnvp").fit(X[:, :1])
     tiny(model="maf").fit(X[:, :1])  # one feature is fine for an autoregressive model
     spline = tiny(model="nsf", model_kwargs={"kind": "autoregressive"}).fit(X[:, :1])
