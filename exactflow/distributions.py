@@ -1,4 +1,4 @@
-"""Base densities and ``Flow``, a base density pushed through a transform.
+"""``Flow``, a base density (:mod:`exactflow.bases`) pushed through a transform.
 
 A :class:`Flow` scores data exactly by the change of variables::
 
@@ -21,175 +21,17 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .bases import DiagonalNormal, Distribution, StandardNormal, Uniform, tensor_of
 from .core import Compose, Transform, per_row
 from .transforms.standardize import Standardize
 from .validation import positive_int
 
 __all__ = ["Distribution", "StandardNormal", "DiagonalNormal", "Uniform", "Flow"]
 
-_LOG_2PI = math.log(2 * math.pi)
 
-
-def tensor_of(values: Any, dtype: torch.dtype | None = None) -> Tensor:
-    """``torch.as_tensor`` of an array (its memory shared where the dtype allows), with a
-    read-only array (a pandas column, a memmap opened for reading) copied first: torch
-    cannot promise not to write to memory it shares, and warns about it."""
-    arr = np.asarray(values)
-    if not arr.flags.writeable:
-        arr = np.array(arr)
-    return torch.as_tensor(arr, dtype=dtype)
-
-
-class Distribution(nn.Module):
-    """A density over ``R^features`` with ``log_prob`` and reparameterized sampling.
-
-    Subclasses implement :meth:`log_prob` and :meth:`rsample`. As in
-    ``torch.distributions``, :meth:`sample` draws without autograd (the result has no graph,
-    so ``.numpy()`` works) and :meth:`rsample` is the differentiable, reparameterized draw.
-    Every tensor a distribution owns is a parameter or a buffer, so ``.to(device)`` and
-    ``state_dict`` just work.
-    """
-
-    features: int
-
-    @property
-    def event_shape(self) -> torch.Size:
-        return torch.Size([self.features])
-
-    def log_prob(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def rsample(self, n: int) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def sample(self, n: int) -> Tensor:
-        """``n`` samples of shape ``(n, features)``, drawn without autograd."""
-        with torch.no_grad():
-            return self.rsample(n)
-
-    def rsample_and_log_prob(self, n: int) -> tuple[Tensor, Tensor]:
-        """Differentiable samples and their log-density."""
-        x = self.rsample(n)
-        return x, self.log_prob(x)
-
-    def sample_and_log_prob(self, n: int) -> tuple[Tensor, Tensor]:
-        """Samples and their log-density, without autograd."""
-        with torch.no_grad():
-            return self.rsample_and_log_prob(n)
-
-    def _ref(self) -> Tensor:
-        # A tensor on the distribution's device and dtype.
-        return next(iter(self.buffers()))
-
-
-class StandardNormal(Distribution):
-    """The standard normal ``N(0, I)`` on ``R^features``.
-
-    ``log p(z) = -0.5 |z|^2 - (features / 2) log(2 pi)``.
-
-    Example:
-        >>> import torch, exactflow as ef
-        >>> ef.StandardNormal(2).log_prob(torch.zeros(1, 2))
-        tensor([-1.8379])
-    """
-
-    _anchor: Tensor
-
-    def __init__(self, features: int) -> None:
-        super().__init__()
-        self.features = positive_int(features, "features")
-        self.register_buffer("_anchor", torch.zeros(()))
-
-    def log_prob(self, x: Tensor) -> Tensor:
-        return -0.5 * (x * x).sum(-1) - 0.5 * self.features * _LOG_2PI
-
-    def rsample(self, n: int) -> Tensor:
-        ref = self._anchor
-        return torch.randn(n, self.features, device=ref.device, dtype=ref.dtype)
-
-    def extra_repr(self) -> str:
-        return f"features={self.features}"
-
-
-class DiagonalNormal(Distribution):
-    """A normal with learnable mean and per-dimension scale, ``N(loc, diag(exp(log_scale))^2)``.
-
-    Starts as the standard normal.
-    """
-
-    def __init__(self, features: int) -> None:
-        super().__init__()
-        self.features = positive_int(features, "features")
-        self.loc = nn.Parameter(torch.zeros(self.features))
-        self.log_scale = nn.Parameter(torch.zeros(self.features))
-
-    def _ref(self) -> Tensor:
-        return self.loc
-
-    def log_prob(self, x: Tensor) -> Tensor:
-        u = (x - self.loc) * torch.exp(-self.log_scale)
-        return -0.5 * (u * u).sum(-1) - self.log_scale.sum() - 0.5 * self.features * _LOG_2PI
-
-    def rsample(self, n: int) -> Tensor:
-        eps = torch.randn(n, self.features, device=self.loc.device, dtype=self.loc.dtype)
-        return self.loc + eps * torch.exp(self.log_scale)
-
-    def extra_repr(self) -> str:
-        return f"features={self.features}"
-
-
-class Uniform(Distribution):
-    """The uniform density on the box ``[low, high]`` (``-inf`` log-density outside it).
-
-    Args:
-        low, high: scalars or sequences of length ``features``.
-        features: the dimension when ``low`` and ``high`` are scalars.
-
-    Example:
-        >>> import torch, exactflow as ef
-        >>> ef.Uniform(0.0, 2.0, features=2).log_prob(torch.tensor([[1.0, 1.0]]))
-        tensor([-1.3863])
-    """
-
-    low: Tensor
-    high: Tensor
-
-    def __init__(self, low: Any = 0.0, high: Any = 1.0, features: int | None = None) -> None:
-        super().__init__()
-        low_t = torch.as_tensor(low, dtype=torch.get_default_dtype()).reshape(-1)
-        high_t = torch.as_tensor(high, dtype=torch.get_default_dtype()).reshape(-1)
-        if features is None:
-            n = max(low_t.numel(), high_t.numel())
-        else:
-            n = positive_int(features, "features")
-        for name, bound in (("low", low_t), ("high", high_t)):
-            if bound.numel() not in (1, n):
-                raise ValueError(
-                    f"{name} has {bound.numel()} entries; expected 1 or {n} "
-                    f"(features={n})"
-                )
-        low_t, high_t = low_t.expand(n).clone(), high_t.expand(n).clone()
-        if not bool((high_t > low_t).all()):
-            raise ValueError("Uniform needs high > low in every dimension")
-        self.features = n
-        self.register_buffer("low", low_t)
-        self.register_buffer("high", high_t)
-
-    def log_prob(self, x: Tensor) -> Tensor:
-        inside = ((x >= self.low) & (x <= self.high)).all(-1)
-        value = -torch.log(self.high - self.low).sum()
-        return torch.where(inside, value.expand(inside.shape), torch.full_like(value, -math.inf))
-
-    def rsample(self, n: int) -> Tensor:
-        u = torch.rand(n, self.features, device=self.low.device, dtype=self.low.dtype)
-        return self.low + u * (self.high - self.low)
-
-    def extra_repr(self) -> str:
-        return f"features={self.features}"
-
-
-def _overflow_to_neg_inf(log_p: Tensor, x: Tensor) -> Tensor:
-    """``log_p`` with NaN replaced by ``-inf`` in the rows of ``x`` that hold no NaN.
+def _overflow_to_neg_inf(log_p: Tensor, x: Tensor, context: Tensor | None = None) -> Tensor:
+    """``log_p`` with NaN replaced by ``-inf`` in the rows of ``x`` that hold no NaN, and
+    NaN where the context is not finite (no conditional density is defined there).
 
     Such a NaN comes from ``inf - inf`` or ``0 * inf`` in a layer: the row overflowed the
     dtype on its way to the latent space, so it lies so far out that its density is below
@@ -198,7 +40,10 @@ def _overflow_to_neg_inf(log_p: Tensor, x: Tensor) -> Tensor:
     # A row's sum of absolute values is NaN exactly when the row holds NaN (never inf -
     # inf), and sums 5x faster than isnan(x).any(-1) reduces (10,000 rows of 64).
     overflowed = torch.isnan(log_p) & ~torch.isnan(x.abs().sum(-1))
-    return log_p.masked_fill(overflowed, -math.inf)
+    log_p = log_p.masked_fill(overflowed, -math.inf)
+    if context is None:
+        return log_p
+    return log_p.masked_fill(~torch.isfinite(context.abs().sum(-1)), math.nan)
 
 
 class Flow(Distribution):
@@ -395,21 +240,23 @@ class Flow(Distribution):
         or ``-inf``. A row far enough out that the computation overflows the flow's dtype
         (``1e39`` in float32, or ``inf``) has a density below the smallest positive float,
         and its ``-inf`` says so instead of the ``inf - inf = NaN`` the layers would give.
-        A row holding NaN gives NaN (it has no density; check data upstream, as
+        A row holding NaN, or whose context holds NaN or inf, gives NaN (it has no density;
+        check data upstream, as
         :func:`exactflow.scoring.log_prob` does). The replacement is a ``masked_fill`` (no
         host sync, compilable). Train only on finite data: an overflowing row in a batch
         still makes the weights' gradient NaN (``0 * inf`` in the layers' products).
         """
+        if self.context_features and context is None:
+            self._check_context(None, None)  # (before x's shape: the context is what lacks)
         lead = None
-        if self.context_features and context is not None and getattr(x, "ndim", 2) > 2:
+        if self.context_features and getattr(x, "ndim", 2) > 2:
             x = self._as_tensor(x, "x", exact=self._standardizes_first(self.transform))
             lead = x.shape[:-1]  # samples (n, b, d) drawn for a context batch (b, c)
             x = x.reshape(-1, x.shape[-1])
         x = self._check_x(x)
-        context = self._embed(self._check_context(self._broadcast(context, x.shape[0], lead),
-                                                  x.shape[0]))
-        z, ladj = self.transform(x, context)
-        log_p = _overflow_to_neg_inf(self.base.log_prob(z) + per_row(ladj, x, z), x)
+        given = self._check_context(self._broadcast(context, x.shape[0], lead), x.shape[0])
+        z, ladj = self.transform(x, self._embed(given))
+        log_p = _overflow_to_neg_inf(self.base.log_prob(z) + per_row(ladj, x, z), x, given)
         return log_p if lead is None else log_p.reshape(lead)
 
     def _broadcast(self, context: Any, batch: int, lead: tuple[int, ...] | None) -> Any:
@@ -421,8 +268,8 @@ class Flow(Distribution):
                                   exact=self._standardizes_first(self.context_scaler))
         if context.dim() == 1 and context.shape[0] == self.context_features:
             context = context.unsqueeze(0)
-        if context.dim() != 2:
-            return context  # (refused by _check_context)
+        if context.dim() != 2 or context.shape[1] != self.context_features:
+            return context  # (refused by _check_context, as given)
         if lead is not None and len(lead) == 2 and context.shape[0] == lead[1]:
             return context.unsqueeze(0).expand(lead[0], -1, -1).reshape(batch, -1)
         if context.shape[0] == 1 and batch != 1:
@@ -451,6 +298,10 @@ class Flow(Distribution):
             self._check_context(None, None)
         context = self._as_tensor(context, "context",
                                   exact=self._standardizes_first(self.context_scaler))
+        if context.numel() == 0 or not bool(torch.isfinite(context).all()):
+            raise ValueError(f"context of shape {tuple(context.shape)} "
+                             + ("has no rows" if context.numel() == 0 else "holds NaN or inf")
+                             + ": no conditional density to sample is defined there")
         if context.dim() == 1:
             context = context.unsqueeze(0)
             if context.shape[1] != self.context_features:

@@ -73,13 +73,18 @@ def log_prob(
 
     Raises:
         DataError: a row holds NaN (it has no density): the message gives the count and
-            the first row indices.
+            the first row indices; a context row holds NaN or inf; ``x`` is not 2-D.
     """
     dtype, device = module_dtype(model), module_device(model)
     # A Flow casts its input itself, and keeps float64 for a first Standardize layer
     # (which standardizes in float64): hand it float64 rows as they are.
     keep64 = isinstance(model, Flow)
+    if len(getattr(x, "shape", (0, 0))) != 2:
+        raise DataError(f"rows must be a 2-D array (rows, features), got shape "
+                        f"{tuple(np.shape(x))}")
     n = len(x)
+    if context is not None and len(np.shape(context)) == 1:  # one context for every row
+        context = np.broadcast_to(np.asarray(context), (n, len(context)))
     out = np.empty(n, dtype=np.float64)
     nan_rows: list[int] = []
     n_nan = 0
@@ -95,6 +100,11 @@ def log_prob(
                 continue
             ctx = None if context is None else _tensor(context[start : start + chunk], dtype,
                                                        device, keep64)
+            if ctx is not None and not bool(torch.isfinite(ctx).all()):
+                rows = torch.nonzero(~torch.isfinite(ctx).reshape(len(ctx), -1).all(-1))
+                raise DataError(
+                    f"context row {int(rows[0]) + start} holds NaN or inf: no conditional "
+                    "density is defined there; drop or impute such rows before scoring")
             values = model.log_prob(part) if ctx is None else model.log_prob(part, ctx)
             values = values.double().cpu().numpy()
             out[start : start + len(part)] = np.where(np.isnan(values), -np.inf, values)

@@ -65,7 +65,9 @@ class FlowDensity(DensityMixin, BaseEstimator):
     is exact to float64 rounding and independent of how rows are batched.
 
     ``log p(x)`` is in the units of ``X``. Scoring runs the model's data -> latent
-    direction; sampling runs latent -> data.
+    direction; sampling runs latent -> data. The density is unconditional: ``y`` is
+    ignored, as in ``KernelDensity``; for ``p(x | context)`` train a builder's flow with
+    ``ef.fit(flow, x, context=...)``.
 
     Args:
         model: ``"auto"`` (default) or a builder name: ``gaussian``, ``gmm``, ``realnvp``,
@@ -326,6 +328,11 @@ class FlowDensity(DensityMixin, BaseEstimator):
         if unused:
             raise ValueError(f"{', '.join(unused)}: model={self.model!r} {why}; leave "
                              f"{'it' if len(unused) == 1 else 'them'} out")
+        conditional = sorted({"context", "embedding"} & set(self.model_kwargs or {}))
+        if conditional:
+            raise ValueError(f"model_kwargs sets {', '.join(conditional)}: FlowDensity fits "
+                             "an unconditional density p(x); for p(x | context) train a "
+                             "builder's flow with ef.fit(flow, x, context=...)")
         own = sorted({"model", "features", "standardize"} & set(self.model_kwargs or {}))
         if own:
             raise ValueError(f"model_kwargs sets {', '.join(own)}, which FlowDensity sets "

@@ -438,3 +438,25 @@ def test_flow_shapes_and_dtypes(batch, features, n, dtype):
     assert samples.dtype == dtype and log_q.dtype == dtype
     tol = 1e-3 if dtype == torch.float32 else 1e-9
     torch.testing.assert_close(log_q, flow.log_prob(samples), atol=tol, rtol=tol)
+
+
+def test_a_context_that_is_not_finite_has_no_density():
+    # (a NaN or inf context scored -inf, zero density, where a NaN row gives NaN; sampling
+    # at a NaN context gave NaN silently)
+    flow = perturb(ef.models.maf(2, layers=1, hidden=(8,), context=2).double()).eval()
+    x = torch.randn(4, 2, dtype=torch.float64)
+    context = torch.randn(4, 2, dtype=torch.float64)
+    context[1, 0], context[2, 1] = math.nan, math.inf
+    scores = flow.log_prob(x, context)
+    assert torch.isnan(scores[1:3]).all() and torch.isfinite(scores[[0, 3]]).all()
+    with pytest.raises(ef.DataError, match="context row 1 holds NaN or inf"):
+        ef.scoring.log_prob(flow, x, context=context)
+    for bad in (context[1], torch.empty(0, 2, dtype=torch.float64)):
+        with pytest.raises(ValueError, match="no conditional density to sample"):
+            flow.sample(3, bad)
+    # one context for all rows, in every entry point
+    one = ef.scoring.log_prob(flow, x, context=context[0])
+    np.testing.assert_allclose(one, flow.log_prob(x, context[0]).detach().numpy())
+    assert ef.evaluate(flow, x, context[0])["n"] == 4
+    with pytest.raises(ValueError, match="this flow is conditional: pass a context"):
+        flow.log_prob(flow.sample(2, context[[0, 3]]))  # (it named x's shape)

@@ -306,3 +306,15 @@ def test_a_model_with_a_standardization_layer_loads_in_its_own_dtype(tmp_path, d
     loaded = load(save(flow, tmp_path / "m.pt"))
     assert loaded.transform[0].dtype == dtype and loaded.transform[0].std.dtype == torch.float64
     assert_same_density(flow, loaded, torch.randn(20, 3, dtype=dtype))
+
+
+def test_a_flow_whose_embedding_was_replaced_is_refused_when_saved(tmp_path):
+    # (it was saved, and then ef.load refused the file: "the weights do not match")
+    flow = ef.models.maf(2, context=3, embedding={"features": 4})
+    flow.embedding = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh())
+    state = torch.get_rng_state()
+    with pytest.raises(ValueError, match=r"the flow's weights do not fit its builder config "
+                                         r"\(missing \['embedding.2.bias'"):
+        ef.save(flow, tmp_path / "flow.safetensors")
+    assert not (tmp_path / "flow.safetensors").exists()
+    assert torch.equal(torch.get_rng_state(), state)  # (the rebuild draws no numbers of ours)

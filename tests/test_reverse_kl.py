@@ -190,3 +190,9 @@ def test_a_ramp_longer_than_training_warns_with_the_final_beta():
                                          r"training ends at beta = 0\.0991"):
         fit_reverse_kl(affine_flow(), gaussian_target, steps=10, anneal_steps=100,
                        beta_start=0.01, batch_size=32, final_samples=0, **CPU)
+
+
+def test_the_normalizer_estimate_takes_unconditional_flows_by_name():
+    with pytest.raises(ValueError, match="estimate_log_normalizer takes unconditional flows"):
+        ef.estimate_log_normalizer(ef.models.maf(2, context=2),
+                                   lambda x: -0.5 * (x**2).sum(1), n=10)

@@ -239,3 +239,10 @@ def test_data_errors_name_a_data_frames_columns():
         tiny().fit(frame)  # the constant column first, as the command line checks
     with pytest.raises(ValueError, match=r"columns 'a', 'c' are linearly dependent"):
         tiny().fit(frame[["a", "b", "c"]])
+
+
+def test_flow_density_says_it_is_unconditional():
+    X = np.random.default_rng(0).normal(size=(100, 2))
+    for kwargs in ({"context": 2}, {"embedding": {"features": 4}}):
+        with pytest.raises(ValueError, match="FlowDensity fits an unconditional density"):
+            FlowDensity("maf", steps=2, model_kwargs=kwargs).fit(X)

@@ -892,3 +892,33 @@ def test_a_device_name_torch_does_not_know_is_a_clear_error(tmp_path):
             fit(affine_flow(), gaussian_data(100), steps=2, device=name, progress=False)
         with pytest.raises(ValueError, match=f"map_location='{name}' was requested"):
             ef.load(path, map_location=name)
+
+
+def test_conditional_training_refuses_or_warns_about_contexts_it_cannot_use():
+    torch.manual_seed(0)
+    theta = torch.randn(600, 2)
+    x = theta + 0.5 * torch.randn(600, 2)
+    # one validation context at 1e8: the flow at step 0 ignores its context, so the
+    # validation NLL of the start could not show it, and the run kept step 0 silently
+    far = theta[500:].clone()
+    far[3, 0] = 1e8
+    with pytest.raises(DataError, match=r"val_context: 1 row lies more than 10,000 standard "
+                                        r"deviations .* \(row 3: 1e\+08 in column 0"):
+        fit(ef.models.maf(2, layers=1, context=2, standardize=True), x[:500], x[500:],
+            context=theta[:500], val_context=far, steps=3, **CPU)
+    # a context column held fixed is centered, not refused as "a density has no width"
+    fixed = theta.clone()
+    fixed[:, 1] = 3.0
+    fit(ef.models.maf(2, layers=1, context=2, standardize=True), x, context=fixed, steps=3,
+        **CPU)
+    # a context far from standardized, into a flow that does not standardize it, warns
+    with pytest.warns(UserWarning, match="the context's columns spread by .* and this flow "
+                                         "does not standardize its context"):
+        fit(ef.models.maf(2, layers=1, context=2), x, context=theta * 1e-4, steps=3, **CPU)
+    with pytest.raises(ValueError, match="val_context was given without val"):
+        ef.fit_auto(x, context=theta, val_context=theta[:50], budget=1)
+    with pytest.raises(ValueError, match="pass val_context"):
+        ef.fit_auto(x[:500], x[500:], context=theta[:500], budget=1)
+    with pytest.raises(DataError, match="context has 1 columns but the flow takes a context "
+                                        "of 2 features"):
+        fit(ef.models.maf(2, layers=1, context=2), x, context=theta[:, :1], steps=3, **CPU)

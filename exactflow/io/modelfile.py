@@ -100,6 +100,15 @@ def save(flow: Flow, path: str | os.PathLike[str]) -> Path:
     except (TypeError, ValueError) as err:
         raise ValueError(f"flow.config must be JSON-serializable to be saved: {err}") from None
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in flow.state_dict().items()}
+    with torch.random.fork_rng(devices=[]), torch.no_grad():  # what load will rebuild
+        detail = _mismatch(build(config).state_dict(), state)
+    if detail:
+        raise ValueError(
+            f"the flow's weights do not fit its builder config ({detail}): a layer or the "
+            "embedding was replaced after the builder made the flow, so exactflow.load could "
+            "not rebuild it. Give the builder the arguments that make it (e.g. embedding="
+            "{...}), or save only its weights with torch.save(flow.state_dict(), path)."
+        )
     metadata = {
         "format": _FORMAT,
         "version": str(FORMAT_VERSION),
@@ -108,6 +117,21 @@ def save(flow: Flow, path: str | os.PathLike[str]) -> Path:
         "sha256": _digest(state),
     }
     return atomic_write_bytes(path, safetensors_bytes(state, metadata=metadata))
+
+
+def _mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str:
+    """What differs between two state dicts' names and shapes ("" where nothing does)."""
+    want = {k: tuple(v.shape) for k, v in expected.items()}
+    have = {k: tuple(v.shape) for k, v in found.items()}
+    missing = sorted(set(want) - set(have))[:3]
+    extra = sorted(set(have) - set(want))[:3]
+    wrong = [k for k in want if k in have and want[k] != have[k]][:3]
+    return "; ".join(part for part in (
+        f"missing {missing}" if missing else "",
+        f"unexpected {extra}" if extra else "",
+        "wrong shapes " + ", ".join(f"{k} {have[k]} != {want[k]}" for k in wrong) if wrong
+        else "",
+    ) if part)
 
 
 def _digest(state: dict[str, torch.Tensor]) -> str:
@@ -387,20 +411,8 @@ def load(path: str | os.PathLike[str], map_location: Any = "cpu") -> Flow:
         flow = build(config)
     except (ValueError, TypeError) as err:
         raise CheckpointError(f"cannot rebuild the model saved in {name!r}: {err}") from None
-    expected = {k: tuple(v.shape) for k, v in flow.state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in state.items()}
-    if expected != found:
-        missing = sorted(set(expected) - set(found))[:3]
-        extra = sorted(set(found) - set(expected))[:3]
-        wrong = [k for k in expected if k in found and expected[k] != found[k]][:3]
-        detail = "; ".join(
-            part for part in (
-                f"missing {missing}" if missing else "",
-                f"unexpected {extra}" if extra else "",
-                "wrong shapes " + ", ".join(f"{k} {found[k]} != {expected[k]}" for k in wrong)
-                if wrong else "",
-            ) if part
-        )
+    detail = _mismatch(flow.state_dict(), state)
+    if detail:
         raise CheckpointError(
             f"the weights in {name!r} do not match its config {config!r}: {detail}"
         )

@@ -281,6 +281,11 @@ def fit_auto(
         True
     """
     budget = positive_float(budget, "budget")
+    if val is None and val_context is not None:
+        raise ValueError("val_context was given without val")
+    if val is not None and context is not None and val_context is None:
+        raise ValueError("the training rows have a context: pass val_context, one row per "
+                         "row of val")
     say = log or (lambda text: None)
     start = time.perf_counter()
     rows = wrap(train, "training data", _width_of(train), strict=True)

@@ -83,8 +83,9 @@ class Rows:
         if array.ndim != 2:
             raise DataError(f"{name} must be 2-D (rows, features), got shape {tuple(array.shape)}")
         if array.shape[1] != features:
+            takes = "takes a context of" if "context" in name else "has"
             raise DataError(
-                f"{name} has {array.shape[1]} columns but the flow has {features} features"
+                f"{name} has {array.shape[1]} columns but the flow {takes} {features} features"
             )
         if array.shape[0] == 0:
             raise DataError(f"{name} has no rows")
@@ -177,6 +178,9 @@ def wrap_context(flow: Any, context: Any, name: str, rows: int) -> Rows | None:
         raise ValueError(
             f"the flow is conditional (context={need}): pass {name} with one row per data row"
         )
+    if len(getattr(context, "shape", ())) == 1 and len(context) == need:  # one for all rows
+        context = (context.expand(rows, need) if isinstance(context, Tensor)
+                   else np.broadcast_to(np.asarray(context), (rows, need)))
     return wrap(context, name, need, rows)
 
 

@@ -30,11 +30,12 @@ from ..scoring import eval_mode, module_device
 from ..stats import RunningMoments
 from ..transforms.normalization import BatchNorm
 from ..transforms.standardize import Standardize
-from ..validation import warn_user
+from ..validation import DataError, counted, warn_user
 from .batches import Rows, wrap, wrap_context
 from .loop import STANDARDIZE_ADVICE
 
-__all__ = ["prepare", "warn_if_unstandardized", "recalibrate_batch_norm", "MAX_FIT_ROWS"]
+__all__ = ["prepare", "warn_if_unstandardized", "recalibrate_batch_norm", "far_context_error",
+           "MAX_FIT_ROWS"]
 
 #: Rows used to fit a classical base (a seeded subsample beyond this).
 MAX_FIT_ROWS = 200_000
@@ -90,7 +91,7 @@ def prepare(flow: Flow, train: Any, context: Any = None, seed: int = 0) -> list[
         done.append("standardization")
     scaler = flow.context_scaler
     if isinstance(scaler, Standardize) and context is not None and _is_identity(scaler):
-        mean, std = Standardize.statistics(context.data, name="context")
+        mean, std = Standardize.statistics(context.data, name="context", constant_ok=True)
         scaler.set_statistics(mean, std)
         done.append("context standardization")
     base = flow.base
@@ -169,14 +170,29 @@ def recalibrate_batch_norm(
     return count
 
 
-def warn_if_unstandardized(flow: Flow, rows: Rows) -> None:
-    """Warn when the data are far from standardized and the flow does not standardize."""
-    if standardize_layer(flow) is not None:
-        return
+def _first_rows(rows: Rows) -> np.ndarray:
     sample = rows.data[: min(len(rows), 10_000)]
     if isinstance(sample, Tensor):
         sample = sample.detach().cpu().numpy()
-    sample = np.asarray(sample, dtype=np.float64)
+    return np.asarray(sample, dtype=np.float64)
+
+
+def warn_if_unstandardized(flow: Flow, rows: Rows, context: Rows | None = None) -> None:
+    """Warn when the data (or the context) are far from standardized and the flow does not
+    standardize them."""
+    if context is not None and getattr(flow, "context_scaler", None) is None:
+        spread = _first_rows(context).std(axis=0)
+        varying = spread[spread > 0]
+        if len(varying) and not 1e-3 <= varying.min() <= varying.max() <= 1e3:
+            warn_user(
+                f"the context's columns spread by {varying.min():.3g} to {varying.max():.3g} "
+                "and this flow does not standardize its context: its conditioner networks "
+                "work on values of order 1, so the fit will be poor. Build the flow with "
+                "standardize=True, which standardizes the context too."
+            )
+    if standardize_layer(flow) is not None:
+        return
+    sample = _first_rows(rows)
     spread = np.abs(sample).max(axis=0) if len(sample) else np.zeros(1)
     scale = float(np.max(spread))
     if scale > 1e3:
@@ -186,3 +202,40 @@ def warn_if_unstandardized(flow: Flow, rows: Rows) -> None:
             "[-bound, bound], affine scales are bounded per layer), so the fit will be poor. "
             f"{STANDARDIZE_ADVICE}."
         )
+
+
+#: How far (in training standard deviations) a validation context may lie from the
+#: training contexts: beyond it the flow extrapolates, and such a row's NLL (1e10, or inf)
+#: outweighs the others at every step.
+FAR_CONTEXT_SDS = 1e4
+
+
+def far_context_error(train: Rows, val: Rows, name: str = "val_context") -> DataError | None:
+    """The error for validation contexts more than :data:`FAR_CONTEXT_SDS` standard
+    deviations from the training contexts (in a column that varies in training); the model
+    before training ignores its context, so the validation NLL of step 0 cannot show it."""
+    moments = RunningMoments()
+    for _, part in train.chunks(65536):
+        moments.update(part.detach().cpu().double().numpy())
+    mean, std = np.asarray(moments.mean), np.sqrt(np.asarray(moments.var(ddof=0)))
+    worst: tuple[float, int, int, float] | None = None
+    count = 0
+    for start, part in val.chunks(65536):
+        values = part.detach().cpu().double().numpy()
+        z = np.where(std > 0, np.abs(values - mean) / np.where(std > 0, std, 1.0), 0.0)
+        far = z > FAR_CONTEXT_SDS
+        count += int(far.any(axis=1).sum())
+        if far.any() and (worst is None or z.max() > worst[0]):
+            i, j = np.unravel_index(np.argmax(z), z.shape)
+            worst = (float(z.max()), start + int(i), int(j), float(values[i, j]))
+    if worst is None:
+        return None
+    _, row, column, value = worst
+    return DataError(
+        f"{name}: {counted(count, 'row')} {'lies' if count == 1 else 'lie'} more than "
+        f"{FAR_CONTEXT_SDS:,.0f} standard deviations from the training contexts (row {row}: "
+        f"{value:.3g} in column {column}, where the training contexts have mean "
+        f"{mean[column]:.3g} and standard deviation {std[column]:.3g}): the flow "
+        "extrapolates there, and such rows outweigh the others in the validation NLL at "
+        "every step; drop them, or clip their values"
+    )

@@ -25,7 +25,7 @@ from ..scoring import module_dtype
 from ..transforms.standardize import Standardize
 from ..validation import DataError, counted, fraction, non_negative_float, positive_int, warn_user
 from .batches import Order, Rows, hold_out, to_device, wrap, wrap_context
-from .calibrate import prepare, recalibrate_batch_norm, warn_if_unstandardized
+from .calibrate import far_context_error, prepare, recalibrate_batch_norm, warn_if_unstandardized
 from .checkpoints import Checkpoint
 from .compiled import LossFunction
 from .history import History
@@ -278,7 +278,10 @@ def fit(
     resuming = resume and Path(checkpoint).exists()  # type: ignore[arg-type]
     if not resuming:
         prepare(flow, train_rows, train_ctx, int(seed))
-    warn_if_unstandardized(flow, train_rows)
+    warn_if_unstandardized(flow, train_rows, train_ctx)
+    if val is not None and val_ctx is not None and train_ctx is not None and (
+            err := far_context_error(train_ctx, val_ctx)):
+        raise err
     # (A resume measures the noise after the restore, in the standardization it brings.)
     noise_scale = None if resuming else _noise_scale(noise, flow, train_rows)
     dev = resolve_device(device, flow)
@@ -426,7 +429,7 @@ def _check_divergence(history: History, train_nll: float | None, d: int, lr: flo
           and last > start + margin and train_nll > start):
         what = (f"the validation NLL went from {start:.4g} at the start to {last:.4g} nats "
                 f"and the training NLL is {train_nll:.4g}")
-        if last == math.inf:  # rows the model no longer reaches: often the rows' fault
+        if last == math.inf or last > start + 1000 * margin:  # often the rows' fault
             advice = (f"look for validation rows (or context) far beyond the training rows, "
                       f"where the model now puts no density; or {advice}")
     if what is not None:

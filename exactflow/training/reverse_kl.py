@@ -98,6 +98,9 @@ def estimate_log_normalizer(
         (``n_nonfinite`` counts non-finite ``log q`` or ``log p~``; a ``-inf`` target
         density, outside its support, is kept as a zero weight).
     """
+    if getattr(flow, "context_features", 0):
+        raise ValueError("estimate_log_normalizer takes unconditional flows (this flow has a "
+                         "context)")
     fn = _target_fn(log_prob_target)
     n = positive_int(n, "n")
     batch_size = positive_int(batch_size, "batch_size")

@@ -81,7 +81,8 @@ def _float64(values: Any) -> np.ndarray:
     return np.asarray(values, dtype=np.float64)
 
 
-def _column_summary(data: Any, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _column_summary(data: Any, name: str, constant_ok: bool = False
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Column means, variances (``ddof=0``), minima and maxima, in float64, read in chunks
     of rows; the checks of :meth:`Standardize.statistics`."""
     if isinstance(data, Tensor):
@@ -110,7 +111,7 @@ def _column_summary(data: Any, name: str) -> tuple[np.ndarray, np.ndarray, np.nd
     if n_bad:
         raise nonfinite_rows_error(name, n_bad, bad)
     constant = np.flatnonzero(lo == hi) if n > 1 else np.zeros(0, dtype=int)
-    if len(constant):
+    if len(constant) and not constant_ok:
         cols = "column" if len(constant) == 1 else "columns"
         raise DataError(
             f"{name}: constant (zero-variance) {cols} {index_list(constant, len(constant))} "
@@ -230,7 +231,7 @@ class Standardize(Transform):
 
     @staticmethod
     def statistics(
-        data: Any, name: str = "data", pooled: bool = False
+        data: Any, name: str = "data", pooled: bool = False, constant_ok: bool = False
     ) -> tuple[np.ndarray, np.ndarray]:
         """Column means and standard deviations (``ddof=0``) of ``data``, in float64.
 
@@ -242,14 +243,17 @@ class Standardize(Transform):
         row subset); it is read in chunks of rows, so a memory-mapped table is never
         copied whole.
 
+        With ``constant_ok`` (a context, which has no density: a parameter held fixed in
+        every training row) a constant column is centered and left unscaled (scale 1).
+
         Raises:
             DataError: NaN or inf in a row, or a constant (zero-variance) column.
         """
-        mean, var, _, _ = _column_summary(data, name)
+        mean, var, _, _ = _column_summary(data, name, constant_ok)
         if pooled:
             one_mean, one_std = _pooled(mean, var)
             return np.full_like(mean, one_mean), np.full_like(var, one_std)
-        return mean, np.sqrt(var)
+        return mean, np.sqrt(np.where(var > 0, var, 1.0) if constant_ok else var)
 
     @staticmethod
     def choose_scale(data: Any, name: str = "data") -> str:

@@ -1,0 +1,175 @@
+"""The base densities of a flow: :class:`StandardNormal`, :class:`DiagonalNormal` and
+:class:`Uniform`, and :class:`Distribution`, the interface they share with a flow."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .validation import positive_int
+
+__all__ = ["Distribution", "StandardNormal", "DiagonalNormal", "Uniform", "tensor_of"]
+
+_LOG_2PI = math.log(2 * math.pi)
+
+
+def tensor_of(values: Any, dtype: torch.dtype | None = None) -> Tensor:
+    """``torch.as_tensor`` of an array (its memory shared where the dtype allows), with a
+    read-only array (a pandas column, a memmap opened for reading) copied first: torch
+    cannot promise not to write to memory it shares, and warns about it."""
+    arr = np.asarray(values)
+    if not arr.flags.writeable:
+        arr = np.array(arr)
+    return torch.as_tensor(arr, dtype=dtype)
+
+
+class Distribution(nn.Module):
+    """A density over ``R^features`` with ``log_prob`` and reparameterized sampling.
+
+    Subclasses implement :meth:`log_prob` and :meth:`rsample`. As in
+    ``torch.distributions``, :meth:`sample` draws without autograd (the result has no graph,
+    so ``.numpy()`` works) and :meth:`rsample` is the differentiable, reparameterized draw.
+    Every tensor a distribution owns is a parameter or a buffer, so ``.to(device)`` and
+    ``state_dict`` just work.
+    """
+
+    features: int
+
+    @property
+    def event_shape(self) -> torch.Size:
+        return torch.Size([self.features])
+
+    def log_prob(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def rsample(self, n: int) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def sample(self, n: int) -> Tensor:
+        """``n`` samples of shape ``(n, features)``, drawn without autograd."""
+        with torch.no_grad():
+            return self.rsample(n)
+
+    def rsample_and_log_prob(self, n: int) -> tuple[Tensor, Tensor]:
+        """Differentiable samples and their log-density."""
+        x = self.rsample(n)
+        return x, self.log_prob(x)
+
+    def sample_and_log_prob(self, n: int) -> tuple[Tensor, Tensor]:
+        """Samples and their log-density, without autograd."""
+        with torch.no_grad():
+            return self.rsample_and_log_prob(n)
+
+    def _ref(self) -> Tensor:
+        # A tensor on the distribution's device and dtype.
+        return next(iter(self.buffers()))
+
+
+class StandardNormal(Distribution):
+    """The standard normal ``N(0, I)`` on ``R^features``.
+
+    ``log p(z) = -0.5 |z|^2 - (features / 2) log(2 pi)``.
+
+    Example:
+        >>> import torch, exactflow as ef
+        >>> ef.StandardNormal(2).log_prob(torch.zeros(1, 2))
+        tensor([-1.8379])
+    """
+
+    _anchor: Tensor
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.features = positive_int(features, "features")
+        self.register_buffer("_anchor", torch.zeros(()))
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        return -0.5 * (x * x).sum(-1) - 0.5 * self.features * _LOG_2PI
+
+    def rsample(self, n: int) -> Tensor:
+        ref = self._anchor
+        return torch.randn(n, self.features, device=ref.device, dtype=ref.dtype)
+
+    def extra_repr(self) -> str:
+        return f"features={self.features}"
+
+
+class DiagonalNormal(Distribution):
+    """A normal with learnable mean and per-dimension scale, ``N(loc, diag(exp(log_scale))^2)``.
+
+    Starts as the standard normal.
+    """
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.features = positive_int(features, "features")
+        self.loc = nn.Parameter(torch.zeros(self.features))
+        self.log_scale = nn.Parameter(torch.zeros(self.features))
+
+    def _ref(self) -> Tensor:
+        return self.loc
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        u = (x - self.loc) * torch.exp(-self.log_scale)
+        return -0.5 * (u * u).sum(-1) - self.log_scale.sum() - 0.5 * self.features * _LOG_2PI
+
+    def rsample(self, n: int) -> Tensor:
+        eps = torch.randn(n, self.features, device=self.loc.device, dtype=self.loc.dtype)
+        return self.loc + eps * torch.exp(self.log_scale)
+
+    def extra_repr(self) -> str:
+        return f"features={self.features}"
+
+
+class Uniform(Distribution):
+    """The uniform density on the box ``[low, high]`` (``-inf`` log-density outside it).
+
+    Args:
+        low, high: scalars or sequences of length ``features``.
+        features: the dimension when ``low`` and ``high`` are scalars.
+
+    Example:
+        >>> import torch, exactflow as ef
+        >>> ef.Uniform(0.0, 2.0, features=2).log_prob(torch.tensor([[1.0, 1.0]]))
+        tensor([-1.3863])
+    """
+
+    low: Tensor
+    high: Tensor
+
+    def __init__(self, low: Any = 0.0, high: Any = 1.0, features: int | None = None) -> None:
+        super().__init__()
+        low_t = torch.as_tensor(low, dtype=torch.get_default_dtype()).reshape(-1)
+        high_t = torch.as_tensor(high, dtype=torch.get_default_dtype()).reshape(-1)
+        if features is None:
+            n = max(low_t.numel(), high_t.numel())
+        else:
+            n = positive_int(features, "features")
+        for name, bound in (("low", low_t), ("high", high_t)):
+            if bound.numel() not in (1, n):
+                raise ValueError(
+                    f"{name} has {bound.numel()} entries; expected 1 or {n} "
+                    f"(features={n})"
+                )
+        low_t, high_t = low_t.expand(n).clone(), high_t.expand(n).clone()
+        if not bool((high_t > low_t).all()):
+            raise ValueError("Uniform needs high > low in every dimension")
+        self.features = n
+        self.register_buffer("low", low_t)
+        self.register_buffer("high", high_t)
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        inside = ((x >= self.low) & (x <= self.high)).all(-1)
+        value = -torch.log(self.high - self.low).sum()
+        return torch.where(inside, value.expand(inside.shape), torch.full_like(value, -math.inf))
+
+    def rsample(self, n: int) -> Tensor:
+        u = torch.rand(n, self.features, device=self.low.device, dtype=self.low.dtype)
+        return self.low + u * (self.high - self.low)
+
+    def extra_repr(self) -> str:
+        return f"features={self.features}"
