@@ -62,13 +62,18 @@ def _one_blas_thread() -> Any:
 
 
 def _cholesky(cov: np.ndarray) -> np.ndarray:
-    """The Cholesky factor of a covariance, with a small ridge if it is singular."""
+    """The Cholesky factor of a covariance, with a small ridge if it is singular.
+
+    The ridge is relative to each column's own variance (it is added to the correlation
+    matrix): a column of spread 1e-8 beside one of spread 1 keeps its spread."""
     d = cov.shape[-1]
-    scale = float(np.trace(cov) / d) if np.trace(cov) > 0 else 1.0
-    ridge = _RIDGE * scale
+    spread = np.sqrt(np.clip(np.diag(cov), 0.0, None))
+    spread = np.where(spread > 0, spread, 1.0)
+    corr = cov / np.outer(spread, spread)
+    ridge = _RIDGE
     for _ in range(8):
         try:
-            return np.linalg.cholesky(cov + ridge * np.eye(d))
+            return spread[:, None] * np.linalg.cholesky(corr + ridge * np.eye(d))
         except np.linalg.LinAlgError:
             ridge *= 100.0
     raise ValueError("the data's covariance is too degenerate to factor")
@@ -239,15 +244,18 @@ class GaussianMixture(_Components):
         x = _as_float64(data)
         if x.shape[0] < self.components:
             raise ValueError(f"{x.shape[0]} rows are too few for {self.components} components")
-        scale = float(np.mean(np.var(x, axis=0))) or 1.0
-        em = EM(self.components, covariance_type=self.covariance, reg_covar=_RIDGE * scale,
+        # EM on standardized columns: the ridge (reg_covar) is then relative to each
+        # column's own variance, not to the mean variance, which floored small columns.
+        center, spread = x.mean(0), x.std(0)
+        spread = np.where(spread > 0, spread, 1.0)
+        em = EM(self.components, covariance_type=self.covariance, reg_covar=_RIDGE,
                 n_init=restarts, random_state=seed, max_iter=200)
         with _one_blas_thread():
-            em.fit(x)
+            em.fit((x - center) / spread)
         covs = em.covariances_
         if self.covariance == "diag":
             covs = np.stack([np.diag(c) for c in covs])
-        self._set(em.means_, covs)
+        self._set(em.means_ * spread + center, covs * np.outer(spread, spread))
         with torch.no_grad():
             self.logits.copy_(torch.as_tensor(np.log(np.clip(em.weights_, 1e-300, None)),
                                               dtype=self.logits.dtype))
