@@ -257,6 +257,12 @@ def _worker(rank: int, folder: str) -> dict[str, Any]:
             "cpu", "--out", str(Path(folder) / "cli"),
         ])
     out["cli_notes"] = notes.getvalue()
+
+    # 6. Input noise: each rank adds its rows of the global batch's noise (every rank drew
+    #    the same noise for its own rows, so the run was not the one-process run).
+    flow = _actnorm_maf(seed=rank)
+    ef.fit(flow, train, val, noise=0.1, **MAF_ARGS)
+    out["noise"] = _state(flow)
     return out
 
 
@@ -402,6 +408,13 @@ def test_a_stop_on_one_rank_stops_every_rank_at_the_same_step(runs: dict[str, An
 
 
 @needs_gloo
+def test_input_noise_matches_one_process(runs: dict[str, Any]) -> None:
+    train, val = _data()
+    flow = _actnorm_maf(seed=0)
+    ef.fit(flow, train, val, noise=0.1, **MAF_ARGS)
+    _assert_same(runs["ranks"][0]["noise"], _state(flow), atol=1e-5)
+
+
 def test_synchronized_batch_norm_matches_one_process(runs: dict[str, Any]) -> None:
     train, _ = _data()
     flow = _bn_realnvp(seed=0)

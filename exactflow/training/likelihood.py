@@ -319,12 +319,14 @@ def fit(
     nll = LossFunction(lambda: replicas.model, compile, expected)
 
     def step(i: int) -> tuple[Tensor, Tensor]:
-        index = replicas.shard(order.next())
+        batch = order.next()
+        index = replicas.shard(batch)
         x = to_device(train_rows.take(index), dev, flow.input_dtype)
         ctx = None if train_ctx is None else to_device(train_ctx.take(index), dev,
                                                        flow.context_dtype)
-        if noise_scale is not None:
-            x = x + noise_scale * torch.randn_like(x)
+        if noise_scale is not None:  # the global batch's noise, this rank's rows of it
+            noise = torch.randn(len(batch), x.shape[1], device=x.device, dtype=x.dtype)
+            x = x + noise_scale * replicas.shard(noise)
 
         def compute(lo: int, hi: int) -> tuple[Tensor, Tensor]:
             loss = nll(x[lo:hi], None if ctx is None else ctx[lo:hi])
@@ -380,7 +382,8 @@ def fit(
                 flow.train()
         if noise_scale is not None:
             noise_scale = noise_scale.to(dev, dtype)
-        replicas.initialize(flow, order, train_rows, train_ctx, dev, dtype)
+        replicas.initialize(flow, order, train_rows, train_ctx, dev, dtype,
+                            noisy=noise_scale is not None)
         nll.start(max(0, expected - state.step))
         with replicas.attach(flow):
             run_loop(

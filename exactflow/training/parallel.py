@@ -424,16 +424,17 @@ class Replicas:
     @torch.no_grad()
     def initialize(
         self, flow: nn.Module, order: Any, rows: Any, ctx: Any, device: torch.device,
-        dtype: torch.dtype,
+        dtype: torch.dtype, noisy: bool = False,
     ) -> None:
         """Initialize pending ActNorm layers on the whole next global batch, on every rank.
 
         One process initializes them on its first training batch; each rank (or each
         micro-batch) only sees a share of it, so here every rank runs the whole batch once
         (no gradients) and keeps the ActNorm values only (other buffers, e.g. batch-norm
-        statistics, are restored).
+        statistics, are restored). With input noise (``noisy``) one process does so too, so
+        that ActNorm starts from the clean rows, as the ranks' does.
         """
-        if not self.active and self.accumulate == 1:
+        if not self.active and self.accumulate == 1 and not noisy:
             return
         pending = [m for m in flow.modules() if isinstance(m, ActNorm) and not bool(m.initialized)]
         if not pending:
