@@ -75,6 +75,20 @@ def test_a_damaged_checkpoint_is_a_checkpoint_error(tmp_path, payload):
     assert str(path) in str(info.value)
 
 
+def test_a_checkpoint_whose_weights_changed_is_refused(tmp_path):
+    # (a flipped bit in the weights resumed silently into another model)
+    path = tmp_path / "checkpoint.pt"
+    x = torch.randn(64, 2)
+    args = dict(batch_size=32, checkpoint=path, progress=False, device="cpu")
+    ef.fit(ef.models.maf(2, layers=1, hidden=(4,)), x, steps=2, checkpoint_every=1, **args)
+    payload = torch.load(path, weights_only=True)
+    name = next(k for k, v in payload["model"].items() if v.is_floating_point())
+    payload["model"][name].view(-1)[0] += 1e-3
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match="weights do not match the SHA-256"):
+        ef.fit(ef.models.maf(2, layers=1, hidden=(4,)), x, steps=4, resume=True, **args)
+
+
 def test_train_resume_from_a_damaged_checkpoint_is_one_line(tmp_path):
     out = tmp_path / "run"
     (out).mkdir()

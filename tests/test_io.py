@@ -318,3 +318,15 @@ def test_a_flow_whose_embedding_was_replaced_is_refused_when_saved(tmp_path):
         ef.save(flow, tmp_path / "flow.safetensors")
     assert not (tmp_path / "flow.safetensors").exists()
     assert torch.equal(torch.get_rng_state(), state)  # (the rebuild draws no numbers of ours)
+
+
+def test_load_names_a_torch_archive_under_a_safetensors_name_and_takes_device_names(tmp_path):
+    # (torch reads a path ending .safetensors as one: its SafetensorError leaked)
+    torch.save({"a": torch.zeros(2)}, tmp_path / "x.safetensors")
+    with pytest.raises(ef.io.CheckpointError, match="x.safetensors' is truncated or not a "
+                                                    "torch file"):
+        ef.load(tmp_path / "x.safetensors")
+    path = ef.save(ef.models.maf(2, layers=1, hidden=(4,)), tmp_path / "m.safetensors")
+    assert ef.load(path, map_location="auto").features == 2  # (listed, then refused)
+    with pytest.raises(ValueError, match="map_location must be a device name"):
+        ef.load(path, map_location={"cuda:0": "cpu"})

@@ -12,7 +12,7 @@ from .files import (
     json_safe,
     safe_torch_load,
 )
-from .modelfile import FORMAT_VERSION, load, save
+from .modelfile import FORMAT_VERSION, load, save, state_digest
 from .tables import csv_rows, write_table
 
 __all__ = [
@@ -29,4 +29,5 @@ __all__ = [
     "csv_rows",
     "json_safe",
     "safe_torch_load",
+    "state_digest",
 ]

@@ -22,6 +22,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 __all__ = [
     "atomic_save",
@@ -214,7 +215,8 @@ def safe_torch_load(
             "plain types only) or it is corrupt; exactflow never executes code from a file. "
             f"Detail: {_first_line_about(text)}"
         ) from None
-    except (RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError) as err:
+    except (RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError,
+            SafetensorError) as err:  # (torch reads a path ending .safetensors as one)
         raise CheckpointError(
             f"{str(path)!r} is truncated or not a torch file ({type(err).__name__}: "
             f"{str(err).splitlines()[0] if str(err) else 'unexpected end of data'})"

@@ -114,7 +114,7 @@ def save(flow: Flow, path: str | os.PathLike[str]) -> Path:
         "version": str(FORMAT_VERSION),
         "exactflow_version": str(__version__),
         "config": config_json,
-        "sha256": _digest(state),
+        "sha256": state_digest(state),
     }
     return atomic_write_bytes(path, safetensors_bytes(state, metadata=metadata))
 
@@ -134,7 +134,7 @@ def _mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor])
     ) if part)
 
 
-def _digest(state: dict[str, torch.Tensor]) -> str:
+def state_digest(state: dict[str, torch.Tensor]) -> str:
     """SHA-256 of every tensor's name, dtype, shape and bytes, in name order: a changed
     byte in the weights (a bad disk, a bad copy) changes it."""
     digest = hashlib.sha256()
@@ -290,7 +290,7 @@ def _read_safetensors(path: Path, map_location: Any) -> tuple[dict, dict, bool]:
             shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
             _check_sizes(name, config, shapes)
             state = {key: f.get_tensor(key) for key in f.keys()}
-            intact = "sha256" not in meta or meta["sha256"] == _digest(state)
+            intact = "sha256" not in meta or meta["sha256"] == state_digest(state)
             state = {key: t.to(device) for key, t in state.items()}
     except CheckpointError:
         raise
@@ -383,8 +383,8 @@ def load(path: str | os.PathLike[str], map_location: Any = "cpu") -> Flow:
     Args:
         path: the model file, or a run folder (its ``model.safetensors``, or ``model.pt``
             in run folders of exactflow 0.1).
-        map_location: where to put the tensors, default the CPU (a device name, or what
-            ``torch.load`` takes).
+        map_location: the device to put the tensors on, default the CPU (``"auto"``: CUDA
+            where there is one).
 
     Warns:
         UserWarning: ``path`` is a run folder that dequantized integer-valued columns (the
@@ -392,15 +392,22 @@ def load(path: str | os.PathLike[str], map_location: Any = "cpu") -> Flow:
             :meth:`exactflow.runs.Run.score`).
 
     Raises:
-        ValueError: ``map_location`` names a device this machine does not have.
+        ValueError: ``map_location`` is not a device name, or names a device this machine
+            does not have.
         CheckpointError: the file is missing, empty, truncated or foreign (text, a numpy
             array); a folder without a model file; holds anything but tensors and plain
             types (e.g. a pickle with a code payload); was written by a newer exactflow
             format; names an unknown builder; has a config that its weights do not fit;
             holds NaN weights; or weights that do not match the checksum saved with them.
     """
+    if map_location == "auto":
+        map_location = "cuda" if torch.cuda.is_available() else "cpu"
     if isinstance(map_location, (str, torch.device)):
         map_location = device_named(map_location, "map_location")
+    elif map_location is not None:
+        raise ValueError(f"map_location must be a device name ('cpu', 'cuda', 'cuda:N', 'mps' "
+                         f"or 'auto'), got {type(map_location).__name__}: a model file holds "
+                         "CPU tensors, put on that one device")
     path = Path(path)
     info = _run_record(path) if path.is_dir() else {}
     _warn_if_dequantized(path, info)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..io import CheckpointError, atomic_save, safe_torch_load
+from ..io import CheckpointError, atomic_save, safe_torch_load, state_digest
 from ..validation import warn_user
 from .history import History
 from .loop import Guard, TrainState, rng_state, set_rng_state
@@ -52,6 +52,7 @@ class Checkpoint:
             "step": state.step,
             "finished": bool(state.finished),
             "model": self.flow.state_dict(),
+            "model_sha256": state_digest(self.flow.state_dict()),
             "optimizer": self.optimizer.state_dict(),
             "schedule": {"lr_scale": state.lr_scale},
             "rng": rng_state(self.device),
@@ -86,6 +87,12 @@ class Checkpoint:
                 f"{str(path)!r} is checkpoint format version {version}; this exactflow "
                 f"reads up to {CHECKPOINT_VERSION}"
             )
+        digest = payload.get("model_sha256")  # (checkpoints of exactflow 0.1 have none)
+        if digest is not None and digest != state_digest(payload.get("model") or {}):
+            raise CheckpointError(
+                f"{str(path)!r} is a damaged checkpoint: its weights do not match the "
+                "SHA-256 saved with them (a changed byte: a bad disk or copy); delete it and "
+                "train again, or resume from a good copy")
         try:
             _restore(self, payload)
         except CheckpointError:
