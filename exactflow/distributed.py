@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["launch", "init", "rank", "world_size", "initialized"]
+__all__ = ["launch", "init", "rank", "world_size", "initialized", "usable_cpus"]
 
 _RESULT = "result-{}.pkl"
 
@@ -141,6 +141,37 @@ def _worker(
     os.replace(path.with_suffix(".tmp"), path)
 
 
+def _cgroup_cpus() -> float | None:
+    """The CPU quota of this process's cgroup (v2 ``cpu.max`` or v1 cfs files), if any."""
+    try:
+        with open("/sys/fs/cgroup/cpu.max", encoding="ascii") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            return int(quota) / int(period)
+        return None
+    except (OSError, ValueError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", encoding="ascii") as f:
+            quota_us = int(f.read())
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_period_us", encoding="ascii") as f:
+            period_us = int(f.read())
+    except (OSError, ValueError):
+        return None
+    return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+
+
+def usable_cpus() -> float:
+    """The CPUs this process may use: its affinity mask (``taskset``, a scheduler's
+    allocation), capped by its cgroup's CPU quota (a container's limit)."""
+    try:
+        cpus: float = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    quota = _cgroup_cpus()
+    return cpus if quota is None else min(cpus, quota)
+
+
 def launch(
     fn: Callable[..., Any],
     world_size: int,
@@ -167,7 +198,7 @@ def launch(
         world_size: the number of processes.
         *args: further arguments of ``fn``.
         backend: ``"gloo"`` (CPU) or ``"nccl"`` (one GPU per process).
-        threads: torch threads per process; default ``max(1, cpu_count // world_size)``
+        threads: torch threads per process; default ``max(1, usable CPUs // world_size)``
             (as ``torchrun`` limits threads, so that the processes do not oversubscribe the
             cores).
         timeout: seconds a collective may wait for the other ranks before failing.
@@ -197,7 +228,7 @@ def launch(
                 f"{torch.cuda.device_count()} GPU(s)"
             )
     if threads is None:
-        threads = max(1, (os.cpu_count() or 1) // world_size)
+        threads = max(1, int(usable_cpus()) // world_size)
     workdir = tempfile.mkdtemp(prefix="exactflow-launch-")
     try:
         torch.multiprocessing.spawn(

@@ -45,6 +45,18 @@ def test_the_order_of_the_rule(clean_env):
     for bad in ("0", "-2", "two", "1.5"):
         with pytest.raises(ThreadsError, match="EXACTFLOW_THREADS must be a positive"):
             choose_threads(ns(), {"EXACTFLOW_THREADS": bad})
+    # torch ignores an OMP_NUM_THREADS of 0 or "abc" and takes every core: the rule
+    # goes on to its default (it deferred to the value, and ran on every core)
+    for bad in ("0", "abc", "-1"):
+        assert choose_threads(ns(), {"OMP_NUM_THREADS": bad}) == (1, "small model")
+
+
+def test_launch_gives_each_process_its_share_of_the_usable_cpus(monkeypatch):
+    import exactflow.distributed as distributed
+
+    monkeypatch.setattr(distributed.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    monkeypatch.setattr(distributed.os, "cpu_count", lambda: 8)
+    assert distributed.usable_cpus() <= 1  # (launch gave each of 1 process 8 threads)
 
 
 def test_a_large_model_uses_idle_cores_only_when_faster(clean_env):

@@ -11,8 +11,9 @@ The rule, in order (the first that applies wins):
 
 1. ``--threads N``;
 2. ``EXACTFLOW_THREADS=N`` in the environment;
-3. ``OMP_NUM_THREADS`` or ``MKL_NUM_THREADS`` set: torch already follows it, and so does
-   exactflow (nothing is changed);
+3. ``OMP_NUM_THREADS`` or ``MKL_NUM_THREADS`` set to a positive integer: torch already
+   follows it, and so does exactflow (nothing is changed; torch ignores another value and
+   takes every core, so exactflow does too, and goes on to 4);
 4. otherwise one thread, except for training a large model (batch x widest hidden layer^2
    of at least :data:`LARGE_WORK`) on a machine with idle cores: then up to
    :data:`MAX_AUTO_THREADS` threads, as many as the cores that are idle now (the CPUs this
@@ -32,6 +33,8 @@ from collections.abc import Mapping
 
 import torch
 
+from ..distributed import usable_cpus
+
 __all__ = ["choose_threads", "idle_cores", "ThreadsError", "LARGE_WORK", "MAX_AUTO_THREADS"]
 
 #: ``batch_size * hidden**2`` from which training may use more than one thread: about one
@@ -49,39 +52,13 @@ class ThreadsError(ValueError):
     """``EXACTFLOW_THREADS`` is not a positive integer."""
 
 
-def _cgroup_cpus() -> float | None:
-    """The CPU quota of this process's cgroup (v2 ``cpu.max`` or v1 cfs files), if any."""
-    try:
-        with open("/sys/fs/cgroup/cpu.max", encoding="ascii") as f:
-            quota, period = f.read().split()[:2]
-        if quota != "max":
-            return int(quota) / int(period)
-        return None
-    except (OSError, ValueError):
-        pass
-    try:
-        with open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", encoding="ascii") as f:
-            quota_us = int(f.read())
-        with open("/sys/fs/cgroup/cpu/cpu.cfs_period_us", encoding="ascii") as f:
-            period_us = int(f.read())
-    except (OSError, ValueError):
-        return None
-    return quota_us / period_us if quota_us > 0 and period_us > 0 else None
-
-
 def idle_cores() -> int:
     """The cores this process may use that nobody else uses now (at least 0).
 
     The CPUs of this process's affinity mask, capped by a cgroup CPU quota, less the
     1-minute load average (which counts this process too, so the estimate errs low).
     """
-    try:
-        cpus: float = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    quota = _cgroup_cpus()
-    if quota is not None:
-        cpus = min(cpus, quota)
+    cpus = usable_cpus()
     try:
         load = os.getloadavg()[0]
     except (AttributeError, OSError):
@@ -144,7 +121,8 @@ def choose_threads(
             )
         return value, "EXACTFLOW_THREADS"
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        if env.get(name, "").strip():
+        text = env.get(name, "").strip()
+        if text.isdigit() and int(text) > 0:  # (torch ignores 0 or "abc": all cores)
             return None, name
     work = _work(args)
     if work < LARGE_WORK:
