@@ -271,3 +271,24 @@ def test_training_from_shards_four_times_a_memory_cap(tmp_path: Path) -> None:
     # ... and so did the largest Python/numpy allocation peak inside fit.
     assert result["tracemalloc_peak_mb"] < cap_mb, result
     assert result["steps"] == 40 and np.isfinite(result["final_nll"])
+
+
+def test_a_write_cut_short_leaves_no_table_with_rows_missing(tmp_path, monkeypatch):
+    # (each shard was renamed when complete: a kill after 6 of 20 opened as a whole table)
+    import exactflow.datasets.shards as shards
+
+    real = np.lib.format.open_memmap
+    made = []
+
+    def killed_after_three(path, *args, **kwargs):
+        if len(made) == 3:
+            raise KeyboardInterrupt
+        made.append(path)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(shards.np.lib.format, "open_memmap", killed_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        write_shards(np.arange(200.0).reshape(100, 2), tmp_path / "s", rows_per_shard=10)
+    assert not list((tmp_path / "s").glob("*.npy"))
+    with pytest.raises(DataError):
+        Shards(tmp_path / "s")

@@ -432,7 +432,9 @@ def write_shards(
     chunks of at most :data:`~exactflow.datasets.CHUNK_ROWS` rows and written to
     ``prefix00000.npy``, ``prefix00001.npy``, ... of ``rows_per_shard`` rows each (the last
     may be shorter), so the memory used is one chunk whatever the size of the data. Each file
-    is written under a temporary name and renamed when complete.
+    is written under a temporary name (``.npy.tmp``), and all are renamed once the last is
+    complete: a write cut short (a kill, a full disk) leaves no folder that opens as a table
+    with rows missing.
 
     Args:
         data: ``(rows, features)`` data.
@@ -465,8 +467,9 @@ def write_shards(
             target[start - lo : stop - lo] = np.asarray(table[start:stop])
         target.flush()
         del target
-        os.replace(tmp, out / name)
         names.append(name)
+    for name in names:  # (all at the end: a write cut short leaves no table that opens)
+        os.replace(out / (name + ".tmp"), out / name)
     return names
 
 
