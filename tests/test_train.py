@@ -922,3 +922,17 @@ def test_conditional_training_refuses_or_warns_about_contexts_it_cannot_use():
     with pytest.raises(DataError, match="context has 1 columns but the flow takes a context "
                                         "of 2 features"):
         fit(ef.models.maf(2, layers=1, context=2), x, context=theta[:, :1], steps=3, **CPU)
+
+
+def test_a_time_limit_stops_the_run_with_a_last_record():
+    # (fit_auto's budget was read once per record, an epoch of up to 500 steps, and ran
+    # 2-10 times over; a time limit is read every 8 steps)
+    data = gaussian_data(600)
+    history = fit(ef.models.maf(2, layers=1, hidden=(8,)), data[:500], data[500:],
+                  steps=1_000_000, batch_size=50, eval_every=1_000_000, time_limit=0.5,
+                  **CPU)
+    assert history.stopped_early and history.total_steps < 1_000_000
+    assert history.total_steps % 8 == 0 and history.steps[-1] == history.total_steps
+    assert history.best_step is not None and history.compiled.startswith("eager")
+    with pytest.raises(ValueError, match="time_limit must be a positive"):
+        fit(affine_flow(), data, steps=2, time_limit=0, **CPU)

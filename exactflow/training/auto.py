@@ -325,8 +325,8 @@ def fit_auto(
                 torch.manual_seed(seed)
                 flow = build(full)
             history = fit(flow, rows, val_rows, context=ctx, val_context=val_ctx, seed=seed,
-                          device=device, progress=progress, callback=_deadline(deadline),
-                          **options)
+                          device=device, progress=progress,
+                          time_limit=max(deadline - time.perf_counter(), 1e-3), **options)
             val_nll = evaluate(flow, val_rows, val_ctx)["nll"]
         except DataError:  # the data's fault, not the candidate's: every one would fail
             raise
@@ -431,10 +431,3 @@ def _width_of(data: Any) -> int:
     if shape is None or len(shape) != 2:
         raise ValueError(f"expected a 2-D array of rows, got shape {shape}")
     return int(shape[1])
-
-
-def _deadline(when: float) -> Callable[[History], bool]:
-    def stop(history: History) -> bool:
-        return time.perf_counter() >= when
-
-    return stop

@@ -23,11 +23,19 @@ from ..distributions import Flow
 from ..models import standardize_layer
 from ..scoring import module_dtype
 from ..transforms.standardize import Standardize
-from ..validation import DataError, counted, fraction, non_negative_float, positive_int, warn_user
+from ..validation import (
+    DataError,
+    counted,
+    fraction,
+    non_negative_float,
+    positive_float,
+    positive_int,
+    warn_user,
+)
 from .batches import Order, Rows, hold_out, to_device, wrap, wrap_context
 from .calibrate import far_context_error, prepare, recalibrate_batch_norm, warn_if_unstandardized
 from .checkpoints import Checkpoint
-from .compiled import LossFunction
+from .compiled import COMPILE_SECONDS, LossFunction
 from .history import History
 from .loop import (
     Guard,
@@ -87,6 +95,7 @@ def fit(
     context: Any = None,
     val_context: Any = None,
     callback: Callable[[History], bool | None] | None = None,
+    time_limit: float | None = None,
     compile: bool | str = "auto",
     distributed: bool | None = None,
     ddp: bool | Mapping[str, Any] = True,
@@ -166,6 +175,9 @@ def fit(
         context, val_context: conditioning rows for a conditional flow.
         callback: called as ``callback(history)`` after each record; returning ``True``
             stops training (counted as an early stop).
+        time_limit: seconds after which training stops, with a last validation record
+            (counted as an early stop; the best step is kept); the clock is read every 8
+            steps. A limit too short to repay a compile keeps ``compile="auto"`` eager.
         compile: run the loss and its backward through ``torch.compile``: ``"auto"``
             (default) times eager steps, compiles only when the run is long enough to repay
             a compile (10-40 s on a CPU), then keeps compiled steps only if they are faster
@@ -316,6 +328,10 @@ def fit(
     }, ddp=ddp, sync_batch_norm=sync_batch_norm, precision=precision, accumulate=accumulate)
     expected = total if fixed_length or val_rows is None else min(
         total, EXPECTED_EPOCHS * per_epoch)
+    if time_limit is not None:
+        time_limit = positive_float(time_limit, "time_limit")
+        if compile == "auto" and time_limit < 4 * COMPILE_SECONDS:
+            compile = False  # (a compile would take a large part of the time)
     nll = LossFunction(lambda: replicas.model, compile, expected)
 
     def step(i: int) -> tuple[Tensor, Tensor]:
@@ -364,6 +380,7 @@ def fit(
     settings = LoopSettings(
         total=total, lr=lr, schedule=schedule, grad_clip=grad_clip, eval_every=eval_every,
         checkpoint_every=checkpoint_every, desc="fit", progress=progress, postfix=_postfix,
+        stop_at=None if time_limit is None else time.perf_counter() + time_limit,
     )
     with forked_rng(dev, int(seed)):
         if resume and ckpt is not None and replicas.exists(ckpt.path):

@@ -313,6 +313,13 @@ class LoopSettings:
     desc: str = "fit"
     progress: bool = True
     postfix: Callable[[History], dict[str, str]] = field(default=lambda history: {})
+    #: ``time.perf_counter()`` past which the run stops, with a last record (None: no limit).
+    stop_at: float | None = None
+
+
+#: Steps between two looks at the clock of a run with a time limit (the ranks agree on
+#: them, so a look is a collective under ``torch.distributed``).
+CLOCK_EVERY = 8
 
 
 class Peers(Protocol):
@@ -404,9 +411,11 @@ def run_loop(
                 if math.isfinite(logged_value):
                     bar.set_postfix(loss=f"{logged_value:.4f}", refresh=False)
             done = state.step
-            if done % settings.eval_every == 0 or done == total:
+            late = settings.stop_at is not None and done % CLOCK_EVERY == 0 and peers.any(
+                time.perf_counter() >= settings.stop_at)
+            if done % settings.eval_every == 0 or done == total or late:
                 peers.sync_statistics(flow, done)
-                stop = record(done, current_lr, clock)
+                stop = record(done, current_lr, clock) or late
                 history.total_steps = done
                 if callback is not None and callback(history):
                     stop = True
