@@ -345,9 +345,10 @@ class FlowDensity(DensityMixin, BaseEstimator):
         """The exact log-density of each row of ``X`` (nats, in the units of ``X``)."""
         check_is_fitted(self, "flow_")
         X = _validate_data(self, X, dtype=np.float64, reset=False)
-        if self.dequantized_columns_:
+        columns = getattr(self, "dequantized_columns_", [])  # (none in older pickles)
+        if columns:
             names = getattr(self, "feature_names_in_", None)
-            X = dequantize_to_score(X, self.dequantized_columns_, 0, None if names is None
+            X = dequantize_to_score(X, columns, 0, None if names is None
                                     else [str(c) for c in names])
         return log_prob(self.flow_, X)
 
