@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ..datasets import DataError, read_header
+from ..datasets import CHUNK_ROWS, DataError, read_header
 from ..io import atomic_write_bytes, csv_rows, write_table
 from ..runs import RunError, anomaly, load_run, read_data
 from ..validation import counted, nonfinite_rows_error
@@ -129,6 +129,26 @@ def _score_columns(args: argparse.Namespace, run: Any) -> list[int | str] | None
     return None
 
 
+def _mapped_npy(data: Any, columns: list[int | str] | None) -> Any:
+    """A ``.npy`` file of numbers memory-mapped (``score`` then reads it a block at a time),
+    or None: other sources, and files the reader must explain, go through ``read_data``."""
+    path = Path(str(data))
+    if path.suffix.lower() != ".npy" or not path.is_file():
+        return None
+    if columns is not None and not all(isinstance(c, int) for c in columns):
+        return None
+    try:
+        table = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    if table.ndim != 2 or table.dtype.kind not in "biuf":
+        return None
+    if columns is not None and not all(-table.shape[1] <= int(c) < table.shape[1]
+                                       for c in columns):
+        return None
+    return table
+
+
 def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
     with_key(args)
     run = load_run(args.run)
@@ -137,20 +157,34 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
     if out is not None and out.exists() and source.exists() and out.samefile(source):
         raise CommandError(f"-o {str(out)!r} is the data file being scored: the scores would "
                            "replace the data; write them to another file")
-    data, info = read_data(args.data, _score_columns(args, run), seed=0)
+    chosen = _score_columns(args, run)
+    source_rows = _mapped_npy(args.data, chosen)
+    picked: list[int] | None = None
+    if source_rows is not None:  # read a block at a time: memory does not grow with the file
+        info = {"name": source.name}
+        picked = None if chosen is None else [int(c) for c in chosen]
+    else:
+        source_rows, info = read_data(args.data, chosen, seed=0)
     d = run.features
-    if data.shape[1] != d:
-        what = (f"--columns picks {data.shape[1]} columns of {info['name']}"
+    width = source_rows.shape[1] if picked is None else len(picked)
+    if width != d:
+        what = (f"--columns picks {width} columns of {info['name']}"
                 if args.columns is not None else
-                f"{info['name']} has {counted(data.shape[1], 'column')}")
-        hint = "; pick them with --columns" if data.shape[1] > d and args.columns is None else ""
+                f"{info['name']} has {counted(width, 'column')}")
+        hint = "; pick them with --columns" if width > d and args.columns is None else ""
         raise DataError(f"{what} but the model of {args.run!r} was trained on {d}{hint}")
-    bad = np.flatnonzero(np.isnan(data).any(axis=1))
-    if bad.size:
-        raise nonfinite_rows_error(info["name"], int(bad.size), bad.tolist())
-    if len(data) == 0:
+    if len(source_rows) == 0:
         raise DataError(f"{info['name']} has no rows")
-    scores = run.score(data)
+    scores = np.empty(len(source_rows))
+    bad: list[int] = []
+    for start in range(0, len(source_rows), CHUNK_ROWS):
+        block = np.asarray(source_rows[start : start + CHUNK_ROWS], dtype=np.float64)
+        block = block if picked is None else block[:, picked]
+        bad += (start + np.flatnonzero(np.isnan(block).any(axis=1))).tolist()
+        if not bad:
+            scores[start : start + len(block)] = run.score(block)
+    if bad:
+        raise nonfinite_rows_error(info["name"], len(bad), bad)
     q = args.threshold_quantile
     try:
         calibration = run.calibration()
