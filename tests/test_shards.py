@@ -289,6 +289,20 @@ def test_a_write_cut_short_leaves_no_table_with_rows_missing(tmp_path, monkeypat
     monkeypatch.setattr(shards.np.lib.format, "open_memmap", killed_after_three)
     with pytest.raises(KeyboardInterrupt):
         write_shards(np.arange(200.0).reshape(100, 2), tmp_path / "s", rows_per_shard=10)
-    assert not list((tmp_path / "s").glob("*.npy"))
+    assert not list((tmp_path / "s").iterdir())  # no shard, no temporary file
     with pytest.raises(DataError):
         Shards(tmp_path / "s")
+    monkeypatch.undo()
+    # a failure among the renames takes back those done
+    real_replace, renamed = shards.os.replace, []
+
+    def fails_third(src, dst):
+        if len(renamed) == 2:
+            raise OSError("disk gone")
+        renamed.append(dst)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(shards.os, "replace", fails_third)
+    with pytest.raises(OSError, match="disk gone"):
+        write_shards(np.arange(200.0).reshape(100, 2), tmp_path / "r", rows_per_shard=10)
+    assert len(renamed) == 2 and not list((tmp_path / "r").iterdir())

@@ -7,6 +7,7 @@ import math
 import os
 import re
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -922,6 +923,18 @@ def test_conditional_training_refuses_or_warns_about_contexts_it_cannot_use():
     with pytest.raises(DataError, match="context has 1 columns but the flow takes a context "
                                         "of 2 features"):
         fit(ef.models.maf(2, layers=1, context=2), x, context=theta[:, :1], steps=3, **CPU)
+    # one training context at 1e8 set the standardized context's scale: conditioning lost
+    wild = theta.clone()
+    wild[7, 1] = 1e8
+    with pytest.warns(UserWarning, match=r"context: 1 row lies more than 10,000 robust "
+                                         r"standard deviations .* \(row 7: 1e\+08 in column 1"):
+        fit(ef.models.maf(2, layers=1, context=2, standardize=True), x, context=wild,
+            steps=3, **CPU)
+    spread = torch.from_numpy(10 ** np.random.default_rng(1).uniform(-3, 5, size=(600, 1)))
+    with warnings.catch_warnings():  # eight decades, log-uniform: a heavy tail, not a warning
+        warnings.simplefilter("error")
+        fit(ef.models.maf(2, layers=1, context=1, standardize=True), x.double(),
+            context=spread, steps=3, **CPU)
 
 
 def test_a_time_limit_stops_the_run_with_a_last_record():

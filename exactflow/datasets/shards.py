@@ -456,20 +456,28 @@ def write_shards(
         raise DataError(f"{str(out)!r} already holds {prefix}*.npy shards; use an empty folder")
     n, d = int(table.shape[0]), int(table.shape[1])
     dtype = np.dtype(dtype) if dtype is not None else np.dtype(table.dtype)
-    names = []
-    for k, lo in enumerate(range(0, n, rows_per_shard)):
-        hi = min(n, lo + rows_per_shard)
-        name = f"{prefix}{k:05d}.npy"
-        tmp = out / (name + ".tmp")
-        target = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(hi - lo, d))
-        for start in range(lo, hi, CHUNK_ROWS):
-            stop = min(hi, start + CHUNK_ROWS)
-            target[start - lo : stop - lo] = np.asarray(table[start:stop])
-        target.flush()
-        del target
-        names.append(name)
-    for name in names:  # (all at the end: a write cut short leaves no table that opens)
-        os.replace(out / (name + ".tmp"), out / name)
+    names: list[str] = []
+    done: list[str] = []
+    try:
+        for k, lo in enumerate(range(0, n, rows_per_shard)):
+            hi = min(n, lo + rows_per_shard)
+            names.append(f"{prefix}{k:05d}.npy")
+            target = np.lib.format.open_memmap(out / (names[-1] + ".tmp"), mode="w+",
+                                               dtype=dtype, shape=(hi - lo, d))
+            for start in range(lo, hi, CHUNK_ROWS):
+                stop = min(hi, start + CHUNK_ROWS)
+                target[start - lo : stop - lo] = np.asarray(table[start:stop])
+            target.flush()
+            del target
+        for name in names:  # (all at the end: a write cut short leaves no table that opens)
+            os.replace(out / (name + ".tmp"), out / name)
+            done.append(name)
+    except BaseException:
+        for name in names:  # (a failed write leaves neither shards nor temporary files)
+            if name in done:
+                (out / name).unlink(missing_ok=True)
+            (out / (name + ".tmp")).unlink(missing_ok=True)
+        raise
     return names
 
 

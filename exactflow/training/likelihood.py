@@ -33,7 +33,13 @@ from ..validation import (
     warn_user,
 )
 from .batches import Order, Rows, hold_out, to_device, wrap, wrap_context
-from .calibrate import far_context_error, prepare, recalibrate_batch_norm, warn_if_unstandardized
+from .calibrate import (
+    far_context_error,
+    prepare,
+    recalibrate_batch_norm,
+    warn_if_far_training_context,
+    warn_if_unstandardized,
+)
 from .checkpoints import Checkpoint
 from .compiled import COMPILE_SECONDS, LossFunction
 from .history import History
@@ -246,6 +252,8 @@ def fit(
     if 1 < features >= len(train_rows):  # (no pass over the data: the count decides)
         check_full_rank(train_rows.data, "training data", column_names(train))
     train_ctx = wrap_context(flow, context, "context", len(train_rows))
+    if train_ctx is not None and not resume:  # (the user's row numbers, before a hold-out)
+        warn_if_far_training_context(train_ctx)
     val_rows = val_ctx = None
     if val is not None:
         val_rows = wrap(val, "validation data", features, strict=True)
