@@ -210,6 +210,24 @@ def warn_if_unstandardized(flow: Flow, rows: Rows, context: Rows | None = None) 
 FAR_CONTEXT_SDS = 1e4
 
 
+def _far_rows(rows: Rows, center: np.ndarray, spread: np.ndarray
+              ) -> tuple[int, tuple[int, int, float] | None]:
+    """How many rows lie more than :data:`FAR_CONTEXT_SDS` ``spread`` from ``center`` (in
+    a column whose spread is above 0), and the farthest one: ``(row, column, value)``."""
+    worst: tuple[float, int, int, float] | None = None
+    count = 0
+    scale = np.where(spread > 0, spread, 1.0)
+    for start, part in rows.chunks(65536):
+        values = part.detach().cpu().double().numpy()
+        z = np.where(spread > 0, np.abs(values - center) / scale, 0.0)
+        far = z > FAR_CONTEXT_SDS
+        count += int(far.any(axis=1).sum())
+        if far.any() and (worst is None or z.max() > worst[0]):
+            i, j = np.unravel_index(np.argmax(z), z.shape)
+            worst = (float(z.max()), start + int(i), int(j), float(values[i, j]))
+    return count, None if worst is None else worst[1:]
+
+
 def far_context_error(train: Rows, val: Rows, name: str = "val_context") -> DataError | None:
     """The error for validation contexts more than :data:`FAR_CONTEXT_SDS` standard
     deviations from the training contexts (in a column that varies in training); the model
@@ -218,19 +236,10 @@ def far_context_error(train: Rows, val: Rows, name: str = "val_context") -> Data
     for _, part in train.chunks(65536):
         moments.update(part.detach().cpu().double().numpy())
     mean, std = np.asarray(moments.mean), np.sqrt(np.asarray(moments.var(ddof=0)))
-    worst: tuple[float, int, int, float] | None = None
-    count = 0
-    for start, part in val.chunks(65536):
-        values = part.detach().cpu().double().numpy()
-        z = np.where(std > 0, np.abs(values - mean) / np.where(std > 0, std, 1.0), 0.0)
-        far = z > FAR_CONTEXT_SDS
-        count += int(far.any(axis=1).sum())
-        if far.any() and (worst is None or z.max() > worst[0]):
-            i, j = np.unravel_index(np.argmax(z), z.shape)
-            worst = (float(z.max()), start + int(i), int(j), float(values[i, j]))
+    count, worst = _far_rows(val, mean, std)
     if worst is None:
         return None
-    _, row, column, value = worst
+    row, column, value = worst
     return DataError(
         f"{name}: {counted(count, 'row')} {'lies' if count == 1 else 'lie'} more than "
         f"{FAR_CONTEXT_SDS:,.0f} standard deviations from the training contexts (row {row}: "
@@ -250,20 +259,10 @@ def warn_if_far_training_context(context: Rows, name: str = "context") -> None:
     head = _first_rows(context)
     center = np.median(head, axis=0)
     spread = 1.4826 * np.median(np.abs(head - center), axis=0)
-    worst: tuple[float, int, int, float] | None = None
-    count = 0
-    for start, part in context.chunks(65536):
-        values = part.detach().cpu().double().numpy()
-        z = np.where(spread > 0, np.abs(values - center) / np.where(spread > 0, spread, 1.0),
-                     0.0)
-        far = z > FAR_CONTEXT_SDS
-        count += int(far.any(axis=1).sum())
-        if far.any() and (worst is None or z.max() > worst[0]):
-            i, j = np.unravel_index(np.argmax(z), z.shape)
-            worst = (float(z.max()), start + int(i), int(j), float(values[i, j]))
+    count, worst = _far_rows(context, center, spread)
     if worst is None:
         return
-    _, row, column, value = worst
+    row, column, value = worst
     warn_user(
         f"{name}: {counted(count, 'row')} {'lies' if count == 1 else 'lie'} more than "
         f"{FAR_CONTEXT_SDS:,.0f} robust standard deviations from the other contexts (row "
