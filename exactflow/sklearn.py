@@ -34,6 +34,7 @@ except ImportError:  # pragma: no cover - older scikit-learn
         return estimator._validate_data(X, reset=reset, **kwargs)
 
 
+from . import models
 from .datasets import check_full_rank, validate
 from .runs.data import dequantize, dequantize_to_score, integer_columns
 from .scoring import log_prob
@@ -42,7 +43,6 @@ from .validation import column_list, positive_float, positive_int, warn_user
 __all__ = ["FlowDensity"]
 
 _COUPLING_MODELS = ("realnvp", "nice", "nsf")
-_CLOSED_FORM = ("gaussian", "gmm")
 
 
 def _say(text: str) -> None:
@@ -188,7 +188,6 @@ class FlowDensity(DensityMixin, BaseEstimator):
                 a constant column, linearly dependent columns), a
                 coupling model on one feature, or bad parameters.
         """
-        from . import models
         from .training import fit as train_fit
         from .training import fit_auto
         from .training.auto import Entry
@@ -288,7 +287,7 @@ class FlowDensity(DensityMixin, BaseEstimator):
             torch.manual_seed(seed)
             flow = models.build(config)
         # (a closed-form model has no step to stop at and nothing to choose: all rows)
-        val_fraction = 0.0 if self.model in _CLOSED_FORM else float(self.validation_fraction)
+        val_fraction = 0.0 if self.model in models.CLOSED_FORM else float(self.validation_fraction)
         n_train = n - int(round(val_fraction * n))
         batch_size = None if self.batch_size is None else max(
             1, min(int(self.batch_size), n_train))
@@ -319,11 +318,11 @@ class FlowDensity(DensityMixin, BaseEstimator):
         if self.lr is not None:
             positive_float(self.lr, "lr")
         unused, why = [], ""
-        if self.model in _CLOSED_FORM:
+        if self.model in models.CLOSED_FORM:
             unused = [name for name in ("layers", "hidden", "steps", "epochs", "batch_size",
                                         "lr") if getattr(self, name) is not None]
             why = "is fitted in closed form, without layers or steps"
-        elif self.model in ("planar", "radial") and self.hidden is not None:
+        elif self.hidden is not None and not models.takes(self.model, "hidden"):
             unused, why = ["hidden"], "has no hidden layers"
         if unused:
             raise ValueError(f"{', '.join(unused)}: model={self.model!r} {why}; leave "

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .. import distributed
+from .. import distributed, models
 from ..datasets import TOYS
 from ..report import build_report
 from ..runs import BUILTIN, RunError, train_run
@@ -137,7 +137,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
 
 def _check_model_options(args: argparse.Namespace) -> None:
     """Options a named model would ignore are refused by name, as the auto ladder's are."""
-    if args.model in ("gaussian", "gmm"):
+    if args.model in models.CLOSED_FORM:
         given = [flag for flag, value in (
             ("--layers", args.layers), ("--hidden", args.hidden), ("--steps", args.steps),
             ("--epochs", args.epochs), ("--patience", args.patience),
@@ -145,7 +145,7 @@ def _check_model_options(args: argparse.Namespace) -> None:
         if given:
             raise UsageError(f"{', '.join(given)}: --model {args.model} is fitted in closed "
                              "form, without layers or steps")
-    elif args.model in ("planar", "radial") and args.hidden is not None:
+    elif args.hidden is not None and not models.takes(args.model, "hidden"):
         raise UsageError(f"--hidden: --model {args.model} has no hidden layers")
 
 

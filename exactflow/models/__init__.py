@@ -14,14 +14,16 @@ classical models ``covariance`` and ``context`` (the mixture ``components`` too)
 same names.
 """
 
-from .classical import gaussian, gmm
+from .classical import CLOSED_FORM, gaussian, gmm
 from .flows import iaf, maf, nice, nsf, planar, radial, realnvp
-from .registry import available, build, register, standardize_layer
+from .registry import available, build, register, standardize_layer, takes
 
 __all__ = [
     "register",
     "build",
     "available",
+    "takes",
+    "CLOSED_FORM",
     "standardize_layer",
     "realnvp",
     "nice",

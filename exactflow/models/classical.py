@@ -16,7 +16,10 @@ from ..gaussians import Gaussian, GaussianMixture
 from ..validation import choice, positive_int
 from .registry import register
 
-__all__ = ["gaussian", "gmm"]
+__all__ = ["gaussian", "gmm", "CLOSED_FORM"]
+
+#: The models fitted in closed form (no layers, no training steps).
+CLOSED_FORM = ("gaussian", "gmm")
 
 
 def _unconditional(name: str, context: int) -> None:

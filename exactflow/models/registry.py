@@ -228,6 +228,11 @@ def available() -> list[str]:
     return sorted(_BUILDERS)
 
 
+def takes(name: str, argument: str) -> bool:
+    """Whether the registered builder ``name`` takes ``argument`` (``"hidden"``...)."""
+    return argument in inspect.signature(_BUILDERS[name]).parameters
+
+
 # exactflow 0.1 wrote these configs; they are read as the builders that replaced them.
 def _upgrade(config: dict[str, Any]) -> dict[str, Any]:
     config = dict(config)

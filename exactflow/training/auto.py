@@ -61,7 +61,7 @@ import torch
 from ..datasets import check_full_rank, column_names, cut_between_copies, shuffled_rows
 from ..distributions import Flow
 from ..gaussians import GaussianMixture
-from ..models import build
+from ..models import CLOSED_FORM, build
 from ..transforms.standardize import Standardize, describe_standardize, resolve_standardize
 from ..validation import (
     DataError,
@@ -421,7 +421,7 @@ def _standardizer(data: Any, standardize: bool | str) -> tuple[np.ndarray, np.nd
 
 
 def _is_flow(candidate: Candidate) -> bool:
-    return candidate.config.get("model") not in ("gaussian", "gmm")
+    return candidate.config.get("model") not in CLOSED_FORM
 
 
 def _width_of(data: Any) -> int:
