@@ -197,7 +197,11 @@ class Flow(Distribution):
             )
         return x
 
-    def _check_context(self, context: Any, batch: int | None) -> Tensor | None:
+    def _check_context(self, context: Any, batch: int | None,
+                       lead: tuple[int, ...] | None = None) -> Tensor | None:
+        """The context as a tensor, checked. With ``batch`` (the rows of ``x``) it is
+        broadcast as :meth:`sample` takes it: one context ``(c,)`` or ``(1, c)`` for every
+        row, or ``(b, c)`` for ``x`` of shape ``lead + (d,)`` with ``lead = (n, b)``."""
         if self.context_features == 0:
             if context is not None:
                 raise ValueError(
@@ -211,11 +215,17 @@ class Flow(Distribution):
             )
         context = self._as_tensor(context, "context",
                                   exact=self._standardizes_first(self.context_scaler))
+        if batch is not None and context.dim() == 1 and context.shape[0] == self.context_features:
+            context = context.unsqueeze(0)
         if context.dim() != 2 or context.shape[1] != self.context_features:
             raise ValueError(
                 f"context must have shape (batch, {self.context_features}), "
                 f"got {tuple(context.shape)}"
             )
+        if lead is not None and len(lead) == 2 and context.shape[0] == lead[1]:
+            context = context.unsqueeze(0).expand(lead[0], -1, -1).reshape(-1, context.shape[1])
+        elif batch is not None and context.shape[0] == 1:
+            context = context.expand(batch, -1)
         if batch is not None and context.shape[0] != batch:
             raise ValueError(
                 f"context has {context.shape[0]} rows but x has {batch}; "
@@ -254,27 +264,10 @@ class Flow(Distribution):
             lead = x.shape[:-1]  # samples (n, b, d) drawn for a context batch (b, c)
             x = x.reshape(-1, x.shape[-1])
         x = self._check_x(x)
-        given = self._check_context(self._broadcast(context, x.shape[0], lead), x.shape[0])
+        given = self._check_context(context, x.shape[0], lead)
         z, ladj = self.transform(x, self._embed(given))
         log_p = _overflow_to_neg_inf(self.base.log_prob(z) + per_row(ladj, x, z), x, given)
         return log_p if lead is None else log_p.reshape(lead)
-
-    def _broadcast(self, context: Any, batch: int, lead: tuple[int, ...] | None) -> Any:
-        """A context as :meth:`sample` takes it, one row per row of ``x``: one context
-        ``(c,)`` or ``(1, c)`` for every row, or ``(b, c)`` for ``x`` of shape ``(n, b, d)``."""
-        if not self.context_features or context is None:
-            return context
-        context = self._as_tensor(context, "context",
-                                  exact=self._standardizes_first(self.context_scaler))
-        if context.dim() == 1 and context.shape[0] == self.context_features:
-            context = context.unsqueeze(0)
-        if context.dim() != 2 or context.shape[1] != self.context_features:
-            return context  # (refused by _check_context, as given)
-        if lead is not None and len(lead) == 2 and context.shape[0] == lead[1]:
-            return context.unsqueeze(0).expand(lead[0], -1, -1).reshape(batch, -1)
-        if context.shape[0] == 1 and batch != 1:
-            return context.expand(batch, -1)
-        return context
 
     def _embed(self, context: Tensor | None) -> Tensor | None:
         """The context as the transform sees it: standardized, then embedded."""
