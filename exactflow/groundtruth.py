@@ -1,10 +1,9 @@
-"""Ground truth: dense Jacobians by autograd and the checker that proves a transform right.
+"""Ground truth: the checker that proves a transform right.
 
-Nothing here trusts a transform's own log-determinant. :func:`jacobian` differentiates the
-map itself (vectorized with ``torch.func``), :func:`log_abs_det_jacobian` takes
-``log|det J|`` by LU factorization (``torch.linalg.slogdet``, never the raw determinant, so
-``d = 1000`` with entries of size 10 does not overflow), and :func:`check_transform`
-compares the two and checks the inverse.
+Nothing here trusts a transform's own log-determinant. :func:`check_transform` compares it
+with the brute force of :mod:`~exactflow.jacobians` (the dense autograd Jacobian of the map
+itself and its ``log|det|`` by LU factorization, re-exported here), and checks the inverse,
+the rows' independence and the agreement of the recorded and unrecorded code paths.
 
 These are O(d^3) per sample: use them to verify, not to train.
 """
@@ -12,148 +11,18 @@ These are O(d^3) per sample: use them to verify, not to train.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .core import Transform
+from .jacobians import _slogabsdet, jacobian, log_abs_det_jacobian
 
 __all__ = ["jacobian", "log_abs_det_jacobian", "check_transform", "CheckError", "CheckReport"]
-
-# Batched LU/slogdet on the CPU has been seen to return wrong log-determinants for
-# matrices of this size and above (oneMKL, after torch.set_num_threads), silently.
-# Unbatched calls are right, so large matrices are factored one at a time.
-_BATCHED_SLOGDET_MAX = 96
-
-
-def _first(out: Tensor | tuple[Tensor, ...]) -> Tensor:
-    return out[0] if isinstance(out, tuple) else out
-
-
-def jacobian(
-    fn: Callable[..., Tensor | tuple[Tensor, ...]],
-    x: Tensor,
-    context: Tensor | None = None,
-    *,
-    create_graph: bool = False,
-) -> Tensor:
-    """Dense Jacobian of a row-wise map, by autograd.
-
-    ``fn`` maps a batch ``(batch, d_in)`` to ``(batch, d_out)`` (or to a tuple whose first
-    element is that, such as a :class:`Transform`'s ``(z, ladj)``), treating rows
-    independently. Returns ``J`` of shape ``(batch, d_out, d_in)`` with
-    ``J[b, i, j] = d fn(x)[b, i] / d x[b, j]``. A single vector ``x`` of shape ``(d_in,)``
-    gives the textbook ``(d_out, d_in)`` matrix.
-
-    The computation is vectorized over the batch with ``torch.func.vmap(jacrev(...))``;
-    functions that vmap cannot trace (``.item()``, data-dependent Python branches, in-place
-    updates of buffers) fall back to a loop of ``torch.autograd.functional.jacobian``, which
-    gives the same numbers, more slowly. Cost: one batched reverse pass per output
-    coordinate, O(d_out) passes in all, vectorized.
-
-    Args:
-        fn: the map; called as ``fn(x)`` or, with a context, ``fn(x, context)``.
-        x: the points, ``(batch, d_in)`` or ``(d_in,)``.
-        context: optional ``(batch, c)`` tensor passed row by row alongside ``x``.
-        create_graph: as in ``torch.autograd.functional.jacobian``: by default the result
-            is a constant (no graph back to ``fn``'s parameters is recorded); ``True``
-            makes it differentiable with respect to the parameters, ``x`` and ``context``.
-
-    Example:
-        >>> import torch, exactflow as ef
-        >>> f = lambda x: torch.stack([2 * x[..., 0], x[..., 0] ** 2 + 3 * x[..., 1]], -1)
-        >>> ef.jacobian(f, torch.tensor([4.0, 1.0]))
-        tensor([[2., 0.],
-                [8., 3.]])
-    """
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() == 1:
-        ctx = None if context is None else context.reshape(1, -1)
-        return jacobian(fn, x.unsqueeze(0), ctx, create_graph=create_graph)[0]
-    if x.dim() != 2:
-        raise ValueError(
-            f"x must have shape (batch, features) or (features,), got {tuple(x.shape)}"
-        )
-    if context is not None and (context.dim() != 2 or context.shape[0] != x.shape[0]):
-        raise ValueError(
-            f"context must have shape ({x.shape[0]}, context_features), got {tuple(context.shape)}"
-        )
-
-    if context is None:
-
-        def row(xi: Tensor) -> Tensor:
-            return _first(fn(xi.unsqueeze(0))).squeeze(0)
-
-        args: tuple[Tensor, ...] = (x,)
-    else:
-
-        def row(xi: Tensor, ci: Tensor) -> Tensor:  # type: ignore[misc]
-            return _first(fn(xi.unsqueeze(0), ci.unsqueeze(0))).squeeze(0)
-
-        args = (x, context)
-    if not create_graph:
-        args = tuple(a.detach() for a in args)
-
-    try:
-        # Outside no_grad, the result would also carry a graph back to every parameter of
-        # fn; jacrev differentiates with respect to x either way.
-        with contextlib.nullcontext() if create_graph else torch.no_grad():
-            return torch.func.vmap(torch.func.jacrev(row, argnums=0))(*args)
-    except Exception:  # noqa: BLE001 - any tracing failure falls back to the exact loop
-        return _jacobian_loop(row, args, create_graph)
-
-
-def _jacobian_loop(
-    row: Callable[..., Tensor], args: tuple[Tensor, ...], create_graph: bool
-) -> Tensor:
-    rows = []
-    for i in range(args[0].shape[0]):
-        rest = tuple(a[i] for a in args[1:])
-        rows.append(
-            torch.autograd.functional.jacobian(
-                lambda xi, rest=rest: row(xi, *rest), args[0][i], create_graph=create_graph
-            )
-        )
-    return torch.stack(rows)
-
-
-def _slogabsdet(matrices: Tensor) -> Tensor:
-    """``log|det A|`` for a batch of square matrices, robust to the batched-LU defect."""
-    d = matrices.shape[-1]
-    if d <= _BATCHED_SLOGDET_MAX or matrices.shape[0] <= 1:
-        return torch.linalg.slogdet(matrices)[1]
-    return torch.stack([torch.linalg.slogdet(m)[1] for m in matrices])
-
-
-def log_abs_det_jacobian(
-    fn: Callable[..., Tensor | tuple[Tensor, ...]],
-    x: Tensor,
-    context: Tensor | None = None,
-    *,
-    create_graph: bool = False,
-) -> Tensor:
-    """``log|det J_fn(x)|`` for each row, by autograd and LU factorization.
-
-    Returns shape ``(batch,)`` (a scalar for a single vector). A singular Jacobian gives
-    ``-inf``. Matrices larger than 96 x 96 are factored one at a time: batched LU on some
-    CPU builds of torch returns wrong log-determinants for large matrices. ``context`` and
-    ``create_graph`` are as in :func:`jacobian`. Cost: O(d^3) per row.
-
-    Example:
-        >>> import torch, exactflow as ef
-        >>> f = lambda x: torch.stack([2 * x[..., 0], x[..., 0] ** 2 + 3 * x[..., 1]], -1)
-        >>> round(float(ef.log_abs_det_jacobian(f, torch.tensor([4.0, 1.0]))), 4)  # log 6
-        1.7918
-    """
-    jac = jacobian(fn, x, context, create_graph=create_graph)
-    if jac.shape[-1] != jac.shape[-2]:
-        raise ValueError(f"the Jacobian is not square: {tuple(jac.shape[-2:])}")
-    if jac.dim() == 2:
-        return _slogabsdet(jac.unsqueeze(0))[0]
-    return _slogabsdet(jac)
 
 
 class CheckError(AssertionError):
@@ -354,24 +223,30 @@ def _run_checks(transform: Transform, x: Tensor, context: Tensor | None, atol: f
     def fail(msg: str) -> None:
         report.failures.append(msg)
 
-    def within(key: str, err: Tensor, scale: Tensor) -> None:
+    def within(key: str, err: Tensor, scale: Tensor) -> Tensor:
         # Elementwise |err| <= atol + rtol * |truth|; a NaN error fails (NaN <= b is False).
-        bound = atol + rtol * scale.detach().abs()
+        # Returns where it failed.
+        bad = ~(err.detach().abs() <= atol + rtol * scale.detach().abs())
         report.errors[key] = _max_abs(err)
         report.tolerances[key] = atol + rtol * _max_abs(scale)
-        if not bool((err.detach().abs() <= bound).all()):
-            fail(
-                f"{key}: max error {report.errors[key]:.3e} exceeds tolerance "
-                f"(atol={atol:.1e}, rtol={rtol:.1e})"
-            )
+        if bool(bad.any()):
+            fail(f"{key}: max error {report.errors[key]:.3e} exceeds tolerance "
+                 f"(atol={atol:.1e}, rtol={rtol:.1e})")
+        return bad
 
-    with torch.no_grad():
-        z, ladj = transform(x, context)
+    z, ladj = _call(transform.forward, x, context, record=False)
+    if z is None:
+        fail(f"in_place: forward changed its input in place ({ladj}): inside a Flow it would "
+             "change the caller's data; compute the output out of place")
+        return report
     if z.shape != x.shape:
         fail(f"output_shape: forward returned {tuple(z.shape)} for input {tuple(x.shape)}")
     if ladj.shape != x.shape[:1]:
         fail(f"log_det_shape: forward returned log-det of shape {tuple(ladj.shape)}, "
              f"expected ({x.shape[0]},)")
+    if z.dtype != x.dtype or ladj.dtype != x.dtype:
+        fail(f"dtype: forward returned {z.dtype} values and a {ladj.dtype} log-det for "
+             f"{x.dtype} input: a flow in {x.dtype} would lose its precision there")
     bad_z = int((~torch.isfinite(z)).sum())
     bad_ladj = int((~torch.isfinite(ladj)).sum())
     if bad_z or bad_ladj:
@@ -379,8 +254,18 @@ def _run_checks(transform: Transform, x: Tensor, context: Tensor | None, atol: f
              f"{bad_ladj} of {ladj.numel()} log-dets")
     if report.failures:
         return report
+    if torch.equal(z, x) and not bool(ladj.any()):
+        warnings.warn(
+            f"check_transform({report.name}): the transform is the identity at these "
+            "parameters and points, so the check cannot tell a right log-det from a wrong "
+            "one; check it at random parameters too (with torch.no_grad(): for p in "
+            "t.parameters(): p.normal_())", UserWarning, stacklevel=3,
+        )
+    extra: dict[str, list[tuple[str, Tensor, Tensor]]] = {"rows": [], "recording": []}
+    _rows_and_recording(transform.forward, x, context, z, ladj, extra, "forward")
 
-    truth = log_abs_det_jacobian(transform, x, context).detach()
+    jac = jacobian(transform, x, context).detach()
+    truth = _slogabsdet(jac)
     singular = int(torch.isneginf(truth).sum())
     undefined = int(torch.isnan(truth).sum())
     if singular or undefined:
@@ -401,27 +286,125 @@ def _run_checks(transform: Transform, x: Tensor, context: Tensor | None, atol: f
                 f"derivative)"
             )
     else:
-        within("log_det", ladj.reshape(-1) - truth, truth)
+        bad = within("log_det", ladj.reshape(-1) - truth, truth)
+        _explain(report, jac, bad, None, None)
 
     if check_inverse:
-        with torch.no_grad():
-            try:
-                x_back, ladj_inv = transform.inverse(z, context)
-            except NotImplementedError as err:
-                said = f" ({err})" if str(err) and "has no inverse" not in str(err) else ""
-                raise NotImplementedError(
-                    f"{report.name} has no inverse{said}: pass check_inverse=False to check "
-                    f"the forward direction only"
-                ) from err
-        if x_back.shape != x.shape or ladj_inv.shape != x.shape[:1]:
+        try:
+            x_back, ladj_inv = _call(transform.inverse, z, context, record=False)
+        except NotImplementedError as err:
+            said = f" ({err})" if str(err) and "has no inverse" not in str(err) else ""
+            raise NotImplementedError(
+                f"{report.name} has no inverse{said}: pass check_inverse=False to check "
+                f"the forward direction only"
+            ) from err
+        except ValueError as err:  # (a domain check of the inverse: Sigmoid's at 1.0)
+            fail(f"round_trip: the inverse refused forward's output: {err}")
+            return report
+        if x_back is None:
+            fail(f"in_place: inverse changed its input in place ({ladj_inv}): inside a Flow "
+                 "it would change the latent points it is given; compute the output out of "
+                 "place")
+        elif x_back.shape != x.shape or ladj_inv.shape != x.shape[:1]:
             fail(f"inverse_shape: inverse returned {tuple(x_back.shape)} and log-det "
                  f"{tuple(ladj_inv.shape)}")
         elif not bool(torch.isfinite(x_back).all()) or not bool(torch.isfinite(ladj_inv).all()):
             fail("inverse_finite: inverse returned NaN or inf")
         else:
-            within("round_trip", x_back - x, x)
+            bad = within("round_trip", x_back - x, x)
+            _explain(report, jac, bad.any(1), x, z)
             within("inverse_log_det", ladj_inv + ladj, ladj)
+            _rows_and_recording(transform.inverse, z, context, x_back, ladj_inv, extra,
+                                "inverse")
+    for key, why in _WHY.items():
+        parts = extra[key]
+        if not parts:
+            continue
+        error = torch.stack([e for _, e, _ in parts])  # (directions, rows, d + 1)
+        bad = within(key, error, torch.stack([scale for _, _, scale in parts]))
+        failed = [d for (d, _, _), b in zip(parts, bad, strict=True) if bool(b.any())]
+        if failed:
+            verb = "give" if len(failed) > 1 else "gives"
+            report.failures[-1] += why.format(" and ".join(failed), verb)
+            _explain(report, jac, bad.any(-1).any(0), x, z)
     return report
+
+
+_WHY = {
+    "rows": ": {} {} a row other values alone than in the batch, so a row's density "
+            "depends on the rows scored with it (rows must be mapped independently: no "
+            "mixing across dim 0, each context kept with its row)",
+    "recording": ": {} {} other values while autograd records (training) than without "
+                 "it (scoring): one of its two code paths is wrong",
+}
+
+
+def _call(
+    fn: Callable[..., tuple[Tensor, Tensor]], x: Tensor, context: Tensor | None, record: bool,
+) -> tuple[Tensor | None, Any]:
+    """``fn`` on copies of ``x`` and ``context``: ``(output, log-det)``, or ``(None, what
+    changed)`` where ``fn`` wrote into its input. ``record``: as in training (autograd on,
+    the input requiring a gradient), else under ``no_grad`` as when scoring."""
+    x_in = x.detach().clone().requires_grad_(record)
+    c_in = None if context is None else context.detach().clone()
+    with torch.enable_grad() if record else torch.no_grad():
+        out, ladj = fn(x_in, c_in)
+    for name, given, kept in (("x", x_in, x), ("context", c_in, context)):
+        if given is not None and kept is not None and not torch.equal(given.detach(), kept):
+            return None, f"its {name} changed by up to {_max_abs(given.detach() - kept):.3e}"
+    return out.detach(), ladj.detach()
+
+
+def _rows_and_recording(
+    fn: Callable[..., tuple[Tensor, Tensor]], x: Tensor, context: Tensor | None, out: Tensor,
+    ladj: Tensor, extra: dict[str, list[tuple[str, Tensor, Tensor]]], direction: str,
+) -> None:
+    """The errors of two checks of ``fn`` (a direction of the transform) against its values
+    ``out`` and ``ladj`` at ``x``, added to ``extra``: ``rows``, each row alone gives what it
+    gave in the batch, and ``recording``, the values are the same while autograd records
+    (training) as without it (scoring)."""
+    n = x.shape[0]
+    both = torch.cat([out.reshape(n, -1), ladj.reshape(n, 1)], 1)
+    alone = []
+    for i in range(n if n > 1 else 0):
+        o, l = _call(fn, x[i : i + 1], None if context is None else context[i : i + 1],
+                     record=False)
+        assert o is not None  # (the batch's call did not write into its input)
+        alone.append(torch.cat([o.reshape(1, -1), l.reshape(1, 1)], 1))
+    if alone:
+        extra["rows"].append((direction, torch.cat(alone) - both, both))
+    o, l = _call(fn, x, context, record=True)
+    assert o is not None
+    got = torch.cat([o.reshape(n, -1), l.reshape(n, 1)], 1)
+    extra["recording"].append((direction, got - both, both))
+
+
+def _explain(
+    report: CheckReport, jac: Tensor, bad: Tensor, x: Tensor | None, z: Tensor | None
+) -> None:
+    """Add to the last failure how ill-conditioned the Jacobian is at the failed rows
+    ``bad``, when rounding alone could explain errors of the tolerance's size: for
+    ``log|det|``, ``eps cond(J)``; for values that go through the inverse (points ``x``,
+    outputs ``z``), ``eps (cond(J) |x| + |z| / sigma_min(J))``."""
+    if not bool(bad.any()) or jac.shape[-1] != jac.shape[-2]:
+        return
+    values = torch.linalg.svdvals(jac[bad])
+    cond = float((values[:, 0] / values[:, -1]).max())
+    smallest = float(values[:, -1].min())
+    rounding = cond
+    if x is not None and z is not None:
+        rows = bad.nonzero().reshape(-1)
+        rounding = cond * max(_max_abs(x[rows]), 1.0) + _max_abs(
+            z[rows].abs().amax(1) / values[:, -1])
+    rounding *= torch.finfo(jac.dtype).eps
+    key = report.failures[-1].split(":", 1)[0]
+    if rounding >= 0.1 * report.tolerances[key]:
+        report.failures[-1] += (
+            f"; at the failed rows the Jacobian's condition number is up to {cond:.1e} and "
+            f"its smallest singular value down to {smallest:.1e}, so rounding alone can "
+            f"reach about {rounding:.1e} there: retry at better-conditioned "
+            "points or parameters before taking this for a wrong formula"
+        )
 
 
 @contextlib.contextmanager

@@ -175,7 +175,7 @@ def test_shapes_dtypes_and_row_independence(name, batch, features, dtype, seed):
 
 @pytest.mark.parametrize("name", ["logit", "logit_alpha", "sigmoid"])
 def test_jacobian_of_domain_checked_layers_stays_vectorized(name, monkeypatch):
-    jacobian_module = importlib.import_module("exactflow.groundtruth")
+    jacobian_module = importlib.import_module("exactflow.jacobians")
     calls = []
     loop = jacobian_module._jacobian_loop
     monkeypatch.setattr(jacobian_module, "_jacobian_loop", lambda *a: calls.append(1) or loop(*a))
