@@ -108,14 +108,25 @@ def check_transform(
 
     Nothing the transform says about itself is trusted. The checks, each named in the report:
 
-    1. ``output_shape``, ``log_det_shape``, ``finite``: ``forward`` returns ``z`` shaped
-       like ``x`` and a log-det of shape ``(batch,)``, with no NaN or inf;
+    1. ``in_place``, ``output_shape``, ``log_det_shape``, ``dtype``, ``finite``:
+       ``forward`` leaves its input as it was and returns ``z`` shaped like ``x`` and a
+       log-det of shape ``(batch,)``, both in ``x``'s dtype, with no NaN or inf;
     2. ``log_det``: the transform's own ``log|det dz/dx|`` equals ``log|det J|`` of the
        dense autograd Jacobian of ``forward`` (:func:`log_abs_det_jacobian`), which must
        be finite: a singular Jacobian (a map that is not invertible, or whose output
        autograd cannot trace to its input) fails;
-    3. ``round_trip``: ``inverse(forward(x))`` gives back ``x``;
-    4. ``inverse_log_det``: the inverse's log-det is minus the forward one.
+    3. ``round_trip``: ``inverse(forward(x))`` gives back ``x`` (an inverse that refuses
+       ``z`` fails here);
+    4. ``inverse_log_det``: the inverse's log-det is minus the forward one;
+    5. ``rows``: each row run alone gives what it gave in the batch, in both directions
+       (a row's density must not depend on the rows scored with it);
+    6. ``recording``: both directions give the same values while autograd records, as
+       in training, as without it, as in scoring (a layer with a fast path for each
+       must agree with itself).
+
+    A failure at points where the Jacobian is ill-conditioned says how large an error
+    rounding alone can make there. A transform that is the identity at the points warns:
+    a check there cannot tell a right log-det formula from a wrong one.
 
     Each error is judged elementwise: it passes when ``|error| <= atol + rtol * |truth|``.
     The tolerances default by dtype (float64: 1e-7, float32: 2e-3). Prove a transform in

@@ -523,7 +523,7 @@ def test_user_conditional_transform(dtype_):
 
 
 def test_check_report_reads_well():
-    report = ef.check_transform(ef.transforms.LULinear(3).double(), x64(4, 3))
+    report = ef.check_transform(perturb(ef.transforms.LULinear(3).double()), x64(4, 3))
     text = str(report)
     assert text.startswith("check_transform(LULinear) on 4 x 3 float64: OK")
     for key in ("log_det", "round_trip", "inverse_log_det"):
@@ -550,3 +550,122 @@ def test_create_graph(traceable):
     ladj = ef.log_abs_det_jacobian(f, x, create_graph=True)
     assert ladj.requires_grad
     assert not ef.log_abs_det_jacobian(f, x).requires_grad
+
+
+# -- what a right log-det alone does not prove ------------------------------------------
+
+
+class Shift(ef.Transform):
+    """``z = x + b``, with one deliberate defect switched on by ``bug``."""
+
+    def __init__(self, features: int = 3, bug: str = "", context: int = 0):
+        super().__init__()
+        self.features, self.context_features = features, context
+        self.b = nn.Parameter(torch.randn(features, dtype=torch.float64))
+        self.bug = bug
+
+    def _shift(self, x: Tensor, context: Tensor | None) -> Tensor:
+        b = self.b
+        if self.bug == "recording" and torch.is_grad_enabled():
+            b = b + 0.1  # the training path shifts by another amount
+        if context is not None:
+            c = context.flip(0) if self.bug == "context_rows" else context
+            b = b + c.sum(1, keepdim=True)
+        return b
+
+    def forward(self, x, context=None):
+        ladj = x.new_zeros(x.shape[0])
+        if self.bug == "in_place" and not torch.is_grad_enabled():
+            return x.add_(self._shift(x, context)), ladj
+        z = x + self._shift(x, context)
+        if self.bug == "rows":
+            z = z.flip(0)
+        if self.bug == "dtype":
+            return z.float(), ladj.float()
+        return z, ladj
+
+    def inverse(self, z, context=None):
+        if self.bug == "rows":
+            z = z.flip(0)
+        if self.bug == "in_place" and not torch.is_grad_enabled():
+            return z.sub_(-self._shift(z, context)), z.new_zeros(z.shape[0])  # wrong: adds
+        return z - self._shift(z, context), z.new_zeros(z.shape[0])
+
+
+def test_the_shift_passes_without_a_defect():
+    c = x64(6, 2)
+    assert ef.check_transform(Shift(), x64()).ok
+    assert ef.check_transform(Shift(context=2), x64(), c).ok
+
+
+def test_a_layer_writing_into_its_input_fails_and_leaves_the_callers_points():
+    # Computing in place, the wrong inverse gave back the very storage it was handed, so
+    # the round trip compared x with itself and passed.
+    x = x64()
+    kept = x.clone()
+    report = assert_fails(Shift(bug="in_place"), x, "in_place")
+    assert "forward changed its input in place" in report.failures[0]
+    assert torch.equal(x, kept)
+
+
+def test_rows_mixed_across_the_batch_fail():
+    # Reversing the rows (dim 0 instead of the features) keeps every log-det right.
+    report = assert_fails(Shift(bug="rows"), x64(), "rows")
+    assert "forward and inverse give a row other values alone" in report.failures[0]
+    # So does pairing each row with another row's context.
+    report = assert_fails(Shift(bug="context_rows", context=2), x64(), "rows", x64(6, 2))
+    assert "rows must be mapped independently" in report.failures[0]
+
+
+def test_a_training_path_that_differs_from_the_scoring_path_fails():
+    report = assert_fails(Shift(bug="recording"), x64(), "recording")
+    assert "while autograd records (training)" in report.failures[0]
+    assert report.errors["recording"] == pytest.approx(0.1)
+
+
+def test_an_output_in_another_dtype_fails():
+    report = assert_fails(Shift(bug="dtype"), x64(), "dtype")
+    assert "torch.float32 values" in report.failures[0]
+
+
+def test_an_inverse_that_refuses_forwards_output_fails_as_a_check():
+    # Sigmoid saturates to exactly 1.0 at x = 40 in float64; its inverse refuses 1.0.
+    x = torch.tensor([[0.5], [40.0]], dtype=torch.float64)
+    report = assert_fails(ef.transforms.Sigmoid(1).double(), x, "round_trip")
+    assert any("the inverse refused forward's output" in f for f in report.failures)
+
+
+def test_failures_at_ill_conditioned_points_say_what_rounding_can_explain():
+    # A right layer whose scale of e^-20 makes z = 5 + tiny: x's digits are lost in z.
+    t = ef.transforms.ElementwiseAffine(2).double()
+    with torch.no_grad():
+        t.log_scale.fill_(-20.0)
+        t.shift.fill_(5.0)
+    report = ef.check_transform(t, x64(8, 2), raise_on_failure=False)
+    assert [f.split(":")[0] for f in report.failures] == ["round_trip"]
+    assert "rounding alone can reach about" in report.failures[0]
+    # A wrong formula at well-conditioned points gets no such excuse.
+    report = assert_fails(Scale(3, ladj_offset=0.5).double(), x64(), "log_det")
+    assert "rounding alone" not in str(report)
+
+
+def test_the_identity_warns_that_the_check_proves_little():
+    with pytest.warns(UserWarning, match="is the identity at these parameters"):
+        ef.check_transform(ef.transforms.ElementwiseAffine(3).double(), x64())
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ef.check_transform(perturb(ef.transforms.ElementwiseAffine(3).double()), x64())
+
+
+def test_a_registered_map_with_summed_log_derivatives_is_named():
+    class Summed(ef.transforms.monotonic.AffineMap):
+        def forward(self, x, params):
+            y, log_det = super().forward(x, params)
+            return y, log_det.sum(-1)
+
+    layer = ef.transforms.Coupling(4, Summed(), hidden=(8,)).double()
+    with pytest.raises(ValueError, match=r"Summed.forward returned .* log-derivatives of shape "
+                                         r"\(5,\).*one log-derivative per feature"):
+        layer(x64(5, 4))

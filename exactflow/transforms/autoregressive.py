@@ -37,7 +37,7 @@ from ..core import Transform, check_features
 from ..nn import MADE, Activation, resolve_order
 from ..nn.passes import has_hooks
 from .fused_affine import _FusedAffine, chain
-from .monotonic import AffineMap, MonotonicMap, SplineMap, monotonic_map
+from .monotonic import AffineMap, MonotonicMap, SplineMap, apply_map, monotonic_map
 
 __all__ = [
     "MaskedAutoregressive",
@@ -186,7 +186,7 @@ class MaskedAutoregressive(Transform):
             )
             return _FusedAffine.apply(u, context, made.packed, made, self.monotonic, recording)
         params = made(u, context)
-        v, log_det = self.monotonic.forward(u, params)
+        v, log_det = apply_map(self.monotonic, u, params)
         return v, log_det.sum(dim=1)
 
     def _solve(self, v: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -205,7 +205,7 @@ class MaskedAutoregressive(Transform):
         log_dets: list[Tensor] = []
 
         def solve(k: int, params: Tensor) -> Tensor:
-            u_k, log_det = self.monotonic.inverse(v_sorted[:, k], params)
+            u_k, log_det = apply_map(self.monotonic, v_sorted[:, k], params, inverse=True)
             log_dets.append(log_det)
             return u_k
 
@@ -227,11 +227,11 @@ class MaskedAutoregressive(Transform):
             # The first pass sees u = 0 and no context: the same parameters for every row,
             # so one row's pass does (a 2-D MAF samples in one full pass instead of two).
             params = self.made(u[:1], None).expand(v.shape[0], -1, -1)
-            u, log_det = self.monotonic.inverse(v, params)
+            u, log_det = apply_map(self.monotonic, v, params, inverse=True)
             passes = range(1, self.features)
         for _ in passes:
             params = self.made(u, context)
-            u, log_det = self.monotonic.inverse(v, params)
+            u, log_det = apply_map(self.monotonic, v, params, inverse=True)
         return u, log_det.sum(dim=1)
 
     @property

@@ -27,7 +27,7 @@ from ..core import Transform
 from ..nn import MLP, Activation
 from ..nn.mlp import relu_backward, relu_pass
 from ..nn.passes import has_hooks, is_plain, needs_recompute, recomputed_grads
-from .monotonic import AdditiveMap, AffineMap, MonotonicMap, SplineMap, monotonic_map
+from .monotonic import AdditiveMap, AffineMap, MonotonicMap, SplineMap, apply_map, monotonic_map
 
 __all__ = ["Coupling", "AdditiveCoupling", "AffineCoupling", "SplineCoupling", "coupling_mask"]
 
@@ -316,9 +316,9 @@ class Coupling(Transform):
         x_b = x.index_select(1, self.transformed_index)
         params = self._params(x_a, context, packed)
         if inverse:
-            y_b, log_det = self.monotonic.inverse(x_b, params)
+            y_b, log_det = apply_map(self.monotonic, x_b, params, inverse=True)
         else:
-            y_b, log_det = self.monotonic.forward(x_b, params)
+            y_b, log_det = apply_map(self.monotonic, x_b, params)
         y = torch.cat([x_a, y_b], dim=1).index_select(1, self.unshuffle)
         return y, log_det.sum(dim=1)
 

@@ -33,6 +33,7 @@ __all__ = [
     "monotonic_map",
     "register_map",
     "available_maps",
+    "apply_map",
 ]
 
 
@@ -61,6 +62,23 @@ class MonotonicMap:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v}" for k, v in self.config().items())
         return f"{type(self).__name__}({args})"
+
+
+def apply_map(
+    g: MonotonicMap, x: Tensor, params: Tensor, inverse: bool = False
+) -> tuple[Tensor, Tensor]:
+    """``g.forward(x, params)`` (``g.inverse`` with ``inverse``), its two outputs checked to
+    be shaped like ``x``: a map of the user's that returns one log-derivative per row, not
+    per feature, is named here, not found by an index error further on."""
+    y, log_det = g.inverse(x, params) if inverse else g.forward(x, params)
+    if y.shape != x.shape or log_det.shape != x.shape:
+        name = f"{type(g).__name__}.{'inverse' if inverse else 'forward'}"
+        raise ValueError(
+            f"{name} returned values of shape {tuple(y.shape)} and log-derivatives of shape "
+            f"{tuple(log_det.shape)} for input of shape {tuple(x.shape)}: both must be "
+            "shaped like the input (one log-derivative per feature, not summed)"
+        )
+    return y, log_det
 
 
 class AdditiveMap(MonotonicMap):
