@@ -87,6 +87,16 @@ def test_a_column_named_twice_is_refused_when_training(tmp_path):
     assert code == 1 and "the columns are named 'x' more than once" in err
 
 
+def test_a_scored_file_with_a_models_column_twice_is_refused(gaussian_run, tmp_path):
+    # The first copy used to be taken silently (here a column of 999s: scores of -3e5).
+    rows = np.random.default_rng(3).normal(size=(20, 4))
+    rows[:, 0] = 999.0
+    data = write_csv(tmp_path / "s.csv", rows, ["a", "b", "c", "a"])
+    code, _, err = run_cli(["score", gaussian_run, data, "-o", tmp_path / "o.csv"])
+    assert code == 1 and "has 2 columns named 'a'" in err
+    assert not (tmp_path / "o.csv").exists()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--model", "gmm", "--steps", "10", "--lr", "5"], "--steps, --lr: --model gmm is fitted "
                                                         "in closed form"),

@@ -169,6 +169,28 @@ def test_load_csv_line_numbers_count_comments_and_blank_lines(tmp_path) -> None:
         ds.load(path)
 
 
+def test_a_hash_inside_the_table_is_a_cell_not_a_comment(tmp_path) -> None:
+    # Excel writes #N/A for a missing value; skipping that line moved every later row up.
+    path = _write(tmp_path, "x.csv", "# exported\na,b,c\n1,2,3\n#N/A,5,6\n7,8,9\n")
+    with pytest.raises(DataError, match=r"non-numeric cell '#N/A' at line 4, column 1 "
+                                        r"\('a'\).*comment only before the table"):
+        ds.load(path)
+    assert ds.read_header(path) == ["a", "b", "c"]
+    assert ds.load(path, columns=["b", "c"]).tolist() == [[2, 3], [5, 6], [8, 9]]
+    with pytest.raises(DataError, match="line 3 has 1 fields.*comment only before the table"):
+        ds.load(_write(tmp_path, "y.csv", "1,2\n3,4\n# a note\n5,6\n"))
+
+
+def test_cells_python_reads_but_a_table_does_not_are_refused(tmp_path) -> None:
+    # float('1_0') is 10.
+    with pytest.raises(DataError, match=r"non-numeric cell '1_0' at line 3, column 2"):
+        ds.load(_write(tmp_path, "u.csv", "a_1,b_2\n1,2\n3,1_0\n"))
+    # A quoted cell over two lines misaligned every later line.
+    quoted = _write(tmp_path, "q.csv", 'a,b\n1,2\n"3\n4",5\n6,7\n')
+    with pytest.raises(DataError, match="quoted cell that starts on line 3 runs over several"):
+        ds.load(quoted)
+
+
 def test_load_unreadable_files(tmp_path) -> None:
     with pytest.raises(DataError, match="cannot read '.*x.csv': no such file"):
         ds.load(tmp_path / "x.csv")

@@ -123,6 +123,12 @@ def _score_columns(args: argparse.Namespace, run: Any) -> list[int | str] | None
                 f"{args.data!r} has no column named {missing[0]!r} (the model of "
                 f"{args.run!r} was trained on columns {names}; the file has {header})"
             )
+        twice = [n for n in names if header.count(n) > 1]
+        if twice:
+            raise DataError(
+                f"{args.data!r} has {header.count(twice[0])} columns named {twice[0]!r}: "
+                "which one the model's column is cannot be told; rename or drop the others"
+            )
         return list(names)
     if data_info.get("source") == "file":
         return data_info.get("columns")

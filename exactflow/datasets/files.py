@@ -48,6 +48,14 @@ def _check_readable(path: str) -> None:
         raise DataError(f"cannot read {path!r}: permission denied")
 
 
+_HASH = (" (a line starting with '#' is a comment only before the table's first line; "
+         "inside the table it is a row, as Excel's #N/A in its first cell)")
+
+
+def _is_comment(line: str) -> bool:
+    return line.lstrip().startswith("#")
+
+
 def _is_number(cell: str) -> bool:
     try:
         float(cell)
@@ -114,13 +122,13 @@ def _read_text(
     except OSError as e:
         raise DataError(f"cannot read {path!r}: {e.strerror or e}") from None
 
-    # (1-based line number, line) of the lines that carry data; blank lines and lines
-    # starting with '#' are skipped.
-    lines = [
-        (i + 1, line)
-        for i, line in enumerate(text.splitlines())
-        if line.strip() and not line.lstrip().startswith("#")
-    ]
+    # (1-based line number, line) of the lines that carry data; blank lines, and lines
+    # starting with '#' before the table, are skipped. Inside the table a '#' starts a cell
+    # (Excel's #N/A): skipping that line would move every later row up by one.
+    lines: list[tuple[int, str]] = []
+    for i, line in enumerate(text.splitlines()):
+        if line.strip() and (lines or not _is_comment(line)):
+            lines.append((i + 1, line))
     if not lines:
         raise DataError(f"cannot read {path!r}: the file is empty")
     if delimiter is None:
@@ -145,13 +153,20 @@ def _read_text(
     else:
         records = csv.reader((line for _, line in body), delimiter=delimiter)
     rows: list[list[float]] = []
-    for (lineno, _), cells in zip(body, records, strict=True):
+    for (lineno, line), cells in zip(body, records, strict=False):
+        if '"' in line and line.count('"') % 2:  # (a quote left open: csv joins lines)
+            raise DataError(
+                f"{path!r}: the quoted cell that starts on line {lineno} runs over several "
+                "lines; a table of numbers has one row per line"
+            )
         if len(cells) != width:
             raise DataError(
                 f"{path!r}: line {lineno} has {len(cells)} fields, expected {width} "
-                f"(as on line {lines[0][0]})"
+                f"(as on line {lines[0][0]})" + (_HASH if _is_comment(line) else "")
             )
         try:
+            if "_" in line and any("_" in cells[j] for j in keep):
+                raise ValueError  # (float() reads '1_0' as 10, as Python source would)
             rows.append([float(cells[j]) for j in keep])
         except ValueError:
             _raise_cell_error(path, lineno, cells, keep, names)
@@ -163,7 +178,7 @@ def _raise_cell_error(
 ) -> None:
     for j in keep:
         cell = cells[j].strip()
-        if not _is_number(cell):
+        if not _is_number(cell) or "_" in cell:
             where = f"column {j + 1}" + (f" ({names[j]!r})" if names else "")
             if not cell:
                 raise DataError(
@@ -174,6 +189,7 @@ def _raise_cell_error(
             raise DataError(
                 f"{path!r}: non-numeric cell {cell!r} at line {lineno}, {where}; "
                 "choose the numeric columns (columns=[...]; --columns in the command line)"
+                + (_HASH if cell.startswith("#") else "")
             )
     raise DataError(f"{path!r}: a cell on line {lineno} is not a number")
 
@@ -219,8 +235,9 @@ def load(
     """Read a table of numbers from a CSV, ``.npy`` or ``.npz`` file.
 
     * CSV and other text (``.csv``, ``.tsv``, ``.txt``, ``.dat``): the delimiter is guessed
-      from the first line (comma, tab, semicolon, else whitespace) unless given; blank lines and
-      lines starting with ``#`` are skipped. ``header="auto"`` treats the first line as a
+      from the first line (comma, tab, semicolon, else whitespace) unless given; blank lines,
+      and lines starting with ``#`` before the table, are skipped (inside the table such a
+      line is a row: Excel writes ``#N/A``). ``header="auto"`` treats the first line as a
       header when none of its cells is a number, or when it holds pandas' labels for
       unnamed columns (``0, 1, 2, ...`` in any order, after an empty cell for the index)
       above a line of decimals. Every selected cell must be a
@@ -341,7 +358,8 @@ def _select_columns(
 def read_header(path: str | os.PathLike[str], delimiter: str | None = None) -> list[str] | None:
     """The column names of a text table, or ``None`` when its first data line is not a header.
 
-    The same rules as :func:`load`: blank lines and ``#`` comments are skipped, the delimiter
+    The same rules as :func:`load`: blank lines and ``#`` comments before the table are
+    skipped, the delimiter
     is guessed from the first line, and that line is a header when none of its cells is a
     number (or it reads ``0, 1, 2, ...`` above decimals). Binary files (``.npy``, ``.npz``)
     have no header.
@@ -356,7 +374,7 @@ def read_header(path: str | os.PathLike[str], delimiter: str | None = None) -> l
         with open(path, encoding="utf-8-sig", newline="") as f:
             rows: list[list[str]] = []
             for line in f:
-                if not line.strip() or line.lstrip().startswith("#"):
+                if not line.strip() or (not rows and _is_comment(line)):
                     continue
                 line = line.rstrip("\r\n")
                 if delimiter is None:
