@@ -283,12 +283,17 @@ def test_an_npz_array_chosen_in_the_path(tmp_path):
 # -- a closed pipe ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("extra", [["-n", "300000"], ["-n", "50000", "--json"]],
-                         ids=["csv", "json"])
-def test_a_closed_pipe_ends_quietly(run_dir, extra):
+@pytest.mark.parametrize("extra", [["-n", "300000"], ["-n", "50000", "--json"], "score"],
+                         ids=["csv", "json", "score"])
+def test_a_closed_pipe_ends_quietly(run_dir, extra, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    command = ["sample", str(run_dir), *extra]
+    if extra == "score":  # (its scores were written in one piece: exit 0, rows lost)
+        rows = np.random.default_rng(0).normal(size=(300_000, 2))
+        np.save(tmp_path / "rows.npy", rows)
+        command = ["score", str(run_dir), str(tmp_path / "rows.npy")]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "exactflow", "sample", str(run_dir), *extra],
+        [sys.executable, "-m", "exactflow", *command],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
     )
     assert proc.stdout is not None and proc.stderr is not None

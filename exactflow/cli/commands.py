@@ -46,7 +46,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     try:
         with _terminate_as_interrupt():
-            return _main(argv)
+            code = _main(argv)
+            sys.stdout.flush()  # (a reader gone before the last buffered rows: 141 here)
+            return code
     except BrokenPipeError:
         silence_stdout()
         return 141

@@ -261,7 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "are flagged (floor(Q (m + 1)) / (m + 1): p-values are multiples of "
                     "1 / (m + 1)); rows scored -inf (zero density under the model) are always "
                     "flagged. Columns are matched by name when DATA has a header. "
-                    "Without -o, CSV goes to stdout.",
+                    "Without -o, CSV goes to stdout; with --json the scores come inside the "
+                    "JSON object, a -inf log-density as null (JSON has no infinities; "
+                    "minus_inf_rows counts them), and anomaly_rows lists the first 1,000 "
+                    "flagged rows (anomalies counts them all).",
         epilog="examples:\n"
                "  exactflow score runs/maf new.csv -o scores.csv\n"
                "  exactflow score runs/maf new.csv --threshold-quantile 0.01 --json\n",

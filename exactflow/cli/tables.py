@@ -251,6 +251,10 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
             result["p_value"] = p.tolist()
         if flags is not None:
             result["anomaly"] = flags.tolist()
-    else:
-        sys.stdout.write(_csv_text(np.hstack([rows, table]), ["row", *header], fmt="%.10g"))
+    else:  # a chunk at a time: a reader gone (| head) is seen at the next chunk's write
+        sys.stdout.write(",".join(["row", *header]) + "\n")
+        lines = np.hstack([rows, table])
+        for start in range(0, len(scores), CHUNK_ROWS):
+            sys.stdout.write(csv_rows(lines[start : start + CHUNK_ROWS], fmt="%.10g"))
+            sys.stdout.flush()
     return result
