@@ -26,6 +26,7 @@ from .training import (
     fit,
     fit_auto,
     fit_reverse_kl,
+    importance_sample,
     prepare,
 )
 from .validation import DataError
@@ -58,6 +59,7 @@ __all__ = [
     "prepare",
     "evaluate",
     "estimate_log_normalizer",
+    "importance_sample",
     "History",
     "TrainingError",
     "DataError",

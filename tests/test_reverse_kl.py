@@ -196,3 +196,68 @@ def test_the_normalizer_estimate_takes_unconditional_flows_by_name():
     with pytest.raises(ValueError, match="estimate_log_normalizer takes unconditional flows"):
         ef.estimate_log_normalizer(ef.models.maf(2, context=2),
                                    lambda x: -0.5 * (x**2).sum(1), n=10)
+
+
+# -- how far the weights can be trusted -------------------------------------------------
+
+
+def test_the_pareto_k_of_the_weights_follows_their_tail():
+    # q = N(mu, (s sigma)^2) against p = N(mu, sigma^2) in each of 3 dimensions: with
+    # x = mu + s sigma z, the weight exp(w) ~ exp(|z|^2 (1 - s^2) / 2) has a Pareto tail of
+    # k = 1 - s^2 when s < 1 (too narrow a proposal) and is bounded (k < 0) when s > 1.
+    from exactflow.training.importance import pareto_k
+
+    ks = {}
+    for s in (0.6, 0.8, 1.6):
+        flow = affine_flow(-torch.log(SIGMA * s).double(), (-MU / (SIGMA * s)).double())
+        with torch.no_grad():
+            x, log_q = flow.sample_and_log_prob(100_000)
+        ks[s] = pareto_k(gaussian_target(x) - log_q)
+    assert ks[0.6] == pytest.approx(1 - 0.6**2, abs=0.12)
+    assert ks[0.8] == pytest.approx(1 - 0.8**2, abs=0.12)
+    assert ks[1.6] < 0
+    assert math.isnan(pareto_k(torch.zeros(1000, dtype=torch.float64)))  # q = p
+
+
+def test_unreliable_weights_warn_and_good_ones_do_not():
+    import warnings
+
+    narrow = affine_flow(-torch.log(SIGMA * 0.5).double(), (-MU / (SIGMA * 0.5)).double())
+    with pytest.warns(UserWarning, match=r"estimate of log Z is unreliable: the Pareto k of "
+                                         r"the weights is 0\.\d\d \(above 0\.7\)"):
+        out = estimate_log_normalizer(narrow, gaussian_target, n=50_000, seed=0)
+    assert out["pareto_k"] > 0.7
+    wide = affine_flow(-torch.log(SIGMA * 1.3).double(), (-MU / (SIGMA * 1.3)).double())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = estimate_log_normalizer(wide, gaussian_target, n=50_000, seed=0)
+    assert out["pareto_k"] < 0.5 and out["log_z_is"] == pytest.approx(LOG_Z, abs=0.02)
+
+
+def test_a_nan_target_warns_that_the_estimates_are_not_finite():
+    def holed(x: Tensor) -> Tensor:
+        out = gaussian_target(x)
+        return torch.where(x[:, 0] > 2.5, torch.nan, out)
+
+    with pytest.warns(UserWarning, match=r"\d+ of 20000 samples had a non-finite log q or "
+                                         r"log p~.*the estimates are not finite"):
+        out = estimate_log_normalizer(exact_flow(), holed, n=20_000, seed=0)
+    assert out["n_nonfinite"] > 0 and math.isnan(out["log_z_is"])
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.complex128, torch.int64])
+def test_a_target_of_other_numbers_is_named(dtype):
+    with pytest.raises(TypeError, match=f"real floating-point log-densities; it returned a "
+                                        f"{dtype} tensor"):
+        estimate_log_normalizer(exact_flow(), lambda x: torch.zeros(len(x), dtype=dtype), n=10)
+
+
+def test_importance_samples_reweight_expectations_to_the_target():
+    wide = affine_flow(-torch.log(SIGMA * 1.3).double(), (-(MU + 0.3) / (SIGMA * 1.3)).double())
+    x, w = ef.importance_sample(wide, gaussian_target, 40_000, seed=3)
+    assert x.shape == (40_000, 3) and w.shape == (40_000,) and w.dtype == torch.float64
+    mean = (torch.softmax(w, 0)[:, None] * x).sum(0)
+    torch.testing.assert_close(mean, MU, atol=0.05, rtol=0)
+    # The weights of estimate_log_normalizer's draw with the same seed.
+    out = estimate_log_normalizer(wide, gaussian_target, n=40_000, seed=3)
+    assert out["log_z_is"] == pytest.approx(float(w.logsumexp(0) - math.log(40_000)), abs=1e-12)

@@ -37,7 +37,7 @@ class History:
         total_steps: the number of optimizer steps run (rolled-back steps included).
         rollbacks: steps whose loss or gradient was non-finite and that were undone.
         final: end-of-training estimates (reverse KL: ``elbo``, ``elbo_se``, ``log_z_is``,
-            ``log_z_is_se``, ``ess``, ``n``, ``n_nonfinite``).
+            ``log_z_is_se``, ``ess``, ``pareto_k``, ``n``, ``n_nonfinite``).
         compiled: whether the steps ran compiled, and why (``compile="auto"``).
     """
 

@@ -26,6 +26,7 @@ from ..scoring import eval_mode
 from ..validation import positive_int, warn_user
 from .checkpoints import Checkpoint
 from .history import History
+from .importance import summarize, warn_if_unreliable
 from .loop import (
     Guard,
     LoopSettings,
@@ -39,7 +40,7 @@ from .loop import (
 )
 from .parallel import Replicas
 
-__all__ = ["fit_reverse_kl", "estimate_log_normalizer"]
+__all__ = ["fit_reverse_kl", "estimate_log_normalizer", "importance_sample"]
 
 
 def _target_fn(target: Any) -> Callable[[Tensor], Tensor]:
@@ -54,6 +55,11 @@ def _target_fn(target: Any) -> Callable[[Tensor], Tensor]:
 
     def checked(x: Tensor) -> Tensor:
         out = fn(x)
+        if isinstance(out, Tensor) and (not out.is_floating_point() or out.is_complex()):
+            raise TypeError(
+                f"log_prob_target must return real floating-point log-densities; it returned "
+                f"a {out.dtype} tensor"
+            )
         if not isinstance(out, Tensor) or out.shape != x.shape[:1]:
             shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ValueError(
@@ -82,9 +88,15 @@ def estimate_log_normalizer(
     * ``log_z_is = logsumexp(w) - log n``, an estimate of ``log Z`` (biased low by
       Jensen, consistent); its standard error by the delta method is
       ``sd(exp w) / (sqrt(n) mean(exp w))``;
-    * ``ess = (sum e^w)^2 / sum e^(2w)``, the effective sample size.
+    * ``ess = (sum e^w)^2 / sum e^(2w)``, the effective sample size;
+    * ``pareto_k``, the shape of a generalized Pareto fit to the largest weights (PSIS,
+      Vehtari et al.): above 0.7 the estimate's error can be many times ``log_z_is_se``.
 
     Computed in float64 from samples drawn under ``torch.inference_mode`` in eval mode.
+    A warning says when the estimate is unreliable: non-finite weights, ``pareto_k`` above
+    0.7, or an effective sample size below 1% of ``n``. The weights cannot show mass that
+    ``q`` never puts where ``p`` has it: a flow that missed a mode has even weights and a
+    ``log Z`` too low by the missed mass. Compare fits from several seeds.
 
     Args:
         flow: the proposal ``q``.
@@ -94,7 +106,8 @@ def estimate_log_normalizer(
         seed: seeds the draw (in a forked RNG); ``None`` uses the current RNG.
 
     Returns:
-        ``{"elbo", "elbo_se", "log_z_is", "log_z_is_se", "ess", "n", "n_nonfinite"}``
+        ``{"elbo", "elbo_se", "log_z_is", "log_z_is_se", "ess", "pareto_k", "n",
+        "n_nonfinite"}``
         (``n_nonfinite`` counts non-finite ``log q`` or ``log p~``; a ``-inf`` target
         density, outside its support, is kept as a zero weight).
     """
@@ -104,26 +117,20 @@ def estimate_log_normalizer(
     fn = _target_fn(log_prob_target)
     n = positive_int(n, "n")
     batch_size = positive_int(batch_size, "batch_size")
-    dev = resolve_device(None, flow)
-
-    @contextmanager
-    def maybe_seed() -> Iterator[None]:
-        if seed is None:
-            yield
-        else:
-            with forked_rng(dev, int(seed)):
-                yield
-
-    with maybe_seed():
+    with _seeded(flow, seed):
         w, bad = _log_weights(flow, fn, n, batch_size)
-    return _summarize_weights(w, bad)
+    summary = summarize(w, bad)
+    warn_if_unreliable(summary)
+    return summary
 
 
 def _log_weights(
-    flow: Flow, fn: Callable[[Tensor], Tensor], n: int, batch_size: int
+    flow: Flow, fn: Callable[[Tensor], Tensor], n: int, batch_size: int,
+    samples: list[Tensor] | None = None,
 ) -> tuple[Tensor, int]:
     """``n`` log-weights ``log p~(x) - log q(x)`` (float64, CPU) of fresh samples, and how
-    many were not finite (a ``-inf`` target outside its support counts as a zero weight)."""
+    many were not finite (a ``-inf`` target outside its support counts as a zero weight).
+    The samples themselves are appended to ``samples`` when it is given."""
     parts: list[Tensor] = []
     bad = 0
     with eval_mode(flow, grad=True), torch.inference_mode():
@@ -135,29 +142,50 @@ def _log_weights(
             ok = torch.isfinite(w) | ((w == -math.inf) & torch.isfinite(log_q.cpu()))
             bad += int((~ok).sum())
             parts.append(w)
+            if samples is not None:
+                samples.append(x)
             done += k
     return (torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)), bad
 
 
-def _summarize_weights(w: Tensor, bad: int) -> dict[str, float]:
-    """:func:`estimate_log_normalizer`'s numbers from the log-weights ``w``."""
-    n = int(w.numel())
-    elbo = float(w.mean())
-    elbo_se = float(w.std() / math.sqrt(n)) if n > 1 else math.nan
-    log_z = float(torch.logsumexp(w, 0) - math.log(n))
-    shifted = torch.exp(w - w.max())
-    mean_e = shifted.mean()
-    log_z_se = float(shifted.std() / (math.sqrt(n) * mean_e)) if n > 1 else math.nan
-    ess = float(shifted.sum() ** 2 / (shifted * shifted).sum())
-    return {
-        "elbo": elbo,
-        "elbo_se": elbo_se,
-        "log_z_is": log_z,
-        "log_z_is_se": log_z_se,
-        "ess": ess,
-        "n": n,
-        "n_nonfinite": bad,
-    }
+def importance_sample(
+    flow: Flow, log_prob_target: Any, n: int, *, batch_size: int = 16384,
+    seed: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``n`` samples ``x ~ q`` of the flow and their log-weights ``w = log p~(x) - log q(x)``
+    (float64, on the CPU), to reweight expectations to the target ``p``:
+    ``E_p[f] ~ sum_i softmax(w)_i f(x_i)``. The same draw as
+    :func:`estimate_log_normalizer` with the same ``seed`` (whose numbers come from these
+    weights, with the warnings that say when they cannot be trusted).
+
+    Example:
+        >>> import torch, exactflow as ef
+        >>> flow = ef.models.maf(2)
+        >>> x, w = ef.importance_sample(flow, lambda x: -0.5 * (x**2).sum(1), 1000, seed=0)
+        >>> x.shape, w.shape, round(float((torch.softmax(w, 0) * x[:, 0]).sum()), 6)
+        (torch.Size([1000, 2]), torch.Size([1000]), ...)
+    """
+    if getattr(flow, "context_features", 0):
+        raise ValueError("importance_sample takes unconditional flows (this flow has a "
+                         "context)")
+    fn = _target_fn(log_prob_target)
+    n = positive_int(n, "n")
+    batch_size = positive_int(batch_size, "batch_size")
+    samples: list[Tensor] = []
+    with _seeded(flow, seed):
+        w, _ = _log_weights(flow, fn, n, batch_size, samples)
+    return torch.cat(samples), w
+
+
+@contextmanager
+def _seeded(flow: Flow, seed: int | None) -> Iterator[None]:
+    """Torch's RNG seeded with ``seed`` (forked: the caller's is left as it was), or as it
+    is when ``seed`` is None."""
+    if seed is None:
+        yield
+    else:
+        with forked_rng(resolve_device(None, flow), int(seed)):
+            yield
 
 
 def _with_gradient(log_p: Tensor, x: Tensor) -> Tensor:
@@ -187,7 +215,9 @@ def _target_fault(flow: Flow, fn: Callable[[Tensor], Tensor], n: int) -> ValueEr
         f"log_prob_target returned -inf or NaN for {int(bad.sum())} of {n} samples of the "
         f"flow (one at x = {[round(v, 4) for v in at]}): reverse KL needs a finite "
         "log-density wherever the flow may put mass; give the target a finite value there "
-        "(a steep wall instead of -inf)"
+        "(a steep wall instead of -inf), or keep the flow's samples inside the support (for "
+        "(0, 1)^d, a Logit layer first: ef.Flow(ef.Compose(ef.transforms.Logit(), "
+        "flow.transform), flow.base), in float64)"
     )
 
 
@@ -229,7 +259,8 @@ def fit_reverse_kl(
 
     At the end (flow in eval mode) :func:`estimate_log_normalizer` runs on
     ``final_samples`` fresh samples and its result is stored in ``history.final``: the bound
-    ``elbo`` with ``elbo_se``, and ``log_z_is`` with ``log_z_is_se``.
+    ``elbo`` with ``elbo_se``, and ``log_z_is`` with ``log_z_is_se`` and the diagnostics of
+    its weights, with a warning where they say the estimate is unreliable.
 
     **Data-parallel** under ``torch.distributed`` (launched as for :func:`exactflow.fit`):
     ``batch_size`` is the global number of samples per step; rank ``r`` of ``W`` draws its
@@ -287,7 +318,7 @@ def fit_reverse_kl(
         >>> h = ef.fit_reverse_kl(flow, ef.targets.get("U1"), steps=50, final_samples=2000,
         ...                       progress=False)
         >>> sorted(h.final)
-        ['elbo', 'elbo_se', 'ess', 'log_z_is', 'log_z_is_se', 'n', 'n_nonfinite']
+        ['elbo', 'elbo_se', 'ess', 'log_z_is', 'log_z_is_se', 'n', 'n_nonfinite', 'pareto_k']
     """
     if not isinstance(flow, Flow):
         raise TypeError(f"fit_reverse_kl expects an exactflow Flow, got {type(flow).__name__}")
@@ -397,7 +428,8 @@ def fit_reverse_kl(
             w, bad = _log_weights(flow, fn, share, 16384)
             w = replicas.gather(w)
             bad = int(replicas.gather(torch.tensor([float(bad)], dtype=torch.float64)).sum())
-            history.final = _summarize_weights(w, bad)
+            history.final = summarize(w, bad)
+            warn_if_unreliable(history.final)
     return history
 
 
