@@ -259,9 +259,18 @@ def test_train_notes_a_column_of_row_numbers(tmp_path):
     csv = write_csv(tmp_path / "indexed.csv", np.c_[np.arange(200), x], ["", "a", "b"])
     code, _, err = run_cli(["train", csv, *TINY, "--out", tmp_path / "r"])
     assert code == 0, err
-    assert "column '' holds the row numbers" in err and "--columns" in err
+    assert "column '' holds a different whole number on every row" in err
+    assert "--columns" in err
     code, _, err = run_cli(["train", csv, *TINY, "--columns", "a,b", "--out", tmp_path / "s"])
     assert code == 0 and "row numbers" not in err, err
+    # IDs that start anywhere, or come in no order, are noted too (new IDs scored as
+    # anomalies for being new); a column of small counts is not.
+    ids = np.random.default_rng(6).permutation(np.arange(5000, 5200))
+    counts = np.random.default_rng(7).integers(0, 5, size=200)
+    csv = write_csv(tmp_path / "ids.csv", np.c_[ids, counts, x], ["id", "n", "a", "b"])
+    code, _, err = run_cli(["train", csv, *TINY, "--out", tmp_path / "t"])
+    assert code == 0 and "column 'id' holds a different whole number" in err, err
+    assert "'n' holds" not in err
 
 
 def test_a_run_begun_per_column_resumes_under_auto(tmp_path, monkeypatch):

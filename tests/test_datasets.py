@@ -191,6 +191,22 @@ def test_cells_python_reads_but_a_table_does_not_are_refused(tmp_path) -> None:
         ds.load(quoted)
 
 
+def test_a_first_line_of_whole_numbers_unlike_the_rows_warns(tmp_path) -> None:
+    rows = "\n".join(f"{10 + i % 7}.5,{-3 + i % 5}.25,{i % 3}.75" for i in range(20))
+    path = _write(tmp_path, "years.csv", "2019,2020,2021\n" + rows + "\n")
+    with pytest.warns(UserWarning, match=r"line 1 \(2019, 2020, 2021\) is read as a row of "
+                                         r"data.*names that are not numbers"):
+        assert ds.load(path).shape == (21, 3)
+    assert ds.load(path, header=True).shape == (20, 3)  # (no warning asked: header given)
+    # A table of counts whose first row is like the others reads without a word.
+    import warnings
+
+    counts = _write(tmp_path, "counts.csv", "3,4,5\n1,9,2\n6,0,7\n2,2,2\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ds.load(counts).shape == (4, 3)
+
+
 def test_load_unreadable_files(tmp_path) -> None:
     with pytest.raises(DataError, match="cannot read '.*x.csv': no such file"):
         ds.load(tmp_path / "x.csv")

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from ..validation import DataError
+from ..validation import DataError, warn_user
 from .arrays import Subset
 
 __all__ = ["load", "read_header", "split_key"]
@@ -90,7 +90,8 @@ def _column_indices(
             if names is None:
                 raise DataError(
                     f"{path!r}: column {c!r} asked by name, but the file has no header row "
-                    "(pass column indices, or header=True if the first line is a header)"
+                    "(pass column indices; if the first line names the columns, give them "
+                    "names that are not all numbers, or in Python pass header=True)"
                 )
             if c not in names:
                 raise DataError(f"{path!r}: no column named {c!r}; the columns are {names}")
@@ -170,7 +171,26 @@ def _read_text(
             rows.append([float(cells[j]) for j in keep])
         except ValueError:
             _raise_cell_error(path, lineno, cells, keep, names)
-    return np.array(rows, dtype=np.float64).reshape(len(rows), len(keep))
+    table = np.array(rows, dtype=np.float64).reshape(len(rows), len(keep))
+    if header == "auto" and not has_header and _looks_like_names(first, keep, table):
+        warn_user(
+            f"{path!r}: line {lines[0][0]} ({', '.join(first)}) is read as a row of data, "
+            "but its whole numbers lie outside the range of the rows below it in most "
+            "columns, as column names such as years would; if it names the columns, give "
+            "them names that are not numbers (y2019; in Python, header=True reads it as "
+            "names)"
+        )
+    return table
+
+
+def _looks_like_names(first: list[str], keep: list[int], table: np.ndarray) -> bool:
+    """Whether a first line read as data looks like column names written as numbers:
+    whole numbers, each outside the range of its column below it in most columns."""
+    if len(table) < 3 or not all(first[j].lstrip("+-").isdigit() for j in keep):
+        return False
+    rest = table[1:]
+    outside = (table[0] < rest.min(0)) | (table[0] > rest.max(0))
+    return bool(outside.mean() > 0.5)
 
 
 def _raise_cell_error(

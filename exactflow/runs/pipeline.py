@@ -108,9 +108,14 @@ def _prepare_out(out: Path, *, resume: bool, overwrite: bool) -> dict[str, Any] 
 
 
 def _numbers_rows(column: np.ndarray) -> bool:
-    """Whether ``column`` counts the rows: 0, 1, 2, ... or 1, 2, 3, ..."""
+    """Whether the integers of ``column`` name the rows, as row numbers or IDs do: they
+    rise (or fall) from row to row, or (50 rows and more) no two rows share one."""
+    if len(column) <= 2:
+        return False
     steps = np.diff(column)
-    return len(column) > 2 and column[0] in (0, 1) and bool(np.all(steps == 1))
+    if bool(np.all(steps > 0)) or bool(np.all(steps < 0)):
+        return True
+    return len(column) >= 50 and len(np.unique(column)) == len(column)
 
 
 def _silent(text: str) -> None:
@@ -243,10 +248,10 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
     counters = [j for j in discrete if _numbers_rows(rows[:, j])]
     if counters:
         notes.append(
-            f"note: column {column_list(counters, names or None)} holds the row numbers "
-            "(0, 1, 2, ... or 1, 2, 3, ...), as an index saved with a table does: leave it "
-            "out (--columns, or train_run(..., columns=[...])) unless the order of the rows "
-            "is data")
+            f"note: column {column_list(counters, names or None)} holds a different whole "
+            "number on every row, as row numbers or IDs do: new rows would carry new ones "
+            "and score as anomalies for that alone; leave it out (--columns, or "
+            "train_run(..., columns=[...])) unless its values are data")
     if dequantize and not discrete:
         notes.append("note: no column holds integers only: dequantize changes nothing")
     if dequantize:  # first: a blank pixel is a constant column until it is dequantized
