@@ -41,7 +41,7 @@ $(VENV)/.installed-bench: pyproject.toml constraints.txt | $(BIN)/python
 	touch $@
 
 # Head-to-head benchmark against zuko, nflows and normflows (benchmarks/README.md).
-# Everything measured against the peers and the classical estimators (about 1.5 hours on
+# Everything measured against the peers and the classical estimators (about an hour on
 # 2 cores): speed and test NLL (run.py), where the time goes (roofline.py), the real tables
 # (realdata.py), the anomaly flags' false-alarm rate (anomaly.py). Results in
 # benchmarks/results/; benchmarks/README.md says what each one shows.

@@ -318,7 +318,11 @@ class Flow(Distribution):
         """Draw samples in one pass through ``inverse`` (latent -> data), without autograd.
 
         Returns ``(n, features)``; with a context batch ``(b, c)``, ``(n, b, features)``.
-        Use :meth:`rsample` for samples to back-propagate through.
+        Use :meth:`rsample` for samples to back-propagate through. A flow whose first layer
+        is a :class:`~exactflow.transforms.Standardize` (``standardize=True``) returns
+        float64 samples whatever its own dtype, so that data far from zero keep their
+        spread (``1e8 + N(0, 1)`` has none in float32): ``.float()`` them for a float32
+        model.
         """
         with torch.no_grad():
             return self.rsample_and_log_prob(n, context)[0]

@@ -142,11 +142,23 @@ def test_ef_load_of_a_run_folder_loads_its_model(run_dir, tmp_path):
         ef.load(tmp_path / "empty-folder")
 
 
-def test_ef_load_refuses_nan_weights(tmp_path):
+def test_nan_weights_are_neither_saved_nor_loaded(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
     flow = perturb(ef.models.maf(2, layers=1, hidden=(4,)))
+    path = ef.save(flow, tmp_path / "m.safetensors")
     with torch.no_grad():
         next(flow.parameters())[0] = float("nan")
-    path = ef.save(flow, tmp_path / "m.safetensors")
+    with pytest.raises(ValueError, match=r"the flow holds NaN weights \(.*\): it diverged"):
+        ef.save(flow, tmp_path / "nan.safetensors")  # a file load would refuse
+    assert not (tmp_path / "nan.safetensors").exists()
+    # A file written otherwise, or damaged, with a NaN: refused by name.
+    with safe_open(path, "pt") as f:
+        metadata = f.metadata()
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open's API
+    next(v for v in state.values() if v.is_floating_point() and v.dim()).view(-1)[0] = float("nan")
+    save_file(state, path, metadata=metadata)
     with pytest.raises(CheckpointError, match="NaN weights"):
         ef.load(path)
 

@@ -107,9 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show the full traceback on errors")
     common.add_argument("--threads", type=_positive_int, default=None,
                         help="CPU threads for torch (default: EXACTFLOW_THREADS, else "
-                             "OMP_NUM_THREADS, else 1, the fastest for small models and on a "
-                             "busy machine; training a large model on idle cores may use "
-                             "up to 4)")
+                             "OMP_NUM_THREADS or MKL_NUM_THREADS, else 1, the fastest for "
+                             "small models and on a busy machine; training a large model on "
+                             "idle cores may use up to 4)")
 
     parser = argparse.ArgumentParser(
         prog=PROG,

@@ -56,6 +56,12 @@ RUN_RECORD = "run.json"
 _MAX_HEADER = 100 * 1024 * 1024
 
 
+def _nan_weights(state: dict[str, torch.Tensor]) -> str:
+    """The names of the tensors of ``state`` holding a NaN (the first three), or ''."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and bool(torch.isnan(v).any())]
+    return ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+
+
 def save(flow: Flow, path: str | os.PathLike[str]) -> Path:
     """Save a flow made by a builder: its JSON config and its weights, in safetensors.
 
@@ -71,8 +77,9 @@ def save(flow: Flow, path: str | os.PathLike[str]) -> Path:
 
     Raises:
         TypeError: ``flow`` is not an :class:`exactflow.Flow`.
-        ValueError: the flow has no builder config (built by hand), or its config is not
-            JSON-serializable.
+        ValueError: the flow has no builder config (built by hand), its config is not
+            JSON-serializable, its weights do not fit that config, or some are NaN (files
+            :func:`load` would refuse are not written).
 
     Example:
         >>> import os, tempfile, torch, exactflow as ef
@@ -100,6 +107,12 @@ def save(flow: Flow, path: str | os.PathLike[str]) -> Path:
     except (TypeError, ValueError) as err:
         raise ValueError(f"flow.config must be JSON-serializable to be saved: {err}") from None
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in flow.state_dict().items()}
+    bad = _nan_weights(state)
+    if bad:  # (load refuses them: a file that cannot be loaded is not written)
+        raise ValueError(
+            f"the flow holds NaN weights ({bad}): it diverged, so it would score every row "
+            "NaN; restore a good state (ef.fit keeps the best weights) before saving it"
+        )
     with torch.random.fork_rng(devices=[]), torch.no_grad():  # what load will rebuild
         detail = _mismatch(build(config).state_dict(), state)
     if detail:
@@ -174,7 +187,8 @@ def _warn_if_dequantized(run_dir: Path, info: dict[str, Any]) -> None:
             f"the run {str(run_dir)!r} dequantized its integer-valued columns {columns} "
             "before training (uniform noise in [0, 1)): the loaded flow's log_prob of raw "
             "rows is its density at the integer points, not what `exactflow score` "
-            "reports. exactflow.runs.load_run(run_dir).score(rows) scores as the CLI does."
+            "reports. `from exactflow.runs import load_run; load_run(run_dir).score(rows)` "
+            "scores as the CLI does."
         )
 
 
@@ -423,12 +437,11 @@ def load(path: str | os.PathLike[str], map_location: Any = "cpu") -> Flow:
         raise CheckpointError(
             f"the weights in {name!r} do not match its config {config!r}: {detail}"
         )
-    bad = [k for k, v in state.items() if v.is_floating_point() and bool(torch.isnan(v).any())]
+    bad = _nan_weights(state)
     if bad:
         raise CheckpointError(
-            f"{name!r} holds NaN weights ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})"
-            ": the model diverged before it was saved, or the file is damaged; it would "
-            "score every row NaN"
+            f"{name!r} holds NaN weights ({bad}): the model diverged before it was saved, or "
+            "the file is damaged; it would score every row NaN"
         )
     _check_dtypes(name, flow.state_dict(), state)
     if not intact:  # (after the checks that say more about a file made otherwise)

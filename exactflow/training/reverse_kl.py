@@ -276,7 +276,10 @@ def fit_reverse_kl(
     flows a step's cost is mostly fixed overhead, so more samples per step are nearly free
     and cut the gradient noise: measured here on U1 with 32 planar layers, 600 steps of 2048
     samples reach a KL gap of 0.016-0.017 nats (three seeds), while 500-800 steps of 512
-    samples end between 0.018 and 0.049 depending on the seed.
+    samples end between 0.018 and 0.049 depending on the seed. Spline flows want a smaller
+    rate: ``ef.models.nsf(2, layers=4, hidden=(64, 64))`` on U1 (800 steps of 1,024) ended
+    0.26-0.45 nats short of ``log Z`` at lr 1e-2 on two seeds, with one mode under-covered,
+    and within 0.001 at lr 1e-3; RealNVP, MAF and IAF did about as well at either rate.
 
     Args:
         flow: the flow ``q`` (modified in place, left in eval mode on ``device``).
