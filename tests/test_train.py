@@ -7,6 +7,7 @@ import math
 import os
 import re
 import sys
+import time
 import warnings
 
 import numpy as np
@@ -949,3 +950,20 @@ def test_a_time_limit_stops_the_run_with_a_last_record():
     assert history.best_step is not None and history.compiled.startswith("eager")
     with pytest.raises(ValueError, match="time_limit must be a positive"):
         fit(affine_flow(), data, steps=2, time_limit=0, **CPU)
+
+
+def test_the_time_limit_counts_the_preparation(monkeypatch):
+    # fit_auto's flow on a mixture refits the mixture first (2.2 s on 90,000 rows): the
+    # limit started after it, so the rung ran 2.5 times its share of the budget.
+    prepare = fit_module.prepare
+
+    def slow_prepare(*args, **kwargs):
+        time.sleep(0.6)
+        return prepare(*args, **kwargs)
+
+    monkeypatch.setattr(fit_module, "prepare", slow_prepare)
+    data = gaussian_data(600)
+    history = fit(ef.models.maf(2, layers=1, hidden=(8,)), data[:500], data[500:],
+                  steps=1_000_000, batch_size=50, eval_every=1_000_000, time_limit=0.5,
+                  **CPU)
+    assert history.stopped_early and history.total_steps <= 8

@@ -181,9 +181,11 @@ def fit(
         context, val_context: conditioning rows for a conditional flow.
         callback: called as ``callback(history)`` after each record; returning ``True``
             stops training (counted as an early stop).
-        time_limit: seconds after which training stops, with a last validation record
-            (counted as an early stop; the best step is kept); the clock is read every 8
-            steps. A limit too short to repay a compile keeps ``compile="auto"`` eager.
+        time_limit: seconds after the call at which training stops, with a last
+            validation record (counted as an early stop; the best step is kept): the
+            preparation (the standardization, a classical base's fit) counts too, and the
+            clock is read every 8 steps. A limit too short to repay a compile keeps
+            ``compile="auto"`` eager.
         compile: run the loss and its backward through ``torch.compile``: ``"auto"``
             (default) times eager steps, compiles only when the run is long enough to repay
             a compile (10-40 s on a CPU), then keeps compiled steps only if they are faster
@@ -231,6 +233,7 @@ def fit(
         >>> abs(nll - 1.45) < 0.05
         True
     """
+    called = time.perf_counter()  # (time_limit counts from here: preparation included)
     if not isinstance(flow, Flow):
         raise TypeError(f"fit expects an exactflow Flow, got {type(flow).__name__}")
     if steps is not None and epochs is not None:
@@ -388,7 +391,7 @@ def fit(
     settings = LoopSettings(
         total=total, lr=lr, schedule=schedule, grad_clip=grad_clip, eval_every=eval_every,
         checkpoint_every=checkpoint_every, desc="fit", progress=progress, postfix=_postfix,
-        stop_at=None if time_limit is None else time.perf_counter() + time_limit,
+        stop_at=None if time_limit is None else called + time_limit,
     )
     with forked_rng(dev, int(seed)):
         if resume and ckpt is not None and replicas.exists(ckpt.path):

@@ -71,6 +71,8 @@ def apply_map(
     be shaped like ``x``: a map of the user's that returns one log-derivative per row, not
     per feature, is named here, not found by an index error further on."""
     y, log_det = g.inverse(x, params) if inverse else g.forward(x, params)
+    if torch.jit.is_tracing():  # (a trace records sizes as tensors: no Python test of them)
+        return y, log_det
     if y.shape != x.shape or log_det.shape != x.shape:
         name = f"{type(g).__name__}.{'inverse' if inverse else 'forward'}"
         raise ValueError(
