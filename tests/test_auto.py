@@ -169,3 +169,33 @@ def test_fit_auto_refuses_dependent_columns_and_too_few_training_rows():
     with pytest.raises(DataError, match=r"after holding out 2 validation rows, 8 training "
                                         r"rows remain for 8 columns"):
         fit_auto(rows, budget=2, val_fraction=0.2)
+
+
+def test_validation_rows_that_decide_the_choice_alone_are_named():
+    import warnings
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(600, 3)) @ np.array([[1.0, 0.5, 0.0], [0.0, 1.0, 0.3], [0, 0, 1]])
+    train, val = x[:500], x[500:].copy()
+    candidates = [ef.training.auto.Candidate("maf", {"model": "maf", "layers": 1},
+                                             {"steps": 20})]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ef.fit_auto(train, val, budget=30, candidates=candidates, progress=False)
+    val[7] = 40.0  # one row 40 standard deviations out: its NLL is most of the mean's
+    with pytest.warns(UserWarning, match=r"1 validation row \(row 7 of the validation data\) "
+                                         r"scores more than 50 nats below the median row.*"
+                                         r"the models were chosen mostly on it"):
+        ef.fit_auto(train, val, budget=30, candidates=candidates, progress=False)
+
+
+def test_held_out_rows_keep_their_numbers_in_the_data():
+    from exactflow.training.batches import hold_out, wrap
+
+    data = np.arange(200.0).reshape(100, 2) ** 1.5
+    rows = wrap(data, "training data", 2, strict=True)
+    train, _, val, _ = hold_out(rows, None, 0.2, seed=0)
+    assert val is not None and train.origin is not None and val.origin is not None
+    np.testing.assert_array_equal(data[val.origin], val.data)
+    np.testing.assert_array_equal(data[train.origin], train.data)
+    assert sorted([*train.origin, *val.origin]) == list(range(100))

@@ -91,6 +91,8 @@ class Rows:
             raise DataError(f"{name} has no rows")
         self.data = array
         self.name = name
+        #: The rows' numbers in the data they were taken from (:meth:`subset`); None: all.
+        self.origin: np.ndarray | None = None
         if not strict:
             self._check_finite()
 
@@ -144,6 +146,8 @@ class Rows:
             part = np.asarray(data)[index]
         out = object.__new__(Rows)
         out.data, out.name = part, self.name if name is None else name
+        index = np.asarray(index)
+        out.origin = index if self.origin is None else self.origin[index]
         return out
 
 
