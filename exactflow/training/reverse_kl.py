@@ -111,14 +111,7 @@ def estimate_log_normalizer(
         (``n_nonfinite`` counts non-finite ``log q`` or ``log p~``; a ``-inf`` target
         density, outside its support, is kept as a zero weight).
     """
-    if getattr(flow, "context_features", 0):
-        raise ValueError("estimate_log_normalizer takes unconditional flows (this flow has a "
-                         "context)")
-    fn = _target_fn(log_prob_target)
-    n = positive_int(n, "n")
-    batch_size = positive_int(batch_size, "batch_size")
-    with _seeded(flow, seed):
-        w, bad = _log_weights(flow, fn, n, batch_size)
+    w, bad = _draw("estimate_log_normalizer", flow, log_prob_target, n, batch_size, seed)
     summary = summarize(w, bad)
     warn_if_unreliable(summary)
     return summary
@@ -165,16 +158,24 @@ def importance_sample(
         >>> x.shape, w.shape, round(float((torch.softmax(w, 0) * x[:, 0]).sum()), 6)
         (torch.Size([1000, 2]), torch.Size([1000]), ...)
     """
+    samples: list[Tensor] = []
+    w, _ = _draw("importance_sample", flow, log_prob_target, n, batch_size, seed, samples)
+    return torch.cat(samples), w
+
+
+def _draw(
+    caller: str, flow: Flow, log_prob_target: Any, n: int, batch_size: int,
+    seed: int | None, samples: list[Tensor] | None = None,
+) -> tuple[Tensor, int]:
+    """The arguments of ``caller`` checked, then :func:`_log_weights` of ``n`` samples,
+    seeded with ``seed`` (in a forked RNG) unless it is None."""
     if getattr(flow, "context_features", 0):
-        raise ValueError("importance_sample takes unconditional flows (this flow has a "
-                         "context)")
+        raise ValueError(f"{caller} takes unconditional flows (this flow has a context)")
     fn = _target_fn(log_prob_target)
     n = positive_int(n, "n")
     batch_size = positive_int(batch_size, "batch_size")
-    samples: list[Tensor] = []
     with _seeded(flow, seed):
-        w, _ = _log_weights(flow, fn, n, batch_size, samples)
-    return torch.cat(samples), w
+        return _log_weights(flow, fn, n, batch_size, samples)
 
 
 @contextmanager
