@@ -27,8 +27,10 @@ def digits(dequantize: bool = True, seed: int = 0) -> np.ndarray:
 
     The 1797 images of ``sklearn.datasets.load_digits`` (shipped with scikit-learn, no
     download) hold integers 0..16. Uniform dequantization turns them into a continuous
-    density on ``(0, 1)^64``: ``y = (x + u) / 17`` with ``u ~ U[0, 1)``, whose log-likelihood
-    lower-bounds that of the discrete data (Theis et al. 2016, arXiv:1511.01844). The values
+    density on ``(0, 1)^64``: ``y = (x + u) / 17`` with ``u ~ U[0, 1)``. The log-likelihood
+    of ``x + u`` lower-bounds that of the discrete data (Theis et al. 2016,
+    arXiv:1511.01844), and ``log p(x + u) = log p(y) - 64 log 17``: a model's mean
+    ``log p(y)`` less 181.3 nats bounds the digits' log-probability. The values
     are kept in ``[2^-20, 1 - 2^-20]`` (about 2 of the 115,008 values move, by less than
     1e-6) so that they stay strictly inside (0, 1) after a cast to float32, as a logit layer
     needs.

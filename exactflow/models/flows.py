@@ -20,7 +20,7 @@ maf        MADE affine layers with permutations between          density
 iaf        MADE affine layers with permutations between          sampling
 nsf        spline couplings or spline MADE layers                both (coupling) / ``fast=``
 planar     planar layers                                         sampling
-radial     radial layers                                         sampling (density closed form)
+radial     radial layers                                         both (closed form)
 =========  ====================================================  ===========================
 """
 

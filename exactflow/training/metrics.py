@@ -106,7 +106,9 @@ def evaluate(
     """Exact test metrics of a flow on data, in eval mode and under ``torch.inference_mode``.
 
     The NLL is ``-(1/n) sum_i log p(x_i)``; its standard error is the sample standard
-    deviation of ``-log p(x_i)`` over ``sqrt(n)``; bits per dimension are ``NLL / (d ln 2)``.
+    deviation of ``-log p(x_i)`` over ``sqrt(n)``; bits per dimension are ``NLL / (d ln 2)``,
+    of the data as given: for images dequantized and scaled to ``(0, 1)`` (``y = (k + u) /
+    K``) the usual bound on the discrete data's bits is ``bpd + log2 K``.
     Rows whose log-probability is not finite are counted in ``n_nonfinite`` and not
     hidden: then ``nll`` is ``inf`` (a ``-inf`` log-density) or ``nan``, and ``nll_finite``
     gives the mean over the finite rows only. The data are read in slices of ``batch_size``

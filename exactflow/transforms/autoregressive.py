@@ -277,9 +277,9 @@ class MaskedAutoregressive(Transform):
 
 
 class MaskedAffineAutoregressive(MaskedAutoregressive):
-    """MAF: ``z_i = x_i * exp(s_i) + t_i`` with ``(s_i, t_i) = MADE(x_{<i}, context)``.
+    """MAF: ``z_i = x_i * exp(s_i) + t_i`` with ``(t_i, a_i) = MADE(x_{<i}, context)``.
 
-    ``log|det dz/dx| = sum_i s_i``, with the soft-clamped log-scale of
+    ``log|det dz/dx| = sum_i s_i``, with ``s_i = B tanh(a_i / B)`` the soft-clamped log-scale of
     :class:`~exactflow.transforms.monotonic.AffineMap`. **Fast density**: ``forward``
     (data -> latent, ``log_prob``) is one MADE pass; ``inverse`` (``sample``) is
     sequential, ``features`` steps with the multiply-adds of one pass in all.
@@ -320,7 +320,7 @@ class MaskedAffineAutoregressive(MaskedAutoregressive):
 
 
 class InverseAutoregressive(MaskedAutoregressive):
-    """IAF: ``x_i = z_i * exp(s_i) + t_i`` with ``(s_i, t_i) = MADE(z_{<i}, context)``.
+    """IAF: ``x_i = z_i * exp(s_i) + t_i`` with ``(t_i, a_i) = MADE(z_{<i}, context)``.
 
     The same mechanism as :class:`MaskedAffineAutoregressive` with the directions swapped.
     **Fast sampling**: ``inverse`` (latent -> data, ``sample`` and ``sample_and_log_prob``)

@@ -365,7 +365,7 @@ class AdditiveCoupling(Coupling):
 
 
 class AffineCoupling(Coupling):
-    """RealNVP's affine coupling, ``z_B = x_B * exp(s) + t`` with ``(s, t) = theta(x_A, context)``.
+    """RealNVP's affine coupling, ``z_B = x_B * exp(s) + t`` with ``(t, a) = theta(x_A, context)``.
 
     ``log|det dz/dx| = sum_{i in B} s_i``. The log-scale is soft-clamped,
     ``s = scale_bound * tanh(a / scale_bound)`` (see

@@ -204,7 +204,6 @@ def _may_stop_early(t: Tensor) -> bool:
 
 
 class Planar(Transform):
-    features: int
     """Planar flow: a rank-one, tanh-shaped perturbation of the identity.
 
     The closed-form map (latent ``z`` -> data ``x``, this layer's **inverse**)::
@@ -254,6 +253,8 @@ class Planar(Transform):
         >>> bool(torch.allclose(z_back, z)), bool(torch.allclose(ladj, -ladj_inv))
         (True, True)
     """
+
+    features: int
 
     def __init__(self, features: int, iterations: int | None = None) -> None:
         super().__init__()
@@ -312,7 +313,6 @@ class Planar(Transform):
 
 
 class Radial(Transform):
-    features: int
     """Radial flow: contracts or expands space around a learnable centre ``z0``.
 
     The closed-form map (latent ``z`` -> data ``x``, this layer's **inverse**), with
@@ -357,6 +357,8 @@ class Radial(Transform):
         >>> ef.check_transform(t, x).ok
         True
     """
+
+    features: int
 
     def __init__(self, features: int) -> None:
         super().__init__()
