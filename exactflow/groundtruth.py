@@ -11,6 +11,7 @@ These are O(d^3) per sample: use them to verify, not to train.
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -47,7 +48,8 @@ class CheckReport:
         batch, features: the shape of the input.
         errors: the largest error of each check (``log_det``, ``inverse_log_det``,
             ``round_trip``, ``output_shape``...), in absolute units.
-        tolerances: the tolerance each error was held to.
+        tolerances: the tolerance of each check at its element nearest to failing (or
+            furthest past it): ``atol + rtol * |truth|`` there.
         failures: a readable line for each check that failed.
     """
 
@@ -237,9 +239,13 @@ def _run_checks(transform: Transform, x: Tensor, context: Tensor | None, atol: f
     def within(key: str, err: Tensor, scale: Tensor) -> Tensor:
         # Elementwise |err| <= atol + rtol * |truth|; a NaN error fails (NaN <= b is False).
         # Returns where it failed.
-        bad = ~(err.detach().abs() <= atol + rtol * scale.detach().abs())
+        bound = atol + rtol * scale.detach().abs()
+        bad = ~(err.detach().abs() <= bound)
         report.errors[key] = _max_abs(err)
-        report.tolerances[key] = atol + rtol * _max_abs(scale)
+        # The tolerance shown: at the element nearest to failing (or furthest past it).
+        ratio = torch.nan_to_num(err.detach().abs() / bound, nan=math.inf).reshape(-1)
+        report.tolerances[key] = float(bound.reshape(-1)[ratio.argmax()]) if ratio.numel() \
+            else atol
         if bool(bad.any()):
             fail(f"{key}: max error {report.errors[key]:.3e} exceeds tolerance "
                  f"(atol={atol:.1e}, rtol={rtol:.1e})")
@@ -257,7 +263,8 @@ def _run_checks(transform: Transform, x: Tensor, context: Tensor | None, atol: f
              f"expected ({x.shape[0]},)")
     if z.dtype != x.dtype or ladj.dtype != x.dtype:
         fail(f"dtype: forward returned {z.dtype} values and a {ladj.dtype} log-det for "
-             f"{x.dtype} input: a flow in {x.dtype} would lose its precision there")
+             f"{x.dtype} input: a flow keeps its dtype through its layers (in float64 a "
+             "float32 layer loses its precision; in float32 a float64 one changes the output)")
     bad_z = int((~torch.isfinite(z)).sum())
     bad_ladj = int((~torch.isfinite(ladj)).sum())
     if bad_z or bad_ladj:
@@ -298,7 +305,7 @@ def _run_checks(transform: Transform, x: Tensor, context: Tensor | None, atol: f
             )
     else:
         bad = within("log_det", ladj.reshape(-1) - truth, truth)
-        _explain(report, jac, bad, None, None)
+        _explain(report, jac, bad, None, None, _bound_at(bad, truth, atol, rtol))
 
     if check_inverse:
         try:
@@ -323,7 +330,7 @@ def _run_checks(transform: Transform, x: Tensor, context: Tensor | None, atol: f
             fail("inverse_finite: inverse returned NaN or inf")
         else:
             bad = within("round_trip", x_back - x, x)
-            _explain(report, jac, bad.any(1), x, z)
+            _explain(report, jac, bad.any(1), x, z, _bound_at(bad, x, atol, rtol))
             within("inverse_log_det", ladj_inv + ladj, ladj)
             _rows_and_recording(transform.inverse, z, context, x_back, ladj_inv, extra,
                                 "inverse")
@@ -332,20 +339,21 @@ def _run_checks(transform: Transform, x: Tensor, context: Tensor | None, atol: f
         if not parts:
             continue
         error = torch.stack([e for _, e, _ in parts])  # (directions, rows, d + 1)
-        bad = within(key, error, torch.stack([scale for _, _, scale in parts]))
+        scale = torch.stack([scale for _, _, scale in parts])
+        bad = within(key, error, scale)
         failed = [d for (d, _, _), b in zip(parts, bad, strict=True) if bool(b.any())]
         if failed:
             verb = "give" if len(failed) > 1 else "gives"
             report.failures[-1] += why.format(" and ".join(failed), verb)
             rows = torch.zeros(x.shape[0], dtype=torch.bool)
             rows[: bad.shape[1]] = bad.any(-1).any(0).cpu()
-            _explain(report, jac, rows.to(jac.device), x, z)
+            _explain(report, jac, rows.to(jac.device), x, z, _bound_at(bad, scale, atol, rtol))
     return report
 
 
 _WHY = {
-    "rows": ": {} {} a row other values alone than in the batch, so a row's density "
-            "depends on the rows scored with it (rows must be mapped independently: no "
+    "rows": ": {} {} a row other values alone than in the batch, so a row's result "
+            "depends on the rows computed with it (rows must be mapped independently: no "
             "mixing across dim 0, each context kept with its row)",
     "recording": ": {} {} other values while autograd records (training) than without "
                  "it (scoring): one of its two code paths is wrong",
@@ -362,14 +370,19 @@ def _call(
     c_in = None if context is None else context.detach().clone()
     with torch.enable_grad() if record else torch.no_grad():
         out, ladj = fn(x_in, c_in)
-    for name, given, kept in (("x", x_in, x), ("context", c_in, context)):
-        if given is not None and kept is not None and not torch.equal(given.detach(), kept):
+    for name, given, kept in (("input", x_in, x), ("context", c_in, context)):
+        if given is not None and kept is not None and not _same(given.detach(), kept):
             return None, f"its {name} changed by up to {_max_abs(given.detach() - kept):.3e}"
     return out.detach(), ladj.detach()
 
 
 #: How many rows the ``rows`` check runs alone (a mixing of rows shows in any of them).
 _ROWS_ALONE = 16
+
+
+def _same(a: Tensor, b: Tensor) -> bool:
+    """Equal values, NaN equal to NaN (points with a NaN are the ``finite`` check's)."""
+    return bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
 def _rows_and_recording(
@@ -397,8 +410,14 @@ def _rows_and_recording(
     extra["recording"].append((direction, got - both, both))
 
 
+def _bound_at(bad: Tensor, scale: Tensor, atol: float, rtol: float) -> float:
+    """The largest tolerance ``atol + rtol |scale|`` among the failed elements."""
+    return float((atol + rtol * scale.detach().abs())[bad].max()) if bool(bad.any()) else atol
+
+
 def _explain(
-    report: CheckReport, jac: Tensor, bad: Tensor, x: Tensor | None, z: Tensor | None
+    report: CheckReport, jac: Tensor, bad: Tensor, x: Tensor | None, z: Tensor | None,
+    tolerance: float,
 ) -> None:
     """Add to the last failure how ill-conditioned the Jacobian is at the failed rows
     ``bad``, when rounding alone could explain errors of the tolerance's size: for
@@ -415,8 +434,7 @@ def _explain(
         rounding = cond * max(_max_abs(x[rows]), 1.0) + _max_abs(
             z[rows].abs().amax(1) / values[:, -1])
     rounding *= torch.finfo(jac.dtype).eps
-    key = report.failures[-1].split(":", 1)[0]
-    if rounding >= 0.1 * report.tolerances[key]:
+    if rounding >= 0.1 * tolerance:
         report.failures[-1] += (
             f"; at the failed rows the Jacobian's condition number is up to {cond:.1e} and "
             f"its smallest singular value down to {smallest:.1e}, so rounding alone can "

@@ -173,12 +173,16 @@ def test_a_hash_inside_the_table_is_a_cell_not_a_comment(tmp_path) -> None:
     # Excel writes #N/A for a missing value; skipping that line moved every later row up.
     path = _write(tmp_path, "x.csv", "# exported\na,b,c\n1,2,3\n#N/A,5,6\n7,8,9\n")
     with pytest.raises(DataError, match=r"non-numeric cell '#N/A' at line 4, column 1 "
-                                        r"\('a'\).*comment only before the table"):
+                                        r"\('a'\).*has the table's width"):
         ds.load(path)
     assert ds.read_header(path) == ["a", "b", "c"]
     assert ds.load(path, columns=["b", "c"]).tolist() == [[2, 3], [5, 6], [8, 9]]
-    with pytest.raises(DataError, match="line 3 has 1 fields.*comment only before the table"):
-        ds.load(_write(tmp_path, "y.csv", "1,2\n3,4\n# a note\n5,6\n"))
+    # A '#' line of another width stays a comment: a note between rows, numpy's footer.
+    noted = ds.load(_write(tmp_path, "y.csv", "1,2\n3,4\n# a note\n5,6\n"))
+    assert noted.tolist() == [[1, 2], [3, 4], [5, 6]]
+    np.savetxt(tmp_path / "f.csv", [[1.5, 2], [3, 4]], delimiter=",", header="a,b",
+               footer="written by numpy")
+    assert ds.load(tmp_path / "f.csv").tolist() == [[1.5, 2], [3, 4]]
 
 
 def test_cells_python_reads_but_a_table_does_not_are_refused(tmp_path) -> None:
@@ -189,6 +193,9 @@ def test_cells_python_reads_but_a_table_does_not_are_refused(tmp_path) -> None:
     quoted = _write(tmp_path, "q.csv", 'a,b\n1,2\n"3\n4",5\n6,7\n')
     with pytest.raises(DataError, match="quoted cell that starts on line 3 runs over several"):
         ds.load(quoted)
+    # A quote inside an unquoted cell is a character (an inch mark), not an open cell.
+    inches = _write(tmp_path, "i.csv", 'a,b,item\n1,2,12" pipe\n3,4,nut\n')
+    assert ds.load(inches, columns=["a", "b"]).tolist() == [[1, 2], [3, 4]]
 
 
 def test_a_first_line_of_whole_numbers_unlike_the_rows_warns(tmp_path) -> None:

@@ -669,3 +669,11 @@ def test_a_registered_map_with_summed_log_derivatives_is_named():
     with pytest.raises(ValueError, match=r"Summed.forward returned .* log-derivatives of shape "
                                          r"\(5,\).*one log-derivative per feature"):
         layer(x64(5, 4))
+
+
+def test_a_nan_among_the_points_is_the_finite_check_not_an_in_place_write():
+    x = x64()
+    x[2, 1] = float("nan")
+    report = ef.check_transform(perturb(ef.transforms.ElementwiseAffine(3).double()), x,
+                                raise_on_failure=False)
+    assert [f.split(":")[0] for f in report.failures] == ["finite"]

@@ -261,3 +261,13 @@ def test_importance_samples_reweight_expectations_to_the_target():
     # The weights of estimate_log_normalizer's draw with the same seed.
     out = estimate_log_normalizer(wide, gaussian_target, n=40_000, seed=3)
     assert out["log_z_is"] == pytest.approx(float(w.logsumexp(0) - math.log(40_000)), abs=1e-12)
+
+
+def test_a_proposal_equal_to_the_target_up_to_float32_rounding_does_not_warn():
+    import warnings
+
+    flow = ef.models.maf(2)  # at initialization: a standard normal, in float32
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = estimate_log_normalizer(flow, lambda x: -0.5 * (x**2).sum(1), n=2000, seed=0)
+    assert math.isnan(out["pareto_k"]) and out["ess"] == pytest.approx(2000)

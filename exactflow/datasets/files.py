@@ -48,12 +48,21 @@ def _check_readable(path: str) -> None:
         raise DataError(f"cannot read {path!r}: permission denied")
 
 
-_HASH = (" (a line starting with '#' is a comment only before the table's first line; "
-         "inside the table it is a row, as Excel's #N/A in its first cell)")
+_HASH = (" (a line starting with '#' inside the table is a row when it has the table's "
+         "width, as with Excel's #N/A in a first cell; a comment otherwise)")
 
 
 def _is_comment(line: str) -> bool:
     return line.lstrip().startswith("#")
+
+
+def _opens_quote(line: str, delimiter: str | None) -> bool:
+    """Whether ``line`` leaves a quoted cell open, so that the csv module reads on into
+    the next line: a quote that starts a cell, and an odd count of quotes (a quote inside
+    an unquoted cell, as ``12" pipe``, is a plain character)."""
+    if delimiter is None or line.count('"') % 2 == 0:
+        return False
+    return any(cell.lstrip().startswith('"') for cell in line.split(delimiter))
 
 
 def _is_number(cell: str) -> bool:
@@ -124,8 +133,9 @@ def _read_text(
         raise DataError(f"cannot read {path!r}: {e.strerror or e}") from None
 
     # (1-based line number, line) of the lines that carry data; blank lines, and lines
-    # starting with '#' before the table, are skipped. Inside the table a '#' starts a cell
-    # (Excel's #N/A): skipping that line would move every later row up by one.
+    # starting with '#' before the table, are skipped. Inside the table such a line is a
+    # row when it has the table's width (Excel's #N/A in a first cell: skipping it moved
+    # every later row up by one), else a comment (numpy's footer, a note between rows).
     lines: list[tuple[int, str]] = []
     for i, line in enumerate(text.splitlines()):
         if line.strip() and (lines or not _is_comment(line)):
@@ -135,6 +145,8 @@ def _read_text(
     if delimiter is None:
         delimiter = _guess_delimiter(lines[0][1])
     first = [cell.strip() for cell in _split_line(lines[0][1], delimiter)]
+    lines = lines[:1] + [(n, line) for n, line in lines[1:] if not _is_comment(line)
+                         or len(_split_line(line, delimiter)) == len(first)]
     if header == "auto":
         second = _split_line(lines[1][1], delimiter) if len(lines) > 1 else None
         has_header = _is_header(first, second)
@@ -155,7 +167,7 @@ def _read_text(
         records = csv.reader((line for _, line in body), delimiter=delimiter)
     rows: list[list[float]] = []
     for (lineno, line), cells in zip(body, records, strict=False):
-        if '"' in line and line.count('"') % 2:  # (a quote left open: csv joins lines)
+        if '"' in line and _opens_quote(line, delimiter):  # (csv joins the next line)
             raise DataError(
                 f"{path!r}: the quoted cell that starts on line {lineno} runs over several "
                 "lines; a table of numbers has one row per line"
@@ -163,7 +175,7 @@ def _read_text(
         if len(cells) != width:
             raise DataError(
                 f"{path!r}: line {lineno} has {len(cells)} fields, expected {width} "
-                f"(as on line {lines[0][0]})" + (_HASH if _is_comment(line) else "")
+                f"(as on line {lines[0][0]})"
             )
         try:
             if "_" in line and any("_" in cells[j] for j in keep):
@@ -175,8 +187,8 @@ def _read_text(
     if header == "auto" and not has_header and _looks_like_names(first, keep, table):
         warn_user(
             f"{path!r}: line {lines[0][0]} ({', '.join(first)}) is read as a row of data, "
-            "but its whole numbers lie outside the range of the rows below it in most "
-            "columns, as column names such as years would; if it names the columns, give "
+            "but its whole numbers lie far outside the range of the rows below them in "
+            "every column, as column names such as years would; if it names the columns, give "
             "them names that are not numbers (y2019; in Python, header=True reads it as "
             "names)"
         )
@@ -185,12 +197,18 @@ def _read_text(
 
 def _looks_like_names(first: list[str], keep: list[int], table: np.ndarray) -> bool:
     """Whether a first line read as data looks like column names written as numbers:
-    whole numbers, each outside the range of its column below it in most columns."""
-    if len(table) < 3 or not all(first[j].lstrip("+-").isdigit() for j in keep):
+    two or more distinct whole numbers above five rows or more, each farther outside its
+    column's range below it than that range is wide (2019 above values of 8 to 12; a
+    table of counts, sorted or not, has no such first row)."""
+    cells = [first[j] for j in keep]
+    if len(cells) < 2 or len(table) < 6 or len(set(cells)) < len(cells):
+        return False
+    if not all(cell.lstrip("+-").isdigit() for cell in cells):
         return False
     rest = table[1:]
-    outside = (table[0] < rest.min(0)) | (table[0] > rest.max(0))
-    return bool(outside.mean() > 0.5)
+    low, high = rest.min(0), rest.max(0)
+    gap = np.maximum(low - table[0], table[0] - high)
+    return bool(np.all(gap > np.maximum(high - low, 1e-12)))
 
 
 def _raise_cell_error(

@@ -109,13 +109,17 @@ def _prepare_out(out: Path, *, resume: bool, overwrite: bool) -> dict[str, Any] 
 
 def _numbers_rows(column: np.ndarray) -> bool:
     """Whether the integers of ``column`` name the rows, as row numbers or IDs do: they
-    rise (or fall) from row to row, or (50 rows and more) no two rows share one."""
-    if len(column) <= 2:
+    rise (or fall) from row to row, or (50 rows and more) no two rows share one and they
+    fill most of their range, as IDs given in turn and shuffled do (incomes, prices and
+    counts spread far wider than one value per row)."""
+    n = len(column)
+    if n <= 2:
         return False
     steps = np.diff(column)
     if bool(np.all(steps > 0)) or bool(np.all(steps < 0)):
         return True
-    return len(column) >= 50 and len(np.unique(column)) == len(column)
+    span = float(column.max() - column.min()) + 1
+    return n >= 50 and span <= 1.5 * n and len(np.unique(column)) == n
 
 
 def _silent(text: str) -> None:

@@ -27,20 +27,25 @@ K_UNRELIABLE = 0.7
 ESS_LOW = 0.01
 
 
+#: Log-weights whose largest ones lie within this of each other are even: a proposal equal
+#: to the target up to its dtype's rounding (float32 log-densities differ by about 1e-6).
+_EVEN = 1e-3
+
+
 def pareto_k(w: Tensor) -> float:
     """The shape ``k`` of a generalized Pareto distribution fitted (maximum likelihood,
     ``scipy.stats.genpareto``) to the largest ``min(n / 5, 3 sqrt(n))`` weights above the
     next one, as PSIS does: how heavy the weights' upper tail is. ``k < 0.5``: the
     estimate has a finite variance; ``k > 0.7``: it converges too slowly to be trusted.
-    NaN with fewer than 25 finite weights or when the largest weights are equal (a
-    proposal equal to the target)."""
+    NaN with fewer than 25 finite weights or when the largest weights are equal to within
+    0.1% (a proposal equal to the target up to rounding)."""
     finite = w[w.isfinite()].double().cpu().numpy()
     n = finite.size
     m = int(min(n / 5, 3 * math.sqrt(n)))
     if m < 5:
         return math.nan
     top = np.sort(finite)[-(m + 1):]
-    if top[-1] - top[0] < 1e-12:
+    if top[-1] - top[0] < _EVEN:  # (rounding of equal weights has no tail to fit)
         return math.nan
     exceed = np.exp(top[1:] - top[-1]) - np.exp(top[0] - top[-1])
     shape, _, _ = genpareto.fit(exceed, floc=0)
