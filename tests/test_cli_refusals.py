@@ -205,3 +205,35 @@ def test_score_reads_an_npy_file_a_block_at_a_time(gaussian_run, table, tmp_path
     np.save(tmp_path / "wide.npy", np.c_[rows[:, :1], np.ones(300), rows[:, 1:]])
     code, _, err = run_cli(["score", gaussian_run, tmp_path / "wide.npy"])
     assert code == 1 and "has 4 columns but the model" in err
+
+
+def test_score_skips_rows_with_a_missing_value_when_asked(gaussian_run, tmp_path):
+    data = tmp_path / "holes.csv"
+    rows = np.random.default_rng(4).normal(size=(6, 3))
+    lines = ["a,b,c"] + [",".join(f"{v:.6f}" for v in r) for r in rows]
+    lines[2] = lines[2].replace(lines[2].split(",")[1], "NA")  # row 1
+    lines[5] = ",".join(["", *lines[5].split(",")[1:]])  # row 4: an empty cell
+    data.write_text("\n".join(lines) + "\n")
+    code, _, err = run_cli(["score", gaussian_run, data, "-o", tmp_path / "o.csv"])
+    assert code == 1 and "'NA' at line 3, column 2 ('b') (a missing value)" in err
+    assert "--missing skip" in err
+    out = tmp_path / "s.csv"
+    code, said, err = run_cli(["score", gaussian_run, data, "--missing", "skip",
+                               "--threshold-quantile", "0.1", "-o", out])
+    assert code == 0, err
+    assert "scored 4 of 6 rows" in said and "rows 1, 4, from 0" in said
+    table = np.genfromtxt(out, delimiter=",", names=True)
+    assert np.isnan(table["log_density"][[1, 4]]).all()
+    assert np.isnan(table["anomaly"][[1, 4]]).all() and np.isnan(table["p_value"][[1, 4]]).all()
+    kept = [0, 2, 3, 5]
+    code, text, _ = run_cli(["score", gaussian_run, data, "--missing", "skip", "--json"])
+    result = json.loads(text)
+    assert result["unscored_rows"] == 2
+    assert [result["log_density"][i] is None for i in range(6)] == [
+        i not in kept for i in range(6)]
+    # The other rows score as they do alone.
+    alone = tmp_path / "alone.csv"
+    alone.write_text("\n".join([lines[0]] + [lines[1 + i] for i in kept]) + "\n")
+    code, text, _ = run_cli(["score", gaussian_run, alone, "--json"])
+    np.testing.assert_allclose([result["log_density"][i] for i in kept],
+                               json.loads(text)["log_density"], rtol=1e-12)

@@ -172,9 +172,13 @@ def test_load_csv_line_numbers_count_comments_and_blank_lines(tmp_path) -> None:
 def test_a_hash_inside_the_table_is_a_cell_not_a_comment(tmp_path) -> None:
     # Excel writes #N/A for a missing value; skipping that line moved every later row up.
     path = _write(tmp_path, "x.csv", "# exported\na,b,c\n1,2,3\n#N/A,5,6\n7,8,9\n")
-    with pytest.raises(DataError, match=r"non-numeric cell '#N/A' at line 4, column 1 "
-                                        r"\('a'\).*has the table's width"):
+    with pytest.raises(DataError, match=r"'#N/A' at line 4, column 1 \('a'\) \(a missing "
+                                        r"value\).*--missing skip"):
         ds.load(path)
+    assert np.isnan(ds.load(path, missing="nan")[1, 0])
+    with pytest.raises(DataError, match=r"non-numeric cell '#REF!' at line 3.*has the table's "
+                                        r"width"):
+        ds.load(_write(tmp_path, "r.csv", "a,b,c\n1,2,3\n#REF!,5,6\n"))
     assert ds.read_header(path) == ["a", "b", "c"]
     assert ds.load(path, columns=["b", "c"]).tolist() == [[2, 3], [5, 6], [8, 9]]
     # A '#' line of another width stays a comment: a note between rows, numpy's footer.

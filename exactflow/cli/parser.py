@@ -273,6 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", metavar="DATA", help="data file (.csv, .npy, .npz) or toy name")
     p.add_argument("-o", "--output", metavar="FILE",
                    help="write scores to FILE (.csv, .tsv, .txt or .npy)")
+    p.add_argument("--missing", choices=("error", "skip"), default="error",
+                   help="rows with a missing value (an empty cell, NA, N/A, #N/A, null, ?, "
+                        "NaN): error (default) stops at the first; skip scores the other "
+                        "rows and leaves these NaN in the output")
     p.add_argument("--threshold-quantile", type=_fraction, metavar="Q",
                    help="flag rows whose conformal p-value is at most Q (a false-alarm rate "
                         "of Q on new normal data), and rows scored -inf")

@@ -15,7 +15,7 @@ import numpy as np
 from ..datasets import CHUNK_ROWS, DataError, read_header
 from ..io import atomic_write_bytes, csv_rows, write_table
 from ..runs import RunError, anomaly, load_run, read_data
-from ..validation import counted, nonfinite_rows_error
+from ..validation import counted, index_list, nonfinite_rows_error
 from .common import CommandError, fmt, say, with_key
 from .output import SampleStream, json_cap_error
 
@@ -170,7 +170,8 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
         info = {"name": source.name}
         picked = None if chosen is None else [int(c) for c in chosen]
     else:
-        source_rows, info = read_data(args.data, chosen, seed=0)
+        source_rows, info = read_data(args.data, chosen, seed=0,
+                                      missing="nan" if args.missing == "skip" else "error")
     d = run.features
     width = source_rows.shape[1] if picked is None else len(picked)
     if width != d:
@@ -183,14 +184,22 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
         raise DataError(f"{info['name']} has no rows")
     scores = np.empty(len(source_rows))
     bad: list[int] = []
+    skip = args.missing == "skip"  # rows with a missing value left unscored: NaN
     for start in range(0, len(source_rows), CHUNK_ROWS):
         block = np.asarray(source_rows[start : start + CHUNK_ROWS], dtype=np.float64)
         block = block if picked is None else block[:, picked]
-        bad += (start + np.flatnonzero(np.isnan(block).any(axis=1))).tolist()
-        if not bad:
+        holes = np.isnan(block).any(axis=1)
+        bad += (start + np.flatnonzero(holes)).tolist()
+        if skip:
+            part = scores[start : start + len(block)]
+            part[holes] = np.nan
+            if not holes.all():
+                part[~holes] = run.score(block[~holes])
+        elif not bad:
             scores[start : start + len(block)] = run.score(block)
-    if bad:
+    if bad and not skip:
         raise nonfinite_rows_error(info["name"], len(bad), bad)
+    scored = ~np.isnan(scores)
     q = args.threshold_quantile
     try:
         calibration = run.calibration()
@@ -200,9 +209,14 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
         calibration = None  # log-densities only: the held-out rows are gone
     p = flags = None
     if calibration is not None:
-        p = anomaly.p_values(scores, calibration)
+        p = np.full(len(scores), np.nan)
+        p[scored] = anomaly.p_values(scores[scored], calibration)
     if q is not None and calibration is not None:
-        p, flags = anomaly.flag(scores, calibration, q)  # (warns where q is below every p)
+        flags = np.full(len(scores), np.nan)
+        # (anomaly.flag warns where q is below every p-value)
+        p_scored, flags[scored] = anomaly.flag(scores[scored], calibration, q)
+        p = np.full(len(scores), np.nan)
+        p[scored] = p_scored
     outside = int(np.isneginf(scores).sum())
     result: dict[str, Any] = {
         "ok": True, "n": int(len(scores)), "output": str(out) if out else None,
@@ -214,16 +228,17 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
         "smallest_p_value": None if calibration is None else anomaly.smallest_p_value(
             len(calibration)),
         "lower_bound": bool(run.dequantized),
+        "unscored_rows": len(bad),
     }
     columns, header = [scores], ["log_density"]
     if p is not None:
         columns.append(p)
         header.append("p_value")
     if flags is not None:
-        columns.append(flags.astype(np.float64))
+        columns.append(flags)
         header.append("anomaly")
-        result.update(threshold_quantile=q, anomalies=int(flags.sum()),
-                      anomaly_rows=np.flatnonzero(flags)[:1000].tolist())
+        result.update(threshold_quantile=q, anomalies=int((flags == 1).sum()),
+                      anomaly_rows=np.flatnonzero(flags == 1)[:1000].tolist())
     table = np.stack(columns, axis=1)
     rows = np.arange(len(scores), dtype=np.float64).reshape(-1, 1)
     if out is not None:
@@ -231,8 +246,13 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
             _write_table(out, table, header)
         else:
             _write_table(out, np.hstack([rows, table]), ["row", *header], fmt="%.10g")
-        say(args, f"scored {len(scores)} rows of {info['name']}: mean log-density "
+        done = f"{len(scores) - len(bad)} of {len(scores)}" if bad else f"{len(scores)}"
+        say(args, f"scored {done} rows of {info['name']}: mean log-density "
                    f"{fmt(result['mean_log_density'])} nats; wrote {out}")
+        if bad:
+            say(args, f"{counted(len(bad), 'row')} with a missing value not scored "
+                       f"(row{'s' if len(bad) > 1 else ''} {index_list(bad, len(bad))}, from "
+                       "0): log_density, p_value and anomaly are NaN there")
         if outside:
             flagged = ("flagged as anomalies" if flags is not None else
                        "anomalies under any --threshold-quantile")
@@ -243,14 +263,14 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
             expected = "" if rate == 0 else (
                 f", so about {rate:.1%} of new normal rows are flagged"
                 + ("" if rate == q else f" (p-values are multiples of 1/{len(calibration) + 1})"))
-            say(args, f"{int(flags.sum())} rows flagged as anomalies: conformal p-value <= "
+            say(args, f"{int((flags == 1).sum())} rows flagged as anomalies: conformal p-value <= "
                        f"{q:g} against the {len(calibration)} held-out rows{expected}")
     elif args.json:
         result["log_density"] = scores.tolist()
         if p is not None:
             result["p_value"] = p.tolist()
         if flags is not None:
-            result["anomaly"] = flags.tolist()
+            result["anomaly"] = [None if np.isnan(v) else bool(v) for v in flags]
     else:  # a chunk at a time: a reader gone (| head) is seen at the next chunk's write
         sys.stdout.write(",".join(["row", *header]) + "\n")
         lines = np.hstack([rows, table])

@@ -8,6 +8,7 @@ whole) and ``.npz``; every unreadable file, ragged row or non-numeric cell raise
 from __future__ import annotations
 
 import csv
+import math
 import os
 import struct
 import zipfile
@@ -50,6 +51,19 @@ def _check_readable(path: str) -> None:
 
 _HASH = (" (a line starting with '#' inside the table is a row when it has the table's "
          "width, as with Excel's #N/A in a first cell; a comment otherwise)")
+
+
+#: Cells read as a missing value with ``missing="nan"``: pandas' default ``na_values``, and
+#: the ``?`` of many public tables.
+MISSING = frozenset({
+    "", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND",
+    "1.#QNAN", "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null", "?",
+})
+
+
+def _number_or_nan(cell: str) -> float:
+    """``float(cell)``, or NaN for a missing-value marker (:data:`MISSING`)."""
+    return math.nan if cell.strip() in MISSING else float(cell)
 
 
 def _is_comment(line: str) -> bool:
@@ -122,7 +136,8 @@ def _column_indices(
 
 
 def _read_text(
-    path: str, columns: Sequence[int | str] | None, header: bool | str, delimiter: str | None
+    path: str, columns: Sequence[int | str] | None, header: bool | str, delimiter: str | None,
+    missing: str = "error",
 ) -> np.ndarray:
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
@@ -166,6 +181,7 @@ def _read_text(
     else:
         records = csv.reader((line for _, line in body), delimiter=delimiter)
     rows: list[list[float]] = []
+    number = float if missing == "error" else _number_or_nan
     for (lineno, line), cells in zip(body, records, strict=False):
         if '"' in line and _opens_quote(line, delimiter):  # (csv joins the next line)
             raise DataError(
@@ -180,7 +196,7 @@ def _read_text(
         try:
             if "_" in line and any("_" in cells[j] for j in keep):
                 raise ValueError  # (float() reads '1_0' as 10, as Python source would)
-            rows.append([float(cells[j]) for j in keep])
+            rows.append([number(cells[j]) for j in keep])
         except ValueError:
             _raise_cell_error(path, lineno, cells, keep, names)
     table = np.array(rows, dtype=np.float64).reshape(len(rows), len(keep))
@@ -218,11 +234,12 @@ def _raise_cell_error(
         cell = cells[j].strip()
         if not _is_number(cell) or "_" in cell:
             where = f"column {j + 1}" + (f" ({names[j]!r})" if names else "")
-            if not cell:
+            if cell in MISSING:
+                what = "an empty cell" if not cell else f"{cell!r}"
                 raise DataError(
-                    f"{path!r}: an empty cell at line {lineno}, {where} (a missing value); "
-                    "drop or impute that row, or leave the column out (columns=[...]; --columns in "
-                    "the command line)"
+                    f"{path!r}: {what} at line {lineno}, {where} (a missing value); drop or "
+                    "impute that row, or leave the column out (columns=[...]; --columns in "
+                    "the command line); `exactflow score --missing skip` scores the other rows"
                 )
             raise DataError(
                 f"{path!r}: non-numeric cell {cell!r} at line {lineno}, {where}; "
@@ -269,6 +286,7 @@ def load(
     delimiter: str | None = None,
     mmap: bool = True,
     key: str | None = None,
+    missing: str = "error",
 ) -> np.ndarray | Subset:
     """Read a table of numbers from a CSV, ``.npy`` or ``.npz`` file.
 
@@ -299,6 +317,9 @@ def load(
         mmap: memory-map ``.npy`` files (default).
         key: the array to take from a ``.npz`` holding several (or ``path`` written
             ``"data.npz:name"``).
+        missing: ``"error"`` (default): an empty cell is an error naming it; ``"nan"``:
+            empty cells and the usual markers of a missing value (``NA``, ``N/A``,
+            ``#N/A``, ``null``, ``?``...: :data:`MISSING`) read as NaN (CSV only).
 
     Returns:
         A float64 ``ndarray`` for text; for ``.npy``/``.npz`` the stored array as is (an
@@ -322,7 +343,9 @@ def load(
     if ext in (".csv", ".tsv", ".txt", ".dat"):
         if ext == ".tsv" and delimiter is None:
             delimiter = "\t"
-        return _read_text(path, columns, header, delimiter)
+        if missing not in ("error", "nan"):
+            raise ValueError(f"missing must be 'error' or 'nan', got {missing!r}")
+        return _read_text(path, columns, header, delimiter, missing)
     if ext in (".npy", ".npz"):
         # Without its magic bytes numpy would try to unpickle the file: say what it is not.
         magic = b"\x93NUMPY" if ext == ".npy" else b"PK"

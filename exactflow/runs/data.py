@@ -24,7 +24,8 @@ BUILTIN = (*TOYS, "digits")
 
 
 def read_data(
-    spec: Any, columns: Sequence[int | str] | None = None, *, samples: int = 20000, seed: int = 0
+    spec: Any, columns: Sequence[int | str] | None = None, *, samples: int = 20000, seed: int = 0,
+    missing: str = "error",
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """The rows named by ``spec`` as a float64 array, with a description of their source.
 
@@ -32,7 +33,7 @@ def read_data(
     ``seed``), ``"digits"`` (scikit-learn's 8x8 digits, dequantized), a path to a CSV,
     ``.npy`` or ``.npz`` file (``columns`` picks columns by header name or index), or an
     array of rows (a pandas DataFrame keeps its column names, and ``columns`` may name
-    them).
+    them). ``missing="nan"`` reads a CSV's missing values as NaN (``datasets.load``).
 
     Raises:
         DataError: a missing or unreadable file, or columns that do not fit.
@@ -53,7 +54,7 @@ def read_data(
             return arr, {"source": "builtin", "name": "digits", "path": None, "columns": None,
                          "column_names": [f"pixel{i}" for i in range(arr.shape[1])],
                          "seed": seed, "entropy": None}
-        return _read_file(Path(text), columns)
+        return _read_file(Path(text), columns, missing)
     names = column_names(spec)
     arr = np.asarray(spec)
     if arr.dtype.kind not in "biuf":
@@ -90,14 +91,16 @@ def _column_index(column: int | str, names: list[str] | None) -> int:
     return int(column)
 
 
-def _read_file(path: Path, columns: Sequence[int | str] | None) -> tuple[np.ndarray, dict]:
+def _read_file(
+    path: Path, columns: Sequence[int | str] | None, missing: str = "error"
+) -> tuple[np.ndarray, dict]:
     file, _ = split_key(path)  # "data.npz:name" picks one array of an .npz
     if not Path(file).exists():
         raise DataError(
             f"{str(path)!r} is neither a built-in dataset ({', '.join(BUILTIN)}) nor an "
             "existing file"
         )
-    arr = np.asarray(load(path, columns=columns))
+    arr = np.asarray(load(path, columns=columns, missing=missing))
     if arr.dtype.kind not in "biuf":
         validate(arr, name=path.name)
     arr = np.array(arr, dtype=np.float64)  # a writable in-memory copy (memmaps are read-only)
