@@ -48,6 +48,7 @@ seconds, and why it was skipped if it was), is returned for the run folder and t
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -57,6 +58,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from ..datasets import check_full_rank, column_names, cut_between_copies, shuffled_rows
 from ..distributions import Flow
@@ -75,7 +77,7 @@ from ..validation import (
 from .batches import hold_out, wrap
 from .history import History
 from .likelihood import fit
-from .loop import TrainingError
+from .loop import TrainingError, clone
 from .metrics import evaluate
 
 __all__ = ["fit_auto", "ladder", "select_gmm", "Candidate", "Entry", "AutoResult",
@@ -310,6 +312,9 @@ def fit_auto(
     say(describe_standardize(standardize))
     board: list[Entry] = []
     best: tuple[float, Flow, History] | None = None
+    # The chosen mixture as its own rung fitted it: the rungs on it start from it instead
+    # of fitting it again (the same EM on the same rows: 2.2 s on 90,000 x 6).
+    mixtures: dict[str, dict[str, Tensor]] = {}
 
     def run(name: str, config: dict[str, Any], options: dict[str, Any], deadline: float,
             spent: float = 0.0) -> None:
@@ -327,6 +332,9 @@ def fit_auto(
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 flow = build(full)
+            mixture = _mixture_key(config)
+            if mixture in mixtures and isinstance(flow.base, GaussianMixture):
+                flow.base.load_state_dict(mixtures[mixture])
             history = fit(flow, rows, val_rows, context=ctx, val_context=val_ctx, seed=seed,
                           device=device, progress=progress,
                           time_limit=max(deadline - time.perf_counter(), 1e-3), **options)
@@ -339,6 +347,8 @@ def fit_auto(
             say(f"{name}: {entry.status}")
             return
         entry.seconds = time.perf_counter() - clock
+        if config.get("model") == "gmm" and isinstance(flow.base, GaussianMixture):
+            mixtures[_mixture_key(config)] = clone(flow.base.state_dict())
         entry.val_nll = val_nll if math.isfinite(val_nll) else None
         entry.steps, entry.best_step = history.total_steps, history.best_step
         if history.stopped_early and time.perf_counter() >= deadline:
@@ -446,6 +456,15 @@ def _warn_dominant_rows(flow: Flow, val_rows: Any, val_ctx: Any, held_out: bool)
         f"on {'it' if one else 'them'}. If {'it is an error' if one else 'they are errors'}, "
         "remove and fit again"
     )
+
+
+def _mixture_key(config: dict[str, Any]) -> str:
+    """The mixture a rung's config fits: the ``gmm`` model's own, or a flow's ``base``."""
+    if config.get("model") == "gmm":
+        mixture = {"name": "gmm", **{k: v for k, v in config.items() if k != "model"}}
+    else:
+        mixture = config.get("base") or {}
+    return json.dumps(mixture, sort_keys=True)
 
 
 def _array(data: Any) -> np.ndarray:
