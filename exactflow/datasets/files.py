@@ -182,7 +182,9 @@ def _read_text(
         records = csv.reader((line for _, line in body), delimiter=delimiter)
     rows: list[list[float]] = []
     number = float if missing == "error" else _number_or_nan
-    for (lineno, line), cells in zip(body, records, strict=False):
+    # (strict: a line the csv module read on into the next would leave the lines and the
+    # records out of step; the quote check above names the usual cause first)
+    for (lineno, line), cells in _in_step(path, body, records):
         if '"' in line and _opens_quote(line, delimiter):  # (csv joins the next line)
             raise DataError(
                 f"{path!r}: the quoted cell that starts on line {lineno} runs over several "
@@ -209,6 +211,20 @@ def _read_text(
             "names)"
         )
     return table
+
+
+def _in_step(
+    path: str, body: list[tuple[int, str]], records: Iterator[list[str]]
+) -> Iterator[tuple[tuple[int, str], list[str]]]:
+    """``zip(body, records)``, refusing lines and records out of step (a record over
+    several lines) by name instead of with ``zip``'s own message."""
+    try:
+        yield from zip(body, records, strict=True)
+    except ValueError as err:
+        if not str(err).startswith("zip()"):
+            raise
+        raise DataError(f"{path!r}: a quoted cell runs over several lines; a table of "
+                        "numbers has one row per line") from None
 
 
 def _looks_like_names(first: list[str], keep: list[int], table: np.ndarray) -> bool:
