@@ -266,7 +266,8 @@ class Flow(Distribution):
         x = self._check_x(x)
         given = self._check_context(context, x.shape[0], lead)
         z, ladj = self.transform(x, self._embed(given))
-        log_p = _overflow_to_neg_inf(self.base.log_prob(z) + per_row(ladj, x, z), x, given)
+        log_p = _overflow_to_neg_inf(
+            self.base.log_prob(z) + per_row(ladj, x, z, type(self.transform).__name__), x, given)
         return log_p if lead is None else log_p.reshape(lead)
 
     def _embed(self, context: Tensor | None) -> Tensor | None:
@@ -340,7 +341,7 @@ class Flow(Distribution):
         z = self.base.rsample(int(np.prod(shape)))
         log_pz = self.base.log_prob(z)
         x, ladj_inv = self.transform.inverse(z, ctx)
-        log_px = log_pz - per_row(ladj_inv, z, x)
+        log_px = log_pz - per_row(ladj_inv, z, x, type(self.transform).__name__)
         return x.reshape(*shape, self.features), log_px.reshape(shape)
 
     def extra_repr(self) -> str:

@@ -342,9 +342,9 @@ def test_a_layer_with_a_log_det_per_batch_not_per_row_is_named_by_the_flow():
             x, ladj = super().inverse(z, context)
             return x, ladj[:, None]
 
-    flow = ef.Flow(Keepdim(4), ef.StandardNormal(4))
-    with pytest.raises(ValueError, match=r"log-det of shape \(6, 1\) for 6 rows.*"
-                                         r"ef.check_transform"):
+    flow = ef.Flow(Keepdim(4), ef.StandardNormal(4))  # (a lone layer is named too)
+    with pytest.raises(ValueError, match=r"Keepdim returned a log-det of shape \(6, 1\) for "
+                                         r"6 rows.*ef.check_transform"):
         flow.log_prob(torch.randn(6, 4))
     with pytest.raises(ValueError, match=r"log-det of shape \(3, 1\) for 3 rows"):
         flow.sample_and_log_prob(3)
@@ -371,7 +371,7 @@ def test_a_layer_that_changes_the_width_is_named():
         def forward(self, x, context=None):
             return x[:, :2], x.new_zeros(len(x))
 
-    for transform, name in ((Drop(), "the transform"),
+    for transform, name in ((Drop(), "Drop"),
                             (ef.Compose(Drop(), ef.transforms.Reverse(3)), "Drop")):
         with pytest.raises(ValueError, match=f"{name} returned an output of shape \\(4, 2\\) "
                                              r"for an input of shape \(4, 3\)"):
