@@ -842,3 +842,16 @@ def test_train_says_why_the_test_nll_is_not_finite(capsys):
     out = capsys.readouterr().out
     assert "test NLL inf" in out
     assert "1 of the test rows score -inf or NaN" in out and "the test NLL is 2.5000" in out
+
+
+def test_train_names_a_deciding_validation_row_by_its_row_in_the_file(tmp_path):
+    from sklearn.datasets import load_wine
+
+    x = load_wine().data.copy()
+    x[57, 0] = x[:, 0].mean() + 30 * x[:, 0].std()  # held out for validation with seed 30
+    csv = write_csv(tmp_path / "wine.csv", x, [f"c{i}" for i in range(x.shape[1])])
+    with pytest.warns(UserWarning, match=r"1 validation row \(row 57 of the data\) scores "
+                                         r"more than"):
+        code, _, err = run_cli(["train", csv, "--budget", "5", "--seed", "30", "--no-report",
+                                "--out", tmp_path / "r"])
+    assert code == 0, err

@@ -237,3 +237,17 @@ def test_score_skips_rows_with_a_missing_value_when_asked(gaussian_run, tmp_path
     code, text, _ = run_cli(["score", gaussian_run, alone, "--json"])
     np.testing.assert_allclose([result["log_density"][i] for i in kept],
                                json.loads(text)["log_density"], rtol=1e-12)
+
+
+def test_score_of_rows_all_missing_is_an_error_and_nan_rows_point_to_skip(gaussian_run,
+                                                                         tmp_path):
+    data = tmp_path / "empty.csv"
+    data.write_text("a,b,c\nNA,1,2\n3,,4\n")
+    code, _, err = run_cli(["score", gaussian_run, data, "--missing", "skip"])
+    assert code == 1 and "every row of empty.csv has a missing value: none to score" in err
+    rows = np.random.default_rng(5).normal(size=(4, 3))
+    rows[2, 1] = np.nan
+    np.save(tmp_path / "r.npy", rows)
+    code, _, err = run_cli(["score", gaussian_run, tmp_path / "r.npy"])
+    assert code == 1 and "NaN or inf in 1 row (row indices 2)" in err
+    assert "--missing skip scores the other rows" in err

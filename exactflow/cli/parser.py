@@ -263,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "flagged. Columns are matched by name when DATA has a header. "
                     "Without -o, CSV goes to stdout; with --json the scores come inside the "
                     "JSON object, a -inf log-density as null (JSON has no infinities; "
-                    "minus_inf_rows counts them), and anomaly_rows lists the first 1,000 "
+                    "minus_inf_rows counts them; a row left unscored by --missing skip is "
+                    "null in every list), and anomaly_rows lists the first 1,000 "
                     "flagged rows (anomalies counts them all).",
         epilog="examples:\n"
                "  exactflow score runs/maf new.csv -o scores.csv\n"

@@ -198,7 +198,10 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
         elif not bad:
             scores[start : start + len(block)] = run.score(block)
     if bad and not skip:
-        raise nonfinite_rows_error(info["name"], len(bad), bad)
+        err = nonfinite_rows_error(info["name"], len(bad), bad)
+        raise DataError(f"{err}; --missing skip scores the other rows")
+    if skip and len(bad) == len(scores):
+        raise DataError(f"every row of {info['name']} has a missing value: none to score")
     scored = ~np.isnan(scores)
     q = args.threshold_quantile
     try:
@@ -263,7 +266,8 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
             expected = "" if rate == 0 else (
                 f", so about {rate:.1%} of new normal rows are flagged"
                 + ("" if rate == q else f" (p-values are multiples of 1/{len(calibration) + 1})"))
-            say(args, f"{int((flags == 1).sum())} rows flagged as anomalies: conformal p-value <= "
+            say(args, f"{counted(int((flags == 1).sum()), 'row')} flagged as anomalies: "
+                       f"conformal p-value <= "
                        f"{q:g} against the {len(calibration)} held-out rows{expected}")
     elif args.json:
         result["log_density"] = scores.tolist()

@@ -29,7 +29,7 @@ from .bundled import digits
 from .checks import check_full_rank, validate
 from .files import load, read_header
 from .shards import Shards, open_table, write_shards
-from .splits import as_tensor, cut_between_copies, shuffled_rows, split
+from .splits import as_tensor, cut_between_copies, shuffled_rows, split, split_indices
 from .toys import TOY_ENTROPY, TOYS, toy
 
 __all__ = [
@@ -52,6 +52,7 @@ __all__ = [
     "check_full_rank",
     "column_names",
     "split",
+    "split_indices",
     "shuffled_rows",
     "cut_between_copies",
     "as_tensor",

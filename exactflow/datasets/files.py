@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import re
 import struct
 import zipfile
 import zlib
@@ -66,8 +67,13 @@ def _number_or_nan(cell: str) -> float:
     return math.nan if cell.strip() in MISSING else float(cell)
 
 
+#: A first cell that is a spreadsheet's missing value, not the start of a comment.
+_HASH_CELL = re.compile(r"\s*#(N/A( N/A)?|NA)\s*([,;\t]|$)")
+
+
 def _is_comment(line: str) -> bool:
-    return line.lstrip().startswith("#")
+    """A line starting with ``#``, unless its first cell is ``#N/A`` or ``#NA``."""
+    return line.lstrip().startswith("#") and not _HASH_CELL.match(line)
 
 
 def _opens_quote(line: str, delimiter: str | None) -> bool:
@@ -163,8 +169,8 @@ def _read_text(
     lines = lines[:1] + [(n, line) for n, line in lines[1:] if not _is_comment(line)
                          or len(_split_line(line, delimiter)) == len(first)]
     if header == "auto":
-        second = _split_line(lines[1][1], delimiter) if len(lines) > 1 else None
-        has_header = _is_header(first, second)
+        has_header = _is_header(first, [_split_line(line, delimiter)
+                                        for _, line in lines[1 : 1 + _BELOW]])
     elif isinstance(header, bool):
         has_header = header
     else:
@@ -238,7 +244,9 @@ def _looks_like_names(first: list[str], keep: list[int], table: np.ndarray) -> b
     if not all(cell.lstrip("+-").isdigit() for cell in cells):
         return False
     rest = table[1:]
-    low, high = rest.min(0), rest.max(0)
+    if np.isnan(rest).all(axis=0).any():
+        return False
+    low, high = np.nanmin(rest, axis=0), np.nanmax(rest, axis=0)  # (missing cells: NaN)
     gap = np.maximum(low - table[0], table[0] - high)
     return bool(np.all(gap > np.maximum(high - low, 1e-12)))
 
@@ -457,22 +465,28 @@ def read_header(path: str | os.PathLike[str], delimiter: str | None = None) -> l
                 if delimiter is None:
                     delimiter = _guess_delimiter(line)
                 rows.append([cell.strip() for cell in _split_line(line, delimiter)])
-                if len(rows) == 2:
+                if len(rows) == 1 + _BELOW:
                     break
     except (OSError, UnicodeDecodeError):
         return None
     if not rows:
         return None
-    return rows[0] if _is_header(rows[0], rows[1] if len(rows) > 1 else None) else None
+    return rows[0] if _is_header(rows[0], rows[1:]) else None
 
 
-def _is_header(first: list[str], second: list[str] | None) -> bool:
+#: How many lines under a first line of ``0, 1, 2, ...`` are looked at for a decimal.
+_BELOW = 5
+
+
+def _is_header(first: list[str], below: list[list[str]]) -> bool:
     """Whether the first line of a table names its columns: none of its cells is a number,
     or they are the labels pandas writes for unnamed columns (``0, 1, 2, ...`` in any
-    order, after an empty cell for the index) above a line of decimals."""
+    order, after an empty cell for the index) above decimals in the next few lines (a
+    first row of missing values leaves its line without one)."""
     if not any(_is_number(cell) for cell in first):
         return True
     labels = first[1:] if first and first[0] == "" else first
     counts = sorted(labels) == sorted(str(i) for i in range(len(labels)))
-    return counts and second is not None and any(
-        _is_number(cell) and not cell.strip().lstrip("+-").isdigit() for cell in second)
+    return counts and any(
+        _is_number(cell) and not cell.strip().lstrip("+-").isdigit()
+        for line in below[:_BELOW] for cell in line)

@@ -12,7 +12,7 @@ from ..validation import DataError
 from .arrays import ArrayLike, LazyTable, Subset, as_numpy, is_lazy
 from .checks import validate
 
-__all__ = ["split", "as_tensor", "shuffled_rows", "cut_between_copies"]
+__all__ = ["split", "split_indices", "as_tensor", "shuffled_rows", "cut_between_copies"]
 
 
 def split(
@@ -44,11 +44,25 @@ def split(
         ValueError: fractions that are negative or do not sum to 1.
         DataError: data with fewer rows than parts or not 2-D.
     """
+    if not isinstance(data, (np.ndarray, Tensor, LazyTable)):
+        data = np.asarray(data)
+    parts = split_indices(data, fractions, seed)
+    if is_lazy(data):
+        return tuple(Subset(data, rows=np.sort(p)) for p in parts)  # type: ignore[arg-type]
+    if isinstance(data, Tensor):
+        return tuple(data[torch.from_numpy(p).to(data.device)] for p in parts)
+    arr = np.asarray(data)
+    return tuple(arr[p] for p in parts)
+
+
+def split_indices(
+    data: ArrayLike, fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0
+) -> list[np.ndarray]:
+    """The row numbers of each part :func:`split` makes (the same arguments, the same
+    parts), in the parts' order."""
     fr = np.asarray(fractions, dtype=np.float64)
     if fr.ndim != 1 or len(fr) < 1 or (fr < 0).any() or abs(fr.sum() - 1.0) > 1e-6:
         raise ValueError(f"fractions must be non-negative and sum to 1, got {tuple(fractions)}")
-    if not isinstance(data, (np.ndarray, Tensor, LazyTable)):
-        data = np.asarray(data)
     n = len(data)
     if len(data.shape) != 2:
         raise DataError(f"split needs a 2-D array (rows, features), got shape {tuple(data.shape)}")
@@ -57,13 +71,7 @@ def split(
     cuts = np.rint(np.cumsum(fr) * n).astype(np.int64)
     cuts[-1] = n
     perm, starts = shuffled_rows(data, rng=np.random.default_rng(seed))
-    parts = np.split(perm, cut_between_copies(cuts[:-1], starts))
-    if is_lazy(data):
-        return tuple(Subset(data, rows=np.sort(p)) for p in parts)  # type: ignore[arg-type]
-    if isinstance(data, Tensor):
-        return tuple(data[torch.from_numpy(p).to(data.device)] for p in parts)
-    arr = np.asarray(data)
-    return tuple(arr[p] for p in parts)
+    return np.split(perm, cut_between_copies(cuts[:-1], starts))
 
 
 def shuffled_rows(*tables: ArrayLike | None, rng: np.random.Generator

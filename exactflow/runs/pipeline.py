@@ -17,10 +17,11 @@ import numpy as np
 import torch
 
 from .. import distributed, models
-from ..datasets import check_full_rank, split, validate
+from ..datasets import check_full_rank, split_indices, validate
 from ..distributions import Flow
 from ..io import atomic_write_bytes, atomic_write_json, save
 from ..training import TrainingError, evaluate, fit, fit_auto
+from ..training.batches import wrap
 from ..transforms.standardize import describe_standardize, resolve_standardize
 from ..validation import (
     DataError,
@@ -276,7 +277,8 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
     if n < 10:
         raise DataError(f"{data_info['name']} has {counted(n, 'row')}; a train/validation/test "
                         "split needs at least 10")
-    train, val, test = split(rows, fractions, seed=seed)
+    parts = split_indices(rows, fractions, seed=seed)  # (split's parts, and their rows)
+    train, val, test = (rows[part] for part in parts)
     if min(len(train), len(val), len(test)) == 0:
         raise DataError(f"{data_info['name']}: {n} rows are too few for the fractions {fractions}")
     if 1 < train.shape[1] >= len(train):
@@ -343,6 +345,7 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
             _prepare_out(out, resume=resume, overwrite=overwrite)
         return _write_run(
             out, writer, flow, train, val, test, data_info, options, previous, model=model,
+            val_origin=parts[1],
             budget=budget, steps=steps, epochs=epochs, patience=patience,
             batch_size=batch_size, lr=lr, standardize=standardize, device=device, seed=seed,
             resume=resume, progress=progress, log=log,
@@ -354,7 +357,8 @@ def _write_run(out: Path, writer: bool, flow: Flow | None, train: Any, val: Any,
                previous: dict[str, Any] | None, *, model: Any, budget: float,
                steps: int | None, epochs: int | None, patience: int | None,
                batch_size: int | None, lr: float, standardize: bool | str, device: str, seed: int,
-               resume: bool, progress: bool, log: Callable[[str], None]) -> Run:
+               resume: bool, progress: bool, log: Callable[[str], None],
+               val_origin: np.ndarray) -> Run:
     checkpoint = out / CHECKPOINT_FILE
     if writer:
         out.mkdir(parents=True, exist_ok=True)
@@ -383,7 +387,9 @@ def _write_run(out: Path, writer: bool, flow: Flow | None, train: Any, val: Any,
     leaderboard = None
     try:
         if flow is None:
-            result = fit_auto(train, val, budget=budget, standardize=standardize, seed=seed,
+            held = wrap(val, "validation data", val.shape[1], strict=True)
+            held.origin = val_origin  # (its rows named by their numbers in the file)
+            result = fit_auto(train, held, budget=budget, standardize=standardize, seed=seed,
                               device=device, progress=False, log=log)
             flow, history = result.flow, result.history
             leaderboard = [entry.to_dict() for entry in result.leaderboard]

@@ -64,21 +64,18 @@ from ..datasets import check_full_rank, column_names, cut_between_copies, shuffl
 from ..distributions import Flow
 from ..gaussians import GaussianMixture
 from ..models import CLOSED_FORM, build
-from ..scoring import log_prob
 from ..transforms.standardize import Standardize, describe_standardize, resolve_standardize
 from ..validation import (
     DataError,
     counted,
-    index_list,
     positive_float,
     positive_int,
-    warn_user,
 )
 from .batches import hold_out, wrap
 from .history import History
 from .likelihood import fit
 from .loop import TrainingError, clone
-from .metrics import evaluate
+from .metrics import evaluate, warn_dominant_rows
 
 __all__ = ["fit_auto", "ladder", "select_gmm", "Candidate", "Entry", "AutoResult",
            "MIN_VAL_ROWS"]
@@ -418,44 +415,10 @@ def fit_auto(
         raise TrainingError("no candidate of the ladder could be fitted: " + "; ".join(
             f"{e.name}: {e.status}" for e in board) + ".")
     if not few:
-        _warn_dominant_rows(best[1], val_rows, val_ctx, val is None)
+        where = ("of the training data, held out" if val is None else "of the data"
+                 if val_rows.origin is not None else "of the validation data")
+        warn_dominant_rows(best[1], val_rows, val_ctx, where)
     return AutoResult(best[1], board, best[2])
-
-
-#: At most this many validation rows are looked at for rows that decide the choice alone.
-_DOMINANT_SCAN = 50_000
-
-
-def _warn_dominant_rows(flow: Flow, val_rows: Any, val_ctx: Any, held_out: bool) -> None:
-    """Warn when a few validation rows score so far below the others under the chosen
-    model that the mean validation NLL, by which every candidate was chosen, is mostly
-    theirs: rows more than ``max(50, 20 sqrt(d / 2))`` nats (20 standard deviations of a
-    Gaussian's log-density) above the median row's NLL. (A row 30 standard deviations out
-    on a 13-column table made the ladder pick a 1-component mixture over 3.)"""
-    n = min(len(val_rows), _DOMINANT_SCAN)
-    d = int(val_rows.data.shape[1])
-    ctx = None if val_ctx is None else val_ctx.data[:n]
-    nll = -log_prob(flow, val_rows.data[:n], ctx)
-    finite = nll[np.isfinite(nll)]
-    if len(finite) < MIN_VAL_ROWS:
-        return
-    median = float(np.median(finite))
-    limit = max(50.0, 20 * math.sqrt(d / 2))
-    far = np.flatnonzero(nll > median + limit)
-    share = float((nll[far] - median).sum() / (nll - median).clip(min=0).sum()) if len(far) else 0
-    if share < 0.5:
-        return
-    numbers = far if val_rows.origin is None else val_rows.origin[far]
-    where = "of the training data, held out" if held_out else "of the validation data"
-    one = len(far) == 1
-    warn_user(
-        f"{counted(len(far), 'validation row')} (row{'' if one else 's'} "
-        f"{index_list(numbers, len(far))} {where}) score{'s' if one else ''} more than "
-        f"{limit:.0f} nats below the median row under the chosen model and make "
-        f"{share:.0%} of the validation NLL's excess over it: the models were chosen mostly "
-        f"on {'it' if one else 'them'}. If {'it is an error' if one else 'they are errors'}, "
-        "remove and fit again"
-    )
 
 
 def _mixture_key(config: dict[str, Any]) -> str:

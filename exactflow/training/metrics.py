@@ -6,15 +6,16 @@ import math
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 
-from ..scoring import eval_mode, module_dtype
+from ..scoring import eval_mode, log_prob, module_dtype
 from ..stats import RunningMoments
-from ..validation import SHOW, DataError, counted, positive_int
+from ..validation import SHOW, DataError, counted, index_list, positive_int, warn_user
 from .batches import wrap, wrap_context
 from .loop import resolve_device
 
-__all__ = ["evaluate", "NLLSummary"]
+__all__ = ["evaluate", "NLLSummary", "warn_dominant_rows"]
 
 _LN2 = math.log(2.0)
 _FAR_NLL = 1e9  # nats: a value 45,000 standard deviations from a Gaussian's mean
@@ -213,4 +214,49 @@ def unscorable_error(flow: Any, rows: Any, context: Any, name: str, train: Any,
         f"{name}: {counted(len(far), 'row')} {verb} {score} under the model before "
         f"training, one with {float(size[:, column].max()):.3g} in column {column}, far "
         f"beyond the training rows: {effect}; drop such rows, or clip their values"
+    )
+
+
+#: At most this many validation rows are looked at for rows that decide the choice alone.
+_DOMINANT_SCAN = 50_000
+#: Far rows, at most 1% of the validation rows, adding this many nats to the mean
+#: validation NLL can decide the choice (the ladder's candidates often differ by less).
+_DOMINANT_NATS = 0.1
+
+
+def warn_dominant_rows(flow: Any, val_rows: Any, val_ctx: Any, where: str) -> None:
+    """Warn when a few validation rows score so far below the others under the chosen
+    model that the mean validation NLL, by which every candidate was chosen, is mostly
+    theirs: rows more than ``max(50, 20 sqrt(d / 2))`` nats (20 standard deviations of a
+    Gaussian's log-density) above the median row's NLL, making half its excess over the
+    median or, at most 1% of the rows, adding 0.1 nats to it. (A row 30 standard deviations out
+    on a 13-column table made the ladder pick a 1-component mixture over 3.) The rows are
+    named by ``val_rows.origin`` where it is set, ``where`` saying of what."""
+    n = min(len(val_rows), _DOMINANT_SCAN)
+    d = int(val_rows.data.shape[1])
+    ctx = None if val_ctx is None else val_ctx.data[:n]
+    nll = -log_prob(flow, val_rows.data[:n], ctx)
+    finite = nll[np.isfinite(nll)]
+    if not len(finite):
+        return
+    median = float(np.median(finite))
+    limit = max(50.0, 20 * math.sqrt(d / 2))
+    far = np.flatnonzero(nll > median + limit)
+    if not len(far):
+        return
+    excess = float((nll[far] - median).sum())
+    share = excess / float((nll - median).clip(min=0).sum())
+    added = excess / len(nll)  # nats their excess adds to the mean validation NLL
+    if share < 0.5 and (added < _DOMINANT_NATS or len(far) > 0.01 * len(nll)):
+        return
+    numbers = far if val_rows.origin is None else val_rows.origin[far]
+    one = len(far) == 1
+    warn_user(
+        f"{counted(len(far), 'validation row')} (row{'' if one else 's'} "
+        f"{index_list(numbers, len(far))} {where}) score{'s' if one else ''} more than "
+        f"{limit:.0f} nats below the median row under the chosen model, adding {added:.2f} "
+        f"nats to the mean validation NLL by which the models were chosen ({share:.0%} of "
+        f"its excess over the median row's): the choice may be {'its' if one else 'theirs'} "
+        f"more than the other rows'. If {'it is an error' if one else 'they are errors'}, "
+        "remove and fit again"
     )
