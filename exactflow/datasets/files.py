@@ -263,7 +263,8 @@ def _raise_cell_error(
                 raise DataError(
                     f"{path!r}: {what} at line {lineno}, {where} (a missing value); drop or "
                     "impute that row, or leave the column out (columns=[...]; --columns in "
-                    "the command line); `exactflow score --missing skip` scores the other rows"
+                    "the command line); when scoring, `exactflow score --missing skip` "
+                    "scores the other rows"
                 )
             raise DataError(
                 f"{path!r}: non-numeric cell {cell!r} at line {lineno}, {where}; "
