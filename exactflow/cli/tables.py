@@ -211,15 +211,14 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
             raise
         calibration = None  # log-densities only: the held-out rows are gone
     p = flags = None
-    if calibration is not None:
-        p = np.full(len(scores), np.nan)
-        p[scored] = anomaly.p_values(scores[scored], calibration)
-    if q is not None and calibration is not None:
-        flags = np.full(len(scores), np.nan)
-        # (anomaly.flag warns where q is below every p-value)
-        p_scored, flags[scored] = anomaly.flag(scores[scored], calibration, q)
-        p = np.full(len(scores), np.nan)
-        p[scored] = p_scored
+    if calibration is not None:  # (rows left unscored: NaN)
+        p_values = np.full(len(scores), np.nan)
+        if q is None:
+            p_values[scored] = anomaly.p_values(scores[scored], calibration)
+        else:  # (anomaly.flag warns where q is below every p-value)
+            flags = np.full(len(scores), np.nan)
+            p_values[scored], flags[scored] = anomaly.flag(scores[scored], calibration, q)
+        p = p_values
     outside = int(np.isneginf(scores).sum())
     result: dict[str, Any] = {
         "ok": True, "n": int(len(scores)), "output": str(out) if out else None,
