@@ -348,7 +348,8 @@ def test_train_resume_continues_an_interrupted_run(tmp_path, monkeypatch):
     "content, message",
     [
         (None, "neither a built-in dataset"),
-        ("a,b\n1,2\n3,nan\n" + "".join(f"{i},{i * i % 7}\n" for i in range(40)), "NaN"),
+        ("a,b\n1,2\n3,nan\n" + "".join(f"{i},{i * i % 7}\n" for i in range(40)),
+         "'nan' at line 3, column 2 ('b') (a missing value)"),
         ("a,b\n1,2\n3,hello\n" + "".join(f"{i},{i * i % 7}\n" for i in range(40)), "hello"),
         ("a,b\n" + "".join(f"{i},5\n" for i in range(40)),
          "constant (zero-variance) column 'b': a density"),
@@ -530,7 +531,7 @@ def test_score_to_stdout(run_dir, tmp_path):
     [
         ("1,2,3\n4,5,6\n", "3 columns"),
         ("1\n2\n", "has 1 column but"),
-        ("1,2\nnan,4\n", "NaN"),
+        ("1,2\nnan,4\n", "'nan' at line 2, column 1 (a missing value)"),
         ("1,2\n3,x\n", "'x'"),
         (None, "neither a built-in dataset"),
     ],

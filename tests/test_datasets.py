@@ -176,6 +176,9 @@ def test_a_hash_inside_the_table_is_a_cell_not_a_comment(tmp_path) -> None:
                                         r"value\).*--missing skip"):
         ds.load(path)
     assert np.isnan(ds.load(path, missing="nan")[1, 0])
+    # A 'nan' cell parses as a number: it too is named by its line (it was "row index 1").
+    with pytest.raises(DataError, match=r"'NaN' at line 3, column 2 \('b'\) \(a missing"):
+        ds.load(_write(tmp_path, "n.csv", "a,b\n1,2\n3,NaN\n"))
     with pytest.raises(DataError, match=r"non-numeric cell '#REF!' at line 3.*has the table's "
                                         r"width"):
         ds.load(_write(tmp_path, "r.csv", "a,b,c\n1,2,3\n#REF!,5,6\n"))

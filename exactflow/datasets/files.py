@@ -208,6 +208,10 @@ def _read_text(
         except ValueError:
             _raise_cell_error(path, lineno, cells, keep, names)
     table = np.array(rows, dtype=np.float64).reshape(len(rows), len(keep))
+    if missing == "error" and np.isnan(table).any():  # (a 'nan' cell: named by its line)
+        r, k = (int(i) for i in np.argwhere(np.isnan(table))[0])
+        cell = _split_line(body[r][1], delimiter)[keep[k]].strip()
+        raise _missing_error(path, cell, body[r][0], keep[k], names)
     if header == "auto" and not has_header and _looks_like_names(first, keep, table):
         warn_user(
             f"{path!r}: line {lines[0][0]} ({', '.join(first)}) is read as a row of data, "
@@ -251,6 +255,19 @@ def _looks_like_names(first: list[str], keep: list[int], table: np.ndarray) -> b
     return bool(np.all(gap > np.maximum(high - low, 1e-12)))
 
 
+def _missing_error(
+    path: str, cell: str, lineno: int, j: int, names: list[str] | None
+) -> DataError:
+    """The error for a missing value (``cell``) at ``lineno``, column ``j`` (0-based)."""
+    where = f"column {j + 1}" + (f" ({names[j]!r})" if names else "")
+    what = "an empty cell" if not cell else f"{cell!r}"
+    return DataError(
+        f"{path!r}: {what} at line {lineno}, {where} (a missing value); drop or impute that "
+        "row, or leave the column out (columns=[...]; --columns in the command line); when "
+        "scoring, `exactflow score --missing skip` scores the other rows"
+    )
+
+
 def _raise_cell_error(
     path: str, lineno: int, cells: list[str], keep: list[int], names: list[str] | None
 ) -> None:
@@ -259,13 +276,7 @@ def _raise_cell_error(
         if not _is_number(cell) or "_" in cell:
             where = f"column {j + 1}" + (f" ({names[j]!r})" if names else "")
             if cell in MISSING:
-                what = "an empty cell" if not cell else f"{cell!r}"
-                raise DataError(
-                    f"{path!r}: {what} at line {lineno}, {where} (a missing value); drop or "
-                    "impute that row, or leave the column out (columns=[...]; --columns in "
-                    "the command line); when scoring, `exactflow score --missing skip` "
-                    "scores the other rows"
-                )
+                raise _missing_error(path, cell, lineno, j, names)
             raise DataError(
                 f"{path!r}: non-numeric cell {cell!r} at line {lineno}, {where}; "
                 "choose the numeric columns (columns=[...]; --columns in the command line)"
