@@ -8,9 +8,7 @@ whole) and ``.npz``; every unreadable file, ragged row or non-numeric cell raise
 from __future__ import annotations
 
 import csv
-import math
 import os
-import re
 import struct
 import zipfile
 import zlib
@@ -20,6 +18,19 @@ import numpy as np
 
 from ..validation import DataError, warn_user
 from .arrays import Subset
+from .cells import (
+    BELOW,
+    HASH_NOTE,
+    MISSING,
+    in_step,
+    is_comment,
+    is_header,
+    is_number,
+    looks_like_names,
+    missing_error,
+    number_or_nan,
+    opens_quote,
+)
 
 __all__ = ["load", "read_header", "split_key"]
 
@@ -48,49 +59,6 @@ def _check_readable(path: str) -> None:
         raise DataError(f"cannot read {path!r}: it is a directory")
     if not os.access(path, os.R_OK):
         raise DataError(f"cannot read {path!r}: permission denied")
-
-
-_HASH = (" (a line starting with '#' inside the table is a row when it has the table's "
-         "width, as with Excel's #N/A in a first cell; a comment otherwise)")
-
-
-#: Cells read as a missing value with ``missing="nan"``: pandas' default ``na_values``, and
-#: the ``?`` of many public tables.
-MISSING = frozenset({
-    "", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND",
-    "1.#QNAN", "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null", "?",
-})
-
-
-def _number_or_nan(cell: str) -> float:
-    """``float(cell)``, or NaN for a missing-value marker (:data:`MISSING`)."""
-    return math.nan if cell.strip() in MISSING else float(cell)
-
-
-#: A first cell that is a spreadsheet's missing value, not the start of a comment.
-_HASH_CELL = re.compile(r"\s*#(N/A( N/A)?|NA)\s*([,;\t]|$)")
-
-
-def _is_comment(line: str) -> bool:
-    """A line starting with ``#``, unless its first cell is ``#N/A`` or ``#NA``."""
-    return line.lstrip().startswith("#") and not _HASH_CELL.match(line)
-
-
-def _opens_quote(line: str, delimiter: str | None) -> bool:
-    """Whether ``line`` leaves a quoted cell open, so that the csv module reads on into
-    the next line: a quote that starts a cell, and an odd count of quotes (a quote inside
-    an unquoted cell, as ``12" pipe``, is a plain character)."""
-    if delimiter is None or line.count('"') % 2 == 0:
-        return False
-    return any(cell.lstrip().startswith('"') for cell in line.split(delimiter))
-
-
-def _is_number(cell: str) -> bool:
-    try:
-        float(cell)
-    except ValueError:
-        return False
-    return True
 
 
 def _split_line(line: str, delimiter: str | None) -> list[str]:
@@ -159,18 +127,18 @@ def _read_text(
     # every later row up by one), else a comment (numpy's footer, a note between rows).
     lines: list[tuple[int, str]] = []
     for i, line in enumerate(text.splitlines()):
-        if line.strip() and (lines or not _is_comment(line)):
+        if line.strip() and (lines or not is_comment(line)):
             lines.append((i + 1, line))
     if not lines:
         raise DataError(f"cannot read {path!r}: the file is empty")
     if delimiter is None:
         delimiter = _guess_delimiter(lines[0][1])
     first = [cell.strip() for cell in _split_line(lines[0][1], delimiter)]
-    lines = lines[:1] + [(n, line) for n, line in lines[1:] if not _is_comment(line)
+    lines = lines[:1] + [(n, line) for n, line in lines[1:] if not is_comment(line)
                          or len(_split_line(line, delimiter)) == len(first)]
     if header == "auto":
-        has_header = _is_header(first, [_split_line(line, delimiter)
-                                        for _, line in lines[1 : 1 + _BELOW]])
+        has_header = is_header(first, [_split_line(line, delimiter)
+                                        for _, line in lines[1 : 1 + BELOW]])
     elif isinstance(header, bool):
         has_header = header
     else:
@@ -187,11 +155,11 @@ def _read_text(
     else:
         records = csv.reader((line for _, line in body), delimiter=delimiter)
     rows: list[list[float]] = []
-    number = float if missing == "error" else _number_or_nan
+    number = float if missing == "error" else number_or_nan
     # (strict: a line the csv module read on into the next would leave the lines and the
     # records out of step; the quote check above names the usual cause first)
-    for (lineno, line), cells in _in_step(path, body, records):
-        if '"' in line and _opens_quote(line, delimiter):  # (csv joins the next line)
+    for (lineno, line), cells in in_step(path, body, records):
+        if '"' in line and opens_quote(line, delimiter):  # (csv joins the next line)
             raise DataError(
                 f"{path!r}: the quoted cell that starts on line {lineno} runs over several "
                 "lines; a table of numbers has one row per line"
@@ -211,8 +179,8 @@ def _read_text(
     if missing == "error" and np.isnan(table).any():  # (a 'nan' cell: named by its line)
         r, k = (int(i) for i in np.argwhere(np.isnan(table))[0])
         cell = _split_line(body[r][1], delimiter)[keep[k]].strip()
-        raise _missing_error(path, cell, body[r][0], keep[k], names)
-    if header == "auto" and not has_header and _looks_like_names(first, keep, table):
+        raise missing_error(path, cell, body[r][0], keep[k], names)
+    if header == "auto" and not has_header and looks_like_names(first, keep, table):
         warn_user(
             f"{path!r}: line {lines[0][0]} ({', '.join(first)}) is read as a row of data, "
             "but its whole numbers lie far outside the range of the rows below them in "
@@ -223,64 +191,19 @@ def _read_text(
     return table
 
 
-def _in_step(
-    path: str, body: list[tuple[int, str]], records: Iterator[list[str]]
-) -> Iterator[tuple[tuple[int, str], list[str]]]:
-    """``zip(body, records)``, refusing lines and records out of step (a record over
-    several lines) by name instead of with ``zip``'s own message."""
-    try:
-        yield from zip(body, records, strict=True)
-    except ValueError as err:
-        if not str(err).startswith("zip()"):
-            raise
-        raise DataError(f"{path!r}: a quoted cell runs over several lines; a table of "
-                        "numbers has one row per line") from None
-
-
-def _looks_like_names(first: list[str], keep: list[int], table: np.ndarray) -> bool:
-    """Whether a first line read as data looks like column names written as numbers:
-    two or more distinct whole numbers above five rows or more, each farther outside its
-    column's range below it than that range is wide (2019 above values of 8 to 12; a
-    table of counts, sorted or not, has no such first row)."""
-    cells = [first[j] for j in keep]
-    if len(cells) < 2 or len(table) < 6 or len(set(cells)) < len(cells):
-        return False
-    if not all(cell.lstrip("+-").isdigit() for cell in cells):
-        return False
-    rest = table[1:]
-    if np.isnan(rest).all(axis=0).any():
-        return False
-    low, high = np.nanmin(rest, axis=0), np.nanmax(rest, axis=0)  # (missing cells: NaN)
-    gap = np.maximum(low - table[0], table[0] - high)
-    return bool(np.all(gap > np.maximum(high - low, 1e-12)))
-
-
-def _missing_error(
-    path: str, cell: str, lineno: int, j: int, names: list[str] | None
-) -> DataError:
-    """The error for a missing value (``cell``) at ``lineno``, column ``j`` (0-based)."""
-    where = f"column {j + 1}" + (f" ({names[j]!r})" if names else "")
-    what = "an empty cell" if not cell else f"{cell!r}"
-    return DataError(
-        f"{path!r}: {what} at line {lineno}, {where} (a missing value); drop or impute that "
-        "row, or leave the column out (columns=[...]; --columns in the command line); when "
-        "scoring, `exactflow score --missing skip` scores the other rows"
-    )
-
-
 def _raise_cell_error(
     path: str, lineno: int, cells: list[str], keep: list[int], names: list[str] | None
 ) -> None:
     for j in keep:
         cell = cells[j].strip()
-        if not _is_number(cell) or "_" in cell:
+        if not is_number(cell) or "_" in cell:
             where = f"column {j + 1}" + (f" ({names[j]!r})" if names else "")
             if cell in MISSING:
-                raise _missing_error(path, cell, lineno, j, names)
+                raise missing_error(path, cell, lineno, j, names)
             raise DataError(
                 f"{path!r}: non-numeric cell {cell!r} at line {lineno}, {where}; "
                 "choose the numeric columns (columns=[...]; --columns in the command line)"
-                + (_HASH if cell.startswith("#") else "")
+                + (HASH_NOTE if cell.startswith("#") else "")
             )
     raise DataError(f"{path!r}: a cell on line {lineno} is not a number")
 
@@ -471,34 +394,16 @@ def read_header(path: str | os.PathLike[str], delimiter: str | None = None) -> l
         with open(path, encoding="utf-8-sig", newline="") as f:
             rows: list[list[str]] = []
             for line in f:
-                if not line.strip() or (not rows and _is_comment(line)):
+                if not line.strip() or (not rows and is_comment(line)):
                     continue
                 line = line.rstrip("\r\n")
                 if delimiter is None:
                     delimiter = _guess_delimiter(line)
                 rows.append([cell.strip() for cell in _split_line(line, delimiter)])
-                if len(rows) == 1 + _BELOW:
+                if len(rows) == 1 + BELOW:
                     break
     except (OSError, UnicodeDecodeError):
         return None
     if not rows:
         return None
-    return rows[0] if _is_header(rows[0], rows[1:]) else None
-
-
-#: How many lines under a first line of ``0, 1, 2, ...`` are looked at for a decimal.
-_BELOW = 5
-
-
-def _is_header(first: list[str], below: list[list[str]]) -> bool:
-    """Whether the first line of a table names its columns: none of its cells is a number,
-    or they are the labels pandas writes for unnamed columns (``0, 1, 2, ...`` in any
-    order, after an empty cell for the index) above decimals in the next few lines (a
-    first row of missing values leaves its line without one)."""
-    if not any(_is_number(cell) for cell in first):
-        return True
-    labels = first[1:] if first and first[0] == "" else first
-    counts = sorted(labels) == sorted(str(i) for i in range(len(labels)))
-    return counts and any(
-        _is_number(cell) and not cell.strip().lstrip("+-").isdigit()
-        for line in below[:_BELOW] for cell in line)
+    return rows[0] if is_header(rows[0], rows[1:]) else None
