@@ -11,6 +11,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -49,6 +52,33 @@ def test_the_order_of_the_rule(clean_env):
     # goes on to its default (it deferred to the value, and ran on every core)
     for bad in ("0", "abc", "-1"):
         assert choose_threads(ns(), {"OMP_NUM_THREADS": bad}) == (1, "small model")
+
+
+def test_the_rule_takes_the_parsers_own_arguments(clean_env):
+    """``train`` without ``--batch-size`` (fit then follows the rows) parses to None: the
+    rule crashed on it whenever no thread variable was set, so ``exactflow train data.csv``
+    failed on a fresh shell."""
+    from exactflow.cli.parser import build_parser
+
+    parse = build_parser().parse_args
+    assert choose_threads(parse(["train", "moons"]), {}) == (1, "small model")
+    assert choose_threads(parse(["train", "moons", "--model", "maf", "--hidden", "64"]),
+                          {}) == (1, "small model")
+    for argv in (["sample", "run", "-n", "5"], ["score", "run", "x.csv"], ["check", "moons"]):
+        assert choose_threads(parse(argv), {}) == (1, "small model")
+
+
+def test_train_runs_in_a_shell_without_thread_variables(tmp_path):
+    """The README's first command, in a shell that sets no thread variable (the test suite
+    runs under OMP_NUM_THREADS=1, which the rule defers to before it looks any further)."""
+    env = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
+    done = subprocess.run(
+        [sys.executable, "-m", "exactflow", "train", "moons", "--samples", "300", "--model",
+         "gaussian", "--no-report", "--out", str(tmp_path / "run")],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "run" / "model.safetensors").exists()
 
 
 def test_launch_gives_each_process_its_share_of_the_usable_cpus(monkeypatch):

@@ -44,6 +44,8 @@ LARGE_WORK = 512 * 512 * 512
 MAX_AUTO_THREADS = 4
 #: Default conditioner width of the built-in builders.
 _DEFAULT_HIDDEN = 64
+#: The largest batch ``fit`` chooses when none is given (it follows the rows: n/8, 32-256).
+_DEFAULT_BATCH = 256
 #: Several threads must be at least this much faster than one in the start-up timing.
 _SPEEDUP = 1.3
 
@@ -71,7 +73,7 @@ def _work(args: argparse.Namespace) -> int:
     if getattr(args, "command", None) != "train":
         return 0
     hidden = getattr(args, "hidden", None) or [_DEFAULT_HIDDEN]
-    return int(getattr(args, "batch_size", 512)) * max(hidden) ** 2
+    return int(getattr(args, "batch_size", None) or _DEFAULT_BATCH) * max(hidden) ** 2
 
 
 def _faster_with(threads: int, rows: int, width: int) -> bool:
