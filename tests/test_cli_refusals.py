@@ -251,3 +251,50 @@ def test_score_of_rows_all_missing_is_an_error_and_nan_rows_point_to_skip(gaussi
     code, _, err = run_cli(["score", gaussian_run, tmp_path / "r.npy"])
     assert code == 1 and "NaN or inf in 1 row (row indices 2)" in err
     assert "--missing skip scores the other rows" in err
+
+
+def test_score_keeps_columns_of_the_data_beside_the_scores(gaussian_run, tmp_path):
+    """``--keep id`` copies each row's cells, as text, into the output: the rows can be
+    joined back to the file by ID, whatever the rows between them."""
+    rows = np.random.default_rng(3).normal(size=(4, 3))
+    lines = ["id,a,b,c,when"] + [
+        f"{name},{r[0]:.6f},{r[1]:.6f},{r[2]:.6f},2026-0{i + 1}-01"
+        for i, (name, r) in enumerate(zip(["u1", '"u,2"', "u3", "u4"], rows, strict=True))]
+    data = tmp_path / "new.csv"
+    data.write_text("\n".join(lines[:2] + ["# a note", ""] + lines[2:]) + "\n")
+    code, text, _ = run_cli(["score", gaussian_run, data, "--json"])
+    plain = json.loads(text)["log_density"]
+    out = tmp_path / "s.csv"
+    code, _, err = run_cli(["score", gaussian_run, data, "--keep", "id,when",
+                            "--threshold-quantile", "0.1", "-o", out])
+    assert code == 0, err
+    written = out.read_text().splitlines()
+    assert written[0] == "row,id,when,log_density,p_value,anomaly"
+    assert written[2].startswith('1,"u,2",2026-02-01,')
+    import csv
+
+    table = list(csv.DictReader(out.open()))
+    assert [r["id"] for r in table] == ["u1", "u,2", "u3", "u4"]
+    np.testing.assert_allclose([float(r["log_density"]) for r in table], plain, rtol=1e-9)
+    code, text, _ = run_cli(["score", gaussian_run, data, "--keep", "0", "--json"])
+    assert json.loads(text)["kept"] == {"id": ["u1", "u,2", "u3", "u4"]}
+    code, text, _ = run_cli(["score", gaussian_run, data, "--keep", "id"])
+    assert code == 0 and text.splitlines()[1].startswith("0,u1,")
+    tsv = tmp_path / "s.tsv"
+    code, _, _ = run_cli(["score", gaussian_run, data, "--keep", "id", "-o", tsv])
+    assert tsv.read_text().splitlines()[2].split("\t")[:2] == ["1", "u,2"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--keep", "id", "-o", "{tmp}/s.npy"], "a .npy file of numbers cannot hold"),
+    (["--keep", "nope"], "no column named 'nope'"),
+])
+def test_score_keep_refusals_name_the_problem(gaussian_run, table, tmp_path, argv, message):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    data = tmp_path / "new.csv"
+    data.write_text("id,a,b,c\nx,1,2,3\n")
+    code, _, err = run_cli(["score", gaussian_run, data, *argv])
+    assert code != 0 and message in err
+    np.save(tmp_path / "r.npy", np.zeros((2, 3)))
+    code, _, err = run_cli(["score", gaussian_run, tmp_path / "r.npy", "--keep", "0"])
+    assert code != 0 and "--keep copies columns of a text table" in err

@@ -157,6 +157,26 @@ def test_load_csv_without_header_and_other_delimiters(tmp_path) -> None:
         ds.load(path, columns=["a"], header=False)
 
 
+def test_text_cells_come_from_the_lines_load_reads_as_rows(tmp_path) -> None:
+    # Comments before the table, blank lines, a note between rows, a quoted ID with the
+    # delimiter in it, Excel's #N/A row: the text cells stay beside their numbers.
+    text = ("# exported\n\nid,note,x,y\n\"A,1\",first,1.5,2\n\n# a note\nB-2, two ,3,4\n"
+            "#N/A,third,5,6\n")
+    path = _write(tmp_path, "t.csv", text)
+    values = ds.load(path, ["x", "y"])
+    cells = ds.read_cells(path, ["id", "note"])
+    assert values.tolist() == [[1.5, 2.0], [3.0, 4.0], [5.0, 6.0]]
+    assert cells == [["A,1", "first"], ["B-2", "two"], ["#N/A", "third"]]
+    assert ds.read_cells(path, [-2]) == [["1.5"], ["3"], ["5"]]
+    headerless = _write(tmp_path, "h.tsv", "k1\t0.5\nk2\t0.25\n")
+    assert ds.read_cells(headerless, [0]) == [["k1"], ["k2"]]
+    with pytest.raises(DataError, match="column 'id' asked by name, but the file has no header"):
+        ds.read_cells(headerless, ["id"])
+    np.save(tmp_path / "a.npy", np.zeros((2, 2)))
+    with pytest.raises(DataError, match="not a text table"):
+        ds.read_cells(tmp_path / "a.npy", [0])
+
+
 def test_load_csv_line_numbers_count_comments_and_blank_lines(tmp_path) -> None:
     path = _write(tmp_path, "d.csv", "# comment\nx,y\n\n1,2\n3,oops\n")
     with pytest.raises(DataError, match=r"'oops' at line 5, column 2 \('y'\)"):

@@ -265,10 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "JSON object, a -inf log-density as null (JSON has no infinities; "
                     "minus_inf_rows counts them; a row left unscored by --missing skip is "
                     "null in every list), and anomaly_rows lists the first 1,000 "
-                    "flagged rows (anomalies counts them all).",
+                    "flagged rows (anomalies counts them all). --keep copies columns of DATA "
+                    "into the output (under kept in JSON), to join the scores back by ID.",
         epilog="examples:\n"
                "  exactflow score runs/maf new.csv -o scores.csv\n"
-               "  exactflow score runs/maf new.csv --threshold-quantile 0.01 --json\n",
+               "  exactflow score runs/maf new.csv --threshold-quantile 0.01 --json\n"
+               "  exactflow score runs/maf new.csv --keep customer_id -o scores.csv\n",
     )
     p.add_argument("run", metavar="RUN_DIR")
     p.add_argument("data", metavar="DATA", help="data file (.csv, .npy, .npz) or toy name")
@@ -285,6 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the array to read from an .npz holding several (same as DATA:NAME)")
     p.add_argument("--columns", type=_columns, metavar="COLS",
                    help="columns to use (default: the columns the model was trained on)")
+    p.add_argument("--keep", type=_columns, metavar="COLS",
+                   help="columns of a text DATA file to copy, as text, into each output row "
+                        "after its row number (an ID, a label: any cells, numbers or not), "
+                        "by name or 0-based index: id or id,date")
 
     # check
     p = sub.add_parser(

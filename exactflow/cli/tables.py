@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import io
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..datasets import CHUNK_ROWS, DataError, read_header
+from ..datasets import CHUNK_ROWS, DataError, read_cells, read_header
 from ..io import atomic_write_bytes, csv_rows, write_table
 from ..runs import RunError, anomaly, load_run, read_data
 from ..validation import counted, index_list, nonfinite_rows_error
@@ -42,21 +43,10 @@ def _output_path(args: argparse.Namespace) -> Path | None:
     return out
 
 
-def _write_table(path: Path, array: np.ndarray, header: list[str], fmt: str = "%.9g") -> None:
-    """Write rows as CSV or .npy, atomically (chosen by the file extension)."""
-    if path.suffix.lower() == ".npy":
-        buf = io.BytesIO()
-        np.save(buf, array)
-        atomic_write_bytes(path, buf.getvalue())
-        return
-    delim = "\t" if path.suffix.lower() == ".tsv" else ","
-    atomic_write_bytes(path, _csv_text(array, header, delim, fmt).encode("utf-8"))
-
-
-def _csv_text(array: np.ndarray, header: list[str], delim: str = ",", fmt: str = "%.9g") -> str:
-    buf = io.StringIO()
-    np.savetxt(buf, array, delimiter=delim, header=delim.join(header), comments="", fmt=fmt)
-    return buf.getvalue()
+def _write_npy(path: Path, array: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def cmd_sample(args: argparse.Namespace) -> dict[str, Any]:
@@ -155,6 +145,45 @@ def _mapped_npy(data: Any, columns: list[int | str] | None) -> Any:
     return table
 
 
+def _kept_cells(args: argparse.Namespace, rows: int) -> tuple[list[str], list[list[str]]]:
+    """``--keep``: the names of the kept columns and each data row's cells of them."""
+    path = str(args.data)
+    if Path(path).suffix.lower() not in (".csv", ".tsv", ".txt", ".dat"):
+        raise DataError(f"--keep copies columns of a text table (.csv, .tsv, .txt); "
+                        f"{path!r} is not one (its rows are numbered in the row column)")
+    cells = read_cells(path, args.keep)
+    if len(cells) != rows:  # (read_cells and load take the same lines as rows)
+        raise DataError(f"{path!r}: --keep read {len(cells)} rows, the scores {rows}")
+    header = read_header(path)
+    names = [c if isinstance(c, str) else header[c] if header else f"column_{c}"
+             for c in args.keep]
+    return names, cells
+
+
+def _csv_line(cells: list[str], delim: str = ",") -> str:
+    """One CSV line, cells quoted where they hold the delimiter or a quote."""
+    buf = io.StringIO()
+    csv.writer(buf, delimiter=delim, lineterminator="\n").writerow(cells)
+    return buf.getvalue()
+
+
+def _score_text(rows: np.ndarray, table: np.ndarray, kept: list[list[str]] | None,
+                delim: str = ",") -> Iterator[str]:
+    """The output lines, a chunk at a time: row number, kept cells (quoted where CSV needs
+    it), then the scores."""
+    for start in range(0, len(rows), CHUNK_ROWS):
+        part = slice(start, start + CHUNK_ROWS)
+        if kept is None:
+            yield csv_rows(np.hstack([rows[part], table[part]]), fmt="%.10g", delimiter=delim)
+            continue
+        buf = io.StringIO()
+        csv.writer(buf, delimiter=delim, lineterminator="\n").writerows(kept[part])
+        numbers = csv_rows(rows[part], fmt="%.10g").splitlines()
+        scores = csv_rows(table[part], fmt="%.10g", delimiter=delim).splitlines()
+        yield "".join(f"{n}{delim}{c}{delim}{v}\n" for n, c, v in
+                      zip(numbers, buf.getvalue().splitlines(), scores, strict=True))
+
+
 def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
     with_key(args)
     run = load_run(args.run)
@@ -163,6 +192,9 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
     if out is not None and out.exists() and source.exists() and out.samefile(source):
         raise CommandError(f"-o {str(out)!r} is the data file being scored: the scores would "
                            "replace the data; write them to another file")
+    if args.keep is not None and out is not None and out.suffix.lower() == ".npy":
+        raise CommandError("--keep copies cells as text, which a .npy file of numbers cannot "
+                           "hold; write a .csv, .tsv or .txt file")
     chosen = _score_columns(args, run)
     source_rows = _mapped_npy(args.data, chosen)
     picked: list[int] | None = None
@@ -182,6 +214,7 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
         raise DataError(f"{what} but the model of {args.run!r} was trained on {d}{hint}")
     if len(source_rows) == 0:
         raise DataError(f"{info['name']} has no rows")
+    kept = _kept_cells(args, len(source_rows)) if args.keep is not None else None
     scores = np.empty(len(source_rows))
     bad: list[int] = []
     skip = args.missing == "skip"  # rows with a missing value left unscored: NaN
@@ -243,11 +276,15 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
                       anomaly_rows=np.flatnonzero(flags == 1)[:1000].tolist())
     table = np.stack(columns, axis=1)
     rows = np.arange(len(scores), dtype=np.float64).reshape(-1, 1)
+    header = ["row", *(kept[0] if kept else []), *header]
+    cells = kept[1] if kept else None
     if out is not None:
         if out.suffix.lower() == ".npy":
-            _write_table(out, table, header)
+            _write_npy(out, table)
         else:
-            _write_table(out, np.hstack([rows, table]), ["row", *header], fmt="%.10g")
+            delim = "\t" if out.suffix.lower() == ".tsv" else ","
+            text = _csv_line(header, delim) + "".join(_score_text(rows, table, cells, delim))
+            atomic_write_bytes(out, text.encode("utf-8"))
         done = f"{len(scores) - len(bad)} of {len(scores)}" if bad else f"{len(scores)}"
         say(args, f"scored {done} rows of {info['name']}: mean log-density "
                    f"{fmt(result['mean_log_density'])} nats; wrote {out}")
@@ -269,15 +306,16 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
                        f"conformal p-value <= "
                        f"{q:g} against the {len(calibration)} held-out rows{expected}")
     elif args.json:
+        if kept:
+            result["kept"] = {name: [row[i] for row in kept[1]] for i, name in enumerate(kept[0])}
         result["log_density"] = scores.tolist()
         if p is not None:
             result["p_value"] = p.tolist()
         if flags is not None:
             result["anomaly"] = [None if np.isnan(v) else bool(v) for v in flags]
     else:  # a chunk at a time: a reader gone (| head) is seen at the next chunk's write
-        sys.stdout.write(",".join(["row", *header]) + "\n")
-        lines = np.hstack([rows, table])
-        for start in range(0, len(scores), CHUNK_ROWS):
-            sys.stdout.write(csv_rows(lines[start : start + CHUNK_ROWS], fmt="%.10g"))
+        sys.stdout.write(_csv_line(header))
+        for chunk in _score_text(rows, table, cells):
+            sys.stdout.write(chunk)
             sys.stdout.flush()
     return result

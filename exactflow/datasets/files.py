@@ -13,6 +13,7 @@ import struct
 import zipfile
 import zlib
 from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -32,7 +33,9 @@ from .cells import (
     opens_quote,
 )
 
-__all__ = ["load", "read_header", "split_key"]
+__all__ = ["load", "read_cells", "read_header", "split_key"]
+
+_TEXT = (".csv", ".tsv", ".txt", ".dat")
 
 
 # What numpy, zipfile and zlib raise on a damaged .npy or .npz (beyond ValueError): a
@@ -109,10 +112,19 @@ def _column_indices(
     return out
 
 
-def _read_text(
-    path: str, columns: Sequence[int | str] | None, header: bool | str, delimiter: str | None,
-    missing: str = "error",
-) -> np.ndarray:
+class _TextTable(NamedTuple):
+    """A text table's lines as :func:`load` reads them, before any cell is parsed."""
+
+    path: str
+    delimiter: str | None
+    first: list[str]  # the first line's cells (the names when it is a header)
+    first_line: int  # its 1-based line number
+    names: list[str] | None
+    body: list[tuple[int, str]]  # (1-based line number, line) of every data row
+    guessed_header: bool  # header="auto" decided that the first line is not a header
+
+
+def _text_table(path: str, header: bool | str, delimiter: str | None) -> _TextTable:
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
             text = f.read()
@@ -143,52 +155,99 @@ def _read_text(
         has_header = header
     else:
         raise ValueError(f"header must be True, False or 'auto', got {header!r}")
-    names = first if has_header else None
-    width = len(first)
     body = lines[1:] if has_header else lines
     if not body:
         raise DataError(f"cannot read {path!r}: a header row but no data rows")
-    keep = _column_indices(columns, width, names, path)
+    return _TextTable(path, delimiter, first, lines[0][0], first if has_header else None, body,
+                      header == "auto" and not has_header)
 
+
+def _records(table: _TextTable) -> Iterator[tuple[int, str, list[str]]]:
+    """``(line number, line, cells)`` of every data row, each of the table's width."""
+    path, delimiter, body = table.path, table.delimiter, table.body
     if delimiter is None:
         records: Iterator[list[str]] = (line.split() for _, line in body)
     else:
         records = csv.reader((line for _, line in body), delimiter=delimiter)
-    rows: list[list[float]] = []
-    number = float if missing == "error" else number_or_nan
     # (strict: a line the csv module read on into the next would leave the lines and the
-    # records out of step; the quote check above names the usual cause first)
+    # records out of step; the quote check names the usual cause first)
     for (lineno, line), cells in in_step(path, body, records):
         if '"' in line and opens_quote(line, delimiter):  # (csv joins the next line)
             raise DataError(
                 f"{path!r}: the quoted cell that starts on line {lineno} runs over several "
                 "lines; a table of numbers has one row per line"
             )
-        if len(cells) != width:
+        if len(cells) != len(table.first):
             raise DataError(
-                f"{path!r}: line {lineno} has {len(cells)} fields, expected {width} "
-                f"(as on line {lines[0][0]})"
+                f"{path!r}: line {lineno} has {len(cells)} fields, expected "
+                f"{len(table.first)} (as on line {table.first_line})"
             )
+        yield lineno, line, cells
+
+
+def _read_text(
+    path: str, columns: Sequence[int | str] | None, header: bool | str, delimiter: str | None,
+    missing: str = "error",
+) -> np.ndarray:
+    table = _text_table(path, header, delimiter)
+    names, first = table.names, table.first
+    keep = _column_indices(columns, len(first), names, path)
+    rows: list[list[float]] = []
+    number = float if missing == "error" else number_or_nan
+    for lineno, line, cells in _records(table):
         try:
             if "_" in line and any("_" in cells[j] for j in keep):
                 raise ValueError  # (float() reads '1_0' as 10, as Python source would)
             rows.append([number(cells[j]) for j in keep])
         except ValueError:
             _raise_cell_error(path, lineno, cells, keep, names)
-    table = np.array(rows, dtype=np.float64).reshape(len(rows), len(keep))
-    if missing == "error" and np.isnan(table).any():  # (a 'nan' cell: named by its line)
-        r, k = (int(i) for i in np.argwhere(np.isnan(table))[0])
-        cell = _split_line(body[r][1], delimiter)[keep[k]].strip()
-        raise missing_error(path, cell, body[r][0], keep[k], names)
-    if header == "auto" and not has_header and looks_like_names(first, keep, table):
+    values = np.array(rows, dtype=np.float64).reshape(len(rows), len(keep))
+    if missing == "error" and np.isnan(values).any():  # (a 'nan' cell: named by its line)
+        r, k = (int(i) for i in np.argwhere(np.isnan(values))[0])
+        lineno, line = table.body[r]
+        cell = _split_line(line, table.delimiter)[keep[k]].strip()
+        raise missing_error(path, cell, lineno, keep[k], names)
+    if table.guessed_header and looks_like_names(first, keep, values):
         warn_user(
-            f"{path!r}: line {lines[0][0]} ({', '.join(first)}) is read as a row of data, "
-            "but its whole numbers lie far outside the range of the rows below them in "
+            f"{path!r}: line {table.first_line} ({', '.join(first)}) is read as a row of "
+            "data, but its whole numbers lie far outside the range of the rows below them in "
             "every column, as column names such as years would; if it names the columns, give "
             "them names that are not numbers (y2019; in Python, header=True reads it as "
             "names)"
         )
-    return table
+    return values
+
+
+def read_cells(
+    path: str | os.PathLike[str],
+    columns: Sequence[int | str],
+    header: bool | str = "auto",
+    delimiter: str | None = None,
+) -> list[list[str]]:
+    """The cells of some columns of a text table, as text: one list per data row, aligned
+    with the rows :func:`load` reads from the same file (the same lines are rows).
+
+    For columns that are not numbers, such as an ID to carry beside each row's score. The
+    cells are stripped of surrounding blanks, quotes removed. Same arguments as :func:`load`.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> f = pathlib.Path(tempfile.mkdtemp()) / "t.csv"
+        >>> _ = f.write_text("id,x\\nA-1,0.5\\nB-2,1.5\\n")
+        >>> read_cells(f, ["id"])
+        [['A-1'], ['B-2']]
+    """
+    path = os.fspath(path)
+    _check_readable(path)
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in _TEXT:
+        raise DataError(f"cannot read columns as text from {path!r}: it is not a text table "
+                        "(.csv, .tsv, .txt, .dat)")
+    if ext == ".tsv" and delimiter is None:
+        delimiter = "\t"
+    table = _text_table(path, header, delimiter)
+    keep = _column_indices(columns, len(table.first), table.names, path)
+    return [[cells[j].strip() for j in keep] for _, _, cells in _records(table)]
 
 
 def _raise_cell_error(
@@ -299,7 +358,7 @@ def load(
     ext = os.path.splitext(path)[1].lower()
     if key is not None and ext != ".npz":
         raise DataError(f"{path!r}: key={key!r} applies to .npz files only")
-    if ext in (".csv", ".tsv", ".txt", ".dat"):
+    if ext in _TEXT:
         if ext == ".tsv" and delimiter is None:
             delimiter = "\t"
         if missing not in ("error", "nan"):
@@ -386,7 +445,7 @@ def read_header(path: str | os.PathLike[str], delimiter: str | None = None) -> l
     """
     path = os.fspath(path)
     ext = os.path.splitext(path)[1].lower()
-    if ext not in (".csv", ".tsv", ".txt", ".dat"):
+    if ext not in _TEXT:
         return None
     if ext == ".tsv" and delimiter is None:
         delimiter = "\t"
