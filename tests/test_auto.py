@@ -228,3 +228,28 @@ def test_rungs_on_the_chosen_mixture_start_from_its_own_fit(monkeypatch):
     assert bool(maf_before["fitted"]) and all(
         torch.equal(maf_before[k], mixture[k]) for k in mixture)
     assert all(torch.equal(maf_after[k], mixture[k]) for k in mixture)  # (a fixed base)
+
+
+def test_the_mixture_rung_takes_the_searchs_fit_without_a_second_em(monkeypatch):
+    # The search fitted the chosen mixture to the training rows; its rung ran the same EM
+    # on the same rows again (6.1 s of a 5 s share on 200,000 x 10 rows).
+    import exactflow.training.auto as auto
+
+    monkeypatch.setattr(auto, "ladder", lambda n, d, c, gmm: [])
+    calls = []
+    em = ef.GaussianMixture.fit_to
+
+    def counted(self, data, **kwargs):
+        calls.append(len(data))
+        return em(self, data, **kwargs)
+
+    monkeypatch.setattr(ef.GaussianMixture, "fit_to", counted)
+    rng = np.random.default_rng(2)
+    x = np.concatenate([rng.normal(-3, 1, size=(300, 2)), rng.normal(3, 1, size=(300, 2))])
+    logs: list[str] = []
+    result = ef.fit_auto(x, budget=60, progress=False, log=logs.append)
+    searched = next(line for line in logs if line.startswith("gmm: "))
+    assert f"gmm: {len(calls)} mixtures fitted" in searched  # (none after the search)
+    entry = next(e for e in result.leaderboard if e.name.startswith("gmm ("))
+    assert entry.chosen and entry.config["components"] == 2 and entry.val_nll is not None
+    assert bool(result.flow.base.fitted)

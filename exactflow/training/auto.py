@@ -190,6 +190,17 @@ def select_gmm(
     scored by k-fold cross-validation (the mean NLL of every row when held out), for a
     small table whose validation split holds only a few dozen rows.
     """
+    spec, nll, fits, _ = _search_gmm(train, val, components=components, seed=seed,
+                                     deadline=deadline, folds=folds)
+    return spec, nll, fits
+
+
+def _search_gmm(
+    train: Any, val: Any, *, components: tuple[int, ...], seed: int, deadline: float | None,
+    folds: int,
+) -> tuple[dict[str, Any], float, int, dict[str, Tensor] | None]:
+    """:func:`select_gmm`, and the chosen mixture's state as fitted on ``train`` (``None``
+    with folds: no one fit covers every row)."""
     folds = positive_int(folds, "folds")
     x = np.asarray(train, dtype=np.float64)
     v = np.asarray(val, dtype=np.float64)
@@ -203,6 +214,7 @@ def select_gmm(
     else:
         splits = [(x, torch.as_tensor(v))]
     best: tuple[float, dict[str, Any]] | None = None
+    state: dict[str, Tensor] | None = None
     fits = 0
     for covariance in ("full", "diag"):
         for k in components:
@@ -225,9 +237,10 @@ def select_gmm(
                 nll = total / held
                 if math.isfinite(nll) and (best is None or nll < best[0]):
                     best = (nll, {"components": k, "covariance": covariance})
+                    state = clone(mix.state_dict()) if folds == 1 else None
     if best is None:
         raise ValueError("no Gaussian mixture could be fitted to the training rows")
-    return best[1], best[0], fits
+    return best[1], best[0], fits, state
 
 
 def fit_auto(
@@ -309,8 +322,9 @@ def fit_auto(
     say(describe_standardize(standardize))
     board: list[Entry] = []
     best: tuple[float, Flow, History] | None = None
-    # The chosen mixture as its own rung fitted it: the rungs on it start from it instead
-    # of fitting it again (the same EM on the same rows: 2.2 s on 90,000 x 6).
+    # The chosen mixture as the search fitted it: its own rung and the rungs on it start
+    # from it instead of fitting it again (the same EM on the same rows: 2.2 s on
+    # 90,000 x 6).
     mixtures: dict[str, dict[str, Tensor]] = {}
 
     def run(name: str, config: dict[str, Any], options: dict[str, Any], deadline: float,
@@ -371,12 +385,15 @@ def fit_auto(
         clock = time.perf_counter()
         mean, std = _standardizer(rows.data, standardize)
         try:
-            gmm, _, fits = select_gmm((_array(rows.data) - mean) / std,
-                                      (_array(val_rows.data) - mean) / std, seed=seed,
-                                      deadline=clock + budget / 4, folds=5 if few else 1)
+            gmm, _, fits, fitted = _search_gmm(
+                (_array(rows.data) - mean) / std, (_array(val_rows.data) - mean) / std,
+                components=GMM_COMPONENTS, seed=seed, deadline=clock + budget / 4,
+                folds=5 if few else 1)
         except ValueError as err:
             say(f"gmm: {err}")
         else:
+            if fitted is not None:  # (the gmm rung takes the search's fit: no second EM)
+                mixtures[_mixture_key({"model": "gmm", **gmm})] = fitted
             search = time.perf_counter() - clock
             noun = "component" if gmm["components"] == 1 else "components"
             how = "by 5-fold cross-validation" if few else "on validation"
