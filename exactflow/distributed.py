@@ -14,6 +14,7 @@ import pickle
 import shutil
 import socket
 import tempfile
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -22,9 +23,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["launch", "init", "rank", "world_size", "initialized", "usable_cpus"]
+__all__ = ["launch", "init", "finish", "rank", "world_size", "initialized", "usable_cpus"]
 
 _RESULT = "result-{}.pkl"
+#: How long :func:`finish` leaves the GIL to gloo's worker threads after the last barrier.
+_SETTLE_SECONDS = 0.1
 
 
 # -- process groups ----------------------------------------------------------------------
@@ -91,6 +94,35 @@ def init(backend: str | None = None, *, timeout: float = 1800.0) -> tuple[int, i
     return rank(), world_size()
 
 
+def finish() -> None:
+    """Leave the process group at the end of a run: wait until every rank is here, then
+    destroy the group (``torch.distributed.destroy_process_group``).
+
+    Call it on every rank after the last collective, at the end of a script that called
+    :func:`init`; ``exactflow train`` under ``torchrun`` does. A rank that exits right after
+    its last collective can abort in interpreter shutdown ("terminate called without an
+    active exception", a SIGABRT after the work is done): DDP keeps gloo's worker threads
+    alive to the end, and one that releases the collective's tensors only then (it needs
+    the GIL) is killed. Under ``torchrun --nnodes N`` the other machines' launchers then
+    wait five minutes for it in their exit barrier. ``finish`` waits for every rank at a
+    barrier, which holds no tensors, then leaves the threads 0.1 s to let go. Does nothing
+    without a group. Only for the way out of a run that succeeded: a rank that failed must
+    not wait for the others (``torchrun`` stops them).
+
+    Example:
+        >>> import exactflow as ef
+        >>> ef.distributed.finish()    # not under torchrun: nothing to leave
+    """
+    if not initialized():
+        return
+    dist.barrier()
+    dist.destroy_process_group()
+    # gloo's worker threads release a finished collective's tensors after the caller has
+    # seen it complete, and that release takes the GIL: a moment without it lets them do so
+    # before the interpreter shuts down (a thread that asks for the GIL then is killed).
+    time.sleep(_SETTLE_SECONDS)
+
+
 def _loopback_interface() -> str | None:
     try:
         names = [name for _, name in socket.if_nameindex()]
@@ -133,8 +165,11 @@ def _worker(
     )
     try:
         result = fn(index, *args)
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        if initialized():
+            dist.destroy_process_group()
+        raise
+    finish()  # (fn may have left the group itself)
     path = Path(workdir) / _RESULT.format(index)
     with open(path.with_suffix(".tmp"), "wb") as fh:
         pickle.dump(result, fh)

@@ -14,6 +14,7 @@ import io
 import json
 import math
 import shutil
+import types
 import warnings
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 import exactflow as ef
 import exactflow.cli
+import exactflow.cli.train as cli_train
 from exactflow.training.metrics import NLLSummary
 from exactflow.training.parallel import Replicas, _check_devices
 from tests.helpers import perturb
@@ -257,12 +259,18 @@ def _worker(rank: int, folder: str) -> dict[str, Any]:
             "cpu", "--out", str(Path(folder) / "cli"),
         ])
     out["cli_notes"] = notes.getvalue()
+    out["cli_kept_the_group"] = ef.distributed.initialized()  # (launch made it, not the CLI)
 
     # 6. Input noise: each rank adds its rows of the global batch's noise (every rank drew
     #    the same noise for its own rows, so the run was not the one-process run).
     flow = _actnorm_maf(seed=rank)
     ef.fit(flow, train, val, noise=0.1, **MAF_ARGS)
     out["noise"] = _state(flow)
+
+    # 7. Leaving the group: every rank waits for the others, then the group is gone (and
+    #    launch, which would have destroyed it, copes).
+    ef.distributed.finish()
+    out["left"] = not ef.distributed.initialized()
     return out
 
 
@@ -366,6 +374,7 @@ def test_only_rank_zero_writes_the_checkpoint(runs: dict[str, Any]) -> None:
 @needs_gloo
 def test_the_command_line_trains_with_rank_zero_writing(runs: dict[str, Any]) -> None:
     assert [r["cli"] for r in runs["ranks"]] == [0, 0]
+    assert [r["cli_kept_the_group"] for r in runs["ranks"]] == [True, True]
     # The notes (the standardization, ...) come once, from rank 0.
     notes = [r["cli_notes"] for r in runs["ranks"]]
     assert "standardization" in notes[0] and "standardization" not in notes[1]
@@ -507,6 +516,35 @@ def test_init_outside_torchrun_is_a_no_op(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert ef.distributed.init() == (0, 1)
     assert (ef.distributed.rank(), ef.distributed.world_size()) == (0, 1)
+    ef.distributed.finish()  # nothing to leave
+    assert ef.distributed.world_size() == 1
+
+
+@needs_gloo
+def test_every_rank_leaves_the_group_at_the_end(runs: dict[str, Any]) -> None:
+    assert [r["left"] for r in runs["ranks"]] == [True, True]
+
+
+def test_the_command_line_leaves_the_group_it_joined(monkeypatch: pytest.MonkeyPatch,
+                                                      tmp_path: Path) -> None:
+    """Under torchrun, ``train`` joins the group and leaves it once the run is written; a
+    group the caller made stays (the launch run above checks that half in a real group)."""
+    calls: list[str] = []
+    joined = {"now": False}
+
+    def init(backend: str | None = None) -> tuple[int, int]:
+        calls.append(f"init {backend}")
+        joined["now"] = True
+        return 0, 1
+
+    # The command's view of torch.distributed only: the run itself trains in one process.
+    monkeypatch.setattr(cli_train, "distributed", types.SimpleNamespace(
+        init=init, initialized=lambda: joined["now"], rank=lambda: 0,
+        finish=lambda: calls.append("finish")))
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        code = ef.cli.main(["train", "moons", "--samples", "200", "--model", "gaussian",
+                            "--no-report", "--device", "cpu", "--out", str(tmp_path / "run")])
+    assert code == 0 and calls == ["init gloo", "finish"]
 
 
 def test_a_world_of_one_changes_nothing() -> None:

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -33,6 +35,34 @@ def _loopback() -> str | None:
     return next((n for n in ("lo", "lo0") if n in names), None)
 
 
+def _run_nodes(command: list[str], env: dict[str, str], folder: Path) -> None:
+    """Run ``command`` as two nodes, or fail with their logs.
+
+    A node that fails makes the other wait in torchrun's exit barrier (300 s) for it: the
+    first failure stops both, so the test fails at once with the logs that say why."""
+    paths = [folder / f"node-{i}.log" for i in range(2)]
+    nodes = []
+    for path in paths:
+        with open(path, "w") as log:
+            nodes.append(subprocess.Popen(command, env=env, cwd=ROOT, stdout=log,
+                                          stderr=subprocess.STDOUT, start_new_session=True))
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and any(n.poll() is None for n in nodes):
+            if any(n.poll() not in (None, 0) for n in nodes):
+                break
+            time.sleep(0.2)
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)  # (the launcher and its worker)
+            node.wait()
+    logs = [path.read_text(errors="replace") for path in paths]
+    codes = [node.returncode for node in nodes]
+    assert codes == [0, 0], f"exit codes {codes}\n" + "\n".join(
+        f"--- node {i} ---\n{log[-3000:]}" for i, log in enumerate(logs))
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                     reason="needs torch.distributed with gloo")
@@ -49,16 +79,7 @@ def test_two_nodes_train_and_one_process_resumes(tmp_path: Path) -> None:
         "--rdzv-id", "exactflow-test", "--local-addr", "127.0.0.1", "--max-restarts", "0",
         "--monitor-interval", "0.5", str(SCRIPT), str(tmp_path),
     ]
-    nodes = [subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
-    try:
-        logs = [node.communicate(timeout=240)[0] for node in nodes]
-    finally:
-        for node in nodes:
-            if node.poll() is None:
-                node.kill()
-    assert [node.returncode for node in nodes] == [0, 0], "\n".join(logs)[-4000:]
-
+    _run_nodes(command, env, tmp_path)
     infos = sorted((json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)),
                    key=lambda info: info["rank"])
     assert [i["rank"] for i in infos] == [0, 1] and {i["world_size"] for i in infos} == {2}

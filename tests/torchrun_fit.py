@@ -33,7 +33,7 @@ def main(folder: Path) -> None:
     info = {"rank": rank, "world_size": world, "local_rank": int(os.environ["LOCAL_RANK"]),
             "node": int(os.environ["GROUP_RANK"]), "backend": torch.distributed.get_backend()}
     (folder / f"rank-{rank}.json").write_text(json.dumps(info))
-    torch.distributed.destroy_process_group()
+    ef.distributed.finish()
 
 
 if __name__ == "__main__":

@@ -87,7 +87,9 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     with_key(args)
     # Under torchrun: join the process group (fit then trains data-parallel); the other
     # ranks stay silent and rank 0 writes the run folder and reports.
+    joined = not distributed.initialized()  # (a group made by the caller is the caller's)
     rank, _ = distributed.init("gloo" if args.device == "cpu" else None)
+    joined = joined and distributed.initialized()
     if rank != 0:
         args.json = False
     model: str | dict[str, Any] = "auto"
@@ -130,6 +132,8 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         dequantize=args.dequantize, device=args.device, seed=args.seed, resume=args.resume,
         overwrite=args.overwrite,
     )
+    if joined:
+        distributed.finish()
     if rank == 0:
         _print_train_result(args, result)
     return result
