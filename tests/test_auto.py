@@ -136,7 +136,7 @@ def test_too_few_validation_rows_fall_back_to_the_gaussian_if_no_mixture_fits(mo
     def no_mixture(*args, **kwargs):
         raise ValueError("no mixture today")
 
-    monkeypatch.setattr(auto, "select_gmm", no_mixture)
+    monkeypatch.setattr(auto, "_search_gmm", no_mixture)
     result = auto.fit_auto(_clusters(60, 4), budget=5, seed=0)
     assert result.flow.config["model"] == "gaussian"
     board = result.leaderboard
@@ -152,7 +152,7 @@ def test_a_ladder_where_nothing_fits_raises_a_training_error(monkeypatch):
     def broken(*args, **kwargs):
         raise ValueError("broken")
 
-    monkeypatch.setattr(auto, "select_gmm", broken)
+    monkeypatch.setattr(auto, "_search_gmm", broken)
     monkeypatch.setattr(auto, "build", broken)
     with pytest.raises(ef.TrainingError, match="no candidate of the ladder could be fitted"):
         auto.fit_auto(_clusters(200, 1), budget=2, seed=0)
