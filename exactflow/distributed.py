@@ -9,6 +9,7 @@ whenever a group of more than one process is initialized. See ``docs/distributed
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import shutil
@@ -23,7 +24,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["launch", "init", "finish", "rank", "world_size", "initialized", "usable_cpus"]
+__all__ = ["launch", "init", "finish", "rank", "world_size", "initialized", "usable_cpus",
+           "idle_cores"]
 
 _RESULT = "result-{}.pkl"
 #: How long :func:`finish` leaves the GIL to gloo's worker threads after the last barrier.
@@ -205,6 +207,19 @@ def usable_cpus() -> float:
         cpus = os.cpu_count() or 1
     quota = _cgroup_cpus()
     return cpus if quota is None else min(cpus, quota)
+
+
+def idle_cores() -> int:
+    """The cores this process may use that nobody else uses now (at least 0).
+
+    The CPUs of this process's affinity mask, capped by a cgroup CPU quota, less the
+    1-minute load average (which counts this process too, so the estimate errs low).
+    """
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        load = 0.0
+    return max(0, math.floor(usable_cpus() - load))
 
 
 def launch(

@@ -14,6 +14,7 @@ import io
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -154,3 +155,36 @@ def test_more_threads_than_cores_warn(clean_env, monkeypatch):
             assert main(["report", "somewhere"]) == 0
     finally:
         torch.set_num_threads(before)
+
+
+def _tiny_fit() -> None:
+    import exactflow as ef
+
+    flow = ef.models.maf(2, layers=1, hidden=(8,))
+    ef.fit(flow, torch.randn(64, 2), steps=2, batch_size=32, progress=False, compile=False)
+
+
+@pytest.mark.parametrize("idle, env, warns", [
+    (0, {}, True),                          # a busy machine, torch's own count
+    (2, {}, False),                         # cores enough for every thread
+    (0, {"OMP_NUM_THREADS": "2"}, False),   # a count the user chose
+])
+def test_python_training_names_threads_that_wait_for_cores(clean_env, idle, env, warns):
+    """``ef.fit`` leaves torch's thread count alone (setting it breaks batched slogdet on
+    some oneMKL builds) but says, once a process, when it oversubscribes a busy machine."""
+    import exactflow.training.loop as loop
+
+    clean_env.setattr(loop, "_threads_checked", False)
+    clean_env.setattr(loop, "idle_cores", lambda: idle)
+    clean_env.setattr(loop.torch, "get_num_threads", lambda: 2)
+    for name, value in env.items():
+        clean_env.setenv(name, value)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _tiny_fit()
+        _tiny_fit()
+    notes = [w for w in seen if "torch runs 2 threads" in str(w.message)]
+    assert len(notes) == (1 if warns else 0)
+    if warns:
+        assert "torch.set_num_threads(1)" in str(notes[0].message)
+        assert notes[0].filename == __file__  # (attributed to the caller's line)

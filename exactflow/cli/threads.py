@@ -26,14 +26,13 @@ One thread is never much slower than several for these models, and never patholo
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import time
 from collections.abc import Mapping
 
 import torch
 
-from ..distributed import usable_cpus
+from ..distributed import idle_cores
 
 __all__ = ["choose_threads", "idle_cores", "ThreadsError", "LARGE_WORK", "MAX_AUTO_THREADS"]
 
@@ -52,20 +51,6 @@ _SPEEDUP = 1.3
 
 class ThreadsError(ValueError):
     """``EXACTFLOW_THREADS`` is not a positive integer."""
-
-
-def idle_cores() -> int:
-    """The cores this process may use that nobody else uses now (at least 0).
-
-    The CPUs of this process's affinity mask, capped by a cgroup CPU quota, less the
-    1-minute load average (which counts this process too, so the estimate errs low).
-    """
-    cpus = usable_cpus()
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):
-        load = 0.0
-    return max(0, math.floor(cpus - load))
 
 
 def _work(args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ checkpoint can resume it exactly.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -28,8 +29,9 @@ import torch
 from torch import Tensor, nn
 
 from ..core import Compose, Inverse, Transform
+from ..distributed import idle_cores, usable_cpus
 from ..transforms.standardize import Standardize
-from ..validation import device_named, positive_float, seed_value
+from ..validation import device_named, positive_float, seed_value, warn_user
 from .history import History
 
 __all__ = [
@@ -332,6 +334,48 @@ class Peers(Protocol):
     def any(self, flag: bool) -> bool: ...
 
 
+#: Whether this process's first training run has looked at torch's thread count.
+_threads_checked = False
+#: Environment variables whose thread count the user chose (torch follows the last two).
+THREAD_VARIABLES = ("EXACTFLOW_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def warn_if_oversubscribed(flow: nn.Module) -> None:
+    """Warn, once a process, when CPU training runs more torch threads than cores are idle.
+
+    torch starts with one thread per core; on a busy machine each waits for a core at every
+    parallel region, and a small flow trains several times slower than on one thread (the
+    command line sets its own count: :mod:`exactflow.cli.threads`). Only the first run of
+    a process looks, before its own threads weigh on the load average; a count the user
+    chose in the environment is never questioned.
+    """
+    global _threads_checked
+    if _threads_checked:
+        return
+    _threads_checked = True
+    threads = torch.get_num_threads()
+    on_cpu = all(p.device.type == "cpu" for p in flow.parameters())
+    if threads <= 1 or not on_cpu or any(os.environ.get(v, "").strip() for v in THREAD_VARIABLES):
+        return
+    idle = idle_cores()
+    if idle >= threads:
+        return
+    warn_user(
+        f"torch runs {threads} threads but {idle} of the {usable_cpus():g} CPUs this process "
+        "may use are idle (1-minute load average): each thread waits for a core, and a "
+        "small flow then trains several times slower than on one thread (3.6x for "
+        "exactflow train on a busy 2-core machine, docs/reliability.md). Call "
+        "torch.set_num_threads(1) before training (the command line chooses its own count); "
+        "set OMP_NUM_THREADS to keep torch's count without this note"
+    )
+
+
+def keep_thread_count() -> None:
+    """Take torch's thread count as chosen (the command line sets its own): no warning."""
+    global _threads_checked
+    _threads_checked = True
+
+
 # -- the loop -------------------------------------------------------------------------------
 
 
@@ -364,6 +408,8 @@ def run_loop(
         callback: ``callback(history)`` after each record; ``True`` stops the run.
     """
     total = settings.total
+    if peers.is_main:
+        warn_if_oversubscribed(flow)
     bar = progress_bar(settings.progress and peers.is_main, total, state.step, settings.desc)
     clock = time.perf_counter() - state.elapsed
     flow.train()
