@@ -428,7 +428,7 @@ def test_sample_lands_where_the_data_is(run_dir):
 
 def test_sample_errors(run_dir, tmp_path):
     code, _, err = run_cli(["sample", run_dir, "-n", "3", "-o", tmp_path / "s.parquet"])
-    assert code == 1 and ".csv, .tsv, .txt or .npy" in one_error_line(err)
+    assert code == 2 and ".csv, .tsv, .txt or .npy" in one_error_line(err)  # (usage)
     assert not (tmp_path / "s.parquet").exists()
     code, _, err = run_cli(["sample", tmp_path / "nowhere", "-n", "3"])
     assert code == 1 and "no such run folder" in one_error_line(err)

@@ -197,7 +197,7 @@ def test_score_reads_an_npy_file_a_block_at_a_time(gaussian_run, table, tmp_path
     monkeypatch.setattr(tables, "CHUNK_ROWS", 7)
     code, blocks, err = run_cli(["score", gaussian_run, tmp_path / "t.npy"])
     assert code == 0, err
-    assert blocks == whole
+    assert blocks == whole and "t.npy has no column names: its 3 columns are read as" in err
     rows[[3, 250], 1] = np.nan
     np.save(tmp_path / "nan.npy", rows)
     code, _, err = run_cli(["score", gaussian_run, tmp_path / "nan.npy"])
@@ -222,6 +222,9 @@ def test_score_skips_rows_with_a_missing_value_when_asked(gaussian_run, tmp_path
                                "--threshold-quantile", "0.1", "-o", out])
     assert code == 0, err
     assert "scored 4 of 6 rows" in said and "rows 1, 4, from 0" in said
+    assert "log_density, p_value, anomaly are NaN there" in said
+    code, said, err = run_cli(["score", gaussian_run, data, "--missing", "skip", "-o", out])
+    assert "log_density, p_value are NaN there" in said  # (no anomaly column)
     table = np.genfromtxt(out, delimiter=",", names=True)
     assert np.isnan(table["log_density"][[1, 4]]).all()
     assert np.isnan(table["anomaly"][[1, 4]]).all() and np.isnan(table["p_value"][[1, 4]]).all()
@@ -298,3 +301,35 @@ def test_score_keep_refusals_name_the_problem(gaussian_run, table, tmp_path, arg
     np.save(tmp_path / "r.npy", np.zeros((2, 3)))
     code, _, err = run_cli(["score", gaussian_run, tmp_path / "r.npy", "--keep", "0"])
     assert code != 0 and "--keep copies columns of a text table" in err
+
+
+def test_a_file_without_names_is_scored_by_position_against_a_run_of_named_columns(tmp_path):
+    # A run of named columns (--columns picked them from a wider CSV) asked a .npy or a
+    # headerless CSV for them by name: "column 'c' asked by name, but the file has no
+    # header row", for columns the user never named.
+    rng = np.random.default_rng(4)
+    rows = rng.normal(size=(200, 4))
+    data = write_csv(tmp_path / "wide.csv", rows, ["a", "b", "c", "d"])
+    code, _, err = run_cli(["train", data, "--columns", "c,a,b", *GAUSSIAN, "--out",
+                            tmp_path / "run"])
+    assert code == 0, err
+    np.save(tmp_path / "cab.npy", rows[:5][:, [2, 0, 1]])
+    code, text, _ = run_cli(["score", tmp_path / "run", data, "--json"])
+    named = json.loads(text)["log_density"][:5]
+    code, text, err = run_cli(["score", tmp_path / "run", tmp_path / "cab.npy", "--json"])
+    assert code == 0, err
+    np.testing.assert_allclose(json.loads(text)["log_density"], named, rtol=1e-12)
+    code, _, err = run_cli(["score", tmp_path / "run", tmp_path / "cab.npy"])
+    assert "its 3 columns are read as the model's c, a, b, in this order" in err
+    np.save(tmp_path / "four.npy", rows[:5])
+    code, _, err = run_cli(["score", tmp_path / "run", tmp_path / "four.npy"])
+    assert code == 1 and "four.npy has 4 columns but the model" in err
+    code, _, err = run_cli(["score", tmp_path / "run", "moons"])
+    assert code == 1 and "has 2 columns but the model" in err
+
+
+def test_score_keep_names_a_column_given_twice(gaussian_run, tmp_path):
+    data = tmp_path / "new.csv"
+    data.write_text("id,a,b,c\nx,1,2,3\n")
+    code, _, err = run_cli(["score", gaussian_run, data, "--keep", "id,id"])
+    assert code == 2 and "--keep names 'id' more than once" in err

@@ -17,7 +17,7 @@ from ..datasets import CHUNK_ROWS, DataError, read_cells, read_header
 from ..io import atomic_write_bytes, csv_rows, write_table
 from ..runs import RunError, anomaly, load_run, read_data
 from ..validation import counted, index_list, nonfinite_rows_error
-from .common import CommandError, fmt, say, with_key
+from .common import CommandError, UsageError, fmt, say, with_key
 from .output import SampleStream, json_cap_error
 
 __all__ = ["cmd_sample", "cmd_score"]
@@ -32,7 +32,7 @@ def _output_path(args: argparse.Namespace) -> Path | None:
         return None
     out = Path(args.output)
     if out.suffix.lower() not in _TABLE_SUFFIXES:
-        raise CommandError(f"cannot write {str(out)!r}: use a .csv, .tsv, .txt or .npy file "
+        raise UsageError(f"cannot write {str(out)!r}: use a .csv, .tsv, .txt or .npy file "
                            "name")
     if out.is_dir():
         raise CommandError(f"cannot write {str(out)!r}: it is a folder; give a file name")
@@ -121,7 +121,10 @@ def _score_columns(args: argparse.Namespace, run: Any) -> list[int | str] | None
             )
         return list(names)
     if data_info.get("source") == "file":
-        return data_info.get("columns")
+        columns = data_info.get("columns")
+        if header is None and names and columns and all(isinstance(c, str) for c in columns):
+            return None  # (DATA has no names: its columns, in order, are the model's)
+        return columns
     return None
 
 
@@ -151,6 +154,9 @@ def _kept_cells(args: argparse.Namespace, rows: int) -> tuple[list[str], list[li
     if Path(path).suffix.lower() not in (".csv", ".tsv", ".txt", ".dat"):
         raise DataError(f"--keep copies columns of a text table (.csv, .tsv, .txt); "
                         f"{path!r} is not one (its rows are numbered in the row column)")
+    twice = sorted({str(c) for c in args.keep if args.keep.count(c) > 1})
+    if twice:
+        raise UsageError(f"--keep names {', '.join(map(repr, twice))} more than once")
     cells = read_cells(path, args.keep)
     if len(cells) != rows:  # (read_cells and load take the same lines as rows)
         raise DataError(f"{path!r}: --keep read {len(cells)} rows, the scores {rows}")
@@ -193,7 +199,7 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
         raise CommandError(f"-o {str(out)!r} is the data file being scored: the scores would "
                            "replace the data; write them to another file")
     if args.keep is not None and out is not None and out.suffix.lower() == ".npy":
-        raise CommandError("--keep copies cells as text, which a .npy file of numbers cannot "
+        raise UsageError("--keep copies cells as text, which a .npy file of numbers cannot "
                            "hold; write a .csv, .tsv or .txt file")
     chosen = _score_columns(args, run)
     source_rows = _mapped_npy(args.data, chosen)
@@ -215,6 +221,10 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
     if len(source_rows) == 0:
         raise DataError(f"{info['name']} has no rows")
     kept = _kept_cells(args, len(source_rows)) if args.keep is not None else None
+    names = run.info["data"].get("column_names")
+    if chosen is None and args.columns is None and names and not args.json:  # (stdout: CSV)
+        print(f"{info['name']} has no column names: its {d} columns are read as the model's "
+              f"{', '.join(names)}, in this order", file=sys.stderr)
     scores = np.empty(len(source_rows))
     bad: list[int] = []
     skip = args.missing == "skip"  # rows with a missing value left unscored: NaN
@@ -289,9 +299,10 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
         say(args, f"scored {done} rows of {info['name']}: mean log-density "
                    f"{fmt(result['mean_log_density'])} nats; wrote {out}")
         if bad:
+            unset = ", ".join(h for h in header if h in ("log_density", "p_value", "anomaly"))
             say(args, f"{counted(len(bad), 'row')} with a missing value not scored "
                        f"(row{'s' if len(bad) > 1 else ''} {index_list(bad, len(bad))}, from "
-                       "0): log_density, p_value and anomaly are NaN there")
+                       f"0): {unset} {'is' if ',' not in unset else 'are'} NaN there")
         if outside:
             flagged = ("flagged as anomalies" if flags is not None else
                        "anomalies under any --threshold-quantile")
