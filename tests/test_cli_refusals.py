@@ -334,3 +334,31 @@ def test_score_keep_names_a_column_given_twice(gaussian_run, tmp_path):
     data.write_text("id,a,b,c\nx,1,2,3\n")
     code, _, err = run_cli(["score", gaussian_run, data, "--keep", "id,id"])
     assert code == 2 and "--keep names 'id' more than once" in err
+
+
+def test_train_drop_uses_every_column_but_the_named_ones(tmp_path):
+    # An ID column meant listing every other column in --columns.
+    rng = np.random.default_rng(6)
+    rows = rng.normal(size=(200, 3))
+    lines = ["id,a,b,c"] + [f"r{i},{r[0]:.6f},{r[1]:.6f},{r[2]:.6f}" for i, r in enumerate(rows)]
+    data = tmp_path / "t.csv"
+    data.write_text("\n".join(lines) + "\n")
+    code, _, err = run_cli(["train", data, "--drop", "id", *GAUSSIAN, "--out", tmp_path / "r"])
+    assert code == 0, err
+    info = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert info["data"]["column_names"] == ["a", "b", "c"]
+    np.save(tmp_path / "t.npy", rows)
+    code, _, err = run_cli(["train", tmp_path / "t.npy", "--drop", "-1", *GAUSSIAN, "--out",
+                            tmp_path / "n"])
+    assert code == 0, err
+    assert json.loads((tmp_path / "n" / "run.json").read_text())["data"]["columns"] == [0, 1]
+    for argv, status, message in (
+        (["--drop", "zz"], 1, "has no column named 'zz'; its columns are ['id', 'a', 'b', 'c']"),
+        (["--drop", "9"], 1, "column index 9 is out of range for 4 columns"),
+        (["--drop", "id,a,b,c"], 2, "--drop leaves no column to train on"),
+        (["--drop", "id", "--columns", "a,b"], 2, "--columns and --drop both choose"),
+    ):
+        code, _, err = run_cli(["train", data, *argv, *GAUSSIAN, "--out", tmp_path / "x"])
+        assert code == status and message in err, (argv, err)
+    code, _, err = run_cli(["train", "moons", "--drop", "0", *GAUSSIAN, "--out", tmp_path / "y"])
+    assert code == 1 and "--drop needs a file with a header row or a .npy file" in err

@@ -207,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the array to read from an .npz holding several (same as DATA:NAME)")
     p.add_argument("--columns", type=_columns, metavar="COLS",
                    help="columns to use, by name (CSV header) or 0-based index: x,y or 0,2")
+    p.add_argument("--drop", type=_columns, metavar="COLS",
+                   help="use every column but these (an ID, a label), by name or 0-based "
+                        "index: id or id,date")
     p.add_argument("--samples", type=_positive_int,
                    help="points drawn when DATA is a toy (default 20000)")
     scaling = p.add_mutually_exclusive_group()

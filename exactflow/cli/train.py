@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .. import distributed, models
-from ..datasets import TOYS
+from ..datasets import TOYS, DataError, read_header
 from ..report import build_report
 from ..runs import BUILTIN, RunError, train_run
 from .common import CommandError, UsageError, fmt, say, with_key
@@ -123,7 +125,8 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         say(args, f"run folder: {out} (choose another with --out)")
     result = _train(
         args, data=args.data, out=out, model=model,
-        budget=args.budget if args.budget is not None else 300.0, columns=args.columns,
+        budget=args.budget if args.budget is not None else 300.0,
+        columns=_all_but(args.data, args.drop, args.columns) if args.drop else args.columns,
         samples=20000 if args.samples is None else args.samples, steps=args.steps,
         epochs=args.epochs, patience=args.patience,
         batch_size=args.batch_size, lr=args.lr if args.lr is not None else 1e-3,
@@ -137,6 +140,36 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     if rank == 0:
         _print_train_result(args, result)
     return result
+
+
+def _all_but(data: str, drop: list[int | str], columns: Any) -> list[int | str]:
+    """``--drop``: the columns of ``data`` other than ``drop`` (names where it has a header,
+    else positions; a ``.npy`` file has positions only)."""
+    if columns is not None:
+        raise UsageError("--columns and --drop both choose the columns: give one of them")
+    header = read_header(data) if Path(data).is_file() else None
+    if header is not None:
+        width = len(header)
+    elif Path(data).suffix.lower() == ".npy" and Path(data).is_file():
+        width = int(np.load(data, mmap_mode="r", allow_pickle=False).shape[-1])
+    else:
+        raise DataError(f"--drop needs a file with a header row or a .npy file; {data!r} is "
+                        "neither: choose the columns to keep with --columns")
+    gone = set()
+    for c in drop:
+        if isinstance(c, str):
+            if header is None or c not in header:
+                raise DataError(f"--drop: {data!r} has no column named {c!r}"
+                                + (f"; its columns are {header}" if header else ""))
+            gone.add(header.index(c))
+        elif -width <= c < width:
+            gone.add(c % width)
+        else:
+            raise DataError(f"--drop: column index {c} is out of range for {width} columns")
+    if len(gone) == width:
+        raise UsageError("--drop leaves no column to train on")
+    keep = [j for j in range(width) if j not in gone]
+    return [header[j] for j in keep] if header is not None else list(keep)
 
 
 def _check_model_options(args: argparse.Namespace) -> None:

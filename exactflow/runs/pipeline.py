@@ -255,8 +255,8 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
         notes.append(
             f"note: column {column_list(counters, names or None)} holds a different whole "
             "number on every row, as row numbers or IDs do: new rows would carry new ones "
-            "and score as anomalies for that alone; leave it out (--columns, or "
-            "train_run(..., columns=[...])) unless its values are data")
+            "and score as anomalies for that alone; leave it out (--drop or --columns, "
+            "or train_run(..., columns=[...])) unless its values are data")
     if dequantize and not discrete:
         notes.append("note: no column holds integers only: dequantize changes nothing")
     if dequantize:  # first: a blank pixel is a constant column until it is dequantized
