@@ -16,7 +16,8 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -156,6 +157,8 @@ def _worker(
         RANK=str(index), WORLD_SIZE=str(size), LOCAL_RANK=str(index), LOCAL_WORLD_SIZE=str(size)
     )
     torch.set_num_threads(threads)
+    global _threads_chosen
+    _threads_chosen = True  # (this process exists for fn: the count holds to its end)
     device_id = None
     if backend == "nccl":
         torch.cuda.set_device(index)
@@ -171,7 +174,11 @@ def _worker(
         if initialized():
             dist.destroy_process_group()
         raise
-    finish()  # (fn may have left the group itself)
+    try:
+        finish()  # (fn may have left the group itself)
+    except Exception:  # noqa: BLE001 - another rank failed: its error is the one to report
+        if initialized():
+            dist.destroy_process_group()
     path = Path(workdir) / _RESULT.format(index)
     with open(path.with_suffix(".tmp"), "wb") as fh:
         pickle.dump(result, fh)
@@ -207,6 +214,27 @@ def usable_cpus() -> float:
         cpus = os.cpu_count() or 1
     quota = _cgroup_cpus()
     return cpus if quota is None else min(cpus, quota)
+
+
+#: Whether torch's thread count in this process was chosen (by the command line, by
+#: :func:`launch`'s ``threads``): training then does not question it.
+_threads_chosen = False
+
+
+@contextmanager
+def threads_chosen() -> Iterator[None]:
+    """Inside, torch's thread count counts as chosen: training does not warn about it."""
+    global _threads_chosen
+    before, _threads_chosen = _threads_chosen, True
+    try:
+        yield
+    finally:
+        _threads_chosen = before
+
+
+def thread_count_chosen() -> bool:
+    """Whether torch's thread count was chosen for this process (see :func:`threads_chosen`)."""
+    return _threads_chosen
 
 
 def idle_cores() -> int:

@@ -322,6 +322,10 @@ def test_a_file_without_names_is_scored_by_position_against_a_run_of_named_colum
     np.testing.assert_allclose(json.loads(text)["log_density"], named, rtol=1e-12)
     code, _, err = run_cli(["score", tmp_path / "run", tmp_path / "cab.npy"])
     assert "its 3 columns are read as the model's c, a, b, in this order" in err
+    code, text, err = run_cli(["score", tmp_path / "run", tmp_path / "cab.npy", "--json"])
+    assert json.loads(text)["columns_by_position"] and "read as the model's" in err
+    code, text, err = run_cli(["score", tmp_path / "run", data, "--json"])
+    assert not json.loads(text)["columns_by_position"] and "read as" not in err
     np.save(tmp_path / "four.npy", rows[:5])
     code, _, err = run_cli(["score", tmp_path / "run", tmp_path / "four.npy"])
     assert code == 1 and "four.npy has 4 columns but the model" in err
@@ -332,8 +336,9 @@ def test_a_file_without_names_is_scored_by_position_against_a_run_of_named_colum
 def test_score_keep_names_a_column_given_twice(gaussian_run, tmp_path):
     data = tmp_path / "new.csv"
     data.write_text("id,a,b,c\nx,1,2,3\n")
-    code, _, err = run_cli(["score", gaussian_run, data, "--keep", "id,id"])
-    assert code == 2 and "--keep names 'id' more than once" in err
+    for twice in ("id,id", "id,0"):
+        code, _, err = run_cli(["score", gaussian_run, data, "--keep", twice])
+        assert code == 2 and "--keep names a column more than once" in err
 
 
 def test_train_drop_uses_every_column_but_the_named_ones(tmp_path):
@@ -357,6 +362,7 @@ def test_train_drop_uses_every_column_but_the_named_ones(tmp_path):
         (["--drop", "9"], 1, "column index 9 is out of range for 4 columns"),
         (["--drop", "id,a,b,c"], 2, "--drop leaves no column to train on"),
         (["--drop", "id", "--columns", "a,b"], 2, "--columns and --drop both choose"),
+        (["--drop", "id,0"], 2, "--drop names a column more than once"),
     ):
         code, _, err = run_cli(["train", data, *argv, *GAUSSIAN, "--out", tmp_path / "x"])
         assert code == status and message in err, (argv, err)

@@ -166,16 +166,20 @@ def _tiny_fit() -> None:
 
 @pytest.mark.parametrize("idle, env, warns", [
     (0, {}, True),                          # a busy machine, torch's own count
+    (0.5, {}, True),                        # 1.5 cores' worth of other work
+    (1.9, {}, False),                       # a light background load
     (2, {}, False),                         # cores enough for every thread
     (0, {"OMP_NUM_THREADS": "2"}, False),   # a count the user chose
 ])
 def test_python_training_names_threads_that_wait_for_cores(clean_env, idle, env, warns):
-    """``ef.fit`` leaves torch's thread count alone (setting it breaks batched slogdet on
-    some oneMKL builds) but says, once a process, when it oversubscribes a busy machine."""
+    """``ef.fit`` leaves torch's thread count alone (restoring a count above one breaks
+    batched slogdet on some oneMKL builds) but says, once a process, when it
+    oversubscribes a busy machine."""
     import exactflow.training.loop as loop
 
     clean_env.setattr(loop, "_threads_checked", False)
-    clean_env.setattr(loop, "idle_cores", lambda: idle)
+    clean_env.setattr(loop, "usable_cpus", lambda: 2)
+    clean_env.setattr(loop.os, "getloadavg", lambda: (2.0 - idle,) * 3)
     clean_env.setattr(loop.torch, "get_num_threads", lambda: 2)
     for name, value in env.items():
         clean_env.setenv(name, value)
@@ -183,8 +187,27 @@ def test_python_training_names_threads_that_wait_for_cores(clean_env, idle, env,
         warnings.simplefilter("always")
         _tiny_fit()
         _tiny_fit()
-    notes = [w for w in seen if "torch runs 2 threads" in str(w.message)]
+    notes = [w for w in seen if "torch runs 2 threads on 2 CPUs" in str(w.message)]
     assert len(notes) == (1 if warns else 0)
     if warns:
         assert "torch.set_num_threads(1)" in str(notes[0].message)
         assert notes[0].filename == __file__  # (attributed to the caller's line)
+
+
+def test_a_count_the_command_line_or_launch_chose_is_not_questioned(clean_env):
+    import exactflow.training.loop as loop
+    from exactflow.distributed import thread_count_chosen, threads_chosen
+
+    clean_env.setattr(loop, "_threads_checked", False)
+    clean_env.setattr(loop, "usable_cpus", lambda: 2)
+    clean_env.setattr(loop.os, "getloadavg", lambda: (4.0,) * 3)
+    clean_env.setattr(loop.torch, "get_num_threads", lambda: 2)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with threads_chosen():
+            _tiny_fit()
+        assert not thread_count_chosen()  # (only inside: the command's count is restored)
+        assert not [w for w in seen if "torch runs" in str(w.message)]
+        main(["report", "nowhere"])  # a command, run and gone, leaves no mark
+        _tiny_fit()
+    assert [w for w in seen if "torch runs" in str(w.message)]

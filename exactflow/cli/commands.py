@@ -22,10 +22,10 @@ from typing import Any
 import torch
 
 from ..datasets import DataError
+from ..distributed import threads_chosen
 from ..io import CheckpointError, json_safe
 from ..runs import RunError
 from ..training import TrainingError
-from ..training.loop import keep_thread_count
 from .common import CommandError, UsageError
 from .inspect import cmd_check, cmd_report
 from .output import silence_stdout
@@ -87,7 +87,6 @@ def _main(argv: Sequence[str] | None) -> int:
         threads, source = choose_threads(args)
         if threads is not None and threads != threads_before:
             torch.set_num_threads(threads)
-        keep_thread_count()  # (chosen here, by the rule or by the user)
         formatter = warnings.formatwarning
         if not args.debug:  # one line per warning, without the library's source line
             warnings.formatwarning = _format_warning
@@ -100,7 +99,8 @@ def _main(argv: Sequence[str] | None) -> int:
                 stacklevel=2,
             )
         try:
-            result = COMMANDS[args.command](args)
+            with threads_chosen():  # (chosen above: training does not question it)
+                result = COMMANDS[args.command](args)
         finally:
             warnings.formatwarning = formatter
     except KeyboardInterrupt as stop:

@@ -152,12 +152,14 @@ def _kept_cells(args: argparse.Namespace, rows: int) -> tuple[list[str], list[li
     """``--keep``: the names of the kept columns and each data row's cells of them."""
     path = str(args.data)
     if Path(path).suffix.lower() not in (".csv", ".tsv", ".txt", ".dat"):
-        raise DataError(f"--keep copies columns of a text table (.csv, .tsv, .txt); "
+        raise DataError(f"--keep copies columns of a text table (.csv, .tsv, .txt, .dat); "
                         f"{path!r} is not one (its rows are numbered in the row column)")
-    twice = sorted({str(c) for c in args.keep if args.keep.count(c) > 1})
-    if twice:
-        raise UsageError(f"--keep names {', '.join(map(repr, twice))} more than once")
-    cells = read_cells(path, args.keep)
+    try:
+        cells = read_cells(path, args.keep)
+    except DataError as err:
+        if "more than once" in str(err):  # (the density reason does not apply to text)
+            raise UsageError("--keep names a column more than once") from None
+        raise
     if len(cells) != rows:  # (read_cells and load take the same lines as rows)
         raise DataError(f"{path!r}: --keep read {len(cells)} rows, the scores {rows}")
     header = read_header(path)
@@ -222,7 +224,9 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
         raise DataError(f"{info['name']} has no rows")
     kept = _kept_cells(args, len(source_rows)) if args.keep is not None else None
     names = run.info["data"].get("column_names")
-    if chosen is None and args.columns is None and names and not args.json:  # (stdout: CSV)
+    by_position = (chosen is None and args.columns is None and bool(names)
+                   and run.info["data"].get("source") == "file" and source.is_file())
+    if by_position:  # (stderr: stdout may carry the CSV or the JSON)
         print(f"{info['name']} has no column names: its {d} columns are read as the model's "
               f"{', '.join(names)}, in this order", file=sys.stderr)
     scores = np.empty(len(source_rows))
@@ -274,6 +278,7 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
             len(calibration)),
         "lower_bound": bool(run.dequantized),
         "unscored_rows": len(bad),
+        "columns_by_position": by_position,
     }
     columns, header = [scores], ["log_density"]
     if p is not None:

@@ -151,7 +151,10 @@ def _all_but(data: str, drop: list[int | str], columns: Any) -> list[int | str]:
     if header is not None:
         width = len(header)
     elif Path(data).suffix.lower() == ".npy" and Path(data).is_file():
-        width = int(np.load(data, mmap_mode="r", allow_pickle=False).shape[-1])
+        shape = np.load(data, mmap_mode="r", allow_pickle=False).shape
+        if len(shape) != 2:
+            raise DataError(f"--drop: {data!r} holds an array of shape {shape}, not a table")
+        width = int(shape[1])
     else:
         raise DataError(f"--drop needs a file with a header row or a .npy file; {data!r} is "
                         "neither: choose the columns to keep with --columns")
@@ -166,6 +169,8 @@ def _all_but(data: str, drop: list[int | str], columns: Any) -> list[int | str]:
             gone.add(c % width)
         else:
             raise DataError(f"--drop: column index {c} is out of range for {width} columns")
+    if len(gone) < len(drop):
+        raise UsageError("--drop names a column more than once")
     if len(gone) == width:
         raise UsageError("--drop leaves no column to train on")
     keep = [j for j in range(width) if j not in gone]

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core import Compose, Inverse, Transform
-from ..distributed import idle_cores, usable_cpus
+from ..distributed import thread_count_chosen, usable_cpus
 from ..transforms.standardize import Standardize
 from ..validation import device_named, positive_float, seed_value, warn_user
 from .history import History
@@ -347,33 +347,33 @@ def warn_if_oversubscribed(flow: nn.Module) -> None:
     parallel region, and a small flow trains several times slower than on one thread (the
     command line sets its own count: :mod:`exactflow.cli.threads`). Only the first run of
     a process looks, before its own threads weigh on the load average; a count the user
-    chose in the environment is never questioned.
+    chose (in the environment, or through the command line or ``launch``) is never
+    questioned. Busy means more than one core's worth of other work on the cores the
+    threads would need: a light background load does not count.
     """
     global _threads_checked
-    if _threads_checked:
+    if _threads_checked or thread_count_chosen():
         return
     _threads_checked = True
     threads = torch.get_num_threads()
     on_cpu = all(p.device.type == "cpu" for p in flow.parameters())
     if threads <= 1 or not on_cpu or any(os.environ.get(v, "").strip() for v in THREAD_VARIABLES):
         return
-    idle = idle_cores()
-    if idle >= threads:
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return
+    cpus = usable_cpus()
+    if cpus - load >= threads - 1:
         return
     warn_user(
-        f"torch runs {threads} threads but {idle} of the {usable_cpus():g} CPUs this process "
-        "may use are idle (1-minute load average): each thread waits for a core, and a "
-        "small flow then trains several times slower than on one thread (3.6x for "
-        "exactflow train on a busy 2-core machine, docs/reliability.md). Call "
-        "torch.set_num_threads(1) before training (the command line chooses its own count); "
-        "set OMP_NUM_THREADS to keep torch's count without this note"
+        f"torch runs {threads} threads on {cpus:g} CPUs with a 1-minute load average of "
+        f"{load:.1f}: each thread waits for a core, and a small flow then trains several "
+        "times slower than on one thread (3.6x for exactflow train on a busy 2-core "
+        "machine, docs/reliability.md). Call torch.set_num_threads(1) before training (the "
+        "command line chooses its own count); set OMP_NUM_THREADS to keep torch's count "
+        "without this note"
     )
-
-
-def keep_thread_count() -> None:
-    """Take torch's thread count as chosen (the command line sets its own): no warning."""
-    global _threads_checked
-    _threads_checked = True
 
 
 # -- the loop -------------------------------------------------------------------------------
