@@ -9,7 +9,6 @@ whenever a group of more than one process is initialized. See ``docs/distributed
 
 from __future__ import annotations
 
-import math
 import os
 import pickle
 import shutil
@@ -25,8 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["launch", "init", "finish", "rank", "world_size", "initialized", "usable_cpus",
-           "idle_cores"]
+__all__ = ["launch", "init", "finish", "rank", "world_size", "initialized", "usable_cpus"]
 
 _RESULT = "result-{}.pkl"
 #: How long :func:`finish` leaves the GIL to gloo's worker threads after the last barrier.
@@ -157,8 +155,6 @@ def _worker(
         RANK=str(index), WORLD_SIZE=str(size), LOCAL_RANK=str(index), LOCAL_WORLD_SIZE=str(size)
     )
     torch.set_num_threads(threads)
-    global _threads_chosen
-    _threads_chosen = True  # (this process exists for fn: the count holds to its end)
     device_id = None
     if backend == "nccl":
         torch.cuda.set_device(index)
@@ -169,7 +165,8 @@ def _worker(
         timeout=timedelta(seconds=timeout), device_id=device_id,
     )
     try:
-        result = fn(index, *args)
+        with threads_chosen():  # (launch's threads: training does not question them)
+            result = fn(index, *args)
     except BaseException:
         if initialized():
             dist.destroy_process_group()
@@ -216,6 +213,8 @@ def usable_cpus() -> float:
     return cpus if quota is None else min(cpus, quota)
 
 
+#: Environment variables that set the thread count (torch follows the last two).
+THREAD_VARIABLES = ("EXACTFLOW_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 #: Whether torch's thread count in this process was chosen (by the command line, by
 #: :func:`launch`'s ``threads``): training then does not question it.
 _threads_chosen = False
@@ -235,19 +234,6 @@ def threads_chosen() -> Iterator[None]:
 def thread_count_chosen() -> bool:
     """Whether torch's thread count was chosen for this process (see :func:`threads_chosen`)."""
     return _threads_chosen
-
-
-def idle_cores() -> int:
-    """The cores this process may use that nobody else uses now (at least 0).
-
-    The CPUs of this process's affinity mask, capped by a cgroup CPU quota, less the
-    1-minute load average (which counts this process too, so the estimate errs low).
-    """
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):
-        load = 0.0
-    return max(0, math.floor(usable_cpus() - load))
 
 
 def launch(

@@ -26,13 +26,14 @@ One thread is never much slower than several for these models, and never patholo
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import time
 from collections.abc import Mapping
 
 import torch
 
-from ..distributed import idle_cores
+from ..distributed import THREAD_VARIABLES, usable_cpus
 
 __all__ = ["choose_threads", "idle_cores", "ThreadsError", "LARGE_WORK", "MAX_AUTO_THREADS"]
 
@@ -51,6 +52,19 @@ _SPEEDUP = 1.3
 
 class ThreadsError(ValueError):
     """``EXACTFLOW_THREADS`` is not a positive integer."""
+
+
+def idle_cores() -> int:
+    """The cores this process may use that nobody else uses now (at least 0).
+
+    The CPUs of this process's affinity mask, capped by a cgroup CPU quota, less the
+    1-minute load average (which counts this process too, so the estimate errs low).
+    """
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        load = 0.0
+    return max(0, math.floor(usable_cpus() - load))
 
 
 def _work(args: argparse.Namespace) -> int:
@@ -107,7 +121,7 @@ def choose_threads(
                 f"EXACTFLOW_THREADS must be a positive integer, got {text!r}"
             )
         return value, "EXACTFLOW_THREADS"
-    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    for name in THREAD_VARIABLES[1:]:  # (OMP_NUM_THREADS, MKL_NUM_THREADS)
         text = env.get(name, "").strip()
         if text.isdigit() and int(text) > 0:  # (torch ignores 0 or "abc": all cores)
             return None, name

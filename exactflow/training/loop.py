@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core import Compose, Inverse, Transform
-from ..distributed import thread_count_chosen, usable_cpus
+from ..distributed import THREAD_VARIABLES, thread_count_chosen, usable_cpus
 from ..transforms.standardize import Standardize
 from ..validation import device_named, positive_float, seed_value, warn_user
 from .history import History
@@ -336,8 +336,6 @@ class Peers(Protocol):
 
 #: Whether this process's first training run has looked at torch's thread count.
 _threads_checked = False
-#: Environment variables whose thread count the user chose (torch follows the last two).
-THREAD_VARIABLES = ("EXACTFLOW_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def warn_if_oversubscribed(flow: nn.Module) -> None:
