@@ -351,6 +351,11 @@ def test_train_resume_continues_an_interrupted_run(tmp_path, monkeypatch):
         ("a,b\n1,2\n3,nan\n" + "".join(f"{i},{i * i % 7}\n" for i in range(40)),
          "'nan' at line 3, column 2 ('b') (a missing value)"),
         ("a,b\n1,2\n3,hello\n" + "".join(f"{i},{i * i % 7}\n" for i in range(40)), "hello"),
+        # an inf cell is named by its line in the file, not by its index among the rows
+        ("a,b\n\n1,2\n3,inf\n" + "".join(f"{i},{i * i % 7}\n" for i in range(40)),
+         "'inf' at line 4, column 2 ('b'): a density needs finite values; drop that row"),
+        ("a;b\n1;-1e999\n" + "".join(f"{i};{i * i % 7}\n" for i in range(40)) + "2;+inf\n",
+         "'-1e999' (read as -inf) at line 2, column 2 ('b'); 2 rows hold one"),
         ("a,b\n" + "".join(f"{i},5\n" for i in range(40)),
          "constant (zero-variance) column 'b': a density"),
         ("a,b\n1,2\n3,4\n", "rows"),

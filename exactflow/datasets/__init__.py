@@ -27,7 +27,7 @@ from ..validation import DataError
 from .arrays import CHUNK_ROWS, ArrayLike, LazyTable, Subset, column_names
 from .bundled import digits
 from .checks import check_full_rank, validate
-from .files import load, read_cells, read_header
+from .files import load, read_cells, read_header, row_lines
 from .shards import Shards, open_table, write_shards
 from .splits import as_tensor, cut_between_copies, shuffled_rows, split, split_indices
 from .toys import TOY_ENTROPY, TOYS, toy
@@ -47,6 +47,7 @@ __all__ = [
     "toy",
     "load",
     "read_cells",
+    "row_lines",
     "read_header",
     "digits",
     "validate",

@@ -33,7 +33,7 @@ from .cells import (
     opens_quote,
 )
 
-__all__ = ["load", "read_cells", "read_header", "split_key"]
+__all__ = ["load", "read_cells", "read_header", "row_lines", "split_key"]
 
 _TEXT = (".csv", ".tsv", ".txt", ".dat")
 
@@ -250,6 +250,25 @@ def read_cells(
     return [[cells[j].strip() for j in keep] for _, _, cells in _records(table)]
 
 
+def row_lines(
+    path: str | os.PathLike[str], header: bool | str = "auto", delimiter: str | None = None
+) -> list[int]:
+    """The 1-based file line of each data row of a text table, in the order :func:`load`
+    reads the rows (same ``header`` and ``delimiter``), to name a row in a message.
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> f = pathlib.Path(tempfile.mkdtemp()) / "t.csv"
+        >>> _ = f.write_text("x,y\\n\\n1,2\\n# a note\\n3,4\\n")
+        >>> row_lines(f)
+        [3, 5]
+    """
+    path = os.fspath(path)
+    if os.path.splitext(path)[1].lower() == ".tsv" and delimiter is None:
+        delimiter = "\t"
+    return [lineno for lineno, _, _ in _records(_text_table(path, header, delimiter))]
+
+
 def _raise_cell_error(
     path: str, lineno: int, cells: list[str], keep: list[int], names: list[str] | None
 ) -> None:
@@ -314,10 +333,11 @@ def load(
       line is a row: Excel writes ``#N/A``). ``header="auto"`` treats the first line as a
       header when none of its cells is a number, or when it holds pandas' labels for
       unnamed columns (``0, 1, 2, ...`` in any order, after an empty cell for the index)
-      above a line of decimals. Every selected cell must be a
-      number (``nan``/``inf`` parse, and :func:`validate` reports them); a non-numeric or empty cell
-      raises :class:`DataError` with its 1-based line and column as in the file. Text is
-      read into memory: convert data larger than memory to ``.npy`` once.
+      above a line of decimals. Every selected cell must be a number (``inf`` included;
+      ``nan`` is a missing value, see ``missing``); a non-numeric or empty cell raises
+      :class:`DataError` with its 1-based line and column as in the file (:func:`row_lines`
+      gives the line of each row). Text is read into memory: convert data larger than
+      memory to ``.npy`` once.
     * ``.npy``: with ``mmap=True`` opened by ``np.load(mmap_mode="r")``: an ``np.memmap`` that
       reads rows from disk on demand, so a file larger than memory is never read whole. A
       column selection that is an evenly spaced range stays a memmap view; any other selection

@@ -13,7 +13,18 @@ import numpy as np
 import torch
 
 from .._version import __version__
-from ..datasets import TOY_ENTROPY, TOYS, column_names, digits, load, read_header, toy, validate
+from ..datasets import (
+    TOY_ENTROPY,
+    TOYS,
+    column_names,
+    digits,
+    load,
+    read_cells,
+    read_header,
+    row_lines,
+    toy,
+    validate,
+)
 from ..datasets.files import split_key
 from ..validation import DataError, warn_user
 
@@ -25,7 +36,7 @@ BUILTIN = (*TOYS, "digits")
 
 def read_data(
     spec: Any, columns: Sequence[int | str] | None = None, *, samples: int = 20000, seed: int = 0,
-    missing: str = "error",
+    missing: str = "error", finite: bool = False,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """The rows named by ``spec`` as a float64 array, with a description of their source.
 
@@ -33,7 +44,9 @@ def read_data(
     ``seed``), ``"digits"`` (scikit-learn's 8x8 digits, dequantized), a path to a CSV,
     ``.npy`` or ``.npz`` file (``columns`` picks columns by header name or index), or an
     array of rows (a pandas DataFrame keeps its column names, and ``columns`` may name
-    them). ``missing="nan"`` reads a CSV's missing values as NaN (``datasets.load``).
+    them). ``missing="nan"`` reads a CSV's missing values as NaN (``datasets.load``);
+    ``finite=True`` refuses a CSV's ``inf`` (or overflowing) cell by its line and column, as
+    training must (scoring keeps it: a density of zero there).
 
     Raises:
         DataError: a missing or unreadable file, or columns that do not fit.
@@ -54,7 +67,7 @@ def read_data(
             return arr, {"source": "builtin", "name": "digits", "path": None, "columns": None,
                          "column_names": [f"pixel{i}" for i in range(arr.shape[1])],
                          "seed": seed, "entropy": None}
-        return _read_file(Path(text), columns, missing)
+        return _read_file(Path(text), columns, missing, finite)
     names = column_names(spec)
     arr = np.asarray(spec)
     if arr.dtype.kind not in "biuf":
@@ -92,7 +105,8 @@ def _column_index(column: int | str, names: list[str] | None) -> int:
 
 
 def _read_file(
-    path: Path, columns: Sequence[int | str] | None, missing: str = "error"
+    path: Path, columns: Sequence[int | str] | None, missing: str = "error",
+    finite: bool = False,
 ) -> tuple[np.ndarray, dict]:
     file, _ = split_key(path)  # "data.npz:name" picks one array of an .npz
     if not Path(file).exists():
@@ -119,10 +133,38 @@ def _read_file(
     else:
         names = header if header and arr.ndim == 2 and len(header) == arr.shape[1] else None
     _unique_names(names, path.name)
+    if finite and not isinstance(arr, np.memmap) and np.isinf(arr).any():
+        _refuse_infinite(path, arr, columns, header)
     info = {"source": "file", "name": path.name, "path": str(path.resolve()),
             "columns": list(columns) if columns is not None else None, "column_names": names,
             "entropy": None}
     return arr, info
+
+
+def _refuse_infinite(
+    path: Path, arr: np.ndarray, columns: Sequence[int | str] | None, header: list[str] | None
+) -> None:
+    """Name the first infinite cell of a text table by its file line and column."""
+    if path.suffix.lower() not in (".csv", ".tsv", ".txt", ".dat"):
+        return  # (.npy and .npz rows: validate names them by index)
+    bad = np.argwhere(np.isinf(arr))
+    i, j = (int(v) for v in bad[0])
+    column = columns[j] if columns is not None else j
+    if header:
+        k = header.index(column) if isinstance(column, str) else int(column) % len(header)
+        where = f"column {k + 1} ({header[k]!r})"
+    else:
+        k = int(column)
+        where = f"column {k + 1}" if k >= 0 else f"column {k} (counted from the end)"
+    rows = int(np.isinf(arr).any(axis=1).sum())
+    more = f"; {rows} rows hold one" if rows > 1 else ""
+    fix = "those rows or replace the values" if rows > 1 else "that row or replace the value"
+    cell = read_cells(path, [column])[i][0]
+    read = "" if cell.lower().lstrip("+-") in ("inf", "infinity") else f" (read as {arr[i, j]:g})"
+    raise DataError(
+        f"{path.name}: {cell!r}{read} at line {row_lines(path)[i]}, {where}{more}: a density "
+        f"needs finite values; drop {fix}"
+    )
 
 
 def versions() -> dict[str, str]:

@@ -246,7 +246,7 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
     previous = _prepare_out(out, resume=resume, overwrite=overwrite) if writer else None
 
     # Everything that can fail on bad data fails here, before anything is written.
-    rows, data_info = read_data(data, columns, samples=samples, seed=seed)
+    rows, data_info = read_data(data, columns, samples=samples, seed=seed, finite=True)
     discrete = integer_columns(rows)
     notes: list[str] = []  # (said once every check has passed)
     names = data_info.get("column_names")
