@@ -228,13 +228,20 @@ class GaussianMixture(_Components):
                                   replacement=True)
         return self._draw(index)
 
-    def fit_to(self, data: Any, *, seed: int = 0, restarts: int = 1) -> GaussianMixture:
+    def fit_to(
+        self, data: Any, *, seed: int = 0, restarts: int = 1,
+        start: GaussianMixture | None = None,
+    ) -> GaussianMixture:
         """Fit by EM (scikit-learn's ``GaussianMixture``, ``restarts`` initializations,
         covariances regularized by a tiny ridge); returns ``self``.
 
+        ``start``, a mixture of the same size and covariance type (a fit to a subset of the
+        rows, say), is where EM begins instead of k-means: it then climbs from that
+        solution rather than looking for another.
+
         Raises:
             ImportError: scikit-learn is missing.
-            ValueError: fewer rows than components.
+            ValueError: fewer rows than components, or a ``start`` of another shape.
         """
         try:
             from sklearn.mixture import GaussianMixture as EM
@@ -248,8 +255,9 @@ class GaussianMixture(_Components):
         # column's own variance, not to the mean variance, which floored small columns.
         center, spread = x.mean(0), x.std(0)
         spread = np.where(spread > 0, spread, 1.0)
+        init = {} if start is None else self._init_from(start, center, spread)
         em = EM(self.components, covariance_type=self.covariance, reg_covar=_RIDGE,
-                n_init=restarts, random_state=seed, max_iter=200)
+                n_init=1 if init else restarts, random_state=seed, max_iter=200, **init)
         with _one_blas_thread():
             em.fit((x - center) / spread)
         covs = em.covariances_
@@ -260,6 +268,27 @@ class GaussianMixture(_Components):
             self.logits.copy_(torch.as_tensor(np.log(np.clip(em.weights_, 1e-300, None)),
                                               dtype=self.logits.dtype))
         return self
+
+    def _init_from(
+        self, start: GaussianMixture, center: np.ndarray, spread: np.ndarray
+    ) -> dict[str, np.ndarray]:
+        """``start``'s weights, means and precisions in the standardized columns EM sees."""
+        shape = (start.features, start.components, start.covariance)
+        if shape != (self.features, self.components, self.covariance):
+            raise ValueError(f"start has features, components, covariance {shape}; this "
+                             f"mixture {(self.features, self.components, self.covariance)}")
+        with torch.no_grad():
+            lower = start.lower().double().cpu().numpy() / spread[:, None]
+            means = (start.loc.double().cpu().numpy() - center) / spread
+            weights = start.weights().double().cpu().numpy()
+        if self.covariance == "diag":
+            precisions = 1.0 / np.diagonal(lower, axis1=1, axis2=2) ** 2
+        else:  # (L L^T)^-1 = L^-T L^-1
+            inv = np.linalg.inv(lower)
+            precisions = inv.transpose(0, 2, 1) @ inv
+            precisions = (precisions + precisions.transpose(0, 2, 1)) / 2
+        return {"weights_init": weights / weights.sum(), "means_init": means,
+                "precisions_init": precisions}
 
     def extra_repr(self) -> str:
         return (f"features={self.features}, components={self.components}, "

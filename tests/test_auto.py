@@ -44,6 +44,55 @@ def test_select_gmm_by_folds_scores_every_pooled_row_once_when_held_out():
     assert nll == pytest.approx(total / len(pooled))
 
 
+def test_a_large_training_set_is_searched_on_a_subset_and_the_choice_fitted_on_every_row(
+    monkeypatch,
+):
+    import exactflow.training.auto as auto
+
+    monkeypatch.setattr(auto, "SEARCH_ROWS", 150)
+    tried: list[tuple[int, str, int]] = []
+    fit_to = GaussianMixture.fit_to
+
+    def record(self, data, **kwargs):
+        tried.append((self.components, self.covariance, len(data)))
+        return fit_to(self, data, **kwargs)
+
+    monkeypatch.setattr(GaussianMixture, "fit_to", record)
+    train, val = _clusters(600, 7), _clusters(200, 8)
+    spec, nll, fits, state = auto._search_gmm(train, val, components=(1, 2, 3, 4, 5),
+                                              seed=0, deadline=None, folds=1)
+    # coarse sizes first, both covariance types each; then one fit to every row
+    assert [t[:2] for t in tried[:6]] == [(1, "full"), (1, "diag"), (2, "full"),
+                                          (2, "diag"), (4, "full"), (4, "diag")]
+    assert {t[2] for t in tried[:-1]} == {150} and tried[-1][2] == 600 and fits == 11
+    assert tried[-1][:2] == (spec["components"], spec["covariance"]) and spec["components"] >= 3
+    mix = GaussianMixture(2, spec["components"], spec["covariance"]).double()
+    mix.load_state_dict(state)
+    with torch.no_grad():  # the reported NLL is the fit to every row's
+        assert nll == pytest.approx(float(-mix.log_prob(torch.as_tensor(val)).mean()))
+
+
+def test_a_search_out_of_time_keeps_its_first_fit():
+    train, val = _clusters(300, 9), _clusters(100, 10)
+    spec, _, fits = select_gmm(train, val, components=(1, 2, 3), deadline=0.0)
+    assert spec == {"components": 1, "covariance": "full"} and fits == 1
+
+
+def test_em_started_from_a_mixture_climbs_from_it():
+    x = torch.as_tensor(_clusters(900, 11))
+    part = GaussianMixture(2, 3).double().fit_to(x[:90], seed=0)
+    for covariance in ("full", "diag"):
+        start = GaussianMixture(2, 3, covariance).double().fit_to(x[:90], seed=0)
+        whole = GaussianMixture(2, 3, covariance).double().fit_to(x, seed=1, start=start)
+        with torch.no_grad():
+            assert whole.log_prob(x).mean() >= start.log_prob(x).mean()
+        # from its own optimum EM stays there
+        again = GaussianMixture(2, 3, covariance).double().fit_to(x, seed=2, start=whole)
+        torch.testing.assert_close(again.loc, whole.loc, rtol=0, atol=1e-3)
+    with pytest.raises(ValueError, match="components"):
+        GaussianMixture(2, 4).double().fit_to(x, start=part)
+
+
 def test_select_gmm_skips_sizes_larger_than_a_fold_and_refuses_bad_folds():
     train, val = _clusters(8, 5), _clusters(4, 6)
     spec, _, _ = select_gmm(train, val, components=(1, 2, 11), folds=3)
