@@ -84,7 +84,7 @@ class BatchNorm(Transform):
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Data -> latent with batch statistics (training) or running averages (eval)."""
-        if self.training:
+        if self.training and x.shape[0] > 0:  # (no rows: the eval map, nothing to learn)
             batch = x.shape[0]
             if batch < 2:
                 raise ValueError(
@@ -135,11 +135,12 @@ class ActNorm(Transform):
     **Initialization.** The first ``forward`` call in training mode sets
     ``bias = -mean(x)`` and ``log_scale = -0.5 log(var(x) + eps)`` from that batch, so its
     output has zero mean and unit variance per dimension; afterwards both are ordinary
-    parameters. ``eps`` keeps a constant dimension finite. A batch of 1 has no variance: it
-    only sets the bias (``log_scale`` stays 0). Calls in eval mode and calls to ``inverse``
-    never initialize: before initialization the layer uses its current parameters, the
-    identity for a new layer (so sampling an untrained flow is well defined). Call
-    :meth:`initialize` to initialize from a chosen batch explicitly.
+    parameters. ``eps`` keeps a constant dimension finite. A batch of fewer than 2 rows has
+    no variance and does not initialize (a one-row check of a new flow would otherwise fix
+    the layer's scale at 1 and its shift at that row, for good). Calls in eval mode and
+    calls to ``inverse`` never initialize: before initialization the layer uses its current
+    parameters, the identity for a new layer (so sampling an untrained flow is well
+    defined). Call :meth:`initialize` to initialize from a chosen batch explicitly.
 
     The "initialized" flag is a buffer (``state_dict`` saves and restores it, so a loaded
     layer continues exactly where it stopped) mirrored by a Python bool, so the check costs
@@ -181,14 +182,15 @@ class ActNorm(Transform):
 
     @torch.no_grad()
     def initialize(self, x: Tensor) -> None:
-        """Set ``bias`` and ``log_scale`` so that ``forward(x)`` has zero mean, unit variance."""
+        """Set ``bias`` and ``log_scale`` so that ``forward(x)`` has zero mean, unit variance
+        (``x``: at least 2 rows)."""
         check_input(x, self.features, "ActNorm.initialize")
+        if x.shape[0] < 2:
+            raise ValueError(f"ActNorm.initialize needs at least 2 rows to estimate a "
+                             f"variance, got {x.shape[0]}")
         x = x.detach()
         self.bias.copy_(-x.mean(0))
-        if x.shape[0] > 1:
-            self.log_scale.copy_(-0.5 * torch.log(x.var(0, unbiased=False) + self.eps))
-        else:
-            self.log_scale.zero_()
+        self.log_scale.copy_(-0.5 * torch.log(x.var(0, unbiased=False) + self.eps))
         self.initialized.fill_(True)
         self._needs_init = False
 
@@ -197,7 +199,7 @@ class ActNorm(Transform):
         if self._needs_init and self.training and not torch.compiler.is_compiling():
             if bool(self.initialized):  # set by hand or by a load that bypassed the hook
                 self._needs_init = False
-            else:
+            elif x.shape[0] > 1:
                 self.initialize(x)
         z = (x + self.bias) * torch.exp(self.log_scale)
         return z, self.log_scale.sum().expand(x.shape[0])

@@ -104,6 +104,10 @@ def test_batchnorm_float32_round_trip_and_batch_of_one():
     assert bn(x[:1])[0].shape == (1, 5)
     with pytest.raises(ValueError, match="at least 2 rows"):
         bn.train()(x[:1])
+    # No rows: empty in, empty out, the running averages untouched (in both modes)
+    before = bn.running_mean.clone()
+    z, ladj = bn(x[:0])
+    assert z.shape == (0, 5) and ladj.shape == (0,) and torch.equal(bn.running_mean, before)
 
 
 def test_batchnorm_gradients_in_training_mode():
@@ -188,13 +192,22 @@ def test_actnorm_float32_round_trip():
     torch.testing.assert_close(ladj_inv, -ladj)
 
 
-def test_actnorm_batch_of_one_and_constant_features_stay_finite():
+def test_actnorm_batches_without_a_variance_leave_it_for_the_next_and_constants_stay_finite():
+    # One row (a quick check of a new flow) fixed the scale at 1 and the shift at that
+    # row; no rows set the shift to NaN: a flow that scored -inf everywhere from then on.
     act = ActNorm(3).double()
-    x = torch.tensor([[1.0, -2.0, 5.0]], dtype=torch.float64)
-    z, ladj = act(x)
-    assert bool(act.initialized)
-    torch.testing.assert_close(z, torch.zeros(1, 3, dtype=torch.float64))
-    torch.testing.assert_close(act.log_scale, torch.zeros(3, dtype=torch.float64))
+    for rows in (1, 0):
+        x = 5 * torch.randn(rows, 3, dtype=torch.float64) + 2
+        z, ladj = act(x)
+        torch.testing.assert_close(z, x)
+        assert z.shape == (rows, 3) and ladj.shape == (rows,) and not bool(act.initialized)
+        with pytest.raises(ValueError, match="at least 2 rows to estimate a variance, got"):
+            act.initialize(x)
+    x = 5 * data(50, 3) + 2
+    z, _ = act(x)
+    assert bool(act.initialized) and torch.isfinite(act.bias).all()
+    torch.testing.assert_close(z.mean(0), torch.zeros(3, dtype=torch.float64), atol=1e-9,
+                               rtol=0)
     # A constant column: eps keeps the scale finite.
     act = ActNorm(2).double()
     x = torch.stack([torch.randn(10).double(), torch.full((10,), 4.0).double()], -1)
