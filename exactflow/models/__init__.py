@@ -9,9 +9,9 @@
 
 Every builder takes ``features`` and the keywords ``standardize``, ``embedding`` and
 ``base``; the flows with conditioner networks (realnvp, nice, maf, iaf, nsf) also take
-``layers``, ``hidden`` and ``context``, planar and radial ``layers`` and ``context``, and the
-classical models ``covariance`` and ``context`` (the mixture ``components`` too), with the
-same names.
+``layers``, ``hidden`` and ``context``, planar and radial ``layers`` (they are
+unconditional: ``context=0``), and the classical models ``covariance`` and ``context``
+(the mixture ``components`` too), with the same names.
 """
 
 from .classical import CLOSED_FORM, gaussian, gmm

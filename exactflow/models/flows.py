@@ -2,10 +2,10 @@
 
 Every builder takes ``features`` and the keywords ``standardize``, ``embedding`` and
 ``base``; those with conditioner networks (realnvp, nice, maf, iaf, nsf) also take
-``layers``, ``hidden`` and ``context`` (planar and radial: ``layers`` and ``context``), with
-the same names everywhere. Each records its own name and arguments in
-``flow.config`` so that :func:`exactflow.save` can store a model as JSON plus weights and
-:func:`exactflow.load` can rebuild it without running code from the file.
+``layers``, ``hidden`` and ``context`` (planar and radial: ``layers``; they are
+unconditional, ``context=0``), with the same names everywhere. Each records its own name
+and arguments in ``flow.config`` so that :func:`exactflow.save` can store a model as JSON
+plus weights and :func:`exactflow.load` can rebuild it without running code from the file.
 
 A user's own builder joins them with :func:`register`: the flows it makes then record their
 config, save and load like the built-in ones (the loading process must have registered the
