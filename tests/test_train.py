@@ -801,6 +801,19 @@ def test_held_out_rows_share_no_row_with_the_training_rows():
     assert not any(tuple(r) in seen for r in val.data.tolist())
 
 
+def test_too_few_rows_to_hold_out_say_that_training_runs_a_fixed_length():
+    # 12 rows at val_fraction=0.1 hold out 1: none is held out, and the default length
+    # (set by validation) fell back to a fixed 1000 steps, silently
+    flow = affine_flow()
+    with pytest.warns(UserWarning, match="12 rows leave no validation rows at val_fraction=0.1"
+                                         r".*a fixed 1000 steps and keeps the last"):
+        history = fit(flow, gaussian_data(12), **CPU)
+    assert history.best_step is None and history.total_steps == 1000
+    with warnings.catch_warnings():  # a length of one's own: nothing to say
+        warnings.simplefilter("error")
+        fit(flow, gaussian_data(12), steps=3, **CPU)
+
+
 def test_a_named_tables_columns_are_named_in_data_errors():
     class Named:  # a table with named columns, as a pandas DataFrame presents one
         def __init__(self, values, columns):

@@ -23,7 +23,13 @@ from ..datasets import (
     validate,
 )
 from ..distributions import tensor_of
-from ..validation import DataError, counted, nonfinite_rows_error, training_rows_error
+from ..validation import (
+    DataError,
+    counted,
+    nonfinite_rows_error,
+    training_rows_error,
+    warn_user,
+)
 
 __all__ = ["Rows", "Order", "wrap", "wrap_context", "hold_out", "to_device",
            "IN_MEMORY_SHUFFLE_ROWS"]
@@ -189,13 +195,15 @@ def wrap_context(flow: Any, context: Any, name: str, rows: int) -> Rows | None:
 
 
 def hold_out(
-    rows: Rows, context: Rows | None, val_fraction: float, seed: int
+    rows: Rows, context: Rows | None, val_fraction: float, seed: int,
+    fallback_steps: int | None = None,
 ) -> tuple[Rows, Rows | None, Rows | None, Rows | None]:
     """``(train, context, val, val_context)``: ``val_fraction`` of the rows held out at random
     (seeded), the rest kept; lazy data stays lazy. The copies of a row (with its context)
     stay on one side (:func:`~exactflow.datasets.shuffled_rows`): on both, memorizing the
     training rows would score well on validation. With fewer than 2 rows left on either
-    side nothing is held out.
+    side nothing is held out, with a warning when ``fallback_steps`` is given (the fixed
+    length training then runs).
 
     Raises:
         DataError: the rows left for training are no more than the columns (above one).
@@ -205,6 +213,11 @@ def hold_out(
                                  rng=np.random.default_rng([seed, 0x5EED]))
     n_val = int(cut_between_copies(np.array([round(val_fraction * n)]), starts)[0])
     if n_val < 2 or n - n_val < 2:
+        if fallback_steps is not None:
+            warn_user(f"{counted(n, 'row')} leave no validation rows at val_fraction="
+                      f"{val_fraction:g} (it needs 2 on each side): training runs a fixed "
+                      f"{fallback_steps} steps and keeps the last, which overfits a small "
+                      "table; pass val= (rows of your own) or steps=, or add rows")
         return rows, context, None, None
     if 1 < rows.data.shape[1] >= n - n_val:  # (a density of every column is degenerate)
         raise training_rows_error(counted(n_val, "validation row"), n - n_val, rows.data.shape[1])

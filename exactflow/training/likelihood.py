@@ -262,8 +262,8 @@ def fit(
         val_rows = wrap(val, "validation data", features, strict=True)
         val_ctx = wrap_context(flow, val_context, "val_context", len(val_rows))
     elif val_fraction > 0:
-        train_rows, train_ctx, val_rows, val_ctx = hold_out(
-            train_rows, train_ctx, val_fraction, int(seed))
+        train_rows, train_ctx, val_rows, val_ctx = hold_out(train_rows, train_ctx, val_fraction,
+            int(seed), None if fixed_length else DEFAULT_STEPS_WITHOUT_VALIDATION)
     if batch_size is None:
         batch_size = default_batch_size(len(train_rows))
     batch_size = positive_int(batch_size, "batch_size")
