@@ -36,7 +36,13 @@ except ImportError:  # pragma: no cover - older scikit-learn
 
 from . import models
 from .datasets import check_full_rank, validate
-from .runs.data import dequantize, dequantize_to_score, integer_columns
+from .runs.data import (
+    dequantize,
+    dequantize_to_score,
+    few_valued_columns,
+    few_values_note,
+    integer_columns,
+)
 from .scoring import log_prob
 from .validation import column_list, positive_float, positive_int, warn_user
 
@@ -210,6 +216,9 @@ class FlowDensity(DensityMixin, BaseEstimator):
                 "far above any real density; FlowDensity(dequantize=True) adds uniform "
                 "noise in [0, 1) to them, for a log-density that means something"
             )
+        levels = few_valued_columns(X)
+        if levels:
+            warn_user(few_values_note(levels, names, "FlowDensity(dequantize=True)"))
         validate(X, name="X", columns=names)  # constant columns first, as the CLI checks
         check_full_rank(X, "X", names)
         n, d = X.shape

@@ -743,6 +743,12 @@ def test_dequantize_makes_integer_columns_continuous_and_scores_say_lower_bound(
     code, _, err = run_cli(["train", data, "--model", "gaussian", "--out", tmp_path / "plain",
                             "--no-report"])
     assert code == 0 and "hold integers only" in err and "--dequantize" in err
+    assert "few distinct values" not in err
+    scaled = write_csv(tmp_path / "scaled.csv", np.c_[counts[:, 2], (counts[:, 0] > 4) * 0.3],
+                       ["c", "flag"])
+    code, _, err = run_cli(["train", scaled, "--model", "gaussian", "--out", tmp_path / "lv",
+                            "--no-report"])
+    assert code == 0 and "column 'flag' takes only a few distinct values, not integers" in err
     code, _, err = run_cli(["train", data, "--model", "gaussian", "--dequantize", "--out",
                             tmp_path / "deq", "--no-report"])
     assert code == 0, err

@@ -147,6 +147,22 @@ def test_integer_columns_are_warned_about_or_dequantized():
         fitted.score_samples(X[500:] + [0.0, 0.0, 0.5])
 
 
+def test_columns_of_a_few_levels_that_are_not_integers_are_warned_about():
+    # A 2-level column scaled by a StandardScaler (diabetes' sex, +-0.0507) escaped the
+    # integer check: a 5-component mixture scored held-out rows 5.8 nats higher with it.
+    from exactflow.runs.data import few_valued_columns
+
+    rng = np.random.default_rng(1)
+    X = np.c_[rng.normal(size=(400, 2)), (rng.integers(0, 2, 400) - 0.5) / 0.5 * 0.0507]
+    assert few_valued_columns(X) == [2]
+    assert few_valued_columns(X[:, :2].round(1)) == []  # one decimal: more than 20 values
+    assert few_valued_columns(np.c_[X, rng.integers(0, 3, 400)]) == [2]  # integers: not here
+    assert few_valued_columns(X[:15]) == []  # too few rows to tell levels from values
+    with pytest.warns(UserWarning, match=r"column 2 \(column indices\) takes only a few "
+                                         r"distinct values, not integers.*integer levels"):
+        FlowDensity("gaussian").fit(X)
+
+
 def test_a_table_too_small_to_split_says_so_on_the_leaderboard():
     fitted = FlowDensity(budget=3).fit(np.random.default_rng(0).normal(size=(6, 1)))
     (entry,) = fitted.leaderboard_  # (it was None: nothing said what was kept, or why)

@@ -248,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN_DIR")
     p.add_argument("-n", "--num", dest="n", type=_positive_int, required=True,
                    help="number of samples")
-    p.add_argument("-o", "--output", metavar="FILE", help="write to FILE (.csv or .npy)")
+    p.add_argument("-o", "--output", metavar="FILE",
+                   help="write to FILE (.csv, .tsv, .txt or .npy, by its extension)")
     p.add_argument("--seed", type=_seed, default=None, help="seed (default: random)")
 
     # score

@@ -280,7 +280,8 @@ def _raise_cell_error(
                 raise missing_error(path, cell, lineno, j, names)
             raise DataError(
                 f"{path!r}: non-numeric cell {cell!r} at line {lineno}, {where}; "
-                "choose the numeric columns (columns=[...]; --columns in the command line)"
+                "fix or drop that row, or, if the column is not data (an ID, a label), leave "
+                "it out (columns=[...]; --columns or --drop in the command line)"
                 + (HASH_NOTE if cell.startswith("#") else "")
             )
     raise DataError(f"{path!r}: a cell on line {lineno} is not a number")

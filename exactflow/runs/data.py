@@ -26,7 +26,7 @@ from ..datasets import (
     validate,
 )
 from ..datasets.files import split_key
-from ..validation import DataError, warn_user
+from ..validation import DataError, column_list, warn_user
 
 __all__ = ["read_data", "versions", "BUILTIN", "integer_columns", "dequantize"]
 
@@ -194,6 +194,38 @@ def integer_columns(rows: np.ndarray) -> list[int]:
     # (beyond 2^53 every float64 is an integer: such a column is continuous data)
     whole = np.all((rows == np.round(rows)) & (np.abs(rows) <= 2.0**53), axis=0)
     return [int(j) for j in np.flatnonzero(whole)]
+
+
+#: A column of non-integers with at most this many distinct values (and ten rows or more
+#: for each, on average) holds levels, not measurements: :func:`few_valued_columns`.
+FEW_VALUES = 20
+
+
+def few_valued_columns(rows: np.ndarray) -> list[int]:
+    """The columns that are not integers but take few distinct values (at most
+    :data:`FEW_VALUES`, and a tenth as many as the rows): categories coded as numbers, or
+    integers scaled (a ``StandardScaler``'s output), which :func:`integer_columns` misses.
+
+    A continuous density can pile its mass onto those values as onto integers.
+    """
+    rows = np.asarray(rows, dtype=np.float64)
+    if rows.ndim != 2 or len(rows) < 10:
+        return []
+    skip = set(integer_columns(rows))
+    limit = min(FEW_VALUES, len(rows) // 10)
+    return [j for j in range(rows.shape[1])
+            if j not in skip and 1 < len(np.unique(rows[:, j])) <= limit]
+
+
+def few_values_note(columns: list[int], names: list[str] | None, fix: str) -> str:
+    """What to say about :func:`few_valued_columns`; ``fix`` names the way to dequantize."""
+    which = "column {} takes" if len(columns) == 1 else "columns {} take"
+    return (
+        f"{which.format(column_list(columns, names))} only a few distinct values, not "
+        "integers: a continuous density can pile its mass onto them, and rows on them then "
+        "score far above any real density; leave such a column out, or give it as integer "
+        f"levels (before any scaling) and {fix}"
+    )
 
 
 def dequantize(

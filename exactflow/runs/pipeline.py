@@ -32,7 +32,7 @@ from ..validation import (
     positive_int,
     training_rows_error,
 )
-from .data import _now, integer_columns, read_data, versions
+from .data import _now, few_valued_columns, few_values_note, integer_columns, read_data, versions
 from .data import dequantize as dequantize_rows
 from .folder import (
     CHECKPOINT_FILE,
@@ -257,6 +257,10 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
             "number on every row, as row numbers or IDs do: new rows would carry new ones "
             "and score as anomalies for that alone; leave it out (--drop or --columns, "
             "or train_run(..., columns=[...])) unless its values are data")
+    levels = few_valued_columns(rows)
+    if levels:
+        notes.append("note: " + few_values_note(levels, names or None, "--dequantize (or "
+                                                "train_run(..., dequantize=True))"))
     if dequantize and not discrete:
         notes.append("note: no column holds integers only: dequantize changes nothing")
     if dequantize:  # first: a blank pixel is a constant column until it is dequantized
