@@ -305,7 +305,7 @@ def _run_checks(transform: Transform, x: Tensor, context: Tensor | None, atol: f
             )
     else:
         bad = within("log_det", ladj.reshape(-1) - truth, truth)
-        _explain(report, jac, bad, None, None, _bound_at(bad, truth, atol, rtol))
+        _add(report, _explain(jac, bad, None, None, _bound_at(bad, truth, atol, rtol)))
 
     if check_inverse:
         try:
@@ -330,8 +330,9 @@ def _run_checks(transform: Transform, x: Tensor, context: Tensor | None, atol: f
             fail("inverse_finite: inverse returned NaN or inf")
         else:
             bad = within("round_trip", x_back - x, x)
-            _explain(report, jac, bad.any(1), x, z, _bound_at(bad, x, atol, rtol))
-            within("inverse_log_det", ladj_inv + ladj, ladj)
+            _add(report, _explain(jac, bad.any(1), x, z, _bound_at(bad, x, atol, rtol)))
+            bad = within("inverse_log_det", ladj_inv + ladj, ladj)
+            _add(report, _explain(jac, bad, x, z, _bound_at(bad, ladj, atol, rtol)))
             _rows_and_recording(transform.inverse, z, context, x_back, ladj_inv, extra,
                                 "inverse")
     for key, why in _WHY.items():
@@ -344,10 +345,11 @@ def _run_checks(transform: Transform, x: Tensor, context: Tensor | None, atol: f
         failed = [d for (d, _, _), b in zip(parts, bad, strict=True) if bool(b.any())]
         if failed:
             verb = "give" if len(failed) > 1 else "gives"
-            report.failures[-1] += why.format(" and ".join(failed), verb)
             rows = torch.zeros(x.shape[0], dtype=torch.bool)
             rows[: bad.shape[1]] = bad.any(-1).any(0).cpu()
-            _explain(report, jac, rows.to(jac.device), x, z, _bound_at(bad, scale, atol, rtol))
+            note = _explain(jac, rows.to(jac.device), x, z, _bound_at(bad, scale, atol, rtol))
+            report.failures[-1] += note + ("; if it fails at such points too" if note else "")
+            report.failures[-1] += why.format(" and ".join(failed), verb)
     return report
 
 
@@ -415,16 +417,21 @@ def _bound_at(bad: Tensor, scale: Tensor, atol: float, rtol: float) -> float:
     return float((atol + rtol * scale.detach().abs())[bad].max()) if bool(bad.any()) else atol
 
 
+def _add(report: CheckReport, note: str) -> None:
+    """``note`` (may be empty) added to the last failure."""
+    if note:
+        report.failures[-1] += note
+
+
 def _explain(
-    report: CheckReport, jac: Tensor, bad: Tensor, x: Tensor | None, z: Tensor | None,
-    tolerance: float,
-) -> None:
-    """Add to the last failure how ill-conditioned the Jacobian is at the failed rows
-    ``bad``, when rounding alone could explain errors of the tolerance's size: for
-    ``log|det|``, ``eps cond(J)``; for values that go through the inverse (points ``x``,
-    outputs ``z``), ``eps (cond(J) |x| + |z| / sigma_min(J))``."""
+    jac: Tensor, bad: Tensor, x: Tensor | None, z: Tensor | None, tolerance: float,
+) -> str:
+    """What to add to a failure: how ill-conditioned the Jacobian is at the failed rows
+    ``bad``, when rounding alone could explain errors of the tolerance's size (else ""):
+    for ``log|det|``, ``eps cond(J)``; for values that go through the inverse (points
+    ``x``, outputs ``z``), ``eps (cond(J) |x| + |z| / sigma_min(J))``."""
     if not bool(bad.any()) or jac.shape[-1] != jac.shape[-2]:
-        return
+        return ""
     values = torch.linalg.svdvals(jac[bad])
     cond = float((values[:, 0] / values[:, -1]).max())
     smallest = float(values[:, -1].min())
@@ -434,13 +441,14 @@ def _explain(
         rounding = cond * max(_max_abs(x[rows]), 1.0) + _max_abs(
             z[rows].abs().amax(1) / values[:, -1])
     rounding *= torch.finfo(jac.dtype).eps
-    if rounding >= 0.1 * tolerance:
-        report.failures[-1] += (
-            f"; at the failed rows the Jacobian's condition number is up to {cond:.1e} and "
-            f"its smallest singular value down to {smallest:.1e}, so rounding alone can "
-            f"reach about {rounding:.1e} there: retry at better-conditioned "
-            "points or parameters before taking this for a wrong formula"
-        )
+    if rounding < 0.1 * tolerance:
+        return ""
+    return (
+        f"; rounding alone can reach about {rounding:.1e} at the failed rows (the "
+        f"Jacobian's condition number is up to {cond:.1e}, its smallest singular value down "
+        f"to {smallest:.1e}), so this need not be a wrong formula: retry at "
+        "better-conditioned points or parameters (smaller weights)"
+    )
 
 
 @contextlib.contextmanager

@@ -644,6 +644,21 @@ def test_failures_at_ill_conditioned_points_say_what_rounding_can_explain():
     report = ef.check_transform(t, x64(8, 2), raise_on_failure=False)
     assert [f.split(":")[0] for f in report.failures] == ["round_trip"]
     assert "rounding alone can reach about" in report.failures[0]
+    # Weights of N(0, 1) in a spline autoregressive layer: condition numbers near 1e18.
+    # Every failure leads with rounding; the reasons that would blame the code come after.
+    torch.manual_seed(0)
+    t = ef.transforms.SplineAutoregressive(7, hidden=8, context=2).double()
+    with torch.no_grad():
+        for p in t.parameters():
+            p.normal_()
+    report = ef.check_transform(t, x64(12, 7), torch.randn(12, 2, dtype=torch.float64),
+                                raise_on_failure=False)
+    failed = {f.split(":")[0]: f for f in report.failures}
+    assert {"round_trip", "inverse_log_det"} <= set(failed)
+    assert all("rounding alone can reach about" in f for f in failed.values())
+    for key in {"rows", "recording"} & set(failed):
+        assert failed[key].index("rounding alone") < failed[key].index(
+            "if it fails at such points too: inverse gives")
     # A wrong formula at well-conditioned points gets no such excuse.
     report = assert_fails(Scale(3, ladj_offset=0.5).double(), x64(), "log_det")
     assert "rounding alone" not in str(report)
