@@ -157,7 +157,10 @@ class Uniform(Distribution):
                 )
         low_t, high_t = low_t.expand(n).clone(), high_t.expand(n).clone()
         if not bool((high_t > low_t).all()):
-            raise ValueError("Uniform needs high > low in every dimension")
+            hint = ""
+            if features is None and isinstance(low, int) and not isinstance(low, bool):
+                hint = f" (its first argument is low: for {low} features, Uniform(features={low}))"
+            raise ValueError(f"Uniform needs high > low in every dimension{hint}")
         self.features = n
         self.register_buffer("low", low_t)
         self.register_buffer("high", high_t)

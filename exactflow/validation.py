@@ -74,6 +74,15 @@ def column_list(
     return listed if columns is not None else f"{listed} (column indices)"
 
 
+def not_a_flow(caller: str, given: Any) -> TypeError:
+    """The error for ``caller`` given something that is not an exactflow ``Flow``."""
+    hint = ""
+    if hasattr(given, "_orig_mod"):  # (what torch.compile returns)
+        hint = ("; pass the flow itself, not torch.compile(flow) (the compiled module holds "
+                "it as ._orig_mod; ef.fit(flow, x, compile=True) trains it compiled)")
+    return TypeError(f"{caller} expects an exactflow Flow, got {type(given).__name__}{hint}")
+
+
 def nonfinite_rows_error(name: str, count: int, rows: Iterable[int]) -> DataError:
     """The error for ``count`` rows holding NaN or inf, listing the first row indices."""
     return DataError(

@@ -154,6 +154,7 @@ def test_uniform_box():
     [
         ({"low": 1.0, "high": 1.0}, "high > low"),
         ({"low": [0.0, 2.0], "high": [1.0, 1.0]}, "high > low"),
+        ({"low": 2}, r"its first argument is low: for 2 features, Uniform\(features=2\)"),
         ({"low": [0.0, 0.0], "high": 1.0, "features": 3}, "low has 2 entries"),
         ({"low": [0.0, 0.0], "high": [1.0, 1.0, 1.0]}, "low has 2 entries"),
         ({"low": 0.0, "high": 1.0, "features": 0}, "features must be a positive integer"),

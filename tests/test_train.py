@@ -801,6 +801,21 @@ def test_held_out_rows_share_no_row_with_the_training_rows():
     assert not any(tuple(r) in seen for r in val.data.tolist())
 
 
+def test_a_compiled_flow_given_for_a_flow_is_refused_with_the_way_to_compile():
+    flow = affine_flow()
+    compiled = torch.compile(flow)  # (nothing compiles until it is called)
+    for call, name in ((lambda: fit(compiled, gaussian_data(64), **CPU), "fit"),
+                       (lambda: ef.save(compiled, "never.safetensors"), "save"),
+                       (lambda: ef.fit_reverse_kl(compiled, lambda x: -x.pow(2).sum(-1)),
+                        "fit_reverse_kl")):
+        with pytest.raises(TypeError, match=rf"{name} expects an exactflow Flow, got "
+                                            r"OptimizedModule; pass the flow itself.*"
+                                            r"compile=True"):
+            call()
+    with pytest.raises(TypeError, match=r"got Linear$"):
+        fit(torch.nn.Linear(2, 2), gaussian_data(64))
+
+
 def test_too_few_rows_to_hold_out_say_that_training_runs_a_fixed_length():
     # 12 rows at val_fraction=0.1 hold out 1: none is held out, and the default length
     # (set by validation) fell back to a fixed 1000 steps, silently

@@ -35,7 +35,7 @@ from .._version import __version__
 from ..distributions import Flow
 from ..models import build
 from ..transforms.standardize import Standardize
-from ..validation import device_named, warn_user
+from ..validation import device_named, not_a_flow, warn_user
 from .files import CheckpointError, atomic_write_bytes, safe_torch_load
 
 __all__ = ["save", "load", "FORMAT_VERSION"]
@@ -92,7 +92,7 @@ def save(flow: Flow, path: str | os.PathLike[str]) -> Path:
     from safetensors.torch import save as safetensors_bytes
 
     if not isinstance(flow, Flow):
-        raise TypeError(f"save expects an exactflow Flow, got {type(flow).__name__}")
+        raise not_a_flow("save", flow)
     config = getattr(flow, "config", None)
     if not config:
         raise ValueError(

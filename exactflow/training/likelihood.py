@@ -28,6 +28,7 @@ from ..validation import (
     counted,
     fraction,
     non_negative_float,
+    not_a_flow,
     positive_float,
     positive_int,
     warn_user,
@@ -62,8 +63,7 @@ from .parallel import Replicas
 
 __all__ = ["fit", "default_batch_size"]
 
-#: Without steps or epochs, training runs until the validation NLL has not improved for
-#: this many epochs...
+#: Without steps or epochs, training stops when validation has not improved in this many epochs...
 DEFAULT_PATIENCE_EPOCHS = 20
 #: ...or this many epochs have passed.
 DEFAULT_MAX_EPOCHS = 400
@@ -235,7 +235,7 @@ def fit(
     """
     called = time.perf_counter()  # (time_limit counts from here: preparation included)
     if not isinstance(flow, Flow):
-        raise TypeError(f"fit expects an exactflow Flow, got {type(flow).__name__}")
+        raise not_a_flow("fit", flow)
     if steps is not None and epochs is not None:
         raise ValueError("give steps or epochs, not both")
     fixed_length = steps is not None or epochs is not None

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..distributions import Flow
 from ..scoring import eval_mode
-from ..validation import positive_int, warn_user
+from ..validation import not_a_flow, positive_int, warn_user
 from .checkpoints import Checkpoint
 from .history import History
 from .importance import summarize, warn_if_unreliable
@@ -325,7 +325,7 @@ def fit_reverse_kl(
         ['elbo', 'elbo_se', 'ess', 'log_z_is', 'log_z_is_se', 'n', 'n_nonfinite', 'pareto_k']
     """
     if not isinstance(flow, Flow):
-        raise TypeError(f"fit_reverse_kl expects an exactflow Flow, got {type(flow).__name__}")
+        raise not_a_flow("fit_reverse_kl", flow)
     if getattr(flow, "context_features", 0):
         raise ValueError("fit_reverse_kl fits unconditional flows (this flow has a context)")
     fn = _target_fn(log_prob_target)
