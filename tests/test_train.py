@@ -801,6 +801,17 @@ def test_held_out_rows_share_no_row_with_the_training_rows():
     assert not any(tuple(r) in seen for r in val.data.tolist())
 
 
+def test_a_conditional_flow_that_diverges_on_a_raw_context_is_told_to_standardize_it():
+    torch.manual_seed(0)
+    flow = ef.models.maf(2, context=1, layers=1).double()
+    x = torch.randn(1000, 2, dtype=torch.float64)
+    context = 1e8 * torch.randn(1000, 1, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="the context's columns spread by"), \
+            pytest.raises(TrainingError, match="standardizes its context too") as info:
+        fit(flow, x, context=context, steps=20, **CPU)
+    assert "FlowDensity" not in str(info.value)  # (it fits no context)
+
+
 def test_a_compiled_flow_given_for_a_flow_is_refused_with_the_way_to_compile():
     flow = affine_flow()
     compiled = torch.compile(flow)  # (nothing compiles until it is called)

@@ -222,6 +222,8 @@ def data_advice(flow: nn.Module) -> str:
     already does."""
     if any(isinstance(m, Standardize) for m in flow.modules()):
         return "look for extreme values in the data (heavy tails standardize badly)"
+    if getattr(flow, "context_features", 0):  # (FlowDensity and the command line: no context)
+        return "build the flow with standardize=True, which standardizes its context too"
     return STANDARDIZE_ADVICE[0].lower() + STANDARDIZE_ADVICE[1:]
 
 
