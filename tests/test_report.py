@@ -117,6 +117,17 @@ def test_2d_report_has_the_density_and_cartographer_figures(run_2d):
     assert "true entropy" in text
 
 
+def test_a_closed_form_fit_has_no_training_curve(tmp_path):
+    # (a Gaussian's history is one point at step 0: the figure was a lone dot)
+    out = tmp_path / "gauss"
+    train(["train", "8gaussians", "--model", "gaussian", "--samples", "400", "--out", out,
+           "--no-report"])
+    rp.build_report(out)
+    names = {p.name for p in (out / "report").iterdir()}
+    assert "data_vs_model.png" in names and "training.png" not in names
+    assert "training and validation NLL" not in (out / "report" / "index.html").read_text()
+
+
 def test_5d_report_shows_pairwise_marginals(run_5d):
     names = {p.name for p in (run_5d / "report").iterdir()}
     assert "pairwise.png" in names

@@ -180,7 +180,7 @@ def build_report(
             "below the diagonal, as many model samples above it, and both histograms on the "
             "diagonal.",
         )]))
-    if run.history:
+    if run.history and run.history.get("total_steps", 1) > 0:  # (closed-form fits: no curve)
         plotting.save_figure(
             plotting.training_curves(run.history, entropy=entropy), out_dir / "training.png"
         )
