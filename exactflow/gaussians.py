@@ -32,8 +32,8 @@ from .validation import choice, positive_int
 __all__ = ["Gaussian", "GaussianMixture"]
 
 _LOG_2PI = math.log(2 * math.pi)
-# Ridge added to fitted covariances, relative to their mean variance: keeps the Cholesky
-# factor finite for duplicated or collinear rows.
+# Ridge added to the correlation matrix of every fitted covariance (so relative to each
+# column's own variance), always: keeps the Cholesky factor finite for collinear columns.
 _RIDGE = 1e-6
 
 
@@ -172,8 +172,10 @@ class Gaussian(_Components):
                                       device=self.loc.device))
 
     def fit_to(self, data: Any) -> Gaussian:
-        """Set the maximum-likelihood mean and covariance of ``data`` (a tiny ridge keeps a
-        degenerate covariance factorable); returns ``self``."""
+        """Set the maximum-likelihood mean and covariance of ``data``, with a ridge of 1e-6
+        added to its correlation matrix (always: it keeps a degenerate covariance
+        factorable, and moves log-densities by about 1e-6 per column, scaled by the row's
+        squared distance); returns ``self``."""
         x = _as_float64(data)
         cov = np.cov(x, rowvar=False, bias=True).reshape(self.features, self.features)
         if self.covariance == "diag":
