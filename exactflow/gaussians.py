@@ -174,8 +174,8 @@ class Gaussian(_Components):
     def fit_to(self, data: Any) -> Gaussian:
         """Set the maximum-likelihood mean and covariance of ``data``, with a ridge of 1e-6
         added to its correlation matrix (always: it keeps a degenerate covariance
-        factorable, and moves log-densities by about 1e-6 per column, scaled by the row's
-        squared distance); returns ``self``."""
+        factorable, and moves log-densities off the exact fit's by a little, more the more
+        correlated the columns); returns ``self``."""
         x = _as_float64(data)
         cov = np.cov(x, rowvar=False, bias=True).reshape(self.features, self.features)
         if self.covariance == "diag":
