@@ -142,6 +142,18 @@ def test_pandas_labels_of_unnamed_columns_are_a_header_above_decimals(tmp_path) 
     np.testing.assert_array_equal(ds.load(indexed), [[0, 0.5, -1.5], [1, 2, 1]])
 
 
+def test_load_csv_in_blocks_of_rows_gives_every_row_in_order(tmp_path, monkeypatch) -> None:
+    import exactflow.datasets.files as files
+
+    values = np.random.default_rng(4).normal(size=(11, 3))
+    path = tmp_path / "t.csv"
+    np.savetxt(path, values, delimiter=",", header="a,b,c", comments="", fmt="%.17g")
+    for block in (1, 3, 11, 12):
+        monkeypatch.setattr(files, "_BLOCK_ROWS", block)
+        np.testing.assert_array_equal(ds.load(path), values)
+        np.testing.assert_array_equal(ds.load(path, columns=["c", "a"]), values[:, [2, 0]])
+
+
 def test_load_csv_without_header_and_other_delimiters(tmp_path) -> None:
     expected = [[1.0, 2.0], [3.0, 4.0]]
     np.testing.assert_array_equal(ds.load(_write(tmp_path, "a.csv", "1,2\n3,4\n")), expected)

@@ -37,6 +37,9 @@ __all__ = ["load", "read_cells", "read_header", "row_lines", "split_key"]
 
 _TEXT = (".csv", ".tsv", ".txt", ".dat")
 
+#: Rows of a text table parsed into Python lists before they become an array block.
+_BLOCK_ROWS = 4096
+
 
 # What numpy, zipfile and zlib raise on a damaged .npy or .npz (beyond ValueError): a
 # truncated or foreign zip, a bad deflate stream, a member listed but missing, an
@@ -192,7 +195,10 @@ def _read_text(
     table = _text_table(path, header, delimiter)
     names, first = table.names, table.first
     keep = _column_indices(columns, len(first), names, path)
+    # (a block of rows at a time into the array: Python floats in lists take ~10x its memory)
+    values = np.empty((len(table.body), len(keep)))
     rows: list[list[float]] = []
+    done = 0
     number = float if missing == "error" else number_or_nan
     for lineno, line, cells in _records(table):
         try:
@@ -201,7 +207,12 @@ def _read_text(
             rows.append([number(cells[j]) for j in keep])
         except ValueError:
             _raise_cell_error(path, lineno, cells, keep, names)
-    values = np.array(rows, dtype=np.float64).reshape(len(rows), len(keep))
+        if len(rows) == _BLOCK_ROWS:
+            values[done : done + len(rows)] = rows
+            done += len(rows)
+            rows.clear()
+    if rows:
+        values[done : done + len(rows)] = rows
     if missing == "error" and np.isnan(values).any():  # (a 'nan' cell: named by its line)
         r, k = (int(i) for i in np.argwhere(np.isnan(values))[0])
         lineno, line = table.body[r]
