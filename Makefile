@@ -53,6 +53,7 @@ bench: $(VENV)/.installed-bench
 		--json benchmarks/results/realdata-default.json --md benchmarks/results/realdata-default.md
 	$(BIN)/python -m benchmarks.anomaly --seeds 10 --json benchmarks/results/anomaly.json
 	$(BIN)/python -m benchmarks.gmm_folds
+	$(BIN)/python -m benchmarks.gmm_search
 	$(BIN)/python -m benchmarks.tiny
 
 bench-quick: $(VENV)/.installed-bench
