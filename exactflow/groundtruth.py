@@ -119,7 +119,9 @@ def check_transform(
        autograd cannot trace to its input) fails;
     3. ``round_trip``: ``inverse(forward(x))`` gives back ``x`` (an inverse that refuses
        ``z`` fails here);
-    4. ``inverse_log_det``: the inverse's log-det is minus the forward one;
+    4. ``inverse_log_det``: the inverse's log-det is minus ``log|det J|`` (minus the
+       forward one where that is not finite), so a wrong formula in one direction fails
+       that direction's check alone;
     5. ``rows``: each row run alone (the first 16) gives what it gave in the batch, in
        both directions (a row's density must not depend on the rows scored with it);
     6. ``recording``: both directions give the same values while autograd records, as
@@ -127,7 +129,8 @@ def check_transform(
        must agree with itself).
 
     A failure at points where the Jacobian is ill-conditioned says how large an error
-    rounding alone can make there. A transform that is the identity at the points warns:
+    rounding alone can make there; a log-det that is the true one with its sign flipped
+    says so. A transform that is the identity at the points warns:
     a check there cannot tell a right log-det formula from a wrong one.
 
     Each error is judged elementwise: it passes when ``|error| <= atol + rtol * |truth|``.
@@ -306,6 +309,8 @@ def _run_checks(transform: Transform, x: Tensor, context: Tensor | None, atol: f
     else:
         bad = within("log_det", ladj.reshape(-1) - truth, truth)
         _add(report, _explain(jac, bad, None, None, _bound_at(bad, truth, atol, rtol)))
+        _add(report, _flipped(ladj.reshape(-1), -truth, bad, atol, rtol, "forward",
+                              "log|det dz/dx| (data -> latent)"))
 
     if check_inverse:
         try:
@@ -331,8 +336,13 @@ def _run_checks(transform: Transform, x: Tensor, context: Tensor | None, atol: f
         else:
             bad = within("round_trip", x_back - x, x)
             _add(report, _explain(jac, bad.any(1), x, z, _bound_at(bad, x, atol, rtol)))
-            bad = within("inverse_log_det", ladj_inv + ladj, ladj)
-            _add(report, _explain(jac, bad, x, z, _bound_at(bad, ladj, atol, rtol)))
+            finite = bool(torch.isfinite(truth).all())
+            true_fwd = truth if finite else ladj.reshape(-1)  # (a singular Jacobian failed)
+            bad = within("inverse_log_det", ladj_inv + true_fwd, true_fwd)
+            _add(report, _explain(jac, bad, x, z, _bound_at(bad, true_fwd, atol, rtol)))
+            if finite:
+                _add(report, _flipped(ladj_inv, true_fwd, bad, atol, rtol, "inverse",
+                                      "log|det dx/dz| = -log|det dz/dx| (latent -> data)"))
             _rows_and_recording(transform.inverse, z, context, x_back, ladj_inv, extra,
                                 "inverse")
     for key, why in _WHY.items():
@@ -350,9 +360,13 @@ def _run_checks(transform: Transform, x: Tensor, context: Tensor | None, atol: f
             note = _explain(jac, rows.to(jac.device), x, z, _bound_at(bad, scale, atol, rtol))
             report.failures[-1] += note + ("; if it fails at such points too" if note else "")
             report.failures[-1] += why.format(" and ".join(failed), verb)
+    if report.errors.get("rows", 0.0) > report.tolerances.get("rows", math.inf):
+        report.failures = [f + _MIXED if f.startswith("log_det:") else f
+                           for f in report.failures]
     return report
 
 
+_MIXED = "; the rows check fails too, and a map that mixes rows has no Jacobian row by row"
 _WHY = {
     "rows": ": {} {} a row other values alone than in the batch, so a row's result "
             "depends on the rows computed with it (rows must be mapped independently: no "
@@ -417,20 +431,30 @@ def _bound_at(bad: Tensor, scale: Tensor, atol: float, rtol: float) -> float:
     return float((atol + rtol * scale.detach().abs())[bad].max()) if bool(bad.any()) else atol
 
 
+def _flipped(got: Tensor, opposite: Tensor, bad: Tensor, atol: float, rtol: float,
+             direction: str, wanted: str) -> str:
+    """The note for a failed log-det that equals ``opposite`` (the true one, sign flipped)
+    within the tolerance, else ""."""
+    if bool(bad.any()) and bool(((got - opposite).abs() <= atol + rtol * opposite.abs()).all()):
+        return (f"; it is the true value with its sign flipped at every row: {direction} "
+                f"returns {wanted}")
+    return ""
+
+
 def _add(report: CheckReport, note: str) -> None:
     """``note`` (may be empty) added to the last failure."""
     if note:
         report.failures[-1] += note
 
 
-def _explain(
-    jac: Tensor, bad: Tensor, x: Tensor | None, z: Tensor | None, tolerance: float,
-) -> str:
+def _explain(jac: Tensor, bad: Tensor, x: Tensor | None, z: Tensor | None, tolerance: float
+             ) -> str:
     """What to add to a failure: how ill-conditioned the Jacobian is at the failed rows
     ``bad``, when rounding alone could explain errors of the tolerance's size (else ""):
     for ``log|det|``, ``eps cond(J)``; for values that go through the inverse (points
     ``x``, outputs ``z``), ``eps (cond(J) |x| + |z| / sigma_min(J))``."""
-    if not bool(bad.any()) or jac.shape[-1] != jac.shape[-2]:
+    if not bool(bad.any()) or jac.shape[-1] != jac.shape[-2] or not bool(
+            torch.isfinite(jac[bad]).all()):  # (NaN: a layer that divides by batch spread)
         return ""
     values = torch.linalg.svdvals(jac[bad])
     cond = float((values[:, 0] / values[:, -1]).max())
@@ -441,8 +465,8 @@ def _explain(
         rounding = cond * max(_max_abs(x[rows]), 1.0) + _max_abs(
             z[rows].abs().amax(1) / values[:, -1])
     rounding *= torch.finfo(jac.dtype).eps
-    if rounding < 0.1 * tolerance:
-        return ""
+    if not math.isfinite(rounding) or rounding < 0.1 * tolerance:
+        return ""  # (a singular Jacobian has no condition number to blame)
     return (
         f"; rounding alone can reach about {rounding:.1e} at the failed rows (the "
         f"Jacobian's condition number is up to {cond:.1e}, its smallest singular value down "

@@ -262,19 +262,22 @@ def test_log_abs_det_right_after_set_num_threads_at_d_256():
 class Scale(ef.Transform):
     """``z = a x`` elementwise, with a log-det that can be deliberately wrong."""
 
-    def __init__(self, features: int, ladj_offset: float = 0.0, inverse_factor: float = 1.0):
+    def __init__(self, features: int, ladj_offset: float = 0.0, inverse_factor: float = 1.0,
+                 flip_forward: bool = False, flip_inverse: bool = False):
         super().__init__()
         self.log_a = nn.Parameter(0.3 * torch.randn(features))
         self.ladj_offset = ladj_offset
         self.inverse_factor = inverse_factor
+        self.signs = (-1.0 if flip_forward else 1.0, -1.0 if flip_inverse else 1.0)
 
     def forward(self, x, context=None):
-        ladj = self.log_a.sum() + self.ladj_offset
+        ladj = self.signs[0] * (self.log_a.sum() + self.ladj_offset)
         return x * self.log_a.exp(), ladj.expand(x.shape[0])
 
     def inverse(self, z, context=None):
         x = z * (-self.log_a).exp() * self.inverse_factor
-        return x, (-self.log_a.sum() - self.ladj_offset).expand(z.shape[0])
+        ladj = self.signs[1] * (-self.log_a.sum() - self.ladj_offset)
+        return x, ladj.expand(z.shape[0])
 
 
 class DenseLinear(ef.Transform):
@@ -334,9 +337,44 @@ def test_full_matrix_with_diagonal_log_det_fails():
     a = torch.tensor([[2.0, 1.5, 0.0], [-1.0, 1.0, 0.5], [0.3, 0.0, 1.5]], dtype=torch.float64)
     assert abs(math.log(abs(float(torch.linalg.det(a)))) - float(a.diagonal().log().sum())) > 0.1
     assert_fails(DenseLinear(a, diagonal_log_det=True), x64(), "log_det")
-    # Both directions agree with each other, so only the Jacobian comparison can catch it.
+    # Both directions use the diagonal (they agree with each other): each is judged
+    # against the Jacobian, so both fail, and nothing else does.
     report = ef.check_transform(DenseLinear(a, True), x64(), raise_on_failure=False)
-    assert report.failures == [f for f in report.failures if f.startswith("log_det:")]
+    assert [f.split(":")[0] for f in report.failures] == ["log_det", "inverse_log_det"]
+
+
+def test_each_directions_log_det_is_judged_on_its_own_and_a_flipped_sign_is_named():
+    # The forward's log-det with the sign flipped, the inverse's right: before, the inverse
+    # failed too (it was compared with the forward's), and nothing said which was wrong.
+    report = ef.check_transform(Scale(3, flip_forward=True).double(), x64(),
+                                raise_on_failure=False)
+    assert [f.split(":")[0] for f in report.failures] == ["log_det"]
+    assert "sign flipped at every row: forward returns log|det dz/dx|" in report.failures[0]
+    report = ef.check_transform(Scale(3, flip_inverse=True).double(), x64(),
+                                raise_on_failure=False)
+    assert [f.split(":")[0] for f in report.failures] == ["inverse_log_det"]
+    assert "sign flipped at every row: inverse returns log|det dx/dz|" in report.failures[0]
+
+
+def test_a_map_that_mixes_rows_is_named_without_a_crash_or_a_rounding_excuse():
+    class Normalize(ef.Transform):  # batch statistics: one row alone has no variance
+        def forward(self, x, context=None):
+            var = x.var(0, unbiased=False)
+            return (x - x.mean(0)) / var.sqrt(), (-0.5 * var.log().sum()).expand(len(x))
+
+        def inverse(self, z, context=None):
+            return z, torch.zeros(len(z), dtype=z.dtype)
+
+    class Center(Normalize):  # one row alone: a zero Jacobian
+        def forward(self, x, context=None):
+            return x - x.mean(0), torch.zeros(len(x), dtype=x.dtype)
+
+    for t in (Normalize(), Center()):
+        report = ef.check_transform(t, 3 * x64() + 1, raise_on_failure=False)  # (it crashed)
+        failed = {f.split(":")[0]: f for f in report.failures}
+        assert "rows" in failed and "no mixing across dim 0" in failed["rows"]
+        assert "a map that mixes rows has no Jacobian row by row" in failed["log_det"]
+        assert not any("rounding alone" in f for f in report.failures)
 
 
 def test_wrong_inverse_fails():
