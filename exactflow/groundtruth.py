@@ -120,8 +120,8 @@ def check_transform(
     3. ``round_trip``: ``inverse(forward(x))`` gives back ``x`` (an inverse that refuses
        ``z`` fails here);
     4. ``inverse_log_det``: the inverse's log-det is minus ``log|det J|`` (minus the
-       forward one where that is not finite), so a wrong formula in one direction fails
-       that direction's check alone;
+       forward's own where ``log|det J|`` is not finite), so a wrong formula in one
+       direction fails that direction's check alone;
     5. ``rows``: each row run alone (the first 16) gives what it gave in the batch, in
        both directions (a row's density must not depend on the rows scored with it);
     6. ``recording``: both directions give the same values while autograd records, as
