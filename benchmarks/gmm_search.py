@@ -2,7 +2,7 @@
 
 ``python -m benchmarks.gmm_search`` draws tables of 100,000 training rows (and 10,000
 validation and test rows) from known Gaussian mixtures and runs the search of the auto
-ladder (``exactflow.training.auto._search_gmm``, sizes 1 to 20, full and diagonal
+ladder (``exactflow.training.mixtures._search_gmm``, sizes 1 to 20, full and diagonal
 covariances, on standardized columns) within its share of a budget (a quarter of
 ``--budget``, 45 s by default as in ``FlowDensity``) three ways: as it runs, each setting
 fitted on ``SEARCH_ROWS`` (20,000) of the training rows and the choice then on all of
@@ -82,7 +82,7 @@ def run(features: int, clusters: int, budget: float, search: str) -> dict[str, A
     """One search (``subset``, ``every row`` or ``in order``) on a drawn table: what it
     chose and how well that scores the test rows."""
     from exactflow.gaussians import GaussianMixture
-    from exactflow.training import auto
+    from exactflow.training import mixtures
 
     x, truth = draw(features, clusters, 120_000, seed=features * 100 + clusters)
     train, val, test = x[:100_000], x[100_000:110_000], x[110_000:]
@@ -92,14 +92,14 @@ def run(features: int, clusters: int, budget: float, search: str) -> dict[str, A
     if search == "in order":
         mix, fits = in_order(z_train, z_val, clock + budget / 4)
     else:
-        saved = auto.SEARCH_ROWS
-        auto.SEARCH_ROWS = len(train) if search == "every row" else saved
+        saved = mixtures.SEARCH_ROWS
+        mixtures.SEARCH_ROWS = len(train) if search == "every row" else saved
         try:
-            spec, _, fits, state = auto._search_gmm(
-                z_train, z_val, components=auto.GMM_COMPONENTS, seed=0,
+            spec, _, fits, state, _ = mixtures._search_gmm(
+                z_train, z_val, components=mixtures.GMM_COMPONENTS, seed=0,
                 deadline=clock + budget / 4, folds=1)
         finally:
-            auto.SEARCH_ROWS = saved
+            mixtures.SEARCH_ROWS = saved
         mix = GaussianMixture(features, spec["components"], spec["covariance"]).double()
         mix.load_state_dict(state)
     seconds = time.perf_counter() - clock

@@ -60,7 +60,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..datasets import check_full_rank, column_names, cut_between_copies, shuffled_rows
+from ..datasets import check_full_rank, column_names
 from ..distributions import Flow
 from ..gaussians import GaussianMixture
 from ..models import CLOSED_FORM, build
@@ -69,13 +69,13 @@ from ..validation import (
     DataError,
     counted,
     positive_float,
-    positive_int,
 )
 from .batches import hold_out, wrap
 from .history import History
 from .likelihood import fit
 from .loop import TrainingError, clone
 from .metrics import evaluate, warn_dominant_rows
+from .mixtures import GMM_COMPONENTS, SEARCH_ROWS, _search_gmm, select_gmm
 
 __all__ = ["fit_auto", "ladder", "select_gmm", "Candidate", "Entry", "AutoResult",
            "MIN_VAL_ROWS"]
@@ -121,14 +121,6 @@ class AutoResult:
     @property
     def chosen(self) -> Entry:
         return next(e for e in self.leaderboard if e.chosen)
-
-
-#: The mixture sizes tried on validation.
-GMM_COMPONENTS = tuple(range(1, 21))
-
-#: A larger training set is searched on a random subset of this many rows; the chosen
-#: mixture is then fitted to every row.
-SEARCH_ROWS = 20_000
 
 
 @dataclass
@@ -179,85 +171,6 @@ def ladder(n: int, d: int, context: int = 0, gmm: dict[str, Any] | None = None) 
         if d >= 2:
             out.append(Candidate("nsf-autoregressive", dict(autoregressive), priority=False))
     return out
-
-
-def select_gmm(
-    train: Any, val: Any, *, components: tuple[int, ...] = GMM_COMPONENTS, seed: int = 0,
-    deadline: float | None = None, folds: int = 1,
-) -> tuple[dict[str, Any], float, int]:
-    """The mixture size and covariance type with the best held-out NLL, by EM; returns
-    ``(spec, nll, fits)``. Stops early at ``deadline`` (``time.perf_counter()``) and keeps
-    the best so far.
-
-    With ``folds == 1`` each setting is fitted on ``train`` and scored on ``val``; above
-    :data:`SEARCH_ROWS` training rows each is fitted on a random subset of that many, and
-    the chosen one on every row (``nll`` is that fit's). With ``folds = k > 1`` the rows of
-    ``train`` and ``val`` are pooled and each setting is scored by k-fold cross-validation
-    (the mean NLL of every row when held out), for a small table whose validation split
-    holds only a few dozen rows. Sizes are tried coarse first (1, 2, 4, 8, ..., then those
-    between), each with both covariance types, so a search cut short spans the range.
-    """
-    spec, nll, fits, _ = _search_gmm(train, val, components=components, seed=seed,
-                                     deadline=deadline, folds=folds)
-    return spec, nll, fits
-
-
-def _search_gmm(
-    train: Any, val: Any, *, components: tuple[int, ...], seed: int, deadline: float | None,
-    folds: int,
-) -> tuple[dict[str, Any], float, int, dict[str, Tensor] | None]:
-    """:func:`select_gmm`, and the chosen mixture's state as fitted on ``train`` (``None``
-    with folds: no one fit covers every row)."""
-    folds = positive_int(folds, "folds")
-    x = np.asarray(train, dtype=np.float64)
-    v = np.asarray(val, dtype=np.float64)
-    if folds > 1:
-        pooled = np.concatenate([x, v])
-        order, starts = shuffled_rows(pooled, rng=np.random.default_rng(seed))
-        sizes = [len(p) for p in np.array_split(order, folds)]  # copies of a row in one fold
-        parts = [np.sort(p) for p in np.split(order, cut_between_copies(
-            np.cumsum(sizes)[:-1], starts)) if len(p)]
-        splits = [(np.delete(pooled, p, axis=0), torch.as_tensor(pooled[p])) for p in parts]
-    else:
-        subset = x
-        if len(x) > SEARCH_ROWS:
-            rng = np.random.default_rng(seed)
-            subset = x[np.sort(rng.choice(len(x), SEARCH_ROWS, replace=False))]
-        splits = [(subset, torch.as_tensor(v))]
-    best: tuple[float, dict[str, Any]] | None = None
-    chosen: GaussianMixture | None = None
-    fits = 0
-    coarse_first = sorted(components, key=lambda k: (k & (k - 1) != 0, k))
-    for k, covariance in ((k, c) for k in coarse_first for c in ("full", "diag")):
-        if deadline is not None and time.perf_counter() > deadline and best:
-            break
-        total, held = 0.0, 0
-        for fit_rows, score_rows in splits:
-            if k > len(fit_rows):
-                break
-            mix = GaussianMixture(x.shape[1], k, covariance).double()
-            try:
-                mix.fit_to(fit_rows, seed=seed)
-            except ValueError:
-                break
-            fits += 1
-            with torch.no_grad():
-                total += float(-mix.log_prob(score_rows).sum())
-            held += len(score_rows)
-        else:
-            nll = total / held
-            if math.isfinite(nll) and (best is None or nll < best[0]):
-                best = (nll, {"components": k, "covariance": covariance})
-                chosen = mix
-    if best is None or chosen is None:
-        raise ValueError("no Gaussian mixture could be fitted to the training rows")
-    if folds == 1 and len(splits[0][0]) < len(x):  # chosen on a subset: EM on every row
-        mix = GaussianMixture(x.shape[1], chosen.components, chosen.covariance).double()
-        chosen = mix.fit_to(x, seed=seed, start=chosen)
-        fits += 1
-        with torch.no_grad():
-            best = (float(-chosen.log_prob(splits[0][1]).mean()), best[1])
-    return best[1], best[0], fits, clone(chosen.state_dict()) if folds == 1 else None
 
 
 def fit_auto(
@@ -402,7 +315,7 @@ def fit_auto(
         clock = time.perf_counter()
         mean, std = _standardizer(rows.data, standardize)
         try:
-            gmm, _, fits, fitted = _search_gmm(
+            gmm, _, fits, fitted, fitted_rows = _search_gmm(
                 (_array(rows.data) - mean) / std, (_array(val_rows.data) - mean) / std,
                 components=GMM_COMPONENTS, seed=seed, deadline=clock + budget / 4,
                 folds=5 if few else 1)
@@ -415,7 +328,10 @@ def fit_auto(
             noun = "component" if gmm["components"] == 1 else "components"
             how = "by 5-fold cross-validation" if few else "on validation"
             if not few and n > SEARCH_ROWS:
-                how += f" (fitted on {SEARCH_ROWS:,} of the {n:,} training rows, then on all)"
+                how += f" (each fitted on {SEARCH_ROWS:,} of the {n:,} training rows; " + (
+                    "the choice then on all)" if fitted_rows == n else
+                    f"the choice then on {fitted_rows:,}, as many as its time allowed)"
+                    if fitted_rows > SEARCH_ROWS else "no time left to fit the choice on more)")
             say(f"gmm: {fits} {'mixture' if fits == 1 else 'mixtures'} fitted in {search:.1f} s; "
                 f"{gmm['components']} {gmm['covariance']} {noun} chosen {how}")
             run(f"gmm ({gmm['components']} {noun}, {gmm['covariance']})",
