@@ -73,6 +73,26 @@ def interrupt_training_after(monkeypatch: pytest.MonkeyPatch, steps: int) -> Cal
     return lambda: monkeypatch.setattr(train_module, "fit", real_fit)
 
 
+def test_the_summary_comes_before_the_report_and_an_interrupted_report_says_so(
+    tmp_path, monkeypatch
+):
+    # (the summary came after the report: Ctrl-C there lost it, and said "interrupted" of
+    # a finished run)
+    import exactflow.cli.train as cli_train
+
+    def stopped(path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_train, "build_report", stopped)
+    out = tmp_path / "run"
+    code, text, err = run_cli(["train", "moons", *TINY[:-1], "--out", out])
+    assert code == 130 and "test NLL" in text and f"run folder: {out}" in text
+    assert one_error_line(err) == (
+        f"exactflow: error: interrupted: the run in {str(out)!r} is complete, its report is "
+        f"not: write it with `exactflow report {out}`")
+    assert json.loads((out / "run.json").read_text())["status"] == "done"
+
+
 def write_csv(path: Path, data: np.ndarray, header: list[str] | None = None) -> Path:
     text = io.StringIO()
     np.savetxt(text, data, delimiter=",", header=",".join(header) if header else "",
@@ -324,7 +344,9 @@ def test_train_resume_continues_an_interrupted_run(tmp_path, monkeypatch):
 
     resume_normally = interrupt_training_after(monkeypatch, 20)
     code, _, err = run_cli([*args, "--out", tmp_path / "cut"])
-    assert code == 130 and "interrupted" in err
+    assert code == 130 and one_error_line(err) == (
+        f"exactflow: error: interrupted: the run in {str(tmp_path / 'cut')!r} did not "
+        "finish; continue it with the same command and --resume")
     info = json.loads((tmp_path / "cut" / "run.json").read_text())
     assert info["status"] == "training" and (tmp_path / "cut" / "checkpoint.pt").is_file()
     assert not (tmp_path / "cut" / "model.safetensors").exists()

@@ -117,6 +117,23 @@ def test_dequantize_without_integer_columns_says_it_changes_nothing(table, tmp_p
     assert code == 0 and "no column holds integers only: dequantize changes nothing" in err
 
 
+def test_ctrl_c_during_the_auto_ladder_points_to_overwrite(gaussian_run, tmp_path,
+                                                          monkeypatch):
+    import exactflow.cli.train as cli_train
+
+    def stopped(**kwargs):  # (the ladder was choosing when Ctrl-C came)
+        Path(kwargs["out"]).mkdir()
+        (Path(kwargs["out"]) / "run.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_train, "train_run", stopped)
+    out = tmp_path / "auto"
+    code, _, err = run_cli(["train", "moons", "--budget", "5", "--out", out])
+    assert code == 130 and err.strip().endswith(
+        f"interrupted: the run in {str(out)!r} did not finish; train it again with the same "
+        "command and --overwrite (a model chosen by the auto ladder cannot be resumed)")
+
+
 def test_an_interrupted_auto_run_is_pointed_to_overwrite_not_resume(gaussian_run, tmp_path):
     out = tmp_path / "auto"
     out.mkdir()

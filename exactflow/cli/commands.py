@@ -105,7 +105,8 @@ def _main(argv: Sequence[str] | None) -> int:
             warnings.formatwarning = formatter
     except KeyboardInterrupt as stop:
         terminated = isinstance(stop, Terminated)
-        _fail(args, "terminated" if terminated else "interrupted")
+        said = "terminated" if terminated else "interrupted"  # (then what the command left)
+        _fail(args, f"{said}: {stop}" if str(stop) else said)
         return 143 if terminated else 130
     except BrokenPipeError:
         raise

@@ -32,6 +32,14 @@ def _train(args: argparse.Namespace, **kwargs: Any) -> dict[str, Any]:
     except RunError as err:
         raise CommandError(str(err).replace("overwrite it", "pass --overwrite").replace(
             "resume to continue", "--resume to continue")) from None
+    except KeyboardInterrupt as stop:  # (say what the folder holds and how to go on)
+        out = Path(kwargs["out"])
+        if not writer or not (out / "run.json").is_file():
+            raise
+        cure = ("train it again with the same command and --overwrite (a model chosen by "
+                "the auto ladder cannot be resumed)" if kwargs["model"] == "auto" else
+                "continue it with the same command and --resume")
+        raise type(stop)(f"the run in {str(out)!r} did not finish; {cure}") from None
     if not writer:
         return {"ok": True, "run": str(run.path)}
     result: dict[str, Any] = {
@@ -43,9 +51,19 @@ def _train(args: argparse.Namespace, **kwargs: Any) -> dict[str, Any]:
         "metrics": run.info["metrics"],
         "report": None,
     }
-    if getattr(args, "report", True):
-        result["report"] = str(build_report(run.path))
     return result
+
+
+def _write_report(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    """Build the run's report (after its summary: the run is complete without it)."""
+    if not getattr(args, "report", True):
+        return
+    try:
+        result["report"] = str(build_report(result["run"]))
+    except KeyboardInterrupt as stop:
+        raise type(stop)(f"the run in {result['run']!r} is complete, its report is not: "
+                         f"write it with `exactflow report {result['run']}`") from None
+    say(args, f"report: {result['report']}")
 
 
 def _print_train_result(args: argparse.Namespace, result: dict[str, Any]) -> None:
@@ -81,8 +99,6 @@ def _print_train_result(args: argparse.Namespace, result: dict[str, Any]) -> Non
         say(args, f"test NLL - true entropy = {m['test_nll_minus_entropy']:+.4f} nats "
                    "(0 is a perfect model)")
     say(args, f"run folder: {result['run']}")
-    if result.get("report"):
-        say(args, f"report: {result['report']}")
 
 
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
@@ -139,6 +155,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         distributed.finish()
     if rank == 0:
         _print_train_result(args, result)
+        _write_report(args, result)
     return result
 
 
@@ -238,6 +255,7 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
         overwrite=args.overwrite or _made_by_demo(out),
     )
     _print_train_result(args, result)
+    _write_report(args, result)
     if not args.json and result.get("report"):
         print(f"open {Path(result['report']).resolve().as_uri()} in a browser")
     return result
