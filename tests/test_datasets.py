@@ -256,7 +256,8 @@ def test_a_first_line_of_whole_numbers_unlike_the_rows_warns(tmp_path) -> None:
 def test_load_unreadable_files(tmp_path) -> None:
     with pytest.raises(DataError, match="cannot read '.*x.csv': no such file"):
         ds.load(tmp_path / "x.csv")
-    with pytest.raises(DataError, match="it is a directory"):
+    with pytest.raises(DataError, match="it is a folder; load and the command line read "
+                                        "one file.*ef.datasets.open_table"):
         ds.load(tmp_path)
     with pytest.raises(DataError, match="the file is empty"):
         ds.load(_write(tmp_path, "empty.csv", "\n\n"))

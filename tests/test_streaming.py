@@ -109,6 +109,22 @@ def test_json_is_capped_with_an_error_naming_o(run_dir, monkeypatch):
     assert code == 0, err
 
 
+def test_score_json_is_capped_too(run_dir, tmp_path, monkeypatch):
+    # (a 2,000,000-row score --json built a 60 MB object in memory)
+    monkeypatch.setattr(output, "JSON_MAX_VALUES", 100)
+    rows = np.random.default_rng(0).normal(size=(51, 2))
+    np.savetxt(tmp_path / "r.csv", rows, delimiter=",")
+    code, err = run_cli(["score", run_dir, tmp_path / "r.csv", "--json"])
+    assert code == 1 and "--json prints the scores" in err and "at most 50 rows" in err
+    assert "-o FILE" in err
+    code, err = run_cli(["score", run_dir, tmp_path / "r.csv", "--json", "-o",
+                         tmp_path / "s.csv"])
+    assert code == 0, err
+    code, err = run_cli(["score", run_dir, tmp_path / "r.csv", "--json",
+                         "--threshold-quantile", "0.2"])  # (three values a row: 33 at most)
+    assert code == 1 and "at most 33 rows" in err
+
+
 def test_csv_rows_matches_savetxt():
     rows = np.array([[1.0, -2.5e-12, np.inf], [np.nan, 123456789.123, -0.0]])
     buf = io.StringIO()

@@ -56,14 +56,15 @@ class SampleStream:
                 yield block
 
 
-def json_cap_error(n: int, features: int) -> str | None:
-    """The error for ``sample --json`` without ``-o`` when ``n`` rows are too many."""
-    if n * features <= JSON_MAX_VALUES:
+def json_cap_error(n: int, per_row: int, what: str = "samples") -> str | None:
+    """The error for ``sample --json`` or ``score --json`` without ``-o`` when ``n`` rows
+    of ``per_row`` values each are too many."""
+    if n * per_row <= JSON_MAX_VALUES:
         return None
     return (
-        f"--json prints the samples inside one JSON object built in memory: at most "
-        f"{JSON_MAX_VALUES // features} rows of {features} features; write {n} rows to a "
-        "file with -o FILE (.csv or .npy, streamed), or leave out --json to stream CSV to "
+        f"--json prints the {what} inside one JSON object built in memory: at most "
+        f"{JSON_MAX_VALUES // per_row:,} rows of {per_row} values; write the {n:,} rows to "
+        "a file with -o FILE (.csv or .npy, streamed), or leave out --json to stream CSV to "
         "stdout"
     )
 

@@ -222,6 +222,10 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
         raise DataError(f"{what} but the model of {args.run!r} was trained on {d}{hint}")
     if len(source_rows) == 0:
         raise DataError(f"{info['name']} has no rows")
+    per_row = 2 + (args.threshold_quantile is not None) + len(args.keep or ())
+    cap = json_cap_error(len(source_rows), per_row, "scores") if args.json and not out else None
+    if cap:
+        raise CommandError(cap)
     kept = _kept_cells(args, len(source_rows)) if args.keep is not None else None
     names = run.info["data"].get("column_names")
     by_position = (chosen is None and args.columns is None and bool(names)

@@ -62,7 +62,9 @@ def _check_readable(path: str) -> None:
     if not os.path.exists(path):
         raise DataError(f"cannot read {path!r}: no such file")
     if os.path.isdir(path):
-        raise DataError(f"cannot read {path!r}: it is a directory")
+        raise DataError(f"cannot read {path!r}: it is a folder; load and the command line "
+                        "read one file (a folder of .npy or Parquet shards is one table for "
+                        "ef.datasets.open_table and ef.fit, in Python)")
     if not os.access(path, os.R_OK):
         raise DataError(f"cannot read {path!r}: permission denied")
 
