@@ -93,6 +93,28 @@ def test_the_summary_comes_before_the_report_and_an_interrupted_report_says_so(
     assert json.loads((out / "run.json").read_text())["status"] == "done"
 
 
+def test_test_rows_that_dominate_the_test_nll_are_said_with_the_nll_of_the_others(tmp_path):
+    # (one heavy-tailed row made a test NLL of 17.09 +- 2.46 where the others gave 14.6)
+    rng = np.random.default_rng(1)
+    x = np.c_[rng.normal(size=(5000, 2)), rng.standard_t(3, size=5000) * 2 + 10]
+    x[::500, 2] = 400.0
+    np.save(tmp_path / "heavy.npy", x)
+    code, text, err = run_cli(["train", tmp_path / "heavy.npy", "--model", "gaussian",
+                               "--out", tmp_path / "run", "--no-report", "--seed", "3"])
+    assert code == 0, err
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    far = info["metrics"]["test_dominant_rows"]
+    assert far["rows"] == 2 and far["of"] == 500
+    assert far["nll_of_the_others"] < info["metrics"]["test"]["nll"] - 0.5
+    assert (f"2 of the test rows score more than 50 nats below the median row and dominate "
+            f"the mean: over the other rows the test NLL is {far['nll_of_the_others']:.4f}"
+            ) in text
+    np.save(tmp_path / "plain.npy", rng.normal(size=(5000, 3)))  # (nothing to say there)
+    code, text, err = run_cli(["train", tmp_path / "plain.npy", "--model", "gaussian",
+                               "--out", tmp_path / "plain", "--no-report", "--seed", "3"])
+    assert code == 0 and "over the other rows" not in text
+
+
 def write_csv(path: Path, data: np.ndarray, header: list[str] | None = None) -> Path:
     text = io.StringIO()
     np.savetxt(text, data, delimiter=",", header=",".join(header) if header else "",

@@ -95,6 +95,14 @@ def _print_train_result(args: argparse.Namespace, result: dict[str, Any]) -> Non
         say(args, f"  {t['n_nonfinite']} of the test rows score -inf or NaN (values far beyond "
                    f"the training rows?); over the others the test NLL is "
                    f"{fmt(t.get('nll_finite'))} nats")
+    far = m.get("test_dominant_rows")
+    if far:
+        one = far["rows"] == 1
+        say(args, f"  {far['rows']} of the test rows score{'s' if one else ''} more than "
+                   f"{far['nats_below_median']:.0f} nats below the median row and "
+                   f"dominate{'s' if one else ''} the mean: over the other rows"
+                   + ("" if far["of"] == t.get("n") else f" (of the first {far['of']:,})")
+                   + f" the test NLL is {fmt(far['nll_of_the_others'])} nats")
     if "test_nll_minus_entropy" in m:
         say(args, f"test NLL - true entropy = {m['test_nll_minus_entropy']:+.4f} nats "
                    "(0 is a perfect model)")

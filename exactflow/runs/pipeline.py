@@ -20,8 +20,10 @@ from .. import distributed, models
 from ..datasets import check_full_rank, split_indices, validate
 from ..distributions import Flow
 from ..io import atomic_write_bytes, atomic_write_json, save
+from ..scoring import log_prob
 from ..training import TrainingError, evaluate, fit, fit_auto
 from ..training.batches import wrap
+from ..training.metrics import dominant_rows
 from ..transforms.standardize import describe_standardize, resolve_standardize
 from ..validation import (
     DataError,
@@ -356,6 +358,21 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
         )
 
 
+def _dominant_test_rows(flow: Flow, test: np.ndarray) -> dict[str, Any] | None:
+    """The test rows that score so far below the others that the test NLL is mostly theirs
+    (``training.metrics.dominant_rows``, on the first 50,000 test rows), with the NLL of
+    the rest, or None."""
+    n = min(len(test), 50_000)
+    nll = -log_prob(flow, test[:n])
+    found = dominant_rows(nll, int(test.shape[1]))
+    if found is None:
+        return None
+    far, _, _, limit = found
+    rest = np.delete(nll, far)
+    return {"rows": int(len(far)), "of": n, "nats_below_median": limit,
+            "nll_of_the_others": float(rest.mean())}
+
+
 def _write_run(out: Path, writer: bool, flow: Flow | None, train: Any, val: Any,
                test: Any, data_info: dict[str, Any], options: dict[str, Any],
                previous: dict[str, Any] | None, *, model: Any, budget: float,
@@ -423,6 +440,7 @@ def _write_run(out: Path, writer: bool, flow: Flow | None, train: Any, val: Any,
     trained_on = str(next(iter(flow.parameters())).device) if any(
         True for _ in flow.parameters()) else "cpu"
     test_metrics = evaluate(flow, test)
+    dominant = _dominant_test_rows(flow, test)
     val_metrics = evaluate(flow, val)
     flow.cpu()
     hist = history.to_dict()
@@ -435,6 +453,8 @@ def _write_run(out: Path, writer: bool, flow: Flow | None, train: Any, val: Any,
         "rollbacks": len(history.rollbacks),
         "parameters": int(sum(p.numel() for p in flow.parameters())),
     }
+    if dominant is not None:
+        metrics["test_dominant_rows"] = dominant
     if leaderboard is not None:
         metrics["leaderboard"] = leaderboard
         kept = next((e for e in leaderboard if e.get("chosen")), None)

@@ -15,7 +15,7 @@ from ..validation import SHOW, DataError, counted, index_list, positive_int, war
 from .batches import wrap, wrap_context
 from .loop import resolve_device
 
-__all__ = ["evaluate", "NLLSummary", "warn_dominant_rows"]
+__all__ = ["evaluate", "NLLSummary", "dominant_rows", "warn_dominant_rows"]
 
 _LN2 = math.log(2.0)
 _FAR_NLL = 1e9  # nats: a value 45,000 standard deviations from a Gaussian's mean
@@ -224,6 +224,26 @@ _DOMINANT_SCAN = 50_000
 _DOMINANT_NATS = 0.1
 
 
+def dominant_rows(nll: np.ndarray, d: int) -> tuple[np.ndarray, float, float, float] | None:
+    """The rows of ``nll`` (per-row NLLs of ``d``-column rows) that dominate their mean, by
+    the rule of :func:`warn_dominant_rows`: ``(rows, nats they add to the mean, their share
+    of its excess over the median row's, the distance in nats)``, or None."""
+    finite = nll[np.isfinite(nll)]
+    if not len(finite):
+        return None
+    median = float(np.median(finite))
+    limit = max(50.0, 20 * math.sqrt(d / 2))
+    far = np.flatnonzero(nll > median + limit)
+    if not len(far):
+        return None
+    excess = float((nll[far] - median).sum())
+    share = excess / float((nll - median).clip(min=0).sum())
+    added = excess / len(nll)  # nats their excess adds to the mean NLL
+    if share < 0.5 and (added < _DOMINANT_NATS or len(far) > 0.01 * len(nll)):
+        return None
+    return far, added, share, limit
+
+
 def warn_dominant_rows(flow: Any, val_rows: Any, val_ctx: Any, where: str) -> None:
     """Warn when a few validation rows score so far below the others under the chosen
     model that the mean validation NLL, by which every candidate was chosen, is mostly
@@ -233,22 +253,11 @@ def warn_dominant_rows(flow: Any, val_rows: Any, val_ctx: Any, where: str) -> No
     on a 13-column table made the ladder pick a 1-component mixture over 3.) The rows are
     named by ``val_rows.origin`` where it is set, ``where`` saying of what."""
     n = min(len(val_rows), _DOMINANT_SCAN)
-    d = int(val_rows.data.shape[1])
     ctx = None if val_ctx is None else val_ctx.data[:n]
-    nll = -log_prob(flow, val_rows.data[:n], ctx)
-    finite = nll[np.isfinite(nll)]
-    if not len(finite):
+    found = dominant_rows(-log_prob(flow, val_rows.data[:n], ctx), int(val_rows.data.shape[1]))
+    if found is None:
         return
-    median = float(np.median(finite))
-    limit = max(50.0, 20 * math.sqrt(d / 2))
-    far = np.flatnonzero(nll > median + limit)
-    if not len(far):
-        return
-    excess = float((nll[far] - median).sum())
-    share = excess / float((nll - median).clip(min=0).sum())
-    added = excess / len(nll)  # nats their excess adds to the mean validation NLL
-    if share < 0.5 and (added < _DOMINANT_NATS or len(far) > 0.01 * len(nll)):
-        return
+    far, added, share, limit = found
     numbers = far if val_rows.origin is None else val_rows.origin[far]
     one = len(far) == 1
     warn_user(
