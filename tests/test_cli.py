@@ -115,6 +115,14 @@ def test_test_rows_that_dominate_the_test_nll_are_said_with_the_nll_of_the_other
     assert code == 0 and "over the other rows" not in text
 
 
+def test_a_large_table_says_it_is_being_checked_before_the_silence(tmp_path):
+    np.save(tmp_path / "big.npy", np.random.default_rng(2).normal(size=(100_000, 2)))
+    code, _, err = run_cli(["train", tmp_path / "big.npy", "--model", "gaussian", "--out",
+                            tmp_path / "run", "--no-report"])
+    assert code == 0 and err.startswith(
+        "read 100,000 rows of 2 columns; checking and splitting them\n")
+
+
 def write_csv(path: Path, data: np.ndarray, header: list[str] | None = None) -> Path:
     text = io.StringIO()
     np.savetxt(text, data, delimiter=",", header=",".join(header) if header else "",

@@ -249,6 +249,8 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
 
     # Everything that can fail on bad data fails here, before anything is written.
     rows, data_info = read_data(data, columns, samples=samples, seed=seed, finite=True)
+    if writer and len(rows) >= 100_000:  # (checks and the split take seconds: say so)
+        log(f"read {len(rows):,} rows of {rows.shape[1]} columns; checking and splitting them")
     discrete = integer_columns(rows)
     notes: list[str] = []  # (said once every check has passed)
     names = data_info.get("column_names")
