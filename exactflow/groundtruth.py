@@ -178,8 +178,8 @@ def check_transform(
           round_trip       max error ... ok
           inverse_log_det  max error ... ok
 
-        A map ``z = A x`` whose log-det is read off the diagonal of ``A`` fails (here
-        ``A = [[2, 1], [1, 1]]``: ``det A = 1``, but the diagonal says ``log 2``):
+        A map ``z = A x`` whose log-det is read off the diagonal of ``A`` fails both ways
+        (here ``A = [[2, 1], [1, 1]]``: ``det A = 1``, but the diagonal says ``log 2``):
 
         >>> class Mix(ef.Transform):
         ...     def forward(self, x, context=None):
@@ -196,6 +196,7 @@ def check_transform(
           log_det          max error 6.931e-01 (tolerance 1.0e-07)  FAIL
         ...
           - log_det: max error 6.931e-01 exceeds tolerance (atol=1.0e-07, rtol=1.0e-07)
+          - inverse_log_det: max error 6.931e-01 exceeds tolerance (atol=1.0e-07, rtol=1.0e-07)
     """
     if not isinstance(transform, Transform):
         flow = hasattr(transform, "transform") and isinstance(transform.transform, Transform)

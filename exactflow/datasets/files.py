@@ -37,8 +37,7 @@ __all__ = ["load", "read_cells", "read_header", "row_lines", "split_key"]
 
 _TEXT = (".csv", ".tsv", ".txt", ".dat")
 
-#: Rows of a text table parsed into Python lists before they become an array block.
-_BLOCK_ROWS = 4096
+_BLOCK_ROWS = 4096  # (rows of a text table parsed into Python lists, then into the array)
 
 
 # What numpy, zipfile and zlib raise on a damaged .npy or .npz (beyond ValueError): a
@@ -63,8 +62,7 @@ def _check_readable(path: str) -> None:
         raise DataError(f"cannot read {path!r}: no such file")
     if os.path.isdir(path):
         raise DataError(f"cannot read {path!r}: it is a folder; load and the command line "
-                        "read one file (a folder of .npy or Parquet shards is one table for "
-                        "ef.datasets.open_table and ef.fit, in Python)")
+                        "read one file (ef.datasets.open_table and ef.fit: a folder of shards)")
     if not os.access(path, os.R_OK):
         raise DataError(f"cannot read {path!r}: permission denied")
 
