@@ -123,7 +123,7 @@ def test_ctrl_c_during_the_auto_ladder_points_to_overwrite(gaussian_run, tmp_pat
 
     def stopped(**kwargs):  # (the ladder was choosing when Ctrl-C came)
         Path(kwargs["out"]).mkdir()
-        (Path(kwargs["out"]) / "run.json").write_text("{}")
+        (Path(kwargs["out"]) / "run.json").write_text('{"status": "training"}')
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli_train, "train_run", stopped)
@@ -132,6 +132,25 @@ def test_ctrl_c_during_the_auto_ladder_points_to_overwrite(gaussian_run, tmp_pat
     assert code == 130 and err.strip().endswith(
         f"interrupted: the run in {str(out)!r} did not finish; train it again with the same "
         "command and --overwrite (a model chosen by the auto ladder cannot be resumed)")
+
+
+def test_ctrl_c_before_a_run_is_written_says_nothing_of_the_folders_earlier_run(tmp_path,
+                                                                                monkeypatch):
+    import exactflow.runs.pipeline as pipeline
+
+    out = tmp_path / "run"
+    args = ["train", "8gaussians", *GAUSSIAN, "--samples", "400", "--out", out]
+    assert run_cli(args)[0] == 0
+    real = pipeline.read_data
+
+    def stopped(*a, **kw):  # (Ctrl-C while a large table is read and checked)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "read_data", stopped)
+    code, _, err = run_cli([*args, "--overwrite"])
+    assert code == 130 and err.strip() == "exactflow: error: interrupted"  # (no "--resume")
+    monkeypatch.setattr(pipeline, "read_data", real)
+    assert json.loads((out / "run.json").read_text())["status"] == "done"
 
 
 def test_an_interrupted_auto_run_is_pointed_to_overwrite_not_resume(gaussian_run, tmp_path):

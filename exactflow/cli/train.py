@@ -34,7 +34,11 @@ def _train(args: argparse.Namespace, **kwargs: Any) -> dict[str, Any]:
             "resume to continue", "--resume to continue")) from None
     except KeyboardInterrupt as stop:  # (say what the folder holds and how to go on)
         out = Path(kwargs["out"])
-        if not writer or not (out / "run.json").is_file():
+        try:  # (a run stopped before it wrote anything leaves a folder's earlier run as is)
+            status = json.loads((out / "run.json").read_text(encoding="utf-8"))["status"]
+        except (OSError, ValueError, KeyError, TypeError):
+            status = None
+        if not writer or status != "training":
             raise
         cure = ("train it again with the same command and --overwrite (a model chosen by "
                 "the auto ladder cannot be resumed)" if kwargs["model"] == "auto" else

@@ -36,11 +36,11 @@ from ..training import evaluate
 
 __all__ = ["build_report", "compute_metrics", "FIGURES", "RunError"]
 
-#: The report's figure files (rebuilt on every run of :func:`build_report`).
 #: The figures and the layers' mean log-dets use at most this many rows of a split (its
 #: first: the splits are random).
 FIGURE_ROWS = 20_000
 
+#: The report's figure files (rebuilt on every run of :func:`build_report`).
 FIGURES = ("data_vs_model.png", "pairwise.png", "training.png", "cartographer.png",
            "layer_log_dets.png")
 

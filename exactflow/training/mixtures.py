@@ -30,7 +30,7 @@ __all__ = ["GMM_COMPONENTS", "SEARCH_ROWS", "select_gmm"]
 GMM_COMPONENTS = tuple(range(1, 21))
 
 #: A larger training set is searched on a random subset of this many rows; the chosen
-#: mixture is then fitted to every row.
+#: mixture is then fitted to as many rows as the search's time allows.
 SEARCH_ROWS = 20_000
 
 
@@ -95,7 +95,7 @@ def _search_gmm(
     fits, took = 0, 0.0
     coarse_first = sorted(components, key=lambda k: (k & (k - 1) != 0, k))
     search_until = deadline  # (a subset's search leaves a quarter of its time for the refit)
-    if deadline is not None and len(splits[0][0]) < len(x):
+    if deadline is not None and folds == 1 and len(splits[0][0]) < len(x):
         search_until = deadline - 0.25 * max(deadline - time.perf_counter(), 0.0)
     for k, covariance in ((k, c) for k in coarse_first for c in ("full", "diag")):
         if search_until is not None and time.perf_counter() > search_until and best:
