@@ -24,7 +24,7 @@ import torch
 
 from . import realdata, tables
 from .saving import command as saving_command
-from .saving import save
+from .saving import publish
 
 
 def compare(name: str, folds: int = 5, splits: int = realdata.BLOCKS) -> dict[str, Any]:
@@ -84,9 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['diff']:+.3f} ± {r['diff_se']:.3f} | {r['val_seconds']:.1f} / "
             f"{r['cv_seconds']:.1f} |"
         )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    save("gmm-folds", text, rows)
+    publish("gmm-folds", lines, rows)
     return 0
 
 

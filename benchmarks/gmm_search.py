@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .saving import command as saving_command
-from .saving import save
+from .saving import publish
 
 #: (columns, clusters) of the tables.
 TABLES = ((6, 8), (16, 6), (3, 16))
@@ -156,9 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['covariance']} | {r['rows']:,} | {r['fits']} | {r['seconds']:.1f} | "
             f"{r['test_nll']:.3f} | {r['true_nll']:.3f} |"
         )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    save("gmm-search", text, rows)
+    publish("gmm-search", lines, rows)
     return 0
 
 

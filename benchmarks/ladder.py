@@ -28,7 +28,7 @@ import torch
 
 from . import realdata, tables
 from .saving import command as saving_command
-from .saving import save
+from .saving import publish
 
 #: Rungs measured beside the default ladder: ``(name, config, options)``.
 EXTRA: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
@@ -164,9 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         cells = [f"{row['rungs'][r]['nll']:.3f}, {row['rungs'][r]['seconds']:.1f} s"
                  if r in row["rungs"] else "" for r in rungs]
         lines.append(f"| {row['table']} | " + " | ".join(cells) + " |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    save(args.name, text, summary)
+    publish(args.name, lines, summary)
     return 0
 
 

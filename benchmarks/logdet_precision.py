@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .saving import save
+from .saving import publish
 
 BUILDERS: dict[str, dict[str, Any]] = {
     "realnvp": {"model": "realnvp", "batch_norm": False},
@@ -100,9 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['median_err_float32']:.2e} | {r['max_err_float32_per_feature']:.2e} | "
             f"{r['max_err_float64']:.1e} | {r['typical_abs_logdet']:.3g} |"
         )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    save("logdet-precision", text, rows)
+    publish("logdet-precision", lines, rows)
     return 0
 
 

@@ -23,6 +23,13 @@ def save(stem: str, text: str, data: Any = None) -> Path:
     return path
 
 
+def publish(stem: str, lines: list[str], data: Any = None) -> Path:
+    """A benchmark's table: ``lines`` joined, printed, and written by :func:`save`."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    return save(stem, text, data)
+
+
 def cpu_name() -> str:
     """The CPU model name (from ``/proc/cpuinfo`` where there is one)."""
     try:

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .saving import save
+from .saving import publish
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,9 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         "| ---: | --- | ---: | ---: |",
     ]
     lines += [f"| {n:,} | {o} | {r:.0f} | {s:.1f} |" for n, o, r, s in rows]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    save(f"streaming-{args.name}", text)
+    publish(f"streaming-{args.name}", lines)
     return 0
 
 

@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .saving import save
+from .saving import publish
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -131,10 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         lines.append(f"| {r['variant']} | {r['median_s']:.2f} | {r['vs_one_thread']:.2f}x | "
                      + ", ".join(f"{t:.2f}" for t in r["times_s"]) + " |")
-    text = "\n".join(lines) + "\n"
-    print(text)
     name = args.name or f"threads-{args.command}-load{args.load}"
-    save(name, text, {"meta": meta, "rows": rows})
+    publish(name, lines, {"meta": meta, "rows": rows})
     return 0
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .saving import command as saving_command
-from .saving import save
+from .saving import publish
 
 PROBLEMS = ("normal3", "moons", "wine5")
 
@@ -106,9 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             f"({', '.join(f'{v:.2f}' for v in r['ladder'])}; {', '.join(r['ladder_kept'])}) | "
             f"{a - b:+.3f} |"
         )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    save("tiny", text, rows)
+    publish("tiny", lines, rows)
     return 0
 
 
