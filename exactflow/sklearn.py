@@ -216,7 +216,7 @@ class FlowDensity(DensityMixin, BaseEstimator):
                 "far above any real density; FlowDensity(dequantize=True) adds uniform "
                 "noise in [0, 1) to them, for a log-density that means something"
             )
-        levels = few_valued_columns(X)
+        levels = few_valued_columns(X, discrete)
         if levels:
             warn_user(few_values_note(levels, names, "FlowDensity(dequantize=True)"))
         validate(X, name="X", columns=names)  # constant columns first, as the CLI checks

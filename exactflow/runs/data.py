@@ -201,17 +201,18 @@ def integer_columns(rows: np.ndarray) -> list[int]:
 FEW_VALUES = 20
 
 
-def few_valued_columns(rows: np.ndarray) -> list[int]:
+def few_valued_columns(rows: np.ndarray, integers: Sequence[int] | None = None) -> list[int]:
     """The columns that are not integers but take few distinct values (at most
     :data:`FEW_VALUES`, and a tenth as many as the rows): categories coded as numbers, or
     integers scaled (a ``StandardScaler``'s output), which :func:`integer_columns` misses.
+    ``integers``: that function's result where the caller has it.
 
     A continuous density can pile its mass onto those values as onto integers.
     """
     rows = np.asarray(rows, dtype=np.float64)
     if rows.ndim != 2 or len(rows) < 10:
         return []
-    skip = set(integer_columns(rows))
+    skip = set(integer_columns(rows) if integers is None else integers)
     limit = min(FEW_VALUES, len(rows) // 10)
     return [j for j in range(rows.shape[1])
             if j not in skip and 1 < len(np.unique(rows[:, j])) <= limit]

@@ -261,7 +261,7 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
             "number on every row, as row numbers or IDs do: new rows would carry new ones "
             "and score as anomalies for that alone; leave it out (--drop or --columns, "
             "or train_run(..., columns=[...])) unless its values are data")
-    levels = few_valued_columns(rows)
+    levels = few_valued_columns(rows, discrete)
     if levels:
         notes.append("note: " + few_values_note(levels, names or None, "--dequantize (or "
                                                 "train_run(..., dequantize=True))"))
