@@ -213,6 +213,32 @@ def test_a_resume_with_other_data_names_what_changed(table, tmp_path):
     assert err.rstrip().endswith("(--resume in the command line)")
 
 
+def test_a_resume_on_another_split_of_the_rows_is_refused(tmp_path):
+    # A run records a digest of its split: resumed on other test rows (a changed file, or a
+    # run written before repeated rows were split as now), its test rows would be trained on.
+    rows = np.random.default_rng(2).normal(size=(200, 2))
+    distinct = write_csv(tmp_path / "distinct.csv", rows, ["a", "b"])
+    repeated = write_csv(tmp_path / "repeated.csv", np.repeat(rows[:100], 2, axis=0),
+                         ["a", "b"])
+    maf = ["--model", "maf", "--layers", "1", "--steps", "4", "--no-report"]
+    for data, recorded, refused in ((distinct, "0123456789abcdef", True),
+                                    (distinct, None, False), (repeated, None, True)):
+        out = tmp_path / f"{data.stem}-{recorded}"
+        code, _, err = run_cli(["train", data, *maf, "--out", out])
+        assert code == 0, err
+        info = json.loads((out / "run.json").read_text())
+        assert len(info["data"]["split"]) == 16
+        info["status"] = "training"
+        if recorded is None:  # (as written before splits were recorded)
+            del info["data"]["split"]
+        else:
+            info["data"]["split"] = recorded
+        (out / "run.json").write_text(json.dumps(info))
+        code, _, err = run_cli(["train", data, *maf, "--out", out, "--resume"])
+        assert (code == 1 and "its test rows would no longer be held out" in err) == refused, err
+        assert refused or code == 0, err
+
+
 def test_notes_come_only_once_the_data_is_accepted(tmp_path):
     # (three integer rows were told to dequantize, then refused for being three)
     data = write_csv(tmp_path / "three.csv", np.array([[1.0, 2.0], [3.0, 5.0], [4.0, 4.0]]),

@@ -519,6 +519,34 @@ def test_the_copies_of_a_row_go_to_one_part() -> None:
         == [12, 60]
 
 
+def _same_sets(inverse: np.ndarray, other: np.ndarray) -> bool:
+    """Whether two numberings put the rows into the same sets."""
+    pairs = np.unique(np.stack([inverse, other]), axis=1)
+    return len(pairs.T) == len(np.unique(inverse)) == len(np.unique(other))
+
+
+def test_copies_are_found_by_hash_and_confirmed_exactly(monkeypatch) -> None:
+    import exactflow.datasets.splits as splits
+
+    rng = np.random.default_rng(4)
+    x = np.round(rng.normal(size=(3000, 3)), 1)  # many repeated rows
+    ctx = rng.integers(0, 2, size=(3000, 1))
+    _, truth, counts = np.unique(np.hstack([x, ctx]), axis=0, return_inverse=True,
+                                 return_counts=True)
+    inverse, found = splits._copies([x, ctx])
+    assert _same_sets(inverse, truth.reshape(-1)) and sorted(found) == sorted(counts)
+    # -0.0 and 0.0 are one value; rows that differ in their last bit are not copies
+    signed = np.array([[0.0, 1.0], [-0.0, 1.0], [1.0, 1.0], [np.nextafter(1.0, 2), 1.0]])
+    inverse, found = splits._copies([signed])
+    assert inverse[0] == inverse[1] and len({*inverse[1:].tolist()}) == 3
+    assert splits._copies([rng.normal(size=(500, 2))]) is None
+    # two distinct rows whose hashes collide are not taken for copies (every hash 0 here)
+    monkeypatch.setattr(splits, "_row_hashes", lambda tables: np.zeros(len(tables[0]), "u8"))
+    inverse, found = splits._copies([x, ctx])
+    assert _same_sets(inverse, truth.reshape(-1)) and sorted(found) == sorted(counts)
+    assert splits._copies([np.arange(6.0)[:, None]]) is None
+
+
 def test_split_memmap_is_lazy(tmp_path) -> None:
     arr = np.random.default_rng(2).normal(size=(40, 3))
     np.save(tmp_path / "d.npy", arr)

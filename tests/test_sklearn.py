@@ -158,6 +158,10 @@ def test_columns_of_a_few_levels_that_are_not_integers_are_warned_about():
     assert few_valued_columns(X[:, :2].round(1)) == []  # one decimal: more than 20 values
     assert few_valued_columns(np.c_[X, rng.integers(0, 3, 400)]) == [2]  # integers: not here
     assert few_valued_columns(X[:15]) == []  # too few rows to tell levels from values
+    # (the first 4,096 rows are looked at first: levels there, measurements after them)
+    late = np.r_[np.tile([0.25, 0.75], 2500), rng.normal(size=1000)]
+    assert few_valued_columns(np.c_[late, late[::-1]]) == []
+    assert few_valued_columns(np.c_[late[:4500], late[:4500] * 3]) == [0, 1]
     with pytest.warns(UserWarning, match=r"column 2 \(column indices\) takes only a few "
                                          r"distinct values, not integers.*integer levels"):
         FlowDensity("gaussian").fit(X)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import time
@@ -26,9 +27,10 @@ from ..datasets import (
     validate,
 )
 from ..datasets.files import split_key
+from ..datasets.splits import split_indices
 from ..validation import DataError, column_list, warn_user
 
-__all__ = ["read_data", "versions", "BUILTIN", "integer_columns", "dequantize"]
+__all__ = ["read_data", "versions", "BUILTIN", "integer_columns", "dequantize", "split_rows"]
 
 #: Names of the built-in data sets :func:`read_data` accepts besides files.
 BUILTIN = (*TOYS, "digits")
@@ -214,8 +216,10 @@ def few_valued_columns(rows: np.ndarray, integers: Sequence[int] | None = None) 
         return []
     skip = set(integer_columns(rows) if integers is None else integers)
     limit = min(FEW_VALUES, len(rows) // 10)
-    return [j for j in range(rows.shape[1])
-            if j not in skip and 1 < len(np.unique(rows[:, j])) <= limit]
+    # (a column with more values than that in its first rows has more in all of them)
+    return [j for j in range(rows.shape[1]) if j not in skip
+            and len(np.unique(rows[:4096, j])) <= limit
+            and 1 < len(np.unique(rows[:, j])) <= limit]
 
 
 def few_values_note(columns: list[int], names: list[str] | None, fix: str) -> str:
@@ -294,3 +298,31 @@ def _keyed_uniforms(rows: np.ndarray, k: int, seed: int) -> np.ndarray:
             h = _mix(h ^ bits[:, j])
         draws = [_mix(h + np.uint64(j + 1)) >> np.uint64(11) for j in range(k)]
     return np.stack(draws, axis=1).astype(np.float64) * 2.0**-53
+
+
+def split_rows(rows: np.ndarray, fractions: Sequence[float], seed: int,
+               recorded: dict[str, Any] | None = None) -> list[np.ndarray]:
+    """The row numbers of the train, validation and test parts of ``rows``
+    (:func:`~exactflow.datasets.split_indices`), and a digest of them in ``recorded["split"]``
+    where given: a run resumed on a split other than the one it started on is refused, as
+    its test rows would not be held out any more."""
+    parts = split_indices(rows, fractions, seed=seed)
+    if recorded is not None:
+        digest = hashlib.sha256()
+        for part in parts:
+            digest.update(np.asarray(part, dtype="<i8").tobytes() + b"|")
+        recorded["split"] = digest.hexdigest()[:16]
+    return parts
+
+
+def split_changed(rows: np.ndarray, fractions: Sequence[float], seed: int,
+                  before: dict[str, Any], now: dict[str, Any]) -> bool:
+    """Whether the split recorded in ``before`` (a run's ``data``) differs from ``now``'s.
+    A run written before splits were recorded put repeated rows elsewhere than today's
+    split does; its split is today's only when the rows are distinct (both are then one
+    seeded permutation of the rows, cut at the same places)."""
+    if "split" in before:
+        return bool(before["split"] != now.get("split"))
+    plain: dict[str, Any] = {}
+    split_rows(np.arange(len(rows))[:, None], fractions, seed, plain)
+    return bool(plain["split"] != now.get("split"))

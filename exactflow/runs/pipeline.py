@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .. import distributed, models
-from ..datasets import check_full_rank, split_indices, validate
+from ..datasets import check_full_rank, validate
 from ..distributions import Flow
 from ..io import atomic_write_bytes, atomic_write_json, save
 from ..scoring import log_prob
@@ -34,7 +34,16 @@ from ..validation import (
     positive_int,
     training_rows_error,
 )
-from .data import _now, few_valued_columns, few_values_note, integer_columns, read_data, versions
+from .data import (
+    _now,
+    few_valued_columns,
+    few_values_note,
+    integer_columns,
+    read_data,
+    split_changed,
+    split_rows,
+    versions,
+)
 from .data import dequantize as dequantize_rows
 from .folder import (
     CHECKPOINT_FILE,
@@ -285,7 +294,7 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
     if n < 10:
         raise DataError(f"{data_info['name']} has {counted(n, 'row')}; a train/validation/test "
                         "split needs at least 10")
-    parts = split_indices(rows, fractions, seed=seed)  # (split's parts, and their rows)
+    parts = split_rows(rows, fractions, seed, data_info)  # (split's parts, and their rows)
     train, val, test = (rows[part] for part in parts)
     if min(len(train), len(val), len(test)) == 0:
         raise DataError(f"{data_info['name']}: {n} rows are too few for the fractions {fractions}")
@@ -338,7 +347,16 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
                 continue
             now = json.loads(json.dumps(now, default=str))
             changed = [f"{k}: {json.dumps(before.get(k))[:60]} -> {json.dumps(now.get(k))[:60]}"
-                       for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+                       for k in sorted((set(before) | set(now)) - {"split"})
+                       if before.get(k) != now.get(k)]
+            if key == "data" and not changed and split_changed(rows, fractions, seed, before,
+                                                               now):
+                raise RunError(
+                    f"cannot resume {str(out)!r}: its data now split into other train, "
+                    "validation and test rows than when it started (the data changed, or "
+                    "the run was written by a version that placed repeated rows otherwise), "
+                    "so its test rows would no longer be held out; train it again with "
+                    "overwrite (--overwrite in the command line)")
             if changed:
                 raise RunError(
                     f"cannot resume {str(out)!r}: it was started with another {key} ("

@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.stats import genpareto
 from torch import Tensor
 
 from ..validation import warn_user
@@ -48,6 +47,8 @@ def pareto_k(w: Tensor) -> float:
     if top[-1] - top[0] < _EVEN:  # (rounding of equal weights has no tail to fit)
         return math.nan
     exceed = np.exp(top[1:] - top[-1]) - np.exp(top[0] - top[-1])
+    from scipy.stats import genpareto  # (here: importing scipy.stats takes about a second)
+
     shape, _, _ = genpareto.fit(exceed, floc=0)
     return float(shape)
 
