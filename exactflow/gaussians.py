@@ -187,6 +187,18 @@ class Gaussian(_Components):
         return f"features={self.features}, covariance={self.covariance!r}"
 
 
+def em_class() -> Any:
+    """scikit-learn's ``GaussianMixture``, which :meth:`GaussianMixture.fit_to` runs (its
+    import takes a second or more: :func:`~exactflow.fit_auto` makes it before its clock
+    starts)."""
+    try:
+        from sklearn.mixture import GaussianMixture
+    except ImportError:
+        raise ImportError("fitting a Gaussian mixture needs scikit-learn: "
+                          "pip install scikit-learn") from None
+    return GaussianMixture
+
+
 class GaussianMixture(_Components):
     """A mixture of ``components`` Gaussians, ``p(x) = sum_k w_k N(x; mu_k, Sigma_k)``.
 
@@ -245,11 +257,7 @@ class GaussianMixture(_Components):
             ImportError: scikit-learn is missing.
             ValueError: fewer rows than components, or a ``start`` of another shape.
         """
-        try:
-            from sklearn.mixture import GaussianMixture as EM
-        except ImportError:
-            raise ImportError("fitting a Gaussian mixture needs scikit-learn: "
-                              "pip install scikit-learn") from None
+        EM = em_class()
         x = _as_float64(data)
         if x.shape[0] < self.components:
             raise ValueError(f"{x.shape[0]} rows are too few for {self.components} components")

@@ -111,7 +111,7 @@ def _row_hashes(tables: list[np.ndarray]) -> np.ndarray:
         for table in tables:
             for j in range(table.shape[1]):
                 h ^= (np.asarray(table[:, j], dtype=np.float64) + 0.0).view(np.uint64)
-                for shift, mix in zip((30, 27), _MIX):
+                for shift, mix in zip((30, 27), _MIX, strict=True):
                     h ^= h >> np.uint64(shift)
                     h *= mix
                 h ^= h >> np.uint64(31)

@@ -62,7 +62,7 @@ from torch import Tensor
 
 from ..datasets import check_full_rank, column_names
 from ..distributions import Flow
-from ..gaussians import GaussianMixture
+from ..gaussians import GaussianMixture, em_class
 from ..models import CLOSED_FORM, build
 from ..transforms.standardize import Standardize, describe_standardize, resolve_standardize
 from ..validation import (
@@ -232,6 +232,7 @@ def fit_auto(
         raise ValueError("the training rows have a context: pass val_context, one row per "
                          "row of val")
     say = log or (lambda text: None)
+    em_class()  # (imported here, not on the budget: 1-4 s)
     start = time.perf_counter()
     rows = wrap(train, "training data", _width_of(train), strict=True)
     check_full_rank(rows.data, "training data", column_names(train))
