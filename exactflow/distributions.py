@@ -103,6 +103,15 @@ class Flow(Distribution):
                 f"{base.features}"
             )
         needs = transform.context_features
+        # (a Compose passes no context to its layers of context_features 0, and exactflow's
+        # own layers declare theirs; a user's single layer may read it undeclared)
+        if context and not needs and (isinstance(transform, Compose)
+                                      or type(transform).__module__.startswith("exactflow.")):
+            raise ValueError(
+                f"the flow has context={context} but none of its layers takes a context, so "
+                "the context would be ignored: build conditional layers (context=... as a "
+                "keyword, e.g. MaskedAffineAutoregressive(2, context=1); the second "
+                "positional argument of most layers is hidden) or give context=0")
         if embedding is None and needs and needs != context:
             embed = f" (or an embedding from {context} features to {needs})" if context else ""
             raise ValueError(f"the transform's layers take a context of {needs} features but "

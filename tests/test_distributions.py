@@ -394,6 +394,14 @@ def test_context_widths_that_cannot_meet_are_refused_when_the_flow_is_built():
     flow = ef.Flow(maf(3, context=2), ef.StandardNormal(3), context=5,
                    embedding=nn.Linear(5, 2))  # an embedding makes the widths meet
     assert flow.log_prob(torch.randn(4, 3), torch.randn(4, 5)).shape == (4,)
+    # A conditional flow of layers that take no context ignored it: the zuko habit
+    # maf(2, 1) builds hidden=(1,), no context; the fitted density never moved with it.
+    for layers in (ef.Compose(maf(2, 1), ef.transforms.Reverse(2)), ef.transforms.Reverse(2)):
+        with pytest.raises(ValueError, match="context=1 but none of its layers takes a "
+                                             "context, so the context would be ignored"):
+            ef.Flow(layers, ef.StandardNormal(2), context=1)
+    with pytest.raises(ValueError, match="none of its layers takes a context"):
+        ef.Flow(maf(2), ef.StandardNormal(2), context=3, embedding=nn.Linear(3, 2))
 
 
 def test_log_prob_takes_the_contexts_sample_takes():
