@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from .bases import DiagonalNormal, Distribution, StandardNormal, Uniform, tensor_of
 from .core import Compose, Transform, per_row
 from .transforms.standardize import Standardize
-from .validation import positive_int
+from .validation import positive_int, warn_user
 
 __all__ = ["Distribution", "StandardNormal", "DiagonalNormal", "Uniform", "Flow"]
 
@@ -44,6 +44,13 @@ def _overflow_to_neg_inf(log_p: Tensor, x: Tensor, context: Tensor | None = None
     if context is None:
         return log_p
     return log_p.masked_fill(~torch.isfinite(context.abs().sum(-1)), math.nan)
+
+
+def _library_layers_only(transform: Transform) -> bool:
+    """Whether every layer of ``transform`` is one of exactflow's own."""
+    if isinstance(transform, Compose):
+        return all(_library_layers_only(t) for t in transform)
+    return type(transform).__module__.startswith("exactflow.")
 
 
 class Flow(Distribution):
@@ -103,10 +110,8 @@ class Flow(Distribution):
                 f"{base.features}"
             )
         needs = transform.context_features
-        # (a Compose passes no context to its layers of context_features 0, and exactflow's
-        # own layers declare theirs; a user's single layer may read it undeclared)
-        if context and not needs and (isinstance(transform, Compose)
-                                      or type(transform).__module__.startswith("exactflow.")):
+        # (exactflow's own layers declare their context; a user's may read it undeclared)
+        if context and not needs and _library_layers_only(transform):
             raise ValueError(
                 f"the flow has context={context} but none of its layers takes a context, so "
                 "the context would be ignored: build conditional layers (context=... as a "
@@ -267,6 +272,9 @@ class Flow(Distribution):
         """
         if self.context_features and context is None:
             self._check_context(None, None)  # (before x's shape: the context is what lacks)
+        if not self._checked_prepared and self.training and torch.is_grad_enabled() and not (
+                torch.compiler.is_compiling() or torch.jit.is_tracing()):
+            self._warn_if_unprepared()
         lead = None
         if self.context_features and getattr(x, "ndim", 2) > 2:
             x = self._as_tensor(x, "x", exact=self._standardizes_first(self.transform))
@@ -278,6 +286,34 @@ class Flow(Distribution):
         log_p = _overflow_to_neg_inf(
             self.base.log_prob(z) + per_row(ladj, x, z, type(self.transform).__name__), x, given)
         return log_p if lead is None else log_p.reshape(lead)
+
+    #: Whether :meth:`_warn_if_unprepared` has looked at this flow (once, at its first
+    #: training-mode call with autograd).
+    _checked_prepared = False
+
+    def _warn_if_unprepared(self) -> None:
+        """Warn when a flow trains with its data-dependent parts still at their initial
+        state (what :func:`exactflow.prepare` sets, and :func:`exactflow.fit` calls): a
+        training loop of the user's own left ``standardize=True`` as the identity and a
+        Gaussian base as N(0, I), without a word (NLL 11,416 against 8.49 on 100 + 20 x
+        moons)."""
+        self._checked_prepared = True
+        unset = []
+        first = self.transform
+        while isinstance(first, Compose) and len(first.transforms):
+            first = first.transforms[0]
+        for name, layer in (("standardization layer", first),
+                            ("context standardization", self.context_scaler)):
+            if isinstance(layer, Standardize) and bool(torch.all(layer.mean == 0)) and bool(
+                    torch.all(layer.std == 1)):
+                unset.append(f"its {name} is the identity")
+        fitted = getattr(self.base, "fitted", None)
+        if isinstance(fitted, Tensor) and not bool(fitted):
+            unset.append(f"its {type(self.base).__name__} base is not fitted yet")
+        if unset:
+            warn_user(f"this flow is in training mode (autograd on) while {' and '.join(unset)}: call "
+                      "ef.prepare(flow, x) (with context=... for a conditional flow) before "
+                      "a training loop of your own, as ef.fit does")
 
     def _embed(self, context: Tensor | None) -> Tensor | None:
         """The context as the transform sees it: standardized, then embedded."""
