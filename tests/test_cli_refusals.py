@@ -366,6 +366,23 @@ def test_score_keep_refusals_name_the_problem(gaussian_run, table, tmp_path, arg
     assert code != 0 and "--keep copies columns of a text table" in err
 
 
+def test_a_run_without_names_says_it_reads_a_named_file_by_position(tmp_path):
+    # A model trained on a headerless file scored a file with a header, columns in another
+    # order, by position without a word: 999 of 1,000 rows flagged, exit 0,
+    # "columns_by_position": false.
+    rows = np.random.default_rng(5).normal(size=(200, 3)) * [1.0, 10.0, 100.0]
+    plain = write_csv(tmp_path / "plain.csv", rows)
+    code, _, err = run_cli(["train", plain, *GAUSSIAN, "--out", tmp_path / "run"])
+    assert code == 0, err
+    named = write_csv(tmp_path / "named.csv", rows[:5][:, [2, 0, 1]], ["c", "a", "b"])
+    code, text, err = run_cli(["score", tmp_path / "run", named, "--json"])
+    assert code == 0 and json.loads(text)["columns_by_position"]
+    assert "has no column names (its training data had no header): the columns of " \
+           "named.csv are read by position, its header (c, a, b) is not used" in err
+    code, text, err = run_cli(["score", tmp_path / "run", plain, "--json"])
+    assert not json.loads(text)["columns_by_position"] and "by position" not in err
+
+
 def test_a_file_without_names_is_scored_by_position_against_a_run_of_named_columns(tmp_path):
     # A run of named columns (--columns picked them from a wider CSV) asked a .npy or a
     # headerless CSV for them by name: "column 'c' asked by name, but the file has no

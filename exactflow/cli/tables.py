@@ -233,6 +233,13 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
     if by_position:  # (stderr: stdout may carry the CSV or the JSON)
         print(f"{info['name']} has no column names: its {d} columns are read as the model's "
               f"{', '.join(names)}, in this order", file=sys.stderr)
+    header = None if names or args.columns is not None else read_header(source)
+    if header is not None:  # (a model without names reads every file by position)
+        by_position = True
+        print(f"the model of {args.run!r} has no column names (its training data had no "
+              f"header): the columns of {info['name']} are read by position, its header "
+              f"({', '.join(header[:8])}{', ...' if len(header) > 8 else ''}) is not "
+              "used; pick and order them with --columns", file=sys.stderr)
     scores = np.empty(len(source_rows))
     bad: list[int] = []
     skip = args.missing == "skip"  # rows with a missing value left unscored: NaN
