@@ -299,7 +299,7 @@ class Flow(Distribution):
         moons)."""
         self._checked_prepared = True
         unset = []
-        first = self.transform
+        first: nn.Module = self.transform
         while isinstance(first, Compose) and len(first.transforms):
             first = first.transforms[0]
         for name, layer in (("standardization layer", first),
@@ -311,9 +311,10 @@ class Flow(Distribution):
         if isinstance(fitted, Tensor) and not bool(fitted):
             unset.append(f"its {type(self.base).__name__} base is not fitted yet")
         if unset:
-            warn_user(f"this flow is in training mode (autograd on) while {' and '.join(unset)}: call "
-                      "ef.prepare(flow, x) (with context=... for a conditional flow) before "
-                      "a training loop of your own, as ef.fit does")
+            warn_user(f"this flow is in training mode (autograd on) while "
+                      f"{' and '.join(unset)}: call ef.prepare(flow, x) (with context=... "
+                      "for a conditional flow) before a training loop of your own, as ef.fit "
+                      "does")
 
     def _embed(self, context: Tensor | None) -> Tensor | None:
         """The context as the transform sees it: standardized, then embedded."""

@@ -32,7 +32,7 @@ from ..validation import (
 )
 
 __all__ = ["Rows", "Order", "wrap", "wrap_context", "hold_out", "to_device",
-           "IN_MEMORY_SHUFFLE_ROWS"]
+           "IN_MEMORY_SHUFFLE_ROWS", "default_batch_size"]
 
 # Rows per chunk when scanning arrays (finiteness checks, evaluation of memmaps).
 SCAN_ROWS = 65536
@@ -362,3 +362,10 @@ def to_device(batch: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor
     if device.type == "cuda" and batch.device.type == "cpu":
         return batch.to(dtype).pin_memory().to(device, non_blocking=True)
     return batch.to(device, dtype)
+
+
+def default_batch_size(rows: int) -> int:
+    """The batch size that follows the number of training rows: about 8 batches an epoch,
+    at least 32 rows (or all of them) and at most 256 (measured on eight real tables of
+    150 to 1,800 rows: ``benchmarks/README.md``, "Real tables")."""
+    return max(1, min(rows, max(32, min(256, rows // 8))))

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -32,7 +33,7 @@ from ..transforms.normalization import BatchNorm
 from ..transforms.standardize import Standardize
 from ..validation import DataError, counted, warn_user
 from .batches import Rows, wrap, wrap_context
-from .loop import STANDARDIZE_ADVICE
+from .loop import STANDARDIZE_ADVICE, clone
 
 __all__ = ["prepare", "warn_if_unstandardized", "recalibrate_batch_norm", "far_context_error",
            "warn_if_far_training_context", "MAX_FIT_ROWS"]
@@ -132,23 +133,41 @@ def _flat(transform: Any) -> list[Any]:
 @torch.no_grad()
 def recalibrate_batch_norm(
     flow: Flow, train: Rows, context: Rows | None = None, seed: int = 0,
-    max_rows: int = MAX_FIT_ROWS,
-) -> int:
+    max_rows: int = MAX_FIT_ROWS, *, score: Callable[[], float] | None = None,
+    best: float | None = None,
+) -> float | None:
     """Replace every ``BatchNorm``'s running averages by the population statistics of its
-    input over the training rows (a seeded subsample of ``max_rows`` beyond that); returns
-    the number of layers set.
+    input over the training rows (a seeded subsample of ``max_rows`` beyond that).
 
     The layers are visited in data -> latent order, each one's input computed with the
     layers before it already set, so the statistics are exactly those the eval-mode flow
     sees. Flows nested in other modules than ``Compose`` are left alone.
+
+    ``score`` (the validation NLL of the flow as it is) and ``best`` (that of the flow
+    before): the new statistics are kept only where they score no worse, else the running
+    averages come back, so that the flow :func:`exactflow.fit` returns scores on validation
+    what its history says. Returns the validation NLL of the flow kept (``best`` where
+    nothing was set or scored).
     """
     layers = _flat(flow.transform)
     if not any(isinstance(layer, BatchNorm) for layer in layers):
-        return 0
+        return best
+    before = clone(flow.state_dict())
+    _set_batch_norm(flow, layers, train, context, seed, max_rows)
+    if score is None:
+        return best
+    now = score()
+    if best is not None and not now <= best:  # (worse, or NaN)
+        flow.load_state_dict(before)
+        return best
+    return now
+
+
+def _set_batch_norm(flow: Flow, layers: list[Any], train: Rows, context: Rows | None,
+                    seed: int, max_rows: int) -> None:
     x = _sample_rows(train, max_rows, seed)
     ctx_all = None if context is None else _sample_rows(context, max_rows, seed)
     device = module_device(flow)
-    count = 0
     with eval_mode(flow):
         chunks = [x[s : s + _CHUNK].to(device, flow.input_dtype)
                   for s in range(0, len(x), _CHUNK)]
@@ -165,9 +184,7 @@ def recalibrate_batch_norm(
                 layer.running_mean.copy_(torch.as_tensor(np.asarray(moments.mean),
                                                          dtype=layer.running_mean.dtype))
                 layer.running_var.copy_(torch.as_tensor(var, dtype=layer.running_var.dtype))
-                count += 1
             chunks = [layer(part, c)[0] for part, c in zip(chunks, contexts, strict=True)]
-    return count
 
 
 def _first_rows(rows: Rows) -> np.ndarray:

@@ -33,7 +33,7 @@ from ..validation import (
     positive_int,
     warn_user,
 )
-from .batches import Order, Rows, hold_out, to_device, wrap, wrap_context
+from .batches import Order, Rows, default_batch_size, hold_out, to_device, wrap, wrap_context
 from .calibrate import (
     far_context_error,
     prepare,
@@ -132,7 +132,8 @@ def fit(
     closed-form or EM fit (see :mod:`exactflow.training.calibrate`); a classical model
     (:func:`exactflow.models.gaussian`, :func:`~exactflow.models.gmm`) is then fitted and
     takes no gradient step. After the last step, batch-norm layers get the population
-    statistics of the training set, so eval-mode log-densities agree with training.
+    statistics of the training set where validation scores that no worse (``best_val``:
+    the returned flow's).
 
     The flow is put in train mode for the steps and in eval mode for validation (batch-norm
     layers use their running statistics there), and **fit leaves it in eval mode**, on
@@ -422,7 +423,9 @@ def fit(
 
     if state.best_state is not None:
         flow.load_state_dict(state.best_state)
-    recalibrate_batch_norm(flow, train_rows, train_ctx, int(seed))
+    history.best_val = recalibrate_batch_norm(  # (kept where validation scores no worse)
+        flow, train_rows, train_ctx, int(seed), best=history.best_val, score=None if val_rows
+        is None else lambda: replicas.evaluate(flow, val_rows, val_ctx, batch_size=4096)["nll"])
     history.compiled = nll.decision
     flow.eval()
     return history
@@ -469,13 +472,6 @@ def _check_divergence(history: History, train_nll: float | None, d: int, lr: flo
             f"dimension worse). Lower the learning rate (lr, --lr; now {lr:.3g}, try "
             f"{gentler_lr(lr):.3g}) or {advice}."
         )
-
-
-def default_batch_size(rows: int) -> int:
-    """The batch size that follows the number of training rows: about 8 batches an epoch,
-    at least 32 rows (or all of them) and at most 256 (measured on eight real tables of
-    150 to 1,800 rows: ``benchmarks/README.md``, "Real tables")."""
-    return max(1, min(rows, max(32, min(256, rows // 8))))
 
 
 def _noise_scale(noise: float | str | None, flow: Flow, rows: Rows) -> Tensor | None:
