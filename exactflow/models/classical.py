@@ -31,7 +31,7 @@ def _unconditional(name: str, context: int) -> None:
 def gaussian(features: int, *, covariance: str = "full", context: int = 0) -> Flow:
     """A multivariate normal with a full (or diagonal) covariance, fitted in closed form.
 
-    The maximum-likelihood mean and covariance of the training data, with a ridge of 1e-6
+    The maximum-likelihood mean and covariance of the training data, with a ridge of 1e-14
     on the correlation matrix (always; it keeps a degenerate covariance finite).
     ``log_prob`` costs O(d^2) per row.
 
