@@ -753,6 +753,35 @@ def test_far_from_standardized_data_warn_at_the_users_line():
     assert [w.filename for w in caught] == [__file__]
 
 
+def test_data_the_splines_cannot_reach_or_too_small_for_the_layers_warn():
+    # 100 + 20 x moons lies outside every spline's [-5, 5]: NSF stayed at NLL 1.1e4 and was
+    # called diverged at 1.135e4 -> 1.138e4; a spread of 1e-6 cost MAF 15.8 nats. Silently.
+    moons = torch.as_tensor(ef.datasets.toy("moons", 400), dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"100% of the training values lie outside \[-5, 5\], "
+                                         r"where this flow's splines are the identity"):
+        fit(ef.models.nsf(2, layers=1, hidden=(8,)), 100 + 20 * moons, steps=40, **CPU)
+    with pytest.warns(UserWarning, match=r"spread by 1.\d+e-06 at most and this flow has no "
+                                         r"standardization layer"):
+        fit(ef.models.maf(2, layers=1, hidden=(8,)), 1e-6 * moons, steps=2, **CPU)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit(ef.models.nsf(2, layers=1, hidden=(8,)), moons, steps=2, **CPU)
+
+
+def test_a_diverged_run_leaves_the_flow_at_its_best_weights():
+    # It left the weights it diverged to, in train mode: validation NLL 1.19e6.
+    x = ef.datasets.toy("moons", 2000)
+    v = ef.datasets.toy("moons", 500, seed=5)
+    flow = ef.models.maf(2, standardize=True, layers=2, hidden=(16,))
+    with pytest.raises(TrainingError, match=r"The flow is left with the weights of step \d+, "
+                                            r"its best validation NLL \(([\d.]+)\), in eval"
+                       ) as info:
+        fit(flow, x, v, lr=1.0, steps=400, eval_every=10, **CPU)
+    best = float(re.search(r"validation NLL \(([\d.]+)\)", str(info.value)).group(1))
+    assert not flow.training
+    assert ef.evaluate(flow, v)["nll"] == pytest.approx(best, rel=1e-5)
+
+
 @pytest.mark.parametrize("model", ["maf", "gaussian"])
 def test_a_validation_row_scored_minus_inf_at_the_start_is_named(model):
     # 1e30 overflows float32 once standardized: the validation NLL would be inf at every

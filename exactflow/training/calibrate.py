@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -210,14 +211,27 @@ def warn_if_unstandardized(flow: Flow, rows: Rows, context: Rows | None = None) 
     if standardize_layer(flow) is not None:
         return
     sample = _first_rows(rows)
-    spread = np.abs(sample).max(axis=0) if len(sample) else np.zeros(1)
-    scale = float(np.max(spread))
+    if not len(sample):
+        return
+    scale = float(np.abs(sample).max())
+    spread = sample.std(axis=0)
+    maps: list[Any] = [getattr(m, "monotonic", None) for m in flow.modules()]
+    bounds = [float(f.bound) for f in maps if hasattr(f, "bins")]  # (spline layers)
+    bound = min(bounds) if bounds else math.inf
+    outside = float(np.mean(np.abs(sample) > bound))
+    what = None
     if scale > 1e3:
+        what = f"the training data reach {scale:.3g} in absolute value"
+    elif outside > 0.1:  # (splines are the identity there: training moves nothing)
+        what = (f"{outside:.0%} of the training values lie outside [-{bound:g}, {bound:g}], "
+                "where this flow's splines are the identity,")
+    elif 0 < spread.max() < 1e-3:
+        what = f"the training data spread by {spread.max():.3g} at most"
+    if what is not None:
         warn_user(
-            f"the training data reach {scale:.3g} in absolute value and this flow has no "
-            "standardization layer: its layers work on values of order 1 (splines act on "
-            "[-bound, bound], affine scales are bounded per layer), so the fit will be poor. "
-            f"{STANDARDIZE_ADVICE}."
+            f"{what} and this flow has no standardization layer: its layers work on "
+            "values of order 1 (splines act on [-bound, bound], affine scales are bounded "
+            f"per layer), so the fit will be poor. {STANDARDIZE_ADVICE}."
         )
 
 

@@ -219,7 +219,8 @@ def fit(
             ``batch_size`` (when given), non-numeric cells, constant columns, context rows
             that do not match the data rows, validation rows scored ``-inf`` at the start.
             (Linearly dependent columns: :func:`exactflow.datasets.check_full_rank`.)
-        TrainingError: the loss stayed non-finite for five steps in a row.
+        TrainingError: the run diverged: the loss or gradient non-finite five steps in a
+            row, or the NLL far above where it started (the flow then holds its best weights).
         CheckpointError: ``resume=True`` with an unreadable or mismatched checkpoint.
 
     Example:
@@ -440,7 +441,8 @@ def _postfix(history: History) -> dict[str, str]:
     return out
 
 
-#: A training NLL this many nats per dimension above its first record: the run diverged.
+#: A training NLL this many nats per dimension (and a tenth of its size) above its first
+#: record: the run diverged.
 DIVERGED_NATS_PER_DIM = 5.0
 
 
@@ -457,7 +459,7 @@ def _check_divergence(history: History, train_nll: float | None, d: int, lr: flo
     start = history.val_nll[0] if history.val_nll and history.steps[0] == 0 else None
     last = history.val_nll[-1] if history.val_nll else None
     what = None
-    if first is not None and train_nll > first + margin:
+    if first is not None and train_nll > first + margin + 0.1 * abs(first):  # (1e4 +- 30)
         what = f"the training NLL rose from {first:.4g} to {train_nll:.4g} nats"
     elif (start is not None and last is not None and math.isfinite(start)
           and last > start + margin and train_nll > start):

@@ -478,6 +478,14 @@ def run_loop(
                 state.elapsed = time.perf_counter() - clock
                 if peers.is_main:
                     checkpoint()
+    except TrainingError as err:  # (the weights it diverged to are of no use to anyone)
+        flow.eval()
+        if state.best_state is None:
+            raise
+        flow.load_state_dict(state.best_state)
+        raise TrainingError(f"{str(err).rstrip('.')}. The flow is left with the weights of "
+                            f"step {history.best_step}, its best validation NLL "
+                            f"({history.best_val:.6g}), in eval mode.") from None
     finally:
         if bar is not None:
             bar.close()
