@@ -92,6 +92,16 @@ def test_the_summary_comes_before_the_report_and_an_interrupted_report_says_so(
         f"not: write it with `exactflow report {out}`")
     assert json.loads((out / "run.json").read_text())["status"] == "done"
 
+    def full(path):  # (a full disk said "no space left", not that the model was saved)
+        raise OSError(28, "no space left on the device", f"{path}/report/a.png")
+
+    monkeypatch.setattr(cli_train, "build_report", full)
+    code, text, err = run_cli(["train", "moons", *TINY[:-1], "--out", out, "--overwrite"])
+    assert code == 1 and one_error_line(err).endswith(
+        f"/report/a.png'; the run in {str(out)!r} is complete, its report is not: write it "
+        f"with `exactflow report {out}`")
+    assert json.loads((out / "run.json").read_text())["status"] == "done"
+
 
 def test_test_rows_that_dominate_the_test_nll_are_said_with_the_nll_of_the_others(tmp_path):
     # (one heavy-tailed row made a test NLL of 17.09 +- 2.46 where the others gave 14.6)

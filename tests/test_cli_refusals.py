@@ -62,7 +62,7 @@ def test_values_beyond_1e150_are_refused_before_the_run_folder_is_made(tmp_path)
     rows = np.random.default_rng(1).normal(size=(400, 2)) * [1e160, 1.0]
     data = write_csv(tmp_path / "h.csv", rows, ["x", "y"])
     code, _, err = run_cli(["train", data, *GAUSSIAN, "--out", tmp_path / "r"])
-    assert code == 1 and "column 'x' hold values up to" in err and "beyond 1e+150" in err
+    assert code == 1 and "column 'x' holds values up to" in err and "beyond 1e+150" in err
     assert "warning" not in err and "integers" not in err
     assert not (tmp_path / "r").exists()
 

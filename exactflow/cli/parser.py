@@ -228,7 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "log-probability")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto",
                    help="where to train")
-    p.add_argument("--seed", type=_seed, default=0, help="seed of the split, init and batches")
+    p.add_argument("--seed", type=_seed, default=0,
+                   help="seed of the split, init and batches (with --model auto, what the "
+                        "--budget reaches still depends on the machine's speed)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from RUN_DIR/checkpoint.pt")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in RUN_DIR")
@@ -292,9 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--columns", type=_columns, metavar="COLS",
                    help="columns to use (default: the columns the model was trained on)")
     p.add_argument("--keep", type=_columns, metavar="COLS",
-                   help="columns of a text DATA file to copy, as text, into each output row "
-                        "after its row number (an ID, a label: any cells, numbers or not), "
-                        "by name or 0-based index: id or id,date")
+                   help="columns of a text DATA file to copy, as text (blanks around a "
+                        "cell dropped), into each output row after its row number (an ID, a "
+                        "label: any cells, numbers or not), by name or 0-based index: id or "
+                        "id,date")
 
     # check
     p = sub.add_parser(

@@ -67,6 +67,10 @@ def _write_report(args: argparse.Namespace, result: dict[str, Any]) -> None:
     except KeyboardInterrupt as stop:
         raise type(stop)(f"the run in {result['run']!r} is complete, its report is not: "
                          f"write it with `exactflow report {result['run']}`") from None
+    except OSError as err:  # (a full disk: the model is saved, and scores)
+        raise CommandError(f"{err.strerror or err}: {err.filename!r}; the run in "
+                           f"{result['run']!r} is complete, its report is not: write it "
+                           f"with `exactflow report {result['run']}`") from None
     say(args, f"report: {result['report']}")
 
 

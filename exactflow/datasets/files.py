@@ -443,7 +443,7 @@ def load(
         return _select_columns(arr, columns, path)
     raise DataError(
         f"cannot read {path!r}: unknown file type {ext or '(none)'!r}; "
-        "use .csv/.tsv/.txt, .npy or .npz"
+        "use .csv/.tsv/.txt/.dat, .npy or .npz"
     )
 
 
