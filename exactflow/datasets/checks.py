@@ -191,7 +191,8 @@ def validate(
         cols = "column" if len(huge) == 1 else "columns"
         which = column_list(huge, columns if columns and len(columns) == d else None)
         raise DataError(
-            f"{name}: {cols} {which} {'holds' if len(huge) == 1 else 'hold'} values up to {float(size[huge].max()):.3g}, beyond "
+            f"{name}: {cols} {which} {'holds' if len(huge) == 1 else 'hold'} values up to "
+            f"{float(size[huge].max()):.3g}, beyond "
             f"{LARGEST_VALUE:.0e}: their squares (in variances and products) overflow "
             "float64; rescale them (divide by a power of ten) or take their logarithm"
         )
