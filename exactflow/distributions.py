@@ -326,6 +326,27 @@ class Flow(Distribution):
             context = self.embedding(context)
         return context
 
+    def to_latent(self, x: Any, context: Any = None) -> tuple[Tensor, Tensor]:
+        """``(z, log|det dz/dx|)`` for rows ``x`` (``(batch, features)``): the latent that
+        :meth:`log_prob` scores under the base, with the input handling it has (dtype,
+        device, one context row per row or one for all, the context scaler and the
+        embedding applied). ``flow.transform(x, context)`` skips the last two: on a flow
+        built with ``standardize=True`` or an ``embedding`` it is not the flow's map."""
+        x = self._check_x(x)
+        z, ladj = self.transform(x, self._embed(self._check_context(context, x.shape[0])))
+        return z, per_row(ladj, x, z, type(self.transform).__name__)
+
+    def from_latent(self, z: Any, context: Any = None) -> tuple[Tensor, Tensor]:
+        """``(x, log|det dx/dz|)`` for latent rows ``z``: the inverse of :meth:`to_latent`
+        (what :meth:`sample` runs on the base's draws), with the same context handling."""
+        z = self._as_tensor(z, "z")
+        if z.dim() != 2 or z.shape[1] != self.features:
+            raise ValueError(f"z must have shape (batch, {self.features}), got "
+                             f"{tuple(z.shape)}")
+        x, ladj = self.transform.inverse(
+            z, self._embed(self._check_context(context, z.shape[0])))
+        return x, per_row(ladj, z, x, type(self.transform).__name__)
+
     def forward(self, x: Any, context: Any = None) -> Tensor:  # nn.Module call == log_prob
         return self.log_prob(x, context)
 
