@@ -1048,3 +1048,15 @@ def test_the_flow_fit_returns_scores_its_best_val_with_batch_norm():
         history = fit(flow, x, v, lr=3e-3, steps=60, eval_every=10, seed=seed, **CPU)
         assert ef.evaluate(flow, v)["nll"] == pytest.approx(history.best_val, abs=1e-9)
         assert history.best_val <= min(h for h in history.val_nll if h is not None)
+
+
+def test_a_context_given_as_val_and_a_data_loader_are_named():
+    # ef.fit(flow, x, c) put c in val and said only "pass context with one row per data
+    # row"; a DataLoader was "expected a 2-D array (rows, features), got shape ()".
+    x = torch.randn(200, 2)
+    with pytest.raises(ValueError, match=r"pass context=\.\.\. \(a keyword argument\)"):
+        fit(ef.models.maf(2, layers=1, context=2), x, torch.randn(200, 2), steps=2, **CPU)
+    loader = torch.utils.data.DataLoader(x, batch_size=64)
+    with pytest.raises(DataError, match="DataLoader is not rows: give the rows themselves"):
+        fit(ef.models.maf(2, layers=1), loader, steps=2, **CPU)
+

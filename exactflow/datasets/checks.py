@@ -134,6 +134,9 @@ def validate(
     arr = as_numpy(data)
     if arr.ndim != 2:
         hint = "; for one feature use data.reshape(-1, 1)" if arr.ndim == 1 else ""
+        if arr.ndim == 0 and hasattr(data, "__iter__"):  # (a DataLoader, a generator)
+            hint = (f"; {type(data).__name__} is not rows: give the rows themselves (a "
+                    "tensor, an array, a memory-mapped file), which are batched here")
         raise DataError(
             f"{name}: expected a 2-D array (rows, features), got shape {tuple(arr.shape)}{hint}"
         )
