@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from .bases import DiagonalNormal, Distribution, StandardNormal, Uniform, tensor_of
 from .core import Compose, Transform, per_row
 from .transforms.standardize import Standardize
-from .validation import positive_int, warn_user
+from .validation import non_negative_int, warn_user
 
 __all__ = ["Distribution", "StandardNormal", "DiagonalNormal", "Uniform", "Flow"]
 
@@ -376,7 +376,8 @@ class Flow(Distribution):
         b = context.shape[0]
         embedded = self._embed(context)
         assert embedded is not None
-        return embedded.unsqueeze(0).expand(n, b, -1).reshape(n * b, -1), (n, b)
+        width = embedded.shape[-1]
+        return embedded.unsqueeze(0).expand(n, b, width).reshape(n * b, width), (n, b)
 
     def rsample(self, n: int, context: Any = None) -> Tensor:
         """``n`` samples, differentiable with respect to the flow's parameters."""
@@ -403,7 +404,7 @@ class Flow(Distribution):
     def rsample_and_log_prob(self, n: int, context: Any = None) -> tuple[Tensor, Tensor]:
         """Differentiable samples and their exact log-density, from one pass (no extra
         forward): the draw that reverse-KL fitting back-propagates through."""
-        n = positive_int(n, "n")
+        n = non_negative_int(n, "n")
         ctx, shape = self._expand_context(n, context)
         z = self.base.rsample(int(np.prod(shape)))
         log_pz = self.base.log_prob(z)

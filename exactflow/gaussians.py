@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .distributions import Distribution
-from .validation import choice, positive_int
+from .validation import choice, non_negative_int, positive_int
 
 __all__ = ["Gaussian", "GaussianMixture"]
 
@@ -178,7 +178,7 @@ class Gaussian(_Components):
         return self.component_log_prob(x)[:, 0]
 
     def rsample(self, n: int) -> Tensor:
-        return self._draw(torch.zeros(positive_int(n, "n"), dtype=torch.long,
+        return self._draw(torch.zeros(non_negative_int(n, "n"), dtype=torch.long,
                                       device=self.loc.device))
 
     def fit_to(self, data: Any) -> Gaussian:
@@ -248,8 +248,9 @@ class GaussianMixture(_Components):
                                dim=1)
 
     def rsample(self, n: int) -> Tensor:
-        index = torch.multinomial(self.weights().detach(), positive_int(n, "n"),
-                                  replacement=True)
+        n = non_negative_int(n, "n")
+        index = (torch.multinomial(self.weights().detach(), n, replacement=True) if n else
+                 torch.zeros(0, dtype=torch.long, device=self.loc.device))
         return self._draw(index)
 
     def fit_to(

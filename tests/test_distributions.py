@@ -512,3 +512,18 @@ def test_to_latent_and_from_latent_are_the_flows_own_map_with_its_context_handli
         flow.from_latent(torch.zeros(4, 2), c[:4])
     with pytest.raises(ValueError, match="this flow is conditional"):
         flow.to_latent(x)
+
+
+@pytest.mark.parametrize("name", ["maf", "realnvp", "nsf", "gmm", "gaussian"])
+def test_zero_samples_are_an_empty_batch(name):
+    # (sample(0) was refused, as torch.distributions and zuko give an empty batch)
+    conditional = ef.models.takes(name, "hidden")
+    flow = ef.models.build({"model": name, "features": 3, "standardize": True,
+                            "context": 2 if conditional else 0})
+    context = torch.randn(4, 2) if conditional else None
+    samples, log_p = flow.sample_and_log_prob(0, context)
+    assert samples.shape == ((0, 4, 3) if conditional else (0, 3))
+    assert log_p.shape == samples.shape[:-1] and samples.dtype == torch.float64
+    with pytest.raises(ValueError, match="n must be an integer >= 0, got -1"):
+        flow.sample(-1, context)
+
