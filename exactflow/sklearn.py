@@ -39,9 +39,8 @@ from .datasets import check_full_rank, validate
 from .runs.data import (
     dequantize,
     dequantize_to_score,
-    few_valued_columns,
-    few_values_note,
     integer_columns,
+    value_notes,
 )
 from .scoring import log_prob
 from .validation import column_list, positive_float, positive_int, warn_user
@@ -216,9 +215,8 @@ class FlowDensity(DensityMixin, BaseEstimator):
                 "far above any real density; FlowDensity(dequantize=True) adds uniform "
                 "noise in [0, 1) to them, for a log-density that means something"
             )
-        levels = few_valued_columns(X, discrete)
-        if levels:
-            warn_user(few_values_note(levels, names, "FlowDensity(dequantize=True)"))
+        for note in value_notes(X, discrete, names, "FlowDensity(dequantize=True)"):
+            warn_user(note)
         validate(X, name="X", columns=names)  # constant columns first, as the CLI checks
         check_full_rank(X, "X", names)
         n, d = X.shape

@@ -147,6 +147,26 @@ def test_integer_columns_are_warned_about_or_dequantized():
         fitted.score_samples(X[500:] + [0.0, 0.0, 0.5])
 
 
+def test_a_column_with_a_point_mass_is_warned_about():
+    # 90% zeros beside continuous values: FlowDensity scored rows at 0 at +4.55 nats, at
+    # 0.1 at -13.5, silently (no integer column, more than a few values).
+    from exactflow.runs.data import point_mass_columns
+
+    rng = np.random.default_rng(0)
+    mass = np.where(rng.uniform(size=2000) < 0.9, 0.0, rng.normal(5, 1, 2000))
+    X = np.c_[rng.normal(size=2000), mass]
+    assert point_mass_columns(X) == [(1, 0.0, pytest.approx(0.9, abs=0.02))]
+    assert point_mass_columns(X, skip=[1]) == []
+    seven = rng.uniform(size=(2000, 2))
+    seven[rng.uniform(size=2000) < 0.07, 0] = 0.0  # (7% of exact zeros: a point mass too)
+    assert [j for j, _, _ in point_mass_columns(seven)] == [0]
+    # rounded measurements repeat values, none five times as often as the next
+    assert point_mass_columns(np.round(rng.normal(size=(5000, 2)), 1)) == []
+    with pytest.warns(UserWarning, match=r"column 1 \(column indices\) holds the value 0 in "
+                                         r"90% of its rows and spreads its other values"):
+        FlowDensity(model="gaussian").fit(X)
+
+
 def test_columns_of_a_few_levels_that_are_not_integers_are_warned_about():
     # A 2-level column scaled by a StandardScaler (diabetes' sex, +-0.0507) escaped the
     # integer check: a 5-component mixture scored held-out rows 2.1 nats higher with it.

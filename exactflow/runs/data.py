@@ -233,6 +233,53 @@ def few_values_note(columns: list[int], names: list[str] | None, fix: str) -> st
     )
 
 
+#: A column that holds one value in at least this share of its rows, its other values
+#: spread out, has a point mass there: :func:`point_mass_columns`.
+POINT_MASS_SHARE = 0.05
+
+
+def point_mass_columns(rows: np.ndarray, skip: Sequence[int] = ()) -> list[tuple[int, float,
+                                                                             float]]:
+    """``(column, value, share)`` for each column (but ``skip``) that holds one value in
+    at least :data:`POINT_MASS_SHARE` of its rows and at least five times as often as its
+    next most common value: a zero-inflated measurement, say (90% zeros, the rest
+    continuous), whose rows at that value a continuous density scores far above any real
+    density (+4.6 nats where the others scored -13.5). Looked for in at most 100,000 rows
+    spread over the table."""
+    rows = np.asarray(rows, dtype=np.float64)
+    if rows.ndim != 2 or len(rows) < 10:
+        return []
+    sample = rows[:: max(1, len(rows) // 100_000)]
+    found = []
+    for j in range(rows.shape[1]):
+        if j in skip:
+            continue
+        values, counts = np.unique(sample[:, j], return_counts=True)
+        if len(counts) < 2:
+            continue
+        top, second = np.sort(counts)[-2:][::-1]
+        share = top / len(sample)
+        if share >= POINT_MASS_SHARE and top >= 5 * second:
+            found.append((j, float(values[np.argmax(counts)]), float(share)))
+    return found
+
+
+def value_notes(rows: np.ndarray, integers: Sequence[int], names: list[str] | None,
+                fix: str) -> list[str]:
+    """What to say about columns whose values a continuous density piles its mass onto,
+    beyond integer ones (``integers``): a few levels (:func:`few_valued_columns`; ``fix``
+    names the way to dequantize) and point masses (:func:`point_mass_columns`)."""
+    levels = few_valued_columns(rows, integers)
+    notes = [few_values_note(levels, names, fix)] if levels else []
+    for j, value, share in point_mass_columns(rows, [*integers, *levels]):
+        notes.append(
+            f"column {column_list([j], names)} holds the value {value:g} in {share:.0%} of "
+            "its rows and spreads its other values: a continuous density piles its mass "
+            "onto that value, and rows there score far above any real density; model those "
+            "rows apart (a flag column, say) or leave the column out")
+    return notes
+
+
 def dequantize(
     rows: np.ndarray, columns: Sequence[int], seed: int = 0, keyed: bool = False
 ) -> np.ndarray:

@@ -36,12 +36,11 @@ from ..validation import (
 )
 from .data import (
     _now,
-    few_valued_columns,
-    few_values_note,
     integer_columns,
     read_data,
     split_changed,
     split_rows,
+    value_notes,
     versions,
 )
 from .data import dequantize as dequantize_rows
@@ -270,10 +269,8 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
             "number on every row, as row numbers or IDs do: new rows would carry new ones "
             "and score as anomalies for that alone; leave it out (--drop or --columns, "
             "or train_run(..., columns=[...])) unless its values are data")
-    levels = few_valued_columns(rows, discrete)
-    if levels:
-        notes.append("note: " + few_values_note(levels, names or None, "--dequantize (or "
-                                                "train_run(..., dequantize=True))"))
+    notes += ["note: " + text for text in value_notes(
+        rows, discrete, names or None, "--dequantize (or train_run(..., dequantize=True))")]
     if dequantize and not discrete:
         notes.append("note: no column holds integers only: dequantize changes nothing")
     if dequantize:  # first: a blank pixel is a constant column until it is dequantized
