@@ -243,6 +243,15 @@ def test_train_standardizes_into_data_units(tmp_path):
     assert nll == pytest.approx(entropy, abs=0.15)
     info = json.loads((tmp_path / "r" / "run.json").read_text())
     assert info["data"]["column_names"] == ["a", "b", "c"]
+    assert json.loads(out)["notes"] == [] and err == ""  # (--json: only notes on stderr)
+    # --json kept the notes on the data to itself: in the JSON, and on stderr
+    data[:, 2] = np.round(data[:, 2])
+    csv = write_csv(tmp_path / "ints.csv", data, ["a", "b", "c"])
+    code, out, err = run_cli(["train", csv, "--model", "gaussian", "--out", tmp_path / "i",
+                              "--json", "--no-report"])
+    notes = json.loads(out)["notes"]
+    assert len(notes) == 1 and notes[0].startswith("columns ['c'] hold integers only")
+    assert err == f"note: {notes[0]}\n"
 
 
 def test_train_pools_the_scale_of_pixels_and_takes_the_scale_asked_for(tmp_path):

@@ -233,7 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "--budget reaches still depends on the machine's speed)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from RUN_DIR/checkpoint.pt")
-    p.add_argument("--overwrite", action="store_true", help="replace a finished run in RUN_DIR")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a finished run in RUN_DIR (its model is removed when the new "
+                        "run starts: to keep scoring with it meanwhile, train into another "
+                        "folder and switch to that one when it is done)")
     p.add_argument("--no-report", dest="report", action="store_false",
                    help="skip the HTML report (build it later with `exactflow report`)")
 

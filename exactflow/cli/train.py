@@ -23,12 +23,16 @@ __all__ = ["cmd_train", "cmd_demo"]
 def _train(args: argparse.Namespace, **kwargs: Any) -> dict[str, Any]:
     """Train a run folder with :func:`exactflow.runs.train_run`; returns the result dict."""
     writer = distributed.rank() == 0
+    notes: list[str] = []  # (--json: the notes on the data, in the JSON and on stderr)
+
+    def log(text: str) -> None:
+        if args.json and text.startswith("note: "):
+            notes.append(text.removeprefix("note: "))
+        if not args.json or text.startswith("note: "):
+            print(text, file=sys.stderr)
+
     try:
-        run = train_run(
-            progress=not args.json and writer,
-            log=lambda text: None if args.json else print(text, file=sys.stderr),
-            **kwargs,
-        )
+        run = train_run(progress=not args.json and writer, log=log, **kwargs)
     except RunError as err:
         raise CommandError(str(err).replace("overwrite it", "pass --overwrite").replace(
             "resume to continue", "--resume to continue")) from None
@@ -54,6 +58,7 @@ def _train(args: argparse.Namespace, **kwargs: Any) -> dict[str, Any]:
         "data": run.info["data"]["name"],
         "metrics": run.info["metrics"],
         "report": None,
+        "notes": notes,
     }
     return result
 
