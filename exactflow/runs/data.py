@@ -362,14 +362,15 @@ def split_rows(rows: np.ndarray, fractions: Sequence[float], seed: int,
     return parts
 
 
-def split_changed(rows: np.ndarray, fractions: Sequence[float], seed: int,
+def split_changed(n: int, fractions: Sequence[float], seed: int,
                   before: dict[str, Any], now: dict[str, Any]) -> bool:
-    """Whether the split recorded in ``before`` (a run's ``data``) differs from ``now``'s.
+    """Whether the split recorded in ``before`` (a run's ``data``) of ``n`` rows differs
+    from ``now``'s.
     A run written before splits were recorded put repeated rows elsewhere than today's
     split does; its split is today's only when the rows are distinct (both are then one
     seeded permutation of the rows, cut at the same places)."""
     if "split" in before:
         return bool(before["split"] != now.get("split"))
     plain: dict[str, Any] = {}
-    split_rows(np.arange(len(rows))[:, None], fractions, seed, plain)
+    split_rows(np.arange(n)[:, None], fractions, seed, plain)
     return bool(plain["split"] != now.get("split"))

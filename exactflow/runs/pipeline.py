@@ -293,6 +293,8 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
                         "split needs at least 10")
     parts = split_rows(rows, fractions, seed, data_info)  # (split's parts, and their rows)
     train, val, test = (rows[part] for part in parts)
+    features = rows.shape[1]
+    del rows  # (the parts hold every row: the table itself need not stay in memory)
     if min(len(train), len(val), len(test)) == 0:
         raise DataError(f"{data_info['name']}: {n} rows are too few for the fractions {fractions}")
     if 1 < train.shape[1] >= len(train):
@@ -309,7 +311,6 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
         log(f"note: batch size {batch_size} is more than the {len(train)} training rows; "
             f"using {len(train)}")
         batch_size = len(train)
-    features = rows.shape[1]
     auto = model == "auto"
     flow: Flow | None = None
     if not auto:
@@ -346,7 +347,7 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
             changed = [f"{k}: {json.dumps(before.get(k))[:60]} -> {json.dumps(now.get(k))[:60]}"
                        for k in sorted((set(before) | set(now)) - {"split"})
                        if before.get(k) != now.get(k)]
-            if key == "data" and not changed and split_changed(rows, fractions, seed, before,
+            if key == "data" and not changed and split_changed(n, fractions, seed, before,
                                                                now):
                 raise RunError(
                     f"cannot resume {str(out)!r}: its data now split into other train, "
