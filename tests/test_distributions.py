@@ -538,3 +538,11 @@ def test_logit_samples_stay_strictly_inside_the_unit_interval_in_float32():
     x = flow.sample(20_000)
     assert x.dtype == torch.float32 and bool(((x > 0) & (x < 1)).all())
     assert bool(torch.isfinite(flow.log_prob(x)).all())
+
+
+@pytest.mark.parametrize("name", ["maf", "realnvp", "nsf", "iaf", "nice"])
+def test_a_flow_on_the_meta_device_gives_shapes(name):
+    # (the hand-written passes asked autocast about the meta device: "unknown device type")
+    flow = ef.models.build({"model": name, "features": 3, "standardize": True}).to("meta")
+    assert flow.log_prob(torch.randn(4, 3, device="meta")).shape == (4,)
+    assert flow.sample(2).shape == (2, 3)

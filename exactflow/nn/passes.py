@@ -69,7 +69,8 @@ def is_plain(t: Tensor, *others: Tensor) -> bool:
     ``torch.func`` transform active or wrapping any of the tensors, no forward-mode AD
     (the hand-written passes have no forward derivative), and no global module hooks."""
     return not (
-        torch.compiler.is_compiling()
+        t.device.type == "meta"  # (no data: shapes only, which torch's own ops give)
+        or torch.compiler.is_compiling()
         or torch.jit.is_tracing()
         or torch.is_autocast_enabled(t.device.type)
         or _functorch_active()
