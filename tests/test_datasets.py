@@ -268,6 +268,10 @@ def test_load_unreadable_files(tmp_path) -> None:
     (tmp_path / "bin.csv").write_bytes(b"\xff\xfe\x00\x81")
     with pytest.raises(DataError, match="not a UTF-8 text file"):
         ds.load(tmp_path / "bin.csv")
+    (tmp_path / "latin.csv").write_bytes("a,b\n1,2\ncafé,5\n".encode("cp1252"))
+    with pytest.raises(DataError, match=r"not a UTF-8 text file \(line 3 holds the byte 0xe9, "
+                                        r"as a Latin-1 or Windows-1252 file would\)"):
+        ds.load(tmp_path / "latin.csv")
 
 
 def test_load_npy_is_memory_mapped(tmp_path) -> None:

@@ -122,3 +122,18 @@ def is_header(first: list[str], below: list[list[str]]) -> bool:
     return counts and any(
         is_number(cell) and not cell.strip().lstrip("+-").isdigit()
         for line in below[:BELOW] for cell in line)
+
+
+def not_utf8_error(path: str) -> str:
+    """What to say of a text table that is not UTF-8: where its first such byte is."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        return (f"cannot read {path!r}: not a UTF-8 text file (line {line} holds the byte "
+                f"0x{data[err.start]:02x}, as a Latin-1 or Windows-1252 file would); save it "
+                "as UTF-8")
+    return f"cannot read {path!r}: not a UTF-8 text file"
+

@@ -29,6 +29,7 @@ from .cells import (
     is_number,
     looks_like_names,
     missing_error,
+    not_utf8_error,
     number_or_nan,
     opens_quote,
 )
@@ -132,7 +133,7 @@ def _text_table(path: str, header: bool | str, delimiter: str | None) -> _TextTa
         with open(path, encoding="utf-8-sig", newline="") as f:
             text = f.read()
     except UnicodeDecodeError:
-        raise DataError(f"cannot read {path!r}: not a UTF-8 text file") from None
+        raise DataError(not_utf8_error(path)) from None
     except OSError as e:
         raise DataError(f"cannot read {path!r}: {e.strerror or e}") from None
 
@@ -463,7 +464,6 @@ def _select_columns(
             return arr[:, as_slice]
         return Subset(arr, columns=np.asarray(keep))
     return arr[:, keep]
-
 
 
 def read_header(path: str | os.PathLike[str], delimiter: str | None = None) -> list[str] | None:
