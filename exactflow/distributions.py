@@ -22,7 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from .bases import DiagonalNormal, Distribution, StandardNormal, Uniform, tensor_of
-from .core import Compose, Transform, per_row
+from .core import Compose, Inverse, Transform, per_row
+from .nn.passes import is_plain
 from .transforms.standardize import Standardize
 from .validation import non_negative_int, warn_user
 
@@ -50,6 +51,8 @@ def _library_layers_only(transform: Transform) -> bool:
     """Whether every layer of ``transform`` is one of exactflow's own."""
     if isinstance(transform, Compose):
         return all(_library_layers_only(t) for t in transform)
+    if isinstance(transform, Inverse):
+        return _library_layers_only(transform.transform)
     return type(transform).__module__.startswith("exactflow.")
 
 
@@ -272,15 +275,15 @@ class Flow(Distribution):
         """
         if self.context_features and context is None:
             self._check_context(None, None)  # (before x's shape: the context is what lacks)
-        if not self._checked_prepared and self.training and torch.is_grad_enabled() and not (
-                torch.compiler.is_compiling() or torch.jit.is_tracing()):
-            self._warn_if_unprepared()
         lead = None
         if self.context_features and getattr(x, "ndim", 2) > 2:
             x = self._as_tensor(x, "x", exact=self._standardizes_first(self.transform))
             lead = x.shape[:-1]  # samples (n, b, d) drawn for a context batch (b, c)
             x = x.reshape(-1, x.shape[-1])
         x = self._check_x(x)
+        if not self._checked_prepared and self.training and torch.is_grad_enabled() and (
+                is_plain(x)):  # (no values to look at under torch.func, compile or a trace)
+            self._warn_if_unprepared()
         given = self._check_context(context, x.shape[0], lead)
         z, ladj = self.transform(x, self._embed(given))
         log_p = _overflow_to_neg_inf(
@@ -288,7 +291,7 @@ class Flow(Distribution):
         return log_p if lead is None else log_p.reshape(lead)
 
     #: Whether :meth:`_warn_if_unprepared` has looked at this flow (once, at its first
-    #: training-mode call with autograd).
+    #: training-mode call with autograd), or :func:`exactflow.prepare` has prepared it.
     _checked_prepared = False
 
     def _warn_if_unprepared(self) -> None:

@@ -549,6 +549,14 @@ def test_copies_are_found_by_hash_and_confirmed_exactly(monkeypatch) -> None:
     inverse, found = splits._copies([x, ctx])
     assert _same_sets(inverse, truth.reshape(-1)) and sorted(found) == sorted(counts)
     assert splits._copies([np.arange(6.0)[:, None]]) is None
+    monkeypatch.undo()
+    # whole numbers beyond 2^53 share a float64 (and a hash), not a value; cells of text
+    big = np.array([[2**53], [2**53 + 1], [2**53]], dtype=np.int64)
+    assert splits._copies([big])[0].tolist() == [0, 1, 0]
+    text = np.array([["a", "x"], ["a", "x"], ["b", "y"], ["c", "z"]])
+    inverse, found = splits._copies([text])
+    assert inverse[0] == inverse[1] and sorted(found) == [1, 1, 2]
+    assert sum(len(p) for p in ds.split(text, (0.5, 0.5))) == 4
 
 
 def test_split_memmap_is_lazy(tmp_path) -> None:

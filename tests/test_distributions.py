@@ -402,6 +402,10 @@ def test_context_widths_that_cannot_meet_are_refused_when_the_flow_is_built():
             ef.Flow(layers, ef.StandardNormal(2), context=1)
     with pytest.raises(ValueError, match="none of its layers takes a context"):
         ef.Flow(maf(2), ef.StandardNormal(2), context=3, embedding=nn.Linear(3, 2))
+    with pytest.raises(ValueError, match="none of its layers takes a context"):
+        ef.Flow(ef.Inverse(maf(2)), ef.StandardNormal(2), context=1)
+    # a layer of the user's may read the context without declaring it, inverted too
+    ef.Flow(ef.Inverse(ConditionalAffine(2, 1)), ef.StandardNormal(2), context=1)
 
 
 def test_log_prob_takes_the_contexts_sample_takes():
@@ -489,6 +493,22 @@ def test_a_flow_trained_without_prepare_says_its_standardization_is_unset(recwar
     ef.models.maf(2, layers=1, standardize=True).eval().log_prob(x[:8])
     ef.fit(ef.models.maf(2, layers=1, hidden=(8,), standardize=True), x, steps=2,
            progress=False)
+    # a context that is a balanced +-1 label standardizes to the identity: prepared all the
+    # same (ef.fit told the user to call ef.prepare, which it had just called)
+    label = torch.tensor([-1.0, 1.0]).repeat(250)[:, None]
+    ef.fit(ef.models.maf(2, layers=1, hidden=(8,), context=1, standardize=True), x,
+           context=label, steps=2, progress=False)
+    # an ensemble under torch.func has no values to look at (vmap refused the check)
+    from torch.func import functional_call, stack_module_state, vmap
+
+    flows = [ef.models.maf(2, layers=1, hidden=(8,), standardize=True) for _ in range(3)]
+    for f in flows:
+        ef.prepare(f, x)
+    params, buffers = stack_module_state(flows)
+    fresh = ef.models.maf(2, layers=1, hidden=(8,), standardize=True)  # (not prepared)
+    out = vmap(lambda p, b, rows: functional_call(fresh, (p, b), (rows,)),
+               in_dims=(0, 0, None))(params, buffers, x[:4].float())
+    assert out.shape == (3, 4)
     assert not [w for w in recwarn if "ef.prepare" in str(w.message)]
 
 

@@ -766,6 +766,12 @@ def test_data_the_splines_cannot_reach_or_too_small_for_the_layers_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fit(ef.models.nsf(2, layers=1, hidden=(8,)), moons, steps=2, **CPU)
+        # closed-form models take any scale; an ActNorm first scales from the data
+        fit(ef.models.gaussian(2), 1e-4 * moons, **CPU)
+        fit(ef.models.gmm(2, components=2), 1e4 * moons, **CPU)
+        act = ef.Flow(ef.Compose(ef.transforms.ActNorm(2), ef.transforms.SplineCoupling(2)),
+                      ef.StandardNormal(2)).double()
+        fit(act, 10 * moons + 20, steps=2, **CPU)
 
 
 def test_a_diverged_run_leaves_the_flow_at_its_best_weights():
@@ -1054,7 +1060,8 @@ def test_a_context_given_as_val_and_a_data_loader_are_named():
     # ef.fit(flow, x, c) put c in val and said only "pass context with one row per data
     # row"; a DataLoader was "expected a 2-D array (rows, features), got shape ()".
     x = torch.randn(200, 2)
-    with pytest.raises(ValueError, match=r"pass context=\.\.\. \(a keyword argument\)"):
+    with pytest.raises(ValueError, match=r"pass context=\.\.\. \(a keyword argument; ef.fit's "
+                                         r"third positional argument is val\)"):
         fit(ef.models.maf(2, layers=1, context=2), x, torch.randn(200, 2), steps=2, **CPU)
     loader = torch.utils.data.DataLoader(x, batch_size=64)
     with pytest.raises(DataError, match="DataLoader is not rows: give the rows themselves"):

@@ -73,7 +73,8 @@ def _write_report(args: argparse.Namespace, result: dict[str, Any]) -> None:
         raise type(stop)(f"the run in {result['run']!r} is complete, its report is not: "
                          f"write it with `exactflow report {result['run']}`") from None
     except OSError as err:  # (a full disk: the model is saved, and scores)
-        raise CommandError(f"{err.strerror or err}: {err.filename!r}; the run in "
+        where = f": {err.filename!r}" if err.filename else ""
+        raise CommandError(f"{err.strerror or err}{where}; the run in "
                            f"{result['run']!r} is complete, its report is not: write it "
                            f"with `exactflow report {result['run']}`") from None
     say(args, f"report: {result['report']}")

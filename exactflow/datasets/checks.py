@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from torch import Tensor
 
 from ..validation import DataError, column_list, counted, nonfinite_rows_error
 from .arrays import ArrayLike, as_numpy, chunks
@@ -134,7 +135,8 @@ def validate(
     arr = as_numpy(data)
     if arr.ndim != 2:
         hint = "; for one feature use data.reshape(-1, 1)" if arr.ndim == 1 else ""
-        if arr.ndim == 0 and hasattr(data, "__iter__"):  # (a DataLoader, a generator)
+        if arr.ndim == 0 and not isinstance(data, (np.ndarray, Tensor)) and hasattr(
+                data, "__iter__"):  # (a DataLoader, a generator)
             hint = (f"; {type(data).__name__} is not rows: give the rows themselves (a "
                     "tensor, an array, a memory-mapped file), which are batched here")
         raise DataError(

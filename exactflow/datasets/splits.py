@@ -120,19 +120,24 @@ def _row_hashes(tables: list[np.ndarray]) -> np.ndarray:
 
 def _copies(tables: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray] | None:
     """The sets of equal rows of the aligned ``tables``: each row's set number and each
-    set's size, or None when every row is distinct."""
-    hashes = _row_hashes(tables)
-    order = np.argsort(hashes)
-    same = hashes[order[1:]] == hashes[order[:-1]]
-    if not same.any():
-        return None
-    first, second = order[:-1][same], order[1:][same]
-    if not all((t[first] == t[second]).all() for t in tables):  # a collision of two hashes
-        values = np.hstack([t.astype(np.float64, copy=False) for t in tables])
-        _, inverse, counts = np.unique(values, axis=0, return_inverse=True,
-                                       return_counts=True)
-        return (inverse.reshape(-1), counts) if len(counts) < len(values) else None
-    inverse = np.empty(len(hashes), dtype=np.int64)
+    set's size, or None when every row is distinct. Rows are ordered by hash; where two
+    distinct rows share one (or the cells are not numbers) by the rows themselves."""
+    n, exact = len(tables[0]), False
+    if all(t.dtype.kind in "biuf" for t in tables):
+        order = np.argsort(hashes := _row_hashes(tables))
+        same = hashes[order[1:]] == hashes[order[:-1]]
+        if not same.any():
+            return None
+        first, second = order[:-1][same], order[1:][same]
+        exact = all((t[first] == t[second]).all() for t in tables)  # (else a collision)
+    if not exact:
+        order = np.lexsort([t[:, j] for t in tables[::-1] for j in range(t.shape[1])[::-1]])
+        same = np.ones(n - 1, dtype=bool)
+        for t in tables:
+            same &= (t[order[1:]] == t[order[:-1]]).all(axis=1)
+        if not same.any():
+            return None
+    inverse = np.empty(n, dtype=np.int64)
     inverse[order] = np.cumsum(np.concatenate([[True], ~same])) - 1
     return inverse, np.bincount(inverse)
 

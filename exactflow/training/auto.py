@@ -232,7 +232,8 @@ def fit_auto(
         raise ValueError("the training rows have a context: pass val_context, one row per "
                          "row of val")
     say = log or (lambda text: None)
-    em_class()  # (imported here, not on the budget: 1-4 s)
+    if context is None:  # (the mixtures' EM, imported here, not on the budget: 1-4 s)
+        em_class()
     start = time.perf_counter()
     rows = wrap(train, "training data", _width_of(train), strict=True)
     check_full_rank(rows.data, "training data", column_names(train))

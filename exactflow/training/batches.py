@@ -186,8 +186,8 @@ def wrap_context(flow: Any, context: Any, name: str, rows: int) -> Rows | None:
         return None
     if context is None:
         raise ValueError(
-            f"the flow is conditional (context={need}): pass {name}=... (a keyword argument) "
-            "with one row per data row"
+            f"the flow is conditional (context={need}): pass {name}=... (a keyword argument; "
+            "ef.fit's third positional argument is val) with one row per data row"
         )
     if len(getattr(context, "shape", ())) == 1 and len(context) == need:  # one for all rows
         context = (context.expand(rows, need) if isinstance(context, Tensor)

@@ -30,7 +30,7 @@ from ..gaussians import Gaussian, GaussianMixture
 from ..models import standardize_layer
 from ..scoring import eval_mode, module_device
 from ..stats import RunningMoments
-from ..transforms.normalization import BatchNorm
+from ..transforms.normalization import ActNorm, BatchNorm
 from ..transforms.standardize import Standardize
 from ..validation import DataError, counted, warn_user
 from .batches import Rows, wrap, wrap_context
@@ -84,6 +84,7 @@ def prepare(flow: Flow, train: Any, context: Any = None, seed: int = 0) -> list[
     if not isinstance(train, Rows):
         train = wrap(train, "training data", flow.features, strict=True)
         context = wrap_context(flow, context, "context", len(train))
+    flow._checked_prepared = True  # (its training-mode calls need not ask for this)
     done = []
     layer = standardize_layer(flow)
     if layer is not None and _is_identity(layer):
@@ -210,6 +211,10 @@ def warn_if_unstandardized(flow: Flow, rows: Rows, context: Rows | None = None) 
             )
     if standardize_layer(flow) is not None:
         return
+    first = _flat(flow.transform)[0] if _flat(flow.transform) else None
+    if isinstance(first, (ActNorm, BatchNorm)) or not any(
+            p.requires_grad for p in flow.parameters()):  # (scaled from the data, or in
+        return                                           # closed form: any scale does)
     sample = _first_rows(rows)
     if not len(sample):
         return

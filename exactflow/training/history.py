@@ -33,6 +33,9 @@ class History:
         beta: the annealing weight of the energy at each record (reverse KL only).
         best_step, best_val: the record with the lowest validation NLL (``None`` without
             validation data); :func:`exactflow.fit` restores these weights at the end.
+            ``best_val`` is the validation NLL of the flow ``fit`` returns: with batch-norm
+            layers whose training-set statistics it kept at the end (they scored no worse),
+            that value, which may be below every record.
         stopped_early: whether early stopping (``patience``) or a callback ended the run.
         total_steps: the number of optimizer steps run (rolled-back steps included).
         rollbacks: steps whose loss or gradient was non-finite and that were undone.

@@ -441,7 +441,7 @@ def _postfix(history: History) -> dict[str, str]:
     return out
 
 
-#: A training NLL this many nats per dimension (and a tenth of its size) above its first
+#: A training NLL this many nats per dimension, plus a tenth of its size, above its first
 #: record: the run diverged.
 DIVERGED_NATS_PER_DIM = 5.0
 
@@ -462,7 +462,7 @@ def _check_divergence(history: History, train_nll: float | None, d: int, lr: flo
     if first is not None and train_nll > first + margin + 0.1 * abs(first):  # (1e4 +- 30)
         what = f"the training NLL rose from {first:.4g} to {train_nll:.4g} nats"
     elif (start is not None and last is not None and math.isfinite(start)
-          and last > start + margin and train_nll > start):
+          and last > start + margin + 0.1 * abs(start) and train_nll > start):
         what = (f"the validation NLL went from {start:.4g} at the start to {last:.4g} nats "
                 f"and the training NLL is {train_nll:.4g}")
         if last == math.inf or last > start + 1000 * margin:  # often the rows' fault
@@ -470,8 +470,9 @@ def _check_divergence(history: History, train_nll: float | None, d: int, lr: flo
                       f"where the model now puts no density; or {advice}")
     if what is not None:
         raise TrainingError(
-            f"training diverged: {what} (more than {DIVERGED_NATS_PER_DIM:g} nats per "
-            f"dimension worse). Lower the learning rate (lr, --lr; now {lr:.3g}, try "
+            f"training diverged: {what} (worse by more than {DIVERGED_NATS_PER_DIM:g} nats "
+            "per dimension and a tenth of the NLL it started from, together). Lower the "
+            f"learning rate (lr, --lr; now {lr:.3g}, try "
             f"{gentler_lr(lr):.3g}) or {advice}."
         )
 

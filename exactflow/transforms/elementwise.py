@@ -97,7 +97,10 @@ class Logit(Transform):
     samples fall outside [0, 1] as often as the latent falls beyond that interval (5.3%
     there). ``alpha = 0`` gives a normalized density whose samples stay in (0, 1): in the
     sampling direction ``sigmoid`` is held inside the open interval (float32 rounds it to
-    exactly 1.0 from ``z`` of about 17 on, which the density direction refuses).
+    exactly 1.0 from ``z`` of about 17 on, which the density direction refuses). Where it
+    saturates so, in float32, a sample's log-density from ``sample_and_log_prob`` (that of
+    its latent) and ``log_prob`` of the rounded sample differ: compute in float64 where
+    samples reach that far.
 
     Input outside (0, 1) raises ``ValueError`` naming the problem, never a silent NaN.
 
