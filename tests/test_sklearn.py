@@ -155,15 +155,18 @@ def test_a_column_with_a_point_mass_is_warned_about():
     rng = np.random.default_rng(0)
     mass = np.where(rng.uniform(size=2000) < 0.9, 0.0, rng.normal(5, 1, 2000))
     X = np.c_[rng.normal(size=2000), mass]
-    assert point_mass_columns(X) == [(1, 0.0, pytest.approx(0.9, abs=0.02))]
+    assert point_mass_columns(X) == [(1, [(0.0, pytest.approx(0.9, abs=0.02))])]
     assert point_mass_columns(X, skip=[1]) == []
     seven = rng.uniform(size=(2000, 2))
     seven[rng.uniform(size=2000) < 0.07, 0] = 0.0  # (7% of exact zeros: a point mass too)
-    assert [j for j, _, _ in point_mass_columns(seven)] == [0]
-    # rounded measurements repeat values, none five times as often as the next
+    assert [j for j, _ in point_mass_columns(seven)] == [0]
+    # clipped at both ends: two masses, neither five times the other
+    clipped = np.clip(rng.normal(50, 30, size=(2000, 1)), 20, 80)  # (16% at each end)
+    assert sorted(v for v, _ in point_mass_columns(clipped)[0][1]) == [20.0, 80.0]
+    # rounded measurements repeat values, none five times as often as the next nor by 10%
     assert point_mass_columns(np.round(rng.normal(size=(5000, 2)), 1)) == []
-    with pytest.warns(UserWarning, match=r"column 1 \(column indices\) holds the value 0 in "
-                                         r"90% of its rows and spreads its other values"):
+    with pytest.warns(UserWarning, match=r"column 1 \(column indices\) holds the value 0.0 in "
+                                         r"90% of its rows, other values besides"):
         FlowDensity(model="gaussian").fit(X)
 
 

@@ -760,9 +760,13 @@ def test_data_the_splines_cannot_reach_or_too_small_for_the_layers_warn():
     with pytest.warns(UserWarning, match=r"100% of the training values lie outside \[-5, 5\], "
                                          r"where this flow's splines are the identity"):
         fit(ef.models.nsf(2, layers=1, hidden=(8,)), 100 + 20 * moons, steps=40, **CPU)
-    with pytest.warns(UserWarning, match=r"spread by 1.\d+e-06 at most and this flow has no "
+    with pytest.warns(UserWarning, match=r"column 1 of the training data spreads by \d.\d+e-0[67] "
+                                         r"\(a standard deviation\) and this flow has no "
                                          r"standardization layer"):
         fit(ef.models.maf(2, layers=1, hidden=(8,)), 1e-6 * moons, steps=2, **CPU)
+    with pytest.warns(UserWarning, match="column 1 of the training data spreads by"):
+        fit(ef.models.maf(2, layers=1, hidden=(8,)), moons * torch.tensor([1.0, 1e-6]),
+            steps=2, **CPU)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fit(ef.models.nsf(2, layers=1, hidden=(8,)), moons, steps=2, **CPU)

@@ -231,13 +231,13 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
     by_position = (chosen is None and args.columns is None and bool(names)
                    and run.info["data"].get("source") == "file" and source.is_file())
     if by_position:  # (stderr: stdout may carry the CSV or the JSON)
-        print(f"{info['name']} has no column names: its {d} columns are read as the model's "
-              f"{', '.join(names)}, in this order", file=sys.stderr)
+        print(f"note: {info['name']} has no column names: its {d} columns are read as the "
+              f"model's {', '.join(names)}, in this order", file=sys.stderr)
     header = None if names or args.columns is not None else read_header(source)
     if header is not None:  # (a model without names reads every file by position)
         by_position = True
-        print(f"the model of {args.run!r} has no column names (its training data had no "
-              f"header): the columns of {info['name']} are read by position, its header "
+        print(f"note: the model of {args.run!r} has no column names (its training data had "
+              f"no header): the columns of {info['name']} are read by position, its header "
               f"({', '.join(header[:8])}{', ...' if len(header) > 8 else ''}) is not "
               "used; pick and order them with --columns", file=sys.stderr)
     scores = np.empty(len(source_rows))

@@ -238,14 +238,22 @@ def few_values_note(columns: list[int], names: list[str] | None, fix: str) -> st
 POINT_MASS_SHARE = 0.05
 
 
-def point_mass_columns(rows: np.ndarray, skip: Sequence[int] = ()) -> list[tuple[int, float,
-                                                                             float]]:
-    """``(column, value, share)`` for each column (but ``skip``) that holds one value in
-    at least :data:`POINT_MASS_SHARE` of its rows and at least five times as often as its
-    next most common value: a zero-inflated measurement, say (90% zeros, the rest
-    continuous), whose rows at that value a continuous density scores far above any real
-    density (+4.6 nats where the others scored -13.5). Looked for in at most 100,000 rows
-    spread over the table."""
+#: A column with at least this many distinct values (in the rows looked at) spreads its
+#: values: each value of it held by twice :data:`POINT_MASS_SHARE` of the rows is a point
+#: mass (a value recorded at a coarse resolution holds 5-8% of a small table's rows).
+SPREAD_VALUES = 50
+
+
+def point_mass_columns(rows: np.ndarray, skip: Sequence[int] = ()
+                       ) -> list[tuple[int, list[tuple[float, float]]]]:
+    """``(column, [(value, share), ...])`` for each column (but ``skip``) with point
+    masses: values held by twice :data:`POINT_MASS_SHARE` of its rows or more where the
+    column spreads its values (:data:`SPREAD_VALUES` distinct ones or more: values
+    clipped at both ends of a range, a scaled count), or one value held by
+    :data:`POINT_MASS_SHARE` of them and five times as often as any other (zeros beside
+    continuous amounts). A continuous density scores
+    rows at such a value far above any real density (90% zeros: +4.6 nats where the
+    others scored -13.5). Looked for in at most 100,000 rows spread over the table."""
     rows = np.asarray(rows)
     if rows.ndim != 2 or len(rows) < 10:
         return []
@@ -257,10 +265,15 @@ def point_mass_columns(rows: np.ndarray, skip: Sequence[int] = ()) -> list[tuple
         values, counts = np.unique(sample[:, j], return_counts=True)
         if len(counts) < 2:
             continue
+        share = counts / len(sample)
         top, second = np.sort(counts)[-2:][::-1]
-        share = top / len(sample)
-        if share >= POINT_MASS_SHARE and top >= 5 * second:
-            found.append((j, float(values[np.argmax(counts)]), float(share)))
+        spikes = np.flatnonzero((counts == top) & (share >= POINT_MASS_SHARE)
+                                & (top >= 5 * second))
+        if len(counts) >= SPREAD_VALUES and not len(spikes):
+            spikes = np.flatnonzero(share >= 2 * POINT_MASS_SHARE)
+        if len(spikes):
+            order = spikes[np.argsort(-counts[spikes])]
+            found.append((j, [(float(values[i]), float(share[i])) for i in order]))
     return found
 
 
@@ -271,12 +284,14 @@ def value_notes(rows: np.ndarray, integers: Sequence[int], names: list[str] | No
     names the way to dequantize) and point masses (:func:`point_mass_columns`)."""
     levels = few_valued_columns(rows, integers)
     notes = [few_values_note(levels, names, fix)] if levels else []
-    for j, value, share in point_mass_columns(rows, [*integers, *levels]):
+    for j, masses in point_mass_columns(rows, [*integers, *levels]):
+        held = " and ".join(f"{value!r} in {share:.0%}" for value, share in masses[:3])
         notes.append(
-            f"column {column_list([j], names)} holds the value {value:g} in {share:.0%} of "
-            "its rows and spreads its other values: a continuous density piles its mass "
-            "onto that value, and rows there score far above any real density; model those "
-            "rows apart (a flag column, say) or leave the column out")
+            f"column {column_list([j], names)} holds the value{'s' if len(masses) > 1 else ''}"
+            f" {held} of its rows, other values besides: a continuous density piles its "
+            "mass onto such a value, and rows there score far above any real density; model "
+            "those rows apart (a flag column, say), spread them by the resolution they were "
+            "recorded at, or leave the column out")
     return notes
 
 

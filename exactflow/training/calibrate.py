@@ -230,8 +230,9 @@ def warn_if_unstandardized(flow: Flow, rows: Rows, context: Rows | None = None) 
     elif outside > 0.1:  # (splines are the identity there: training moves nothing)
         what = (f"{outside:.0%} of the training values lie outside [-{bound:g}, {bound:g}], "
                 "where this flow's splines are the identity,")
-    elif 0 < spread.max() < 1e-3:
-        what = f"the training data spread by {spread.max():.3g} at most"
+    elif 0 < (narrow := spread[spread > 0]).size and narrow.min() < 1e-3:
+        what = (f"column {int(np.flatnonzero(spread == narrow.min())[0])} of the training "
+                f"data spreads by {narrow.min():.3g} (a standard deviation)")
     if what is not None:
         warn_user(
             f"{what} and this flow has no standardization layer: its layers work on "
