@@ -261,7 +261,8 @@ class Flow(Distribution):
         A conditional flow takes the contexts :meth:`sample` takes: one row per row of
         ``x``, one context for all rows (``(c,)`` or ``(1, c)``), or a batch ``(b, c)``
         with samples ``x`` of shape ``(n, b, features)`` (what ``sample(n, context)``
-        returns), scored as ``(n, b)``.
+        returns), scored as ``(n, b)``. An unconditional flow scores ``x`` of any leading
+        shape, ``(..., features)`` as ``(...)``.
 
         Never NaN for a row without NaN: every such row gets a log-density that is finite
         or ``-inf``. A row far enough out that the computation overflows the flow's dtype
@@ -276,9 +277,13 @@ class Flow(Distribution):
         if self.context_features and context is None:
             self._check_context(None, None)  # (before x's shape: the context is what lacks)
         lead = None
-        if self.context_features and getattr(x, "ndim", 2) > 2:
+        if getattr(x, "ndim", 2) > 2 and not (self.context_features and getattr(
+                x, "ndim", 2) != 3):  # (a conditional flow: samples (n, b, d) only)
             x = self._as_tensor(x, "x", exact=self._standardizes_first(self.transform))
-            lead = x.shape[:-1]  # samples (n, b, d) drawn for a context batch (b, c)
+            lead = x.shape[:-1]  # leading dims; (n, b, d) samples for a context batch (b, c)
+            if x.shape[-1] != self.features:
+                raise ValueError(f"x must have shape (..., {self.features}), got "
+                                 f"{tuple(x.shape)}")
             x = x.reshape(-1, x.shape[-1])
         x = self._check_x(x)
         if not self._checked_prepared and self.training and torch.is_grad_enabled() and (

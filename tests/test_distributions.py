@@ -214,9 +214,11 @@ def test_rsamples_are_differentiable_and_samples_carry_no_graph():
 
 def test_flow_rejects_wrong_shapes_and_types():
     flow = make_flow()
-    for bad in (torch.randn(4, 4), torch.randn(3), torch.randn(2, 4, 3), torch.randn(0)):
+    for bad in (torch.randn(4, 4), torch.randn(3), torch.randn(0)):
         with pytest.raises(ValueError, match=r"x must have shape \(batch, 3\)"):
             flow.log_prob(bad)
+    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 3\)"):
+        flow.log_prob(torch.randn(3, 2, 4))  # (leading dims are fine; the last is not)
     with pytest.raises(TypeError, match="numeric"):
         flow.log_prob(np.array([["a", "b", "c"]]))
     with pytest.raises(TypeError, match="Transform"):
@@ -566,3 +568,13 @@ def test_a_flow_on_the_meta_device_gives_shapes(name):
     flow = ef.models.build({"model": name, "features": 3, "standardize": True}).to("meta")
     assert flow.log_prob(torch.randn(4, 3, device="meta")).shape == (4,)
     assert flow.sample(2).shape == (2, 3)
+
+
+def test_an_unconditional_flow_scores_any_leading_shape():
+    # (5, 10, 3) was refused: "x must have shape (batch, 3)"
+    flow = perturb(ef.models.maf(3, layers=2, hidden=(8,)).double(), 0.3, seed=0)
+    x = torch.randn(5, 10, 3, dtype=torch.float64)
+    torch.testing.assert_close(flow.log_prob(x), flow.log_prob(x.reshape(50, 3)).reshape(5, 10))
+    assert flow.log_prob(torch.randn(2, 3, 4, 3, dtype=torch.float64)).shape == (2, 3, 4)
+    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 3\), got \(5, 10, 2\)"):
+        flow.log_prob(torch.randn(5, 10, 2, dtype=torch.float64))
