@@ -545,7 +545,7 @@ def test_copies_are_found_by_hash_and_confirmed_exactly(monkeypatch) -> None:
     assert inverse[0] == inverse[1] and len({*inverse[1:].tolist()}) == 3
     assert splits._copies([rng.normal(size=(500, 2))]) is None
     # two distinct rows whose hashes collide are not taken for copies (every hash 0 here)
-    monkeypatch.setattr(splits, "_row_hashes", lambda tables: np.zeros(len(tables[0]), "u8"))
+    monkeypatch.setattr(splits, "row_hashes", lambda tables: np.zeros(len(tables[0]), "u8"))
     inverse, found = splits._copies([x, ctx])
     assert _same_sets(inverse, truth.reshape(-1)) and sorted(found) == sorted(counts)
     assert splits._copies([np.arange(6.0)[:, None]]) is None

@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-__all__ = ["CHUNK_ROWS", "LazyTable", "Subset", "ArrayLike", "is_lazy", "as_numpy", "chunks"]
+__all__ = ["CHUNK_ROWS", "LazyTable", "Subset", "ArrayLike", "is_lazy", "as_numpy", "chunks",
+           "mix64", "row_hashes"]
 
 #: Rows per chunk when a function walks over (possibly memory-mapped) data.
 CHUNK_ROWS = 65536
@@ -151,3 +152,25 @@ def chunks(data: np.ndarray | LazyTable) -> Iterator[tuple[int, np.ndarray]]:
     n, rows = len(data), CHUNK_ROWS
     for start in range(0, n, rows):
         yield start, np.asarray(data[start : start + rows])
+
+
+def mix64(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's finalizer on uint64 (wrapping arithmetic): a bijection that scatters
+    nearby inputs over all 64 bits."""
+    with np.errstate(over="ignore"):
+        z = z + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def row_hashes(tables: list[np.ndarray], seed: int = 0) -> np.ndarray:
+    """A 64-bit hash of each row of the aligned 2-D ``tables``, a function of ``seed`` and
+    the row's values as float64 alone (``-0.0`` as ``0.0``): :func:`mix64` of the hash so
+    far and each column's bits in turn."""
+    h = mix64(np.full(len(tables[0]), seed & (2**64 - 1), dtype=np.uint64))
+    for table in tables:
+        for j in range(table.shape[1]):
+            h = mix64(h ^ (np.asarray(table[:, j], dtype=np.float64) + 0.0).view(np.uint64))
+    return h
+

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..validation import DataError
-from .arrays import ArrayLike, LazyTable, Subset, as_numpy, is_lazy
+from .arrays import ArrayLike, LazyTable, Subset, as_numpy, is_lazy, row_hashes
 from .checks import validate
 
 __all__ = ["split", "split_indices", "as_tensor", "shuffled_rows", "cut_between_copies"]
@@ -100,31 +100,13 @@ def shuffled_rows(*tables: ArrayLike | None, rng: np.random.Generator
     return rng.permutation(n), None
 
 
-_MIX = (np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB))
-
-
-def _row_hashes(tables: list[np.ndarray]) -> np.ndarray:
-    """A 64-bit hash of each row's values (as float64, ``-0.0`` as ``0.0``): the
-    ``splitmix64`` finalizer applied after each column is mixed in."""
-    h = np.full(len(tables[0]), 0x9E3779B97F4A7C15, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        for table in tables:
-            for j in range(table.shape[1]):
-                h ^= (np.asarray(table[:, j], dtype=np.float64) + 0.0).view(np.uint64)
-                for shift, mix in zip((30, 27), _MIX, strict=True):
-                    h ^= h >> np.uint64(shift)
-                    h *= mix
-                h ^= h >> np.uint64(31)
-    return h
-
-
 def _copies(tables: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray] | None:
     """The sets of equal rows of the aligned ``tables``: each row's set number and each
     set's size, or None when every row is distinct. Rows are ordered by hash; where two
     distinct rows share one (or the cells are not numbers) by the rows themselves."""
     n, exact = len(tables[0]), False
     if all(t.dtype.kind in "biuf" for t in tables):
-        order = np.argsort(hashes := _row_hashes(tables))
+        order = np.argsort(hashes := row_hashes(tables))
         same = hashes[order[1:]] == hashes[order[:-1]]
         if not same.any():
             return None

@@ -26,6 +26,7 @@ from ..datasets import (
     toy,
     validate,
 )
+from ..datasets.arrays import mix64, row_hashes
 from ..datasets.files import split_key
 from ..datasets.splits import split_indices
 from ..validation import DataError, column_list, warn_user
@@ -341,24 +342,12 @@ def dequantize_to_score(rows: np.ndarray, columns: Sequence[int], seed: int = 0,
     return dequantize(rows, cols, seed, keyed=True)
 
 
-def _mix(z: np.ndarray) -> np.ndarray:
-    """SplitMix64's finalizer on uint64 (wrapping arithmetic): a bijection that scatters
-    nearby inputs over all 64 bits."""
-    z = z + np.uint64(0x9E3779B97F4A7C15)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
 def _keyed_uniforms(rows: np.ndarray, k: int, seed: int) -> np.ndarray:
     """``(n, k)`` numbers in ``[0, 1)``, each row's a function of that row's values and
     ``seed`` alone."""
-    bits = np.ascontiguousarray(rows + 0.0, dtype=np.float64).view(np.uint64)  # -0.0 -> 0.0
+    h = row_hashes([rows], seed)
     with np.errstate(over="ignore"):
-        h = _mix(np.full(len(rows), seed & (2**64 - 1), dtype=np.uint64))
-        for j in range(bits.shape[1]):
-            h = _mix(h ^ bits[:, j])
-        draws = [_mix(h + np.uint64(j + 1)) >> np.uint64(11) for j in range(k)]
+        draws = [mix64(h + np.uint64(j + 1)) >> np.uint64(11) for j in range(k)]
     return np.stack(draws, axis=1).astype(np.float64) * 2.0**-53
 
 
