@@ -2,7 +2,7 @@
 
 ``python -m benchmarks.gmm_search`` draws tables of 100,000 training rows (and 10,000
 validation and test rows) from known Gaussian mixtures and runs the search of the auto
-ladder (``exactflow.training.mixtures._search_gmm``, sizes 1 to 20, full and diagonal
+ladder (``exactflow.training.mixtures.search_gmm``, sizes 1 to 20, full and diagonal
 covariances, on standardized columns) within its share of a budget (a quarter of
 ``--budget``, 45 s by default as in ``FlowDensity``) three ways: as it runs, each setting
 fitted on ``SEARCH_ROWS`` (20,000) of the training rows and the choice then on as many
@@ -96,7 +96,7 @@ def run(features: int, clusters: int, budget: float, search: str) -> dict[str, A
         saved = mixtures.SEARCH_ROWS
         mixtures.SEARCH_ROWS = len(train) if search == "every row" else saved
         try:
-            spec, _, fits, state, rows = mixtures._search_gmm(
+            spec, _, fits, state, rows = mixtures.search_gmm(
                 z_train, z_val, components=mixtures.GMM_COMPONENTS, seed=0,
                 deadline=clock + budget / 4, folds=1)
         finally:

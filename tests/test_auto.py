@@ -59,7 +59,7 @@ def test_a_large_training_set_is_searched_on_a_subset_and_the_choice_fitted_on_e
 
     monkeypatch.setattr(GaussianMixture, "fit_to", record)
     train, val = _clusters(600, 7), _clusters(200, 8)
-    spec, nll, fits, state, rows = mixtures._search_gmm(train, val, components=(1, 2, 3, 4, 5),
+    spec, nll, fits, state, rows = mixtures.search_gmm(train, val, components=(1, 2, 3, 4, 5),
                                                         seed=0, deadline=None, folds=1)
     # coarse sizes first, both covariance types each; then one fit to every row
     assert [t[:2] for t in tried[:6]] == [(1, "full"), (1, "diag"), (2, "full"),
@@ -78,7 +78,7 @@ def test_a_subset_search_out_of_time_keeps_its_subset_fit(monkeypatch):
 
     monkeypatch.setattr(mixtures, "SEARCH_ROWS", 150)
     train, val = _clusters(600, 12), _clusters(100, 13)
-    found = mixtures._search_gmm(train, val, components=(1, 2, 3), seed=0, deadline=0.0,
+    found = mixtures.search_gmm(train, val, components=(1, 2, 3), seed=0, deadline=0.0,
                                  folds=1)
     assert found.spec == {"components": 1, "covariance": "full"}
     assert found.fits == 1 and found.rows == 150
@@ -197,7 +197,7 @@ def test_too_few_validation_rows_fall_back_to_the_gaussian_if_no_mixture_fits(mo
     def no_mixture(*args, **kwargs):
         raise ValueError("no mixture today")
 
-    monkeypatch.setattr(auto, "_search_gmm", no_mixture)
+    monkeypatch.setattr(auto, "search_gmm", no_mixture)
     result = auto.fit_auto(_clusters(60, 4), budget=5, seed=0)
     assert result.flow.config["model"] == "gaussian"
     board = result.leaderboard
@@ -213,7 +213,7 @@ def test_a_ladder_where_nothing_fits_raises_a_training_error(monkeypatch):
     def broken(*args, **kwargs):
         raise ValueError("broken")
 
-    monkeypatch.setattr(auto, "_search_gmm", broken)
+    monkeypatch.setattr(auto, "search_gmm", broken)
     monkeypatch.setattr(auto, "build", broken)
     with pytest.raises(ef.TrainingError, match="no candidate of the ladder could be fitted"):
         auto.fit_auto(_clusters(200, 1), budget=2, seed=0)

@@ -75,7 +75,7 @@ from .history import History
 from .likelihood import fit
 from .loop import TrainingError, clone
 from .metrics import evaluate, warn_dominant_rows
-from .mixtures import GMM_COMPONENTS, SEARCH_ROWS, _search_gmm, select_gmm
+from .mixtures import GMM_COMPONENTS, SEARCH_ROWS, search_gmm, select_gmm
 
 __all__ = ["fit_auto", "ladder", "select_gmm", "Candidate", "Entry", "AutoResult",
            "MIN_VAL_ROWS"]
@@ -317,7 +317,7 @@ def fit_auto(
         clock = time.perf_counter()
         mean, std = _standardizer(rows.data, standardize)
         try:
-            gmm, _, fits, fitted, fitted_rows = _search_gmm(
+            gmm, _, fits, fitted, fitted_rows = search_gmm(
                 (_array(rows.data) - mean) / std, (_array(val_rows.data) - mean) / std,
                 components=GMM_COMPONENTS, seed=seed, deadline=clock + budget / 4,
                 folds=5 if few else 1)

@@ -44,10 +44,6 @@ MAX_FIT_ROWS = 200_000
 _CHUNK = 8192
 
 
-def _is_identity(layer: Standardize) -> bool:
-    return bool(torch.all(layer.mean == 0)) and bool(torch.all(layer.std == 1))
-
-
 def _sample_rows(rows: Rows, limit: int, seed: int) -> Tensor:
     n = len(rows)
     if n <= limit:
@@ -87,13 +83,13 @@ def prepare(flow: Flow, train: Any, context: Any = None, seed: int = 0) -> list[
     flow._checked_prepared = True  # (its training-mode calls need not ask for this)
     done = []
     layer = standardize_layer(flow)
-    if layer is not None and _is_identity(layer):
+    if layer is not None and layer.is_identity():
         mean, std = Standardize.statistics(train.data, name="training data",
                                            pooled=layer.pooled)
         layer.set_statistics(mean, std)
         done.append("standardization")
     scaler = flow.context_scaler
-    if isinstance(scaler, Standardize) and context is not None and _is_identity(scaler):
+    if isinstance(scaler, Standardize) and context is not None and scaler.is_identity():
         mean, std = Standardize.statistics(context.data, name="context", constant_ok=True)
         scaler.set_statistics(mean, std)
         done.append("context standardization")
@@ -154,10 +150,11 @@ def recalibrate_batch_norm(
     layers = _flat(flow.transform)
     if not any(isinstance(layer, BatchNorm) for layer in layers):
         return best
+    if score is None:
+        _set_batch_norm(flow, layers, train, context, seed, max_rows)
+        return best
     before = clone(flow.state_dict())
     _set_batch_norm(flow, layers, train, context, seed, max_rows)
-    if score is None:
-        return best
     now = score()
     if best is not None and not now <= best:  # (worse, or NaN)
         flow.load_state_dict(before)
@@ -211,8 +208,8 @@ def warn_if_unstandardized(flow: Flow, rows: Rows, context: Rows | None = None) 
             )
     if standardize_layer(flow) is not None:
         return
-    first = _flat(flow.transform)[0] if _flat(flow.transform) else None
-    if isinstance(first, (ActNorm, BatchNorm)) or not any(
+    layers = _flat(flow.transform)
+    if (layers and isinstance(layers[0], (ActNorm, BatchNorm))) or not any(
             p.requires_grad for p in flow.parameters()):  # (scaled from the data, or in
         return                                           # closed form: any scale does)
     sample = _first_rows(rows)

@@ -24,7 +24,7 @@ from ..gaussians import GaussianMixture
 from ..validation import positive_int
 from .loop import clone
 
-__all__ = ["GMM_COMPONENTS", "SEARCH_ROWS", "select_gmm"]
+__all__ = ["GMM_COMPONENTS", "SEARCH_ROWS", "select_gmm", "search_gmm"]
 
 #: The mixture sizes tried on validation.
 GMM_COMPONENTS = tuple(range(1, 21))
@@ -36,7 +36,7 @@ SEARCH_ROWS = 20_000
 
 
 class Search(NamedTuple):
-    """What :func:`_search_gmm` found: the setting, its validation NLL, the number of EM
+    """What :func:`search_gmm` found: the setting, its validation NLL, the number of EM
     fits, the chosen mixture's state and the number of training rows it was fitted on."""
 
     spec: dict[str, Any]
@@ -63,12 +63,12 @@ def select_gmm(
     holds only a few dozen rows. Sizes are tried coarse first (1, 2, 4, 8, ..., then those
     between), each with both covariance types, so a search cut short spans the range.
     """
-    found = _search_gmm(train, val, components=components, seed=seed, deadline=deadline,
+    found = search_gmm(train, val, components=components, seed=seed, deadline=deadline,
                         folds=folds)
     return found.spec, found.nll, found.fits
 
 
-def _search_gmm(
+def search_gmm(
     train: Any, val: Any, *, components: tuple[int, ...], seed: int, deadline: float | None,
     folds: int,
 ) -> Search:

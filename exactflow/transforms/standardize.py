@@ -229,6 +229,10 @@ class Standardize(Transform):
         """The identity (mean 0, std 1), to be filled by :meth:`set_statistics` later."""
         return cls(np.zeros(features), np.ones(features), dtype=dtype, pooled=pooled)
 
+    def is_identity(self) -> bool:
+        """Whether the layer is still at mean 0 and scale 1 (not filled from data yet)."""
+        return bool(torch.all(self.mean == 0)) and bool(torch.all(self.std == 1))
+
     @staticmethod
     def statistics(
         data: Any, name: str = "data", pooled: bool = False, constant_ok: bool = False
