@@ -56,6 +56,46 @@ def test_overwrite_leaves_nothing_of_the_run_it_replaces(table, tmp_path):
     assert json.loads((out / "run.json").read_text())["model"]["model"] == "gaussian"
 
 
+@pytest.mark.parametrize("stop", ["diverged", "interrupted"])
+def test_an_overwrite_that_fails_leaves_the_finished_run_scoring(table, tmp_path, monkeypatch,
+                                                                 stop):
+    # (the old run's files were removed when the new run started: a failed or interrupted
+    # nightly retrain left nothing to score with)
+    import exactflow.runs.pipeline as pipeline
+    from exactflow.runs import REPLACING_DIR, load_run
+    from exactflow.training import TrainingError
+
+    out = tmp_path / "r"
+    assert run_cli(["train", table, *GAUSSIAN, "--out", out])[0] == 0
+    before = load_run(out).score(np.zeros((2, 3)))
+    seen = {}
+
+    def failing(*args, **kwargs):
+        run = load_run(out)  # (while the new run trains, the old one is there and scores)
+        seen["model"], seen["scores"] = run.info["model"]["model"], run.score(np.zeros((2, 3)))
+        if stop == "interrupted":
+            raise KeyboardInterrupt
+        raise TrainingError("the loss stayed non-finite")
+
+    monkeypatch.setattr(pipeline, "fit", failing)
+    code, _, err = run_cli(["train", table, "--model", "maf", "--steps", "5", "--no-report",
+                            "--out", out, "--overwrite"])
+    assert seen["model"] == "gaussian" and np.array_equal(seen["scores"], before)
+    assert code == (130 if stop == "interrupted" else 1)
+    assert f"run in {str(out)!r} is left as it was: the new run did not replace it" in err
+    run = load_run(out)
+    assert run.info["model"]["model"] == "gaussian" and np.array_equal(
+        run.score(np.zeros((2, 3))), before)
+    assert (out / REPLACING_DIR).exists() == (stop == "interrupted")
+    monkeypatch.undo()
+    code, _, err = run_cli(["train", table, "--model", "maf", "--layers", "1", "--hidden",
+                            "8", "--steps", "5", "--no-report", "--out", out, "--overwrite"])
+    assert code == 0, err
+    assert load_run(out).info["model"]["model"] == "maf"
+    assert sorted(p.name for p in out.iterdir() if p.name != ".exactflow.lock") == [
+        "data.npz", "history.json", "model.safetensors", "run.json"]
+
+
 def test_values_beyond_1e150_are_refused_before_the_run_folder_is_made(tmp_path):
     # (the squares overflowed: numpy warnings, a dequantize note for continuous data and
     # "Standardize needs finite std > 0", with a half-made folder left "training")

@@ -234,9 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from RUN_DIR/checkpoint.pt")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace a finished run in RUN_DIR (its model is removed when the new "
-                        "run starts: to keep scoring with it meanwhile, train into another "
-                        "folder and switch to that one when it is done)")
+                   help="replace the run in RUN_DIR; a finished run stays in place (and "
+                        "scores) until the new one is done, and stays if it fails or is "
+                        "interrupted")
     p.add_argument("--no-report", dest="report", action="store_false",
                    help="skip the HTML report (build it later with `exactflow report`)")
 

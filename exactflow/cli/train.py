@@ -13,7 +13,7 @@ import numpy as np
 from .. import distributed, models
 from ..datasets import TOYS, DataError, read_header
 from ..report import build_report
-from ..runs import BUILTIN, RunError, train_run
+from ..runs import BUILTIN, REPLACING_DIR, RunError, train_run
 from .common import CommandError, UsageError, fmt, say, with_key
 from .parser import DEMO_DATASETS
 
@@ -42,6 +42,9 @@ def _train(args: argparse.Namespace, **kwargs: Any) -> dict[str, Any]:
             status = json.loads((out / "run.json").read_text(encoding="utf-8"))["status"]
         except (OSError, ValueError, KeyError, TypeError):
             status = None
+        if writer and status == "done" and (out / REPLACING_DIR).is_dir():
+            raise type(stop)(f"the run in {str(out)!r} is left as it was: the new run did "
+                             "not replace it (train it again with --overwrite)") from None
         if not writer or status != "training":
             raise
         cure = ("train it again with the same command and --overwrite (a model chosen by "

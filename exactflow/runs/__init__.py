@@ -11,6 +11,8 @@
       history.json    the training curves
       checkpoint.pt   while training (for resume=True); removed when the run finishes
       report/         index.html, PNG figures, metrics.json (exactflow.report.build_report)
+      .exactflow-replacing/  while a run replaces a finished one (overwrite=True): the new
+                      run, moved into place once it is done (the old one scores until then)
 
 Every file is written atomically (:mod:`exactflow.io`), so a crash never leaves a half-written
 one; ``run.json`` says ``"status": "done"`` only once everything else is in place.
@@ -32,6 +34,7 @@ from .folder import (
     HISTORY_FILE,
     LEGACY_MODEL_FILE,
     MODEL_FILE,
+    REPLACING_DIR,
     REPORT_DIR,
     RUN_FORMAT,
     RUN_JSON,
@@ -61,5 +64,6 @@ __all__ = [
     "HISTORY_FILE",
     "CHECKPOINT_FILE",
     "REPORT_DIR",
+    "REPLACING_DIR",
     "RUN_FORMAT",
 ]

@@ -278,6 +278,23 @@ def point_mass_columns(rows: np.ndarray, skip: Sequence[int] = ()
     return found
 
 
+def row_number_columns(rows: np.ndarray, integers: Sequence[int]) -> list[int]:
+    """The columns of ``integers`` whose values name the rows, as row numbers or IDs do:
+    they rise (or fall) from row to row, or (50 rows and more) no two rows share one and
+    they fill most of their range, as IDs given in turn and shuffled do (incomes, prices
+    and counts spread far wider than one value per row)."""
+    found = []
+    n = len(rows)
+    for j in integers if n > 2 else ():
+        column = rows[:, j]
+        steps = np.diff(column)
+        span = float(column.max() - column.min()) + 1
+        if (bool(np.all(steps > 0)) or bool(np.all(steps < 0))
+                or (n >= 50 and span <= 1.5 * n and len(np.unique(column)) == n)):
+            found.append(j)
+    return found
+
+
 def value_notes(rows: np.ndarray, integers: Sequence[int], names: list[str] | None,
                 fix: str) -> list[str]:
     """What to say about columns whose values a continuous density piles its mass onto,

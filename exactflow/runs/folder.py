@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,7 +23,8 @@ from .data import dequantize_to_score
 
 __all__ = ["Run", "RunError", "load_run", "locked", "lock_holder", "RUN_FILES", "LOCK_FILE",
            "RUN_JSON", "MODEL_FILE", "LEGACY_MODEL_FILE", "DATA_FILE", "HISTORY_FILE",
-           "CHECKPOINT_FILE", "REPORT_DIR", "RUN_FORMAT"]
+           "CHECKPOINT_FILE", "REPORT_DIR", "RUN_FORMAT", "REPLACING_DIR", "replacing",
+           "replace_run"]
 
 #: The files of a run folder.
 RUN_JSON = "run.json"
@@ -43,6 +45,39 @@ class RunError(Exception):
 #: The files a run writes in its folder (anything else there is left alone).
 RUN_FILES = (RUN_JSON, MODEL_FILE, DATA_FILE, HISTORY_FILE, CHECKPOINT_FILE, REPORT_DIR)
 LOCK_FILE = ".exactflow.lock"
+#: Where a run that replaces a finished run is written until it is done (in its folder).
+REPLACING_DIR = ".exactflow-replacing"
+
+
+def replacing(out: Path) -> Path | None:
+    """Where to write a run that replaces the run in ``out``: :data:`REPLACING_DIR`, emptied
+    of a replacement that stopped before, while ``out`` holds a finished run (which keeps
+    scoring until the new one is done); None when it holds none (nothing to keep)."""
+    stage = out / REPLACING_DIR
+    shutil.rmtree(stage, ignore_errors=True)
+    try:
+        status = json.loads((out / RUN_JSON).read_text(encoding="utf-8")).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return stage if status == "done" else None
+
+
+def replace_run(stage: Path, out: Path) -> None:
+    """Move the finished run in ``stage`` into ``out`` in place of the run there. The old
+    run.json goes first and the new one comes last, so that a reader in between finds no
+    run rather than one run's description beside another's model."""
+    (out / RUN_JSON).unlink(missing_ok=True)
+    for name in (MODEL_FILE, LEGACY_MODEL_FILE, DATA_FILE, HISTORY_FILE, CHECKPOINT_FILE,
+                 REPORT_DIR):
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)
+        if (stage / name).exists():
+            os.replace(stage / name, target)
+    os.replace(stage / RUN_JSON, out / RUN_JSON)
+    shutil.rmtree(stage, ignore_errors=True)
 
 
 def lock_holder(folder: Path) -> str | None:

@@ -38,6 +38,7 @@ from .data import (
     _now,
     integer_columns,
     read_data,
+    row_number_columns,
     split_changed,
     split_rows,
     value_notes,
@@ -57,6 +58,8 @@ from .folder import (
     Run,
     RunError,
     locked,
+    replace_run,
+    replacing,
 )
 
 __all__ = ["train_run"]
@@ -116,21 +119,6 @@ def _prepare_out(out: Path, *, resume: bool, overwrite: bool) -> dict[str, Any] 
             "or choose another folder"
         )
     return None
-
-
-def _numbers_rows(column: np.ndarray) -> bool:
-    """Whether the integers of ``column`` name the rows, as row numbers or IDs do: they
-    rise (or fall) from row to row, or (50 rows and more) no two rows share one and they
-    fill most of their range, as IDs given in turn and shuffled do (incomes, prices and
-    counts spread far wider than one value per row)."""
-    n = len(column)
-    if n <= 2:
-        return False
-    steps = np.diff(column)
-    if bool(np.all(steps > 0)) or bool(np.all(steps < 0)):
-        return True
-    span = float(column.max() - column.min()) + 1
-    return n >= 50 and span <= 1.5 * n and len(np.unique(column)) == n
 
 
 def _silent(text: str) -> None:
@@ -262,7 +250,7 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
     discrete = integer_columns(rows)
     notes: list[str] = []  # (said once every check has passed)
     names = data_info.get("column_names")
-    counters = [j for j in discrete if _numbers_rows(rows[:, j])]
+    counters = row_number_columns(rows, discrete)
     if counters:
         notes.append(
             f"note: column {column_list(counters, names or None)} holds a different whole "
@@ -367,13 +355,19 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
     with locked(out) if writer else contextlib.nullcontext():
         if writer:  # again, under the lock: another run may have started meanwhile
             _prepare_out(out, resume=resume, overwrite=overwrite)
-        return _write_run(
-            out, writer, flow, train, val, test, data_info, options, previous, model=model,
-            val_origin=parts[1],
+        # A finished run being replaced keeps its files (and scores) until the new one is.
+        stage = replacing(out) if writer and not resume else None
+        run = _write_run(
+            stage or out, writer, flow, train, val, test, data_info, options, previous,
+            model=model, val_origin=parts[1], replaces=out if stage else None,
             budget=budget, steps=steps, epochs=epochs, patience=patience,
             batch_size=batch_size, lr=lr, standardize=standardize, device=device, seed=seed,
             resume=resume, progress=progress, log=log,
         )
+        if stage is not None:
+            replace_run(stage, out)
+            run.path = out
+        return run
 
 
 def _dominant_test_rows(flow: Flow, test: np.ndarray) -> dict[str, Any] | None:
@@ -397,7 +391,7 @@ def _write_run(out: Path, writer: bool, flow: Flow | None, train: Any, val: Any,
                steps: int | None, epochs: int | None, patience: int | None,
                batch_size: int | None, lr: float, standardize: bool | str, device: str, seed: int,
                resume: bool, progress: bool, log: Callable[[str], None],
-               val_origin: np.ndarray) -> Run:
+               val_origin: np.ndarray, replaces: Path | None) -> Run:
     checkpoint = out / CHECKPOINT_FILE
     if writer:
         out.mkdir(parents=True, exist_ok=True)
@@ -447,6 +441,10 @@ def _write_run(out: Path, writer: bool, flow: Flow | None, train: Any, val: Any,
         # data or settings training refused: mark it failed, drop its checkpoint, say how
         # to train again.
         checkpoint.unlink(missing_ok=True)
+        if replaces is not None:  # (the finished run it was to replace stays)
+            shutil.rmtree(out, ignore_errors=True)
+            raise type(err)(f"{str(err).rstrip('.')}. The run in {str(replaces)!r} is left "
+                            "as it was: the new run did not replace it.") from err
         info.update(status="failed", finished=_now(), error=str(err))
         atomic_write_json(out / RUN_JSON, info)
         raise type(err)(
