@@ -1071,3 +1071,23 @@ def test_a_context_given_as_val_and_a_data_loader_are_named():
     with pytest.raises(DataError, match="DataLoader is not rows: give the rows themselves"):
         fit(ef.models.maf(2, layers=1), loader, steps=2, **CPU)
 
+
+@pytest.mark.parametrize("wrap, message", [
+    (lambda t: torch.utils.data.TensorDataset(t), r"a TensorDataset is not rows: give its "
+                                                  r"tensor .*\(dataset.tensors\[0\]\)"),
+    (lambda t: (t,), "a tuple of tables is not rows: give one table"),
+    (lambda t: [t[:100], t[100:]], r"a list of tables is not rows: .*\(torch.cat"),
+    (lambda t: torch.utils.data.DataLoader(t, batch_size=10), "a DataLoader is not rows"),
+    (lambda t: {"c": t}, "a dict is not rows"),
+])
+def test_containers_of_tables_are_named_as_data_and_as_context(wrap, message):
+    # (a TensorDataset or a tuple was "must be 2-D (rows, features), got shape (200, 1, 1)",
+    # a DataLoader or a dict as context "must be numeric, got an array of dtype object")
+    x, c = torch.randn(200, 2), torch.randn(200, 1)
+    with pytest.raises(DataError, match="training data: " + message):
+        fit(ef.models.maf(2, layers=1), wrap(x), steps=2, **CPU)
+    with pytest.raises(DataError, match="context: " + message):
+        fit(ef.models.maf(2, layers=1, context=1), x, context=wrap(c), steps=2, **CPU)
+    rows = [x[i] for i in range(200)]  # (a list of rows is rows)
+    assert fit(ef.models.maf(2, layers=1), rows, steps=2, **CPU).total_steps == 2
+

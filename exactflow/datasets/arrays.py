@@ -14,6 +14,7 @@ import numpy as np
 from torch import Tensor
 
 __all__ = ["CHUNK_ROWS", "LazyTable", "Subset", "ArrayLike", "is_lazy", "as_numpy", "chunks",
+           "not_rows",
            "mix64", "row_hashes"]
 
 #: Rows per chunk when a function walks over (possibly memory-mapped) data.
@@ -137,6 +138,28 @@ def as_numpy(data: Any) -> np.ndarray | LazyTable:
     if isinstance(data, Tensor):
         return data.detach().cpu().numpy()
     return np.asarray(data)
+
+
+def not_rows(data: Any) -> str | None:
+    """What to tell a user who gave a container of tables where rows belong (a DataLoader,
+    a Dataset, a tuple of tensors, a dict, a generator); None for rows themselves (arrays,
+    tensors, tables, lists of rows)."""
+    if isinstance(data, (np.ndarray, Tensor, LazyTable)) or hasattr(data, "__array__"):
+        return None
+    kind = type(data).__name__
+    if isinstance(data, (tuple, list)):
+        if not any(getattr(item, "ndim", 0) >= 2 for item in data):
+            return None  # (rows: lists or 1-D tensors)
+        return (f"a {kind} of tables is not rows: give one "
+                "table of shape (rows, features), or join them first (torch.cat, "
+                "np.concatenate)")
+    if isinstance(getattr(data, "tensors", None), tuple):  # (a TensorDataset)
+        return (f"a {kind} is not rows: give its tensor of shape (rows, features) "
+                "(dataset.tensors[0])")
+    if hasattr(data, "__iter__") or hasattr(data, "__getitem__"):
+        return (f"a {kind} is not rows: give the rows themselves (a tensor, an array, a "
+                "memory-mapped file), which are batched here")
+    return None
 
 
 def column_names(table: Any) -> list[str] | None:

@@ -8,10 +8,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from torch import Tensor
 
 from ..validation import DataError, column_list, counted, nonfinite_rows_error
-from .arrays import ArrayLike, as_numpy, chunks
+from .arrays import ArrayLike, as_numpy, chunks, not_rows
 from .shards import open_table
 
 __all__ = ["validate", "check_full_rank"]
@@ -132,13 +131,12 @@ def validate(
     """
     if isinstance(data, (str, os.PathLike)):
         data = open_table(data)
+    problem = not_rows(data)
+    if problem is not None:
+        raise DataError(f"{name}: {problem}")
     arr = as_numpy(data)
     if arr.ndim != 2:
         hint = "; for one feature use data.reshape(-1, 1)" if arr.ndim == 1 else ""
-        if arr.ndim == 0 and not isinstance(data, (np.ndarray, Tensor)) and hasattr(
-                data, "__iter__"):  # (a DataLoader, a generator)
-            hint = (f"; {type(data).__name__} is not rows: give the rows themselves (a "
-                    "tensor, an array, a memory-mapped file), which are batched here")
         raise DataError(
             f"{name}: expected a 2-D array (rows, features), got shape {tuple(arr.shape)}{hint}"
         )

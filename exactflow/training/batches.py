@@ -22,6 +22,7 @@ from ..datasets import (
     shuffled_rows,
     validate,
 )
+from ..datasets.arrays import not_rows
 from ..distributions import tensor_of
 from ..validation import (
     DataError,
@@ -64,6 +65,9 @@ class Rows:
     ) -> None:
         if isinstance(data, (str, os.PathLike)):
             data = open_table(data)
+        problem = not_rows(data)
+        if problem is not None:
+            raise DataError(f"{name}: {problem}")
         if strict:  # (a DataFrame's columns are named in messages)
             validate(data, features=features, batch_size=batch_size, name=name,
                      columns=column_names(data))
