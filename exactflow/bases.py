@@ -20,9 +20,10 @@ _LOG_2PI = math.log(2 * math.pi)
 def tensor_of(values: Any, dtype: torch.dtype | None = None) -> Tensor:
     """``torch.as_tensor`` of an array (its memory shared where the dtype allows), with a
     read-only array (a pandas column, a memmap opened for reading) copied first: torch
-    cannot promise not to write to memory it shares, and warns about it."""
+    cannot promise not to write to memory it shares, and warns about it; a view with a
+    negative stride (``x[::-1]``, ``np.flip``), which torch cannot share, is copied too."""
     arr = np.asarray(values)
-    if not arr.flags.writeable:
+    if not arr.flags.writeable or any(step < 0 for step in arr.strides):
         arr = np.array(arr)
     return torch.as_tensor(arr, dtype=dtype)
 

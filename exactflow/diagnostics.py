@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .bases import tensor_of
 from .core import Compose, Transform
 from .distributions import Flow
 from .groundtruth import check_transform
@@ -107,10 +108,10 @@ def check_layers(
         One :class:`LayerCheck` per layer, in data -> latent order, numbered from 1.
     """
     model = copy.deepcopy(flow).double().eval()
-    x = torch.as_tensor(np.asarray(x, dtype=np.float64)[:max_points])
+    x = tensor_of(np.asarray(x, dtype=np.float64)[:max_points])
     ctx = None
     if context is not None:
-        ctx = torch.as_tensor(np.asarray(context, dtype=np.float64)[:max_points])
+        ctx = tensor_of(np.asarray(context, dtype=np.float64)[:max_points])
         if model.embedding is not None:
             with torch.no_grad():
                 ctx = model.embedding(ctx)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .bases import tensor_of
 from .diagnostics import flatten_layers, layer_name
 from .distributions import Flow
 from .io import atomic_write_bytes
@@ -66,7 +67,7 @@ def _as_array(x: Any) -> np.ndarray:
 
 
 def _model_tensor(flow: Flow, x: np.ndarray) -> Tensor:
-    return torch.as_tensor(x, dtype=module_dtype(flow), device=module_device(flow))
+    return tensor_of(x, module_dtype(flow)).to(module_device(flow))
 
 
 def _sample(flow: Flow, n: int, seed: int) -> np.ndarray:

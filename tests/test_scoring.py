@@ -135,3 +135,21 @@ def test_read_only_arrays_score_without_a_warning(dtype):
         assert ef.evaluate(flow, frozen)["nll"] == ef.evaluate(flow, rows)["nll"]
     assert torch.equal(got[0], flow.log_prob(rows))
     assert np.array_equal(got[1], log_prob(flow, rows))
+
+
+def test_reversed_and_flipped_views_score_as_their_copies():
+    # (x[::-1] and np.flip(x, 1) have negative strides, which torch.as_tensor refuses: a
+    # ValueError from deep inside, in FlowDensity.score_samples too)
+    from exactflow.diagnostics import check_layers
+    from exactflow.sklearn import FlowDensity
+
+    flow = ef.models.maf(3, layers=1, hidden=(8,)).double()
+    perturb(flow)
+    rows = np.random.default_rng(0).normal(size=(20, 3))
+    for view in (rows[::-1], rows[:, ::-1], np.flip(rows)):
+        copy = view.copy()
+        assert torch.equal(flow.log_prob(view), flow.log_prob(copy))
+        assert np.array_equal(log_prob(flow, view), log_prob(flow, copy))
+        assert all(check.ok for check in check_layers(flow, view))
+    est = FlowDensity(model="gaussian").fit(rows)
+    assert np.array_equal(est.score_samples(rows[::-1]), est.score_samples(rows[::-1].copy()))
