@@ -95,7 +95,10 @@ class FlowDensity(DensityMixin, BaseEstimator):
         budget: seconds the ``auto`` ladder may take (default 45; only with ``auto``). A
             budget is wall-clock time: where it cuts a candidate short, the step it stops
             at (and so the model) depends on the machine's speed and load, and
-            ``random_state`` alone does not repeat the fit.
+            ``random_state`` alone does not repeat the fit (a named ``model`` does). The
+            one-time imports of a process (scikit-learn's EM, torch's optimizers) come
+            before the clock. In cross-validation and grid searches every fit takes the
+            whole budget: pass a smaller one there, or a named ``model``.
         standardize: put a fixed standardization layer first, filled from the training
             rows: ``"auto"`` (default) one mean and scale for all columns where they lie on
             one range and some nearly constant column would otherwise be scaled far out

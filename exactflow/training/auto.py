@@ -73,7 +73,7 @@ from ..validation import (
 from .batches import hold_out, wrap
 from .history import History
 from .likelihood import fit
-from .loop import TrainingError, clone
+from .loop import TrainingError, adam, clone
 from .metrics import evaluate, warn_dominant_rows
 from .mixtures import GMM_COMPONENTS, SEARCH_ROWS, search_gmm, select_gmm
 
@@ -200,7 +200,8 @@ def fit_auto(
             mixture search stops early if it would eat the budget); the first two flows
             share what is left, the others run on what they leave. A flow stopped by its
             share keeps its best weights; candidates that no longer fit are listed as
-            skipped.
+            skipped. The one-time imports of a process (scikit-learn's EM, torch's
+            optimizers: a few seconds) come before the clock.
         val_fraction: the share held out when ``val`` is not given.
         standardize: give every model a standardization layer filled from the training rows:
             ``"auto"`` one mean and scale for all columns where they lie on one range and
@@ -234,6 +235,8 @@ def fit_auto(
     say = log or (lambda text: None)
     if context is None:  # (the mixtures' EM, imported here, not on the budget: 1-4 s)
         em_class()
+    adam([torch.zeros(1, requires_grad=True)], 1e-3)  # (torch's first optimizer imports its
+    # compiler, 2-3 s: here, not on the budget, which a first fit in a process would lose)
     start = time.perf_counter()
     rows = wrap(train, "training data", _width_of(train), strict=True)
     check_full_rank(rows.data, "training data", column_names(train))
