@@ -202,19 +202,25 @@ def _with_gradient(log_p: Tensor, x: Tensor) -> Tensor:
     return log_p
 
 
-def _target_fault(flow: Flow, fn: Callable[[Tensor], Tensor], n: int) -> ValueError | None:
+def _target_fault(flow: Flow, fn: Callable[[Tensor], Tensor], n: int, in_training: int,
+                  drawn: int) -> ValueError | None:
     """After training failed: the error naming a target that is ``-inf`` or NaN where the
-    flow samples (the loss is then infinite at every step, which reads as a divergence), or
-    None when the target is finite there."""
+    flow samples (the loss is then infinite at each step that meets such a sample, which
+    reads as a divergence), or None when the target was finite at the ``drawn`` samples of
+    training (``in_training`` were not) and at ``n`` fresh ones."""
     with torch.no_grad():
         x = flow.sample(n)
         bad = ~torch.isfinite(fn(x))
-    if not bool(bad.any()):
+    if not bool(bad.any()) and not in_training:
         return None
-    at = x[bad.nonzero()[0, 0]].tolist()
+    if bool(bad.any()):
+        at = x[bad.nonzero()[0, 0]].tolist()
+        where = (f"{int(bad.sum())} of {n} samples of the flow (one at x = "
+                 f"{[round(v, 4) for v in at]})")
+    else:  # (a region the flow visits rarely: a few samples of training met it)
+        where = f"{in_training} of the {drawn} samples drawn in training"
     return ValueError(
-        f"log_prob_target returned -inf or NaN for {int(bad.sum())} of {n} samples of the "
-        f"flow (one at x = {[round(v, 4) for v in at]}): reverse KL needs a finite "
+        f"log_prob_target returned -inf or NaN for {where}: reverse KL needs a finite "
         "log-density wherever the flow may put mass; give the target a finite value there "
         "(a steep wall instead of -inf), or keep the flow's samples inside the support (for "
         "(0, 1)^d, a Logit layer first: ef.Flow(ef.Compose(ef.transforms.Logit(), "
@@ -375,6 +381,8 @@ def fit_reverse_kl(
         "checkpoint_every": checkpoint_every, "final_samples": final_samples,
     }, ddp=ddp, batch_norm=False)
     sampler = _Sampler(flow)
+    # The target's -inf and NaN values met in training, of how many (for a diagnosis).
+    faults, drawn = torch.zeros((), dtype=torch.long, device=dev), [0]
 
     def step(i: int) -> tuple[Tensor, Tensor]:
         if replicas.active:  # each rank its own stream, the same on a resume
@@ -384,6 +392,8 @@ def fit_reverse_kl(
         def compute(lo: int, hi: int) -> tuple[Tensor, Tensor]:
             x, log_q = replicas.model(hi - lo)
             log_p = _with_gradient(fn(x), x)
+            faults.add_((~torch.isfinite(log_p.detach())).sum())  # (no device sync)
+            drawn[0] += hi - lo
             return (log_q - beta * log_p).mean(), (log_q - log_p).detach().mean()
 
         return replicas.backward(compute, replicas.share_rows())
@@ -420,7 +430,7 @@ def fit_reverse_kl(
                     callback=callback,
                 )
             except TrainingError as err:  # (the diagnosis costs nothing on the way)
-                fault = _target_fault(flow, fn, batch_size)
+                fault = _target_fault(flow, fn, batch_size, int(faults), drawn[0])
                 if fault is not None:
                     raise fault from err
                 raise
