@@ -38,7 +38,14 @@ __all__ = [
     "degree_steps",
     "autoregress_inplace",
     "autoregress_graph",
+    "ELEMENTWISE",
 ]
+
+#: Activations that act on each number alone (a network of them maps rows one by one).
+ELEMENTWISE = (
+    nn.ReLU, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh,
+    nn.Sigmoid, nn.Softplus, nn.Identity,
+)
 
 #: ``solve(k, theta) -> u_k``: the value of the ``k``-th feature in the order from its
 #: parameters ``theta`` of shape ``(batch, outputs)``.

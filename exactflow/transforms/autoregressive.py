@@ -33,11 +33,19 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from .. import core
 from ..core import Transform, check_features
 from ..nn import MADE, Activation, resolve_order
-from ..nn.passes import has_hooks
+from ..nn.passes import ELEMENTWISE, has_hooks
 from .fused_affine import _FusedAffine, chain
-from .monotonic import AffineMap, MonotonicMap, SplineMap, apply_map, monotonic_map
+from .monotonic import (
+    AdditiveMap,
+    AffineMap,
+    MonotonicMap,
+    SplineMap,
+    apply_map,
+    monotonic_map,
+)
 
 __all__ = [
     "MaskedAutoregressive",
@@ -254,6 +262,25 @@ class MaskedAutoregressive(Transform):
             and not has_hooks(self)
         )
         return direction if fused else None
+
+    @property
+    def _row_width(self) -> int | None:
+        # exactflow's MADE with an elementwise activation, a map of exactflow's, and this
+        # class's passes in both directions: each row's output is that row's alone.
+        made, cls, base = self.made, type(self), MaskedAutoregressive
+        if not (
+            type(made) is MADE
+            and type(made.activation) in ELEMENTWISE
+            and type(self.monotonic) in (AdditiveMap, AffineMap, SplineMap)
+            and all(getattr(cls, name) is getattr(base, name) for name in (
+                "forward", "inverse", "_one_pass", "_solve", "_solve_by_passes"))
+        ):
+            return None
+        return max((*made.hidden, made.features * made.outputs))
+
+    def _block_bytes(self, inverse: bool) -> int:
+        sequential = inverse == (self.fast == "density")
+        return core.SEQUENTIAL_BLOCK_BYTES if sequential else core.SCORING_BLOCK_BYTES
 
     def _chain(
         self, layers: Sequence[Transform], start: int, x: Tensor, context: Tensor | None

@@ -26,7 +26,13 @@ from torch import Tensor, nn
 from ..core import Transform
 from ..nn import MLP, Activation
 from ..nn.mlp import relu_backward, relu_pass
-from ..nn.passes import has_hooks, is_plain, needs_recompute, recomputed_grads
+from ..nn.passes import (
+    ELEMENTWISE,
+    has_hooks,
+    is_plain,
+    needs_recompute,
+    recomputed_grads,
+)
 from .monotonic import AdditiveMap, AffineMap, MonotonicMap, SplineMap, apply_map, monotonic_map
 
 __all__ = ["Coupling", "AdditiveCoupling", "AffineCoupling", "SplineCoupling", "coupling_mask"]
@@ -92,13 +98,6 @@ def coupling_mask(features: int, mask: str | Sequence[bool] | Tensor) -> Tensor:
 
 
 _tanh_backward = torch.ops.aten.tanh_backward.grad_input
-
-#: Activations that act on each number alone (a network of them maps rows one by one).
-_ELEMENTWISE = (
-    nn.ReLU, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh,
-    nn.Sigmoid, nn.Softplus, nn.Identity,
-)
-
 
 class _FusedAffineCoupling(torch.autograd.Function):
     """The density direction of an affine coupling with a ReLU :class:`MLP`, fused.
@@ -299,7 +298,7 @@ class Coupling(Transform):
         if not (
             type(net) is MLP
             and type(self.monotonic) in (AffineMap, AdditiveMap, SplineMap)
-            and all(type(m) in _ELEMENTWISE for m in net.activations())
+            and all(type(m) in ELEMENTWISE for m in net.activations())
             and cls.forward is Coupling.forward
             and cls.inverse is Coupling.inverse
             and cls._couple is Coupling._couple
