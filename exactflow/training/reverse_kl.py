@@ -26,7 +26,7 @@ from ..scoring import eval_mode
 from ..validation import not_a_flow, positive_int, warn_user
 from .checkpoints import Checkpoint
 from .history import History
-from .importance import summarize, warn_if_unreliable
+from .importance import summarize, warn_if_bounded, warn_if_unreliable
 from .loop import (
     Guard,
     LoopSettings,
@@ -435,6 +435,8 @@ def fit_reverse_kl(
                     raise fault from err
                 raise
         flow.eval()
+        if replicas.rank == 0:
+            warn_if_bounded(flow)
         if final_samples:
             if replicas.active:
                 torch.manual_seed(_stream_seed(int(seed), replicas.rank, -1))
