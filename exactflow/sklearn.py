@@ -208,20 +208,22 @@ class FlowDensity(DensityMixin, BaseEstimator):
         seed = int(rng.randint(np.iinfo(np.int32).max))
         discrete = integer_columns(X)
         self.dequantized_columns_ = discrete if self.dequantize else []
+        notes = []  # (said once the data pass the checks: not beside an error)
         if self.dequantize:  # first: a column of 0s and 1s may look constant, not after
             X = dequantize(X, discrete, seed)
         elif discrete:
             which = "column {} holds" if len(discrete) == 1 else "columns {} hold"
-            warn_user(
+            notes.append(
                 f"{which.format(column_list(discrete, names))} integers only: a continuous "
                 "density can pile its mass onto the integers, and rows on them then score "
                 "far above any real density; FlowDensity(dequantize=True) adds uniform "
                 "noise in [0, 1) to them, for a log-density that means something"
             )
-        for note in value_notes(X, discrete, names, "FlowDensity(dequantize=True)"):
-            warn_user(note)
+        notes += value_notes(X, discrete, names, "FlowDensity(dequantize=True)")
         validate(X, name="X", columns=names)  # constant columns first, as the CLI checks
         check_full_rank(X, "X", names)
+        for note in notes:
+            warn_user(note)
         n, d = X.shape
         auto = self.model == "auto"
         if not auto and self.model not in models.available():

@@ -352,3 +352,8 @@ def test_an_argument_a_builder_does_not_take_is_named_with_the_builder():
         ef.models.planar(2, hidden=(8,))
     with pytest.raises(ValueError, match=r"base must be .* got 'uniform'"):
         ef.models.maf(2, base="uniform")
+    # Through a config (FlowDensity's model_kwargs, a model file) too, with the near names.
+    with pytest.raises(ValueError, match=r"'gmm' builder: got an unexpected keyword argument "
+                                         r"'n_components' \('n_components': 'components'\?\); "
+                                         r"it takes features, components, covariance"):
+        ef.models.build({"model": "gmm", "features": 2, "n_components": 3})

@@ -7,6 +7,7 @@ how :func:`exactflow.load` reads a model file without running code from it.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import inspect
 from collections.abc import Callable
@@ -267,10 +268,18 @@ def build(config: dict[str, Any]) -> Flow:
             "your own must be registered with exactflow.models.register before loading)"
         )
     kwargs = {k: v for k, v in config.items() if k != "model"}
+    signature = inspect.signature(_BUILDERS[name])
     try:
-        inspect.signature(_BUILDERS[name]).bind(**kwargs)
+        signature.bind(**kwargs)
     except TypeError as err:
-        raise ValueError(f"config does not fit the {name!r} builder: {err}") from None
+        takes = [p.name for p in signature.parameters.values()
+                 if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        unknown = [k for k in kwargs if k not in takes]
+        near = [f"{k!r}: {', '.join(map(repr, close))}?" for k in unknown
+                if (close := difflib.get_close_matches(k, takes, n=2, cutoff=0.6))]
+        hint = (f" ({'; '.join(near)})" if near else "") + (
+            f"; it takes {', '.join(takes)}" if unknown else "")
+        raise ValueError(f"config does not fit the {name!r} builder: {err}{hint}") from None
     return _BUILDERS[name](**kwargs)
 
 
