@@ -13,7 +13,7 @@ import contextlib
 from collections.abc import Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = ["jacobian", "log_abs_det_jacobian"]
 
@@ -46,7 +46,10 @@ def jacobian(
     functions that vmap cannot trace (``.item()``, data-dependent Python branches, in-place
     updates of buffers) fall back to a loop of ``torch.autograd.functional.jacobian``, which
     gives the same numbers, more slowly. Cost: one batched reverse pass per output
-    coordinate, O(d_out) passes in all, vectorized.
+    coordinate, O(d_out) passes in all, vectorized. A module (or a module's method, such as
+    a layer's ``inverse``) runs in eval mode, as :func:`~exactflow.check_transform` runs
+    it: in training mode batch normalization would couple the rows (and update its running
+    statistics).
 
     Args:
         fn: the map; called as ``fn(x)`` or, with a context, ``fn(x, context)``.
@@ -91,7 +94,10 @@ def jacobian(
         args = (x, context)
     if not create_graph:
         args = tuple(a.detach() for a in args)
-
+    owner = fn if isinstance(fn, nn.Module) else getattr(fn, "__self__", None)
+    modes = [(m, m.training) for m in owner.modules()] if isinstance(owner, nn.Module) else []
+    for module, _ in modes:  # (rows one by one: batch statistics would couple them)
+        module.training = False
     try:
         # Outside no_grad, the result would also carry a graph back to every parameter of
         # fn; jacrev differentiates with respect to x either way.
@@ -99,6 +105,9 @@ def jacobian(
             return torch.func.vmap(torch.func.jacrev(row, argnums=0))(*args)
     except Exception:  # noqa: BLE001 - any tracing failure falls back to the exact loop
         return _jacobian_loop(row, args, create_graph)
+    finally:
+        for module, mode in modes:
+            module.training = mode
 
 
 def _jacobian_loop(

@@ -114,6 +114,22 @@ def test_fallback_for_item_matches_vectorized():
     torch.testing.assert_close(ef.jacobian(with_item, x), ef.jacobian(smooth_map, x))
 
 
+def test_a_module_in_training_mode_is_differentiated_in_eval_mode_and_left_as_it_was():
+    # (a RealNVP's transform in training mode: "BatchNorm in training mode needs at least
+    # 2 rows ... got a batch of 1" for 6 rows, where check_transform passed)
+    torch.manual_seed(0)
+    flow = perturb(ef.models.realnvp(4, layers=2, hidden=(8,)).double())
+    x = torch.randn(6, 4, dtype=torch.float64)
+    state = {k: v.clone() for k, v in flow.state_dict().items()}
+    for fn in (flow.transform, flow.transform.inverse):
+        got = ef.jacobian(fn, x)
+        assert flow.transform.training and all(m.training for m in flow.transform.modules())
+        flow.eval()
+        torch.testing.assert_close(got, ef.jacobian(lambda v, fn=fn: fn(v)[0], x))
+        flow.train()
+    assert all(torch.equal(state[k], v) for k, v in flow.state_dict().items())
+
+
 def test_unbatched_and_non_square():
     def f(x: Tensor) -> Tensor:  # R^3 -> R^2
         return torch.stack([x[..., 0] * x[..., 1], torch.sin(x[..., 2]) + x[..., 0]], -1)
