@@ -51,7 +51,7 @@ _COUPLING_MODELS = ("realnvp", "nice", "nsf")
 
 
 def _say(text: str) -> None:
-    """``verbose``: a line per ladder candidate, on stderr."""
+    """``verbose``: a line per ladder candidate (or for the named model), on stderr."""
     print(text, file=sys.stderr, flush=True)
 
 
@@ -317,6 +317,14 @@ class FlowDensity(DensityMixin, BaseEstimator):
             seed=seed,
             progress=bool(self.verbose),
         )
+        if self.verbose:  # (a progress line comes every 30 s only, off a terminal)
+            h = self.history_
+            kept = ("" if h.best_val is None else
+                    f", kept step {h.best_step:,} (validation NLL {h.best_val:.4f})")
+            spent = f" in {h.time[-1]:.1f} s" if h.time else ""
+            _say(f"FlowDensity: {self.model} fitted in closed form" if self.model in
+                 models.CLOSED_FORM else
+                 f"FlowDensity: {self.model} trained {h.total_steps:,} steps{spent}{kept}")
         # Score in float64 on the CPU: exact to float64 rounding, batch-independent.
         self.flow_ = flow.cpu().double().eval()
         return self

@@ -275,6 +275,19 @@ def test_verbose_auto_says_what_the_ladder_does(capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_verbose_named_model_says_what_it_trained_and_kept(capsys):
+    # (off a terminal progress comes every 30 s: a short fit said nothing at all)
+    X = np.random.default_rng(4).normal(size=(200, 2))
+    est = FlowDensity(model="maf", layers=1, hidden=8, steps=20, random_state=0,
+                      verbose=True).fit(X)
+    h = est.history_
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"FlowDensity: maf trained 20 steps in {h.time[-1]:.1f} s, kept step {h.best_step} "
+        f"(validation NLL {h.best_val:.4f})")
+    FlowDensity(model="gaussian", verbose=True).fit(X)
+    assert capsys.readouterr().err.strip() == "FlowDensity: gaussian fitted in closed form"
+
+
 def test_data_errors_name_a_data_frames_columns():
     pd = pytest.importorskip("pandas")
     X = np.random.default_rng(2).normal(size=(50, 2))
