@@ -266,8 +266,9 @@ class Flow(Distribution):
         A conditional flow takes the contexts :meth:`sample` takes: one row per row of
         ``x``, one context for all rows (``(c,)`` or ``(1, c)``), or a batch ``(b, c)``
         with samples ``x`` of shape ``(n, b, features)`` (what ``sample(n, context)``
-        returns), scored as ``(n, b)``. An unconditional flow scores ``x`` of any leading
-        shape, ``(..., features)`` as ``(...)``.
+        returns), scored as ``(n, b)``; one row ``(features,)`` with its context ``(c,)``
+        scores as ``()``. An unconditional flow scores ``x`` of any leading shape,
+        ``(..., features)`` as ``(...)`` (one row ``(features,)`` as ``()``).
 
         Never NaN for a row without NaN: every such row gets a log-density that is finite
         or ``-inf``. A row far enough out that the computation overflows the flow's dtype
@@ -282,8 +283,9 @@ class Flow(Distribution):
         if self.context_features and context is None:
             self._check_context(None, None)  # (before x's shape: the context is what lacks)
         lead = None
-        if getattr(x, "ndim", 2) > 2 and not (self.context_features and getattr(
-                x, "ndim", 2) != 3):  # (a conditional flow: samples (n, b, d) only)
+        nd = x.ndim if hasattr(x, "ndim") else np.ndim(x)
+        if nd == 1 or (nd > 2 and not (self.context_features and nd != 3)):  # (a conditional
+            # flow: one row (d,), or samples (n, b, d) for a batch of contexts (b, c))
             x = self._as_tensor(x, "x", exact=self._standardizes_first(self.transform))
             lead = x.shape[:-1]  # leading dims; (n, b, d) samples for a context batch (b, c)
             if x.shape[-1] != self.features:

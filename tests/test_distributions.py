@@ -214,11 +214,11 @@ def test_rsamples_are_differentiable_and_samples_carry_no_graph():
 
 def test_flow_rejects_wrong_shapes_and_types():
     flow = make_flow()
-    for bad in (torch.randn(4, 4), torch.randn(3), torch.randn(0)):
-        with pytest.raises(ValueError, match=r"x must have shape \(batch, 3\)"):
-            flow.log_prob(bad)
-    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 3\)"):
-        flow.log_prob(torch.randn(3, 2, 4))  # (leading dims are fine; the last is not)
+    with pytest.raises(ValueError, match=r"x must have shape \(batch, 3\)"):
+        flow.log_prob(torch.randn(4, 4))
+    for bad in (torch.randn(3, 2, 4), torch.randn(4), torch.randn(0)):
+        with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 3\)"):
+            flow.log_prob(bad)  # (leading dims are fine; the last is not)
     with pytest.raises(TypeError, match="numeric"):
         flow.log_prob(np.array([["a", "b", "c"]]))
     with pytest.raises(TypeError, match="Transform"):
@@ -578,3 +578,13 @@ def test_an_unconditional_flow_scores_any_leading_shape():
     assert flow.log_prob(torch.randn(2, 3, 4, 3, dtype=torch.float64)).shape == (2, 3, 4)
     with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 3\), got \(5, 10, 2\)"):
         flow.log_prob(torch.randn(5, 10, 2, dtype=torch.float64))
+    # One row (3,) scores as () (it was refused), as a one-row batch does; a conditional
+    # flow's one row with its context (c,) too.
+    row = x[0, 0]
+    assert flow.log_prob(row).shape == () and flow.log_prob(row.tolist()).shape == ()
+    torch.testing.assert_close(flow.log_prob(row), flow.log_prob(row[None])[0])
+    conditional = perturb(ef.models.maf(3, layers=2, hidden=(8,), context=2).double(), 0.3,
+                          seed=1)
+    c = torch.randn(2, dtype=torch.float64)
+    torch.testing.assert_close(conditional.log_prob(row, c),
+                               conditional.log_prob(row[None], c[None])[0])
