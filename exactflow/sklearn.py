@@ -69,7 +69,11 @@ class FlowDensity(DensityMixin, BaseEstimator):
     ``standardize``), and the model is kept in float64 for scoring, so ``score_samples``
     is exact to float64 rounding and independent of how rows are batched.
 
-    ``log p(x)`` is in the units of ``X``. Scoring runs the model's data -> latent
+    ``log p(x)`` is in the units of ``X``: behind a ``StandardScaler`` in a ``Pipeline``
+    it is a density of the scaled rows, higher by ``sum(log(scaler.scale_))`` than one of
+    the raw rows (no scaler is needed in front: the model standardizes exactly, in
+    float64). ``score`` is the total log-likelihood of the rows, as ``KernelDensity``'s
+    (``GaussianMixture.score`` is the mean). Scoring runs the model's data -> latent
     direction; sampling runs latent -> data. The density is unconditional: ``y`` is
     ignored, as in ``KernelDensity``; for ``p(x | context)`` train a builder's flow with
     ``ef.fit(flow, x, context=...)``.
