@@ -88,12 +88,67 @@ def test_an_overwrite_that_fails_leaves_the_finished_run_scoring(table, tmp_path
         run.score(np.zeros((2, 3))), before)
     assert (out / REPLACING_DIR).exists() == (stop == "interrupted")
     monkeypatch.undo()
-    code, _, err = run_cli(["train", table, "--model", "maf", "--layers", "1", "--hidden",
-                            "8", "--steps", "5", "--no-report", "--out", out, "--overwrite"])
+    # An interrupted replacement continues with --resume (where it was), a failed one is
+    # trained again with --overwrite; either way the new run replaces the old when done.
+    again = "--resume" if stop == "interrupted" else "--overwrite"
+    code, _, err = run_cli(["train", table, "--model", "maf", "--steps", "5", "--no-report",
+                            "--out", out, again])
     assert code == 0, err
+    assert (stop == "interrupted") == ("left no checkpoint" in err)
     assert load_run(out).info["model"]["model"] == "maf"
     assert sorted(p.name for p in out.iterdir() if p.name != ".exactflow.lock") == [
         "data.npz", "history.json", "model.safetensors", "run.json"]
+
+
+def test_a_replacement_cut_short_while_moved_in_is_completed_by_the_next_reader(
+        table, tmp_path, monkeypatch):
+    # (the process killed between two of the moves: no run.json, a mix of both runs' files,
+    # and the next --overwrite deleted the finished new run)
+    import os
+
+    import exactflow.runs.folder as folder
+    import exactflow.runs.pipeline as pipeline
+    from exactflow.runs import REPLACING_DIR, load_run
+
+    out = tmp_path / "r"
+    assert run_cli(["train", table, *GAUSSIAN, "--out", out])[0] == 0
+    (out / "notes.txt").write_text("the user's own")
+    real, moves = os.replace, []
+
+    def killed(src, dst):
+        moves.append(dst)
+        if len(moves) == 2:
+            raise SystemExit("killed")  # (what a SIGKILL leaves: the moves stop here)
+        real(src, dst)
+
+    def cut_short(stage, target):
+        monkeypatch.setattr(os, "replace", killed)
+        folder.replace_run(stage, target)
+
+    monkeypatch.setattr(pipeline, "replace_run", cut_short)
+    with pytest.raises(SystemExit):
+        run_cli(["train", table, "--model", "maf", "--layers", "1", "--hidden", "8",
+                 "--steps", "5", "--no-report", "--out", out, "--overwrite"])
+    monkeypatch.undo()
+    assert not (out / "run.json").exists() and (out / REPLACING_DIR / "run.json").exists()
+    run = load_run(out)  # (completes the move)
+    assert run.info["model"]["model"] == "maf" and not (out / REPLACING_DIR).exists()
+    assert run.score(np.zeros((1, 3))).shape == (1,) and (out / "notes.txt").exists()
+
+
+def test_signals_deferred_holds_ctrl_c_to_the_end_of_the_block():
+    import os
+    import signal
+
+    from exactflow.io import signals_deferred
+
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with signals_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("the rest of the block")
+    assert done == ["the rest of the block"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_values_beyond_1e150_are_refused_before_the_run_folder_is_made(tmp_path):

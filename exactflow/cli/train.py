@@ -43,8 +43,11 @@ def _train(args: argparse.Namespace, **kwargs: Any) -> dict[str, Any]:
         except (OSError, ValueError, KeyError, TypeError):
             status = None
         if writer and status == "done" and (out / REPLACING_DIR).is_dir():
+            cure = ("train it again with --overwrite" if kwargs["model"] == "auto" else
+                    "continue it with the same command and --resume, or train it again "
+                    "with --overwrite")
             raise type(stop)(f"the run in {str(out)!r} is left as it was: the new run did "
-                             "not replace it (train it again with --overwrite)") from None
+                             f"not replace it ({cure})") from None
         if not writer or status != "training":
             raise
         cure = ("train it again with the same command and --overwrite (a model chosen by "

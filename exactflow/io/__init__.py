@@ -11,6 +11,7 @@ from .files import (
     atomic_write_text,
     json_safe,
     safe_torch_load,
+    signals_deferred,
 )
 from .modelfile import FORMAT_VERSION, load, save, state_digest
 from .tables import csv_rows, write_table
@@ -29,5 +30,6 @@ __all__ = [
     "csv_rows",
     "json_safe",
     "safe_torch_load",
+    "signals_deferred",
     "state_digest",
 ]

@@ -14,9 +14,12 @@ import json
 import math
 import os
 import pickle
+import signal
 import tempfile
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -32,8 +35,37 @@ __all__ = [
     "atomic_write_json",
     "json_safe",
     "safe_torch_load",
+    "signals_deferred",
     "CheckpointError",
 ]
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Ctrl-C and SIGTERM held until the block ends (where Python handlers take them, on
+    the main thread), for a few steps that must all happen or none: their handlers run
+    after it, as if the signal came then. Blocking the signal in the main thread would not
+    do: the C handler sets its flag from whichever thread the signal reaches."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[tuple[int, Any]] = []
+    saved: dict[int, Any] = {}
+
+    def hold(signum: int, frame: Any) -> None:
+        held.append((signum, frame))
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if callable(handler := signal.getsignal(sig)):
+            saved[sig] = handler
+            signal.signal(sig, hold)
+    try:
+        yield
+    finally:
+        for number, handler in saved.items():
+            signal.signal(number, handler)
+        for signum, frame in held[:1]:  # (raises where the handler does)
+            saved[signum](signum, frame)
 
 
 class CheckpointError(Exception):

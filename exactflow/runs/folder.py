@@ -15,7 +15,7 @@ import numpy as np
 
 from ..datasets import column_names
 from ..distributions import Flow
-from ..io import CheckpointError
+from ..io import CheckpointError, signals_deferred
 from ..io import load as load_model_file
 from ..scoring import log_prob
 from ..validation import DataError
@@ -24,7 +24,7 @@ from .data import dequantize_to_score
 __all__ = ["Run", "RunError", "load_run", "locked", "lock_holder", "RUN_FILES", "LOCK_FILE",
            "RUN_JSON", "MODEL_FILE", "LEGACY_MODEL_FILE", "DATA_FILE", "HISTORY_FILE",
            "CHECKPOINT_FILE", "REPORT_DIR", "RUN_FORMAT", "REPLACING_DIR", "replacing",
-           "replace_run"]
+           "replace_run", "finish_replacement"]
 
 #: The files of a run folder.
 RUN_JSON = "run.json"
@@ -49,35 +49,61 @@ LOCK_FILE = ".exactflow.lock"
 REPLACING_DIR = ".exactflow-replacing"
 
 
-def replacing(out: Path) -> Path | None:
-    """Where to write a run that replaces the run in ``out``: :data:`REPLACING_DIR`, emptied
-    of a replacement that stopped before, while ``out`` holds a finished run (which keeps
-    scoring until the new one is done); None when it holds none (nothing to keep)."""
-    stage = out / REPLACING_DIR
-    shutil.rmtree(stage, ignore_errors=True)
+def _status(folder: Path) -> str | None:
+    """The status in ``folder``'s run.json, or None (no run.json, or not readable)."""
     try:
-        status = json.loads((out / RUN_JSON).read_text(encoding="utf-8")).get("status")
+        status = json.loads((folder / RUN_JSON).read_text(encoding="utf-8")).get("status")
     except (OSError, ValueError, AttributeError):
         return None
-    return stage if status == "done" else None
+    return status if isinstance(status, str) else None
+
+
+def replacing(out: Path, *, resume: bool = False) -> Path | None:
+    """Where to write a run that replaces the finished run in ``out`` (which keeps scoring
+    until the new one is done): :data:`REPLACING_DIR`, emptied of a replacement that
+    stopped before; None when ``out`` holds no finished run (nothing to keep). With
+    ``resume``: that folder where it holds a replacement that stopped while training (to
+    continue there), else None."""
+    stage = out / REPLACING_DIR
+    if resume:
+        return stage if _status(out) == "done" and _status(stage) == "training" else None
+    shutil.rmtree(stage, ignore_errors=True)
+    return stage if _status(out) == "done" else None
 
 
 def replace_run(stage: Path, out: Path) -> None:
-    """Move the finished run in ``stage`` into ``out`` in place of the run there. The old
-    run.json goes first and the new one comes last, so that a reader in between finds no
-    run rather than one run's description beside another's model."""
-    (out / RUN_JSON).unlink(missing_ok=True)
-    for name in (MODEL_FILE, LEGACY_MODEL_FILE, DATA_FILE, HISTORY_FILE, CHECKPOINT_FILE,
-                 REPORT_DIR):
-        target = out / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        else:
-            target.unlink(missing_ok=True)
-        if (stage / name).exists():
-            os.replace(stage / name, target)
-    os.replace(stage / RUN_JSON, out / RUN_JSON)
-    shutil.rmtree(stage, ignore_errors=True)
+    """Move the finished run in ``stage`` into ``out`` in place of the run there, with
+    Ctrl-C and SIGTERM held until it is done. The old run.json goes first and the new one
+    comes last, so that a reader in between finds no run rather than one run's description
+    beside another's model; a move cut short (the process killed) is completed by the
+    next reader or writer of the folder (:func:`finish_replacement`)."""
+    names = (MODEL_FILE, LEGACY_MODEL_FILE, DATA_FILE, HISTORY_FILE, CHECKPOINT_FILE,
+             REPORT_DIR)
+    with signals_deferred():
+        (out / RUN_JSON).unlink(missing_ok=True)
+        if (stage / MODEL_FILE).exists():  # (none moved yet: the old run's files go first;
+            for name in names:            # the model moves first, so this holds once only)
+                target = out / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                else:
+                    target.unlink(missing_ok=True)
+        for name in names:
+            if (stage / name).exists():
+                os.replace(stage / name, out / name)
+        os.replace(stage / RUN_JSON, out / RUN_JSON)
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def finish_replacement(out: Path) -> None:
+    """Complete the move of a finished replacement into ``out`` that was cut short (``out``
+    without a run.json, the replacement's saying done), unless a run writes ``out`` now."""
+    stage = out / REPLACING_DIR
+    if (out / RUN_JSON).exists() or _status(stage) != "done" or lock_holder(out):
+        return
+    with locked(out):
+        if not (out / RUN_JSON).exists() and _status(stage) == "done":
+            replace_run(stage, out)
 
 
 def lock_holder(folder: Path) -> str | None:
@@ -260,6 +286,7 @@ def load_run(run_dir: str | os.PathLike[str], *, model: bool = True) -> Run:
         raise RunError(f"no such run folder: {str(path)!r}")
     if not path.is_dir():
         raise RunError(f"{str(path)!r} is not a run folder (it is a file)")
+    finish_replacement(path)
     info_file = path / RUN_JSON
     if not info_file.is_file():
         raise RunError(

@@ -57,6 +57,7 @@ from .folder import (
     RUN_JSON,
     Run,
     RunError,
+    finish_replacement,
     locked,
     replace_run,
     replacing,
@@ -241,7 +242,12 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
     if writer and (out / LOCK_FILE).exists():
         with locked(out):  # a run writing the folder now is named as such, not "interrupted"
             pass
-    previous = _prepare_out(out, resume=resume, overwrite=overwrite) if writer else None
+    if writer and out.is_dir():
+        finish_replacement(out)
+    # A replacement of a finished run that stopped while training resumes where it is (every
+    # rank looks: the checkpoint's path must agree).
+    stage = replacing(out, resume=True) if resume else None
+    previous = _prepare_out(stage or out, resume=resume, overwrite=overwrite) if writer else None
 
     # Everything that can fail on bad data fails here, before anything is written.
     rows, data_info = read_data(data, columns, samples=samples, seed=seed, finite=True)
@@ -354,9 +360,9 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
         log(describe_standardize(standardize))
     with locked(out) if writer else contextlib.nullcontext():
         if writer:  # again, under the lock: another run may have started meanwhile
-            _prepare_out(out, resume=resume, overwrite=overwrite)
-        # A finished run being replaced keeps its files (and scores) until the new one is.
-        stage = replacing(out) if writer and not resume else None
+            _prepare_out(stage or out, resume=resume, overwrite=overwrite)
+        if writer and not resume:  # (a finished run keeps scoring until the new one is done)
+            stage = replacing(out)
         run = _write_run(
             stage or out, writer, flow, train, val, test, data_info, options, previous,
             model=model, val_origin=parts[1], replaces=out if stage else None,
