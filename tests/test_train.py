@@ -1088,6 +1088,8 @@ def test_containers_of_tables_are_named_as_data_and_as_context(wrap, message):
         fit(ef.models.maf(2, layers=1), wrap(x), steps=2, **CPU)
     with pytest.raises(DataError, match="context: " + message):
         fit(ef.models.maf(2, layers=1, context=1), x, context=wrap(c), steps=2, **CPU)
-    rows = [x[i] for i in range(200)]  # (a list of rows is rows)
-    assert fit(ef.models.maf(2, layers=1), rows, steps=2, **CPU).total_steps == 2
+    # Rows in other containers are rows: a list of rows, a torch Subset, a memoryview.
+    for rows in ([x[i] for i in range(200)], torch.utils.data.Subset(x, range(200)),
+                 memoryview(x.numpy())):
+        assert fit(ef.models.maf(2, layers=1), rows, steps=2, **CPU).total_steps == 2
 

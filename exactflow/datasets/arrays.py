@@ -7,7 +7,7 @@ copied whole.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -142,21 +142,22 @@ def as_numpy(data: Any) -> np.ndarray | LazyTable:
 
 def not_rows(data: Any) -> str | None:
     """What to tell a user who gave a container of tables where rows belong (a DataLoader,
-    a Dataset, a tuple of tensors, a dict, a generator); None for rows themselves (arrays,
-    tensors, tables, lists of rows)."""
+    a TensorDataset, a tuple of tensors, a dict, a generator); None for anything else,
+    which ``np.asarray`` then reads as rows (arrays, tensors, tables, lists of rows, other
+    sequences of rows)."""
     if isinstance(data, (np.ndarray, Tensor, LazyTable)) or hasattr(data, "__array__"):
         return None
     kind = type(data).__name__
     if isinstance(data, (tuple, list)):
         if not any(getattr(item, "ndim", 0) >= 2 for item in data):
             return None  # (rows: lists or 1-D tensors)
-        return (f"a {kind} of tables is not rows: give one "
-                "table of shape (rows, features), or join them first (torch.cat, "
-                "np.concatenate)")
+        return (f"a {kind} of tables is not rows: give one table of shape (rows, "
+                "features), or join them first (torch.cat, np.concatenate)")
     if isinstance(getattr(data, "tensors", None), tuple):  # (a TensorDataset)
         return (f"a {kind} is not rows: give its tensor of shape (rows, features) "
                 "(dataset.tensors[0])")
-    if hasattr(data, "__iter__") or hasattr(data, "__getitem__"):
+    if (isinstance(data, (Mapping, Iterator))
+            or (hasattr(data, "dataset") and hasattr(data, "batch_size"))):  # (a DataLoader)
         return (f"a {kind} is not rows: give the rows themselves (a tensor, an array, a "
                 "memory-mapped file), which are batched here")
     return None
