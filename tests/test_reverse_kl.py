@@ -172,6 +172,17 @@ def test_a_spline_flow_whose_samples_crowd_its_range_warns(scale, bound, warns):
         assert f"[-{bound:g}, {bound:g}]" in edge[0] and "bound=" in edge[0]
 
 
+def test_the_edge_check_does_not_grow_with_the_dimension():
+    # (any of d coordinates at the edge: an untrained nsf(300), exactly N(0, I), warned)
+    import warnings
+
+    from exactflow.training.importance import warn_if_bounded
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_bounded(ef.models.nsf(300, layers=1, hidden=(8,)))
+
+
 def test_a_target_without_a_gradient_warns_at_the_users_line():
     with pytest.warns(UserWarning, match="without a gradient with respect to x") as caught:
         fit_reverse_kl(affine_flow(), lambda x: gaussian_target(x).detach(), steps=2,
