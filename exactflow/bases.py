@@ -21,8 +21,11 @@ def tensor_of(values: Any, dtype: torch.dtype | None = None) -> Tensor:
     """``torch.as_tensor`` of an array (its memory shared where the dtype allows), with a
     read-only array (a pandas column, a memmap opened for reading) copied first: torch
     cannot promise not to write to memory it shares, and warns about it; a view with a
-    negative stride (``x[::-1]``, ``np.flip``), which torch cannot share, is copied too."""
+    negative stride (``x[::-1]``, ``np.flip``), which torch cannot share, is copied too, and
+    one in the other byte order (FITS files are big-endian) into the machine's."""
     arr = np.asarray(values)
+    if not arr.dtype.isnative:
+        arr = arr.astype(arr.dtype.newbyteorder("="))
     if not arr.flags.writeable or any(step < 0 for step in arr.strides):
         arr = np.array(arr)
     return torch.as_tensor(arr, dtype=dtype)

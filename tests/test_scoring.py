@@ -139,14 +139,15 @@ def test_read_only_arrays_score_without_a_warning(dtype):
 
 def test_reversed_and_flipped_views_score_as_their_copies():
     # (x[::-1] and np.flip(x, 1) have negative strides, which torch.as_tensor refuses: a
-    # ValueError from deep inside, in FlowDensity.score_samples too)
+    # ValueError from deep inside, in FlowDensity.score_samples too; big-endian arrays, as
+    # FITS files give, the same)
     from exactflow.diagnostics import check_layers
     from exactflow.sklearn import FlowDensity
 
     flow = ef.models.maf(3, layers=1, hidden=(8,)).double()
     perturb(flow)
     rows = np.random.default_rng(0).normal(size=(20, 3))
-    for view in (rows[::-1], rows[:, ::-1], np.flip(rows)):
+    for view in (rows[::-1], rows[:, ::-1], np.flip(rows), rows.astype(">f8")):
         copy = view.copy()
         assert torch.equal(flow.log_prob(view), flow.log_prob(copy))
         assert np.array_equal(log_prob(flow, view), log_prob(flow, copy))
