@@ -268,12 +268,14 @@ class MaskedAutoregressive(Transform):
         # exactflow's MADE with an elementwise activation, a map of exactflow's, and this
         # class's passes in both directions: each row's output is that row's alone.
         made, cls, base = self.made, type(self), MaskedAutoregressive
+        own = ("forward", "inverse", "_one_pass", "_solve", "_solve_by_passes", "_context")
         if not (
             type(made) is MADE
             and type(made.activation) in ELEMENTWISE
             and type(self.monotonic) in (AdditiveMap, AffineMap, SplineMap)
-            and all(getattr(cls, name) is getattr(base, name) for name in (
-                "forward", "inverse", "_one_pass", "_solve", "_solve_by_passes"))
+            and all(getattr(cls, name) is getattr(base, name) for name in own)
+            and not any(name in self.__dict__ for name in own)  # (the instance's own)
+            and "forward" not in made.__dict__
         ):
             return None
         return max((*made.hidden, made.features * made.outputs))
