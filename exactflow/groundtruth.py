@@ -22,6 +22,7 @@ from torch import Tensor
 
 from .core import Transform
 from .jacobians import _slogabsdet, jacobian, log_abs_det_jacobian
+from .nn.passes import in_eval_mode
 
 __all__ = ["jacobian", "log_abs_det_jacobian", "check_transform", "CheckError", "CheckReport"]
 
@@ -480,14 +481,11 @@ def _explain(jac: Tensor, bad: Tensor, x: Tensor | None, z: Tensor | None, toler
 def _unchanged(transform: Transform) -> Iterator[None]:
     """``transform`` in eval mode inside the block; its modes, parameters and buffers as
     they were after it (a layer of the user's may change its state in a call)."""
-    modes = [(m, m.training) for m in transform.modules()]
     saved = {k: v.detach().clone() for k, v in transform.state_dict().items()}
-    transform.eval()
     try:
-        yield
+        with in_eval_mode(transform):
+            yield
     finally:
-        for module, mode in modes:
-            module.training = mode
         with torch.no_grad():
             for key, value in transform.state_dict().items():
                 if key in saved:

@@ -15,6 +15,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from .nn.passes import in_eval_mode
+
 __all__ = ["jacobian", "log_abs_det_jacobian"]
 
 # Batched LU/slogdet on the CPU has been seen to return wrong log-determinants for
@@ -47,9 +49,10 @@ def jacobian(
     updates of buffers) fall back to a loop of ``torch.autograd.functional.jacobian``, which
     gives the same numbers, more slowly. Cost: one batched reverse pass per output
     coordinate, O(d_out) passes in all, vectorized. A module (or a module's method, such as
-    a layer's ``inverse``) runs in eval mode, as :func:`~exactflow.check_transform` runs
-    it: in training mode batch normalization would couple the rows (and update its running
-    statistics).
+    a layer's ``inverse``; not a lambda or a ``functools.partial``) runs in eval mode, as
+    :func:`~exactflow.check_transform` runs it: in training mode batch normalization would
+    couple the rows (and update its running statistics); dropout is off then, with
+    ``create_graph`` too.
 
     Args:
         fn: the map; called as ``fn(x)`` or, with a context, ``fn(x, context)``.
@@ -95,19 +98,15 @@ def jacobian(
     if not create_graph:
         args = tuple(a.detach() for a in args)
     owner = fn if isinstance(fn, nn.Module) else getattr(fn, "__self__", None)
-    modes = [(m, m.training) for m in owner.modules()] if isinstance(owner, nn.Module) else []
-    for module, _ in modes:  # (rows one by one: batch statistics would couple them)
-        module.training = False
-    try:
-        # Outside no_grad, the result would also carry a graph back to every parameter of
-        # fn; jacrev differentiates with respect to x either way.
-        with contextlib.nullcontext() if create_graph else torch.no_grad():
-            return torch.func.vmap(torch.func.jacrev(row, argnums=0))(*args)
-    except Exception:  # noqa: BLE001 - any tracing failure falls back to the exact loop
-        return _jacobian_loop(row, args, create_graph)
-    finally:
-        for module, mode in modes:
-            module.training = mode
+    # (rows one by one: in training mode batch statistics would couple them)
+    with in_eval_mode(owner) if isinstance(owner, nn.Module) else contextlib.nullcontext():
+        try:
+            # Outside no_grad, the result would also carry a graph back to every parameter
+            # of fn; jacrev differentiates with respect to x either way.
+            with contextlib.nullcontext() if create_graph else torch.no_grad():
+                return torch.func.vmap(torch.func.jacrev(row, argnums=0))(*args)
+        except Exception:  # noqa: BLE001 - any tracing failure falls back to the exact loop
+            return _jacobian_loop(row, args, create_graph)
 
 
 def _jacobian_loop(

@@ -8,6 +8,7 @@ the exact log-density of many rows computed a chunk at a time.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .distributions import Flow, tensor_of
+from .nn.passes import in_eval_mode
 from .validation import SHOW, DataError, index_list
 
 __all__ = ["eval_mode", "log_prob", "module_dtype", "module_device"]
@@ -28,17 +30,8 @@ def eval_mode(module: nn.Module, *, grad: bool = False) -> Iterator[nn.Module]:
 
     Every submodule's own ``training`` flag is restored, not only the top one's.
     """
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        if grad:
-            yield module
-        else:
-            with torch.no_grad():
-                yield module
-    finally:
-        for m, mode in modes:
-            m.training = mode
+    with in_eval_mode(module), torch.no_grad() if not grad else contextlib.nullcontext():
+        yield module
 
 
 def module_dtype(module: nn.Module) -> torch.dtype:

@@ -14,7 +14,8 @@ and out of that order.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -39,6 +40,7 @@ __all__ = [
     "autoregress_inplace",
     "autoregress_graph",
     "ELEMENTWISE",
+    "in_eval_mode",
 ]
 
 #: Activations that act on each number alone (a network of them maps rows one by one).
@@ -109,6 +111,19 @@ def _functorch_active() -> bool:
         return bool(torch._C._are_functorch_transforms_active())
     except AttributeError:  # a torch without these internals: tensors are checked one by one
         return False
+
+
+@contextmanager
+def in_eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in eval mode inside the block, and after it every submodule's own
+    ``training`` flag as it was (not only the top one's)."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def needs_recompute(*grads: Tensor) -> bool:
