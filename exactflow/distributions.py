@@ -289,8 +289,10 @@ class Flow(Distribution):
             x = self._as_tensor(x, "x", exact=self._standardizes_first(self.transform))
             lead = x.shape[:-1]  # leading dims; (n, b, d) samples for a context batch (b, c)
             if x.shape[-1] != self.features:
+                hint = ("; for one feature use x.reshape(-1, 1)" if self.features == 1 and
+                        x.dim() == 1 else "")
                 raise ValueError(f"x must have shape (..., {self.features}), got "
-                                 f"{tuple(x.shape)}")
+                                 f"{tuple(x.shape)}{hint}")
             x = x.reshape(-1, x.shape[-1])
         x = self._check_x(x)
         if not self._checked_prepared and self.training and torch.is_grad_enabled() and (

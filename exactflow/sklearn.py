@@ -212,7 +212,7 @@ class FlowDensity(DensityMixin, BaseEstimator):
         seed = int(rng.randint(np.iinfo(np.int32).max))
         discrete = integer_columns(X)
         self.dequantized_columns_ = discrete if self.dequantize else []
-        notes = []  # (said once the data pass the checks: not beside an error)
+        notes = []  # (said once the data and options pass the checks: not beside an error)
         if self.dequantize:  # first: a column of 0s and 1s may look constant, not after
             X = dequantize(X, discrete, seed)
         elif discrete:
@@ -226,8 +226,6 @@ class FlowDensity(DensityMixin, BaseEstimator):
         notes += value_notes(X, discrete, names, "FlowDensity(dequantize=True)")
         validate(X, name="X", columns=names)  # constant columns first, as the CLI checks
         check_full_rank(X, "X", names)
-        for note in notes:
-            warn_user(note)
         n, d = X.shape
         auto = self.model == "auto"
         if not auto and self.model not in models.available():
@@ -265,6 +263,8 @@ class FlowDensity(DensityMixin, BaseEstimator):
         if auto and float(self.validation_fraction) == 0:
             raise ValueError("model='auto' chooses its model on held-out rows: "
                              "validation_fraction must be above 0")
+        for note in notes:
+            warn_user(note)
         self.leaderboard_: list[dict[str, Any]] | None = None
         if auto:
             try:
