@@ -40,7 +40,12 @@ def test_score_never_writes_over_the_file_it_scores(gaussian_run, table, tmp_pat
 def test_check_of_one_point_passes_and_a_run_takes_no_model_options(gaussian_run):
     # (one moons point was standardized by its own spread, 0: NaN, and every layer "FAILED")
     code, out, err = run_cli(["check", "--model", "maf", "--points", "1"])
-    assert code == 0 and "all layers pass" in out, out + err
+    assert code == 0 and "all 9 layers pass" in out, out + err
+    # (a closed-form model: "all layers pass" over no layers, its density unchecked)
+    code, out, err = run_cli(["check", "--model", "gmm", "--features", "3"])
+    assert code == 0 and "no layers to check: the model is its base distribution " \
+        "(GaussianMixture), whose log-density is in closed form and is not checked" in out
+    assert "all" not in out.splitlines()[-1]
     code, _, err = run_cli(["check", gaussian_run, "--layers", "3", "--seed", "5"])
     assert code == 2 and "--layers, --seed describe a new model" in err
 
