@@ -37,6 +37,20 @@ def test_score_never_writes_over_the_file_it_scores(gaussian_run, table, tmp_pat
     assert copy.read_bytes() == table.read_bytes()
 
 
+def test_sample_and_score_never_write_over_the_runs_training_data(table, tmp_path):
+    # (`sample RUN -n 2 -o data.csv` replaced the training table with two rows, exit 0)
+    copy = tmp_path / "train.csv"
+    copy.write_bytes(table.read_bytes())
+    out = tmp_path / "r"
+    assert run_cli(["train", copy, *GAUSSIAN, "--out", out])[0] == 0
+    for argv in (["sample", out, "-n", "2", "-o", copy],
+                 ["score", out, table, "-o", copy]):
+        code, _, err = run_cli(argv)
+        assert code == 1 and "is the data the run was trained on" in err, err
+        assert copy.read_bytes() == table.read_bytes()
+    assert run_cli(["sample", out, "-n", "2", "-o", tmp_path / "s.csv"])[0] == 0
+
+
 def test_check_of_one_point_passes_and_a_run_takes_no_model_options(gaussian_run):
     # (one moons point was standardized by its own spread, 0: NaN, and every layer "FAILED")
     code, out, err = run_cli(["check", "--model", "maf", "--points", "1"])

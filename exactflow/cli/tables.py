@@ -15,7 +15,7 @@ import numpy as np
 
 from ..datasets import CHUNK_ROWS, DataError, read_cells, read_header
 from ..io import atomic_write_bytes, csv_rows, write_table
-from ..runs import RunError, anomaly, load_run, read_data
+from ..runs import Run, RunError, anomaly, load_run, read_data
 from ..validation import counted, index_list, nonfinite_rows_error
 from .common import CommandError, UsageError, fmt, say, with_key
 from .output import SampleStream, json_cap_error
@@ -26,11 +26,16 @@ __all__ = ["cmd_sample", "cmd_score"]
 _TABLE_SUFFIXES = (".csv", ".npy", ".txt", ".tsv")
 
 
-def _output_path(args: argparse.Namespace) -> Path | None:
-    """The ``-o`` file of ``sample``/``score``, checked before any work is done."""
+def _output_path(args: argparse.Namespace, run: Run | None = None) -> Path | None:
+    """The ``-o`` file of ``sample``/``score``, checked before any work is done: never the
+    file ``run`` was trained on (the run records its path)."""
     if not args.output:
         return None
     out = Path(args.output)
+    trained_on = None if run is None else (run.info.get("data") or {}).get("path")
+    if trained_on and out.exists() and Path(trained_on).exists() and out.samefile(trained_on):
+        raise CommandError(f"-o {str(out)!r} is the data the run was trained on: the output "
+                           "would replace it; write it to another file")
     if out.suffix.lower() not in _TABLE_SUFFIXES:
         raise UsageError(f"cannot write {str(out)!r}: use a .csv, .tsv, .txt or .npy file "
                            "name")
@@ -55,7 +60,7 @@ def cmd_sample(args: argparse.Namespace) -> dict[str, Any]:
     run = load_run(args.run)
     flow = run.flow
     assert flow is not None
-    out = _output_path(args)
+    out = _output_path(args, run)
     cap = json_cap_error(args.n, run.features) if args.json and out is None else None
     if cap:
         raise CommandError(cap)
@@ -195,7 +200,7 @@ def _score_text(rows: np.ndarray, table: np.ndarray, kept: list[list[str]] | Non
 def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
     with_key(args)
     run = load_run(args.run)
-    out = _output_path(args)
+    out = _output_path(args, run)
     source = Path(str(args.data).split(":")[0])  # (data.npz:name names an array of a file)
     if out is not None and out.exists() and source.exists() and out.samefile(source):
         raise CommandError(f"-o {str(out)!r} is the data file being scored: the scores would "
