@@ -51,6 +51,24 @@ def test_sample_and_score_never_write_over_the_runs_training_data(table, tmp_pat
     assert run_cli(["sample", out, "-n", "2", "-o", tmp_path / "s.csv"])[0] == 0
 
 
+def test_a_split_uneven_for_repeated_rows_says_why(tmp_path):
+    # ("600 rows are too few for the fractions (0.8, 0.1, 0.1)" for 4 distinct rows, and a
+    # split of 482/91/27 rows of counts without a word)
+    rng = np.random.default_rng(3)
+    binary = write_csv(tmp_path / "b.csv", rng.integers(0, 2, (600, 2)), ["u", "v"])
+    code, _, err = run_cli(["train", binary, *GAUSSIAN, "--out", tmp_path / "b"])
+    assert code == 1 and "holds 4 distinct rows among its 600, and the copies of a row " \
+        "stay on one side of the split" in err and "--dequantize" in err, err
+    counts = write_csv(tmp_path / "c.csv", np.random.default_rng(0).poisson(1, (600, 2)),
+                       ["u", "v"])
+    code, _, err = run_cli(["train", counts, *GAUSSIAN, "--out", tmp_path / "c"])
+    assert code == 0 and "holds 24 distinct rows among its 600" in err
+    assert "26 validation rows (asked 60), 98 test rows (asked 60)" in err, err
+    code, _, err = run_cli(["train", counts, *GAUSSIAN, "--dequantize", "--out",
+                            tmp_path / "d"])
+    assert code == 0 and "distinct rows" not in err, err
+
+
 def test_check_of_one_point_passes_and_a_run_takes_no_model_options(gaussian_run):
     # (one moons point was standardized by its own spread, 0: NaN, and every layer "FAILED")
     code, out, err = run_cli(["check", "--model", "maf", "--points", "1"])

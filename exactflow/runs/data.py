@@ -383,6 +383,38 @@ def split_rows(rows: np.ndarray, fractions: Sequence[float], seed: int,
     return parts
 
 
+def split_notes(rows: np.ndarray, parts: Sequence[np.ndarray], fractions: Sequence[float],
+                name: str) -> list[str]:
+    """What to say about a split whose parts are far from ``fractions`` because the copies
+    of a row stay on one side of it (:func:`~exactflow.datasets.split_indices`): a note,
+    or a :class:`DataError` where a part is empty.
+
+    Raises:
+        DataError: a part holds no rows.
+    """
+    n = len(rows)
+    asked = [round(f * n) for f in fractions]
+    sizes = [len(part) for part in parts]
+    if all(abs(got - want) <= max(5, 0.2 * want) for got, want in zip(sizes, asked, strict=True)):
+        return []
+    distinct = len(np.unique(row_hashes([rows])))
+    if distinct == n:
+        if min(sizes) == 0:
+            raise DataError(f"{name}: {n} rows are too few for the fractions {list(fractions)}")
+        return []
+    why = (f"{name} holds {distinct:,} distinct rows among its {n:,}, and the copies of a "
+           "row stay on one side of the split (on both, memorizing the training rows would "
+           "score well on the held-out ones)")
+    cure = ("; dequantize integer columns (--dequantize, or train_run(..., dequantize=True)) "
+            "or drop the repeated rows")
+    if min(sizes) == 0:
+        raise DataError(f"{why}: they do not fill a train, validation and test part at the "
+                        f"fractions {list(fractions)}{cure}")
+    parts_said = ", ".join(f"{got:,} {what} rows (asked {want:,})" for got, want, what in
+                           zip(sizes, asked, ("training", "validation", "test"), strict=True))
+    return [f"note: {why}: the split has {parts_said}{cure}"]
+
+
 def split_changed(n: int, fractions: Sequence[float], seed: int,
                   before: dict[str, Any], now: dict[str, Any]) -> bool:
     """Whether the split recorded in ``before`` (a run's ``data``) of ``n`` rows differs

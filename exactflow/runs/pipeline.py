@@ -40,6 +40,7 @@ from .data import (
     read_data,
     row_number_columns,
     split_changed,
+    split_notes,
     split_rows,
     value_notes,
     versions,
@@ -286,11 +287,10 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
         raise DataError(f"{data_info['name']} has {counted(n, 'row')}; a train/validation/test "
                         "split needs at least 10")
     parts = split_rows(rows, fractions, seed, data_info)  # (split's parts, and their rows)
+    notes += split_notes(rows, parts, fractions, data_info["name"])
     train, val, test = (rows[part] for part in parts)
     features = rows.shape[1]
     del rows  # (the parts hold every row: the table itself need not stay in memory)
-    if min(len(train), len(val), len(test)) == 0:
-        raise DataError(f"{data_info['name']}: {n} rows are too few for the fractions {fractions}")
     if 1 < train.shape[1] >= len(train):
         held = f"{counted(len(val), 'validation row')} and {counted(len(test), 'test row')}"
         err = training_rows_error(held, len(train), train.shape[1])
