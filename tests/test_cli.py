@@ -492,6 +492,16 @@ def test_sample_to_csv_npy_stdout_and_json(run_dir, tmp_path):
     assert code == 0 and result["n"] == 5 and np.asarray(result["samples"]).shape == (5, 2)
 
 
+def test_sample_without_a_seed_says_the_one_it_drew_with(run_dir):
+    # (a random draw could not be drawn again: only --json gave its seed)
+    code, out, err = run_cli(["sample", run_dir, "-n", "3"])
+    assert code == 0 and err.startswith("note: seed "), err
+    seed = err.split()[2]
+    assert f"(--seed {seed} -n 3 draws these samples again)" in err
+    code, again, err = run_cli(["sample", run_dir, "-n", "3", "--seed", seed])
+    assert code == 0 and again == out and "note: seed" not in err
+
+
 def test_sample_lands_where_the_data_is(run_dir):
     code, out, _ = run_cli(["sample", run_dir, "-n", "2000", "--seed", "0"])
     samples = np.loadtxt(io.StringIO(out), delimiter=",", skiprows=1)

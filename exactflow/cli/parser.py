@@ -255,7 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="number of samples")
     p.add_argument("-o", "--output", metavar="FILE",
                    help="write to FILE (.csv, .tsv, .txt or .npy, by its extension)")
-    p.add_argument("--seed", type=_seed, default=None, help="seed (default: random)")
+    p.add_argument("--seed", type=_seed, default=None,
+                   help="seed: the same seed and -n draw the same samples (another -n other "
+                        "ones); default: a random one, said on stderr")
 
     # score
     p = sub.add_parser(

@@ -65,6 +65,9 @@ def cmd_sample(args: argparse.Namespace) -> dict[str, Any]:
     if cap:
         raise CommandError(cap)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
+    if args.seed is None and not args.json:  # (JSON has it; stdout may carry the samples)
+        print(f"note: seed {seed} (--seed {seed} -n {args.n} draws these samples again)",
+              file=sys.stderr)
     samples = SampleStream(flow, args.n, seed, run.features)
     result: dict[str, Any] = {
         "ok": True, "n": args.n, "features": run.features, "columns": run.columns,
