@@ -18,10 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+from torch import distributions as td
 
-from .bases import tensor_of
+from .bases import DiagonalNormal, StandardNormal, Uniform, tensor_of
 from .core import Compose, Transform
 from .distributions import Flow
+from .gaussians import Gaussian, GaussianMixture
 from .groundtruth import check_transform
 from .io import json_safe
 from .scoring import eval_mode
@@ -33,6 +35,8 @@ __all__ = [
     "propagate",
     "check_layers",
     "format_check_table",
+    "check_base",
+    "reference_log_prob",
 ]
 
 
@@ -157,3 +161,43 @@ def format_check_table(rows: list[LayerCheck]) -> str:
 def format_error(value: float) -> str:
     """An error in scientific notation, ``n/a`` when it could not be measured."""
     return "n/a" if math.isnan(value) else f"{value:.2e}"
+
+
+def reference_log_prob(base: Any, z: Tensor) -> Tensor | None:
+    """``log p(z)`` of exactflow's base distributions by ``torch.distributions``, an
+    implementation independent of theirs; None for a base it does not know (a user's)."""
+    kind = type(base)
+    if kind is StandardNormal:
+        return td.Normal(torch.zeros_like(z), 1.0).log_prob(z).sum(-1)
+    if kind is DiagonalNormal:
+        return td.Normal(base.loc, torch.exp(base.log_scale)).log_prob(z).sum(-1)
+    if kind is Uniform:
+        inside = ((z >= base.low) & (z <= base.high)).all(-1)
+        volume = torch.log(base.high - base.low).sum()
+        return torch.where(inside, -volume, torch.full_like(volume, -math.inf))
+    if kind in (Gaussian, GaussianMixture):
+        normals = td.MultivariateNormal(base.loc, scale_tril=base.lower())
+        if kind is Gaussian:
+            return normals.log_prob(z.unsqueeze(1))[:, 0]
+        return td.MixtureSameFamily(td.Categorical(logits=base.logits), normals).log_prob(z)
+    return None
+
+
+def check_base(flow: Flow, x: Any, *, max_points: int = 256, atol: float = 1e-9
+               ) -> dict[str, Any]:
+    """The flow's base log-density at the latents of ``x`` (the points it really sees)
+    against :func:`reference_log_prob`, in float64: ``{"name", "checked", "error",
+    "ok"}`` (``checked`` False, ``ok`` None for a base of the user's)."""
+    model = copy.deepcopy(flow).double().eval()
+    rows = tensor_of(np.asarray(x, dtype=np.float64)[:max_points])
+    name = type(model.base).__name__
+    with torch.no_grad():
+        z, _ = model.to_latent(rows)
+        reference = reference_log_prob(model.base, z)
+        if reference is None:
+            return {"name": name, "checked": False, "error": None, "ok": None}
+        got = model.base.log_prob(z)
+    both = torch.isfinite(reference) & torch.isfinite(got)
+    same_inf = bool(torch.equal(torch.isfinite(reference), torch.isfinite(got)))
+    error = float((got - reference)[both].abs().max()) if bool(both.any()) else 0.0
+    return {"name": name, "checked": True, "error": error, "ok": same_inf and error <= atol}

@@ -653,9 +653,9 @@ def test_check_a_run_folder(run_dir):
     code, out, err = run_cli(["check", run_dir])
     assert code == 0, err
     assert "log-det error" in out and "round-trip error" in out
-    assert "layers pass (log-determinant against autograd, round trip); the base " \
-        "distribution (StandardNormal), whose log-density is in closed form, is not " \
-        "checked here" in out
+    assert "layers pass (log-determinant against autograd, round trip)" in out
+    assert "base distribution StandardNormal passes: its log-density at the latent points " \
+        "against torch.distributions" in out
     code, out, _ = run_cli(["check", run_dir, "--json", "--points", "16"])
     result = json.loads(out)
     flow = ef.load(run_dir / "model.safetensors")

@@ -75,9 +75,22 @@ def test_check_of_one_point_passes_and_a_run_takes_no_model_options(gaussian_run
     assert code == 0 and "all 9 layers pass" in out, out + err
     # (a closed-form model: "all layers pass" over no layers, its density unchecked)
     code, out, err = run_cli(["check", "--model", "gmm", "--features", "3"])
-    assert code == 0 and "no layers to check: the model is its base distribution " \
-        "(GaussianMixture), whose log-density is in closed form and is not checked" in out
-    assert "all" not in out.splitlines()[-1]
+    assert code == 0 and "no layers: the model is its base distribution " \
+        "(GaussianMixture)" in out and "all layers pass" not in out
+    assert "base distribution GaussianMixture passes: its log-density at the latent " \
+        "points against torch.distributions" in out
+
+
+def test_check_finds_a_wrong_base_density(monkeypatch):
+    from exactflow.gaussians import GaussianMixture
+
+    real = GaussianMixture.log_prob
+    monkeypatch.setattr(GaussianMixture, "log_prob", lambda self, x: real(self, x) + 1e-6)
+    code, out, _ = run_cli(["check", "--model", "gmm", "--features", "3"])
+    assert code == 1 and "base distribution GaussianMixture FAILED" in out
+    code, out, _ = run_cli(["check", "--model", "gmm", "--features", "3", "--json"])
+    base = json.loads(out)["base"]
+    assert code == 1 and base["checked"] and not base["ok"] and base["error"] > 9e-7
     code, _, err = run_cli(["check", gaussian_run, "--layers", "3", "--seed", "5"])
     assert code == 2 and "--layers, --seed describe a new model" in err
 

@@ -9,7 +9,7 @@ import torch
 
 from .. import models
 from ..datasets import toy
-from ..diagnostics import check_layers, format_check_table
+from ..diagnostics import check_base, check_layers, format_check_table
 from ..report import build_report
 from ..runs import RunError, load_run
 from .common import CommandError, UsageError, say
@@ -72,9 +72,9 @@ def cmd_check(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
         gen = torch.Generator().manual_seed(args.seed)
         x = torch.randn(args.points, flow.features, generator=gen, dtype=torch.float64).numpy()
     rows = check_layers(flow, x, max_points=args.points)
-    ok = all(r.ok for r in rows)
+    base = check_base(flow, x, max_points=args.points)
+    ok = all(r.ok for r in rows) and base["ok"] is not False
     points = int(min(len(x), args.points))
-    base = type(flow.base).__name__
     if not args.json:
         fewer = " (all of the run's test rows)" if points < args.points else ""
         print(f"check_transform layer by layer on {what}: {points} points{fewer}, float64, "
@@ -84,18 +84,22 @@ def cmd_check(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
         for r in rows:
             for f in r.failures:
                 print(f"layer {r.index} ({r.name}): {f}")
-        unchecked = (f"the base distribution ({base}), whose log-density is in closed form, "
-                     "is not checked here")
         if not rows:
-            print(f"no layers to check: the model is its base distribution ({base}), whose "
-                  "log-density is in closed form and is not checked here")
-        elif ok:
-            print(f"all {len(rows)} layers pass (log-determinant against autograd, round "
-                  f"trip); {unchecked}")
+            print(f"no layers: the model is its base distribution ({base['name']})")
+        elif all(r.ok for r in rows):
+            print(f"all {len(rows)} layers pass (log-determinant against autograd, round trip)")
         else:
             print(f"{sum(not r.ok for r in rows)} layer(s) FAILED")
+        if base["checked"]:
+            verdict = "passes" if base["ok"] else "FAILED"
+            print(f"base distribution {base['name']} {verdict}: its log-density at the "
+                  f"latent points against torch.distributions, largest error "
+                  f"{base['error']:.2e}")
+        else:
+            print(f"base distribution {base['name']}: not checked (one of your own: "
+                  "torch.distributions has no reference for it)")
     result = {"ok": ok, "layers": [r.to_dict() for r in rows], "points": points,
-              "base": base, "base_checked": False}
+              "base": base}
     return result, (0 if ok else 1)
 
 
