@@ -125,7 +125,13 @@ def test_a_closed_form_fit_has_no_training_curve(tmp_path):
     rp.build_report(out)
     names = {p.name for p in (out / "report").iterdir()}
     assert "data_vs_model.png" in names and "training.png" not in names
-    assert "training and validation NLL" not in (out / "report" / "index.html").read_text()
+    page = (out / "report" / "index.html").read_text()
+    assert "training and validation NLL" not in page
+    # (its one layer is the standardization: the check now covers the Gaussian itself)
+    assert "The base distribution (Gaussian) passes: its log-density at the latent " \
+        "points of the same rows against torch.distributions" in page
+    base = json.loads((out / "report" / "metrics.json").read_text())["check"]["base"]
+    assert base["checked"] and base["ok"] and base["error"] < 1e-9
 
 
 def test_5d_report_shows_pairwise_marginals(run_5d):

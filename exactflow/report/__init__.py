@@ -23,6 +23,7 @@ import torch
 
 from ..diagnostics import (
     LayerCheck,
+    check_base,
     check_layers,
     flatten_layers,
     format_error,
@@ -104,6 +105,17 @@ def compute_metrics(run: Run, checks: list[LayerCheck] | None = None) -> dict[st
     return out
 
 
+def _base_sentence(base: dict[str, Any]) -> str:
+    """What the report says of the base distribution's check."""
+    if not base["checked"]:
+        return (f"The base distribution ({base['name']}) is one of your own: "
+                "torch.distributions has no reference for it, so it is not checked.")
+    verdict = "passes" if base["ok"] else "FAILED"
+    return (f"The base distribution ({base['name']}) {verdict}: its log-density at the "
+            "latent points of the same rows against torch.distributions', largest error "
+            f"{base['error']:.2e}.")
+
+
 def build_report(
     run_dir: str | os.PathLike[str], *, check_points: int = 256, seed: int = 0
 ) -> Path:
@@ -152,6 +164,9 @@ def build_report(
     checks = check_layers(flow, test, max_points=check_points)
     metrics = compute_metrics(run, checks)
     metrics["check"]["points"] = int(min(check_points, len(test)))
+    base = check_base(flow, test, max_points=check_points)
+    metrics["check"]["base"] = base
+    metrics["check"]["ok"] = metrics["check"]["ok"] and base["ok"] is not False
 
     # Mean log-det of each layer on the test split (the model as trained; its first
     # FIGURE_ROWS rows: the split is random, and a million rows would take a minute).
@@ -262,7 +277,7 @@ def _render(
         ("parameters", f"{metrics['parameters']:,}"),
         ("training time" if not board else "training time of the kept model",
          _duration(metrics.get("train_time_s"))),
-        ("layer check", "all ok" if metrics["check"]["ok"] else "FAILED"),
+        ("model check", "all ok" if metrics["check"]["ok"] else "FAILED"),
     ]
     subtitle = (
         f'{_e(model.get("model", "?"))} flow on {_e(data.get("name", "?"))} '
@@ -289,6 +304,7 @@ def _render(
         sections="\n".join(section_html),
         check_points=_e(metrics["check"]["points"]),
         check_rows="\n".join(_check_row(r) for r in checks),
+        base_check=_e(_base_sentence(metrics["check"]["base"])),
         configuration=_e(json.dumps(json_safe(config), indent=2)),
         versions=_e(json.dumps(info.get("versions", {}), indent=2)),
         run_path=_e(run.path),
