@@ -502,6 +502,16 @@ def test_sample_without_a_seed_says_the_one_it_drew_with(run_dir):
     assert code == 0 and again == out and "note: seed" not in err
 
 
+def test_json_usage_errors_are_json_too(run_dir):
+    # (a script asking for --json got argparse's text on stderr and nothing on stdout)
+    code, out, err = run_cli(["sample", run_dir, "-n", "0", "--json"])
+    assert code == 2 and json.loads(out) == {
+        "ok": False, "error": "argument -n/--num: expected a positive integer, got 0"}
+    assert "usage: exactflow sample" in err
+    code, out, err = run_cli(["sample", run_dir, "-n", "0"])
+    assert code == 2 and out == "" and "expected a positive integer" in err
+
+
 def test_sample_lands_where_the_data_is(run_dir):
     code, out, _ = run_cli(["sample", run_dir, "-n", "2000", "--seed", "0"])
     samples = np.loadtxt(io.StringIO(out), delimiter=",", skiprows=1)

@@ -29,7 +29,7 @@ from ..training import TrainingError
 from .common import CommandError, UsageError
 from .inspect import cmd_check, cmd_report
 from .output import silence_stdout
-from .parser import PROG, build_parser
+from .parser import PROG, UsageExit, build_parser
 from .tables import cmd_sample, cmd_score
 from .threads import ThreadsError, choose_threads
 from .train import cmd_demo, cmd_train
@@ -80,6 +80,9 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # argparse: --help (0) or a usage error (2)
+        given = list(argv) if argv is not None else sys.argv[1:]
+        if isinstance(exit_, UsageExit) and "--json" in given:  # (said on stderr too)
+            print(json.dumps({"ok": False, "error": exit_.message}))
         code = exit_.code
         return code if isinstance(code, int) else (0 if code is None else 2)
     threads_before = torch.get_num_threads()

@@ -6,9 +6,10 @@ Parsing only: the commands themselves are in :mod:`exactflow.cli.commands`.
 from __future__ import annotations
 
 import argparse
+import sys
 import textwrap
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from .. import models
 from .._version import __version__
@@ -98,9 +99,26 @@ def _model_names() -> list[str]:
     return models.available()
 
 
+class UsageExit(SystemExit):
+    """A usage error found while parsing (exit 2), with its message for ``--json``."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose usage errors keep their message (:class:`UsageExit`)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise UsageExit(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``exactflow`` argument parser (one subparser per command)."""
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--json", action="store_true",
                         help="print one JSON object on stdout instead of text")
     common.add_argument("--debug", action="store_true",
@@ -111,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "small models and on a busy machine; training a large model on "
                              "idle cores may use up to 4)")
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         description="Normalizing flows with exact, verified likelihoods: train a flow on your "
                     "data, sample from it, score rows by their exact log-density, check it "
