@@ -92,7 +92,7 @@ class Flow(Distribution):
         self,
         transform: Transform,
         base: Distribution,
-        context: int = 0,
+        context: int | None = 0,
         embedding: nn.Module | None = None,
         context_scaler: Transform | None = None,
     ) -> None:
@@ -102,7 +102,13 @@ class Flow(Distribution):
                 f"transform must be an exactflow Transform, got {type(transform).__name__}"
             )
         if not isinstance(base, Distribution):
-            raise TypeError(f"base must be an exactflow Distribution, got {type(base).__name__}")
+            hint = (": wrap it in a subclass of exactflow.Distribution (features, log_prob "
+                    "and rsample: see ef.bases)" if isinstance(base, torch.distributions
+                                                              .Distribution) else "")
+            raise TypeError(
+                f"base must be an exactflow Distribution, got {type(base).__name__}{hint}")
+        # (None is zuko's and nflows' way to say "no context")
+        context = 0 if context is None else non_negative_int(context, "context")
         if embedding is not None and not isinstance(embedding, nn.Module):
             raise TypeError(f"embedding must be a torch.nn.Module, got {type(embedding).__name__}")
         if embedding is not None and not context:
@@ -300,8 +306,20 @@ class Flow(Distribution):
             self._warn_if_unprepared()
         given = self._check_context(context, x.shape[0], lead)
         z, ladj = self._map(x, given)
-        log_p = _overflow_to_neg_inf(self.base.log_prob(z) + ladj, x, given)
+        log_p = _overflow_to_neg_inf(self._base_log_prob(z) + ladj, x, given)
         return log_p if lead is None else log_p.reshape(lead)
+
+    def _base_log_prob(self, z: Tensor) -> Tensor:
+        """The base's log-density of latents ``z``, checked to hold one value per row (a
+        base of the user's that keeps the feature axis would broadcast against the
+        log-determinants into a ``(batch, batch)`` density)."""
+        log_pz = self.base.log_prob(z)
+        if not torch.jit.is_tracing() and z.dim() == 2 and log_pz.shape != z.shape[:1]:
+            raise ValueError(
+                f"the base distribution {type(self.base).__name__} returned a log-density of "
+                f"shape {tuple(log_pz.shape)} for {z.shape[0]} rows; a base must return one "
+                "value per row, shape (batch,) (sum over the features: .sum(-1))")
+        return log_pz
 
     def _map(self, x: Tensor, context: Tensor | None, inverse: bool = False
              ) -> tuple[Tensor, Tensor]:
@@ -424,7 +442,7 @@ class Flow(Distribution):
         n = non_negative_int(n, "n")
         ctx, shape = self._expand_context(n, context)
         z = self.base.rsample(int(np.prod(shape)))
-        log_pz = self.base.log_prob(z)
+        log_pz = self._base_log_prob(z)
         x, ladj_inv = self.transform.inverse(z, ctx)
         log_px = log_pz - per_row(ladj_inv, z, x, type(self.transform).__name__)
         return x.reshape(*shape, self.features), log_px.reshape(shape)

@@ -588,3 +588,34 @@ def test_an_unconditional_flow_scores_any_leading_shape():
     c = torch.randn(2, dtype=torch.float64)
     torch.testing.assert_close(conditional.log_prob(row, c),
                                conditional.log_prob(row[None], c[None])[0])
+
+
+def test_a_base_of_ones_own_is_checked_for_one_value_per_row():
+    # (a base's log_prob of shape (n, 1) broadcast against the log-dets into a (4, 4)
+    # "density", silently, and ef.fit trained on it)
+    class Laplace(ef.Distribution):
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = 2
+
+        def log_prob(self, x):
+            return (-x.abs()).sum(-1, keepdim=True)
+
+        def rsample(self, n):
+            return torch.randn(n, 2)
+
+    flow = ef.Flow(ef.transforms.ElementwiseAffine(2), Laplace())
+    message = (r"the base distribution Laplace returned a log-density of shape \(4, 1\) for 4 "
+               r"rows; a base must return one value per row, shape \(batch,\)")
+    with pytest.raises(ValueError, match=message):
+        flow.log_prob(torch.randn(4, 2))
+    with pytest.raises(ValueError, match=message):
+        flow.sample_and_log_prob(4)
+
+
+def test_flow_takes_none_for_no_context_and_names_torch_distributions():
+    flow = ef.Flow(ef.transforms.ElementwiseAffine(2), ef.bases.StandardNormal(2), context=None)
+    assert flow.context_features == 0  # (zuko's and nflows' "no context")
+    with pytest.raises(TypeError, match=r"got Normal: wrap it in a subclass of "
+                                        r"exactflow.Distribution"):
+        ef.Flow(ef.transforms.ElementwiseAffine(2), torch.distributions.Normal(0.0, 1.0))
