@@ -727,6 +727,23 @@ def test_the_identity_warns_that_the_check_proves_little():
         warnings.simplefilter("error")
         ef.check_transform(perturb(ef.transforms.ElementwiseAffine(3).double()), x64())
 
+    class SinhArcsinh(ef.Transform):  # the identity up to rounding at its start
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = 3
+            self.skew = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+
+        def forward(self, x, context=None):
+            u = torch.asinh(x) + self.skew
+            return torch.sinh(u), (torch.log(torch.cosh(u)) - 0.5 * torch.log1p(x * x)).sum(-1)
+
+        def inverse(self, z, context=None):
+            x = torch.sinh(torch.asinh(z) - self.skew)
+            return x, -self.forward(x)[1]
+
+    with pytest.warns(UserWarning, match="is the identity at these parameters"):
+        ef.check_transform(SinhArcsinh(), x64())
+
 
 def test_a_registered_map_with_summed_log_derivatives_is_named():
     class Summed(ef.transforms.monotonic.AffineMap):
