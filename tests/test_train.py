@@ -61,6 +61,7 @@ def test_fit_learns_a_gaussian_and_records_history():
     # A record at step 0 (the model as it starts), then every eval_every steps.
     assert h.steps == [0, 40, 80, 120, 160, 200, 240]
     assert h.val_nll[0] == pytest.approx(start) and h.train_nll[0] is None
+    assert h.lr[0] == 0.03  # (the rate the first step takes; it was 0.0)
     assert h.total_steps == 240 and h.objective == "nll" and h.features == 3
     assert len(h.train_nll) == len(h.val_nll) == len(h.lr) == len(h.time) == 7
     assert all(v is not None and math.isfinite(v) for v in h.val_nll)

@@ -405,7 +405,7 @@ def fit(
         else:
             guard.save()
             if val_rows is not None:  # step 0: the model as it starts is a candidate too
-                record(0, 0.0, time.perf_counter())
+                record(0, lr, time.perf_counter())  # (the rate its first step will take)
                 if err := unscorable_error(flow, val_rows, val_ctx, "validation data",
                                            train_rows, train_ctx, history.val_nll[0]):
                     raise err
