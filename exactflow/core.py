@@ -292,13 +292,13 @@ class Compose(Transform):
 SCORING_BLOCK_BYTES = 2 * 2**20
 
 #: The same for the sequential direction of an autoregressive layer (MAF sampling, IAF
-#: scoring), whose ``d`` small steps per block cost the same whatever the block's rows:
-#: blocks bound its memory (10 million 2-D points of a MAF: 3.6 GB at once) without
-#: splitting the batches of everyday use. Sampling 10,000 points (one thread, ms, blocks
-#: of 2 / 8 / 32 MB / the whole batch): the benchmark's MAF on moons 27.7 / 21.4 / 16.7 /
-#: 13.7, the 10-D mixture's 68.4 / 44.0 / 53.1 / 61.5, digits' 638 / 549 / 509 / 597
-#: (10,000 rows are one block from 32 MB on: the last two differ by noise alone).
-SEQUENTIAL_BLOCK_BYTES = 32 * 2**20
+#: scoring), whose ``d`` small steps per block cost the same whatever the block's rows, so
+#: that its blocks are larger: they bound its memory (10 million 2-D points of a MAF took
+#: 3.6 GB at once) and keep 10,000 rows one block for the benchmark's 2-D and 10-D MAFs.
+#: Sampling 3 million points of a 2-D MAF (width 32; one thread, thread time, interleaved
+#: in one process, s), blocks of 2 / 8 / 32 MB: 1.55 / 1.31 / 3.00; the whole batch before
+#: took 4.05 s. At 10,000 points the differences were below the noise of the machine.
+SEQUENTIAL_BLOCK_BYTES = 8 * 2**20
 
 #: The fewest rows of a block.
 _LEAST_ROWS = 256
