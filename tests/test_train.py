@@ -380,6 +380,12 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):
     with pytest.raises(CheckpointError, match="does not fit this flow"):
         fit(ef.Flow(LULinear(2), ef.StandardNormal(2)), data, steps=4, batch_size=64,
             checkpoint=path, resume=True, **CPU)
+    # Other rows of the same number (moons for 8gaussians, say) resumed without a word.
+    with pytest.raises(CheckpointError, match="written for other training rows"):
+        fit(affine_flow(), gaussian_data(300) + 1.0, steps=8, batch_size=64,
+            checkpoint=path, resume=True, **CPU)
+    assert fit(affine_flow(), data, steps=8, batch_size=64, checkpoint=path, resume=True,
+               **CPU).total_steps == 8
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="truncated"):
         fit(affine_flow(), data, steps=4, batch_size=64, checkpoint=path, resume=True,

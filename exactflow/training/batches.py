@@ -4,6 +4,7 @@ batches moved to the device."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -22,7 +23,7 @@ from ..datasets import (
     shuffled_rows,
     validate,
 )
-from ..datasets.arrays import not_rows
+from ..datasets.arrays import not_rows, row_hashes
 from ..distributions import tensor_of
 from ..validation import (
     DataError,
@@ -120,6 +121,16 @@ class Rows:
             bad.extend(int(r) + start for r in rows[: max(0, 5 - len(bad))])
         if count:
             raise nonfinite_rows_error(self.name, count, bad)
+
+    def digest(self, rows: int = 4096) -> str:
+        """A short fingerprint of the rows: their count, width and the values of up to
+        ``rows`` of them taken evenly (a checkpoint records it, so that a resume on other
+        data of the same size is refused; lazy data are read at those rows only)."""
+        index = torch.from_numpy(np.unique(np.linspace(0, len(self) - 1, min(rows, len(self)))
+                                           .astype(np.int64)))
+        values = self.take(index).detach().cpu().double().numpy()
+        words = row_hashes([values]).tobytes() + repr(tuple(self.data.shape)).encode()
+        return hashlib.sha256(words).hexdigest()[:16]
 
     def take(self, index: Tensor) -> Tensor:
         """The rows at ``index`` (a 1-D long tensor on the CPU), as a tensor."""

@@ -118,7 +118,14 @@ def _restore(ckpt: Checkpoint, payload: dict[str, Any]) -> None:
                 f"cannot resume from {str(path)!r}: it was written for {key}={saved.get(key)!r}, "
                 f"this run has {key}={run_args[key]!r}"
             )
-    changed = [k for k in run_args if k not in MUST_MATCH and saved.get(k) != run_args[k]]
+    if run_args.get("data") and saved.get("data") and saved["data"] != run_args["data"]:
+        raise CheckpointError(
+            f"cannot resume from {str(path)!r}: it was written for other training rows (of "
+            "the same number; a fingerprint of them differs): resume with the data, and the "
+            "validation split, it was trained on, or train again without resume"
+        )
+    changed = [k for k in run_args if k not in (*MUST_MATCH, "data") and
+               saved.get(k) != run_args[k]]
     if changed:
         warn_user(
             "resuming with different arguments than the checkpoint was written with ("

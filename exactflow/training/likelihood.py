@@ -330,9 +330,9 @@ def fit(
     state = TrainState()
     run_args = {
         "n_train": len(train_rows), "batch_size": batch_size, "features": features,
-        "seed": int(seed), "total_steps": total, "lr": float(lr), "schedule": schedule,
-        "weight_decay": float(weight_decay), "grad_clip": grad_clip,
-        "eval_every": eval_every, "patience": patience,
+        "data": None if checkpoint is None else train_rows.digest(), "seed": int(seed),
+        "total_steps": total, "lr": float(lr), "schedule": schedule, "grad_clip": grad_clip,
+        "weight_decay": float(weight_decay), "eval_every": eval_every, "patience": patience,
     }
     replicas = Replicas.join(distributed, flow, dev, batch_size, {
         **run_args, "n_val": None if val_rows is None else len(val_rows), "resume": resume,
