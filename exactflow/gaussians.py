@@ -89,9 +89,18 @@ def _cholesky(cov: np.ndarray) -> np.ndarray:
     raise ValueError("the data's covariance is too degenerate to factor")
 
 
+#: Numbers of the ``(components, features, rows)`` tensors :func:`_log_density` makes at
+#: once: more rows are taken a block at a time (16 full components of 10 features scored
+#: 500,000 validation rows through 2.5 GB of such tensors).
+DENSITY_BLOCK_VALUES = 1 << 22
+
+
 def _log_density(x: Tensor, loc: Tensor, log_diag: Tensor, lower: Tensor) -> Tensor:
     """``log N(x; loc, L L^T)`` for ``x (n, d)`` against components ``loc (k, d)``, ``L (k, d, d)``;
     returns ``(n, k)``."""
+    rows = max(1, DENSITY_BLOCK_VALUES // (loc.shape[0] * loc.shape[1]))
+    if x.shape[0] > rows:
+        return torch.cat([_log_density(part, loc, log_diag, lower) for part in x.split(rows)])
     diff = (x.unsqueeze(0) - loc.unsqueeze(1)).transpose(1, 2)  # (k, d, n)
     if lower.dtype.itemsize < 4:  # (no half-precision triangular solve on the CPU)
         y = torch.linalg.solve_triangular(lower.float(), diff.float(), upper=False)

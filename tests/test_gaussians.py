@@ -167,3 +167,21 @@ def test_a_column_of_small_spread_keeps_it(make):
     truth = math.log(2 * math.pi * math.e) + math.log(1e-8)  # the entropy, nats
     nll = -float(model.log_prob(torch.as_tensor(x[6000:])).mean())
     assert abs(nll - truth) < 0.1
+
+
+def test_mixture_densities_of_many_rows_are_taken_a_block_at_a_time(monkeypatch):
+    # (16 full components scored 500,000 validation rows through 2.5 GB of temporaries)
+    import exactflow.gaussians as gaussians
+
+    torch.manual_seed(0)
+    mix = ef.GaussianMixture(3, components=4).double()
+    with torch.no_grad():
+        for p in mix.parameters():
+            p.normal_(0, 0.3)
+    x = torch.randn(1000, 3, dtype=torch.float64, requires_grad=True)
+    whole = mix.log_prob(x)
+    monkeypatch.setattr(gaussians, "DENSITY_BLOCK_VALUES", 4 * 3 * 64)  # blocks of 64 rows
+    blocked = mix.log_prob(x)
+    torch.testing.assert_close(blocked, whole, rtol=0, atol=1e-13)
+    grad = torch.autograd.grad(blocked.sum(), x)[0]  # (the blocks keep the graph)
+    torch.testing.assert_close(grad, torch.autograd.grad(whole.sum(), x)[0])

@@ -415,6 +415,15 @@ def split_notes(rows: np.ndarray, parts: Sequence[np.ndarray], fractions: Sequen
     return [f"note: {why}: the split has {parts_said}{cure}"]
 
 
+def stored_parts(**parts: np.ndarray) -> dict[str, Any]:
+    """The split's parts as the run folder stores them: in float32 where every value is
+    exactly a float32 (data read from a float32 file), so the file is half the size and
+    :meth:`~exactflow.runs.Run.data` gives back the same float64 values; else float64."""
+    if all(np.array_equal(part, part.astype(np.float32)) for part in parts.values()):
+        return {name: part.astype(np.float32) for name, part in parts.items()}
+    return parts
+
+
 def split_changed(n: int, fractions: Sequence[float], seed: int,
                   before: dict[str, Any], now: dict[str, Any]) -> bool:
     """Whether the split recorded in ``before`` (a run's ``data``) of ``n`` rows differs

@@ -42,6 +42,7 @@ from .data import (
     split_changed,
     split_notes,
     split_rows,
+    stored_parts,
     value_notes,
     versions,
 )
@@ -487,7 +488,7 @@ def _write_run(out: Path, writer: bool, flow: Flow | None, train: Any, val: Any,
         metrics["test_nll_minus_entropy"] = test_metrics["nll"] - entropy
 
     buf = io.BytesIO()
-    np.savez(buf, train=train, val=val, test=test)
+    np.savez(buf, **stored_parts(train=train, val=val, test=test))  # (float32 where exact)
     atomic_write_bytes(out / DATA_FILE, buf.getvalue())
     save(flow, out / MODEL_FILE)
     atomic_write_json(out / HISTORY_FILE, hist)
