@@ -263,7 +263,8 @@ def test_load_unreadable_files(tmp_path) -> None:
         ds.load(_write(tmp_path, "empty.csv", "\n\n"))
     with pytest.raises(DataError, match="a header row but no data rows"):
         ds.load(_write(tmp_path, "h.csv", "a,b\n"))
-    with pytest.raises(DataError, match=r"unknown file type '.parquet'"):
+    with pytest.raises(DataError, match=r"unknown file type '.parquet'.*Parquet is read "
+                                        r"lazily in Python \(ef.datasets.Shards"):
         ds.load(_write(tmp_path, "d.parquet", "1"))
     (tmp_path / "bin.csv").write_bytes(b"\xff\xfe\x00\x81")
     with pytest.raises(DataError, match="not a UTF-8 text file"):

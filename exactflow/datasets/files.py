@@ -442,10 +442,10 @@ def load(
                 f"cannot read {path!r}: not a valid .npz file ({_first(e)})"
             ) from None
         return _select_columns(arr, columns, path)
-    raise DataError(
-        f"cannot read {path!r}: unknown file type {ext or '(none)'!r}; "
-        "use .csv/.tsv/.txt/.dat, .npy or .npz"
-    )
+    parquet = ("; Parquet is read lazily in Python (ef.datasets.Shards of a folder of .parquet "
+               "files: ef.fit, Run.score), or convert it to .npy") if ext == ".parquet" else ""
+    raise DataError(f"cannot read {path!r}: unknown file type {ext or '(none)'!r}; use "
+                    f".csv/.tsv/.txt/.dat, .npy or .npz{parquet}")
 
 
 def _select_columns(
