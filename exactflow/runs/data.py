@@ -387,7 +387,7 @@ def split_notes(rows: np.ndarray, parts: Sequence[np.ndarray], fractions: Sequen
                 name: str) -> list[str]:
     """What to say about a split whose parts are far from ``fractions`` because the copies
     of a row stay on one side of it (:func:`~exactflow.datasets.split_indices`): a note,
-    or a :class:`DataError` where a part is empty.
+    or a :class:`DataError` where a part is empty; a note too where most rows repeat.
 
     Raises:
         DataError: a part holds no rows.
@@ -395,9 +395,15 @@ def split_notes(rows: np.ndarray, parts: Sequence[np.ndarray], fractions: Sequen
     n = len(rows)
     asked = [round(f * n) for f in fractions]
     sizes = [len(part) for part in parts]
-    if all(abs(got - want) <= max(5, 0.2 * want) for got, want in zip(sizes, asked, strict=True)):
-        return []
     distinct = len(np.unique(row_hashes([rows])))
+    if all(abs(got - want) <= max(5, 0.2 * want) for got, want in zip(sizes, asked, strict=True)):
+        if distinct >= n / 2:
+            return []
+        return [f"note: {n - distinct:,} of the {n:,} rows of {name} repeat another row "
+                f"exactly ({distinct:,} distinct): a continuous density piles its mass onto "
+                "repeated points, and rows there score far above any real density; drop the "
+                "copies, or dequantize integer columns (--dequantize, or train_run(..., "
+                "dequantize=True))"]
     if distinct == n:
         if min(sizes) == 0:
             raise DataError(f"{name}: {n} rows are too few for the fractions {list(fractions)}")
