@@ -371,9 +371,9 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
             batch_size=batch_size, lr=lr, standardize=standardize, device=device, seed=seed,
             resume=resume, progress=progress, log=log,
         )
-        if stage is not None:
+        if stage is not None and writer:  # (every rank resumes there; one moves it in)
             replace_run(stage, out)
-            run.path = out
+        run.path = out
         return run
 
 
