@@ -175,29 +175,37 @@ def reference_log_prob(base: Any, z: Tensor) -> Tensor | None:
         inside = ((z >= base.low) & (z <= base.high)).all(-1)
         volume = torch.log(base.high - base.low).sum()
         return torch.where(inside, -volume, torch.full_like(volume, -math.inf))
-    if kind in (Gaussian, GaussianMixture):
-        normals = td.MultivariateNormal(base.loc, scale_tril=base.lower())
+    if kind in (Gaussian, GaussianMixture):  # (the factors from the parameters: not lower())
+        lower = torch.diag_embed(torch.exp(base.log_diag))
+        if base.covariance == "full":
+            lower = lower + torch.tril(base.off_diag, -1)
+        normals = td.MultivariateNormal(base.loc, scale_tril=lower)
         if kind is Gaussian:
             return normals.log_prob(z.unsqueeze(1))[:, 0]
         return td.MixtureSameFamily(td.Categorical(logits=base.logits), normals).log_prob(z)
     return None
 
 
-def check_base(flow: Flow, x: Any, *, max_points: int = 256, atol: float = 1e-9
-               ) -> dict[str, Any]:
+def check_base(flow: Flow, x: Any, context: Any = None, *, max_points: int = 256,
+               atol: float = 1e-9, rtol: float = 1e-12) -> dict[str, Any]:
     """The flow's base log-density at the latents of ``x`` (the points it really sees)
-    against :func:`reference_log_prob`, in float64: ``{"name", "checked", "error",
-    "ok"}`` (``checked`` False, ``ok`` None for a base of the user's)."""
+    against :func:`reference_log_prob`, in float64, elementwise within ``atol + rtol *
+    |reference|``: ``{"name", "checked", "error", "ok"}`` (``checked`` False, ``ok`` None
+    for a base of the user's; ``error`` the largest absolute difference)."""
     model = copy.deepcopy(flow).double().eval()
     rows = tensor_of(np.asarray(x, dtype=np.float64)[:max_points])
+    ctx = None if context is None else tensor_of(
+        np.asarray(context, dtype=np.float64)[:max_points])
     name = type(model.base).__name__
     with torch.no_grad():
-        z, _ = model.to_latent(rows)
+        z = model.to_latent(rows, ctx)[0].double()  # (a layer of the user's may cast)
         reference = reference_log_prob(model.base, z)
         if reference is None:
             return {"name": name, "checked": False, "error": None, "ok": None}
         got = model.base.log_prob(z)
     both = torch.isfinite(reference) & torch.isfinite(got)
     same_inf = bool(torch.equal(torch.isfinite(reference), torch.isfinite(got)))
-    error = float((got - reference)[both].abs().max()) if bool(both.any()) else 0.0
-    return {"name": name, "checked": True, "error": error, "ok": same_inf and error <= atol}
+    gap = (got - reference)[both].abs()
+    within = bool((gap <= atol + rtol * reference[both].abs()).all())
+    error = float(gap.max()) if gap.numel() else 0.0
+    return {"name": name, "checked": True, "error": error, "ok": same_inf and within}

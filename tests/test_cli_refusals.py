@@ -64,6 +64,12 @@ def test_a_split_uneven_for_repeated_rows_says_why(tmp_path):
     code, _, err = run_cli(["train", counts, *GAUSSIAN, "--out", tmp_path / "c"])
     assert code == 0 and "holds 24 distinct rows among its 600" in err
     assert "26 validation rows (asked 60), 98 test rows (asked 60)" in err, err
+    # An empty part is refused before anything is written, however few rows were asked.
+    small = write_csv(tmp_path / "s.csv", rng.normal(size=(12, 2)), ["u", "v"])
+    code, _, err = run_cli(["train", small, *GAUSSIAN, "--val-fraction", "0.05",
+                            "--test-fraction", "0.05", "--out", tmp_path / "s"])
+    assert code == 1 and "12 rows are too few for the fractions (0.9, 0.05, 0.05)" in err, err
+    assert not (tmp_path / "s").exists()
     code, _, err = run_cli(["train", counts, *GAUSSIAN, "--dequantize", "--out",
                             tmp_path / "d"])
     assert code == 0 and "distinct" not in err, err
@@ -85,6 +91,21 @@ def test_check_of_one_point_passes_and_a_run_takes_no_model_options(gaussian_run
         "(GaussianMixture)" in out and "all layers pass" not in out
     assert "base distribution GaussianMixture passes: its log-density at the latent " \
         "points against torch.distributions" in out
+
+
+def test_check_base_is_relative_at_far_points_and_takes_a_context():
+    import torch
+
+    import exactflow as ef
+    from exactflow.diagnostics import check_base
+
+    flow = ef.models.maf(2, layers=1, hidden=(4,))  # (latents near 1e5: log p near -1e10,
+    far = np.full((4, 2), 1e5)                      # whose rounding is above 1e-9)
+    assert check_base(flow, far)["ok"]
+    conditional = ef.models.maf(2, layers=1, hidden=(4,), context=3)
+    result = check_base(conditional, np.zeros((4, 2)), np.zeros((4, 3)))
+    assert result["checked"] and result["ok"] and result["error"] < 1e-12
+    assert torch.is_tensor(conditional.base.log_prob(torch.zeros(1, 2)))
 
 
 def test_check_finds_a_wrong_base_density(monkeypatch):
@@ -205,6 +226,18 @@ def test_signals_deferred_holds_ctrl_c_to_the_end_of_the_block():
             done.append("the rest of the block")
     assert done == ["the rest of the block"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    seen = []  # (handlers that do not raise: each signal's runs after the block)
+    previous = {sig: signal.signal(sig, lambda n, f: seen.append(n))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with signals_deferred():
+            for sig in (signal.SIGINT, signal.SIGINT, signal.SIGTERM):
+                os.kill(os.getpid(), sig)
+            assert seen == []
+        assert seen == [signal.SIGINT, signal.SIGTERM]
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def test_values_beyond_1e150_are_refused_before_the_run_folder_is_made(tmp_path):

@@ -64,7 +64,10 @@ def signals_deferred() -> Iterator[None]:
     finally:
         for number, handler in saved.items():
             signal.signal(number, handler)
-        for signum, frame in held[:1]:  # (raises where the handler does)
+        first: dict[int, Any] = {}  # (the first of each signal, in the order they came)
+        for signum, frame in held:
+            first.setdefault(signum, frame)
+        for signum, frame in first.items():  # (raises where the handler does)
             saved[signum](signum, frame)
 
 

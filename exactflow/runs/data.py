@@ -394,9 +394,13 @@ def split_notes(rows: np.ndarray, parts: Sequence[np.ndarray], fractions: Sequen
     """
     n = len(rows)
     asked = [round(f * n) for f in fractions]
+    said = "(" + ", ".join(f"{f:g}" for f in fractions) + ")"
     sizes = [len(part) for part in parts]
     distinct = len(np.unique(row_hashes([rows])))
-    if all(abs(got - want) <= max(5, 0.2 * want) for got, want in zip(sizes, asked, strict=True)):
+    if min(sizes) == 0 and distinct == n:
+        raise DataError(f"{name}: {n} rows are too few for the fractions {said}")
+    if min(sizes) > 0 and all(abs(got - want) <= max(5, 0.2 * want)
+                              for got, want in zip(sizes, asked, strict=True)):
         if distinct >= n / 2:
             return []
         return [f"note: {n - distinct:,} of the {n:,} rows of {name} repeat another row "
@@ -405,8 +409,6 @@ def split_notes(rows: np.ndarray, parts: Sequence[np.ndarray], fractions: Sequen
                 "copies, or dequantize integer columns (--dequantize, or train_run(..., "
                 "dequantize=True))"]
     if distinct == n:
-        if min(sizes) == 0:
-            raise DataError(f"{name}: {n} rows are too few for the fractions {list(fractions)}")
         return []
     why = (f"{name} holds {distinct:,} distinct rows among its {n:,}, and the copies of a "
            "row stay on one side of the split (on both, memorizing the training rows would "
@@ -415,7 +417,7 @@ def split_notes(rows: np.ndarray, parts: Sequence[np.ndarray], fractions: Sequen
             "or drop the repeated rows")
     if min(sizes) == 0:
         raise DataError(f"{why}: they do not fill a train, validation and test part at the "
-                        f"fractions {list(fractions)}{cure}")
+                        f"fractions {said}{cure}")
     parts_said = ", ".join(f"{got:,} {what} rows (asked {want:,})" for got, want, what in
                            zip(sizes, asked, ("training", "validation", "test"), strict=True))
     return [f"note: {why}: the split has {parts_said}{cure}"]

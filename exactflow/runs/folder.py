@@ -101,9 +101,12 @@ def finish_replacement(out: Path) -> None:
     stage = out / REPLACING_DIR
     if (out / RUN_JSON).exists() or _status(stage) != "done" or lock_holder(out):
         return
-    with locked(out):
-        if not (out / RUN_JSON).exists() and _status(stage) == "done":
-            replace_run(stage, out)
+    try:
+        with locked(out):
+            if not (out / RUN_JSON).exists() and _status(stage) == "done":
+                replace_run(stage, out)
+    except (OSError, RunError):  # (a read-only folder, or a run started meanwhile: the
+        pass                     # reader's own error says what the folder holds)
 
 
 def lock_holder(folder: Path) -> str | None:
