@@ -1054,6 +1054,27 @@ def test_the_time_limit_counts_the_preparation(monkeypatch):
     assert history.stopped_early and history.total_steps <= 8
 
 
+def test_the_time_limit_leaves_room_for_the_last_record(monkeypatch):
+    # (on 1 M rows a validation pass took 1.9 s: each flow of the ladder ran that much past
+    # its share, 13.2 s for a budget of 10)
+    from exactflow.training.parallel import Replicas
+
+    data = gaussian_data(600)
+    fit(ef.models.maf(2, layers=1, hidden=(8,)), data[:500], data[500:], steps=2, **CPU)
+    evaluate = Replicas.evaluate  # (a first fit above: what remains is the records)
+
+    def slow_evaluate(self, *args, **kwargs):
+        time.sleep(1.0)
+        return evaluate(self, *args, **kwargs)
+
+    monkeypatch.setattr(Replicas, "evaluate", slow_evaluate)
+    history = fit(ef.models.maf(2, layers=1, hidden=(8,)), data[:500], data[500:],
+                  steps=1_000_000, batch_size=50, eval_every=1_000_000, time_limit=1.5,
+                  **CPU)
+    # Stopped at the first look at the clock: a last record of 1 s no longer fits.
+    assert history.stopped_early and history.total_steps == 8, history.total_steps
+
+
 def test_the_flow_fit_returns_scores_its_best_val_with_batch_norm():
     # Batch norm's statistics were reset from the training set after the best weights came
     # back: the returned RealNVP scored validation up to 0.036 nats off history.best_val,

@@ -406,6 +406,7 @@ def fit(
             guard.save()
             if val_rows is not None:  # step 0: the model as it starts is a candidate too
                 record(0, lr, time.perf_counter())  # (the rate its first step will take)
+                settings.record_seconds = history.time[0]  # (a record's length: its own clock)
                 if err := unscorable_error(flow, val_rows, val_ctx, "validation data",
                                            train_rows, train_ctx, history.val_nll[0]):
                     raise err

@@ -319,6 +319,8 @@ class LoopSettings:
     postfix: Callable[[History], dict[str, str]] = field(default=lambda history: {})
     #: ``time.perf_counter()`` past which the run stops, with a last record (None: no limit).
     stop_at: float | None = None
+    #: How long a record takes (a validation pass): the run stops that much before stop_at.
+    record_seconds: float = 0.0
 
 
 #: Steps between two looks at the clock of a run with a time limit (the ranks agree on
@@ -412,6 +414,7 @@ def run_loop(
         warn_if_oversubscribed(flow)
     bar = progress_bar(settings.progress and peers.is_main, total, state.step, settings.desc)
     clock = time.perf_counter() - state.elapsed
+    record_seconds = settings.record_seconds  # (the last record ends by stop_at)
     flow.train()
     try:
         while state.step < total and not state.finished:
@@ -458,10 +461,12 @@ def run_loop(
                     bar.set_postfix(loss=f"{logged_value:.4f}", refresh=False)
             done = state.step
             late = settings.stop_at is not None and done % CLOCK_EVERY == 0 and peers.any(
-                time.perf_counter() >= settings.stop_at)
+                time.perf_counter() + record_seconds >= settings.stop_at)
             if done % settings.eval_every == 0 or done == total or late:
                 peers.sync_statistics(flow, done)
+                began = time.perf_counter()
                 stop = record(done, current_lr, clock) or late
+                record_seconds = time.perf_counter() - began
                 history.total_steps = done
                 if callback is not None and callback(history):
                     stop = True
