@@ -201,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(p)
     p.add_argument("--budget", type=_positive_float, metavar="SECONDS",
                    help="with --model auto: the time the ladder of candidates may take "
-                        "(default 300)")
+                        "(default 300); reading and splitting the data, scoring the test "
+                        "rows and the report come on top")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--steps", type=_positive_int,
                         help="a fixed number of optimizer steps (default: until the validation "
