@@ -512,6 +512,38 @@ def test_json_usage_errors_are_json_too(run_dir):
     assert code == 2 and out == "" and "expected a positive integer" in err
 
 
+def test_train_and_score_a_folder_of_shards_and_a_parquet_file(tmp_path):
+    # (the command line took one file only: "unknown file type '.parquet'", and a folder of
+    # shards could not be scored)
+    rows = np.random.default_rng(0).normal(size=(3000, 3))
+    ef.datasets.write_shards(rows, tmp_path / "shards", rows_per_shard=1000)
+    out = tmp_path / "run"
+    code, _, err = run_cli(["train", tmp_path / "shards", "--model", "gaussian",
+                            "--no-report", "--out", out])
+    assert code == 0, err
+    code, _, err = run_cli(["score", out, tmp_path / "shards", "-o", tmp_path / "s.npy"])
+    assert code == 0, err
+    scores = np.load(tmp_path / "s.npy")
+    np.testing.assert_allclose(scores[:, 0], ef.runs.load_run(out).score(rows), rtol=1e-12)
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"a": rows[:, 0], "b": rows[:, 1], "c": rows[:, 2]}),
+                   tmp_path / "t.parquet")
+    code, _, err = run_cli(["train", tmp_path / "t.parquet", "--model", "gaussian",
+                            "--no-report", "--out", tmp_path / "pq"])
+    assert code == 0, err
+    assert json.loads((tmp_path / "pq" / "run.json").read_text())["data"]["column_names"] == [
+        "a", "b", "c"]
+    pq.write_table(pa.table({"c": rows[:5, 2], "a": rows[:5, 0], "b": rows[:5, 1]}),
+                   tmp_path / "new.parquet")  # (columns matched by name)
+    code, _, err = run_cli(["score", tmp_path / "pq", tmp_path / "new.parquet", "-o",
+                            tmp_path / "n.npy"])
+    assert code == 0, err
+    np.testing.assert_allclose(np.load(tmp_path / "n.npy")[:, 0],
+                               ef.runs.load_run(tmp_path / "pq").score(rows[:5]), rtol=1e-12)
+
+
 def test_sample_lands_where_the_data_is(run_dir):
     code, out, _ = run_cli(["sample", run_dir, "-n", "2000", "--seed", "0"])
     samples = np.loadtxt(io.StringIO(out), delimiter=",", skiprows=1)

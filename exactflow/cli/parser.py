@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     # train
     p = sub.add_parser(
         "train", parents=[common], formatter_class=_Formatter,
-        help="train a flow on a toy dataset or a CSV/.npy/.npz file",
+        help="train a flow on a toy dataset, a CSV/.npy/.npz/Parquet file or a folder of shards",
         description="Train a flow by maximum likelihood and write a run folder. DATA is a toy "
                     "name (" + ", ".join(DEMO_DATASETS) + "), digits (scikit-learn's 8x8 "
                     "digits dequantized to (x + u) / 17 in (0, 1): 64 features), or a CSV, .npy "
@@ -191,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
                "# continue an interrupted run\n",
     )
     p.add_argument("data", metavar="DATA",
-                   help="toy name, digits, or a data file (.csv, .npy, .npz)")
+                   help="toy name, digits, a data file (.csv, .npy, .npz, .parquet) or a "
+                        "folder of .npy or Parquet shards")
     p.add_argument("--model", default="auto", choices=["auto", *_model_names()],
                    metavar="NAME",
                    help="auto (default: try a short ladder of models within --budget and keep "
@@ -303,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  exactflow score runs/maf new.csv --keep customer_id -o scores.csv\n",
     )
     p.add_argument("run", metavar="RUN_DIR")
-    p.add_argument("data", metavar="DATA", help="data file (.csv, .npy, .npz) or toy name")
+    p.add_argument("data", metavar="DATA", help="data file (.csv, .npy, .npz, .parquet), a "
+                   "folder of .npy or Parquet shards (read a block at a time), or toy name")
     p.add_argument("-o", "--output", metavar="FILE",
                    help="write scores to FILE (.csv, .tsv, .txt or .npy)")
     p.add_argument("--missing", choices=("error", "skip"), default="error",

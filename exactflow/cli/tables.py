@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from ..datasets import CHUNK_ROWS, DataError, read_cells, read_header
+from ..datasets import CHUNK_ROWS, DataError, Shards, read_cells, read_header
+from ..datasets.shards import is_shards
 from ..io import atomic_write_bytes, csv_rows, write_table
 from ..runs import Run, RunError, anomaly, load_run, read_data
 from ..validation import counted, index_list, nonfinite_rows_error
@@ -113,7 +114,10 @@ def _score_columns(args: argparse.Namespace, run: Any) -> list[int | str] | None
                 )
             return list(names)
         return chosen
-    header = read_header(args.data) if isinstance(args.data, str) else None
+    header = None
+    if isinstance(args.data, str):
+        header = (Shards(args.data).column_names if Path(args.data).exists() and
+                  is_shards(args.data) else read_header(args.data))
     if names and header is not None:
         missing = [n for n in names if n not in header]
         if missing:
@@ -137,9 +141,13 @@ def _score_columns(args: argparse.Namespace, run: Any) -> list[int | str] | None
 
 
 def _mapped_npy(data: Any, columns: list[int | str] | None) -> Any:
-    """A ``.npy`` file of numbers memory-mapped (``score`` then reads it a block at a time),
-    or None: other sources, and files the reader must explain, go through ``read_data``."""
+    """A ``.npy`` file of numbers memory-mapped, or a folder of shards or a Parquet file
+    (:class:`~exactflow.datasets.Shards`, its columns picked): ``score`` then reads it a
+    block at a time; or None: other sources, and files the reader must explain, go
+    through ``read_data``."""
     path = Path(str(data))
+    if path.exists() and is_shards(path):
+        return Shards(str(path), columns=columns)
     if path.suffix.lower() != ".npy" or not path.is_file():
         return None
     if columns is not None and not all(isinstance(c, int) for c in columns):
@@ -216,7 +224,8 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
     picked: list[int] | None = None
     if source_rows is not None:  # read a block at a time: memory does not grow with the file
         info = {"name": source.name}
-        picked = None if chosen is None else [int(c) for c in chosen]
+        lazy = isinstance(source_rows, Shards)  # (its columns are picked already)
+        picked = None if chosen is None or lazy else [int(c) for c in chosen]
     else:
         source_rows, info = read_data(args.data, chosen, seed=0,
                                       missing="nan" if args.missing == "skip" else "error")

@@ -23,7 +23,7 @@ from ..validation import DataError, positive_int
 from .arrays import CHUNK_ROWS, LazyTable, as_numpy
 from .files import load
 
-__all__ = ["Shards", "write_shards", "open_table", "NPY_SUFFIXES", "PARQUET_SUFFIXES"]
+__all__ = ["Shards", "write_shards", "open_table", "is_shards", "NPY_SUFFIXES", "PARQUET_SUFFIXES"]
 
 NPY_SUFFIXES = (".npy",)
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -481,6 +481,14 @@ def write_shards(
     return names
 
 
+def is_shards(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` names what :class:`Shards` reads (a folder, a glob pattern or a
+    Parquet file), not one file of :func:`~exactflow.datasets.load`."""
+    text = os.fspath(path)
+    return os.path.isdir(text) or glob.has_magic(text) or text.lower().endswith(
+        PARQUET_SUFFIXES)
+
+
 def open_table(path: str | os.PathLike[str]) -> np.ndarray | LazyTable:
     """The table a path names: :class:`Shards` for a folder, a glob pattern or a Parquet
     file; :func:`~exactflow.datasets.load` for any other file (a ``.npy`` is memory-mapped).
@@ -489,6 +497,4 @@ def open_table(path: str | os.PathLike[str]) -> np.ndarray | LazyTable:
         DataError: no such file or folder, or an unreadable one.
     """
     text = os.fspath(path)
-    if os.path.isdir(text) or glob.has_magic(text) or text.lower().endswith(PARQUET_SUFFIXES):
-        return Shards(text)
-    return load(text)
+    return Shards(text) if is_shards(text) else load(text)

@@ -17,6 +17,7 @@ from .._version import __version__
 from ..datasets import (
     TOY_ENTROPY,
     TOYS,
+    Shards,
     column_names,
     digits,
     load,
@@ -28,6 +29,7 @@ from ..datasets import (
 )
 from ..datasets.arrays import mix64, row_hashes
 from ..datasets.files import split_key
+from ..datasets.shards import is_shards
 from ..datasets.splits import split_indices
 from ..validation import DataError, column_list, warn_user
 
@@ -117,7 +119,10 @@ def _read_file(
             f"{str(path)!r} is neither a built-in dataset ({', '.join(BUILTIN)}) nor an "
             "existing file"
         )
-    arr = np.asarray(load(path, columns=columns, missing=missing))
+    lazy = is_shards(file)
+    table = Shards(str(path), columns=columns) if lazy else load(path, columns=columns,
+                                                                  missing=missing)
+    arr = np.asarray(table)  # (shards, a Parquet file: read whole, as every file here)
     if arr.dtype.kind not in "biuf":
         validate(arr, name=path.name)
     arr = np.array(arr, dtype=np.float64)  # a writable in-memory copy (memmaps are read-only)
@@ -126,7 +131,7 @@ def _read_file(
     if arr.ndim != 2:
         raise DataError(f"{path.name}: expected a 2-D array (rows, features), got shape "
                         f"{tuple(arr.shape)}")
-    header = read_header(path)
+    header = table.column_names if isinstance(table, Shards) else read_header(path)
     if columns is not None and header:
         names: list[str] | None = [
             str(c) if isinstance(c, str) else header[c] for c in columns
@@ -136,7 +141,7 @@ def _read_file(
     else:
         names = header if header and arr.ndim == 2 and len(header) == arr.shape[1] else None
     _unique_names(names, path.name)
-    if finite and not isinstance(arr, np.memmap) and np.isinf(arr).any():
+    if finite and not lazy and not isinstance(arr, np.memmap) and np.isinf(arr).any():
         _refuse_infinite(path, arr, columns, header)
     info = {"source": "file", "name": path.name, "path": str(path.resolve()),
             "columns": list(columns) if columns is not None else None, "column_names": names,
