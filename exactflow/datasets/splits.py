@@ -12,7 +12,8 @@ from ..validation import DataError
 from .arrays import ArrayLike, LazyTable, Subset, as_numpy, is_lazy, row_hashes
 from .checks import validate
 
-__all__ = ["split", "split_indices", "as_tensor", "shuffled_rows", "cut_between_copies"]
+__all__ = ["split", "split_indices", "split_counted", "as_tensor", "shuffled_rows",
+           "cut_between_copies"]
 
 
 def split(
@@ -60,6 +61,14 @@ def split_indices(
 ) -> list[np.ndarray]:
     """The row numbers of each part :func:`split` makes (the same arguments, the same
     parts), in the parts' order."""
+    return split_counted(data, fractions, seed)[0]
+
+
+def split_counted(
+    data: ArrayLike, fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0
+) -> tuple[list[np.ndarray], int]:
+    """:func:`split_indices`, and the number of distinct rows the split found (the rows'
+    number where it found no copies, and for lazy data, which it does not read whole)."""
     fr = np.asarray(fractions, dtype=np.float64)
     if fr.ndim != 1 or len(fr) < 1 or (fr < 0).any() or abs(fr.sum() - 1.0) > 1e-6:
         raise ValueError(f"fractions must be non-negative and sum to 1, got {tuple(fractions)}")
@@ -71,7 +80,8 @@ def split_indices(
     cuts = np.rint(np.cumsum(fr) * n).astype(np.int64)
     cuts[-1] = n
     perm, starts = shuffled_rows(data, rng=np.random.default_rng(seed))
-    return np.split(perm, cut_between_copies(cuts[:-1], starts))
+    distinct = n if starts is None else len(starts) - 1
+    return np.split(perm, cut_between_copies(cuts[:-1], starts)), distinct
 
 
 def shuffled_rows(*tables: ArrayLike | None, rng: np.random.Generator

@@ -30,7 +30,7 @@ from ..datasets import (
 from ..datasets.arrays import mix64, row_hashes
 from ..datasets.files import split_key
 from ..datasets.shards import is_shards
-from ..datasets.splits import split_indices
+from ..datasets.splits import split_counted
 from ..validation import DataError, column_list, warn_user
 
 __all__ = ["read_data", "versions", "BUILTIN", "integer_columns", "dequantize", "split_rows"]
@@ -374,34 +374,34 @@ def _keyed_uniforms(rows: np.ndarray, k: int, seed: int) -> np.ndarray:
 
 
 def split_rows(rows: np.ndarray, fractions: Sequence[float], seed: int,
-               recorded: dict[str, Any] | None = None) -> list[np.ndarray]:
-    """The row numbers of the train, validation and test parts of ``rows``
-    (:func:`~exactflow.datasets.split_indices`), and a digest of them in ``recorded["split"]``
-    where given: a run resumed on a split other than the one it started on is refused, as
-    its test rows would not be held out any more."""
-    parts = split_indices(rows, fractions, seed=seed)
+               recorded: dict[str, Any] | None = None) -> tuple[list[np.ndarray], int]:
+    """The row numbers of the train, validation and test parts of ``rows`` and the number
+    of distinct rows (:func:`~exactflow.datasets.split_counted`), and a digest of the parts
+    in ``recorded["split"]`` where given: a run resumed on a split other than the one it
+    started on is refused, as its test rows would not be held out any more."""
+    parts, distinct = split_counted(rows, fractions, seed=seed)
     if recorded is not None:
         digest = hashlib.sha256()
         for part in parts:
             digest.update(np.asarray(part, dtype="<i8").tobytes() + b"|")
         recorded["split"] = digest.hexdigest()[:16]
-    return parts
+    return parts, distinct
 
 
-def split_notes(rows: np.ndarray, parts: Sequence[np.ndarray], fractions: Sequence[float],
+def split_notes(parts: Sequence[np.ndarray], distinct: int, fractions: Sequence[float],
                 name: str) -> list[str]:
-    """What to say about a split whose parts are far from ``fractions`` because the copies
-    of a row stay on one side of it (:func:`~exactflow.datasets.split_indices`): a note,
-    or a :class:`DataError` where a part is empty; a note too where most rows repeat.
+    """What to say about a split (:func:`split_rows`: its parts and the number of distinct
+    rows) whose parts are far from ``fractions`` because the copies of a row stay on one
+    side of it: a note, or a :class:`DataError` where a part is empty; a note too where
+    most rows repeat.
 
     Raises:
         DataError: a part holds no rows.
     """
-    n = len(rows)
+    sizes = [len(part) for part in parts]
+    n = sum(sizes)
     asked = [round(f * n) for f in fractions]
     said = "(" + ", ".join(f"{f:g}" for f in fractions) + ")"
-    sizes = [len(part) for part in parts]
-    distinct = len(np.unique(row_hashes([rows])))
     if min(sizes) == 0 and distinct == n:
         raise DataError(f"{name}: {n} rows are too few for the fractions {said}")
     if min(sizes) > 0 and all(abs(got - want) <= max(5, 0.2 * want)

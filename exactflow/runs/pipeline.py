@@ -287,8 +287,8 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
     if n < 10:
         raise DataError(f"{data_info['name']} has {counted(n, 'row')}; a train/validation/test "
                         "split needs at least 10")
-    parts = split_rows(rows, fractions, seed, data_info)  # (split's parts, and their rows)
-    notes += split_notes(rows, parts, fractions, data_info["name"])
+    parts, distinct = split_rows(rows, fractions, seed, data_info)  # (and their rows)
+    notes += split_notes(parts, distinct, fractions, data_info["name"])
     train, val, test = (rows[part] for part in parts)
     features = rows.shape[1]
     del rows  # (the parts hold every row: the table itself need not stay in memory)
