@@ -13,7 +13,7 @@ import numpy as np
 from .. import distributed, models
 from ..datasets import TOYS, DataError, read_header
 from ..report import build_report
-from ..runs import BUILTIN, REPLACING_DIR, RunError, train_run
+from ..runs import BUILTIN, REPLACING_DIR, RunError, run_status, train_run
 from .common import CommandError, UsageError, fmt, say, with_key
 from .parser import DEMO_DATASETS
 
@@ -38,10 +38,8 @@ def _train(args: argparse.Namespace, **kwargs: Any) -> dict[str, Any]:
             "resume to continue", "--resume to continue")) from None
     except KeyboardInterrupt as stop:  # (say what the folder holds and how to go on)
         out = Path(kwargs["out"])
-        try:  # (a run stopped before it wrote anything leaves a folder's earlier run as is)
-            status = json.loads((out / "run.json").read_text(encoding="utf-8"))["status"]
-        except (OSError, ValueError, KeyError, TypeError):
-            status = None
+        status = run_status(out)  # (a run stopped before it wrote anything leaves a folder's
+        # earlier run as it was)
         if writer and status == "done" and (out / REPLACING_DIR).is_dir():
             cure = ("train it again with --overwrite" if kwargs["model"] == "auto" else
                     "continue it with the same command and --resume, or train it again "

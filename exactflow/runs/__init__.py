@@ -42,6 +42,7 @@ from .folder import (
     RunError,
     load_run,
     locked,
+    run_status,
 )
 from .pipeline import train_run
 
@@ -50,6 +51,7 @@ __all__ = [
     "RunError",
     "load_run",
     "locked",
+    "run_status",
     "train_run",
     "read_data",
     "versions",

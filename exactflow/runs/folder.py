@@ -24,7 +24,7 @@ from .data import dequantize_to_score
 __all__ = ["Run", "RunError", "load_run", "locked", "lock_holder", "RUN_FILES", "LOCK_FILE",
            "RUN_JSON", "MODEL_FILE", "LEGACY_MODEL_FILE", "DATA_FILE", "HISTORY_FILE",
            "CHECKPOINT_FILE", "REPORT_DIR", "RUN_FORMAT", "REPLACING_DIR", "replacing",
-           "replace_run", "finish_replacement"]
+           "replace_run", "finish_replacement", "run_status"]
 
 #: The files of a run folder.
 RUN_JSON = "run.json"
@@ -49,7 +49,7 @@ LOCK_FILE = ".exactflow.lock"
 REPLACING_DIR = ".exactflow-replacing"
 
 
-def _status(folder: Path) -> str | None:
+def run_status(folder: Path) -> str | None:
     """The status in ``folder``'s run.json, or None (no run.json, or not readable)."""
     try:
         status = json.loads((folder / RUN_JSON).read_text(encoding="utf-8")).get("status")
@@ -65,10 +65,11 @@ def replacing(out: Path, *, resume: bool = False) -> Path | None:
     ``resume``: that folder where it holds a replacement that stopped while training (to
     continue there), else None."""
     stage = out / REPLACING_DIR
+    finished = run_status(out) == "done"
     if resume:
-        return stage if _status(out) == "done" and _status(stage) == "training" else None
+        return stage if finished and run_status(stage) == "training" else None
     shutil.rmtree(stage, ignore_errors=True)
-    return stage if _status(out) == "done" else None
+    return stage if finished else None
 
 
 def replace_run(stage: Path, out: Path) -> None:
@@ -99,11 +100,11 @@ def finish_replacement(out: Path) -> None:
     """Complete the move of a finished replacement into ``out`` that was cut short (``out``
     without a run.json, the replacement's saying done), unless a run writes ``out`` now."""
     stage = out / REPLACING_DIR
-    if (out / RUN_JSON).exists() or _status(stage) != "done" or lock_holder(out):
+    if (out / RUN_JSON).exists() or run_status(stage) != "done" or lock_holder(out):
         return
     try:
         with locked(out):
-            if not (out / RUN_JSON).exists() and _status(stage) == "done":
+            if not (out / RUN_JSON).exists() and run_status(stage) == "done":
                 replace_run(stage, out)
     except (OSError, RunError):  # (a read-only folder, or a run started meanwhile: the
         pass                     # reader's own error says what the folder holds)
