@@ -170,10 +170,39 @@ def test_a_changed_byte_in_the_weights_is_refused(tmp_path):
     data = bytearray(path.read_bytes())
     data[-9] ^= 0x10  # in the last tensor's bytes, one bit
     (tmp_path / "flipped.safetensors").write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match="is damaged: its weights do not match the "
-                                              "checksum"):
+    with pytest.raises(CheckpointError, match="is damaged: its config and weights do not "
+                                              "match the checksum"):
         ef.load(tmp_path / "flipped.safetensors")
     assert torch.equal(ef.load(path).log_prob(torch.ones(2, 3)), flow.log_prob(torch.ones(2, 3)))
+
+
+def test_a_changed_config_or_a_missing_checksum_is_refused(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    flow = perturb(ef.models.maf(3, layers=1, hidden=(8,)))
+    path = ef.save(flow, tmp_path / "m.safetensors")
+    data = bytearray(path.read_bytes())
+    at = data.index(b'\\"maf\\"') + 2  # the builder's name in the header's JSON
+    data[at] ^= 0x04  # 'm' -> 'i': an IAF of the same shapes, one bit away
+    (tmp_path / "iaf.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="is damaged: its config and weights do not "
+                                              "match the checksum"):
+        ef.load(tmp_path / "iaf.safetensors")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open's API
+    save_file(state, str(tmp_path / "bare.safetensors"),
+              metadata={k: v for k, v in meta.items() if k != "sha256"})
+    with pytest.raises(CheckpointError, match="is damaged: it has no checksum"):
+        ef.load(tmp_path / "bare.safetensors")
+    # Files of the development builds before the checksum covered the config still load.
+    older = {**{k: v for k, v in meta.items() if k != "sha256"},
+             "exactflow_version": "0.2.0.dev0"}
+    for extra in ({}, {"sha256": ef.io.state_digest(state)}):
+        save_file(state, str(tmp_path / "older.safetensors"), metadata={**older, **extra})
+        x = torch.ones(2, 3)
+        assert torch.equal(ef.load(tmp_path / "older.safetensors").log_prob(x), flow.log_prob(x))
 
 
 def test_ef_load_keeps_the_saved_dtype_and_refuses_complex_weights(tmp_path):

@@ -2,12 +2,14 @@
 
 A model file is a `safetensors <https://huggingface.co/docs/safetensors>`_ file: a JSON
 header naming every tensor with its dtype, shape and byte range, then the raw bytes. The
-header's metadata holds the format, its version, the exactflow version and the builder
-config as JSON text. Nothing in the file is ever executed: :func:`load` reads the header,
-checks that every size the config claims is backed by weights in the file (a tampered
-``layers=10**6`` or ``features=10**9`` is refused before anything is built), rebuilds the
-model with :func:`exactflow.models.build`, and checks every tensor's name and shape before
-copying the weights in.
+header's metadata holds the format, its version, the exactflow version, the builder
+config as JSON text and a SHA-256 of the config and the weights (safetensors checks its
+header's layout, not the bytes: a changed byte in either is refused). Nothing in the file
+is ever executed: :func:`load` reads the header, checks that every size the config claims
+is backed by weights in the file (a tampered ``layers=10**6`` or ``features=10**9`` is
+refused before anything is built), rebuilds the model with
+:func:`exactflow.models.build`, and checks every tensor's name and shape before copying
+the weights in.
 
 Files written by exactflow 0.1 (a ``torch.save`` archive of the config and the state dict)
 still load: they are read with ``torch.load(weights_only=True)``, which refuses any pickle
@@ -127,7 +129,7 @@ def save(flow: Flow, path: str | os.PathLike[str]) -> Path:
         "version": str(FORMAT_VERSION),
         "exactflow_version": str(__version__),
         "config": config_json,
-        "sha256": state_digest(state),
+        "sha256": state_digest(state, config_json),
     }
     return atomic_write_bytes(path, safetensors_bytes(state, metadata=metadata))
 
@@ -147,10 +149,13 @@ def _mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor])
     ) if part)
 
 
-def state_digest(state: dict[str, torch.Tensor]) -> str:
-    """SHA-256 of every tensor's name, dtype, shape and bytes, in name order: a changed
-    byte in the weights (a bad disk, a bad copy) changes it."""
+def state_digest(state: dict[str, torch.Tensor], config: str | None = None) -> str:
+    """SHA-256 of every tensor's name, dtype, shape and bytes, in name order, after the
+    builder ``config``'s JSON text where given: a changed byte in the weights or in the
+    config (a bad disk, a bad copy) changes it."""
     digest = hashlib.sha256()
+    if config is not None:
+        digest.update(f"config|{len(config)}|{config}|".encode())
     for key in sorted(state):
         t = state[key].detach().to("cpu").contiguous()
         digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
@@ -243,10 +248,10 @@ def _not_a_torch_file(path: Path) -> str | None:
     return "a text file (a CSV?)" if b"," in head or b"\t" in head else "a text file"
 
 
-def _read(path: Path, map_location: Any) -> tuple[dict[str, Any], dict[str, Any], bool]:
-    """``(config, tensors, intact)`` of a model file of either format, never running code:
-    ``intact`` is False when the tensors do not match the checksum saved with them (files
-    without one, exactflow 0.1's, count as intact)."""
+def _read(path: Path, map_location: Any) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """``(config, tensors, damage)`` of a model file of either format, never running code:
+    ``damage`` says how the config and tensors fail the checksum saved with them, '' where
+    they pass (exactflow 0.1's files have none)."""
     name = str(path)
     if not path.exists():
         raise CheckpointError(f"no such model file: {name!r}")
@@ -278,10 +283,10 @@ def _read(path: Path, map_location: Any) -> tuple[dict[str, Any], dict[str, Any]
     state = payload.get("state_dict")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{name!r} has no valid state_dict of tensors")
-    return _config(name, payload.get("config")), state, True
+    return _config(name, payload.get("config")), state, ""
 
 
-def _read_safetensors(path: Path, map_location: Any) -> tuple[dict, dict, bool]:
+def _read_safetensors(path: Path, map_location: Any) -> tuple[dict, dict, str]:
     from safetensors import SafetensorError, safe_open
 
     name = str(path)
@@ -304,7 +309,7 @@ def _read_safetensors(path: Path, map_location: Any) -> tuple[dict, dict, bool]:
             shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
             _check_sizes(name, config, shapes)
             state = {key: f.get_tensor(key) for key in f.keys()}
-            intact = "sha256" not in meta or meta["sha256"] == state_digest(state)
+            damage = _damage(meta, state)
             state = {key: t.to(device) for key, t in state.items()}
     except CheckpointError:
         raise
@@ -313,7 +318,26 @@ def _read_safetensors(path: Path, map_location: Any) -> tuple[dict, dict, bool]:
             f"{name!r} is truncated or not a valid model file ({type(err).__name__}: "
             f"{str(err).splitlines()[0] if str(err) else 'unreadable'})"
         ) from None
-    return config, state, intact
+    return config, state, damage
+
+
+#: The exactflow that wrote model files whose checksum covers the weights alone, or that
+#: have none (the development version before the checksum covered the config).
+_WEIGHTS_ONLY_CHECKSUM = "0.2.0.dev0"
+
+
+def _damage(meta: dict[str, str], state: dict[str, torch.Tensor]) -> str:
+    """How a safetensors model file fails its checksum ('' where it does not)."""
+    saved = meta.get("sha256")
+    if meta.get("exactflow_version") == _WEIGHTS_ONLY_CHECKSUM:
+        if saved is None or saved in (state_digest(state),
+                                      state_digest(state, meta.get("config"))):
+            return ""
+    elif saved is None:
+        return "it has no checksum (every file exactflow.save writes has one)"
+    elif saved == state_digest(state, meta.get("config")):
+        return ""
+    return "its config and weights do not match the checksum saved with them"
 
 
 def _check_version(name: str, version: int, written_by: Any) -> None:
@@ -412,7 +436,8 @@ def load(path: str | os.PathLike[str], map_location: Any = "cpu") -> Flow:
             array); a folder without a model file; holds anything but tensors and plain
             types (e.g. a pickle with a code payload); was written by a newer exactflow
             format; names an unknown builder; has a config that its weights do not fit;
-            holds NaN weights; or weights that do not match the checksum saved with them.
+            holds NaN weights; or a config and weights that do not match the checksum saved
+            with them (or no checksum).
     """
     if map_location == "auto":
         map_location = "cuda" if torch.cuda.is_available() else "cpu"
@@ -427,7 +452,7 @@ def load(path: str | os.PathLike[str], map_location: Any = "cpu") -> Flow:
     _warn_if_dequantized(path, info)
     path = _model_file(path, info)
     name = str(path)
-    config, state, intact = _read(path, map_location)
+    config, state, damage = _read(path, map_location)
     try:
         flow = build(config)
     except (ValueError, TypeError) as err:
@@ -444,11 +469,10 @@ def load(path: str | os.PathLike[str], map_location: Any = "cpu") -> Flow:
             "the file is damaged; it would score every row NaN"
         )
     _check_dtypes(name, flow.state_dict(), state)
-    if not intact:  # (after the checks that say more about a file made otherwise)
+    if damage:  # (after the checks that say more about a file made otherwise)
         raise CheckpointError(
-            f"{name!r} is damaged: its weights do not match the checksum saved with them (a "
-            "changed byte, from a bad disk or copy); copy it again from a good source or "
-            "train it again"
+            f"{name!r} is damaged: {damage} (a changed byte, from a bad disk or copy); copy "
+            "it again from a good source or train it again"
         )
     try:
         # assign=True keeps every tensor in the dtype it was saved in (a float64 model
