@@ -362,3 +362,36 @@ def test_a_first_fit_in_a_process_imports_what_it_needs_before_its_clock_starts(
                           timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[-2] == "['sklearn.mixture', 'torch._dynamo']", done.stdout
+
+
+def test_a_candidate_no_better_than_an_earlier_one_beyond_rounding_is_not_kept(monkeypatch):
+    # A spline flow on the mixture that kept its step 0 is the mixture, scored through
+    # identity layers: 2e-8 nats below it, it was kept and reported as a 41,899-parameter
+    # flow. Ties go to the earlier, simpler candidate; a real gain is still taken.
+    import exactflow.training.auto as auto
+
+    gain = {"nats": 0.0}
+
+    def short_ladder(n, d, c, gmm):
+        config = {"model": "maf", "layers": 1, "hidden": [8], "base": {"name": "gmm", **gmm}}
+        return [auto.Candidate("maf on the mixture", config, {"steps": 2})]
+
+    def scored(flow, data, context=None):
+        result = dict(evaluate(flow, data, context))
+        if flow.config["model"] == "maf":
+            result["nll"] = mixture_nll[0] - gain["nats"]
+        elif flow.config["model"] == "gmm":
+            mixture_nll[:] = [result["nll"]]
+        return result
+
+    evaluate = auto.evaluate
+    mixture_nll: list[float] = []
+    monkeypatch.setattr(auto, "ladder", short_ladder)
+    monkeypatch.setattr(auto, "evaluate", scored)
+    x = _clusters(400, seed=3)
+    for nats, kept in ((2e-8, "gmm"), (1e-3, "maf on the mixture")):
+        gain["nats"] = nats
+        result = ef.fit_auto(x, budget=60, progress=False)
+        assert result.chosen.name.startswith(kept), result.leaderboard
+        flow_entry = result.leaderboard[-1]
+        assert ("no better than gmm" in flow_entry.status) == (kept == "gmm")

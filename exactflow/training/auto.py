@@ -38,10 +38,11 @@ image's border pixels (:meth:`~exactflow.transforms.Standardize.choose_scale`; 4
 per row on the digit images, the same ladder's pick).
 
 Every candidate is scored on the same validation rows; the winner is the lowest validation
-NLL. With fewer than :data:`MIN_VAL_ROWS` validation rows (below about 100 rows with a 15%
-split, 150 with 10%) a choice among flows is noise: the mixture is then chosen by 5-fold
-cross-validation over all rows and no flow is tried (2.3-2.8 nats better on 20-row tables,
-``benchmarks/tiny.py``).
+NLL, where a later (larger) candidate must beat an earlier one by more than rounding
+(:data:`TIE_NATS`). With fewer than :data:`MIN_VAL_ROWS` validation rows (below about 100
+rows with a 15% split, 150 with 10%) a choice among flows is noise: the mixture is then
+chosen by 5-fold cross-validation over all rows and no flow is tried (2.3-2.8 nats better
+on 20-row tables, ``benchmarks/tiny.py``).
 The leaderboard, one entry per candidate (its config, validation NLL, steps, kept step,
 seconds, and why it was skipped if it was), is returned for the run folder and the report.
 """
@@ -78,12 +79,18 @@ from .metrics import evaluate, warn_dominant_rows
 from .mixtures import GMM_COMPONENTS, SEARCH_ROWS, search_gmm, select_gmm
 
 __all__ = ["fit_auto", "ladder", "select_gmm", "Candidate", "Entry", "AutoResult",
-           "MIN_VAL_ROWS"]
+           "MIN_VAL_ROWS", "TIE_NATS"]
 
 #: With fewer validation rows than this, ``fit_auto`` keeps a Gaussian mixture chosen by
 #: 5-fold cross-validation and tries no flow: a choice among flows on a dozen rows is
 #: noise (``benchmarks/README.md``, "Tiny tables": ``python -m benchmarks.tiny``).
 MIN_VAL_ROWS = 15
+
+#: A candidate must beat the best so far by more than this (relative to the validation
+#: NLL, in nats; absolute below 1 nat) to be kept: the candidates come simplest first, and
+#: a flow on the mixture that kept its step 0 *is* that mixture, scored through identity
+#: layers in float32, a few 1e-8 nats either side of it.
+TIE_NATS = 1e-6
 
 
 @dataclass
@@ -223,7 +230,8 @@ def fit_auto(
         >>> import torch, exactflow as ef
         >>> x = torch.randn(300, 2) @ torch.tensor([[1.0, 0.0], [0.9, 0.4]])
         >>> result = ef.fit_auto(x, budget=20)
-        >>> result.chosen.val_nll == min(e.val_nll for e in result.leaderboard if e.val_nll)
+        >>> best = min(e.val_nll for e in result.leaderboard if e.val_nll)
+        >>> result.chosen.val_nll - best <= ef.training.auto.TIE_NATS * max(1, abs(best))
         True
     """
     budget = positive_float(budget, "budget")
@@ -300,7 +308,13 @@ def fit_auto(
         if history.stopped_early and time.perf_counter() >= deadline:
             entry.status = "stopped at its share of the budget"
         say(f"{name}: validation NLL {val_nll:.4f} in {entry.seconds:.1f} s")
-        if math.isfinite(val_nll) and (best is None or val_nll < best[0]):
+        if math.isfinite(val_nll) and best is not None and val_nll < best[0] <= (
+                val_nll + TIE_NATS * max(1.0, abs(val_nll))):
+            kept = next(other.name for other in board if other.chosen)
+            tie = f"no better than {kept} beyond rounding: {kept} is kept"
+            entry.status = tie if entry.status == "ok" else f"{entry.status}; {tie}"
+            say(f"{name}: {tie}")
+        elif math.isfinite(val_nll) and (best is None or val_nll < best[0]):
             best = (val_nll, flow, history)
             for other in board:
                 other.chosen = other is entry
