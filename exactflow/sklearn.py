@@ -36,14 +36,10 @@ except ImportError:  # pragma: no cover - older scikit-learn
 
 from . import models
 from .datasets import check_full_rank, validate
-from .runs.data import (
-    dequantize,
-    dequantize_to_score,
-    integer_columns,
-    value_notes,
-)
+from .runs.data import dequantize, dequantize_to_score, integer_columns
+from .runs.notes import data_notes
 from .scoring import log_prob
-from .validation import column_list, positive_float, positive_int, warn_user
+from .validation import positive_float, positive_int, warn_user
 
 __all__ = ["FlowDensity"]
 
@@ -212,18 +208,12 @@ class FlowDensity(DensityMixin, BaseEstimator):
         seed = int(rng.randint(np.iinfo(np.int32).max))
         discrete = integer_columns(X)
         self.dequantized_columns_ = discrete if self.dequantize else []
-        notes = []  # (said once the data and options pass the checks: not beside an error)
+        # (said once the data and options pass the checks: not beside an error)
+        notes = data_notes(X, discrete, names, dequantized=bool(self.dequantize),
+                           dequantize_fix="FlowDensity(dequantize=True)",
+                           drop_fix="drop it from X")
         if self.dequantize:  # first: a column of 0s and 1s may look constant, not after
             X = dequantize(X, discrete, seed)
-        elif discrete:
-            which = "column {} holds" if len(discrete) == 1 else "columns {} hold"
-            notes.append(
-                f"{which.format(column_list(discrete, names))} integers only: a continuous "
-                "density can pile its mass onto the integers, and rows on them then score "
-                "far above any real density; FlowDensity(dequantize=True) adds uniform "
-                "noise in [0, 1) to them, for a log-density that means something"
-            )
-        notes += value_notes(X, discrete, names, "FlowDensity(dequantize=True)")
         validate(X, name="X", columns=names)  # constant columns first, as the CLI checks
         check_full_rank(X, "X", names)
         n, d = X.shape

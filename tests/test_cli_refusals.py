@@ -298,7 +298,7 @@ def test_options_a_run_would_ignore_are_usage_errors(table, tmp_path, argv, mess
 
 def test_dequantize_without_integer_columns_says_it_changes_nothing(table, tmp_path):
     code, _, err = run_cli(["train", table, *GAUSSIAN, "--dequantize", "--out", tmp_path / "r"])
-    assert code == 0 and "no column holds integers only: dequantize changes nothing" in err
+    assert code == 0 and "no column holds integers only: dequantizing changes nothing" in err
 
 
 def test_ctrl_c_during_the_auto_ladder_points_to_overwrite(gaussian_run, tmp_path,

@@ -132,6 +132,29 @@ def test_a_closed_form_fit_has_no_training_curve(tmp_path):
         "points of the same rows against torch.distributions" in page
     base = json.loads((out / "report" / "metrics.json").read_text())["check"]["base"]
     assert base["checked"] and base["ok"] and base["error"] < 1e-9
+    assert '<p class="sub">gaussian on 8gaussians' in page  # (not "gaussian flow")
+
+
+def test_the_report_says_what_train_noted_of_the_data(tmp_path):
+    # train's notes (integer columns, point masses, IDs) were said once on stderr and were
+    # not in the report, whose NLL they bear on.
+    rng = np.random.default_rng(2)
+    data = np.c_[rng.normal(size=(400, 2)), rng.poisson(3.0, 400)]
+    np.save(tmp_path / "counts.npy", data)
+    out = tmp_path / "counts"
+    train(["train", tmp_path / "counts.npy", "--model", "gaussian", "--out", out,
+           "--no-report"])
+    said = json.loads((out / "run.json").read_text())["data"]["notes"]
+    assert len(said) == 1 and said[0].startswith("column 2 (column indices) holds integers")
+    rp.build_report(out)
+    text = " ".join(parse(out / "report" / "index.html").text)
+    assert "Notes on the data" in text and said[0] in text
+    plain = tmp_path / "plain"
+    np.save(tmp_path / "plain.npy", data[:, :2])
+    train(["train", tmp_path / "plain.npy", "--model", "gaussian", "--out", plain,
+           "--no-report"])
+    rp.build_report(plain)
+    assert "Notes on the data" not in (plain / "report" / "index.html").read_text()
 
 
 def test_5d_report_shows_pairwise_marginals(run_5d):

@@ -151,7 +151,7 @@ def test_integer_columns_are_warned_about_or_dequantized():
 def test_a_column_with_a_point_mass_is_warned_about():
     # 90% zeros beside continuous values: FlowDensity scored rows at 0 at +4.55 nats, at
     # 0.1 at -13.5, silently (no integer column, more than a few values).
-    from exactflow.runs.data import point_mass_columns
+    from exactflow.runs.notes import point_mass_columns
 
     rng = np.random.default_rng(0)
     mass = np.where(rng.uniform(size=2000) < 0.9, 0.0, rng.normal(5, 1, 2000))
@@ -174,7 +174,7 @@ def test_a_column_with_a_point_mass_is_warned_about():
 def test_columns_of_a_few_levels_that_are_not_integers_are_warned_about():
     # A 2-level column scaled by a StandardScaler (diabetes' sex, +-0.0507) escaped the
     # integer check: a 5-component mixture scored held-out rows 2.1 nats higher with it.
-    from exactflow.runs.data import few_valued_columns
+    from exactflow.runs.notes import few_valued_columns
 
     rng = np.random.default_rng(1)
     X = np.c_[rng.normal(size=(400, 2)), (rng.integers(0, 2, 400) - 0.5) / 0.5 * 0.0507]

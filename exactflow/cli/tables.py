@@ -17,6 +17,7 @@ from ..datasets import CHUNK_ROWS, DataError, Shards, read_cells, read_header
 from ..datasets.shards import is_shards
 from ..io import atomic_write_bytes, csv_rows, write_table
 from ..runs import Run, RunError, anomaly, load_run, read_data
+from ..runs.notes import OutsideRange
 from ..validation import counted, index_list, nonfinite_rows_error
 from .common import CommandError, UsageError, fmt, say, with_key
 from .output import SampleStream, json_cap_error
@@ -258,12 +259,16 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
               f"({', '.join(header[:8])}{', ...' if len(header) > 8 else ''}) is not "
               "used; pick and order them with --columns", file=sys.stderr)
     scores = np.empty(len(source_rows))
+    ranges = run.info["data"].get("ranges")  # (runs of 0.2.0.dev0 and before: none)
+    outside = OutsideRange(ranges, names or None) if ranges and len(ranges) == d else None
     bad: list[int] = []
     skip = args.missing == "skip"  # rows with a missing value left unscored: NaN
     for start in range(0, len(source_rows), CHUNK_ROWS):
         block = np.asarray(source_rows[start : start + CHUNK_ROWS], dtype=np.float64)
         block = block if picked is None else block[:, picked]
         holes = np.isnan(block).any(axis=1)
+        if outside is not None:
+            outside.add(block, start)
         bad += (start + np.flatnonzero(holes)).tolist()
         if skip:
             part = scores[start : start + len(block)]
@@ -294,13 +299,18 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
             flags = np.full(len(scores), np.nan)
             p_values[scored], flags[scored] = anomaly.flag(scores[scored], calibration, q)
         p = p_values
-    outside = int(np.isneginf(scores).sum())
+    beyond = "" if outside is None else outside.note(len(scores), info["name"])
+    if beyond:  # (stderr: stdout may carry the CSV or the JSON)
+        print(f"note: {beyond}", file=sys.stderr)
+    minus_inf = int(np.isneginf(scores).sum())
     result: dict[str, Any] = {
         "ok": True, "n": int(len(scores)), "output": str(out) if out else None,
         "mean_log_density": _finite_stat(np.mean, scores),
         "min_log_density": _finite_stat(np.min, scores),
         "max_log_density": _finite_stat(np.max, scores),
-        "minus_inf_rows": outside,
+        "minus_inf_rows": minus_inf,
+        "outside_training_range_rows": None if outside is None else outside.rows,
+        "outside_training_range": None if outside is None else outside.summary(),
         "calibration_rows": None if calibration is None else int(len(calibration)),
         "smallest_p_value": None if calibration is None else anomaly.smallest_p_value(
             len(calibration)),
@@ -336,10 +346,10 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
             say(args, f"{counted(len(bad), 'row')} with a missing value not scored "
                        f"(row{'s' if len(bad) > 1 else ''} {index_list(bad, len(bad))}, from "
                        f"0): {unset} {'is' if ',' not in unset else 'are'} NaN there")
-        if outside:
+        if minus_inf:
             flagged = ("flagged as anomalies" if flags is not None else
                        "anomalies under any --threshold-quantile")
-            say(args, f"{counted(outside, 'row')} with log-density -inf (outside the model's "
+            say(args, f"{counted(minus_inf, 'row')} with log-density -inf (outside the model's "
                        f"support or beyond the range of its numbers): {flagged}")
         if flags is not None and calibration is not None:
             rate = anomaly.flag_rate(len(calibration), q)

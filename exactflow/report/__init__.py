@@ -31,6 +31,7 @@ from ..diagnostics import (
     propagate,
 )
 from ..io import atomic_write_json, atomic_write_text, json_safe
+from ..models import CLOSED_FORM
 from ..runs import REPORT_DIR, Run, RunError, load_run
 from ..scoring import module_dtype
 from ..training import evaluate
@@ -279,8 +280,14 @@ def _render(
          _duration(metrics.get("train_time_s"))),
         ("model check", "all ok" if metrics["check"]["ok"] else "FAILED"),
     ]
+    kept = next((e for e in board or () if e.get("chosen")), None)
+    name = model.get("model", "?")
+    if board:
+        what = f"{name if kept is None else kept.get('name', name)} (kept by the auto ladder)"
+    else:
+        what = name if name in CLOSED_FORM else f"{name} flow"
     subtitle = (
-        f'{_e(model.get("model", "?"))} flow on {_e(data.get("name", "?"))} '
+        f'{_e(what)} on {_e(data.get("name", "?"))} '
         f'({_e(data.get("features", "?"))} features; {_e(sizes.get("train", "?"))} train / '
         f'{_e(sizes.get("val", "?"))} validation / {_e(sizes.get("test", "?"))} test rows), '
         f'trained {_e(info.get("finished", ""))}'
@@ -301,6 +308,7 @@ def _render(
         numbers="\n".join(_fill("row.html", label=_e(k), value=v)
                           for k, v in _numbers(metrics, info)),
         leaderboard=_leaderboard(board),
+        notes_section=_notes(data.get("notes")),
         sections="\n".join(section_html),
         check_points=_e(metrics["check"]["points"]),
         check_rows="\n".join(_check_row(r) for r in checks),
@@ -311,6 +319,16 @@ def _render(
         units_note=" (the standardization is part of the model)" if (model or {}).get(
             "standardize") else "",
     )
+
+
+def _notes(notes: list[str] | None) -> str:
+    """The notes ``exactflow train`` said of the data, as a section ('' without any)."""
+    if not notes:
+        return ""
+    items = "\n".join(f"<li>{_e(note)}</li>" for note in notes)
+    return (f"<h2>Notes on the data</h2>\n<p>What <code>exactflow train</code> said of the "
+            f"data before training it; they bear on the numbers below.</p>\n<ul>\n{items}"
+            "\n</ul>")
 
 
 def _leaderboard(board: list[dict[str, Any]] | None) -> str:

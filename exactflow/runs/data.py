@@ -31,7 +31,7 @@ from ..datasets.arrays import mix64, row_hashes
 from ..datasets.files import split_key
 from ..datasets.shards import is_shards
 from ..datasets.splits import split_counted
-from ..validation import DataError, column_list, warn_user
+from ..validation import DataError, warn_user
 
 __all__ = ["read_data", "versions", "BUILTIN", "integer_columns", "dequantize", "split_rows"]
 
@@ -204,120 +204,6 @@ def integer_columns(rows: np.ndarray) -> list[int]:
     return [int(j) for j in np.flatnonzero(whole)]
 
 
-#: A column of non-integers with at most this many distinct values (and ten rows or more
-#: for each, on average) holds levels, not measurements: :func:`few_valued_columns`.
-FEW_VALUES = 20
-
-
-def few_valued_columns(rows: np.ndarray, integers: Sequence[int] | None = None) -> list[int]:
-    """The columns that are not integers but take few distinct values (at most
-    :data:`FEW_VALUES`, and a tenth as many as the rows): categories coded as numbers, or
-    integers scaled (a ``StandardScaler``'s output), which :func:`integer_columns` misses.
-    ``integers``: that function's result where the caller has it.
-
-    A continuous density can pile its mass onto those values as onto integers.
-    """
-    rows = np.asarray(rows, dtype=np.float64)
-    if rows.ndim != 2 or len(rows) < 10:
-        return []
-    skip = set(integer_columns(rows) if integers is None else integers)
-    limit = min(FEW_VALUES, len(rows) // 10)
-    # (a column with more values than that in its first rows has more in all of them)
-    return [j for j in range(rows.shape[1]) if j not in skip
-            and len(np.unique(rows[:4096, j])) <= limit
-            and 1 < len(np.unique(rows[:, j])) <= limit]
-
-
-def few_values_note(columns: list[int], names: list[str] | None, fix: str) -> str:
-    """What to say about :func:`few_valued_columns`; ``fix`` names the way to dequantize."""
-    which = "column {} takes" if len(columns) == 1 else "columns {} take"
-    return (
-        f"{which.format(column_list(columns, names))} only a few distinct values, not "
-        "integers: a continuous density can pile its mass onto them, and rows on them then "
-        "score far above any real density; leave such a column out, or give it as integer "
-        f"levels (before any scaling) and {fix}"
-    )
-
-
-#: A column that holds one value in at least this share of its rows, its other values
-#: spread out, has a point mass there: :func:`point_mass_columns`.
-POINT_MASS_SHARE = 0.05
-
-
-#: A column with at least this many distinct values (in the rows looked at) spreads its
-#: values: each value of it held by twice :data:`POINT_MASS_SHARE` of the rows is a point
-#: mass (a value recorded at a coarse resolution holds 5-8% of a small table's rows).
-SPREAD_VALUES = 50
-
-
-def point_mass_columns(rows: np.ndarray, skip: Sequence[int] = ()
-                       ) -> list[tuple[int, list[tuple[float, float]]]]:
-    """``(column, [(value, share), ...])`` for each column (but ``skip``) with point
-    masses: values held by twice :data:`POINT_MASS_SHARE` of its rows or more where the
-    column spreads its values (:data:`SPREAD_VALUES` distinct ones or more: values
-    clipped at both ends of a range, a scaled count), or one value held by
-    :data:`POINT_MASS_SHARE` of them and five times as often as any other (zeros beside
-    continuous amounts). A continuous density scores
-    rows at such a value far above any real density (90% zeros: +4.6 nats where the
-    others scored -13.5). Looked for in at most 100,000 rows spread over the table."""
-    rows = np.asarray(rows)
-    if rows.ndim != 2 or len(rows) < 10:
-        return []
-    sample = np.asarray(rows[:: -(-len(rows) // 100_000)], dtype=np.float64)
-    found = []
-    for j in range(rows.shape[1]):
-        if j in skip:
-            continue
-        values, counts = np.unique(sample[:, j], return_counts=True)
-        if len(counts) < 2:
-            continue
-        share = counts / len(sample)
-        top, second = np.sort(counts)[-2:][::-1]
-        spikes = np.flatnonzero((counts == top) & (share >= POINT_MASS_SHARE)
-                                & (top >= 5 * second))
-        if len(counts) >= SPREAD_VALUES and not len(spikes):
-            spikes = np.flatnonzero(share >= 2 * POINT_MASS_SHARE)
-        if len(spikes):
-            order = spikes[np.argsort(-counts[spikes])]
-            found.append((j, [(float(values[i]), float(share[i])) for i in order]))
-    return found
-
-
-def row_number_columns(rows: np.ndarray, integers: Sequence[int]) -> list[int]:
-    """The columns of ``integers`` whose values name the rows, as row numbers or IDs do:
-    they rise (or fall) from row to row, or (50 rows and more) no two rows share one and
-    they fill most of their range, as IDs given in turn and shuffled do (incomes, prices
-    and counts spread far wider than one value per row)."""
-    found = []
-    n = len(rows)
-    for j in integers if n > 2 else ():
-        column = rows[:, j]
-        steps = np.diff(column)
-        span = float(column.max() - column.min()) + 1
-        if (bool(np.all(steps > 0)) or bool(np.all(steps < 0))
-                or (n >= 50 and span <= 1.5 * n and len(np.unique(column)) == n)):
-            found.append(j)
-    return found
-
-
-def value_notes(rows: np.ndarray, integers: Sequence[int], names: list[str] | None,
-                fix: str) -> list[str]:
-    """What to say about columns whose values a continuous density piles its mass onto,
-    beyond integer ones (``integers``): a few levels (:func:`few_valued_columns`; ``fix``
-    names the way to dequantize) and point masses (:func:`point_mass_columns`)."""
-    levels = few_valued_columns(rows, integers)
-    notes = [few_values_note(levels, names, fix)] if levels else []
-    for j, masses in point_mass_columns(rows, [*integers, *levels]):
-        held = " and ".join(f"{value!r} in {share:.0%}" for value, share in masses[:3])
-        notes.append(
-            f"column {column_list([j], names)} holds the value{'s' if len(masses) > 1 else ''}"
-            f" {held} of its rows, other values besides: a continuous density piles its "
-            "mass onto such a value, and rows there score far above any real density; model "
-            "those rows apart (a flag column, say), spread them by the resolution they were "
-            "recorded at, or leave the column out")
-    return notes
-
-
 def dequantize(
     rows: np.ndarray, columns: Sequence[int], seed: int = 0, keyed: bool = False
 ) -> np.ndarray:
@@ -386,46 +272,6 @@ def split_rows(rows: np.ndarray, fractions: Sequence[float], seed: int,
             digest.update(np.asarray(part, dtype="<i8").tobytes() + b"|")
         recorded["split"] = digest.hexdigest()[:16]
     return parts, distinct
-
-
-def split_notes(parts: Sequence[np.ndarray], distinct: int, fractions: Sequence[float],
-                name: str) -> list[str]:
-    """What to say about a split (:func:`split_rows`: its parts and the number of distinct
-    rows) whose parts are far from ``fractions`` because the copies of a row stay on one
-    side of it: a note, or a :class:`DataError` where a part is empty; a note too where
-    most rows repeat.
-
-    Raises:
-        DataError: a part holds no rows.
-    """
-    sizes = [len(part) for part in parts]
-    n = sum(sizes)
-    asked = [round(f * n) for f in fractions]
-    said = "(" + ", ".join(f"{f:g}" for f in fractions) + ")"
-    if min(sizes) == 0 and distinct == n:
-        raise DataError(f"{name}: {n} rows are too few for the fractions {said}")
-    if min(sizes) > 0 and all(abs(got - want) <= max(5, 0.2 * want)
-                              for got, want in zip(sizes, asked, strict=True)):
-        if distinct >= n / 2:
-            return []
-        return [f"note: {n - distinct:,} of the {n:,} rows of {name} repeat another row "
-                f"exactly ({distinct:,} distinct): a continuous density piles its mass onto "
-                "repeated points, and rows there score far above any real density; drop the "
-                "copies, or dequantize integer columns (--dequantize, or train_run(..., "
-                "dequantize=True))"]
-    if distinct == n:
-        return []
-    why = (f"{name} holds {distinct:,} distinct rows among its {n:,}, and the copies of a "
-           "row stay on one side of the split (on both, memorizing the training rows would "
-           "score well on the held-out ones)")
-    cure = ("; dequantize integer columns (--dequantize, or train_run(..., dequantize=True)) "
-            "or drop the repeated rows")
-    if min(sizes) == 0:
-        raise DataError(f"{why}: they do not fill a train, validation and test part at the "
-                        f"fractions {said}{cure}")
-    parts_said = ", ".join(f"{got:,} {what} rows (asked {want:,})" for got, want, what in
-                           zip(sizes, asked, ("training", "validation", "test"), strict=True))
-    return [f"note: {why}: the split has {parts_said}{cure}"]
 
 
 def stored_parts(**parts: np.ndarray) -> dict[str, Any]:

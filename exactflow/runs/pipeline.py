@@ -27,7 +27,6 @@ from ..training.metrics import dominant_rows
 from ..transforms.standardize import describe_standardize, resolve_standardize
 from ..validation import (
     DataError,
-    column_list,
     counted,
     device_named,
     fraction,
@@ -38,12 +37,9 @@ from .data import (
     _now,
     integer_columns,
     read_data,
-    row_number_columns,
     split_changed,
-    split_notes,
     split_rows,
     stored_parts,
-    value_notes,
     versions,
 )
 from .data import dequantize as dequantize_rows
@@ -64,6 +60,7 @@ from .folder import (
     replace_run,
     replacing,
 )
+from .notes import column_ranges, data_notes, split_notes
 
 __all__ = ["train_run"]
 
@@ -256,19 +253,12 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
     if writer and len(rows) >= 100_000:  # (checks and the split take seconds: say so)
         log(f"read {len(rows):,} rows of {rows.shape[1]} columns; checking and splitting them")
     discrete = integer_columns(rows)
-    notes: list[str] = []  # (said once every check has passed)
     names = data_info.get("column_names")
-    counters = row_number_columns(rows, discrete)
-    if counters:
-        notes.append(
-            f"note: column {column_list(counters, names or None)} holds a different whole "
-            "number on every row, as row numbers or IDs do: new rows would carry new ones "
-            "and score as anomalies for that alone; leave it out (--drop or --columns, "
-            "or train_run(..., columns=[...])) unless its values are data")
-    notes += ["note: " + text for text in value_notes(
-        rows, discrete, names or None, "--dequantize (or train_run(..., dequantize=True))")]
-    if dequantize and not discrete:
-        notes.append("note: no column holds integers only: dequantize changes nothing")
+    # (said once every check has passed)
+    notes = data_notes(rows, discrete, names or None, dequantized=dequantize,
+                       dequantize_fix="--dequantize (or train_run(..., dequantize=True))",
+                       drop_fix="--drop or --columns, or train_run(..., columns=[...])")
+    data_info["ranges"] = column_ranges(rows)  # (raw: score reads raw rows)
     if dequantize:  # first: a blank pixel is a constant column until it is dequantized
         rows = dequantize_rows(rows, discrete, seed)
         data_info["dequantized_columns"] = discrete
@@ -276,12 +266,6 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
     check_full_rank(rows, data_info["name"], names)
     if discrete and not dequantize:
         data_info["integer_columns"] = discrete
-        listed = [names[j] for j in discrete] if names else discrete
-        notes.append(
-            f"note: columns {listed[:8]}{' ...' if len(listed) > 8 else ''} hold integers "
-            "only; a continuous density can pile its mass onto them: dequantize them "
-            "(--dequantize, or train_run(..., dequantize=True)) for a log-density that means "
-            "something")
     fractions = (1.0 - val_fraction - test_fraction, val_fraction, test_fraction)
     n = len(rows)
     if n < 10:
@@ -289,6 +273,7 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
                         "split needs at least 10")
     parts, distinct = split_rows(rows, fractions, seed, data_info)  # (and their rows)
     notes += split_notes(parts, distinct, fractions, data_info["name"])
+    data_info["notes"] = notes
     train, val, test = (rows[part] for part in parts)
     features = rows.shape[1]
     del rows  # (the parts hold every row: the table itself need not stay in memory)
@@ -297,7 +282,7 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
         err = training_rows_error(held, len(train), train.shape[1])
         raise DataError(f"{data_info['name']}: {err}")
     for note in notes:
-        log(note)
+        log(f"note: {note}")
     requested, standardize = standardize, resolve_standardize(standardize, train)
     if requested == "auto" and previous is not None and previous.get("model"):
         # Resuming: the scaling the run started with (an older default chose per column).

@@ -1,0 +1,60 @@
+"""What exactflow says of a table: ID columns, repeated rows, and rows scored outside the
+training data's range (``exactflow.runs.notes``)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from exactflow.runs.notes import OutsideRange, column_ranges, row_number_columns, split_notes
+
+
+def _ids_found(column: np.ndarray) -> bool:
+    rows = np.c_[column, np.zeros(len(column))]
+    return row_number_columns(rows, [0]) == [0]
+
+
+def test_id_columns_are_found_with_copied_rows_and_when_drawn_at_random():
+    rng = np.random.default_rng(0)
+    ids = rng.permutation(np.arange(500_000, 503_000)).astype(float)
+    assert _ids_found(ids)
+    # 60 copied rows repeat their IDs: every ID was no longer unique, and none was found.
+    assert _ids_found(np.r_[ids, ids[:60]])
+    # Eight-digit IDs drawn at random fill their range evenly, far wider than one a row.
+    assert _ids_found(rng.choice(10**8, size=3000, replace=False).astype(float))
+    assert _ids_found(np.arange(3000.0)[::-1])  # (row numbers, falling)
+
+
+def test_measurements_held_as_whole_numbers_are_not_ids():
+    rng = np.random.default_rng(1)
+    incomes = np.round(rng.lognormal(10.0, 1.0, 3000))  # distinct, crowded at small values
+    assert len(np.unique(incomes)) > 0.9 * len(incomes) and not _ids_found(incomes)
+    heights = np.round(rng.normal(1e6, 1e5, 3000))  # distinct, bell-shaped
+    assert len(np.unique(heights)) > 0.9 * len(heights) and not _ids_found(heights)
+    assert not _ids_found(rng.poisson(4.0, 3000).astype(float))  # counts repeat
+    assert not _ids_found(rng.permutation(np.arange(40.0)))  # too few rows to tell
+
+
+def test_a_tenth_of_the_rows_repeated_is_noted():
+    # 300 copies among 1,300 rows were not noted (only a majority of copies was).
+    parts = [np.arange(1040), np.arange(1040, 1170), np.arange(1170, 1300)]
+    fractions = (0.8, 0.1, 0.1)
+    notes = split_notes(parts, 1000, fractions, "t.csv")
+    assert len(notes) == 1 and "300 of the 1,300 rows of t.csv repeat another row" in notes[0]
+    assert split_notes(parts, 1200, fractions, "t.csv") == []  # (100 copies: 8%)
+
+
+def test_rows_outside_the_training_range_are_counted_per_column_and_side():
+    train = np.array([[0.0, 18.0], [5.0, 60.0], [2.0, 30.0]])
+    outside = OutsideRange(column_ranges(train), ["claim", "age"])
+    outside.add(np.array([[-150.0, 30.0], [1.0, 40.0]]), start=0)
+    outside.add(np.array([[np.nan, 12.0], [9.0, 99.0], [-1.0, 17.0]]), start=2)
+    assert outside.rows == 4 and outside.first == [0, 2, 3, 4]
+    assert outside.summary() == {"claim": {"below": 2, "above": 1},
+                                 "age": {"below": 2, "above": 1}}
+    note = outside.note(5, "new.csv")
+    assert note.startswith("4 of the 5 rows of new.csv hold values outside the range")
+    assert "'claim': 2 below its minimum 0 and 1 above its maximum 5" in note
+    assert "rows 0, 2, 3, 4, from 0" in note
+    inside = OutsideRange(column_ranges(train), None)
+    inside.add(train, start=0)
+    assert inside.rows == 0 and inside.note(3, "t") == "" and inside.summary() == {}
