@@ -9,6 +9,7 @@ permissions of every file a run writes.
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import io
 import json
@@ -85,8 +86,129 @@ def test_a_checkpoint_whose_weights_changed_is_refused(tmp_path):
     name = next(k for k, v in payload["model"].items() if v.is_floating_point())
     payload["model"][name].view(-1)[0] += 1e-3
     torch.save(payload, path)
-    with pytest.raises(CheckpointError, match="weights do not match the SHA-256"):
+    with pytest.raises(CheckpointError, match="do not match the SHA-256"):
         ef.fit(ef.models.maf(2, layers=1, hidden=(4,)), x, steps=4, resume=True, **args)
+
+
+def test_a_checkpoint_that_claims_what_it_does_not_hold_is_refused_before_use(tmp_path):
+    # An optimizer state of the wrong shape, with the checksum made again to match, crashed
+    # the process in torch's fused Adam (SIGSEGV, "corrupted double-linked list"); an
+    # expanded view of 4 bytes was copied out to its claimed size (2.5 GB) by the checksum.
+    from exactflow.io import payload_digest
+
+    path = tmp_path / "checkpoint.pt"
+    x = torch.randn(64, 2)
+    args = dict(batch_size=32, checkpoint=path, progress=False, device="cpu")
+    ef.fit(ef.models.maf(2, layers=1, hidden=(4,)), x, steps=2, checkpoint_every=1, **args)
+    good = torch.load(path, weights_only=True)
+
+    def resume_with(change, sign=True):
+        payload = torch.load(path.with_name("good.pt"), weights_only=True)
+        change(payload)
+        if sign:
+            payload.pop("sha256")
+            payload["sha256"] = payload_digest(payload)
+        torch.save(payload, path)
+        ef.fit(ef.models.maf(2, layers=1, hidden=(4,)), x, steps=4, resume=True, **args)
+
+    torch.save(good, path.with_name("good.pt"))
+
+    def short_moments(payload):
+        for entry in payload["optimizer"]["state"].values():
+            entry["exp_avg"] = torch.zeros(7)
+
+    with pytest.raises(CheckpointError, match=r"holds 'exp_avg' of shape \(7,\)"):
+        resume_with(short_moments)
+
+    def integer_moments(payload):  # (in the snapshot that a rollback loads)
+        payload["guard"]["optimizer"] = snapshot = copy.deepcopy(payload["optimizer"])
+        for entry in snapshot["state"].values():
+            entry["exp_avg_sq"] = entry["exp_avg_sq"].long()
+
+    with pytest.raises(CheckpointError, match="rollback snapshot .* holds 'exp_avg_sq'"):
+        resume_with(integer_moments)
+
+    def expanded(payload):
+        payload["model"][next(iter(payload["model"]))] = torch.zeros(1).expand(10**9)
+
+    with pytest.raises(CheckpointError, match="a view of 4 bytes that claims 1,000,000,000"):
+        resume_with(expanded, sign=False)
+
+    def bad_rng(payload):
+        payload["rng"]["torch"] = torch.zeros(3, dtype=torch.uint8)
+
+    with pytest.raises(CheckpointError, match="is a damaged checkpoint"):
+        resume_with(bad_rng)
+    for change in (short_moments, bad_rng, lambda p: p.update(step=10**30)):
+        with pytest.raises(CheckpointError, match="its entries do not match the SHA-256"):
+            resume_with(change, sign=False)  # (unsigned: a changed byte anywhere)
+    with pytest.raises(CheckpointError, match="step -5 is negative"):
+        resume_with(lambda p: p.update(step=-5))
+    torch.save(good, path)
+    ef.fit(ef.models.maf(2, layers=1, hidden=(4,)), x, steps=4, resume=True, **args)
+
+
+def test_model_configs_that_would_build_far_more_than_the_file_holds_are_refused(tmp_path):
+    # Sizes the size check did not bound (a mixture's components, an embedding, a width
+    # squared, any size of a model.pt) built up to 3.7 GB, or tried to allocate 8-120 GB,
+    # from files of 1-41 KB.
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    def tampered(flow, change, pad=0):
+        path = ef.save(flow, tmp_path / "m.safetensors")
+        with safe_open(str(path), "pt") as f:
+            meta, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        config = json.loads(meta["config"])
+        change(config)
+        if pad:
+            state["pad"] = torch.zeros(pad, dtype=torch.uint8)
+        save_file(state, str(tmp_path / "t.safetensors"),
+                  metadata={**meta, "config": json.dumps(config)})
+        return tmp_path / "t.safetensors"
+
+    gmm = ef.models.build({"model": "gmm", "features": 2, "components": 2})
+    maf = ef.models.maf(2, layers=1, hidden=(8,))
+    cases = [
+        (gmm, lambda c: c.update(components=10**9), 0, "components=1000000000"),
+        (maf, lambda c: c.update(base={"name": "gmm", "components": 10**8}), 0,
+         "base components=100000000"),
+        (maf, lambda c: c.update(hidden=[40000, 40000], layers=1), 40_000,
+         "hidden x hidden=1600000000"),
+        (maf, lambda c: c.update(context=3, embedding={"features": 10**5, "hidden": [10**5]}),
+         0, "embedding width"),
+        (ef.models.build({"model": "gaussian", "features": 2}),
+         lambda c: c.update(features=30000), 30_000, "x features=900000000"),
+    ]
+    for flow, change, pad, claim in cases:
+        with pytest.raises(CheckpointError, match=claim):
+            ef.load(tampered(flow, change, pad))
+    # exactflow 0.1's torch archives are held to the same bounds.
+    legacy = {"format": "exactflow", "version": 1, "exactflow_version": "0.1.0",
+              "config": json.dumps({"model": "maf", "features": 2, "layers": 10**6,
+                                    "hidden": [16]}), "state_dict": {}}
+    torch.save(legacy, tmp_path / "old.pt")
+    with pytest.raises(CheckpointError, match="claims features=2 but holds only 0 tensors"):
+        ef.load(tmp_path / "old.pt")
+    legacy["state_dict"] = {"w": torch.zeros(1).expand(10**9)}
+    torch.save(legacy, tmp_path / "old.pt")
+    with pytest.raises(CheckpointError, match="a view of 4 bytes"):
+        ef.load(tmp_path / "old.pt")
+
+
+def test_a_run_json_that_is_not_a_file_is_not_read(run_dir, tmp_path):
+    # /dev/zero in its place filled memory (2.5 GB, MemoryError); a FIFO hung.
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    (copy / "run.json").unlink()
+    os.mkfifo(copy / "run.json")
+    flow = ef.load(copy)  # (the model file alone: its run.json is not read)
+    assert isinstance(flow, ef.Flow)
+    stage = copy / ".exactflow-replacing"
+    stage.mkdir()
+    os.symlink("/dev/zero", stage / "run.json")
+    code, _, err = run_cli(["check", str(copy)])
+    assert code == 1 and "MemoryError" not in err, err
 
 
 def test_train_resume_from_a_damaged_checkpoint_is_one_line(tmp_path):
@@ -330,7 +452,9 @@ def test_a_closed_pipe_ends_quietly(run_dir, extra, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     command = ["sample", str(run_dir), *extra]
     if extra == "score":  # (its scores were written in one piece: exit 0, rows lost)
-        rows = np.random.default_rng(0).normal(size=(300_000, 2))
+        with np.load(run_dir / "data.npz") as npz:  # (within the training range: no note)
+            seen = npz["train"]
+        rows = seen[np.random.default_rng(0).integers(0, len(seen), 300_000)]
         np.save(tmp_path / "rows.npy", rows)
         command = ["score", str(run_dir), str(tmp_path / "rows.npy")]
     proc = subprocess.Popen(

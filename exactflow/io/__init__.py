@@ -13,7 +13,8 @@ from .files import (
     safe_torch_load,
     signals_deferred,
 )
-from .modelfile import FORMAT_VERSION, load, save, state_digest
+from .integrity import payload_digest, state_digest
+from .modelfile import FORMAT_VERSION, load, save
 from .tables import csv_rows, write_table
 
 __all__ = [
@@ -32,4 +33,5 @@ __all__ = [
     "safe_torch_load",
     "signals_deferred",
     "state_digest",
+    "payload_digest",
 ]

@@ -23,7 +23,6 @@ description that could be rebuilt without running code. Register your own builde
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
@@ -39,6 +38,7 @@ from ..models import build
 from ..transforms.standardize import Standardize
 from ..validation import device_named, not_a_flow, warn_user
 from .files import CheckpointError, atomic_write_bytes, safe_torch_load
+from .integrity import check_dense, check_dtypes, check_sizes, state_digest
 
 __all__ = ["save", "load", "FORMAT_VERSION"]
 
@@ -47,7 +47,6 @@ __all__ = ["save", "load", "FORMAT_VERSION"]
 FORMAT_VERSION = 2
 
 _FORMAT = "exactflow"
-_BUILTIN = ("realnvp", "nice", "maf", "iaf", "nsf", "planar", "radial")
 #: The model file of a run folder, and that of run folders written by exactflow 0.1
 #: (the same names as :data:`exactflow.runs.MODEL_FILE`; io sits below runs, so it names
 #: them itself).
@@ -149,20 +148,6 @@ def _mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor])
     ) if part)
 
 
-def state_digest(state: dict[str, torch.Tensor], config: str | None = None) -> str:
-    """SHA-256 of every tensor's name, dtype, shape and bytes, in name order, after the
-    builder ``config``'s JSON text where given: a changed byte in the weights or in the
-    config (a bad disk, a bad copy) changes it."""
-    digest = hashlib.sha256()
-    if config is not None:
-        digest.update(f"config|{len(config)}|{config}|".encode())
-    for key in sorted(state):
-        t = state[key].detach().to("cpu").contiguous()
-        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def _is_safetensors(path: Path) -> bool:
     with open(path, "rb") as f:
         head = f.read(9)
@@ -175,6 +160,8 @@ def _is_safetensors(path: Path) -> bool:
 def _run_record(run_dir: Path) -> dict[str, Any]:
     """A run folder's ``run.json``, or ``{}`` where there is none this module can read (the
     model then loads as it is)."""
+    if not (run_dir / RUN_RECORD).is_file():  # (a FIFO or /dev/zero: not read)
+        return {}
     try:
         info = json.loads((run_dir / RUN_RECORD).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -283,7 +270,10 @@ def _read(path: Path, map_location: Any) -> tuple[dict[str, Any], dict[str, Any]
     state = payload.get("state_dict")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{name!r} has no valid state_dict of tensors")
-    return _config(name, payload.get("config")), state, ""
+    check_dense(name, state)  # (a torch archive's tensor may be a view claiming more)
+    config = _config(name, payload.get("config"))
+    check_sizes(name, config, {key: tuple(t.shape) for key, t in state.items()})
+    return config, state, ""
 
 
 def _read_safetensors(path: Path, map_location: Any) -> tuple[dict, dict, str]:
@@ -307,7 +297,7 @@ def _read_safetensors(path: Path, map_location: Any) -> tuple[dict, dict, str]:
             _check_version(name, version, meta.get("exactflow_version"))
             config = _config(name, meta.get("config"))
             shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-            _check_sizes(name, config, shapes)
+            check_sizes(name, config, shapes)
             state = {key: f.get_tensor(key) for key in f.keys()}
             damage = _damage(meta, state)
             state = {key: t.to(device) for key, t in state.items()}
@@ -357,58 +347,6 @@ def _config(name: str, text: Any) -> dict[str, Any]:
     if not isinstance(config, dict) or not isinstance(config.get("model"), str):
         raise CheckpointError(f"{name!r} has a model config without a builder name")
     return config
-
-
-def _check_sizes(name: str, config: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> None:
-    """Refuse a config whose sizes the stored weights cannot back, before building anything.
-
-    Every layer holds at least one tensor and, in the built-in flows, at least ``features``
-    numbers, and every conditioner at least ``hidden`` weights per layer: a config that
-    claims more than the file holds was tampered with (or belongs to other weights), and
-    building it could take unbounded memory and time.
-    """
-    numel = sum(int(torch.Size(s).numel()) for s in shapes.values())
-    tensors = len(shapes)
-
-    def size(key: str, value: Any, bound: int) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= bound:
-            raise CheckpointError(
-                f"{name!r} claims {key}={value!r} but holds only {tensors} tensors with "
-                f"{numel} numbers in all: the config does not fit its weights (a damaged or "
-                "tampered file)"
-            )
-        return value
-
-    features = size("features", config.get("features", 1), max(numel, 1))
-    layers = size("layers", config.get("layers", 1), max(tensors, 1))
-    size("context", config.get("context", 0), numel)
-    size("bins", config.get("bins", 1), numel)
-    hidden = config.get("hidden", [])
-    widths = hidden if isinstance(hidden, list) else [hidden]
-    for width in widths:
-        size("hidden", width, numel)
-    if config.get("model") in _BUILTIN:
-        size("layers x features", layers * features, numel)
-        for width in widths:
-            size("layers x hidden", layers * width, numel)
-
-
-def _check_dtypes(name: str, expected: dict[str, torch.Tensor],
-                  state: dict[str, torch.Tensor]) -> None:
-    """Refuse stored tensors of a kind their place cannot hold: a complex or integer tensor
-    where the model has floating weights, or an index or mask buffer in another dtype."""
-    for key, want in expected.items():
-        got = state[key].dtype
-        ok = (
-            not state[key].is_complex()
-            and (state[key].is_floating_point() if want.is_floating_point() else got == want.dtype)
-        )
-        if not ok:
-            kind = "a real floating tensor" if want.is_floating_point() else str(want.dtype)
-            raise CheckpointError(
-                f"{name!r} stores {key!r} as {got}, where the model holds {kind} (a damaged "
-                "or tampered file)"
-            )
 
 
 def load(path: str | os.PathLike[str], map_location: Any = "cpu") -> Flow:
@@ -468,7 +406,7 @@ def load(path: str | os.PathLike[str], map_location: Any = "cpu") -> Flow:
             f"{name!r} holds NaN weights ({bad}): the model diverged before it was saved, or "
             "the file is damaged; it would score every row NaN"
         )
-    _check_dtypes(name, flow.state_dict(), state)
+    check_dtypes(name, flow.state_dict(), state)
     if damage:  # (after the checks that say more about a file made otherwise)
         raise CheckpointError(
             f"{name!r} is damaged: {damage} (a changed byte, from a bad disk or copy); copy "

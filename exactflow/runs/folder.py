@@ -51,6 +51,8 @@ REPLACING_DIR = ".exactflow-replacing"
 
 def run_status(folder: Path) -> str | None:
     """The status in ``folder``'s run.json, or None (no run.json, or not readable)."""
+    if not (folder / RUN_JSON).is_file():  # (a FIFO or /dev/zero would hang or fill memory)
+        return None
     try:
         status = json.loads((folder / RUN_JSON).read_text(encoding="utf-8")).get("status")
     except (OSError, ValueError, AttributeError):

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from ..io import CheckpointError, atomic_save, safe_torch_load, state_digest
+from ..io import CheckpointError, atomic_save, payload_digest, safe_torch_load, state_digest
+from ..io.integrity import check_dense
 from ..validation import warn_user
 from .history import History
 from .loop import Guard, TrainState, rng_state, set_rng_state
@@ -52,7 +53,6 @@ class Checkpoint:
             "step": state.step,
             "finished": bool(state.finished),
             "model": self.flow.state_dict(),
-            "model_sha256": state_digest(self.flow.state_dict()),
             "optimizer": self.optimizer.state_dict(),
             "schedule": {"lr_scale": state.lr_scale},
             "rng": rng_state(self.device),
@@ -65,6 +65,7 @@ class Checkpoint:
             "history": asdict(self.history),
             "run": dict(self.run_args),
         }
+        payload["sha256"] = payload_digest(payload)  # (every entry: a flipped byte anywhere)
         atomic_save(payload, self.path)
 
     def restore(self) -> None:
@@ -87,10 +88,19 @@ class Checkpoint:
                 f"{str(path)!r} is checkpoint format version {version}; this exactflow "
                 f"reads up to {CHECKPOINT_VERSION}"
             )
-        digest = payload.get("model_sha256")  # (checkpoints of exactflow 0.1 have none)
-        if digest is not None and digest != state_digest(payload.get("model") or {}):
+        check_dense(str(path), payload)
+        # A SHA-256 of every entry; of the weights alone in the checkpoints of 0.2.0.dev0
+        # builds; none in exactflow 0.1's.
+        whole, weights = payload.pop("sha256", None), payload.get("model_sha256")
+        if whole is not None:
+            intact = whole == payload_digest(payload)
+        else:
+            intact = weights is None or (isinstance(payload.get("model"), dict)
+                                         and weights == state_digest(payload["model"]))
+        if not intact:
+            what = "entries" if whole is not None else "weights"
             raise CheckpointError(
-                f"{str(path)!r} is a damaged checkpoint: its weights do not match the "
+                f"{str(path)!r} is a damaged checkpoint: its {what} do not match the "
                 "SHA-256 saved with them (a changed byte: a bad disk or copy); delete it and "
                 "train again, or resume from a good copy")
         try:
@@ -102,9 +112,10 @@ class Checkpoint:
                 f"{str(path)!r} is a damaged checkpoint: its {err.args[0]!r} entry is missing; "
                 "delete it and train again, or resume from a good copy"
             ) from None
-        except (TypeError, ValueError, AttributeError, IndexError) as err:
+        except (TypeError, ValueError, AttributeError, IndexError, RuntimeError) as err:
             raise CheckpointError(
-                f"{str(path)!r} is a damaged checkpoint ({type(err).__name__}: {err}); delete "
+                f"{str(path)!r} is a damaged checkpoint ({type(err).__name__}: "
+                f"{' '.join(str(err).split())[:300]}); delete "
                 "it and train again, or resume from a good copy"
             ) from None
 
@@ -150,6 +161,9 @@ def _restore(ckpt: Checkpoint, payload: dict[str, Any]) -> None:
             + "); if exactflow 0.1 wrote it, this version cannot resume it: start the run "
             "again, or finish it with exactflow 0.1"
         ) from None
+    _check_optimizer_state(path, ckpt.optimizer, payload["optimizer"], "optimizer state")
+    _check_optimizer_state(path, ckpt.optimizer, payload["guard"]["optimizer"],
+                           "rollback snapshot")
     ckpt.guard.model_state = payload["guard"]["model"]
     ckpt.guard.optimizer_state = payload["guard"]["optimizer"]
     if ckpt.order is not None:
@@ -159,6 +173,8 @@ def _restore(ckpt: Checkpoint, payload: dict[str, Any]) -> None:
     for name in History.__dataclass_fields__:
         setattr(ckpt.history, name, getattr(restored, name))
     state.step = int(payload["step"])
+    if state.step < 0:
+        raise ValueError(f"step {state.step} is negative")
     state.finished = bool(payload["finished"])
     state.lr_scale = float(payload["schedule"]["lr_scale"])
     state.failures = int(payload["failures"])
@@ -167,3 +183,28 @@ def _restore(ckpt: Checkpoint, payload: dict[str, Any]) -> None:
     state.run_sum = float(payload["running"]["sum"])
     state.run_count = int(payload["running"]["count"])
     state.elapsed = float(payload["elapsed"])
+
+
+def _check_optimizer_state(path: Path, optimizer: torch.optim.Optimizer, saved: Any,
+                           what: str) -> None:
+    """Refuse an optimizer state whose per-parameter tensors do not have their parameter's
+    shape: torch's fused and foreach updates index them as if they had, past their end."""
+    if saved is None:
+        return
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    ids = [i for group in saved["param_groups"] for i in group["params"]]
+    if len(ids) != len(params):
+        raise CheckpointError(
+            f"the {what} in {str(path)!r} is for {len(ids)} parameters, this flow has "
+            f"{len(params)}")
+    shapes = dict(zip(ids, (p.shape for p in params), strict=True))
+    for index, entry in saved["state"].items():
+        for key, value in entry.items():
+            if (isinstance(value, torch.Tensor) and key != "step"
+                    and (index not in shapes or value.shape != shapes[index]
+                         or not value.is_floating_point())):
+                raise CheckpointError(
+                    f"the {what} in {str(path)!r} holds {key!r} of shape "
+                    f"{tuple(value.shape)} ({value.dtype}) for a parameter of shape "
+                    f"{tuple(shapes[index]) if index in shapes else '?'} (a damaged or "
+                    "tampered file)")
