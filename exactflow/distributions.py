@@ -255,6 +255,13 @@ class Flow(Distribution):
         elif batch is not None and context.shape[0] == 1:
             context = context.expand(batch, -1)
         if batch is not None and context.shape[0] != batch:
+            if lead is not None and len(lead) == 2:
+                raise ValueError(
+                    f"context has {context.shape[0]} rows for x of shape {tuple(lead)} + "
+                    f"({self.features},): give ({lead[1]}, {self.context_features}) (one "
+                    f"context per column of the sample batch), or ({batch}, "
+                    f"{self.context_features}) (one per row)"
+                )
             raise ValueError(
                 f"context has {context.shape[0]} rows but x has {batch}; "
                 "give one context row per row of x"

@@ -62,7 +62,8 @@ def randomized(name: str, d: int = 2, **kw) -> ef.Flow:
     if any(type(m).__name__ == "BatchNorm" for m in flow.modules()):
         flow.train()
         ctx = torch.randn(256, flow.context_features, dtype=torch.float64)
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():  # (on purpose without gradients)
+            warnings.simplefilter("ignore")
             for _ in range(3):
                 x = 1.5 * torch.randn(256, d, dtype=torch.float64) + 0.5
                 flow.log_prob(x, ctx if flow.context_features else None)
@@ -338,7 +339,8 @@ def test_dropout_acts_in_training_only_and_keeps_the_parameters(name: str) -> No
         a, b = dropped.log_prob(x), dropped.log_prob(x)
     assert torch.equal(a, b)  # eval mode: no dropout, deterministic
     dropped.train()
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():  # (realnvp's BatchNorm: on purpose)
+        warnings.simplefilter("ignore")
         c = dropped.log_prob(x)
     assert not torch.allclose(a, c)  # training mode: units dropped
     with pytest.raises(ValueError, match="dropout"):

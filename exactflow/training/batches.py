@@ -192,8 +192,9 @@ def wrap(
     return wrapped
 
 
-def wrap_context(flow: Any, context: Any, name: str, rows: int) -> Rows | None:
-    """The context rows of a conditional flow (``None`` for an unconditional one), checked."""
+def wrap_context(flow: Any, context: Any, name: str, rows: int, hint: str = "") -> Rows | None:
+    """The context rows of a conditional flow (``None`` for an unconditional one), checked;
+    ``hint`` is added to the message that asks for a missing one."""
     need = int(getattr(flow, "context_features", 0))
     if need == 0:
         if context is not None:
@@ -201,8 +202,8 @@ def wrap_context(flow: Any, context: Any, name: str, rows: int) -> Rows | None:
         return None
     if context is None:
         raise ValueError(
-            f"the flow is conditional (context={need}): pass {name}=... (a keyword argument; "
-            "ef.fit's third positional argument is val) with one row per data row"
+            f"the flow is conditional (context={need}): pass {name}=...{hint} with one row "
+            "per data row"
         )
     if len(getattr(context, "shape", ())) == 1 and len(context) == need:  # one for all rows
         context = (context.expand(rows, need) if isinstance(context, Tensor)

@@ -256,7 +256,8 @@ def fit(
     train_rows = wrap(train, "training data", features, strict=True)
     if 1 < features >= len(train_rows):  # (no pass over the data: the count decides)
         check_full_rank(train_rows.data, "training data", column_names(train))
-    train_ctx = wrap_context(flow, context, "context", len(train_rows))
+    train_ctx = wrap_context(flow, context, "context", len(train_rows),
+                             " (a keyword argument: ef.fit's third positional argument is val)")
     if train_ctx is not None and not resume:  # (the user's row numbers, before a hold-out)
         warn_if_far_training_context(train_ctx)
     val_rows = val_ctx = None
@@ -473,8 +474,7 @@ def _check_divergence(history: History, train_nll: float | None, d: int, lr: flo
         raise TrainingError(
             f"training diverged: {what} (worse by more than {DIVERGED_NATS_PER_DIM:g} nats "
             "per dimension and a tenth of the NLL it started from, together). Lower the "
-            f"learning rate (lr, --lr; now {lr:.3g}, try "
-            f"{gentler_lr(lr):.3g}) or {advice}."
+            f"learning rate (lr, --lr; now {lr:.3g}, try {gentler_lr(lr):.3g}) or {advice}."
         )
 
 

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core import Transform, check_features, check_input
+from ..validation import warn_user
 from .standardize import Standardize
 
 __all__ = ["Standardize", "BatchNorm", "ActNorm"]
@@ -68,6 +69,8 @@ class BatchNorm(Transform):
     running_mean: Tensor
     running_var: Tensor
 
+    _warned_no_grad: bool = False  # (scoring in training mode: said once a layer)
+
     def __init__(self, features: int, momentum: float = 0.1, eps: float = 1e-5) -> None:
         super().__init__()
         self.features = check_features(features, "BatchNorm")
@@ -91,6 +94,8 @@ class BatchNorm(Transform):
                     "BatchNorm in training mode needs at least 2 rows to estimate the batch "
                     f"variance, got a batch of {batch}; call .eval() to use the running averages"
                 )
+            if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+                _warn_scoring_in_training_mode(self)
             mean = x.mean(0)
             var = x.var(0, unbiased=False)
             with torch.no_grad():
@@ -120,6 +125,21 @@ class BatchNorm(Transform):
 def _sync_initialized(module: ActNorm, incompatible_keys: object) -> None:
     # After load_state_dict, mirror the loaded buffer in the Python-side flag.
     module._needs_init = not bool(module.initialized)
+
+
+def _warn_scoring_in_training_mode(layer: BatchNorm) -> None:
+    """Warn, once per layer, of a pass without gradients in training mode: scoring, most
+    likely, where each row's log-density then depends on the other rows of its batch (up
+    to nats) and the running averages move with data that is not being trained on."""
+    if layer._warned_no_grad:
+        return
+    layer._warned_no_grad = True
+    warn_user(
+        "a BatchNorm layer ran in training mode without gradients (torch.no_grad: scoring?):"
+        " it normalizes by the statistics of this batch, so each row's log-density depends "
+        "on the other rows, and its running averages moved; call flow.eval() before "
+        "scoring or sampling (ef.fit returns the flow in eval mode)"
+    )
 
 
 class ActNorm(Transform):

@@ -6,6 +6,8 @@ batch 1 and odd widths, conditional and not, gradients, and the shape contract.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -28,7 +30,8 @@ def build(entry: Entry, features: int, context: int, dtype, device, seed: int) -
     layer = layer.to(device=device, dtype=dtype)
     if entry.batch_statistics:
         layer.train()
-        with torch.no_grad():  # running statistics away from (0, 1)
+        with torch.no_grad(), warnings.catch_warnings():  # running statistics away from
+            warnings.simplefilter("ignore")  # (0, 1), on purpose without gradients
             for _ in range(3):
                 layer(1.7 * torch.randn(64, features, dtype=dtype, device=device) + 0.4)
     return layer.eval()
