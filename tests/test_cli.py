@@ -185,6 +185,34 @@ def test_usage_errors_exit_2(argv, tmp_path, monkeypatch):
     assert not (tmp_path / "x").exists()
 
 
+def test_an_option_a_command_does_not_know_is_said_with_that_commands_usage():
+    # argparse said it with the top-level usage (exactflow [-h] [--version] COMMAND ...).
+    code, _, err = run_cli(["train", "moons", "--bogus"])
+    assert code == 2 and err.startswith("usage: exactflow train ") and \
+        "exactflow train: error: unrecognized arguments: --bogus" in err, err
+    code, _, err = run_cli(["score", "r", "d.csv", "--thresold-quantile", "0.1"])
+    assert code == 2 and "exactflow score: error: unrecognized arguments" in err, err
+
+
+def test_a_number_that_is_also_a_column_name_says_which_column_it_picks(tmp_path):
+    # pandas' to_csv() heads its columns ",0,1,2": --drop 1 took the column named '0', with
+    # nothing said.
+    x = np.random.default_rng(4).normal(size=(200, 3))
+    csv = write_csv(tmp_path / "pd.csv", np.c_[np.arange(200), x], ["", "0", "1", "2"])
+    code, _, err = run_cli(["train", csv, "--drop", "0", "--model", "gaussian", "--out",
+                            tmp_path / "r", "--no-report"])
+    assert code == 0 and "note: --drop 0 is position 0 (numbers are positions, from 0), the " \
+        "column named ''; the column named '0' is position 1" in err, err
+    info = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert info["data"]["column_names"] == ["0", "1", "2"]  # (the index left out)
+    code, _, err = run_cli(["score", tmp_path / "r", csv, "--columns", "1,2,3", "--json"])
+    assert code == 0 and "--columns 1 is position 1" in err and "--columns 3" not in err, err
+    plain = write_csv(tmp_path / "ab.csv", x, ["a", "b", "c"])
+    code, _, err = run_cli(["train", plain, "--drop", "1", "--model", "gaussian", "--out",
+                            tmp_path / "s", "--no-report"])
+    assert code == 0 and "is position" not in err, err
+
+
 # -- train ------------------------------------------------------------------------------
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
+from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["CommandError", "UsageError", "with_key", "say", "fmt"]
+__all__ = ["CommandError", "UsageError", "with_key", "say", "fmt", "positions_named"]
 
 
 class CommandError(Exception):
@@ -38,3 +40,19 @@ def fmt(value: Any, spec: str = ".4f") -> str:
         return "n/a"
     v = float(value)
     return format(v, spec) if math.isfinite(v) else str(v)
+
+
+def positions_named(flag: str, chosen: Sequence[int | str] | None,
+                    header: Sequence[str] | None) -> None:
+    """Say, on stderr, which column a number in ``--columns`` or ``--drop`` picks where it
+    is also the name of another column of ``header``: numbers are positions, and pandas
+    writes ``,0,1,2`` (``--drop 1`` takes the column named ``'0'``, silently, where the
+    user may have meant the one named ``'1'``; ``--drop 0`` is how to leave out its
+    unnamed index)."""
+    for c in chosen or ():
+        if (isinstance(c, int) and header is not None and str(c) in header
+                and -len(header) <= c < len(header) and header.index(str(c)) != c % len(header)):
+            at = header.index(str(c))
+            print(f"note: {flag} {c} is position {c} (numbers are positions, from 0), the "
+                  f"column named {header[c]!r}; the column named {str(c)!r} is position {at}",
+                  file=sys.stderr)

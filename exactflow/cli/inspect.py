@@ -87,7 +87,8 @@ def cmd_check(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
         if not rows:
             print(f"no layers: the model is its base distribution ({base['name']})")
         elif all(r.ok for r in rows):
-            print(f"all {len(rows)} layers pass (log-determinant against autograd, round trip)")
+            what = "the layer passes" if len(rows) == 1 else f"all {len(rows)} layers pass"
+            print(f"{what} (log-determinant against autograd, round trip)")
         else:
             print(f"{sum(not r.ok for r in rows)} layer(s) FAILED")
         if base["checked"]:

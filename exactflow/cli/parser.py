@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
 from .. import models
@@ -110,10 +110,22 @@ class UsageExit(SystemExit):
 class _Parser(argparse.ArgumentParser):
     """argparse's parser, whose usage errors keep their message (:class:`UsageExit`)."""
 
+    #: The command parsers by name (the top-level parser's), for the errors of a command.
+    commands: Mapping[str, argparse.ArgumentParser] = {}
+
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         raise UsageExit(message)
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:
+        """As argparse's, but an option the command does not know is said with the
+        command's usage (argparse says it with the top-level one)."""
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            where = self.commands.get(getattr(parsed, "command", None) or "", self)
+            where.error(f"unrecognized arguments: {' '.join(extra)}")
+        return parsed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"exactflow {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser.commands = sub.choices
 
     # demo
     p = sub.add_parser(
@@ -178,8 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a flow on a toy dataset, a CSV/.npy/.npz/Parquet file or a folder of shards",
         description="Train a flow by maximum likelihood and write a run folder. DATA is a toy "
                     "name (" + ", ".join(DEMO_DATASETS) + "), digits (scikit-learn's 8x8 "
-                    "digits dequantized to (x + u) / 17 in (0, 1): 64 features), or a CSV, .npy "
-                    "or .npz file of rows. The data is split into train/validation/test, and "
+                    "digits dequantized to (x + u) / 17 in (0, 1): 64 features), a CSV, .npy, "
+                    ".npz or Parquet file of rows, or a folder of .npy or Parquet shards. The "
+                    "data is split into train/validation/test, and "
                     "the training split's mean and standard deviation become the model's "
                     "first layer, so every log-density is in the units of the data.",
         epilog="examples:\n"

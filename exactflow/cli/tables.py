@@ -19,7 +19,7 @@ from ..io import atomic_write_bytes, csv_rows, write_table
 from ..runs import Run, RunError, anomaly, load_run, read_data
 from ..runs.notes import OutsideRange
 from ..validation import counted, index_list, nonfinite_rows_error
-from .common import CommandError, UsageError, fmt, say, with_key
+from .common import CommandError, UsageError, fmt, positions_named, say, with_key
 from .output import SampleStream, json_cap_error
 
 __all__ = ["cmd_sample", "cmd_score"]
@@ -105,6 +105,8 @@ def _score_columns(args: argparse.Namespace, run: Any) -> list[int | str] | None
     names = data_info.get("column_names")
     if args.columns is not None:
         chosen = list(args.columns)
+        source = Path(str(args.data).split(":")[0])
+        positions_named("--columns", chosen, read_header(source) if source.is_file() else None)
         if names and all(isinstance(c, str) for c in chosen) and set(chosen) <= set(names):
             if set(chosen) != set(names):
                 missing = [n for n in names if n not in chosen]

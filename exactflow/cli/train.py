@@ -14,7 +14,7 @@ from .. import distributed, models
 from ..datasets import TOYS, DataError, read_header
 from ..report import build_report
 from ..runs import BUILTIN, REPLACING_DIR, RunError, run_status, train_run
-from .common import CommandError, UsageError, fmt, say, with_key
+from .common import CommandError, UsageError, fmt, positions_named, say, with_key
 from .parser import DEMO_DATASETS
 
 __all__ = ["cmd_train", "cmd_demo"]
@@ -157,11 +157,15 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
             ("--steps", args.steps), ("--epochs", args.epochs), ("--patience", args.patience),
             ("--batch-size", args.batch_size), ("--lr", args.lr)) if value is not None]
         if given:
-            raise UsageError(f"{', '.join(given)} set how one model trains; the auto ladder "
-                             "sets them for each candidate: give --model NAME with them")
+            verb = "sets" if len(given) == 1 else "set"
+            raise UsageError(f"{', '.join(given)} {verb} how one model trains, which the auto "
+                             "ladder sets for each candidate: give --model NAME with "
+                             f"{'it' if len(given) == 1 else 'them'}")
     if args.val_fraction + args.test_fraction >= 1.0:
         raise UsageError(f"--val-fraction + --test-fraction must be below 1, got "
                          f"{args.val_fraction + args.test_fraction:g}")
+    if args.columns is not None and Path(args.data).is_file():
+        positions_named("--columns", args.columns, read_header(args.data))
     out = args.out if args.out is not None else _default_out(args.data)
     if args.out is None and rank == 0 and _readable(args.data):
         say(args, f"run folder: {out} (choose another with --out)")
@@ -191,6 +195,7 @@ def _all_but(data: str, drop: list[int | str], columns: Any) -> list[int | str]:
     if columns is not None:
         raise UsageError("--columns and --drop both choose the columns: give one of them")
     header = read_header(data) if Path(data).is_file() else None
+    positions_named("--drop", drop, header)
     if header is not None:
         width = len(header)
     elif Path(data).suffix.lower() == ".npy" and Path(data).is_file():
