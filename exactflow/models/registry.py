@@ -147,8 +147,26 @@ def register(
         return flow
 
     wrapper.__signature__ = _public_signature(signature)  # type: ignore[attr-defined]
+    if wrapper.__doc__ and "standardize:" not in wrapper.__doc__:
+        wrapper.__doc__ = wrapper.__doc__.rstrip() + _SHARED_DOC
     _BUILDERS[key] = wrapper
     return wrapper
+
+
+#: What every registered builder's docstring says of the keywords it gains.
+_SHARED_DOC = """
+
+    Every builder also takes (:func:`exactflow.models.register`):
+
+    * ``standardize``: ``True`` or ``"columns"`` puts a fixed Standardize layer first,
+      filled from the training rows by :func:`exactflow.fit` (or :func:`exactflow.prepare`);
+      ``"pooled"`` one scale for every column; ``False`` (default) none.
+    * ``embedding``: ``{"features": k, "hidden": [64]}``, an MLP that encodes the context,
+      trained with the flow.
+    * ``base`` (flows): ``"normal"`` (default), ``"gaussian"`` or ``{"name": "gmm",
+      "components": k, "covariance": "full" | "diag"}``, fitted to the training rows
+      first, then fixed.
+"""
 
 
 def _public_signature(signature: inspect.Signature) -> inspect.Signature:
@@ -157,7 +175,7 @@ def _public_signature(signature: inspect.Signature) -> inspect.Signature:
     names = {p.name for p in params}
     extra = [
         inspect.Parameter("standardize", inspect.Parameter.KEYWORD_ONLY, default=False,
-                          annotation="bool"),
+                          annotation="bool | str"),
         inspect.Parameter("embedding", inspect.Parameter.KEYWORD_ONLY, default=None,
                           annotation="dict[str, Any] | None"),
         inspect.Parameter("base", inspect.Parameter.KEYWORD_ONLY, default="normal",
