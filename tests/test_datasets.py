@@ -752,3 +752,19 @@ def test_resolve_standardize_says_what_a_builder_gets() -> None:
     assert old.pooled is False and "pooled" not in repr(old)
     with pytest.raises(ValueError, match="standardize must be 'auto', True .* got 'yes'"):
         resolve_standardize("yes", _pixels())
+
+
+@pytest.mark.parametrize("cell, said", [
+    ('"24,014.86"', "thousands separators or a decimal comma"),
+    ("24014,86", "thousands separators or a decimal comma"),
+    ('"$1,234.50"', "currency or percent sign"),
+    ("12%", "currency or percent sign"),
+    ("P100000", None),
+])
+def test_a_number_written_for_people_is_named_as_such(tmp_path, cell, said):
+    # "non-numeric cell '24,014.86'" named the cell but not what was wrong with it.
+    path = tmp_path / "t.csv"
+    path.write_text(f"a;b\n1.5;2\n{cell};3\n" if cell == "24014,86" else f"a,b\n1.5,2\n{cell},3\n")
+    with pytest.raises(DataError, match="non-numeric cell") as caught:
+        ds.load(path)
+    assert (said in str(caught.value)) if said else "(a number" not in str(caught.value)

@@ -13,8 +13,9 @@ import numpy as np
 
 from ..validation import DataError
 
-__all__ = ["MISSING", "HASH_NOTE", "BELOW", "number_or_nan", "is_comment", "opens_quote",
-           "is_number", "in_step", "looks_like_names", "missing_error", "is_header"]
+__all__ = ["MISSING", "HASH_NOTE", "cell_note", "BELOW", "number_or_nan", "is_comment",
+           "opens_quote", "is_number", "in_step", "looks_like_names", "missing_error",
+           "is_header"]
 
 
 #: Added to the error of a non-numeric cell that starts with ``#``.
@@ -28,6 +29,24 @@ MISSING = frozenset({
     "", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND",
     "1.#QNAN", "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null", "?",
 })
+
+
+_SEPARATED = re.compile(r"[+-]?\d{1,3}([,.' \u00a0]\d{3})+([.,]\d+)?|[+-]?\d+,\d+")
+_SIGNED = re.compile(r"[$\u20ac\u00a3\u00a5].*|.*[%$\u20ac\u00a3]")
+
+
+def cell_note(cell: str) -> str:
+    """What to add to the error of a non-numeric ``cell``, where it looks like a number
+    written for people (thousands separators, a decimal comma, a currency or percent
+    sign) or starts with ``#`` (:data:`HASH_NOTE`); '' otherwise."""
+    if cell.startswith("#"):
+        return HASH_NOTE
+    if _SEPARATED.fullmatch(cell):
+        return (" (a number written with thousands separators or a decimal comma, which are "
+                "not read: export the column as plain digits with '.' for the decimal point)")
+    if _SIGNED.fullmatch(cell) and is_number(cell.strip("$%\u20ac\u00a3\u00a5 ").replace(",", "")):
+        return " (a number with a currency or percent sign: export the column as plain numbers)"
+    return ""
 
 
 def number_or_nan(cell: str) -> float:

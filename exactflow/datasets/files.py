@@ -21,8 +21,8 @@ from ..validation import DataError, warn_user
 from .arrays import Subset
 from .cells import (
     BELOW,
-    HASH_NOTE,
     MISSING,
+    cell_note,
     in_step,
     is_comment,
     is_header,
@@ -294,7 +294,7 @@ def _raise_cell_error(
                 f"{path!r}: non-numeric cell {cell!r} at line {lineno}, {where}; "
                 "fix or drop that row, or, if the column is not data (an ID, a label), leave "
                 "it out (columns=[...]; --columns or --drop in the command line)"
-                + (HASH_NOTE if cell.startswith("#") else "")
+                + cell_note(cell)
             )
     raise DataError(f"{path!r}: a cell on line {lineno} is not a number")
 
