@@ -216,6 +216,29 @@ def test_a_number_that_is_also_a_column_name_says_which_column_it_picks(tmp_path
 # -- train ------------------------------------------------------------------------------
 
 
+def test_train_missing_skip_leaves_out_the_rows_with_a_missing_value(tmp_path):
+    # A warehouse export with a few empty cells stopped at the first, one run per fix.
+    x = np.random.default_rng(8).normal(size=(300, 3)).round(4)
+    lines = [",".join(map(str, row)) for row in x]
+    lines[5] = lines[5].split(",")[0] + ",,1.0"
+    lines[17] = "NA," + lines[17].split(",", 1)[1]
+    csv = tmp_path / "m.csv"
+    csv.write_text("a,b,c\n" + "\n".join(lines) + "\n")
+    code, _, err = run_cli(["train", csv, "--model", "gaussian", "--out", tmp_path / "r",
+                            "--no-report"])
+    assert code == 1 and "train --missing skip" in err, err
+    code, _, err = run_cli(["train", csv, "--model", "gaussian", "--out", tmp_path / "r",
+                            "--no-report", "--missing", "skip"])
+    assert code == 0 and "note: 2 of the 300 rows of m.csv have a missing value and are " \
+        "left out (rows 5, 17, counting data rows from 0)" in err, err
+    data = json.loads((tmp_path / "r" / "run.json").read_text())["data"]
+    assert data["rows"]["total"] == 298 and data["missing_rows"] == 2
+    with np.load(tmp_path / "r" / "data.npz") as npz:
+        kept = np.concatenate([npz["train"], npz["val"], npz["test"]])
+    expected = np.delete(x, [5, 17], axis=0)
+    assert sorted(map(tuple, kept)) == sorted(map(tuple, expected))
+
+
 def test_train_writes_the_run_folder(run_dir):
     for name in ("run.json", "model.safetensors", "data.npz", "history.json"):
         assert (run_dir / name).is_file(), name

@@ -256,6 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     scaling.add_argument("--no-standardize", dest="standardize", action="store_const",
                          const=False,
                          help="do not put a standardization layer in front of the model")
+    p.add_argument("--missing", choices=("error", "skip"), default="error",
+                   help="rows with a missing value (an empty cell, NA, N/A, #N/A, null, ?, "
+                        "NaN): error (default) stops at the first; skip leaves them out, "
+                        "with a note of how many and which")
     p.add_argument("--dequantize", action="store_true",
                    help="add uniform noise in [0, 1) to integer-valued columns (counts, "
                         "levels, pixels); log-densities are then a lower bound of the discrete "

@@ -178,7 +178,8 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         batch_size=args.batch_size, lr=args.lr if args.lr is not None else 1e-3,
         val_fraction=args.val_fraction,
         test_fraction=args.test_fraction, standardize=args.standardize,
-        dequantize=args.dequantize, device=args.device, seed=args.seed, resume=args.resume,
+        dequantize=args.dequantize, missing=args.missing, device=args.device, seed=args.seed,
+        resume=args.resume,
         overwrite=args.overwrite,
     )
     if joined:

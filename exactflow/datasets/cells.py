@@ -120,8 +120,9 @@ def missing_error(
     what = "an empty cell" if not cell else f"{cell!r}"
     return DataError(
         f"{path!r}: {what} at line {lineno}, {where} (a missing value); drop or impute that "
-        "row, or leave the column out (columns=[...]; --columns in the command line); when "
-        "scoring, `exactflow score --missing skip` scores the other rows"
+        "row, or leave the column out (columns=[...]; --columns in the command line); "
+        "`exactflow train --missing skip` leaves such rows out, `exactflow score --missing "
+        "skip` scores the other rows"
     )
 
 

@@ -31,7 +31,7 @@ from ..datasets.arrays import mix64, row_hashes
 from ..datasets.files import split_key
 from ..datasets.shards import is_shards
 from ..datasets.splits import split_counted
-from ..validation import DataError, warn_user
+from ..validation import DataError, index_list, warn_user
 
 __all__ = ["read_data", "versions", "BUILTIN", "integer_columns", "dequantize", "split_rows"]
 
@@ -90,6 +90,25 @@ def read_data(
     _unique_names(names, "array")
     return arr, {"source": "array", "name": "array", "path": None, "columns": None,
                  "column_names": names, "entropy": None}
+
+
+def without_missing(rows: np.ndarray, info: dict[str, Any]) -> tuple[np.ndarray, list[str]]:
+    """``rows`` without those holding a NaN (a missing value read as NaN), and a note of
+    how many and which (none: no note); ``info["missing_rows"]`` records the count.
+
+    Raises:
+        DataError: every row has a missing value.
+    """
+    holes = np.flatnonzero(np.isnan(rows).any(axis=1))
+    info["missing_rows"] = int(len(holes))
+    if not len(holes):
+        return rows, []
+    if len(holes) == len(rows):
+        raise DataError(f"every row of {info['name']} has a missing value: none to train on")
+    note = (f"{len(holes):,} of the {len(rows):,} rows of {info['name']} have a missing value "
+            f"and are left out (rows {index_list(holes, len(holes))}, counting data rows "
+            "from 0)")
+    return np.delete(rows, holes, axis=0), [note]
 
 
 def _unique_names(names: list[str] | None, name: str) -> None:

@@ -27,6 +27,7 @@ from ..training.metrics import dominant_rows
 from ..transforms.standardize import describe_standardize, resolve_standardize
 from ..validation import (
     DataError,
+    choice,
     counted,
     device_named,
     fraction,
@@ -41,6 +42,7 @@ from .data import (
     split_rows,
     stored_parts,
     versions,
+    without_missing,
 )
 from .data import dequantize as dequantize_rows
 from .folder import (
@@ -149,6 +151,7 @@ def train_run(
     test_fraction: float = 0.1,
     standardize: bool | str = "auto",
     dequantize: bool = False,
+    missing: str = "error",
     device: str = "auto",
     seed: int = 0,
     resume: bool = False,
@@ -191,6 +194,8 @@ def train_run(
             levels, pixels), so the log-densities are the documented lower bound of the
             discrete log-probability (:func:`exactflow.runs.dequantize`); without it, a run
             on integer columns notes them.
+        missing: a CSV's rows with a missing value: ``"error"`` names the first,
+            ``"skip"`` leaves them out, with a note of how many and which.
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
         seed: seed of the split, the initialization and the batches.
         resume: continue the interrupted run in ``out`` from its checkpoint.
@@ -212,6 +217,7 @@ def train_run(
         )
     if batch_size is not None:
         batch_size = positive_int(batch_size, "batch_size")
+    choice(missing, "missing", ("error", "skip"))
     if device != "auto":
         device_named(device)  # an unknown name, or a device this machine lacks
     if model == "auto" and resume:
@@ -226,8 +232,8 @@ def train_run(
         data, out, writer, model=model, budget=budget, columns=columns, samples=samples,
         steps=steps, epochs=epochs, patience=patience, batch_size=batch_size, lr=lr,
         val_fraction=val_fraction, test_fraction=test_fraction, standardize=standardize,
-        dequantize=dequantize, device=device, seed=seed, resume=resume, overwrite=overwrite,
-        progress=progress, log=log,
+        dequantize=dequantize, missing=missing, device=device, seed=seed, resume=resume,
+        overwrite=overwrite, progress=progress, log=log,
     )
 
 
@@ -235,7 +241,7 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
            columns: Sequence[int | str] | None, samples: int, steps: int | None,
            epochs: int | None, patience: int | None, batch_size: int | None, lr: float,
            val_fraction: float, test_fraction: float, standardize: bool | str, dequantize: bool,
-           device: str, seed: int, resume: bool, overwrite: bool, progress: bool,
+           missing: str, device: str, seed: int, resume: bool, overwrite: bool, progress: bool,
            log: Callable[[str], None]) -> Run:
     # Under torchrun only rank 0 (the writer) checks and writes the run folder.
     if writer and (out / LOCK_FILE).exists():
@@ -249,13 +255,15 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
     previous = _prepare_out(stage or out, resume=resume, overwrite=overwrite) if writer else None
 
     # Everything that can fail on bad data fails here, before anything is written.
-    rows, data_info = read_data(data, columns, samples=samples, seed=seed, finite=True)
+    rows, data_info = read_data(data, columns, samples=samples, seed=seed, finite=True,
+                                missing="nan" if missing == "skip" else "error")
+    rows, dropped = without_missing(rows, data_info) if missing == "skip" else (rows, [])
     if writer and len(rows) >= 100_000:  # (checks and the split take seconds: say so)
         log(f"read {len(rows):,} rows of {rows.shape[1]} columns; checking and splitting them")
     discrete = integer_columns(rows)
     names = data_info.get("column_names")
     # (said once every check has passed)
-    notes = data_notes(rows, discrete, names or None, dequantized=dequantize,
+    notes = dropped + data_notes(rows, discrete, names or None, dequantized=dequantize,
                        dequantize_fix="--dequantize (or train_run(..., dequantize=True))",
                        drop_fix="--drop or --columns, or train_run(..., columns=[...])")
     data_info["ranges"] = column_ranges(rows)  # (raw: score reads raw rows)
