@@ -178,6 +178,12 @@ def check_transform(
           log_det          max error ... ok
           round_trip       max error ... ok
           inverse_log_det  max error ... ok
+          rows             max error ... ok
+          recording        max error ... ok
+
+        Each line gives a check's largest error and, in brackets, its tolerance at that
+        point, ``atol + rtol * |truth|``; ``rows`` compares rows mapped alone with the
+        batch, ``recording`` the values while autograd records with those without it.
 
         A map ``z = A x`` whose log-det is read off the diagonal of ``A`` fails both ways
         (here ``A = [[2, 1], [1, 1]]``: ``det A = 1``, but the diagonal says ``log 2``):
