@@ -129,21 +129,20 @@ def check_transform(
        in training, as without it, as in scoring (a layer with a fast path for each
        must agree with itself).
 
-    A failure at points where the Jacobian is ill-conditioned says how large an error
-    rounding alone can make there; a log-det that is the true one with its sign flipped
-    says so. A transform that is the identity at the points (within the tolerances) warns:
-    a check there cannot tell a right log-det formula from a wrong one.
+    A failure where the Jacobian is ill-conditioned says how large an error rounding alone
+    can make there; a log-det that is the true one with its sign flipped says so. A
+    transform that is the identity at the points (within the tolerances) warns: a check
+    there cannot tell a right log-det formula from a wrong one.
 
-    Each error is judged elementwise: it passes when ``|error| <= atol + rtol * |truth|``.
-    The tolerances default by dtype (float64: 1e-7, float32: 2e-3). Prove a transform in
-    float64 (``transform.double()``, ``x.double()``) at random parameters, not only at its
-    initialization, where many layers are the identity; float32 checks catch gross errors.
+    Each error is judged elementwise: it passes when ``|error| <= atol + rtol * |truth|``
+    (the report: each check's largest error, and that bound at its point), tolerances by
+    dtype (float64: 1e-7, float32: 2e-3). Prove a transform in float64 at random
+    parameters, not only at its start (often the identity); float32 catches gross errors.
 
     Rows are independent samples, so the checks run in eval mode, the map that scores
     rows (``BatchNorm`` by its running statistics, ``ActNorm`` without initializing on the
     check's points); the transform's modes, parameters and buffers are left as they were.
-    Cost: a dense Jacobian and an LU factorization per row, O(batch d^3); a batch of a few
-    rows is enough.
+    Cost: a dense Jacobian and an LU per row, O(batch d^3): a few rows are enough.
 
     Args:
         transform: any :class:`Transform`, a user's own subclass included (conditional
@@ -156,8 +155,7 @@ def check_transform(
 
     Returns:
         A :class:`CheckReport`: ``report.ok``, the largest error of each check
-        (``report.errors``), a line per failure (``report.failures``); ``print(report)``
-        shows them all.
+        (``report.errors``), a line per failure (``report.failures``); ``print`` it.
 
     Raises:
         CheckError: a check failed; the message names each failed check and the size of
@@ -180,10 +178,6 @@ def check_transform(
           inverse_log_det  max error ... ok
           rows             max error ... ok
           recording        max error ... ok
-
-        Each line gives a check's largest error and, in brackets, its tolerance at that
-        point, ``atol + rtol * |truth|``; ``rows`` compares rows mapped alone with the
-        batch, ``recording`` the values while autograd records with those without it.
 
         A map ``z = A x`` whose log-det is read off the diagonal of ``A`` fails both ways
         (here ``A = [[2, 1], [1, 1]]``: ``det A = 1``, but the diagonal says ``log 2``):
