@@ -192,6 +192,8 @@ def test_an_option_a_command_does_not_know_is_said_with_that_commands_usage():
         "exactflow train: error: unrecognized arguments: --bogus" in err, err
     code, _, err = run_cli(["score", "r", "d.csv", "--thresold-quantile", "0.1"])
     assert code == 2 and "exactflow score: error: unrecognized arguments" in err, err
+    code, _, err = run_cli(["--bogus", "train", "moons"])  # (before the command: its own)
+    assert code == 2 and "exactflow: error: unrecognized arguments: --bogus" in err, err
 
 
 def test_a_number_that_is_also_a_column_name_says_which_column_it_picks(tmp_path):
@@ -711,8 +713,8 @@ def test_score_notes_rows_outside_the_training_range(run_dir, tmp_path):
     assert result["outside_training_range_rows"] == 2
     assert result["outside_training_range"] == {  # (a toy's columns have no names)
         "0": {"below": 1, "above": 1}, "1": {"below": 0, "above": 1}}
-    assert "note: 2 of the 4 rows of new.csv hold values outside the range of the " \
-        "training data" in err and "rows 1, 3, from 0" in err
+    assert "note: 2 of the 4 scored rows of new.csv hold values outside the range of the " \
+        "data the model saw" in err and "rows 1, 3, from 0; of 4 new rows like the 600" in err
     code, out, err = run_cli(["score", run_dir, write_csv(tmp_path / "in.csv", seen[:5]),
                               "--json"])
     assert code == 0 and "outside the range" not in err, err

@@ -45,16 +45,24 @@ def test_a_tenth_of_the_rows_repeated_is_noted():
 
 def test_rows_outside_the_training_range_are_counted_per_column_and_side():
     train = np.array([[0.0, 18.0], [5.0, 60.0], [2.0, 30.0]])
-    outside = OutsideRange(column_ranges(train), ["claim", "age"])
+    outside = OutsideRange(column_ranges(train), ["claim", "age"], seen=3)
     outside.add(np.array([[-150.0, 30.0], [1.0, 40.0]]), start=0)
-    outside.add(np.array([[np.nan, 12.0], [9.0, 99.0], [-1.0, 17.0]]), start=2)
-    assert outside.rows == 4 and outside.first == [0, 2, 3, 4]
-    assert outside.summary() == {"claim": {"below": 2, "above": 1},
+    outside.add(np.array([[-7.0, 12.0], [9.0, 99.0], [-1.0, 17.0]]), start=2)
+    # A row with a missing value is not scored (score --missing skip): not counted.
+    outside.add(np.array([[np.nan, 99.0], [-3.0, np.nan]]), start=5)
+    assert outside.rows == 4 and outside.first == [0, 2, 3, 4] and outside.scored == 5
+    assert outside.summary() == {"claim": {"below": 3, "above": 1},
                                  "age": {"below": 2, "above": 1}}
-    note = outside.note(5, "new.csv")
-    assert note.startswith("4 of the 5 rows of new.csv hold values outside the range")
-    assert "'claim': 2 below its minimum 0 and 1 above its maximum 5" in note
-    assert "rows 0, 2, 3, 4, from 0" in note
+    note = outside.note("new.csv")
+    assert note.startswith("4 of the 5 scored rows of new.csv hold values outside the range")
+    assert "'claim': 3 below its minimum 0 and 1 above its maximum 5" in note
+    # Of new rows like the 3 seen, 1 - (1 - 2/4)^2 = 3/4 are beyond them by chance.
+    assert "rows 0, 2, 3, 4, from 0; of 5 new rows like the 3 it saw, about 3.8 would be" \
+        in note
     inside = OutsideRange(column_ranges(train), None)
     inside.add(train, start=0)
-    assert inside.rows == 0 and inside.note(3, "t") == "" and inside.summary() == {}
+    assert inside.rows == 0 and inside.note("t") == "" and inside.summary() == {}
+    one = OutsideRange(column_ranges(train), None)
+    one.add(np.array([[9.0, 20.0]]), start=0)
+    assert one.note("t").startswith("1 of the 1 scored row of t holds a value outside")
+    assert "column 0: 1 above its maximum 5" in one.note("t")

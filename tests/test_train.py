@@ -650,6 +650,22 @@ def test_batch_norm_ends_with_population_statistics_eval_agrees_with_training():
     torch.testing.assert_close(eval_logp, train_logp, atol=1e-3, rtol=1e-4)
 
 
+def test_fit_runs_batch_norm_without_gradients_only_without_a_warning():
+    # ActNorm's initialization on the whole batch (with input noise or accumulated
+    # micro-batches) ran a BatchNorm in training mode under no_grad, and the warning meant
+    # for a user scoring without eval() fired from inside fit.
+    from exactflow.transforms.autoregressive import MaskedAffineAutoregressive as Made
+    from exactflow.transforms.normalization import ActNorm, BatchNorm
+
+    x = torch.randn(300, 2, generator=torch.Generator().manual_seed(1))
+    for options in ({"noise": 0.1}, {"batch_size": 64, "accumulate": 2}):
+        flow = ef.Flow(ef.Compose(ActNorm(2), Made(2, hidden=[8]), BatchNorm(2),
+                                  Made(2, hidden=[8])), ef.StandardNormal(2))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            fit(flow, x, steps=10, **options, **CPU)
+
+
 def test_small_tables_get_a_batch_size_and_a_validation_split_that_fit():
     # 90 rows: the old default batch of 512 was an error.
     x = gaussian_data(90, d=2)

@@ -123,7 +123,10 @@ class _Parser(argparse.ArgumentParser):
         command's usage (argparse says it with the top-level one)."""
         parsed, extra = self.parse_known_args(args, namespace)
         if extra:
-            where = self.commands.get(getattr(parsed, "command", None) or "", self)
+            given = list(sys.argv[1:] if args is None else args)
+            command = getattr(parsed, "command", None) or ""
+            after = given[given.index(command) + 1:] if command in given else []
+            where = self.commands.get(command, self) if set(extra) <= set(after) else self
             where.error(f"unrecognized arguments: {' '.join(extra)}")
         return parsed
 

@@ -262,7 +262,8 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
               "used; pick and order them with --columns", file=sys.stderr)
     scores = np.empty(len(source_rows))
     ranges = run.info["data"].get("ranges")  # (runs of 0.2.0.dev0 and before: none)
-    outside = OutsideRange(ranges, names or None) if ranges and len(ranges) == d else None
+    outside = OutsideRange(ranges, names or None, run.info["data"].get("rows", {}).get(
+        "total")) if ranges and len(ranges) == d else None
     bad: list[int] = []
     skip = args.missing == "skip"  # rows with a missing value left unscored: NaN
     for start in range(0, len(source_rows), CHUNK_ROWS):
@@ -301,7 +302,7 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
             flags = np.full(len(scores), np.nan)
             p_values[scored], flags[scored] = anomaly.flag(scores[scored], calibration, q)
         p = p_values
-    beyond = "" if outside is None else outside.note(len(scores), info["name"])
+    beyond = "" if outside is None else outside.note(info["name"])
     if beyond:  # (stderr: stdout may carry the CSV or the JSON)
         print(f"note: {beyond}", file=sys.stderr)
     minus_inf = int(np.isneginf(scores).sum())

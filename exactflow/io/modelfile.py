@@ -324,10 +324,12 @@ def _damage(meta: dict[str, str], state: dict[str, torch.Tensor]) -> str:
                                       state_digest(state, meta.get("config"))):
             return ""
     elif saved is None:
-        return "it has no checksum (every file exactflow.save writes has one)"
+        return ("it has no checksum, which every file exactflow.save writes has (written "
+                "otherwise, or its header edited)")
     elif saved == state_digest(state, meta.get("config")):
         return ""
-    return "its config and weights do not match the checksum saved with them"
+    return ("its config and weights do not match the checksum saved with them (a changed "
+            "byte, from a bad disk or copy)")
 
 
 def _check_version(name: str, version: int, written_by: Any) -> None:
@@ -409,8 +411,8 @@ def load(path: str | os.PathLike[str], map_location: Any = "cpu") -> Flow:
     check_dtypes(name, flow.state_dict(), state)
     if damage:  # (after the checks that say more about a file made otherwise)
         raise CheckpointError(
-            f"{name!r} is damaged: {damage} (a changed byte, from a bad disk or copy); copy "
-            "it again from a good source or train it again"
+            f"{name!r} is damaged: {damage}; copy it again from a good source or train it "
+            "again"
         )
     try:
         # assign=True keeps every tensor in the dtype it was saved in (a float64 model

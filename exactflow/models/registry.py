@@ -163,9 +163,9 @@ _SHARED_DOC = """
       ``"pooled"`` one scale for every column; ``False`` (default) none.
     * ``embedding``: ``{"features": k, "hidden": [64]}``, an MLP that encodes the context,
       trained with the flow.
-    * ``base`` (flows): ``"normal"`` (default), ``"gaussian"`` or ``{"name": "gmm",
-      "components": k, "covariance": "full" | "diag"}``, fitted to the training rows
-      first, then fixed.
+    * ``base`` (flows; not the gaussian and gmm models): ``"normal"`` (default),
+      ``"gaussian"`` or ``{"name": "gmm", "components": k, "covariance": "full" |
+      "diag"}``, fitted to the training rows first, then fixed.
 """
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..validation import DataError, column_list, index_list
+from ..validation import DataError, column_list, counted, index_list
 from .data import integer_columns
 
 __all__ = ["data_notes", "split_notes", "value_notes", "column_ranges", "OutsideRange"]
@@ -228,19 +228,24 @@ class OutsideRange:
     training row, and a value never seen (a negative amount, an age below the youngest) can
     still score as typical when it lies near the data's mass."""
 
-    def __init__(self, ranges: Sequence[Sequence[float]], names: list[str] | None) -> None:
+    def __init__(self, ranges: Sequence[Sequence[float]], names: list[str] | None,
+                 seen: int | None = None) -> None:
         bounds = np.asarray(ranges, dtype=np.float64).reshape(-1, 2)
         self.low, self.high = bounds[:, 0], bounds[:, 1]
         self.names = names
+        self.seen = seen  # (the rows the ranges were taken from)
+        self.scored = 0
         self.below = np.zeros(len(bounds), dtype=np.int64)
         self.above = np.zeros(len(bounds), dtype=np.int64)
         self.rows = 0
         self.first: list[int] = []  # (the first rows outside, for the note)
 
     def add(self, block: np.ndarray, start: int) -> None:
-        """Count ``block`` (rows ``start``, ``start + 1``, ... of the scored data); NaN
-        values count as inside."""
-        below, above = block < self.low, block > self.high
+        """Count ``block`` (rows ``start``, ``start + 1``, ... of the data); a row with a
+        NaN is not scored, and not counted."""
+        scored = ~np.isnan(block).any(axis=1, keepdims=True)
+        self.scored += int(scored.sum())
+        below, above = (block < self.low) & scored, (block > self.high) & scored
         self.below += below.sum(axis=0)
         self.above += above.sum(axis=0)
         outside = np.flatnonzero((below | above).any(axis=1))
@@ -253,10 +258,16 @@ class OutsideRange:
         return {keys[j]: {"below": int(self.below[j]), "above": int(self.above[j])}
                 for j in np.flatnonzero(self.below + self.above)}
 
-    def note(self, scored: int, name: str) -> str:
+    def note(self, name: str) -> str:
         """What to say of them ('' when no row is outside)."""
         if not self.rows:
             return ""
+        scored, d = self.scored, len(self.low)
+        # A new row like the seen ones is beyond their smallest or largest value of one
+        # column with chance 2 / (seen + 1), for a continuous column.
+        chance = "" if self.seen is None else (
+            f"; of {scored:,} new rows like the {self.seen:,} it saw, about "
+            f"{scored * (1 - (1 - 2 / (self.seen + 1)) ** d):.2g} would be, by chance")
         parts = []
         worst = np.argsort(-(self.below + self.above), kind="stable")
         for j in worst[: 4]:
@@ -268,8 +279,9 @@ class OutsideRange:
                 parts.append(f"{label}: " + " and ".join(s for s in sides if s))
         more = int(np.count_nonzero(self.below + self.above)) - len(parts)
         listed = "; ".join(parts) + (f"; {more} more columns" if more > 0 else "")
-        return (f"{self.rows:,} of the {scored:,} rows of {name} hold values outside "
-                f"the range of the training data ({listed}; rows "
-                f"{index_list(self.first, self.rows)}, from 0): there the density rests on no "
-                "training row, and a value never seen can still score as typical near the "
-                "data's mass; check those rows")
+        verb = "holds a value" if self.rows == 1 else "hold values"
+        return (f"{self.rows:,} of the {counted(scored, 'scored row')} of {name} {verb} "
+                f"outside the range of the data the model saw ({listed}; "
+                f"{'row' if self.rows == 1 else 'rows'} {index_list(self.first, self.rows)}, "
+                f"from 0{chance}): there the density rests on no training row, and a value "
+                "never seen can still score as typical near the data's mass; check those rows")

@@ -67,7 +67,7 @@ from torch import Tensor, nn
 from ..distributed import initialized, world_size
 from ..io import CheckpointError
 from ..scoring import module_dtype
-from ..transforms.normalization import ActNorm, BatchNorm
+from ..transforms.normalization import ActNorm, BatchNorm, batch_statistics_on_purpose
 from ..validation import positive_int
 from .engines import AllReduceEngine, DDPEngine, Engine
 from .metrics import NLLSummary, summarize
@@ -451,7 +451,8 @@ class Replicas:
         saved = {k: v.clone() for k, v in flow.state_dict().items() if k not in keep}
         training = flow.training
         flow.train()
-        flow(x, c)  # the flow's forward is its log_prob
+        with batch_statistics_on_purpose():  # (restored below)
+            flow(x, c)  # the flow's forward is its log_prob
         flow.train(training)
         state = flow.state_dict()
         for key, value in saved.items():

@@ -10,6 +10,9 @@ statistics, the "initialized" flag, the fixed mean and scale) lives in buffers, 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor, nn
 
@@ -94,7 +97,7 @@ class BatchNorm(Transform):
                     "BatchNorm in training mode needs at least 2 rows to estimate the batch "
                     f"variance, got a batch of {batch}; call .eval() to use the running averages"
                 )
-            if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            if not (torch.is_grad_enabled() or torch.compiler.is_compiling() or _ON_PURPOSE):
                 _warn_scoring_in_training_mode(self)
             mean = x.mean(0)
             var = x.var(0, unbiased=False)
@@ -127,6 +130,21 @@ def _sync_initialized(module: ActNorm, incompatible_keys: object) -> None:
     module._needs_init = not bool(module.initialized)
 
 
+#: Set while exactflow itself runs BatchNorm layers in training mode without gradients
+#: (initializing ActNorm layers on a whole batch): no warning then.
+_ON_PURPOSE: list[bool] = []
+
+
+@contextmanager
+def batch_statistics_on_purpose() -> Iterator[None]:
+    """Run BatchNorm layers in training mode without gradients, on purpose: no warning."""
+    _ON_PURPOSE.append(True)
+    try:
+        yield
+    finally:
+        _ON_PURPOSE.pop()
+
+
 def _warn_scoring_in_training_mode(layer: BatchNorm) -> None:
     """Warn, once per layer, of a pass without gradients in training mode: scoring, most
     likely, where each row's log-density then depends on the other rows of its batch (up
@@ -138,7 +156,8 @@ def _warn_scoring_in_training_mode(layer: BatchNorm) -> None:
         "a BatchNorm layer ran in training mode without gradients (torch.no_grad: scoring?):"
         " it normalizes by the statistics of this batch, so each row's log-density depends "
         "on the other rows, and its running averages moved; call flow.eval() before "
-        "scoring or sampling (ef.fit returns the flow in eval mode)"
+        "scoring or sampling (ef.fit returns the flow in eval mode), or, to move them on "
+        "purpose, silence this warning"
     )
 
 
