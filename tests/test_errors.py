@@ -134,6 +134,32 @@ def test_a_checkpoint_that_claims_what_it_does_not_hold_is_refused_before_use(tm
             resume_with(change, sign=False)  # (unsigned: a changed byte anywhere)
     with pytest.raises(CheckpointError, match="step -5 is negative"):
         resume_with(lambda p: p.update(step=-5))
+    with pytest.raises(CheckpointError, match="is a damaged checkpoint"):
+        resume_with(lambda p: p.update(step=float("inf")))
+    with pytest.raises(CheckpointError, match="stores 'history'.* as a torch.sparse_coo cpu "):
+        resume_with(lambda p: p["history"].update(beta=[torch.zeros(3).to_sparse()]),
+                    sign=False)  # (refused before its checksum is read)
+
+    def long_betas(payload):
+        payload["optimizer"]["param_groups"][0]["betas"] = (0.9, 0.99, 0.5)
+
+    with pytest.raises(CheckpointError, match="sets 'betas' to"):
+        resume_with(long_betas)
+
+    def long_step(payload):
+        for entry in payload["optimizer"]["state"].values():
+            entry["step"] = torch.zeros(9)
+
+    with pytest.raises(CheckpointError, match=r"holds 'step' of shape \(9,\)"):
+        resume_with(long_step)
+
+    def overlapping(payload):  # (stride 0 from the last element: a dense write ran past it)
+        for entry in payload["optimizer"]["state"].values():
+            n = entry["exp_avg"].numel()
+            entry["exp_avg"] = torch.zeros(n).as_strided(entry["exp_avg"].shape, (0,) * (
+                entry["exp_avg"].dim()), n - 1)
+
+    resume_with(overlapping)  # (copied out dense before the optimizer sees it)
     torch.save(good, path)
     ef.fit(ef.models.maf(2, layers=1, hidden=(4,)), x, steps=4, resume=True, **args)
 
@@ -164,7 +190,12 @@ def test_model_configs_that_would_build_far_more_than_the_file_holds_are_refused
         (maf, lambda c: c.update(base={"name": "gmm", "components": 10**8}), 0,
          "base components=100000000"),
         (maf, lambda c: c.update(hidden=[40000, 40000], layers=1), 40_000,
-         "hidden x hidden=1600000000"),
+         "width x width=1600000000"),
+        (maf, lambda c: c.update(features=12000, hidden=[12000], layers=1), 12_000,
+         "width x width=72000000"),
+        (ef.models.nsf(2, layers=1, hidden=(8,)),
+         lambda c: c.update(hidden=[12000], bins=12000, layers=1), 12_000,
+         "hidden x bins=144000000"),
         (maf, lambda c: c.update(context=3, embedding={"features": 10**5, "hidden": [10**5]}),
          0, "embedding width"),
         (ef.models.build({"model": "gaussian", "features": 2}),
@@ -199,6 +230,11 @@ def test_a_run_json_that_is_not_a_file_is_not_read(run_dir, tmp_path):
     os.symlink("/dev/zero", stage / "run.json")
     code, _, err = run_cli(["check", str(copy)])
     assert code == 1 and "MemoryError" not in err, err
+    (copy / "run.json").unlink()
+    os.symlink("/dev/zero", copy / "run.json")  # (train --resume read it whole)
+    code, _, err = run_cli(["train", "moons", "--model", "maf", "--out", str(copy),
+                            "--resume", "--steps", "3", "--samples", "200", "--no-report"])
+    assert code == 0 and "MemoryError" not in err, err  # (unread: nothing to resume)
 
 
 def test_train_resume_from_a_damaged_checkpoint_is_one_line(tmp_path):

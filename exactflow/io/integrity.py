@@ -65,10 +65,19 @@ def check_dense(name: str, payload: Any, where: str = "") -> None:
     holds (an expanded view: ``torch.zeros(1).expand(10**9)`` is 4 bytes in a file and
     4 GB once copied)."""
     if isinstance(payload, torch.Tensor):
-        if payload.numel() * payload.element_size() > payload.untyped_storage().nbytes():
+        what = where or "a tensor"
+        if (payload.layout != torch.strided or payload.is_quantized
+                or payload.device.type == "meta"):
+            raise CheckpointError(f"{name!r} stores {what} as a {payload.layout} "
+                                  f"{payload.device.type} tensor, which exactflow never writes "
+                                  "(a damaged or tampered file)")
+        stored = payload.untyped_storage().nbytes()
+        reach = payload.storage_offset() + sum(
+            (n - 1) * abs(step) for n, step in zip(payload.shape, payload.stride(), strict=True))
+        if payload.numel() and ((reach + 1) * payload.element_size() > stored
+                                or payload.numel() * payload.element_size() > stored):
             raise CheckpointError(
-                f"{name!r} stores {where or 'a tensor'} as a view of "
-                f"{payload.untyped_storage().nbytes():,} bytes that claims "
+                f"{name!r} stores {what} as a view of {stored:,} bytes that claims "
                 f"{payload.numel():,} numbers (a damaged or tampered file)")
     elif isinstance(payload, dict):
         for key, value in payload.items():
@@ -113,8 +122,13 @@ def check_sizes(name: str, config: dict[str, Any], shapes: dict[str, tuple[int, 
     # Each weight matrix is stored whole: the product of two widths a network chains is
     # no more than the numbers stored (hidden=[40000, 40000] beside 40,000 numbers of pad
     # would build 1.6e9 of them).
-    for a, b in pairwise(widths):
-        size("hidden x hidden", a * b, numel)
+    # The first layer takes the features (half of them in a coupling) and the context, the
+    # last gives a spline's bins for each feature.
+    inputs = max(1, features // 2) + int(config.get("context", 0) or 0)
+    for a, b in pairwise([inputs, *widths] if widths else []):
+        size("width x width", a * b, numel)
+    if widths and "bins" in config:
+        size("hidden x bins", widths[-1] * int(config.get("bins") or 1), numel)
     if config.get("model") in ("gaussian", "gmm"):
         _mixture_sizes(size, config, features, numel)
     base = config.get("base")

@@ -395,8 +395,9 @@ def load(path: str | os.PathLike[str], map_location: Any = "cpu") -> Flow:
     config, state, damage = _read(path, map_location)
     try:
         flow = build(config)
-    except (ValueError, TypeError) as err:
-        raise CheckpointError(f"cannot rebuild the model saved in {name!r}: {err}") from None
+    except (ValueError, TypeError, RuntimeError, MemoryError) as err:
+        raise CheckpointError(f"cannot rebuild the model saved in {name!r}: "
+                              f"{' '.join(str(err).split())[:300]}") from None
     detail = _mismatch(flow.state_dict(), state)
     if detail:
         raise CheckpointError(

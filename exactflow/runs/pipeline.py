@@ -93,10 +93,12 @@ def _prepare_out(out: Path, *, resume: bool, overwrite: bool) -> dict[str, Any] 
                 "choose another folder (or overwrite it)"
             )
         return None
-    try:
-        previous = json.loads(info_file.read_text(encoding="utf-8"))
+    previous: Any = {}
+    try:  # (a FIFO or /dev/zero in its place is not read: it would hang or fill memory)
+        if info_file.is_file():
+            previous = json.loads(info_file.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
-        previous = {}
+        pass
     status = previous.get("status")
     if resume:
         if status == "done":

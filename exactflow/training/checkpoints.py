@@ -112,7 +112,8 @@ class Checkpoint:
                 f"{str(path)!r} is a damaged checkpoint: its {err.args[0]!r} entry is missing; "
                 "delete it and train again, or resume from a good copy"
             ) from None
-        except (TypeError, ValueError, AttributeError, IndexError, RuntimeError) as err:
+        except (TypeError, ValueError, AttributeError, IndexError, RuntimeError,
+                OverflowError) as err:
             raise CheckpointError(
                 f"{str(path)!r} is a damaged checkpoint ({type(err).__name__}: "
                 f"{' '.join(str(err).split())[:300]}); delete "
@@ -150,11 +151,12 @@ def _restore(ckpt: Checkpoint, payload: dict[str, Any]) -> None:
             f"the checkpoint {str(path)!r} does not fit this flow (a different architecture?): "
             + " ".join(str(err).split())[:500]
         ) from None
-    _check_optimizer_state(path, ckpt.optimizer, payload["optimizer"], "optimizer state")
-    _check_optimizer_state(path, ckpt.optimizer, payload["guard"]["optimizer"],
-                           "rollback snapshot")
+    optimizer = _checked_optimizer_state(path, ckpt.optimizer, payload["optimizer"],
+                                         "optimizer state")
+    snapshot = _checked_optimizer_state(path, ckpt.optimizer, payload["guard"]["optimizer"],
+                                        "rollback snapshot")
     try:
-        ckpt.optimizer.load_state_dict(payload["optimizer"])
+        ckpt.optimizer.load_state_dict(optimizer)
     except (RuntimeError, ValueError, KeyError) as err:
         # The weights fit but the optimizer's tensors do not: exactflow 0.1 kept two tensors
         # per layer in its conditioner networks, where 0.2 keeps one per network.
@@ -165,7 +167,7 @@ def _restore(ckpt: Checkpoint, payload: dict[str, Any]) -> None:
             "again, or finish it with exactflow 0.1"
         ) from None
     ckpt.guard.model_state = payload["guard"]["model"]
-    ckpt.guard.optimizer_state = payload["guard"]["optimizer"]
+    ckpt.guard.optimizer_state = snapshot
     if ckpt.order is not None:
         ckpt.order.load_state_dict(payload["order"])
     set_rng_state(payload["rng"], ckpt.device)
@@ -185,28 +187,50 @@ def _restore(ckpt: Checkpoint, payload: dict[str, Any]) -> None:
     state.elapsed = float(payload["elapsed"])
 
 
-def _check_optimizer_state(path: Path, optimizer: torch.optim.Optimizer, saved: Any,
-                           what: str) -> None:
-    """Refuse an optimizer state whose per-parameter tensors do not have their parameter's
-    shape: torch's fused and foreach updates index them as if they had, past their end."""
+def _checked_optimizer_state(path: Path, optimizer: torch.optim.Optimizer, saved: Any,
+                             what: str) -> Any:
+    """``saved`` (an optimizer's state dict) with its tensors copied out dense, once each
+    per-parameter tensor has its parameter's shape and a floating dtype (a ``step`` one
+    number) and each group's settings the types of the optimizer's own: torch's fused and
+    foreach updates index the tensors as if they were dense and of that shape, past their
+    end otherwise, and read the settings as they are."""
     if saved is None:
-        return
+        return None
     params = [p for group in optimizer.param_groups for p in group["params"]]
     ids = [i for group in saved["param_groups"] for i in group["params"]]
-    if len(ids) != len(params):
+    if len(ids) != len(params) or len(saved["param_groups"]) != len(optimizer.param_groups):
         if what == "optimizer state":  # (its load says more: written by exactflow 0.1?)
-            return
+            return saved
         raise CheckpointError(
             f"the {what} in {str(path)!r} is for {len(ids)} parameters, this flow has "
             f"{len(params)}")
+
+    def damaged(detail: str) -> CheckpointError:
+        return CheckpointError(f"the {what} in {str(path)!r} {detail} (a damaged or "
+                               "tampered file)")
+
+    for live, group in zip(optimizer.param_groups, saved["param_groups"], strict=True):
+        for key, value in live.items():
+            got = group.get(key)
+            if key != "params" and (type(got) is not type(value) or (
+                    isinstance(value, (tuple, list)) and len(got) != len(value))):
+                raise damaged(f"sets {key!r} to {got!r}, where the optimizer holds "
+                              f"{value!r}")
     shapes = dict(zip(ids, (p.shape for p in params), strict=True))
+    state = {}
     for index, entry in saved["state"].items():
+        kept = {}
         for key, value in entry.items():
-            if (isinstance(value, torch.Tensor) and key != "step"
-                    and (index not in shapes or value.shape != shapes[index]
-                         or not value.is_floating_point())):
-                raise CheckpointError(
-                    f"the {what} in {str(path)!r} holds {key!r} of shape "
-                    f"{tuple(value.shape)} ({value.dtype}) for a parameter of shape "
-                    f"{tuple(shapes[index]) if index in shapes else '?'} (a damaged or "
-                    "tampered file)")
+            if isinstance(value, torch.Tensor):
+                want = torch.Size([]) if key == "step" else shapes.get(index)
+                if (want is None or value.numel() != want.numel()
+                        or (key != "step" and value.shape != want)
+                        or not value.is_floating_point()):
+                    raise damaged(f"holds {key!r} of shape {tuple(value.shape)} "
+                                  f"({value.dtype}) for a parameter of shape "
+                                  f"{tuple(want) if want is not None else '?'}")
+                value = torch.empty(value.shape, dtype=value.dtype,
+                                    device=value.device).copy_(value)  # (dense)
+            kept[key] = value
+        state[index] = kept
+    return {**saved, "state": state}
