@@ -145,6 +145,14 @@ def test_a_checkpoint_that_claims_what_it_does_not_hold_is_refused_before_use(tm
 
     with pytest.raises(CheckpointError, match="sets 'betas' to"):
         resume_with(long_betas)
+    with pytest.raises(CheckpointError, match="sets 'maximize' to 'yes'"):
+        resume_with(lambda p: p["optimizer"]["param_groups"][0].update(maximize="yes"))
+
+    def integer_rate(payload):  # (a number for a number: 0 and 0.0 alike)
+        group = payload["optimizer"]["param_groups"][0]
+        group["weight_decay"] = int(group["weight_decay"])
+
+    resume_with(integer_rate)
 
     def long_step(payload):
         for entry in payload["optimizer"]["state"].values():

@@ -212,8 +212,7 @@ def _checked_optimizer_state(path: Path, optimizer: torch.optim.Optimizer, saved
     for live, group in zip(optimizer.param_groups, saved["param_groups"], strict=True):
         for key, value in live.items():
             got = group.get(key)
-            if key != "params" and (type(got) is not type(value) or (
-                    isinstance(value, (tuple, list)) and len(got) != len(value))):
+            if key != "params" and not _like(got, value):
                 raise damaged(f"sets {key!r} to {got!r}, where the optimizer holds "
                               f"{value!r}")
     shapes = dict(zip(ids, (p.shape for p in params), strict=True))
@@ -234,3 +233,17 @@ def _checked_optimizer_state(path: Path, optimizer: torch.optim.Optimizer, saved
             kept[key] = value
         state[index] = kept
     return {**saved, "state": state}
+
+
+def _like(got: Any, value: Any) -> bool:
+    """Whether an optimizer setting read from a file is of the kind of the live one: a flag
+    or None for a flag (a run on another device may fuse otherwise), a number for a
+    number, as many of them for a tuple."""
+    if value is None or isinstance(value, bool):
+        return got is None or isinstance(got, bool)
+    if isinstance(value, (int, float)):
+        return isinstance(got, (int, float)) and not isinstance(got, bool)
+    if isinstance(value, (tuple, list)):
+        return (isinstance(got, (tuple, list)) and len(got) == len(value)
+                and all(_like(a, b) for a, b in zip(got, value, strict=True)))
+    return type(got) is type(value)
