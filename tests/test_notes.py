@@ -46,10 +46,13 @@ def test_a_tenth_of_the_rows_repeated_is_noted():
 def test_rows_outside_the_training_range_are_counted_per_column_and_side():
     train = np.array([[0.0, 18.0], [5.0, 60.0], [2.0, 30.0]])
     outside = OutsideRange(column_ranges(train), ["claim", "age"], seen=3)
-    outside.add(np.array([[-150.0, 30.0], [1.0, 40.0]]), start=0)
-    outside.add(np.array([[-7.0, 12.0], [9.0, 99.0], [-1.0, 17.0]]), start=2)
-    # A row with a missing value is not scored (score --missing skip): not counted.
-    outside.add(np.array([[np.nan, 99.0], [-3.0, np.nan]]), start=5)
+    def add(block, start):  # (as score does: a row with a missing value is not scored)
+        block = np.array(block)
+        outside.add(block, start, np.isnan(block).any(axis=1))
+
+    add([[-150.0, 30.0], [1.0, 40.0]], start=0)
+    add([[-7.0, 12.0], [9.0, 99.0], [-1.0, 17.0]], start=2)
+    add([[np.nan, 99.0], [-3.0, np.nan]], start=5)  # (score --missing skip): not counted
     assert outside.rows == 4 and outside.first == [0, 2, 3, 4] and outside.scored == 5
     assert outside.summary() == {"claim": {"below": 3, "above": 1},
                                  "age": {"below": 2, "above": 1}}
@@ -60,9 +63,9 @@ def test_rows_outside_the_training_range_are_counted_per_column_and_side():
     assert "rows 0, 2, 3, 4, from 0; of 5 new rows like the 3 it saw, about 3.8 would be" \
         in note
     inside = OutsideRange(column_ranges(train), None)
-    inside.add(train, start=0)
+    inside.add(train, start=0, holes=np.zeros(len(train), dtype=bool))
     assert inside.rows == 0 and inside.note("t") == "" and inside.summary() == {}
     one = OutsideRange(column_ranges(train), None)
-    one.add(np.array([[9.0, 20.0]]), start=0)
+    one.add(np.array([[9.0, 20.0]]), start=0, holes=np.zeros(1, dtype=bool))
     assert one.note("t").startswith("1 of the 1 scored row of t holds a value outside")
     assert "column 0: 1 above its maximum 5" in one.note("t")

@@ -94,7 +94,7 @@ def _finite_stat(fn: Callable[[np.ndarray], Any], values: np.ndarray) -> float |
     return float(fn(v)) if v.size else None
 
 
-def _score_columns(args: argparse.Namespace, run: Any) -> list[int | str] | None:
+def _score_columns(args: argparse.Namespace, run: Any, source: Path) -> list[int | str] | None:
     """The columns of DATA to score: ``--columns``; else, when DATA has a header and the
     run knows its columns' names, those names (so a file whose columns come in another
     order is reordered, and a missing column is a clear error); else the run's own
@@ -105,7 +105,6 @@ def _score_columns(args: argparse.Namespace, run: Any) -> list[int | str] | None
     names = data_info.get("column_names")
     if args.columns is not None:
         chosen = list(args.columns)
-        source = Path(str(args.data).split(":")[0])
         positions_named("--columns", chosen, read_header(source) if source.is_file() else None)
         if names and all(isinstance(c, str) for c in chosen) and set(chosen) <= set(names):
             if set(chosen) != set(names):
@@ -222,7 +221,7 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
     if args.keep is not None and out is not None and out.suffix.lower() == ".npy":
         raise UsageError("--keep copies cells as text, which a .npy file of numbers cannot "
                            "hold; write a .csv, .tsv or .txt file")
-    chosen = _score_columns(args, run)
+    chosen = _score_columns(args, run, source)
     source_rows = _mapped_npy(args.data, chosen)
     picked: list[int] | None = None
     if source_rows is not None:  # read a block at a time: memory does not grow with the file
@@ -271,7 +270,7 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
         block = block if picked is None else block[:, picked]
         holes = np.isnan(block).any(axis=1)
         if outside is not None:
-            outside.add(block, start)
+            outside.add(block, start, holes)
         bad += (start + np.flatnonzero(holes)).tolist()
         if skip:
             part = scores[start : start + len(block)]

@@ -27,10 +27,16 @@ def state_digest(state: dict[str, torch.Tensor], config: str | None = None) -> s
     if config is not None:
         digest.update(f"config|{len(config)}|{config}|".encode())
     for key in sorted(state):
-        t = state[key].detach().to("cpu").contiguous()
-        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(f"{key}|".encode())
+        _add_tensor(digest, state[key])
     return digest.hexdigest()
+
+
+def _add_tensor(digest: Any, tensor: torch.Tensor) -> None:
+    """Feed a tensor's dtype, shape and bytes (from the CPU, dense) to ``digest``."""
+    t = tensor.detach().to("cpu").contiguous()
+    digest.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
 def payload_digest(payload: Any) -> str:
@@ -41,9 +47,8 @@ def payload_digest(payload: Any) -> str:
 
     def walk(value: Any) -> None:
         if isinstance(value, torch.Tensor):
-            t = value.detach().to("cpu").contiguous()
-            digest.update(f"T|{t.dtype}|{tuple(t.shape)}|".encode())
-            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            digest.update(b"T|")
+            _add_tensor(digest, value)
         elif isinstance(value, dict):
             digest.update(f"D{len(value)}|".encode())
             for key in sorted(value, key=repr):

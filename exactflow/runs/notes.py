@@ -240,10 +240,10 @@ class OutsideRange:
         self.rows = 0
         self.first: list[int] = []  # (the first rows outside, for the note)
 
-    def add(self, block: np.ndarray, start: int) -> None:
-        """Count ``block`` (rows ``start``, ``start + 1``, ... of the data); a row with a
-        NaN is not scored, and not counted."""
-        scored = ~np.isnan(block).any(axis=1, keepdims=True)
+    def add(self, block: np.ndarray, start: int, holes: Any) -> None:
+        """Count ``block`` (rows ``start``, ``start + 1``, ... of the data) but its rows
+        with a missing value (``holes``, one flag a row), which are not scored."""
+        scored = ~holes[:, None]
         self.scored += int(scored.sum())
         below, above = (block < self.low) & scored, (block > self.high) & scored
         self.below += below.sum(axis=0)
