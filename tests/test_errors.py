@@ -245,6 +245,30 @@ def test_a_run_json_that_is_not_a_file_is_not_read(run_dir, tmp_path):
     assert code == 0 and "MemoryError" not in err, err  # (unread: nothing to resume)
 
 
+def test_run_records_are_read_within_a_bound(run_dir, tmp_path, monkeypatch):
+    # A 600 MB run.json was read whole (1.46 GB) before being refused; `demo` read a
+    # run.json linked to /dev/zero whole; a history that was not a dict was kept.
+    from exactflow.io import files
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    monkeypatch.setattr(files, "RECORD_LIMIT", 10_000)
+    text = (copy / "run.json").read_text()
+    (copy / "run.json").write_text(text + " " * 10_000)
+    with pytest.raises(RunError, match="larger than"):
+        ef.runs.load_run(copy)
+    assert isinstance(ef.load(copy), ef.Flow)  # (the model file alone)
+    code, _, err = run_cli(["check", str(copy)])
+    assert code == 1 and "larger than" in error_line(err), err
+    (copy / "run.json").write_text(text)
+    (copy / "history.json").write_text("[1, 2]")
+    with pytest.raises(RunError, match="not a training history"):
+        ef.runs.load_run(copy)
+    (copy / "run.json").unlink()
+    os.symlink("/dev/zero", copy / "run.json")
+    code, _, err = run_cli(["demo", "--out", str(copy), "--steps", "3"])
+    assert code == 1 and "interrupted run" in error_line(err), err
+
+
 def test_train_resume_from_a_damaged_checkpoint_is_one_line(tmp_path):
     out = tmp_path / "run"
     (out).mkdir()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,8 +11,9 @@ import numpy as np
 
 from .. import distributed, models
 from ..datasets import TOYS, DataError, read_header
+from ..io import read_json_record
 from ..report import build_report
-from ..runs import BUILTIN, REPLACING_DIR, RunError, run_status, train_run
+from ..runs import BUILTIN, REPLACING_DIR, RUN_JSON, RunError, run_status, train_run
 from .common import CommandError, UsageError, fmt, positions_named, say, with_key
 from .parser import DEMO_DATASETS
 
@@ -265,7 +265,7 @@ def _made_by_demo(out: Path) -> bool:
     """Whether ``out`` holds a run like those ``exactflow demo`` writes (the demo's model on
     one of its toys): the demo replaces those alone unless told to."""
     try:
-        info = json.loads((out / "run.json").read_text(encoding="utf-8"))
+        info = read_json_record(out / RUN_JSON)
         model, data = info.get("model") or {}, info.get("data") or {}
         command = info.get("command")
     except (OSError, ValueError, AttributeError):

@@ -10,6 +10,7 @@ from .files import (
     atomic_write_stream,
     atomic_write_text,
     json_safe,
+    read_json_record,
     safe_torch_load,
     signals_deferred,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "write_table",
     "csv_rows",
     "json_safe",
+    "read_json_record",
     "safe_torch_load",
     "signals_deferred",
     "state_digest",

@@ -34,6 +34,7 @@ __all__ = [
     "atomic_write_text",
     "atomic_write_json",
     "json_safe",
+    "read_json_record",
     "safe_torch_load",
     "signals_deferred",
     "CheckpointError",
@@ -210,6 +211,33 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
+RECORD_LIMIT = 64 * 2**20
+"""The largest JSON record (a run folder's ``run.json``, ``history.json``)
+:func:`read_json_record` reads; those exactflow writes hold kB, or a few MB for tables of
+many thousand columns or runs of many thousand records."""
+
+
+def read_json_record(path: str | os.PathLike[str]) -> Any:
+    """The JSON value in the regular file ``path``, read no further than
+    :data:`RECORD_LIMIT` (a FIFO, a device or a link to one is never opened: it could hang
+    or fill memory).
+
+    Raises:
+        FileNotFoundError: there is no regular file at ``path``.
+        ValueError: the file is larger than :data:`RECORD_LIMIT`, or not UTF-8 JSON.
+        OSError: the file cannot be read.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(errno.ENOENT, "no regular file", str(path))
+    with path.open("rb") as handle:
+        data = handle.read(RECORD_LIMIT + 1)
+    if len(data) > RECORD_LIMIT:
+        raise ValueError(f"it is larger than {RECORD_LIMIT // 2**20} MiB, far more than "
+                         "exactflow writes in a run's records")
+    return json.loads(data.decode("utf-8"))
 
 
 def safe_torch_load(

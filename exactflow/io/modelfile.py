@@ -37,7 +37,7 @@ from ..distributions import Flow
 from ..models import build
 from ..transforms.standardize import Standardize
 from ..validation import device_named, not_a_flow, warn_user
-from .files import CheckpointError, atomic_write_bytes, safe_torch_load
+from .files import CheckpointError, atomic_write_bytes, read_json_record, safe_torch_load
 from .integrity import check_dense, check_dtypes, check_sizes, state_digest
 
 __all__ = ["save", "load", "FORMAT_VERSION"]
@@ -160,10 +160,8 @@ def _is_safetensors(path: Path) -> bool:
 def _run_record(run_dir: Path) -> dict[str, Any]:
     """A run folder's ``run.json``, or ``{}`` where there is none this module can read (the
     model then loads as it is)."""
-    if not (run_dir / RUN_RECORD).is_file():  # (a FIFO or /dev/zero: not read)
-        return {}
     try:
-        info = json.loads((run_dir / RUN_RECORD).read_text(encoding="utf-8"))
+        info = read_json_record(run_dir / RUN_RECORD)
     except (OSError, ValueError):
         return {}
     return info if isinstance(info, dict) else {}

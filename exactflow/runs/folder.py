@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -15,7 +14,7 @@ import numpy as np
 
 from ..datasets import column_names
 from ..distributions import Flow
-from ..io import CheckpointError, signals_deferred
+from ..io import CheckpointError, read_json_record, signals_deferred
 from ..io import load as load_model_file
 from ..scoring import log_prob
 from ..validation import DataError
@@ -51,10 +50,8 @@ REPLACING_DIR = ".exactflow-replacing"
 
 def run_status(folder: Path) -> str | None:
     """The status in ``folder``'s run.json, or None (no run.json, or not readable)."""
-    if not (folder / RUN_JSON).is_file():  # (a FIFO or /dev/zero would hang or fill memory)
-        return None
     try:
-        status = json.loads((folder / RUN_JSON).read_text(encoding="utf-8")).get("status")
+        status = read_json_record(folder / RUN_JSON).get("status")
     except (OSError, ValueError, AttributeError):
         return None
     return status if isinstance(status, str) else None
@@ -300,8 +297,8 @@ def load_run(run_dir: str | os.PathLike[str], *, model: bool = True) -> Run:
             "(make one with `exactflow train DATA --out RUN_DIR`)"
         )
     try:
-        info = json.loads(info_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        info = read_json_record(info_file)
+    except (OSError, ValueError) as err:
         raise RunError(f"{str(info_file)!r} is corrupt: {err}") from None
     if not isinstance(info, dict) or info.get("format") != RUN_FORMAT:
         raise RunError(f"{str(info_file)!r} is not an exactflow run description")
@@ -328,9 +325,11 @@ def load_run(run_dir: str | os.PathLike[str], *, model: bool = True) -> Run:
     hist_file = path / HISTORY_FILE
     if hist_file.is_file():
         try:
-            history = json.loads(hist_file.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            history = read_json_record(hist_file)
+        except (OSError, ValueError) as err:
             raise RunError(f"{str(hist_file)!r} is corrupt: {err}") from None
+        if not isinstance(history, dict):
+            raise RunError(f"{str(hist_file)!r} is corrupt: not a training history")
     _check_info(info_file, info)
     run = Run(path, info, None, history)
     if model:

@@ -19,7 +19,7 @@ import torch
 from .. import distributed, models
 from ..datasets import check_full_rank, validate
 from ..distributions import Flow
-from ..io import atomic_write_bytes, atomic_write_json, save
+from ..io import atomic_write_bytes, atomic_write_json, read_json_record, save
 from ..scoring import log_prob
 from ..training import TrainingError, evaluate, fit, fit_auto
 from ..training.batches import wrap
@@ -94,11 +94,10 @@ def _prepare_out(out: Path, *, resume: bool, overwrite: bool) -> dict[str, Any] 
             )
         return None
     previous: Any = {}
-    try:  # (a FIFO or /dev/zero in its place is not read: it would hang or fill memory)
-        if info_file.is_file():
-            previous = json.loads(info_file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        pass
+    with contextlib.suppress(OSError, ValueError):
+        previous = read_json_record(info_file)
+    if not isinstance(previous, dict):
+        previous = {}
     status = previous.get("status")
     if resume:
         if status == "done":
