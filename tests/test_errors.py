@@ -168,6 +168,32 @@ def test_a_checkpoint_that_claims_what_it_does_not_hold_is_refused_before_use(tm
                 entry["exp_avg"].dim()), n - 1)
 
     resume_with(overlapping)  # (copied out dense before the optimizer sees it)
+
+    # These raised inside the first step (a missing moment, amsgrad without its maximum,
+    # differentiable=True) or at the run's end or a rollback (weights of another shape).
+    def no_second_moment(payload):
+        for entry in payload["optimizer"]["state"].values():
+            del entry["exp_avg_sq"]
+
+    with pytest.raises(CheckpointError, match=r"holds \['exp_avg', 'step'\] .* Adam keeps"):
+        resume_with(no_second_moment)
+    for flag in ("amsgrad", "differentiable", "maximize"):
+        with pytest.raises(CheckpointError, match=f"sets '{flag}' to True"):
+            resume_with(lambda p, f=flag: p["optimizer"]["param_groups"][0].update({f: True}))
+    resume_with(lambda p: p["optimizer"]["param_groups"][0].update(fused=None))  # (a device's)
+    resume_with(lambda p: p["optimizer"]["param_groups"][0].pop("maximize"))  # (torch's default)
+
+    def narrow(state):
+        name = next(k for k, v in state.items() if v.is_floating_point() and v.dim() == 1)
+        state[name] = state[name][1:].clone()
+
+    with pytest.raises(CheckpointError, match=r"best weights .* hold '.*' as \("):
+        resume_with(lambda p: p["best"].update(state=dict(p["model"])) or narrow(
+            p["best"]["state"]))
+    with pytest.raises(CheckpointError, match="rollback snapshot .* do not name"):
+        resume_with(lambda p: p["guard"].update(model={"w": torch.zeros(2)}))
+    with pytest.raises(CheckpointError, match=r"order is at epoch \d+, batch 7; an epoch holds"):
+        resume_with(lambda p: p["order"].update(position=7))
     torch.save(good, path)
     ef.fit(ef.models.maf(2, layers=1, hidden=(4,)), x, steps=4, resume=True, **args)
 

@@ -364,7 +364,11 @@ class Order:
         return {"epoch": self.epoch, "position": self.position}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.position, self._perm = int(state["epoch"]), int(state["position"]), None
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if epoch < 0 or not 0 <= position < max(self.per_epoch, 1):
+            raise ValueError(f"the data order is at epoch {epoch}, batch {position}; an "
+                             f"epoch holds batches 0 to {max(self.per_epoch, 1) - 1}")
+        self.epoch, self.position, self._perm = epoch, position, None
 
 
 def to_device(batch: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:

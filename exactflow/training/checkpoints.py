@@ -166,7 +166,8 @@ def _restore(ckpt: Checkpoint, payload: dict[str, Any]) -> None:
             + "); if exactflow 0.1 wrote it, this version cannot resume it: start the run "
             "again, or finish it with exactflow 0.1"
         ) from None
-    ckpt.guard.model_state = payload["guard"]["model"]
+    ckpt.guard.model_state = _checked_weights(path, flow, payload["guard"]["model"],
+                                              "rollback snapshot")
     ckpt.guard.optimizer_state = snapshot
     if ckpt.order is not None:
         ckpt.order.load_state_dict(payload["order"])
@@ -180,11 +181,33 @@ def _restore(ckpt: Checkpoint, payload: dict[str, Any]) -> None:
     state.finished = bool(payload["finished"])
     state.lr_scale = float(payload["schedule"]["lr_scale"])
     state.failures = int(payload["failures"])
-    state.best_state = payload["best"]["state"]
+    state.best_state = _checked_weights(path, flow, payload["best"]["state"], "best weights")
     state.since_best = int(payload["best"]["since"])
     state.run_sum = float(payload["running"]["sum"])
     state.run_count = int(payload["running"]["count"])
     state.elapsed = float(payload["elapsed"])
+
+
+def _checked_weights(path: Path, flow: torch.nn.Module, saved: Any, what: str) -> Any:
+    """``saved`` (a copy of the flow's weights kept for later: the best, the rollback's), once
+    it holds the flow's tensors by name, shape and dtype: a run restores it at its end or at
+    a rollback, after all the work, where a wrong one would stop it."""
+    if saved is None:
+        return None
+    live = flow.state_dict()
+    if not isinstance(saved, dict) or saved.keys() != live.keys():
+        raise CheckpointError(f"the {what} in {str(path)!r} do not name this flow's weights "
+                              "(a damaged or tampered file)")
+    for name, value in live.items():
+        got = saved[name]
+        if (not isinstance(got, torch.Tensor) or got.shape != value.shape
+                or got.dtype != value.dtype):
+            raise CheckpointError(
+                f"the {what} in {str(path)!r} hold {name!r} as "
+                f"{tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__}"
+                f", where the flow has {tuple(value.shape)} ({value.dtype}) (a damaged or "
+                "tampered file)")
+    return saved
 
 
 def _checked_optimizer_state(path: Path, optimizer: torch.optim.Optimizer, saved: Any,
@@ -212,12 +235,21 @@ def _checked_optimizer_state(path: Path, optimizer: torch.optim.Optimizer, saved
     for live, group in zip(optimizer.param_groups, saved["param_groups"], strict=True):
         for key, value in live.items():
             got = group.get(key)
-            if key != "params" and not _like(got, value):
+            if key != "params" and not (_like(got, value) if key in _DEVICE_FLAGS
+                                        or not isinstance(value, bool)
+                                        else key not in group or got is value):
                 raise damaged(f"sets {key!r} to {got!r}, where the optimizer holds "
                               f"{value!r}")
+    # Adam keeps these per parameter; a step without one of them raises inside torch.
+    keys = ({"step", "exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"}
+            if optimizer.defaults.get("amsgrad") else set())
+            if isinstance(optimizer, torch.optim.Adam) else None)
     shapes = dict(zip(ids, (p.shape for p in params), strict=True))
     state = {}
     for index, entry in saved["state"].items():
+        if keys is not None and entry.keys() != keys:
+            raise damaged(f"holds {sorted(entry)} for a parameter, where Adam keeps "
+                          f"{sorted(keys)}")
         kept = {}
         for key, value in entry.items():
             if isinstance(value, torch.Tensor):
@@ -233,6 +265,11 @@ def _checked_optimizer_state(path: Path, optimizer: torch.optim.Optimizer, saved
             kept[key] = value
         state[index] = kept
     return {**saved, "state": state}
+
+
+#: Optimizer flags that may differ between the run that wrote a checkpoint and the one that
+#: resumes it (on another device, torch may fuse otherwise); every other flag must agree.
+_DEVICE_FLAGS = ("foreach", "fused", "capturable")
 
 
 def _like(got: Any, value: Any) -> bool:
