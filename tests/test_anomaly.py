@@ -36,6 +36,29 @@ def test_p_values_of_exchangeable_scores_are_uniform(seed):
         assert abs(rate - q) < 4.5 * sd, (q, rate)
 
 
+@pytest.mark.parametrize(("m", "q"), [(600, 0.05), (60, 0.1), (2000, 0.01)])
+def test_the_flag_rate_range_holds_its_share_of_calibration_sets(m, q):
+    # `score` said "about 5.0% of new normal rows are flagged" on a run that flagged 8%:
+    # the share flagged depends on which m rows set the threshold. Over 4,000 sets of m
+    # standard-normal scores, the true share flagged, Phi(threshold), must fall in the
+    # range for 90% of them (binomial sd 0.5 points) and below or above it about equally.
+    from scipy.stats import norm
+
+    low, high = anomaly.flag_rate_range(m, q)
+    rng = np.random.default_rng(m)
+    k = int(np.floor(q * (m + 1) + 1e-9))
+    shares = norm.cdf(np.sort(rng.normal(size=(4000, m)), axis=1)[:, k - 1])
+    inside = float(((shares >= low) & (shares <= high)).mean())
+    assert abs(inside - 0.9) < 0.02, inside
+    assert abs(float((shares < low).mean()) - 0.05) < 0.015
+    assert low < anomaly.flag_rate(m, q) < high
+    # (the share is exactly that of the scores below the k-th lowest calibration score)
+    new = rng.normal(size=200_000)
+    cal = rng.normal(size=m)
+    _, flags = anomaly.flag(new, cal, q)
+    assert abs(flags.mean() - norm.cdf(np.sort(cal)[k - 1])) < 0.003
+
+
 def test_minus_inf_rows_are_always_flagged():
     p, flags = anomaly.flag(np.array([-np.inf, 0.0, 5.0]), np.linspace(-1, 1, 9), 0.01)
     assert flags.tolist() == [True, False, False] and p[0] == pytest.approx(0.1)

@@ -395,3 +395,17 @@ def test_a_candidate_no_better_than_an_earlier_one_beyond_rounding_is_not_kept(m
         assert result.chosen.name.startswith(kept), result.leaderboard
         flow_entry = result.leaderboard[-1]
         assert ("no better than gmm" in flow_entry.status) == (kept == "gmm")
+
+
+def test_a_rung_that_diverges_is_listed_with_what_happened_not_advice_on_its_settings():
+    # A diverging rung was listed with "Lower the learning rate (lr, --lr ...)": the ladder
+    # sets each rung's learning rate, so the advice pointed the user at the wrong fix.
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 2))
+    candidates = [ef.training.auto.Candidate("maf", {"model": "maf", "layers": 2},
+                                             {"steps": 30, "lr": 1e6})]
+    result = ef.fit_auto(x, budget=30, candidates=candidates, progress=False)
+    entry = next(e for e in result.leaderboard if e.name == "maf")
+    assert entry.status.startswith("failed: training diverged"), entry.status
+    assert "learning rate (lr" not in entry.status and "Try:" not in entry.status
+    assert result.chosen.name != "maf"

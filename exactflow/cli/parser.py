@@ -223,10 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "rows and the report come on top")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--steps", type=_positive_int,
-                        help="a fixed number of optimizer steps (default: until the validation "
-                             "NLL stops improving)")
+                        help="a fixed number of optimizer steps, of which the one with the "
+                             "best validation NLL is kept (default: until the validation NLL "
+                             "stops improving)")
     length.add_argument("--epochs", type=_positive_int,
-                        help="a fixed number of passes over the training split")
+                        help="a fixed number of passes over the training split (the best "
+                             "step on validation is kept)")
     p.add_argument("--patience", type=_positive_int,
                    help="epochs without improvement of the validation NLL before stopping "
                         "(default 20 when the length is set by validation)")

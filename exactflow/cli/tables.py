@@ -355,9 +355,11 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
                        f"support or beyond the range of its numbers): {flagged}")
         if flags is not None and calibration is not None:
             rate = anomaly.flag_rate(len(calibration), q)
+            low, high = anomaly.flag_rate_range(len(calibration), q)
             expected = "" if rate == 0 else (
                 f", so about {rate:.1%} of new normal rows are flagged"
-                + ("" if rate == q else f" (p-values are multiples of 1/{len(calibration) + 1})"))
+                + ("" if rate == q else f" (p-values are multiples of 1/{len(calibration) + 1})")
+                + f" ({low:.1%} to {high:.1%} in 9 runs of 10, as the held-out rows vary)")
             say(args, f"{counted(int((flags == 1).sum()), 'row')} flagged as anomalies: "
                        f"conformal p-value <= "
                        f"{q:g} against the {len(calibration)} held-out rows{expected}")

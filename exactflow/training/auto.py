@@ -296,7 +296,9 @@ def fit_auto(
         except DataError:  # the data's fault, not the candidate's: every one would fail
             raise
         except Exception as err:  # noqa: BLE001 - a failed candidate is listed, not fatal
-            entry.status = f"failed: {type(err).__name__}: {err}"[:300]
+            # (a divergence says what happened, then advice on settings the ladder chooses)
+            entry.status = ("failed: " + str(err).split(". ")[0] if isinstance(
+                err, TrainingError) else f"failed: {type(err).__name__}: {err}")[:300]
             entry.seconds = time.perf_counter() - clock
             say(f"{name}: {entry.status}")
             return
