@@ -715,6 +715,51 @@ def test_compile_auto_stays_eager_for_short_runs_and_says_why():
     assert h.compiled.startswith("eager: the run is too short")
 
 
+def test_compile_auto_says_when_a_run_ends_during_its_compile_and_spares_time_limits(
+        monkeypatch):
+    # A time-limited fit (150 s) spent 161 s compiling with a cold cache, trained 32 steps
+    # and recorded "eager: the run is too short for compiling to pay".
+    import time
+
+    from exactflow.training import compiled
+
+    def slow_compile(fn):
+        def run(*args):
+            time.sleep(1.2)  # (a compile, at the first compiled step)
+            return fn(*args)
+        return run
+
+    monkeypatch.setattr(compiled, "_compiled", slow_compile)
+    monkeypatch.setattr(compiled, "COMPILE_SECONDS", 0.0)  # every run "pays"
+    x = torch.zeros(4, 1)
+
+    def calls(loss, n):
+        for _ in range(n):
+            loss(x, None)
+
+    loss = compiled.LossFunction(lambda: lambda x, c: x.sum(1), "auto", 1000)
+    calls(loss, compiled.WARMUP + compiled.TIMED + 1)
+    assert loss.decision == "compiled: the run ended before compiled steps were timed"
+    calls(loss, 2)
+    assert loss.decision.startswith("compiled (compiling took 1 s): the run ended before")
+    # With a time limit, too little time left: no compile, and the reason said.
+    loss = compiled.LossFunction(lambda: lambda x, c: x.sum(1), "auto", 1000,
+                                 stop_at=time.perf_counter() + 100.0)
+    calls(loss, 40)
+    assert loss.decision == "eager: the time limit leaves too little time to risk a compile"
+    h = fit(affine_flow(2), gaussian_data(512), steps=200, batch_size=64, time_limit=100,
+            **CPU)
+    assert h.compiled == loss.decision
+    # A compile that runs past the time limit says so.
+    monkeypatch.setattr(compiled, "SLOW_COMPILE_SECONDS", 0.0)
+    loss = compiled.LossFunction(lambda: lambda x, c: x.sum(1), "auto", 1000,
+                                 stop_at=time.perf_counter() + 1.0)
+    calls(loss, compiled.WARMUP + compiled.TIMED + 1)
+    with pytest.warns(UserWarning, match=r"compiling the loss took 1 s and ran past the time "
+                                         r"limit by \d s.*compile=False"):
+        calls(loss, 2)
+
+
 @pytest.mark.slow
 def test_compile_auto_compiles_when_it_pays_and_keeps_the_faster(monkeypatch):
     from exactflow.training import compiled

@@ -6,7 +6,9 @@ small spline flows, nothing or less for large conditioners whose time is in the 
 products: ``benchmarks/NOTES.md``). So ``"auto"`` measures instead of guessing: it times a
 few eager steps, compiles only if the run is long enough for even a modest gain to repay a
 typical compile, then times a few compiled steps and keeps whichever is faster. Short runs
-never compile. The decision is recorded in ``History.compiled``.
+never compile, nor do runs with a time limit and less than :data:`SLOW_COMPILE_SECONDS` of
+it left: a compile cannot be cut short, and one took 161 s with a cold cache on a busy
+machine. The decision, with the compile's seconds, is recorded in ``History.compiled``.
 """
 
 from __future__ import annotations
@@ -20,13 +22,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["LossFunction", "COMPILE_SECONDS", "ASSUMED_GAIN"]
+from ..validation import warn_user
+
+__all__ = ["LossFunction", "COMPILE_SECONDS", "SLOW_COMPILE_SECONDS", "ASSUMED_GAIN"]
 
 #: What ``"auto"`` assumes a compile costs (seconds) and saves (share of a step) before
 #: measuring: a run compiles only if ``remaining steps x step time x ASSUMED_GAIN`` exceeds
 #: ``COMPILE_SECONDS``.
 COMPILE_SECONDS = 30.0
 ASSUMED_GAIN = 0.3
+#: A run with a time limit compiles only with at least this long left before it.
+SLOW_COMPILE_SECONDS = 8 * COMPILE_SECONDS
 #: Steps ignored (warm-up), then timed, eagerly and compiled.
 WARMUP, TIMED = 5, 20
 _TOO_SHORT = "eager: the run is too short for compiling to pay"
@@ -54,9 +60,11 @@ class LossFunction:
             eagerly, where data-dependent layers such as ``ActNorm`` initialize, which they
             cannot inside a compiled graph) or ``"auto"``.
         expected_steps: the steps the run is expected to take (for ``"auto"``'s decision).
+        stop_at: the ``time.perf_counter()`` at which the run stops (its time limit), if any.
     """
 
-    def __init__(self, model: Callable[[], Any], mode: bool | str, expected_steps: int) -> None:
+    def __init__(self, model: Callable[[], Any], mode: bool | str, expected_steps: int,
+                 stop_at: float | None = None) -> None:
         if isinstance(mode, np.bool_):
             mode = bool(mode)
         if not (isinstance(mode, bool) or mode == "auto"):  # (1 == True: it would run eager)
@@ -74,6 +82,8 @@ class LossFunction:
         self._stamps: list[float] = []
         self._eager_step: float | None = None
         self._phase = "eager" if mode == "auto" else "fixed"
+        self.stop_at = stop_at
+        self._compile_seconds = 0.0
         self.start(expected_steps)
 
     def start(self, remaining: int) -> None:
@@ -97,23 +107,39 @@ class LossFunction:
         self._stamps.append(now)
         if self._phase == "eager" and len(self._stamps) == WARMUP + TIMED + 1:
             self._eager_step = (now - self._stamps[WARMUP]) / TIMED
-            remaining = self.expected - self._calls
+            remaining = float(self.expected - self._calls)
+            if self.stop_at is not None:  # (the steps its time allows)
+                left = self.stop_at - now
+                remaining = min(remaining, left / self._eager_step)
+                if left < SLOW_COMPILE_SECONDS:
+                    self.decision, self._phase = ("eager: the time limit leaves too little "
+                                                  "time to risk a compile"), "fixed"
+                    return
             if remaining * self._eager_step * ASSUMED_GAIN <= COMPILE_SECONDS:
                 self.decision, self._phase = _TOO_SHORT, "fixed"
                 return
             self._fn = _compiled(self._eager)
             self._phase = "compiling"
             self._stamps = [now]
+            self.decision = "compiled: the run ended before compiled steps were timed"
         elif self._phase == "compiling" and len(self._stamps) == 2:
-            self._stamps = [now]  # the first compiled step (with the compile) is not timed
+            self._compile_seconds = now - self._stamps[0]  # (one step with the compile)
+            self._stamps = [now]  # (and not timed)
             self._phase = "timing"
+            self.decision = (f"compiled (compiling took {self._compile_seconds:.0f} s): the "
+                             "run ended before compiled steps were timed")
+            if self.stop_at is not None and now > self.stop_at:
+                warn_user(f"compiling the loss took {self._compile_seconds:.0f} s and ran past "
+                          f"the time limit by {now - self.stop_at:.0f} s, leaving no time to "
+                          "train: pass compile=False to time-limited runs on this machine")
         elif self._phase == "timing" and len(self._stamps) == TIMED + 1:
             assert self._eager_step is not None
             compiled_step = (now - self._stamps[0]) / TIMED
             speedup = self._eager_step / compiled_step if compiled_step > 0 else float("inf")
+            took = f"; compiling took {self._compile_seconds:.0f} s"
             if speedup > 1.1:
-                self.decision = f"compiled: {speedup:.2f}x faster per step than eager"
+                self.decision = f"compiled: {speedup:.2f}x faster per step than eager{took}"
             else:
                 self._fn = self._eager
-                self.decision = f"eager: compiled steps were not faster ({speedup:.2f}x)"
+                self.decision = f"eager: compiled steps were not faster ({speedup:.2f}x{took})"
             self._phase = "fixed"

@@ -42,7 +42,7 @@ from .calibrate import (
     warn_if_unstandardized,
 )
 from .checkpoints import Checkpoint
-from .compiled import COMPILE_SECONDS, LossFunction
+from .compiled import LossFunction
 from .history import History
 from .loop import (
     Guard,
@@ -185,8 +185,8 @@ def fit(
         time_limit: seconds after the call at which training stops, with a last
             validation record (counted as an early stop; the best step is kept): the
             preparation (the standardization, a classical base's fit) counts too, and the
-            clock is read every 8 steps. A limit too short to repay a compile keeps
-            ``compile="auto"`` eager.
+            clock is read every 8 steps. ``compile="auto"`` stays eager with less than 4
+            minutes of the limit left, as a compile cannot be cut short.
         compile: run the loss and its backward through ``torch.compile``: ``"auto"``
             (default) times eager steps, compiles only when the run is long enough to repay
             a compile (10-40 s on a CPU), then keeps compiled steps only if they are faster
@@ -342,11 +342,8 @@ def fit(
     }, ddp=ddp, sync_batch_norm=sync_batch_norm, precision=precision, accumulate=accumulate)
     expected = total if fixed_length or val_rows is None else min(
         total, EXPECTED_EPOCHS * per_epoch)
-    if time_limit is not None:
-        time_limit = positive_float(time_limit, "time_limit")
-        if compile == "auto" and time_limit < 4 * COMPILE_SECONDS:
-            compile = False  # (a compile would take a large part of the time)
-    nll = LossFunction(lambda: replicas.model, compile, expected)
+    stop_at = None if time_limit is None else called + positive_float(time_limit, "time_limit")
+    nll = LossFunction(lambda: replicas.model, compile, expected, stop_at)
 
     def step(i: int) -> tuple[Tensor, Tensor]:
         batch = order.next()
@@ -394,7 +391,7 @@ def fit(
     settings = LoopSettings(
         total=total, lr=lr, schedule=schedule, grad_clip=grad_clip, eval_every=eval_every,
         checkpoint_every=checkpoint_every, desc="fit", progress=progress, postfix=_postfix,
-        stop_at=None if time_limit is None else called + time_limit,
+        stop_at=stop_at,
     )
     with forked_rng(dev, int(seed)):
         if resume and ckpt is not None and replicas.exists(ckpt.path):
