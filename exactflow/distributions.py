@@ -280,8 +280,10 @@ class Flow(Distribution):
         ``x``, one context for all rows (``(c,)`` or ``(1, c)``), or a batch ``(b, c)``
         with samples ``x`` of shape ``(n, b, features)`` (what ``sample(n, context)``
         returns), scored as ``(n, b)``; one row ``(features,)`` with its context ``(c,)``
-        scores as ``()``. An unconditional flow scores ``x`` of any leading shape,
-        ``(..., features)`` as ``(...)`` (one row ``(features,)`` as ``()``).
+        scores as ``()``, and one row ``(features,)`` or ``(1, features)`` under each of
+        ``b`` contexts ``(b, c)`` as ``(b,)`` (a likelihood across parameters). An
+        unconditional flow scores ``x`` of any leading shape, ``(..., features)`` as
+        ``(...)`` (one row ``(features,)`` as ``()``).
 
         Never NaN for a row without NaN: every such row gets a log-density that is finite
         or ``-inf``. A row far enough out that the computation overflows the flow's dtype
@@ -311,6 +313,9 @@ class Flow(Distribution):
         if not self._checked_prepared and self.training and torch.is_grad_enabled() and (
                 is_plain(x)):  # (no values to look at under torch.func, compile or a trace)
             self._warn_if_unprepared()
+        if (x.shape[0] == 1 and not lead and context is not None and len(context) > 1
+                and (context.ndim if hasattr(context, "ndim") else np.ndim(context)) == 2):
+            x, lead = x.expand(len(context), -1), None  # one x under each context
         given = self._check_context(context, x.shape[0], lead)
         z, ladj = self._map(x, given)
         log_p = _overflow_to_neg_inf(self._base_log_prob(z) + ladj, x, given)

@@ -426,6 +426,13 @@ def test_log_prob_takes_the_contexts_sample_takes():
     torch.testing.assert_close(flow.log_prob(x, context[:1]), one)
     with pytest.raises(ValueError, match="context has 4 rows but x has 6"):
         flow.log_prob(x, context)
+    # One row under each of a batch of contexts (a likelihood across parameters): it was
+    # refused, "context has 4 rows but x has 1".
+    each = torch.stack([flow.log_prob(x[0], c) for c in context])
+    assert each.shape == (4,)
+    for row in (x[0], x[:1], x[0].tolist()):
+        torch.testing.assert_close(flow.log_prob(row, context), each)
+    torch.testing.assert_close(flow.log_prob(x[:1], context.numpy()), each)
 
 
 def test_unconditional_flow_rejects_a_context():

@@ -47,6 +47,8 @@ def test_estimates_are_exact_when_q_is_the_target():
     assert out["log_z_is"] == pytest.approx(LOG_Z, abs=1e-10)
     assert out["elbo_se"] < 1e-10 and out["log_z_is_se"] < 1e-10
     assert out["ess"] == pytest.approx(5000) and out["n"] == 5000 and out["n_nonfinite"] == 0
+    # n by position too, as importance_sample takes it (it was keyword-only: a TypeError)
+    assert estimate_log_normalizer(exact_flow(), gaussian_target, 300, seed=0)["n"] == 300
 
 
 def test_bound_and_importance_sampling_standard_errors_are_calibrated():

@@ -74,8 +74,8 @@ def _target_fn(target: Any) -> Callable[[Tensor], Tensor]:
 def estimate_log_normalizer(
     flow: Flow,
     log_prob_target: Any,
-    *,
     n: int = 100_000,
+    *,
     batch_size: int = 16384,
     seed: int | None = None,
 ) -> dict[str, float]:
