@@ -51,12 +51,19 @@ def run_split(
     table: tables.Table, s: int, standardize: bool | str = "auto",
     hidden: list[int] | None = None,
 ) -> list[dict[str, Any]]:
-    """Fit every rung on split ``s``; one record per rung with its test log-densities."""
+    """Fit every rung on split ``s``; one record per rung with its test log-densities and
+    its validation rows' NLLs (those ``fit_auto`` held out and chose on)."""
     import exactflow.training.auto as auto
 
     sp = realdata.make_split(table, s)
     built: list[torch.nn.Module] = []
-    build, ladder = auto.build, auto.ladder
+    build, ladder, row_nll = auto.build, auto.ladder, auto.row_nll
+    val_nll: dict[int, np.ndarray] = {}
+
+    def scored(flow: Any, rows: Any, context: Any = None) -> torch.Tensor:
+        each = row_nll(flow, rows, context)
+        val_nll[id(flow)] = each.numpy()
+        return each
 
     def keep(config: dict[str, Any]) -> Any:
         model = build(config)
@@ -71,12 +78,12 @@ def run_split(
                 rung.config = {**rung.config, "hidden": list(hidden)}
         return out
 
-    auto.build, auto.ladder = keep, rungs  # type: ignore[assignment]
+    auto.build, auto.ladder, auto.row_nll = keep, rungs, scored  # type: ignore[assignment]
     try:
         result = auto.fit_auto(np.concatenate([sp.train, sp.val]), budget=3600.0, seed=sp.seed,
                                standardize=standardize)
     finally:
-        auto.build, auto.ladder = build, ladder  # type: ignore[assignment]
+        auto.build, auto.ladder, auto.row_nll = build, ladder, row_nll  # type: ignore[assignment]
     out = []
     test = torch.as_tensor(sp.test)
     for entry, model in zip(result.leaderboard, built, strict=True):
@@ -86,7 +93,8 @@ def run_split(
             lp = model.log_prob(test.to(dtype)).double().numpy()
         name = "gmm" if entry.name.startswith("gmm") else entry.name
         out.append({"rung": name, "val_nll": entry.val_nll, "test_lp": lp,
-                    "seconds": entry.seconds, "steps": entry.steps})
+                    "val_rows_nll": val_nll.get(id(model)), "seconds": entry.seconds,
+                    "steps": entry.steps})
     return out
 
 

@@ -15,7 +15,7 @@ from ..validation import SHOW, DataError, counted, index_list, positive_int, war
 from .batches import wrap, wrap_context
 from .loop import resolve_device
 
-__all__ = ["evaluate", "NLLSummary", "dominant_rows", "warn_dominant_rows"]
+__all__ = ["evaluate", "row_nll", "NLLSummary", "dominant_rows", "warn_dominant_rows"]
 
 _LN2 = math.log(2.0)
 _FAR_NLL = 1e9  # nats: a value 45,000 standard deviations from a Gaussian's mean
@@ -137,6 +137,12 @@ def evaluate(
     rows = wrap(data, "data", flow.features)
     summary = summarize(flow, rows, context, batch_size=batch_size, device=device)
     return summary.metrics(len(rows), flow.features)
+
+
+def row_nll(flow: Any, data: Any, context: Any = None) -> torch.Tensor:
+    """``-log p`` of every row of ``data``, float64 on the CPU (as :func:`evaluate` scores
+    them): the per-row numbers behind a comparison of two models on the same rows."""
+    return torch.cat(list(_row_nll(flow, data, context))).double().cpu()
 
 
 def summarize(
