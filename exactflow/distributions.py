@@ -376,6 +376,23 @@ class Flow(Distribution):
             context = self.embedding(context)
         return context
 
+    def encode_context(self, context: Any) -> Tensor:
+        """The context as the flow's transform sees it: checked, standardized by the flow's
+        context scaler and encoded by its embedding network (each where it has one).
+        ``check_transform(flow.transform, x, flow.encode_context(context))`` proves a
+        conditional flow's own map; with the raw context it checks another one.
+
+        Example:
+            >>> import torch, exactflow as ef
+            >>> flow = ef.models.maf(2, context=3, embedding={"features": 4}).double()
+            >>> flow.encode_context(torch.zeros(5, 3, dtype=torch.float64)).shape
+            torch.Size([5, 4])
+        """
+        encoded = self._embed(self._check_context(context, None))
+        if encoded is None:  # (an unconditional flow refused a context above)
+            raise ValueError("this flow is unconditional: it has no context to encode")
+        return encoded
+
     def to_latent(self, x: Any, context: Any = None) -> tuple[Tensor, Tensor]:
         """``(z, log|det dz/dx|)`` for rows ``x`` (``(batch, features)``): the latent that
         :meth:`log_prob` scores under the base, with the input handling it has (dtype,

@@ -203,9 +203,9 @@ def check_transform(
         flow = hasattr(transform, "transform") and isinstance(transform.transform, Transform)
         raise TypeError(
             f"check_transform checks an exactflow Transform, got {type(transform).__name__}"
-            + ("; for a flow, check its transform: check_transform(flow.transform, x)"
-               if flow else "; subclass ef.Transform (forward and inverse return the output "
-               "and a log-det per row)")
+            + ("; for a flow, check its transform: check_transform(flow.transform, x[, "
+               "flow.encode_context(context)])" if flow else "; subclass ef.Transform "
+               "(forward and inverse return the output and a log-det per row)")
         )
     if not isinstance(x, Tensor) or x.dim() != 2:
         raise ValueError(

@@ -541,6 +541,15 @@ def test_to_latent_and_from_latent_are_the_flows_own_map_with_its_context_handli
         flow.from_latent(torch.zeros(4, 2), c[:4])
     with pytest.raises(ValueError, match="this flow is conditional"):
         flow.to_latent(x)
+    # The context as the transform sees it: the checker proves the flow's own map with it
+    # (with the raw context it checked another map, and passed).
+    encoded = flow.encode_context(c)
+    assert encoded.shape == (len(c), 4)
+    torch.testing.assert_close(flow.transform(x, encoded)[0], z)
+    assert ef.check_transform(flow.transform, x[:8], encoded[:8]).ok
+    with pytest.raises(TypeError, match=r"check_transform\(flow.transform, x\[, "
+                                        r"flow.encode_context\(context\)\]\)"):
+        ef.check_transform(flow, x)
 
 
 @pytest.mark.parametrize("name", ["maf", "realnvp", "nsf", "gmm", "gaussian"])
