@@ -313,7 +313,8 @@ class Flow(Distribution):
         if not self._checked_prepared and self.training and torch.is_grad_enabled() and (
                 is_plain(x)):  # (no values to look at under torch.func, compile or a trace)
             self._warn_if_unprepared()
-        if (x.shape[0] == 1 and not lead and context is not None and len(context) > 1
+        if (not torch.jit.is_tracing() and x.shape[0] == 1 and not lead and context is not None
+                and len(context) > 1
                 and (context.ndim if hasattr(context, "ndim") else np.ndim(context)) == 2):
             x, lead = x.expand(len(context), -1), None  # one x under each context
         given = self._check_context(context, x.shape[0], lead)

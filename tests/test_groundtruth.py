@@ -482,7 +482,7 @@ def test_check_transform_rejects_bad_x():
     with pytest.raises(ValueError, match="x must be floating point .* got torch.int64"):
         ef.check_transform(ef.transforms.Reverse(3), torch.ones(4, 3, dtype=torch.long))
     with pytest.raises(TypeError, match=r"got Flow; for a flow, check its transform: "
-                                        r"check_transform\(flow.transform, x\)"):
+                                        r"check_transform\(flow.transform, x\[, "):
         ef.check_transform(ef.models.maf(3), torch.randn(4, 3))
     with pytest.raises(TypeError, match="got Linear; subclass ef.Transform"):
         ef.check_transform(nn.Linear(3, 3), torch.randn(4, 3))

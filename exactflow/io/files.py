@@ -232,8 +232,8 @@ def read_json_record(path: str | os.PathLike[str]) -> Any:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(errno.ENOENT, "no regular file", str(path))
-    with path.open("rb") as handle:
-        data = handle.read(RECORD_LIMIT + 1)
+    with path.open("rb") as handle:  # (read() allocates what it is asked for: the size)
+        data = handle.read(min(os.fstat(handle.fileno()).st_size, RECORD_LIMIT) + 1)
     if len(data) > RECORD_LIMIT:
         raise ValueError(f"it is larger than {RECORD_LIMIT // 2**20} MiB, far more than "
                          "exactflow writes in a run's records")
