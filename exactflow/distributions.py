@@ -314,8 +314,8 @@ class Flow(Distribution):
                 is_plain(x)):  # (no values to look at under torch.func, compile or a trace)
             self._warn_if_unprepared()
         if (not torch.jit.is_tracing() and x.shape[0] == 1 and not lead and context is not None
-                and len(context) > 1
-                and (context.ndim if hasattr(context, "ndim") else np.ndim(context)) == 2):
+                and (context.ndim if hasattr(context, "ndim") else np.ndim(context)) == 2
+                and len(context) > 1):
             x, lead = x.expand(len(context), -1), None  # one x under each context
         given = self._check_context(context, x.shape[0], lead)
         z, ladj = self._map(x, given)

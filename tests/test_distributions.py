@@ -433,6 +433,8 @@ def test_log_prob_takes_the_contexts_sample_takes():
     for row in (x[0], x[:1], x[0].tolist()):
         torch.testing.assert_close(flow.log_prob(row, context), each)
     torch.testing.assert_close(flow.log_prob(x[:1], context.numpy()), each)
+    with pytest.raises(ValueError, match=r"context must have shape \(batch, 2\), got \(\)"):
+        flow.log_prob(x[:1], torch.tensor(0.5))  # (len() of it was a TypeError)
 
 
 def test_unconditional_flow_rejects_a_context():

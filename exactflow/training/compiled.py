@@ -110,7 +110,7 @@ class LossFunction:
             remaining = float(self.expected - self._calls)
             if self.stop_at is not None:  # (the steps its time allows)
                 left = self.stop_at - now
-                remaining = min(remaining, left / self._eager_step)
+                remaining = min(remaining, left / max(self._eager_step, 1e-9))
                 if left < SLOW_COMPILE_SECONDS:
                     self.decision, self._phase = ("eager: the time limit leaves too little "
                                                   "time to risk a compile"), "fixed"
