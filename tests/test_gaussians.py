@@ -185,3 +185,21 @@ def test_mixture_densities_of_many_rows_are_taken_a_block_at_a_time(monkeypatch)
     torch.testing.assert_close(blocked, whole, rtol=0, atol=1e-13)
     grad = torch.autograd.grad(blocked.sum(), x)[0]  # (the blocks keep the graph)
     torch.testing.assert_close(grad, torch.autograd.grad(whole.sum(), x)[0])
+
+
+@pytest.mark.parametrize("components", [1, 3])
+def test_draws_are_each_rows_component_factor_times_noise_without_a_copy_per_row(components):
+    # Sampling copied the d x d factor once per row: 3.5 GB for 1,500 rows at d = 784.
+    torch.manual_seed(0)
+    g = (ef.GaussianMixture(5, components=components) if components > 1
+         else ef.Gaussian(5)).double()
+    with torch.no_grad():
+        for p in g.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    index = torch.randint(0, components, (50,))
+    torch.manual_seed(1)
+    drawn = g._draw(index)
+    torch.manual_seed(1)
+    eps = torch.randn(50, 5, dtype=torch.float64)
+    want = g.loc[index] + (g.lower()[index] @ eps.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(drawn, want, rtol=1e-12, atol=1e-12)
