@@ -321,12 +321,13 @@ def fit_auto(
         say(f"{name}: validation NLL {val_nll:.4f} in {entry.seconds:.1f} s")
         gain = None if best is None else best[3] - each  # (per row; > 0: this one better)
         se = 0.0 if gain is None else float(gain.std() / math.sqrt(len(gain)))
+        rounding = TIE_NATS * max(1.0, abs(val_nll))
         if math.isfinite(val_nll) and best is not None and val_nll < best[0] <= val_nll + max(
-                TIE_NATS * max(1.0, abs(val_nll)), MARGIN_SE * se if math.isfinite(se) else 0):
+                rounding, MARGIN_SE * se if math.isfinite(se) else 0):
             kept = next(other.name for other in board if other.chosen)
-            tie = (f"no better than {kept} beyond rounding" if best[0] - val_nll <= TIE_NATS
-                   * max(1.0, abs(val_nll)) else f"better than {kept} by {best[0] - val_nll:.3g}"
-                   f" nats, within {MARGIN_SE:g} standard error ({se:.2g}) of the difference")
+            tie = (f"no better than {kept} beyond rounding" if best[0] - val_nll <= rounding
+                   else f"better than {kept} by {best[0] - val_nll:.3g} nats, within "
+                   f"{MARGIN_SE:g} standard error ({se:.2g}) of the difference")
             entry.status = (f"{tie}: {kept} is kept" if entry.status == "ok"
                             else f"{entry.status}; {tie}: {kept} is kept")
             say(f"{name}: {tie}: {kept} is kept")
