@@ -103,6 +103,26 @@ def test_the_summary_comes_before_the_report_and_an_interrupted_report_says_so(
     assert json.loads((out / "run.json").read_text())["status"] == "done"
 
 
+def test_train_without_matplotlib_keeps_the_run_and_says_how_to_get_its_report(
+    tmp_path, monkeypatch
+):
+    # (it trained in full, then exited 1 at the report: an install without the [plot] extra)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    out = tmp_path / "run"
+    code, text, err = run_cli(["train", "moons", *TINY[:-1], "--out", out])
+    assert code == 0, err
+    assert "test NLL" in text and "Traceback" not in err
+    assert (f"note: no report: it needs matplotlib (pip install 'exactflow[plot]', then "
+            f"`exactflow report {out}`; --no-report skips it)") in err
+    assert json.loads((out / "run.json").read_text())["status"] == "done"
+    assert not (out / "report").exists()
+    code, text, _ = run_cli(["train", "moons", *TINY[:-1], "--out", out, "--overwrite",
+                             "--json"])
+    assert code == 0 and "no report: it needs matplotlib" in json.loads(text)["notes"][-1]
+    code, _, err = run_cli(["report", out])  # (the report command itself still refuses)
+    assert code == 1 and one_error_line(err).endswith("pip install 'exactflow[plot]'")
+
+
 def test_test_rows_that_dominate_the_test_nll_are_said_with_the_nll_of_the_others(tmp_path):
     # (one heavy-tailed row made a test NLL of 17.09 +- 2.46 where the others gave 14.6)
     rng = np.random.default_rng(1)

@@ -73,6 +73,14 @@ def _write_report(args: argparse.Namespace, result: dict[str, Any]) -> None:
         return
     try:
         result["report"] = str(build_report(result["run"]))
+    except ImportError as err:  # (the run is complete: say how to get its report, exit 0)
+        if err.name != "matplotlib":
+            raise
+        text = (f"no report: it needs matplotlib (pip install 'exactflow[plot]', then "
+                f"`exactflow report {result['run']}`; --no-report skips it)")
+        result["notes"].append(text)
+        print(f"note: {text}", file=sys.stderr)
+        return
     except KeyboardInterrupt as stop:
         raise type(stop)(f"the run in {result['run']!r} is complete, its report is not: "
                          f"write it with `exactflow report {result['run']}`") from None

@@ -143,7 +143,7 @@ def build_report(
         import matplotlib  # noqa: F401
     except ImportError:
         raise ImportError(
-            "the report needs matplotlib: pip install 'exactflow[plot]'"
+            "the report needs matplotlib: pip install 'exactflow[plot]'", name="matplotlib"
         ) from None
     from .. import plotting
 
