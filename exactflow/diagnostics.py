@@ -34,6 +34,7 @@ __all__ = [
     "layer_name",
     "propagate",
     "check_layers",
+    "default_check_points",
     "format_check_table",
     "check_base",
     "reference_log_prob",
@@ -93,6 +94,14 @@ class LayerCheck:
 
     def to_dict(self) -> dict[str, Any]:
         return json_safe(asdict(self))
+
+
+def default_check_points(features: int) -> int:
+    """The rows ``exactflow check`` and the report check by default: 256, fewer past 128
+    features so that the dense Jacobians hold as many numbers as 256 rows at 128 features
+    (each row's is features x features, O(features^3) to factor): 104 rows at 200
+    features, 8 (the least) at 784."""
+    return max(8, min(256, 256 * 128**2 // max(1, features) ** 2))
 
 
 _IDENTITY = r"check_transform\(.*\): the transform is the identity"

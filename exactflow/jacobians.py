@@ -10,6 +10,7 @@ that :func:`~exactflow.check_transform` holds every transform's own log-determin
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -23,6 +24,18 @@ __all__ = ["jacobian", "log_abs_det_jacobian"]
 # matrices of this size and above (oneMKL, after torch.set_num_threads), silently.
 # Unbatched calls are right, so large matrices are factored one at a time.
 _BATCHED_SLOGDET_MAX = 96
+
+# Rows differentiated together by one vmap: reverse mode holds every intermediate of a row
+# once per output coordinate, so memory grows as rows x d_out x (the map's width). A chunk
+# of rows whose Jacobians hold about 2^22 numbers (32 MiB in float64) keeps a 784-D spline
+# coupling near 1 GB (it grew by 180 MB a row, unchunked), and small maps in one chunk.
+_CHUNK_NUMBERS = 1 << 22
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an allocation failure (CPU allocators raise a plain RuntimeError)."""
+    return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(err, RuntimeError) and "can't allocate memory" in str(err))
 
 
 def _first(out: Tensor | tuple[Tensor, ...]) -> Tensor:
@@ -46,9 +59,12 @@ def jacobian(
 
     The computation is vectorized over the batch with ``torch.func.vmap(jacrev(...))``;
     functions that vmap cannot trace (``.item()``, data-dependent Python branches, in-place
-    updates of buffers) fall back to a loop of ``torch.autograd.functional.jacobian``, which
-    gives the same numbers, more slowly. Cost: one batched reverse pass per output
-    coordinate, O(d_out) passes in all, vectorized. A module (or a module's method, such as
+    updates of buffers) fall back, with a warning, to a loop of
+    ``torch.autograd.functional.jacobian``, which gives the same numbers, more slowly; an
+    allocation failure is raised, not retried that way. Cost: one batched reverse pass per
+    output coordinate, O(d_out) passes in all, vectorized over chunks of rows whose
+    Jacobians hold about 4 million numbers (so memory stays flat in the number of rows:
+    6 rows at a time for d = 784). A module (or a module's method, such as
     a layer's ``inverse``; not a lambda or a ``functools.partial``) runs in eval mode, as
     :func:`~exactflow.check_transform` runs it: in training mode batch normalization would
     couple the rows (and update its running statistics); dropout is off then, with
@@ -104,8 +120,17 @@ def jacobian(
             # Outside no_grad, the result would also carry a graph back to every parameter
             # of fn; jacrev differentiates with respect to x either way.
             with contextlib.nullcontext() if create_graph else torch.no_grad():
-                return torch.func.vmap(torch.func.jacrev(row, argnums=0))(*args)
-        except Exception:  # noqa: BLE001 - any tracing failure falls back to the exact loop
+                one = _first(fn(x[:1]) if context is None else fn(x[:1], context[:1]))
+                chunk = max(1, _CHUNK_NUMBERS // max(1, one.shape[-1] * x.shape[-1]))
+                return torch.func.vmap(torch.func.jacrev(row, argnums=0),
+                                       chunk_size=chunk if chunk < x.shape[0] else None)(*args)
+        except Exception as err:  # noqa: BLE001 - a tracing failure falls back to the loop
+            if _out_of_memory(err):
+                raise
+            warnings.warn(f"jacobian: torch.func.vmap could not trace the map "
+                          f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                          f"); computing it row by row instead (the same numbers, slower)",
+                          RuntimeWarning, stacklevel=2)
             return _jacobian_loop(row, args, create_graph)
 
 

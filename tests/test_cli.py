@@ -815,6 +815,27 @@ def test_check_a_new_model_of_every_builder(model):
                              else len(result["layers"]) >= 2)
 
 
+def test_check_takes_fewer_rows_by_default_past_128_features(monkeypatch):
+    # (256 rows at 784 features held 45 GB of Jacobians; 32 rows took 104 s and 5.9 GB)
+    from exactflow.diagnostics import default_check_points
+
+    assert [default_check_points(d) for d in (2, 128, 129, 200, 784, 5000)] == [
+        256, 256, 252, 104, 8, 8]
+    import exactflow.cli.inspect as inspect_module
+
+    seen = []
+    real = inspect_module.check_layers
+    monkeypatch.setattr(inspect_module, "check_layers",
+                        lambda flow, x, **kw: seen.append(kw["max_points"]) or real(flow, x, **kw))
+    code, out, err = run_cli(["check", "--model", "planar", "--features", "200", "--layers", "1"])
+    assert code == 0, err
+    assert seen == [104] and ("104 points (the default at 200 features; --points checks "
+                              "more), float64") in out
+    code, out, _ = run_cli(["check", "--model", "planar", "--features", "200", "--layers",
+                            "1", "--points", "300", "--json"])
+    assert code == 0 and seen[-1] == 300 and json.loads(out)["points"] == 300
+
+
 def test_check_fails_on_a_wrong_log_det(run_dir, monkeypatch):
     from exactflow.datasets import Standardize
 

@@ -8,6 +8,7 @@ import copy
 import io
 import json
 import os
+import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -105,6 +106,21 @@ def test_html_is_self_contained_and_every_image_decodes(which, request):
     assert "test NLL" in text and "bits per dimension" in text and "parameters" in text
     assert "training time" in text and "Layer-by-layer check" in text
     assert "n/a" not in text  # every number of the page was found
+
+
+def test_a_report_stopped_in_its_checks_leaves_no_report_folder(run_5d, tmp_path,
+                                                                 monkeypatch):
+    # (a report killed during the check of a wide model left an empty report/ folder)
+    copy = tmp_path / "run"
+    shutil.copytree(run_5d, copy, ignore=shutil.ignore_patterns("report"))
+
+    def stopped(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rp, "check_layers", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        rp.build_report(copy)
+    assert not (copy / "report").exists()
 
 
 def test_2d_report_has_the_density_and_cartographer_figures(run_2d):

@@ -9,7 +9,7 @@ import torch
 
 from .. import models
 from ..datasets import toy
-from ..diagnostics import check_base, check_layers, format_check_table
+from ..diagnostics import check_base, check_layers, default_check_points, format_check_table
 from ..report import build_report
 from ..runs import RunError, load_run
 from .common import CommandError, UsageError, say
@@ -64,19 +64,22 @@ def cmd_check(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
         _perturb(flow, 0.1, args.seed)
         x = None
         if features == 2:  # (standardized on enough points, whatever --points)
-            x = toy("moons", max(args.points, 256), seed=args.seed).double().numpy()
+            x = toy("moons", max(args.points or 256, 256), seed=args.seed).double().numpy()
             x = ((x - x.mean(0)) / x.std(0))[: args.points]
         what = f"new {args.model} model ({features} features, perturbed parameters)"
     assert flow is not None
+    wanted = default_check_points(flow.features) if args.points is None else args.points
     if x is None:
         gen = torch.Generator().manual_seed(args.seed)
-        x = torch.randn(args.points, flow.features, generator=gen, dtype=torch.float64).numpy()
-    rows = check_layers(flow, x, max_points=args.points)
-    base = check_base(flow, x, max_points=args.points)
+        x = torch.randn(wanted, flow.features, generator=gen, dtype=torch.float64).numpy()
+    rows = check_layers(flow, x, max_points=wanted)
+    base = check_base(flow, x, max_points=wanted)
     ok = all(r.ok for r in rows) and base["ok"] is not False
-    points = int(min(len(x), args.points))
+    points = int(min(len(x), wanted))
     if not args.json:
-        fewer = " (all of the run's test rows)" if points < args.points else ""
+        fewer = " (all of the run's test rows)" if points < wanted else ""
+        if args.points is None and wanted < 256:
+            fewer += f" (the default at {flow.features} features; --points checks more)"
         print(f"check_transform layer by layer on {what}: {points} points{fewer}, float64, "
               "eval mode")
         if rows:

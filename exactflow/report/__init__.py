@@ -25,6 +25,7 @@ from ..diagnostics import (
     LayerCheck,
     check_base,
     check_layers,
+    default_check_points,
     flatten_layers,
     format_error,
     layer_name,
@@ -118,7 +119,7 @@ def _base_sentence(base: dict[str, Any]) -> str:
 
 
 def build_report(
-    run_dir: str | os.PathLike[str], *, check_points: int = 256, seed: int = 0
+    run_dir: str | os.PathLike[str], *, check_points: int | None = None, seed: int = 0
 ) -> Path:
     """(Re)build ``report/`` of a run folder: ``index.html``, PNG figures, ``metrics.json``.
 
@@ -128,7 +129,9 @@ def build_report(
 
     Args:
         run_dir: a finished run folder.
-        check_points: test rows used by the layer-by-layer check (float64, O(d^3) each).
+        check_points: test rows used by the layer-by-layer check (float64, O(d^3) each);
+            by default :func:`exactflow.diagnostics.default_check_points` of the flow's features
+            (256, fewer past 128 features).
         seed: seed of the model samples drawn for the figures.
 
     Returns:
@@ -156,11 +159,12 @@ def build_report(
             f"{str(out_dir)!r} is not a folder of the run (a link or a file); remove it and "
             "build the report again"
         )
-    out_dir.mkdir(exist_ok=True)
     test = run.data("test")
     train = run.data("train")
     d = test.shape[1]
     names = run.columns
+    if check_points is None:
+        check_points = default_check_points(d)
 
     checks = check_layers(flow, test, max_points=check_points)
     metrics = compute_metrics(run, checks)
@@ -168,6 +172,7 @@ def build_report(
     base = check_base(flow, test, max_points=check_points)
     metrics["check"]["base"] = base
     metrics["check"]["ok"] = metrics["check"]["ok"] and base["ok"] is not False
+    out_dir.mkdir(exist_ok=True)  # (after the checks: a report stopped there leaves none)
 
     # Mean log-det of each layer on the test split (the model as trained; its first
     # FIGURE_ROWS rows: the split is random, and a million rows would take a minute).
