@@ -209,6 +209,8 @@ def test_batches_read_only_their_own_rows():
         (np.array([["1", "2"], ["x", "4"]] * 20, dtype=object), {}, "non-numeric cell 'x'"),
         (torch.randn(100), {}, "2-D"),
         (torch.randn(2, 2), {"batch_size": None}, "has 2 rows for 2 columns"),
+        # (an exact copy of a column was trained on in silence: +69 nats at 200 columns)
+        (torch.randn(100, 1).repeat(1, 2), {}, "columns 0, 1 .* are linearly dependent"),
     ],
 )
 def test_bad_training_data_is_refused_before_training(train, kwargs, message):
@@ -217,6 +219,24 @@ def test_bad_training_data_is_refused_before_training(train, kwargs, message):
     with pytest.raises(DataError, match=message):
         fit(flow, train, steps=3, batch_size=kwargs.get("batch_size", 16), **CPU)
     assert all(torch.equal(a, b) for a, b in zip(before, flow.parameters(), strict=True))
+
+
+def test_dependent_columns_are_found_past_the_first_rows_and_an_ordered_table_is_kept(
+    monkeypatch
+):
+    from exactflow.datasets import checks
+
+    read = []
+    real = checks.check_full_rank
+    monkeypatch.setattr(checks, "check_full_rank",
+                        lambda data, *a, **kw: read.append(len(data)) or real(data, *a, **kw))
+    x = torch.randn(3000, 2, dtype=torch.float64)
+    x[:1500, 1] = 2 * x[:1500, 0]  # (ordered: the first rows lie on a line, the others not)
+    fit(affine_flow().double(), x, steps=1, batch_size=64, **CPU)
+    assert read == [1000]  # (the first 1,000 rows: dependent, so all 3,000 decide)
+    x[1500:, 1] = 2 * x[1500:, 0]
+    with pytest.raises(DataError, match="columns 0, 1 .* linearly dependent"):
+        fit(affine_flow().double(), x, steps=1, batch_size=64, **CPU)
 
 
 def test_nan_rows_are_named_and_bad_validation_data_refused():

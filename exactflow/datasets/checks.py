@@ -28,7 +28,8 @@ LARGEST_VALUE = 1e150
 
 
 def check_full_rank(
-    data: ArrayLike, name: str = "data", columns: list[str] | None = None
+    data: ArrayLike, name: str = "data", columns: list[str] | None = None, *,
+    first_rows: int | None = None,
 ) -> None:
     """Raise a :class:`DataError` when the rows of ``data`` span fewer dimensions than it
     has columns: fewer rows than columns, or columns that are (up to rounding) linearly
@@ -37,12 +38,22 @@ def check_full_rank(
     model narrows onto it.
 
     Cost: O(rows * d^2) for the ``d x d`` correlation matrix, then O(d^3). ``columns``
-    names the columns in the message (0-based indices otherwise).
+    names the columns in the message (0-based indices otherwise). With ``first_rows``, the
+    first that many rows are checked, and all of them only when those are dependent (an
+    exact dependence holds on every row; a table ordered by a column may lack some
+    variation in its first rows, which is no reason to refuse it).
     """
     table = as_numpy(data)
     n, d = table.shape
     if d == 1:
         return
+    if first_rows is not None and d < first_rows < n:
+        try:
+            check_full_rank(table[:first_rows], name, columns)
+        except DataError:
+            pass  # (confirmed or cleared on every row)
+        else:
+            return
     if n <= d:
         raise DataError(
             f"{name} has {counted(n, 'row')} for {d} columns: the rows span at most "

@@ -216,9 +216,9 @@ def fit(
         ValueError: bad arguments.
         exactflow.datasets.DataError: bad data (a ``ValueError``): NaN/inf rows, wrong
             number of columns, no more training rows than features, fewer rows than
-            ``batch_size`` (when given), non-numeric cells, constant columns, context rows
+            ``batch_size`` (when given), non-numeric cells, constant columns, linearly
+            dependent columns (:func:`exactflow.datasets.check_full_rank`), context rows
             that do not match the data rows, validation rows scored ``-inf`` at the start.
-            (Linearly dependent columns: :func:`exactflow.datasets.check_full_rank`.)
         TrainingError: the run diverged: the loss or gradient non-finite five steps in a
             row, or the NLL far above where it started (the flow then holds its best weights).
         CheckpointError: ``resume=True`` with an unreadable or mismatched checkpoint.
@@ -254,8 +254,9 @@ def fit(
         raise ValueError("val_context was given without val")
     # Checked whole first, so that messages name the user's own row numbers.
     train_rows = wrap(train, "training data", features, strict=True)
-    if 1 < features >= len(train_rows):  # (no pass over the data: the count decides)
-        check_full_rank(train_rows.data, "training data", column_names(train))
+    if features > 1:  # (on the first rows: all rows only if those are dependent)
+        check_full_rank(train_rows.data, "training data", column_names(train),
+                        first_rows=max(1000, 4 * features))
     train_ctx = wrap_context(flow, context, "context", len(train_rows),
                              " (a keyword argument: ef.fit's third positional argument is val)")
     if train_ctx is not None and not resume:  # (the user's row numbers, before a hold-out)
