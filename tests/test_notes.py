@@ -62,6 +62,10 @@ def test_rows_outside_the_training_range_are_counted_per_column_and_side():
     # Of new rows like the 3 seen, 1 - (1 - 2/4)^2 = 3/4 are beyond them by chance.
     assert "rows 0, 2, 3, 4, from 0; of 5 new rows like the 3 it saw, about 3.8 would be" \
         in note
+    # (4 or more of 5 at 3/4 each: chance gives that 63% of the time; at 200 columns the
+    # note told to check rows like the training rows)
+    assert note.endswith("by chance): no more than chance gives, so this alone marks no row "
+                         "as unusual")
     inside = OutsideRange(column_ranges(train), None)
     inside.add(train, start=0, holes=np.zeros(len(train), dtype=bool))
     assert inside.rows == 0 and inside.note("t") == "" and inside.summary() == {}
@@ -69,3 +73,8 @@ def test_rows_outside_the_training_range_are_counted_per_column_and_side():
     one.add(np.array([[9.0, 20.0]]), start=0, holes=np.zeros(1, dtype=bool))
     assert one.note("t").startswith("1 of the 1 scored row of t holds a value outside")
     assert "column 0: 1 above its maximum 5" in one.note("t")
+    assert one.note("t").endswith("near the data's mass; check those rows")  # (no chance said)
+    many = OutsideRange(column_ranges(train), None, seen=1000)  # (2 of 3 at 0.4% each)
+    many.add(np.array([[9.0, 20.0], [1.0, 20.0], [1.0, 99.0]]), start=0,
+             holes=np.zeros(3, dtype=bool))
+    assert many.rows == 2 and many.note("t").endswith("check those rows")

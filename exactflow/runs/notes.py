@@ -222,6 +222,14 @@ def column_ranges(rows: np.ndarray) -> list[list[float]]:
                                                            strict=True)]
 
 
+def _by_chance(rows: int, scored: int, share: float) -> bool:
+    """Whether ``rows`` or more of ``scored`` rows, each outside with chance ``share``, is
+    no rarer than 1 in 20."""
+    from scipy.stats import binom
+
+    return bool(binom.sf(rows - 1, scored, share) >= 0.05)
+
+
 class OutsideRange:
     """Counts the scored rows with a value outside the range of the training data
     (:func:`column_ranges`), a block of rows at a time: there a density rests on no
@@ -264,10 +272,12 @@ class OutsideRange:
             return ""
         scored, d = self.scored, len(self.low)
         # A new row like the seen ones is beyond their smallest or largest value of one
-        # column with chance 2 / (seen + 1), for a continuous column.
-        chance = "" if self.seen is None else (
+        # column with chance 2 / (seen + 1), for a continuous column (independent columns:
+        # dependent ones are beyond together, so this is at most the chance).
+        share = None if self.seen is None else 1 - (1 - 2 / (self.seen + 1)) ** d
+        chance = "" if share is None else (
             f"; of {scored:,} new rows like the {self.seen:,} it saw, about "
-            f"{scored * (1 - (1 - 2 / (self.seen + 1)) ** d):.2g} would be, by chance")
+            f"{scored * share:.2g} would be, by chance")
         parts = []
         worst = np.argsort(-(self.below + self.above), kind="stable")
         for j in worst[: 4]:
@@ -283,5 +293,8 @@ class OutsideRange:
         return (f"{self.rows:,} of the {counted(scored, 'scored row')} of {name} {verb} "
                 f"outside the range of the data the model saw ({listed}; "
                 f"{'row' if self.rows == 1 else 'rows'} {index_list(self.first, self.rows)}, "
-                f"from 0{chance}): there the density rests on no training row, and a value "
-                "never seen can still score as typical near the data's mass; check those rows")
+                f"from 0{chance}): "
+                + ("no more than chance gives, so this alone marks no row as unusual"
+                   if share is not None and _by_chance(self.rows, scored, share)
+                   else "there the density rests on no training row, and a value never seen "
+                   "can still score as typical near the data's mass; check those rows"))
