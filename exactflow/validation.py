@@ -22,6 +22,7 @@ __all__ = [
     "index_list",
     "counted",
     "column_list",
+    "FilePositions",
     "training_rows_error",
     "positive_int",
     "non_negative_int",
@@ -61,17 +62,34 @@ def index_list(indices: Iterable[int], total: int) -> str:
     return ", ".join(shown) + (", ..." if total > len(shown) else "")
 
 
+class FilePositions(list[str]):
+    """Labels of columns picked by position from a file without a header (``--columns``,
+    ``--drop``): each one's index in the file, so that messages name the file's columns,
+    not positions among the picked ones (:func:`column_list` says which they are)."""
+
+    @classmethod
+    def of(cls, picked: Sequence[int | str] | None) -> FilePositions | None:
+        """The labels of ``picked`` positions (None unless all are positions)."""
+        if not picked or not all(isinstance(c, int) for c in picked):
+            return None
+        return cls(str(c) for c in picked)
+
+
 def column_list(
     indices: Iterable[int], columns: Sequence[str] | None = None, most: int | None = SHOW
 ) -> str:
     """Columns for a message: by name (``'a', 'b'``) where ``columns`` names them, else as
-    0-based indices said to be such; the first ``most`` of them (all with ``None``), then
-    dots."""
+    0-based indices said to be such (of the file, with :class:`FilePositions`); the first
+    ``most`` of them (all with ``None``), then dots."""
     chosen = [int(i) for i in indices]
     shown = chosen if most is None else chosen[:most]
-    listed = ", ".join(str(i) if columns is None else repr(columns[i]) for i in shown)
+    positions = columns is None or isinstance(columns, FilePositions)
+    listed = ", ".join(str(i) if columns is None else columns[i] if positions
+                       else repr(columns[i]) for i in shown)
     listed += ", ..." if len(chosen) > len(shown) else ""
-    return listed if columns is not None else f"{listed} (column indices)"
+    if not positions:
+        return listed
+    return f"{listed} (column indices{' in the file' if columns is not None else ''})"
 
 
 def not_a_flow(caller: str, given: Any) -> TypeError:

@@ -631,3 +631,20 @@ def test_train_drop_uses_every_column_but_the_named_ones(tmp_path):
         assert code == status and message in err, (argv, err)
     code, _, err = run_cli(["train", "moons", "--drop", "0", *GAUSSIAN, "--out", tmp_path / "y"])
     assert code == 1 and "--drop needs a file with a header row or a .npy file" in err
+
+
+def test_columns_picked_by_position_are_named_by_their_place_in_the_file(tmp_path):
+    # (after --drop 0,1 on a .npy file, an error named positions among the kept columns:
+    # "columns 2, 4", where the file's were 4 and 6, so dropping them dropped others)
+    rng = np.random.default_rng(7)
+    rows = rng.normal(size=(300, 8))
+    rows[:, 0] = 1.0
+    rows[:, 6] = rows[:, 4]
+    np.save(tmp_path / "d.npy", rows)
+    for picked in (["--drop", "0,1"], ["--columns", "2,3,4,5,6"]):
+        code, _, err = run_cli(["train", tmp_path / "d.npy", *picked, *GAUSSIAN, "--out",
+                                tmp_path / "r"])
+        assert code == 1 and "d.npy: columns 4, 6 (column indices in the file) are " \
+            "linearly dependent" in err, (picked, err)
+    code, _, err = run_cli(["train", tmp_path / "d.npy", *GAUSSIAN, "--out", tmp_path / "r"])
+    assert code == 1 and "constant (zero-variance) column 0 (column indices):" in err, err

@@ -27,6 +27,7 @@ from ..training.metrics import dominant_rows
 from ..transforms.standardize import describe_standardize, resolve_standardize
 from ..validation import (
     DataError,
+    FilePositions,
     choice,
     counted,
     device_named,
@@ -262,7 +263,7 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
     if writer and len(rows) >= 100_000:  # (checks and the split take seconds: say so)
         log(f"read {len(rows):,} rows of {rows.shape[1]} columns; checking and splitting them")
     discrete = integer_columns(rows)
-    names = data_info.get("column_names")
+    names = data_info.get("column_names") or FilePositions.of(data_info.get("columns"))
     # (said once every check has passed)
     notes = dropped + data_notes(rows, discrete, names or None, dequantized=dequantize,
                        dequantize_fix="--dequantize (or train_run(..., dequantize=True))",
