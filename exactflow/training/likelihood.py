@@ -167,7 +167,9 @@ def fit(
         eval_every: steps between records; default one epoch (at most 500 steps), or
             ``steps // 20`` with a fixed length.
         val_fraction: the fraction of the training rows held out for validation when
-            ``val`` is not given (0 for none).
+            ``val`` is not given (0 for none). A classical model is fitted to every row
+            (it chooses nothing on held-out rows; 10% held out cost 0.55 nats a row at
+            200 columns): give ``val`` to measure it.
         noise: noise regularization: Gaussian noise added to every training batch, in units
             of each column's standard deviation, or ``"auto"`` for ``0.25 n^(-1/(4+d))``
             (Rothfuss et al. 2019, arXiv:1907.08982); ``None`` for none.
@@ -265,7 +267,7 @@ def fit(
     if val is not None:
         val_rows = wrap(val, "validation data", features, strict=True)
         val_ctx = wrap_context(flow, val_context, "val_context", len(val_rows))
-    elif val_fraction > 0:
+    elif val_fraction > 0 and any(p.requires_grad for p in flow.parameters()):
         train_rows, train_ctx, val_rows, val_ctx = hold_out(train_rows, train_ctx, val_fraction,
             int(seed), None if fixed_length else DEFAULT_STEPS_WITHOUT_VALIDATION)
     if batch_size is None:
