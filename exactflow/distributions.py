@@ -25,6 +25,7 @@ from .bases import DiagonalNormal, Distribution, StandardNormal, Uniform, tensor
 from .core import Compose, Inverse, Transform, per_row
 from .nn.passes import is_plain
 from .transforms.standardize import Standardize
+from .transforms.support import Support
 from .validation import non_negative_int, warn_user
 
 __all__ = ["Distribution", "StandardNormal", "DiagonalNormal", "Uniform", "Flow"]
@@ -214,8 +215,9 @@ class Flow(Distribution):
 
     @classmethod
     def _standardizes_first(cls, module: nn.Module | None) -> bool:
-        """Whether ``module`` starts with a :class:`~exactflow.transforms.Standardize`."""
-        return isinstance(cls._first_layer(module), Standardize)
+        """Whether ``module`` starts with a :class:`~exactflow.transforms.Standardize` (or a
+        :class:`~exactflow.transforms.Support`), which takes float64 input as it is."""
+        return isinstance(cls._first_layer(module), (Standardize, Support))
 
     def _check_x(self, x: Any) -> Tensor:
         x = self._as_tensor(x, "x", exact=self._standardizes_first(self.transform))

@@ -43,6 +43,9 @@ LAYERS: dict[str, Entry] = {
     "Sigmoid": Entry(lambda d, c: T.Sigmoid(d)),
     "Logit": Entry(lambda d, c: T.Logit(features=d), unit_interval=True),
     "Logit(alpha)": Entry(lambda d, c: T.Logit(0.05, features=d), unit_interval=True),
+    "Support": Entry(lambda d, c: T.Support(
+        [[(0, 1), (0, None), (None, 1), None, (-1, 2)][j % 5] for j in range(d)], d),
+        unit_interval=True),
     "Permutation": Entry(lambda d, c: T.Permutation(d, seed=3)),
     "Reverse": Entry(lambda d, c: T.Reverse(d)),
     "LULinear": Entry(lambda d, c: T.LULinear(d, permutation="random")),

@@ -16,7 +16,7 @@ unconditional: ``context=0``), and the classical models ``covariance`` and ``con
 
 from .classical import CLOSED_FORM, gaussian, gmm
 from .flows import iaf, maf, nice, nsf, planar, radial, realnvp
-from .registry import available, build, register, standardize_layer, takes
+from .registry import available, build, register, standardize_layer, support_layer, takes
 
 __all__ = [
     "register",
@@ -25,6 +25,7 @@ __all__ = [
     "takes",
     "CLOSED_FORM",
     "standardize_layer",
+    "support_layer",
     "realnvp",
     "nice",
     "maf",

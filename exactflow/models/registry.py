@@ -18,15 +18,16 @@ from ..distributions import Flow, StandardNormal
 from ..gaussians import Gaussian, GaussianMixture
 from ..nn import MLP
 from ..transforms.standardize import Standardize, scale_of
+from ..transforms.support import Support, bounds_spec
 from ..validation import choice, hidden_sizes, positive_int
 
-__all__ = ["register", "build", "available", "standardize_layer"]
+__all__ = ["register", "build", "available", "standardize_layer", "support_layer"]
 
 Builder = TypeVar("Builder", bound=Callable[..., Flow])
 
 _BUILDERS: dict[str, Callable[..., Flow]] = {}
 # Arguments every registered builder takes through the registry, whatever its own signature.
-_COMMON = ("standardize", "embedding", "base")
+_COMMON = ("standardize", "embedding", "base", "bounds")
 
 
 def register(
@@ -53,7 +54,12 @@ def register(
       closed form or by EM) and then keeps fixed (``"trainable": True`` in the dict lets
       gradients move it too): every transform starts at the identity, so at step 0 the
       flow *is* the classical model, and training with validation keeps only what
-      improves on it.
+      improves on it;
+    * ``bounds=(0, 1)`` (every column) or one ``(low, high)`` per column, ``None`` for no
+      limit (``[(0, None), (-1, 1), None]``: positive, in (-1, 1), unbounded) puts a
+      :class:`~exactflow.transforms.Support` layer first, before the standardization: it
+      maps each bounded column onto the real line (``log(x - low)``, ``logit`` of the
+      scaled value), so samples respect the limits and the density is 0 outside them.
 
     :func:`exactflow.load` rebuilds a flow with :func:`build`, so the process that loads a
     model must register the same builder first (as a class must be importable to unpickle
@@ -99,7 +105,7 @@ def register(
     @functools.wraps(fn)
     def wrapper(
         *args: Any, standardize: bool | str = False, embedding: dict[str, Any] | None = None,
-        base: str | dict[str, Any] = "normal", **kwargs: Any,
+        base: str | dict[str, Any] = "normal", bounds: Any = None, **kwargs: Any,
     ) -> Flow:
         if "standardize" in own:  # the builder standardizes itself, as it understands it
             kwargs["standardize"] = standardize
@@ -129,6 +135,10 @@ def register(
         transform = built.transform
         if scale is not None and "standardize" not in own:
             transform = Compose(Standardize.identity(d, pooled=scale == "pooled"), transform)
+        limits = bounds_spec(bounds, d)
+        if limits is not None:
+            transform = Compose(Support(limits, d), transform)
+            config["bounds"] = limits
         flow_base = built.base
         if base_spec is not None:
             if not isinstance(built.base, StandardNormal):
@@ -166,6 +176,9 @@ _SHARED_DOC = """
     * ``base`` (flows; not the gaussian and gmm models): ``"normal"`` (default),
       ``"gaussian"`` or ``{"name": "gmm", "components": k, "covariance": "full" |
       "diag"}``, fitted to the training rows first, then fixed.
+    * ``bounds``: ``(low, high)`` for every column or one pair per column (``None`` for no
+      limit): a :class:`~exactflow.transforms.Support` layer maps them onto the real line
+      first; ``None`` (default) for none.
 """
 
 
@@ -180,6 +193,8 @@ def _public_signature(signature: inspect.Signature) -> inspect.Signature:
                           annotation="dict[str, Any] | None"),
         inspect.Parameter("base", inspect.Parameter.KEYWORD_ONLY, default="normal",
                           annotation="str | dict[str, Any]"),
+        inspect.Parameter("bounds", inspect.Parameter.KEYWORD_ONLY, default=None,
+                          annotation="Any"),
     ]
     tail = [p for p in extra if p.name not in names]
     var_kw = [p for p in params if p.kind is inspect.Parameter.VAR_KEYWORD]
@@ -301,9 +316,29 @@ def build(config: dict[str, Any]) -> Flow:
     return _BUILDERS[name](**kwargs)
 
 
+def _leading(flow: Flow) -> list[Any]:
+    """The flow's first two layers (nested ``Compose`` unrolled), fewer if it has fewer."""
+    layers: list[Any] = []
+    pending: list[Any] = [flow.transform]
+    while pending and len(layers) < 2:
+        first = pending.pop(0)
+        if isinstance(first, Compose):
+            pending = list(first) + pending
+        else:
+            layers.append(first)
+    return layers
+
+
 def standardize_layer(flow: Flow) -> Standardize | None:
-    """The flow's leading :class:`~exactflow.transforms.Standardize` layer, if it has one."""
-    first = flow.transform
-    while isinstance(first, Compose) and len(first) > 0:
-        first = first[0]
-    return first if isinstance(first, Standardize) else None
+    """The flow's leading :class:`~exactflow.transforms.Standardize` layer, if it has one
+    (after a :class:`~exactflow.transforms.Support` layer, which comes first)."""
+    layers = _leading(flow)
+    if layers and isinstance(layers[0], Support):
+        layers = layers[1:]
+    return layers[0] if layers and isinstance(layers[0], Standardize) else None
+
+
+def support_layer(flow: Flow) -> Support | None:
+    """The flow's :class:`~exactflow.transforms.Support` layer (``bounds=``), if it has one."""
+    layers = _leading(flow)
+    return layers[0] if layers and isinstance(layers[0], Support) else None

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from typing import Any
@@ -27,17 +28,18 @@ from torch import Tensor
 from ..core import Compose
 from ..distributions import Flow
 from ..gaussians import Gaussian, GaussianMixture
-from ..models import standardize_layer
+from ..models import standardize_layer, support_layer
 from ..scoring import eval_mode, module_device
 from ..stats import RunningMoments
 from ..transforms.normalization import ActNorm, BatchNorm
 from ..transforms.standardize import Standardize
-from ..validation import DataError, counted, warn_user
+from ..validation import DataError, counted, non_negative_float, warn_user
 from .batches import Rows, wrap, wrap_context
 from .loop import STANDARDIZE_ADVICE, clone
 
-__all__ = ["prepare", "warn_if_unstandardized", "recalibrate_batch_norm", "far_context_error",
-           "warn_if_far_training_context", "MAX_FIT_ROWS"]
+__all__ = ["prepare", "noise_std", "supported", "warn_if_unstandardized",
+           "recalibrate_batch_norm", "far_context_error", "warn_if_far_training_context",
+           "MAX_FIT_ROWS"]
 
 #: Rows used to fit a classical base (a seeded subsample beyond this).
 MAX_FIT_ROWS = 200_000
@@ -84,7 +86,7 @@ def prepare(flow: Flow, train: Any, context: Any = None, seed: int = 0) -> list[
     done = []
     layer = standardize_layer(flow)
     if layer is not None and layer.is_identity():
-        mean, std = Standardize.statistics(train.data, name="training data",
+        mean, std = Standardize.statistics(supported(flow, train.data), name="training data",
                                            pooled=layer.pooled)
         layer.set_statistics(mean, std)
         done.append("standardization")
@@ -186,11 +188,27 @@ def _set_batch_norm(flow: Flow, layers: list[Any], train: Rows, context: Rows | 
             chunks = [layer(part, c)[0] for part, c in zip(chunks, contexts, strict=True)]
 
 
-def _first_rows(rows: Rows) -> np.ndarray:
+def supported(flow: Flow, data: Any) -> Any:
+    """``data`` as the layers after a flow's :class:`~exactflow.transforms.Support` layer
+    see it (float64, in chunks of rows), or ``data`` itself for a flow without one; rows
+    outside the bounds raise its ``ValueError``."""
+    support = support_layer(flow)
+    if support is None:
+        return data
+    mapped = copy.deepcopy(support).double().cpu()
+    parts = []
+    for start in range(0, len(data), _CHUNK):
+        part = torch.as_tensor(np.asarray(data[start : start + _CHUNK], dtype=np.float64))
+        parts.append(mapped(part)[0].numpy())
+    return np.concatenate(parts) if parts else np.zeros((0, support.features))
+
+
+def _first_rows(rows: Rows, flow: Flow | None = None) -> np.ndarray:
     sample = rows.data[: min(len(rows), 10_000)]
     if isinstance(sample, Tensor):
         sample = sample.detach().cpu().numpy()
-    return np.asarray(sample, dtype=np.float64)
+    sample = np.asarray(sample, dtype=np.float64)
+    return sample if flow is None else supported(flow, sample)
 
 
 def warn_if_unstandardized(flow: Flow, rows: Rows, context: Rows | None = None) -> None:
@@ -212,7 +230,7 @@ def warn_if_unstandardized(flow: Flow, rows: Rows, context: Rows | None = None) 
     if (layers and isinstance(layers[0], (ActNorm, BatchNorm))) or not any(
             p.requires_grad for p in flow.parameters()):  # (scaled from the data, or in
         return                                           # closed form: any scale does)
-    sample = _first_rows(rows)
+    sample = _first_rows(rows, flow)
     if not len(sample):
         return
     scale = float(np.abs(sample).max())
@@ -305,3 +323,28 @@ def warn_if_far_training_context(context: Rows, name: str = "context") -> None:
         "scale, and the flow's conditioning on the others can be lost; drop an outlier, "
         "or take the logarithm of a column that spans many decades"
     )
+
+
+def noise_std(noise: float | str | None, flow: Flow, rows: Rows) -> Tensor | None:
+    """The per-feature standard deviation of the noise added to training inputs, or None.
+
+    ``noise`` is in units of each column's standard deviation; ``"auto"`` follows the rule
+    ``h = 0.25 n^(-1 / (4 + d))`` (the kernel-density bandwidth rate, Rothfuss et al.
+    2019), which shrinks as rows grow.
+    """
+    if noise is None or noise == 0:
+        return None
+    if support_layer(flow) is not None:
+        raise ValueError("noise= adds noise to the rows themselves, which can carry them "
+                         "across the limits of a flow built with bounds=; leave it out")
+    n, d = len(rows), flow.features
+    if noise == "auto":
+        h = 0.25 * n ** (-1.0 / (4 + d))
+    else:
+        h = non_negative_float(noise, "noise")
+    layer = standardize_layer(flow)
+    if layer is not None and not layer.pooled:
+        std = layer.std.detach().double().cpu()
+    else:  # each column's own spread, also under one pooled scale
+        std = torch.as_tensor(Standardize.statistics(rows.data, name="training data")[1])
+    return (h * std).float()

@@ -20,9 +20,7 @@ from torch import Tensor
 
 from ..datasets import check_full_rank, column_names
 from ..distributions import Flow
-from ..models import standardize_layer
 from ..scoring import module_dtype
-from ..transforms.standardize import Standardize
 from ..validation import (
     DataError,
     counted,
@@ -33,9 +31,10 @@ from ..validation import (
     positive_int,
     warn_user,
 )
-from .batches import Order, Rows, default_batch_size, hold_out, to_device, wrap, wrap_context
+from .batches import Order, default_batch_size, hold_out, to_device, wrap, wrap_context
 from .calibrate import (
     far_context_error,
+    noise_std,
     prepare,
     recalibrate_batch_norm,
     warn_if_far_training_context,
@@ -312,7 +311,7 @@ def fit(
             err := far_context_error(train_ctx, val_ctx)):
         raise err
     # (A resume measures the noise after the restore, in the standardization it brings.)
-    noise_scale = None if resuming else _noise_scale(noise, flow, train_rows)
+    noise_scale = None if resuming else noise_std(noise, flow, train_rows)
     dev = resolve_device(device, flow)
     flow.to(dev)
     dtype = module_dtype(flow)
@@ -399,7 +398,7 @@ def fit(
     with forked_rng(dev, int(seed)):
         if resume and ckpt is not None and replicas.exists(ckpt.path):
             ckpt.restore()  # the standardization the noise is measured in comes back too
-            noise_scale = _noise_scale(noise, flow, train_rows)
+            noise_scale = noise_std(noise, flow, train_rows)
             if state.step >= total:
                 warn_user(f"the checkpoint is at step {state.step}, at or past this run's "
                           f"{total} steps: no step is trained (give more steps to go on)")
@@ -476,25 +475,3 @@ def _check_divergence(history: History, train_nll: float | None, d: int, lr: flo
             "per dimension and a tenth of the NLL it started from, together). Lower the "
             f"learning rate (lr, --lr; now {lr:.3g}, try {gentler_lr(lr):.3g}) or {advice}."
         )
-
-
-def _noise_scale(noise: float | str | None, flow: Flow, rows: Rows) -> Tensor | None:
-    """The per-feature standard deviation of the noise added to training inputs, or None.
-
-    ``noise`` is in units of each column's standard deviation; ``"auto"`` follows the rule
-    ``h = 0.25 n^(-1 / (4 + d))`` (the kernel-density bandwidth rate, Rothfuss et al.
-    2019), which shrinks as rows grow.
-    """
-    if noise is None or noise == 0:
-        return None
-    n, d = len(rows), flow.features
-    if noise == "auto":
-        h = 0.25 * n ** (-1.0 / (4 + d))
-    else:
-        h = non_negative_float(noise, "noise")
-    layer = standardize_layer(flow)
-    if layer is not None and not layer.pooled:
-        std = layer.std.detach().double().cpu()
-    else:  # each column's own spread, also under one pooled scale
-        std = torch.as_tensor(Standardize.statistics(rows.data, name="training data")[1])
-    return (h * std).float()

@@ -21,6 +21,7 @@ from .monotonic import (
 from .normalization import ActNorm, BatchNorm
 from .planar import Planar, Radial
 from .standardize import Standardize
+from .support import Support
 
 __all__ = [
     "ElementwiseAffine",
@@ -47,6 +48,7 @@ __all__ = [
     "Planar",
     "Radial",
     "Standardize",
+    "Support",
     "BatchNorm",
     "ActNorm",
 ]

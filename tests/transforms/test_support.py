@@ -1,0 +1,113 @@
+"""Tests of the Support layer and of the builders' ``bounds=``: bounded columns mapped onto
+the real line, samples inside the limits, the density exact inside them."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import exactflow as ef
+from exactflow.transforms import Support
+from exactflow.transforms.support import bounds_spec
+from tests.helpers import perturb
+
+CPU = {"progress": False, "device": "cpu"}
+MIXED = [(0, 1), (0, None), (None, 3.0), None, (-2, 5)]
+
+
+def test_bounds_are_one_pair_per_column_with_none_for_no_limit():
+    assert bounds_spec(None, 3) is None
+    assert bounds_spec((0, 1), 2) == [[0.0, 1.0], [0.0, 1.0]]
+    assert bounds_spec([(0, None), None], 2) == [[0.0, None], [None, None]]
+    assert bounds_spec([None, (None, None)], 2) is None  # (no limit anywhere: no layer)
+    for bad, message in (
+        ((1, 0), "the lower bound 1 is not below the upper bound 0"),
+        ([(0, 1)] * 3, "bounds gives 3 pairs for 2 columns"),
+        ([(0, math.inf), None], "must be finite"),
+        ([("0", 1), None], "must be a number or None"),
+        ([(0, 1, 2), None], "bounds of column 0 must be a pair"),
+        ("01", "must be a pair"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            bounds_spec(bad, 2)
+
+
+def test_each_kind_of_limit_maps_as_torch_distributions_biject_to_does():
+    t = Support(MIXED, 5).double()
+    x = torch.tensor([[0.3, 2.0, 1.0, -4.0, 4.9], [0.99, 1e-3, 2.99, 7.0, -1.9]],
+                     dtype=torch.float64)
+    z, ladj = t(x)
+    expected = torch.stack([torch.logit(x[:, 0]), torch.log(x[:, 1]), torch.log(3 - x[:, 2]),
+                            x[:, 3], torch.logit((x[:, 4] + 2) / 7)], 1)
+    torch.testing.assert_close(z, expected)
+    jac = ef.jacobian(t, x)
+    torch.testing.assert_close(ladj, torch.linalg.slogdet(jac)[1])
+    assert ef.check_transform(perturb(t, 0.3), x).ok
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_samples_stay_strictly_inside_the_limits_even_where_the_maps_saturate(dtype):
+    # (float32's sigmoid rounds to 1.0 from z of about 17, 5 + 1.0 to the limit 6 itself,
+    # and exp underflows to 0 below z of about -104)
+    t = Support([(0, 1), (5, 6), (0, None), (None, -3.0)], 4).to(dtype)
+    z = torch.tensor([[-200.0], [-40.0], [-17.0], [17.0], [40.0], [200.0]], dtype=dtype)
+    x, _ = t.inverse(z.expand(-1, 4))
+    assert ((x[:, 0] > 0) & (x[:, 0] < 1)).all() and ((x[:, 1] > 5) & (x[:, 1] < 6)).all()
+    assert (x[:, 2] > 0).all() and (x[:, 3] < -3).all() and torch.isfinite(x).all()
+    assert torch.isfinite(t(x)[1]).all()  # (every sample scores: none sits on a limit)
+
+
+def test_values_on_or_outside_a_limit_are_refused_by_column():
+    t = Support(MIXED, 5)
+    x = torch.tensor([[1.0, -1.0, 4.0, 0.0, 0.0], [0.5, 0.0, 1.0, 0.0, 0.0]])
+    with pytest.raises(ValueError, match=r"column 0 must lie in \(0, 1\): 1 row does not; "
+                                         r"column 1 must lie above 0: 2 rows do not; column "
+                                         r"2 must lie below 3: 1 row does not\): the density"):
+        t(x)
+
+
+def test_a_flow_with_bounds_keeps_its_samples_inside_and_scores_as_a_density_there(tmp_path):
+    # (a MAF posterior fitted to parameters with a U(0, 1) prior drew 6% of its samples
+    # outside the box)
+    gen = torch.Generator().manual_seed(0)
+    theta = torch.distributions.Beta(torch.tensor([0.6, 5.0]), torch.tensor([3.0, 0.7]))
+    torch.manual_seed(0)
+    x = torch.cat([theta.sample((2000,)), torch.exp(1.5 * torch.randn(2000, 1, generator=gen))],
+                  1)
+    flow = ef.models.maf(3, layers=2, hidden=(16,), standardize=True,
+                         bounds=[(0, 1), (0, 1), (0, None)])
+    ef.fit(flow, x[:1600], x[1600:], steps=200, **CPU)
+    samples = flow.sample(5000)
+    assert ((samples[:, :2] > 0) & (samples[:, :2] < 1)).all() and (samples[:, 2] > 0).all()
+    # The standardization is fitted to the columns as the flow sees them: logit and log.
+    mapped = torch.cat([torch.logit(x[:1600, :2].double()), torch.log(x[:1600, 2:].double())],
+                       1)
+    layer = ef.models.standardize_layer(flow)
+    torch.testing.assert_close(layer.mean.double(), mapped.mean(0), rtol=1e-5, atol=1e-5)
+    loaded = ef.load(ef.save(flow, tmp_path / "bounded.safetensors"))
+    assert loaded.config["bounds"] == [[0.0, 1.0], [0.0, 1.0], [0.0, None]]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.log_prob(x[1600:]), flow.log_prob(x[1600:]))
+    double = flow.double()
+    assert ef.check_transform(double.transform, x[1600:1650].double()).ok
+    with pytest.raises(ValueError, match="column 2 must lie above 0"):
+        flow.log_prob(-x[:3].double())
+    with pytest.raises(ValueError, match="noise= .* bounds="):
+        ef.fit(ef.models.maf(3, bounds=(0, None)), x, steps=1, noise=0.1, **CPU)
+
+
+def test_a_gaussian_with_a_lower_bound_is_the_log_normal_fitted_by_maximum_likelihood():
+    rng = np.random.default_rng(3)
+    x = np.exp(0.7 + 0.4 * rng.normal(size=(500, 1)))
+    model = ef.models.gaussian(1, bounds=(0, None)).double()
+    ef.fit(model, x, **CPU)
+    logs = np.log(x[:, 0])
+    mu, sigma = logs.mean(), logs.std()
+    expected = (-0.5 * ((logs - mu) / sigma) ** 2 - np.log(sigma) - 0.5 * np.log(2 * np.pi)
+                - logs)  # (the log-normal density: the normal's, less log x)
+    with torch.no_grad():
+        got = model.log_prob(torch.as_tensor(x)).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-9)
