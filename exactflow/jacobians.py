@@ -127,11 +127,13 @@ def jacobian(
         except Exception as err:  # noqa: BLE001 - a tracing failure falls back to the loop
             if _out_of_memory(err):
                 raise
+            looped = _jacobian_loop(row, args, create_graph)  # (its own error, if any,
+            # is the map's: raised without a word of vmap)
             warnings.warn(f"jacobian: torch.func.vmap could not trace the map "
                           f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-                          f"); computing it row by row instead (the same numbers, slower)",
+                          f"); computed it row by row instead (the same numbers, slower)",
                           RuntimeWarning, stacklevel=2)
-            return _jacobian_loop(row, args, create_graph)
+            return looped
 
 
 def _jacobian_loop(

@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +135,18 @@ def test_rows_are_differentiated_in_chunks_with_the_same_numbers(monkeypatch):
     chunked = ef.jacobian(smooth_map, x)
     assert sizes == [3]
     torch.testing.assert_close(chunked, whole, rtol=1e-13, atol=1e-13)
+
+
+def test_a_map_that_fails_row_by_row_too_raises_its_error_without_the_fallback_warning():
+    # (a train-mode BatchNorm's "needs at least 2 rows" came after a warning that vmap
+    # could not trace the map and the loop would give "the same numbers")
+    def broken(x: Tensor) -> Tensor:
+        raise ValueError("this map needs at least 2 rows")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="needs at least 2 rows"):
+            ef.jacobian(broken, torch.randn(3, 2, dtype=torch.float64))
 
 
 def test_an_allocation_failure_is_raised_not_retried_row_by_row(monkeypatch):

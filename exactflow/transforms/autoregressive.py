@@ -63,6 +63,13 @@ _FAST = ("density", "sampling")
 ConditionerFactory = Callable[..., nn.Module]
 
 
+
+def _own_passes(made: object) -> bool:
+    """Whether ``made`` is a MADE computing MADE's own map (not a subclass with a
+    ``forward`` of its own), so that the hand-written passes over its packed weights,
+    which skip ``forward``, compute what it computes."""
+    return isinstance(made, MADE) and type(made).forward is MADE.forward
+
 class MaskedAutoregressive(Transform):
     """An autoregressive layer with a MADE (or any autoregressive) conditioner and any
     elementwise monotonic map.
@@ -184,7 +191,7 @@ class MaskedAutoregressive(Transform):
         made, context = self.made, self._context(context)
         if (
             type(self.monotonic) is AffineMap
-            and isinstance(made, MADE)
+            and _own_passes(made)
             and made._relu
             and made._plain(u)
             and (context is None or made._plain(context))
@@ -206,7 +213,10 @@ class MaskedAutoregressive(Transform):
         """
         context = self._context(context)
         autoregress = getattr(self.made, "autoregress", None)
-        if autoregress is None:
+        if autoregress is None or (isinstance(self.made, MADE) and not _own_passes(self.made)
+                                   and type(self.made).autoregress is MADE.autoregress):
+            # (a MADE subclass with a forward of its own: MADE's incremental steps would
+            # compute MADE's map, not the subclass's)
             return self._solve_by_passes(v, context)
         order = self.order
         v_sorted = v.index_select(1, order)
@@ -254,7 +264,7 @@ class MaskedAutoregressive(Transform):
         direction = "forward" if self.fast == "density" else "inverse"
         fused = (
             type(self.monotonic) is AffineMap
-            and isinstance(made, MADE)
+            and _own_passes(made)
             and made._relu
             and getattr(cls, direction) is getattr(MaskedAutoregressive, direction)
             and direction not in self.__dict__  # (not one of the instance's own)

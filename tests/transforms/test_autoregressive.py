@@ -407,3 +407,27 @@ def test_conditional_autoregressive_flow_is_normalized(builder: str) -> None:
         inside = float((x.abs() < 16.0).all(dim=1).double().mean())
         tolerance = 5e-3 + 4 * (inside * (1 - inside) / n) ** 0.5
         assert abs(mass - inside) < tolerance, (mass, inside, context.tolist())
+
+
+def test_a_made_subclass_with_its_own_forward_is_what_the_layer_computes():
+    # (the fused pass read MADE's packed weights and skipped the subclass's forward: the
+    # layer computed another map than its conditioner, eager only; compiled and vmapped
+    # runs called forward, so the same flow scored differently)
+    class HalfMADE(MADE):
+        def forward(self, x, context=None):
+            return 0.5 * super().forward(x, context)
+
+    def factory(features, outputs, context=0, order=None):
+        return HalfMADE(features, outputs=outputs, hidden=(16,), context=context, order=order,
+                        zero_last=False)
+
+    torch.manual_seed(0)
+    layer = MaskedAutoregressive(3, "affine", conditioner=factory).double()
+    perturb(layer, 1.0, seed=1)
+    x = torch.randn(6, 3, dtype=torch.float64)
+    with torch.no_grad():
+        z, ladj = layer(x)
+        expected, each = ef.transforms.AffineMap().forward(x, layer.made(x))
+    torch.testing.assert_close(z, expected)
+    torch.testing.assert_close(ladj, each.sum(1))
+    assert ef.check_transform(layer, x).ok  # (the inverse too: by passes, not MADE's steps)
