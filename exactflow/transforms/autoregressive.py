@@ -29,6 +29,7 @@ The conditioner is pluggable (``conditioner=``): any network that maps ``(x, con
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TypeGuard
 
 import torch
 from torch import Tensor, nn
@@ -64,7 +65,7 @@ ConditionerFactory = Callable[..., nn.Module]
 
 
 
-def _own_passes(made: object) -> bool:
+def _own_passes(made: object) -> TypeGuard[MADE]:
     """Whether ``made`` is a MADE computing MADE's own map (not a subclass with a
     ``forward`` of its own), so that the hand-written passes over its packed weights,
     which skip ``forward``, compute what it computes."""
