@@ -231,3 +231,17 @@ def test_a_float32_gaussian_scores_nearly_collinear_columns_as_float64_does():
     assert error < 0.01, float(error)
     model.train()  # (training keeps float32 and its gradient)
     model.log_prob(x[:10].requires_grad_()).sum().backward()
+
+
+def test_a_one_component_mixture_is_the_gaussian_also_on_nearly_collinear_columns():
+    # (EM's ridge of 1e-6 floored the variance of a column given the others: gmm(1) lost
+    # 2.1 nats a row to gaussian where two columns differ by 1e-4 of their spread)
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(2000, 3))
+    x = np.c_[x, x[:, 0] + 1e-4 * rng.normal(size=2000)]
+    gaussian, mixture = ef.models.gaussian(4).double(), ef.models.gmm(4, components=1).double()
+    ef.fit(gaussian, x, **CPU)
+    ef.fit(mixture, x, **CPU)
+    with torch.no_grad():
+        torch.testing.assert_close(mixture.log_prob(torch.as_tensor(x)),
+                                   gaussian.log_prob(torch.as_tensor(x)))
