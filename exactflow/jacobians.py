@@ -10,6 +10,7 @@ that :func:`~exactflow.check_transform` holds every transform's own log-determin
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Callable
 
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 
 from .nn.passes import in_eval_mode
 
-__all__ = ["jacobian", "log_abs_det_jacobian"]
+__all__ = ["jacobian", "log_abs_det_jacobian", "autograd_gap", "rounding_note"]
 
 # Batched LU/slogdet on the CPU has been seen to return wrong log-determinants for
 # matrices of this size and above (oneMKL, after torch.set_num_threads), silently.
@@ -69,6 +70,11 @@ def jacobian(
     :func:`~exactflow.check_transform` runs it: in training mode batch normalization would
     couple the rows (and update its running statistics); dropout is off then, with
     ``create_graph`` too.
+
+    Autograd sees only what is computed with tracked operations: a ``.detach()``,
+    ``.item()`` or ``torch.no_grad()`` block inside ``fn`` hides that dependence from the
+    result (:func:`autograd_gap` compares with finite differences, as
+    :func:`~exactflow.check_transform` does in float64).
 
     Args:
         fn: the map; called as ``fn(x)`` or, with a context, ``fn(x, context)``.
@@ -184,3 +190,70 @@ def log_abs_det_jacobian(
     if jac.dim() == 2:
         return _slogabsdet(jac.unsqueeze(0))[0]
     return _slogabsdet(jac)
+
+
+def autograd_gap(
+    fn: Callable[..., Tensor | tuple[Tensor, ...]],
+    x: Tensor,
+    jac: Tensor,
+    context: Tensor | None = None,
+    *,
+    step: float = 1e-8,
+    seed: int = 0,
+) -> Tensor:
+    """How far the autograd Jacobian ``jac`` of ``fn`` at the rows ``x`` is from finite
+    differences, per row: along a random unit direction ``v``, the smallest of the
+    forward, backward and central difference's gaps to ``J v``, relative to ``1 + |J v|``
+    (largest over the outputs).
+
+    Autograd sees only what is computed with tracked operations: a ``.detach()``, an
+    ``.item()`` or a ``torch.no_grad()`` block in the map hides a dependence from it, and
+    every brute force built on it (:func:`jacobian`, :func:`log_abs_det_jacobian`) then
+    agrees with a log-det that leaves that dependence out. Differences see it. One side
+    suffices where the other crosses a kink (a ReLU, a spline's knot), so a gap on both
+    sides is the map's, not the kink's. For float64 maps: ``step`` (relative to the row's
+    scale) is set for float64's rounding; gaps of 1e-4 and more are not rounding.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    v = torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
+    v = v / v.norm(dim=1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+    h = (step * (1 + x.abs().amax(dim=1, keepdim=True))).detach()
+    owner = fn if isinstance(fn, nn.Module) else getattr(fn, "__self__", None)
+    args = () if context is None else (context,)
+    with torch.no_grad(), (in_eval_mode(owner) if isinstance(owner, nn.Module)
+                           else contextlib.nullcontext()):
+        here, ahead, behind = (_first(fn(p, *args)) for p in (x, x + h * v, x - h * v))
+    slope = (jac @ v.unsqueeze(-1)).squeeze(-1)
+    scale = 1 + slope.abs()
+    gaps = [(((a - b) / (h * span) - slope).abs() / scale).amax(dim=1)
+            for a, b, span in ((ahead, here, 1), (here, behind, 1), (ahead, behind, 2))]
+    return torch.stack(gaps).amin(dim=0)
+
+
+def rounding_note(jac: Tensor, bad: Tensor, x: Tensor | None, z: Tensor | None,
+                  tolerance: float) -> str:
+    """What :func:`~exactflow.check_transform` adds to a failure: how ill-conditioned the
+    Jacobian is at the failed rows ``bad``, when rounding alone could explain errors of the
+    tolerance's size (else ""): for ``log|det|``, ``eps cond(J)``; for values that go
+    through the inverse (points ``x``, outputs ``z``), ``eps (cond(J) |x| + |z| /
+    sigma_min(J))``."""
+    if not bool(bad.any()) or jac.shape[-1] != jac.shape[-2] or not bool(
+            torch.isfinite(jac[bad]).all()):  # (NaN: a layer that divides by batch spread)
+        return ""
+    values = torch.linalg.svdvals(jac[bad])
+    cond = float((values[:, 0] / values[:, -1]).max())
+    smallest = float(values[:, -1].min())
+    rounding = cond
+    if x is not None and z is not None:
+        rows = bad.nonzero().reshape(-1)
+        rounding = cond * max(float(x[rows].abs().max()), 1.0) + float(
+            (z[rows].abs().amax(1) / values[:, -1]).max())
+    rounding *= torch.finfo(jac.dtype).eps
+    if not math.isfinite(rounding) or rounding < 0.1 * tolerance:
+        return ""  # (a singular Jacobian has no condition number to blame)
+    return (
+        f"; rounding alone can reach about {rounding:.1e} at the failed rows (the "
+        f"Jacobian's condition number is up to {cond:.1e}, its smallest singular value down "
+        f"to {smallest:.1e}), so this need not be a wrong formula: retry at "
+        "better-conditioned points or parameters (smaller weights)"
+    )
