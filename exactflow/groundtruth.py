@@ -144,7 +144,8 @@ def check_transform(
     Each error is judged elementwise: it passes when ``|error| <= atol + rtol * |truth|``
     (the report: each check's largest error, and that bound at its point), tolerances by
     dtype (float64: 1e-7, float32: 2e-3). Prove a transform in float64 at random
-    parameters, not only at its start (often the identity); float32 catches gross errors.
+    parameters, not only at its start (often the identity); float32 catches gross errors
+    only (its tolerance grows with ``|log det|``: 2.4 nats at a log-det of 1,200).
 
     Rows are independent samples, so the checks run in eval mode, the map that scores
     rows (``BatchNorm`` by its running statistics, ``ActNorm`` without initializing on the
@@ -292,7 +293,7 @@ def _run_checks(transform: Transform, x: Tensor, context: Tensor | None, atol: f
             f"check_transform({report.name}): the transform is the identity at these "
             "parameters and points, so the check cannot tell a right log-det from a wrong "
             "one; check it at random parameters too (with torch.no_grad(): for p in "
-            "t.parameters(): p.normal_())", UserWarning, stacklevel=3,
+            "t.parameters(): p.add_(0.3 * torch.randn_like(p)))", UserWarning, stacklevel=3,
         )
     extra: dict[str, list[tuple[str, Tensor, Tensor]]] = {"rows": [], "recording": []}
     _rows_and_recording(transform.forward, x, context, z, ladj, extra, "forward")
