@@ -105,6 +105,11 @@ class FlowDensity(DensityMixin, BaseEstimator):
             (image pixels; :meth:`exactflow.transforms.Standardize.choose_scale`), one per
             column elsewhere; ``True`` one per column, ``"pooled"`` one for all columns,
             ``False`` none.
+        bounds: limits of the columns: ``(low, high)`` for every column or one pair per
+            column, ``None`` for no limit (``[(0, 1), (0, None), None]``). The model then
+            maps them onto the real line first (:class:`exactflow.transforms.Support`),
+            so its samples respect them; ``score_samples`` gives ``-inf`` to a row on or
+            outside a limit (its density is 0), and ``fit`` refuses such rows.
         model_kwargs: extra builder arguments, e.g. ``{"batch_norm": False}``.
         dequantize: add uniform noise in ``[0, 1)`` to the columns that hold integers only
             (counts, ratings, pixel levels), in ``fit`` and (keyed by each row's values,
@@ -159,6 +164,7 @@ class FlowDensity(DensityMixin, BaseEstimator):
         validation_fraction: float = 0.15,
         budget: float | None = None,
         standardize: bool | str = "auto",
+        bounds: Any = None,
         model_kwargs: dict[str, Any] | None = None,
         dequantize: bool = False,
         device: str = "cpu",
@@ -175,6 +181,7 @@ class FlowDensity(DensityMixin, BaseEstimator):
         self.validation_fraction = validation_fraction
         self.budget = budget
         self.standardize = standardize
+        self.bounds = bounds
         self.model_kwargs = model_kwargs
         self.dequantize = dequantize
         self.device = device
@@ -261,7 +268,7 @@ class FlowDensity(DensityMixin, BaseEstimator):
                 budget = 45.0 if self.budget is None else float(self.budget)
                 result = fit_auto(X, budget=budget,
                                   val_fraction=float(self.validation_fraction),
-                                  standardize=self.standardize, seed=seed,
+                                  standardize=self.standardize, bounds=self.bounds, seed=seed,
                                   device=self.device, progress=bool(self.verbose),
                                   log=_say if self.verbose else None)
             except ValueError as err:
@@ -269,7 +276,7 @@ class FlowDensity(DensityMixin, BaseEstimator):
                     raise
                 # Too few rows for a validation split: the Gaussian, fitted on all of them.
                 flow = models.gaussian(d, standardize=resolve_standardize(
-                    self.standardize, X))
+                    self.standardize, X), bounds=self.bounds)
                 self.history_ = train_fit(flow, X, val_fraction=0.0, seed=seed,
                                           device=self.device, progress=False)
                 self.leaderboard_ = [Entry(
@@ -289,6 +296,8 @@ class FlowDensity(DensityMixin, BaseEstimator):
             config["hidden"] = [int(h) for h in np.atleast_1d(self.hidden)]
         config.update(self.model_kwargs or {})
         config["standardize"] = resolve_standardize(self.standardize, X)
+        if self.bounds is not None:
+            config["bounds"] = self.bounds
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             flow = models.build(config)
@@ -363,7 +372,14 @@ class FlowDensity(DensityMixin, BaseEstimator):
             names = getattr(self, "feature_names_in_", None)
             X = dequantize_to_score(X, columns, 0, None if names is None
                                     else [str(c) for c in names])
-        return log_prob(self.flow_, X)
+        support = models.support_layer(self.flow_)
+        if support is None:
+            return log_prob(self.flow_, X)
+        inside = support.inside(torch.as_tensor(X)).numpy()  # (outside: a density of 0)
+        scores = np.full(len(X), -np.inf)
+        if inside.any():
+            scores[inside] = log_prob(self.flow_, X[inside])
+        return scores
 
     def score(self, X: Any, y: Any = None) -> float:
         """Total log-likelihood of ``X`` under the model (as ``KernelDensity.score``)."""

@@ -16,7 +16,15 @@ unconditional: ``context=0``), and the classical models ``covariance`` and ``con
 
 from .classical import CLOSED_FORM, gaussian, gmm
 from .flows import iaf, maf, nice, nsf, planar, radial, realnvp
-from .registry import available, build, register, standardize_layer, support_layer, takes
+from .registry import (
+    available,
+    build,
+    register,
+    standardize_layer,
+    support_layer,
+    takes,
+    with_bounds,
+)
 
 __all__ = [
     "register",
@@ -26,6 +34,7 @@ __all__ = [
     "CLOSED_FORM",
     "standardize_layer",
     "support_layer",
+    "with_bounds",
     "realnvp",
     "nice",
     "maf",

@@ -21,7 +21,8 @@ from ..transforms.standardize import Standardize, scale_of
 from ..transforms.support import Support, bounds_spec
 from ..validation import choice, hidden_sizes, positive_int
 
-__all__ = ["register", "build", "available", "standardize_layer", "support_layer"]
+__all__ = ["register", "build", "available", "standardize_layer", "support_layer",
+           "with_bounds"]
 
 Builder = TypeVar("Builder", bound=Callable[..., Flow])
 
@@ -342,3 +343,29 @@ def support_layer(flow: Flow) -> Support | None:
     """The flow's :class:`~exactflow.transforms.Support` layer (``bounds=``), if it has one."""
     layers = _leading(flow)
     return layers[0] if layers and isinstance(layers[0], Support) else None
+
+
+def with_bounds(flow: Flow, bounds: Any) -> Flow:
+    """``flow`` with a :class:`~exactflow.transforms.Support` layer for ``bounds`` before
+    its own layers (its parameters shared, not copied): what the flow's builder gives with
+    ``bounds=``, for a flow trained on the columns as that layer maps them.
+
+    Raises:
+        ValueError: bad ``bounds``, or a flow with a Support layer already.
+    """
+    limits = bounds_spec(bounds, flow.features)
+    if limits is None:
+        return flow
+    if support_layer(flow) is not None:
+        raise ValueError("the flow has a Support layer (bounds) already")
+    ref = next((t for t in (*flow.parameters(), *flow.buffers()) if t.is_floating_point()),
+               None)
+    support = Support(limits, flow.features)
+    if ref is not None:
+        support = support.to(device=ref.device, dtype=ref.dtype)
+    out = Flow(Compose(support, flow.transform), flow.base, context=flow.context_features,
+               embedding=flow.embedding, context_scaler=flow.context_scaler)
+    if flow.config:
+        out.config = {**flow.config, "bounds": limits}
+    out.train(flow.training)
+    return out

@@ -68,14 +68,15 @@ from torch import Tensor
 from ..datasets import check_full_rank, column_names
 from ..distributions import Flow
 from ..gaussians import GaussianMixture, em_class
-from ..models import CLOSED_FORM, build
+from ..models import CLOSED_FORM, build, with_bounds
 from ..transforms.standardize import Standardize, describe_standardize, resolve_standardize
+from ..transforms.support import Support, bounds_spec, map_rows
 from ..validation import (
     DataError,
     counted,
     positive_float,
 )
-from .batches import hold_out, wrap
+from .batches import Rows, hold_out, wrap
 from .history import History
 from .likelihood import fit
 from .loop import TrainingError, adam, clone
@@ -197,6 +198,7 @@ def fit_auto(
     budget: float = 300.0,
     val_fraction: float = 0.15,
     standardize: bool | str = "auto",
+    bounds: Any = None,
     candidates: list[Candidate] | None = None,
     seed: int = 0,
     device: str | torch.device | None = "cpu",
@@ -223,6 +225,11 @@ def fit_auto(
             some nearly constant column would otherwise be scaled far out (image pixels;
             :meth:`~exactflow.transforms.Standardize.choose_scale`), one per column
             elsewhere; ``True`` one per column, ``"pooled"`` one for all, ``False`` none.
+        bounds: limits of the columns, as the builders take them (``(0, 1)`` for every
+            column, or one ``(low, high)`` per column, ``None`` for no limit): the ladder
+            runs on the columns as a :class:`~exactflow.transforms.Support` layer maps
+            them onto the real line, and the model kept has that layer first (its
+            samples respect the limits; the NLLs are of the data as given).
         candidates: the flow rungs (default :func:`ladder` for the data).
         seed: seeds the split, every initialization and the batches.
         device: where to train.
@@ -254,6 +261,14 @@ def fit_auto(
     adam([torch.zeros(1, requires_grad=True)], 1e-3)  # (torch's first optimizer imports its
     # compiler, 2-3 s: here, not on the budget, which a first fit in a process would lose)
     start = time.perf_counter()
+    width = _width_of(train)
+    limits = None if bounds is None else bounds_spec(bounds, width)
+    support = None if limits is None else Support(limits, width)
+    if support is not None:  # (the columns as the Support layer maps them, from here on)
+        train = map_rows(support, wrap(train, "training data", width).data, "training data")
+        if val is not None:
+            val = map_rows(support, wrap(val, "validation data", width).data,
+                           "validation data")
     rows = wrap(train, "training data", _width_of(train), strict=True)
     check_full_rank(rows.data, "training data", column_names(train))
     ctx = None
@@ -406,7 +421,30 @@ def fit_auto(
         where = ("of the training data, held out" if val is None else "of the data"
                  if val_rows.origin is not None else "of the validation data")
         warn_dominant_rows(best[1], val_rows, val_ctx, where)
-    return AutoResult(best[1], board, best[2])
+    if support is None:
+        return AutoResult(best[1], board, best[2])
+    return _bounded(AutoResult(best[1], board, best[2]), support, rows, val_rows)
+
+
+def _bounded(result: AutoResult, support: Support, rows: Rows, val_rows: Rows) -> AutoResult:
+    """``result`` of a ladder run on mapped columns, for the data as given: the flow with
+    the Support layer first, every NLL plus the mean ``log|dx/du|`` of its rows."""
+    shifts = []
+    with torch.no_grad():
+        for part in (rows, val_rows):
+            u = torch.as_tensor(np.asarray(part.data, dtype=np.float64))
+            shifts.append(float(support.double().inverse(u)[1].mean()))
+    on_train, on_val = shifts
+    for entry in result.leaderboard:
+        if entry.val_nll is not None:
+            entry.val_nll += on_val
+    h = result.history
+    h.val_nll = [None if v is None else v + on_val for v in h.val_nll]
+    h.train_nll = [None if v is None else v + on_train for v in h.train_nll]
+    if h.best_val is not None:
+        h.best_val += on_val
+    flow = with_bounds(result.flow, support.bounds)
+    return AutoResult(flow.eval(), result.leaderboard, h)
 
 
 def _mixture_key(config: dict[str, Any]) -> str:

@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable
 from typing import Any
@@ -33,6 +32,7 @@ from ..scoring import eval_mode, module_device
 from ..stats import RunningMoments
 from ..transforms.normalization import ActNorm, BatchNorm
 from ..transforms.standardize import Standardize
+from ..transforms.support import map_rows
 from ..validation import DataError, counted, non_negative_float, warn_user
 from .batches import Rows, wrap, wrap_context
 from .loop import STANDARDIZE_ADVICE, clone
@@ -190,17 +190,10 @@ def _set_batch_norm(flow: Flow, layers: list[Any], train: Rows, context: Rows | 
 
 def supported(flow: Flow, data: Any) -> Any:
     """``data`` as the layers after a flow's :class:`~exactflow.transforms.Support` layer
-    see it (float64, in chunks of rows), or ``data`` itself for a flow without one; rows
-    outside the bounds raise its ``ValueError``."""
+    see it (float64, :func:`~exactflow.transforms.support.map_rows`), or ``data`` itself
+    for a flow without one."""
     support = support_layer(flow)
-    if support is None:
-        return data
-    mapped = copy.deepcopy(support).double().cpu()
-    parts = []
-    for start in range(0, len(data), _CHUNK):
-        part = torch.as_tensor(np.asarray(data[start : start + _CHUNK], dtype=np.float64))
-        parts.append(mapped(part)[0].numpy())
-    return np.concatenate(parts) if parts else np.zeros((0, support.features))
+    return data if support is None else map_rows(support, data, "training data")
 
 
 def _first_rows(rows: Rows, flow: Flow | None = None) -> np.ndarray:

@@ -12,17 +12,22 @@ always respect the limits, and the density is exact inside them. Builders take i
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..core import Transform, _is_vmapped, check_features
+from ..validation import DataError
 
-__all__ = ["Support", "bounds_spec"]
+__all__ = ["Support", "bounds_spec", "map_rows"]
+
+_CHUNK = 8192
 
 
 def _limit(value: Any, what: str) -> float | None:
@@ -117,9 +122,16 @@ class Support(Transform):
                            ("upper_only", has_high & ~has_low), ("both", has_low & has_high)):
             self.register_buffer(name, mask, persistent=False)
 
-    def _check(self, x: Tensor, low: Tensor, high: Tensor) -> None:
-        ok = ((x > low) | ~(self.lower_only | self.both)) & (
+    def inside(self, x: Tensor) -> Tensor:
+        """Which rows of ``x`` lie strictly inside every limit, ``(batch,)`` booleans."""
+        return self._inside(x, self.low.to(x.dtype), self.high.to(x.dtype)).all(-1)
+
+    def _inside(self, x: Tensor, low: Tensor, high: Tensor) -> Tensor:
+        return ((x > low) | ~(self.lower_only | self.both)) & (
             (x < high) | ~(self.upper_only | self.both))
+
+    def _check(self, x: Tensor, low: Tensor, high: Tensor) -> None:
+        ok = self._inside(x, low, high)
         if torch.compiler.is_compiling() or _is_vmapped(ok) or bool(ok.all()):
             return
         bad = (~ok).any(0).nonzero().flatten().tolist()
@@ -178,3 +190,24 @@ class Support(Transform):
 
     def extra_repr(self) -> str:
         return f"features={self.features}, bounds={self.bounds}"
+
+
+def map_rows(support: Support, data: Any, name: str = "data") -> np.ndarray:
+    """The rows of ``data`` (array, tensor, memmap, lazy table) as the layers after
+    ``support`` see them: float64, mapped in chunks of rows.
+
+    Raises:
+        DataError: a row on or outside a limit (the message names ``name`` and the column).
+    """
+    mapped = copy.deepcopy(support).double().cpu()
+    parts = []
+    with torch.no_grad():
+        for start in range(0, len(data), _CHUNK):
+            block = data[start : start + _CHUNK]
+            if isinstance(block, Tensor):
+                block = block.detach().cpu()
+            try:
+                parts.append(mapped(torch.as_tensor(np.asarray(block, dtype=np.float64)))[0])
+            except ValueError as err:
+                raise DataError(f"{name}: {str(err).removeprefix('Support: ')}") from None
+    return torch.cat(parts).numpy() if parts else np.zeros((0, len(support.bounds)))
