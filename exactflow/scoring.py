@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .distributions import Flow, tensor_of
 from .nn.passes import in_eval_mode
+from .transforms.support import Support
 from .validation import SHOW, DataError, index_list
 
 __all__ = ["eval_mode", "log_prob", "module_dtype", "module_device"]
@@ -58,7 +59,9 @@ def log_prob(
     gradients; ``x`` may be an array, a tensor or a memory-mapped array (read a chunk at a
     time). The model's train/eval modes are restored afterwards.
 
-    Every value is a finite log-density or ``-inf``, never NaN. A row that is finite in the
+    Every value is a finite log-density or ``-inf``, never NaN. A row on or outside the
+    limits of a flow built with ``bounds=`` scores ``-inf`` (where ``Flow.log_prob``
+    raises): its density is 0. A row that is finite in the
     input but beyond the range of the model's dtype (``1e39`` or ``-1e300`` into a float32
     model), or ``inf``, lies so far out that its density is below the smallest positive
     float: it scores ``-inf``, whatever the layers computed on the way (``inf - inf`` would
@@ -72,6 +75,8 @@ def log_prob(
     # A Flow casts its input itself, and keeps float64 for a first Standardize layer
     # (which standardizes in float64): hand it float64 rows as they are.
     keep64 = isinstance(model, Flow)
+    first = Flow._first_layer(model.transform) if keep64 else None
+    support = first if isinstance(first, Support) else None  # (bounds=)
     if len(getattr(x, "shape", (0, 0))) != 2:
         raise DataError(f"rows must be a 2-D array (rows, features), got shape "
                         f"{tuple(np.shape(x))}")
@@ -98,8 +103,15 @@ def log_prob(
                 raise DataError(
                     f"context row {int(rows[0]) + start} holds NaN or inf: no conditional "
                     "density is defined there; drop or impute such rows before scoring")
-            values = model.log_prob(part) if ctx is None else model.log_prob(part, ctx)
-            values = values.double().cpu().numpy()
+            inside = None if support is None else support.inside(part)
+            if inside is not None and not bool(inside.all()):  # (outside: a density of 0)
+                values = np.full(len(part), -np.inf)
+                if bool(inside.any()):
+                    values[inside.cpu().numpy()] = (model.log_prob(part[inside]) if ctx is None
+                        else model.log_prob(part[inside], ctx[inside])).double().cpu().numpy()
+            else:
+                values = (model.log_prob(part) if ctx is None else
+                          model.log_prob(part, ctx)).double().cpu().numpy()
             out[start : start + len(part)] = np.where(np.isnan(values), -np.inf, values)
     if n_nan:
         noun = "row holds" if n_nan == 1 else "rows hold"

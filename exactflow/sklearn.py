@@ -372,14 +372,7 @@ class FlowDensity(DensityMixin, BaseEstimator):
             names = getattr(self, "feature_names_in_", None)
             X = dequantize_to_score(X, columns, 0, None if names is None
                                     else [str(c) for c in names])
-        support = models.support_layer(self.flow_)
-        if support is None:
-            return log_prob(self.flow_, X)
-        inside = support.inside(torch.as_tensor(X)).numpy()  # (outside: a density of 0)
-        scores = np.full(len(X), -np.inf)
-        if inside.any():
-            scores[inside] = log_prob(self.flow_, X[inside])
-        return scores
+        return log_prob(self.flow_, X)  # (a row outside the bounds: -inf)
 
     def score(self, X: Any, y: Any = None) -> float:
         """Total log-likelihood of ``X`` under the model (as ``KernelDensity.score``)."""

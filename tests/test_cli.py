@@ -1115,3 +1115,38 @@ def test_train_names_a_deciding_validation_row_by_its_row_in_the_file(tmp_path):
         code, _, err = run_cli(["train", csv, "--budget", "5", "--seed", "30", "--no-report",
                                 "--out", tmp_path / "r"])
     assert code == 0, err
+
+
+def test_train_with_bounds_keeps_samples_inside_and_scores_rows_outside_minus_infinity(
+    tmp_path
+):
+    rng = np.random.default_rng(5)
+    rows = np.c_[rng.beta(0.6, 3.0, 800), rng.normal(size=800), np.exp(rng.normal(size=800))]
+    data = write_csv(tmp_path / "t.csv", rows, ["p", "x", "amount"])
+    out = tmp_path / "run"
+    code, _, err = run_cli(["train", data, *TINY, "--bounds", "p=0:1,amount=0:", "--out",
+                            out])
+    assert code == 0, err
+    model = json.loads((out / "run.json").read_text())["model"]
+    assert model["bounds"] == [[0.0, 1.0], [None, None], [0.0, None]]
+    new = write_csv(tmp_path / "new.csv", np.array([[0.2, 0.0, 1.0], [1.5, 0.0, 1.0],
+                                                    [0.2, 0.0, -1.0]]), ["p", "x", "amount"])
+    code, text, err = run_cli(["score", out, new, "-o", tmp_path / "scores.csv"])
+    assert code == 0, err
+    lines = (tmp_path / "scores.csv").read_text().strip().splitlines()[1:]
+    values = [line.split(",")[1] for line in lines]
+    assert values[0] not in ("-inf", "") and values[1:] == ["-inf", "-inf"], lines
+    assert "2 rows with log-density -inf (outside the model's support" in text
+    code, text, _ = run_cli(["sample", out, "-n", "500", "--seed", "1"])
+    drawn = np.loadtxt(io.StringIO(text), delimiter=",", skiprows=1)
+    assert code == 0 and ((drawn[:, 0] > 0) & (drawn[:, 0] < 1)).all() and (
+        drawn[:, 2] > 0).all()
+    for bounds, status, message in (
+        ("0:1", 1, "t.csv: values on or outside the bounds ('x' must lie in (0, 1)"),
+        ("0-1", 2, "a column's bounds are LOW:HIGH"),
+        ("p=0:1,0:", 2, "give every column's bounds in order"),
+        ("zz=0:1", 1, "no column 'zz'"),
+    ):
+        code, _, err = run_cli(["train", data, *TINY, "--bounds", bounds, "--out",
+                                tmp_path / "bad", "--overwrite"])
+        assert code == status and message in err, (bounds, err)

@@ -66,6 +66,36 @@ _fraction = _argument(float, fraction, "a number strictly between 0 and 1")
 _seed = _argument(int, seed_value, "a seed, an integer from 0 to 2**63 - 1")
 
 
+def _bounds(text: str) -> Any:
+    """``--bounds``: ``LOW:HIGH`` for every column, one ``LOW:HIGH`` per column
+    (``0:1,0:,:``), or ``NAME=LOW:HIGH`` for some (a name or a 0-based index); an empty
+    side has no limit."""
+    def pair(item: str) -> tuple[float | None, float | None]:
+        low, sep, high = item.partition(":")
+        if not sep:
+            raise argparse.ArgumentTypeError(
+                f"a column's bounds are LOW:HIGH (an empty side has no limit: 0: is "
+                f"positive), got {item!r} in {text!r}")
+        try:
+            return (float(low) if low.strip() else None, float(high) if high.strip() else None)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bounds must be numbers, got {item!r}") from None
+
+    items = [item.strip() for item in text.split(",")]
+    named = ["=" in item for item in items]
+    if any(named) and not all(named):
+        raise argparse.ArgumentTypeError(
+            f"give every column's bounds in order (0:1,0:,:) or name them all (age=0:,p=0:1), "
+            f"got {text!r}")
+    if all(named):
+        out: dict[int | str, Any] = {}
+        for item in items:
+            key, _, limits = item.partition("=")
+            out[int(key) if key.strip().isdigit() else key.strip()] = pair(limits)
+        return out
+    return pair(items[0]) if len(items) == 1 else [pair(item) for item in items]
+
+
 def _hidden(text: str) -> list[int]:
     try:
         sizes = [int(s) for s in text.replace(" ", "").split(",") if s]
@@ -261,6 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
     scaling.add_argument("--no-standardize", dest="standardize", action="store_const",
                          const=False,
                          help="do not put a standardization layer in front of the model")
+    p.add_argument("--bounds", type=_bounds, metavar="LIMITS",
+                   help="limits of the columns, which the model maps onto the real line "
+                        "first (its samples respect them; rows outside score -inf): 0:1 for "
+                        "every column, 0:1,0:,: for each in order, or age=0:,p=0:1 by name "
+                        "(an empty side has no limit)")
     p.add_argument("--missing", choices=("error", "skip"), default="error",
                    help="rows with a missing value (an empty cell, NA, N/A, #N/A, null, ?, "
                         "NaN): error (default) stops at the first; skip leaves them out, "

@@ -185,7 +185,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         epochs=args.epochs, patience=args.patience,
         batch_size=args.batch_size, lr=args.lr if args.lr is not None else 1e-3,
         val_fraction=args.val_fraction,
-        test_fraction=args.test_fraction, standardize=args.standardize,
+        test_fraction=args.test_fraction, standardize=args.standardize, bounds=args.bounds,
         dequantize=args.dequantize, missing=args.missing, device=args.device, seed=args.seed,
         resume=args.resume,
         overwrite=args.overwrite,

@@ -20,11 +20,11 @@ from .. import distributed, models
 from ..datasets import check_full_rank, validate
 from ..distributions import Flow
 from ..io import atomic_write_bytes, atomic_write_json, read_json_record, save
-from ..scoring import log_prob
 from ..training import TrainingError, evaluate, fit, fit_auto
 from ..training.batches import wrap
-from ..training.metrics import dominant_rows
+from ..training.metrics import dominant_test_rows
 from ..transforms.standardize import describe_standardize, resolve_standardize
+from ..transforms.support import Support, map_rows
 from ..validation import (
     DataError,
     FilePositions,
@@ -39,6 +39,7 @@ from .data import (
     _now,
     integer_columns,
     read_data,
+    resolve_bounds,
     split_changed,
     split_rows,
     stored_parts,
@@ -152,6 +153,7 @@ def train_run(
     val_fraction: float = 0.1,
     test_fraction: float = 0.1,
     standardize: bool | str = "auto",
+    bounds: Any = None,
     dequantize: bool = False,
     missing: str = "error",
     device: str = "auto",
@@ -192,6 +194,8 @@ def train_run(
         val_fraction, test_fraction: the held-out fractions.
         standardize: put a standardization layer first: ``"auto"``, ``True`` (one scale per
             column), ``"pooled"`` (one scale for all columns) or ``False``.
+        bounds: limits of the columns (:func:`~exactflow.runs.data.resolve_bounds`): the
+            model maps them onto the real line first; a row on or outside one is refused.
         dequantize: add uniform noise in [0, 1) to the integer-valued columns (counts,
             levels, pixels), so the log-densities are the documented lower bound of the
             discrete log-probability (:func:`exactflow.runs.dequantize`); without it, a run
@@ -234,15 +238,16 @@ def train_run(
         data, out, writer, model=model, budget=budget, columns=columns, samples=samples,
         steps=steps, epochs=epochs, patience=patience, batch_size=batch_size, lr=lr,
         val_fraction=val_fraction, test_fraction=test_fraction, standardize=standardize,
-        dequantize=dequantize, missing=missing, device=device, seed=seed, resume=resume,
-        overwrite=overwrite, progress=progress, log=log,
+        bounds=bounds, dequantize=dequantize, missing=missing, device=device, seed=seed,
+        resume=resume, overwrite=overwrite, progress=progress, log=log,
     )
 
 
 def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], budget: float,
            columns: Sequence[int | str] | None, samples: int, steps: int | None,
            epochs: int | None, patience: int | None, batch_size: int | None, lr: float,
-           val_fraction: float, test_fraction: float, standardize: bool | str, dequantize: bool,
+           val_fraction: float, test_fraction: float, standardize: bool | str, bounds: Any,
+           dequantize: bool,
            missing: str, device: str, seed: int, resume: bool, overwrite: bool, progress: bool,
            log: Callable[[str], None]) -> Run:
     # Under torchrun only rank 0 (the writer) checks and writes the run folder.
@@ -273,6 +278,8 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
         rows = dequantize_rows(rows, discrete, seed)
         data_info["dequantized_columns"] = discrete
     validate(rows, name=data_info["name"], columns=names)
+    if (bounds := resolve_bounds(bounds, names or None, rows.shape[1])) is not None:
+        map_rows(Support(bounds, rows.shape[1]), rows, data_info["name"], names)  # (all rows)
     check_full_rank(rows, data_info["name"], names)
     if discrete and not dequantize:
         data_info["integer_columns"] = discrete
@@ -305,7 +312,7 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
     flow: Flow | None = None
     if not auto:
         config: dict[str, Any] = {"model": model} if isinstance(model, str) else dict(model)
-        config.update(features=features, standardize=standardize)
+        config.update(features=features, standardize=standardize, bounds=bounds)
         try:
             flow = _build_seeded(config, seed)
         except (TypeError, ValueError) as err:
@@ -321,6 +328,7 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
         "steps": steps, "epochs": epochs, "patience": patience, "batch_size": batch_size,
         "lr": lr, "device": device, "seed": seed, "standardize": requested,
         "dequantize": dequantize, "val_fraction": val_fraction, "test_fraction": test_fraction,
+        "bounds": bounds,
     }
     if previous is not None and (previous.get("options") or {}).get("model") == "auto":
         raise RunError(
@@ -372,21 +380,6 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
         return run
 
 
-def _dominant_test_rows(flow: Flow, test: np.ndarray) -> dict[str, Any] | None:
-    """The test rows that score so far below the others that the test NLL is mostly theirs
-    (``training.metrics.dominant_rows``, on the first 50,000 test rows), with the NLL of
-    the rest, or None."""
-    n = min(len(test), 50_000)
-    nll = -log_prob(flow, test[:n])
-    found = dominant_rows(nll, int(test.shape[1]))
-    if found is None:
-        return None
-    far, _, _, limit = found
-    rest = np.delete(nll, far)
-    return {"rows": int(len(far)), "of": n, "nats_below_median": limit,
-            "nll_of_the_others": float(rest.mean())}
-
-
 def _write_run(out: Path, writer: bool, flow: Flow | None, train: Any, val: Any,
                test: Any, data_info: dict[str, Any], options: dict[str, Any],
                previous: dict[str, Any] | None, *, model: Any, budget: float,
@@ -425,7 +418,8 @@ def _write_run(out: Path, writer: bool, flow: Flow | None, train: Any, val: Any,
             held = wrap(val, "validation data", val.shape[1], strict=True)
             held.origin = val_origin  # (its rows named by their numbers in the file)
             result = fit_auto(train, held, budget=budget, standardize=standardize, seed=seed,
-                              device=device, progress=False, log=log)
+                              bounds=options.get("bounds"), device=device, progress=False,
+                              log=log)
             flow, history = result.flow, result.history
             leaderboard = [entry.to_dict() for entry in result.leaderboard]
             info["model"] = flow.config
@@ -458,7 +452,7 @@ def _write_run(out: Path, writer: bool, flow: Flow | None, train: Any, val: Any,
     trained_on = str(next(iter(flow.parameters())).device) if any(
         True for _ in flow.parameters()) else "cpu"
     test_metrics = evaluate(flow, test)
-    dominant = _dominant_test_rows(flow, test)
+    dominant = dominant_test_rows(flow, test)
     val_metrics = evaluate(flow, val)
     flow.cpu()
     hist = history.to_dict()

@@ -15,7 +15,8 @@ from ..validation import SHOW, DataError, counted, index_list, positive_int, war
 from .batches import wrap, wrap_context
 from .loop import resolve_device
 
-__all__ = ["evaluate", "row_nll", "NLLSummary", "dominant_rows", "warn_dominant_rows"]
+__all__ = ["evaluate", "row_nll", "NLLSummary", "dominant_rows", "dominant_test_rows",
+           "warn_dominant_rows"]
 
 _LN2 = math.log(2.0)
 _FAR_NLL = 1e9  # nats: a value 45,000 standard deviations from a Gaussian's mean
@@ -275,3 +276,18 @@ def warn_dominant_rows(flow: Any, val_rows: Any, val_ctx: Any, where: str) -> No
         f"more than the other rows'. If {'it is an error' if one else 'they are errors'}, "
         "remove and fit again"
     )
+
+
+def dominant_test_rows(flow: Any, test: np.ndarray) -> dict[str, Any] | None:
+    """The test rows that score so far below the others that the test NLL is mostly theirs
+    (:func:`dominant_rows`, on the first 50,000 test rows), with the NLL of
+    the rest, or None."""
+    n = min(len(test), 50_000)
+    nll = -log_prob(flow, test[:n])
+    found = dominant_rows(nll, int(test.shape[1]))
+    if found is None:
+        return None
+    far, _, _, limit = found
+    rest = np.delete(nll, far)
+    return {"rows": int(len(far)), "of": n, "nats_below_median": limit,
+            "nll_of_the_others": float(rest.mean())}

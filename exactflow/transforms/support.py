@@ -104,6 +104,7 @@ class Support(Transform):
 
     low: Tensor
     high: Tensor
+    names: list[str] | None  # (the columns' names, for messages)
     lower_only: Tensor
     upper_only: Tensor
     both: Tensor
@@ -113,6 +114,7 @@ class Support(Transform):
         self.features = check_features(features, "Support")
         spec = bounds_spec(bounds, features) or [[None, None]] * features
         self.bounds = spec
+        self.names = None
         has_low = torch.tensor([lo is not None for lo, _ in spec])
         has_high = torch.tensor([hi is not None for _, hi in spec])
         for name, value in (("low", [0.0 if lo is None else lo for lo, _ in spec]),
@@ -136,16 +138,17 @@ class Support(Transform):
             return
         bad = (~ok).any(0).nonzero().flatten().tolist()
         said = []
+        names = self.names
         for j in bad[:4]:
             lo, hi = self.bounds[j]
             limits = (f"in ({lo:g}, {hi:g})" if lo is not None and hi is not None
                       else f"above {lo:g}" if lo is not None else f"below {hi:g}")
             rows = int((~ok[:, j]).sum())
-            said.append(f"column {j} must lie {limits}: "
+            said.append(f"{repr(names[j]) if names else f'column {j}'} must lie {limits}: "
                         + ("1 row does not" if rows == 1 else f"{rows} rows do not"))
         more = f"; {len(bad) - 4} more columns" if len(bad) > 4 else ""
-        raise ValueError(f"Support: values on or outside the bounds the flow was built with "
-                         f"({'; '.join(said)}{more}): the density there is 0")
+        raise ValueError(f"Support: values on or outside the bounds ({'; '.join(said)}{more}): "
+                         "the density there is 0")
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         if not x.is_floating_point():
@@ -192,14 +195,17 @@ class Support(Transform):
         return f"features={self.features}, bounds={self.bounds}"
 
 
-def map_rows(support: Support, data: Any, name: str = "data") -> np.ndarray:
+def map_rows(support: Support, data: Any, name: str = "data",
+             columns: Sequence[str] | None = None) -> np.ndarray:
     """The rows of ``data`` (array, tensor, memmap, lazy table) as the layers after
-    ``support`` see them: float64, mapped in chunks of rows.
+    ``support`` see them: float64, mapped in chunks of rows (``columns`` names the columns
+    in a message).
 
     Raises:
         DataError: a row on or outside a limit (the message names ``name`` and the column).
     """
     mapped = copy.deepcopy(support).double().cpu()
+    mapped.names = None if columns is None else list(columns)
     parts = []
     with torch.no_grad():
         for start in range(0, len(data), _CHUNK):
