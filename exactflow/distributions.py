@@ -446,11 +446,13 @@ class Flow(Distribution):
         width = embedded.shape[-1]
         return embedded.unsqueeze(0).expand(n, b, width).reshape(n * b, width), (n, b)
 
-    def rsample(self, n: int, context: Any = None) -> Tensor:
+    def rsample(self, n: int, context: Any = None, *,
+                generator: torch.Generator | None = None) -> Tensor:
         """``n`` samples, differentiable with respect to the flow's parameters."""
-        return self.rsample_and_log_prob(n, context)[0]
+        return self.rsample_and_log_prob(n, context, generator=generator)[0]
 
-    def sample(self, n: int, context: Any = None) -> Tensor:
+    def sample(self, n: int, context: Any = None, *,
+               generator: torch.Generator | None = None) -> Tensor:
         """Draw samples in one pass through ``inverse`` (latent -> data), without autograd.
 
         Returns ``(n, features)``; with a context batch ``(b, c)``, ``(n, b, features)``.
@@ -459,18 +461,43 @@ class Flow(Distribution):
         float64 samples whatever its own dtype, so that data far from zero keep their
         spread (``1e8 + N(0, 1)`` has none in float32): ``.float()`` them for a float32
         model.
+
+        ``generator`` (a ``torch.Generator``, as ``torch.randn`` takes one) sets the draw:
+        the same generator state gives the same samples, and torch's global random state
+        is left as it was (the generator advances by one number). Without it the draw
+        uses torch's global random state.
         """
         with torch.no_grad():
-            return self.rsample_and_log_prob(n, context)[0]
+            return self.rsample_and_log_prob(n, context, generator=generator)[0]
 
-    def sample_and_log_prob(self, n: int, context: Any = None) -> tuple[Tensor, Tensor]:
-        """Samples and their exact log-density from one pass, without autograd."""
+    def sample_and_log_prob(self, n: int, context: Any = None, *,
+                            generator: torch.Generator | None = None
+                            ) -> tuple[Tensor, Tensor]:
+        """Samples and their exact log-density from one pass, without autograd
+        (``generator`` as in :meth:`sample`)."""
         with torch.no_grad():
-            return self.rsample_and_log_prob(n, context)
+            return self.rsample_and_log_prob(n, context, generator=generator)
 
-    def rsample_and_log_prob(self, n: int, context: Any = None) -> tuple[Tensor, Tensor]:
+    def rsample_and_log_prob(self, n: int, context: Any = None, *,
+                             generator: torch.Generator | None = None
+                             ) -> tuple[Tensor, Tensor]:
         """Differentiable samples and their exact log-density, from one pass (no extra
-        forward): the draw that reverse-KL fitting back-propagates through."""
+        forward): the draw that reverse-KL fitting back-propagates through (``generator``
+        as in :meth:`sample`)."""
+        if generator is not None:
+            if not isinstance(generator, torch.Generator):
+                raise TypeError(f"generator must be a torch.Generator, got "
+                                f"{type(generator).__name__}")
+            # (a seed drawn from it, for any base: the user's own bases take no generator)
+            seed = int(torch.randint(2**62, (1,), generator=generator,
+                                     device=generator.device))
+            ref = self._param_like()
+            devices = [] if ref is None or ref.device.type != "cuda" else [
+                ref.device.index if ref.device.index is not None else
+                torch.cuda.current_device()]
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(seed)
+                return self.rsample_and_log_prob(n, context)
         n = non_negative_int(n, "n")
         ctx, shape = self._expand_context(n, context)
         z = self.base.rsample(int(np.prod(shape)))

@@ -637,3 +637,28 @@ def test_flow_takes_none_for_no_context_and_names_torch_distributions():
     with pytest.raises(TypeError, match=r"got Normal: wrap it in a subclass of "
                                         r"exactflow.Distribution"):
         ef.Flow(ef.transforms.ElementwiseAffine(2), torch.distributions.Normal(0.0, 1.0))
+
+
+def test_a_generator_sets_the_draw_and_leaves_the_global_random_state_alone():
+    torch.manual_seed(0)
+    flow = ef.models.maf(3, layers=2, hidden=(8,), context=2, base={"name": "gmm",
+                                                                     "components": 2})
+    flow.base.fit_to(torch.randn(200, 3), seed=0)
+    context = torch.randn(4, 2)
+    state = torch.get_rng_state()
+    first = flow.sample(5, context, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(torch.get_rng_state(), state)  # (the global state untouched)
+    again = flow.sample(5, context, generator=torch.Generator().manual_seed(7))
+    other = flow.sample(5, context, generator=torch.Generator().manual_seed(8))
+    assert first.shape == (5, 4, 3) and torch.equal(first, again)
+    assert not torch.equal(first, other)
+    x, log_p = flow.sample_and_log_prob(5, context, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(x, first)
+    with torch.no_grad():
+        torch.testing.assert_close(log_p, flow.log_prob(x.reshape(20, 3), context.repeat(
+            5, 1)).reshape(5, 4), rtol=1e-4, atol=1e-4)
+    gen = torch.Generator().manual_seed(3)  # (one generator, two draws: it advances)
+    assert not torch.equal(flow.sample(5, context, generator=gen),
+                           flow.sample(5, context, generator=gen))
+    with pytest.raises(TypeError, match="generator must be a torch.Generator, got int"):
+        flow.sample(5, context, generator=7)
