@@ -261,16 +261,18 @@ def fit_auto(
     adam([torch.zeros(1, requires_grad=True)], 1e-3)  # (torch's first optimizer imports its
     # compiler, 2-3 s: here, not on the budget, which a first fit in a process would lose)
     start = time.perf_counter()
-    width = _width_of(train)
+    width, names, origin = _width_of(train), column_names(train), getattr(val, "origin", None)
     limits = None if bounds is None else bounds_spec(bounds, width)
     support = None if limits is None else Support(limits, width)
     if support is not None:  # (the columns as the Support layer maps them, from here on)
-        train = map_rows(support, wrap(train, "training data", width).data, "training data")
+        train = map_rows(support, wrap(train, "training data", width).data, "training data",
+                         names)
         if val is not None:
-            val = map_rows(support, wrap(val, "validation data", width).data,
-                           "validation data")
+            val = wrap(map_rows(support, wrap(val, "validation data", width).data,
+                                "validation data", names), "validation data", width)
+            val.origin = origin  # (its rows named by their numbers in the file)
     rows = wrap(train, "training data", _width_of(train), strict=True)
-    check_full_rank(rows.data, "training data", column_names(train))
+    check_full_rank(rows.data, "training data", names)
     ctx = None
     if context is not None:
         ctx = wrap(context, "context", _width_of(context), len(rows))
