@@ -289,11 +289,14 @@ def _run_checks(transform: Transform, x: Tensor, context: Tensor | None, atol: f
     # (up to the tolerance: sinh(asinh(x)) is x only up to rounding)
     if bool(((z - x).abs() <= atol + rtol * x.abs()).all()) and bool(
             (ladj.abs() <= atol).all()):
+        cure = ("check it at random parameters too (with torch.no_grad(): for p in "
+                "t.parameters(): p.add_(0.3 * torch.randn_like(p)))" if any(
+                    True for _ in transform.parameters()) else "it has no parameters: check "
+                "it with other values in its buffers, or at other points")
         warnings.warn(
             f"check_transform({report.name}): the transform is the identity at these "
-            "parameters and points, so the check cannot tell a right log-det from a wrong "
-            "one; check it at random parameters too (with torch.no_grad(): for p in "
-            "t.parameters(): p.add_(0.3 * torch.randn_like(p)))", UserWarning, stacklevel=3,
+            f"parameters and points, so the check cannot tell a right log-det from a wrong "
+            f"one; {cure}", UserWarning, stacklevel=3,
         )
     extra: dict[str, list[tuple[str, Tensor, Tensor]]] = {"rows": [], "recording": []}
     _rows_and_recording(transform.forward, x, context, z, ladj, extra, "forward")

@@ -829,6 +829,22 @@ def test_the_identity_warns_that_the_check_proves_little():
     with pytest.warns(UserWarning, match="is the identity at these parameters"):
         ef.check_transform(SinhArcsinh(), x64())
 
+    class Centered(ef.Transform):  # (buffers only: "random parameters" cannot help)
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = 3
+            self.register_buffer("shift", torch.zeros(3, dtype=torch.float64))
+
+        def forward(self, x, context=None):
+            return x - self.shift, x.new_zeros(len(x))
+
+        def inverse(self, z, context=None):
+            return z + self.shift, z.new_zeros(len(z))
+
+    with pytest.warns(UserWarning, match="it has no parameters: check it with other values "
+                                         "in its buffers"):
+        ef.check_transform(Centered(), x64())
+
 
 def test_a_registered_map_with_summed_log_derivatives_is_named():
     class Summed(ef.transforms.monotonic.AffineMap):
