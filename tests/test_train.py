@@ -817,6 +817,7 @@ def test_fit_optimizer_is_fused_adamw_and_updates_as_torchs_default_does():
 
 def test_noise_follows_each_columns_spread_under_a_pooled_scale_too():
     from exactflow.training.batches import wrap
+    from exactflow.training.calibrate import noise_std
 
     x = torch.randn(500, 3, dtype=torch.float64) * torch.tensor([0.1, 1.0, 5.0])
     rows = wrap(x, "training data", 3, strict=True)
@@ -824,7 +825,7 @@ def test_noise_follows_each_columns_spread_under_a_pooled_scale_too():
     for standardize in (True, "pooled"):
         flow = ef.models.maf(3, layers=1, hidden=(8,), standardize=standardize).double()
         ef.fit(flow, x, steps=1, val_fraction=0.0, **CPU)
-        torch.testing.assert_close(fit_module._noise_scale(0.2, flow, rows).double(), own,
+        torch.testing.assert_close(noise_std(0.2, flow, rows).double(), own,
                                    rtol=1e-5, atol=0)
 
 
