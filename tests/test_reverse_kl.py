@@ -237,10 +237,29 @@ def test_a_ramp_longer_than_training_warns_with_the_final_beta():
                        beta_start=0.01, batch_size=32, final_samples=0, **CPU)
 
 
-def test_the_normalizer_estimate_takes_unconditional_flows_by_name():
-    with pytest.raises(ValueError, match="estimate_log_normalizer takes unconditional flows"):
-        ef.estimate_log_normalizer(ef.models.maf(2, context=2),
-                                   lambda x: -0.5 * (x**2).sum(1), n=10)
+def test_a_conditional_flow_estimates_the_log_evidence_under_one_context():
+    # theta ~ N(0, I_2), x | theta ~ N(theta, s^2 I_2): p(x_obs) = N(x_obs; 0, (1 + s^2) I_2).
+    # An untrained conditional MAF is N(0, I) under any context: a proposal as good as any.
+    s2 = 0.5
+    x_obs = torch.tensor([0.7, -1.2], dtype=torch.float64)
+    flow = ef.models.maf(2, layers=2, hidden=(8,), context=2).double()
+
+    def joint(theta):  # log p(theta) + log p(x_obs | theta)
+        return (torch.distributions.Normal(0.0, 1.0).log_prob(theta).sum(1)
+                + torch.distributions.Normal(theta, s2**0.5).log_prob(x_obs).sum(1))
+
+    truth = float(torch.distributions.Normal(0.0, (1 + s2) ** 0.5).log_prob(x_obs).sum())
+    out = ef.estimate_log_normalizer(flow, joint, 100_000, context=x_obs, seed=0)
+    assert abs(out["log_z_is"] - truth) < 4 * out["log_z_is_se"] + 1e-3, (out, truth)
+    theta, w = ef.importance_sample(flow, joint, 1000, context=x_obs.reshape(1, 2), seed=0)
+    assert theta.shape == (1000, 2) and w.shape == (1000,)
+    for flow_, context, message in (
+        (flow, None, "this flow is conditional: pass context="),
+        (ef.models.maf(2), x_obs, "this flow is unconditional: leave context out"),
+        (flow, torch.zeros(3, 2), r"context must be one row of 2 values.*got shape \(3, 2\)"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            ef.estimate_log_normalizer(flow_, joint, n=10, context=context)
 
 
 # -- how far the weights can be trusted -------------------------------------------------

@@ -76,6 +76,7 @@ def estimate_log_normalizer(
     log_prob_target: Any,
     n: int = 100_000,
     *,
+    context: Any = None,
     batch_size: int = 16384,
     seed: int | None = None,
 ) -> dict[str, float]:
@@ -102,6 +103,10 @@ def estimate_log_normalizer(
         flow: the proposal ``q``.
         log_prob_target: ``x -> log p~(x)`` or an object with ``.log_prob``.
         n: number of samples.
+        context: for a conditional flow, the one context to draw under, ``(c,)``: with
+            a posterior ``q(theta | x_obs)`` and the target ``theta -> log p(theta) +
+            log p(x_obs | theta)``, ``log_z_is`` estimates the log evidence
+            ``log p(x_obs)``.
         batch_size: samples per pass.
         seed: seeds the draw (in a forked RNG); ``None`` uses the current RNG.
 
@@ -111,7 +116,8 @@ def estimate_log_normalizer(
         (``n_nonfinite`` counts non-finite ``log q`` or ``log p~``; a ``-inf`` target
         density, outside its support, is kept as a zero weight).
     """
-    w, bad = _draw("estimate_log_normalizer", flow, log_prob_target, n, batch_size, seed)
+    w, bad = _draw("estimate_log_normalizer", flow, log_prob_target, n, batch_size, seed,
+                   context=context)
     summary = summarize(w, bad)
     warn_if_unreliable(summary)
     return summary
@@ -119,7 +125,7 @@ def estimate_log_normalizer(
 
 def _log_weights(
     flow: Flow, fn: Callable[[Tensor], Tensor], n: int, batch_size: int,
-    samples: list[Tensor] | None = None,
+    samples: list[Tensor] | None = None, context: Tensor | None = None,
 ) -> tuple[Tensor, int]:
     """``n`` log-weights ``log p~(x) - log q(x)`` (float64, CPU) of fresh samples, and how
     many were not finite (a ``-inf`` target outside its support counts as a zero weight).
@@ -130,7 +136,7 @@ def _log_weights(
         done = 0
         while done < n:
             k = min(batch_size, n - done)
-            x, log_q = flow.sample_and_log_prob(k)
+            x, log_q = flow.sample_and_log_prob(k, context)
             w = (fn(x).to(torch.float64) - log_q.to(torch.float64)).cpu()
             ok = torch.isfinite(w) | ((w == -math.inf) & torch.isfinite(log_q.cpu()))
             bad += int((~ok).sum())
@@ -142,14 +148,15 @@ def _log_weights(
 
 
 def importance_sample(
-    flow: Flow, log_prob_target: Any, n: int, *, batch_size: int = 16384,
+    flow: Flow, log_prob_target: Any, n: int, *, context: Any = None, batch_size: int = 16384,
     seed: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``n`` samples ``x ~ q`` of the flow and their log-weights ``w = log p~(x) - log q(x)``
     (float64, on the CPU), to reweight expectations to the target ``p``:
     ``E_p[f] ~ sum_i softmax(w)_i f(x_i)``. The same draw as
     :func:`estimate_log_normalizer` with the same ``seed`` (whose numbers come from these
-    weights, with the warnings that say when they cannot be trusted).
+    weights, with the warnings that say when they cannot be trusted). A conditional flow
+    draws under one ``context`` ``(c,)``, as there.
 
     Example:
         >>> import torch, exactflow as ef
@@ -159,23 +166,35 @@ def importance_sample(
         (torch.Size([1000, 2]), torch.Size([1000]), ...)
     """
     samples: list[Tensor] = []
-    w, _ = _draw("importance_sample", flow, log_prob_target, n, batch_size, seed, samples)
+    w, _ = _draw("importance_sample", flow, log_prob_target, n, batch_size, seed, samples,
+                 context=context)
     return torch.cat(samples), w
 
 
 def _draw(
     caller: str, flow: Flow, log_prob_target: Any, n: int, batch_size: int,
-    seed: int | None, samples: list[Tensor] | None = None,
+    seed: int | None, samples: list[Tensor] | None = None, *, context: Any = None,
 ) -> tuple[Tensor, int]:
     """The arguments of ``caller`` checked, then :func:`_log_weights` of ``n`` samples,
     seeded with ``seed`` (in a forked RNG) unless it is None."""
-    if getattr(flow, "context_features", 0):
-        raise ValueError(f"{caller} takes unconditional flows (this flow has a context)")
+    c = getattr(flow, "context_features", 0)
+    if c and context is None:
+        raise ValueError(f"{caller}: this flow is conditional: pass context=, the one "
+                         f"context ({c},) to draw under (an observation x_obs)")
+    if context is not None:
+        if not c:
+            raise ValueError(f"{caller}: this flow is unconditional: leave context out")
+        context = torch.as_tensor(context)
+        if context.numel() != c or context.dim() > 2 or (context.dim() == 2 and
+                                                         context.shape[0] != 1):
+            raise ValueError(f"{caller}: context must be one row of {c} values, (c,) or "
+                             f"(1, c); got shape {tuple(context.shape)}")
+        context = context.reshape(c)
     fn = _target_fn(log_prob_target)
     n = positive_int(n, "n")
     batch_size = positive_int(batch_size, "batch_size")
     with _seeded(flow, seed):
-        return _log_weights(flow, fn, n, batch_size, samples)
+        return _log_weights(flow, fn, n, batch_size, samples, context)
 
 
 @contextmanager
