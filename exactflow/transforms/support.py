@@ -148,7 +148,8 @@ class Support(Transform):
                         + ("1 row does not" if rows == 1 else f"{rows} rows do not"))
         more = f"; {len(bad) - 4} more columns" if len(bad) > 4 else ""
         raise ValueError(f"Support: values on or outside the bounds ({'; '.join(said)}{more}): "
-                         "the density there is 0")
+                         "the density there is 0 (a value on a limit too: widen the bounds "
+                         "past such values, or drop those rows)")
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         if not x.is_floating_point():
