@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -12,7 +14,8 @@ from torch import Tensor, nn
 
 from .validation import positive_int
 
-__all__ = ["Distribution", "StandardNormal", "DiagonalNormal", "Uniform", "tensor_of"]
+__all__ = ["Distribution", "StandardNormal", "DiagonalNormal", "Uniform", "tensor_of",
+           "seeded_from"]
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -180,3 +183,18 @@ class Uniform(Distribution):
 
     def extra_repr(self) -> str:
         return f"features={self.features}"
+
+
+@contextmanager
+def seeded_from(generator: torch.Generator, like: Tensor | None = None) -> Iterator[None]:
+    """Torch's global random state (and that of ``like``'s CUDA device) seeded with one
+    number drawn from ``generator``, restored afterwards: a draw that a generator sets,
+    whatever draws inside take no generator of their own."""
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    seed = int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
+    devices = [] if like is None or like.device.type != "cuda" else [
+        like.device.index if like.device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield

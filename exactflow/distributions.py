@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .bases import DiagonalNormal, Distribution, StandardNormal, Uniform, tensor_of
+from .bases import DiagonalNormal, Distribution, StandardNormal, Uniform, seeded_from, tensor_of
 from .core import Compose, Inverse, Transform, per_row
 from .nn.passes import is_plain
 from .transforms.standardize import Standardize
@@ -484,19 +484,8 @@ class Flow(Distribution):
         """Differentiable samples and their exact log-density, from one pass (no extra
         forward): the draw that reverse-KL fitting back-propagates through (``generator``
         as in :meth:`sample`)."""
-        if generator is not None:
-            if not isinstance(generator, torch.Generator):
-                raise TypeError(f"generator must be a torch.Generator, got "
-                                f"{type(generator).__name__}")
-            # (a seed drawn from it, for any base: the user's own bases take no generator)
-            seed = int(torch.randint(2**62, (1,), generator=generator,
-                                     device=generator.device))
-            ref = self._param_like()
-            devices = [] if ref is None or ref.device.type != "cuda" else [
-                ref.device.index if ref.device.index is not None else
-                torch.cuda.current_device()]
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(seed)
+        if generator is not None:  # (a seed drawn from it: the user's bases take none)
+            with seeded_from(generator, self._param_like()):
                 return self.rsample_and_log_prob(n, context)
         n = non_negative_int(n, "n")
         ctx, shape = self._expand_context(n, context)
