@@ -9,6 +9,7 @@ the exact log-density of many rows computed a chunk at a time.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -22,7 +23,7 @@ from .nn.passes import in_eval_mode
 from .transforms.support import Support
 from .validation import SHOW, DataError, index_list
 
-__all__ = ["eval_mode", "log_prob", "module_dtype", "module_device"]
+__all__ = ["eval_mode", "log_prob", "log_prob_within", "module_dtype", "module_device"]
 
 
 @contextmanager
@@ -75,8 +76,6 @@ def log_prob(
     # A Flow casts its input itself, and keeps float64 for a first Standardize layer
     # (which standardizes in float64): hand it float64 rows as they are.
     keep64 = isinstance(model, Flow)
-    first = Flow._first_layer(model.transform) if keep64 else None
-    support = first if isinstance(first, Support) else None  # (bounds=)
     if len(getattr(x, "shape", (0, 0))) != 2:
         raise DataError(f"rows must be a 2-D array (rows, features), got shape "
                         f"{tuple(np.shape(x))}")
@@ -103,15 +102,7 @@ def log_prob(
                 raise DataError(
                     f"context row {int(rows[0]) + start} holds NaN or inf: no conditional "
                     "density is defined there; drop or impute such rows before scoring")
-            inside = None if support is None else support.inside(part)
-            if inside is not None and not bool(inside.all()):  # (outside: a density of 0)
-                values = np.full(len(part), -np.inf)
-                if bool(inside.any()):
-                    values[inside.cpu().numpy()] = (model.log_prob(part[inside]) if ctx is None
-                        else model.log_prob(part[inside], ctx[inside])).double().cpu().numpy()
-            else:
-                values = (model.log_prob(part) if ctx is None else
-                          model.log_prob(part, ctx)).double().cpu().numpy()
+            values = log_prob_within(model, part, ctx).double().cpu().numpy()
             out[start : start + len(part)] = np.where(np.isnan(values), -np.inf, values)
     if n_nan:
         noun = "row holds" if n_nan == 1 else "rows hold"
@@ -119,6 +110,22 @@ def log_prob(
             f"{n_nan} {noun} NaN (row indices {index_list(nan_rows, n_nan)}): a NaN has no "
             "density; drop or impute those rows before scoring"
         )
+    return out
+
+
+def log_prob_within(model: Any, x: Tensor, context: Tensor | None = None) -> Tensor:
+    """``model.log_prob(x, context)``, with ``-inf`` for the rows on or outside the limits
+    of a flow built with ``bounds=`` (their density is 0; ``Flow.log_prob`` refuses them)."""
+    first = Flow._first_layer(model.transform) if isinstance(model, Flow) else None
+    inside = first.inside(x) if isinstance(first, Support) else None
+    if inside is None or bool(inside.all()):
+        return model.log_prob(x) if context is None else model.log_prob(x, context)
+    out = torch.full(x.shape[:1], -math.inf, dtype=module_dtype(model), device=x.device)
+    if bool(inside.any()):
+        kept = model.log_prob(x[inside]) if context is None else model.log_prob(
+            x[inside], context[inside])
+        out = out.to(kept.dtype)
+        out[inside] = kept
     return out
 
 

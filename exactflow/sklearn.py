@@ -39,6 +39,7 @@ from .datasets import check_full_rank, validate
 from .runs.data import dequantize, dequantize_to_score, integer_columns
 from .runs.notes import data_notes
 from .scoring import log_prob
+from .transforms.support import bounds_spec
 from .validation import positive_float, positive_int, warn_user
 
 __all__ = ["FlowDensity"]
@@ -105,8 +106,9 @@ class FlowDensity(DensityMixin, BaseEstimator):
             (image pixels; :meth:`exactflow.transforms.Standardize.choose_scale`), one per
             column elsewhere; ``True`` one per column, ``"pooled"`` one for all columns,
             ``False`` none.
-        bounds: limits of the columns: ``(low, high)`` for every column or one pair per
-            column, ``None`` for no limit (``[(0, 1), (0, None), None]``). The model then
+        bounds: limits of the columns: ``(low, high)`` for every column, one pair per
+            column, ``None`` for no limit (``[(0, 1), (0, None), None]``), or a dict by
+            column (``{"fraction": (0, 1)}``, by name for a DataFrame's columns). The model then
             maps them onto the real line first (:class:`exactflow.transforms.Support`),
             so its samples respect them; ``score_samples`` gives ``-inf`` to a row on or
             outside a limit (its density is 0), and ``fit`` refuses such rows.
@@ -260,6 +262,7 @@ class FlowDensity(DensityMixin, BaseEstimator):
         if auto and float(self.validation_fraction) == 0:
             raise ValueError("model='auto' chooses its model on held-out rows: "
                              "validation_fraction must be above 0")
+        bounds = bounds_spec(self.bounds, d, names)  # (a dict by name: X's columns)
         for note in notes:
             warn_user(note)
         self.leaderboard_: list[dict[str, Any]] | None = None
@@ -268,7 +271,7 @@ class FlowDensity(DensityMixin, BaseEstimator):
                 budget = 45.0 if self.budget is None else float(self.budget)
                 result = fit_auto(X, budget=budget,
                                   val_fraction=float(self.validation_fraction),
-                                  standardize=self.standardize, bounds=self.bounds, seed=seed,
+                                  standardize=self.standardize, bounds=bounds, seed=seed,
                                   device=self.device, progress=bool(self.verbose),
                                   log=_say if self.verbose else None)
             except ValueError as err:
@@ -276,7 +279,7 @@ class FlowDensity(DensityMixin, BaseEstimator):
                     raise
                 # Too few rows for a validation split: the Gaussian, fitted on all of them.
                 flow = models.gaussian(d, standardize=resolve_standardize(
-                    self.standardize, X), bounds=self.bounds)
+                    self.standardize, X), bounds=bounds)
                 self.history_ = train_fit(flow, X, val_fraction=0.0, seed=seed,
                                           device=self.device, progress=False)
                 self.leaderboard_ = [Entry(
@@ -296,8 +299,8 @@ class FlowDensity(DensityMixin, BaseEstimator):
             config["hidden"] = [int(h) for h in np.atleast_1d(self.hidden)]
         config.update(self.model_kwargs or {})
         config["standardize"] = resolve_standardize(self.standardize, X)
-        if self.bounds is not None:
-            config["bounds"] = self.bounds
+        if bounds is not None:
+            config["bounds"] = bounds
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             flow = models.build(config)

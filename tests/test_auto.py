@@ -418,3 +418,11 @@ def test_a_rung_that_diverges_is_listed_with_what_happened_not_advice_on_its_set
     assert entry.status.startswith("failed: training diverged"), entry.status
     assert "learning rate (lr" not in entry.status and "Try:" not in entry.status
     assert result.chosen.name != "maf"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has CUDA")
+def test_a_device_the_machine_lacks_is_refused_before_the_ladder_runs():
+    # (the whole ladder ran, mixture search included, then every rung failed)
+    with pytest.raises(ValueError, match="device='cuda' was requested but this machine has "
+                                         "no CUDA device"):
+        ef.fit_auto(torch.randn(100, 2), budget=5, device="cuda")

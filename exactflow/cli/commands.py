@@ -75,10 +75,22 @@ def _terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _glued(argv: Sequence[str]) -> list[str]:
+    """``--bounds -180:180`` as ``--bounds=-180:180``: argparse takes a value that starts
+    with ``-`` and is not a plain number for an option."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] == "--bounds" and arg.startswith("-") and ":" in arg:
+            out[-1] = f"--bounds={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(_glued(sys.argv[1:] if argv is None else argv))
     except SystemExit as exit_:  # argparse: --help (0) or a usage error (2)
         given = list(argv) if argv is not None else sys.argv[1:]
         if isinstance(exit_, UsageExit) and "--json" in given:  # (said on stderr too)

@@ -91,7 +91,10 @@ def _bounds(text: str) -> Any:
         out: dict[int | str, Any] = {}
         for item in items:
             key, _, limits = item.partition("=")
-            out[int(key) if key.strip().isdigit() else key.strip()] = pair(limits)
+            column = int(key) if key.strip().isdigit() else key.strip()
+            if column in out:
+                raise argparse.ArgumentTypeError(f"--bounds names {column!r} twice in {text!r}")
+            out[column] = pair(limits)
         return out
     return pair(items[0]) if len(items) == 1 else [pair(item) for item in items]
 

@@ -76,14 +76,14 @@ def cmd_sample(args: argparse.Namespace) -> dict[str, Any]:
         "seed": seed, "output": str(out) if out else None,
     }
     if out is not None:
-        write_table(out, samples, rows=args.n, columns=run.columns)
+        write_table(out, samples, rows=args.n, columns=run.columns, fmt=samples.fmt)
         say(args, f"wrote {args.n} samples ({run.features} columns) to {out}")
     elif args.json:
         result["samples"] = np.concatenate(list(samples)).tolist()
     else:
         sys.stdout.write(",".join(run.columns) + "\n")
         for block in samples:
-            sys.stdout.write(csv_rows(block))
+            sys.stdout.write(csv_rows(block, samples.fmt))
             sys.stdout.flush()
     result["non_finite_rows"] = samples.non_finite_rows
     return result

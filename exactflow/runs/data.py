@@ -31,11 +31,9 @@ from ..datasets.arrays import mix64, row_hashes
 from ..datasets.files import split_key
 from ..datasets.shards import is_shards
 from ..datasets.splits import split_counted
-from ..transforms.support import bounds_spec
 from ..validation import DataError, index_list, warn_user
 
-__all__ = ["read_data", "versions", "BUILTIN", "integer_columns", "dequantize", "split_rows",
-           "resolve_bounds"]
+__all__ = ["read_data", "versions", "BUILTIN", "integer_columns", "dequantize", "split_rows"]
 
 #: Names of the built-in data sets :func:`read_data` accepts besides files.
 BUILTIN = (*TOYS, "digits")
@@ -119,27 +117,6 @@ def _unique_names(names: list[str] | None, name: str) -> None:
     if twice:
         raise DataError(f"{name}: the columns are named {', '.join(map(repr, twice))} more than "
                         "once; rename them (a run finds its columns by name when it scores)")
-
-
-def resolve_bounds(bounds: Any, names: list[str] | None, features: int
-                   ) -> list[list[float | None]] | None:
-    """``bounds`` as the builders take them (one pair for every column, or one per column)
-    or as ``{column: (low, high)}`` by name or position, the other columns unbounded;
-    returns one ``[low, high]`` per column (``None`` without any limit).
-
-    Raises:
-        DataError: a column the data does not have.
-        ValueError: bad limits (:func:`exactflow.transforms.support.bounds_spec`).
-    """
-    if not isinstance(bounds, dict):
-        return bounds_spec(bounds, features)
-    pairs: list[Any] = [None] * features
-    for column, pair in bounds.items():
-        j = _column_index(column, names)
-        if not -features <= j < features:
-            raise DataError(f"bounds: column index {j} is out of range for {features} columns")
-        pairs[j] = pair
-    return bounds_spec(pairs, features)
 
 
 def _column_index(column: int | str, names: list[str] | None) -> int:

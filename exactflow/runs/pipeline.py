@@ -24,7 +24,7 @@ from ..training import TrainingError, evaluate, fit, fit_auto
 from ..training.batches import wrap
 from ..training.metrics import dominant_test_rows
 from ..transforms.standardize import describe_standardize, resolve_standardize
-from ..transforms.support import Support, map_rows
+from ..transforms.support import Support, bounds_spec, map_rows
 from ..validation import (
     DataError,
     FilePositions,
@@ -39,7 +39,6 @@ from .data import (
     _now,
     integer_columns,
     read_data,
-    resolve_bounds,
     split_changed,
     split_rows,
     stored_parts,
@@ -194,8 +193,9 @@ def train_run(
         val_fraction, test_fraction: the held-out fractions.
         standardize: put a standardization layer first: ``"auto"``, ``True`` (one scale per
             column), ``"pooled"`` (one scale for all columns) or ``False``.
-        bounds: limits of the columns (:func:`~exactflow.runs.data.resolve_bounds`): the
-            model maps them onto the real line first; a row on or outside one is refused.
+        bounds: limits of the columns (:func:`~exactflow.transforms.support.bounds_spec`,
+            a dict by name too): the model maps them onto the real line first; a row on or
+            outside one is refused.
         dequantize: add uniform noise in [0, 1) to the integer-valued columns (counts,
             levels, pixels), so the log-densities are the documented lower bound of the
             discrete log-probability (:func:`exactflow.runs.dequantize`); without it, a run
@@ -278,7 +278,7 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
         rows = dequantize_rows(rows, discrete, seed)
         data_info["dequantized_columns"] = discrete
     validate(rows, name=data_info["name"], columns=names)
-    if (bounds := resolve_bounds(bounds, names or None, rows.shape[1])) is not None:
+    if (bounds := bounds_spec(bounds, rows.shape[1], names or None)) is not None:
         map_rows(Support(bounds, rows.shape[1]), rows, data_info["name"], names)  # (all rows)
     check_full_rank(rows, data_info["name"], names)
     if discrete and not dequantize:

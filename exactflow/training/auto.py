@@ -74,6 +74,7 @@ from ..transforms.support import Support, bounds_spec, map_rows
 from ..validation import (
     DataError,
     counted,
+    device_named,
     positive_float,
 )
 from .batches import Rows, hold_out, wrap
@@ -225,11 +226,12 @@ def fit_auto(
             some nearly constant column would otherwise be scaled far out (image pixels;
             :meth:`~exactflow.transforms.Standardize.choose_scale`), one per column
             elsewhere; ``True`` one per column, ``"pooled"`` one for all, ``False`` none.
-        bounds: limits of the columns, as the builders take them (``(0, 1)`` for every
-            column, or one ``(low, high)`` per column, ``None`` for no limit): the ladder
-            runs on the columns as a :class:`~exactflow.transforms.Support` layer maps
-            them onto the real line, and the model kept has that layer first (its
-            samples respect the limits; the NLLs are of the data as given).
+        bounds: limits of the columns (:func:`~exactflow.transforms.support.bounds_spec`:
+            ``(0, 1)`` for every column, one ``(low, high)`` per column, ``None`` for no
+            limit, or a dict by column name or position): the ladder runs on the columns
+            as a :class:`~exactflow.transforms.Support` layer maps them onto the real
+            line, and the model kept has that layer first (its samples respect the
+            limits; the NLLs are of the data as given).
         candidates: the flow rungs (default :func:`ladder` for the data).
         seed: seeds the split, every initialization and the batches.
         device: where to train.
@@ -250,6 +252,8 @@ def fit_auto(
         True
     """
     budget = positive_float(budget, "budget")
+    if device is not None and device != "auto":  # (before the ladder, not at each rung)
+        device_named(device)
     if val is None and val_context is not None:
         raise ValueError("val_context was given without val")
     if val is not None and context is not None and val_context is None:
@@ -262,7 +266,7 @@ def fit_auto(
     # compiler, 2-3 s: here, not on the budget, which a first fit in a process would lose)
     start = time.perf_counter()
     width, names, origin = _width_of(train), column_names(train), getattr(val, "origin", None)
-    limits = None if bounds is None else bounds_spec(bounds, width)
+    limits = None if bounds is None else bounds_spec(bounds, width, names)
     support = None if limits is None else Support(limits, width)
     if support is not None:  # (the columns as the Support layer maps them, from here on)
         train = map_rows(support, wrap(train, "training data", width).data, "training data",
@@ -285,6 +289,9 @@ def fit_auto(
         val_ctx = None if val_context is None else wrap(
             val_context, "val_context", _width_of(val_context), len(val_rows))
     n, d = len(rows), int(rows.data.shape[1])
+    # (with bounds, NLLs of the data as given: those of the mapped columns, plus the mean
+    # log|dx/du| of the rows)
+    shifts = (0.0, 0.0) if support is None else _shifts(support, rows, val_rows)
     c = 0 if ctx is None else int(ctx.data.shape[1])
     standardize = resolve_standardize(standardize, rows.data)
     say(describe_standardize(standardize))
@@ -335,7 +342,7 @@ def fit_auto(
         entry.steps, entry.best_step = history.total_steps, history.best_step
         if history.stopped_early and time.perf_counter() >= deadline:
             entry.status = "stopped at its share of the budget"
-        say(f"{name}: validation NLL {val_nll:.4f} in {entry.seconds:.1f} s")
+        say(f"{name}: validation NLL {val_nll + shifts[1]:.4f} in {entry.seconds:.1f} s")
         gain = None if best is None else best[3] - each  # (per row; > 0: this one better)
         se = 0.0 if gain is None else float(gain.std() / math.sqrt(len(gain)))
         rounding = TIE_NATS * max(1.0, abs(val_nll))
@@ -425,17 +432,22 @@ def fit_auto(
         warn_dominant_rows(best[1], val_rows, val_ctx, where)
     if support is None:
         return AutoResult(best[1], board, best[2])
-    return _bounded(AutoResult(best[1], board, best[2]), support, rows, val_rows)
+    return _bounded(AutoResult(best[1], board, best[2]), support, shifts)
 
 
-def _bounded(result: AutoResult, support: Support, rows: Rows, val_rows: Rows) -> AutoResult:
+def _shifts(support: Support, rows: Rows, val_rows: Rows) -> tuple[float, float]:
+    """The mean ``log|dx/du|`` of the training and the validation rows (mapped columns
+    ``u``): what turns an NLL of the mapped columns into one of the data as given."""
+    with torch.no_grad():
+        train, val = (float(support.inverse(torch.as_tensor(np.asarray(
+            part.data, dtype=np.float64)))[1].double().mean()) for part in (rows, val_rows))
+    return train, val
+
+
+def _bounded(result: AutoResult, support: Support, shifts: tuple[float, float]
+             ) -> AutoResult:
     """``result`` of a ladder run on mapped columns, for the data as given: the flow with
     the Support layer first, every NLL plus the mean ``log|dx/du|`` of its rows."""
-    shifts = []
-    with torch.no_grad():
-        for part in (rows, val_rows):
-            u = torch.as_tensor(np.asarray(part.data, dtype=np.float64))
-            shifts.append(float(support.double().inverse(u)[1].mean()))
     on_train, on_val = shifts
     for entry in result.leaderboard:
         if entry.val_nll is not None:

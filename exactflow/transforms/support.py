@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,52 +31,99 @@ __all__ = ["Support", "bounds_spec", "map_rows"]
 _CHUNK = 8192
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
 def _limit(value: Any, what: str) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not _number(value):
         raise ValueError(f"{what} must be a number or None, got {value!r}")
-    if not math.isfinite(value):
+    if not math.isfinite(float(value)):
         raise ValueError(f"{what} must be finite (None for no limit), got {value!r}")
     return float(value)
 
 
-def bounds_spec(bounds: Any, features: int) -> list[list[float | None]] | None:
+def bounds_spec(bounds: Any, features: int, names: Sequence[str] | None = None
+                ) -> list[list[float | None]] | None:
     """``bounds`` as a JSON config: one ``[low, high]`` per column (``None`` where a column
     has no limit on that side); ``None`` where no column has a limit.
 
-    ``bounds`` is ``None``, one pair ``(low, high)`` for every column, or a sequence of
-    ``features`` pairs (or ``None`` for a column without limits).
+    ``bounds`` is ``None``; one pair ``(low, high)`` for every column; a sequence of
+    ``features`` pairs (``None`` for a column without limits); or a dict ``{column:
+    (low, high)}`` by position or, given the columns' ``names``, by name (the other
+    columns without limits). Numbers may be numpy's; an array of pairs is taken as a list.
 
     Raises:
-        ValueError: a pair that is not two numbers or ``None``, ``low >= high``, or a
-            sequence whose length is not ``features``.
+        ValueError: a pair that is not two numbers or ``None``, ``low >= high``, a
+            sequence whose length is not ``features``, or a column that is not there.
     """
     if bounds is None:
         return None
-    if not isinstance(bounds, Sequence) or isinstance(bounds, str):
-        raise ValueError(f"bounds must be a pair (low, high) or one pair per column, got "
-                         f"{bounds!r}")
-    one_pair = len(bounds) == 2 and all(
-        v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in bounds)
-    pairs = [bounds] * features if one_pair else list(bounds)
+    if isinstance(bounds, np.ndarray):
+        bounds = bounds.tolist()
+    label = (lambda j: repr(names[j])) if names else (lambda j: f"column {j}")
+    if isinstance(bounds, dict):
+        pairs: list[Any] = [None] * features
+        for column, pair in bounds.items():
+            if isinstance(column, str):
+                if not names or column not in names:
+                    known = f"its columns are {list(names)}" if names else "they have no names"
+                    raise ValueError(f"bounds name a column {column!r} the data does not "
+                                     f"have ({known})")
+                j = list(names).index(column)
+            elif _number(column) and int(column) == column and -features <= column < features:
+                j = int(column) % features
+            else:
+                raise ValueError(f"bounds: column {column!r} is not one of the {features} "
+                                 "columns (a name or a 0-based position)")
+            pairs[j] = pair
+    elif not isinstance(bounds, Sequence) or isinstance(bounds, str):
+        raise ValueError(f"bounds must be a pair (low, high), one pair per column or a dict "
+                         f"by column, got {bounds!r}")
+    else:
+        one_pair = len(bounds) == 2 and all(v is None or _number(v) for v in bounds)
+        pairs = [bounds] * features if one_pair else list(bounds)
     if len(pairs) != features:
         raise ValueError(f"bounds gives {len(pairs)} pairs for {features} columns: give one "
                          "(low, high) for every column (None for a column without limits), "
-                         "or a single pair for all")
+                         "a single pair for all, or a dict by column")
     spec: list[list[float | None]] = []
     for j, pair in enumerate(pairs):
         if pair is None:
             pair = (None, None)
+        if isinstance(pair, np.ndarray):
+            pair = pair.tolist()
         if not isinstance(pair, Sequence) or isinstance(pair, str) or len(pair) != 2:
-            raise ValueError(f"bounds of column {j} must be a pair (low, high), got {pair!r}")
-        low = _limit(pair[0], f"the lower bound of column {j}")
-        high = _limit(pair[1], f"the upper bound of column {j}")
+            raise ValueError(f"bounds of {label(j)} must be a pair (low, high), got {pair!r}")
+        low = _limit(pair[0], f"the lower bound of {label(j)}")
+        high = _limit(pair[1], f"the upper bound of {label(j)}")
         if low is not None and high is not None and not low < high:
-            raise ValueError(f"bounds of column {j}: the lower bound {low:g} is not below the "
-                             f"upper bound {high:g}")
+            raise ValueError(f"bounds of {label(j)}: the lower bound {low:g} is not below "
+                             f"the upper bound {high:g}")
         spec.append([low, high])
     return spec if any(v is not None for pair in spec for v in pair) else None
+
+
+def _outside(bounds: list[list[float | None]], counts: Any, first: list[int],
+             names: Sequence[str] | None, hint: str = "") -> str:
+    """What to say of rows on or outside the limits: per column (the first four) how many,
+    and the first row numbers."""
+    said = []
+    for j in np.flatnonzero(np.asarray(counts))[:4]:
+        lo, hi = bounds[j]
+        limits = (f"in ({lo:g}, {hi:g})" if lo is not None and hi is not None
+                  else f"above {lo:g}" if lo is not None else f"below {hi:g}")
+        rows = int(counts[j])
+        said.append(f"{repr(names[j]) if names else f'column {j}'} must lie {limits}: "
+                    + ("1 row does not" if rows == 1 else f"{rows:,} rows do not"))
+    more = int(np.count_nonzero(np.asarray(counts))) - len(said)
+    return (f"values on or outside the bounds ({'; '.join(said)}"
+            f"{f'; {more} more columns' if more > 0 else ''}; rows "
+            f"{', '.join(map(str, first))}{', ...' if len(first) == 5 else ''}, from 0): the "
+            "density there is 0 (a value on a limit too: widen the bounds past such values, "
+            f"or drop those rows{hint})")
 
 
 class Support(Transform):
@@ -108,6 +156,7 @@ class Support(Transform):
     lower_only: Tensor
     upper_only: Tensor
     both: Tensor
+    _anchor: Tensor
 
     def __init__(self, bounds: Any, features: int) -> None:
         super().__init__()
@@ -117,45 +166,49 @@ class Support(Transform):
         self.names = None
         has_low = torch.tensor([lo is not None for lo, _ in spec])
         has_high = torch.tensor([hi is not None for _, hi in spec])
+        # The limits stay float64 whatever the model's dtype (0.3 in float32 is above 0.3,
+        # 1e8 + 1 is 1e8); the anchor carries the model's dtype, that of the output.
         for name, value in (("low", [0.0 if lo is None else lo for lo, _ in spec]),
                             ("high", [1.0 if hi is None else hi for _, hi in spec])):
-            self.register_buffer(name, torch.tensor(value), persistent=False)
+            self.register_buffer(name, torch.tensor(value, dtype=torch.float64),
+                                 persistent=False)
         for name, mask in (("lower_only", has_low & ~has_high),
                            ("upper_only", has_high & ~has_low), ("both", has_low & has_high)):
             self.register_buffer(name, mask, persistent=False)
+        self.register_buffer("_anchor", torch.zeros(0), persistent=False)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Support:
+        # Device moves apply to the limits too, dtype casts do not: they stay float64.
+        low, high = self.low, self.high
+        super()._apply(fn, recurse)
+        self.low = low.to(device=self._anchor.device, dtype=torch.float64)
+        self.high = high.to(device=self._anchor.device, dtype=torch.float64)
+        return self
 
     def inside(self, x: Tensor) -> Tensor:
-        """Which rows of ``x`` lie strictly inside every limit, ``(batch,)`` booleans."""
-        return self._inside(x, self.low.to(x.dtype), self.high.to(x.dtype)).all(-1)
+        """Which rows of ``x`` lie strictly inside every limit, ``(batch,)`` booleans (a
+        row holding NaN counts as inside: it has no density to give, and scoring says so)."""
+        return self._inside(x.to(torch.float64)).all(-1)
 
-    def _inside(self, x: Tensor, low: Tensor, high: Tensor) -> Tensor:
-        return ((x > low) | ~(self.lower_only | self.both)) & (
-            (x < high) | ~(self.upper_only | self.both))
+    def _inside(self, x: Tensor) -> Tensor:
+        return ((x > self.low) | ~(self.lower_only | self.both)) & (
+            (x < self.high) | ~(self.upper_only | self.both)) | torch.isnan(x)
 
-    def _check(self, x: Tensor, low: Tensor, high: Tensor) -> None:
-        ok = self._inside(x, low, high)
+    def _check(self, x: Tensor, given: torch.dtype) -> None:
+        ok = self._inside(x)
         if torch.compiler.is_compiling() or _is_vmapped(ok) or bool(ok.all()):
             return
-        bad = (~ok).any(0).nonzero().flatten().tolist()
-        said = []
-        names = self.names
-        for j in bad[:4]:
-            lo, hi = self.bounds[j]
-            limits = (f"in ({lo:g}, {hi:g})" if lo is not None and hi is not None
-                      else f"above {lo:g}" if lo is not None else f"below {hi:g}")
-            rows = int((~ok[:, j]).sum())
-            said.append(f"{repr(names[j]) if names else f'column {j}'} must lie {limits}: "
-                        + ("1 row does not" if rows == 1 else f"{rows} rows do not"))
-        more = f"; {len(bad) - 4} more columns" if len(bad) > 4 else ""
-        raise ValueError(f"Support: values on or outside the bounds ({'; '.join(said)}{more}): "
-                         "the density there is 0 (a value on a limit too: widen the bounds "
-                         "past such values, or drop those rows)")
+        rounding = ("; in float32 a value within 6e-8 of a limit rounds onto it: pass the "
+                    "rows in float64" if given == torch.float32 else "")
+        first = (~ok).any(1).nonzero().flatten()[:5].tolist()
+        raise ValueError("Support: " + _outside(self.bounds, (~ok).sum(0).cpu().numpy(),
+                                                first, self.names, rounding))
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        if not x.is_floating_point():
-            x = x.to(self.low.dtype)
-        low, high = self.low.to(x.dtype), self.high.to(x.dtype)
-        self._check(x, low, high)
+        given = x.dtype
+        x = x.to(torch.float64)  # (against the float64 limits; the output in the model's dtype)
+        low, high = self.low, self.high
+        self._check(x, given)
         one = torch.ones_like(x)  # (safe values where a formula does not apply: no NaN
         # reaches a gradient through torch.where)
         above = torch.log(torch.where(self.lower_only, x - low, one))
@@ -168,17 +221,19 @@ class Support(Transform):
         ladj = torch.where(self.lower_only, -above, torch.where(
             self.upper_only, -below,
             torch.where(self.both, -torch.log(width) - log_t - log_rest, 0.0 * one)))
-        # (float64 rows reach a float32 flow's first layer as they are: mapped in float64,
-        # then given to the next layer in the flow's dtype, as Standardize does)
-        return z.to(self.low.dtype), ladj.sum(-1).to(self.low.dtype)
+        out = self._anchor.dtype
+        return z.to(out), ladj.sum(-1).to(out)
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        low, high = self.low.to(z.dtype), self.high.to(z.dtype)
-        # (held strictly inside the limits, and finite: exp underflows to 0 below z of
-        # about -104 in float32 and overflows past 88, sigmoid rounds to 1.0 from z of
-        # about 17, and a sum to its limit)
+        """Data in float64 whatever the model's dtype (as :class:`Standardize`'s inverse):
+        a sample near a limit keeps the digits that hold it inside."""
+        given = z.dtype
+        z = z.to(torch.float64)
+        low, high = self.low, self.high
+        # (held strictly inside the limits, and finite: exp overflows past z = 709,
+        # sigmoid rounds to 1.0 from z of about 37, and a sum to its limit)
         width = high - low
-        step = torch.exp(z).clamp(max=torch.finfo(z.dtype).max / 2)  # (finite past z = 88)
+        step = torch.exp(z).clamp(max=torch.finfo(torch.float64).max / 2)
         x = torch.where(self.lower_only, low + step, torch.where(
             self.upper_only, high - step,
             torch.where(self.both, low + width * torch.sigmoid(z), z)))
@@ -190,7 +245,7 @@ class Support(Transform):
         log_sig = -F.softplus(-z) - F.softplus(z)
         ladj = torch.where(self.lower_only | self.upper_only, z, torch.where(
             self.both, torch.log(width) + log_sig, torch.zeros_like(z)))
-        return x, ladj.sum(-1)
+        return x, ladj.sum(-1).to(given)
 
     def extra_repr(self) -> str:
         return f"features={self.features}, bounds={self.bounds}"
@@ -203,18 +258,25 @@ def map_rows(support: Support, data: Any, name: str = "data",
     in a message).
 
     Raises:
-        DataError: a row on or outside a limit (the message names ``name`` and the column).
+        DataError: rows on or outside a limit: how many in each column (over every row)
+            and the first row numbers.
     """
     mapped = copy.deepcopy(support).double().cpu()
-    mapped.names = None if columns is None else list(columns)
-    parts = []
+    parts: list[Tensor] = []
+    outside = np.zeros(len(support.bounds), dtype=np.int64)
+    first: list[int] = []
     with torch.no_grad():
         for start in range(0, len(data), _CHUNK):
             block = data[start : start + _CHUNK]
             if isinstance(block, Tensor):
                 block = block.detach().cpu()
-            try:
-                parts.append(mapped(torch.as_tensor(np.asarray(block, dtype=np.float64)))[0])
-            except ValueError as err:
-                raise DataError(f"{name}: {str(err).removeprefix('Support: ')}") from None
+            x = torch.tensor(np.asarray(block, dtype=np.float64))  # (a copy: a writable one)
+            ok = mapped._inside(x)
+            if not bool(ok.all()):
+                outside += (~ok).sum(0).numpy()
+                first += (start + (~ok).any(1).nonzero().flatten()[: 5 - len(first)]).tolist()
+            if not outside.any():
+                parts.append(mapped(x)[0])
+    if outside.any():
+        raise DataError(f"{name}: " + _outside(support.bounds, outside, first, columns))
     return torch.cat(parts).numpy() if parts else np.zeros((0, len(support.bounds)))
