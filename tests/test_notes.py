@@ -66,6 +66,8 @@ def test_rows_outside_the_training_range_are_counted_per_column_and_side():
     # note told to check rows like the training rows)
     assert note.endswith("by chance): no more than chance gives, so this alone marks no row "
                          "as unusual")
+    # (a row scored -inf, beyond a model's bounds, is unusual whatever chance says)
+    assert outside.note("new.csv", chance_said=False).endswith("check those rows")
     inside = OutsideRange(column_ranges(train), None)
     inside.add(train, start=0, holes=np.zeros(len(train), dtype=bool))
     assert inside.rows == 0 and inside.note("t") == "" and inside.summary() == {}

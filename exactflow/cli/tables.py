@@ -301,10 +301,10 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
             flags = np.full(len(scores), np.nan)
             p_values[scored], flags[scored] = anomaly.flag(scores[scored], calibration, q)
         p = p_values
-    beyond = "" if outside is None else outside.note(info["name"])
+    minus_inf = int(np.isneginf(scores).sum())
+    beyond = "" if outside is None else outside.note(info["name"], chance_said=not minus_inf)
     if beyond:  # (stderr: stdout may carry the CSV or the JSON)
         print(f"note: {beyond}", file=sys.stderr)
-    minus_inf = int(np.isneginf(scores).sum())
     result: dict[str, Any] = {
         "ok": True, "n": int(len(scores)), "output": str(out) if out else None,
         "mean_log_density": _finite_stat(np.mean, scores),

@@ -266,8 +266,9 @@ class OutsideRange:
         return {keys[j]: {"below": int(self.below[j]), "above": int(self.above[j])}
                 for j in np.flatnonzero(self.below + self.above)}
 
-    def note(self, name: str) -> str:
-        """What to say of them ('' when no row is outside)."""
+    def note(self, name: str, chance_said: bool = True) -> str:
+        """What to say of them ('' when no row is outside); ``chance_said=False`` (a row
+        scored ``-inf``, beyond a model's bounds) never calls them chance."""
         if not self.rows:
             return ""
         scored, d = self.scored, len(self.low)
@@ -295,6 +296,7 @@ class OutsideRange:
                 f"{'row' if self.rows == 1 else 'rows'} {index_list(self.first, self.rows)}, "
                 f"from 0{chance}): "
                 + ("no more than chance gives, so this alone marks no row as unusual"
-                   if share is not None and _by_chance(self.rows, scored, share)
+                   if share is not None and chance_said and _by_chance(self.rows, scored,
+                                                                        share)
                    else "there the density rests on no training row, and a value never seen "
                    "can still score as typical near the data's mass; check those rows"))
