@@ -101,25 +101,17 @@ def _log_density(x: Tensor, loc: Tensor, log_diag: Tensor, lower: Tensor) -> Ten
     rows = max(1, DENSITY_BLOCK_VALUES // (loc.shape[0] * loc.shape[1]))
     if x.shape[0] > rows:
         return torch.cat([_log_density(part, loc, log_diag, lower) for part in x.split(rows)])
-    diff = (x.unsqueeze(0) - loc.unsqueeze(1)).transpose(1, 2)  # (k, d, n)
-    if lower.dtype.itemsize < 4:  # (no half-precision triangular solve on the CPU)
-        y = torch.linalg.solve_triangular(lower.float(), diff.float(), upper=False)
-        y = y.to(lower.dtype)
-    elif lower.dtype == torch.float32 and not torch.is_grad_enabled():
-        # Scoring: L^{-1} (x - mu) in float64. Nearly collinear columns (a column 1e-5 of
-        # its spread off a copy of another) lost up to 0.71 nats a row in float32's
-        # solve at 200 columns; training keeps float32, whose gradient needs no such care.
-        diff = x.double().unsqueeze(0) - loc.double().unsqueeze(1)
-        y = torch.linalg.solve_triangular(lower.double(), diff.transpose(1, 2), upper=False)
-        sq = (y * y).sum(1).float()
-        d = x.shape[1]
-        return (-0.5 * sq - log_diag.sum(-1, keepdim=True) - 0.5 * d * _LOG_2PI).T
-    else:
-        y = torch.linalg.solve_triangular(lower, diff, upper=False)  # L^{-1} (x - mu)
-    sq = (y * y).sum(1)  # (k, n)
+    # The solve's dtype: float32 for half precision (no such triangular solve on the CPU);
+    # float64 for float32 scoring, as nearly collinear columns (a column 1e-5 of its spread
+    # off a copy of another) lost up to 0.71 nats a row in float32's solve at 200 columns;
+    # training keeps float32, whose gradient needs no such care.
+    work = (torch.float32 if lower.dtype.itemsize < 4 else torch.float64
+            if lower.dtype == torch.float32 and not torch.is_grad_enabled() else lower.dtype)
+    diff = (x.to(work).unsqueeze(0) - loc.to(work).unsqueeze(1)).transpose(1, 2)  # (k, d, n)
+    y = torch.linalg.solve_triangular(lower.to(work), diff, upper=False)  # L^{-1} (x - mu)
+    sq = (y * y).sum(1).to(lower.dtype)  # (k, n)
     d = x.shape[1]
     return (-0.5 * sq - log_diag.sum(-1, keepdim=True) - 0.5 * d * _LOG_2PI).T
-
 
 class _Components(Distribution):
     """Gaussian components with Cholesky-factored covariances (full or diagonal)."""
