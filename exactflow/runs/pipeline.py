@@ -24,7 +24,7 @@ from ..training import TrainingError, evaluate, fit, fit_auto
 from ..training.batches import wrap
 from ..training.metrics import dominant_test_rows
 from ..transforms.standardize import describe_standardize, resolve_standardize
-from ..transforms.support import Support, bounds_spec, map_rows
+from ..transforms.support import Support, bounds_spec, check_rows
 from ..validation import (
     DataError,
     FilePositions,
@@ -279,7 +279,7 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
         data_info["dequantized_columns"] = discrete
     validate(rows, name=data_info["name"], columns=names)
     if (bounds := bounds_spec(bounds, rows.shape[1], names or None)) is not None:
-        map_rows(Support(bounds, rows.shape[1]), rows, data_info["name"], names)  # (all rows)
+        check_rows(Support(bounds, rows.shape[1]), rows, data_info["name"], names)
     check_full_rank(rows, data_info["name"], names)
     if discrete and not dequantize:
         data_info["integer_columns"] = discrete

@@ -26,7 +26,7 @@ from torch import Tensor
 from ..core import Transform, _is_vmapped, check_features
 from ..validation import DataError
 
-__all__ = ["Support", "bounds_spec", "map_rows"]
+__all__ = ["Support", "bounds_spec", "check_rows", "map_rows"]
 
 _CHUNK = 8192
 
@@ -251,6 +251,13 @@ class Support(Transform):
         return f"features={self.features}, bounds={self.bounds}"
 
 
+def check_rows(support: Support, data: Any, name: str = "data",
+               columns: Sequence[str] | None = None) -> None:
+    """Refuse rows of ``data`` on or outside ``support``'s limits, as :func:`map_rows`
+    does, without mapping them (what a check before training needs)."""
+    _scan(support, data, name, columns, keep=False)
+
+
 def map_rows(support: Support, data: Any, name: str = "data",
              columns: Sequence[str] | None = None) -> np.ndarray:
     """The rows of ``data`` (array, tensor, memmap, lazy table) as the layers after
@@ -261,6 +268,14 @@ def map_rows(support: Support, data: Any, name: str = "data",
         DataError: rows on or outside a limit: how many in each column (over every row)
             and the first row numbers.
     """
+    parts = _scan(support, data, name, columns, keep=True)
+    return torch.cat(parts).numpy() if parts else np.zeros((0, len(support.bounds)))
+
+
+def _scan(support: Support, data: Any, name: str, columns: Sequence[str] | None,
+          keep: bool) -> list[Tensor]:
+    """One pass over ``data`` a chunk at a time: the rows outside counted (every one), the
+    mapped chunks kept while none is (with ``keep``)."""
     mapped = copy.deepcopy(support).double().cpu()
     parts: list[Tensor] = []
     outside = np.zeros(len(support.bounds), dtype=np.int64)
@@ -275,8 +290,8 @@ def map_rows(support: Support, data: Any, name: str = "data",
             if not bool(ok.all()):
                 outside += (~ok).sum(0).numpy()
                 first += (start + (~ok).any(1).nonzero().flatten()[: 5 - len(first)]).tolist()
-            if not outside.any():
+            if keep and not outside.any():
                 parts.append(mapped(x)[0])
     if outside.any():
         raise DataError(f"{name}: " + _outside(support.bounds, outside, first, columns))
-    return torch.cat(parts).numpy() if parts else np.zeros((0, len(support.bounds)))
+    return parts
