@@ -400,6 +400,15 @@ def per_row(log_det: Tensor, given: Tensor, out: Tensor, layer: str = "the trans
     return log_det
 
 
+def library_layers_only(transform: Transform) -> bool:
+    """Whether every layer of ``transform`` is one of exactflow's own."""
+    if isinstance(transform, Compose):
+        return all(library_layers_only(t) for t in transform)
+    if isinstance(transform, Inverse):
+        return library_layers_only(transform.transform)
+    return type(transform).__module__.startswith("exactflow.")
+
+
 def check_domain(ok: Tensor, message: str) -> None:
     """Raise ``ValueError(message)`` unless every element of ``ok`` is true.
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .bases import DiagonalNormal, Distribution, StandardNormal, Uniform, seeded_from, tensor_of
-from .core import Compose, Inverse, Transform, per_row
+from .core import Compose, Transform, library_layers_only, per_row
 from .nn.passes import is_plain
 from .transforms.standardize import Standardize
 from .transforms.support import Support
@@ -46,15 +46,6 @@ def _overflow_to_neg_inf(log_p: Tensor, x: Tensor, context: Tensor | None = None
     if context is None:
         return log_p
     return log_p.masked_fill(~torch.isfinite(context.abs().sum(-1)), math.nan)
-
-
-def _library_layers_only(transform: Transform) -> bool:
-    """Whether every layer of ``transform`` is one of exactflow's own."""
-    if isinstance(transform, Compose):
-        return all(_library_layers_only(t) for t in transform)
-    if isinstance(transform, Inverse):
-        return _library_layers_only(transform.transform)
-    return type(transform).__module__.startswith("exactflow.")
 
 
 class Flow(Distribution):
@@ -121,7 +112,7 @@ class Flow(Distribution):
             )
         needs = transform.context_features
         # (exactflow's own layers declare their context; a user's may read it undeclared)
-        if context and not needs and _library_layers_only(transform):
+        if context and not needs and library_layers_only(transform):
             raise ValueError(
                 f"the flow has context={context} but none of its layers takes a context, so "
                 "the context would be ignored: build conditional layers (context=... as a "
@@ -219,13 +210,41 @@ class Flow(Distribution):
         :class:`~exactflow.transforms.Support`), which takes float64 input as it is."""
         return isinstance(cls._first_layer(module), (Standardize, Support))
 
-    def _check_x(self, x: Any) -> Tensor:
-        x = self._as_tensor(x, "x", exact=self._standardizes_first(self.transform))
+    def _check_x(self, x: Any, name: str = "x") -> Tensor:
+        x = self._as_tensor(x, name, exact=name == "x" and self._standardizes_first(
+            self.transform))  # (latents z reach the base side: the weights' dtype)
         if not torch.jit.is_tracing() and (x.dim() != 2 or x.shape[1] != self.features):
             raise ValueError(
-                f"x must have shape (batch, {self.features}), got {tuple(x.shape)}"
+                f"{name} must have shape (batch, {self.features}), got {tuple(x.shape)}"
             )
         return x
+
+    def _rows(self, x: Any, context: Any, name: str = "x"
+              ) -> tuple[Tensor, Tensor | None, tuple[int, ...] | None]:
+        """Rows ``x`` of any shape :meth:`log_prob` takes, flattened to ``(rows,
+        features)``, with their checked context (one row each) and the leading shape to
+        restore (``None`` for rows given as ``(batch, features)``)."""
+        if self.context_features and context is None:
+            self._check_context(None, None)  # (before x's shape: the context is what lacks)
+        lead = None
+        nd = x.ndim if hasattr(x, "ndim") else np.ndim(x)
+        if nd == 1 or (nd > 2 and not (self.context_features and nd != 3)):  # (a conditional
+            # flow: one row (d,), or samples (n, b, d) for a batch of contexts (b, c))
+            x = self._as_tensor(x, name, exact=name == "x" and self._standardizes_first(
+                self.transform))
+            lead = x.shape[:-1]  # leading dims; (n, b, d) samples for a context batch (b, c)
+            if x.shape[-1] != self.features:
+                hint = ("; for one feature use x.reshape(-1, 1)" if self.features == 1 and
+                        x.dim() == 1 else "")
+                raise ValueError(f"{name} must have shape (..., {self.features}), got "
+                                 f"{tuple(x.shape)}{hint}")
+            x = x.reshape(-1, x.shape[-1])
+        x = self._check_x(x, name)
+        if (not torch.jit.is_tracing() and x.shape[0] == 1 and not lead and context is not None
+                and (context.ndim if hasattr(context, "ndim") else np.ndim(context)) == 2
+                and len(context) > 1):
+            x, lead = x.expand(len(context), -1), None  # one x under each context
+        return x, self._check_context(context, x.shape[0], lead), lead
 
     def _check_context(self, context: Any, batch: int | None,
                        lead: tuple[int, ...] | None = None) -> Tensor | None:
@@ -297,29 +316,10 @@ class Flow(Distribution):
         host sync, compilable). Train only on finite data: an overflowing row in a batch
         still makes the weights' gradient NaN (``0 * inf`` in the layers' products).
         """
-        if self.context_features and context is None:
-            self._check_context(None, None)  # (before x's shape: the context is what lacks)
-        lead = None
-        nd = x.ndim if hasattr(x, "ndim") else np.ndim(x)
-        if nd == 1 or (nd > 2 and not (self.context_features and nd != 3)):  # (a conditional
-            # flow: one row (d,), or samples (n, b, d) for a batch of contexts (b, c))
-            x = self._as_tensor(x, "x", exact=self._standardizes_first(self.transform))
-            lead = x.shape[:-1]  # leading dims; (n, b, d) samples for a context batch (b, c)
-            if x.shape[-1] != self.features:
-                hint = ("; for one feature use x.reshape(-1, 1)" if self.features == 1 and
-                        x.dim() == 1 else "")
-                raise ValueError(f"x must have shape (..., {self.features}), got "
-                                 f"{tuple(x.shape)}{hint}")
-            x = x.reshape(-1, x.shape[-1])
-        x = self._check_x(x)
+        x, given, lead = self._rows(x, context)
         if not self._checked_prepared and self.training and torch.is_grad_enabled() and (
                 is_plain(x)):  # (no values to look at under torch.func, compile or a trace)
             self._warn_if_unprepared()
-        if (not torch.jit.is_tracing() and x.shape[0] == 1 and not lead and context is not None
-                and (context.ndim if hasattr(context, "ndim") else np.ndim(context)) == 2
-                and len(context) > 1):
-            x, lead = x.expand(len(context), -1), None  # one x under each context
-        given = self._check_context(context, x.shape[0], lead)
         z, ladj = self._map(x, given)
         log_p = _overflow_to_neg_inf(self._base_log_prob(z) + ladj, x, given)
         return log_p if lead is None else log_p.reshape(lead)
@@ -397,22 +397,23 @@ class Flow(Distribution):
         return encoded
 
     def to_latent(self, x: Any, context: Any = None) -> tuple[Tensor, Tensor]:
-        """``(z, log|det dz/dx|)`` for rows ``x`` (``(batch, features)``): the latent that
-        :meth:`log_prob` scores under the base, with the input handling it has (dtype,
-        device, one context row per row or one for all, the context scaler and the
-        embedding applied). ``flow.transform(x, context)`` skips the last two: on a flow
-        built with ``standardize=True`` or an ``embedding`` it is not the flow's map."""
-        x = self._check_x(x)
-        return self._map(x, self._check_context(context, x.shape[0]))
+        """``(z, log|det dz/dx|)``: the latent that :meth:`log_prob` scores, with its input
+        handling (dtype, device, its shapes and contexts, samples ``(n, b, features)``
+        under ``(b, c)`` too, the context scaler and embedding): ``z`` has the shape of
+        ``x``, the log-det its leading shape. ``flow.transform(x, context)`` skips the last
+        two: on a flow with ``standardize=True`` or an ``embedding`` it is not the map."""
+        return self._through(x, context, "x")
 
     def from_latent(self, z: Any, context: Any = None) -> tuple[Tensor, Tensor]:
-        """``(x, log|det dx/dz|)`` for latent rows ``z``: the inverse of :meth:`to_latent`
-        (what :meth:`sample` runs on the base's draws), with the same context handling."""
-        z = self._as_tensor(z, "z")
-        if z.dim() != 2 or z.shape[1] != self.features:
-            raise ValueError(f"z must have shape (batch, {self.features}), got "
-                             f"{tuple(z.shape)}")
-        return self._map(z, self._check_context(context, z.shape[0]), inverse=True)
+        """``(x, log|det dx/dz|)`` for latents ``z``: the inverse of :meth:`to_latent`
+        (what :meth:`sample` runs on the base's draws), with the same shapes and context
+        handling."""
+        return self._through(z, context, "z")
+
+    def _through(self, x: Any, context: Any, name: str) -> tuple[Tensor, Tensor]:
+        rows, given, lead = self._rows(x, context, name)
+        y, ladj = self._map(rows, given, inverse=name == "z")
+        return (y, ladj) if lead is None else (y.reshape(*lead, -1), ladj.reshape(lead))
 
     def forward(self, x: Any, context: Any = None) -> Tensor:  # nn.Module call == log_prob
         return self.log_prob(x, context)

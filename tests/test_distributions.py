@@ -523,6 +523,30 @@ def test_a_flow_trained_without_prepare_says_its_standardization_is_unset(recwar
     assert not [w for w in recwarn if "ef.prepare" in str(w.message)]
 
 
+def test_to_latent_takes_the_sample_shapes_log_prob_takes():
+    # sample(n, (b, c)) gives (n, b, d); to_latent refused it, so a posterior's latents
+    # needed a reshape and a repeated context by hand.
+    flow = ef.models.maf(3, context=2, standardize=True).double()
+    perturb(flow, 0.3, seed=2)
+    c = torch.randn(4, 2, dtype=torch.float64)
+    x = flow.sample(5, c)
+    z, ladj = flow.to_latent(x, c)
+    assert z.shape == (5, 4, 3) and ladj.shape == (5, 4)
+    torch.testing.assert_close(flow.base.log_prob(z.reshape(-1, 3)).reshape(5, 4) + ladj,
+                               flow.log_prob(x, c))
+    flat = flow.to_latent(x.reshape(-1, 3), c.repeat(5, 1))  # one context row per row
+    torch.testing.assert_close(z.reshape(-1, 3), flat[0])
+    back, ladj_inv = flow.from_latent(z, c)
+    assert back.shape == (5, 4, 3)
+    torch.testing.assert_close(back, x)
+    torch.testing.assert_close(ladj_inv, -ladj)
+    row, one = flow.to_latent(x[0, 0], c[0])  # one row under its context
+    assert row.shape == (3,) and one.shape == ()
+    torch.testing.assert_close(row, z[0, 0])
+    with pytest.raises(ValueError, match=r"context has 3 rows for x of shape \(5, 4\)"):
+        flow.to_latent(x, c[:3])
+
+
 def test_to_latent_and_from_latent_are_the_flows_own_map_with_its_context_handling():
     # flow.transform(x, c) skips the context scaler and the embedding: on a conditional
     # standardize=True flow its latents had mean -1077, log-densities off by 1.46e6.
@@ -539,7 +563,7 @@ def test_to_latent_and_from_latent_are_the_flows_own_map_with_its_context_handli
     torch.testing.assert_close(ladj_inv, -ladj)
     one, _ = flow.to_latent(x[:5], c[0])  # one context for every row, as log_prob takes
     torch.testing.assert_close(one, flow.to_latent(x[:5], c[0].expand(5, 2))[0])
-    with pytest.raises(ValueError, match=r"z must have shape \(batch, 3\)"):
+    with pytest.raises(ValueError, match=r"z must have shape \(batch, 3\), got \(4, 2\)"):
         flow.from_latent(torch.zeros(4, 2), c[:4])
     with pytest.raises(ValueError, match="this flow is conditional"):
         flow.to_latent(x)
