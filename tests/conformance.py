@@ -49,6 +49,7 @@ LAYERS: dict[str, Entry] = {
     "Permutation": Entry(lambda d, c: T.Permutation(d, seed=3)),
     "Reverse": Entry(lambda d, c: T.Reverse(d)),
     "LULinear": Entry(lambda d, c: T.LULinear(d, permutation="random")),
+    "ContextShift": Entry(lambda d, c: T.ContextShift(d, context=c), conditional=True),
     "Standardize": Entry(lambda d, c: T.Standardize(torch.linspace(-1, 2, d),
                                                     torch.linspace(0.5, 3, d))),
     "BatchNorm": Entry(lambda d, c: T.BatchNorm(d), batch_statistics=True),

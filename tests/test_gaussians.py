@@ -129,9 +129,47 @@ def test_classical_models_fit_without_gradient_steps_and_round_trip(tmp_path):
         with torch.no_grad():
             torch.testing.assert_close(loaded.double().log_prob(x[:20]), model.log_prob(x[:20]))
     with pytest.raises(ValueError, match="unconditional"):
-        ef.models.gaussian(2, context=1)
+        ef.models.gmm(2, context=1)
     with pytest.raises(ValueError, match="base= does not apply"):
         ef.models.gmm(2, base="gaussian")
+
+
+@pytest.mark.parametrize("standardize", [True, False])
+def test_the_conditional_gaussian_is_the_least_squares_regression(tmp_path, standardize):
+    # x | c ~ N(W c + b, Sigma): the classical conditional density, in closed form. The
+    # contexts lie far from standardized (means 50, spreads 1 to 100).
+    gen = np.random.default_rng(0)
+    c = gen.normal(size=(400, 3)) * [1.0, 10.0, 100.0] + 50.0
+    x = c @ (gen.normal(size=(2, 3)) / [1.0, 10.0, 100.0]).T + 3.0 + gen.multivariate_normal(
+        [0.0, 0.0], [[1.0, 0.6], [0.6, 2.0]], size=400)
+    model = ef.models.gaussian(2, context=3, standardize=standardize).double()
+    history = ef.fit(model, x, context=c, **CPU)
+    assert history.total_steps == 0
+    design = np.c_[c, np.ones(len(c))]
+    residual = x - design @ np.linalg.lstsq(design, x, rcond=None)[0]
+    cov = residual.T @ residual / len(x)
+    expected = -0.5 * (np.einsum("ij,jk,ik->i", residual, np.linalg.inv(cov), residual)
+                       + np.log(np.linalg.det(2 * np.pi * cov)))
+    with torch.no_grad():
+        np.testing.assert_allclose(model.log_prob(x, c).numpy(), expected, rtol=0, atol=1e-9)
+        loaded = ef.load(ef.save(model, tmp_path / "conditional.safetensors")).double()
+        torch.testing.assert_close(loaded.log_prob(x[:20], c[:20]), model.log_prob(x[:20], c[:20]))
+    draws = model.sample(20_000, c[:1]).squeeze(1)  # (one context: its mean and covariance)
+    mean = design[:1] @ np.linalg.lstsq(design, x, rcond=None)[0]
+    np.testing.assert_allclose(draws.mean(0).numpy(), mean[0], atol=0.05)
+    np.testing.assert_allclose(np.cov(draws.numpy(), rowvar=False), cov, atol=0.08)
+    with pytest.raises(ValueError, match="conditional"):
+        ef.fit(ef.models.gaussian(2, context=3), x, **CPU)
+
+
+def test_context_shift_is_checked_at_random_parameters():
+    layer = perturb(ef.transforms.ContextShift(3, context=2), 1.0).double()
+    gen = torch.Generator().manual_seed(0)
+    x, c = (torch.randn(8, k, generator=gen, dtype=torch.float64) for k in (3, 2))
+    assert ef.check_transform(layer, x, c).ok
+    z, ladj = layer(x, c)
+    torch.testing.assert_close(z, x - c @ layer.weight.T - layer.bias)
+    assert not ladj.any()
 
 
 @pytest.mark.parametrize("base", ["gaussian", {"name": "gmm", "components": 3}])

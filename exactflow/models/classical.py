@@ -5,7 +5,9 @@ standardization) and whose base is a :class:`~exactflow.Gaussian` or
 :class:`~exactflow.GaussianMixture` fitted in closed form or by EM, so it is saved, loaded,
 scored, sampled, checked and reported exactly like any flow, and it is the baseline every
 flow is measured against: :func:`exactflow.fit` sets its parameters from the training data
-without gradient steps.
+without gradient steps. The Gaussian also comes conditional: with ``context=k`` it is the
+linear-Gaussian regression ``x | c ~ N(W c + b, Sigma)`` (a
+:class:`~exactflow.transforms.ContextShift` before the Gaussian), fitted by least squares.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 from ..core import Compose
 from ..distributions import Flow
 from ..gaussians import Gaussian, GaussianMixture
+from ..transforms.linear import ContextShift
 from ..validation import choice, positive_int
 from .registry import register
 
@@ -35,10 +38,16 @@ def gaussian(features: int, *, covariance: str = "full", context: int = 0) -> Fl
     on the correlation matrix (always; it keeps a degenerate covariance finite).
     ``log_prob`` costs O(d^2) per row.
 
+    With ``context=k`` it is conditional: ``x | c ~ N(W c + b, Sigma)``, the mean linear in
+    the context (least squares of the rows on their contexts, standardized where the
+    builder's ``standardize`` says) and ``Sigma`` the covariance of the residuals. This is
+    the classical baseline of conditional density estimation, and the first rung of
+    :func:`exactflow.fit_auto` with a context.
+
     Args:
         features: data dimension.
         covariance: ``"full"`` or ``"diag"``.
-        context: must be 0 (unconditional).
+        context: the size of the conditioning vector (0: unconditional).
 
     Example:
         >>> import torch, exactflow as ef
@@ -48,10 +57,12 @@ def gaussian(features: int, *, covariance: str = "full", context: int = 0) -> Fl
         >>> history.total_steps  # closed form: no gradient steps
         0
     """
-    _unconditional("gaussian", context)
     choice(covariance, "covariance", ("full", "diag"))
     d = positive_int(features, "features")
-    return Flow(Compose(), Gaussian(d, covariance, trainable=False))
+    base = Gaussian(d, covariance, trainable=False)
+    if not context:
+        return Flow(Compose(), base)
+    return Flow(ContextShift(d, context, trainable=False), base, context=context)
 
 
 @register

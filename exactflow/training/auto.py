@@ -18,6 +18,9 @@ The ladder (measured on eight real tables of 150 to 1,800 rows: ``benchmarks/REA
 5. with budget left: the same autoregressive flow on the mixture base, then MAF and
    RealNVP on it.
 
+With a context the ladder is the linear-Gaussian regression ``x | c ~ N(W c + b, Sigma)``
+(closed form), then a spline flow, MAF and an autoregressive spline flow.
+
 The conditioners are 2 x 64 whatever the number of rows: with 2 x 32 instead
 (``python -m benchmarks.ladder --hidden 32,32``) the pick gains 0.03 to 0.15 nats on the
 four tables of 100 to 320 training rows and loses 0.58 on cancer (400 rows, 30 columns),
@@ -55,7 +58,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -68,7 +70,7 @@ from torch import Tensor
 from ..datasets import check_full_rank, column_names
 from ..distributions import Flow
 from ..gaussians import GaussianMixture, em_class
-from ..models import CLOSED_FORM, build, with_bounds
+from ..models import build, with_bounds
 from ..transforms.standardize import Standardize, describe_standardize, resolve_standardize
 from ..transforms.support import Support, bounds_spec, map_rows
 from ..validation import (
@@ -77,7 +79,7 @@ from ..validation import (
     device_named,
     positive_float,
 )
-from .batches import Rows, hold_out, wrap
+from .batches import Rows, hold_out, width_of, wrap
 from .history import History
 from .likelihood import fit
 from .loop import TrainingError, adam, clone
@@ -212,8 +214,9 @@ def fit_auto(
     Args:
         train: ``(n, d)`` training rows (array, tensor or memmap).
         val: validation rows; default ``val_fraction`` of ``train`` held out (seeded).
-        context, val_context: conditioning rows for conditional models (the classical
-            candidates are then skipped: they are unconditional).
+        context, val_context: conditioning rows for conditional models: the ladder then
+            starts from the linear-Gaussian regression (``models.gaussian(d, context=k)``)
+            in place of the unconditional Gaussian and mixtures.
         budget: seconds the whole ladder may take. The classical models come first (a
             mixture search stops early if it would eat the budget); the first two flows
             share what is left, the others run on what they leave. A flow stopped by its
@@ -265,7 +268,7 @@ def fit_auto(
     adam([torch.zeros(1, requires_grad=True)], 1e-3)  # (torch's first optimizer imports its
     # compiler, 2-3 s: here, not on the budget, which a first fit in a process would lose)
     start = time.perf_counter()
-    width, names, origin = _width_of(train), column_names(train), getattr(val, "origin", None)
+    width, names, origin = width_of(train), column_names(train), getattr(val, "origin", None)
     limits = None if bounds is None else bounds_spec(bounds, width, names)
     support = None if limits is None else Support(limits, width)
     if support is not None:  # (the columns as the Support layer maps them, from here on)
@@ -275,11 +278,11 @@ def fit_auto(
             val = wrap(map_rows(support, wrap(val, "validation data", width).data,
                                 "validation data", names), "validation data", width)
             val.origin = origin  # (its rows named by their numbers in the file)
-    rows = wrap(train, "training data", _width_of(train), strict=True)
+    rows = wrap(train, "training data", width_of(train), strict=True)
     check_full_rank(rows.data, "training data", names)
     ctx = None
     if context is not None:
-        ctx = wrap(context, "context", _width_of(context), len(rows))
+        ctx = wrap(context, "context", width_of(context), len(rows))
     if val is None:
         rows, ctx, val_rows, val_ctx = hold_out(rows, ctx, val_fraction, seed)
         if val_rows is None:
@@ -287,7 +290,7 @@ def fit_auto(
     else:
         val_rows = wrap(val, "validation data", rows.data.shape[1], strict=True)
         val_ctx = None if val_context is None else wrap(
-            val_context, "val_context", _width_of(val_context), len(val_rows))
+            val_context, "val_context", width_of(val_context), len(val_rows))
     n, d = len(rows), int(rows.data.shape[1])
     # (with bounds, NLLs of the data as given: those of the mapped columns, plus the mean
     # log|dx/du| of the rows)
@@ -365,8 +368,10 @@ def fit_auto(
     # Too few validation rows to tell models apart: the mixture is chosen by
     # cross-validation over all rows (a 1-component full mixture is the Gaussian) and no
     # flow is tried.
-    few = len(val_rows) < MIN_VAL_ROWS and c == 0 and candidates is None
-    if c == 0:
+    few = len(val_rows) < MIN_VAL_ROWS and candidates is None
+    if c:  # the linear-Gaussian regression (closed form): the baseline every flow must beat
+        run("gaussian", {"model": "gaussian"}, {}, end)
+    else:
         if few:
             board.append(Entry("gaussian", {"model": "gaussian"},
                                status="skipped: in the mixtures' cross-validation"))
@@ -402,15 +407,19 @@ def fit_auto(
             board.remove(board[0])
             run("gaussian", {"model": "gaussian"}, {}, end)
         held = counted(len(val_rows), "validation row")
+        kept = "mixture" if gmm is not None else "linear-Gaussian regression" if c else "Gaussian"
         say(f"{held} {'is' if len(val_rows) == 1 else 'are'} too few to choose a flow on "
-            f"(fewer than {MIN_VAL_ROWS}): the {'mixture' if gmm is not None else 'Gaussian'} "
-            f"is kept, fitted again on all {n + len(val_rows)} rows")
+            f"(fewer than {MIN_VAL_ROWS}): the {kept} is kept, fitted again on all "
+            f"{n + len(val_rows)} rows")
         if best is not None:  # (chosen on every row: fitted on every row)
             chosen = next(entry for entry in board if entry.chosen)
-            flow = build({**chosen.config, "features": d, "standardize": standardize})
+            flow = build({**chosen.config, "features": d, "standardize": standardize,
+                          **({"context": c} if c else {})})
             pooled = np.concatenate([_array(rows.data), _array(val_rows.data)])
-            best = (best[0], flow, fit(flow, pooled, val_fraction=0.0, seed=seed,
-                                       device=device, progress=False), best[3])
+            together = None if ctx is None or val_ctx is None else np.concatenate(
+                [_array(ctx.data), _array(val_ctx.data)])
+            best = (best[0], flow, fit(flow, pooled, context=together, val_fraction=0.0,
+                                       seed=seed, device=device, progress=False), best[3])
         board += [Entry(cand.name, dict(cand.config),
                         status=f"skipped: {held}, too few to choose a flow on")
                   for cand in rungs]
@@ -482,15 +491,3 @@ def _standardizer(data: Any, standardize: bool | str) -> tuple[np.ndarray, np.nd
         return np.zeros(d), np.ones(d)
     return Standardize.statistics(data, name="training data", pooled=standardize == "pooled")
 
-
-def _is_flow(candidate: Candidate) -> bool:
-    return candidate.config.get("model") not in CLOSED_FORM
-
-
-def _width_of(data: Any) -> int:
-    shape = getattr(data, "shape", None)
-    if shape is None and not isinstance(data, (str, os.PathLike)):  # a list of rows
-        shape = np.shape(data)
-    if shape is None or len(shape) != 2:
-        raise ValueError(f"expected a 2-D array of rows, got shape {shape}")
-    return int(shape[1])

@@ -33,7 +33,7 @@ from ..validation import (
     warn_user,
 )
 
-__all__ = ["Rows", "Order", "wrap", "wrap_context", "hold_out", "to_device",
+__all__ = ["Rows", "Order", "wrap", "wrap_context", "hold_out", "to_device", "width_of",
            "IN_MEMORY_SHUFFLE_ROWS", "default_batch_size"]
 
 # Rows per chunk when scanning arrays (finiteness checks, evaluation of memmaps).
@@ -383,6 +383,16 @@ def to_device(batch: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor
     if device.type == "cuda" and batch.device.type == "cpu":
         return batch.to(dtype).pin_memory().to(device, non_blocking=True)
     return batch.to(device, dtype)
+
+
+def width_of(data: Any) -> int:
+    """The number of columns of 2-D rows (an array, a tensor, a table, a list of rows)."""
+    shape = getattr(data, "shape", None)
+    if shape is None and not isinstance(data, (str, os.PathLike)):  # a list of rows
+        shape = np.shape(data)
+    if shape is None or len(shape) != 2:
+        raise ValueError(f"expected a 2-D array of rows, got shape {shape}")
+    return int(shape[1])
 
 
 def default_batch_size(rows: int) -> int:

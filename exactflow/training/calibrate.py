@@ -30,6 +30,7 @@ from ..gaussians import Gaussian, GaussianMixture
 from ..models import standardize_layer, support_layer
 from ..scoring import eval_mode, module_device
 from ..stats import RunningMoments
+from ..transforms.linear import ContextShift
 from ..transforms.normalization import ActNorm, BatchNorm
 from ..transforms.standardize import Standardize
 from ..transforms.support import map_rows
@@ -95,13 +96,18 @@ def prepare(flow: Flow, train: Any, context: Any = None, seed: int = 0) -> list[
         mean, std = Standardize.statistics(context.data, name="context", constant_ok=True)
         scaler.set_statistics(mean, std)
         done.append("context standardization")
+    shift = (_flat(flow.transform) or [None])[-1]
+    if isinstance(shift, ContextShift) and context is not None and not bool(shift.fitted):
+        shift.fit_to(*_latent(flow, _sample_rows(train, MAX_FIT_ROWS, seed),
+                              _sample_rows(context, MAX_FIT_ROWS, seed), before_last=True))
+        done.append("ContextShift regression")
     base = flow.base
     if isinstance(base, (Gaussian, GaussianMixture)) and not bool(base.fitted):
         x = _sample_rows(train, MAX_FIT_ROWS, seed)
         ctx = None
         if context is not None:
             ctx = _sample_rows(context, MAX_FIT_ROWS, seed)
-        latent = _latent(flow, x, ctx)
+        latent = _latent(flow, x, ctx)[0]
         if isinstance(base, GaussianMixture):
             base.fit_to(latent, seed=seed)
         else:
@@ -110,18 +116,25 @@ def prepare(flow: Flow, train: Any, context: Any = None, seed: int = 0) -> list[
     return done
 
 
-def _latent(flow: Flow, x: Tensor, context: Tensor | None) -> np.ndarray:
-    """``f(x)`` in float64 for a batch of rows, in eval mode, chunk by chunk."""
+def _latent(flow: Flow, x: Tensor, context: Tensor | None, before_last: bool = False
+            ) -> tuple[np.ndarray, np.ndarray | None]:
+    """``f(x)`` in float64 for a batch of rows, in eval mode, chunk by chunk, and the
+    context as the layers see it (embedded); ``before_last``: the input of the last layer
+    instead."""
     device = module_device(flow)
-    parts = []
+    layers = _flat(flow.transform)
+    run = Compose(*layers[:-1]) if before_last else flow.transform
+    parts, contexts = [], []
     with eval_mode(flow):
         for start in range(0, len(x), _CHUNK):
             xb = x[start : start + _CHUNK].to(device, flow.input_dtype)
             cb = None
             if context is not None:
                 cb = flow._embed(context[start : start + _CHUNK].to(device, flow.context_dtype))
-            parts.append(flow.transform(xb, cb)[0].double().cpu().numpy())
-    return np.concatenate(parts)
+                assert cb is not None
+                contexts.append(cb.double().cpu().numpy())
+            parts.append(run(xb, cb if run.context_features else None)[0].double().cpu().numpy())
+    return np.concatenate(parts), np.concatenate(contexts) if contexts else None
 
 
 def _flat(transform: Any) -> list[Any]:

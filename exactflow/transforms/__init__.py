@@ -8,7 +8,7 @@ from .autoregressive import (
 )
 from .coupling import AdditiveCoupling, AffineCoupling, Coupling, SplineCoupling
 from .elementwise import ElementwiseAffine, Logit, Sigmoid
-from .linear import LULinear, Permutation, Reverse
+from .linear import ContextShift, LULinear, Permutation, Reverse
 from .monotonic import (
     AdditiveMap,
     AffineMap,
@@ -30,6 +30,7 @@ __all__ = [
     "Permutation",
     "Reverse",
     "LULinear",
+    "ContextShift",
     "Coupling",
     "AdditiveCoupling",
     "AffineCoupling",

@@ -1,15 +1,18 @@
-"""Linear transforms: permutations and the LU-parameterized invertible matrix."""
+"""Linear transforms: permutations, the LU-parameterized invertible matrix, and a shift
+linear in the context."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ..core import Transform, check_features
 
-__all__ = ["Permutation", "Reverse", "LULinear"]
+__all__ = ["Permutation", "Reverse", "LULinear", "ContextShift"]
 
 
 class Permutation(Transform):
@@ -149,3 +152,70 @@ class LULinear(Transform):
 
     def extra_repr(self) -> str:
         return f"features={self.features}"
+
+
+class ContextShift(Transform):
+    """A shift linear in the context, ``z = x - (W c + b)`` (log-det 0).
+
+    With a Gaussian base this is the linear-Gaussian regression ``x | c ~ N(W c + b,
+    Sigma)``, the classical conditional density: :func:`exactflow.models.gaussian` with
+    ``context=k`` builds it, and :func:`exactflow.prepare` fits ``W`` and ``b`` by least
+    squares before the base is fitted to the residuals. In a flow of its own it is a
+    learnable conditional mean. Starts at ``W = 0``, ``b = 0``: the identity.
+
+    Args:
+        features: the dimension ``d``.
+        context: the size ``k`` of the context (> 0).
+        trainable: whether gradient training may move ``W`` and ``b`` (the classical model:
+            no, its least-squares fit is exact).
+
+    Example:
+        >>> import torch, exactflow as ef
+        >>> t = ef.transforms.ContextShift(2, context=1)
+        >>> with torch.no_grad():
+        ...     _ = t.weight.fill_(2.0)
+        ...     z, ladj = t(torch.ones(1, 2), torch.tensor([[3.0]]))
+        >>> z, ladj  # 1 - (2 * 3 + 0)
+        (tensor([[-5., -5.]]), tensor([0.]))
+    """
+
+    linear = True
+    features: int
+    fitted: Tensor
+
+    def __init__(self, features: int, context: int, trainable: bool = True) -> None:
+        super().__init__()
+        self.features = check_features(features, "ContextShift")
+        self.context_features = check_features(context, "ContextShift context")
+        self.weight = nn.Parameter(torch.zeros(features, context), requires_grad=trainable)
+        self.bias = nn.Parameter(torch.zeros(features), requires_grad=trainable)
+        #: Whether :meth:`fit_to` has set ``W`` and ``b`` (saved with the layer).
+        self.register_buffer("fitted", torch.tensor(False))
+
+    def _mean(self, context: Tensor | None) -> Tensor:
+        assert context is not None  # (the base class refuses a missing context)
+        return torch.addmm(self.bias, context, self.weight.T)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return x - self._mean(context), x.new_zeros(x.shape[0])
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return z + self._mean(context), z.new_zeros(z.shape[0])
+
+    @torch.no_grad()
+    def fit_to(self, x: Any, context: Any) -> ContextShift:
+        """Set ``W`` and ``b`` to the least-squares regression of rows ``x`` on ``context``
+        (float64; the minimum-norm solution where context columns are dependent); returns
+        ``self``."""
+        x, c = (np.asarray(a.detach().cpu() if isinstance(a, Tensor) else a, dtype=np.float64)
+                for a in (x, context))
+        design = np.concatenate([c, np.ones((len(c), 1))], axis=1)
+        coef = np.linalg.lstsq(design, x, rcond=None)[0]  # (k + 1, d)
+        ref = self.weight
+        self.weight.copy_(torch.as_tensor(coef[:-1].T, dtype=ref.dtype, device=ref.device))
+        self.bias.copy_(torch.as_tensor(coef[-1], dtype=ref.dtype, device=ref.device))
+        self.fitted.fill_(True)
+        return self
+
+    def extra_repr(self) -> str:
+        return f"features={self.features}, context={self.context_features}"
