@@ -10,19 +10,25 @@ These are O(d^3) per sample: use them to verify, not to train.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import Tensor
 
+from .checkcalls import (
+    ROWS_ALONE,
+    call,
+    changed_state,
+    close,
+    max_abs,
+    rows_and_recording,
+    state_of,
+    unchanged,
+)
 from .core import Transform
 from .jacobians import _slogabsdet, autograd_gap, jacobian, log_abs_det_jacobian, rounding_note
-from .nn.passes import in_eval_mode
 
 __all__ = ["jacobian", "log_abs_det_jacobian", "check_transform", "CheckError", "CheckReport"]
 
@@ -94,13 +100,6 @@ _DEFAULT_TOL = {
 }
 
 
-def _max_abs(t: Tensor) -> float:
-    if t.numel() == 0:
-        return 0.0
-    v = t.detach().abs().max()
-    return float("inf") if not torch.isfinite(v) else float(v)
-
-
 def check_transform(
     transform: Transform,
     x: Tensor,
@@ -118,6 +117,8 @@ def check_transform(
     1. ``in_place``, ``output_shape``, ``log_det_shape``, ``dtype``, ``finite``:
        ``forward`` leaves its input as it was and returns ``z`` shaped like ``x`` and a
        log-det of shape ``(batch,)``, both in ``x``'s dtype, with no NaN or inf;
+       ``repeat``: a second call on the same rows gives the same values (a map that
+       changes from call to call, through a counter or random numbers, fails here alone);
     2. ``log_det``: the transform's own ``log|det dz/dx|`` equals ``log|det J|`` of the
        dense autograd Jacobian of ``forward`` (:func:`log_abs_det_jacobian`), which must
        be finite: a singular Jacobian (a map that is not invertible, or whose output
@@ -233,7 +234,7 @@ def check_transform(
                 f"{own.dtype}: check them in one dtype (float64: transform.double(), "
                 "x.double() and context.double())"
             )
-    with _unchanged(transform):  # eval mode: the map that scores rows, one row at a time
+    with unchanged(transform):  # eval mode: the map that scores rows, one row at a time
         report = _run_checks(transform, x, context, atol, rtol, check_inverse)
     return _finish(report, raise_on_failure)
 
@@ -255,7 +256,7 @@ def _run_checks(transform: Transform, x: Tensor, context: Tensor | None, atol: f
         # Returns where it failed.
         bound = atol + rtol * scale.detach().abs()
         bad = ~(err.detach().abs() <= bound)
-        report.errors[key] = _max_abs(err)
+        report.errors[key] = max_abs(err)
         # The tolerance shown: at the element nearest to failing (or furthest past it).
         ratio = torch.nan_to_num(err.detach().abs() / bound, nan=math.inf).reshape(-1)
         report.tolerances[key] = float(bound.reshape(-1)[ratio.argmax()]) if ratio.numel() \
@@ -265,10 +266,24 @@ def _run_checks(transform: Transform, x: Tensor, context: Tensor | None, atol: f
                  f"(atol={atol:.1e}, rtol={rtol:.1e})")
         return bad
 
-    z, ladj = _call(transform.forward, x, context, record=False)
+    z, ladj = call(transform.forward, x, context, record=False)
     if z is None:
         fail(f"in_place: forward changed its input in place ({ladj}): inside a Flow it would "
              "change the caller's data; compute the output out of place")
+        return report
+    kept = state_of(transform)
+    again, ladj_again = call(transform.forward, x, context, record=False)
+    if again is not None and again.shape == z.shape and ladj_again.shape == ladj.shape and not (
+            close(again, z, atol, rtol) and close(ladj_again, ladj, atol, rtol)):
+        moved = changed_state(transform, kept)
+        drift = max(max_abs(again - z), max_abs(ladj_again - ladj))
+        report.errors["repeat"], report.tolerances["repeat"] = drift, atol
+        fail(f"repeat: forward gave other values when called again on the same rows (by up "
+             f"to {drift:.3e}){'; a call changed its state: ' + moved if moved else ''}: the map "
+             "changes from call to call (a counter, a cache, random numbers), so no check of "
+             "it holds; a layer's result must follow from its input, context, parameters and "
+             "buffers (the checks run in eval mode: updates made in training mode only, as "
+             "BatchNorm's running statistics, are fine)")
         return report
     if z.shape != x.shape:
         fail(f"output_shape: forward returned {tuple(z.shape)} for input {tuple(x.shape)}")
@@ -299,7 +314,7 @@ def _run_checks(transform: Transform, x: Tensor, context: Tensor | None, atol: f
             f"one; {cure}", UserWarning, stacklevel=3,
         )
     extra: dict[str, list[tuple[str, Tensor, Tensor]]] = {"rows": [], "recording": []}
-    _rows_and_recording(transform.forward, x, context, z, ladj, extra, "forward")
+    rows_and_recording(transform.forward, x, context, z, ladj, extra, "forward")
 
     jac = jacobian(transform, x, context).detach()
     truth = _slogabsdet(jac)
@@ -328,22 +343,22 @@ def _run_checks(transform: Transform, x: Tensor, context: Tensor | None, atol: f
         _add(report, _flipped(ladj.reshape(-1), -truth, bad, atol, rtol, "forward",
                               "log|det dz/dx| (data -> latent)"))
     if x.dtype == torch.float64 and jac.shape[-1] == jac.shape[-2]:  # (differences: float64)
-        n = min(x.shape[0], _ROWS_ALONE)
+        n = min(x.shape[0], ROWS_ALONE)
         try:
             gap = autograd_gap(transform, x[:n], jac[:n], None if context is None else context[:n])
         except ValueError:  # (a step beyond the domain: Logit at 1e-9 from 0)
             gap = None
         if gap is not None:
-            report.errors["autograd"], report.tolerances["autograd"] = _max_abs(gap), _FD_TOL
+            report.errors["autograd"], report.tolerances["autograd"] = max_abs(gap), _FD_TOL
             if not bool((gap <= _FD_TOL).all()):
                 fail(f"autograd: the autograd Jacobian differs from finite differences by up "
-                     f"to {_max_abs(gap):.1e} (relative): part of the output does not reach "
+                     f"to {max_abs(gap):.1e} (relative): part of the output does not reach "
                      "autograd (a .detach(), .item() or no_grad block), so the brute force "
                      "cannot see that part of the Jacobian; compute it with tracked operations")
 
     if check_inverse:
         try:
-            x_back, ladj_inv = _call(transform.inverse, z, context, record=False)
+            x_back, ladj_inv = call(transform.inverse, z, context, record=False)
         except NotImplementedError as err:
             said = f" ({err})" if str(err) and "has no inverse" not in str(err) else ""
             raise NotImplementedError(
@@ -372,7 +387,7 @@ def _run_checks(transform: Transform, x: Tensor, context: Tensor | None, atol: f
             if finite:
                 _add(report, _flipped(ladj_inv, true_fwd, bad, atol, rtol, "inverse",
                                       "log|det dx/dz| = -log|det dz/dx| (latent -> data)"))
-            _rows_and_recording(transform.inverse, z, context, x_back, ladj_inv, extra,
+            rows_and_recording(transform.inverse, z, context, x_back, ladj_inv, extra,
                                 "inverse")
     for key, why in _WHY.items():
         parts = extra[key]
@@ -405,56 +420,6 @@ _WHY = {
 }
 
 
-def _call(
-    fn: Callable[..., tuple[Tensor, Tensor]], x: Tensor, context: Tensor | None, record: bool,
-) -> tuple[Tensor | None, Any]:
-    """``fn`` on copies of ``x`` and ``context``: ``(output, log-det)``, or ``(None, what
-    changed)`` where ``fn`` wrote into its input. ``record``: as in training (autograd on,
-    the input requiring a gradient), else under ``no_grad`` as when scoring."""
-    x_in = x.detach().clone().requires_grad_(record)
-    c_in = None if context is None else context.detach().clone()
-    with torch.enable_grad() if record else torch.no_grad():
-        out, ladj = fn(x_in, c_in)
-    for name, given, kept in (("input", x_in, x), ("context", c_in, context)):
-        if given is not None and kept is not None and not _same(given.detach(), kept):
-            return None, f"its {name} changed by up to {_max_abs(given.detach() - kept):.3e}"
-    return out.detach(), ladj.detach()
-
-
-#: How many rows the ``rows`` check runs alone (a mixing of rows shows in any of them).
-_ROWS_ALONE = 16
-
-
-def _same(a: Tensor, b: Tensor) -> bool:
-    """Equal values, NaN equal to NaN (points with a NaN are the ``finite`` check's)."""
-    return bool(((a == b) | (a.isnan() & b.isnan())).all())
-
-
-def _rows_and_recording(
-    fn: Callable[..., tuple[Tensor, Tensor]], x: Tensor, context: Tensor | None, out: Tensor,
-    ladj: Tensor, extra: dict[str, list[tuple[str, Tensor, Tensor]]], direction: str,
-) -> None:
-    """The errors of two checks of ``fn`` (a direction of the transform) against its values
-    ``out`` and ``ladj`` at ``x``, added to ``extra``: ``rows``, each row alone gives what it
-    gave in the batch, and ``recording``, the values are the same while autograd records
-    (training) as without it (scoring)."""
-    n = x.shape[0]
-    both = torch.cat([out.reshape(n, -1), ladj.reshape(n, 1)], 1)
-    alone = []
-    for i in range(min(n, _ROWS_ALONE) if n > 1 else 0):
-        o, l = _call(fn, x[i : i + 1], None if context is None else context[i : i + 1],
-                     record=False)
-        assert o is not None  # (the batch's call did not write into its input)
-        alone.append(torch.cat([o.reshape(1, -1), l.reshape(1, 1)], 1))
-    if alone:
-        k = len(alone)
-        extra["rows"].append((direction, torch.cat(alone) - both[:k], both[:k]))
-    o, l = _call(fn, x, context, record=True)
-    assert o is not None
-    got = torch.cat([o.reshape(n, -1), l.reshape(n, 1)], 1)
-    extra["recording"].append((direction, got - both, both))
-
-
 def _bound_at(bad: Tensor, scale: Tensor, atol: float, rtol: float) -> float:
     """The largest tolerance ``atol + rtol |scale|`` among the failed elements."""
     return float((atol + rtol * scale.detach().abs())[bad].max()) if bool(bad.any()) else atol
@@ -474,21 +439,6 @@ def _add(report: CheckReport, note: str) -> None:
     """``note`` (may be empty) added to the last failure."""
     if note:
         report.failures[-1] += note
-
-
-@contextlib.contextmanager
-def _unchanged(transform: Transform) -> Iterator[None]:
-    """``transform`` in eval mode inside the block; its modes, parameters and buffers as
-    they were after it (a layer of the user's may change its state in a call)."""
-    saved = {k: v.detach().clone() for k, v in transform.state_dict().items()}
-    try:
-        with in_eval_mode(transform):
-            yield
-    finally:
-        with torch.no_grad():
-            for key, value in transform.state_dict().items():
-                if key in saved:
-                    value.copy_(saved[key])
 
 
 def _finish(report: CheckReport, raise_on_failure: bool) -> CheckReport:

@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("exactflow._version", "exactflow.validation", "exactflow.stats")),
     ("contract", ("exactflow.core", "exactflow.nn")),
     ("layers", ("exactflow.transforms",)),
-    ("ground truth", ("exactflow.jacobians", "exactflow.groundtruth")),
+    ("ground truth", ("exactflow.jacobians", "exactflow.checkcalls", "exactflow.groundtruth")),
     ("densities", ("exactflow.bases", "exactflow.distributions", "exactflow.gaussians",
                    "exactflow.scoring")),
     ("builders", ("exactflow.models",)),

@@ -447,6 +447,40 @@ def test_a_map_that_mixes_rows_is_named_without_a_crash_or_a_rounding_excuse():
         assert not any("rounding alone" in f for f in report.failures)
 
 
+def test_a_map_that_changes_from_call_to_call_is_named_as_such():
+    # A layer with a call counter failed every check, "rows" and "recording" included,
+    # and was called a map that mixes rows.
+    class Drift(ef.Transform):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("calls", torch.zeros((), dtype=torch.float64))
+
+        def forward(self, x, context=None):
+            self.calls += 1
+            return x * (1 + 0.01 * self.calls), (x.shape[1] * torch.log1p(
+                0.01 * self.calls)).expand(len(x))
+
+        def inverse(self, z, context=None):
+            return z / (1 + 0.01 * self.calls), (-z.shape[1] * torch.log1p(
+                0.01 * self.calls)).expand(len(z))
+
+    class Noisy(ef.Transform):
+        def forward(self, x, context=None):
+            return x + 1e-4 * torch.randn_like(x), torch.zeros(len(x), dtype=x.dtype)
+
+        def inverse(self, z, context=None):
+            return z, torch.zeros(len(z), dtype=z.dtype)
+
+    for layer, state in ((Drift(), "calls (by up to 1.000e+00)"), (Noisy(), None)):
+        report = ef.check_transform(layer, x64(), raise_on_failure=False)
+        assert [f.split(":")[0] for f in report.failures] == ["repeat"]
+        assert "changes from call to call" in report.failures[0]
+        assert (f"a call changed its state: {state}" in report.failures[0]) == (state is not None)
+    drifted = Drift()  # (the checked layer's state is put back afterwards)
+    ef.check_transform(drifted, x64(), raise_on_failure=False)
+    assert drifted.calls == 0
+
+
 def test_wrong_inverse_fails():
     report = assert_fails(Scale(3, inverse_factor=1.001).double(), x64(), "round_trip")
     assert report.errors["round_trip"] > 1e-4
