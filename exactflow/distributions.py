@@ -9,7 +9,8 @@ through ``inverse`` (latent -> data).
 
 Shapes follow ``torch.distributions``: ``sample(n)`` gives ``(n, features)``; with a batch
 of contexts ``(b, c)`` it gives ``(n, b, features)``, and with one context vector ``(c,)``
-it gives ``(n, features)``.
+it gives ``(n, features)``. Rows and contexts pair by broadcasting their leading shapes
+(:mod:`exactflow.shapes`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 from .bases import DiagonalNormal, Distribution, StandardNormal, Uniform, seeded_from, tensor_of
 from .core import Compose, Transform, library_layers_only, per_row
 from .nn.passes import is_plain
+from .shapes import paired, sample_shape
 from .transforms.standardize import Standardize
 from .transforms.support import Support
 from .validation import non_negative_int, warn_user
@@ -210,83 +212,36 @@ class Flow(Distribution):
         :class:`~exactflow.transforms.Support`), which takes float64 input as it is."""
         return isinstance(cls._first_layer(module), (Standardize, Support))
 
-    def _check_x(self, x: Any, name: str = "x") -> Tensor:
-        x = self._as_tensor(x, name, exact=name == "x" and self._standardizes_first(
-            self.transform))  # (latents z reach the base side: the weights' dtype)
-        if not torch.jit.is_tracing() and (x.dim() != 2 or x.shape[1] != self.features):
-            raise ValueError(
-                f"{name} must have shape (batch, {self.features}), got {tuple(x.shape)}"
-            )
-        return x
-
     def _rows(self, x: Any, context: Any, name: str = "x"
               ) -> tuple[Tensor, Tensor | None, tuple[int, ...] | None]:
-        """Rows ``x`` of any shape :meth:`log_prob` takes, flattened to ``(rows,
-        features)``, with their checked context (one row each) and the leading shape to
-        restore (``None`` for rows given as ``(batch, features)``)."""
-        if self.context_features and context is None:
-            self._check_context(None, None)  # (before x's shape: the context is what lacks)
-        lead = None
-        nd = x.ndim if hasattr(x, "ndim") else np.ndim(x)
-        if nd == 1 or (nd > 2 and not (self.context_features and nd != 3)):  # (a conditional
-            # flow: one row (d,), or samples (n, b, d) for a batch of contexts (b, c))
-            x = self._as_tensor(x, name, exact=name == "x" and self._standardizes_first(
-                self.transform))
-            lead = x.shape[:-1]  # leading dims; (n, b, d) samples for a context batch (b, c)
-            if x.shape[-1] != self.features:
-                hint = ("; for one feature use x.reshape(-1, 1)" if self.features == 1 and
-                        x.dim() == 1 else "")
-                raise ValueError(f"{name} must have shape (..., {self.features}), got "
-                                 f"{tuple(x.shape)}{hint}")
-            x = x.reshape(-1, x.shape[-1])
-        x = self._check_x(x, name)
-        if (not torch.jit.is_tracing() and x.shape[0] == 1 and not lead and context is not None
-                and (context.ndim if hasattr(context, "ndim") else np.ndim(context)) == 2
-                and len(context) > 1):
-            x, lead = x.expand(len(context), -1), None  # one x under each context
-        return x, self._check_context(context, x.shape[0], lead), lead
+        """Rows ``x (..., features)`` and their context ``(..., c)``, paired by broadcasting
+        (:func:`~exactflow.shapes.paired`): the rows flattened, one context row each, and
+        the leading shape to give results back in (``None``: one per row, as given)."""
+        given = self._check_context(context)  # (first: a missing context is what lacks)
+        x = self._as_tensor(x, name, exact=name == "x" and self._standardizes_first(
+            self.transform))  # (latents z reach the base side: the weights' dtype)
+        return paired(x, given, self.features, name)
 
-    def _check_context(self, context: Any, batch: int | None,
-                       lead: tuple[int, ...] | None = None) -> Tensor | None:
-        """The context as a tensor, checked. With ``batch`` (the rows of ``x``) it is
-        broadcast as :meth:`sample` takes it: one context ``(c,)`` or ``(1, c)`` for every
-        row, or ``(b, c)`` for ``x`` of shape ``lead + (d,)`` with ``lead = (n, b)``."""
-        if self.context_features == 0:
+    def _check_context(self, context: Any) -> Tensor | None:
+        """The context as a tensor of shape ``(..., context_features)``, checked."""
+        c = self.context_features
+        if c == 0:
             if context is not None:
                 raise ValueError(
                     "this flow is unconditional (context=0) but a context was given"
                 )
             return None
         if context is None:
-            raise ValueError(
-                "this flow is conditional: pass a context of shape "
-                f"(batch, {self.context_features})"
-            )
+            raise ValueError(f"this flow is conditional: pass a context of shape (batch, {c}) "
+                             "(flow(x, context) is flow.log_prob(x, context); zuko's "
+                             "flow(c).log_prob(x) is flow.log_prob(x, c) here)")
         context = self._as_tensor(context, "context",
                                   exact=self._standardizes_first(self.context_scaler))
-        if batch is not None and context.dim() == 1 and context.shape[0] == self.context_features:
-            context = context.unsqueeze(0)
-        if context.dim() != 2 or context.shape[1] != self.context_features:
-            raise ValueError(
-                f"context must have shape (batch, {self.context_features}), "
-                f"got {tuple(context.shape)}"
-            )
-        if lead is not None and len(lead) == 2 and context.shape[0] == lead[1]:
-            context = context.unsqueeze(0).expand(lead[0], -1, -1).reshape(-1, context.shape[1])
-        elif batch is not None and context.shape[0] == 1:
-            context = context.expand(batch, -1)
-        if batch is not None and context.shape[0] != batch:
-            if lead is not None and len(lead) == 2:
-                raise ValueError(
-                    f"context has {context.shape[0]} rows for x of shape {tuple(lead)} + "
-                    f"({self.features},): give ({lead[1]}, {self.context_features}) (one "
-                    f"context per column of the sample batch), or ({batch}, "
-                    f"{self.context_features}) (one per row)"
-                )
-            raise ValueError(
-                f"context has {context.shape[0]} rows but x has {batch}; "
-                "give one context row per row of x"
-            )
+        if context.dim() == 0 or context.shape[-1] != c:
+            hint = ("; for one context feature use context.reshape(-1, 1)" if c == 1 and
+                    context.dim() == 1 else "")
+            raise ValueError(f"context must have shape (..., {c}), got "
+                             f"{tuple(context.shape)}{hint}")
         return context
 
     # -- density --------------------------------------------------------------------
@@ -297,19 +252,20 @@ class Flow(Distribution):
         flow's dtype and moved to its device (so a float64 tensor into a float32 flow
         works, and computes in float32).
 
-        A conditional flow takes the contexts :meth:`sample` takes: one row per row of
-        ``x``, one context for all rows (``(c,)`` or ``(1, c)``), or a batch ``(b, c)``
-        with samples ``x`` of shape ``(n, b, features)`` (what ``sample(n, context)``
-        returns), scored as ``(n, b)``; one row ``(features,)`` with its context ``(c,)``
-        scores as ``()``, and one row ``(features,)`` or ``(1, features)`` under each of
-        ``b`` contexts ``(b, c)`` as ``(b,)`` (a likelihood across parameters). An
-        unconditional flow scores ``x`` of any leading shape, ``(..., features)`` as
-        ``(...)`` (one row ``(features,)`` as ``()``).
+        ``x (..., features)`` scores as ``(...)`` (one row ``(features,)`` as ``()``). A
+        conditional flow pairs ``x`` with a context ``(..., c)`` by broadcasting their
+        leading shapes (:mod:`exactflow.shapes`): one context row per row of ``x``, one
+        context for all rows (``(c,)`` or ``(1, c)``), a batch ``(b, c)`` with samples ``x``
+        of shape ``(n, b, features)`` (what ``sample(n, context)`` returns) scored as
+        ``(n, b)``, one row ``(features,)`` under each of ``b`` contexts ``(b, c)`` as
+        ``(b,)`` (a likelihood across parameters).
 
         Never NaN for a row without NaN: every such row gets a log-density that is finite
         or ``-inf``. A row far enough out that the computation overflows the flow's dtype
         (``1e39`` in float32, or ``inf``) has a density below the smallest positive float,
         and its ``-inf`` says so instead of the ``inf - inf = NaN`` the layers would give.
+        A row on or outside the limits of a flow built with ``bounds=`` gets ``-inf`` (the
+        density there is 0; :meth:`to_latent` refuses it: it has no latent).
         A row holding NaN, or whose context holds NaN or inf, gives NaN (it has no density;
         check data upstream, as
         :func:`exactflow.scoring.log_prob` does). The replacement is a ``masked_fill`` (no
@@ -320,8 +276,12 @@ class Flow(Distribution):
         if not self._checked_prepared and self.training and torch.is_grad_enabled() and (
                 is_plain(x)):  # (no values to look at under torch.func, compile or a trace)
             self._warn_if_unprepared()
+        first, outside = self._first_layer(self.transform), None
+        if isinstance(first, Support):  # (beyond the limits the density is 0)
+            x, outside = first.held_inside(x)
         z, ladj = self._map(x, given)
         log_p = _overflow_to_neg_inf(self._base_log_prob(z) + ladj, x, given)
+        log_p = log_p if outside is None else log_p.masked_fill(outside, -math.inf)
         return log_p if lead is None else log_p.reshape(lead)
 
     def _base_log_prob(self, z: Tensor) -> Tensor:
@@ -391,10 +351,13 @@ class Flow(Distribution):
             >>> flow.encode_context(torch.zeros(5, 3, dtype=torch.float64)).shape
             torch.Size([5, 4])
         """
-        encoded = self._embed(self._check_context(context, None))
-        if encoded is None:  # (an unconditional flow refused a context above)
+        if self.context_features == 0:
             raise ValueError("this flow is unconditional: it has no context to encode")
-        return encoded
+        given = self._check_context(context)
+        assert given is not None
+        encoded = self._embed(given.reshape(-1, self.context_features))
+        assert encoded is not None
+        return encoded.reshape(*given.shape[:-1], -1)
 
     def to_latent(self, x: Any, context: Any = None) -> tuple[Tensor, Tensor]:
         """``(z, log|det dz/dx|)``: the latent that :meth:`log_prob` scores, with its input
@@ -419,44 +382,35 @@ class Flow(Distribution):
         return self.log_prob(x, context)
 
     # -- sampling -------------------------------------------------------------------
-    def _expand_context(self, n: int, context: Any) -> tuple[Tensor | None, tuple[int, ...]]:
-        if self.context_features == 0:
-            self._check_context(context, None)
-            return None, (n,)
-        if context is None:
-            self._check_context(None, None)
-        context = self._as_tensor(context, "context",
-                                  exact=self._standardizes_first(self.context_scaler))
-        if context.numel() == 0 or not bool(torch.isfinite(context).all()):
-            raise ValueError(f"context of shape {tuple(context.shape)} "
-                             + ("has no rows" if context.numel() == 0 else "holds NaN or inf")
+    def _expand_context(self, n: Any, context: Any) -> tuple[Tensor | None, tuple[int, ...]]:
+        """The embedded context, one row per draw (sample-major), and the draw's leading
+        shape: ``n`` (an int or a shape) followed by the context's leading shape."""
+        shape, given = sample_shape(n), self._check_context(context)
+        if given is None:
+            return None, shape
+        if given.numel() == 0 or not (torch.compiler.is_compiling() or bool(
+                torch.isfinite(given).all())):  # (no host sync in a compiled graph)
+            raise ValueError(f"context of shape {tuple(given.shape)} "
+                             + ("has no rows" if given.numel() == 0 else "holds NaN or inf")
                              + ": no conditional density to sample is defined there")
-        if context.dim() == 1:
-            context = context.unsqueeze(0)
-            if context.shape[1] != self.context_features:
-                raise ValueError(
-                    f"context must have {self.context_features} entries, got {context.shape[1]}"
-                )
-            one = self._embed(context)
-            assert one is not None
-            return one.expand(n, -1), (n,)
-        self._check_context(context, None)
-        b = context.shape[0]
-        embedded = self._embed(context)
+        embedded = self._embed(given.reshape(-1, self.context_features))
         assert embedded is not None
-        width = embedded.shape[-1]
-        return embedded.unsqueeze(0).expand(n, b, width).reshape(n * b, width), (n, b)
+        draws, width = math.prod(shape), embedded.shape[-1]
+        rows = embedded.unsqueeze(0).expand(draws, -1, -1).reshape(-1, width)
+        return rows, (*shape, *given.shape[:-1])
 
-    def rsample(self, n: int, context: Any = None, *,
+    def rsample(self, n: int | tuple[int, ...], context: Any = None, *,
                 generator: torch.Generator | None = None) -> Tensor:
         """``n`` samples, differentiable with respect to the flow's parameters."""
         return self.rsample_and_log_prob(n, context, generator=generator)[0]
 
-    def sample(self, n: int, context: Any = None, *,
+    def sample(self, n: int | tuple[int, ...], context: Any = None, *,
                generator: torch.Generator | None = None) -> Tensor:
         """Draw samples in one pass through ``inverse`` (latent -> data), without autograd.
 
-        Returns ``(n, features)``; with a context batch ``(b, c)``, ``(n, b, features)``.
+        Returns ``(n, features)``; with a context batch ``(b, c)``, ``(n, b, features)``
+        (a context of any leading shape ``L``: ``(n, *L, features)``). ``n`` may be a shape,
+        as ``torch.distributions`` takes ``sample_shape``: ``(2, 3)`` gives ``(2, 3, ...)``.
         Use :meth:`rsample` for samples to back-propagate through. A flow whose first layer
         is a :class:`~exactflow.transforms.Standardize` (``standardize=True``) returns
         float64 samples whatever its own dtype, so that data far from zero keep their
@@ -471,7 +425,7 @@ class Flow(Distribution):
         with torch.no_grad():
             return self.rsample_and_log_prob(n, context, generator=generator)[0]
 
-    def sample_and_log_prob(self, n: int, context: Any = None, *,
+    def sample_and_log_prob(self, n: int | tuple[int, ...], context: Any = None, *,
                             generator: torch.Generator | None = None
                             ) -> tuple[Tensor, Tensor]:
         """Samples and their exact log-density from one pass, without autograd
@@ -479,7 +433,7 @@ class Flow(Distribution):
         with torch.no_grad():
             return self.rsample_and_log_prob(n, context, generator=generator)
 
-    def rsample_and_log_prob(self, n: int, context: Any = None, *,
+    def rsample_and_log_prob(self, n: int | tuple[int, ...], context: Any = None, *,
                              generator: torch.Generator | None = None
                              ) -> tuple[Tensor, Tensor]:
         """Differentiable samples and their exact log-density, from one pass (no extra
@@ -488,9 +442,8 @@ class Flow(Distribution):
         if generator is not None:  # (a seed drawn from it: the user's bases take none)
             with seeded_from(generator, self._param_like()):
                 return self.rsample_and_log_prob(n, context)
-        n = non_negative_int(n, "n")
         ctx, shape = self._expand_context(n, context)
-        z = self.base.rsample(int(np.prod(shape)))
+        z = self.base.rsample(math.prod(shape))
         log_pz = self._base_log_prob(z)
         x, ladj_inv = self.transform.inverse(z, ctx)
         log_px = log_pz - per_row(ladj_inv, z, x, type(self.transform).__name__)

@@ -9,7 +9,6 @@ the exact log-density of many rows computed a chunk at a time.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -20,10 +19,9 @@ from torch import Tensor, nn
 
 from .distributions import Flow, tensor_of
 from .nn.passes import in_eval_mode
-from .transforms.support import Support
 from .validation import SHOW, DataError, index_list
 
-__all__ = ["eval_mode", "log_prob", "log_prob_within", "module_dtype", "module_device"]
+__all__ = ["eval_mode", "log_prob", "module_dtype", "module_device"]
 
 
 @contextmanager
@@ -102,7 +100,8 @@ def log_prob(
                 raise DataError(
                     f"context row {int(rows[0]) + start} holds NaN or inf: no conditional "
                     "density is defined there; drop or impute such rows before scoring")
-            values = log_prob_within(model, part, ctx).double().cpu().numpy()
+            values = (model.log_prob(part) if ctx is None else model.log_prob(part, ctx)
+                      ).double().cpu().numpy()  # (-inf beyond a flow's bounds=)
             out[start : start + len(part)] = np.where(np.isnan(values), -np.inf, values)
     if n_nan:
         noun = "row holds" if n_nan == 1 else "rows hold"
@@ -110,22 +109,6 @@ def log_prob(
             f"{n_nan} {noun} NaN (row indices {index_list(nan_rows, n_nan)}): a NaN has no "
             "density; drop or impute those rows before scoring"
         )
-    return out
-
-
-def log_prob_within(model: Any, x: Tensor, context: Tensor | None = None) -> Tensor:
-    """``model.log_prob(x, context)``, with ``-inf`` for the rows on or outside the limits
-    of a flow built with ``bounds=`` (their density is 0; ``Flow.log_prob`` refuses them)."""
-    first = Flow._first_layer(model.transform) if isinstance(model, Flow) else None
-    inside = first.inside(x) if isinstance(first, Support) else None
-    if inside is None or bool(inside.all()):
-        return model.log_prob(x) if context is None else model.log_prob(x, context)
-    out = torch.full(x.shape[:1], -math.inf, dtype=module_dtype(model), device=x.device)
-    if bool(inside.any()):
-        kept = model.log_prob(x[inside]) if context is None else model.log_prob(
-            x[inside], context[inside])
-        out = out.to(kept.dtype)
-        out[inside] = kept
     return out
 
 

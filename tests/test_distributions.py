@@ -214,7 +214,7 @@ def test_rsamples_are_differentiable_and_samples_carry_no_graph():
 
 def test_flow_rejects_wrong_shapes_and_types():
     flow = make_flow()
-    with pytest.raises(ValueError, match=r"x must have shape \(batch, 3\)"):
+    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 3\), got \(4, 4\)"):
         flow.log_prob(torch.randn(4, 4))
     for bad in (torch.randn(3, 2, 4), torch.randn(4), torch.randn(0)):
         with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 3\)"):
@@ -311,14 +311,13 @@ def test_conditional_flow_context_errors():
         flow.log_prob(x)
     with pytest.raises(ValueError, match="conditional"):
         flow.sample(3)
-    with pytest.raises(ValueError, match="rows"):
+    with pytest.raises(ValueError, match=r"x of shape \(5, 3\) and a context of shape \(4, 2\) "
+                                         "do not pair up"):
         flow.log_prob(x, torch.randn(4, 2))
-    with pytest.raises(ValueError, match=r"context must have shape \(batch, 2\)"):
+    with pytest.raises(ValueError, match=r"context must have shape \(\.\.\., 2\), got \(5, 3\)"):
         flow.log_prob(x, torch.randn(5, 3))
-    with pytest.raises(ValueError, match="context must have 2 entries"):
+    with pytest.raises(ValueError, match=r"context must have shape \(\.\.\., 2\), got \(3,\)"):
         flow.sample(3, torch.randn(3))
-    with pytest.raises(ValueError, match="context must have shape"):
-        flow.sample(3, torch.randn(2, 2, 2))
 
 
 @pytest.mark.parametrize("name", ["MaskedAffineAutoregressive", "InverseAutoregressive",
@@ -424,7 +423,7 @@ def test_log_prob_takes_the_contexts_sample_takes():
     one = flow.log_prob(x, context[0].expand(6, 2))
     torch.testing.assert_close(flow.log_prob(x, context[0]), one)
     torch.testing.assert_close(flow.log_prob(x, context[:1]), one)
-    with pytest.raises(ValueError, match="context has 4 rows but x has 6"):
+    with pytest.raises(ValueError, match=r"x of shape \(6, 3\) and a context of shape \(4, 2\)"):
         flow.log_prob(x, context)
     # One row under each of a batch of contexts (a likelihood across parameters): it was
     # refused, "context has 4 rows but x has 1".
@@ -433,7 +432,7 @@ def test_log_prob_takes_the_contexts_sample_takes():
     for row in (x[0], x[:1], x[0].tolist()):
         torch.testing.assert_close(flow.log_prob(row, context), each)
     torch.testing.assert_close(flow.log_prob(x[:1], context.numpy()), each)
-    with pytest.raises(ValueError, match=r"context must have shape \(batch, 2\), got \(\)"):
+    with pytest.raises(ValueError, match=r"context must have shape \(\.\.\., 2\), got \(\)"):
         flow.log_prob(x[:1], torch.tensor(0.5))  # (len() of it was a TypeError)
 
 
@@ -543,7 +542,7 @@ def test_to_latent_takes_the_sample_shapes_log_prob_takes():
     row, one = flow.to_latent(x[0, 0], c[0])  # one row under its context
     assert row.shape == (3,) and one.shape == ()
     torch.testing.assert_close(row, z[0, 0])
-    with pytest.raises(ValueError, match=r"context has 3 rows for x of shape \(5, 4\)"):
+    with pytest.raises(ValueError, match=r"x of shape \(5, 4, 3\) and a context of shape \(3, 2\)"):
         flow.to_latent(x, c[:3])
 
 
@@ -563,7 +562,7 @@ def test_to_latent_and_from_latent_are_the_flows_own_map_with_its_context_handli
     torch.testing.assert_close(ladj_inv, -ladj)
     one, _ = flow.to_latent(x[:5], c[0])  # one context for every row, as log_prob takes
     torch.testing.assert_close(one, flow.to_latent(x[:5], c[0].expand(5, 2))[0])
-    with pytest.raises(ValueError, match=r"z must have shape \(batch, 3\), got \(4, 2\)"):
+    with pytest.raises(ValueError, match=r"z must have shape \(\.\.\., 3\), got \(4, 2\)"):
         flow.from_latent(torch.zeros(4, 2), c[:4])
     with pytest.raises(ValueError, match="this flow is conditional"):
         flow.to_latent(x)
@@ -686,3 +685,44 @@ def test_a_generator_sets_the_draw_and_leaves_the_global_random_state_alone():
                            flow.sample(5, context, generator=gen))
     with pytest.raises(TypeError, match="generator must be a torch.Generator, got int"):
         flow.sample(5, context, generator=7)
+
+
+def test_rows_and_contexts_pair_by_broadcasting_their_leading_shapes():
+    # x (7, 4, d) with contexts (7, 4, c), x (7, 1, d) under (4, c), 4-D x and a sample of
+    # contexts (2, 4, c) were refused, "x must have shape (batch, 3)".
+    flow = perturb(ef.models.maf(3, layers=2, hidden=(8,), context=2).double(), 0.3, seed=3)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 4, 3, generator=gen, dtype=torch.float64)
+    c = torch.randn(7, 4, 2, generator=gen, dtype=torch.float64)
+    flat = flow.log_prob(x.reshape(-1, 3), c.reshape(-1, 2)).reshape(7, 4)
+    torch.testing.assert_close(flow.log_prob(x, c), flat)
+    z, ladj = flow.to_latent(x, c)
+    assert z.shape == (7, 4, 3) and ladj.shape == (7, 4)
+    under = flow.log_prob(x[:, :1], c[0])  # (7, 1, d) rows under each of 4 contexts
+    assert under.shape == (7, 4)
+    torch.testing.assert_close(under[:, 2], flow.log_prob(x[:, 0], c[0, 2]))
+    deep = x.reshape(7, 2, 2, 3)
+    torch.testing.assert_close(flow.log_prob(deep, c.reshape(7, 2, 2, 2)), flat.reshape(7, 2, 2))
+    draws = flow.sample(5, c[:2])  # a (2, 4) grid of contexts
+    assert draws.shape == (5, 2, 4, 3)
+    s, log_q = flow.sample_and_log_prob(5, c[:2])
+    torch.testing.assert_close(flow.log_prob(s, c[:2]), log_q)
+    # A shape for n, as torch.distributions' sample_shape.
+    assert flow.sample((2, 3), c[0, 0]).shape == (2, 3, 3)
+    assert flow.sample((2, 3), c[0]).shape == (2, 3, 4, 3)
+    assert ef.models.maf(3, layers=1, hidden=(8,)).sample(torch.Size([2, 5])).shape == (2, 5, 3)
+    with pytest.raises(ValueError, match=r"x of shape \(7, 4, 3\) and a context of shape "
+                                         r"\(3, 2\) do not pair up"):
+        flow.log_prob(x, c[0, :3])
+    with pytest.raises(ValueError, match="sample shape must be an integer >= 0, got -1"):
+        flow.sample((2, -1), c[0, 0])
+
+
+def test_context_messages_help_with_one_feature_and_zuko_habits():
+    flow = ef.models.maf(2, layers=1, hidden=(8,), context=1)
+    with pytest.raises(ValueError, match=r"got \(6,\); for one context feature use "
+                                         r"context.reshape\(-1, 1\)"):
+        flow.log_prob(torch.randn(6, 2), torch.randn(6))
+    with pytest.raises(ValueError, match=r"zuko's flow\(c\).log_prob\(x\) is "
+                                         r"flow.log_prob\(x, c\) here"):
+        flow(torch.randn(6, 1))

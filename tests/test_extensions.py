@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 import exactflow as ef
 from tests.helpers import perturb
@@ -118,6 +119,13 @@ def test_an_embedding_network_is_trained_jointly_and_saved(tmp_path):
     with pytest.raises(ValueError, match="embedding context 3 differs from the builder's "
                                          "context=6"):
         ef.models.maf(2, context=6, embedding={"features": 4, "context": 3})
+    # A network of the user's: the message gives the route that takes one.
+    with pytest.raises(ValueError, match=r"ef.Flow\(inner.transform, inner.base, context=c, "
+                                         r"embedding=net\)"):
+        ef.models.maf(2, context=6, embedding=nn.Linear(6, 4))
+    inner = ef.models.maf(2, context=4, layers=1, hidden=(8,))
+    wrapped = ef.Flow(inner.transform, inner.base, context=6, embedding=nn.Linear(6, 4))
+    assert wrapped.log_prob(torch.randn(5, 2), torch.randn(5, 6)).shape == (5,)
 
 
 def test_registering_needs_a_features_argument_and_a_free_name():

@@ -13,6 +13,8 @@ import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from torch import nn
+
 from ..core import Compose
 from ..distributions import Flow, StandardNormal
 from ..gaussians import Gaussian, GaussianMixture
@@ -238,9 +240,14 @@ def _embedding_spec(embedding: Any, context: Any) -> dict[str, Any] | None:
     if embedding is None:
         return None
     if not isinstance(embedding, dict) or "features" not in embedding:
+        own = ("; for a network of your own (k outputs), build the flow for a context of k "
+               "and wrap it: inner = ef.models.maf(d, context=k); ef.Flow(inner.transform, "
+               "inner.base, context=c, embedding=net) (ef.save then needs a builder of "
+               "your own, ef.models.register, or save its state_dict)"
+               if isinstance(embedding, nn.Module) else "")
         raise ValueError(
-            "embedding must be a dict such as {'features': 8, 'hidden': [64]}, "
-            f"got {embedding!r}"
+            "embedding must be a dict such as {'features': 8, 'hidden': [64]} (an MLP the "
+            f"builder makes and saves), got {embedding!r}{own}"
         )
     unknown = set(embedding) - {"features", "hidden", "context"}
     if unknown:

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..scoring import eval_mode, log_prob, log_prob_within, module_dtype
+from ..scoring import eval_mode, log_prob, module_dtype
 from ..stats import RunningMoments
 from ..validation import SHOW, DataError, counted, index_list, positive_int, warn_user
 from .batches import wrap, wrap_context
@@ -179,7 +179,8 @@ def _row_nll(flow: Any, data: Any, context: Any, batch_size: int = 8192,
             ctx = None
             if ctx_rows is not None:
                 ctx = ctx_rows.take(torch.arange(start, start + x.shape[0])).to(dev, ctx_dtype)
-            yield -log_prob_within(flow, x, ctx)  # (rows outside bounds=: -inf)
+            yield -(flow.log_prob(x) if ctx is None else flow.log_prob(x, ctx))  # (-inf: beyond
+            # a flow's bounds=)
 
 
 def unscorable_error(flow: Any, rows: Any, context: Any, name: str, train: Any,

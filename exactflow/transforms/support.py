@@ -135,8 +135,9 @@ class Support(Transform):
     x)``, ``log|dz/dx| = -z``. The inverse maps any ``z`` inside the limits (held strictly
     inside where the floating-point sigmoid or exponential would reach them).
 
-    Data on or outside a limit raises ``ValueError`` naming the column (its density is 0:
-    no flow through this layer puts mass there), never a silent NaN.
+    Data on or outside a limit raises ``ValueError`` naming the column, never a silent NaN;
+    a :class:`~exactflow.Flow` whose first layer this is scores such rows ``-inf`` (the
+    density there is 0: no flow through this layer puts mass there).
 
     Args:
         bounds: as :func:`bounds_spec` takes them.
@@ -189,6 +190,15 @@ class Support(Transform):
         """Which rows of ``x`` lie strictly inside every limit, ``(batch,)`` booleans (a
         row holding NaN counts as inside: it has no density to give, and scoring says so)."""
         return self._inside(x.to(torch.float64)).all(-1)
+
+    def held_inside(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``x`` in float64 with its rows on or outside a limit moved to a point inside
+        every limit, and which rows those were, ``(batch,)`` booleans: what a density maps
+        before it gives those rows ``-inf`` (no host sync, compilable)."""
+        outside = ~self.inside(x)
+        centre = torch.where(self.both, self.low + (self.high - self.low) / 2, torch.where(
+            self.lower_only, self.low + 1, torch.where(self.upper_only, self.high - 1, 0.0)))
+        return torch.where(outside[:, None], centre, x.to(torch.float64)), outside
 
     def _inside(self, x: Tensor) -> Tensor:
         return ((x > self.low) | ~(self.lower_only | self.both)) & (

@@ -103,8 +103,21 @@ def test_a_flow_with_bounds_keeps_its_samples_inside_and_scores_as_a_density_the
         torch.testing.assert_close(loaded.log_prob(x[1600:]), flow.log_prob(x[1600:]))
     double = flow.double()
     assert ef.check_transform(double.transform, x[1600:1650].double()).ok
+    # Beyond the limits the density is 0: -inf, and the rows inside keep their values
+    # (Flow.log_prob raised, losing every row of the batch).
+    mixed = torch.cat([x[1600:1603], -x[:2]]).double()
+    with torch.no_grad():
+        scored = flow.log_prob(mixed)
+        torch.testing.assert_close(scored[:3], flow.log_prob(x[1600:1603].double()))
+    assert torch.isfinite(scored[:3]).all() and (scored[3:] == -math.inf).all()
     with pytest.raises(ValueError, match="column 2 must lie above 0"):
-        flow.log_prob(-x[:3].double())
+        flow.to_latent(-x[:3].double())  # (no latent there)
+    train = flow.train()
+    loss = -train.log_prob(mixed).mean()
+    assert loss == math.inf
+    loss.backward()  # (the rows outside, held inside, leave no NaN in the gradients)
+    assert all(torch.isfinite(p.grad).all() for p in flow.parameters() if p.grad is not None)
+    flow.eval()
     with pytest.raises(ValueError, match="noise= .* bounds="):
         ef.fit(ef.models.maf(3, bounds=(0, None)), x, steps=1, noise=0.1, **CPU)
 
