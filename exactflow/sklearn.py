@@ -39,7 +39,7 @@ from .datasets import check_full_rank, validate
 from .runs.data import dequantize, dequantize_to_score, integer_columns
 from .runs.notes import data_notes
 from .scoring import log_prob
-from .transforms.support import bounds_spec
+from .transforms.support import Support, bounds_spec, check_rows
 from .validation import positive_float, positive_int, warn_user
 
 __all__ = ["FlowDensity"]
@@ -263,6 +263,8 @@ class FlowDensity(DensityMixin, BaseEstimator):
             raise ValueError("model='auto' chooses its model on held-out rows: "
                              "validation_fraction must be above 0")
         bounds = bounds_spec(self.bounds, d, names)  # (a dict by name: X's columns)
+        if bounds is not None:  # (rows beyond them refused here: by column name, as X has)
+            check_rows(Support(bounds, d), X, "training data", names)
         for note in notes:
             warn_user(note)
         self.leaderboard_: list[dict[str, Any]] | None = None

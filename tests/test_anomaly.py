@@ -141,3 +141,55 @@ def test_a_threshold_below_the_smallest_p_value_is_warned_about(tmp_path):
         code, out, err = cli(["score", tmp_path / "run", new, "--threshold-quantile", "0.05",
                               "--json"])
     assert code == 0 and "warning" not in err
+
+
+def test_the_flag_rate_range_counts_the_distinct_held_out_rows(tmp_path):
+    # 600 rows written 4 times: the 480 held-out rows are 120 distinct ones, whose spread
+    # is that of 120 (their copies score alike). The range said "3.5% to 6.7%" from 480,
+    # and 2 of 5 seeds flagged fresh rows outside it (2.8%, 7.4%).
+    rows = np.random.default_rng(0).normal(size=(600, 3))
+    table = tmp_path / "t.csv"
+    np.savetxt(table, np.repeat(rows, 4, axis=0), delimiter=",", header="a,b,c", comments="")
+    new = tmp_path / "new.csv"
+    np.savetxt(new, np.random.default_rng(1).normal(size=(50, 3)), delimiter=",",
+               header="a,b,c", comments="")
+    train_run(table, tmp_path / "run", model="gaussian", test_fraction=0.2, progress=False)
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["data"]["rows"]["distinct"] == 600
+    code, out, err = cli(["score", tmp_path / "run", new, "--threshold-quantile", "0.05",
+                          "-o", tmp_path / "s.csv"])
+    assert code == 0, err
+    held = info["data"]["rows"]["val"] + info["data"]["rows"]["test"]
+    low, high = anomaly.flag_rate_range(held // 4, 0.05)
+    assert f"({low:.1%} to {high:.1%} in 9 runs of 10, as the held-out rows vary, " \
+           f"{held // 4} of them distinct)" in out
+
+
+def test_the_mean_log_density_says_it_leaves_out_the_rows_scored_minus_inf(tmp_path):
+    # (it printed the mean of the finite rows alone, where 4 of 5 rows scored -inf)
+    table = tmp_path / "t.csv"
+    np.savetxt(table, np.exp(np.random.default_rng(0).normal(size=(300, 2))), delimiter=",",
+               header="a,b", comments="")
+    new = tmp_path / "new.csv"
+    np.savetxt(new, [[1.0, 1.0], [-1.0, 1.0], [2.0, 0.5]], delimiter=",", header="a,b",
+               comments="")
+    train_run(table, tmp_path / "run", model="gaussian", bounds=(0, None), progress=False)
+    code, out, err = cli(["score", tmp_path / "run", new, "-o", tmp_path / "s.csv"])
+    assert code == 0, err
+    assert "nats over the 2 rows scored above -inf; wrote" in out
+    assert "1 row with log-density -inf" in out
+
+
+def test_scoring_the_training_file_says_its_rows_trained_the_model(tmp_path):
+    # (3.2% of a model's own training rows were flagged at q = 0.05, 5.6% of new rows,
+    # and nothing said the rows had trained it)
+    train = correlated_table(tmp_path / "train.csv", 400, 0)
+    new = correlated_table(tmp_path / "new.csv", 50, 1)
+    train_run(train, tmp_path / "run", model="gaussian", progress=False)
+    said = "train.csv is the file"
+    for data, noted in ((train, True), (new, False)):
+        code, _, err = cli(["score", tmp_path / "run", data, "--threshold-quantile", "0.05",
+                            "-o", tmp_path / "s.csv"])
+        assert code == 0, err
+        assert (f"{said} {str(tmp_path / 'run')!r} was trained on (320 of its rows trained "
+                "it)" in err) == noted

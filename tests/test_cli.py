@@ -1104,6 +1104,24 @@ def test_train_says_why_the_test_nll_is_not_finite(capsys):
     assert "1 of the test rows score -inf or NaN" in out and "the test NLL is 2.5000" in out
 
 
+def test_train_says_when_training_never_beat_the_flow_as_it_started(capsys):
+    # A named flow kept at step 0 (every later check worse) was reported as any other kept
+    # step; on the ladder a flow on the mixture kept at step 0 is that mixture, as meant.
+    import argparse
+
+    from exactflow.cli.train import _print_train_result
+
+    test = {"nll": 5.8, "nll_se": 0.2, "bpd": 2.0, "n": 60}
+    for board, said in ((None, True), ([{"name": "maf", "chosen": True, "val_nll": 5.7}], False)):
+        result = {"metrics": {"test": test, "parameters": 10, "steps": 3000, "best_step": 0,
+                              "leaderboard": board}, "model": "maf", "data": "t.csv",
+                  "run": "runs/t"}
+        _print_train_result(argparse.Namespace(json=False, quiet=False), result)
+        out = capsys.readouterr().out
+        assert "kept the weights of step 0 of 3000" in out
+        assert ("no later validation check beat the flow as it started" in out) == said
+
+
 def test_train_names_a_deciding_validation_row_by_its_row_in_the_file(tmp_path):
     from sklearn.datasets import load_wine
 

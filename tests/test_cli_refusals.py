@@ -630,7 +630,13 @@ def test_train_drop_uses_every_column_but_the_named_ones(tmp_path):
         code, _, err = run_cli(["train", data, *argv, *GAUSSIAN, "--out", tmp_path / "x"])
         assert code == status and message in err, (argv, err)
     code, _, err = run_cli(["train", "moons", "--drop", "0", *GAUSSIAN, "--out", tmp_path / "y"])
-    assert code == 1 and "--drop needs a file with a header row or a .npy file" in err
+    assert code == 1 and "--drop needs a table file (.csv, .tsv, .txt or .npy)" in err
+    # A text table without a header drops by position (it was refused: "needs a header").
+    bare = tmp_path / "bare.csv"
+    np.savetxt(bare, rows, delimiter=",")
+    code, _, err = run_cli(["train", bare, "--drop", "0", *GAUSSIAN, "--out", tmp_path / "b"])
+    assert code == 0, err
+    assert json.loads((tmp_path / "b" / "run.json").read_text())["data"]["columns"] == [1, 2]
 
 
 def test_columns_picked_by_position_are_named_by_their_place_in_the_file(tmp_path):

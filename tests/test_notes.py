@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from exactflow.runs.notes import OutsideRange, column_ranges, row_number_columns, split_notes
+from exactflow.validation import FilePositions
 
 
 def _ids_found(column: np.ndarray) -> bool:
@@ -75,6 +76,12 @@ def test_rows_outside_the_training_range_are_counted_per_column_and_side():
     one.add(np.array([[9.0, 20.0]]), start=0, holes=np.zeros(1, dtype=bool))
     assert one.note("t").startswith("1 of the 1 scored row of t holds a value outside")
     assert "column 0: 1 above its maximum 5" in one.note("t")
+    # Columns picked by position from a file without a header are named by their index in
+    # the file (with --columns 3,5 the second was "column 1").
+    picked = OutsideRange(column_ranges(train), FilePositions.of([3, 5]))
+    picked.add(np.array([[1.0, 99.0]]), start=0, holes=np.zeros(1, dtype=bool))
+    assert "(column 5: 1 above its maximum 60;" in picked.note("t")
+    assert picked.summary() == {"5": {"below": 0, "above": 1}}
     assert one.note("t").endswith("near the data's mass; check those rows")  # (no chance said)
     many = OutsideRange(column_ranges(train), None, seen=1000)  # (2 of 3 at 0.4% each)
     many.add(np.array([[9.0, 20.0], [1.0, 20.0], [1.0, 99.0]]), start=0,

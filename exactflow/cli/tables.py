@@ -18,7 +18,7 @@ from ..datasets.shards import is_shards
 from ..io import atomic_write_bytes, csv_rows, write_table
 from ..runs import Run, RunError, anomaly, load_run, read_data
 from ..runs.notes import OutsideRange
-from ..validation import counted, index_list, nonfinite_rows_error
+from ..validation import FilePositions, counted, index_list, nonfinite_rows_error
 from .common import CommandError, UsageError, fmt, positions_named, say, with_key
 from .output import SampleStream, json_cap_error
 
@@ -261,8 +261,9 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
               "used; pick and order them with --columns", file=sys.stderr)
     scores = np.empty(len(source_rows))
     ranges = run.info["data"].get("ranges")  # (runs of 0.2.0.dev0 and before: none)
-    outside = OutsideRange(ranges, names or None, run.info["data"].get("rows", {}).get(
-        "total")) if ranges and len(ranges) == d else None
+    counts = run.info["data"].get("rows", {})  # (repeated rows add no chance to be outside)
+    outside = OutsideRange(ranges, names or FilePositions.of(chosen), counts.get(
+        "distinct", counts.get("total"))) if ranges and len(ranges) == d else None
     bad: list[int] = []
     skip = args.missing == "skip"  # rows with a missing value left unscored: NaN
     for start in range(0, len(source_rows), CHUNK_ROWS):
@@ -305,6 +306,15 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
     beyond = "" if outside is None else outside.note(info["name"], chance_said=not minus_inf)
     if beyond:  # (stderr: stdout may carry the CSV or the JSON)
         print(f"note: {beyond}", file=sys.stderr)
+    trained = run.info["data"].get("path")
+    if trained and source.is_file() and Path(trained).is_file() and source.samefile(trained):
+        train_rows = run.info["data"].get("rows", {}).get("train")
+        print(f"note: {info['name']} is the file {args.run!r} was trained on"
+              + ("" if train_rows is None else f" ({train_rows:,} of its rows trained it)")
+              + ": training rows score higher than new rows (the model fitted them), so "
+              "fewer of them are flagged than the threshold says, and an anomaly among them "
+              "shaped the model around itself; to find the anomalies of a table, train on "
+              "rows known to be normal, or on part of it and score the rest", file=sys.stderr)
     result: dict[str, Any] = {
         "ok": True, "n": int(len(scores)), "output": str(out) if out else None,
         "mean_log_density": _finite_stat(np.mean, scores),
@@ -341,8 +351,10 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
             text = _csv_line(header, delim) + "".join(_score_text(rows, table, cells, delim))
             atomic_write_bytes(out, text.encode("utf-8"))
         done = f"{len(scores) - len(bad)} of {len(scores)}" if bad else f"{len(scores)}"
+        over = "" if not minus_inf else (
+            f" over the {counted(int(np.isfinite(scores).sum()), 'row')} scored above -inf")
         say(args, f"scored {done} rows of {info['name']}: mean log-density "
-                   f"{fmt(result['mean_log_density'])} nats; wrote {out}")
+                   f"{fmt(result['mean_log_density'])} nats{over}; wrote {out}")
         if bad:
             unset = ", ".join(h for h in header if h in ("log_density", "p_value", "anomaly"))
             say(args, f"{counted(len(bad), 'row')} with a missing value not scored "
@@ -355,11 +367,15 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
                        f"support or beyond the range of its numbers): {flagged}")
         if flags is not None and calibration is not None:
             rate = anomaly.flag_rate(len(calibration), q)
-            low, high = anomaly.flag_rate_range(len(calibration), q)
+            # (copies of a held-out row score alike: the spread is that of the distinct ones)
+            distinct = len(np.unique(calibration))
+            low, high = anomaly.flag_rate_range(distinct, q)
+            copies = "" if distinct == len(calibration) else f", {distinct} of them distinct"
             expected = "" if rate == 0 else (
                 f", so about {rate:.1%} of new normal rows are flagged"
                 + ("" if rate == q else f" (p-values are multiples of 1/{len(calibration) + 1})")
-                + f" ({low:.1%} to {high:.1%} in 9 runs of 10, as the held-out rows vary)")
+                + f" ({low:.1%} to {high:.1%} in 9 runs of 10, as the held-out rows vary"
+                + f"{copies})")
             say(args, f"{counted(int((flags == 1).sum()), 'row')} flagged as anomalies: "
                        f"conformal p-value <= "
                        f"{q:g} against the {len(calibration)} held-out rows{expected}")

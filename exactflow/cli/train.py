@@ -11,6 +11,7 @@ import numpy as np
 
 from .. import distributed, models
 from ..datasets import TOYS, DataError, read_header
+from ..datasets.files import column_count
 from ..io import read_json_record
 from ..report import build_report
 from ..runs import BUILTIN, REPLACING_DIR, RUN_JSON, RunError, run_status, train_run
@@ -115,6 +116,11 @@ def _print_train_result(args: argparse.Namespace, result: dict[str, Any]) -> Non
     if m.get("best_step") is not None and m.get("steps"):
         say(args, f"kept the weights of step {m['best_step']} of {m['steps']} (the best "
                    "validation NLL)")
+        if m["best_step"] == 0 and not board:
+            say(args, "  no later validation check beat the flow as it started: training "
+                       "made it worse from the first steps (too few rows for the model, or "
+                       "too high a learning rate); --model auto starts flows from a fitted "
+                       "mixture, or try a smaller model or a lower --lr")
     say(args, f"test NLL {fmt(t.get('nll'))} ± {fmt(t.get('nll_se'))} nats "
                f"({fmt(t.get('bpd'))} bits/dim, {t.get('n')} rows)")
     if t.get("n_nonfinite"):
@@ -205,6 +211,7 @@ def _all_but(data: str, drop: list[int | str], columns: Any) -> list[int | str]:
         raise UsageError("--columns and --drop both choose the columns: give one of them")
     header = read_header(data) if Path(data).is_file() else None
     positions_named("--drop", drop, header)
+    counted_cells = column_count(data) if Path(data).is_file() else None
     if header is not None:
         width = len(header)
     elif Path(data).suffix.lower() == ".npy" and Path(data).is_file():
@@ -212,9 +219,11 @@ def _all_but(data: str, drop: list[int | str], columns: Any) -> list[int | str]:
         if len(shape) != 2:
             raise DataError(f"--drop: {data!r} holds an array of shape {shape}, not a table")
         width = int(shape[1])
+    elif counted_cells is not None:  # (a text table without a header: by position)
+        width = counted_cells
     else:
-        raise DataError(f"--drop needs a file with a header row or a .npy file; {data!r} is "
-                        "neither: choose the columns to keep with --columns")
+        raise DataError(f"--drop needs a table file (.csv, .tsv, .txt or .npy); {data!r} is "
+                        "not one: choose the columns to keep with --columns")
     gone = set()
     for c in drop:
         if isinstance(c, str):

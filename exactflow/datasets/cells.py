@@ -5,6 +5,7 @@ left open, headers, and the first line that names columns with numbers.
 
 from __future__ import annotations
 
+import csv
 import math
 import re
 from collections.abc import Iterator
@@ -13,9 +14,9 @@ import numpy as np
 
 from ..validation import DataError
 
-__all__ = ["MISSING", "HASH_NOTE", "cell_note", "BELOW", "number_or_nan", "is_comment",
-           "opens_quote", "is_number", "in_step", "looks_like_names", "missing_error",
-           "is_header"]
+__all__ = ["MISSING", "HASH_NOTE", "split_line", "guess_delimiter", "cell_note", "BELOW",
+           "number_or_nan", "is_comment", "opens_quote", "is_number", "in_step",
+           "looks_like_names", "missing_error", "is_header"]
 
 
 #: Added to the error of a non-numeric cell that starts with ``#``.
@@ -33,6 +34,23 @@ MISSING = frozenset({
 
 _SEPARATED = re.compile(r"[+-]?\d{1,3}([,.' \u00a0]\d{3})+([.,]\d+)?|[+-]?\d+,\d+")
 _SIGNED = re.compile(r"[$\u20ac\u00a3\u00a5].*|.*[%$\u20ac\u00a3]")
+
+
+def split_line(line: str, delimiter: str | None) -> list[str]:
+    """The cells of one line: by ``delimiter`` (quotes as the csv module reads them), or
+    by runs of whitespace for ``None``."""
+    if delimiter is None:
+        return line.split()
+    return next(csv.reader([line], delimiter=delimiter))
+
+
+def guess_delimiter(line: str) -> str | None:
+    """The delimiter of a table from its first line: a comma, tab or semicolon, else
+    ``None`` (runs of whitespace)."""
+    for candidate in (",", "\t", ";"):
+        if candidate in line:
+            return candidate
+    return None
 
 
 def cell_note(cell: str) -> str:

@@ -23,6 +23,7 @@ from .cells import (
     BELOW,
     MISSING,
     cell_note,
+    guess_delimiter,
     in_step,
     is_comment,
     is_header,
@@ -32,9 +33,10 @@ from .cells import (
     not_utf8_error,
     number_or_nan,
     opens_quote,
+    split_line,
 )
 
-__all__ = ["load", "read_cells", "read_header", "row_lines", "split_key"]
+__all__ = ["load", "read_cells", "read_header", "column_count", "row_lines", "split_key"]
 
 _TEXT = (".csv", ".tsv", ".txt", ".dat")
 
@@ -66,19 +68,6 @@ def _check_readable(path: str) -> None:
                         "read one file (ef.datasets.open_table and ef.fit: a folder of shards)")
     if not os.access(path, os.R_OK):
         raise DataError(f"cannot read {path!r}: permission denied")
-
-
-def _split_line(line: str, delimiter: str | None) -> list[str]:
-    if delimiter is None:  # runs of whitespace
-        return line.split()
-    return next(csv.reader([line], delimiter=delimiter))
-
-
-def _guess_delimiter(line: str) -> str | None:
-    for candidate in (",", "\t", ";"):
-        if candidate in line:
-            return candidate
-    return None
 
 
 def _column_indices(
@@ -148,12 +137,12 @@ def _text_table(path: str, header: bool | str, delimiter: str | None) -> _TextTa
     if not lines:
         raise DataError(f"cannot read {path!r}: the file is empty")
     if delimiter is None:
-        delimiter = _guess_delimiter(lines[0][1])
-    first = [cell.strip() for cell in _split_line(lines[0][1], delimiter)]
+        delimiter = guess_delimiter(lines[0][1])
+    first = [cell.strip() for cell in split_line(lines[0][1], delimiter)]
     lines = lines[:1] + [(n, line) for n, line in lines[1:] if not is_comment(line)
-                         or len(_split_line(line, delimiter)) == len(first)]
+                         or len(split_line(line, delimiter)) == len(first)]
     if header == "auto":
-        has_header = is_header(first, [_split_line(line, delimiter)
+        has_header = is_header(first, [split_line(line, delimiter)
                                         for _, line in lines[1 : 1 + BELOW]])
     elif isinstance(header, bool):
         has_header = header
@@ -217,7 +206,7 @@ def _read_text(
     if missing == "error" and np.isnan(values).any():  # (a 'nan' cell: named by its line)
         r, k = (int(i) for i in np.argwhere(np.isnan(values))[0])
         lineno, line = table.body[r]
-        cell = _split_line(line, table.delimiter)[keep[k]].strip()
+        cell = split_line(line, table.delimiter)[keep[k]].strip()
         raise missing_error(path, cell, lineno, keep[k], names)
     if table.guessed_header and looks_like_names(first, keep, values):
         warn_user(
@@ -475,6 +464,18 @@ def read_header(path: str | os.PathLike[str], delimiter: str | None = None) -> l
     number (or it reads ``0, 1, 2, ...`` above decimals). Binary files (``.npy``, ``.npz``)
     have no header.
     """
+    rows = _first_lines(path, delimiter)
+    return rows[0] if rows and is_header(rows[0], rows[1:]) else None
+
+
+def column_count(path: str | os.PathLike[str]) -> int | None:
+    """The number of cells in the first line of a text table (``None`` for another file)."""
+    rows = _first_lines(path, None)
+    return len(rows[0]) if rows else None
+
+
+def _first_lines(path: str | os.PathLike[str], delimiter: str | None) -> list[list[str]] | None:
+    """The cells of a text table's first lines (the first and :data:`BELOW` more)."""
     path = os.fspath(path)
     ext = os.path.splitext(path)[1].lower()
     if ext not in _TEXT:
@@ -489,12 +490,10 @@ def read_header(path: str | os.PathLike[str], delimiter: str | None = None) -> l
                     continue
                 line = line.rstrip("\r\n")
                 if delimiter is None:
-                    delimiter = _guess_delimiter(line)
-                rows.append([cell.strip() for cell in _split_line(line, delimiter)])
+                    delimiter = guess_delimiter(line)
+                rows.append([cell.strip() for cell in split_line(line, delimiter)])
                 if len(rows) == 1 + BELOW:
                     break
     except (OSError, UnicodeDecodeError):
         return None
-    if not rows:
-        return None
-    return rows[0] if is_header(rows[0], rows[1:]) else None
+    return rows

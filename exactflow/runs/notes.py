@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..validation import DataError, column_list, counted, index_list
+from ..validation import DataError, FilePositions, column_list, counted, index_list
 from .data import integer_columns
 
 __all__ = ["data_notes", "split_notes", "value_notes", "column_ranges", "OutsideRange"]
@@ -286,7 +286,8 @@ class OutsideRange:
                      else "", f"{self.above[j]:,} above its maximum {self.high[j]:.6g}"
                      if self.above[j] else ""]
             if any(sides):
-                label = repr(self.names[j]) if self.names else f"column {j}"
+                label = (f"column {self.names[j]}" if isinstance(self.names, FilePositions)
+                         else repr(self.names[j]) if self.names else f"column {j}")
                 parts.append(f"{label}: " + " and ".join(s for s in sides if s))
         more = int(np.count_nonzero(self.below + self.above)) - len(parts)
         listed = "; ".join(parts) + (f"; {more} more columns" if more > 0 else "")

@@ -319,7 +319,8 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
             raise ValueError(f"cannot build model {config.get('model')!r}: {err}") from None
     data_info.update(
         features=features,
-        rows={"total": n, "train": len(train), "val": len(val), "test": len(test)},
+        rows={"total": n, "train": len(train), "val": len(val), "test": len(test),
+              "distinct": distinct},
         split_seed=seed,
         fractions=list(fractions),
     )

@@ -218,6 +218,12 @@ def test_bounds_take_numpy_numbers_arrays_and_columns_by_name():
     est = FlowDensity("maf", layers=1, hidden=(8,), steps=5, random_state=0,
                       bounds={"p": (0, 1), "amount": (0, None)}).fit(frame)
     assert est.flow_.config["bounds"] == [[0.0, 1.0], [None, None], [0.0, None]]
+    frame.loc[5, "amount"] = -1.0  # (named by position: "column 2 must lie above 0")
+    for est in (FlowDensity("maf", steps=5, bounds={"amount": (0, None)}),
+                FlowDensity(budget=5, bounds={"amount": (0, None)})):
+        with pytest.raises(ef.datasets.DataError, match=r"'amount' must lie above 0: 1 row "
+                                                        r"does not; rows 5"):
+            est.fit(frame)
 
 
 def test_evaluate_counts_rows_outside_the_limits_as_scored_minus_infinity():
