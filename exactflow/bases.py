@@ -50,6 +50,12 @@ class Distribution(nn.Module):
     def event_shape(self) -> torch.Size:
         return torch.Size([self.features])
 
+    @property
+    def batch_shape(self) -> torch.Size:
+        """Empty, as for one ``torch.distributions`` density: a batch of contexts is an
+        argument of the calls, not a shape of the distribution."""
+        return torch.Size()
+
     def log_prob(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 

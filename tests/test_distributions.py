@@ -186,7 +186,7 @@ def test_log_prob_is_the_change_of_variables():
     z, ladj = flow.transform(x)
     torch.testing.assert_close(flow.log_prob(x), flow.base.log_prob(z) + ladj)
     torch.testing.assert_close(flow(x), flow.log_prob(x))
-    assert flow.event_shape == (3,)
+    assert flow.event_shape == (3,) and flow.batch_shape == ()
 
 
 def test_sample_and_log_prob_agree_with_log_prob():
