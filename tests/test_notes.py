@@ -87,3 +87,25 @@ def test_rows_outside_the_training_range_are_counted_per_column_and_side():
     many.add(np.array([[9.0, 20.0], [1.0, 20.0], [1.0, 99.0]]), start=0,
              holes=np.zeros(3, dtype=bool))
     assert many.rows == 2 and many.note("t").endswith("check those rows")
+
+
+def test_columns_above_zero_whose_samples_fall_below_it_get_a_bounds_note():
+    # A table's amounts are all positive, and the model drew 1.7% of them negative with
+    # nothing said.
+    import exactflow as ef
+    from exactflow.runs.notes import below_zero_note
+
+    rng = np.random.default_rng(0)
+    rows = np.c_[np.exp(rng.normal(0, 1, 500)), rng.normal(size=500), 5 + rng.random(500)]
+    model = ef.models.gaussian(3)
+    ef.fit(model, rows, progress=False)
+    data = {"ranges": column_ranges(rows), "column_names": ["amount", "x", "t"]}
+    note = below_zero_note(model, data)
+    assert note.startswith("'amount' is above 0 in every training row, but up to ")
+    assert "--bounds amount=0: (bounds= in Python)" in note  # ('t' stays far above 0)
+    by_position = below_zero_note(model, {"ranges": data["ranges"], "columns": [2, 3, 4]})
+    assert by_position.startswith("2 (column indices in the file) is above 0")
+    assert "--bounds 0:,:,: (bounds=" in by_position
+    bounded = ef.models.gaussian(3, bounds=[(0, None), None, None])
+    ef.fit(bounded, rows, progress=False)
+    assert below_zero_note(bounded, data) == ""

@@ -12,11 +12,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
+from ..models import support_layer
 from ..validation import DataError, FilePositions, column_list, counted, index_list
 from .data import integer_columns
 
-__all__ = ["data_notes", "split_notes", "value_notes", "column_ranges", "OutsideRange"]
+__all__ = ["data_notes", "split_notes", "value_notes", "column_ranges", "OutsideRange",
+           "below_zero_note"]
 
 
 def data_notes(rows: np.ndarray, integers: Sequence[int], names: list[str] | None, *,
@@ -301,3 +304,36 @@ class OutsideRange:
                                                                         share)
                    else "there the density rests on no training row, and a value never seen "
                    "can still score as typical near the data's mass; check those rows"))
+
+
+#: Draws :func:`below_zero_note` looks at, and the share below 0 that it names.
+BELOW_ZERO_DRAWS, BELOW_ZERO_SHARE = 10_000, 0.005
+
+
+def below_zero_note(flow: Any, data: dict[str, Any]) -> str:
+    """A note where columns above 0 in every training row (a run's ``data`` record: its
+    ``ranges``) get samples at or below 0 from a model without bounds (at least
+    :data:`BELOW_ZERO_SHARE` of :data:`BELOW_ZERO_DRAWS`), with the ``--bounds`` that keeps
+    its mass above 0; ``""`` otherwise, or past 64 columns (the draws of an autoregressive
+    flow there take seconds)."""
+    ranges = data["ranges"]
+    names = data.get("column_names") or FilePositions.of(data.get("columns"))
+    positive = np.flatnonzero(np.asarray(ranges, dtype=np.float64).reshape(-1, 2)[:, 0] > 0)
+    if not positive.size or flow.features > 64 or support_layer(flow) is not None:
+        return ""
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(0)
+        draws = flow.eval().sample(BELOW_ZERO_DRAWS).double().cpu().numpy()
+    share = (draws[:, positive] <= 0).mean(axis=0)
+    hit = positive[share >= BELOW_ZERO_SHARE]
+    if not hit.size:
+        return ""
+    if names is not None and not isinstance(names, FilePositions):  # by name, else in order
+        spec = ",".join(f"{names[j]}=0:" for j in hit)
+    else:
+        spec = ",".join("0:" if j in hit else ":" for j in range(len(ranges)))
+    return (f"{column_list(hit, names)} {'is' if len(hit) == 1 else 'are'} above 0 in every "
+            f"training row, but up to {share.max():.1%} of the model's samples fall at or "
+            "below 0 "
+            f"there: --bounds {spec} (bounds= in Python) keeps the model's mass above 0, "
+            "where such columns cannot go (a lower limit maps a column by log: README)")

@@ -63,7 +63,7 @@ from .folder import (
     replace_run,
     replacing,
 )
-from .notes import column_ranges, data_notes, split_notes
+from .notes import below_zero_note, column_ranges, data_notes, split_notes
 
 __all__ = ["train_run"]
 
@@ -455,6 +455,9 @@ def _write_run(out: Path, writer: bool, flow: Flow | None, train: Any, val: Any,
     test_metrics = evaluate(flow, test)
     dominant = dominant_test_rows(flow, test)
     val_metrics = evaluate(flow, val)
+    if below := below_zero_note(flow, data_info):
+        log(f"note: {below}")
+        data_info["notes"].append(below)
     flow.cpu()
     hist = history.to_dict()
     metrics = {
