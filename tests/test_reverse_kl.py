@@ -335,3 +335,12 @@ def test_a_proposal_equal_to_the_target_up_to_float32_rounding_does_not_warn():
         warnings.simplefilter("error")
         out = estimate_log_normalizer(flow, lambda x: -0.5 * (x**2).sum(1), n=2000, seed=0)
     assert math.isnan(out["pareto_k"]) and out["ess"] == pytest.approx(2000)
+
+
+def test_a_conditional_flow_is_refused_with_the_amortized_loop_to_write():
+    flow = ef.models.maf(2, layers=1, hidden=(8,), context=3)
+    with pytest.raises(ValueError, match=r"fits unconditional flows .* for amortized inference "
+                                         r"write the loop, x, log_q = flow.rsample_and_log_prob"):
+        fit_reverse_kl(flow, lambda x: -0.5 * (x ** 2).sum(-1), steps=1, **CPU)
+    x, log_q = flow.rsample_and_log_prob(4, torch.randn(5, 3))  # (the loop's shapes)
+    assert x.shape == (4, 5, 2) and log_q.shape == (4, 5) and log_q.requires_grad

@@ -352,7 +352,11 @@ def fit_reverse_kl(
     if not isinstance(flow, Flow):
         raise not_a_flow("fit_reverse_kl", flow)
     if getattr(flow, "context_features", 0):
-        raise ValueError("fit_reverse_kl fits unconditional flows (this flow has a context)")
+        raise ValueError("fit_reverse_kl fits unconditional flows (this flow has a context): "
+                         "for amortized inference write the loop, x, log_q = "
+                         "flow.rsample_and_log_prob(k, contexts) (shapes (k, b, d) and (k, "
+                         "b)), loss = (log_q - log_p(x, contexts)).mean(); then "
+                         "ef.estimate_log_normalizer(flow, log_p, context=c) per context")
     fn = _target_fn(log_prob_target)
     check_common(lr, schedule, grad_clip, seed)
     total = positive_int(steps, "steps")
