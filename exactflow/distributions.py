@@ -220,6 +220,8 @@ class Flow(Distribution):
         given = self._check_context(context)  # (first: a missing context is what lacks)
         x = self._as_tensor(x, name, exact=name == "x" and self._standardizes_first(
             self.transform))  # (latents z reach the base side: the weights' dtype)
+        if torch.jit.is_tracing():  # (a trace records rows (batch, d) as given: no shape
+            return x, given, None  # is compared, so no batch size is baked in)
         return paired(x, given, self.features, name)
 
     def _check_context(self, context: Any) -> Tensor | None:
