@@ -390,11 +390,9 @@ class Flow(Distribution):
         shape, given = sample_shape(n), self._check_context(context)
         if given is None:
             return None, shape
-        if given.numel() == 0 or not (torch.compiler.is_compiling() or bool(
-                torch.isfinite(given).all())):  # (no host sync in a compiled graph)
-            raise ValueError(f"context of shape {tuple(given.shape)} "
-                             + ("has no rows" if given.numel() == 0 else "holds NaN or inf")
-                             + ": no conditional density to sample is defined there")
+        if not (torch.compiler.is_compiling() or bool(torch.isfinite(given).all())):
+            raise ValueError(f"context of shape {tuple(given.shape)} holds NaN or inf: no "
+                             "conditional density to sample is defined there")
         embedded = self._embed(given.reshape(-1, self.context_features))
         assert embedded is not None
         draws, width = math.prod(shape), embedded.shape[-1]

@@ -59,8 +59,8 @@ def log_prob(
     time). The model's train/eval modes are restored afterwards.
 
     Every value is a finite log-density or ``-inf``, never NaN. A row on or outside the
-    limits of a flow built with ``bounds=`` scores ``-inf`` (where ``Flow.log_prob``
-    raises): its density is 0. A row that is finite in the
+    limits of a flow built with ``bounds=`` scores ``-inf`` (as ``Flow.log_prob`` gives
+    it): its density is 0. A row that is finite in the
     input but beyond the range of the model's dtype (``1e39`` or ``-1e300`` into a float32
     model), or ``inf``, lies so far out that its density is below the smallest positive
     float: it scores ``-inf``, whatever the layers computed on the way (``inf - inf`` would

@@ -474,9 +474,10 @@ def test_a_context_that_is_not_finite_has_no_density():
     assert torch.isnan(scores[1:3]).all() and torch.isfinite(scores[[0, 3]]).all()
     with pytest.raises(ef.DataError, match="context row 1 holds NaN or inf"):
         ef.scoring.log_prob(flow, x, context=context)
-    for bad in (context[1], torch.empty(0, 2, dtype=torch.float64)):
-        with pytest.raises(ValueError, match="no conditional density to sample"):
-            flow.sample(3, bad)
+    with pytest.raises(ValueError, match="no conditional density to sample"):
+        flow.sample(3, context[1])
+    # (no contexts: no draws, as log_prob of no rows gives none)
+    assert flow.sample(3, torch.empty(0, 2, dtype=torch.float64)).shape == (3, 0, 2)
     # one context for all rows, in every entry point
     one = ef.scoring.log_prob(flow, x, context=context[0])
     np.testing.assert_allclose(one, flow.log_prob(x, context[0]).detach().numpy())
@@ -707,6 +708,7 @@ def test_rows_and_contexts_pair_by_broadcasting_their_leading_shapes():
     assert draws.shape == (5, 2, 4, 3)
     s, log_q = flow.sample_and_log_prob(5, c[:2])
     torch.testing.assert_close(flow.log_prob(s, c[:2]), log_q)
+    assert flow.sample(3, c[0, :0]).shape == (3, 0, 3)  # (no contexts: no draws; refused)
     # A shape for n, as torch.distributions' sample_shape.
     assert flow.sample((2, 3), c[0, 0]).shape == (2, 3, 3)
     assert flow.sample((2, 3), c[0]).shape == (2, 3, 4, 3)

@@ -4,6 +4,7 @@ that start from the classical fit."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -160,6 +161,21 @@ def test_the_conditional_gaussian_is_the_least_squares_regression(tmp_path, stan
     np.testing.assert_allclose(np.cov(draws.numpy(), rowvar=False), cov, atol=0.08)
     with pytest.raises(ValueError, match="conditional"):
         ef.fit(ef.models.gaussian(2, context=3), x, **CPU)
+
+
+def test_the_conditional_gaussian_refuses_an_embedding_and_warns_of_no_scale():
+    # An embedding was fitted to as it started and frozen with the regression (test NLL
+    # 2.54 against 1.455 without it); a context far from standardized warned that
+    # "conditioner networks" would fit poorly, of a model that has none.
+    with pytest.raises(ValueError, match="the gaussian model is fitted in closed form: an "
+                                         "embedding of its context would stay as initialized"):
+        ef.models.gaussian(2, context=3, embedding={"features": 2})
+    gen = np.random.default_rng(1)
+    c = gen.normal(size=(200, 3)) * 1e4
+    x = c[:, :2] * 1e-4 + gen.normal(size=(200, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ef.fit(ef.models.gaussian(2, context=3).double(), x, context=c, **CPU)
 
 
 def test_context_shift_is_checked_at_random_parameters():

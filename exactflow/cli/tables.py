@@ -351,10 +351,12 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
             text = _csv_line(header, delim) + "".join(_score_text(rows, table, cells, delim))
             atomic_write_bytes(out, text.encode("utf-8"))
         done = f"{len(scores) - len(bad)} of {len(scores)}" if bad else f"{len(scores)}"
-        over = "" if not minus_inf else (
-            f" over the {counted(int(np.isfinite(scores).sum()), 'row')} scored above -inf")
-        say(args, f"scored {done} rows of {info['name']}: mean log-density "
-                   f"{fmt(result['mean_log_density'])} nats{over}; wrote {out}")
+        above = int(np.isfinite(scores).sum())
+        over = "" if not minus_inf else (f" over the {counted(above, 'row')} scored above "
+                                         "-inf" if above else " (every scored row is -inf)")
+        mean = "-inf" if minus_inf and not above else fmt(result["mean_log_density"])
+        say(args, f"scored {done} rows of {info['name']}: mean log-density {mean} nats"
+                   f"{over}; wrote {out}")
         if bad:
             unset = ", ".join(h for h in header if h in ("log_density", "p_value", "anomaly"))
             say(args, f"{counted(len(bad), 'row')} with a missing value not scored "
@@ -366,16 +368,17 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
             say(args, f"{counted(minus_inf, 'row')} with log-density -inf (outside the model's "
                        f"support or beyond the range of its numbers): {flagged}")
         if flags is not None and calibration is not None:
-            rate = anomaly.flag_rate(len(calibration), q)
-            # (copies of a held-out row score alike: the spread is that of the distinct ones)
+            # (copies of a held-out row score alike: the cut is among the distinct ones)
             distinct = len(np.unique(calibration))
-            low, high = anomaly.flag_rate_range(distinct, q)
-            copies = "" if distinct == len(calibration) else f", {distinct} of them distinct"
+            rate = anomaly.flag_rate(len(calibration), q, distinct)
+            low, high = anomaly.flag_rate_range(len(calibration), q, distinct=distinct)
+            copies = distinct < len(calibration)
+            why = (f" (the held-out rows are {distinct} distinct ones and their copies, which "
+                   "score alike)" if copies else "" if rate == q else
+                   f" (p-values are multiples of 1/{len(calibration) + 1})")
             expected = "" if rate == 0 else (
-                f", so about {rate:.1%} of new normal rows are flagged"
-                + ("" if rate == q else f" (p-values are multiples of 1/{len(calibration) + 1})")
-                + f" ({low:.1%} to {high:.1%} in 9 runs of 10, as the held-out rows vary"
-                + f"{copies})")
+                f", so about {rate:.1%} of new normal rows are flagged{why}"
+                f" ({low:.1%} to {high:.1%} in 9 runs of 10, as the held-out rows vary)")
             say(args, f"{counted(int((flags == 1).sum()), 'row')} flagged as anomalies: "
                        f"conformal p-value <= "
                        f"{q:g} against the {len(calibration)} held-out rows{expected}")

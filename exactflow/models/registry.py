@@ -129,6 +129,11 @@ def register(
         built = fn(**call)
         if not isinstance(built, Flow):
             raise TypeError(f"builder {key!r} returned {type(built).__name__}, not a Flow")
+        if spec is not None and not any(p.requires_grad for p in built.parameters()):
+            raise ValueError(f"the {key} model is fitted in closed form: an embedding of its "
+                             "context would stay as initialized (the fit takes its first "
+                             "outputs, and nothing trains it); leave embedding= out, or use a "
+                             "flow (maf, nsf) with it")
         config: dict[str, Any] = {"model": key}
         for arg, value in bound.arguments.items():
             config[arg] = list(value) if isinstance(value, tuple) else value

@@ -53,20 +53,36 @@ def smallest_p_value(calibration_rows: int) -> float:
     return 1.0 / (int(calibration_rows) + 1.0)
 
 
-def flag_rate(calibration_rows: int, q: float) -> float:
+def _cut(calibration_rows: int, q: float, distinct: int | None) -> tuple[int, int]:
+    """``(j, M)``: new rows are flagged below the ``j``-th lowest of ``M`` distinct
+    calibration scores (``j = 0``: none). With ``m`` rows, ``k = floor(q (m + 1))``; where
+    the ``m`` rows are ``M`` distinct ones with ``c = m / M`` copies each (copies score
+    alike), the cut is the ``floor((k - 1) / c) + 1``-th distinct score."""
+    m = int(calibration_rows)
+    k = int(np.floor(q * (m + 1) + 1e-9))
+    if k == 0 or distinct is None or distinct >= m:
+        return k, m
+    return int((k - 1) // (m / distinct)) + 1, int(distinct)
+
+
+def flag_rate(calibration_rows: int, q: float, distinct: int | None = None) -> float:
     """The share of new normal rows (exchangeable with the calibration rows) that
     :func:`flag` flags at ``q``: p-values are multiples of ``1 / (m + 1)``, so it is
-    ``floor(q (m + 1)) / (m + 1)``, at most ``q`` (30 rows and ``q = 0.06``: 1/31, 3.2%)."""
-    m1 = int(calibration_rows) + 1
-    return float(np.floor(q * m1 + 1e-9)) / m1
+    ``floor(q (m + 1)) / (m + 1)``, at most ``q`` (30 rows and ``q = 0.06``: 1/31, 3.2%).
+    ``distinct``: the calibration rows are that many distinct rows and their copies (120
+    rows, 30 distinct, at ``q = 0.05``: 2/31, 6.5%)."""
+    j, m = _cut(calibration_rows, q, distinct)
+    return j / (m + 1)
 
 
-def flag_rate_range(calibration_rows: int, q: float, level: float = 0.9) -> tuple[float, float]:
+def flag_rate_range(calibration_rows: int, q: float, level: float = 0.9,
+                    distinct: int | None = None) -> tuple[float, float]:
     """Where the share of new normal rows flagged at ``q`` lies, for ``level`` of the sets of
     ``m`` calibration rows a run may hold out: the threshold is the ``k``-th lowest of their
     log-densities, ``k = floor(q (m + 1))``, so the share is ``Beta(k, m + 1 - k)``
-    (continuous scores). :func:`flag_rate` is its mean; 600 rows at ``q = 0.05`` put 9
-    runs in 10 between 3.6% and 6.5%.
+    (continuous scores; with copies, ``distinct`` as in :func:`flag_rate`, that of the cut
+    among the distinct rows). :func:`flag_rate` is its mean; 600 rows at ``q = 0.05`` put
+    9 runs in 10 between 3.6% and 6.5%.
 
     Example:
         >>> [round(v, 3) for v in flag_rate_range(600, 0.05)]
@@ -74,11 +90,10 @@ def flag_rate_range(calibration_rows: int, q: float, level: float = 0.9) -> tupl
     """
     from scipy.stats import beta
 
-    m1 = int(calibration_rows) + 1
-    k = int(np.floor(q * m1 + 1e-9))
-    if k == 0:
+    j, m = _cut(calibration_rows, q, distinct)
+    if j == 0:
         return 0.0, 0.0
-    lo, hi = beta.ppf([(1 - level) / 2, (1 + level) / 2], k, m1 - k)
+    lo, hi = beta.ppf([(1 - level) / 2, (1 + level) / 2], j, m + 1 - j)
     return float(lo), float(hi)
 
 

@@ -220,7 +220,8 @@ def _first_rows(rows: Rows, flow: Flow | None = None) -> np.ndarray:
 def warn_if_unstandardized(flow: Flow, rows: Rows, context: Rows | None = None) -> None:
     """Warn when the data (or the context) are far from standardized and the flow does not
     standardize them."""
-    if context is not None and getattr(flow, "context_scaler", None) is None:
+    trains = any(p.requires_grad for p in flow.parameters())  # (closed form: any scale)
+    if context is not None and getattr(flow, "context_scaler", None) is None and trains:
         spread = _first_rows(context).std(axis=0)
         varying = spread[spread > 0]
         if len(varying) and not 1e-3 <= varying.min() <= varying.max() <= 1e3:
@@ -233,9 +234,8 @@ def warn_if_unstandardized(flow: Flow, rows: Rows, context: Rows | None = None) 
     if standardize_layer(flow) is not None:
         return
     layers = _flat(flow.transform)
-    if (layers and isinstance(layers[0], (ActNorm, BatchNorm))) or not any(
-            p.requires_grad for p in flow.parameters()):  # (scaled from the data, or in
-        return                                           # closed form: any scale does)
+    if (layers and isinstance(layers[0], (ActNorm, BatchNorm))) or not trains:
+        return  # (scaled from the data, or in closed form)
     sample = _first_rows(rows, flow)
     if not len(sample):
         return

@@ -160,7 +160,8 @@ class ContextShift(Transform):
     With a Gaussian base this is the linear-Gaussian regression ``x | c ~ N(W c + b,
     Sigma)``, the classical conditional density: :func:`exactflow.models.gaussian` with
     ``context=k`` builds it, and :func:`exactflow.prepare` fits ``W`` and ``b`` by least
-    squares before the base is fitted to the residuals. In a flow of its own it is a
+    squares (where this layer is the flow's last and not fitted yet) before the base is
+    fitted to the residuals. In a flow of its own it is a
     learnable conditional mean. Starts at ``W = 0``, ``b = 0``: the identity.
 
     Args:

@@ -192,13 +192,15 @@ class Support(Transform):
         return self._inside(x.to(torch.float64)).all(-1)
 
     def held_inside(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``x`` in float64 with its rows on or outside a limit moved to a point inside
-        every limit, and which rows those were, ``(batch,)`` booleans: what a density maps
-        before it gives those rows ``-inf`` (no host sync, compilable)."""
-        outside = ~self.inside(x)
+        """``x`` in float64 with its values on or outside a limit moved inside it, and the
+        rows that held such values and no NaN, ``(batch,)`` booleans: what a density maps
+        before it gives those rows ``-inf`` (a row with a NaN keeps it: it has no density;
+        no host sync, compilable)."""
+        x = x.to(torch.float64)
+        beyond = ~self._inside(x)
         centre = torch.where(self.both, self.low + (self.high - self.low) / 2, torch.where(
             self.lower_only, self.low + 1, torch.where(self.upper_only, self.high - 1, 0.0)))
-        return torch.where(outside[:, None], centre, x.to(torch.float64)), outside
+        return torch.where(beyond, centre, x), beyond.any(-1) & ~torch.isnan(x).any(-1)
 
     def _inside(self, x: Tensor) -> Tensor:
         return ((x > self.low) | ~(self.lower_only | self.both)) & (

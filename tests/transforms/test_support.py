@@ -237,3 +237,13 @@ def test_evaluate_counts_rows_outside_the_limits_as_scored_minus_infinity():
 
     scored = log_prob(flow, rows)
     assert np.isfinite(scored[:10]).all() and scored[10] == -np.inf
+
+
+def test_a_row_with_a_nan_stays_nan_beyond_the_limits_too():
+    # (a row [2, nan] under (0, 1) for its first column scored -inf: a NaN has no density)
+    flow = ef.models.maf(2, layers=1, hidden=(8,), bounds=[(0, 1), None]).double()
+    with torch.no_grad():
+        scored = flow.log_prob(torch.tensor([[2.0, math.nan], [2.0, 0.5], [0.5, math.nan],
+                                             [0.5, 0.5]], dtype=torch.float64))
+    assert math.isnan(scored[0]) and scored[1] == -math.inf and math.isnan(scored[2])
+    assert math.isfinite(scored[3])
