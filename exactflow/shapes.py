@@ -24,8 +24,8 @@ def paired(x: Tensor, context: Tensor | None, features: int, name: str = "x"
            ) -> tuple[Tensor, Tensor | None, tuple[int, ...] | None]:
     """Rows ``x (..., features)`` and a context ``(..., c)`` (or ``None``), broadcast over
     their leading shapes: ``(rows (N, features), contexts (N, c) or None, lead)``, where
-    ``lead`` is the leading shape to give the N results back (``None`` when it is
-    ``(N,)``, so a traced call records no reshape)."""
+    ``lead`` is the leading shape to give the N results back in (``None`` when it is
+    ``(N,)``: they need no reshape)."""
     if x.dim() == 0 or x.shape[-1] != features:
         hint = ("; for one feature use x.reshape(-1, 1)" if features == 1 and x.dim() == 1
                 else "")

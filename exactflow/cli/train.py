@@ -211,7 +211,6 @@ def _all_but(data: str, drop: list[int | str], columns: Any) -> list[int | str]:
         raise UsageError("--columns and --drop both choose the columns: give one of them")
     header = read_header(data) if Path(data).is_file() else None
     positions_named("--drop", drop, header)
-    counted_cells = column_count(data) if Path(data).is_file() else None
     if header is not None:
         width = len(header)
     elif Path(data).suffix.lower() == ".npy" and Path(data).is_file():
@@ -219,8 +218,8 @@ def _all_but(data: str, drop: list[int | str], columns: Any) -> list[int | str]:
         if len(shape) != 2:
             raise DataError(f"--drop: {data!r} holds an array of shape {shape}, not a table")
         width = int(shape[1])
-    elif counted_cells is not None:  # (a text table without a header: by position)
-        width = counted_cells
+    elif Path(data).is_file() and (cells := column_count(data)) is not None:
+        width = cells  # (a text table without a header: by position)
     else:
         raise DataError(f"--drop needs a table file (.csv, .tsv, .txt or .npy); {data!r} is "
                         "not one: choose the columns to keep with --columns")

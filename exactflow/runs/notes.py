@@ -334,6 +334,6 @@ def below_zero_note(flow: Any, data: dict[str, Any]) -> str:
         spec = ",".join("0:" if j in hit else ":" for j in range(len(ranges)))
     return (f"{column_list(hit, names)} {'is' if len(hit) == 1 else 'are'} above 0 in every "
             f"training row, but up to {share.max():.1%} of the model's samples fall at or "
-            "below 0 "
-            f"there: --bounds {spec} (bounds= in Python) keeps the model's mass above 0, "
-            "where such columns cannot go (a lower limit maps a column by log: README)")
+            f"below 0 there: --bounds {spec} (bounds= in Python) keeps the model's mass "
+            "above 0, where such columns cannot go (a lower limit maps a column by log: "
+            "README)")
