@@ -36,6 +36,7 @@ except ImportError:  # pragma: no cover - older scikit-learn
 
 from . import models
 from .datasets import check_full_rank, validate
+from .runs import anomaly
 from .runs.data import dequantize, dequantize_to_score, integer_columns
 from .runs.notes import data_notes
 from .scoring import log_prob
@@ -136,6 +137,9 @@ class FlowDensity(DensityMixin, BaseEstimator):
             ``val_nll``, ``seconds``, ``steps``, ``best_step``, ``status``, ``chosen``);
             ``None`` otherwise.
         n_features_in_: number of features seen in ``fit``.
+        calibration_: the log-densities of the rows ``fit`` held out for validation, which
+            the model never trained on: what :meth:`p_values` and :meth:`flag` rank new
+            rows against (``None`` where every row was fitted on).
 
     Example:
         >>> import numpy as np
@@ -291,8 +295,8 @@ class FlowDensity(DensityMixin, BaseEstimator):
             else:
                 flow, self.history_ = result.flow, result.history
                 self.leaderboard_ = [entry.to_dict() for entry in result.leaderboard]
-            self.flow_ = flow.cpu().double().eval()
-            return self
+                self.history_.held_out = result.held_out
+            return self._finish(flow, X)
 
         config: dict[str, Any] = {"model": self.model, "features": d}
         if self.layers is not None:
@@ -333,8 +337,15 @@ class FlowDensity(DensityMixin, BaseEstimator):
             _say(f"FlowDensity: {self.model} fitted in closed form" if self.model in
                  models.CLOSED_FORM else
                  f"FlowDensity: {self.model} trained {h.total_steps:,} steps{spent}{kept}")
-        # Score in float64 on the CPU: exact to float64 rounding, batch-independent.
+        return self._finish(flow, X)
+
+    def _finish(self, flow: Any, X: np.ndarray) -> FlowDensity:
+        """Keep ``flow`` for scoring, in float64 on the CPU (exact to float64 rounding,
+        batch-independent), and the log-densities of the rows held out of its training:
+        the calibration of :meth:`p_values`."""
         self.flow_ = flow.cpu().double().eval()
+        held = getattr(self.history_, "held_out", None)
+        self.calibration_ = None if held is None else log_prob(self.flow_, X[np.asarray(held)])
         return self
 
     def _check_named_options(self) -> None:
@@ -378,6 +389,37 @@ class FlowDensity(DensityMixin, BaseEstimator):
             X = dequantize_to_score(X, columns, 0, None if names is None
                                     else [str(c) for c in names])
         return log_prob(self.flow_, X)  # (a row outside the bounds: -inf)
+
+    def p_values(self, X: Any) -> np.ndarray:
+        """Conformal p-values of the rows of ``X``: the rank of each row's log-density
+        among those of the rows ``fit`` held out for validation (``calibration_``), as
+        ``exactflow score`` gives them. For new rows like the training rows, ``p <= q``
+        holds for about ``q`` of them; a row scored ``-inf`` gets the smallest p-value.
+
+        Raises:
+            ValueError: no rows were held out (``validation_fraction=0``, a closed-form
+                model, or too few rows, all fitted on): fit with ``validation_fraction``
+                above 0 and a flow or ``model="auto"``.
+        """
+        return anomaly.p_values(self.score_samples(X), self._calibration())
+
+    def flag(self, X: Any, q: float = 0.05) -> np.ndarray:
+        """Whether each row of ``X`` is an anomaly at level ``q``: its p-value
+        (:meth:`p_values`) is at most ``q``, or it scores ``-inf``. About ``q`` of new
+        normal rows are flagged (a warning where ``q`` is below the smallest p-value the
+        held-out rows allow)."""
+        calibration = self._calibration()
+        return anomaly.flag(self.score_samples(X), calibration, q)[1]
+
+    def _calibration(self) -> np.ndarray:
+        check_is_fitted(self, "flow_")
+        calibration = getattr(self, "calibration_", None)
+        if calibration is None:
+            raise ValueError(
+                "this model was fitted on every row (validation_fraction=0, a closed-form "
+                "model, or too few rows to hold some out), so no held-out rows calibrate "
+                "p-values: fit a flow or model='auto' with validation_fraction above 0")
+        return calibration
 
     def score(self, X: Any, y: Any = None) -> float:
         """Total log-likelihood of ``X`` under the model (as ``KernelDensity.score``)."""

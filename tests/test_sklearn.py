@@ -305,3 +305,31 @@ def test_flow_density_says_it_is_unconditional():
     for kwargs in ({"context": 2}, {"embedding": {"features": 4}}):
         with pytest.raises(ValueError, match="FlowDensity fits an unconditional density"):
             FlowDensity("maf", steps=2, model_kwargs=kwargs).fit(X)
+
+
+def test_p_values_and_flags_rank_rows_against_the_held_out_ones():
+    # The command line gave conformal p-values and flags; the estimator had neither.
+    from exactflow.runs import anomaly
+
+    rng = np.random.default_rng(0)
+    mix = np.array([[1.0, 0.0, 0.0], [0.8, 0.6, 0.0], [-0.3, 0.2, 2.0]])
+    X = rng.normal(size=(2000, 3)) @ mix.T
+    fresh = rng.normal(size=(4000, 3)) @ mix.T
+    planted = fresh[:20] + np.array([0.0, 0.0, 25.0])  # (12 sd out)
+    for est in (FlowDensity(budget=15, random_state=0),
+                FlowDensity("maf", layers=1, hidden=(16,), steps=200, random_state=0)):
+        est.fit(X)
+        assert len(est.calibration_) == round(0.15 * 2000)
+        held = est.history_.held_out
+        assert np.array_equal(est.calibration_, est.score_samples(X[held]))
+        p = est.p_values(fresh)
+        np.testing.assert_array_equal(p, anomaly.p_values(est.score_samples(fresh),
+                                                          est.calibration_))
+        rate = est.flag(fresh, 0.05).mean()  # (300 held-out rows: 9 runs in 10 within)
+        low, high = anomaly.flag_rate_range(len(est.calibration_), 0.05)
+        assert low - 0.01 < rate < high + 0.01, rate
+        assert est.flag(planted, 0.01).all()
+    gaussian = FlowDensity("gaussian").fit(X)
+    assert gaussian.calibration_ is None
+    with pytest.raises(ValueError, match="no held-out rows calibrate p-values"):
+        gaussian.p_values(fresh)

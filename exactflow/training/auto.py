@@ -131,11 +131,16 @@ class AutoResult:
         leaderboard: one :class:`Entry` per candidate, in the order tried; the chosen one
             has ``chosen=True``.
         history: the chosen model's training :class:`History`.
+        held_out: the row numbers of ``train`` held out for validation (the rows the model
+            kept never trained on, for conformal p-values), or ``None``.
     """
 
     flow: Flow
     leaderboard: list[Entry]
     history: History
+    #: Row numbers of ``train`` held out for validation and not trained on by the model
+    #: kept (``None`` where ``val`` was given, or too few to choose on refitted on all).
+    held_out: np.ndarray | None = None
 
     @property
     def chosen(self) -> Entry:
@@ -439,9 +444,10 @@ def fit_auto(
         where = ("of the training data, held out" if val is None else "of the data"
                  if val_rows.origin is not None else "of the validation data")
         warn_dominant_rows(best[1], val_rows, val_ctx, where)
+    out = None if val is not None or few else val_rows.origin  # (never trained on)
     if support is None:
-        return AutoResult(best[1], board, best[2])
-    return _bounded(AutoResult(best[1], board, best[2]), support, shifts)
+        return AutoResult(best[1], board, best[2], out)
+    return _bounded(AutoResult(best[1], board, best[2], out), support, shifts)
 
 
 def _shifts(support: Support, rows: Rows, val_rows: Rows) -> tuple[float, float]:
@@ -467,7 +473,7 @@ def _bounded(result: AutoResult, support: Support, shifts: tuple[float, float]
     if h.best_val is not None:
         h.best_val += on_val
     flow = with_bounds(result.flow, support.bounds)
-    return AutoResult(flow.eval(), result.leaderboard, h)
+    return AutoResult(flow.eval(), result.leaderboard, h, result.held_out)
 
 
 def _mixture_key(config: dict[str, Any]) -> str:

@@ -9,7 +9,7 @@ that shape the run (data size, batch size, features) match.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,7 @@ class Checkpoint:
             "running": {"sum": state.run_sum, "count": state.run_count},
             "failures": state.failures,
             "elapsed": state.elapsed,
-            "history": asdict(self.history),
+            "history": self.history.saved(),
             "run": dict(self.run_args),
         }
         payload["sha256"] = payload_digest(payload)  # (every entry: a flipped byte anywhere)

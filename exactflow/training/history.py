@@ -59,6 +59,9 @@ class History:
     rollbacks: list[int] = field(default_factory=list)
     final: dict[str, float] = field(default_factory=dict)
     compiled: str | None = None
+    #: Row numbers of the training data that ``fit`` held out for validation (``None``
+    #: where ``val`` was given or nothing was held out); not saved with the history.
+    held_out: Any = field(default=None, repr=False, compare=False)
 
     def _bpd(self, values: list[float | None]) -> list[float | None]:
         scale = 1.0 / (max(self.features, 1) * _LN2)
@@ -74,12 +77,17 @@ class History:
         """``val_nll`` in bits per dimension, ``nll / (d ln 2)``."""
         return self._bpd(self.val_nll)
 
+    def saved(self) -> dict[str, Any]:
+        """Every field that a checkpoint or ``history.json`` keeps (all but ``held_out``,
+        row numbers of the data)."""
+        return {k: v for k, v in asdict(self).items() if k != "held_out"}
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict of every field plus ``train_bpd`` and ``val_bpd``.
 
         Non-finite numbers become ``None`` so that ``json.dumps`` gives strict JSON.
         """
-        out = json_safe(asdict(self))
+        out = json_safe(self.saved())
         out["train_bpd"] = json_safe(self.train_bpd)
         out["val_bpd"] = json_safe(self.val_bpd)
         return out

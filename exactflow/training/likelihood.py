@@ -320,6 +320,7 @@ def fit(
     dtype = module_dtype(flow)
     params: list[Tensor] = [p for p in flow.parameters() if p.requires_grad]
     history = History(features=features, objective="nll")
+    history.held_out = None if val is not None or val_rows is None else val_rows.origin
     if not params:  # a classical model: fitted in closed form by prepare()
         if val_rows is not None:
             metrics = evaluate(flow, val_rows, val_ctx, batch_size=max(batch_size, 4096))
