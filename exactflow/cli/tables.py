@@ -308,7 +308,7 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
         print(f"note: {beyond}", file=sys.stderr)
     trained = run.info["data"].get("path")
     if trained and source.is_file() and Path(trained).is_file() and source.samefile(trained):
-        train_rows = run.info["data"].get("rows", {}).get("train")
+        train_rows = counts.get("train")
         print(f"note: {info['name']} is the file {args.run!r} was trained on"
               + ("" if train_rows is None else f" ({train_rows:,} of its rows trained it)")
               + ": training rows score higher than new rows (the model fitted them), so "
