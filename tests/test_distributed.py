@@ -107,6 +107,15 @@ def _affine_flow() -> ef.Flow:
     return ef.Flow(ef.transforms.ElementwiseAffine(2), ef.StandardNormal(2))
 
 
+# The amortized target: the same Gaussian, its mean moved by c * SLOPE for a context c.
+SLOPE = torch.tensor([1.0, -0.5])
+
+
+def _shift_flow() -> ef.Flow:
+    layers = ef.Compose(ef.transforms.ElementwiseAffine(2), ef.transforms.ContextShift(2, 1))
+    return ef.Flow(layers, ef.StandardNormal(2), context=1)
+
+
 class _Unused(ef.Transform):
     """The identity with a parameter it never uses (DDP's find_unused_parameters case)."""
 
@@ -249,6 +258,20 @@ def _worker(rank: int, folder: str) -> dict[str, Any]:
     flow = _affine_flow()
     history = ef.fit_reverse_kl(flow, target, **RKL_ARGS)
     out["rkl"] = (_state(flow), history.final, history.train_nll, seen[0])
+
+    # 4d. Amortized reverse KL: each rank draws its own contexts (the first step's recorded).
+    contexts: list[torch.Tensor] = []
+
+    def conditional(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        if not contexts:
+            contexts.append(c.detach().clone())
+        return _gaussian_target(x - c * SLOPE)
+
+    torch.manual_seed(rank)
+    flow = _shift_flow()
+    history = ef.fit_reverse_kl(flow, conditional, contexts=torch.linspace(-2, 2, 50)[:, None],
+                                **RKL_ARGS)
+    out["amortized"] = (_state(flow), history.final, contexts[0])
 
     # 5. The command line inside a process group: rank 0 alone writes the run folder.
     notes = io.StringIO()
@@ -464,6 +487,16 @@ def test_reverse_kl_trains_data_parallel(runs: dict[str, Any]) -> None:
         assert abs(final["elbo"] - LOG_Z) < 0.05 and final["elbo"] < LOG_Z + 4 * final["elbo_se"]
         assert abs(final["log_z_is"] - LOG_Z) < 5 * final["log_z_is_se"] + 0.01
     assert abs(final0["elbo"] - alone["elbo"]) < 0.05
+
+
+@needs_gloo
+def test_amortized_reverse_kl_trains_data_parallel(runs: dict[str, Any]) -> None:
+    (s0, final0, seen0), (s1, final1, seen1) = (runs["ranks"][r]["amortized"] for r in (0, 1))
+    _assert_same(s0, s1, atol=0.0)
+    assert final0 == final1 and sorted(final0) == ["elbo", "elbo_se", "n", "n_nonfinite"]
+    assert seen0.shape == seen1.shape == (64, 1) and not torch.equal(seen0, seen1)
+    assert final0["n"] == 4000
+    assert abs(final0["elbo"] - LOG_Z) < 0.05 and final0["elbo"] < LOG_Z + 4 * final0["elbo_se"]
 
 
 @needs_gloo

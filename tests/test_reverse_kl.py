@@ -197,9 +197,6 @@ def test_bad_arguments():
         fit_reverse_kl(affine_flow(), gaussian_target, steps=2, beta_start=0.0, **CPU)
     with pytest.raises(ValueError, match="steps"):
         fit_reverse_kl(affine_flow(), gaussian_target, steps=0, **CPU)
-    conditional = ef.models.maf(2, layers=1, hidden=(4,), context=1)
-    with pytest.raises(ValueError, match="unconditional"):
-        fit_reverse_kl(conditional, gaussian_target, steps=2, **CPU)
 
 
 @pytest.mark.slow
@@ -337,10 +334,111 @@ def test_a_proposal_equal_to_the_target_up_to_float32_rounding_does_not_warn():
     assert math.isnan(out["pareto_k"]) and out["ess"] == pytest.approx(2000)
 
 
-def test_a_conditional_flow_is_refused_with_the_amortized_loop_to_write():
-    flow = ef.models.maf(2, layers=1, hidden=(8,), context=3)
-    with pytest.raises(ValueError, match=r"fits unconditional flows .* for amortized inference "
-                                         r"write the loop, x, log_q = flow.rsample_and_log_prob"):
-        fit_reverse_kl(flow, lambda x: -0.5 * (x ** 2).sum(-1), steps=1, **CPU)
-    x, log_q = flow.rsample_and_log_prob(4, torch.randn(5, 3))  # (the loop's shapes)
-    assert x.shape == (4, 5, 2) and log_q.shape == (4, 5) and log_q.requires_grad
+# -- amortized: a conditional flow fitted for every context at once -----------------------
+
+# p~(x | c) = exp(-|(x - A c - mu) / sigma|^2 / 2): the same normalizer LOG_Z for every c.
+A = torch.tensor([[1.0, -0.5], [0.3, 2.0], [0.0, 1.0]], dtype=torch.float64)
+
+
+def conditional_target(x: Tensor, c: Tensor) -> Tensor:
+    return gaussian_target(x - c @ A.T.to(c))
+
+
+def linear_gaussian_flow() -> ef.Flow:
+    """``q(x | c) = N(W c + m, diag(s^2))``: holds the target for every context."""
+    layers = ef.Compose(ElementwiseAffine(3), ef.transforms.ContextShift(3, 2))
+    return ef.Flow(layers, ef.StandardNormal(3), context=2).double()
+
+
+def test_an_amortized_fit_recovers_the_conditional_density_for_every_context():
+    flow = linear_gaussian_flow()
+    table = torch.randn(500, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    h = fit_reverse_kl(flow, conditional_target, contexts=table, steps=600, batch_size=256,
+                       final_samples=20_000, **CPU)
+    f = h.final  # the amortized bound: the mean over contexts of each one's ELBO
+    assert sorted(f) == ["elbo", "elbo_se", "n", "n_nonfinite"] and f["n"] == 20_000
+    assert LOG_Z - 0.01 < f["elbo"] < LOG_Z + 4 * f["elbo_se"], (f, LOG_Z)
+    for c in ([0.5, -1.0], [2.0, 1.5]):  # (contexts outside the table too)
+        c = torch.tensor(c, dtype=torch.float64)
+        x = flow.sample(20_000, c)
+        assert (((x.mean(0) - (c @ A.T + MU)) / SIGMA).abs() < 0.15).all()
+        assert torch.allclose(x.std(0), SIGMA, rtol=0.05)
+        def joint(x: Tensor, c: Tensor = c) -> Tensor:
+            return conditional_target(x, c.expand(len(x), -1))
+
+        out = estimate_log_normalizer(flow, joint, n=20_000, context=c, seed=0)
+        assert abs(out["log_z_is"] - LOG_Z) < 5 * out["log_z_is_se"] + 1e-3
+
+
+def test_amortized_contexts_from_a_callable_and_the_same_seed_the_same_fit():
+    asked: list[int] = []
+
+    def draw(k: int) -> Tensor:
+        asked.append(k)
+        return torch.randn(k, 2, dtype=torch.float64)
+
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        flow = ef.models.maf(3, layers=1, hidden=(8,), context=2).double()
+        h = fit_reverse_kl(flow, conditional_target, contexts=draw, steps=20, batch_size=64,
+                           final_samples=1000, **CPU)
+        runs.append((h.train_nll, h.final, flow.state_dict()))
+    assert asked[:20] == [64] * 20  # one context per sample, each step
+    (c0, f0, s0), (c1, f1, s1) = runs
+    assert c0 == c1 and f0 == f1 and all(torch.equal(s0[k], s1[k]) for k in s0)
+    assert math.isfinite(f0["elbo"]) and f0["elbo"] < LOG_Z + 4 * f0["elbo_se"]
+
+
+def test_an_interrupted_amortized_fit_resumes_to_the_same_result(tmp_path):
+    table = torch.randn(50, 2, dtype=torch.float64)
+
+    def run(path, stop=None):
+        def interrupt(h):
+            if stop is not None and h.steps[-1] >= stop:
+                raise KeyboardInterrupt
+
+        torch.manual_seed(0)
+        flow = ef.models.maf(3, layers=1, hidden=(8,), context=2).double()
+        h = fit_reverse_kl(flow, conditional_target, contexts=table, steps=40, eval_every=5,
+                           batch_size=32, final_samples=500, checkpoint=path, resume=True,
+                           callback=interrupt, **CPU)
+        return h, flow.state_dict()
+
+    h0, s0 = run(tmp_path / "whole.pt")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut.pt", stop=20)
+    h1, s1 = run(tmp_path / "cut.pt")
+    assert h1.steps == h0.steps and h1.train_nll == h0.train_nll and h1.final == h0.final
+    assert all(torch.equal(s0[k], s1[k]) for k in s0)
+
+
+def test_an_amortized_target_that_is_not_finite_is_named():
+    flow = ef.models.maf(3, layers=1, hidden=(8,), context=2).double()
+    with pytest.raises(ValueError, match=r"log_prob_target returned -inf or NaN for \d+ of "
+                                         r"64 samples of the flow"):
+        fit_reverse_kl(flow, lambda x, c: torch.where(c[:, 0] > 0, -math.inf, 0.0 * x[:, 0]),
+                       contexts=torch.randn(100, 2), steps=20, batch_size=64, **CPU)
+
+
+@pytest.mark.parametrize("contexts, message", [
+    (None, r"this flow is conditional \(context=2\): pass contexts=, a tensor "
+           r"\(m, 2\).*\(x, context\) -> log p~\(x \| context\)"),
+    (torch.randn(10, 3), r"contexts must be a tensor \(m, 2\).*; got shape \(10, 3\)"),
+    (torch.randn(10), r"got shape \(10,\)"),
+    (torch.zeros(0, 2), "contexts has no rows"),
+    (torch.tensor([[0.0, math.nan]]), "contexts must be finite; got NaN or inf"),
+    (lambda k: torch.zeros(k + 1, 2), r"contexts\(64\) returned shape \(65, 2\)"),
+    (torch.zeros(4, 2, dtype=torch.complex64), "contexts must be real numbers"),
+])
+def test_bad_amortized_contexts_are_named(contexts, message):
+    flow = ef.models.maf(3, layers=1, hidden=(8,), context=2)
+    with pytest.raises((ValueError, TypeError), match=message):
+        fit_reverse_kl(flow, conditional_target, contexts=contexts, steps=1, batch_size=64,
+                       **CPU)
+
+
+def test_contexts_for_an_unconditional_flow_are_refused():
+    with pytest.raises(ValueError, match="this flow is unconditional: leave contexts out"):
+        fit_reverse_kl(ef.models.maf(3), gaussian_target, contexts=torch.zeros(4, 2), steps=1,
+                       **CPU)

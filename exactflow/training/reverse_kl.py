@@ -4,16 +4,15 @@
 reparameterized samples, through the same loop as :func:`exactflow.fit` (rollbacks,
 schedule, records, checkpoints) and, under ``torch.distributed``, data-parallel: each rank
 draws its own share of the samples and the gradients are combined as in ``fit``
-(:mod:`~exactflow.training.parallel`); :func:`estimate_log_normalizer` gives the final bound
-and an importance-sampling estimate of ``log Z``.
+(:mod:`~exactflow.training.parallel`). A conditional flow is fitted for every context at
+once (amortized). :func:`~exactflow.training.importance.estimate_log_normalizer` gives the
+final bound and an importance-sampling estimate of ``log Z``.
 """
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +21,18 @@ import torch
 from torch import Tensor, nn
 
 from ..distributions import Flow
-from ..scoring import eval_mode
 from ..validation import not_a_flow, positive_int, warn_user
 from .checkpoints import Checkpoint
 from .history import History
-from .importance import summarize, warn_if_bounded, warn_if_unreliable
+from .importance import (
+    estimate_log_normalizer,
+    importance_sample,
+    log_weights,
+    summarize,
+    target_fn,
+    warn_if_bounded,
+    warn_if_unreliable,
+)
 from .loop import (
     Guard,
     LoopSettings,
@@ -43,171 +49,6 @@ from .parallel import Replicas
 __all__ = ["fit_reverse_kl", "estimate_log_normalizer", "importance_sample"]
 
 
-def _target_fn(target: Any) -> Callable[[Tensor], Tensor]:
-    """The target's log-density, checked to give one value per row: a sum over the batch
-    (a scalar) would train silently toward a wrong answer."""
-    fn = getattr(target, "log_prob", target)
-    if not callable(fn):
-        raise TypeError(
-            "log_prob_target must be a callable x -> log p~(x) or an object with .log_prob, "
-            f"got {type(target).__name__}"
-        )
-
-    def checked(x: Tensor) -> Tensor:
-        out = fn(x)
-        if isinstance(out, Tensor) and (not out.is_floating_point() or out.is_complex()):
-            raise TypeError(
-                f"log_prob_target must return real floating-point log-densities; it returned "
-                f"a {out.dtype} tensor"
-            )
-        if not isinstance(out, Tensor) or out.shape != x.shape[:1]:
-            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise ValueError(
-                f"log_prob_target must return one log-density per row, a tensor of shape "
-                f"({x.shape[0]},) for {x.shape[0]} rows; it returned {shape}"
-            )
-        return out
-
-    return checked
-
-
-def estimate_log_normalizer(
-    flow: Flow,
-    log_prob_target: Any,
-    n: int = 100_000,
-    *,
-    context: Any = None,
-    batch_size: int = 16384,
-    seed: int | None = None,
-) -> dict[str, float]:
-    """The evidence lower bound and an importance-sampling estimate of ``log Z``.
-
-    With ``x_i ~ q`` (the flow) and log-weights ``w_i = log p~(x_i) - log q(x_i)``:
-
-    * ``elbo = (1/n) sum_i w_i <= log Z``, standard error ``sd(w) / sqrt(n)``; the gap
-      ``log Z - elbo`` is ``KL(q || p)``;
-    * ``log_z_is = logsumexp(w) - log n``, an estimate of ``log Z`` (biased low by
-      Jensen, consistent); its standard error by the delta method is
-      ``sd(exp w) / (sqrt(n) mean(exp w))``;
-    * ``ess = (sum e^w)^2 / sum e^(2w)``, the effective sample size;
-    * ``pareto_k``, the shape of a generalized Pareto fit to the largest weights (PSIS,
-      Vehtari et al.): above 0.7 the estimate's error can be many times ``log_z_is_se``.
-
-    Computed in float64 from samples drawn under ``torch.inference_mode`` in eval mode.
-    A warning says when the estimate is unreliable: non-finite weights, ``pareto_k`` above
-    0.7, or an effective sample size below 1% of ``n``. The weights cannot show mass that
-    ``q`` never puts where ``p`` has it: a flow that missed a mode has even weights and a
-    ``log Z`` too low by the missed mass. Compare fits from several seeds.
-
-    Args:
-        flow: the proposal ``q``.
-        log_prob_target: ``x -> log p~(x)`` or an object with ``.log_prob``.
-        n: number of samples.
-        context: for a conditional flow, the one context to draw under, ``(c,)``: with
-            a posterior ``q(theta | x_obs)`` and the target ``theta -> log p(theta) +
-            log p(x_obs | theta)``, ``log_z_is`` estimates the log evidence
-            ``log p(x_obs)``.
-        batch_size: samples per pass.
-        seed: seeds the draw (in a forked RNG); ``None`` uses the current RNG.
-
-    Returns:
-        ``{"elbo", "elbo_se", "log_z_is", "log_z_is_se", "ess", "pareto_k", "n",
-        "n_nonfinite"}``
-        (``n_nonfinite`` counts non-finite ``log q`` or ``log p~``; a ``-inf`` target
-        density, outside its support, is kept as a zero weight).
-    """
-    w, bad = _draw("estimate_log_normalizer", flow, log_prob_target, n, batch_size, seed,
-                   context=context)
-    summary = summarize(w, bad)
-    warn_if_unreliable(summary)
-    return summary
-
-
-def _log_weights(
-    flow: Flow, fn: Callable[[Tensor], Tensor], n: int, batch_size: int,
-    samples: list[Tensor] | None = None, context: Tensor | None = None,
-) -> tuple[Tensor, int]:
-    """``n`` log-weights ``log p~(x) - log q(x)`` (float64, CPU) of fresh samples, and how
-    many were not finite (a ``-inf`` target outside its support counts as a zero weight).
-    The samples themselves are appended to ``samples`` when it is given."""
-    parts: list[Tensor] = []
-    bad = 0
-    with eval_mode(flow, grad=True), torch.inference_mode():
-        done = 0
-        while done < n:
-            k = min(batch_size, n - done)
-            x, log_q = flow.sample_and_log_prob(k, context)
-            w = (fn(x).to(torch.float64) - log_q.to(torch.float64)).cpu()
-            ok = torch.isfinite(w) | ((w == -math.inf) & torch.isfinite(log_q.cpu()))
-            bad += int((~ok).sum())
-            parts.append(w)
-            if samples is not None:
-                samples.append(x)
-            done += k
-    return (torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)), bad
-
-
-def importance_sample(
-    flow: Flow, log_prob_target: Any, n: int, *, context: Any = None, batch_size: int = 16384,
-    seed: int | None = None,
-) -> tuple[Tensor, Tensor]:
-    """``n`` samples ``x ~ q`` of the flow and their log-weights ``w = log p~(x) - log q(x)``
-    (float64, on the CPU), to reweight expectations to the target ``p``:
-    ``E_p[f] ~ sum_i softmax(w)_i f(x_i)``. The same draw as
-    :func:`estimate_log_normalizer` with the same ``seed`` (whose numbers come from these
-    weights, with the warnings that say when they cannot be trusted). A conditional flow
-    draws under one ``context`` ``(c,)``, as there.
-
-    Example:
-        >>> import torch, exactflow as ef
-        >>> flow = ef.models.maf(2)
-        >>> x, w = ef.importance_sample(flow, lambda x: -0.5 * (x**2).sum(1), 1000, seed=0)
-        >>> x.shape, w.shape, round(float((torch.softmax(w, 0) * x[:, 0]).sum()), 6)
-        (torch.Size([1000, 2]), torch.Size([1000]), ...)
-    """
-    samples: list[Tensor] = []
-    w, _ = _draw("importance_sample", flow, log_prob_target, n, batch_size, seed, samples,
-                 context=context)
-    return torch.cat(samples), w
-
-
-def _draw(
-    caller: str, flow: Flow, log_prob_target: Any, n: int, batch_size: int,
-    seed: int | None, samples: list[Tensor] | None = None, *, context: Any = None,
-) -> tuple[Tensor, int]:
-    """The arguments of ``caller`` checked, then :func:`_log_weights` of ``n`` samples,
-    seeded with ``seed`` (in a forked RNG) unless it is None."""
-    c = getattr(flow, "context_features", 0)
-    if c and context is None:
-        raise ValueError(f"{caller}: this flow is conditional: pass context=, the one "
-                         f"context ({c},) to draw under (an observation x_obs)")
-    if context is not None:
-        if not c:
-            raise ValueError(f"{caller}: this flow is unconditional: leave context out")
-        context = torch.as_tensor(context)
-        if context.numel() != c or context.dim() > 2 or (context.dim() == 2 and
-                                                         context.shape[0] != 1):
-            raise ValueError(f"{caller}: context must be one row of {c} values, (c,) or "
-                             f"(1, c); got shape {tuple(context.shape)}")
-        context = context.reshape(c)
-    fn = _target_fn(log_prob_target)
-    n = positive_int(n, "n")
-    batch_size = positive_int(batch_size, "batch_size")
-    with _seeded(flow, seed):
-        return _log_weights(flow, fn, n, batch_size, samples, context)
-
-
-@contextmanager
-def _seeded(flow: Flow, seed: int | None) -> Iterator[None]:
-    """Torch's RNG seeded with ``seed`` (forked: the caller's is left as it was), or as it
-    is when ``seed`` is None."""
-    if seed is None:
-        yield
-    else:
-        with forked_rng(resolve_device(None, flow), int(seed)):
-            yield
-
-
 def _with_gradient(log_p: Tensor, x: Tensor) -> Tensor:
     """The target's log-density at the flow's samples, checked (without a device sync) to
     carry a gradient with respect to ``x``: without one, reverse KL trains only the flow's
@@ -221,15 +62,20 @@ def _with_gradient(log_p: Tensor, x: Tensor) -> Tensor:
     return log_p
 
 
-def _target_fault(flow: Flow, fn: Callable[[Tensor], Tensor], n: int, in_training: int,
-                  drawn: int) -> ValueError | None:
+def _target_fault(flow: Flow, fn: Callable[..., Tensor], n: int, in_training: int,
+                  drawn: int, contexts: Callable[[int], Tensor] | None) -> ValueError | None:
     """After training failed: the error naming a target that is ``-inf`` or NaN where the
     flow samples (the loss is then infinite at each step that meets such a sample, which
     reads as a divergence), or None when the target was finite at the ``drawn`` samples of
     training (``in_training`` were not) and at ``n`` fresh ones."""
     with torch.no_grad():
-        x = flow.sample(n)
-        bad = ~torch.isfinite(fn(x))
+        if contexts is None:
+            x = flow.sample(n)
+            bad = ~torch.isfinite(fn(x))
+        else:
+            rows = contexts(n)
+            x = flow.sample(1, rows)[0]
+            bad = ~torch.isfinite(fn(x, rows))
     if not bool(bad.any()) and not in_training:
         return None
     if bool(bad.any()):
@@ -251,6 +97,7 @@ def fit_reverse_kl(
     flow: Flow,
     log_prob_target: Any,
     *,
+    contexts: Any = None,
     steps: int = 10_000,
     batch_size: int = 512,
     lr: float = 1e-2,
@@ -283,6 +130,18 @@ def fit_reverse_kl(
     ``beta = 1``, ``L = KL(q || p) - log Z``. Non-finite steps are rolled back as in
     :func:`exactflow.fit`, by the same loop.
 
+    **Amortized** (a conditional flow ``q(x | c)``, e.g. a posterior ``q(theta | x_obs)``
+    for every observation at once): ``contexts`` gives the contexts to fit for, a tensor
+    ``(m, c)`` whose rows each step draws uniformly with replacement, or a callable
+    ``k -> (k, c)`` that draws ``k`` of them (observations simulated from the prior
+    predictive, say); ``log_prob_target(x, context)`` returns ``log p~(x | context)`` with
+    one context row per row of ``x``. Each step draws ``batch_size`` contexts and one
+    sample under each, and minimizes the mean over contexts of the objective above.
+    ``history.final`` then holds the amortized bound ``E_c[E_q(x|c) log p~(x | c) - log
+    q(x | c)]`` (``elbo``, ``elbo_se``, ``n``, ``n_nonfinite``): each context has its own
+    ``log Z``, estimated by ``estimate_log_normalizer(flow, lambda x: log_p(x, c.expand(
+    len(x), -1)), context=c)``.
+
     At the end (flow in eval mode) :func:`estimate_log_normalizer` runs on
     ``final_samples`` fresh samples and its result is stored in ``history.final``: the bound
     ``elbo`` with ``elbo_se``, and ``log_z_is`` with ``log_z_is_se`` and the diagnostics of
@@ -310,7 +169,10 @@ def fit_reverse_kl(
     Args:
         flow: the flow ``q`` (modified in place, left in eval mode on ``device``).
         log_prob_target: ``x -> log p~(x)`` of shape ``(batch,)``, or an object with
-            ``.log_prob`` (e.g. ``exactflow.targets.get("U1")``).
+            ``.log_prob`` (e.g. ``exactflow.targets.get("U1")``); for a conditional flow,
+            ``(x, context) -> log p~(x | context)``.
+        contexts: for a conditional flow (amortized, above): a tensor ``(m, c)`` of
+            contexts or a callable ``k -> (k, c)``; ``None`` for an unconditional one.
         steps: optimizer steps.
         batch_size: samples per step.
         lr: Adam learning rate.
@@ -351,13 +213,7 @@ def fit_reverse_kl(
     """
     if not isinstance(flow, Flow):
         raise not_a_flow("fit_reverse_kl", flow)
-    if getattr(flow, "context_features", 0):
-        raise ValueError("fit_reverse_kl fits unconditional flows (this flow has a context): "
-                         "for amortized inference write the loop, x, log_q = "
-                         "flow.rsample_and_log_prob(k, contexts) (shapes (k, b, d) and (k, "
-                         "b)), loss = (log_q - log_p(x, contexts)).mean(); then "
-                         "ef.estimate_log_normalizer(flow, log_p, context=c) per context")
-    fn = _target_fn(log_prob_target)
+    fn = target_fn(log_prob_target, conditional=bool(flow.context_features))
     check_common(lr, schedule, grad_clip, seed)
     total = positive_int(steps, "steps")
     batch_size = positive_int(batch_size, "batch_size")
@@ -382,6 +238,7 @@ def fit_reverse_kl(
 
     dev = resolve_device(device, flow)
     flow.to(dev)
+    draw = _context_source(flow, contexts, dev)
     params: list[Tensor] = [p for p in flow.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the flow has no trainable parameters")
@@ -395,6 +252,8 @@ def fit_reverse_kl(
         "grad_clip": grad_clip, "eval_every": eval_every, "anneal_steps": anneal,
         "beta_start": float(beta_start),
     }
+    if draw is not None:
+        run_args["amortized"] = True
 
     def beta_at(i: int) -> float:
         return 1.0 if anneal == 0 else min(1.0, beta_start + (1.0 - beta_start) * i / anneal)
@@ -413,8 +272,13 @@ def fit_reverse_kl(
         beta = beta_at(i)
 
         def compute(lo: int, hi: int) -> tuple[Tensor, Tensor]:
-            x, log_q = replicas.model(hi - lo)
-            log_p = _with_gradient(fn(x), x)
+            if draw is None:
+                x, log_q = replicas.model(hi - lo)
+                log_p = _with_gradient(fn(x), x)
+            else:  # (one draw under each of hi - lo contexts)
+                rows = draw(hi - lo)
+                x, log_q = (t[0] for t in replicas.model(1, rows))
+                log_p = _with_gradient(fn(x, rows), x)
             faults.add_((~torch.isfinite(log_p.detach())).sum())  # (no device sync)
             drawn[0] += hi - lo
             return (log_q - beta * log_p).mean(), (log_q - log_p).detach().mean()
@@ -453,35 +317,86 @@ def fit_reverse_kl(
                     callback=callback,
                 )
             except TrainingError as err:  # (the diagnosis costs nothing on the way)
-                fault = _target_fault(flow, fn, batch_size, int(faults), drawn[0])
+                fault = _target_fault(flow, fn, batch_size, int(faults), drawn[0], draw)
                 if fault is not None:
                     raise fault from err
                 raise
         flow.eval()
         if replicas.rank == 0:
-            warn_if_bounded(flow)
+            warn_if_bounded(flow, contexts=draw)
         if final_samples:
             if replicas.active:
                 torch.manual_seed(_stream_seed(int(seed), replicas.rank, -1))
             share = len(range(replicas.rank, final_samples, replicas.world_size))
-            w, bad = _log_weights(flow, fn, share, 16384)
+            w, bad = log_weights(flow, fn, share, 16384, contexts=draw)
             w = replicas.gather(w)
             bad = int(replicas.gather(torch.tensor([float(bad)], dtype=torch.float64)).sum())
             history.final = summarize(w, bad)
-            warn_if_unreliable(history.final)
+            if draw is None:
+                warn_if_unreliable(history.final)
+            else:  # (log Z is the context's: no one importance estimate across them)
+                history.final = {k: history.final[k] for k in _AMORTIZED}
     return history
+
+
+#: What ``history.final`` holds for an amortized fit.
+_AMORTIZED = ("elbo", "elbo_se", "n", "n_nonfinite")
+
+
+def _context_source(flow: Flow, contexts: Any, dev: torch.device
+                    ) -> Callable[[int], Tensor] | None:
+    """``k -> (k, c)``, the contexts of an amortized fit's draws (in the flow's dtype, on
+    ``dev``): rows of the tensor ``contexts`` drawn uniformly with replacement, or what the
+    callable ``contexts`` returns, checked; None for an unconditional flow."""
+    c = flow.context_features
+    if not c:
+        if contexts is not None:
+            raise ValueError("fit_reverse_kl: this flow is unconditional: leave contexts out "
+                             "(or build the flow with context=...)")
+        return None
+    form = (f"a tensor (m, {c}) of contexts to draw from, or a callable n -> (n, {c}) "
+            "tensor that draws n of them")
+    if contexts is None:
+        raise ValueError(
+            f"fit_reverse_kl: this flow is conditional (context={c}): pass "
+            f"contexts=, {form}; the target is then (x, context) -> log p~(x | context), "
+            "one context row per row of x"
+        )
+    ref = flow._param_like()
+    dtype = torch.get_default_dtype() if ref is None else ref.dtype
+
+    def checked(rows: Any, k: int, what: str) -> Tensor:
+        t = torch.as_tensor(rows)
+        if t.dim() != 2 or t.shape[1] != c or t.shape[0] != k:
+            raise ValueError(f"fit_reverse_kl: contexts must be {form}; {what} shape "
+                             f"{tuple(t.shape)}")
+        if t.is_complex():
+            raise TypeError(f"fit_reverse_kl: contexts must be real numbers; {what} "
+                            f"{t.dtype}")
+        t = t.to(dev, dtype)
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"fit_reverse_kl: contexts must be finite; {what} NaN or inf")
+        return t
+
+    if callable(contexts):
+        return lambda k: checked(contexts(k), k, f"contexts({k}) returned")
+    table = torch.as_tensor(contexts)
+    table = checked(table, table.shape[0] if table.dim() == 2 else -1, "got")
+    if not table.shape[0]:
+        raise ValueError("fit_reverse_kl: contexts has no rows")
+    return lambda k: table[torch.randint(table.shape[0], (k,), device=dev)]
 
 
 class _Sampler(nn.Module):
     """The flow's reparameterized draw as a module forward, so that DDP can wrap it:
-    ``sampler(n)`` is ``flow.rsample_and_log_prob(n)``."""
+    ``sampler(n, context)`` is ``flow.rsample_and_log_prob(n, context)``."""
 
     def __init__(self, flow: Flow) -> None:
         super().__init__()
         self.flow = flow
 
-    def forward(self, n: int) -> tuple[Tensor, Tensor]:
-        return self.flow.rsample_and_log_prob(n)
+    def forward(self, n: int, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.flow.rsample_and_log_prob(n, context)
 
 
 def _stream_seed(seed: int, rank: int, step: int) -> int:
