@@ -33,17 +33,24 @@ from .validation import non_negative_int, warn_user
 __all__ = ["Distribution", "StandardNormal", "DiagonalNormal", "Uniform", "Flow"]
 
 
-def _overflow_to_neg_inf(log_p: Tensor, x: Tensor, context: Tensor | None = None) -> Tensor:
-    """``log_p`` with NaN replaced by ``-inf`` in the rows of ``x`` that hold no NaN, and
-    NaN where the context is not finite (no conditional density is defined there).
+def _overflow_to_neg_inf(log_pz: Tensor, ladj: Tensor, x: Tensor,
+                         context: Tensor | None = None) -> Tensor:
+    """``log_pz + ladj`` with NaN replaced by ``-inf`` in the rows of ``x`` that hold no NaN and
+    overflowed, and NaN where the context is not finite (no conditional density is defined
+    there).
 
     Such a NaN comes from ``inf - inf`` or ``0 * inf`` in a layer: the row overflowed the
     dtype on its way to the latent space, so it lies so far out that its density is below
-    the smallest positive float.
+    the smallest positive float. A NaN log-determinant beside a finite latent is not an
+    overflow but a layer's mistake (``torch.logdet`` of a matrix with a negative
+    determinant, say): it stays NaN, for the checks downstream to name.
     """
     # A row's sum of absolute values is NaN exactly when the row holds NaN (never inf -
     # inf), and sums 5x faster than isnan(x).any(-1) reduces (10,000 rows of 64).
-    overflowed = torch.isnan(log_p) & ~torch.isnan(x.abs().sum(-1))
+    # (A finite base density: a finite latent, with the bases of exactflow and torch.)
+    log_p = log_pz + ladj
+    broken = torch.isnan(ladj) & torch.isfinite(log_pz)
+    overflowed = torch.isnan(log_p) & ~torch.isnan(x.abs().sum(-1)) & ~broken
     log_p = log_p.masked_fill(overflowed, -math.inf)
     if context is None:
         return log_p
@@ -262,10 +269,13 @@ class Flow(Distribution):
         ``(n, b)``, one row ``(features,)`` under each of ``b`` contexts ``(b, c)`` as
         ``(b,)`` (a likelihood across parameters).
 
-        Never NaN for a row without NaN: every such row gets a log-density that is finite
-        or ``-inf``. A row far enough out that the computation overflows the flow's dtype
-        (``1e39`` in float32, or ``inf``) has a density below the smallest positive float,
-        and its ``-inf`` says so instead of the ``inf - inf = NaN`` the layers would give.
+        Never NaN for a row without NaN (from exactflow's layers: a layer of your own whose
+        log-determinant is NaN at a finite latent gives NaN, which
+        :func:`exactflow.check_transform` traces to it): every such row gets a log-density
+        that is finite or ``-inf``. A row far enough out that the computation overflows the
+        flow's dtype (``1e39`` in float32, or ``inf``) has a density below the smallest
+        positive float, and its ``-inf`` says so instead of the ``inf - inf = NaN`` the
+        layers would give.
         A row on or outside the limits of a flow built with ``bounds=`` gets ``-inf`` (the
         density there is 0; :meth:`to_latent` refuses it: it has no latent).
         A row holding NaN, or whose context holds NaN or inf, gives NaN (it has no density;
@@ -282,7 +292,7 @@ class Flow(Distribution):
         if isinstance(first, Support):  # (beyond the limits the density is 0)
             x, outside = first.held_inside(x)
         z, ladj = self._map(x, given)
-        log_p = _overflow_to_neg_inf(self._base_log_prob(z) + ladj, x, given)
+        log_p = _overflow_to_neg_inf(self._base_log_prob(z), ladj, x, given)
         log_p = log_p if outside is None else log_p.masked_fill(outside, -math.inf)
         return log_p if lead is None else log_p.reshape(lead)
 

@@ -71,6 +71,31 @@ def test_a_nan_row_stays_nan_in_flow_log_prob_and_is_refused_by_the_scorer():
         log_prob(flow, data, chunk=4096)
 
 
+class SignedLogDet(ef.Transform):
+    """A reflection whose log-det is ``torch.logdet``, NaN for its negative determinant
+    (``slogdet``'s log|det| is what a flow needs)."""
+
+    linear = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.tensor([[0.0, 2.0], [1.0, 0.0]]))
+
+    def forward(self, x, context=None):
+        return x @ self.a.T, torch.logdet(self.a).expand(x.shape[0])
+
+    def inverse(self, z, context=None):
+        return z @ torch.linalg.inv(self.a).T, -torch.logdet(self.a).expand(z.shape[0])
+
+
+def test_a_layers_nan_log_det_at_a_finite_latent_stays_nan_where_an_overflow_is_minus_inf():
+    # (it read -inf, zero density, and fit blamed the learning rate)
+    flow = ef.Flow(SignedLogDet(), ef.StandardNormal(2))
+    with torch.no_grad():
+        values = flow.log_prob(torch.tensor([[0.5, -1.0], [1e39, 0.0]]))
+    assert torch.isnan(values[0]) and values[1] == -math.inf, values
+
+
 @pytest.mark.parametrize("config", BUILDERS[:4] + BUILDERS[6:],
                          ids=lambda c: c["model"] + c.get("kind", ""))
 def test_a_float64_tensor_into_a_float32_flow_is_cast(config):

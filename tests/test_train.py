@@ -509,18 +509,47 @@ class SqrtAtZero(ef.Transform):
         return z, -torch.sqrt(self.s).expand(z.shape[0])
 
 
+class BreaksLater(ef.Transform):
+    """The identity until its 13th training call, then a NaN log-det for good."""
+
+    calls = 0
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        self.calls += self.training
+        return x, x.new_full(x.shape[:1], math.nan if self.calls > 12 else 0.0)
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return z, z.new_zeros(z.shape[0])
+
+
 @pytest.mark.parametrize(("layer", "what"), [(NaNLogDet, "loss"), (SqrtAtZero, "gradient norm")])
-def test_persistent_divergence_raises_a_helpful_error(layer, what):
+def test_a_loss_never_finite_from_the_start_names_the_users_layer(layer, what):
+    # (not "diverged ... lower the learning rate": no step was ever finite, and a layer of
+    # the user's own is the likely cause)
     flow = ef.Flow(ef.Compose(ElementwiseAffine(2), layer()), ef.StandardNormal(2))
     before = {k: v.clone() for k, v in flow.state_dict().items()}
     with pytest.raises(TrainingError) as info:
         fit(flow, gaussian_data(256), steps=100, batch_size=64, lr=1e-2, **CPU)
     message = str(info.value)
-    assert "step 5" in message and what in message
-    assert "ElementwiseAffine" in message and layer.__name__ in message
-    assert "learning rate" in message and "grad_clip" in message and "standardiz" in message
+    assert f"failed at step 5: the {what} was non-finite (NaN or inf) at every step from the " \
+           "start" in message and "no learning rate helps" in message
+    assert "ElementwiseAffine" in message and "grad_clip" not in message
+    assert f"Check your own layers ({layer.__name__}) with ef.check_transform" in message
+    assert "standardiz" in message
     # The model was never updated with a non-finite step.
     assert all(torch.equal(before[k], v) for k, v in flow.state_dict().items())
+
+
+def test_persistent_divergence_after_good_steps_raises_a_helpful_error():
+    flow = ef.Flow(ef.Compose(ElementwiseAffine(2), BreaksLater()), ef.StandardNormal(2))
+    with pytest.raises(TrainingError) as info:
+        fit(flow, gaussian_data(256), steps=100, batch_size=64, lr=1e-2, val_fraction=0,
+            **CPU)
+    message = str(info.value)
+    assert "diverged at step 17: the loss was non-finite (NaN or inf) on 5 steps" in message
+    assert "ElementwiseAffine, BreaksLater" in message
+    assert "learning rate" in message and "grad_clip" in message and "standardiz" in message
+    assert "Check your own layers (BreaksLater) with ef.check_transform" in message
 
 
 # -- evaluate ----------------------------------------------------------------------------------

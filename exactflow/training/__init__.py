@@ -17,11 +17,11 @@ schedules, records, checkpoints in :mod:`~exactflow.training.checkpoints`) and o
 :class:`History` (:mod:`~exactflow.training.history`).
 """
 
+from .advice import TrainingError
 from .auto import fit_auto
 from .calibrate import prepare
 from .history import History
 from .likelihood import fit
-from .loop import TrainingError
 from .metrics import evaluate
 from .reverse_kl import estimate_log_normalizer, fit_reverse_kl, importance_sample
 

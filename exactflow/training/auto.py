@@ -79,10 +79,11 @@ from ..validation import (
     device_named,
     positive_float,
 )
+from .advice import TrainingError
 from .batches import Rows, hold_out, width_of, wrap
 from .history import History
 from .likelihood import fit
-from .loop import TrainingError, adam, clone
+from .loop import adam, clone
 from .metrics import row_nll, warn_dominant_rows
 from .mixtures import GMM_COMPONENTS, SEARCH_ROWS, search_gmm, select_gmm
 

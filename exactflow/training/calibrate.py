@@ -35,8 +35,9 @@ from ..transforms.normalization import ActNorm, BatchNorm
 from ..transforms.standardize import Standardize
 from ..transforms.support import map_rows
 from ..validation import DataError, counted, non_negative_float, warn_user
+from .advice import STANDARDIZE_ADVICE
 from .batches import Rows, wrap, wrap_context
-from .loop import STANDARDIZE_ADVICE, clone
+from .loop import clone
 
 __all__ = ["prepare", "noise_std", "supported", "warn_if_unstandardized",
            "recalibrate_batch_norm", "far_context_error", "warn_if_far_training_context",

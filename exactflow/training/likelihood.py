@@ -31,6 +31,7 @@ from ..validation import (
     positive_int,
     warn_user,
 )
+from .advice import TrainingError, data_advice, gentler_lr
 from .batches import Order, default_batch_size, hold_out, to_device, wrap, wrap_context
 from .calibrate import (
     far_context_error,
@@ -46,14 +47,11 @@ from .history import History
 from .loop import (
     Guard,
     LoopSettings,
-    TrainingError,
     TrainState,
     adam,
     check_common,
     clone,
-    data_advice,
     forked_rng,
-    gentler_lr,
     resolve_device,
     run_loop,
 )

@@ -28,10 +28,9 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from ..core import Compose, Inverse, Transform
 from ..distributed import THREAD_VARIABLES, thread_count_chosen, usable_cpus
-from ..transforms.standardize import Standardize
 from ..validation import device_named, positive_float, seed_value, warn_user
+from .advice import MAX_FAILURES, TrainingError, data_advice, divergence_error, gentler_lr
 from .history import History
 
 __all__ = [
@@ -40,9 +39,6 @@ __all__ = [
     "Guard",
     "LoopSettings",
     "run_loop",
-    "gentler_lr",
-    "data_advice",
-    "STANDARDIZE_ADVICE",
     "resolve_device",
     "forked_rng",
     "rng_state",
@@ -54,17 +50,11 @@ __all__ = [
     "SNAPSHOT_EVERY",
 ]
 
-#: Consecutive non-finite steps tolerated before giving up.
-MAX_FAILURES = 5
 #: Steps between snapshots of the last good state (the rollback target).
 SNAPSHOT_EVERY = 10
 #: Rolled-back steps (and this share of all steps) that make a run unstable: it stops.
 UNSTABLE_ROLLBACKS = 10
 UNSTABLE_SHARE = 0.05
-
-
-class TrainingError(RuntimeError):
-    """Training diverged: the loss or its gradient stayed non-finite despite rollbacks."""
 
 
 @dataclass
@@ -193,50 +183,6 @@ class Guard:
         # Optimizer.load_state_dict may keep references: hand it a copy of the snapshot.
         self.optimizer.load_state_dict(clone(self.optimizer_state))
         self.optimizer.zero_grad(set_to_none=True)
-
-
-def _layer_families(flow: nn.Module) -> list[str]:
-    names: list[str] = []
-    for module in flow.modules():
-        if isinstance(module, Transform) and not isinstance(module, (Compose, Inverse)):
-            name = type(module).__name__
-            if name not in names:
-                names.append(name)
-    return names
-
-
-#: How to get a standardization layer, wherever the flow was built.
-STANDARDIZE_ADVICE = (
-    "Build the flow with standardize=True (FlowDensity(standardize=True); in the command "
-    "line, leave out --no-standardize)"
-)
-
-
-def gentler_lr(lr: float) -> float:
-    """A learning rate to suggest after ``lr`` failed: a tenth of it, at most Adam's 1e-3."""
-    return min(lr / 10, 1e-3)
-
-
-def data_advice(flow: nn.Module) -> str:
-    """What to try about the data after a failed run: standardizing it, unless the flow
-    already does."""
-    if any(isinstance(m, Standardize) for m in flow.modules()):
-        return "look for extreme values in the data (heavy tails standardize badly)"
-    if getattr(flow, "context_features", 0):  # (FlowDensity and the command line: no context)
-        return "build the flow with standardize=True, which standardizes its context too"
-    return STANDARDIZE_ADVICE[0].lower() + STANDARDIZE_ADVICE[1:]
-
-
-def divergence_error(flow: nn.Module, step: int, lr: float, what: str) -> TrainingError:
-    """The error for a run whose loss or gradient stayed non-finite: where, and what to try."""
-    families = ", ".join(_layer_families(flow)) or type(flow).__name__
-    return TrainingError(
-        f"training diverged at step {step}: the {what} was non-finite (NaN or inf) on "
-        f"{MAX_FAILURES} steps in a row, even after rolling back to the last good state and "
-        f"halving the learning rate each time (now {lr:.3g}). Layers in this flow: {families}. "
-        f"Try: a lower learning rate (lr), gradient clipping (grad_clip=1.0), "
-        f"{data_advice(flow)}, a larger spline bound or fewer/smaller layers."
-    )
 
 
 # -- settings -----------------------------------------------------------------------------
@@ -445,7 +391,8 @@ def run_loop(
                 state.failures += 1
                 history.rollbacks.append(i + 1)
                 if state.failures >= MAX_FAILURES:
-                    raise divergence_error(flow, i + 1, current_lr * 0.5, what)
+                    raise divergence_error(flow, i + 1, current_lr * 0.5, what,
+                                           never_finite=state.failures == i + 1)
                 count = len(history.rollbacks)
                 if count >= UNSTABLE_ROLLBACKS and count >= UNSTABLE_SHARE * (i + 1):
                     raise TrainingError(

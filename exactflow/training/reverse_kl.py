@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ..distributions import Flow
 from ..validation import not_a_flow, positive_int, warn_user
+from .advice import TrainingError
 from .checkpoints import Checkpoint
 from .history import History
 from .importance import (
@@ -36,7 +37,6 @@ from .importance import (
 from .loop import (
     Guard,
     LoopSettings,
-    TrainingError,
     TrainState,
     adam,
     check_common,
