@@ -28,7 +28,14 @@ from .checkcalls import (
     unchanged,
 )
 from .core import Transform
-from .jacobians import _slogabsdet, autograd_gap, jacobian, log_abs_det_jacobian, rounding_note
+from .jacobians import (
+    _slogabsdet,
+    autograd_gap,
+    jacobian,
+    log_abs_det_jacobian,
+    parameter_gap,
+    rounding_note,
+)
 
 __all__ = ["jacobian", "log_abs_det_jacobian", "check_transform", "CheckError", "CheckReport"]
 
@@ -85,6 +92,11 @@ class CheckReport:
             tol_s = "" if tol is None else f" (tolerance {tol:.1e})"
             lines.append(f"  {key:<16} max error {err:.3e}{tol_s}  {verdict}")
         lines.extend(f"  - {f}" for f in self.failures)
+        if self.failures and self.dtype != torch.float64:
+            eps = torch.finfo(self.dtype).eps if self.dtype.is_floating_point else 1.0
+            lines.append(f"  ({str(self.dtype).replace('torch.', '')} rounds at {eps:.0e} of a "
+                         "value, float64 at 2e-16: rerun in float64 (transform.double(), "
+                         "x.double()) to tell rounding from a mistake)")
         return "\n".join(lines)
 
 
@@ -135,7 +147,13 @@ def check_transform(
        must agree with itself);
     7. ``autograd`` (float64): the autograd Jacobian agrees with finite differences along a
        random direction at the first 16 rows, so that a ``.detach()`` hiding part of the
-       map from autograd cannot make checks 2 and 4 agree with a log-det that leaves it out.
+       map from autograd cannot make checks 2 and 4 agree with a log-det that leaves it out;
+    8. ``parameters`` (float64, after every other check passed): the autograd gradient of
+       each direction's output and log-det with respect to the trainable parameters agrees
+       with finite differences along a random direction, row by row at the first 16 rows
+       (a parameter ``.detach()``-ed in a log-det, or a hand-written backward with a
+       mistake, leaves every value right and training's gradient wrong). One row alone may
+       differ: a kink within a step of it (a radial layer's centre).
 
     A failure where the Jacobian is ill-conditioned says how large an error rounding alone
     can make there; a log-det that is the true one with its sign flipped says so. A
@@ -188,6 +206,7 @@ def check_transform(
           inverse_log_det  max error ... ok
           rows             max error ... ok
           recording        max error ... ok
+          parameters       max error ... ok
 
         A map ``z = A x`` whose log-det is read off the diagonal of ``A`` fails both ways
         (here ``A = [[2, 1], [1, 1]]``: ``det A = 1``, but the diagonal says ``log 2``):
@@ -304,8 +323,9 @@ def _run_checks(transform: Transform, x: Tensor, context: Tensor | None, atol: f
     # (up to the tolerance: sinh(asinh(x)) is x only up to rounding)
     if bool(((z - x).abs() <= atol + rtol * x.abs()).all()) and bool(
             (ladj.abs() <= atol).all()):
-        cure = ("check it at random parameters too (with torch.no_grad(): for p in "
-                "t.parameters(): p.add_(0.3 * torch.randn_like(p)))" if any(
+        cure = ("check it at random parameters too, in float64 (t.double(); with "
+                "torch.no_grad(): for p in t.parameters(): p.add_(0.3 * torch.randn_like(p)))"
+                if any(
                     True for _ in transform.parameters()) else "it has no parameters: check "
                 "it with other values in its buffers, or at other points")
         warnings.warn(
@@ -405,9 +425,44 @@ def _run_checks(transform: Transform, x: Tensor, context: Tensor | None, atol: f
             report.failures[-1] += note + ("; if it fails at such points too" if note else "")
             report.failures[-1] += why.format(" and ".join(failed), verb)
     if report.errors.get("rows", 0.0) > report.tolerances.get("rows", math.inf):
-        report.failures = [f + _MIXED if f.startswith("log_det:") else f
+        report.failures = [f + _MIXED if f.startswith(("log_det:", "autograd:")) else f
                            for f in report.failures]
+    if x.dtype == torch.float64 and not report.failures:
+        _check_parameters(report, transform, x, z, context, check_inverse)
     return report
+
+
+def _check_parameters(report: CheckReport, transform: Transform, x: Tensor, z: Tensor,
+                      context: Tensor | None, check_inverse: bool) -> None:
+    """The ``parameters`` check: the autograd gradient of each direction's outputs and
+    log-det with respect to the trainable parameters against finite differences."""
+    params = [p for p in transform.parameters() if p.requires_grad and p.is_floating_point()]
+    if not params:
+        return
+    n = min(x.shape[0], ROWS_ALONE)
+    c = None if context is None else context[:n]
+    runs = [("forward", transform.forward, x[:n])]
+    if check_inverse:
+        runs.append(("inverse", transform.inverse, z[:n].detach()))
+    worst = 0.0
+    for direction, fn, rows in runs:
+        try:
+            gap, by_autograd, by_differences = parameter_gap(fn, params, rows, c, tolerance=_FD_TOL)
+        except ValueError:  # (a step beyond the domain)
+            continue
+        worst = max(worst, max_abs(gap))
+        bad = ~(gap <= _FD_TOL)
+        if int(bad.sum()) >= min(2, n):  # (one row alone: a kink within a step of it)
+            i = int(bad.nonzero()[0, 0])
+            report.failures.append(
+                f"parameters: the gradient of {direction}'s output and log-det with respect "
+                f"to the parameters differs from finite differences at {int(bad.sum())} of "
+                f"{n} rows (row {i}, along a random direction: autograd "
+                f"{float(by_autograd[i]):.6g}, differences {float(by_differences[i]):.6g}): "
+                "part of the computation does not reach autograd from the parameters (a "
+                ".detach() or .item() of a parameter, a no_grad block) or a hand-written "
+                "backward is wrong, so training would follow a wrong gradient")
+    report.errors["parameters"], report.tolerances["parameters"] = worst, _FD_TOL
 
 
 _MIXED = "; the rows check fails too, and a map that mixes rows has no Jacobian row by row"

@@ -32,6 +32,9 @@ SCALES = ("columns", "pooled")
 #: The widest span of all columns together, in median column ranges, for which
 #: :meth:`Standardize.choose_scale` still calls the columns "on one range".
 ONE_RANGE_SPAN = 1.5
+#: The narrowest column's range, in median column ranges, below which the columns are not
+#: on one range either (a quantity in units of 1e-4 beside others in units of 1).
+NARROWEST_RANGE = 0.01
 
 
 def scale_of(standardize: Any, auto: bool = False) -> str | None:
@@ -266,8 +269,11 @@ class Standardize(Transform):
 
         Pooled when both hold: the columns lie on one range (the span of all columns
         together, largest maximum minus smallest minimum, is at most 1.5 times the median
-        column's range: pixel intensities, counts or returns in one unit, never columns in
-        different units), and per-column scaling would push some value at least twice as
+        column's range, and the narrowest column's range at least 0.01 times it: pixel
+        intensities, counts or returns in one unit, never columns in different units, where
+        one scale would squeeze a column into a sliver that no spline resolves: a column in
+        units of 1e-4 beside two in units of 1, pooled, left a spline flow 4.2 nats a row
+        short of per-column scaling), and per-column scaling would push some value at least twice as
         far out as one shared scale puts any value (a nearly constant column with rare
         large values: an image's border pixel that is sometimes inked). Measured on the
         tables of ``benchmarks/`` (``python -m benchmarks.ladder``): on the digit images,
@@ -282,7 +288,8 @@ class Standardize(Transform):
         """
         mean, var, lo, hi = _column_summary(data, name)
         span = float(hi.max() - lo.min())
-        if span > ONE_RANGE_SPAN * float(np.median(hi - lo)):
+        median = float(np.median(hi - lo))
+        if span > ONE_RANGE_SPAN * median or float((hi - lo).min()) < NARROWEST_RANGE * median:
             return "columns"
         pooled_mean, pooled_std = _pooled(mean, var)
         reach = np.maximum(hi - mean, mean - lo) / np.sqrt(var)
