@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -436,12 +437,14 @@ def _check_parameters(report: CheckReport, transform: Transform, x: Tensor, z: T
                       context: Tensor | None, check_inverse: bool) -> None:
     """The ``parameters`` check: the autograd gradient of each direction's outputs and
     log-det with respect to the trainable parameters against finite differences."""
-    params = [p for p in transform.parameters() if p.requires_grad and p.is_floating_point()]
+    params: list[Tensor] = [p for p in transform.parameters()
+                            if p.requires_grad and p.is_floating_point()]
     if not params:
         return
     n = min(x.shape[0], ROWS_ALONE)
     c = None if context is None else context[:n]
-    runs = [("forward", transform.forward, x[:n])]
+    runs: list[tuple[str, Callable[..., tuple[Tensor, Tensor]], Tensor]] = [
+        ("forward", transform.forward, x[:n])]
     if check_inverse:
         runs.append(("inverse", transform.inverse, z[:n].detach()))
     worst = 0.0
