@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -530,15 +531,18 @@ def test_an_npz_array_chosen_in_the_path(tmp_path):
 # -- a closed pipe ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("extra", [["-n", "300000", "--seed", "1"], ["-n", "50000", "--json"],
-                                   "score"], ids=["csv", "json", "score"])
+@pytest.mark.parametrize("extra", [
+    ["-n", "300000", "--seed", "1"], ["-n", "50000", "--json"], ["score", 300_000],
+    # (less than a chunk: the pipe took part of one write, Python dropped the rest, exit 0)
+    ["-n", "10000", "--seed", "1"], ["score", 10_000],
+], ids=["csv", "json", "score", "csv-one-write", "score-one-write"])
 def test_a_closed_pipe_ends_quietly(run_dir, extra, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     command = ["sample", str(run_dir), *extra]
-    if extra == "score":  # (its scores were written in one piece: exit 0, rows lost)
+    if extra[0] == "score":  # (its scores were written in one piece: exit 0, rows lost)
         with np.load(run_dir / "data.npz") as npz:  # (within the training range: no note)
             seen = npz["train"]
-        rows = seen[np.random.default_rng(0).integers(0, len(seen), 300_000)]
+        rows = seen[np.random.default_rng(0).integers(0, len(seen), extra[1])]
         np.save(tmp_path / "rows.npy", rows)
         command = ["score", str(run_dir), str(tmp_path / "rows.npy")]
     proc = subprocess.Popen(
@@ -547,6 +551,7 @@ def test_a_closed_pipe_ends_quietly(run_dir, extra, tmp_path):
     )
     assert proc.stdout is not None and proc.stderr is not None
     proc.stdout.readline()
+    time.sleep(1.0)  # (the command blocked in a write to the full pipe, as `| head` finds it)
     proc.stdout.close()  # as `| head -1` does
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141

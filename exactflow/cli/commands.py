@@ -28,7 +28,7 @@ from ..runs import RunError
 from ..training import TrainingError
 from .common import CommandError, UsageError
 from .inspect import cmd_check, cmd_report
-from .output import silence_stdout
+from .output import silence_stdout, to_stdout
 from .parser import PROG, UsageExit, build_parser
 from .tables import cmd_sample, cmd_score
 from .threads import ThreadsError, choose_threads
@@ -142,8 +142,7 @@ def _main(argv: Sequence[str] | None) -> int:
     if isinstance(result, tuple):
         result, code = result
     if args.json:
-        print(json.dumps(json_safe(result), indent=2, allow_nan=False))
-        sys.stdout.flush()
+        to_stdout(json.dumps(json_safe(result), indent=2, allow_nan=False) + "\n")
     return code
 
 

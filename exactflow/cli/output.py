@@ -4,8 +4,8 @@
 at a time (65,536 rows for narrow tables, fewer for wide ones), and the command streams
 each chunk to its file (:func:`exactflow.io.write_table`) or to stdout. ``--json`` prints
 every sample inside one JSON object built in memory, so it is capped
-(:func:`json_cap_error`). A reader that goes away (``| head``) ends the command quietly
-(:func:`silence_stdout`).
+(:func:`json_cap_error`). Text goes to stdout whole or not at all (:func:`to_stdout`),
+and a reader that goes away (``| head``) ends the command quietly (:func:`silence_stdout`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from ..scoring import eval_mode
 from ..transforms.support import Support
 
 __all__ = ["JSON_MAX_VALUES", "CHUNK_VALUES", "SampleStream", "json_cap_error",
-           "silence_stdout"]
+           "silence_stdout", "to_stdout"]
 
 #: The most numbers (rows x features) ``sample --json`` prints without ``-o``.
 JSON_MAX_VALUES = 1_000_000
@@ -75,6 +75,27 @@ def json_cap_error(n: int, per_row: int, what: str = "samples") -> str | None:
         "a file with -o FILE (.csv or .npy, streamed), or leave out --json to stream CSV to "
         "stdout"
     )
+
+
+def to_stdout(text: str) -> None:
+    """Write ``text`` to stdout in full, or raise ``BrokenPipeError``.
+
+    Python's buffered stdout takes a pipe's partial write (the reader read part of a
+    large chunk, then closed: ``| head``) as the whole and drops the rest without an error,
+    so the command ended with exit code 0 and cut output. Here the bytes go out through
+    ``os.write`` until every one is written; the write after the reader left fails with
+    ``EPIPE`` (Python ignores SIGPIPE), which the command turns into exit code 141. A stdout
+    with no file descriptor (a test's capture) is written as it is.
+    """
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, io.UnsupportedOperation):
+        sys.stdout.write(text)
+        return
+    sys.stdout.flush()
+    data = memoryview(text.encode(sys.stdout.encoding or "utf-8"))
+    while data:
+        data = data[os.write(fd, data):]
 
 
 def silence_stdout() -> None:

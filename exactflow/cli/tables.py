@@ -20,7 +20,7 @@ from ..runs import Run, RunError, anomaly, load_run, read_data
 from ..runs.notes import OutsideRange
 from ..validation import FilePositions, counted, index_list, nonfinite_rows_error
 from .common import CommandError, UsageError, fmt, positions_named, say, with_key
-from .output import SampleStream, json_cap_error
+from .output import SampleStream, json_cap_error, to_stdout
 
 __all__ = ["cmd_sample", "cmd_score"]
 
@@ -81,10 +81,9 @@ def cmd_sample(args: argparse.Namespace) -> dict[str, Any]:
     elif args.json:
         result["samples"] = np.concatenate(list(samples)).tolist()
     else:
-        sys.stdout.write(",".join(run.columns) + "\n")
+        to_stdout(",".join(run.columns) + "\n")
         for block in samples:
-            sys.stdout.write(csv_rows(block, samples.fmt))
-            sys.stdout.flush()
+            to_stdout(csv_rows(block, samples.fmt))
     result["non_finite_rows"] = samples.non_finite_rows
     return result
 
@@ -391,8 +390,7 @@ def cmd_score(args: argparse.Namespace) -> dict[str, Any]:
         if flags is not None:
             result["anomaly"] = [None if np.isnan(v) else bool(v) for v in flags]
     else:  # a chunk at a time: a reader gone (| head) is seen at the next chunk's write
-        sys.stdout.write(_csv_line(header))
+        to_stdout(_csv_line(header))
         for chunk in _score_text(rows, table, cells):
-            sys.stdout.write(chunk)
-            sys.stdout.flush()
+            to_stdout(chunk)
     return result
