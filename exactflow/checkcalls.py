@@ -14,10 +14,11 @@ import torch
 from torch import Tensor
 
 from .core import Transform
+from .jacobians import parameter_gap
 from .nn.passes import in_eval_mode
 
 __all__ = ["call", "close", "rows_and_recording", "unchanged", "state_of", "changed_state",
-           "max_abs", "same", "ROWS_ALONE"]
+           "max_abs", "same", "parameter_failures", "ROWS_ALONE"]
 
 
 def max_abs(t: Tensor) -> float:
@@ -115,3 +116,43 @@ def unchanged(transform: Transform) -> Iterator[None]:
             for key, value in transform.state_dict().items():
                 if key in saved:
                     value.copy_(saved[key])
+
+
+def parameter_failures(transform: Transform, x: Tensor, z: Tensor, context: Tensor | None,
+                       check_inverse: bool, tolerance: float) -> tuple[float, list[str]] | None:
+    """The ``parameters`` check of :func:`exactflow.check_transform`: the autograd gradient
+    of each direction's outputs and log-det with respect to the trainable parameters
+    against finite differences (:func:`~exactflow.jacobians.parameter_gap`) at the first
+    :data:`ROWS_ALONE` rows. Returns the largest gap and a line per failed direction, or
+    None for a transform without trainable parameters. One row alone may differ: a kink
+    within a step of it."""
+    params: list[Tensor] = [p for p in transform.parameters()
+                            if p.requires_grad and p.is_floating_point()]
+    if not params:
+        return None
+    n = min(x.shape[0], ROWS_ALONE)
+    c = None if context is None else context[:n]
+    runs: list[tuple[str, Callable[..., tuple[Tensor, Tensor]], Tensor]] = [
+        ("forward", transform.forward, x[:n])]
+    if check_inverse:
+        runs.append(("inverse", transform.inverse, z[:n].detach()))
+    worst, failures = 0.0, []
+    for direction, fn, rows in runs:
+        try:
+            gap, by_autograd, by_differences = parameter_gap(fn, params, rows, c,
+                                                             tolerance=tolerance)
+        except ValueError:  # (a step beyond the domain)
+            continue
+        worst = max(worst, max_abs(gap))
+        bad = ~(gap <= tolerance)
+        if int(bad.sum()) >= min(2, n):
+            i = int(bad.nonzero()[0, 0])
+            failures.append(
+                f"parameters: the gradient of {direction}'s output and log-det with respect "
+                f"to the parameters differs from finite differences at {int(bad.sum())} of "
+                f"{n} rows (row {i}, along a random direction: autograd "
+                f"{float(by_autograd[i]):.6g}, differences {float(by_differences[i]):.6g}): "
+                "part of the computation does not reach autograd from the parameters (a "
+                ".detach() or .item() of a parameter, a no_grad block) or a hand-written "
+                "backward is wrong, so training would follow a wrong gradient")
+    return worst, failures

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +23,7 @@ from .checkcalls import (
     changed_state,
     close,
     max_abs,
+    parameter_failures,
     rows_and_recording,
     state_of,
     unchanged,
@@ -34,7 +34,6 @@ from .jacobians import (
     autograd_gap,
     jacobian,
     log_abs_det_jacobian,
-    parameter_gap,
     rounding_note,
 )
 
@@ -429,43 +428,11 @@ def _run_checks(transform: Transform, x: Tensor, context: Tensor | None, atol: f
         report.failures = [f + _MIXED if f.startswith(("log_det:", "autograd:")) else f
                            for f in report.failures]
     if x.dtype == torch.float64 and not report.failures:
-        _check_parameters(report, transform, x, z, context, check_inverse)
+        found = parameter_failures(transform, x, z, context, check_inverse, _FD_TOL)
+        if found is not None:
+            report.errors["parameters"], report.tolerances["parameters"] = found[0], _FD_TOL
+            report.failures.extend(found[1])
     return report
-
-
-def _check_parameters(report: CheckReport, transform: Transform, x: Tensor, z: Tensor,
-                      context: Tensor | None, check_inverse: bool) -> None:
-    """The ``parameters`` check: the autograd gradient of each direction's outputs and
-    log-det with respect to the trainable parameters against finite differences."""
-    params: list[Tensor] = [p for p in transform.parameters()
-                            if p.requires_grad and p.is_floating_point()]
-    if not params:
-        return
-    n = min(x.shape[0], ROWS_ALONE)
-    c = None if context is None else context[:n]
-    runs: list[tuple[str, Callable[..., tuple[Tensor, Tensor]], Tensor]] = [
-        ("forward", transform.forward, x[:n])]
-    if check_inverse:
-        runs.append(("inverse", transform.inverse, z[:n].detach()))
-    worst = 0.0
-    for direction, fn, rows in runs:
-        try:
-            gap, by_autograd, by_differences = parameter_gap(fn, params, rows, c, tolerance=_FD_TOL)
-        except ValueError:  # (a step beyond the domain)
-            continue
-        worst = max(worst, max_abs(gap))
-        bad = ~(gap <= _FD_TOL)
-        if int(bad.sum()) >= min(2, n):  # (one row alone: a kink within a step of it)
-            i = int(bad.nonzero()[0, 0])
-            report.failures.append(
-                f"parameters: the gradient of {direction}'s output and log-det with respect "
-                f"to the parameters differs from finite differences at {int(bad.sum())} of "
-                f"{n} rows (row {i}, along a random direction: autograd "
-                f"{float(by_autograd[i]):.6g}, differences {float(by_differences[i]):.6g}): "
-                "part of the computation does not reach autograd from the parameters (a "
-                ".detach() or .item() of a parameter, a no_grad block) or a hand-written "
-                "backward is wrong, so training would follow a wrong gradient")
-    report.errors["parameters"], report.tolerances["parameters"] = worst, _FD_TOL
 
 
 _MIXED = "; the rows check fails too, and a map that mixes rows has no Jacobian row by row"

@@ -300,23 +300,17 @@ def parameter_gap(
     norm = math.sqrt(sum(float((u * u).sum()) for u in v)) or 1.0
     v = [u / norm for u in v]
     args = () if context is None else (context,)
-    y, ladj = fn(x, *args)
+    with torch.no_grad():
+        y, ladj = fn(x, *args)
     a, b = draw(y), draw(ladj)
 
     def score(y: Tensor, ladj: Tensor) -> Tensor:
         return (a * y).reshape(len(y), -1).sum(1) + b * ladj
 
-    rows = score(y, ladj)
-
-    def along_v(s: Tensor) -> float:
-        grads = torch.autograd.grad(s, params, retain_graph=True, allow_unused=True)
-        return sum(float((d * u).sum()) for d, u in zip(grads, v, strict=True) if d is not None)
-
-    g = rows.new_tensor([along_v(rows.sum())])  # (the rows' sum first: one pass)
     scale = 1 + max(float(p.detach().abs().max()) for p in params)
     kept = [p.detach().clone() for p in params]
     values = {}
-    try:
+    try:  # (the differences first: the recorded pass after, on the parameters restored)
         with torch.no_grad():
             for t in (0, 1, -1, 0.01, -0.01):
                 for p, k, u in zip(params, kept, v, strict=True):
@@ -326,6 +320,13 @@ def parameter_gap(
         with torch.no_grad():
             for p, k in zip(params, kept, strict=True):
                 p.copy_(k)
+    rows = score(*fn(x, *args))
+
+    def along_v(s: Tensor) -> float:
+        grads = torch.autograd.grad(s, params, retain_graph=True, allow_unused=True)
+        return sum(float((d * u).sum()) for d, u in zip(grads, v, strict=True) if d is not None)
+
+    g = rows.new_tensor([along_v(rows.sum())])  # (the rows' sum first: one pass)
     h = step * scale
 
     def nearest(values: dict[float, Tensor], g: Tensor) -> Tensor:
