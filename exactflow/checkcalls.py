@@ -16,6 +16,7 @@ from torch import Tensor
 from .core import Transform
 from .jacobians import parameter_gap
 from .nn.passes import in_eval_mode
+from .validation import not_a_pair
 
 __all__ = ["call", "close", "rows_and_recording", "unchanged", "state_of", "changed_state",
            "max_abs", "same", "parameter_failures", "ROWS_ALONE"]
@@ -62,7 +63,13 @@ def call(
     x_in = x.detach().clone().requires_grad_(record)
     c_in = None if context is None else context.detach().clone()
     with torch.enable_grad() if record else torch.no_grad():
-        out, ladj = fn(x_in, c_in)
+        returned = fn(x_in, c_in)
+    if type(returned) is not tuple or len(returned) != 2 or not all(
+            isinstance(t, Tensor) for t in returned):
+        owner = getattr(fn, "__self__", None)
+        raise not_a_pair(returned, type(owner).__name__ if owner is not None else "the layer",
+                         getattr(fn, "__name__", "forward"))
+    out, ladj = returned
     for name, given, kept in (("input", x_in, x), ("context", c_in, context)):
         if given is not None and kept is not None and not same(given.detach(), kept):
             return None, f"its {name} changed by up to {max_abs(given.detach() - kept):.3e}"

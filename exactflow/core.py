@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .nn.passes import has_hooks, is_plain
+from .validation import not_a_pair
 
 __all__ = [
     "Transform", "Compose", "Inverse", "check_domain", "check_features", "check_input", "per_row",
@@ -271,9 +272,10 @@ class Compose(Transform):
                 if rows:
                     chained = (*_in_blocks(layers[i:untried], x, own, rows, inverse), untried)
             if chained is None:
-                given = x
-                x, ladj = t.inverse(x, context) if inverse else t(x, context)
-                per_row(ladj, given, x, type(t).__name__)
+                given, out = x, t.inverse(x, context) if inverse else t(x, context)
+                if type(out) is not tuple or len(out) != 2:
+                    raise not_a_pair(out, type(t).__name__, way)
+                x, ladj = out[0], per_row(out[1], given, out[0], type(t).__name__)
                 i += 1
             else:  # several layers in one pass
                 x, ladj, i = chained
@@ -382,6 +384,10 @@ def per_row(log_det: Tensor, given: Tensor, out: Tensor, layer: str = "the trans
     broadcast into a ``(batch, batch)`` density, one summed over the whole batch (shape
     ``()``) would be added to every row, and an output of another width would be scored
     by a base of the flow's width."""
+    if not isinstance(log_det, Tensor):
+        raise TypeError(f"{layer} returned a log-det of type {type(log_det).__name__}; it must "
+                        f"be a tensor of one value per row, shape ({len(given)},) "
+                        "(x.new_full((len(x),), value) for a constant)")
     if torch.jit.is_tracing() or given.dim() != 2:  # (a vmapped row is 1-D)
         return log_det
     if log_det.shape != given.shape[:1] or out.shape != given.shape:

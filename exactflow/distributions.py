@@ -16,6 +16,7 @@ it gives ``(n, features)``. Rows and contexts pair by broadcasting their leading
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -28,7 +29,7 @@ from .nn.passes import is_plain
 from .shapes import paired, sample_shape
 from .transforms.standardize import Standardize
 from .transforms.support import Support
-from .validation import non_negative_int, warn_user
+from .validation import non_negative_int, not_a_pair, warn_user
 
 __all__ = ["Distribution", "StandardNormal", "DiagonalNormal", "Uniform", "Flow"]
 
@@ -312,9 +313,17 @@ class Flow(Distribution):
              ) -> tuple[Tensor, Tensor]:
         """The transform (or its inverse) of checked rows ``x`` under a checked, not yet
         embedded ``context``: the output and one log-det per row."""
-        run = self.transform.inverse if inverse else self.transform
-        y, ladj = run(x, self._embed(context))
-        return y, per_row(ladj, x, y, type(self.transform).__name__)
+        return self._pair(self.transform.inverse if inverse else self.transform, x,
+                          self._embed(context), "inverse" if inverse else "forward")
+
+    def _pair(self, run: Callable[..., Any], x: Tensor, context: Tensor | None,
+              direction: str) -> tuple[Tensor, Tensor]:
+        """``run(x, context)`` (the transform or its inverse), checked to return an output
+        and one log-det per row."""
+        out, name = run(x, context), type(self.transform).__name__
+        if type(out) is not tuple or len(out) != 2:
+            raise not_a_pair(out, name, direction)
+        return out[0], per_row(out[1], x, out[0], name)
 
     #: Whether :meth:`_warn_if_unprepared` has looked at this flow (once, at its first
     #: training-mode call with autograd), or :func:`exactflow.prepare` has prepared it.
@@ -455,8 +464,8 @@ class Flow(Distribution):
         ctx, shape = self._expand_context(n, context)
         z = self.base.rsample(math.prod(shape))
         log_pz = self._base_log_prob(z)
-        x, ladj_inv = self.transform.inverse(z, ctx)
-        log_px = log_pz - per_row(ladj_inv, z, x, type(self.transform).__name__)
+        x, ladj_inv = self._pair(self.transform.inverse, z, ctx, "inverse")
+        log_px = log_pz - ladj_inv
         return x.reshape(*shape, self.features), log_px.reshape(shape)
 
     def extra_repr(self) -> str:

@@ -198,7 +198,7 @@ def check_transform(
         >>> with torch.no_grad():  # random parameters, away from the identity
         ...     _ = t.lower.normal_(), t.upper.normal_(), t.log_diag.normal_()
         >>> print(ef.check_transform(t, torch.randn(8, 3, dtype=torch.float64)))
-        ... # doctest: +ELLIPSIS
+        ... # doctest: +ELLIPSIS, +NORMALIZE_WHITESPACE
         check_transform(LULinear) on 8 x 3 float64: OK
           log_det          max error ... ok
           autograd         max error ... ok
@@ -219,14 +219,16 @@ def check_transform(
         ...         x = torch.stack([z[:, 0] - z[:, 1], 2 * z[:, 1] - z[:, 0]], 1)
         ...         return x, z.new_full(z.shape[:1], -0.6931471805599453)
         >>> ef.check_transform(Mix(), torch.randn(4, 2, dtype=torch.float64))
-        ... # doctest: +ELLIPSIS
+        ... # doctest: +ELLIPSIS, +NORMALIZE_WHITESPACE
         Traceback (most recent call last):
             ...
         exactflow.groundtruth.CheckError: check_transform(Mix) on 4 x 2 float64: FAILED
           log_det          max error 6.931e-01 (tolerance 1.0e-07)  FAIL
         ...
-          - log_det: max error 6.931e-01 exceeds tolerance (atol=1.0e-07, rtol=1.0e-07)
+          - log_det: max error 6.931e-01 exceeds tolerance (atol=1.0e-07, rtol=1.0e-07) (row 0:
+        the layer's 0.693147, autograd's 0)
           - inverse_log_det: max error 6.931e-01 exceeds tolerance (atol=1.0e-07, rtol=1.0e-07)
+        (row 0: the layer's -0.693147, autograd's 0)
     """
     if not isinstance(transform, Transform):
         flow = hasattr(transform, "transform") and isinstance(transform.transform, Transform)
@@ -359,6 +361,7 @@ def _run_checks(transform: Transform, x: Tensor, context: Tensor | None, atol: f
             )
     else:
         bad = within("log_det", ladj.reshape(-1) - truth, truth)
+        _add(report, _values_at(bad, ladj.reshape(-1), truth))
         _add(report, rounding_note(jac, bad, None, None, _bound_at(bad, truth, atol, rtol)))
         _add(report, _flipped(ladj.reshape(-1), -truth, bad, atol, rtol, "forward",
                               "log|det dz/dx| (data -> latent)"))
@@ -403,6 +406,7 @@ def _run_checks(transform: Transform, x: Tensor, context: Tensor | None, atol: f
             finite = bool(torch.isfinite(truth).all())
             true_fwd = truth if finite else ladj.reshape(-1)  # (a singular Jacobian failed)
             bad = within("inverse_log_det", ladj_inv + true_fwd, true_fwd)
+            _add(report, _values_at(bad, ladj_inv, -true_fwd))
             _add(report, rounding_note(jac, bad, x, z, _bound_at(bad, true_fwd, atol, rtol)))
             if finite:
                 _add(report, _flipped(ladj_inv, true_fwd, bad, atol, rtol, "inverse",
@@ -458,6 +462,15 @@ def _flipped(got: Tensor, opposite: Tensor, bad: Tensor, atol: float, rtol: floa
         return (f"; it is the true value with its sign flipped at every row: {direction} "
                 f"returns {wanted}")
     return ""
+
+
+def _values_at(bad: Tensor, got: Tensor, truth: Tensor) -> str:
+    """The values at the first failed row: the layer's log-det and autograd's."""
+    if not bool(bad.any()):
+        return ""
+    i = int(bad.nonzero()[0, 0])
+    return (f" (row {i}: the layer's {float(got[i]) + 0.0:.6g}, autograd's "
+            f"{float(truth[i]) + 0.0:.6g})")
 
 
 def _add(report: CheckReport, note: str) -> None:

@@ -91,6 +91,12 @@ def jacobian(
         tensor([[2., 0.],
                 [8., 3.]])
     """
+    if isinstance(fn, nn.Module) and isinstance(getattr(fn, "transform", None), nn.Module) \
+            and hasattr(fn, "base"):  # (a flow: calling it gives log p(x), one number a row)
+        raise TypeError(
+            f"jacobian of a {type(fn).__name__}: calling a flow gives its log-density, one "
+            "number per row; the map x -> z is its transform: jacobian(flow.transform, x[, "
+            "flow.encode_context(context)])")
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() == 1:

@@ -221,3 +221,20 @@ def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
     while frame.f_back is not None and frame.f_code.co_filename.startswith(_PACKAGE):
         level, frame = level + 1, frame.f_back
     warnings.warn(message, category, stacklevel=level)
+
+
+def not_a_pair(returned: Any, layer: str, direction: str) -> TypeError:
+    """The error for a layer whose ``forward`` or ``inverse`` did not return the pair
+    ``(output, log_det)`` (a layer returning only ``z`` is unpacked row by row otherwise,
+    into a confusing shape error, or none for a batch of two)."""
+    shape = getattr(returned, "shape", None)
+    if isinstance(returned, tuple) and len(returned) == 2:
+        what = "a pair of " + " and ".join(type(r).__name__ for r in returned)
+    elif shape is not None:
+        what = f"a {type(returned).__name__} of shape {tuple(shape)}"
+    else:
+        what = f"a {type(returned).__name__}" + (
+            f" of {len(returned)} items" if isinstance(returned, tuple) else "")
+    return TypeError(f"{layer}.{direction} returned {what}; a layer returns the pair (output, "
+                     "log_det): the output, shaped like its input, and a tensor of one log-det "
+                     "per row, shape (batch,)")

@@ -461,3 +461,48 @@ def test_blocks_ignore_a_context_no_layer_takes_and_directions_of_an_instance(
         t.inverse(x)  # its own inverse: whole; the forward is the class's: in blocks
         t(x)
     assert seen == [256, 256, 88, 600, 256, 256, 88] + [256] * 6 + [88] * 3
+
+
+class _OnlyZ(ef.Transform):
+    """Forgot the log-det: returns the output alone."""
+
+    def forward(self, x, context=None):
+        return 2 * x
+
+    def inverse(self, z, context=None):
+        return z / 2, z.new_full(z.shape[:1], -2 * 0.6931471805599453)
+
+
+class _FloatLogDet(ef.Transform):
+    """Returns its log-det as a Python float."""
+
+    def forward(self, x, context=None):
+        return 2 * x, 2 * 0.6931471805599453
+
+    def inverse(self, z, context=None):
+        return z / 2, z.new_full(z.shape[:1], -2 * 0.6931471805599453)
+
+
+@pytest.mark.parametrize("rows", [2, 6])  # (two rows unpacked as (z, log_det) before)
+def test_a_layer_that_does_not_return_a_pair_of_tensors_is_named(rows):
+    x = torch.randn(rows, 2)
+    pair = (rf"_OnlyZ.forward returned a Tensor of shape \({rows}, 2\); a layer returns the "
+            r"pair \(output, log_det\)")
+    for call in (lambda: ef.Flow(_OnlyZ(), ef.StandardNormal(2)).log_prob(x),
+                 lambda: ef.Compose(ElementwiseAffine(2), _OnlyZ())(x),
+                 lambda: ef.check_transform(_OnlyZ(), x.double())):
+        with pytest.raises(TypeError, match=pair):
+            call()
+    with pytest.raises(TypeError, match=r"_FloatLogDet returned a log-det of type float; it "
+                                        r"must be a tensor of one value per row"):
+        ef.Flow(_FloatLogDet(), ef.StandardNormal(2)).log_prob(x)
+    with pytest.raises(TypeError, match="returned a pair of Tensor and float"):
+        ef.check_transform(_FloatLogDet(), x.double())
+
+
+def test_the_jacobian_of_a_flow_points_to_its_transform():
+    flow = ef.models.maf(2, layers=1, hidden=(4,))
+    for fn in (ef.jacobian, ef.log_abs_det_jacobian):
+        with pytest.raises(TypeError, match=r"calling a flow gives its log-density.*"
+                                            r"jacobian\(flow.transform, x"):
+            fn(flow, torch.randn(3, 2))

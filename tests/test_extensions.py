@@ -128,6 +128,17 @@ def test_an_embedding_network_is_trained_jointly_and_saved(tmp_path):
     assert wrapped.log_prob(torch.randn(5, 2), torch.randn(5, 6)).shape == (5,)
 
 
+def test_a_builder_registers_under_a_name_given_first():
+    # (as register_map takes it; it raised "'str' object has no attribute '__name__'")
+    @ef.models.register("two_layer_maf_by_position", replace=True)
+    def built(features, *, context=0):
+        return ef.models.maf(features, layers=2, hidden=(8,), context=context)
+
+    assert built(3).config["model"] == "two_layer_maf_by_position"
+    with pytest.raises(TypeError, match="the name given twice"):
+        ef.models.register("a", name="b")
+
+
 def test_registering_needs_a_features_argument_and_a_free_name():
     with pytest.raises(ValueError, match="'features' as its first argument"):
         ef.models.register(lambda d: None)

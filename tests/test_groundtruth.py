@@ -986,3 +986,23 @@ def test_columns_in_far_apart_units_get_finite_difference_steps_of_their_own_siz
     perturb(flow.transform, 0.3, seed=1)
     report = ef.check_transform(flow.transform, x[:8])
     assert report.ok and report.errors["autograd"] < 1e-5, str(report)
+
+
+class DiagonalLogDet(ef.Transform):
+    """``z = A x`` with ``A = [[2, 1], [1, 1]]`` (det 1), its log-det read off the
+    diagonal (log 2)."""
+
+    def forward(self, x, context=None):
+        z = torch.stack([2 * x[:, 0] + x[:, 1], x[:, 0] + x[:, 1]], 1)
+        return z, x.new_full(x.shape[:1], math.log(2))
+
+    def inverse(self, z, context=None):
+        x = torch.stack([z[:, 0] - z[:, 1], 2 * z[:, 1] - z[:, 0]], 1)
+        return x, z.new_full(z.shape[:1], -math.log(2))
+
+
+def test_a_failed_log_det_shows_the_layers_value_beside_autograds():
+    report = ef.check_transform(DiagonalLogDet(), torch.randn(3, 2, dtype=torch.float64),
+                                raise_on_failure=False)
+    assert "(row 0: the layer's 0.693147, autograd's 0)" in report.failures[0]
+    assert "(row 0: the layer's -0.693147, autograd's 0)" in report.failures[1]

@@ -34,7 +34,7 @@ _COMMON = ("standardize", "embedding", "base", "bounds")
 
 
 def register(
-    fn: Builder | None = None, *, name: str | None = None, replace: bool = False
+    fn: Builder | str | None = None, *, name: str | None = None, replace: bool = False
 ) -> Any:
     """Register a model builder, so the flows it makes save and load.
 
@@ -68,7 +68,8 @@ def register(
     model must register the same builder first (as a class must be importable to unpickle
     it); loading never runs code from the file.
 
-    Use it as a decorator, ``@ef.models.register`` or ``@ef.models.register(name="mine")``.
+    Use it as a decorator, ``@ef.models.register``, ``@ef.models.register("mine")`` or
+    ``@ef.models.register(name="mine")``.
 
     Args:
         fn: the builder.
@@ -92,6 +93,10 @@ def register(
         >>> flow.config["model"], flow.config["layers"], flow.config["standardize"]
         ('shifted_maf_doc', 2, True)
     """
+    if isinstance(fn, str):  # (the name given first, as register_map takes it)
+        if name is not None:
+            raise TypeError(f"register: the name given twice, {fn!r} and name={name!r}")
+        return functools.partial(register, name=fn, replace=replace)
     if fn is None:
         return functools.partial(register, name=name, replace=replace)
     key = name or fn.__name__
