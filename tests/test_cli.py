@@ -930,6 +930,22 @@ def test_builtin_digits_run_checks_in_64_dimensions(tmp_path):
     assert all(r["ok"] for r in json.loads(out)["layers"])
 
 
+def test_the_default_run_folder_is_claimed_and_released_when_the_run_fails(tmp_path,
+                                                                           monkeypatch):
+    # (two runs started at once both took runs/train; the second failed on the lock)
+    from exactflow.cli.train import _default_out
+
+    monkeypatch.chdir(tmp_path)
+    first, second = _default_out("train.csv", claim=True), _default_out("train.csv", claim=True)
+    assert (first, second) == (Path("runs/train"), Path("runs/train-2"))
+    assert first.is_dir() and second.is_dir()
+    assert _default_out("train.csv", claim=False) == Path("runs/train-3")
+    (tmp_path / "bad.csv").write_text("a,b\n1,x\n2,3\n")
+    code, _, err = run_cli(["train", "bad.csv", "--model", "maf", "--no-report"])
+    assert code == 1 and "x" in err
+    assert not (tmp_path / "runs" / "bad").exists()  # (nothing written: the folder went too)
+
+
 def test_train_with_no_options_picks_a_model_writes_the_leaderboard_and_a_default_folder(
         tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

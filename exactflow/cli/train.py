@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from ..datasets import TOYS, DataError, read_header
 from ..datasets.files import column_count
 from ..io import read_json_record
 from ..report import build_report
-from ..runs import BUILTIN, REPLACING_DIR, RUN_JSON, RunError, run_status, train_run
+from ..runs import BUILTIN, LOCK_FILE, REPLACING_DIR, RUN_JSON, RunError, run_status, train_run
 from .common import CommandError, UsageError, fmt, positions_named, say, with_key
 from .parser import DEMO_DATASETS
 
@@ -180,22 +181,28 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
                          f"{args.val_fraction + args.test_fraction:g}")
     if args.columns is not None and Path(args.data).is_file():
         positions_named("--columns", args.columns, read_header(args.data))
-    out = args.out if args.out is not None else _default_out(args.data)
+    claimed = args.out is None and not distributed.initialized()
+    out = args.out if args.out is not None else _default_out(args.data, claimed)
     if args.out is None and rank == 0 and _readable(args.data):
         say(args, f"run folder: {out} (choose another with --out)")
-    result = _train(
-        args, data=args.data, out=out, model=model,
-        budget=args.budget if args.budget is not None else 300.0,
-        columns=_all_but(args.data, args.drop, args.columns) if args.drop else args.columns,
-        samples=20000 if args.samples is None else args.samples, steps=args.steps,
-        epochs=args.epochs, patience=args.patience,
-        batch_size=args.batch_size, lr=args.lr if args.lr is not None else 1e-3,
-        val_fraction=args.val_fraction,
-        test_fraction=args.test_fraction, standardize=args.standardize, bounds=args.bounds,
-        dequantize=args.dequantize, missing=args.missing, device=args.device, seed=args.seed,
-        resume=args.resume,
-        overwrite=args.overwrite,
-    )
+    try:
+        result = _train(
+            args, data=args.data, out=out, model=model,
+            budget=args.budget if args.budget is not None else 300.0,
+            columns=_all_but(args.data, args.drop, args.columns) if args.drop else args.columns,
+            samples=20000 if args.samples is None else args.samples, steps=args.steps,
+            epochs=args.epochs, patience=args.patience,
+            batch_size=args.batch_size, lr=args.lr if args.lr is not None else 1e-3,
+            val_fraction=args.val_fraction,
+            test_fraction=args.test_fraction, standardize=args.standardize, bounds=args.bounds,
+            dequantize=args.dequantize, missing=args.missing, device=args.device, seed=args.seed,
+            resume=args.resume,
+            overwrite=args.overwrite,
+        )
+    except BaseException:
+        if claimed:
+            _release(out)
+        raise
     if joined:
         distributed.finish()
     if rank == 0:
@@ -262,16 +269,36 @@ def _readable(data: str) -> bool:
     return data in BUILTIN or any(Path(p).exists() for p in (data, data.rsplit(":", 1)[0]))
 
 
-def _default_out(data: str) -> Path:
-    """``runs/<data name>``, or the first of ``runs/<name>-2``, ``-3``... that is free."""
+def _default_out(data: str, claim: bool) -> Path:
+    """``runs/<data name>``, or the first of ``runs/<name>-2``, ``-3``... that is free;
+    with ``claim`` (one process), taken by creating it, so that two runs started at once
+    each get a folder of their own (they both took the first free one and the second
+    failed on the first one's lock)."""
     stem = Path(data).stem or "run"
     name = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in stem) or "run"
-    candidate = Path("runs") / name
-    number = 2
-    while candidate.exists():
-        candidate = Path("runs") / f"{name}-{number}"
-        number += 1
-    return candidate
+    if claim:
+        Path("runs").mkdir(exist_ok=True)
+    for number in itertools.count(1):
+        candidate = Path("runs") / (name if number == 1 else f"{name}-{number}")
+        if not claim and not candidate.exists():
+            return candidate
+        try:
+            if claim:
+                candidate.mkdir()
+                return candidate
+        except FileExistsError:
+            pass
+    raise AssertionError("unreachable")
+
+
+def _release(out: Path) -> None:
+    """Remove a folder :func:`_default_out` claimed for a run that failed before writing
+    anything (the lock file at most)."""
+    try:
+        (out / LOCK_FILE).unlink(missing_ok=True)
+        out.rmdir()
+    except OSError:  # (not empty: the run wrote something, which stays)
+        pass
 
 
 DEMO_MODEL = {"model": "realnvp", "layers": 8, "hidden": [64, 64], "batch_norm": True}

@@ -33,6 +33,7 @@ from .folder import (
     DATA_FILE,
     HISTORY_FILE,
     LEGACY_MODEL_FILE,
+    LOCK_FILE,
     MODEL_FILE,
     REPLACING_DIR,
     REPORT_DIR,
@@ -67,5 +68,6 @@ __all__ = [
     "CHECKPOINT_FILE",
     "REPORT_DIR",
     "REPLACING_DIR",
+    "LOCK_FILE",
     "RUN_FORMAT",
 ]
