@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -468,7 +469,8 @@ def test_train_resume_continues_an_interrupted_run(tmp_path, monkeypatch):
     code, _, err = run_cli([*args, "--out", tmp_path / "cut"])
     assert code == 130 and one_error_line(err) == (
         f"exactflow: error: interrupted: the run in {str(tmp_path / 'cut')!r} did not "
-        "finish; continue it with the same command and --resume")
+        "finish; continue it with the same command and --resume (or keep the best step it "
+        "reached: --resume --steps 1, which trains no step and writes the model)")
     info = json.loads((tmp_path / "cut" / "run.json").read_text())
     assert info["status"] == "training" and (tmp_path / "cut" / "checkpoint.pt").is_file()
     assert not (tmp_path / "cut" / "model.safetensors").exists()
@@ -478,6 +480,12 @@ def test_train_resume_continues_an_interrupted_run(tmp_path, monkeypatch):
     assert code == 1 and "--resume" in one_error_line(err)
 
     resume_normally()
+    shutil.copytree(tmp_path / "cut", tmp_path / "kept")  # (the best step so far, as it is)
+    code, out, err = run_cli([*["1" if a == "40" else a for a in args], "--out",
+                              tmp_path / "kept", "--resume"])
+    assert code == 0 and "kept the weights of step" in out, err
+    code, _, err = run_cli(["sample", tmp_path / "kept", "-n", "2"])
+    assert code == 0, err
     code, _, err = run_cli([*args, "--out", tmp_path / "cut", "--resume"])
     assert code == 0, err
     whole = json.loads((tmp_path / "whole" / "run.json").read_text())["metrics"]["test"]

@@ -52,7 +52,8 @@ def _train(args: argparse.Namespace, **kwargs: Any) -> dict[str, Any]:
             raise
         cure = ("train it again with the same command and --overwrite (a model chosen by "
                 "the auto ladder cannot be resumed)" if kwargs["model"] == "auto" else
-                "continue it with the same command and --resume")
+                "continue it with the same command and --resume (or keep the best step it "
+                "reached: --resume --steps 1, which trains no step and writes the model)")
         raise type(stop)(f"the run in {str(out)!r} did not finish; {cure}") from None
     if not writer:
         return {"ok": True, "run": str(run.path)}

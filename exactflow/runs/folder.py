@@ -317,7 +317,9 @@ def load_run(run_dir: str | os.PathLike[str], *, model: bool = True) -> Run:
         auto = (info.get("options") or {}).get("model") == "auto"
         cure = ("it was choosing its model (auto), which cannot be resumed: train it again "
                 "with `exactflow train ... --overwrite`" if auto else
-                "continue it with `exactflow train ... --resume`")
+                "continue it with `exactflow train ... --resume` (or keep the best step it "
+                "reached: the same command with --resume --steps 1, which trains no step and "
+                "writes the model)")
         raise RunError(
             f"the run in {str(path)!r} did not finish (status {info.get('status')!r}); {cure}"
         )
