@@ -719,6 +719,18 @@ def _pixels(n: int = 400, seed: int = 0) -> np.ndarray:
     return x + rng.random((n, 8))
 
 
+def test_a_column_whose_spread_underflows_float64_is_refused() -> None:
+    # (a column in units of 1e-170: its variance underflowed, and the Gaussian's test NLL
+    # read -12.6 where the true one is -387.2)
+    x = np.random.default_rng(0).normal(size=(300, 3))
+    x[:, 1] *= 1e-170
+    with pytest.raises(DataError, match=r"column 'b' span less than 1e-150 \(down to "
+                                        r"[0-9.]+e-170\).*multiply by a power of ten"):
+        ef.datasets.validate(x, columns=["a", "b", "c"])
+    x[:, 1] *= 1e60  # (units of 1e-110: squares of 1e-220 are still float64 numbers)
+    ef.datasets.validate(x)
+
+
 def test_choose_scale_pools_columns_on_one_range_only() -> None:
     rng = np.random.default_rng(6)
     assert Standardize.choose_scale(_pixels()) == "pooled"
