@@ -13,6 +13,7 @@ truth that proves them right (:mod:`~exactflow.groundtruth`), densities
 
 from . import datasets, distributed, models, targets, transforms
 from ._version import __version__
+from .bases import StudentT
 from .core import Compose, Inverse, Transform
 from .distributions import DiagonalNormal, Distribution, Flow, StandardNormal, Uniform
 from .gaussians import Gaussian, GaussianMixture
@@ -44,6 +45,7 @@ __all__ = [
     "Distribution",
     "StandardNormal",
     "DiagonalNormal",
+    "StudentT",
     "Uniform",
     "Gaussian",
     "GaussianMixture",

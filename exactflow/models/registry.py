@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from torch import nn
 
+from ..bases import Distribution, StudentT
 from ..core import Compose
 from ..distributions import Flow, StandardNormal
 from ..gaussians import Gaussian, GaussianMixture
@@ -57,7 +58,10 @@ def register(
       closed form or by EM) and then keeps fixed (``"trainable": True`` in the dict lets
       gradients move it too): every transform starts at the identity, so at step 0 the
       flow *is* the classical model, and training with validation keeps only what
-      improves on it;
+      improves on it; ``base="student"`` (or ``{"name": "student", "df": 5.0,
+      "trainable": True}``) is :class:`~exactflow.StudentT`, heavy tails whose degrees of
+      freedom train with the flow, for data whose far rows a normal base scores hundreds
+      of nats too low;
     * ``bounds=(0, 1)`` (every column) or one ``(low, high)`` per column, ``None`` for no
       limit (``[(0, None), (-1, 1), None]``: positive, in (-1, 1), unbounded) puts a
       :class:`~exactflow.transforms.Support` layer first, before the standardization: it
@@ -222,11 +226,20 @@ def _base_spec(base: Any) -> dict[str, Any] | None:
     given = base
     if isinstance(base, str):
         base = {"name": base}
-    if not isinstance(base, dict) or base.get("name") not in ("gaussian", "gmm"):
+    if not isinstance(base, dict) or base.get("name") not in ("gaussian", "gmm", "student"):
         raise ValueError(
-            "base must be 'normal', 'gaussian', 'gmm' or a dict such as "
+            "base must be 'normal', 'gaussian', 'gmm', 'student' or a dict such as "
             f"{{'name': 'gmm', 'components': 8, 'covariance': 'diag'}}, got {given!r}"
         )
+    if base["name"] == "student":
+        unknown = set(base) - {"name", "df", "trainable"}
+        if unknown:
+            raise ValueError(f"unknown keys for the student base: {sorted(unknown)}")
+        df = base.get("df", 5.0)
+        if isinstance(df, bool) or not isinstance(df, (int, float)) or not df > 1:
+            raise ValueError(f"the student base's df must be a number above 1, got {df!r}")
+        return {"name": "student", "df": float(df),
+                "trainable": bool(base.get("trainable", True))}
     unknown = set(base) - {"name", "components", "covariance", "trainable"}
     if unknown or (base["name"] == "gaussian" and "components" in base):
         raise ValueError(f"unknown keys for the {base['name']} base: {sorted(unknown)}")
@@ -239,8 +252,10 @@ def _base_spec(base: Any) -> dict[str, Any] | None:
     return spec
 
 
-def _make_base(spec: dict[str, Any], features: int) -> Gaussian | GaussianMixture:
+def _make_base(spec: dict[str, Any], features: int) -> Distribution:
     trainable = spec.get("trainable", False)
+    if spec["name"] == "student":
+        return StudentT(features, spec["df"], trainable=trainable)
     if spec["name"] == "gaussian":
         return Gaussian(features, spec["covariance"], trainable=trainable)
     return GaussianMixture(features, spec["components"], spec["covariance"], trainable=trainable)
