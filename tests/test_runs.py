@@ -124,6 +124,20 @@ def test_a_tampered_run_json_is_refused_before_anything_is_sized_by_it(tmp_path)
             ef.runs.load_run(run.path)
 
 
+def test_a_model_file_of_another_model_of_the_same_width_is_refused(tmp_path):
+    # (an NSF's file in a MAF run's folder scored silently, exit 0)
+    import shutil
+
+    data = table(tmp_path / "t.csv")
+    maf = train_run(data, tmp_path / "maf", model="maf", steps=5, **QUIET)
+    nsf = train_run(data, tmp_path / "nsf", model="nsf", steps=5, **QUIET)
+    assert ef.runs.load_run(maf.path).flow is not None  # (its own file agrees)
+    shutil.copy(nsf.path / "model.safetensors", maf.path / "model.safetensors")
+    with pytest.raises(RunError, match=r"describes another model than the run's model file "
+                                       r"\(model: 'maf' there, 'nsf' in the file"):
+        ef.runs.load_run(maf.path)
+
+
 def test_a_column_whose_spread_float32_cannot_hold_trains_and_scores_right(tmp_path):
     # 1e8 + N(0, 1): float32's spacing at 1e8 is 8. Cast before standardizing, the run
     # reported a test NLL of -11.3 nats where the truth is 2.84 (a 2-D standard normal's

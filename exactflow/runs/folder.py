@@ -342,6 +342,15 @@ def load_run(run_dir: str | os.PathLike[str], *, model: bool = True) -> Run:
                 f"run's model has {run.flow.features}: the folder was tampered with or mixed "
                 "up with another run"
             )
+        said, saved = info.get("model"), run.flow.config or {}
+        if isinstance(said, dict):  # (keys one side lacks: a run of an older version)
+            differ = sorted(k for k in set(said) & set(saved) if said[k] != saved[k])
+            if differ:
+                pairs = ", ".join(f"{k}: {said[k]!r} there, {saved[k]!r} in the file"
+                                  for k in differ[:3])
+                raise RunError(
+                    f"{str(info_file)!r} describes another model than the run's model file "
+                    f"({pairs}): the folder was tampered with or mixed up with another run")
     return run
 
 
