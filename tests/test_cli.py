@@ -938,6 +938,23 @@ def test_builtin_digits_run_checks_in_64_dimensions(tmp_path):
     assert all(r["ok"] for r in json.loads(out)["layers"])
 
 
+def test_train_base_student_gives_a_named_flow_heavy_tails(tmp_path):
+    rows = np.random.default_rng(0).standard_t(2.0, size=(400, 2))
+    data = write_csv(tmp_path / "t.csv", rows, ["a", "b"])
+    code, _, err = run_cli(["train", data, *TINY, "--base", "student", "--out", tmp_path / "r"])
+    assert code == 0, err
+    info = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert info["model"]["base"] == {"name": "student", "df": 5.0, "trainable": True}
+    run = ef.runs.load_run(tmp_path / "r")
+    assert isinstance(run.flow.base, ef.StudentT)
+    code, out, err = run_cli(["score", tmp_path / "r", data])
+    assert code == 0 and len(out.splitlines()) == 401, err
+    for argv, message in ((["--base", "student"], "give --model NAME with them"),
+                          (["--model", "gmm", "--base", "student"], "fitted in closed form")):
+        code, _, err = run_cli(["train", data, *argv, "--out", tmp_path / "x"])
+        assert code == 2 and message in err, err
+
+
 def test_the_default_run_folder_is_claimed_and_released_when_the_run_fails(tmp_path,
                                                                            monkeypatch):
     # (two runs started at once both took runs/train; the second failed on the lock)

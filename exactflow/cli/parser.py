@@ -250,6 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="RUN_DIR",
                    help="run folder to write (default: runs/<data name>, numbered if taken)")
     _model_options(p)
+    p.add_argument("--base", choices=["normal", "student"],
+                   help="with --model NAME: the flow's base density, normal (default) or "
+                        "student (heavy tails, their degrees of freedom trained: for data whose "
+                        "far rows a normal base scores far too low)")
     p.add_argument("--budget", type=_positive_float, metavar="SECONDS",
                    help="with --model auto: the time the ladder of candidates may take "
                         "(default 300); reading and splitting the data, scoring the test "

@@ -163,11 +163,14 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
             model["layers"] = args.layers
         if args.hidden is not None:
             model["hidden"] = args.hidden
+        if args.base == "student":
+            model["base"] = {"name": "student", "df": 5.0, "trainable": True}
         if args.budget is not None:
             raise UsageError("--budget limits the auto ladder; with --model NAME the "
                              "validation NLL sets the length (or --steps / --epochs)")
-    elif args.layers is not None or args.hidden is not None:
-        raise UsageError("--layers and --hidden size one model: give --model NAME with them")
+    elif args.layers is not None or args.hidden is not None or args.base is not None:
+        raise UsageError("--layers, --hidden and --base set one model: give --model NAME "
+                         "with them")
     else:
         given = [flag for flag, value in (
             ("--steps", args.steps), ("--epochs", args.epochs), ("--patience", args.patience),
@@ -256,10 +259,11 @@ def _check_model_options(args: argparse.Namespace) -> None:
         given = [flag for flag, value in (
             ("--layers", args.layers), ("--hidden", args.hidden), ("--steps", args.steps),
             ("--epochs", args.epochs), ("--patience", args.patience),
-            ("--batch-size", args.batch_size), ("--lr", args.lr)) if value is not None]
+            ("--batch-size", args.batch_size), ("--lr", args.lr), ("--base", args.base))
+            if value is not None]
         if given:
             raise UsageError(f"{', '.join(given)}: --model {args.model} is fitted in closed "
-                             "form, without layers or steps")
+                             "form, without layers, steps or another base")
     elif args.hidden is not None and not models.takes(args.model, "hidden"):
         raise UsageError(f"--hidden: --model {args.model} has no hidden layers")
 
