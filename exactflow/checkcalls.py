@@ -13,13 +13,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .core import Transform
+from .core import Compose, Transform
 from .jacobians import parameter_gap
 from .nn.passes import in_eval_mode
 from .validation import not_a_pair
 
 __all__ = ["call", "close", "rows_and_recording", "unchanged", "state_of", "changed_state",
-           "max_abs", "same", "parameter_failures", "ROWS_ALONE"]
+           "max_abs", "same", "parameter_failures", "identity_layers", "ROWS_ALONE"]
 
 
 def max_abs(t: Tensor) -> float:
@@ -163,3 +163,20 @@ def parameter_failures(transform: Transform, x: Tensor, z: Tensor, context: Tens
                 ".detach() or .item() of a parameter, a no_grad block) or a hand-written "
                 "backward is wrong, so training would follow a wrong gradient")
     return worst, failures
+
+
+def identity_layers(transform: Transform, x: Tensor, context: Tensor | None, atol: float,
+                    rtol: float) -> list[str]:
+    """The layers of a :class:`~exactflow.Compose` that are the identity at the points they
+    receive (``"2 (WrongSign)"``: position and class), where a wrong log-det formula of
+    theirs cannot show inside the chain's right total; empty for another transform."""
+    if not isinstance(transform, Compose):
+        return []
+    found = []
+    with torch.no_grad():
+        for i, layer in enumerate(transform):
+            z, ladj = layer(x, context)
+            if close(z, x, atol, rtol) and bool((ladj.abs() <= atol).all()):
+                found.append(f"{i} ({type(layer).__name__})")
+            x = z
+    return found

@@ -22,6 +22,7 @@ from .checkcalls import (
     call,
     changed_state,
     close,
+    identity_layers,
     max_abs,
     parameter_failures,
     rows_and_recording,
@@ -335,6 +336,14 @@ def _run_checks(transform: Transform, x: Tensor, context: Tensor | None, atol: f
             f"parameters and points, so the check cannot tell a right log-det from a wrong "
             f"one; {cure}", UserWarning, stacklevel=3,
         )
+    elif plain := identity_layers(transform, x, context, atol, rtol):
+        one = len(plain) == 1
+        warnings.warn(
+            f"check_transform({report.name}): its layer{'' if one else 's'} {', '.join(plain)} "
+            f"{'is' if one else 'are'} the identity at the points {'it' if one else 'they'} "
+            f"receive{'s' if one else ''}, where a wrong log-det formula cannot show; check "
+            f"{'it' if one else 'them'} alone at random parameters too", UserWarning,
+            stacklevel=3)
     extra: dict[str, list[tuple[str, Tensor, Tensor]]] = {"rows": [], "recording": []}
     rows_and_recording(transform.forward, x, context, z, ladj, extra, "forward")
 

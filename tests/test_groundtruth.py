@@ -1006,3 +1006,28 @@ def test_a_failed_log_det_shows_the_layers_value_beside_autograds():
                                 raise_on_failure=False)
     assert "(row 0: the layer's 0.693147, autograd's 0)" in report.failures[0]
     assert "(row 0: the layer's -0.693147, autograd's 0)" in report.failures[1]
+
+
+class SignFlippedScale(ef.Transform):
+    """``z = x exp(s)`` with the log-det's sign flipped: right only at ``s = 0``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.s = nn.Parameter(torch.zeros(2))
+
+    def forward(self, x, context=None):
+        return x * self.s.exp(), -self.s.sum().expand(len(x))
+
+    def inverse(self, z, context=None):
+        return z * (-self.s).exp(), self.s.sum().expand(len(z))
+
+
+def test_a_layer_at_the_identity_inside_a_chain_is_named():
+    # (the chain is not the identity, so the whole-transform warning never came, and the
+    # wrong layer passed unseen)
+    chain = ef.Compose(perturb(ef.transforms.LULinear(2), 0.3, seed=0), SignFlippedScale())
+    with pytest.warns(UserWarning, match=r"its layer 1 \(SignFlippedScale\) is the identity "
+                                         r"at the points it receives"):
+        assert ef.check_transform(chain.double(), x64(6, 2)).ok
+    perturb(chain[1], 0.3, seed=1)
+    assert not ef.check_transform(chain, x64(6, 2), raise_on_failure=False).ok
