@@ -64,7 +64,7 @@ def call(
     c_in = None if context is None else context.detach().clone()
     with torch.enable_grad() if record else torch.no_grad():
         returned = fn(x_in, c_in)
-    if type(returned) is not tuple or len(returned) != 2 or not all(
+    if not isinstance(returned, (tuple, list)) or len(returned) != 2 or not all(
             isinstance(t, Tensor) for t in returned):
         owner = getattr(fn, "__self__", None)
         raise not_a_pair(returned, type(owner).__name__ if owner is not None else "the layer",
@@ -150,8 +150,9 @@ def parameter_failures(transform: Transform, x: Tensor, z: Tensor, context: Tens
                                                              tolerance=tolerance)
         except ValueError:  # (a step beyond the domain)
             continue
-        worst = max(worst, max_abs(gap))
         bad = ~(gap <= tolerance)
+        excused = int(bad.sum()) == 1 and len(gap) > 1  # (a kink within a step of one row)
+        worst = max(worst, max_abs(gap[~bad]) if excused else max_abs(gap))
         if int(bad.sum()) >= min(2, n):
             i = int(bad.nonzero()[0, 0])
             failures.append(

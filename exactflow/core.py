@@ -273,7 +273,7 @@ class Compose(Transform):
                     chained = (*_in_blocks(layers[i:untried], x, own, rows, inverse), untried)
             if chained is None:
                 given, out = x, t.inverse(x, context) if inverse else t(x, context)
-                if type(out) is not tuple or len(out) != 2:
+                if not isinstance(out, (tuple, list)) or len(out) != 2:
                     raise not_a_pair(out, type(t).__name__, way)
                 x, ladj = out[0], per_row(out[1], given, out[0], type(t).__name__)
                 i += 1

@@ -321,7 +321,7 @@ class Flow(Distribution):
         """``run(x, context)`` (the transform or its inverse), checked to return an output
         and one log-det per row."""
         out, name = run(x, context), type(self.transform).__name__
-        if type(out) is not tuple or len(out) != 2:
+        if not isinstance(out, (tuple, list)) or len(out) != 2:
             raise not_a_pair(out, name, direction)
         return out[0], per_row(out[1], x, out[0], name)
 

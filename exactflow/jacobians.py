@@ -208,11 +208,12 @@ def autograd_gap(
     seed: int = 0,
 ) -> Tensor:
     """How far the autograd Jacobian ``jac`` of ``fn`` at the rows ``x`` is from finite
-    differences, per row: along a random unit direction ``v`` scaled by each column's
-    size in the batch (``u_j = v_j max_rows |x_j|``: a column in units of 1e-6 beside one
-    in units of 1e6 gets a step of its own size), the smallest of the forward, backward
-    and central difference's gaps to ``J u``, relative to ``1 + |J u|`` (largest over the
-    outputs).
+    differences, per row: along a random unit direction ``v`` scaled by each element's
+    size (``u_ij = v_ij max(|x_ij|, |x_j|_median / 1000)``: a column in units of 1e-6
+    beside one in units of 1e6 gets steps of its own size, a far row does not coarsen the
+    others', an element near 0 gets a step of its column's scale), the smallest of the
+    forward, backward and central difference's gaps to ``J u``, relative to ``1 + |J u|``
+    (largest over the outputs).
 
     Autograd sees only what is computed with tracked operations: a ``.detach()``, an
     ``.item()`` or a ``torch.no_grad()`` block in the map hides a dependence from it, and
@@ -225,8 +226,10 @@ def autograd_gap(
     gen = torch.Generator().manual_seed(seed)
     v = torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
     v = v / v.norm(dim=1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
-    size = x.detach().abs().amax(dim=0, keepdim=True)  # (a column of zeros: steps of 1)
-    v = v * torch.where(size > 0, size, torch.ones_like(size))
+    size = x.detach().abs()
+    floor = size.median(dim=0, keepdim=True).values / 1000
+    floor = torch.where(floor > 0, floor, torch.ones_like(floor))  # (mostly zeros: 1)
+    v = v * torch.maximum(size, floor)
     h = step
     owner = fn if isinstance(fn, nn.Module) else getattr(fn, "__self__", None)
     args = () if context is None else (context,)
@@ -286,8 +289,9 @@ def parameter_gap(
     Each row's score ``s_i = a_i . y_i + b_i log_det_i``, with random weights ``a`` and
     ``b``, is differentiated along a random unit direction ``v`` of the parameters, by
     autograd (``g_i``) and by differences (forward, backward and central, as
-    :func:`autograd_gap` takes them, so that one kink crossed is not a gap), at steps
-    ``step`` and ``step / 100`` relative to the parameters' scale: a row within a step of a
+    :func:`autograd_gap` takes them, so that one kink crossed is not a gap), each parameter
+    moved by ``step`` or ``step / 100`` times ``1 + |p|`` (its own size: a shift of -1e4
+    beside weights of 0.1 gets a step of its own): a row within a step of a
     kink (a radial layer's centre) is smooth at the smaller one or fails alone, where a
     wrong gradient is wrong at both, at every row it reaches. The rows' sum is compared
     first (one backward pass); where it differs by more than ``tolerance`` (relative), row
@@ -304,7 +308,7 @@ def parameter_gap(
 
     v = [draw(p) for p in params]
     norm = math.sqrt(sum(float((u * u).sum()) for u in v)) or 1.0
-    v = [u / norm for u in v]
+    v = [u / norm * (1 + p.detach().abs()) for u, p in zip(v, params, strict=True)]
     args = () if context is None else (context,)
     with torch.no_grad():
         y, ladj = fn(x, *args)
@@ -313,7 +317,7 @@ def parameter_gap(
     def score(y: Tensor, ladj: Tensor) -> Tensor:
         return (a * y).reshape(len(y), -1).sum(1) + b * ladj
 
-    scale = 1 + max(float(p.detach().abs().max()) for p in params)
+    scale = 1.0  # (the direction carries each parameter's own size: 1 + |p|)
     kept = [p.detach().clone() for p in params]
     values = {}
     try:  # (the differences first: the recorded pass after, on the parameters restored)

@@ -228,7 +228,7 @@ def not_a_pair(returned: Any, layer: str, direction: str) -> TypeError:
     ``(output, log_det)`` (a layer returning only ``z`` is unpacked row by row otherwise,
     into a confusing shape error, or none for a batch of two)."""
     shape = getattr(returned, "shape", None)
-    if isinstance(returned, tuple) and len(returned) == 2:
+    if isinstance(returned, (tuple, list)) and len(returned) == 2:
         what = "a pair of " + " and ".join(type(r).__name__ for r in returned)
     elif shape is not None:
         what = f"a {type(returned).__name__} of shape {tuple(shape)}"

@@ -469,8 +469,9 @@ def test_train_resume_continues_an_interrupted_run(tmp_path, monkeypatch):
     code, _, err = run_cli([*args, "--out", tmp_path / "cut"])
     assert code == 130 and one_error_line(err) == (
         f"exactflow: error: interrupted: the run in {str(tmp_path / 'cut')!r} did not "
-        "finish; continue it with the same command and --resume (or keep the best step it "
-        "reached: --resume --steps 1, which trains no step and writes the model)")
+        f"finish; continue it with the same command and --out {str(tmp_path / 'cut')!r} "
+        "--resume (or keep the best step it reached: --resume --steps 1, which trains no step "
+        "and writes the model)")
     info = json.loads((tmp_path / "cut" / "run.json").read_text())
     assert info["status"] == "training" and (tmp_path / "cut" / "checkpoint.pt").is_file()
     assert not (tmp_path / "cut" / "model.safetensors").exists()
@@ -969,6 +970,8 @@ def test_the_default_run_folder_is_claimed_and_released_when_the_run_fails(tmp_p
     code, _, err = run_cli(["train", "bad.csv", "--model", "maf", "--no-report"])
     assert code == 1 and "x" in err
     assert not (tmp_path / "runs" / "bad").exists()  # (nothing written: the folder went too)
+    code, _, err = run_cli(["train", "bad.csv", "--model", "maf", "--resume"])
+    assert code == 2 and "--resume continues the run in a folder: give it with --out" in err
 
 
 def test_train_with_no_options_picks_a_model_writes_the_leaderboard_and_a_default_folder(

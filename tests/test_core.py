@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import pytest
 import torch
 from hypothesis import given
@@ -506,3 +508,25 @@ def test_the_jacobian_of_a_flow_points_to_its_transform():
         with pytest.raises(TypeError, match=r"calling a flow gives its log-density.*"
                                             r"jacobian\(flow.transform, x"):
             fn(flow, torch.randn(3, 2))
+
+
+class _NamedPair(ef.Transform):
+    """Returns a NamedTuple (z, log_det), as some user code does."""
+
+    def forward(self, x, context=None):
+        return _Pair(2 * x, x.new_full(x.shape[:1], 2 * 0.6931471805599453))
+
+    def inverse(self, z, context=None):
+        return [z / 2, z.new_full(z.shape[:1], -2 * 0.6931471805599453)]  # (a list too)
+
+
+class _Pair(NamedTuple):
+    z: torch.Tensor
+    log_det: torch.Tensor
+
+
+def test_a_named_tuple_or_a_list_pair_is_a_pair():
+    x = torch.randn(4, 2, dtype=torch.float64)
+    flow = ef.Flow(ef.Compose(_NamedPair(), ElementwiseAffine(2)), ef.StandardNormal(2)).double()
+    assert torch.isfinite(flow.log_prob(x)).all() and flow.sample(3).shape == (3, 2)
+    assert ef.check_transform(_NamedPair(), x).ok

@@ -744,11 +744,13 @@ def test_choose_scale_pools_columns_on_one_range_only() -> None:
     returns = rng.standard_t(4, size=(1000, 5)) * [0.5, 0.6, 0.8, 0.9, 1.0]
     assert Standardize.choose_scale(returns) == "columns"
     assert Standardize.choose_scale(_pixels()[:, 1:]) == "columns"  # no border pixel
-    # A quantity in units of 1e-4 inside the others' range: one scale would squeeze it
-    # into a sliver (a spline flow 4.2 nats a row worse pooled)
+    # A column far narrower than the others is pooled too (an 8-bit image's blank pixel,
+    # dequantization noise, must be), and named: in other units it would be squeezed
+    from exactflow.transforms.standardize import narrow_columns
+
     small = np.c_[_pixels(), 8 + 1e-4 * rng.standard_t(3, size=400)]
-    assert Standardize.choose_scale(small[:, :-1]) == "pooled"
-    assert Standardize.choose_scale(small) == "columns"
+    assert Standardize.choose_scale(small) == "pooled"
+    assert narrow_columns(small) == [8] and narrow_columns(_pixels()) == []
     with pytest.raises(DataError, match="constant"):
         Standardize.choose_scale(np.c_[mixed, np.zeros(300)])
 

@@ -584,3 +584,22 @@ def test_every_file_of_a_run_has_the_same_ordinary_permissions(run_dir):
     modes = {p.name: p.stat().st_mode & 0o777 for p in run_dir.iterdir() if p.is_file()}
     assert "model.safetensors" in modes and "run.json" in modes and "data.npz" in modes
     assert set(modes.values()) == {0o666 & ~mask}, modes
+
+
+@pytest.mark.parametrize("encoding, errors, expected", [
+    ("ascii", "backslashreplace", "temp\\xe9rature\ntemp\\xe9rature\n".encode("ascii")),
+    ("utf-16", "strict", "température\ntempérature\n".encode("utf-16")),  # (one mark)
+])
+def test_stdout_keeps_its_encoding_and_error_handler(monkeypatch, encoding, errors, expected):
+    # (to_stdout encoded strictly, each chunk alone: an error where the stream's handler
+    # would have escaped, and a UTF-16 byte-order mark in every chunk)
+    from exactflow.cli.output import to_stdout
+
+    read_end, write_end = os.pipe()
+    stream = io.TextIOWrapper(io.FileIO(write_end, "w"), encoding=encoding, errors=errors)
+    monkeypatch.setattr(sys, "stdout", stream)
+    to_stdout("température\n")
+    to_stdout("température\n")
+    stream.close()
+    with io.FileIO(read_end, "r") as got:
+        assert got.read() == expected

@@ -442,3 +442,16 @@ def test_contexts_for_an_unconditional_flow_are_refused():
     with pytest.raises(ValueError, match="this flow is unconditional: leave contexts out"):
         fit_reverse_kl(ef.models.maf(3), gaussian_target, contexts=torch.zeros(4, 2), steps=1,
                        **CPU)
+
+
+def test_amortized_contexts_are_data_whatever_graph_they_carry():
+    # (a table made by a network failed with "backward through the graph a second time",
+    # and a leaf table with requires_grad got a gradient)
+    net = torch.nn.Linear(2, 2).double()
+    table = net(torch.randn(50, 2, dtype=torch.float64))
+    leaf = torch.randn(50, 2, dtype=torch.float64, requires_grad=True)
+    for contexts in (table, leaf):
+        flow = ef.models.maf(3, layers=1, hidden=(8,), context=2).double()
+        fit_reverse_kl(flow, conditional_target, contexts=contexts, steps=3, batch_size=16,
+                       final_samples=0, **CPU)
+    assert leaf.grad is None and net.weight.grad is None

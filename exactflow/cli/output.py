@@ -10,6 +10,7 @@ and a reader that goes away (``| head``) ends the command quietly (:func:`silenc
 
 from __future__ import annotations
 
+import codecs
 import io
 import os
 import sys
@@ -93,9 +94,16 @@ def to_stdout(text: str) -> None:
         sys.stdout.write(text)
         return
     sys.stdout.flush()
-    data = memoryview(text.encode(sys.stdout.encoding or "utf-8"))
+    key = (sys.stdout.encoding or "utf-8", getattr(sys.stdout, "errors", None) or "strict")
+    if _ENCODER[0] != key:  # (one encoder for the stream: a UTF-16 mark once, not per chunk)
+        _ENCODER[:] = [key, codecs.getincrementalencoder(key[0])(key[1])]
+    data = memoryview(_ENCODER[1].encode(text))
     while data:
         data = data[os.write(fd, data):]
+
+
+#: The encoder :func:`to_stdout` keeps for stdout's encoding and error handler.
+_ENCODER: list[Any] = [None, None]
 
 
 def silence_stdout() -> None:

@@ -52,8 +52,9 @@ def _train(args: argparse.Namespace, **kwargs: Any) -> dict[str, Any]:
             raise
         cure = ("train it again with the same command and --overwrite (a model chosen by "
                 "the auto ladder cannot be resumed)" if kwargs["model"] == "auto" else
-                "continue it with the same command and --resume (or keep the best step it "
-                "reached: --resume --steps 1, which trains no step and writes the model)")
+                f"continue it with the same command and --out {str(out)!r} --resume (or keep "
+                "the best step it reached: --resume --steps 1, which trains no step and "
+                "writes the model)")
         raise type(stop)(f"the run in {str(out)!r} did not finish; {cure}") from None
     if not writer:
         return {"ok": True, "run": str(run.path)}
@@ -185,6 +186,9 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
                          f"{args.val_fraction + args.test_fraction:g}")
     if args.columns is not None and Path(args.data).is_file():
         positions_named("--columns", args.columns, read_header(args.data))
+    if args.resume and args.out is None:
+        raise UsageError("--resume continues the run in a folder: give it with --out RUN_DIR "
+                         "(the folder the interrupted run named)")
     claimed = args.out is None and not distributed.initialized()
     out = args.out if args.out is not None else _default_out(args.data, claimed)
     if args.out is None and rank == 0 and _readable(args.data):
@@ -302,6 +306,7 @@ def _release(out: Path) -> None:
     try:
         (out / LOCK_FILE).unlink(missing_ok=True)
         out.rmdir()
+        out.parent.rmdir()  # (runs/ itself, where this run made it and nothing else is in it)
     except OSError:  # (not empty: the run wrote something, which stays)
         pass
 

@@ -23,7 +23,7 @@ from ..io import atomic_write_bytes, atomic_write_json, read_json_record, save
 from ..training import TrainingError, evaluate, fit, fit_auto
 from ..training.batches import wrap
 from ..training.metrics import dominant_test_rows
-from ..transforms.standardize import describe_standardize, resolve_standardize
+from ..transforms.standardize import describe_standardize, narrow_columns, resolve_standardize
 from ..transforms.support import Support, bounds_spec, check_rows
 from ..validation import (
     DataError,
@@ -301,6 +301,9 @@ def _train(data: Any, out: Path, writer: bool, *, model: str | dict[str, Any], b
     for note in notes:
         log(f"note: {note}")
     requested, standardize = standardize, resolve_standardize(standardize, train)
+    if requested == "auto" and standardize == "pooled" and (narrow := narrow_columns(train)):
+        log(f"note: one scale for all columns (pooled), but column(s) {narrow} span under 1% of "
+            "the median column's range: if they are in other units, --standardize columns")
     if requested == "auto" and previous is not None and previous.get("model"):
         # Resuming: the scaling the run started with (an older default chose per column).
         standardize = previous["model"].get("standardize", standardize)

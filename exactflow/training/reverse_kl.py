@@ -366,7 +366,7 @@ def _context_source(flow: Flow, contexts: Any, dev: torch.device
     dtype = torch.get_default_dtype() if ref is None else ref.dtype
 
     def checked(rows: Any, k: int, what: str) -> Tensor:
-        t = torch.as_tensor(rows)
+        t = torch.as_tensor(rows).detach()  # (contexts are data: no gradient flows into them)
         if t.dim() != 2 or t.shape[1] != c or t.shape[0] != k:
             raise ValueError(f"fit_reverse_kl: contexts must be {form}; {what} shape "
                              f"{tuple(t.shape)}")
