@@ -197,10 +197,9 @@ def validate(
     if n > 1:
         constant = np.flatnonzero(lo == hi)
         if len(constant):
-            cols = "column" if len(constant) == 1 else "columns"
-            which = column_list(constant, columns if columns and len(columns) == d else None)
             raise DataError(
-                f"{name}: constant (zero-variance) {cols} {which}: a density has no width "
+                f"{name}: constant (zero-variance) {_named(constant, columns, d)}: a density "
+                "has no width "
                 "there; drop them (or, if the "
                 "columns hold integers such as pixel values or counts, dequantize: add "
                 "uniform noise in [0, 1) to every integer column)"
@@ -208,21 +207,26 @@ def validate(
     size = np.maximum(np.abs(lo), np.abs(hi))
     huge = np.flatnonzero(size > LARGEST_VALUE)
     if len(huge):
-        cols = "column" if len(huge) == 1 else "columns"
-        which = column_list(huge, columns if columns and len(columns) == d else None)
         raise DataError(
-            f"{name}: {cols} {which} {'holds' if len(huge) == 1 else 'hold'} values up to "
+            f"{name}: {_named(huge, columns, d)} {'holds' if len(huge) == 1 else 'hold'} "
+            "values up to "
             f"{float(size[huge].max()):.3g}, beyond "
             f"{LARGEST_VALUE:.0e}: their squares (in variances and products) overflow "
             "float64; rescale them (divide by a power of ten) or take their logarithm"
         )
     narrow = np.flatnonzero((hi - lo) < SMALLEST_SPREAD) if n > 1 else np.zeros(0, int)
     if len(narrow):
-        cols = "column" if len(narrow) == 1 else "columns"
-        which = column_list(narrow, columns if columns and len(columns) == d else None)
         raise DataError(
-            f"{name}: the values of {cols} {which} span less than {SMALLEST_SPREAD:.0e} "
+            f"{name}: the values of {_named(narrow, columns, d)} span less than "
+            f"{SMALLEST_SPREAD:.0e} "
             f"(down to {float((hi - lo)[narrow].min()):.3g}): their variance underflows "
             "float64 and the density would be wrong; rescale them (multiply by a power of ten)"
         )
     return data
+
+
+def _named(indices: np.ndarray, columns: Sequence[str] | None, d: int) -> str:
+    """``"column 'b'"`` or ``"columns 1, 3 (column indices)"``: the columns a message names
+    (by name where ``columns`` names all ``d``)."""
+    which = column_list(indices, columns if columns and len(columns) == d else None)
+    return f"{'column' if len(indices) == 1 else 'columns'} {which}"
