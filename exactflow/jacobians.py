@@ -317,14 +317,13 @@ def parameter_gap(
     def score(y: Tensor, ladj: Tensor) -> Tensor:
         return (a * y).reshape(len(y), -1).sum(1) + b * ladj
 
-    scale = 1.0  # (the direction carries each parameter's own size: 1 + |p|)
     kept = [p.detach().clone() for p in params]
     values = {}
     try:  # (the differences first: the recorded pass after, on the parameters restored)
         with torch.no_grad():
             for t in (0, 1, -1, 0.01, -0.01):
                 for p, k, u in zip(params, kept, v, strict=True):
-                    p.copy_(k + t * step * scale * u)
+                    p.copy_(k + t * step * u)  # (u carries the parameter's size)
                 values[t] = score(*fn(x, *args))
     finally:
         with torch.no_grad():
@@ -337,7 +336,7 @@ def parameter_gap(
         return sum(float((d * u).sum()) for d, u in zip(grads, v, strict=True) if d is not None)
 
     g = rows.new_tensor([along_v(rows.sum())])  # (the rows' sum first: one pass)
-    h = step * scale
+    h = step
 
     def nearest(values: dict[float, Tensor], g: Tensor) -> Tensor:
         diffs = torch.stack([diff for t in (1, 0.01) for diff in (

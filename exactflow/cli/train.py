@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import itertools
 import sys
 from pathlib import Path
 from typing import Any
@@ -287,17 +286,19 @@ def _default_out(data: str, claim: bool) -> Path:
     name = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in stem) or "run"
     if claim:
         Path("runs").mkdir(exist_ok=True)
-    for number in itertools.count(1):
+    number = 1
+    while True:
         candidate = Path("runs") / (name if number == 1 else f"{name}-{number}")
-        if not claim and not candidate.exists():
-            return candidate
-        try:
-            if claim:
-                candidate.mkdir()
+        number += 1
+        if not claim:
+            if not candidate.exists():
                 return candidate
+            continue
+        try:
+            candidate.mkdir()
+            return candidate
         except FileExistsError:
-            pass
-    raise AssertionError("unreachable")
+            continue
 
 
 def _release(out: Path) -> None:

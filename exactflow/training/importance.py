@@ -28,8 +28,8 @@ from ..validation import positive_int, warn_user
 from .loop import forked_rng, resolve_device
 
 __all__ = ["estimate_log_normalizer", "importance_sample", "log_weights", "target_fn",
-           "summarize", "pareto_k", "warn_if_unreliable", "warn_if_bounded", "K_UNRELIABLE",
-           "ESS_LOW", "EDGE_SHARE"]
+           "summarize", "bound", "pareto_k", "warn_if_unreliable", "warn_if_bounded",
+           "K_UNRELIABLE", "ESS_LOW", "EDGE_SHARE"]
 
 #: Above this Pareto ``k`` the importance-sampling estimate is unreliable (PSIS's rule).
 K_UNRELIABLE = 0.7
@@ -71,16 +71,15 @@ def summarize(w: Tensor, bad: int) -> dict[str, float]:
     error, ``ess = (sum e^w)^2 / sum e^(2w)``, ``pareto_k`` (:func:`pareto_k`), ``n`` and
     ``n_nonfinite``."""
     n = int(w.numel())
-    elbo = float(w.mean())
-    elbo_se = float(w.std() / math.sqrt(n)) if n > 1 else math.nan
     log_z = float(w.logsumexp(0) - math.log(n))
     shifted = (w - w.max()).exp()
     mean_e = shifted.mean()
     log_z_se = float(shifted.std() / (math.sqrt(n) * mean_e)) if n > 1 else math.nan
     ess = float(shifted.sum() ** 2 / (shifted * shifted).sum())
+    elbo = bound(w, bad)
     return {
-        "elbo": elbo,
-        "elbo_se": elbo_se,
+        "elbo": elbo["elbo"],
+        "elbo_se": elbo["elbo_se"],
         "log_z_is": log_z,
         "log_z_is_se": log_z_se,
         "ess": ess,
@@ -88,6 +87,16 @@ def summarize(w: Tensor, bad: int) -> dict[str, float]:
         "n": n,
         "n_nonfinite": bad,
     }
+
+
+def bound(w: Tensor, bad: int) -> dict[str, float]:
+    """The bound alone from the log-weights ``w`` of ``n`` samples (``bad`` not finite):
+    ``elbo``, the mean weight, its standard error ``elbo_se``, ``n`` and ``n_nonfinite``
+    (what an amortized fit reports: each context has its own ``log Z``)."""
+    n = int(w.numel())
+    return {"elbo": float(w.mean()),
+            "elbo_se": float(w.std() / math.sqrt(n)) if n > 1 else math.nan,
+            "n": n, "n_nonfinite": bad}
 
 
 def warn_if_unreliable(summary: dict[str, float]) -> None:

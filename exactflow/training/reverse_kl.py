@@ -26,6 +26,7 @@ from .advice import TrainingError
 from .checkpoints import Checkpoint
 from .history import History
 from .importance import (
+    bound,
     estimate_log_normalizer,
     importance_sample,
     log_weights,
@@ -331,16 +332,12 @@ def fit_reverse_kl(
             w, bad = log_weights(flow, fn, share, 16384, contexts=draw)
             w = replicas.gather(w)
             bad = int(replicas.gather(torch.tensor([float(bad)], dtype=torch.float64)).sum())
-            history.final = summarize(w, bad)
             if draw is None:
+                history.final = summarize(w, bad)
                 warn_if_unreliable(history.final)
             else:  # (log Z is the context's: no one importance estimate across them)
-                history.final = {k: history.final[k] for k in _AMORTIZED}
+                history.final = bound(w, bad)
     return history
-
-
-#: What ``history.final`` holds for an amortized fit.
-_AMORTIZED = ("elbo", "elbo_se", "n", "n_nonfinite")
 
 
 def _context_source(flow: Flow, contexts: Any, dev: torch.device
